@@ -1,0 +1,580 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Forward noise
+#
+# *Diffusion Models Beat GANs on Image Synthesis* (Dhariwal & Nichol, 2021)
+# improves a model that learns to **undo noise**. Before we can learn to undo
+# anything we need the thing being undone: a fixed *forward process* that takes
+# an image $x_0$ and, over $T$ small steps, turns it into pure Gaussian noise
+# $x_T$. This chapter builds that process exactly as the reference
+# implementation (`openai/guided-diffusion`) does, and exports it as
+# `adm_lib.forward`.
+#
+# Why destroy data on purpose? Three reasons, which the rest of the book cashes
+# in:
+#
+# 1. **The end point is known.** After enough noise, $x_T$ is indistinguishable
+#    from $\mathcal{N}(0, I)$, a distribution we can sample without any model.
+# 2. **Each step is small.** Going from $x_t$ back to $x_{t-1}$ only has to
+#    remove a little noise, and for small steps that reverse step is itself
+#    close to a Gaussian, so a network only has to predict its mean (and, from
+#    chapter 2 on, its variance).
+# 3. **One network, every noise level.** The forward process has a closed form
+#    for any $t$, so training can jump to a random $t$ and never simulate the
+#    chain.
+#
+# The chapter ends with the *posterior* $q(x_{t-1} \mid x_t, x_0)$: the exact
+# reverse step when $x_0$ is known, which is what the network is trained to
+# imitate.
+
+# %% tags=["parameters"]
+# Smoke configuration: runs on a CPU in seconds. Papermill overrides it:
+#   adm book run 1 -p data ../shared/data/cifar10/test.zip
+data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
+num_timesteps = 1000  # T, the length of the forward process
+num_images = 4  # images shown noised across t
+num_chains = 20_000  # scalar chains simulated to check the closed form
+seed = 0
+
+# %%
+#| default_exp forward
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from adm_lib.data import load_dataset
+
+torch.manual_seed(seed)
+rng = np.random.default_rng(seed)
+
+# %% [markdown]
+# ## 1.1 The data
+#
+# The embedded default data set is a 5,000-image subset of MNIST, padded to $32
+# \times 32$ and scaled from $[0, 255]$ to $[-1, 1]$ as the reference scales
+# its images. The range matters: the forward process shrinks $x_0$ towards $0$
+# while adding unit-variance noise, so data should sit in a range comparable to
+# that noise.
+
+# %%
+dataset = load_dataset(data)
+x0 = dataset.images(rng.choice(len(dataset), num_images, replace=False))
+print(f"{dataset.source}: {len(dataset)} images, batch {tuple(x0.shape)}")
+assert x0.dtype == torch.float32 and x0.shape[0] == num_images
+assert -1 <= x0.min() and x0.max() <= 1
+
+
+# %% [markdown]
+# A small helper draws a row of images; it maps $[-1, 1]$ back to $[0, 1]$.
+
+# %%
+def show_row(axes, images, titles):
+    """Draw CHW images in [-1, 1] on a row of matplotlib axes."""
+    for ax, image, title in zip(axes, images, titles, strict=True):
+        pixels = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+        ax.imshow(pixels.squeeze(-1), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+
+
+fig, axes = plt.subplots(1, num_images, figsize=(1.6 * num_images, 1.8))
+show_row(np.atleast_1d(axes), x0, [f"x_0 #{i}" for i in range(num_images)])
+plt.show()
+
+# %% [markdown]
+# ## 1.2 The forward process
+#
+# Each step scales the previous image down a little and adds a little noise.
+# With a *variance schedule* $\beta_1, \dots, \beta_T$ in $(0, 1)$,
+#
+# $$q(x_t \mid x_{t-1}) = \mathcal{N}\big(x_t;\ \sqrt{1 - \beta_t}\, x_{t-1},\
+# \beta_t I\big).$$
+#
+# The scale $\sqrt{1-\beta_t}$ keeps the total variance at one when the data
+# has unit variance. Because a Gaussian of a Gaussian is a Gaussian, the steps
+# compose. Writing $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t}
+# \alpha_s$ (code: `alphas_cumprod`), any $x_t$ can be drawn from $x_0$ in one
+# go:
+#
+# $$q(x_t \mid x_0) = \mathcal{N}\big(x_t;\ \sqrt{\bar\alpha_t}\, x_0,\
+# (1 - \bar\alpha_t) I\big), \qquad
+# x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon,\
+# \epsilon \sim \mathcal{N}(0, I).$$
+#
+# So everything about the forward process is decided by one curve,
+# $\bar\alpha_t$: the share of the signal's variance left at step $t$. A useful
+# single number is the signal-to-noise ratio $\bar\alpha_t / (1 -
+# \bar\alpha_t)$, usually on a log scale, the *log-SNR* $\lambda_t$. Code
+# indexes steps from $0$, so the paper's $t = 1, \dots, T$ are the code's `t =
+# 0, ..., T - 1`.
+#
+# ## 1.3 Two noise schedules
+#
+# **Linear** (Ho et al., 2020): $\beta$ rises linearly from $10^{-4}$ to $0.02$
+# over $T = 1000$ steps. For other $T$ the reference scales both ends by $1000
+# / T$, so that the process destroys about as much information whatever its
+# length.
+
+# %%
+#| export
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
+    """Ho et al.'s betas, 1e-4 to 0.02 at T = 1000, scaled by 1000 / T."""
+    scale = 1000 / num_timesteps
+    return np.linspace(
+        scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64
+    )
+
+
+# %% [markdown]
+# **Cosine** (Nichol & Dhariwal, 2021, used by the paper's models): define the
+# curve $\bar\alpha$ itself rather than the betas,
+#
+# $$\bar\alpha(t) = \frac{f(t)}{f(0)}, \qquad
+# f(t) = \cos^2\!\Big(\frac{t/T + s}{1 + s} \cdot \frac{\pi}{2}\Big),$$
+#
+# and recover $\beta_t = 1 - \bar\alpha(t) / \bar\alpha(t - 1)$. The offset $s
+# = 0.008$ keeps $\beta$ from being vanishingly small near $t = 0$, and each
+# $\beta$ is clipped at $0.999$, since at $t = T$ the cosine reaches zero and
+# $\beta$ would be $1$, a step that forgets everything at once. The helper
+# `betas_for_alpha_bar` turns any such curve on $[0, 1]$ into betas.
+
+# %%
+#| export
+def betas_for_alpha_bar(
+    num_timesteps: int,
+    alpha_bar: Callable[[float], float],
+    max_beta: float = 0.999,
+) -> np.ndarray:
+    """Betas whose cumulative product follows alpha_bar(t / T), clipped."""
+    betas = []
+    for i in range(num_timesteps):
+        t1, t2 = i / num_timesteps, (i + 1) / num_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+def cosine_beta_schedule(
+    num_timesteps: int, s: float = 0.008, max_beta: float = 0.999
+) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule with offset s and clipped betas."""
+    return betas_for_alpha_bar(
+        num_timesteps,
+        lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2,
+        max_beta,
+    )
+
+
+BETA_SCHEDULES = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+}
+
+
+def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """The betas of a schedule by name ("linear" or "cosine"), as float64."""
+    if name not in BETA_SCHEDULES:
+        known = ", ".join(BETA_SCHEDULES)
+        raise ValueError(f"unknown noise schedule {name!r}; known: {known}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    return BETA_SCHEDULES[name](num_timesteps)
+
+
+# %% [markdown]
+# The reference's constants, checked: the linear ends at $T = 1000$ and their
+# $1000/T$ scaling, and the cosine's clipping, which touches only the last
+# step.
+
+# %%
+linear = get_named_beta_schedule("linear", num_timesteps)
+cosine = get_named_beta_schedule("cosine", num_timesteps)
+scale = 1000 / num_timesteps
+assert np.isclose(linear[0], 1e-4 * scale)
+assert np.isclose(linear[-1], 0.02 * scale)
+assert np.all(np.diff(linear) > 0) and np.all((cosine > 0) & (cosine <= 0.999))
+print(f"cosine betas at 0.999: steps {np.flatnonzero(cosine == 0.999)}")
+print(f"linear beta range  {linear[0]:.2e} .. {linear[-1]:.2e}")
+print(f"cosine beta range  {cosine[0]:.2e} .. {cosine[-1]:.2e}")
+
+# %% [markdown]
+# ## 1.4 The posterior $q(x_{t-1} \mid x_t, x_0)$
+#
+# The reverse of one step, $q(x_{t-1} \mid x_t)$, depends on the whole data
+# distribution and is what the network must learn. Given $x_0$ as well, it is a
+# Gaussian we can write down (Bayes' rule on two Gaussians):
+#
+# $$q(x_{t-1} \mid x_t, x_0) = \mathcal{N}\big(x_{t-1};\ \tilde\mu_t,\
+# \tilde\beta_t I\big),\quad
+# \tilde\mu_t = \underbrace{\frac{\beta_t \sqrt{\bar\alpha_{t-1}}}
+# {1 - \bar\alpha_t}}_{\texttt{posterior\_mean\_coef1}} x_0
+# + \underbrace{\frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}
+# {1 - \bar\alpha_t}}_{\texttt{posterior\_mean\_coef2}} x_t,\quad
+# \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t.$$
+#
+# At the first step $\bar\alpha_0 = 1$, so $\tilde\beta_1 = 0$: given $x_1$ and
+# $x_0$, $x_0$ is certain. Its logarithm is $-\infty$, so the reference stores
+# a **clipped log-variance** whose first entry is replaced by
+# $\tilde\beta_2$'s. Every loss and sampler uses the log-variance, so it must
+# be finite. Training (chapter 2) matches the network's reverse step to this
+# posterior.
+
+# %% [markdown]
+# ## 1.5 The forward process as code
+#
+# `ForwardProcess` takes the betas and precomputes, in float64 as the reference
+# does, every per-step coefficient the forward process and its posterior need.
+# Methods gather the coefficients at a batch of timesteps `t` (one per image)
+# and broadcast them over the image dimensions. The names follow the reference:
+# `q_mean_variance` is $q(x_t \mid x_0)$ and `q_sample` draws from it.
+
+# %%
+#| export
+class ForwardProcess:
+    """The forward process q of a beta schedule: marginals and posterior."""
+
+    def __init__(self, betas: np.ndarray) -> None:
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
+            raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(
+            1.0 / self.alphas_cumprod - 1
+        )
+        # q(x_{t-1} | x_t, x_0); its variance is 0 at t = 0, so the log is
+        # clipped by repeating the next step's value.
+        one_minus = 1.0 - self.alphas_cumprod
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / one_minus
+        )
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / one_minus
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / one_minus
+        )
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+
+    def extract(self, name: str, t: Tensor, ndim: int) -> Tensor:
+        """Table `name` at timesteps t, float32, broadcastable to ndim."""
+        key = (name, t.device)
+        if key not in self._on_device:
+            # Copy each table to a device once: a host-to-device copy per call
+            # would synchronise the GPU at every training or sampling step.
+            self._on_device[key] = torch.as_tensor(
+                getattr(self, name), dtype=torch.float32, device=t.device
+            )
+        return self._on_device[key][t].view(-1, *(1,) * (ndim - 1))
+
+    def q_mean_variance(
+        self, x_start: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log-variance of q(x_t | x_0)."""
+        n = x_start.ndim
+        mean = self.extract("sqrt_alphas_cumprod", t, n) * x_start
+        variance = 1.0 - self.extract("alphas_cumprod", t, n)
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, n)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self, x_start: Tensor, t: Tensor, noise: Tensor | None = None
+    ) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) as sqrt(abar) x_0 + sqrt(1 - abar) noise."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if noise.shape != x_start.shape:
+            raise ValueError(f"noise {noise.shape} != x_start {x_start.shape}")
+        n = x_start.ndim
+        return (
+            self.extract("sqrt_alphas_cumprod", t, n) * x_start
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, n) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: Tensor, x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        if x_start.shape != x_t.shape:
+            raise ValueError(f"x_start {x_start.shape} != x_t {x_t.shape}")
+        n = x_t.ndim
+        mean = (
+            self.extract("posterior_mean_coef1", t, n) * x_start
+            + self.extract("posterior_mean_coef2", t, n) * x_t
+        )
+        variance = self.extract("posterior_variance", t, n)
+        log_variance = self.extract("posterior_log_variance_clipped", t, n)
+        return mean, variance, log_variance
+
+    def predict_xstart_from_eps(
+        self, x_t: Tensor, t: Tensor, eps: Tensor
+    ) -> Tensor:
+        """Invert q_sample: the x_0 that, with noise eps, gives x_t."""
+        n = x_t.ndim
+        return (
+            self.extract("sqrt_recip_alphas_cumprod", t, n) * x_t
+            - self.extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
+        )
+
+    @property
+    def log_snr(self) -> np.ndarray:
+        """log(abar / (1 - abar)) at every step: the signal-to-noise ratio."""
+        return np.log(self.alphas_cumprod) - self.log_one_minus_alphas_cumprod
+
+
+# %% [markdown]
+# ## 1.6 What the schedules do
+#
+# One forward process per schedule, and the two curves that describe them. The
+# horizontal axis is $t / T$ so that any $T$ gives comparable plots.
+
+# %%
+processes = {
+    "linear": ForwardProcess(linear),
+    "cosine": ForwardProcess(cosine),
+}
+frac = np.arange(num_timesteps) / num_timesteps
+fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.2))
+for name, process in processes.items():
+    ax_abar.plot(frac, process.alphas_cumprod, label=name)
+    ax_snr.plot(frac, process.log_snr, label=name)
+ax_abar.set(xlabel="t / T", ylabel="alpha-bar_t", title="signal variance left")
+ax_snr.set(xlabel="t / T", ylabel="log SNR", title="log signal-to-noise ratio")
+ax_abar.legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The linear schedule spends a large share of its steps where almost nothing of
+# $x_0$ is left; the cosine schedule lowers $\bar\alpha_t$ more evenly and its
+# log-SNR falls almost linearly in the middle. Counting steps whose signal
+# variance is below $10^{-3}$ makes the difference concrete:
+
+# %%
+nearly_noise = {
+    name: float(np.mean(p.alphas_cumprod < 1e-3))
+    for name, p in processes.items()
+}
+for name, share in nearly_noise.items():
+    print(f"{name}: {share:.0%} of steps have alpha-bar < 1e-3")
+assert nearly_noise["linear"] > nearly_noise["cosine"]
+assert np.all(np.diff(processes["cosine"].log_snr) < 0)
+
+# %% [markdown]
+# ### The closed form, checked by simulation
+#
+# The one-jump formula for $q(x_t \mid x_0)$ is the reason training is cheap,
+# so it is worth checking. We run `num_chains` scalar chains step by step from
+# $x_0 = 1$ and compare their mean and variance with `q_mean_variance` at a few
+# steps, within a few standard errors of Monte Carlo.
+
+# %%
+process = processes["cosine"]
+checkpoints = [0, num_timesteps // 4, num_timesteps // 2, num_timesteps - 1]
+x = torch.ones(num_chains, dtype=torch.float64)
+for t in range(num_timesteps):
+    beta = process.betas[t]
+    x = math.sqrt(1 - beta) * x + math.sqrt(beta) * torch.randn_like(x)
+    if t in checkpoints:
+        ones, step = torch.ones(1, 1), torch.tensor([t])
+        mean, var, _ = process.q_mean_variance(ones, step)
+        err = 4 * math.sqrt(var.item() / num_chains)
+        print(f"t={t:4d}  simulated mean {x.mean():.4f} var {x.var():.4f}"
+              f"  closed form mean {mean.item():.4f} var {var.item():.4f}")
+        assert abs(x.mean() - mean.item()) < err + 1e-6
+        var_err = 8 * var.item() / math.sqrt(num_chains)
+        assert abs(x.var() - var.item()) < var_err
+
+# %% [markdown]
+# ### Images through the forward process
+#
+# `q_sample` with the same noise $\epsilon$ for every $t$ shows what the
+# network will be asked to see. Each row is one schedule; the columns are the
+# same fractions of the process.
+
+# %%
+fractions = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
+steps = [min(round(f * num_timesteps), num_timesteps - 1) for f in fractions]
+image = x0[:1].expand(len(steps), *x0.shape[1:])
+noise = torch.randn_like(x0[:1]).expand_as(image)
+t = torch.tensor(steps)
+fig, axes = plt.subplots(2, len(steps), figsize=(1.6 * len(steps), 3.8))
+for row, (name, p) in zip(axes, processes.items(), strict=True):
+    x_t = p.q_sample(image, t, noise)
+    show_row(row, x_t, [f"{name} t={s}" for s in steps])
+    # Same noise at every t, so x_t is exactly the closed form.
+    expected = (p.extract("sqrt_alphas_cumprod", t, 4) * image
+                + p.extract("sqrt_one_minus_alphas_cumprod", t, 4) * noise)
+    assert torch.equal(x_t, expected)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The scale of $x_0$ left in $x_t$, $\sqrt{\bar\alpha_t}$, at the same steps
+# says what the eye sees: halfway through, the linear schedule has all but
+# erased the image while the cosine one still keeps much of it, and at the last
+# step both leave almost nothing. That is the point of the cosine schedule:
+# fewer steps wasted on pure noise, which matters most when sampling with few
+# steps (chapter 2).
+
+# %%
+for name, p in processes.items():
+    scales = "  ".join(f"{p.sqrt_alphas_cumprod[s]:.3f}" for s in steps)
+    print(f"{name:>6}: sqrt(alpha-bar) {scales}")
+    assert p.sqrt_alphas_cumprod[-1] < 0.01
+half = num_timesteps // 2
+linear_half, cosine_half = (
+    p.sqrt_alphas_cumprod[half] for p in processes.values()
+)
+assert cosine_half > 2 * linear_half
+
+# %% [markdown]
+# ## 1.7 The posterior, checked by Bayes' rule
+#
+# An independent check of the posterior formula of section 1.4: multiply the
+# prior $q(x_{t-1} \mid x_0)$ by the likelihood $q(x_t \mid x_{t-1})$ and read
+# off the posterior's precision and mean, for a scalar $x_0$ and $x_t$ at every
+# $t \ge 1$.
+
+# %%
+x_start, x_noisy = 0.7, -0.3
+for name, p in processes.items():
+    t = torch.arange(1, num_timesteps)
+    ones = torch.ones(len(t), 1)
+    mean, var, log_var = p.q_posterior_mean_variance(
+        x_start * ones, x_noisy * ones, t
+    )
+    abar_prev, alpha = p.alphas_cumprod_prev[1:], 1 - p.betas[1:]
+    precision = 1 / (1 - abar_prev) + alpha / p.betas[1:]
+    bayes_mean = (np.sqrt(abar_prev) * x_start / (1 - abar_prev)
+                  + np.sqrt(alpha) * x_noisy / p.betas[1:]) / precision
+    np.testing.assert_allclose(var.squeeze(1), 1 / precision, rtol=1e-5)
+    np.testing.assert_allclose(
+        mean.squeeze(1), bayes_mean, rtol=1e-4, atol=1e-6
+    )
+    assert np.isfinite(p.posterior_log_variance_clipped).all()
+    print(f"{name}: matches Bayes' rule at all {len(t)} steps t >= 1")
+
+# %% [markdown]
+# How different are the two natural choices of reverse variance, the forward
+# $\beta_t$ and the posterior $\tilde\beta_t$? Ho et al. found either works
+# when sampling with all $T$ steps; Nichol & Dhariwal, whose model the paper
+# uses, learn a variance *between* them (chapter 2). The plot shows why the
+# choice matters only at the start of the process: the ratio $\tilde\beta_t /
+# \beta_t$ is far below one for the first few steps and nearly one everywhere
+# else.
+
+# %%
+fig, (ax_var, ax_ratio) = plt.subplots(1, 2, figsize=(9, 3.2))
+for name, p in processes.items():
+    line, = ax_var.semilogy(frac, p.betas, label=f"{name} beta")
+    ax_var.semilogy(frac[1:], p.posterior_variance[1:], "--",
+                    color=line.get_color(), label=f"{name} beta-tilde")
+    ax_ratio.semilogx(np.arange(1, num_timesteps),
+                      p.posterior_variance[1:] / p.betas[1:], label=name)
+ax_var.set(xlabel="t / T", ylabel="variance", title="beta and beta-tilde")
+ax_ratio.set(xlabel="t (log scale)", ylabel="beta-tilde / beta",
+             title="posterior over forward variance")
+ax_var.legend(fontsize=8)
+ax_ratio.legend()
+plt.tight_layout()
+plt.show()
+for name, p in processes.items():
+    ratio = p.posterior_variance[1:] / p.betas[1:]
+    assert np.all(ratio < 1) and ratio[-1] > 0.99
+    print(f"{name}: beta-tilde/beta = {ratio[0]:.3f} at t=1, "
+          f"{ratio[num_timesteps // 10]:.3f} at t=T/10")
+
+# %% [markdown]
+# ## 1.8 If we knew the noise
+#
+# `q_sample` is invertible when the noise is known: $x_0 = (x_t -
+# \sqrt{1-\bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}$
+# (`predict_xstart_from_eps`). The network of chapter 2 is trained to predict
+# $\epsilon$ from $x_t$ alone, and plugging its guess in here gives its guess
+# of $x_0$, which the posterior then turns into a reverse step. With the true
+# noise the round trip is exact, up to float32 round-off that grows as
+# $\bar\alpha_t$ shrinks:
+
+# %%
+p = processes["cosine"]
+t = torch.tensor(steps[:-1])
+image = x0[:1].expand(len(t), *x0.shape[1:])
+eps = torch.randn_like(image)
+recovered = p.predict_xstart_from_eps(p.q_sample(image, t, eps), t, eps)
+errors = (recovered - image).abs().amax(dim=(1, 2, 3))
+for step, error in zip(steps, errors.tolist(), strict=False):
+    print(f"t={step:4d}: max |x_0 error| {error:.1e}")
+assert torch.all(errors < 1e-3)
+
+# %% [markdown]
+# ## 1.9 The library
+#
+# The cells marked `#| export` are `adm_lib.forward`: `adm book export` writes
+# them there, and `adm book check` fails if the module and this chapter
+# disagree. The test suite checks the betas, `q_sample` and the posterior
+# against the numbers the reference implementation produced
+# (`tests/test_forward.py`, marker `parity`), to float32 round-off. Here we
+# check that the library and the chapter agree, so a reader who edits the
+# chapter sees when the library is stale:
+
+# %%
+from adm_lib import forward
+
+for name in BETA_SCHEDULES:
+    np.testing.assert_array_equal(
+        forward.get_named_beta_schedule(name, num_timesteps),
+        get_named_beta_schedule(name, num_timesteps),
+    )
+lib = forward.ForwardProcess(forward.cosine_beta_schedule(num_timesteps))
+t = torch.randint(0, num_timesteps, (len(x0),))
+eps = torch.randn_like(x0)
+chapter_x_t = processes["cosine"].q_sample(x0, t, eps)
+assert torch.equal(lib.q_sample(x0, t, eps), chapter_x_t)
+print("adm_lib.forward exports:", ", ".join(forward.__all__))
+
+# %% [markdown]
+# ## Summary
+#
+# * The forward process adds Gaussian noise in $T$ steps set by a schedule
+#   $\beta_t$; its marginal $q(x_t \mid x_0)$ has a closed form governed by
+#   $\bar\alpha_t$, so training can sample any $t$ directly.
+# * The cosine schedule keeps signal for longer than the linear one and wastes
+#   fewer steps on near-pure noise.
+# * The posterior $q(x_{t-1} \mid x_t, x_0)$ is Gaussian with known mean
+#   coefficients and variance $\tilde\beta_t \le \beta_t$; its log-variance is
+#   clipped at $t = 1$ to stay finite.
+#
+# Chapter 2 trains a network to reverse this process, with a learned variance
+# between $\tilde\beta_t$ and $\beta_t$, and samples with far fewer than $T$
+# steps.
