@@ -339,7 +339,8 @@ def coerce_parameter(name: str, raw: str, default: Any) -> Any:
             return lowered in ("true", "1", "yes")
         if isinstance(default, int | float):
             value = ast.literal_eval(raw)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            # An int parameter takes only ints; a float one takes both.
+            if isinstance(value, bool) or not isinstance(value, type(default) | int):
                 raise ValueError(raw)
             return type(default)(value)
         if isinstance(default, str):
@@ -402,7 +403,12 @@ def _describe_failure(book: Book, chapter: Path, output: Path, err: Any) -> str:
     import nbformat
 
     executed = nbformat.read(output, as_version=4)
-    failed = executed.cells[err.cell_index].source.strip()
+    # papermill inserts a banner cell, so find the failed cell by its error.
+    failed = next(
+        cell.source.strip()
+        for cell in executed.cells
+        if any(o.output_type == "error" for o in cell.get("outputs", []))
+    )
     first = failed.splitlines()[0] if failed else ""
     code_cells = [c for c in read_cells(chapter) if c.kind == "code"]
     line = next((c.line for c in code_cells if c.source.strip() == failed), None)

@@ -46,11 +46,11 @@ def _book_run(args: argparse.Namespace) -> int:
         if unknown:
             raise bk.BookError(f"no chapter has parameter {', '.join(unknown)}")
     for chapter in chapters:
-        own = bk.chapter_parameters(chapter)
-        mine = {k: v for k, v in overrides.items() if k in own}
-        output = args.output
-        if args.all and output is not None:
-            output = output / f"{chapter.stem}.ipynb"
+        mine, output = overrides, args.output
+        if args.all:
+            own = bk.chapter_parameters(chapter)
+            mine = {k: v for k, v in overrides.items() if k in own}
+            output = output and output / f"{chapter.stem}.ipynb"
         print(f"running {book.rel(chapter)}", flush=True)
         written = bk.run_chapter(book, chapter, mine, output, not args.quiet)
         print(f"wrote {written}")

@@ -1,0 +1,130 @@
+"""adm_lib.forward (chapter 1): schedules, q_sample and the posterior."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adm_lib.forward import (
+    ForwardProcess,
+    cosine_beta_schedule,
+    get_named_beta_schedule,
+    linear_beta_schedule,
+)
+from tests.reference import load, parse_flags, reference_files
+
+
+@pytest.mark.parametrize("num_timesteps", [1, 50, 1000, 4000])
+def test_linear_schedule_scales_with_length(num_timesteps: int) -> None:
+    betas = linear_beta_schedule(num_timesteps)
+    scale = 1000 / num_timesteps
+    assert betas.dtype == np.float64 and betas.shape == (num_timesteps,)
+    assert betas[0] == pytest.approx(1e-4 * scale)
+    if num_timesteps > 1:
+        assert betas[-1] == pytest.approx(0.02 * scale)
+
+
+def test_cosine_schedule_follows_alpha_bar_and_clips() -> None:
+    num_timesteps, s = 1000, 0.008
+    betas = cosine_beta_schedule(num_timesteps)
+    f = np.cos((np.arange(num_timesteps + 1) / num_timesteps + s)
+               / (1 + s) * np.pi / 2) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    np.testing.assert_allclose(alpha_bar[:-1], (f / f[0])[1:-1], rtol=1e-9)
+    assert betas.max() == 0.999 and np.flatnonzero(betas == 0.999).tolist() == [999]
+    assert cosine_beta_schedule(10, max_beta=0.5).max() == 0.5
+
+
+def test_bad_schedules_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown noise schedule 'sqrt'"):
+        get_named_beta_schedule("sqrt", 10)
+    with pytest.raises(ValueError, match="num_timesteps"):
+        get_named_beta_schedule("linear", 0)
+    with pytest.raises(ValueError, match="betas"):
+        ForwardProcess(np.array([0.1, 0.0]))
+    with pytest.raises(ValueError, match="betas"):
+        ForwardProcess(np.ones((2, 2)) * 0.1)
+
+
+def test_q_sample_shapes_and_noise_check() -> None:
+    process = ForwardProcess(get_named_beta_schedule("cosine", 100))
+    x = torch.randn(5, 3, 8, 8)
+    t = torch.tensor([0, 10, 50, 98, 99])
+    noise = torch.randn_like(x)
+    x_t = process.q_sample(x, t, noise)
+    coef = torch.from_numpy(process.sqrt_alphas_cumprod)[t].float()
+    assert torch.allclose(x_t[1], coef[1] * x[1] + (1 - coef[1] ** 2).sqrt()
+                          * noise[1], atol=1e-6)
+    assert process.q_sample(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="noise"):
+        process.q_sample(x, t, noise[:, :1])
+    with pytest.raises(ValueError, match="x_start"):
+        process.q_posterior_mean_variance(x, x[:2], t)
+
+
+def test_posterior_first_step_is_clipped() -> None:
+    process = ForwardProcess(get_named_beta_schedule("linear", 1000))
+    assert process.posterior_variance[0] == 0
+    assert np.isfinite(process.posterior_log_variance_clipped).all()
+    assert (process.posterior_log_variance_clipped[0]
+            == np.log(process.posterior_variance[1]))
+
+
+def test_predict_xstart_from_eps_inverts_q_sample() -> None:
+    process = ForwardProcess(get_named_beta_schedule("linear", 1000))
+    x, t = torch.rand(4, 1, 6, 6) * 2 - 1, torch.tensor([0, 300, 600, 900])
+    eps = torch.randn_like(x)
+    recovered = process.predict_xstart_from_eps(process.q_sample(x, t, eps), t, eps)
+    torch.testing.assert_close(recovered, x, atol=1e-4, rtol=0)
+
+
+def _diffusion_settings(path: Path) -> tuple[str, int]:
+    """Noise schedule and length from the flags of the matching unet fixture."""
+    unet = path.with_name(path.name.replace("diffusion_", "unet_"))
+    if not unet.is_file():
+        pytest.skip(f"{unet.name} (the model and flags of {path.name}) is missing")
+    flags = parse_flags(load(unet)["flags"])
+    steps = int(flags.get("diffusion_steps", 1000))
+    return flags.get("noise_schedule", "linear"), steps
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_betas_equal_reference(path: Path) -> None:
+    fixture = load(path)
+    keys = [k for k in fixture if re.fullmatch(r"betas_[a-z]+_\d+", k)]
+    assert keys, f"{path.name} has no betas_<schedule>_<T> entries"
+    for key in keys:
+        _, name, steps = key.split("_")
+        np.testing.assert_allclose(
+            get_named_beta_schedule(name, int(steps)), fixture[key].numpy(),
+            rtol=1e-12, atol=0, err_msg=key,
+        )
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_forward_process_equals_reference(path: Path) -> None:
+    fixture = load(path)
+    schedule, steps = _diffusion_settings(path)
+    process = ForwardProcess(get_named_beta_schedule(schedule, steps))
+    x_start, t = fixture["x_start"], fixture["t"]
+    x_t = process.q_sample(x_start, t, fixture["noise"])
+    torch.testing.assert_close(x_t, fixture["x_t"], rtol=1e-5, atol=1e-6)
+    mean, variance, log_variance = process.q_posterior_mean_variance(
+        x_start, fixture["x_t"], t
+    )
+    expected = {
+        "q_posterior_mean": mean,
+        "q_posterior_variance": variance,
+        "q_posterior_log_variance_clipped": log_variance,
+    }
+    for key, actual in expected.items():
+        torch.testing.assert_close(
+            actual.expand_as(fixture[key]), fixture[key], rtol=1e-5, atol=1e-6,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
