@@ -85,7 +85,9 @@ def show_row(axes, images, titles):
     """Draw CHW images in [-1, 1] on a row of matplotlib axes."""
     for ax, image, title in zip(axes, images, titles, strict=True):
         pixels = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-        ax.imshow(pixels.squeeze(-1), cmap="gray", vmin=0, vmax=1)
+        if pixels.shape[-1] == 1:  # grayscale: drop the channel axis
+            pixels = pixels[..., 0]
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
 
