@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _pytest.compat import LEGACY_PATH, legacy_path
 from nbval.plugin import IPyNbFile
 
 from adm_lib.book import Book, to_notebook
@@ -32,6 +33,16 @@ def pytest_configure(config: pytest.Config) -> None:
     option.nbval_kernel_startup_timeout = BOOK.startup_timeout
 
 
+class ChapterNotebook(IPyNbFile):
+    """nbval's collector for a chapter: its node is the chapter's `.py` file
+    (so `pytest chapters/01_forward.py` selects it), while nbval reads, and
+    runs the kernel beside, the notebook converted into the build folder."""
+
+    @property
+    def fspath(self) -> LEGACY_PATH:
+        return legacy_path(NOTEBOOKS / f"{self.path.stem}.ipynb")
+
+
 def pytest_collect_file(
     file_path: Path, parent: pytest.Collector
 ) -> pytest.Collector | None:
@@ -41,7 +52,7 @@ def pytest_collect_file(
     NOTEBOOKS.mkdir(parents=True, exist_ok=True)
     notebook = NOTEBOOKS / f"{file_path.stem}.ipynb"
     nbformat.write(to_notebook(file_path), notebook)
-    return IPyNbFile.from_parent(parent, path=notebook)
+    return ChapterNotebook.from_parent(parent, path=file_path)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect anything

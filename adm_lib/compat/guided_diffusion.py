@@ -1,0 +1,541 @@
+"""The reference implementation's flags and checkpoints, for adm_lib's models.
+
+`openai/guided-diffusion` describes every model by command-line flags
+(`--image_size 64 --num_channels 192 ...`) and releases its weights as plain
+state dicts. This module reads those flags over the reference's defaults
+(`parse_flags`), builds the matching `adm_lib.unet` model the way the
+reference's `create_model`, `create_classifier` and `sr_create_model` build
+theirs (`model_from_flags`, `classifier_from_flags`, `upsampler_from_flags`),
+and loads reference state dicts with no key renaming (our module tree mirrors
+the reference's), explaining a mismatch by the flag that is most likely wrong
+(`load_reference_state_dict`, `load_checkpoint`). The head counts
+(`--num_heads`, `--num_head_channels`, `--num_heads_upsample`) and
+`--use_new_attention_order` change no parameter's shape, so no load can check
+them: a checkpoint loaded with the wrong ones runs, and computes the wrong
+thing. Take them from the flags the checkpoint was released with.
+
+`--use_fp16` and `--classifier_use_fp16` are accepted and ignored: adm_lib's
+models compute in whatever dtype their parameters have, and mixed precision is
+the caller's choice (`torch.autocast`, or `model.half()`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shlex
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adm_lib.diffusion import GaussianDiffusion, respace
+from adm_lib.forward import get_named_beta_schedule
+from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
+
+__all__ = [
+    "NUM_CLASSES",
+    "DEFAULTS",
+    "parse_flags",
+    "model_from_flags",
+    "classifier_from_flags",
+    "upsampler_from_flags",
+    "diffusion_from_flags",
+    "load_reference_state_dict",
+    "load_checkpoint",
+]
+
+NUM_CLASSES = 1000  # ImageNet: the class-conditional models' label count
+
+# The reference's defaults (script_util.py), by the function that holds them.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+}
+DIFFUSION_DEFAULTS: dict[str, Any] = {
+    "learn_sigma": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+CLASSIFIER_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "classifier_use_fp16": False,
+    "classifier_width": 128,
+    "classifier_depth": 2,
+    "classifier_attention_resolutions": "32,16,8",
+    "classifier_use_scale_shift_norm": True,
+    "classifier_resblock_updown": True,
+    "classifier_pool": "attention",
+}
+SUPER_RES_DEFAULTS: dict[str, Any] = {"large_size": 256, "small_size": 64}
+# The scripts' own flags (sampling first, then training), accepted so that a
+# whole command line parses; the model builders do not use them.
+SCRIPT_DEFAULTS: dict[str, Any] = {
+    "clip_denoised": True,
+    "num_samples": 10000,
+    "batch_size": 16,
+    "use_ddim": False,
+    "model_path": "",
+    "classifier_path": "",
+    "classifier_scale": 1.0,
+    "base_samples": "",
+    "data_dir": "",
+    "val_data_dir": "",
+    "noised": True,
+    "iterations": 150000,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "anneal_lr": False,
+    "lr_anneal_steps": 0,
+    "microbatch": -1,
+    "schedule_sampler": "uniform",
+    "resume_checkpoint": "",
+    "log_interval": 10,
+    "eval_interval": 5,
+    "save_interval": 10000,
+    "ema_rate": "0.9999",
+    "fp16_scale_growth": 1e-3,
+}
+DEFAULTS: dict[str, Any] = {
+    **SCRIPT_DEFAULTS,
+    **MODEL_DEFAULTS,
+    **DIFFUSION_DEFAULTS,
+    **CLASSIFIER_DEFAULTS,
+    **SUPER_RES_DEFAULTS,
+}
+
+# Default channel multipliers per resolution level, by image size.
+CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
+_TRUE = {"yes", "true", "t", "y", "1"}
+_FALSE = {"no", "false", "f", "n", "0"}
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    """A flag value as a bool, the way the reference's str2bool reads it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"--{name} expects True or False, got {value!r}")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A flag value converted to the type of the flag's default."""
+    default = DEFAULTS[name]
+    if isinstance(default, bool):
+        return _to_bool(name, value)
+    if isinstance(default, str):
+        if isinstance(value, list | tuple):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    kind = type(default)
+    try:
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind is int and isinstance(value, float | bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"--{name} expects {kind.__name__}, got {value!r}"
+        ) from None
+
+
+def _split(flags: str) -> dict[str, str]:
+    """A `--name value` (or `--name=value`) command line as a dict."""
+    words, pairs = shlex.split(flags), {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--"):
+            raise ValueError(f"expected a --flag, got {word!r} in {flags!r}")
+        name, eq, value = word[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(words) or words[i + 1].startswith("--"):
+                raise ValueError(f"--{name} has no value in {flags!r}")
+            value, i = words[i + 1], i + 1
+        pairs[name] = value
+        i += 1
+    return pairs
+
+
+def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The reference's flags (string or dict), typed, over its defaults."""
+    given = _split(flags) if isinstance(flags, str) else dict(flags)
+    unknown = [name for name in given if name not in DEFAULTS]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, DEFAULTS, n=3)
+            maybe = f" (did you mean {', '.join('--' + c for c in close)}?)"
+            hints.append(f"--{name}" + (maybe if close else ""))
+        raise ValueError(
+            "unknown guided-diffusion flag(s): " + "; ".join(hints)
+        )
+    return {**DEFAULTS, **{k: _typed(k, v) for k, v in given.items()}}
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """A comma list of numbers, as ints where they are whole."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def _attention_factors(resolutions: str, image_size: int) -> tuple[int, ...]:
+    """Attention resolutions (e.g. "32,16,8") as down-sampling factors."""
+    return tuple(image_size // int(r) for r in resolutions.split(","))
+
+
+def _channel_mult(table: dict, size: int, flag: str) -> tuple[float, ...]:
+    """The default channel multipliers for an image size, or a clear error."""
+    if size not in table:
+        sizes = ", ".join(str(s) for s in sorted(table))
+        raise ValueError(
+            f"no default channel_mult for {flag} {size} (the reference "
+            f"has {sizes}); pass --channel_mult"
+        )
+    return table[size]
+
+
+def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
+    """The diffusion UNet the reference's create_model builds from flags."""
+    f = parse_flags(flags)
+    size = f["image_size"]
+    if f["channel_mult"]:
+        channel_mult = _numbers(f["channel_mult"])
+    else:
+        channel_mult = _channel_mult(CHANNEL_MULT, size, "--image_size")
+    return UNetModel(
+        image_size=size,
+        in_channels=3,
+        model_channels=f["num_channels"],
+        out_channels=6 if f["learn_sigma"] else 3,
+        num_res_blocks=f["num_res_blocks"],
+        attention_resolutions=_attention_factors(
+            f["attention_resolutions"], size
+        ),
+        dropout=f["dropout"],
+        channel_mult=channel_mult,
+        num_classes=NUM_CLASSES if f["class_cond"] else None,
+        use_checkpoint=f["use_checkpoint"],
+        num_heads=f["num_heads"],
+        num_head_channels=f["num_head_channels"],
+        num_heads_upsample=f["num_heads_upsample"],
+        use_scale_shift_norm=f["use_scale_shift_norm"],
+        resblock_updown=f["resblock_updown"],
+        use_new_attention_order=f["use_new_attention_order"],
+    )
+
+
+def classifier_from_flags(flags: str | Mapping[str, Any]) -> EncoderUNetModel:
+    """The noisy-image classifier of the reference's create_classifier."""
+    f = parse_flags(flags)
+    size = f["image_size"]
+    return EncoderUNetModel(
+        image_size=size,
+        in_channels=3,
+        model_channels=f["classifier_width"],
+        out_channels=NUM_CLASSES,
+        num_res_blocks=f["classifier_depth"],
+        attention_resolutions=_attention_factors(
+            f["classifier_attention_resolutions"], size
+        ),
+        channel_mult=_channel_mult(CHANNEL_MULT, size, "--image_size"),
+        num_head_channels=64,
+        use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
+        resblock_updown=f["classifier_resblock_updown"],
+        pool=f["classifier_pool"],
+    )
+
+
+def upsampler_from_flags(flags: str | Mapping[str, Any]) -> SuperResModel:
+    """The super-resolution UNet of the reference's sr_create_model."""
+    f = parse_flags(flags)
+    size = f["large_size"]
+    return SuperResModel(
+        image_size=size,
+        in_channels=3,
+        model_channels=f["num_channels"],
+        out_channels=6 if f["learn_sigma"] else 3,
+        num_res_blocks=f["num_res_blocks"],
+        attention_resolutions=_attention_factors(
+            f["attention_resolutions"], size
+        ),
+        dropout=f["dropout"],
+        channel_mult=_channel_mult(
+            SUPER_RES_CHANNEL_MULT, size, "--large_size"
+        ),
+        num_classes=NUM_CLASSES if f["class_cond"] else None,
+        use_checkpoint=f["use_checkpoint"],
+        num_heads=f["num_heads"],
+        num_head_channels=f["num_head_channels"],
+        num_heads_upsample=f["num_heads_upsample"],
+        use_scale_shift_norm=f["use_scale_shift_norm"],
+        resblock_updown=f["resblock_updown"],
+    )
+
+
+def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
+    """The diffusion of the reference's create_gaussian_diffusion."""
+    f = parse_flags(flags)
+    if f["rescale_timesteps"]:
+        raise ValueError(
+            "--rescale_timesteps True (timesteps scaled to [0, 1000)) is not "
+            "supported: guided-diffusion's released models use False"
+        )
+    steps = f["diffusion_steps"]
+    learned = f["learn_sigma"]
+    # The reference's loss types: use_kl is the rescaled bound (T * L_t); the
+    # hybrid adds the vb term unscaled (lambda = 1/T) unless
+    # rescale_learned_sigmas scales it by T/1000 (lambda = 0.001).
+    if f["use_kl"]:
+        loss = "kl"
+    else:
+        loss = "hybrid" if learned else "simple"
+    diffusion = GaussianDiffusion(
+        get_named_beta_schedule(f["noise_schedule"], steps),
+        mean_type="x0" if f["predict_xstart"] else "eps",
+        var_type="learned_range" if learned else "fixed_large",
+        loss=loss,
+        lambda_vlb=0.001 if f["rescale_learned_sigmas"] else 1 / steps,
+    )
+    return respace(diffusion, f["timestep_respacing"])
+
+
+BUILDERS = {
+    "model": model_from_flags,
+    "diffusion": model_from_flags,
+    "classifier": classifier_from_flags,
+    "upsampler": upsampler_from_flags,
+}
+
+# The flags of a classifier and an upsampler that play the model's roles.
+_CLASSIFIER_FLAGS = {
+    "num_channels": "classifier_width",
+    "num_res_blocks": "classifier_depth",
+    "attention_resolutions": "classifier_attention_resolutions",
+    "use_scale_shift_norm": "classifier_use_scale_shift_norm",
+    "resblock_updown": "classifier_resblock_updown",
+    "channel_mult": "image_size",
+}
+
+
+def _flag(module: nn.Module, name: str) -> str:
+    """The flag that sets `name` for this kind of model, as --flag."""
+    if isinstance(module, EncoderUNetModel):
+        name = _CLASSIFIER_FLAGS.get(name, name)
+    elif isinstance(module, SuperResModel) and name == "channel_mult":
+        name = "large_size"
+    return f"--{name}"
+
+
+def _pool_of(keys: Mapping[str, Tensor]) -> str | None:
+    """The classifier pooling a state dict's `out` keys belong to."""
+    if "out.2.positional_embedding" in keys:
+        return "attention"
+    if "out.3.weight" in keys:
+        return "spatial_v2" if keys["out.3.weight"].ndim == 2 else "adaptive"
+    if "out.2.weight" in keys and keys["out.2.weight"].ndim == 2:
+        return "spatial"
+    return None
+
+
+def _diagnose(
+    module: nn.Module,
+    ours: Mapping[str, Tensor],
+    theirs: Mapping[str, Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    misshaped: list[str],
+) -> list[str]:
+    """The flags most likely wrong, as sentences, best guess first."""
+    hints: list[str] = []
+    if "label_emb.weight" in unexpected:
+        hints.append("the checkpoint is class-conditional: --class_cond True")
+    if "label_emb.weight" in missing:
+        hints.append("the checkpoint is unconditional: --class_cond False")
+
+    def ratio(key: str, dim: int = 0) -> float | None:
+        if key not in misshaped:
+            return None
+        return theirs[key].shape[dim] / ours[key].shape[dim]
+
+    first_in = ratio("input_blocks.0.0.weight", 1)
+    if first_in == 2:
+        hints.append("the checkpoint sees twice the input channels: it is "
+                     "a super-resolution model (kind='upsampler')")
+    elif first_in == 0.5:
+        hints.append("the checkpoint sees half the input channels: it is "
+                     "not a super-resolution model (kind='model')")
+    if "time_embed.0.weight" in misshaped:
+        width = theirs["time_embed.0.weight"].shape[1]
+        hints.append(f"the checkpoint's base width is {width}: "
+                     f"{_flag(module, 'num_channels')} {width}")
+    if isinstance(module, UNetModel) and "out.2.weight" in misshaped:
+        if ratio("out.2.weight") == 2:
+            hints.append("the checkpoint predicts a variance too (twice the "
+                         "output channels): --learn_sigma True")
+        elif ratio("out.2.weight") == 0.5:
+            hints.append("the checkpoint predicts no variance (half the "
+                         "output channels): --learn_sigma False")
+    emb = [k for k in misshaped if k.endswith("emb_layers.1.weight")]
+    ratios = {ratio(k) for k in emb}
+    flag = _flag(module, "use_scale_shift_norm")
+    if emb and ratios == {2}:
+        hints.append(f"the checkpoint uses AdaGN (scale and shift): {flag} "
+                     "True")
+    elif emb and ratios == {0.5}:
+        hints.append(f"the checkpoint adds the embedding: {flag} False")
+    if any(k.endswith(".op.weight") for k in unexpected):
+        hints.append("the checkpoint resamples with separate layers: "
+                     f"{_flag(module, 'resblock_updown')} False")
+    if any(k.endswith(".op.weight") for k in missing):
+        hints.append("the checkpoint resamples in residual blocks: "
+                     f"{_flag(module, 'resblock_updown')} True")
+    if isinstance(module, EncoderUNetModel):
+        pool = _pool_of(theirs)
+        if pool and pool != module.pool:
+            hints.append(f"the checkpoint's head is {pool} pooling: "
+                         f"--classifier_pool {pool}")
+        elif "out.2.positional_embedding" in misshaped:
+            hints.append("the attention pooling's size differs: "
+                         "--image_size")
+    attn = re.compile(r"\.(qkv|proj_out|norm)\.")
+    if any(attn.search(k) for k in missing + unexpected):
+        hints.append("attention blocks are where the model has none (or "
+                     "the reverse): "
+                     f"{_flag(module, 'attention_resolutions')}")
+
+    def blocks(keys) -> int:
+        found = {re.match(r"input_blocks\.(\d+)\.", k) for k in keys}
+        return 1 + max((int(m.group(1)) for m in found if m), default=-1)
+
+    if blocks(theirs) != blocks(ours):
+        hints.append(
+            f"the checkpoint has {blocks(theirs)} input blocks, the model "
+            f"{blocks(ours)}: {_flag(module, 'num_res_blocks')} or "
+            f"{_flag(module, 'channel_mult')}"
+        )
+    if not hints and any(k.startswith("input_blocks") for k in misshaped):
+        hints.append("channel counts differ: "
+                     f"{_flag(module, 'num_channels')} or "
+                     f"{_flag(module, 'channel_mult')}")
+    return hints
+
+
+def _some(keys: list[str], limit: int = 4) -> str:
+    """A few keys, and how many more there are."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit
+                    else "")
+
+
+def load_reference_state_dict(
+    module: nn.Module, state_dict: Mapping[str, Tensor]
+) -> nn.Module:
+    """Load a reference state dict strictly, or explain which flag is off."""
+    ours = module.state_dict()
+    theirs = dict(state_dict)
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    misshaped = [
+        k for k in ours
+        if k in theirs and tuple(theirs[k].shape) != tuple(ours[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        lines = [
+            f"the state dict does not fit this {type(module).__name__}: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected and "
+            f"{len(misshaped)} mis-shaped key(s)"
+        ]
+        if missing:
+            lines.append(f"  missing: {_some(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected: {_some(unexpected)}")
+        for key in misshaped[:4]:
+            lines.append(f"  mis-shaped: {key} is {tuple(theirs[key].shape)}"
+                         f" in the checkpoint, {tuple(ours[key].shape)} here")
+        if len(misshaped) > 4:
+            lines.append(f"  (and {len(misshaped) - 4} more mis-shaped)")
+        hints = _diagnose(module, ours, theirs, missing, unexpected,
+                          misshaped)
+        if hints:
+            lines.append("likely wrong flag(s), best guess first:")
+            lines += [f"  - {hint}" for hint in hints]
+        else:
+            lines.append("check the flags against those the checkpoint was "
+                         "trained with (the reference's README lists them)")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(theirs, strict=True)
+    return module
+
+
+def load_checkpoint(
+    path: str | PathLike,
+    flags: str | Mapping[str, Any],
+    kind: str = "model",
+) -> nn.Module:
+    """Build a model of `kind` from flags and load a checkpoint; eval mode."""
+    if kind not in BUILDERS:
+        raise ValueError(
+            f"unknown kind {kind!r}; known: {', '.join(BUILDERS)}"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path.resolve()}: download the released "
+            "file (links in the README of openai/guided-diffusion) and put "
+            "it there, or pass its path"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {err}"
+        ) from err
+    if isinstance(loaded, Mapping) and isinstance(
+        loaded.get("state_dict"), Mapping
+    ):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, Tensor) for v in loaded.values()
+    ):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    module = BUILDERS[kind](flags)
+    try:
+        load_reference_state_dict(module, loaded)
+    except ValueError as err:
+        raise ValueError(f"{path} ({kind}): {err}") from None
+    return module.eval()

@@ -1,0 +1,198 @@
+"""adm_lib.compat.guided_diffusion: the reference's flags and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adm_lib.compat import guided_diffusion as gd
+from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
+from tests.reference import FIXTURES, load, reference_files
+
+TINY = ("--image_size 32 --num_channels 32 --num_res_blocks 1 "
+        "--channel_mult 1,2 --attention_resolutions 16 --num_heads 2")
+TINY_CLASSIFIER = ("--image_size 64 --classifier_width 32 "
+                   "--classifier_depth 1 --classifier_attention_resolutions 8")
+
+
+def check_parity(model: torch.nn.Module, data: dict, *args) -> None:
+    """Load the fixture's weights and compare the output, float32, eval."""
+    gd.load_reference_state_dict(model, data["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        out = model(*args)
+    diff = (out - data["output"]).abs().max().item()
+    print(f"max |ours - reference| = {diff:.2e}")
+    torch.testing.assert_close(out, data["output"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("unet_*.pt"))
+def test_unet_parity(path: Path) -> None:
+    data = load(path)
+    model = gd.model_from_flags(data["flags"])
+    check_parity(model, data, data["x"], data["t"], data.get("y"))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("classifier_*.pt"))
+def test_classifier_parity(path: Path) -> None:
+    data = load(path)
+    model = gd.classifier_from_flags(data["flags"])
+    check_parity(model, data, data["x"], data["t"])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("upsampler_*.pt"))
+def test_upsampler_parity(path: Path) -> None:
+    data = load(path)
+    model = gd.upsampler_from_flags(data["flags"])
+    check_parity(
+        model, data, data["x"], data["t"], data["low_res"], data.get("y")
+    )
+
+
+def official_models() -> list:
+    """pytest params, one per entry of official_models.json, or one skip."""
+    path = FIXTURES / "official_models.json"
+    if not path.is_file():
+        reason = f"no {path} (set ADM_REFERENCE_FIXTURES)"
+        return [pytest.param(None, None, id="official_models.json",
+                             marks=pytest.mark.skip(reason))]
+    entries = json.loads(path.read_text())
+    return [pytest.param(name, entry, id=name)
+            for name, entry in entries.items()]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name,entry", official_models())
+def test_official_model_sizes(name: str, entry: dict) -> None:
+    with torch.device("meta"):
+        model = gd.BUILDERS[entry["kind"]](entry["flags"])
+    assert sum(p.numel() for p in model.parameters()) == entry["params"]
+    assert len(model.state_dict()) == entry["state_dict_entries"]
+
+
+def test_parse_flags_types_and_defaults() -> None:
+    flags = gd.parse_flags(
+        "--image_size 128 --class_cond True --learn_sigma false "
+        "--dropout 0.1 --attention_resolutions 32,16,8 --use_fp16=True"
+    )
+    assert flags["image_size"] == 128 and flags["class_cond"] is True
+    assert flags["learn_sigma"] is False and flags["dropout"] == 0.1
+    assert flags["attention_resolutions"] == "32,16,8"
+    assert flags["use_fp16"] is True
+    assert flags["num_heads"] == 4 and flags["classifier_pool"] == "attention"
+    assert gd.parse_flags({"num_channels": "64", "class_cond": "1",
+                           "attention_resolutions": (16, 8)}) == (
+        gd.parse_flags("--num_channels 64 --class_cond True "
+                       "--attention_resolutions 16,8"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ("--num_chanels 64", "did you mean --num_channels"),
+        ({"clas_cond": True}, "did you mean --class_cond"),
+        ("--num_channels", "has no value"),
+        ("image_size 64", "expected a --flag"),
+        ("--class_cond maybe", "expects True or False"),
+        ("--num_channels 1.5", "expects int"),
+    ],
+)
+def test_parse_flags_errors(flags, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        gd.parse_flags(flags)
+
+
+def test_builders_follow_the_reference() -> None:
+    with torch.device("meta"):
+        model = gd.model_from_flags("--image_size 64 --learn_sigma True "
+                                    "--class_cond True")
+        clf = gd.classifier_from_flags("--image_size 128")
+        sr = gd.upsampler_from_flags("--large_size 64 --small_size 32")
+    assert isinstance(model, UNetModel) and model.out_channels == 6
+    assert model.channel_mult == (1, 2, 3, 4)
+    assert model.attention_resolutions == (4, 8)  # 16,8 at 64
+    assert model.label_emb.num_embeddings == gd.NUM_CLASSES
+    assert isinstance(clf, EncoderUNetModel) and clf.out_channels == 1000
+    assert isinstance(sr, SuperResModel) and sr.in_channels == 6
+    with pytest.raises(ValueError, match="--channel_mult"):
+        gd.model_from_flags("--image_size 48")
+
+
+@pytest.mark.parametrize(
+    "ckpt_flags,model_flags,flag",
+    [
+        (" --class_cond True", "", "--class_cond True"),
+        ("", " --class_cond True", "--class_cond False"),
+        (" --learn_sigma True", "", "--learn_sigma True"),
+        ("", " --use_scale_shift_norm False", "--use_scale_shift_norm True"),
+        (" --resblock_updown True", "", "--resblock_updown True"),
+        ("", " --resblock_updown True", "--resblock_updown False"),
+        (" --num_res_blocks 2", "", "--num_res_blocks"),
+        (" --attention_resolutions 32,16", "", "--attention_resolutions"),
+    ],
+)
+def test_mismatch_names_the_flag(ckpt_flags, model_flags, flag) -> None:
+    state = gd.model_from_flags(TINY + ckpt_flags).state_dict()
+    model = gd.model_from_flags(TINY + model_flags)
+    with pytest.raises(ValueError, match="likely wrong") as err:
+        gd.load_reference_state_dict(model, state)
+    assert flag in str(err.value), str(err.value)
+
+
+def test_width_mismatch_names_the_checkpoint_width() -> None:
+    state = gd.model_from_flags(TINY.replace("32 --num_res", "64 --num_res"))
+    model = gd.model_from_flags(TINY)
+    with pytest.raises(ValueError, match="--num_channels 64") as err:
+        gd.load_reference_state_dict(model, state.state_dict())
+    assert "mis-shaped" in str(err.value)
+
+
+def test_classifier_mismatch_uses_classifier_flags() -> None:
+    state = gd.classifier_from_flags(
+        TINY_CLASSIFIER + " --classifier_pool adaptive").state_dict()
+    model = gd.classifier_from_flags(TINY_CLASSIFIER)
+    with pytest.raises(ValueError, match="--classifier_pool adaptive"):
+        gd.load_reference_state_dict(model, state)
+    state = gd.classifier_from_flags(
+        TINY_CLASSIFIER + " --classifier_use_scale_shift_norm False"
+    ).state_dict()
+    with pytest.raises(ValueError,
+                       match="--classifier_use_scale_shift_norm False"):
+        gd.load_reference_state_dict(model, state)
+
+
+def test_load_checkpoint(tmp_path: Path) -> None:
+    source = gd.model_from_flags(TINY)
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    plain, wrapped = tmp_path / "plain.pt", tmp_path / "wrapped.pt"
+    torch.save(source.state_dict(), plain)
+    torch.save({"flags": TINY, "state_dict": source.state_dict()}, wrapped)
+    for path in (plain, wrapped):
+        model = gd.load_checkpoint(path, TINY)
+        assert not model.training
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value)
+    with pytest.raises(ValueError, match=r"(?s)plain.pt.*--class_cond"):
+        gd.load_checkpoint(plain, TINY + " --class_cond True")
+    with pytest.raises(ValueError, match="unknown kind"):
+        gd.load_checkpoint(plain, TINY, kind="vae")
+
+
+def test_load_checkpoint_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"(?s)nothere.pt.*put it there"):
+        gd.load_checkpoint(tmp_path / "nothere.pt", TINY)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"(?s)cannot read checkpoint.*corrupt"):
+        gd.load_checkpoint(corrupt, TINY)
+    odd = tmp_path / "odd.pt"
+    torch.save({"step": 3}, odd)
+    with pytest.raises(ValueError, match="odd.pt does not hold"):
+        gd.load_checkpoint(odd, TINY)

@@ -1,0 +1,296 @@
+"""adm_lib.diffusion (chapter 2): reverse process, losses, respacing, samplers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adm_lib.compat.guided_diffusion import (
+    classifier_from_flags,
+    diffusion_from_flags,
+    load_reference_state_dict,
+    model_from_flags,
+)
+from adm_lib.diffusion import (
+    GaussianDiffusion,
+    LossAwareSampler,
+    UniformSampler,
+    calc_bpd_loop,
+    ddim_reverse_sample_loop,
+    ddim_sample,
+    ddim_sample_loop,
+    ddim_sample_loop_progressive,
+    p_sample,
+    p_sample_loop,
+    p_sample_loop_progressive,
+    respace,
+    space_timesteps,
+    training_losses,
+)
+from adm_lib.forward import get_named_beta_schedule
+from tests.reference import load, reference_files
+
+BETAS = get_named_beta_schedule("linear", 100)
+Tensor = torch.Tensor
+
+
+class TinyModel(torch.nn.Module):
+    """A per-pixel model: enough to exercise every code path quickly."""
+
+    def __init__(self, channels: int = 2, out: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, out, 1)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        self.seen.append(t)
+        return self.conv(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000)
+
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "prev"])
+@pytest.mark.parametrize(
+    ("var_type", "loss"),
+    [("fixed_small", "simple"), ("fixed_large", "simple"),
+     ("learned", "hybrid"), ("learned_range", "hybrid"),
+     ("learned_range", "kl"), ("fixed_large", "kl")],
+)
+def test_every_configuration_trains_and_samples(
+    mean_type: str, var_type: str, loss: str
+) -> None:
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(BETAS, mean_type, var_type, loss)
+    out = 4 if diffusion.learns_variance else 2
+    model = TinyModel(out=out)
+    x = torch.rand(3, 2, 4, 4) * 2 - 1
+    terms = training_losses(diffusion, model, x, torch.tensor([0, 50, 99]))
+    assert terms["loss"].shape == (3,) and torch.isfinite(terms["loss"]).all()
+    assert ("mse" in terms) == (loss != "kl")
+    assert ("vb" in terms) == (loss != "simple")
+    terms["loss"].sum().backward()
+    assert model.conv.weight.grad is not None
+    spaced = respace(diffusion, "10")
+    noise = torch.randn(2, 2, 4, 4)
+    for sample in (p_sample_loop(spaced, model, noise),
+                   ddim_sample_loop(spaced, model, noise, eta=0.5)):
+        assert sample.shape == noise.shape and torch.isfinite(sample).all()
+
+
+def test_configuration_errors_name_the_option() -> None:
+    with pytest.raises(ValueError, match="mean_type 'v'"):
+        GaussianDiffusion(BETAS, mean_type="v")
+    with pytest.raises(ValueError, match="var_type"):
+        GaussianDiffusion(BETAS, var_type="small")
+    with pytest.raises(ValueError, match="no gradient"):
+        GaussianDiffusion(BETAS, var_type="learned", loss="simple")
+    with pytest.raises(ValueError, match="fixed"):
+        GaussianDiffusion(BETAS, var_type="fixed_small", loss="hybrid")
+    diffusion = GaussianDiffusion(BETAS)
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"model output \(2, 3, 4, 4\), "
+                                         r"expected \(2, 6, 4, 4\)"):
+        diffusion.p_mean_variance_from_output(x, x, torch.tensor([1, 2]))
+
+
+def test_hybrid_weight_is_lambda_times_t() -> None:
+    diffusion = GaussianDiffusion(get_named_beta_schedule("linear", 4000))
+    model = TinyModel()
+    x, t = torch.rand(2, 2, 4, 4), torch.tensor([5, 3000])
+    noise = torch.randn_like(x)
+    terms = training_losses(diffusion, model, x, t, noise=noise)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + 4 * terms["vb"])
+
+
+def test_respacing_specs_and_errors() -> None:
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(10, "10") == list(range(10))
+    assert space_timesteps(100, "1") == [0]
+    with pytest.raises(ValueError, match="integer stride"):
+        space_timesteps(1000, "ddim999")
+    with pytest.raises(ValueError, match="section of 50"):
+        space_timesteps(100, "60,1")
+    base = GaussianDiffusion(BETAS)
+    spaced = respace(base, "ddim10")
+    twice = respace(spaced, "5")
+    kept = [spaced.timestep_map[i].item() for i in space_timesteps(10, "5")]
+    assert twice.timestep_map.tolist() == kept == [0, 20, 40, 70, 90]
+    np.testing.assert_allclose(twice.alphas_cumprod,
+                               base.alphas_cumprod[kept])
+
+
+def test_samplers_show_the_model_original_timesteps() -> None:
+    model = TinyModel()
+    spaced = respace(GaussianDiffusion(BETAS), "ddim10")
+    steps = list(ddim_sample_loop_progressive(spaced, model,
+                                              torch.randn(2, 2, 4, 4)))
+    assert [s["step"] for s in steps] == list(range(9, -1, -1))
+    assert [t[0].item() for t in model.seen] == list(range(90, -1, -10))
+    assert all(set(s) >= {"sample", "pred_xstart"} for s in steps)
+
+
+def test_callback_and_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[int] = []
+    spaced = respace(GaussianDiffusion(BETAS), "5")
+    p_sample_loop(spaced, TinyModel(), torch.randn(1, 2, 4, 4),
+                  progress=True, callback=lambda out: seen.append(out["step"]))
+    assert seen == [4, 3, 2, 1, 0]
+    assert "p_sample" in capsys.readouterr().err
+
+
+def test_ddim_eta_one_matches_ancestral_with_fixed_small() -> None:
+    diffusion = GaussianDiffusion(BETAS, var_type="fixed_small")
+    model = TinyModel(out=2)
+    x, t = torch.randn(2, 2, 4, 4), torch.tensor([30, 70])
+    noise = torch.randn_like(x)
+    a = p_sample(diffusion, model, x, t, noise=noise)["sample"]
+    b = ddim_sample(diffusion, model, x, t, noise=noise, eta=1.0)["sample"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_importance_sampler_warms_up_then_follows_losses() -> None:
+    sampler = LossAwareSampler(4, history_per_term=2, uniform_prob=0.0)
+    sampler.update(torch.tensor([0, 1, 2, 3, 0, 1, 2]),
+                   torch.tensor([1.0, 1, 1, 1, 1, 1, 1]))
+    assert np.array_equal(sampler.weights(), np.ones(4))  # t=3 not full yet
+    sampler.update(torch.tensor([3, 3, 3]), torch.tensor([9.0, 9, 3]))
+    assert sampler.history[3].tolist() == [9.0, 3.0]  # oldest dropped
+    weights = sampler.weights()
+    assert weights[3] == pytest.approx(np.sqrt(45) / (3 + np.sqrt(45)))
+    t, w = sampler.sample(1000)
+    assert (t == 3).float().mean() > 0.55
+    torch.testing.assert_close(
+        w, torch.from_numpy(1 / (4 * weights[t.numpy()])).float())
+    t, w = UniformSampler(7).sample(50, "cpu")
+    assert t.max() < 7 and torch.all(w == 1)
+
+
+def test_calc_bpd_loop_shapes() -> None:
+    diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
+    out = calc_bpd_loop(diffusion, TinyModel(), torch.rand(3, 2, 4, 4) * 2 - 1)
+    assert out["vb"].shape == out["mse"].shape == (3, 20)
+    torch.testing.assert_close(out["total_bpd"],
+                               out["vb"].sum(1) + out["prior_bpd"])
+
+
+# --- parity with the reference implementation -----------------------------
+
+def _reference(path: Path) -> dict[str, Any]:
+    """The fixture with its model, classifier and diffusion rebuilt."""
+    fixture = load(path)
+    tag = path.name.removeprefix("diffusion_")
+    parts = {}
+    for kind, build in [("unet", model_from_flags),
+                        ("classifier", classifier_from_flags)]:
+        source = path.with_name(f"{kind}_{tag}")
+        if not source.is_file():
+            pytest.skip(f"{source.name} (needed by {path.name}) is missing")
+        saved = load(source)
+        module = build(saved["flags"])
+        load_reference_state_dict(module, saved["state_dict"])
+        parts[kind] = module.eval()
+        parts[f"{kind}_flags"] = saved["flags"]
+    fixture.update(parts)
+    fixture["diffusion"] = diffusion_from_flags(parts["unet_flags"])
+    fixture["model_kwargs"] = (
+        {"y": fixture["y"]} if fixture.get("y") is not None else {}
+    )
+    return fixture
+
+
+def _close(actual: Tensor, expected: Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_respacing_equals_reference(path: Path) -> None:
+    fixture = load(path)
+    keys = [k for k in fixture if k.startswith("respace_")]
+    assert keys, f"{path.name} has no respace_<spec>_<T> entries"
+    for key in keys:
+        spec, steps = re.fullmatch(r"respace_(.+)_(\d+)", key).groups()
+        assert space_timesteps(int(steps), spec) == fixture[key].tolist(), key
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_losses_and_p_mean_variance_equal_reference(path: Path) -> None:
+    ref = _reference(path)
+    diffusion, model, kwargs = ref["diffusion"], ref["unet"], ref["model_kwargs"]
+    with torch.no_grad():
+        terms = training_losses(diffusion, model, ref["x_start"], ref["t"],
+                                kwargs, noise=ref["noise"])
+        p = diffusion.p_mean_variance(model, ref["x_t"], ref["t"],
+                                      clip_denoised=True, model_kwargs=kwargs)
+    for key in ("loss", "mse", "vb"):
+        _close(terms[key], ref[key], key)
+    for key in ("mean", "variance", "log_variance", "pred_xstart"):
+        _close(p[key], ref["p_" + key if key != "pred_xstart" else key], key)
+
+
+def _cond_fn(classifier: torch.nn.Module, scale: float):
+    """The reference's guidance gradient: s * d/dx sum log p(y | x_t)."""
+
+    def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_sampling_with_and_without_guidance_equals_reference(path: Path) -> None:
+    ref = _reference(path)
+    spaced = respace(ref["diffusion"], ref["ddim_respacing"])
+    cond_fn = _cond_fn(ref["classifier"], float(ref["guidance_scale"]))
+    conditional = bool(ref["model_kwargs"])
+
+    def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        # As the reference's sampling script: labels reach the classifier
+        # always, and the model only if it is class-conditional.
+        return ref["unet"](x, t, y if conditional else None)
+
+    kwargs = {"y": ref["guide_y"]}
+    plain = ddim_sample_loop(spaced, model_fn, ref["x_T"],
+                             model_kwargs=kwargs)
+    _close(plain, ref["ddim_eta0"], "ddim_eta0")
+    guided = ddim_sample_loop(spaced, model_fn, ref["x_T"],
+                              model_kwargs=kwargs, cond_fn=cond_fn)
+    _close(guided, ref["ddim_eta0_guided"], "ddim_eta0_guided")
+    with torch.no_grad():
+        step = p_sample(spaced, model_fn, ref["ddpm_step_x"],
+                        ref["ddpm_step_t"], cond_fn=cond_fn,
+                        model_kwargs=kwargs, noise=ref["ddpm_step_noise"])
+    _close(step["sample"], ref["ddpm_step_guided_sample"], "guided sample")
+    _close(step["pred_xstart"], ref["ddpm_step_guided_pred_xstart"],
+           "guided pred_xstart")
+
+
+def test_ddim_inversion_round_trips_with_an_exact_model() -> None:
+    """For a one-image data set the exact eps is known; DDIM must invert."""
+    base = GaussianDiffusion(BETAS, var_type="fixed_small")
+    x_star = torch.rand(1, 2, 4, 4) * 2 - 1
+
+    def exact(x: Tensor, t: Tensor) -> Tensor:
+        a = base.extract("sqrt_alphas_cumprod", t, x.ndim)
+        s = base.extract("sqrt_one_minus_alphas_cumprod", t, x.ndim)
+        return (x - a * x_star) / s
+
+    spaced = respace(base, "ddim20")
+    x_T = ddim_reverse_sample_loop(spaced, exact, x_star.expand(3, -1, -1, -1))
+    torch.testing.assert_close(ddim_sample_loop(spaced, exact, x_T),
+                               x_star.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
+    final = list(p_sample_loop_progressive(spaced, exact, torch.randn(3, 2, 4, 4)))
+    torch.testing.assert_close(final[-1]["sample"], x_star.expand(3, -1, -1, -1),
+                               atol=1e-5, rtol=0)

@@ -1,0 +1,240 @@
+"""adm_lib.unet (chapter 3): the UNet, the classifier and the upsampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from adm_lib.unet import (
+    AttentionBlock,
+    EncoderUNetModel,
+    QKVAttention,
+    ResBlock,
+    SuperResModel,
+    UNetModel,
+    timestep_embedding,
+)
+
+N, SIZE, WIDTH = 2, 16, 32
+
+
+def unet(**overrides) -> UNetModel:
+    """A tiny UNet; overrides change any option."""
+    config = dict(
+        image_size=SIZE, in_channels=3, model_channels=WIDTH, out_channels=6,
+        num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+        num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+    )
+    return UNetModel(**{**config, **overrides})
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, std: float = 0.05) -> nn.Module:
+    """Noise on every parameter, so zero-initialised layers do something."""
+    for p in model.parameters():
+        p.add_(std * torch.randn_like(p))
+    return model
+
+
+def inputs(channels: int = 3, size: int = SIZE):
+    x = torch.randn(N, channels, size, size)
+    return x, torch.tensor([0, 999])
+
+
+def test_timestep_embedding_values() -> None:
+    emb = timestep_embedding(torch.tensor([0.0, 2.5]), 6)
+    assert emb.shape == (2, 6) and emb.dtype == torch.float32
+    assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    freqs = torch.exp(-math.log(10000) * torch.arange(3) / 3)
+    assert torch.allclose(emb[1, :3], torch.cos(2.5 * freqs))
+    assert timestep_embedding(torch.tensor([1]), 5)[0, -1] == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_heads=2, num_head_channels=-1),
+        dict(num_heads=4, num_head_channels=-1, num_heads_upsample=1),
+        dict(attention_resolutions=()),
+        dict(resblock_updown=False, conv_resample=False),
+        dict(resblock_updown=False, conv_resample=True),
+        dict(use_scale_shift_norm=False),
+        dict(rescale_residual=True),
+        dict(use_new_attention_order=True),
+        dict(channel_mult=(1, 1, 2), attention_resolutions=(1, 2, 4)),
+        dict(num_res_blocks=2, dropout=0.1),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_unet_shapes_for_odd_configs(options: dict) -> None:
+    model = perturb(unet(**options))
+    x, t = inputs()
+    out = model(x, t)
+    assert out.shape == (N, 6, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_fresh_unet_predicts_zero_and_heads_follow_channels() -> None:
+    model = unet()
+    x, t = inputs()
+    assert torch.all(model(x, t) == 0)
+    attn = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert attn and all(
+        m.num_heads == m.qkv.in_channels // 16 for m in attn
+    )
+    with pytest.raises(ValueError, match="num_head_channels"):
+        unet(num_head_channels=24)
+
+
+def test_class_conditional_unet() -> None:
+    model = perturb(unet(num_classes=5)).eval()
+    x, t = inputs()
+    y = torch.tensor([0, 4])
+    assert model.label_emb.weight.shape == (5, 4 * WIDTH)
+    assert not torch.allclose(model(x, t, y), model(x, t, y.flip(0)))
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x, t)
+    with pytest.raises(ValueError, match="class-conditional"):
+        unet()(x, t, y)
+
+
+def test_residual_rescaling_changes_no_parameter() -> None:
+    plain, scaled = unet(), unet(rescale_residual=True)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in scaled.state_dict().items()
+    }
+    block = ResBlock(32, 8, 0.0, rescale_residual=True)
+    x = torch.randn(1, 32, 4, 4)
+    assert torch.allclose(block(x, torch.randn(1, 8)), x / math.sqrt(2))
+
+
+def test_additive_and_adagn_embedding_widths() -> None:
+    add = ResBlock(32, 8, 0.0, out_channels=64)
+    ada = ResBlock(32, 8, 0.0, out_channels=64, use_scale_shift_norm=True)
+    assert add.emb_layers[1].out_features == 64
+    assert ada.emb_layers[1].out_features == 128
+    assert isinstance(add.skip_connection, nn.Conv2d)
+    assert ResBlock(32, 8, 0.0, 64, use_conv=True).skip_connection \
+        .kernel_size == (3, 3)
+
+
+def test_attention_orders_match_explicit_attention() -> None:
+    heads, ch, length = 2, 8, 5
+    qkv = torch.randn(N, 3 * heads * ch, length)
+
+    def explicit(q, k, v):
+        w = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+        return torch.einsum("bts,bcs->bct", w.softmax(-1), v)
+
+    legacy = qkv.reshape(N * heads, 3 * ch, length).split(ch, dim=1)
+    new = [t.reshape(N * heads, ch, length) for t in qkv.chunk(3, dim=1)]
+    for order, parts in ((True, legacy), (False, new)):
+        got = QKVAttention(heads, legacy_order=order)(qkv)
+        want = explicit(*parts).reshape(N, heads * ch, length)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="qkv width"):
+        QKVAttention(4)(torch.randn(1, 30, 3))
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial",
+                                  "spatial_v2"])
+def test_classifier_pools(pool: str) -> None:
+    clf = perturb(EncoderUNetModel(
+        SIZE, 3, WIDTH, 7, 1, (2,), channel_mult=(1, 2),
+        num_head_channels=16, use_scale_shift_norm=True,
+        resblock_updown=True, pool=pool,
+    ))
+    x, t = inputs()
+    x.requires_grad_(True)
+    logits = clf(x, t)
+    assert logits.shape == (N, 7)
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), x)
+    assert grad.abs().sum() > 0
+
+
+def test_classifier_rejects_unknown_pool_and_headless_attention() -> None:
+    with pytest.raises(ValueError, match="unknown pool"):
+        EncoderUNetModel(SIZE, 3, WIDTH, 7, 1, (), channel_mult=(1,),
+                         pool="max")
+    with pytest.raises(ValueError, match="num_head_channels"):
+        EncoderUNetModel(SIZE, 3, WIDTH, 7, 1, (), channel_mult=(1,),
+                         pool="attention")
+
+
+def test_super_res_model_concatenates_upsampled_low_res() -> None:
+    model = perturb(SuperResModel(
+        SIZE, 3, WIDTH, 3, 1, (2,), channel_mult=(1, 2), num_heads=2,
+        num_classes=3,
+    )).eval()
+    x, t = inputs()
+    low = torch.randn(N, 3, SIZE // 2, SIZE // 2)
+    y = torch.tensor([0, 2])
+    out = model(x, t, low, y=y)
+    assert out.shape == (N, 3, SIZE, SIZE)
+    assert model.input_blocks[0][0].in_channels == 6
+    assert not torch.allclose(out, model(x, t, low.flip(-1), y=y))
+
+
+def test_bfloat16_forward_matches_float32() -> None:
+    torch.manual_seed(0)
+    model = perturb(unet(num_classes=4)).eval()
+    x, t = inputs()
+    y = torch.tensor([1, 3])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        out = model.to(torch.bfloat16)(x.bfloat16(), t, y)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+
+
+def test_float16_forward_where_supported() -> None:
+    model = perturb(unet()).eval().half()
+    x, t = inputs()
+    try:
+        with torch.no_grad():
+            out = model(x.half(), t)
+    except (RuntimeError, NotImplementedError) as err:  # pragma: no cover
+        pytest.skip(f"float16 forward unsupported on this CPU build: {err}")
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_autocast_bfloat16() -> None:
+    model = perturb(unet()).eval()
+    x, t = inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t)
+    assert out.shape == (N, 6, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    plain = perturb(unet(num_classes=3, dropout=0.0))
+    ckpt = unet(num_classes=3, use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = inputs()
+    y = torch.tensor([0, 1])
+    for model in (plain, ckpt):
+        model(x, t, y).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(),
+                            strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7,
+                                   msg=name)
+
+
+def test_scalar_timestep_is_broadcast() -> None:
+    model = perturb(unet()).eval()
+    x, _ = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, torch.tensor(7)), model(x, torch.tensor([7, 7]))
+        )
+
+
+def test_three_dimensional_unet() -> None:
+    model = perturb(UNetModel(
+        8, 1, WIDTH, 1, 1, (2,), channel_mult=(1, 2), dims=3, num_heads=2,
+    ))
+    x = torch.randn(1, 1, 2, 8, 8)
+    assert model(x, torch.tensor([3])).shape == (1, 1, 2, 8, 8)
