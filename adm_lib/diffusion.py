@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:117
+# %% chapters/02_diffusion.py:118
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -172,7 +172,7 @@ class GaussianDiffusion(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:300
+# %% chapters/02_diffusion.py:301
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -247,7 +247,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:401
+# %% chapters/02_diffusion.py:402
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -281,7 +281,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:466
+# %% chapters/02_diffusion.py:467
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -318,7 +318,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:538
+# %% chapters/02_diffusion.py:539
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -370,7 +370,7 @@ class LossAwareSampler(UniformSampler):
                 self.counts[step] += 1
 
 
-# %% chapters/02_diffusion.py:637
+# %% chapters/02_diffusion.py:638
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if spec.startswith("ddim"):
@@ -424,7 +424,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:740
+# %% chapters/02_diffusion.py:741
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -533,7 +533,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:858
+# %% chapters/02_diffusion.py:859
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

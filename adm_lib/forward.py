@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/01_forward.py:134
+# %% chapters/01_forward.py:124
 import math
 from collections.abc import Callable
 
@@ -30,7 +30,7 @@ def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
     )
 
 
-# %% chapters/01_forward.py:165
+# %% chapters/01_forward.py:155
 def betas_for_alpha_bar(
     num_timesteps: int,
     alpha_bar: Callable[[float], float],
@@ -71,7 +71,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     return BETA_SCHEDULES[name](num_timesteps)
 
 
-# %% chapters/01_forward.py:254
+# %% chapters/01_forward.py:244
 class ForwardProcess:
     """The forward process q of a beta schedule: marginals and posterior."""
 

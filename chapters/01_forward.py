@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from adm_lib.data import load_dataset
+from adm_lib.viz import show_images
 
 torch.manual_seed(seed)
 rng = np.random.default_rng(seed)
@@ -78,22 +79,11 @@ assert -1 <= x0.min() and x0.max() <= 1
 
 
 # %% [markdown]
-# A small helper draws a row of images; it maps $[-1, 1]$ back to $[0, 1]$.
+# `adm_lib.viz.show_images` draws them, mapping $[-1, 1]$ back to 8-bit pixels
+# as the reference does when it saves samples.
 
 # %%
-def show_row(axes, images, titles):
-    """Draw CHW images in [-1, 1] on a row of matplotlib axes."""
-    for ax, image, title in zip(axes, images, titles, strict=True):
-        pixels = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-        if pixels.shape[-1] == 1:  # grayscale: drop the channel axis
-            pixels = pixels[..., 0]
-        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-
-
-fig, axes = plt.subplots(1, num_images, figsize=(1.6 * num_images, 1.8))
-show_row(np.atleast_1d(axes), x0, [f"x_0 #{i}" for i in range(num_images)])
+show_images(x0, [f"x_0 #{i}" for i in range(num_images)])
 plt.show()
 
 # %% [markdown]
@@ -433,7 +423,7 @@ t = torch.tensor(steps)
 fig, axes = plt.subplots(2, len(steps), figsize=(1.6 * len(steps), 3.8))
 for row, (name, p) in zip(axes, processes.items(), strict=True):
     x_t = p.q_sample(image, t, noise)
-    show_row(row, x_t, [f"{name} t={s}" for s in steps])
+    show_images(x_t, [f"{name} t={s}" for s in steps], row)
     # Same noise at every t, so x_t is exactly the closed form.
     expected = (p.extract("sqrt_alphas_cumprod", t, 4) * image
                 + p.extract("sqrt_one_minus_alphas_cumprod", t, 4) * noise)

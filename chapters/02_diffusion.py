@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.data import load_dataset
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
+from adm_lib.viz import show_rows
 
 torch.manual_seed(seed)
 if device == "auto":
@@ -1171,25 +1172,7 @@ for steps in sample_steps:
         print(f"{name} {steps:4d} steps: {seconds:5.1f} s")
         assert samples.shape == noise.shape
         assert samples.abs().max() <= 1 + 1e-6  # x_0 is clipped to [-1, 1]
-
-
-def show_grid(rows):
-    """One row of images per entry of `rows` (label: N x C x H x W)."""
-    fig, axes = plt.subplots(len(rows), 1,
-                             figsize=(1.1 * num_samples, 1.2 * len(rows)))
-    for ax, (label, batch) in zip(np.atleast_1d(axes), rows.items(),
-                                  strict=True):
-        row = torch.cat(list((batch.clamp(-1, 1) + 1) / 2), dim=2)
-        pixels = row.permute(1, 2, 0).numpy()
-        ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
-                  cmap="gray", vmin=0, vmax=1)
-        ax.set_ylabel(label, rotation=0, ha="right", va="center")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    plt.show()
-
-
-show_grid(grids)
+show_rows(grids)
 
 # %% [markdown]
 # DDIM with $\eta = 0$ is deterministic, so the same noise gives nearly the
@@ -1216,7 +1199,7 @@ spread = (originals - originals.roll(1, 0)).pow(2).mean().sqrt().item()
 print(f"DDIM round trip RMS error {error:.3f}; "
       f"RMS distance between different images {spread:.3f}")
 print(f"encoded x_T: mean {encoded.mean():+.3f}, std {encoded.std():.3f}")
-show_grid({"original": originals.cpu(), "x_T": encoded.cpu() / 3,
+show_rows({"original": originals.cpu(), "x_T": encoded.cpu() / 3,
            "decoded": decoded.cpu()})
 assert error < spread
 

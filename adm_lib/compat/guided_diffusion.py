@@ -229,6 +229,30 @@ def _channel_mult(table: dict, size: int, flag: str) -> tuple[float, ...]:
     return table[size]
 
 
+def _unet_options(f: Mapping[str, Any], size: int,
+                  channel_mult: tuple[float, ...]) -> dict[str, Any]:
+    """The UNet arguments that the model and the upsampler share."""
+    return {
+        "image_size": size,
+        "in_channels": 3,
+        "model_channels": f["num_channels"],
+        "out_channels": 6 if f["learn_sigma"] else 3,
+        "num_res_blocks": f["num_res_blocks"],
+        "attention_resolutions": _attention_factors(
+            f["attention_resolutions"], size
+        ),
+        "dropout": f["dropout"],
+        "channel_mult": channel_mult,
+        "num_classes": NUM_CLASSES if f["class_cond"] else None,
+        "use_checkpoint": f["use_checkpoint"],
+        "num_heads": f["num_heads"],
+        "num_head_channels": f["num_head_channels"],
+        "num_heads_upsample": f["num_heads_upsample"],
+        "use_scale_shift_norm": f["use_scale_shift_norm"],
+        "resblock_updown": f["resblock_updown"],
+    }
+
+
 def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
     """The diffusion UNet the reference's create_model builds from flags."""
     f = parse_flags(flags)
@@ -238,23 +262,7 @@ def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
     else:
         channel_mult = _channel_mult(CHANNEL_MULT, size, "--image_size")
     return UNetModel(
-        image_size=size,
-        in_channels=3,
-        model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3,
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=_attention_factors(
-            f["attention_resolutions"], size
-        ),
-        dropout=f["dropout"],
-        channel_mult=channel_mult,
-        num_classes=NUM_CLASSES if f["class_cond"] else None,
-        use_checkpoint=f["use_checkpoint"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
+        **_unet_options(f, size, channel_mult),
         use_new_attention_order=f["use_new_attention_order"],
     )
 
@@ -284,27 +292,9 @@ def upsampler_from_flags(flags: str | Mapping[str, Any]) -> SuperResModel:
     """The super-resolution UNet of the reference's sr_create_model."""
     f = parse_flags(flags)
     size = f["large_size"]
-    return SuperResModel(
-        image_size=size,
-        in_channels=3,
-        model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3,
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=_attention_factors(
-            f["attention_resolutions"], size
-        ),
-        dropout=f["dropout"],
-        channel_mult=_channel_mult(
-            SUPER_RES_CHANNEL_MULT, size, "--large_size"
-        ),
-        num_classes=NUM_CLASSES if f["class_cond"] else None,
-        use_checkpoint=f["use_checkpoint"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
-    )
+    channel_mult = _channel_mult(SUPER_RES_CHANNEL_MULT, size, "--large_size")
+    # sr_create_model leaves use_new_attention_order at its default, False.
+    return SuperResModel(**_unet_options(f, size, channel_mult))
 
 
 def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
