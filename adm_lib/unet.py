@@ -26,10 +26,13 @@ __all__ = [
     "pool_head",
     "EncoderUNetModel",
     "SuperResModel",
+    "ABLATION_BASELINE",
+    "ABLATIONS",
+    "ablation_unet",
 ]
 
 
-# %% chapters/03_architecture.py:89
+# %% chapters/03_architecture.py:106
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +66,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:133
+# %% chapters/03_architecture.py:150
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -78,7 +81,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:172
+# %% chapters/03_architecture.py:189
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -97,7 +100,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:200
+# %% chapters/03_architecture.py:217
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -158,7 +161,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:309
+# %% chapters/03_architecture.py:326
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -233,7 +236,7 @@ class ResBlock(TimestepBlock):
         return (self.skip_connection(x) + h) * self.residual_scale
 
 
-# %% chapters/03_architecture.py:440
+# %% chapters/03_architecture.py:457
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, 3*C, T] qkv."""
 
@@ -307,7 +310,7 @@ class AttentionBlock(nn.Module):
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:585
+# %% chapters/03_architecture.py:602
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -396,7 +399,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:683
+# %% chapters/03_architecture.py:700
 class UNetModel(nn.Module):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -497,7 +500,7 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:861
+# %% chapters/03_architecture.py:878
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -567,7 +570,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:932
+# %% chapters/03_architecture.py:949
 class EncoderUNetModel(nn.Module):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -632,7 +635,7 @@ class EncoderUNetModel(nn.Module):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1029
+# %% chapters/03_architecture.py:1046
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -649,3 +652,47 @@ class SuperResModel(UNetModel):
         """The prediction for x at timesteps given low_res (and labels)."""
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+
+
+# %% chapters/03_architecture.py:1296
+ABLATION_BASELINE = dict(
+    num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
+    num_head_channels=-1, resblock_updown=False,
+    use_scale_shift_norm=False, rescale_residual=False,
+)
+ABLATIONS: dict[str, dict] = {
+    "baseline": {},
+    "depth (4 blocks, 0.8x width)": dict(num_res_blocks=4, width=0.8),
+    "4 heads": dict(num_heads=4),
+    "64 channels per head": dict(num_head_channels=64),
+    "attention at 32, 16, 8": dict(attention_at=(32, 16, 8)),
+    "BigGAN up/down": dict(resblock_updown=True),
+    "residual rescaling": dict(rescale_residual=True),
+    "AdaGN": dict(use_scale_shift_norm=True),
+    "ADM": dict(attention_at=(32, 16, 8), num_head_channels=64,
+                resblock_updown=True, use_scale_shift_norm=True),
+}
+
+
+def ablation_unet(
+    variant: str,
+    image_size: int,
+    model_channels: int,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+) -> UNetModel:
+    """The UNet of an ABLATIONS entry, predicting eps and the variance."""
+    if variant not in ABLATIONS:
+        raise ValueError(f"unknown variant {variant!r}; known: "
+                         f"{', '.join(ABLATIONS)}")
+    config = {**ABLATION_BASELINE, **ABLATIONS[variant]}
+    # Widths are multiples of 32, the GroupNorm's number of groups.
+    width = 32 * max(1, round(config.pop("width") * model_channels / 32))
+    levels = int(math.log2(image_size // 8)) + 1  # down to 8 x 8
+    factors = tuple(image_size // r for r in config.pop("attention_at"))
+    return UNetModel(
+        image_size, in_channels, width, 2 * in_channels,
+        attention_resolutions=factors,
+        channel_mult=(1,) + (2,) * (levels - 1),
+        num_classes=num_classes, **config,
+    )

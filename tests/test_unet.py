@@ -9,12 +9,16 @@ import torch
 from torch import nn
 
 from adm_lib.unet import (
+    ABLATIONS,
     AttentionBlock,
+    Downsample,
     EncoderUNetModel,
     QKVAttention,
     ResBlock,
     SuperResModel,
     UNetModel,
+    Upsample,
+    ablation_unet,
     timestep_embedding,
 )
 
@@ -238,3 +242,64 @@ def test_three_dimensional_unet() -> None:
     ))
     x = torch.randn(1, 1, 2, 8, 8)
     assert model(x, torch.tensor([3])).shape == (1, 1, 2, 8, 8)
+
+
+@pytest.mark.parametrize("variant", list(ABLATIONS))
+def test_every_ablation_builds_and_runs(variant: str) -> None:
+    model = perturb(ablation_unet(variant, 16, 64, num_classes=10,
+                                  in_channels=1))
+    out = model(torch.randn(1, 1, 16, 16), torch.tensor([5]),
+                torch.tensor([3]))
+    assert out.shape == (1, 2, 16, 16) and torch.isfinite(out).all()
+
+
+def _modules(model: nn.Module, kind: type) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def test_ablation_switches_change_what_they_claim() -> None:
+    with torch.device("meta"):  # shapes only: fast at any size
+        models = {v: ablation_unet(v, 32, 128, 10) for v in ABLATIONS}
+    base = models["baseline"]
+    assert base.attention_resolutions == (2,)  # 16 x 16 of 32 x 32
+    assert base.channel_mult == (1, 2, 2)
+    assert {m.num_heads for m in _modules(base, AttentionBlock)} == {1}
+    assert any(isinstance(b[-1], Downsample) for b in base.input_blocks)
+    assert not any(r.use_scale_shift_norm for r in _modules(base, ResBlock))
+
+    deep = models["depth (4 blocks, 0.8x width)"]
+    assert deep.model_channels == 96  # 0.8 x 128, rounded to 32s
+    assert len(_modules(deep, ResBlock)) > len(_modules(base, ResBlock))
+    heads = models["4 heads"]
+    assert {m.num_heads for m in _modules(heads, AttentionBlock)} == {4}
+    per_head = models["64 channels per head"]
+    assert {m.qkv.in_channels // m.num_heads
+            for m in _modules(per_head, AttentionBlock)} == {64}
+    assert models["attention at 32, 16, 8"].attention_resolutions == (1, 2, 4)
+    biggan = models["BigGAN up/down"]
+    assert len([r for r in _modules(biggan, ResBlock) if r.updown]) == 4
+    blocks = (*biggan.input_blocks, *biggan.output_blocks)
+    assert not any(isinstance(b[-1], (Downsample, Upsample)) for b in blocks)
+    rescaled = models["residual rescaling"]
+    assert {r.residual_scale for r in _modules(rescaled, ResBlock)} == {
+        2**-0.5}
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert {k: v.shape for k, v in rescaled.state_dict().items()} == shapes
+    adagn = models["AdaGN"]
+    assert all(r.emb_layers[1].out_features == 2 * r.out_channels
+               for r in _modules(adagn, ResBlock))
+    adm = models["ADM"]
+    assert adm.attention_resolutions == (1, 2, 4)
+    assert {m.qkv.in_channels // m.num_heads
+            for m in _modules(adm, AttentionBlock)} == {64}
+    assert all(r.use_scale_shift_norm for r in _modules(adm, ResBlock))
+    assert any(r.updown for r in _modules(adm, ResBlock))
+    # Every row but depth keeps the baseline's width and block count.
+    for variant, model in models.items():
+        if variant != "depth (4 blocks, 0.8x width)":
+            assert model.model_channels == 128, variant
+
+
+def test_unknown_ablation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="known: baseline"):
+        ablation_unet("wider", 32, 64)
