@@ -333,11 +333,12 @@ class UniformSampler:
         self, batch_size: int, device: torch.device | str = "cpu"
     ) -> tuple[Tensor, Tensor]:
         """Timesteps t ~ p and importance weights 1 / (T p_t)."""
-        p = self.weights() / self.weights().sum()
+        weights = self.weights()
+        p = weights / weights.sum()
         t = torch.multinomial(torch.from_numpy(p), batch_size,
                               replacement=True)
-        weights = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
-        return t.to(device), weights.to(device)
+        importance = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
+        return t.to(device), importance.to(device)
 
 
 class LossAwareSampler(UniformSampler):
@@ -370,7 +371,7 @@ class LossAwareSampler(UniformSampler):
                 self.counts[step] += 1
 
 
-# %% chapters/02_diffusion.py:638
+# %% chapters/02_diffusion.py:639
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if spec.startswith("ddim"):
@@ -424,7 +425,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:741
+# %% chapters/02_diffusion.py:742
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -533,7 +534,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:859
+# %% chapters/02_diffusion.py:860
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

@@ -551,11 +551,12 @@ class UniformSampler:
         self, batch_size: int, device: torch.device | str = "cpu"
     ) -> tuple[Tensor, Tensor]:
         """Timesteps t ~ p and importance weights 1 / (T p_t)."""
-        p = self.weights() / self.weights().sum()
+        weights = self.weights()
+        p = weights / weights.sum()
         t = torch.multinomial(torch.from_numpy(p), batch_size,
                               replacement=True)
-        weights = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
-        return t.to(device), weights.to(device)
+        importance = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
+        return t.to(device), importance.to(device)
 
 
 class LossAwareSampler(UniformSampler):
