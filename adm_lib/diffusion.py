@@ -318,7 +318,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:539
+# %% chapters/02_diffusion.py:540
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -371,7 +371,7 @@ class LossAwareSampler(UniformSampler):
                 self.counts[step] += 1
 
 
-# %% chapters/02_diffusion.py:639
+# %% chapters/02_diffusion.py:640
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if spec.startswith("ddim"):
@@ -425,7 +425,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:742
+# %% chapters/02_diffusion.py:743
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -534,7 +534,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:860
+# %% chapters/02_diffusion.py:861
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

@@ -32,7 +32,7 @@
 # bound (2.2), the training objectives (2.3) and how to sample their timesteps
 # (2.4), respacing to fewer steps (2.5), and the samplers: ancestral (DDPM) and
 # DDIM (2.6). Then it trains a small model on the embedded MNIST subset and
-# looks at what the learned variance does (2.7 to 2.9). Every number agrees
+# looks at what the learned variance does (2.7 to 2.11). Every number agrees
 # with the reference implementation; the test suite checks it against its
 # outputs.
 
@@ -529,8 +529,9 @@ print({k: [round(v, 4) for v in val.tolist()] for k, val in terms.items()})
 # \sqrt{\mathbb{E}[L_t^2]}$, estimated from the last 10 values of $L_t$ seen at
 # each $t$, and weight the loss by $1 / (T p_t)$, which keeps its expectation
 # unchanged. Until every $t$ has its 10 values the sampler stays uniform, and a
-# small uniform share (0.001) keeps every $t$ possible. The paper uses it with
-# `loss="kl"`; with the hybrid objective, uniform sampling is the default.
+# small uniform share (0.001) keeps every $t$ possible. Nichol & Dhariwal use
+# it for the bound alone (`loss="kl"`); with the hybrid objective, uniform
+# sampling is the default.
 #
 # Both samplers return the timesteps and their weights; the loss-aware one
 # learns from `update(t, losses)`.

@@ -1715,8 +1715,8 @@ assert all(r["samples"].shape == sample_noise.shape
 # the paper's argument on a CPU: attention at $32 \times 32$ costs 2.5
 # times the baseline's time per step here, so within the same minute the
 # variants that use it (and ADM) reach far fewer steps and fall behind,
-# while depth pays for its 63% more parameters in the same way. On a GPU,
-# where attention is cheaper relative to convolution, that balance shifts.
+# while depth pays for its 63% more parameters in the same way. On a GPU
+# the relative costs differ; the GPU run will show by how much.
 #
 # The full run, on one GPU, is the command in the parameters cell; it has
 # not been made yet, and its table belongs here.
