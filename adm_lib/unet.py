@@ -654,7 +654,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
 
-# %% chapters/03_architecture.py:1296
+# %% chapters/03_architecture.py:1238
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

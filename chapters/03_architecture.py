@@ -1093,7 +1093,8 @@ assert not torch.allclose(out, other)
 #
 # Built on PyTorch's `meta` device, a model has shapes but no storage, so even
 # the 500-million-parameter models are counted in milliseconds. The flags are
-# those of the reference's README.
+# those of the reference's README, kept with the released files' names in
+# `gd_compat.RELEASED` (the appendix shows how to run those files).
 
 # %%
 import json
@@ -1101,66 +1102,7 @@ from pathlib import Path
 
 from adm_lib.compat import guided_diffusion as gd_compat
 
-CLASSIFIER = (
-    "--classifier_attention_resolutions 32,16,8 --classifier_width 128 "
-    "--classifier_pool attention --classifier_resblock_updown True "
-    "--classifier_use_scale_shift_norm True"
-)
-ADM = (
-    "--attention_resolutions 32,16,8 --diffusion_steps 1000 "
-    "--learn_sigma True --resblock_updown True --use_fp16 True "
-    "--use_scale_shift_norm True"
-)
-RELEASED = {
-    "64x64_classifier": ("classifier",
-                         f"--image_size 64 --classifier_depth 4 {CLASSIFIER}"),
-    "64x64_diffusion": ("diffusion", (
-        f"{ADM} --class_cond True --dropout 0.1 --image_size 64 "
-        "--noise_schedule cosine --num_channels 192 --num_head_channels 64 "
-        "--num_res_blocks 3 --use_new_attention_order True")),
-    "128x128_classifier": ("classifier",
-                           f"--image_size 128 --classifier_depth 2 "
-                           f"{CLASSIFIER}"),
-    "128x128_diffusion": ("diffusion", (
-        f"{ADM} --class_cond True --image_size 128 --noise_schedule linear "
-        "--num_channels 256 --num_heads 4 --num_res_blocks 2")),
-    "256x256_classifier": ("classifier",
-                           f"--image_size 256 --classifier_depth 2 "
-                           f"{CLASSIFIER}"),
-    "256x256_diffusion": ("diffusion", (
-        f"{ADM} --class_cond True --image_size 256 --noise_schedule linear "
-        "--num_channels 256 --num_head_channels 64 --num_res_blocks 2")),
-    "256x256_diffusion_uncond": ("diffusion", (
-        f"{ADM} --class_cond False --image_size 256 "
-        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-        "--num_res_blocks 2")),
-    "512x512_classifier": ("classifier",
-                           f"--image_size 512 --classifier_depth 2 "
-                           f"{CLASSIFIER}"),
-    "512x512_diffusion": ("diffusion", (
-        f"{ADM} --class_cond True --image_size 512 --noise_schedule linear "
-        "--num_channels 256 --num_head_channels 64 --num_res_blocks 2")),
-    "64_256_upsampler": ("upsampler", (
-        f"{ADM} --class_cond True --large_size 256 --small_size 64 "
-        "--noise_schedule linear --num_channels 192 --num_heads 4 "
-        "--num_res_blocks 2")),
-    "128_512_upsampler": ("upsampler", (
-        "--attention_resolutions 32,16 --class_cond True "
-        "--diffusion_steps 1000 --large_size 512 --small_size 128 "
-        "--learn_sigma True --noise_schedule linear --num_channels 192 "
-        "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
-        "--use_fp16 True --use_scale_shift_norm True")),
-    "lsun_256x256": ("diffusion", (
-        f"{ADM} --class_cond False --dropout 0.1 --image_size 256 "
-        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-        "--num_res_blocks 2")),
-}
-BUILDERS = {
-    "diffusion": gd_compat.model_from_flags,
-    "classifier": gd_compat.classifier_from_flags,
-    "upsampler": gd_compat.upsampler_from_flags,
-}
-
+RELEASED, BUILDERS = gd_compat.RELEASED, gd_compat.BUILDERS
 counts = {}
 print(f"{'model':<26}{'parameters':>14}{'entries':>9}")
 for name, (kind, flags) in RELEASED.items():

@@ -75,7 +75,6 @@ save_samples = ""  # an .npz to write the samples to, as the reference does
 seed = 0
 
 # %%
-import json
 import shutil
 import tempfile
 import time
@@ -87,13 +86,12 @@ import torch
 import torch.nn.functional as F
 
 from adm_lib.compat.guided_diffusion import (
+    BUILDERS,
     NUM_CLASSES,
-    classifier_from_flags,
+    RELEASED,
     diffusion_from_flags,
     load_checkpoint,
-    model_from_flags,
     parse_flags,
-    upsampler_from_flags,
 )
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop
 from adm_lib.viz import show_images
@@ -132,8 +130,9 @@ print(f"device: {device}")
 # | `lsun_horse_nodropout.pt` | diffusion | (unconditional) | |
 #
 # The flags, exactly as the README gives them, are too long for a table: they
-# are the values of `RELEASED` below, one entry per file, ready to paste after
-# `-p model_flags` (or `classifier_flags`, `upsampler_flags`). A classifier's
+# are the values of `adm_lib.compat.guided_diffusion.RELEASED`, printed
+# below, one entry per file, ready to paste after `-p model_flags` (or
+# `classifier_flags`, `upsampler_flags`). A classifier's
 # flags are the sampling script's defaults at the model's `--image_size`,
 # except that the 64 classifier is 4 blocks deep. Dropout acts only in
 # training and changes no weight's shape, so `--dropout` changes nothing
@@ -141,66 +140,6 @@ print(f"device: {device}")
 # and its `--dropout 0.0` only records that.
 
 # %%
-LSUN = (
-    "--attention_resolutions 32,16,8 --class_cond False "
-    "--diffusion_steps 1000 --dropout 0.1 --image_size 256 --learn_sigma True "
-    "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-    "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
-    "--use_scale_shift_norm True"
-)
-RELEASED = {
-    "64x64_diffusion": ("diffusion", (
-        "--attention_resolutions 32,16,8 --class_cond True "
-        "--diffusion_steps 1000 --dropout 0.1 --image_size 64 "
-        "--learn_sigma True --noise_schedule cosine --num_channels 192 "
-        "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
-        "--use_new_attention_order True --use_fp16 True "
-        "--use_scale_shift_norm True")),
-    "64x64_classifier": ("classifier", "--image_size 64 --classifier_depth 4"),
-    "128x128_diffusion": ("diffusion", (
-        "--attention_resolutions 32,16,8 --class_cond True "
-        "--diffusion_steps 1000 --image_size 128 --learn_sigma True "
-        "--noise_schedule linear --num_channels 256 --num_heads 4 "
-        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
-        "--use_scale_shift_norm True")),
-    "128x128_classifier": ("classifier", "--image_size 128"),
-    "256x256_diffusion": ("diffusion", (
-        "--attention_resolutions 32,16,8 --class_cond True "
-        "--diffusion_steps 1000 --image_size 256 --learn_sigma True "
-        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
-        "--use_scale_shift_norm True")),
-    "256x256_diffusion_uncond": ("diffusion", (
-        "--attention_resolutions 32,16,8 --class_cond False "
-        "--diffusion_steps 1000 --image_size 256 --learn_sigma True "
-        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
-        "--use_scale_shift_norm True")),
-    "256x256_classifier": ("classifier", "--image_size 256"),
-    "512x512_diffusion": ("diffusion", (
-        "--attention_resolutions 32,16,8 --class_cond True "
-        "--diffusion_steps 1000 --image_size 512 --learn_sigma True "
-        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
-        "--num_res_blocks 2 --resblock_updown True --use_fp16 False "
-        "--use_scale_shift_norm True")),
-    "512x512_classifier": ("classifier", "--image_size 512"),
-    "64_256_upsampler": ("upsampler", (
-        "--attention_resolutions 32,16,8 --class_cond True "
-        "--diffusion_steps 1000 --large_size 256  --small_size 64 "
-        "--learn_sigma True --noise_schedule linear --num_channels 192 "
-        "--num_heads 4 --num_res_blocks 2 --resblock_updown True "
-        "--use_fp16 True --use_scale_shift_norm True")),
-    "128_512_upsampler": ("upsampler", (
-        "--attention_resolutions 32,16 --class_cond True "
-        "--diffusion_steps 1000 --large_size 512 --small_size 128 "
-        "--learn_sigma True --noise_schedule linear --num_channels 192 "
-        "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
-        "--use_fp16 True --use_scale_shift_norm True")),
-    "lsun_bedroom": ("diffusion", LSUN),
-    "lsun_cat": ("diffusion", LSUN),
-    "lsun_horse": ("diffusion", LSUN),
-    "lsun_horse_nodropout": ("diffusion", LSUN.replace("0.1", "0.0")),
-}
 for name, (kind, flags) in RELEASED.items():
     parse_flags(flags)  # every flag is one the reference knows
     print(f"models/{name}.pt ({kind}):\n    {flags}")
@@ -222,18 +161,12 @@ for role, given in [("model", model_flags),
 # %% [markdown]
 # ## A.2 How big they are
 #
-# Built on PyTorch's `meta` device a model has shapes but no storage, so even
-# the largest, of over 550 million parameters, are built and counted at once,
-# without a file. The size tells you what to expect before downloading:
-# float32 weights take four bytes per parameter, and sampling runs the
-# diffusion model once per step and image.
+# Chapter 3 (section 3.9) counts these models on PyTorch's `meta` device and
+# checks the counts against the reference's. Here the same count says what to
+# expect before downloading: float32 weights take four bytes per parameter,
+# and sampling runs the diffusion model once per step and image.
 
 # %%
-BUILDERS = {
-    "diffusion": model_from_flags,
-    "classifier": classifier_from_flags,
-    "upsampler": upsampler_from_flags,
-}
 counts = {}
 print(f"{'file':<28}{'parameters':>14}{'entries':>9}{'float32':>11}")
 for name, (kind, flags) in RELEASED.items():
@@ -245,28 +178,6 @@ for name, (kind, flags) in RELEASED.items():
           f"{params * 4 / 2**30:>7.2f} GiB")
 assert all(p.device.type == "meta" for p in built.parameters())
 assert counts["lsun_horse"] == counts["lsun_horse_nodropout"]
-
-# %% [markdown]
-# Where the reference's own counts are at hand (the project's parity
-# fixtures, made by building the reference's models from the same flags),
-# flags and counts must agree exactly: equal counts and equal state-dict
-# entries are what let a released file load.
-
-# %%
-root = next(p for p in (Path.cwd(), *Path.cwd().parents)
-            if (p / "book.toml").is_file())
-official = (root / "../shared/reference/guided_diffusion"
-            / "official_models.json")
-if official.is_file():
-    reference = json.loads(official.read_text())
-    for name, entry in reference.items():
-        kind, flags = RELEASED[name]
-        assert parse_flags(entry["flags"]) == parse_flags(flags), name
-        assert counts[name] == (entry["params"], entry["state_dict_entries"])
-    print(f"flags and counts agree with the reference's for "
-          f"{', '.join(reference)}")
-else:
-    print(f"no {official}: the reference's counts not checked")
 
 # %% [markdown]
 # ## A.3 Loading a checkpoint, or a stand-in

@@ -74,6 +74,9 @@ def test_official_model_sizes(name: str, entry: dict) -> None:
         model = gd.BUILDERS[entry["kind"]](entry["flags"])
     assert sum(p.numel() for p in model.parameters()) == entry["params"]
     assert len(model.state_dict()) == entry["state_dict_entries"]
+    kind, flags = gd.RELEASED[name]  # the table the chapters show
+    assert gd.parse_flags(flags) == gd.parse_flags(entry["flags"])
+    assert gd.BUILDERS[kind] is gd.BUILDERS[entry["kind"]]
 
 
 def test_parse_flags_types_and_defaults() -> None:

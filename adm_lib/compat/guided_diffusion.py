@@ -44,6 +44,8 @@ __all__ = [
     "classifier_from_flags",
     "upsampler_from_flags",
     "diffusion_from_flags",
+    "BUILDERS",
+    "RELEASED",
     "load_reference_state_dict",
     "load_checkpoint",
 ]
@@ -324,11 +326,76 @@ def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
     return respace(diffusion, f["timestep_respacing"])
 
 
+# Model builders by kind; "diffusion" is official_models.json's name for
+# a diffusion model.
 BUILDERS = {
     "model": model_from_flags,
     "diffusion": model_from_flags,
     "classifier": classifier_from_flags,
     "upsampler": upsampler_from_flags,
+}
+
+# The reference's released checkpoints (file models/<name>.pt): their kind
+# and the flags its README gives for each.
+_LSUN = (
+    "--attention_resolutions 32,16,8 --class_cond False "
+    "--diffusion_steps 1000 --dropout 0.1 --image_size 256 --learn_sigma True "
+    "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
+    "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
+    "--use_scale_shift_norm True"
+)
+RELEASED: dict[str, tuple[str, str]] = {
+    "64x64_diffusion": ("diffusion", (
+        "--attention_resolutions 32,16,8 --class_cond True "
+        "--diffusion_steps 1000 --dropout 0.1 --image_size 64 "
+        "--learn_sigma True --noise_schedule cosine --num_channels 192 "
+        "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+        "--use_new_attention_order True --use_fp16 True "
+        "--use_scale_shift_norm True")),
+    "64x64_classifier": ("classifier", "--image_size 64 --classifier_depth 4"),
+    "128x128_diffusion": ("diffusion", (
+        "--attention_resolutions 32,16,8 --class_cond True "
+        "--diffusion_steps 1000 --image_size 128 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_heads 4 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
+        "--use_scale_shift_norm True")),
+    "128x128_classifier": ("classifier", "--image_size 128"),
+    "256x256_diffusion": ("diffusion", (
+        "--attention_resolutions 32,16,8 --class_cond True "
+        "--diffusion_steps 1000 --image_size 256 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
+        "--use_scale_shift_norm True")),
+    "256x256_diffusion_uncond": ("diffusion", (
+        "--attention_resolutions 32,16,8 --class_cond False "
+        "--diffusion_steps 1000 --image_size 256 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
+        "--use_scale_shift_norm True")),
+    "256x256_classifier": ("classifier", "--image_size 256"),
+    "512x512_diffusion": ("diffusion", (
+        "--attention_resolutions 32,16,8 --class_cond True "
+        "--diffusion_steps 1000 --image_size 512 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_head_channels 64 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 False "
+        "--use_scale_shift_norm True")),
+    "512x512_classifier": ("classifier", "--image_size 512"),
+    "64_256_upsampler": ("upsampler", (
+        "--attention_resolutions 32,16,8 --class_cond True "
+        "--diffusion_steps 1000 --large_size 256  --small_size 64 "
+        "--learn_sigma True --noise_schedule linear --num_channels 192 "
+        "--num_heads 4 --num_res_blocks 2 --resblock_updown True "
+        "--use_fp16 True --use_scale_shift_norm True")),
+    "128_512_upsampler": ("upsampler", (
+        "--attention_resolutions 32,16 --class_cond True "
+        "--diffusion_steps 1000 --large_size 512 --small_size 128 "
+        "--learn_sigma True --noise_schedule linear --num_channels 192 "
+        "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
+        "--use_fp16 True --use_scale_shift_norm True")),
+    "lsun_bedroom": ("diffusion", _LSUN),
+    "lsun_cat": ("diffusion", _LSUN),
+    "lsun_horse": ("diffusion", _LSUN),
+    "lsun_horse_nodropout": ("diffusion", _LSUN.replace("0.1", "0.0")),
 }
 
 # The flags of a classifier and an upsampler that play the model's roles.
