@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from adm_lib import book as bk
+
+
+class CommandError(Exception):
+    """A command cannot do what it was asked; the message says why."""
 
 
 def _book_export(args: argparse.Namespace) -> int:
@@ -57,6 +63,54 @@ def _book_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(text: str) -> tuple[str, str]:
+    """A --set argument, KEY=VALUE."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _train(args: argparse.Namespace) -> int:
+    # Imported here: `adm book export` must work even if train.py is broken.
+    from adm_lib import train as tr
+    from adm_lib.data import DataError
+
+    try:
+        return _run_training(args, tr)
+    except (tr.TrainError, DataError) as err:
+        raise CommandError(str(err)) from None
+
+
+def _run_training(args: argparse.Namespace, tr) -> int:
+    overrides = dict(args.set)
+    if args.data is not None:
+        overrides["data"] = args.data
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    saved = args.out / "config.json"
+    base = None
+    if args.resume and args.preset is None and saved.exists():
+        try:
+            fields = json.loads(saved.read_text())
+            base = tr.TrainConfig(**fields)
+        except (ValueError, TypeError) as err:
+            raise tr.TrainError(f"{saved} is not a config ({err}); pass "
+                                "--preset and --set to describe the run") from None
+        if base.kind != args.kind:
+            raise tr.TrainError(f"{args.out} is a {base.kind} run, "
+                                f"not a {args.kind} run")
+    config = tr.make_config(args.kind, args.preset, overrides, base)
+    last = tr.train(config, args.out, resume=args.resume,
+                    progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {last}")
+        print(f"metrics:    {args.out / 'metrics.jsonl'}")
+        if config.kind != "classifier":
+            print(f"samples:    {args.out / 'samples'}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `adm` command."""
     parser = argparse.ArgumentParser(
@@ -84,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_book_run)
+
+    train = commands.add_parser(
+        "train", help="train a diffusion model, noisy classifier or upsampler",
+        description="Train one model in a run folder. Under torchrun, every "
+        "process trains a share of each batch (DDP). Settings are the fields "
+        "of adm_lib.train.TrainConfig; presets are in adm_lib.train.PRESETS.",
+    )
+    train.add_argument("kind", choices=("diffusion", "classifier", "upsampler"))
+    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
+                       help="run folder: config, checkpoints, metrics, samples")
+    train.add_argument("--data", metavar="PATH_OR_NAME",
+                       help="data set: mnist5k (embedded), a folder, .zip or .npz")
+    train.add_argument("--preset", metavar="NAME",
+                       help="named configuration (default mnist); e.g. cifar10, "
+                       "imagenet64, imagenet64-256")
+    train.add_argument("--set", type=_setting, action="append", default=[],
+                       metavar="KEY=VALUE", help="override a setting (repeatable)")
+    train.add_argument("--steps", type=int, help="train until this step")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run folder's newest valid checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
     return parser
 
 
@@ -92,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except bk.BookError as err:
+    except (bk.BookError, CommandError) as err:
         print(f"adm {args.command}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"adm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as err:
         print(f"adm {args.command}: {err.name} is not installed; "
               "install the book extras: pip install -e '.[book]'", file=sys.stderr)

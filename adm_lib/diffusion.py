@@ -330,13 +330,14 @@ class UniformSampler:
         return np.ones(self.num_timesteps)
 
     def sample(
-        self, batch_size: int, device: torch.device | str = "cpu"
+        self, batch_size: int, device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Timesteps t ~ p and importance weights 1 / (T p_t)."""
         weights = self.weights()
         p = weights / weights.sum()
         t = torch.multinomial(torch.from_numpy(p), batch_size,
-                              replacement=True)
+                              replacement=True, generator=generator)
         importance = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
         return t.to(device), importance.to(device)
 
@@ -370,8 +371,18 @@ class LossAwareSampler(UniformSampler):
                 self.history[step, self.counts[step]] = loss
                 self.counts[step] += 1
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The loss history, as tensors (for checkpoints)."""
+        return {"history": torch.from_numpy(self.history.copy()),
+                "counts": torch.from_numpy(self.counts.copy())}
 
-# %% chapters/02_diffusion.py:640
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the loss history saved by `state_dict`."""
+        self.history = state["history"].numpy().copy()
+        self.counts = state["counts"].numpy().copy()
+
+
+# %% chapters/02_diffusion.py:651
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if spec.startswith("ddim"):
@@ -425,7 +436,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:743
+# %% chapters/02_diffusion.py:754
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -534,7 +545,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:861
+# %% chapters/02_diffusion.py:872
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

@@ -549,13 +549,14 @@ class UniformSampler:
         return np.ones(self.num_timesteps)
 
     def sample(
-        self, batch_size: int, device: torch.device | str = "cpu"
+        self, batch_size: int, device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Timesteps t ~ p and importance weights 1 / (T p_t)."""
         weights = self.weights()
         p = weights / weights.sum()
         t = torch.multinomial(torch.from_numpy(p), batch_size,
-                              replacement=True)
+                              replacement=True, generator=generator)
         importance = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
         return t.to(device), importance.to(device)
 
@@ -588,6 +589,16 @@ class LossAwareSampler(UniformSampler):
             else:
                 self.history[step, self.counts[step]] = loss
                 self.counts[step] += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The loss history, as tensors (for checkpoints)."""
+        return {"history": torch.from_numpy(self.history.copy()),
+                "counts": torch.from_numpy(self.counts.copy())}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the loss history saved by `state_dict`."""
+        self.history = state["history"].numpy().copy()
+        self.counts = state["counts"].numpy().copy()
 
 
 # %% [markdown]

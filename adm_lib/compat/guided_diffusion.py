@@ -14,6 +14,11 @@ the reference's), explaining a mismatch by the flag that is most likely wrong
 them: a checkpoint loaded with the wrong ones runs, and computes the wrong
 thing. Take them from the flags the checkpoint was released with.
 
+Three flags are adm_lib's own, so that the same builders serve `adm train` on
+data sets other than ImageNet: `--in_channels` (3), `--num_classes` (1000),
+and `--channel_mult` read by the classifier and upsampler builders too (the
+reference derives theirs from the image size alone).
+
 `--use_fp16` and `--classifier_use_fp16` are accepted and ignored: adm_lib's
 models compute in whatever dtype their parameters have, and mixed precision is
 the caller's choice (`torch.autocast`, or `model.half()`).
@@ -91,6 +96,10 @@ CLASSIFIER_DEFAULTS: dict[str, Any] = {
     "classifier_pool": "attention",
 }
 SUPER_RES_DEFAULTS: dict[str, Any] = {"large_size": 256, "small_size": 64}
+# adm_lib's own flags, for data that is not ImageNet: the image channels and
+# the class count of class-conditional models and classifiers. The reference
+# fixes them at 3 and 1000; `adm train` sets them from the data set.
+EXTENSION_DEFAULTS: dict[str, Any] = {"in_channels": 3, "num_classes": NUM_CLASSES}
 # The scripts' own flags (sampling first, then training), accepted so that a
 # whole command line parses; the model builders do not use them.
 SCRIPT_DEFAULTS: dict[str, Any] = {
@@ -125,6 +134,7 @@ DEFAULTS: dict[str, Any] = {
     **DIFFUSION_DEFAULTS,
     **CLASSIFIER_DEFAULTS,
     **SUPER_RES_DEFAULTS,
+    **EXTENSION_DEFAULTS,
 }
 
 # Default channel multipliers per resolution level, by image size.
@@ -220,32 +230,21 @@ def _attention_factors(resolutions: str, image_size: int) -> tuple[int, ...]:
     return tuple(image_size // int(r) for r in resolutions.split(","))
 
 
-def _channel_mult(table: dict, size: int, flag: str) -> tuple[float, ...]:
-    """The default channel multipliers for an image size, or a clear error."""
-    if size not in table:
-        sizes = ", ".join(str(s) for s in sorted(table))
-        raise ValueError(
-            f"no default channel_mult for {flag} {size} (the reference "
-            f"has {sizes}); pass --channel_mult"
-        )
-    return table[size]
-
-
 def _unet_options(f: Mapping[str, Any], size: int,
                   channel_mult: tuple[float, ...]) -> dict[str, Any]:
     """The UNet arguments that the model and the upsampler share."""
     return {
         "image_size": size,
-        "in_channels": 3,
+        "in_channels": f["in_channels"],
         "model_channels": f["num_channels"],
-        "out_channels": 6 if f["learn_sigma"] else 3,
+        "out_channels": f["in_channels"] * (2 if f["learn_sigma"] else 1),
         "num_res_blocks": f["num_res_blocks"],
         "attention_resolutions": _attention_factors(
             f["attention_resolutions"], size
         ),
         "dropout": f["dropout"],
         "channel_mult": channel_mult,
-        "num_classes": NUM_CLASSES if f["class_cond"] else None,
+        "num_classes": f["num_classes"] if f["class_cond"] else None,
         "use_checkpoint": f["use_checkpoint"],
         "num_heads": f["num_heads"],
         "num_head_channels": f["num_head_channels"],
@@ -255,14 +254,26 @@ def _unet_options(f: Mapping[str, Any], size: int,
     }
 
 
+def _channel_mult(f: Mapping[str, Any], table: dict, size_flag: str
+                  ) -> tuple[float, ...]:
+    """--channel_mult if given, else the default for the image size."""
+    if f["channel_mult"]:
+        return _numbers(f["channel_mult"])
+    size = f[size_flag]
+    if size not in table:
+        sizes = ", ".join(str(s) for s in sorted(table))
+        raise ValueError(
+            f"no default channel_mult for --{size_flag} {size} (the "
+            f"reference has {sizes}); pass --channel_mult"
+        )
+    return table[size]
+
+
 def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
     """The diffusion UNet the reference's create_model builds from flags."""
     f = parse_flags(flags)
     size = f["image_size"]
-    if f["channel_mult"]:
-        channel_mult = _numbers(f["channel_mult"])
-    else:
-        channel_mult = _channel_mult(CHANNEL_MULT, size, "--image_size")
+    channel_mult = _channel_mult(f, CHANNEL_MULT, "image_size")
     return UNetModel(
         **_unet_options(f, size, channel_mult),
         use_new_attention_order=f["use_new_attention_order"],
@@ -275,14 +286,14 @@ def classifier_from_flags(flags: str | Mapping[str, Any]) -> EncoderUNetModel:
     size = f["image_size"]
     return EncoderUNetModel(
         image_size=size,
-        in_channels=3,
+        in_channels=f["in_channels"],
         model_channels=f["classifier_width"],
-        out_channels=NUM_CLASSES,
+        out_channels=f["num_classes"],
         num_res_blocks=f["classifier_depth"],
         attention_resolutions=_attention_factors(
             f["classifier_attention_resolutions"], size
         ),
-        channel_mult=_channel_mult(CHANNEL_MULT, size, "--image_size"),
+        channel_mult=_channel_mult(f, CHANNEL_MULT, "image_size"),
         num_head_channels=64,
         use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
         resblock_updown=f["classifier_resblock_updown"],
@@ -294,7 +305,7 @@ def upsampler_from_flags(flags: str | Mapping[str, Any]) -> SuperResModel:
     """The super-resolution UNet of the reference's sr_create_model."""
     f = parse_flags(flags)
     size = f["large_size"]
-    channel_mult = _channel_mult(SUPER_RES_CHANNEL_MULT, size, "--large_size")
+    channel_mult = _channel_mult(f, SUPER_RES_CHANNEL_MULT, "large_size")
     # sr_create_model leaves use_new_attention_order at its default, False.
     return SuperResModel(**_unet_options(f, size, channel_mult))
 

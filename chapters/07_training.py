@@ -1,0 +1,1336 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training at scale
+#
+# INTRO
+
+# %% tags=["parameters"]
+# Smoke configuration: three tiny runs, about a minute on a CPU.
+data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
+device = "auto"  # "auto" picks CUDA when there is a GPU
+runs_dir = "build/chapter7"  # where the chapter's runs are written
+train_steps = 60
+batch_size = 16
+num_channels = 16
+num_samples = 10
+sample_steps = "ddim10"
+seed = 0
+
+# %%
+#| default_exp train
+
+# %%
+#| export
+import contextlib
+import copy
+import difflib
+import json
+import math
+import os
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, default_collate
+from tqdm.auto import tqdm
+
+from adm_lib.compat import guided_diffusion as gd
+from adm_lib.data import DataError, ImageDataset, load_dataset
+from adm_lib.diffusion import (
+    GaussianDiffusion,
+    LossAwareSampler,
+    UniformSampler,
+    ddim_sample_loop,
+    p_sample_loop,
+    respace,
+    training_losses,
+)
+from adm_lib.viz import image_grid
+
+KINDS = ("diffusion", "classifier", "upsampler")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or go on; the message names the culprit."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in every checkpoint."""
+
+    kind: str = "diffusion"  # diffusion | classifier | upsampler
+    # Data. 0 for in_channels or num_classes: take it from the data.
+    data: str = "mnist5k"
+    val_data: str = ""  # classifier held-out set; "" splits off val_fraction
+    val_fraction: float = 0.1
+    image_size: int = 32  # the upsampler's output size
+    small_size: int = 8  # the upsampler's input size
+    in_channels: int = 0
+    num_classes: int = 0
+    class_cond: bool = True
+    random_flip: bool = False
+    # Architecture and diffusion: the reference's flags, same meanings.
+    num_channels: int = 32
+    num_res_blocks: int = 2
+    channel_mult: str = "1,2,2"
+    attention_resolutions: str = "8"
+    num_heads: int = 4
+    num_head_channels: int = 32
+    num_heads_upsample: int = -1
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = False
+    use_checkpoint: bool = False
+    classifier_width: int = 32
+    classifier_depth: int = 2
+    classifier_attention_resolutions: str = "8"
+    classifier_use_scale_shift_norm: bool = True
+    classifier_resblock_updown: bool = True
+    classifier_pool: str = "attention"
+    diffusion_steps: int = 1000
+    noise_schedule: str = "cosine"
+    learn_sigma: bool = True
+    use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_learned_sigmas: bool = False
+    # Optimisation. batch_size is global: all ranks, all micro-batches.
+    steps: int = 2000
+    batch_size: int = 64
+    microbatch: int = 0  # per-rank chunk; 0: the whole per-rank batch
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0  # linear decay to 0 over this many steps
+    grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    ema_rate: str = "0.9999"  # comma-separated rates
+    ema_warmup: bool = True
+    schedule_sampler: str = "uniform"
+    precision: str = "auto"  # bf16 on a GPU, fp32 on a CPU
+    noised: bool = True  # classifier: train on noised images
+    clean_fraction: float = 0.0  # classifier: share of noise-free images
+    seed: int = 0
+    # Run control: these may change when a run is resumed.
+    device: str = "auto"
+    num_workers: int = 0
+    log_interval: int = 50
+    save_interval: int = 500
+    keep_checkpoints: int = 3
+    sample_interval: int = 500
+    num_samples: int = 16
+    sample_steps: str = "ddim50"  # respacing of the grids' sampler
+    eval_interval: int = 500
+    eval_images: int = 1000
+    max_nonfinite: int = 10  # non-finite steps in a row before stopping
+    tensorboard: bool = False
+
+
+RUN_FIELDS = frozenset({
+    "data", "val_data", "steps", "device", "num_workers", "log_interval",
+    "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
+    "sample_steps", "eval_interval", "eval_images", "max_nonfinite",
+    "tensorboard",
+})
+
+# %% [markdown]
+# The paper's configurations are presets. Each of the paper's models takes
+# its architecture from the reference's released flags (`compat.RELEASED`,
+# the same table the appendix loads checkpoints with) and its optimisation
+# from the paper's Tables 11 to 13: batch size, learning rate and
+# iterations. The classifiers also take the weight decay and the linear
+# learning-rate annealing of the reference README's classifier command.
+# The small presets are ours, sized for one GPU (CIFAR-10) or a CPU
+# (MNIST); `cifar10` is the configuration of the reference's measured
+# CIFAR-10 run in `shared/baselines`, so the two can be compared side by
+# side.
+
+# %%
+#| export
+def _released(name: str) -> dict[str, Any]:
+    """A released model's architecture flags, as config fields."""
+    kind, flags = gd.RELEASED[name]
+    f = gd.parse_flags(flags)
+    names = {field.name for field in fields(TrainConfig)}
+    preset = {k: v for k, v in f.items()
+              if k in names and k not in gd.SCRIPT_DEFAULTS}
+    if kind == "upsampler":
+        preset.update(image_size=f["large_size"], small_size=f["small_size"])
+    return {**preset, "data": "", "random_flip": True, "ema_rate": "0.9999"}
+
+
+def _imagenet(name: str, batch: int, lr: float, steps: int,
+              **more: Any) -> dict[str, Any]:
+    return {**_released(name), "batch_size": batch, "lr": lr,
+            "steps": steps, **more}
+
+
+_CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "diffusion": {
+        "mnist": {"in_channels": 1, "steps": 5000},
+        "cifar10": {
+            "data": "", "num_channels": 128, "channel_mult": "1,2,2,2",
+            "attention_resolutions": "16,8", "num_head_channels": 64,
+            "dropout": 0.1, "batch_size": 128, "lr": 1e-4,
+            "random_flip": True, "steps": 50000, "save_interval": 5000,
+            "sample_interval": 5000, "num_workers": 4,
+        },
+        "imagenet64": _imagenet("64x64_diffusion", 2048, 3e-4, 540_000),
+        "imagenet128": _imagenet("128x128_diffusion", 256, 1e-4, 4_360_000),
+        "imagenet256": _imagenet("256x256_diffusion", 256, 1e-4, 1_980_000),
+        "imagenet512": _imagenet("512x512_diffusion", 256, 1e-4, 1_940_000),
+        "lsun": _imagenet("lsun_bedroom", 256, 1e-4, 500_000),
+    },
+    "classifier": {
+        "mnist": {**_CLASSIFIER, "in_channels": 1, "steps": 2000,
+                  "lr_anneal_steps": 2000},
+        "cifar10": {
+            **_CLASSIFIER, "data": "", "classifier_width": 128,
+            "channel_mult": "1,2,2,2",
+            "classifier_attention_resolutions": "16,8",
+            "batch_size": 128, "random_flip": True, "steps": 50000,
+            "lr_anneal_steps": 50000, "num_workers": 4,
+        },
+        "imagenet64": _imagenet(
+            "64x64_classifier", 1024, 6e-4, 300_000, weight_decay=0.2,
+            noise_schedule="cosine", lr_anneal_steps=300_000),
+        **{f"imagenet{size}": _imagenet(
+            f"{size}x{size}_classifier", 256, 3e-4, steps, weight_decay=0.05,
+            noise_schedule="linear", lr_anneal_steps=steps)
+           for size, steps in ((128, 300_000), (256, 500_000),
+                               (512, 500_000))},
+    },
+    "upsampler": {
+        "mnist": {"in_channels": 1, "steps": 5000},
+        "cifar10": {
+            "data": "", "small_size": 16, "num_channels": 64,
+            "batch_size": 128, "lr": 1e-4, "random_flip": True,
+            "steps": 50000, "num_workers": 4,
+        },
+        "imagenet64-256": _imagenet("64_256_upsampler", 256, 1e-4, 500_000),
+        "imagenet128-512": _imagenet(
+            "128_512_upsampler", 256, 1e-4, 1_050_000),
+    },
+}
+# %%
+#| export
+_TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """A --set value (often a string) as the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            text = str(value).lower()
+            if text not in _TRUE | _FALSE:
+                raise ValueError
+            return text in _TRUE
+        if isinstance(default, int) and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, int) and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise TrainError(
+            f"{name}={value!r}: expected {type(default).__name__}"
+        ) from None
+
+
+def make_config(kind: str = "diffusion", preset: str | None = None,
+                overrides: Mapping[str, Any] | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """A preset (default "mnist"), or `base`, with `overrides` applied."""
+    if kind not in KINDS:
+        raise TrainError(f"kind must be one of {', '.join(KINDS)}, "
+                         f"not {kind!r}")
+    if base is None:
+        presets = PRESETS[kind]
+        name = preset or "mnist"
+        if name not in presets:
+            raise TrainError(f"no {kind} preset {name!r}; presets: "
+                             f"{', '.join(presets)}")
+        base = TrainConfig(kind=kind, **presets[name])
+    defaults = asdict(TrainConfig())
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in defaults or key == "kind":
+            close = difflib.get_close_matches(key, defaults, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TrainError(
+                f"unknown setting {key!r}{hint}; valid settings: "
+                + ", ".join(k for k in defaults if k != "kind"))
+        changes[key] = _coerce(key, value, defaults[key])
+    config = replace(base, **changes)
+    validate(config)
+    return config
+
+
+def ema_rates(config: TrainConfig) -> list[float]:
+    """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
+    try:
+        rates = [float(r) for r in config.ema_rate.split(",") if r.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(0 < r < 1 for r in rates):
+        raise TrainError(f"ema_rate={config.ema_rate!r}: expected rates "
+                         "in (0, 1), comma-separated")
+    return rates
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise TrainError naming the first setting that cannot work."""
+    choices = {"kind": KINDS, "precision": PRECISIONS,
+               "schedule_sampler": SCHEDULE_SAMPLERS}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise TrainError(f"{name}={getattr(config, name)!r}: expected "
+                             f"one of {', '.join(allowed)}")
+    positive = ("steps", "batch_size", "image_size", "log_interval",
+                "save_interval", "sample_interval", "eval_interval",
+                "keep_checkpoints", "max_nonfinite", "diffusion_steps")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
+    for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
+                 "lr_anneal_steps", "num_samples", "eval_images"):
+        if getattr(config, name) < 0:
+            raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
+    if not 0 <= config.clean_fraction <= 1 or not 0 < config.val_fraction < 1:
+        raise TrainError("clean_fraction must be in [0, 1] and val_fraction "
+                         "in (0, 1)")
+    if config.lr <= 0:
+        raise TrainError(f"lr={config.lr} must be > 0")
+    if config.kind == "upsampler" and config.small_size >= config.image_size:
+        raise TrainError(f"small_size={config.small_size} must be below "
+                         f"image_size={config.image_size}")
+    ema_rates(config)
+
+# %% [markdown]
+# A configuration is enough to build the network and its diffusion: the
+# architecture fields are the reference's flags, so the builders of
+# `adm_lib.compat.guided_diffusion` make exactly the reference's models,
+# and a checkpoint, which carries its configuration, rebuilds its model
+# with no flag retyped.
+
+# %%
+#| export
+def model_flags(config: TrainConfig) -> dict[str, Any]:
+    """The reference flags that describe `config`'s network and diffusion."""
+    flags = {k: v for k, v in asdict(config).items()
+             if k in gd.DEFAULTS and k not in gd.SCRIPT_DEFAULTS}
+    flags.update(large_size=config.image_size, small_size=config.small_size)
+    return flags
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The network `config` trains (see `model_flags`)."""
+    if config.in_channels < 1 or (config.num_classes < 1 and (
+            config.class_cond or config.kind == "classifier")):
+        raise TrainError("in_channels or num_classes is 0 (\"from the "
+                         "data\"): resolve_config the config first")
+    builders = {"diffusion": gd.model_from_flags,
+                "classifier": gd.classifier_from_flags,
+                "upsampler": gd.upsampler_from_flags}
+    try:
+        return builders[config.kind](model_flags(config))
+    except (ValueError, AssertionError) as err:
+        raise TrainError(f"cannot build the {config.kind}: {err}") from None
+
+
+def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
+    """The diffusion `config` trains with (a classifier's: its noising)."""
+    try:
+        return gd.diffusion_from_flags(model_flags(config))
+    except ValueError as err:
+        raise TrainError(f"cannot build the diffusion: {err}") from None
+# %%
+#| export
+def step_seed(*words: int) -> int:
+    """A 64-bit seed that depends on every word (seed, purpose, step...)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(
+        1, np.uint64)[0])
+
+
+class BatchOrder:
+    """The data indices of each step's global batch: seeded epoch shuffles.
+
+    Step s takes positions s*B to (s+1)*B - 1 of an endless sequence of
+    shuffles of `indices`, so any step's batch is known without replaying
+    the ones before it: a resumed run reads what an uninterrupted one would.
+    """
+
+    def __init__(self, indices: Tensor, batch_size: int, seed: int) -> None:
+        self.indices, self.batch_size, self.seed = indices, batch_size, seed
+        self._epoch, self._order = -1, indices
+
+    def _shuffle(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(step_seed(self.seed, 1, epoch))
+            perm = torch.randperm(len(self.indices), generator=g)
+            self._epoch, self._order = epoch, self.indices[perm]
+        return self._order
+
+    def __call__(self, step: int) -> Tensor:
+        """The global batch of data indices at `step`."""
+        n, parts = len(self.indices), []
+        position, wanted = step * self.batch_size, self.batch_size
+        while wanted:
+            epoch, offset = divmod(position, n)
+            part = self._shuffle(epoch)[offset:offset + wanted]
+            parts.append(part)
+            position, wanted = position + len(part), wanted - len(part)
+        return torch.cat(parts)
+
+
+class RankBatches:
+    """One rank's share of each global batch, from `start` on (a sampler)."""
+
+    def __init__(self, order: BatchOrder, rank: int, world_size: int,
+                 start: int) -> None:
+        self.order, self.start = order, start
+        share = order.batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield self.order(step)[self.rows].tolist()
+            step += 1
+
+# %% [markdown]
+# The rest of each step's randomness (timesteps, noise, flips, the
+# classifier's noise-free picks) comes from generators seeded by
+# `(seed, step)` and is drawn for the whole global batch on every rank;
+# each rank keeps its rows. So the step does not depend on how many
+# processes share it, and a resumed run draws the same numbers. Only
+# dropout uses PyTorch's global generator; its state goes into every
+# checkpoint.
+
+# %%
+#| export
+@dataclass
+class StepDraws:
+    """A step's random draws for the global batch (see `draw_step`)."""
+
+    t: Tensor
+    weights: Tensor
+    noise: Tensor
+    flip: Tensor
+    clean: Tensor
+
+    def rows(self, rows: slice) -> "StepDraws":
+        """The draws of one rank's rows."""
+        return StepDraws(*(getattr(self, f.name)[rows]
+                           for f in fields(self)))
+
+
+def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
+              shape: tuple[int, ...], device: torch.device,
+              stream: int = 0) -> StepDraws:
+    """Timesteps, importance weights, noise and flips of a global batch.
+
+    `stream` 0 is training; evaluation draws from stream 1.
+    """
+    g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
+    t, weights = sampler.sample(config.batch_size, "cpu", g)
+    flip = torch.rand(config.batch_size, generator=g) < 0.5
+    clean = torch.rand(config.batch_size, generator=g) < config.clean_fraction
+    if not config.random_flip:
+        flip[:] = False
+    if not config.noised:
+        clean[:] = True
+    noise_g = torch.Generator(device).manual_seed(
+        step_seed(config.seed, 3, stream, step))
+    noise = torch.randn((config.batch_size, *shape), generator=noise_g,
+                        device=device)
+    return StepDraws(t.to(device), weights.to(device), noise,
+                     flip.to(device), clean.to(device))
+# %%
+#| export
+Model = Callable[..., Tensor]
+
+
+def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
+                    model: Model, x: Tensor, y: Tensor,
+                    draws: StepDraws) -> dict[str, Tensor]:
+    """Per-image loss terms of a diffusion model or an upsampler."""
+    kwargs = {"y": y} if config.class_cond else {}
+    if config.kind == "upsampler":
+        kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
+    return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
+
+
+def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
+                     model: Model, x: Tensor, y: Tensor,
+                     draws: StepDraws) -> dict[str, Tensor]:
+    """Cross-entropy and top-1/top-5 hits of a classifier on noised x."""
+    clean = draws.clean
+    x_t = torch.where(clean[:, None, None, None], x,
+                      diffusion.q_sample(x, draws.t, draws.noise))
+    t = torch.where(clean, torch.zeros_like(draws.t), draws.t)
+    logits = model(x_t, diffusion.model_timesteps(t))
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {
+        "loss": F.cross_entropy(logits, y, reduction="none"),
+        "acc@1": (top[:, 0] == y).float(),
+        "acc@5": (top == y[:, None]).any(dim=1).float(),
+    }
+
+# %% [markdown]
+# ### Mixed precision
+#
+# Autocast runs the network's matrix products in 16 bits and keeps the
+# weights, the optimiser and the diffusion arithmetic in float32: the
+# wrapper below casts the network's output back to float32 before the loss
+# sees it, because the bound's log-likelihood terms lose too much in 16
+# bits.
+
+# %%
+#| export
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_model(model: nn.Module, precision: str,
+                   device: torch.device) -> Model:
+    """`model` run under autocast at `precision`, returning float32."""
+    if precision == "fp32":
+        return model
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            out = model(x, t, **kwargs)
+        return out.float()
+
+    return run
+
+# %% [markdown]
+# ### The exponential moving average
+#
+# The reference keeps $\bar\theta \leftarrow r\bar\theta + (1-r)\theta$ with
+# $r = 0.9999$ from the first step, so after $n$ steps the average still
+# holds $r^n$ of the random initialisation. We use the warm-up of
+# TensorFlow's `ExponentialMovingAverage`: at update $n$ the decay is
+# $\min\big(r, \frac{1+n}{10+n}\big)$, which averages roughly the last
+# tenth of a short run and reaches $r$ after about $10/(1-r)$ steps.
+
+# %%
+#| export
+def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
+    """The EMA decay at update number `updates` (0 for the first)."""
+    return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+# %%
+#| export
+CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
+CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
+                   "scaler", "sampler", "rng", "nonfinite")
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives in the run folder `out`."""
+    return out / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
+    """Write a file by `save(f)` so that it is either whole or absent.
+
+    The bytes go to a temporary file in the same folder, are flushed to
+    disk (fsync), and only then renamed over `path`: a kill or a full disk
+    at any moment leaves the previous file intact.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise TrainError(f"cannot write {path}: {err.strerror or err}; "
+                         "earlier files there are intact") from None
+
+
+def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` atomically and delete all but the `keep` newest."""
+    path = checkpoint_path(out, state["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f))
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only), or a clear TrainError."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"no checkpoint at {path}") from None
+    except Exception as err:  # truncated zip, bad pickle, disk error...
+        raise TrainError(f"{path} is not a readable checkpoint "
+                         f"({type(err).__name__}: {err})") from None
+    missing = ([k for k in CHECKPOINT_KEYS if k not in state]
+               if isinstance(state, dict) else ["everything"])
+    if missing or state["format"] != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not an adm train checkpoint "
+                         f"(missing {', '.join(missing) or 'format'})")
+    return state
+
+
+def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run; unreadable ones are named."""
+    for path in sorted((out / "checkpoints").glob("step_*.pt"), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except TrainError as err:
+            warnings.warn(f"{err}; trying the one before it", stacklevel=2)
+    return None
+
+
+def config_mismatch(saved: Mapping[str, Any],
+                    config: TrainConfig) -> list[str]:
+    """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
+    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {v!r}"
+            for k, v in asdict(config).items()
+            if k not in RUN_FIELDS and saved.get(k) != v]
+# %%
+#| export
+def open_data(config: TrainConfig, source: str | None = None
+              ) -> ImageDataset:
+    """The data set `source` (default `config.data`) at the config's size."""
+    source = config.data if source is None else source
+    if not source:
+        raise TrainError(f"this {config.kind} preset has no data set of its "
+                         "own: pass --data PATH (a folder, .zip or .npz)")
+    try:
+        return load_dataset(source, resolution=config.image_size,
+                            channels=config.in_channels or None)
+    except DataError as err:
+        raise TrainError(f"data {source!r}: {err}") from None
+
+
+def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
+    """`config` with in_channels and num_classes taken from the data."""
+    channels = config.in_channels or data.channels
+    labelled = config.kind == "classifier" or config.class_cond
+    classes = config.num_classes or data.num_classes
+    if labelled and data.labels is None:
+        raise TrainError(
+            f"{data.source} has no labels, and a "
+            + ("classifier" if config.kind == "classifier"
+               else "class-conditional model (class_cond=true)")
+            + " needs them")
+    if labelled and data.num_classes > classes:
+        raise TrainError(f"{data.source} has {data.num_classes} classes but "
+                         f"num_classes={config.num_classes}")
+    if labelled and config.kind == "classifier" and classes < 2:
+        raise TrainError(f"{data.source} has one class: nothing to classify")
+    return replace(config, in_channels=channels,
+                   num_classes=classes if labelled else config.num_classes)
+
+
+def split_data(config: TrainConfig, data: ImageDataset
+               ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
+    """Training and held-out images: (set, indices) twice.
+
+    A classifier holds out `val_data`, or else a seeded `val_fraction` of
+    the data; diffusion models and upsamplers train on all of it. Held-out
+    indices come in a seeded random order, so their first images (for
+    grids and evaluation) are a fair sample even of a sorted data set.
+    """
+    g = torch.Generator().manual_seed(step_seed(config.seed, 6))
+    perm = torch.randperm(len(data), generator=g)
+    if config.kind != "classifier":
+        return data, torch.arange(len(data)), data, perm
+    if config.val_data:
+        val = open_data(config, config.val_data)
+        return data, torch.arange(len(data)), val, torch.randperm(
+            len(val), generator=g)
+    held = max(1, round(len(data) * config.val_fraction))
+    if held >= len(data):
+        raise TrainError(f"{data.source} has {len(data)} images: too few "
+                         f"to hold out val_fraction={config.val_fraction}")
+    return data, perm[held:].sort().values, data, perm[:held]
+# %%
+#| export
+class MetricsLog:
+    """Averages each window of steps into one JSONL record (rank 0 only).
+
+    Like the reference, every loss term is also logged by timestep quartile
+    (`mse_q0` is the mean over t < T/4), which shows where the model is
+    still learning.
+    """
+
+    def __init__(self, path: Path, num_timesteps: int,
+                 tensorboard: Path | None = None) -> None:
+        self.path, self.num_timesteps = path, num_timesteps
+        self.writer = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainError("tensorboard=true needs the tensorboard "
+                                 "package: pip install tensorboard") from None
+            self.writer = SummaryWriter(tensorboard)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps = self.skipped = self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, t: Tensor, terms: dict[str, Tensor],
+            grad_norm: float) -> None:
+        """Add one step's gathered per-image terms at timesteps t."""
+        quartile = (4 * t // self.num_timesteps).tolist()
+        for name, values in terms.items():
+            self.sums[name] += values.sum().item()
+            self.counts[name] += len(values)
+            for q, value in zip(quartile, values.tolist(), strict=True):
+                self.sums[f"{name}_q{q}"] += value
+                self.counts[f"{name}_q{q}"] += 1
+        self.sums["grad_norm"] += grad_norm
+        self.counts["grad_norm"] += 1
+        self.steps, self.images = self.steps + 1, self.images + len(t)
+
+    def skip(self) -> None:
+        """Count a step skipped for a non-finite loss."""
+        self.skipped += 1
+
+    def write(self, step: int, **extra: float) -> dict[str, float]:
+        """Append the window's record (and `extra`), then start a new one."""
+        seconds = time.perf_counter() - self.started
+        record = {"step": step, **extra}
+        record.update({k: self.sums[k] / self.counts[k]
+                       for k in sorted(self.sums)})
+        record.update(skipped=self.skipped,
+                      steps_per_s=self.steps / seconds,
+                      images_per_s=self.images / seconds)
+        self.append(record)
+        self.reset()
+        return record
+
+    def append(self, record: dict[str, float]) -> None:
+        """Append a record to the JSONL file (and TensorBoard)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def truncate(self, step: int) -> None:
+        """Drop records after `step` (a resumed run writes them again)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of a run's metrics.jsonl, in order."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        raise TrainError(f"no metrics at {path}: has the run started?")
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if line.strip()]
+# %%
+#| export
+@torch.no_grad()
+def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
+                model: Model, data: ImageDataset, indices: Tensor,
+                device: torch.device) -> Tensor:
+    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth).
+
+    The noise, the labels (every class in turn) and the upsampler's inputs
+    are the same at every call, so grids over training are comparable.
+    """
+    n = config.num_samples
+    shape = (n, config.in_channels, config.image_size, config.image_size)
+    g = torch.Generator(device).manual_seed(step_seed(config.seed, 5))
+    noise = torch.randn(shape, generator=g, device=device)
+    kwargs: dict[str, Tensor] = {}
+    labels = torch.arange(n, device=device) % max(config.num_classes, 1)
+    if config.kind == "upsampler":
+        chosen = indices[:n].tolist()
+        truth = torch.stack([data[i][0] for i in chosen]).to(device)
+        labels = torch.tensor([data[i][1] for i in chosen], device=device)
+        kwargs["low_res"] = F.interpolate(truth, config.small_size,
+                                          mode="area")
+    if config.class_cond:
+        kwargs["y"] = labels
+    loop = (ddim_sample_loop if config.sample_steps.startswith("ddim")
+            else p_sample_loop)
+    spaced = respace(diffusion, config.sample_steps)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda"
+                               else []):
+        images = loop(spaced, model, noise, model_kwargs=kwargs)
+    if config.kind == "upsampler":
+        low = F.interpolate(kwargs["low_res"], config.image_size,
+                            mode="nearest")
+        images = torch.cat([low, images, truth])
+    return images
+
+
+@torch.no_grad()
+def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
+                        model: Model, data: ImageDataset, indices: Tensor,
+                        device: torch.device) -> dict[str, float]:
+    """Loss and top-1/top-5 accuracy on held-out images at random t.
+
+    The timesteps and noise are seeded, so every evaluation sees the same
+    noised images and the numbers are comparable over training.
+    """
+    chosen = indices[:config.eval_images or len(indices)]
+    sampler = UniformSampler(diffusion.num_timesteps)
+    eval_config = replace(config, batch_size=len(chosen), random_flip=False)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(eval_config, sampler, 0, shape, device, stream=1)
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, len(chosen), config.batch_size):
+        rows = slice(start, start + config.batch_size)
+        x, y = default_collate([data[i] for i in chosen[rows].tolist()])
+        terms = classifier_terms(config, diffusion, model, x.to(device),
+                                 y.to(device), draws.rows(rows))
+        for name, values in terms.items():
+            totals[name] += values.sum().item()
+    return {name: total / len(chosen) for name, total in totals.items()}
+
+
+def save_png(path: Path, images: Tensor, columns: int) -> None:
+    """Write a batch in [-1, 1] as one grid PNG, atomically."""
+    grid = image_grid(images, columns)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
+# %%
+#| export
+@dataclass
+class Ranks:
+    """This process's place in a (possibly one-process) data-parallel run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # whether train() opened the process group
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, samples and writes checkpoints."""
+        return self.rank == 0
+
+
+def setup_ranks(device: str) -> Ranks:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs), if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainError(f"device={device!r} is not a device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device={device!r} but PyTorch sees no GPU")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world_size == 1:
+        return Ranks(0, 1, dev, False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), dev, owns)
+
+
+def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
+    """Every rank's rows, concatenated in rank order (the global batch)."""
+    if ranks.world_size == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
+    """The sum over ranks of a tensor."""
+    if ranks.world_size > 1:
+        dist.all_reduce(values)
+    return values
+# %%
+#| export
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the config: all a run needs to go on."""
+
+    model: nn.Module
+    ema: dict[float, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: UniformSampler
+    step: int = 0
+    nonfinite: int = 0  # non-finite steps in a row
+
+    @classmethod
+    def create(cls, config: TrainConfig,
+               device: torch.device) -> "TrainState":
+        """A fresh state: seeded initial weights, AdamW, EMA copies."""
+        torch.manual_seed(config.seed)
+        model = build_model(config).to(device)
+        ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
+               for rate in ema_rates(config)}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        precision = resolve_precision(config.precision, device)
+        scaler = torch.amp.GradScaler(device.type,
+                                      enabled=precision == "fp16")
+        steps = config.diffusion_steps
+        sampler = (LossAwareSampler(steps)
+                   if config.schedule_sampler == "loss-second-moment"
+                   else UniformSampler(steps))
+        return cls(model, ema, optimizer, scaler, sampler)
+
+    def state_dict(self, config: TrainConfig,
+                   rng: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """A checkpoint's contents (plain tensors and containers)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": asdict(config),
+            "model": self.model.state_dict(),
+            "ema": {str(r): m.state_dict() for r, m in self.ema.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": (self.sampler.state_dict()
+                        if isinstance(self.sampler, LossAwareSampler)
+                        else {}),
+            "rng": rng,
+            "nonfinite": self.nonfinite,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore everything but the RNG from a checkpoint."""
+        self.model.load_state_dict(state["model"])
+        for rate, model in self.ema.items():
+            model.load_state_dict(state["ema"][str(rate)])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if isinstance(self.sampler, LossAwareSampler):
+            self.sampler.load_state_dict(state["sampler"])
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """This process's global RNG state (dropout draws from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+# %%
+#| export
+def accumulate_gradients(
+    config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
+    state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
+    device: torch.device,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward and backward over micro-batches; the rank's loss and terms.
+
+    Each micro-batch's loss is summed and divided by the rank's whole batch,
+    and DDP averages over ranks, so the gradient is the global batch's mean
+    however it is split. DDP synchronises only on the last micro-batch.
+    """
+    objective = (classifier_terms if config.kind == "classifier"
+                 else diffusion_terms)
+    precision = resolve_precision(config.precision, device)
+    run = autocast_model(model, precision, device)
+    share = len(x)
+    micro = config.microbatch or share
+    loss_sum, parts = torch.zeros((), device=device), []
+    for start in range(0, share, micro):
+        rows = slice(start, start + micro)
+        last = start + micro >= share
+        sync = (model.no_sync() if isinstance(model, DistributedDataParallel)
+                and not last else contextlib.nullcontext())
+        with sync:
+            terms = objective(config, diffusion, run, x[rows], y[rows],
+                              draws.rows(rows))
+            if config.kind != "classifier":  # importance-weighted, as logged
+                raw = terms["loss"].detach()
+                terms = {k: v * draws.weights[rows] for k, v in terms.items()}
+                terms["raw_loss"] = raw
+            loss = terms["loss"].sum() / share
+            state.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        parts.append({k: v.detach() for k, v in terms.items()})
+    return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
+                    ranks: Ranks) -> tuple[str, float]:
+    """Clip, step AdamW and the EMAs unless the step is not finite.
+
+    Returns ("ok" | "overflow" | "nonfinite", grad_norm). With fp16 a
+    non-finite gradient under a finite loss is the loss scaler's overflow:
+    it skips the step and lowers the scale, as it is meant to. Any other
+    non-finite loss or gradient skips the step on every rank.
+    """
+    state.scaler.unscale_(state.optimizer)
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    if config.grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # The gradient norm is global already (DDP averaged the gradients).
+    loss_ok = bool(torch.isfinite(sum_ranks(ranks, loss.clone())))
+    norm_ok = bool(torch.isfinite(norm))
+    status = "ok" if loss_ok and norm_ok else "nonfinite"
+    if loss_ok and not norm_ok and state.scaler.is_enabled():
+        status = "overflow"
+    if status != "nonfinite":
+        state.scaler.step(state.optimizer)  # skips itself on overflow
+    if status == "ok":
+        for rate, ema in state.ema.items():
+            update_ema(ema, state.model,
+                       ema_decay(rate, state.step, config.ema_warmup))
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return status, norm.item()
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
+    if not config.lr_anneal_steps:
+        return config.lr
+    return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
+# %%
+#| export
+def prepare_run(config: TrainConfig, out: Path, resume: bool,
+                ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
+    """Check the run folder; the checkpoint to resume from, if any.
+
+    Rank 0 picks the newest readable checkpoint and every rank loads that
+    one, so a file cut short by a kill is skipped the same way everywhere.
+    """
+    found, problem = None, None
+    if ranks.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            found = latest_checkpoint(out)
+            if found and not resume:
+                problem = (f"{out} already holds a run (checkpoint at step "
+                           f"{found[1]['step']}): pass --resume to continue "
+                           "it, or choose another --out")
+            elif found and (diff := config_mismatch(found[1]["config"],
+                                                    config)):
+                problem = (f"the config does not match {found[0]}:\n  "
+                           + "\n  ".join(diff))
+            else:
+                write_atomic(out / "config.json", lambda f: f.write(
+                    json.dumps(asdict(config), indent=2).encode()))
+        except (OSError, TrainError) as err:
+            problem = (str(err) if isinstance(err, TrainError) else
+                       f"cannot use {out}: {err.strerror or err}")
+    if ranks.world_size > 1:  # everyone learns the outcome from rank 0
+        box = [problem, found[0] if found else None]
+        dist.broadcast_object_list(box)
+        problem, path = box
+        if path is not None and not ranks.main:
+            found = (path, read_checkpoint(path))
+    if problem:
+        raise TrainError(problem)
+    return found
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *,
+          resume: bool = False, progress: bool = True) -> Path:
+    """Train `config` in the run folder `out`; the last checkpoint's path.
+
+    Run under torchrun for data-parallel training. With `resume`, a run
+    continues from its newest readable checkpoint and reproduces the
+    uninterrupted run; without it, `out` must hold no checkpoint.
+    """
+    validate(config)
+    ranks = setup_ranks(config.device)
+    try:
+        return _train(config, Path(out), resume, progress, ranks)
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
+
+
+def save_state(config: TrainConfig, state: TrainState, out: Path,
+               ranks: Ranks) -> Path:
+    """Rank 0 writes the checkpoint with every rank's RNG state."""
+    rng = [rng_state(ranks.device)]
+    if ranks.world_size > 1:
+        rng = [None] * ranks.world_size
+        dist.all_gather_object(rng, rng_state(ranks.device))
+    problem = None
+    if ranks.main:
+        try:
+            save_checkpoint(out, state.state_dict(config, rng),
+                            config.keep_checkpoints)
+        except TrainError as err:
+            problem = str(err)
+    if ranks.world_size > 1:
+        box = [problem]
+        dist.broadcast_object_list(box)
+        problem = box[0]
+    if problem:
+        raise TrainError(problem)
+    return checkpoint_path(out, state.step)
+
+
+def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
+             state: TrainState, data: ImageDataset, indices: Tensor,
+             out: Path, log: MetricsLog, device: torch.device) -> None:
+    """Rank 0's look at the model: a sample grid, or held-out accuracy."""
+    precision = resolve_precision(config.precision, device)
+    ema = state.ema[ema_rates(config)[0]]
+    if config.kind == "classifier":
+        state.model.eval()
+        record = {"step": state.step}
+        for prefix, net in (("val_", state.model), ("ema_val_", ema)):
+            run = autocast_model(net, precision, device)
+            scores = evaluate_classifier(config, diffusion, run, data,
+                                         indices, device)
+            record.update({prefix + k: v for k, v in scores.items()})
+        state.model.train()
+        log.append(record)
+        return
+    images = sample_grid(config, diffusion,
+                         autocast_model(ema, precision, device), data,
+                         indices, device)
+    n = config.num_samples
+    columns = (config.num_classes if config.class_cond
+               and 1 < config.num_classes <= n else math.ceil(n ** 0.5))
+    if config.kind == "upsampler":
+        columns = n
+    save_png(out / "samples" / f"step_{state.step:08d}.png", images,
+             columns)
+
+
+def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
+           ranks: Ranks) -> Path:
+    """The loop of `train`, once the process group is up."""
+    device, world = ranks.device, ranks.world_size
+    if config.batch_size % world:
+        raise TrainError(f"batch_size={config.batch_size} does not split "
+                         f"evenly over {world} processes")
+    data = open_data(config)
+    config = resolve_config(config, data)
+    data, train_idx, val_data, val_idx = split_data(config, data)
+    found = prepare_run(config, out, resume, ranks)
+    diffusion = build_diffusion(config)
+    state = TrainState.create(config, device)
+    torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
+    last = None
+    if found:
+        last, saved = found
+        state.load_state_dict(saved)
+        if len(saved["rng"]) == world:
+            set_rng_state(saved["rng"][ranks.rank], device)
+        else:
+            warnings.warn(f"{last} was written by {len(saved['rng'])} "
+                          f"processes, not {world}: dropout will draw "
+                          "new random numbers", stacklevel=2)
+    model = state.model
+    if world > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+    share = config.batch_size // world
+    rows = slice(ranks.rank * share, (ranks.rank + 1) * share)
+    order = BatchOrder(train_idx, config.batch_size, config.seed)
+    loader = DataLoader(
+        data, batch_sampler=RankBatches(order, ranks.rank, world, state.step),
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        # Its own generator: the global one (dropout's) stays untouched.
+        generator=torch.Generator().manual_seed(config.seed))
+    log = None
+    if ranks.main:
+        log = MetricsLog(out / "metrics.jsonl", config.diffusion_steps,
+                         out / "tensorboard" if config.tensorboard else None)
+        log.truncate(state.step)
+        (out / "samples").mkdir(exist_ok=True)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    bar = tqdm(total=config.steps, initial=state.step, unit="step",
+               desc=f"train {config.kind}",
+               disable=not (progress and ranks.main))
+    batches = iter(loader)
+    while state.step < config.steps:
+        x, y = (v.to(device, non_blocking=True) for v in next(batches))
+        draws = draw_step(config, state.sampler, state.step, shape,
+                          device).rows(rows)
+        x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+        lr = learning_rate(config, state.step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        loss, terms = accumulate_gradients(config, diffusion, model, state,
+                                           x, y, draws, device)
+        status, norm = apply_gradients(config, state, loss, ranks)
+        record_step(config, state, status, norm, draws.t, terms, ranks, log,
+                    last)
+        state.step += 1
+        bar.update()
+        pause = time.perf_counter()
+        done = state.step == config.steps
+        if log and (state.step % config.log_interval == 0
+                    or done and log.steps):
+            record = log.write(state.step, lr=lr)
+            bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}",
+                            img_s=f"{record['images_per_s']:.0f}")
+        if state.step % config.save_interval == 0 or done:
+            last = save_state(config, state, out, ranks)
+        if log and (state.step % (config.eval_interval
+                                  if config.kind == "classifier"
+                                  else config.sample_interval) == 0 or done):
+            snapshot(config, diffusion, state, val_data, val_idx, out, log,
+                     device)
+        if log:
+            log.started += time.perf_counter() - pause
+    bar.close()
+    return last if last is not None else checkpoint_path(out, state.step)
+
+
+def record_step(config: TrainConfig, state: TrainState, status: str,
+                norm: float, t: Tensor, terms: dict[str, Tensor],
+                ranks: Ranks, log: MetricsLog | None,
+                last: Path | None) -> None:
+    """Log a step's global-batch terms, or count and report a skipped one."""
+    if status == "nonfinite":
+        state.nonfinite += 1
+        where = (f"the newest checkpoint, {last}, is intact" if last
+                 else "no checkpoint was written yet")
+        if state.nonfinite >= config.max_nonfinite:
+            raise TrainError(
+                f"{state.nonfinite} steps in a row (the last at step "
+                f"{state.step}) had a non-finite loss or gradient: lower "
+                f"lr, set grad_clip, or check the data; {where}")
+        warnings.warn(f"step {state.step}: non-finite loss or gradient "
+                      f"(norm {norm}); step skipped ({state.nonfinite} in a "
+                      f"row, stopping at {config.max_nonfinite})",
+                      stacklevel=2)
+        if log:
+            log.skip()
+        return
+    state.nonfinite = 0
+    names = sorted(terms)
+    table = gather_rows(ranks, torch.stack([terms[k].float() for k in names],
+                                           dim=1)).cpu()
+    gathered = dict(zip(names, table.unbind(1), strict=True))
+    t_all = gather_rows(ranks, t).cpu()
+    raw = gathered.pop("raw_loss", None)
+    if isinstance(state.sampler, LossAwareSampler):
+        state.sampler.update(t_all, raw)
+    if log:
+        log.add(t_all, gathered, norm)
+
+# %% [markdown]
+# A finished run is a folder; `load_run` rebuilds its network from the
+# configuration stored in the checkpoint, with the EMA weights by default.
+
+# %%
+#| export
+@dataclass
+class TrainedModel:
+    """A network rebuilt from a checkpoint, with its diffusion and config."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    config: TrainConfig
+    step: int
+    path: Path
+
+
+def load_run(path: str | os.PathLike, weights: str = "ema",
+             device: str | torch.device = "cpu") -> TrainedModel:
+    """The network of a run folder (newest checkpoint) or checkpoint file.
+
+    `weights` is "ema" (the first EMA rate), an EMA rate such as "0.9999",
+    or "model" for the raw weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise TrainError(f"{path} holds no checkpoint")
+        path, state = found
+    else:
+        state = read_checkpoint(path)
+    try:
+        config = TrainConfig(**state["config"])
+    except TypeError as err:
+        raise TrainError(f"{path}: its config does not fit this adm_lib "
+                         f"({err})") from None
+    rates = list(state["ema"])
+    choices = {"ema": state["ema"][rates[0]], "model": state["model"],
+               **state["ema"]}
+    if weights not in choices:
+        raise TrainError(f"weights={weights!r}: {path} has "
+                         f"{', '.join(choices)}")
+    model = build_model(config)
+    model.load_state_dict(choices[weights])
+    model.to(device).eval().requires_grad_(False)
+    return TrainedModel(model, build_diffusion(config), config,
+                        state["step"], path)
