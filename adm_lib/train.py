@@ -22,6 +22,9 @@ __all__ = [
     "RankBatches",
     "StepDraws",
     "draw_step",
+    "open_data",
+    "resolve_config",
+    "split_data",
     "Model",
     "diffusion_terms",
     "classifier_terms",
@@ -37,24 +40,21 @@ __all__ = [
     "read_checkpoint",
     "latest_checkpoint",
     "config_mismatch",
-    "open_data",
-    "resolve_config",
-    "split_data",
+    "TrainState",
+    "rng_state",
+    "set_rng_state",
+    "Ranks",
+    "setup_ranks",
+    "gather_rows",
+    "sum_ranks",
+    "accumulate_gradients",
+    "apply_gradients",
+    "learning_rate",
     "MetricsLog",
     "read_metrics",
     "sample_grid",
     "evaluate_classifier",
     "save_png",
-    "Ranks",
-    "setup_ranks",
-    "gather_rows",
-    "sum_ranks",
-    "TrainState",
-    "rng_state",
-    "set_rng_state",
-    "accumulate_gradients",
-    "apply_gradients",
-    "learning_rate",
     "prepare_run",
     "train",
     "save_state",
@@ -65,10 +65,11 @@ __all__ = [
 ]
 
 
-# %% chapters/07_training.py:34
+# %% chapters/07_training.py:99
 import contextlib
 import copy
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -108,6 +109,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
+# %% chapters/07_training.py:143
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
@@ -190,7 +192,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/07_training.py:171
+# %% chapters/07_training.py:240
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -200,7 +202,8 @@ def _released(name: str) -> dict[str, Any]:
               if k in names and k not in gd.SCRIPT_DEFAULTS}
     if kind == "upsampler":
         preset.update(image_size=f["large_size"], small_size=f["small_size"])
-    return {**preset, "data": "", "random_flip": True, "ema_rate": "0.9999"}
+    return {**preset, "data": "", "random_flip": True, "ema_rate": "0.9999",
+            "num_workers": 8}
 
 
 def _imagenet(name: str, batch: int, lr: float, steps: int,
@@ -259,7 +262,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/07_training.py:239
+# %% chapters/07_training.py:310
 _TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
 
@@ -271,12 +274,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             if text not in _TRUE | _FALSE:
                 raise ValueError
             return text in _TRUE
-        if isinstance(default, int) and isinstance(value, float):
-            if not value.is_integer():
+        if isinstance(default, int) and isinstance(value, float | str):
+            number = float(value)  # accepts "1e5" for 100000
+            if not number.is_integer():
                 raise ValueError
-            return int(value)
-        if isinstance(default, int) and isinstance(value, str):
-            return int(float(value)) if "e" in value.lower() else int(value)
+            return int(number)
         return type(default)(value)
     except (TypeError, ValueError):
         raise TrainError(
@@ -300,13 +302,17 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
         base = TrainConfig(kind=kind, **presets[name])
     defaults = asdict(TrainConfig())
     changes = {}
+    settings = [k for k in defaults if k != "kind"]
     for key, value in (overrides or {}).items():
-        if key not in defaults or key == "kind":
-            close = difflib.get_close_matches(key, defaults, n=3)
+        if key == "kind":
+            raise TrainError("kind is not a setting: it is the first "
+                             "argument (adm train KIND, make_config(KIND))")
+        if key not in defaults:
+            close = difflib.get_close_matches(key, settings, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise TrainError(
                 f"unknown setting {key!r}{hint}; valid settings: "
-                + ", ".join(k for k in defaults if k != "kind"))
+                + ", ".join(settings))
         changes[key] = _coerce(key, value, defaults[key])
     config = replace(base, **changes)
     validate(config)
@@ -346,15 +352,21 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.clean_fraction <= 1 or not 0 < config.val_fraction < 1:
         raise TrainError("clean_fraction must be in [0, 1] and val_fraction "
                          "in (0, 1)")
+    for name in ("lr", "weight_decay", "grad_clip", "dropout"):
+        if not math.isfinite(getattr(config, name)):
+            raise TrainError(f"{name}={getattr(config, name)} is not finite")
     if config.lr <= 0:
         raise TrainError(f"lr={config.lr} must be > 0")
     if config.kind == "upsampler" and config.small_size >= config.image_size:
         raise TrainError(f"small_size={config.small_size} must be below "
                          f"image_size={config.image_size}")
     ema_rates(config)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise TrainError("tensorboard=true needs the tensorboard package: "
+                         "pip install tensorboard")
 
 
-# %% chapters/07_training.py:341
+# %% chapters/07_training.py:421
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()
@@ -386,7 +398,7 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
         raise TrainError(f"cannot build the diffusion: {err}") from None
 
 
-# %% chapters/07_training.py:372
+# %% chapters/07_training.py:515
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -440,7 +452,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/07_training.py:435
+# %% chapters/07_training.py:578
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -480,157 +492,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      flip.to(device), clean.to(device))
 
 
-# %% chapters/07_training.py:474
-Model = Callable[..., Tensor]
-
-
-def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
-                    model: Model, x: Tensor, y: Tensor,
-                    draws: StepDraws) -> dict[str, Tensor]:
-    """Per-image loss terms of a diffusion model or an upsampler."""
-    kwargs = {"y": y} if config.class_cond else {}
-    if config.kind == "upsampler":
-        kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
-    return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
-
-
-def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
-                     model: Model, x: Tensor, y: Tensor,
-                     draws: StepDraws) -> dict[str, Tensor]:
-    """Cross-entropy and top-1/top-5 hits of a classifier on noised x."""
-    clean = draws.clean
-    x_t = torch.where(clean[:, None, None, None], x,
-                      diffusion.q_sample(x, draws.t, draws.noise))
-    t = torch.where(clean, torch.zeros_like(draws.t), draws.t)
-    logits = model(x_t, diffusion.model_timesteps(t))
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {
-        "loss": F.cross_entropy(logits, y, reduction="none"),
-        "acc@1": (top[:, 0] == y).float(),
-        "acc@5": (top == y[:, None]).any(dim=1).float(),
-    }
-
-
-# %% chapters/07_training.py:514
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_model(model: nn.Module, precision: str,
-                   device: torch.device) -> Model:
-    """`model` run under autocast at `precision`, returning float32."""
-    if precision == "fp32":
-        return model
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype):
-            out = model(x, t, **kwargs)
-        return out.float()
-
-    return run
-
-
-# %% chapters/07_training.py:547
-def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
-    """The EMA decay at update number `updates` (0 for the first)."""
-    return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
-
-
-# %% chapters/07_training.py:560
-CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
-CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
-                   "scaler", "sampler", "rng", "nonfinite")
-
-
-def checkpoint_path(out: Path, step: int) -> Path:
-    """Where the checkpoint of `step` lives in the run folder `out`."""
-    return out / "checkpoints" / f"step_{step:08d}.pt"
-
-
-def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
-    """Write a file by `save(f)` so that it is either whole or absent.
-
-    The bytes go to a temporary file in the same folder, are flushed to
-    disk (fsync), and only then renamed over `path`: a kill or a full disk
-    at any moment leaves the previous file intact.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot write {path}: {err.strerror or err}; "
-                         "earlier files there are intact") from None
-
-
-def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` atomically and delete all but the `keep` newest."""
-    path = checkpoint_path(out, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(state, f))
-    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-    return path
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only), or a clear TrainError."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"no checkpoint at {path}") from None
-    except Exception as err:  # truncated zip, bad pickle, disk error...
-        raise TrainError(f"{path} is not a readable checkpoint "
-                         f"({type(err).__name__}: {err})") from None
-    missing = ([k for k in CHECKPOINT_KEYS if k not in state]
-               if isinstance(state, dict) else ["everything"])
-    if missing or state["format"] != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path} is not an adm train checkpoint "
-                         f"(missing {', '.join(missing) or 'format'})")
-    return state
-
-
-def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint of a run; unreadable ones are named."""
-    for path in sorted((out / "checkpoints").glob("step_*.pt"), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except TrainError as err:
-            warnings.warn(f"{err}; trying the one before it", stacklevel=2)
-    return None
-
-
-def config_mismatch(saved: Mapping[str, Any],
-                    config: TrainConfig) -> list[str]:
-    """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
-    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {v!r}"
-            for k, v in asdict(config).items()
-            if k not in RUN_FIELDS and saved.get(k) != v]
-
-
-# %% chapters/07_training.py:641
+# %% chapters/07_training.py:623
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -689,225 +551,160 @@ def split_data(config: TrainConfig, data: ImageDataset
     return data, perm[held:].sort().values, data, perm[:held]
 
 
-# %% chapters/07_training.py:699
-class MetricsLog:
-    """Averages each window of steps into one JSONL record (rank 0 only).
-
-    Like the reference, every loss term is also logged by timestep quartile
-    (`mse_q0` is the mean over t < T/4), which shows where the model is
-    still learning.
-    """
-
-    def __init__(self, path: Path, num_timesteps: int,
-                 tensorboard: Path | None = None) -> None:
-        self.path, self.num_timesteps = path, num_timesteps
-        self.writer = None
-        if tensorboard is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainError("tensorboard=true needs the tensorboard "
-                                 "package: pip install tensorboard") from None
-            self.writer = SummaryWriter(tensorboard)
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new window."""
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.steps = self.skipped = self.images = 0
-        self.started = time.perf_counter()
-
-    def add(self, t: Tensor, terms: dict[str, Tensor],
-            grad_norm: float) -> None:
-        """Add one step's gathered per-image terms at timesteps t."""
-        quartile = (4 * t // self.num_timesteps).tolist()
-        for name, values in terms.items():
-            self.sums[name] += values.sum().item()
-            self.counts[name] += len(values)
-            for q, value in zip(quartile, values.tolist(), strict=True):
-                self.sums[f"{name}_q{q}"] += value
-                self.counts[f"{name}_q{q}"] += 1
-        self.sums["grad_norm"] += grad_norm
-        self.counts["grad_norm"] += 1
-        self.steps, self.images = self.steps + 1, self.images + len(t)
-
-    def skip(self) -> None:
-        """Count a step skipped for a non-finite loss."""
-        self.skipped += 1
-
-    def write(self, step: int, **extra: float) -> dict[str, float]:
-        """Append the window's record (and `extra`), then start a new one."""
-        seconds = time.perf_counter() - self.started
-        record = {"step": step, **extra}
-        record.update({k: self.sums[k] / self.counts[k]
-                       for k in sorted(self.sums)})
-        record.update(skipped=self.skipped,
-                      steps_per_s=self.steps / seconds,
-                      images_per_s=self.images / seconds)
-        self.append(record)
-        self.reset()
-        return record
-
-    def append(self, record: dict[str, float]) -> None:
-        """Append a record to the JSONL file (and TensorBoard)."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-            self.writer.flush()
-
-    def truncate(self, step: int) -> None:
-        """Drop records after `step` (a resumed run writes them again)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+# %% chapters/07_training.py:720
+Model = Callable[..., Tensor]
 
 
-def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a run's metrics.jsonl, in order."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise TrainError(f"no metrics at {path}: has the run started?")
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if line.strip()]
-
-
-# %% chapters/07_training.py:791
-@torch.no_grad()
-def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
-                model: Model, data: ImageDataset, indices: Tensor,
-                device: torch.device) -> Tensor:
-    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth).
-
-    The noise, the labels (every class in turn) and the upsampler's inputs
-    are the same at every call, so grids over training are comparable.
-    """
-    n = config.num_samples
-    shape = (n, config.in_channels, config.image_size, config.image_size)
-    g = torch.Generator(device).manual_seed(step_seed(config.seed, 5))
-    noise = torch.randn(shape, generator=g, device=device)
-    kwargs: dict[str, Tensor] = {}
-    labels = torch.arange(n, device=device) % max(config.num_classes, 1)
+def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
+                    model: Model, x: Tensor, y: Tensor,
+                    draws: StepDraws) -> dict[str, Tensor]:
+    """Per-image loss terms of a diffusion model or an upsampler."""
+    kwargs = {"y": y} if config.class_cond else {}
     if config.kind == "upsampler":
-        chosen = indices[:n].tolist()
-        truth = torch.stack([data[i][0] for i in chosen]).to(device)
-        labels = torch.tensor([data[i][1] for i in chosen], device=device)
-        kwargs["low_res"] = F.interpolate(truth, config.small_size,
-                                          mode="area")
-    if config.class_cond:
-        kwargs["y"] = labels
-    loop = (ddim_sample_loop if config.sample_steps.startswith("ddim")
-            else p_sample_loop)
-    spaced = respace(diffusion, config.sample_steps)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda"
-                               else []):
-        images = loop(spaced, model, noise, model_kwargs=kwargs)
-    if config.kind == "upsampler":
-        low = F.interpolate(kwargs["low_res"], config.image_size,
-                            mode="nearest")
-        images = torch.cat([low, images, truth])
-    return images
+        kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
+    return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
+
+
+def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
+                     model: Model, x: Tensor, y: Tensor,
+                     draws: StepDraws) -> dict[str, Tensor]:
+    """Cross-entropy and top-1/top-5 hits of a classifier on noised x."""
+    clean = draws.clean
+    x_t = torch.where(clean[:, None, None, None], x,
+                      diffusion.q_sample(x, draws.t, draws.noise))
+    t = torch.where(clean, torch.zeros_like(draws.t), draws.t)
+    logits = model(x_t, diffusion.model_timesteps(t))
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {
+        "loss": F.cross_entropy(logits, y, reduction="none"),
+        "acc@1": (top[:, 0] == y).float(),
+        "acc@5": (top == y[:, None]).any(dim=1).float(),
+    }
+
+
+# %% chapters/07_training.py:760
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_model(model: nn.Module, precision: str,
+                   device: torch.device) -> Model:
+    """`model` run under autocast at `precision`, returning float32."""
+    if precision == "fp32":
+        return model
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            out = model(x, t, **kwargs)
+        return out.float()
+
+    return run
+
+
+# %% chapters/07_training.py:819
+def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
+    """The EMA decay at update number `updates` (0 for the first)."""
+    return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
 
 
 @torch.no_grad()
-def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
-                        model: Model, data: ImageDataset, indices: Tensor,
-                        device: torch.device) -> dict[str, float]:
-    """Loss and top-1/top-5 accuracy on held-out images at random t.
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
 
-    The timesteps and noise are seeded, so every evaluation sees the same
-    noised images and the numbers are comparable over training.
+
+# %% chapters/07_training.py:879
+CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
+CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
+                   "scaler", "sampler", "rng", "nonfinite")
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives in the run folder `out`."""
+    return out / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
+    """Write a file by `save(f)` so that it is either whole or absent.
+
+    The bytes go to a temporary file in the same folder, are flushed to
+    disk (fsync), and only then renamed over `path`: a kill or a full disk
+    at any moment leaves the previous file intact.
     """
-    chosen = indices[:config.eval_images or len(indices)]
-    sampler = UniformSampler(diffusion.num_timesteps)
-    eval_config = replace(config, batch_size=len(chosen), random_flip=False)
-    shape = (config.in_channels, config.image_size, config.image_size)
-    draws = draw_step(eval_config, sampler, 0, shape, device, stream=1)
-    totals: dict[str, float] = defaultdict(float)
-    for start in range(0, len(chosen), config.batch_size):
-        rows = slice(start, start + config.batch_size)
-        x, y = default_collate([data[i] for i in chosen[rows].tolist()])
-        terms = classifier_terms(config, diffusion, model, x.to(device),
-                                 y.to(device), draws.rows(rows))
-        for name, values in terms.items():
-            totals[name] += values.sum().item()
-    return {name: total / len(chosen) for name, total in totals.items()}
-
-
-def save_png(path: Path, images: Tensor, columns: int) -> None:
-    """Write a batch in [-1, 1] as one grid PNG, atomically."""
-    grid = image_grid(images, columns)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
-
-
-# %% chapters/07_training.py:859
-@dataclass
-class Ranks:
-    """This process's place in a (possibly one-process) data-parallel run."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool  # whether train() opened the process group
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 logs, samples and writes checkpoints."""
-        return self.rank == 0
-
-
-def setup_ranks(device: str) -> Ranks:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise TrainError(f"device={device!r} is not a device") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"device={device!r} but PyTorch sees no GPU")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if world_size == 1:
-        return Ranks(0, 1, dev, False)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev, owns)
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise TrainError(f"cannot write {path}: {err.strerror or err}; "
+                         "earlier files there are intact") from None
+    except BaseException:  # a failing save(), Ctrl-C: no litter either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
-    """Every rank's rows, concatenated in rank order (the global batch)."""
-    if ranks.world_size == 1:
-        return rows
-    parts = [torch.empty_like(rows) for _ in range(ranks.world_size)]
-    dist.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
+def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` atomically and delete all but the `keep` newest."""
+    path = checkpoint_path(out, state["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f))
+    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
 
 
-def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
-    """The sum over ranks of a tensor."""
-    if ranks.world_size > 1:
-        dist.all_reduce(values)
-    return values
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only), or a clear TrainError."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"no checkpoint at {path}") from None
+    except Exception as err:  # truncated zip, bad pickle, disk error...
+        raise TrainError(f"{path} is not a readable checkpoint "
+                         f"({type(err).__name__}: {err})") from None
+    missing = ([k for k in CHECKPOINT_KEYS if k not in state]
+               if isinstance(state, dict) else ["everything"])
+    if missing or state["format"] != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path} is not an adm train checkpoint "
+                         f"(missing {', '.join(missing) or 'format'})")
+    return state
 
 
-# %% chapters/07_training.py:914
+def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run; unreadable ones are named."""
+    for path in sorted((out / "checkpoints").glob("step_*.pt"), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except TrainError as err:
+            warnings.warn(f"{err}; trying the one before it", stacklevel=2)
+    return None
+
+
+def config_mismatch(saved: Mapping[str, Any],
+                    config: TrainConfig) -> list[str]:
+    """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
+    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {v!r}"
+            for k, v in asdict(config).items()
+            if k not in RUN_FIELDS and saved.get(k) != v]
+
+
+# %% chapters/07_training.py:964
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -985,7 +782,63 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/07_training.py:991
+# %% chapters/07_training.py:1066
+@dataclass
+class Ranks:
+    """This process's place in a (possibly one-process) data-parallel run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # whether train() opened the process group
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, samples and writes checkpoints."""
+        return self.rank == 0
+
+
+def setup_ranks(device: str) -> Ranks:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs), if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainError(f"device={device!r} is not a device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device={device!r} but PyTorch sees no GPU")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world_size == 1:
+        return Ranks(0, 1, dev, False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), dev, owns)
+
+
+def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
+    """Every rank's rows, concatenated in rank order (the global batch)."""
+    if ranks.world_size == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
+    """The sum over ranks of a tensor."""
+    if ranks.world_size > 1:
+        dist.all_reduce(values)
+    return values
+
+
+# %% chapters/07_training.py:1139
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -1062,7 +915,171 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/07_training.py:1067
+# %% chapters/07_training.py:1226
+class MetricsLog:
+    """Averages each window of steps into one JSONL record (rank 0 only).
+
+    Like the reference, every loss term is also logged by timestep quartile
+    (`mse_q0` is the mean over t < T/4), which shows where the model is
+    still learning.
+    """
+
+    def __init__(self, path: Path, num_timesteps: int,
+                 tensorboard: Path | None = None) -> None:
+        self.path, self.num_timesteps = path, num_timesteps
+        self.writer = None
+        if tensorboard is not None:  # validate() checked it is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps = self.skipped = self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, t: Tensor, terms: dict[str, Tensor],
+            grad_norm: float) -> None:
+        """Add one step's gathered per-image terms at timesteps t."""
+        quartile = (4 * t // self.num_timesteps).tolist()
+        for name, values in terms.items():
+            self.sums[name] += values.sum().item()
+            self.counts[name] += len(values)
+            for q, value in zip(quartile, values.tolist(), strict=True):
+                self.sums[f"{name}_q{q}"] += value
+                self.counts[f"{name}_q{q}"] += 1
+        self.sums["grad_norm"] += grad_norm
+        self.counts["grad_norm"] += 1
+        self.steps, self.images = self.steps + 1, self.images + len(t)
+
+    def skip(self) -> None:
+        """Count a step skipped for a non-finite loss."""
+        self.skipped += 1
+
+    def write(self, step: int, **extra: float) -> dict[str, float]:
+        """Append the window's record (and `extra`), then start a new one."""
+        seconds = time.perf_counter() - self.started
+        record = {"step": step, **extra}
+        record.update({k: self.sums[k] / self.counts[k]
+                       for k in sorted(self.sums)})
+        record.update(skipped=self.skipped,
+                      steps_per_s=self.steps / seconds,
+                      images_per_s=self.images / seconds)
+        self.append(record)
+        self.reset()
+        return record
+
+    def append(self, record: dict[str, float]) -> None:
+        """Append a record to the JSONL file (and TensorBoard)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def truncate(self, step: int) -> None:
+        """Drop records after `step` (a resumed run writes them again)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of a run's metrics.jsonl, in order."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        raise TrainError(f"no metrics at {path}: has the run started?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill, or being written
+    return records
+
+
+# %% chapters/07_training.py:1321
+@torch.no_grad()
+def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
+                model: Model, data: ImageDataset, indices: Tensor,
+                device: torch.device) -> Tensor:
+    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth).
+
+    The noise, the labels (every class in turn) and the upsampler's inputs
+    are the same at every call, so grids over training are comparable.
+    """
+    n = config.num_samples
+    shape = (n, config.in_channels, config.image_size, config.image_size)
+    g = torch.Generator(device).manual_seed(step_seed(config.seed, 5))
+    noise = torch.randn(shape, generator=g, device=device)
+    kwargs: dict[str, Tensor] = {}
+    labels = torch.arange(n, device=device) % max(config.num_classes, 1)
+    if config.kind == "upsampler":
+        chosen = indices[:n].tolist()
+        truth = torch.stack([data[i][0] for i in chosen]).to(device)
+        labels = torch.tensor([data[i][1] for i in chosen], device=device)
+        kwargs["low_res"] = F.interpolate(truth, config.small_size,
+                                          mode="area")
+    if config.class_cond:
+        kwargs["y"] = labels
+    loop = (ddim_sample_loop if config.sample_steps.startswith("ddim")
+            else p_sample_loop)
+    spaced = respace(diffusion, config.sample_steps)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda"
+                               else []):
+        images = loop(spaced, model, noise, model_kwargs=kwargs)
+    if config.kind == "upsampler":
+        low = F.interpolate(kwargs["low_res"], config.image_size,
+                            mode="nearest")
+        images = torch.cat([low, images, truth])
+    return images
+
+
+@torch.no_grad()
+def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
+                        model: Model, data: ImageDataset, indices: Tensor,
+                        device: torch.device) -> dict[str, float]:
+    """Loss and top-1/top-5 accuracy on held-out images at random t.
+
+    The timesteps and noise are seeded, so every evaluation sees the same
+    noised images and the numbers are comparable over training.
+    """
+    chosen = indices[:config.eval_images or len(indices)]
+    sampler = UniformSampler(diffusion.num_timesteps)
+    eval_config = replace(config, batch_size=len(chosen), random_flip=False)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(eval_config, sampler, 0, shape, device, stream=1)
+    totals: dict[str, float] = defaultdict(float)
+    for start in range(0, len(chosen), config.batch_size):
+        rows = slice(start, start + config.batch_size)
+        x, y = default_collate([data[i] for i in chosen[rows].tolist()])
+        terms = classifier_terms(config, diffusion, model, x.to(device),
+                                 y.to(device), draws.rows(rows))
+        for name, values in terms.items():
+            totals[name] += values.sum().item()
+    return {name: total / len(chosen) for name, total in totals.items()}
+
+
+def save_png(path: Path, images: Tensor, columns: int) -> None:
+    """Write a batch in [-1, 1] as one grid PNG, atomically."""
+    grid = image_grid(images, columns)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
+
+
+# %% chapters/07_training.py:1397
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
     """Check the run folder; the checkpoint to resume from, if any.
@@ -1285,7 +1302,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/07_training.py:1294
+# %% chapters/07_training.py:1624
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -1,0 +1,784 @@
+"""adm_lib.train (chapter 7): `adm train`'s config, loop, checkpoints, resume.
+
+Every run here is tiny (8x8 grey images, a 32-channel UNet, a few steps) so
+the file runs in well under a minute on a 2-core CPU. Every run uses one
+thread: the subprocesses' (the kill test, torchrun) and this one's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adm_lib import cli
+from adm_lib import train as tr
+from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ROOT.parent / "shared" / "baselines" / "reference_h100.json"
+TIMING = {"steps_per_s", "images_per_s"}  # wall-clock: differs run to run
+CPU = torch.device("cpu")
+
+# A model that builds and steps in milliseconds: 8x8 images, channel_mult
+# 1,2 (resolutions 8 and 4), attention at 4x4.
+TINY = {
+    "image_size": 8, "small_size": 4, "num_channels": 32,
+    "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "4",
+    "num_head_channels": 32, "classifier_width": 32, "classifier_depth": 1,
+    "classifier_attention_resolutions": "4", "diffusion_steps": 50,
+    "batch_size": 4, "steps": 2, "sample_steps": "ddim2", "num_samples": 4,
+    "num_workers": 0, "device": "cpu", "log_interval": 1,
+    "save_interval": 1000, "sample_interval": 1000, "eval_interval": 1000,
+    "eval_images": 8, "val_fraction": 0.25,
+}
+# Dropout and the loss-aware sampler: the RNG and the sampler's history must
+# both come back on resume. Two diffusion steps fill the sampler's history
+# (10 losses per t) within the first few steps, so its weights then matter.
+RESUMABLE = {
+    "dropout": 0.1, "schedule_sampler": "loss-second-moment",
+    "diffusion_steps": 2, "batch_size": 8, "steps": 6, "save_interval": 1,
+    "keep_checkpoints": 10,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here too: on a busy 2-core machine, two threads
+    that spin-wait for each other make a step ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 grey 8x8 images in 4 classes, as an .npz (arr_0, arr_1)."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 4
+    base = rng.integers(0, 256, (4, 8, 8))
+    noise = rng.integers(-40, 41, (24, 8, 8))
+    images = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
+    np.savez(path, images, labels)
+    return path
+
+
+def config(data: Path, kind: str = "diffusion", **overrides) -> tr.TrainConfig:
+    """A tiny config of `kind` on the fixture's data."""
+    return tr.make_config(kind, overrides={**TINY, "data": str(data),
+                                           **overrides})
+
+
+def set_args(values: dict) -> list[str]:
+    """`--set k=v` arguments for the CLI."""
+    args = []
+    for key, value in values.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        args += ["--set", f"{key}={text}"]
+    return args
+
+
+def env() -> dict[str, str]:
+    """A subprocess environment: one thread, this checkout importable."""
+    path = os.pathsep.join(filter(None, [str(ROOT),
+                                         os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": path}
+
+
+def metrics(out: Path) -> list[dict]:
+    """A run's metric records without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in tr.read_metrics(out)]
+
+
+def weights(out: Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """The weights of a run's newest checkpoint: EMA, "model" (raw), a rate."""
+    return tr.load_run(out, which).model.state_dict()
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                atol: float = 0.0) -> None:
+    """Same keys; tensors bit-identical (atol 0) or close."""
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol:
+            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0,
+                                       msg=name)
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def steps_of(out: Path) -> list[int]:
+    """The steps of the checkpoint files in a run folder."""
+    return [int(p.stem.split("_")[1])
+            for p in sorted((out / "checkpoints").glob("step_*.pt"))]
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 6-step run of RESUMABLE, a checkpoint every step."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    tr.train(config(data, **RESUMABLE), out, progress=False)
+    return out
+
+
+# --- resume -----------------------------------------------------------------
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, reference, tmp_path):
+    out = tmp_path / "run"
+    tr.train(config(data, **{**RESUMABLE, "steps": 4}), out, progress=False)
+    saved = tr.read_checkpoint(tr.checkpoint_path(out, 4))
+    # The sampler's history is full: its (non-uniform) weights pick the t of
+    # the steps after the resume, so a lost history would change them.
+    assert (saved["sampler"]["counts"] == 10).all()
+    assert saved["sampler"]["history"].std() > 0
+    tr.train(config(data, **RESUMABLE), out, resume=True, progress=False)
+
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert metrics(out) == metrics(reference)
+    assert_same(weights(out, "model"), weights(reference, "model"))
+    assert_same(weights(out), weights(reference))  # the EMA
+    ours = tr.read_checkpoint(tr.checkpoint_path(out, 6))
+    theirs = tr.read_checkpoint(tr.checkpoint_path(reference, 6))
+    for a, b in zip(ours["optimizer"]["state"].values(),
+                    theirs["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert torch.equal(ours["sampler"]["history"],
+                       theirs["sampler"]["history"])
+
+
+def test_resume_allows_run_fields_and_refuses_other_changes(data, reference,
+                                                            tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = (out / "config.json").read_text()
+    with pytest.raises(tr.TrainError) as err:
+        tr.train(config(data, **{**RESUMABLE, "lr": 1e-3, "dropout": 0.0}),
+                 out, resume=True, progress=False)
+    message = str(err.value)
+    assert "does not match" in message and "step_00000006.pt" in message
+    assert "lr: checkpoint 0.0002, now 0.001" in message
+    assert "dropout: checkpoint 0.1, now 0.0" in message
+    assert "seed" not in message  # only the fields that differ
+    assert (out / "config.json").read_text() == before
+
+    # A fresh run into a folder with checkpoints must be asked for.
+    with pytest.raises(tr.TrainError, match=r"already holds a run .*--resume"):
+        tr.train(config(data, **RESUMABLE), out, progress=False)
+    assert steps_of(out) == steps_of(reference)
+
+    # RUN_FIELDS may change: go on for 2 more steps, logging every 2.
+    assert {"steps", "log_interval", "save_interval"} <= tr.RUN_FIELDS
+    tr.train(config(data, **{**RESUMABLE, "steps": 8, "log_interval": 2,
+                             "save_interval": 4}),
+             out, resume=True, progress=False)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6, 8]
+    assert steps_of(out)[-1] == 8
+    assert json.loads((out / "config.json").read_text())["steps"] == 8
+
+
+def test_truncated_newest_checkpoint_is_named_and_skipped(data, reference,
+                                                          tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    newest = tr.checkpoint_path(out, 6)
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+
+    with pytest.warns(UserWarning, match=re.escape(str(newest))):
+        path, state = tr.latest_checkpoint(out)
+    assert path == tr.checkpoint_path(out, 5) and state["step"] == 5
+    with pytest.raises(tr.TrainError, match="not a readable checkpoint"):
+        tr.read_checkpoint(newest)
+    with pytest.warns(UserWarning, match="step_00000006.pt"):
+        assert tr.load_run(out).step == 5
+
+    # Resuming redoes step 6 from step 5 and lands on the reference.
+    with pytest.warns(UserWarning, match="step_00000006.pt"):
+        tr.train(config(data, **RESUMABLE), out, resume=True, progress=False)
+    assert tr.read_checkpoint(newest)["step"] == 6
+    assert metrics(out) == metrics(reference)
+    assert_same(weights(out, "model"), weights(reference, "model"))
+    assert_same(weights(out), weights(reference))
+
+
+KILLER = '''
+"""Run `adm train`, SIGKILLing this process half-way through save KILL_AT."""
+import io, os, signal, sys
+
+import torch
+
+from adm_lib import cli
+from adm_lib import train as tr
+
+kill_at, saves = int(os.environ.get("KILL_AT_SAVE", "0")), 0
+real_save, real_read = torch.save, tr.read_checkpoint
+
+
+def save(obj, f, *args, **kwargs):
+    global saves
+    saves += 1
+    if saves == kill_at:  # half the bytes reach the temporary file
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+
+def read(path):
+    print(f"read {path}", flush=True)
+    return real_read(path)
+
+
+torch.save, tr.read_checkpoint = save, read
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
+                                                                 tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    settings = {**TINY, **RESUMABLE, "steps": 5}
+
+    def adm(out: Path, *extra: str, kill_at: int = 0) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(script), "train", "diffusion", "--out",
+             str(out), "--quiet", *extra],
+            env={**env(), "KILL_AT_SAVE": str(kill_at)}, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [adm(killed, "--data", str(data), *set_args(settings), kill_at=3),
+            adm(whole, "--data", str(data), *set_args(settings))]
+    try:
+        (_, killed_err), (_, whole_err) = (p.communicate(timeout=120)
+                                            for p in runs)
+    finally:
+        for p in runs:
+            p.kill()
+    assert runs[0].returncode == -signal.SIGKILL, killed_err
+    assert runs[1].returncode == 0, whole_err
+
+    partial = killed / "checkpoints" / ".step_00000003.pt.tmp"
+    assert partial.exists() and partial.stat().st_size > 0
+    assert steps_of(killed) == [1, 2]
+    # Step 3 was logged before its save was killed: the resume rewrites it.
+    assert [r["step"] for r in metrics(killed)] == [1, 2, 3]
+
+    resume = adm(killed, "--resume")  # the config comes from config.json
+    try:
+        out, err = resume.communicate(timeout=120)
+    finally:
+        resume.kill()
+    assert resume.returncode == 0, err
+    reads = [line for line in out.splitlines() if line.startswith("read ")]
+    assert reads == [f"read {tr.checkpoint_path(killed, 2)}"]  # 2 steps lost
+    assert "checkpoint:" in out and "step_00000005.pt" in out
+
+    assert not list((killed / "checkpoints").glob("*.tmp"))
+    assert steps_of(killed) == [1, 2, 3, 4, 5]  # keep_checkpoints=10
+    for step in steps_of(killed):
+        tr.read_checkpoint(tr.checkpoint_path(killed, step))
+    assert metrics(killed) == metrics(whole)
+    assert_same(weights(killed, "model"), weights(whole, "model"))
+    assert_same(weights(killed), weights(whole))
+
+
+# --- data-parallel ----------------------------------------------------------
+
+
+def test_two_processes_match_one(data, tmp_path):
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    settings = {**TINY, "batch_size": 8, "steps": 3, "dropout": 0.0,
+                "schedule_sampler": "loss-second-moment"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc_per_node", "2", "-m", "adm_lib.cli", "train", "diffusion",
+         "--out", str(two), "--data", str(data), "--quiet",
+         *set_args(settings)],
+        env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        tr.train(config(data, **settings), one, progress=False)
+        output, _ = torchrun.communicate(timeout=150)
+    finally:
+        torchrun.kill()
+    assert torchrun.returncode == 0, output
+    assert output.count("checkpoint:") == 1  # rank 0 reports, only
+
+    ours, theirs = metrics(two), metrics(one)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys()
+        for key in ("loss", "mse", "vb", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert_same(weights(two, "model"), weights(one, "model"), atol=1e-4)
+    assert_same(weights(two), weights(one), atol=1e-4)
+    saved = tr.read_checkpoint(tr.checkpoint_path(two, 3))
+    assert len(saved["rng"]) == 2  # every rank's dropout RNG
+
+
+# --- failures ----------------------------------------------------------------
+
+
+def nan_terms(monkeypatch: pytest.MonkeyPatch,
+              bad: Callable[[int], bool]) -> None:
+    """Make diffusion_terms' loss NaN on the calls (0, 1...) `bad` picks."""
+    real, calls = tr.diffusion_terms, []
+
+    def terms(*args):
+        out = real(*args)
+        calls.append(None)
+        if bad(len(calls) - 1):
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(tr, "diffusion_terms", terms)
+
+
+def test_a_non_finite_step_is_skipped(data, tmp_path, monkeypatch):
+    nan_terms(monkeypatch, lambda call: call == 1)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"step 1: non-finite .*step skipped"):
+        tr.train(config(data, steps=4, save_interval=1, keep_checkpoints=10),
+                 out, progress=False)
+    records = metrics(out)
+    assert [r["skipped"] for r in records] == [0, 1, 0, 0]
+    assert "loss" not in records[1] and np.isfinite(records[2]["loss"])
+
+    ckpt = [tr.read_checkpoint(tr.checkpoint_path(out, s)) for s in (1, 2, 3)]
+    assert [c["nonfinite"] for c in ckpt] == [0, 1, 0]
+    assert_same(ckpt[1]["model"], ckpt[0]["model"])  # step 2 changed nothing
+    assert_same(ckpt[1]["ema"]["0.9999"], ckpt[0]["ema"]["0.9999"])
+    for a, b in zip(ckpt[1]["optimizer"]["state"].values(),
+                    ckpt[0]["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    changed = [not torch.equal(ckpt[2]["model"][k], ckpt[1]["model"][k])
+               for k in ckpt[1]["model"]]
+    assert any(changed)  # and training went on
+
+
+def test_non_finite_every_step_stops_the_run(data, tmp_path, monkeypatch):
+    nan_terms(monkeypatch, lambda call: True)
+    out = tmp_path / "run"
+    with (pytest.warns(UserWarning, match="non-finite"),
+          pytest.raises(tr.TrainError) as err):
+        tr.train(config(data, steps=20, save_interval=1, max_nonfinite=3),
+                 out, progress=False)
+    message = str(err.value)
+    assert "3 steps in a row" in message and "the last at step 2" in message
+    assert "step_00000002.pt" in message  # the newest checkpoint, named
+    assert steps_of(out) == [1, 2]
+
+
+def test_unwritable_run_folder_names_the_path(data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    with pytest.raises(tr.TrainError, match=re.escape(f"cannot use {out}")):
+        tr.train(config(data), out, progress=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root ignores folder permissions")
+def test_read_only_parent_folder_names_the_path(data, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        with pytest.raises(tr.TrainError, match=re.escape(str(parent / "run"))):
+            tr.train(config(data), parent / "run", progress=False)
+    finally:
+        parent.chmod(0o700)
+
+
+def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(
+        data, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if obj["step"] == 3:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    newest = tr.checkpoint_path(out, 3)
+    with pytest.raises(tr.TrainError,
+                       match=re.escape(f"cannot write {newest}: No space")):
+        tr.train(config(data, steps=4, save_interval=1), out, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000001.pt", "step_00000002.pt"]  # no temporary file either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path, state = tr.latest_checkpoint(out)
+    assert path == tr.checkpoint_path(out, 2) and state["step"] == 2
+    assert tr.load_run(out).step == 2
+
+
+# --- settings ----------------------------------------------------------------
+
+
+def test_unknown_setting_suggests_and_lists(tmp_path, capsys):
+    with pytest.raises(tr.TrainError) as err:
+        tr.make_config(overrides={"lrr": 1})
+    message = str(err.value)
+    assert "unknown setting 'lrr'" in message and "did you mean lr" in message
+    assert "valid settings: data, val_data" in message
+    assert "batch_size" in message and "kind," not in message
+
+    out = tmp_path / "run"
+    argv = ["train", "diffusion", "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--set", "lrr=1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("adm train: unknown setting 'lrr'")
+    assert "did you mean lr" in captured.err
+    assert not out.exists()  # nothing started
+
+    assert cli.main([*argv, "--set", "batch_size=abc"]) == 1
+    assert "batch_size='abc': expected int" in capsys.readouterr().err
+    assert cli.main([*argv, "--preset", "imagenet1024"]) == 1
+    assert ("no diffusion preset 'imagenet1024'; presets: mnist, cifar10, "
+            "imagenet64") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--set", "lr"])
+    assert exit_.value.code == 2
+    assert "expected KEY=VALUE, got 'lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("batch_size", "abc", "batch_size='abc': expected int"),
+    ("batch_size", "8.5", "batch_size='8.5': expected int"),
+    ("batch_size", 8.5, "batch_size=8.5: expected int"),
+    ("lr", "fast", "lr='fast': expected float"),
+    ("class_cond", "maybe", "class_cond='maybe': expected bool"),
+    ("batch_size", "0", "batch_size=0 must be >= 1"),
+    ("microbatch", "-1", "microbatch=-1 must be >= 0"),
+    ("precision", "fp8", "precision='fp8': expected one of auto, fp32"),
+    ("ema_rate", "0.9,1.5", "ema_rate='0.9,1.5': expected rates in (0, 1)"),
+])
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(tr.TrainError, match=re.escape(message)):
+        tr.make_config(overrides={key: value})
+
+
+def test_values_are_coerced_to_the_field_types():
+    c = tr.make_config("classifier", "mnist", {
+        "batch_size": "16", "steps": "1e3", "lr": "1e-4", "random_flip": "yes",
+        "class_cond": "0", "ema_rate": "0.999,0.9999", "microbatch": 4.0})
+    assert (c.batch_size, c.steps, c.lr) == (16, 1000, 1e-4)
+    assert (c.random_flip, c.class_cond, c.microbatch) == (True, False, 4)
+    assert type(c.steps) is int and type(c.lr) is float
+    assert tr.ema_rates(c) == [0.999, 0.9999]
+    assert c.weight_decay == 0.05 and c.kind == "classifier"  # the preset's
+    base = replace(c, seed=7)
+    assert tr.make_config("classifier", overrides={"lr": 1}, base=base).seed == 7
+    with pytest.raises(tr.TrainError, match="kind must be one of"):
+        tr.make_config("gan")
+    with pytest.raises(tr.TrainError, match="presets: mnist, cifar10"):
+        tr.make_config("upsampler", "imagenet64")
+
+
+def test_non_integer_exponent_strings_are_refused():
+    with pytest.raises(tr.TrainError, match="expected int"):
+        tr.make_config(overrides={"microbatch": "2.5e0"})
+
+
+def test_kind_is_not_suggested_for_kind():
+    with pytest.raises(tr.TrainError) as err:
+        tr.make_config(overrides={"kind": "classifier"})
+    assert "did you mean kind" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_lr_is_refused(value):
+    with pytest.raises(tr.TrainError, match="lr="):
+        tr.make_config(overrides={"lr": value})
+
+
+# --- micro-batches, precision --------------------------------------------------
+
+
+def test_micro_batches_give_the_whole_batch_gradient(data, tmp_path):
+    c = config(data, batch_size=8, dropout=0.0)
+    dataset = tr.open_data(c)
+    c = tr.resolve_config(c, dataset)
+    diffusion = tr.build_diffusion(c)
+    x = torch.stack([dataset[i][0] for i in range(8)])
+    y = torch.tensor([dataset[i][1] for i in range(8)])
+    grads, losses = [], []
+    for micro in (0, 3):
+        state = tr.TrainState.create(replace(c, microbatch=micro), CPU)
+        draws = tr.draw_step(c, state.sampler, 0, tuple(x.shape[1:]), CPU)
+        loss, terms = tr.accumulate_gradients(
+            replace(c, microbatch=micro), diffusion, state.model, state, x, y,
+            draws, CPU)
+        assert terms["loss"].shape == (8,)
+        grads.append([p.grad for p in state.model.parameters()])
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    # End to end: one AdamW step lands on the same weights.
+    runs = {m: tmp_path / f"micro{m}" for m in (0, 3)}
+    for micro, out in runs.items():
+        tr.train(config(data, batch_size=8, microbatch=micro, steps=1), out,
+                 progress=False)
+    whole, split = metrics(runs[0])[0], metrics(runs[3])[0]
+    for key in ("loss", "mse", "vb", "grad_norm"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5)
+    assert_same(weights(runs[3], "model"), weights(runs[0], "model"),
+                atol=1e-6)
+
+
+def autocast_works(dtype: torch.dtype) -> bool:
+    """Whether this torch runs a conv under CPU autocast at `dtype`."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            out = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3),
+                                             torch.ones(1, 1, 3, 3))
+        return out.dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16),
+                                                  ("fp16", torch.float16)])
+def test_mixed_precision_on_cpu(data, tmp_path, precision, dtype):
+    if not autocast_works(dtype):
+        pytest.skip(f"CPU autocast at {dtype} is not supported here")
+    out = tmp_path / "run"
+    tr.train(config(data, precision=precision), out, progress=False)
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
+    scaler = tr.read_checkpoint(tr.checkpoint_path(out, 2))["scaler"]
+    if precision == "fp16":
+        assert scaler["scale"] > 0  # GradScaler on, its state saved
+    else:
+        assert not scaler
+    assert (out / "samples" / "step_00000002.png").exists()
+
+
+def test_resolve_precision():
+    assert tr.resolve_precision("auto", CPU) == "fp32"
+    assert tr.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    for precision in ("fp32", "bf16", "fp16"):
+        assert tr.resolve_precision(precision, CPU) == precision
+
+
+# --- checkpoints and runs of each kind ------------------------------------------
+
+
+def test_checkpoints_are_plain_and_pruned(data, tmp_path):
+    out = tmp_path / "run"
+    last = tr.train(config(data, steps=4, save_interval=1, keep_checkpoints=2),
+                    out, progress=False)
+    assert last == tr.checkpoint_path(out, 4)
+    assert steps_of(out) == [3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000003.pt", "step_00000004.pt"]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert set(state) == set(tr.CHECKPOINT_KEYS)
+    assert state["format"] == tr.CHECKPOINT_FORMAT and state["step"] == 4
+    assert state["config"] == json.loads((out / "config.json").read_text())
+    assert state["config"]["in_channels"] == 1  # resolved from the data
+    assert state["config"]["num_classes"] == 4
+    assert list(state["ema"]) == ["0.9999"]
+
+
+def test_write_atomic_leaves_nothing_when_saving_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"new, but half")
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(tr.TrainError, match=re.escape(f"cannot write {path}")):
+        tr.write_atomic(path, fail)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    tr.write_atomic(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_write_atomic_cleans_up_after_any_exception(tmp_path):
+    path = tmp_path / "file.bin"
+
+    def fail(f):
+        f.write(b"half")
+        raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError):
+        tr.write_atomic(path, fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_checkpoint_rejects_other_files(tmp_path):
+    with pytest.raises(tr.TrainError, match="no checkpoint at"):
+        tr.read_checkpoint(tmp_path / "absent.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else", "step": 1}, other)
+    with pytest.raises(tr.TrainError, match="not an adm train checkpoint"):
+        tr.read_checkpoint(other)
+    with pytest.raises(tr.TrainError, match="holds no checkpoint"):
+        tr.load_run(tmp_path)
+
+
+def test_read_metrics_survives_a_cut_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    try:
+        records = tr.read_metrics(tmp_path)
+    except tr.TrainError:
+        return  # a clear error would do too
+    assert records == [{"step": 1, "loss": 0.5}]
+
+
+def test_classifier_run(data, tmp_path):
+    out = tmp_path / "run"
+    tr.train(config(data, "classifier", steps=2, ema_rate="0.9999,0.99"), out,
+             progress=False)
+    records = tr.read_metrics(out)
+    train_records = [r for r in records if "acc@1" in r]
+    evals = [r for r in records if "val_acc@1" in r]
+    assert [r["step"] for r in train_records] == [1, 2]
+    assert [r["step"] for r in evals] == [2]
+    for key in ("val_loss", "val_acc@1", "val_acc@5", "ema_val_acc@1",
+                "ema_val_acc@5"):
+        assert 0 <= evals[0][key] and np.isfinite(evals[0][key])
+    assert 0 <= evals[0]["val_acc@1"] <= evals[0]["val_acc@5"] == 1.0  # 4 classes
+    assert not (out / "samples" / "step_00000002.png").exists()
+
+    saved = tr.read_checkpoint(tr.checkpoint_path(out, 2))
+    run = tr.load_run(out)
+    assert isinstance(run.model, EncoderUNetModel)
+    assert run.config == tr.TrainConfig(**saved["config"])
+    assert run.step == 2 and run.path == tr.checkpoint_path(out, 2)
+    assert not run.model.training
+    assert_same(run.model.state_dict(), saved["ema"]["0.9999"])
+    assert_same(weights(out, "model"), saved["model"])
+    assert_same(weights(out, "0.99"), saved["ema"]["0.99"])
+    assert_same(tr.load_run(run.path, "0.9999").model.state_dict(),
+                saved["ema"]["0.9999"])
+    with pytest.raises(tr.TrainError, match="weights='0.5': .* has ema, model, "
+                       "0.9999, 0.99"):
+        tr.load_run(out, "0.5")
+    logits = run.model(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+    assert logits.shape == (2, 4)
+
+
+def test_upsampler_run(data, tmp_path):
+    out = tmp_path / "run"
+    tr.train(config(data, "upsampler", steps=2), out, progress=False)
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    png = out / "samples" / "step_00000002.png"
+    with Image.open(png) as image:
+        # low-res, samples and truth: 3 rows of num_samples 8x8 images
+        assert image.size == (4 * 10 + 2, 3 * 10 + 2)
+        assert image.mode == "L"
+    run = tr.load_run(out)
+    assert isinstance(run.model, SuperResModel)
+    assert (run.config.image_size, run.config.small_size) == (8, 4)
+    saved = tr.read_checkpoint(tr.checkpoint_path(out, 2))
+    assert_same(run.model.state_dict(), saved["ema"]["0.9999"])
+    assert_same(weights(out, "model"), saved["model"])
+    out_ = run.model(torch.zeros(1, 1, 8, 8), torch.zeros(1),
+                     low_res=torch.zeros(1, 1, 4, 4), y=torch.zeros(1).long())
+    assert out_.shape == (1, 2, 8, 8)  # learned sigma
+
+
+def test_diffusion_run_loads_as_a_unet(reference):
+    run = tr.load_run(reference, "model")
+    assert isinstance(run.model, UNetModel)
+    assert run.diffusion.num_timesteps == RESUMABLE["diffusion_steps"]
+    assert run.config.dropout == 0.1 and run.step == 6
+    samples = reference / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step_00000006.png"]
+
+
+# --- EMA and presets --------------------------------------------------------------
+
+
+def test_ema_decay_warms_up():
+    for n in [0, 1, 2, 9, 10, 100, 1000, 9990, 10_000, 99_999]:
+        expected = min(0.9999, (1 + n) / (10 + n))
+        assert tr.ema_decay(0.9999, n) == pytest.approx(expected, abs=0)
+        assert tr.ema_decay(0.9999, n, warmup=False) == 0.9999
+    assert tr.ema_decay(0.9999, 0) == pytest.approx(0.1)
+    assert tr.ema_decay(0.5, 10) == 0.5
+
+
+def test_first_ema_update_uses_the_warm_up_decay(data, reference):
+    """After step 1: ema = 0.1 * initial + 0.9 * model (decay 1/10)."""
+    c = tr.resolve_config(config(data, **RESUMABLE),
+                          tr.open_data(config(data, **RESUMABLE)))
+    initial = tr.TrainState.create(c, CPU).model.state_dict()
+    step1 = tr.read_checkpoint(tr.checkpoint_path(reference, 1))
+    ema, model = step1["ema"]["0.9999"], step1["model"]
+    moved = 0
+    for name, value in ema.items():
+        if not value.is_floating_point():
+            continue
+        expected = 0.1 * initial[name] + 0.9 * model[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(initial[name], model[name])
+    assert moved > 0
+
+
+def param_count(kind: str, preset: str) -> int:
+    """Parameters of a preset's network, built on the meta device."""
+    c = tr.make_config(kind, preset)
+    with torch.device("meta"):
+        model = tr.build_model(c)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_imagenet_diffusion_presets_match_the_reference_builds():
+    expected = {"imagenet64": 295_904_454, "imagenet128": 421_529_606}
+    if BASELINES.exists():  # the measured reference runs, where present
+        rows = json.loads(BASELINES.read_text())
+        recorded = {r["config"]: r["params"] for r in rows if "params" in r}
+        for name, count in expected.items():
+            if name in recorded:
+                assert recorded[name] == count
+    for name, count in expected.items():
+        c = tr.make_config("diffusion", name)
+        assert (c.in_channels, c.num_classes, c.class_cond) == (3, 1000, True)
+        assert param_count("diffusion", name) == count
+
+
+@pytest.mark.parametrize(("size", "millions"), [(64, 65), (128, 43), (256, 54),
+                                                (512, 54)])
+def test_imagenet_classifier_presets_match_table_12(size, millions):
+    assert round(param_count("classifier", f"imagenet{size}") / 1e6) == millions
