@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 
-# %% chapters/07_training.py:99
+# %% chapters/07_training.py:102
 import contextlib
 import copy
 import difflib
@@ -109,7 +109,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/07_training.py:143
+# %% chapters/07_training.py:146
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
@@ -192,7 +192,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/07_training.py:240
+# %% chapters/07_training.py:243
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -262,7 +262,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/07_training.py:310
+# %% chapters/07_training.py:313
 _TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
 
@@ -366,7 +366,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/07_training.py:421
+# %% chapters/07_training.py:424
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()
@@ -398,7 +398,7 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
         raise TrainError(f"cannot build the diffusion: {err}") from None
 
 
-# %% chapters/07_training.py:515
+# %% chapters/07_training.py:518
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -452,7 +452,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/07_training.py:578
+# %% chapters/07_training.py:581
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -492,7 +492,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      flip.to(device), clean.to(device))
 
 
-# %% chapters/07_training.py:623
+# %% chapters/07_training.py:626
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -551,7 +551,7 @@ def split_data(config: TrainConfig, data: ImageDataset
     return data, perm[held:].sort().values, data, perm[:held]
 
 
-# %% chapters/07_training.py:720
+# %% chapters/07_training.py:723
 Model = Callable[..., Tensor]
 
 
@@ -582,7 +582,7 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     }
 
 
-# %% chapters/07_training.py:760
+# %% chapters/07_training.py:763
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
     if precision == "auto":
@@ -605,7 +605,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/07_training.py:819
+# %% chapters/07_training.py:822
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -619,7 +619,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-# %% chapters/07_training.py:879
+# %% chapters/07_training.py:882
 CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
 CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
@@ -704,7 +704,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and saved.get(k) != v]
 
 
-# %% chapters/07_training.py:964
+# %% chapters/07_training.py:967
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -782,7 +782,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/07_training.py:1066
+# %% chapters/07_training.py:1069
 @dataclass
 class Ranks:
     """This process's place in a (possibly one-process) data-parallel run."""
@@ -838,7 +838,7 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     return values
 
 
-# %% chapters/07_training.py:1139
+# %% chapters/07_training.py:1142
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -915,7 +915,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/07_training.py:1226
+# %% chapters/07_training.py:1229
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -944,13 +944,17 @@ class MetricsLog:
     def add(self, t: Tensor, terms: dict[str, Tensor],
             grad_norm: float) -> None:
         """Add one step's gathered per-image terms at timesteps t."""
-        quartile = (4 * t // self.num_timesteps).tolist()
+        quartile = 4 * t.long() // self.num_timesteps
+        counts = torch.bincount(quartile, minlength=4).tolist()
         for name, values in terms.items():
             self.sums[name] += values.sum().item()
             self.counts[name] += len(values)
-            for q, value in zip(quartile, values.tolist(), strict=True):
-                self.sums[f"{name}_q{q}"] += value
-                self.counts[f"{name}_q{q}"] += 1
+            sums = torch.bincount(quartile, values.double(), minlength=4)
+            for q, (total, count) in enumerate(zip(sums.tolist(), counts,
+                                                   strict=True)):
+                if count:
+                    self.sums[f"{name}_q{q}"] += total
+                    self.counts[f"{name}_q{q}"] += count
         self.sums["grad_norm"] += grad_norm
         self.counts["grad_norm"] += 1
         self.steps, self.images = self.steps + 1, self.images + len(t)
@@ -1010,7 +1014,7 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     return records
 
 
-# %% chapters/07_training.py:1321
+# %% chapters/07_training.py:1328
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -1079,7 +1083,7 @@ def save_png(path: Path, images: Tensor, columns: int) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-# %% chapters/07_training.py:1397
+# %% chapters/07_training.py:1404
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
     """Check the run folder; the checkpoint to resume from, if any.
@@ -1290,11 +1294,12 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
             log.skip()
         return
     state.nonfinite = 0
-    names = sorted(terms)
-    table = gather_rows(ranks, torch.stack([terms[k].float() for k in names],
-                                           dim=1)).cpu()
-    gathered = dict(zip(names, table.unbind(1), strict=True))
-    t_all = gather_rows(ranks, t).cpu()
+    names = sorted(terms)  # one gather: t (exact in float32) and the terms
+    columns = [t.float()] + [terms[k].float() for k in names]
+    table = gather_rows(ranks, torch.stack(columns, dim=1)).cpu()
+    t_all, *values = table.unbind(1)
+    t_all = t_all.long()
+    gathered = dict(zip(names, values, strict=True))
     raw = gathered.pop("raw_loss", None)
     if isinstance(state.sampler, LossAwareSampler):
         state.sampler.update(t_all, raw)
@@ -1302,7 +1307,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/07_training.py:1624
+# %% chapters/07_training.py:1632
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

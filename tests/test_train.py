@@ -8,6 +8,7 @@ thread: the subprocesses' (the kill test, torchrun) and this one's.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -515,6 +516,7 @@ def test_kind_is_not_suggested_for_kind():
     with pytest.raises(tr.TrainError) as err:
         tr.make_config(overrides={"kind": "classifier"})
     assert "did you mean kind" not in str(err.value)
+    assert "first argument" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -782,3 +784,14 @@ def test_imagenet_diffusion_presets_match_the_reference_builds():
                                                 (512, 54)])
 def test_imagenet_classifier_presets_match_table_12(size, millions):
     assert round(param_count("classifier", f"imagenet{size}") / 1e6) == millions
+
+
+def test_tensorboard_is_optional_and_named_when_missing(data, tmp_path):
+    settings = replace(config(data), tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(tr.TrainError, match="pip install tensorboard"):
+            tr.validate(settings)
+        assert not (tmp_path / "run").exists()
+        return
+    tr.train(settings, tmp_path / "run", progress=False)
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
