@@ -46,6 +46,7 @@ __all__ = [
     "Ranks",
     "setup_ranks",
     "gather_rows",
+    "from_rank0",
     "sum_ranks",
     "accumulate_gradients",
     "apply_gradients",
@@ -831,6 +832,14 @@ def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def from_rank0(ranks: Ranks, *values: Any) -> list[Any]:
+    """Rank 0's `values` (picklable), on every rank."""
+    values = list(values)
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(values)
+    return values
+
+
 def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     """The sum over ranks of a tensor."""
     if ranks.world_size > 1:
@@ -838,7 +847,7 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     return values
 
 
-# %% chapters/07_training.py:1142
+# %% chapters/07_training.py:1150
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -915,7 +924,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/07_training.py:1229
+# %% chapters/07_training.py:1237
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -990,21 +999,13 @@ class MetricsLog:
         """Drop records after `step` (a resumed run writes them again)."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+        kept = "".join(json.dumps(r) + "\n" for r in _records(self.path)
+                       if r["step"] <= step)
+        write_atomic(self.path, lambda f: f.write(kept.encode()))
 
 
-def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a run's metrics.jsonl, in order."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise TrainError(f"no metrics at {path}: has the run started?")
+def _records(path: Path) -> list[dict[str, float]]:
+    """The whole records of a JSONL file."""
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -1014,7 +1015,15 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     return records
 
 
-# %% chapters/07_training.py:1328
+def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of a run's metrics.jsonl, in order."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        raise TrainError(f"no metrics at {path}: has the run started?")
+    return _records(path)
+
+
+# %% chapters/07_training.py:1336
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -1083,7 +1092,7 @@ def save_png(path: Path, images: Tensor, columns: int) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-# %% chapters/07_training.py:1404
+# %% chapters/07_training.py:1412
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
     """Check the run folder; the checkpoint to resume from, if any.
@@ -1110,12 +1119,9 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
         except (OSError, TrainError) as err:
             problem = (str(err) if isinstance(err, TrainError) else
                        f"cannot use {out}: {err.strerror or err}")
-    if ranks.world_size > 1:  # everyone learns the outcome from rank 0
-        box = [problem, found[0] if found else None]
-        dist.broadcast_object_list(box)
-        problem, path = box
-        if path is not None and not ranks.main:
-            found = (path, read_checkpoint(path))
+    problem, path = from_rank0(ranks, problem, found and found[0])
+    if path and not ranks.main:
+        found = (path, read_checkpoint(path))
     if problem:
         raise TrainError(problem)
     return found
@@ -1152,10 +1158,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
                             config.keep_checkpoints)
         except TrainError as err:
             problem = str(err)
-    if ranks.world_size > 1:
-        box = [problem]
-        dist.broadcast_object_list(box)
-        problem = box[0]
+    problem, = from_rank0(ranks, problem)
     if problem:
         raise TrainError(problem)
     return checkpoint_path(out, state.step)
@@ -1218,11 +1221,10 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     if world > 1:
         model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
-    share = config.batch_size // world
-    rows = slice(ranks.rank * share, (ranks.rank + 1) * share)
     order = BatchOrder(train_idx, config.batch_size, config.seed)
+    sampler = RankBatches(order, ranks.rank, world, state.step)
     loader = DataLoader(
-        data, batch_sampler=RankBatches(order, ranks.rank, world, state.step),
+        data, batch_sampler=sampler,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
         # Its own generator: the global one (dropout's) stays untouched.
         generator=torch.Generator().manual_seed(config.seed))
@@ -1240,7 +1242,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     while state.step < config.steps:
         x, y = (v.to(device, non_blocking=True) for v in next(batches))
         draws = draw_step(config, state.sampler, state.step, shape,
-                          device).rows(rows)
+                          device).rows(sampler.rows)
         x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
         lr = learning_rate(config, state.step)
         for group in state.optimizer.param_groups:
@@ -1307,7 +1309,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/07_training.py:1632
+# %% chapters/07_training.py:1633
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -1115,6 +1115,14 @@ def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def from_rank0(ranks: Ranks, *values: Any) -> list[Any]:
+    """Rank 0's `values` (picklable), on every rank."""
+    values = list(values)
+    if ranks.world_size > 1:
+        dist.broadcast_object_list(values)
+    return values
+
+
 def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     """The sum over ranks of a tensor."""
     if ranks.world_size > 1:
@@ -1301,21 +1309,13 @@ class MetricsLog:
         """Drop records after `step` (a resumed run writes them again)."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-        write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
+        kept = "".join(json.dumps(r) + "\n" for r in _records(self.path)
+                       if r["step"] <= step)
+        write_atomic(self.path, lambda f: f.write(kept.encode()))
 
 
-def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a run's metrics.jsonl, in order."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise TrainError(f"no metrics at {path}: has the run started?")
+def _records(path: Path) -> list[dict[str, float]]:
+    """The whole records of a JSONL file."""
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -1323,6 +1323,14 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
         except ValueError:
             continue  # a line cut short by a kill, or being written
     return records
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of a run's metrics.jsonl, in order."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        raise TrainError(f"no metrics at {path}: has the run started?")
+    return _records(path)
 
 # %%
 #| export
@@ -1428,12 +1436,9 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
         except (OSError, TrainError) as err:
             problem = (str(err) if isinstance(err, TrainError) else
                        f"cannot use {out}: {err.strerror or err}")
-    if ranks.world_size > 1:  # everyone learns the outcome from rank 0
-        box = [problem, found[0] if found else None]
-        dist.broadcast_object_list(box)
-        problem, path = box
-        if path is not None and not ranks.main:
-            found = (path, read_checkpoint(path))
+    problem, path = from_rank0(ranks, problem, found and found[0])
+    if path and not ranks.main:
+        found = (path, read_checkpoint(path))
     if problem:
         raise TrainError(problem)
     return found
@@ -1470,10 +1475,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
                             config.keep_checkpoints)
         except TrainError as err:
             problem = str(err)
-    if ranks.world_size > 1:
-        box = [problem]
-        dist.broadcast_object_list(box)
-        problem = box[0]
+    problem, = from_rank0(ranks, problem)
     if problem:
         raise TrainError(problem)
     return checkpoint_path(out, state.step)
@@ -1536,11 +1538,10 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     if world > 1:
         model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
-    share = config.batch_size // world
-    rows = slice(ranks.rank * share, (ranks.rank + 1) * share)
     order = BatchOrder(train_idx, config.batch_size, config.seed)
+    sampler = RankBatches(order, ranks.rank, world, state.step)
     loader = DataLoader(
-        data, batch_sampler=RankBatches(order, ranks.rank, world, state.step),
+        data, batch_sampler=sampler,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
         # Its own generator: the global one (dropout's) stays untouched.
         generator=torch.Generator().manual_seed(config.seed))
@@ -1558,7 +1559,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     while state.step < config.steps:
         x, y = (v.to(device, non_blocking=True) for v in next(batches))
         draws = draw_step(config, state.sampler, state.step, shape,
-                          device).rows(rows)
+                          device).rows(sampler.rows)
         x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
         lr = learning_rate(config, state.step)
         for group in state.optimizer.param_groups:
