@@ -1619,7 +1619,9 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
     t_all, *values = table.unbind(1)
     t_all = t_all.long()
     gathered = dict(zip(names, values, strict=True))
-    raw = gathered.pop("raw_loss", None)
+    # The loss-aware sampler learns from unweighted losses (a classifier's
+    # are never weighted).
+    raw = gathered.pop("raw_loss", gathered["loss"])
     if isinstance(state.sampler, LossAwareSampler):
         state.sampler.update(t_all, raw)
     if log:

@@ -667,6 +667,17 @@ def test_read_metrics_survives_a_cut_line(tmp_path):
     assert records == [{"step": 1, "loss": 0.5}]
 
 
+@pytest.mark.parametrize("settings", [
+    {"schedule_sampler": "loss-second-moment", "clean_fraction": 0.5},
+    {"noised": False},
+])
+def test_classifier_timestep_options(data, tmp_path, settings):
+    out = tmp_path / "run"
+    tr.train(config(data, "classifier", steps=3, **settings), out,
+             progress=False)
+    assert [r["step"] for r in metrics(out) if "acc@1" in r] == [1, 2, 3]
+
+
 def test_classifier_run(data, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, "classifier", steps=2, ema_rate="0.9999,0.99"), out,
