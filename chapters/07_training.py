@@ -646,9 +646,9 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     if labelled and data.labels is None:
         raise TrainError(
             f"{data.source} has no labels, and a "
-            + ("classifier" if config.kind == "classifier"
-               else "class-conditional model (class_cond=true)")
-            + " needs them")
+            + ("classifier needs them" if config.kind == "classifier"
+               else "class-conditional model needs them: set "
+               "class_cond=false for an unconditional one"))
     if labelled and data.num_classes > classes:
         raise TrainError(f"{data.source} has {data.num_classes} classes but "
                          f"num_classes={config.num_classes}")
