@@ -111,6 +111,27 @@ def _run_training(args: argparse.Namespace, tr) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from adm_lib import metrics
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        scores = metrics.evaluate(
+            args.ref, args.samples, args.features, args.weights,
+            args.batch_size, device, progress=not args.quiet)
+    except (ValueError, OSError, RuntimeError) as err:  # bad files, weights
+        raise CommandError(str(err)) from None
+    print(metrics.format_scores(scores))
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `adm` command."""
     parser = argparse.ArgumentParser(
@@ -160,6 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the run folder's newest valid checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="IS, FID, sFID, precision and recall of a sample batch",
+        description="Score a sample batch against a reference batch as the "
+        "reference's evaluator does. Batches are .npz files with arr_0 uint8 "
+        "N x H x W x C images (a reference batch may add mu, sigma, mu_s, sigma_s).",
+    )
+    evaluate.add_argument("ref", type=Path, help="reference batch (.npz)")
+    evaluate.add_argument("samples", type=Path, help="sample batch (.npz)")
+    evaluate.add_argument(
+        "--features", default="inception", choices=("inception", "mnist", "cifar10"),
+        help="Inception-v3 (needs its weights file), or a data-set classifier")
+    evaluate.add_argument("--weights", type=Path,
+                          help="Inception weights file (default: "
+                          "$ADM_INCEPTION_WEIGHTS, then the torch hub cache)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto",
+                          help="auto: a GPU if there is one, else the CPU")
+    evaluate.add_argument("--json", type=Path, help="also write the scores here")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

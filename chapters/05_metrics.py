@@ -1,0 +1,717 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Measuring sample quality
+#
+# The paper's claims are numbers: "ADM-G reaches FID 4.59 on ImageNet
+# 256x256", and, for the fidelity-diversity trade-off of guidance, precision
+# and recall. Each number compares a batch of samples with a batch of real
+# images through the features of a pretrained network, and each rewards
+# something different and misses something else. This chapter defines them
+# as the reference's evaluator (`evaluations/evaluator.py`) defines them,
+# equal to its numbers, and exports them as `adm_lib.metrics` and the
+# `adm evaluate` command:
+#
+# * 5.1 the features: Inception-v3's, and offline stand-ins;
+# * 5.2 FID and 5.3 sFID: distances between Gaussians fitted to features;
+# * 5.4 the Inception Score: confident and varied class predictions;
+# * 5.5 precision and recall: fidelity and coverage, separately;
+# * 5.6 batches on disk and `adm evaluate`;
+# * 5.7 experiments that show what each metric rewards and misses.
+
+# %% tags=["parameters"]
+# Smoke configuration: a couple of minutes on a CPU, with the MNIST
+# classifier's features. The full GPU run, with Inception's weights, is
+#   adm book run 5 -p device cuda -p features inception \
+#       -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
+#       -p sample_counts "[500, 1000, 2000, 5000, 10000]" -p num_images 20000
+data = "mnist5k"  # real images: a data-set name, folder, .zip or .npz
+features = "mnist"  # "inception", "mnist" or "cifar10" (match the data)
+inception_weights = ""  # the Inception weights file, for "inception"
+device = "auto"
+sample_counts = [100, 200, 400, 800]  # sizes for FID against n
+num_images = 2000  # real images used (two halves of this many)
+model_steps = 60  # training steps of the model whose samples are scored
+seed = 0
+
+# %%
+#| default_exp metrics
+
+# %%
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adm_lib.data import load_dataset
+from adm_lib.diffusion import ddim_sample_loop, respace
+from adm_lib.train import load_run, make_config, train
+from adm_lib.viz import show_rows, to_uint8
+
+torch.manual_seed(seed)
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+print(f"device: {device}, features: {features}")
+
+# %% [markdown]
+# ## 5.1 Features
+#
+# Pixels are a poor space to compare images in: a digit shifted by one
+# pixel is far from itself. Every metric here instead compares the
+# activations of a classifier trained on real images. The reference
+# evaluator feeds uint8 images to the TensorFlow Inception-v3 graph of
+# 2015 (the one FID was defined with), which resizes them to 299x299, and
+# reads three things:
+#
+# * `pool_3`, the 2048 features after the final average pooling: FID,
+#   precision and recall;
+# * `mixed_6/conv`, the first convolution of the block `Mixed_6d`, 17x17
+#   by 192 channels, of which it keeps the first 7 channels (2,023
+#   numbers, flattened in NHWC order): spatial FID;
+# * the class logits (1008 classes, without the bias) whose softmax is the
+#   Inception Score's $p(y \mid x)$.
+#
+# `adm_lib.inception` rebuilds that network in PyTorch as torch-fidelity
+# does, with the same resize and normalisation, from a local weights
+# file: an explicit path, else `ADM_INCEPTION_WEIGHTS`, else the torch hub
+# cache. Nothing is downloaded. For offline use, for this book's own
+# experiments and for its tests there are also small classifiers trained
+# on MNIST-5k and CIFAR-10 (`adm_lib.datanets`, weights in `data/`) with
+# the same three outputs. Their numbers are labelled with the network,
+# FID(mnist-net), and are never comparable with Inception FIDs.
+
+# %%
+#| export
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from adm_lib.viz import to_uint8
+
+FEATURES = ("inception", "mnist", "cifar10")
+Extractor = Callable[[Tensor], dict[str, Tensor]]
+
+
+def feature_extractor(name: str, weights: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu") -> Extractor:
+    """Inception-v3 (local weights file), or a data-set classifier."""
+    if name == "inception":
+        from adm_lib.inception import load_inception
+
+        return load_inception(weights, device)
+    if name in ("mnist", "cifar10"):
+        from adm_lib.datanets import load_data_set_net
+
+        return load_data_set_net(name, device)
+    raise ValueError(f"features must be one of {', '.join(FEATURES)}, "
+                     f"not {name!r}")
+
+
+def feature_label(name: str) -> str:
+    """How numbers made with these features are labelled."""
+    return "" if name == "inception" else f"({name}-net)"
+
+
+@torch.no_grad()
+def compute_activations(images: np.ndarray, extractor: Extractor,
+                        batch_size: int = 64,
+                        device: str | torch.device = "cpu",
+                        progress: bool = False) -> dict[str, np.ndarray]:
+    """Features ("pool", "spatial", "logits") of uint8 NHWC images."""
+    parts: dict[str, list[np.ndarray]] = {}
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, disable=not progress, desc="features"):
+        batch = torch.from_numpy(images[start:start + batch_size])
+        batch = batch.to(device).permute(0, 3, 1, 2).float()
+        for key, value in extractor(batch).items():
+            parts.setdefault(key, []).append(value.float().cpu().numpy())
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits, in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+# %% [markdown]
+# ## 5.2 FID
+#
+# The Fréchet Inception Distance (Heusel et al., 2017) fits a Gaussian to
+# each batch's features, mean $\mu$ and covariance $\Sigma$, and measures
+# the Fréchet (2-Wasserstein) distance between the two Gaussians:
+#
+# $$\text{FID} = \lVert \mu_r - \mu_g \rVert^2 + \operatorname{tr}\big(
+# \Sigma_r + \Sigma_g - 2 (\Sigma_r \Sigma_g)^{1/2}\big).$$
+#
+# It rewards samples whose features have the data's mean and spread, so
+# it sees both quality and diversity at once, but only through the first
+# two moments. As the reference does, the statistics are computed in
+# float64 with `np.cov` (ddof 1), and the matrix square root with
+# `scipy.linalg.sqrtm`; when the product is nearly singular the root is
+# not finite, and $10^{-6} I$ is added to both covariances.
+
+# %%
+#| export
+@dataclass
+class FIDStatistics:
+    """The mean and covariance of a set of features, in float64."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+
+def feature_statistics(features: np.ndarray) -> FIDStatistics:
+    """Mean and covariance (`np.cov`, ddof 1) of N x D features."""
+    features = np.asarray(features, dtype=np.float64)
+    return FIDStatistics(features.mean(axis=0),
+                         np.cov(features, rowvar=False))
+
+
+def frechet_distance(a: FIDStatistics, b: FIDStatistics,
+                     eps: float = 1e-6) -> float:
+    """The Frechet distance of two Gaussians, as the reference computes it.
+
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). When the root of a
+    nearly singular product is not finite, eps * I is added to both
+    covariances; an imaginary diagonal above 1e-3 is an error.
+    """
+    mu_a, mu_b = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
+    sigma_a, sigma_b = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
+    if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
+        raise ValueError(
+            f"the statistics have different dimensions: {mu_a.shape[0]} "
+            f"and {mu_b.shape[0]} (were they made with the same features?)")
+    diff = mu_a - mu_b
+    covmean = linalg.sqrtm(sigma_a.dot(sigma_b))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"the covariance product is singular; adding {eps} "
+                      "to the diagonal of both", stacklevel=2)
+        offset = np.eye(sigma_a.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma_a + offset).dot(sigma_b + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            worst = np.max(np.abs(covmean.imag))
+            raise ValueError(f"sqrtm has an imaginary component {worst}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b)
+                 - 2 * np.trace(covmean))
+
+# %% [markdown]
+# Two checks against the formula: for Gaussians with equal covariance the
+# distance is the squared distance of the means; and a batch against
+# itself is at distance 0.
+
+# %%
+rng = np.random.default_rng(seed)
+points = rng.normal(size=(4000, 8))
+shift = np.array([1.0, 2.0] + [0.0] * 6)
+same = frechet_distance(feature_statistics(points),
+                        feature_statistics(points))
+moved = frechet_distance(feature_statistics(points),
+                         feature_statistics(points + shift))
+print(f"itself: {same:.2e}; shifted by (1, 2): {moved:.4f}")
+assert abs(same) < 1e-8 and abs(moved - 5.0) < 1e-8
+
+# %% [markdown]
+# ## 5.3 sFID
+#
+# Average pooling throws away where things are: `pool_3` barely changes
+# when an image's parts are moved around. The paper therefore also reports
+# sFID (Nash et al., 2021), the same Fréchet distance on the spatial
+# features of `mixed_6/conv`, which keep a 17x17 layout. It is
+# `frechet_distance` applied to the "spatial" features; 5.7 shows it
+# catching what FID misses.
+#
+# ## 5.4 The Inception Score
+#
+# The Inception Score (Salimans et al., 2016) asks the classifier about
+# the samples alone: each sample should be classified confidently (a
+# peaked $p(y \mid x)$), and the samples together should cover many
+# classes (a flat marginal $p(y)$):
+#
+# $$\text{IS} = \exp\Big(\mathbb{E}_x\, \mathrm{KL}\big(p(y \mid x)
+# \,\Vert\, p(y)\big)\Big).$$
+#
+# It never looks at real images, so it cannot see samples that are
+# confidently classified but unrealistic, nor diversity within a class.
+# The evaluator splits the samples into consecutive groups of 5,000 (no
+# shuffling), estimates $p(y)$ within each, and reports the mean of the
+# groups' scores.
+
+# %%
+#| export
+def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part) - np.log(marginal))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+# %% [markdown]
+# With $C$ classes, confident predictions spread evenly over all of them
+# score $C$, and confident predictions of one class score 1:
+
+# %%
+classes = 10
+confident = np.full((1000, classes), 1e-9)
+confident[np.arange(1000), np.arange(1000) % classes] = 1
+one_class = np.eye(classes)[np.zeros(1000, dtype=int)] + 1e-9
+spread, collapsed = inception_score(confident), inception_score(one_class)
+print(f"even over {classes} classes: {spread:.3f}; one class: "
+      f"{collapsed:.3f}")
+assert abs(spread - classes) < 1e-3 and abs(collapsed - 1) < 1e-3
+
+# %% [markdown]
+# ## 5.5 Precision and recall
+#
+# FID mixes two failures into one number: samples that are unrealistic
+# (low fidelity) and real images that no sample resembles (low coverage).
+# Improved precision and recall (Kynkäänniemi et al., 2019) measure them
+# apart. Around each real feature vector put a ball whose radius is the
+# distance to its $k$-th nearest real neighbour ($k = 3$); their union
+# estimates the manifold of real images. **Precision** is the share of
+# samples inside it; **recall** is the converse, the share of real images
+# inside the balls around the samples. The paper uses them to show that
+# guidance buys precision with recall.
+#
+# Distances are squared Euclidean, computed as
+# $\lVert u \rVert^2 - 2 u \cdot v + \lVert v \rVert^2$ in float32, and a
+# point on a ball's surface is inside. With 50,000 samples against 10,000
+# references the distance matrix would take 2 GB, so it is computed in
+# blocks, keeping for each row only the $k + 1$ smallest distances seen;
+# the same code runs on a GPU by passing `device`.
+
+# %%
+#| export
+def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
+    """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
+    norm_u = (u * u).sum(dim=1, keepdim=True)
+    norm_v = (v * v).sum(dim=1, keepdim=True).T
+    return (norm_u - 2 * u @ v.T + norm_v).clamp(min=0)
+
+
+def _blocks(n: int, size: int) -> Iterable[slice]:
+    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
+def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
+                   block: int = 10000, device: str | torch.device = "cpu"
+                   ) -> Tensor:
+    """Each point's squared distance to its k-th nearest other point.
+
+    Sorted, a row's distances start with the point itself (0), so the
+    radius is entry k. Rows and columns go in blocks, keeping the k + 1
+    smallest distances so far: memory is block x block whatever N is.
+    """
+    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    if len(x) <= k:
+        raise ValueError(f"{len(x)} feature vectors: the k-th neighbour "
+                         f"(k={k}) needs at least {k + 1}")
+    radii = torch.empty(len(x), device=device)
+    for rows in _blocks(len(x), block):
+        nearest = torch.full((rows.stop - rows.start, 0), torch.inf,
+                             device=device)
+        for cols in _blocks(len(x), block):
+            d = pairwise_distances(x[rows], x[cols])
+            both = torch.cat([nearest, d], dim=1)
+            nearest = both.topk(min(k + 1, both.shape[1]), dim=1,
+                                largest=False).values
+        radii[rows] = nearest[:, k]
+    return radii.cpu()
+
+
+def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
+                     k: int = 3, block: int = 10000,
+                     device: str | torch.device = "cpu"
+                     ) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019).
+
+    Precision: the share of samples inside some reference point's ball
+    (radius: its k-th neighbour distance); recall: the share of reference
+    points inside some sample's ball. Inside means <=.
+    """
+    a = torch.as_tensor(ref, dtype=torch.float32, device=device)
+    b = torch.as_tensor(samples, dtype=torch.float32, device=device)
+    radii_a = manifold_radii(a, k, block, device).to(device)
+    radii_b = manifold_radii(b, k, block, device).to(device)
+    a_in = torch.zeros(len(a), dtype=torch.bool, device=device)
+    b_in = torch.zeros(len(b), dtype=torch.bool, device=device)
+    for rows in _blocks(len(a), block):
+        for cols in _blocks(len(b), block):
+            d = pairwise_distances(a[rows], b[cols])
+            b_in[cols] |= (d <= radii_a[rows, None]).any(dim=0)
+            a_in[rows] |= (d <= radii_b[None, cols]).any(dim=1)
+    return b_in.double().mean().item(), a_in.double().mean().item()
+
+# %% [markdown]
+# A picture in two dimensions: real points fill a disk; one batch of
+# "samples" covers only its right half (faithful but incomplete), another
+# is the whole disk spread twice as wide (complete but partly fake).
+
+# %%
+def disk(n: int, radius: float = 1.0) -> np.ndarray:
+    angle = rng.uniform(0, 2 * np.pi, n)
+    r = radius * np.sqrt(rng.uniform(0, 1, n))
+    return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=1)
+
+
+real = disk(2000)
+half = disk(4000)
+half = half[half[:, 0] > 0][:2000]
+wide = disk(2000, radius=2.0)
+scores = {"right half": precision_recall(real, half),
+          "twice as wide": precision_recall(real, wide)}
+fig, axes = plt.subplots(1, 2, figsize=(6.5, 3))
+for ax, (name, fake) in zip(axes, [("right half", half),
+                                   ("twice as wide", wide)], strict=True):
+    ax.scatter(*real.T, s=1, label="real")
+    ax.scatter(*fake.T, s=1, label="samples")
+    p, r = scores[name]
+    ax.set(title=f"{name}: P {p:.2f}, R {r:.2f}", aspect="equal")
+axes[0].legend(markerscale=8, fontsize=7)
+plt.show()
+assert scores["right half"][0] > 0.95 and scores["right half"][1] < 0.6
+assert scores["twice as wide"][0] < 0.4 and scores["twice as wide"][1] > 0.95
+
+# %% [markdown]
+# ## 5.6 Batches and `adm evaluate`
+#
+# The reference stores a batch of images as an `.npz` file whose `arr_0`
+# is uint8 N x H x W x C (plus `arr_1`, the labels, for samples of a
+# class-conditional model), and its published reference batches add the
+# Inception statistics `mu`, `sigma`, `mu_s` and `sigma_s`, used as given.
+# A sampler's output in $[-1, 1]$ is converted to uint8 exactly as the
+# reference's sampling scripts do it (`viz.to_uint8`).
+
+# %%
+#| export
+def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
+                labels: np.ndarray | Tensor | None = None) -> Path:
+    """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
+
+    A float tensor N x C x H x W in [-1, 1] (a sampler's output) is
+    converted as the reference converts it; uint8 arrays are kept.
+    """
+    if isinstance(images, Tensor) and images.is_floating_point():
+        images = to_uint8(images)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 N x H x W x C images or float "
+                         f"N x C x H x W in [-1, 1], got {images.dtype} "
+                         f"{images.shape}")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class Batch:
+    """A reference-format batch: uint8 NHWC images, labels, given stats."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    stats: FIDStatistics | None  # reference batches may carry mu, sigma
+    stats_spatial: FIDStatistics | None
+
+
+def read_batch(path: str | os.PathLike) -> Batch:
+    """Read a sample or reference batch (.npz with arr_0, maybe mu...)."""
+    path = Path(path)
+    try:
+        data = np.load(path)
+        names = set(data.files)
+    except FileNotFoundError:
+        raise ValueError(f"no batch at {path}") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not an .npz batch ({err})") from None
+    if "arr_0" not in names:
+        raise ValueError(f"{path} has no arr_0 (images); it has "
+                         f"{', '.join(sorted(names)) or 'nothing'}")
+    images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or \
+            images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 N x H x W x C (C 1 "
+                         f"or 3), not {images.dtype} {images.shape}")
+    given = {"mu", "sigma", "mu_s", "sigma_s"} <= names
+    return Batch(
+        images, data["arr_1"] if "arr_1" in names else None,
+        FIDStatistics(data["mu"], data["sigma"]) if given else None,
+        FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
+
+# %%
+#| export
+def evaluate(ref: str | os.PathLike | Batch,
+             samples: str | os.PathLike | Batch,
+             features: str = "inception",
+             weights: str | os.PathLike | None = None,
+             batch_size: int = 64, device: str | torch.device = "cpu",
+             progress: bool = False) -> dict[str, float | str]:
+    """Inception Score, FID, sFID, precision and recall of a sample batch.
+
+    What the reference's evaluator computes. A reference batch's own mu,
+    sigma, mu_s and sigma_s are used as given when the features are
+    Inception's (they were made with Inception).
+    """
+    ref = ref if isinstance(ref, Batch) else read_batch(ref)
+    samples = samples if isinstance(samples, Batch) else read_batch(samples)
+    extractor = feature_extractor(features, weights, device)
+    acts = [compute_activations(batch.images, extractor, batch_size, device,
+                                progress) for batch in (ref, samples)]
+    stats = [(feature_statistics(a["pool"]), feature_statistics(a["spatial"]))
+             for a in acts]
+    if features == "inception" and ref.stats is not None:
+        stats[0] = (ref.stats, ref.stats_spatial)
+    precision, recall = precision_recall(acts[0]["pool"], acts[1]["pool"],
+                                         device=device)
+    return {
+        "features": features,
+        "inception_score": inception_score(softmax(acts[1]["logits"])),
+        "fid": frechet_distance(stats[1][0], stats[0][0]),
+        "sfid": frechet_distance(stats[1][1], stats[0][1]),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def format_scores(scores: dict[str, float | str]) -> str:
+    """The evaluator's printout, each name labelled by its features."""
+    label = feature_label(str(scores["features"]))
+    names = {"inception_score": "Inception Score", "fid": "FID",
+             "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
+    return "\n".join(f"{name}{label}: {scores[key]}"
+                     for key, name in names.items())
+
+# %% [markdown]
+# The real images for the experiments: `num_images` of them in a seeded
+# order, split into halves A (the reference batch) and B (a second real
+# batch, the best any model could do).
+
+# %%
+dataset = load_dataset(data, resolution=32)
+order = torch.randperm(len(dataset),
+                       generator=torch.Generator().manual_seed(seed))
+chosen = order[:num_images].tolist()
+images = to_uint8(dataset.images(chosen))
+labels = np.array([dataset[i][1] for i in chosen])
+half = num_images // 2
+ref_images, real_images = images[:half], images[half:]
+work = Path("build/chapter5")
+work.mkdir(parents=True, exist_ok=True)
+write_batch(work / "ref.npz", ref_images, labels[:half])
+write_batch(work / "real.npz", real_images, labels[half:])
+print(read_batch(work / "ref.npz").images.shape, images.dtype)
+
+# %% [markdown]
+# `adm evaluate REF SAMPLES` prints what the reference evaluator prints,
+# and `--json` keeps it; here it scores the two real halves against each
+# other, which is as good as any model can score at this sample size:
+
+# %%
+command = [sys.executable, "-m", "adm_lib.cli", "evaluate",
+           str(work / "ref.npz"), str(work / "real.npz"),
+           "--features", features, "--device", device, "--quiet",
+           "--json", str(work / "real.json")]
+if inception_weights:
+    command += ["--weights", inception_weights]
+printed = subprocess.run(command, check=True, capture_output=True,
+                         text=True).stdout
+print(printed)
+real_scores = json.loads((work / "real.json").read_text())
+assert real_scores["features"] == features
+assert f"FID{feature_label(features)}:" in printed
+
+# %% [markdown]
+# ## 5.7 What each metric rewards and misses
+#
+# The experiments below compute features once per batch and then score
+# them with the functions above; `activations` caches them.
+
+# %%
+extractor = feature_extractor(features, inception_weights or None, device)
+
+
+def activations(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Pool, spatial and logit features of uint8 NHWC images."""
+    return compute_activations(images, extractor, device=device)
+
+
+def scores(images: np.ndarray, ref: dict[str, np.ndarray]) -> dict:
+    """IS, FID, sFID, precision and recall of images against `ref`."""
+    acts = activations(images)
+    precision, recall = precision_recall(ref["pool"], acts["pool"],
+                                         device=device)
+    return {
+        "IS": inception_score(softmax(acts["logits"])),
+        "FID": frechet_distance(feature_statistics(acts["pool"]),
+                                feature_statistics(ref["pool"])),
+        "sFID": frechet_distance(feature_statistics(acts["spatial"]),
+                                 feature_statistics(ref["spatial"])),
+        "precision": precision, "recall": recall,
+    }
+
+
+ref_acts = activations(ref_images)
+print({key: value.shape for key, value in ref_acts.items()})
+
+# %% [markdown]
+# ### FID depends on the number of samples
+#
+# FID is a biased estimate: with $n$ samples the covariance estimate is
+# noisy, and the noise adds to the distance, roughly in proportion to
+# $1/n$ (Chong & Forsyth, 2020). Two real batches, which should be at
+# distance 0, are far apart at small $n$. This is why the paper always
+# uses 50,000 samples, and why FIDs at different $n$ must not be compared.
+
+# %%
+fids = [frechet_distance(
+            feature_statistics(activations(real_images[:n])["pool"]),
+            feature_statistics(ref_acts["pool"]))
+        for n in sample_counts]
+inverse = 1 / np.array(sample_counts)
+slope, intercept = np.polyfit(inverse, fids, 1)
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(inverse, fids, "o", label="real vs real")
+ax.plot([0, inverse.max()], [intercept, intercept + slope * inverse.max()],
+        "--", label=f"fit: {intercept:.2f} + {slope:.0f}/n")
+ax.set(xlabel="1 / n", ylabel=f"FID{feature_label(features)}")
+ax.legend()
+plt.show()
+print(dict(zip(sample_counts, np.round(fids, 3), strict=True)))
+assert fids[0] > fids[-1] and slope > 0
+
+# %% [markdown]
+# ### Precision, recall and their trade
+#
+# Now four batches against the reference half A: the real half B; B with
+# only the digits (classes) 0 to 4, a dropped half of the modes; B
+# blurred, every image worse but all modes present; and the samples of a
+# small diffusion model trained here for `model_steps` steps with
+# `adm_lib.train` (chapter 7).
+
+# %%
+def blurred(images: np.ndarray) -> np.ndarray:
+    """Images down-sampled 2x and back: every one of them worse."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    small = F.avg_pool2d(x, 2)
+    x = F.interpolate(small, size=images.shape[1:3], mode="bilinear")
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+real_labels = labels[half:]
+dropped = real_images[real_labels < dataset.num_classes // 2]
+
+# %%
+shutil.rmtree(work / "model", ignore_errors=True)  # a fresh run each time
+run = train(make_config("diffusion", "mnist", {
+    "data": data, "steps": model_steps, "batch_size": 32,
+    "image_size": 32, "in_channels": dataset.channels, "device": device,
+    "sample_interval": 10**9, "log_interval": 10**9, "seed": seed,
+}), work / "model", progress=False)
+model = load_run(run, device=device)
+spaced = respace(model.diffusion, "ddim25")
+sample_labels = torch.arange(len(real_images), device=device) % max(
+    dataset.num_classes, 1)
+with torch.no_grad():
+    samples = torch.cat([
+        ddim_sample_loop(spaced, model.model, torch.randn(
+            len(chunk), dataset.channels, 32, 32, device=device),
+            model_kwargs={"y": chunk})
+        for chunk in sample_labels.split(250)])
+write_batch(work / "samples.npz", samples, sample_labels.cpu())
+sample_images = read_batch(work / "samples.npz").images
+show_rows({"samples": samples[:10].cpu(),
+           "blurred B": torch.from_numpy(blurred(real_images[:10]))
+           .permute(0, 3, 1, 2).float() / 127.5 - 1})
+
+# %%
+table = {"real half B": scores(real_images, ref_acts),
+         "B, classes 0-4": scores(dropped, ref_acts),
+         "B, blurred": scores(blurred(real_images), ref_acts),
+         f"model, {model_steps} steps": scores(sample_images, ref_acts)}
+label = feature_label(features)
+print(f"{'batch':<18}" + "".join(f"{k + label:>22}" for k in
+                                  table["real half B"]))
+for name, row in table.items():
+    print(f"{name:<18}" + "".join(f"{v:>22.3f}" for v in row.values()))
+real, dropped_row, blur = (table[k] for k in list(table)[:3])
+assert dropped_row["recall"] < real["recall"] - 0.1
+assert dropped_row["precision"] > real["precision"] - 0.1
+assert blur["precision"] < real["precision"] - 0.1
+assert real["FID"] < min(dropped_row["FID"], blur["FID"])
+
+# %% [markdown]
+# Dropping half the classes costs recall and leaves precision: the
+# remaining images are perfectly realistic, and FID rises because the
+# mean and covariance shift. Blurring costs precision: every image is now
+# off the real manifold (and, this far off, their balls cover few real
+# images, so recall falls too). FID punishes both, without saying which.
+# The Inception Score of the dropped half falls, since its marginal
+# covers fewer classes, but it would not notice if every "3" were the
+# same 3. The briefly trained model's samples are far from everything
+# in the smoke configuration; the recorded run below trains it longer.
+#
+# ### sFID sees layout
+#
+# Rearrange the real images of B in space: once by swapping their
+# quadrants diagonally, once by shifting them two pixels to the right
+# (wrapping around). The pooled features average over positions, so FID
+# moves much less than sFID, whose features keep the layout:
+
+# %%
+def shuffled(images: np.ndarray) -> np.ndarray:
+    """Images whose four quadrants are swapped diagonally."""
+    h, w = images.shape[1] // 2, images.shape[2] // 2
+    out = images.copy()
+    out[:, :h, :w], out[:, h:, w:] = images[:, h:, w:], images[:, :h, :w]
+    out[:, :h, w:], out[:, h:, :w] = images[:, h:, :w], images[:, :h, w:]
+    return out
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+moved = {"shuffled quadrants": shuffled(real_images),
+         "shifted 2 pixels": np.roll(real_images, 2, axis=2)}
+for name, batch in moved.items():
+    row = scores(batch, ref_acts)
+    growth = {k: row[k] / real[k] for k in ("FID", "sFID")}
+    print(f"{name}: FID x{growth['FID']:.1f}, sFID x{growth['sFID']:.1f}"
+          " (relative to the real half B)")
+    assert growth["sFID"] > growth["FID"]
+show_rows({"B": as_tensor(real_images[:8]),
+           **{name: as_tensor(batch[:8]) for name, batch in moved.items()}})

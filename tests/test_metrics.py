@@ -1,0 +1,204 @@
+"""adm_lib.metrics (chapter 5): the reference evaluator's numbers, and batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from adm_lib import cli
+from adm_lib import metrics as mt
+from adm_lib.viz import to_uint8
+
+from .reference import reference_files
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("metrics_*.npz"))
+def test_metrics_match_the_reference_evaluator(path):
+    data = np.load(path)
+    ref, samples = data["ref_features"], data["sample_features"]
+    fid = mt.frechet_distance(mt.feature_statistics(samples),
+                              mt.feature_statistics(ref))
+    assert fid == pytest.approx(float(data["fid"]), rel=1e-6)
+    score = mt.inception_score(data["sample_probs"], int(data["is_split_size"]))
+    assert score == pytest.approx(float(data["inception_score"]), rel=1e-6)
+    radii = mt.manifold_radii(ref).numpy()
+    np.testing.assert_allclose(radii, data["ref_radii_k3"], rtol=1e-5)
+    precision, recall = mt.precision_recall(ref, samples)
+    assert precision == float(data["precision"])
+    assert recall == float(data["recall"])
+
+
+def test_blocks_do_not_change_the_result():
+    rng = np.random.default_rng(0)
+    ref, samples = rng.normal(size=(300, 5)), rng.normal(size=(250, 5)) + 0.3
+    whole = mt.precision_recall(ref, samples)
+    assert mt.precision_recall(ref, samples, block=37) == whole
+    torch.testing.assert_close(mt.manifold_radii(ref, block=11),
+                               mt.manifold_radii(ref))
+
+
+def test_radius_is_the_kth_neighbour_excluding_the_point_itself():
+    points = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    # Squared distances from 0: 0, 1, 9, 36, 100; the 3rd neighbour is 36.
+    assert mt.manifold_radii(points, k=3)[0].item() == 36.0
+    # A sample exactly on a ball's surface is inside: -1 is on the surface
+    # of 0's ball (radius 1, to its nearest neighbour 1); 50 is in none.
+    precision, _ = mt.precision_recall(points, np.array([[-1.0], [50.0]]), k=1)
+    assert precision == 0.5
+    with pytest.raises(ValueError, match="needs at least 4"):
+        mt.manifold_radii(points[:3])
+
+
+def test_singular_covariances_fall_back_with_a_warning(monkeypatch):
+    stats = mt.FIDStatistics(np.zeros(3), np.eye(3))
+    calls, real_sqrtm = [], linalg.sqrtm
+
+    def sqrtm(matrix):
+        calls.append(matrix)
+        return np.full_like(matrix, np.inf) if len(calls) == 1 else real_sqrtm(
+            matrix)
+
+    monkeypatch.setattr(mt.linalg, "sqrtm", sqrtm)
+    with pytest.warns(UserWarning, match="singular"):
+        assert mt.frechet_distance(stats, stats) == pytest.approx(0, abs=1e-5)
+    np.testing.assert_allclose(calls[1], (1 + 1e-6) ** 2 * np.eye(3))
+
+
+def test_an_imaginary_root_is_an_error(monkeypatch):
+    stats = mt.FIDStatistics(np.zeros(2), np.eye(2))
+    monkeypatch.setattr(mt.linalg, "sqrtm",
+                        lambda m: np.eye(2) * (1 + 0.1j))
+    with pytest.raises(ValueError, match="imaginary"):
+        mt.frechet_distance(stats, stats)
+
+
+def test_mismatched_statistics_are_named():
+    with pytest.raises(ValueError, match="same features"):
+        mt.frechet_distance(mt.FIDStatistics(np.zeros(2), np.eye(2)),
+                            mt.FIDStatistics(np.zeros(3), np.eye(3)))
+
+
+def test_inception_score_splits_are_consecutive():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4) * 0.3, size=40)
+    halves = [mt.inception_score(probs[:20]), mt.inception_score(probs[20:])]
+    assert mt.inception_score(probs, split_size=20) == pytest.approx(
+        np.mean(halves))
+    assert mt.inception_score(probs) != pytest.approx(np.mean(halves))
+
+
+def test_batches_round_trip_and_convert_like_the_reference(tmp_path):
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    path = mt.write_batch(tmp_path / "s.npz", images, torch.tensor([1, 2, 3]))
+    batch = mt.read_batch(path)
+    np.testing.assert_array_equal(batch.images, to_uint8(images))
+    assert batch.labels.tolist() == [1, 2, 3] and batch.stats is None
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_reference_statistics_are_read(tmp_path):
+    path = tmp_path / "ref.npz"
+    np.savez(path, arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=np.ones(5),
+             sigma=np.eye(5), mu_s=np.zeros(7), sigma_s=np.eye(7))
+    batch = mt.read_batch(path)
+    assert batch.stats.mu.tolist() == [1.0] * 5
+    assert batch.stats_spatial.sigma.shape == (7, 7)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": np.zeros((2, 4, 4, 3), np.uint8)}, "no arr_0"),
+    ({"arr_0": np.zeros((2, 4, 4, 3), np.float32)}, "must be uint8"),
+    ({"arr_0": np.zeros((2, 4, 4), np.uint8)}, "must be uint8"),
+])
+def test_bad_batches_are_named(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+        mt.read_batch(path)
+    with pytest.raises(ValueError, match="no batch at"):
+        mt.read_batch(tmp_path / "absent.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not an .npz batch"):
+        mt.read_batch(tmp_path / "junk.npz")
+
+
+class FakeFeatures:
+    """A stand-in extractor: pixel means as features, fixed logits."""
+
+    def __call__(self, images):
+        x = images.float().flatten(2).mean(-1)
+        flat = images.float().flatten(1)
+        return {"pool": torch.cat([x, x ** 2 / 255], 1),
+                "spatial": flat[:, :6], "logits": flat[:, :4] / 50}
+
+
+def test_evaluate_computes_each_score(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    ref = rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    samples = rng.integers(0, 200, (30, 4, 4, 3), dtype=np.uint8)
+    mt.write_batch(tmp_path / "ref.npz", ref)
+    mt.write_batch(tmp_path / "samples.npz", samples)
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeFeatures())
+    scores = mt.evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz",
+                         features="mnist", batch_size=7)
+    acts = [mt.compute_activations(x, FakeFeatures()) for x in (ref, samples)]
+    assert scores["fid"] == pytest.approx(mt.frechet_distance(
+        mt.feature_statistics(acts[1]["pool"]),
+        mt.feature_statistics(acts[0]["pool"])))
+    assert scores["sfid"] == pytest.approx(mt.frechet_distance(
+        mt.feature_statistics(acts[1]["spatial"]),
+        mt.feature_statistics(acts[0]["spatial"])))
+    assert scores["inception_score"] == pytest.approx(
+        mt.inception_score(mt.softmax(acts[1]["logits"])))
+    assert (scores["precision"], scores["recall"]) == mt.precision_recall(
+        acts[0]["pool"], acts[1]["pool"])
+    text = mt.format_scores(scores)
+    assert "FID(mnist-net): " in text and "Inception Score(mnist-net)" in text
+
+
+def test_inception_uses_a_reference_batch_statistics(tmp_path, monkeypatch):
+    ref = np.random.default_rng(3).integers(0, 256, (20, 4, 4, 3), np.uint8)
+    given = mt.FIDStatistics(np.full(6, 7.0), np.eye(6))
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=given.mu, sigma=given.sigma,
+             mu_s=np.zeros(6), sigma_s=np.eye(6))
+    mt.write_batch(tmp_path / "samples.npz", ref)
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeFeatures())
+    acts = mt.compute_activations(ref, FakeFeatures())
+    for features, expected in (("mnist", 0.0), ("inception", None)):
+        scores = mt.evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz",
+                             features=features)
+        if expected is not None:
+            assert scores["fid"] == pytest.approx(expected, abs=1e-6)
+        else:
+            assert scores["fid"] == pytest.approx(mt.frechet_distance(
+                mt.feature_statistics(acts["pool"]), given))
+
+
+def test_cli_evaluate_writes_json_and_names_bad_files(tmp_path, monkeypatch,
+                                                      capsys):
+    images = np.random.default_rng(4).integers(0, 256, (12, 4, 4, 3),
+                                               dtype=np.uint8)
+    mt.write_batch(tmp_path / "a.npz", images)
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeFeatures())
+    out = tmp_path / "scores.json"
+    assert cli.main(["evaluate", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"),
+                     "--features", "mnist", "--quiet", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["features"] == "mnist"
+    assert "Precision(mnist-net): 1.0" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(tmp_path / "absent.npz"),
+                     str(tmp_path / "a.npz"), "--features", "mnist"]) == 1
+    assert "no batch at" in capsys.readouterr().err
+
+
+def test_unknown_features_are_named():
+    with pytest.raises(ValueError, match="inception, mnist, cifar10"):
+        mt.feature_extractor("vgg")
