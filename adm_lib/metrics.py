@@ -38,6 +38,8 @@ from scipy import linalg
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from adm_lib.datanets import load_data_set_net
+from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
 
 FEATURES = ("inception", "mnist", "cifar10")
@@ -48,12 +50,8 @@ def feature_extractor(name: str, weights: str | os.PathLike | None = None,
                       device: str | torch.device = "cpu") -> Extractor:
     """Inception-v3 (local weights file), or a data-set classifier."""
     if name == "inception":
-        from adm_lib.inception import load_inception
-
         return load_inception(weights, device)
     if name in ("mnist", "cifar10"):
-        from adm_lib.datanets import load_data_set_net
-
         return load_data_set_net(name, device)
     raise ValueError(f"features must be one of {', '.join(FEATURES)}, "
                      f"not {name!r}")
@@ -87,7 +85,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:179
+# %% chapters/05_metrics.py:177
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -133,7 +131,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:267
+# %% chapters/05_metrics.py:265
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -146,7 +144,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:314
+# %% chapters/05_metrics.py:312
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -208,7 +206,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:416
+# %% chapters/05_metrics.py:414
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -268,7 +266,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:476
+# %% chapters/05_metrics.py:474
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",

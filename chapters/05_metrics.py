@@ -110,6 +110,8 @@ from scipy import linalg
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from adm_lib.datanets import load_data_set_net
+from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
 
 FEATURES = ("inception", "mnist", "cifar10")
@@ -120,12 +122,8 @@ def feature_extractor(name: str, weights: str | os.PathLike | None = None,
                       device: str | torch.device = "cpu") -> Extractor:
     """Inception-v3 (local weights file), or a data-set classifier."""
     if name == "inception":
-        from adm_lib.inception import load_inception
-
         return load_inception(weights, device)
     if name in ("mnist", "cifar10"):
-        from adm_lib.datanets import load_data_set_net
-
         return load_data_set_net(name, device)
     raise ValueError(f"features must be one of {', '.join(FEATURES)}, "
                      f"not {name!r}")
