@@ -34,7 +34,8 @@
 # classifier's features. The full GPU run, with Inception's weights, is
 #   adm book run 5 -p device cuda -p features inception \
 #       -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
-#       -p sample_counts "[500, 1000, 2000, 5000, 10000]" -p num_images 20000
+#       -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
+#       -p num_images 20000 -p model_steps 20000
 data = "mnist5k"  # real images: a data-set name, folder, .zip or .npz
 features = "mnist"  # "inception", "mnist" or "cifar10" (match the data)
 inception_weights = ""  # the Inception weights file, for "inception"
@@ -766,7 +767,8 @@ show_rows({"B": as_tensor(real_images[:8]),
 # ```sh
 # adm book run 5 -p device cuda -p features inception \
 #     -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
-#     -p sample_counts "[500, 1000, 2000, 5000, 10000]" -p num_images 20000
+#     -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
+#     -p num_images 20000 -p model_steps 20000
 # ```
 #
 # and has not been made yet (no GPU, and no Inception weights file, was
