@@ -279,9 +279,9 @@ def evaluate(ref: str | os.PathLike | Batch,
     sigma, mu_s and sigma_s are used as given when the features are
     Inception's (they were made with Inception).
     """
+    extractor = feature_extractor(features, weights, device)  # fail fast
     ref = ref if isinstance(ref, Batch) else read_batch(ref)
     samples = samples if isinstance(samples, Batch) else read_batch(samples)
-    extractor = feature_extractor(features, weights, device)
     acts = [compute_activations(batch.images, extractor, batch_size, device,
                                 progress) for batch in (ref, samples)]
     stats = [(feature_statistics(a["pool"]), feature_statistics(a["spatial"]))
