@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:101
+# %% chapters/05_metrics.py:102
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -85,7 +85,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:178
+# %% chapters/05_metrics.py:179
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -131,7 +131,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:266
+# %% chapters/05_metrics.py:267
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -144,7 +144,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:313
+# %% chapters/05_metrics.py:314
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -206,7 +206,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:415
+# %% chapters/05_metrics.py:416
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -266,7 +266,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:475
+# %% chapters/05_metrics.py:476
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",

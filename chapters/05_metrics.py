@@ -35,7 +35,7 @@
 #   adm book run 5 -p device cuda -p features inception \
 #       -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
 #       -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
-#       -p num_images 20000 -p model_steps 20000
+#       -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25
 data = "mnist5k"  # real images: a data-set name, folder, .zip or .npz
 features = "mnist"  # "inception", "mnist" or "cifar10" (match the data)
 inception_weights = ""  # the Inception weights file, for "inception"
@@ -43,6 +43,7 @@ device = "auto"
 sample_counts = [100, 200, 400, 800]  # sizes for FID against n
 num_images = 2000  # real images used (two halves of this many)
 model_steps = 60  # training steps of the model whose samples are scored
+model_sampler = "ddim10"  # its sampler's respacing
 seed = 0
 
 # %%
@@ -641,7 +642,7 @@ run = train(make_config("diffusion", "mnist", {
     "sample_interval": 10**9, "log_interval": 10**9, "seed": seed,
 }), work / "model", progress=False)
 model = load_run(run, device=device)
-spaced = respace(model.diffusion, "ddim25")
+spaced = respace(model.diffusion, model_sampler)
 sample_labels = torch.arange(len(real_images), device=device) % max(
     dataset.num_classes, 1)
 with torch.no_grad():
@@ -729,7 +730,8 @@ show_rows({"B": as_tensor(real_images[:8]),
 #
 # ```sh
 # adm book run 5 -p num_images 4000 \
-#     -p sample_counts "[250, 500, 1000, 2000]" -p model_steps 1500
+#     -p sample_counts "[250, 500, 1000, 2000]" -p model_steps 1500 \
+#     -p model_sampler ddim25
 # ```
 #
 # FID(mnist-net) of 2,000 real images against the other 2,000, with the
@@ -768,7 +770,7 @@ show_rows({"B": as_tensor(real_images[:8]),
 # adm book run 5 -p device cuda -p features inception \
 #     -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
 #     -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
-#     -p num_images 20000 -p model_steps 20000
+#     -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25
 # ```
 #
 # and has not been made yet (no GPU, and no Inception weights file, was
