@@ -436,7 +436,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:754
+# %% chapters/02_diffusion.py:756
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -444,9 +444,16 @@ def condition_mean(
     x: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    at_mean: bool = False,
 ) -> Tensor:
-    """Algorithm 1: the mean shifted by the variance times cond_fn's grad."""
-    gradient = cond_fn(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
+    """Algorithm 1: the mean shifted by the variance times cond_fn's grad.
+
+    The gradient is taken at x_t, as the reference does, or (`at_mean`) at
+    the unguided mean, the point the paper's derivation expands around.
+    """
+    point = p["mean"] if at_mean else x
+    gradient = cond_fn(point, diffusion.model_timesteps(t),
+                       **(model_kwargs or {}))
     return p["mean"].float() + p["variance"] * gradient.float()
 
 
@@ -483,13 +490,15 @@ def p_sample(
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     noise: Tensor | None = None,
+    guide_at_mean: bool = False,
 ) -> dict[str, Tensor]:
     """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t), and pred_xstart."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
                                   model_kwargs)
     mean = p["mean"]
     if cond_fn is not None:
-        mean = condition_mean(diffusion, cond_fn, p, x, t, model_kwargs)
+        mean = condition_mean(diffusion, cond_fn, p, x, t, model_kwargs,
+                              guide_at_mean)
     noise = torch.randn_like(x) if noise is None else noise
     std = torch.exp(0.5 * p["log_variance"])
     sample = mean + _nonzero(t, x.ndim) * std * noise
@@ -545,7 +554,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:872
+# %% chapters/02_diffusion.py:883
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

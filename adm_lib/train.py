@@ -129,6 +129,10 @@ class TrainConfig:
     in_channels: int = 0
     num_classes: int = 0
     class_cond: bool = True
+    # Classifier-free guidance (chapter 4): this share of labels becomes
+    # the extra "null" label num_classes, so one model is both
+    # conditional and unconditional.
+    label_dropout: float = 0.0
     random_flip: bool = False
     # Architecture and diffusion: the reference's flags, same meanings.
     num_channels: int = 32
@@ -193,7 +197,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/07_training.py:243
+# %% chapters/07_training.py:247
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -263,7 +267,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/07_training.py:313
+# %% chapters/07_training.py:317
 _TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
 
@@ -353,6 +357,13 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.clean_fraction <= 1 or not 0 < config.val_fraction < 1:
         raise TrainError("clean_fraction must be in [0, 1] and val_fraction "
                          "in (0, 1)")
+    if not 0 <= config.label_dropout < 1:
+        raise TrainError(f"label_dropout={config.label_dropout} must be in "
+                         "[0, 1)")
+    if config.label_dropout and (config.kind == "classifier"
+                                 or not config.class_cond):
+        raise TrainError("label_dropout needs a class-conditional diffusion "
+                         "model or upsampler (class_cond=true)")
     for name in ("lr", "weight_decay", "grad_clip", "dropout"):
         if not math.isfinite(getattr(config, name)):
             raise TrainError(f"{name}={getattr(config, name)} is not finite")
@@ -367,12 +378,14 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/07_training.py:424
+# %% chapters/07_training.py:435
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()
              if k in gd.DEFAULTS and k not in gd.SCRIPT_DEFAULTS}
     flags.update(large_size=config.image_size, small_size=config.small_size)
+    if config.label_dropout:  # one more label: the null label
+        flags["num_classes"] = config.num_classes + 1
     return flags
 
 
@@ -399,7 +412,7 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
         raise TrainError(f"cannot build the diffusion: {err}") from None
 
 
-# %% chapters/07_training.py:518
+# %% chapters/07_training.py:531
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -453,7 +466,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/07_training.py:581
+# %% chapters/07_training.py:595
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -463,6 +476,7 @@ class StepDraws:
     noise: Tensor
     flip: Tensor
     clean: Tensor
+    drop: Tensor
 
     def rows(self, rows: slice) -> "StepDraws":
         """The draws of one rank's rows."""
@@ -481,6 +495,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     t, weights = sampler.sample(config.batch_size, "cpu", g)
     flip = torch.rand(config.batch_size, generator=g) < 0.5
     clean = torch.rand(config.batch_size, generator=g) < config.clean_fraction
+    drop = torch.rand(config.batch_size, generator=g) < config.label_dropout
     if not config.random_flip:
         flip[:] = False
     if not config.noised:
@@ -490,10 +505,10 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     noise = torch.randn((config.batch_size, *shape), generator=noise_g,
                         device=device)
     return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device))
+                     flip.to(device), clean.to(device), drop.to(device))
 
 
-# %% chapters/07_training.py:626
+# %% chapters/07_training.py:642
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -552,7 +567,7 @@ def split_data(config: TrainConfig, data: ImageDataset
     return data, perm[held:].sort().values, data, perm[:held]
 
 
-# %% chapters/07_training.py:723
+# %% chapters/07_training.py:744
 Model = Callable[..., Tensor]
 
 
@@ -560,7 +575,9 @@ def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:
     """Per-image loss terms of a diffusion model or an upsampler."""
-    kwargs = {"y": y} if config.class_cond else {}
+    kwargs = {}
+    if config.class_cond:
+        kwargs["y"] = torch.where(draws.drop, config.num_classes, y)
     if config.kind == "upsampler":
         kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
     return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
@@ -583,7 +600,7 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     }
 
 
-# %% chapters/07_training.py:763
+# %% chapters/07_training.py:786
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
     if precision == "auto":
@@ -606,7 +623,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/07_training.py:822
+# %% chapters/07_training.py:845
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -620,7 +637,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-# %% chapters/07_training.py:882
+# %% chapters/07_training.py:905
 CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
 CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
@@ -705,7 +722,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and saved.get(k) != v]
 
 
-# %% chapters/07_training.py:967
+# %% chapters/07_training.py:990
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -783,7 +800,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/07_training.py:1069
+# %% chapters/07_training.py:1092
 @dataclass
 class Ranks:
     """This process's place in a (possibly one-process) data-parallel run."""
@@ -847,7 +864,7 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     return values
 
 
-# %% chapters/07_training.py:1150
+# %% chapters/07_training.py:1173
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -924,7 +941,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/07_training.py:1237
+# %% chapters/07_training.py:1260
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -1023,7 +1040,7 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     return _records(path)
 
 
-# %% chapters/07_training.py:1336
+# %% chapters/07_training.py:1359
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -1092,7 +1109,7 @@ def save_png(path: Path, images: Tensor, columns: int) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-# %% chapters/07_training.py:1412
+# %% chapters/07_training.py:1435
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
     """Check the run folder; the checkpoint to resume from, if any.
@@ -1311,7 +1328,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/07_training.py:1635
+# %% chapters/07_training.py:1658
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

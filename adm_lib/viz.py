@@ -22,7 +22,12 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def image_grid(images: Tensor, columns: int | None = None,
                pad: int = 2) -> np.ndarray:
     """One uint8 H x W x C picture of a batch, `columns` images a row."""
-    pixels = to_uint8(images)
+    return pixel_grid(to_uint8(images), columns, pad)
+
+
+def pixel_grid(pixels: np.ndarray, columns: int | None = None,
+               pad: int = 2) -> np.ndarray:
+    """`image_grid` of uint8 N x H x W x C images (a batch file's)."""
     count, height, width, channels = pixels.shape
     columns = min(columns or count, count)
     rows = -(-count // columns)

@@ -749,6 +749,8 @@ assert respace(base, "").num_timesteps == num_timesteps
 # \epsilon_\theta - \sqrt{1-\bar\alpha_t} \cdot$ gradient (`condition_score`,
 # Algorithm 2). Like the model, the hook sees original timesteps. Samplers run
 # under `torch.no_grad()`, so a hook that needs gradients enables them itself.
+# `p_sample(..., guide_at_mean=True)` takes the gradient at the unguided mean
+# instead of at $x_t$, a variant chapter 4 compares.
 
 # %%
 #| export
@@ -759,9 +761,16 @@ def condition_mean(
     x: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    at_mean: bool = False,
 ) -> Tensor:
-    """Algorithm 1: the mean shifted by the variance times cond_fn's grad."""
-    gradient = cond_fn(x, diffusion.model_timesteps(t), **(model_kwargs or {}))
+    """Algorithm 1: the mean shifted by the variance times cond_fn's grad.
+
+    The gradient is taken at x_t, as the reference does, or (`at_mean`) at
+    the unguided mean, the point the paper's derivation expands around.
+    """
+    point = p["mean"] if at_mean else x
+    gradient = cond_fn(point, diffusion.model_timesteps(t),
+                       **(model_kwargs or {}))
     return p["mean"].float() + p["variance"] * gradient.float()
 
 
@@ -798,13 +807,15 @@ def p_sample(
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     noise: Tensor | None = None,
+    guide_at_mean: bool = False,
 ) -> dict[str, Tensor]:
     """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t), and pred_xstart."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
                                   model_kwargs)
     mean = p["mean"]
     if cond_fn is not None:
-        mean = condition_mean(diffusion, cond_fn, p, x, t, model_kwargs)
+        mean = condition_mean(diffusion, cond_fn, p, x, t, model_kwargs,
+                              guide_at_mean)
     noise = torch.randn_like(x) if noise is None else noise
     std = torch.exp(0.5 * p["log_variance"])
     sample = mean + _nonzero(t, x.ndim) * std * noise

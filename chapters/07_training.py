@@ -162,6 +162,10 @@ class TrainConfig:
     in_channels: int = 0
     num_classes: int = 0
     class_cond: bool = True
+    # Classifier-free guidance (chapter 4): this share of labels becomes
+    # the extra "null" label num_classes, so one model is both
+    # conditional and unconditional.
+    label_dropout: float = 0.0
     random_flip: bool = False
     # Architecture and diffusion: the reference's flags, same meanings.
     num_channels: int = 32
@@ -400,6 +404,13 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.clean_fraction <= 1 or not 0 < config.val_fraction < 1:
         raise TrainError("clean_fraction must be in [0, 1] and val_fraction "
                          "in (0, 1)")
+    if not 0 <= config.label_dropout < 1:
+        raise TrainError(f"label_dropout={config.label_dropout} must be in "
+                         "[0, 1)")
+    if config.label_dropout and (config.kind == "classifier"
+                                 or not config.class_cond):
+        raise TrainError("label_dropout needs a class-conditional diffusion "
+                         "model or upsampler (class_cond=true)")
     for name in ("lr", "weight_decay", "grad_clip", "dropout"):
         if not math.isfinite(getattr(config, name)):
             raise TrainError(f"{name}={getattr(config, name)} is not finite")
@@ -427,6 +438,8 @@ def model_flags(config: TrainConfig) -> dict[str, Any]:
     flags = {k: v for k, v in asdict(config).items()
              if k in gd.DEFAULTS and k not in gd.SCRIPT_DEFAULTS}
     flags.update(large_size=config.image_size, small_size=config.small_size)
+    if config.label_dropout:  # one more label: the null label
+        flags["num_classes"] = config.num_classes + 1
     return flags
 
 
@@ -570,7 +583,8 @@ class RankBatches:
 
 # %% [markdown]
 # The rest of each step's randomness (timesteps, noise, flips, the
-# classifier's noise-free picks) comes from generators seeded by
+# classifier's noise-free picks, the labels dropped for classifier-free
+# guidance) comes from generators seeded by
 # `(seed, step)` and is drawn for the whole global batch on every rank;
 # each rank keeps its rows. So the step does not depend on how many
 # processes share it, and a resumed run draws the same numbers. Only
@@ -588,6 +602,7 @@ class StepDraws:
     noise: Tensor
     flip: Tensor
     clean: Tensor
+    drop: Tensor
 
     def rows(self, rows: slice) -> "StepDraws":
         """The draws of one rank's rows."""
@@ -606,6 +621,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     t, weights = sampler.sample(config.batch_size, "cpu", g)
     flip = torch.rand(config.batch_size, generator=g) < 0.5
     clean = torch.rand(config.batch_size, generator=g) < config.clean_fraction
+    drop = torch.rand(config.batch_size, generator=g) < config.label_dropout
     if not config.random_flip:
         flip[:] = False
     if not config.noised:
@@ -615,7 +631,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     noise = torch.randn((config.batch_size, *shape), generator=noise_g,
                         device=device)
     return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device))
+                     flip.to(device), clean.to(device), drop.to(device))
 
 # %% [markdown]
 # The data come from `adm_lib.data.load_dataset` at the configured size.
@@ -715,6 +731,11 @@ assert sorted(first_pass.tolist()) == list(range(50))
 #   `clean_fraction` shows a share of the images noise-free (at $t = 0$),
 #   and `noised=false` all of them, which is the plain classifier.
 #
+# A class-conditional model trained with `label_dropout` $> 0$ sees that
+# share of its labels replaced by an extra "null" label, number
+# `num_classes`; it learns the unconditional model alongside, which
+# classifier-free guidance (chapter 4) needs.
+#
 # Each returns per-image terms; the loop weights them by the timestep
 # sampler's importance weights (all ones for the uniform sampler) and
 # logs every term, as the reference does, overall and by quartile of $t$.
@@ -728,7 +749,9 @@ def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:
     """Per-image loss terms of a diffusion model or an upsampler."""
-    kwargs = {"y": y} if config.class_cond else {}
+    kwargs = {}
+    if config.class_cond:
+        kwargs["y"] = torch.where(draws.drop, config.num_classes, y)
     if config.kind == "upsampler":
         kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
     return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)

@@ -94,6 +94,7 @@ from adm_lib.compat.guided_diffusion import (
     parse_flags,
 )
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop
+from adm_lib.guidance import classifier_cond_fn, ignore_labels
 from adm_lib.viz import show_images
 
 if device == "auto":
@@ -302,9 +303,12 @@ except FileNotFoundError as err:
 # \nabla_{x_t} \log p_\phi(y \mid x_t)$ (DDIM shifts its noise prediction
 # instead, by a multiple of the same gradient). The classifier sees the
 # noisy image
-# at the model's original timestep, and `cond_fn` returns $s$ times the
-# gradient, exactly as the reference's `classifier_sample.py` does. The
-# labels are random ImageNet classes.
+# at the model's original timestep, and chapter 4's `classifier_cond_fn`
+# returns $s$ times the gradient, exactly as the reference's
+# `classifier_sample.py` does. The labels are random ImageNet classes; an
+# unconditional model is wrapped by `ignore_labels` so that the labels
+# reach only the classifier. (`adm sample --model-flags ...` does all of
+# this from the command line.)
 #
 # A released classifier has the size of its diffusion model. Where a model
 # is handed images of another size (the stand-ins, or a 128 model's samples
@@ -326,26 +330,22 @@ flags = parse_flags(model_flags)
 size = flags["image_size"]
 classifier_size = parse_flags(classifier_flags)["image_size"]
 labels = torch.randint(0, NUM_CLASSES, (num_samples,), device=device)
-model_kwargs = {"y": labels} if flags["class_cond"] else {}
+sampled = model if flags["class_cond"] else ignore_labels(model)
 
 
-def cond_fn(x, t, **kwargs):
-    """The scaled gradient of log p(labels | x_t) under the classifier."""
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        logits = classifier(fit(x_in, classifier_size), t)
-        log_probs = F.log_softmax(logits, dim=-1)
-        chosen = log_probs[torch.arange(len(x), device=x.device), labels]
-        return torch.autograd.grad(chosen.sum(), x_in)[0] * classifier_scale
+def resized_classifier(x, t):
+    """The classifier, on images brought to its size."""
+    return classifier(fit(x, classifier_size), t)
 
 
+cond_fn = classifier_cond_fn(resized_classifier, classifier_scale)
 loop = ddim_sample_loop if respacing.startswith("ddim") else p_sample_loop
 print(f"{loop.__name__}: {diffusion.num_timesteps} steps, {num_samples} "
       f"images of {size}x{size}, classifier scale {classifier_scale}")
 start = time.perf_counter()
-samples = loop(diffusion, model, torch.randn(num_samples, 3, size, size,
-                                             device=device),
-               progress=True, model_kwargs=model_kwargs,
+samples = loop(diffusion, sampled, torch.randn(num_samples, 3, size, size,
+                                               device=device),
+               progress=True, model_kwargs={"y": labels},
                cond_fn=cond_fn if classifier_scale > 0 else None)
 print(f"sampled in {time.perf_counter() - start:.1f} s")
 assert samples.shape == (num_samples, 3, size, size)

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adm_lib.compat.guided_diffusion import (
     classifier_from_flags,
@@ -34,6 +33,7 @@ from adm_lib.diffusion import (
     training_losses,
 )
 from adm_lib.forward import get_named_beta_schedule
+from adm_lib.guidance import classifier_cond_fn
 from tests.reference import load, reference_files
 
 BETAS = get_named_beta_schedule("linear", 100)
@@ -235,25 +235,13 @@ def test_losses_and_p_mean_variance_equal_reference(path: Path) -> None:
         _close(p[key], ref["p_" + key if key != "pred_xstart" else key], key)
 
 
-def _cond_fn(classifier: torch.nn.Module, scale: float):
-    """The reference's guidance gradient: s * d/dx sum log p(y | x_t)."""
-
-    def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[range(len(log_probs)), y.view(-1)]
-            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    return cond_fn
-
-
 @pytest.mark.parity
 @pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
 def test_sampling_with_and_without_guidance_equals_reference(path: Path) -> None:
     ref = _reference(path)
     spaced = respace(ref["diffusion"], ref["ddim_respacing"])
-    cond_fn = _cond_fn(ref["classifier"], float(ref["guidance_scale"]))
+    cond_fn = classifier_cond_fn(ref["classifier"],
+                                 float(ref["guidance_scale"]))
     conditional = bool(ref["model_kwargs"])
 
     def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:

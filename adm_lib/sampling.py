@@ -1,0 +1,223 @@
+"""What `adm sample` does: load models, draw guided samples, write them.
+
+Hand-written tooling around `adm_lib.guidance` (chapter 4). A model comes
+from a run folder or checkpoint of `adm train`, or from a released
+checkpoint of the reference with its flags (`adm_lib.compat`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from adm_lib.compat import guided_diffusion as gd
+from adm_lib.diffusion import GaussianDiffusion, respace
+from adm_lib.guidance import (
+    SAMPLERS,
+    classifier_cond_fn,
+    classifier_free_model,
+    ignore_labels,
+    sample_batches,
+)
+from adm_lib.metrics import write_batch
+from adm_lib.viz import pixel_grid
+
+
+class SampleError(ValueError):
+    """Sampling cannot go ahead as asked; the message says why."""
+
+
+@dataclass
+class Loaded:
+    """A network ready to sample with, and what it was trained on."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    image_size: int
+    in_channels: int
+    num_classes: int  # 0: unconditional (a model) or unknown
+    respacing: str  # the respacing its flags ask for, if any
+    null_label: int | None  # classifier-free guidance's label, if trained
+    source: str
+
+
+def load_network(path: str | os.PathLike, kind: str,
+                 flags: str | None = None, weights: str = "ema",
+                 device: str | torch.device = "cpu") -> Loaded:
+    """A diffusion model or classifier: ours (a run), or the reference's.
+
+    `kind` is "diffusion" or "classifier". With `flags`, `path` is a
+    released checkpoint of the reference described by those flags.
+    """
+    path = Path(path)
+    if flags is not None:
+        return _load_reference(path, kind, flags, device)
+    from adm_lib.train import TrainError, load_run
+
+    try:
+        run = load_run(path, weights, device)
+    except TrainError as err:
+        hint = ("" if path.is_dir() else "; for a checkpoint of the "
+                f"reference, pass its flags (--{_flag_option(kind)})")
+        raise SampleError(f"{err}{hint}") from None
+    config = run.config
+    if config.kind != kind:
+        raise SampleError(f"{path} is a {config.kind} run, not a {kind}"
+                          + (" (upsamplers are sampled in chapter 6)"
+                             if config.kind == "upsampler" else ""))
+    labelled = kind == "classifier" or config.class_cond
+    return Loaded(run.model, run.diffusion, config.image_size,
+                  config.in_channels, config.num_classes if labelled else 0,
+                  "", config.num_classes if config.label_dropout else None,
+                  f"{run.path} (step {run.step}, {weights} weights)")
+
+
+def _flag_option(kind: str) -> str:
+    return "model-flags" if kind == "diffusion" else "classifier-flags"
+
+
+def _load_reference(path: Path, kind: str, flags: str,
+                    device: str | torch.device) -> Loaded:
+    try:
+        f = gd.parse_flags(flags)
+        respacing = f.pop("timestep_respacing", "")
+        model = gd.load_checkpoint(path, f, "model" if kind == "diffusion"
+                                   else "classifier")
+        diffusion = gd.diffusion_from_flags(f)
+    except (ValueError, FileNotFoundError) as err:
+        raise SampleError(str(err)) from None
+    labelled = kind == "classifier" or f["class_cond"]
+    model.to(device).requires_grad_(False)
+    return Loaded(model, diffusion, f["image_size"], f.get("in_channels", 3),
+                  f.get("num_classes", gd.NUM_CLASSES) if labelled else 0,
+                  respacing, None, f"{path} (reference flags)")
+
+
+def parse_labels(text: str | None, count: int, num_classes: int,
+                 seed: int) -> torch.Tensor | None:
+    """The labels of `count` samples: "random", or a list cycled through."""
+    if num_classes == 0:
+        if text not in (None, "random"):
+            raise SampleError("--labels needs a class-conditional model or "
+                              "a classifier")
+        return None
+    if text in (None, "random"):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(num_classes, (count,), generator=g)
+    try:
+        chosen = [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        chosen = []
+    if not chosen:
+        raise SampleError(f"--labels {text!r}: expected 'random' or class "
+                          "numbers such as 0,3,7")
+    bad = [y for y in chosen if not 0 <= y < num_classes]
+    if bad:
+        raise SampleError(f"--labels: {bad} outside the model's "
+                          f"{num_classes} classes (0 to {num_classes - 1})")
+    return torch.tensor(chosen).repeat(math.ceil(count / len(chosen)))[:count]
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray,
+              columns: int) -> Path:
+    """A PNG grid of uint8 N x H x W x C images, written atomically."""
+    grid = pixel_grid(images, columns)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+        tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def sample(model: Loaded, classifier: Loaded | None = None, *,
+           classifier_scale: float = 1.0, cfg_scale: float = 0.0,
+           sampler: str = "ddpm", respacing: str | None = None,
+           eta: float = 0.0, guide_at_mean: bool = False,
+           num_samples: int = 16, labels: str | None = None,
+           batch_size: int = 64, device: str | torch.device = "cpu",
+           seed: int = 0, progress: bool = False,
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples of `model`, guided as asked; uint8 NHWC and labels."""
+    if sampler not in SAMPLERS:
+        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}")
+    if num_samples < 1 or batch_size < 1:
+        raise SampleError("--num-samples and --batch-size must be >= 1")
+    if guide_at_mean and (classifier is None or sampler != "ddpm"):
+        raise SampleError("--guide-at mean needs a classifier and the ddpm "
+                          "sampler (Algorithm 1)")
+    net: Any = model.model
+    num_classes = model.num_classes
+    if classifier is not None:
+        _check_pair(model, classifier)
+        num_classes = classifier.num_classes
+        if not model.num_classes:
+            net = ignore_labels(net)
+    if cfg_scale:
+        if model.null_label is None:
+            raise SampleError(f"--cfg-scale needs a model trained with label "
+                              f"dropout (adm train ... --set "
+                              f"label_dropout=0.1); {model.source} was not")
+        net = classifier_free_model(net, cfg_scale, model.null_label)
+    if respacing is None:
+        respacing = model.respacing or default_respacing(
+            sampler, model.diffusion.num_timesteps)
+    try:
+        spaced = respace(model.diffusion, respacing)
+    except (ValueError, AssertionError) as err:
+        raise SampleError(f"--respacing {respacing!r}: {err}") from None
+    y = parse_labels(labels, num_samples, num_classes, seed)
+    cond_fn = None
+    if classifier is not None and classifier_scale:
+        cond_fn = classifier_cond_fn(classifier.model, classifier_scale)
+    shape = (model.in_channels, model.image_size, model.image_size)
+    return sample_batches(spaced, net, num_samples, shape, y, batch_size,
+                          device, seed, progress, sampler=sampler,
+                          cond_fn=cond_fn, guide_at_mean=guide_at_mean,
+                          eta=eta)
+
+
+def default_respacing(sampler: str, num_timesteps: int) -> str:
+    """The paper's: 250 ancestral steps, or DDIM's 25 (fewer if T is)."""
+    if sampler == "ddim":
+        return "ddim25" if num_timesteps % 25 == 0 else str(
+            min(25, num_timesteps))
+    return str(min(250, num_timesteps))
+
+
+def _check_pair(model: Loaded, classifier: Loaded) -> None:
+    if classifier.image_size != model.image_size:
+        raise SampleError(f"the classifier sees {classifier.image_size}px "
+                          f"images, the model makes {model.image_size}px")
+    if classifier.in_channels != model.in_channels:
+        raise SampleError(f"the classifier takes {classifier.in_channels} "
+                          f"channels, the model makes {model.in_channels}")
+    if model.num_classes and classifier.num_classes != model.num_classes:
+        raise SampleError(f"the model has {model.num_classes} classes, the "
+                          f"classifier {classifier.num_classes}")
+    steps = (model.diffusion.num_timesteps, classifier.diffusion.num_timesteps)
+    if steps[0] != steps[1]:
+        raise SampleError(f"the model diffuses over {steps[0]} steps, the "
+                          f"classifier was trained on {steps[1]}")
+
+
+def write_samples(out: str | os.PathLike, images: np.ndarray,
+                  labels: np.ndarray | None,
+                  columns: int | None = None) -> tuple[Path, Path]:
+    """The batch file (.npz) and a PNG grid beside it."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise SampleError(f"--out {out}: the batch file must end in .npz")
+    if not out.parent.is_dir():
+        raise SampleError(f"--out {out}: no folder {out.parent}")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    batch = write_batch(out, images, labels)
+    return batch, save_grid(out.with_suffix(".png"), images, columns)

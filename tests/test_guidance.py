@@ -1,0 +1,409 @@
+"""adm_lib.guidance (chapter 4), `adm sample` and `adm demo`.
+
+Models here are tiny (8x8 grey images, a few training steps) and run on
+one thread, so the file takes well under a minute on a 2-core CPU; the
+demo test runs the whole pipeline at a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from adm_lib import cli
+from adm_lib import train as tr
+from adm_lib.diffusion import p_sample, respace
+from adm_lib.guidance import (
+    classifier_cond_fn,
+    classifier_free_model,
+    classifier_grad,
+    guidance_scores,
+    guided_sample,
+    ignore_labels,
+    sample_batches,
+)
+from adm_lib.unet import EncoderUNetModel
+
+from .reference import FIXTURES
+
+TINY = {
+    "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+    "channel_mult": "1,2", "attention_resolutions": "4",
+    "num_head_channels": 32, "classifier_width": 32, "classifier_depth": 1,
+    "classifier_attention_resolutions": "4", "diffusion_steps": 50,
+    "batch_size": 4, "steps": 2, "num_workers": 0, "device": "cpu",
+    "log_interval": 1, "save_interval": 1000, "sample_interval": 1000,
+    "eval_interval": 1000, "eval_images": 8, "val_fraction": 0.25,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: two spinning threads on 2 busy cores crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny runs on 4-class 8x8 data: conditional with label dropout,
+    unconditional, and a classifier."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "tiny.npz"
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 4
+    images = rng.integers(0, 256, (24, 8, 8)).astype(np.uint8)
+    np.savez(data, images, labels)
+    # A high learning rate: after a few steps the labels matter.
+    settings = {**TINY, "data": str(data), "steps": 4, "lr": 1e-2}
+    kinds = {
+        "conditional": ("diffusion", {"label_dropout": 0.25}),
+        "unconditional": ("diffusion", {"class_cond": False}),
+        "classifier": ("classifier", {}),
+    }
+    for name, (kind, extra) in kinds.items():
+        tr.train(tr.make_config(kind, "mnist", {**settings, **extra}),
+                 root / name, progress=False)
+    return {name: root / name for name in kinds} | {"data": data}
+
+
+def small_classifier() -> EncoderUNetModel:
+    """A random classifier; its zero-initialised output layer perturbed."""
+    torch.manual_seed(0)
+    model = EncoderUNetModel(
+        image_size=8, in_channels=1, model_channels=32, out_channels=4,
+        num_res_blocks=1, attention_resolutions=(), channel_mult=(1, 2),
+        pool="adaptive").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_classifier_grad_is_the_gradient_of_each_log_probability() -> None:
+    classifier = small_classifier()
+    x = torch.randn(3, 1, 8, 8)
+    t, y = torch.tensor([0, 20, 45]), torch.tensor([3, 0, 2])
+    grad = classifier_grad(classifier, x, t, y)
+    assert grad.abs().min() > 0
+    for i in range(3):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        log_p = classifier(xi, t[i:i + 1]).log_softmax(-1)[0, y[i]]
+        (expected,) = torch.autograd.grad(log_p, xi)
+        torch.testing.assert_close(grad[i:i + 1], expected)
+    scaled = classifier_cond_fn(classifier, 2.5)(x, t, y=y, other=None)
+    torch.testing.assert_close(scaled, 2.5 * grad)
+
+
+def test_classifier_grad_works_inside_no_grad() -> None:
+    classifier = small_classifier()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        grad = classifier_grad(classifier, x, torch.tensor([1, 2]),
+                               torch.tensor([0, 1]))
+    assert grad.abs().sum() > 0
+
+
+def test_gradient_at_the_mean_is_taken_at_the_unguided_mean(
+        runs: dict[str, Path]) -> None:
+    run = tr.load_run(runs["unconditional"])
+    spaced = respace(run.diffusion, "5")
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([3, 3])
+    seen: list[Tensor] = []
+
+    def cond_fn(point: Tensor, t: Tensor, **_: Any) -> Tensor:
+        seen.append(point.clone())
+        return torch.ones_like(point)
+
+    model = ignore_labels(run.model)
+    kwargs = {"y": torch.tensor([0, 1])}
+    with torch.no_grad():
+        p = spaced.p_mean_variance(model, x, t, model_kwargs=kwargs)
+        noise = torch.randn_like(x)
+        at_x = p_sample(spaced, model, x, t, cond_fn=cond_fn,
+                        model_kwargs=kwargs, noise=noise)
+        at_mean = p_sample(spaced, model, x, t, cond_fn=cond_fn,
+                           model_kwargs=kwargs, noise=noise,
+                           guide_at_mean=True)
+    torch.testing.assert_close(seen[0], x)
+    torch.testing.assert_close(seen[1], p["mean"])
+    # With the same gradient, both shift the mean by the variance.
+    torch.testing.assert_close(at_x["sample"], at_mean["sample"])
+
+
+def toy_model(x: Tensor, t: Tensor, y: Tensor,
+              low_res: Tensor | None = None) -> Tensor:
+    """eps = x * (y + 1) (+ low_res), and a variance channel of t."""
+    eps = x * (y[:, None, None, None] + 1).float()
+    if low_res is not None:
+        eps = eps + low_res
+    return torch.cat([eps, t[:, None, None, None].float().expand_as(x)], 1)
+
+
+def test_classifier_free_model_mixes_eps_and_keeps_the_variance() -> None:
+    x = torch.randn(3, 1, 4, 4)
+    t, y = torch.tensor([1, 2, 3]), torch.tensor([0, 2, 5])
+    low = torch.randn(3, 1, 4, 4)
+    out = classifier_free_model(toy_model, 3.0, null_label=9)(
+        x, t, y, low_res=low)
+    cond = x * (y[:, None, None, None] + 1) + low
+    uncond = x * 10 + low
+    torch.testing.assert_close(out[:, :1], cond + 3.0 * (cond - uncond))
+    torch.testing.assert_close(out[:, 1:], toy_model(x, t, y)[:, 1:])
+    assert torch.equal(classifier_free_model(toy_model, 0.0, 9)(x, t, y),
+                       toy_model(x, t, y))
+
+
+def test_guided_sample_refuses_what_cannot_work(
+        runs: dict[str, Path]) -> None:
+    run = tr.load_run(runs["conditional"])
+    spaced, noise = respace(run.diffusion, "3"), torch.randn(1, 1, 8, 8)
+    hook = classifier_cond_fn(tr.load_run(runs["classifier"]).model, 1.0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        guided_sample(spaced, run.model, noise, sampler="euler")
+    with pytest.raises(ValueError, match="guidance needs labels"):
+        guided_sample(spaced, run.model, noise, cond_fn=hook)
+    with pytest.raises(ValueError, match="ancestral sampling"):
+        guided_sample(spaced, run.model, noise, torch.tensor([1]),
+                      sampler="ddim", cond_fn=hook, guide_at_mean=True)
+
+
+def test_sample_batches_do_not_depend_on_the_batch_size(
+        runs: dict[str, Path]) -> None:
+    run = tr.load_run(runs["conditional"])
+    spaced = respace(run.diffusion, "ddim4")
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    hook = classifier_cond_fn(tr.load_run(runs["classifier"]).model, 2.0)
+    whole, y = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 5,
+                              seed=3, sampler="ddim", cond_fn=hook)
+    parts, _ = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 2,
+                              seed=3, sampler="ddim", cond_fn=hook)
+    assert whole.dtype == np.uint8 and whole.shape == (5, 8, 8, 1)
+    assert y.tolist() == labels.tolist()
+    assert np.abs(whole.astype(int) - parts.astype(int)).max() <= 1
+    other, _ = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 5,
+                              seed=4, sampler="ddim", cond_fn=hook)
+    assert not np.array_equal(whole, other)
+
+
+def test_guidance_scores_count_hits_of_the_labels() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"pool": rng.normal(size=(40, 3)),
+           "logits": rng.normal(size=(40, 4))}
+    logits = np.eye(4)[[0, 1, 2, 3, 0, 1]] * 5
+    samples = {"pool": rng.normal(size=(6, 3)), "logits": logits}
+    scores = guidance_scores(ref, samples, np.array([0, 1, 2, 0, 0, 0]))
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    assert set(scores) == {"inception_score", "fid", "precision", "recall",
+                           "accuracy"}
+    assert "accuracy" not in guidance_scores(ref, samples)
+
+
+# Label dropout: the training side of classifier-free guidance (chapter 7).
+def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
+    config = tr.make_config("diffusion", "mnist", {
+        **TINY, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,
+        "batch_size": 4000})
+    assert tr.model_flags(config)["num_classes"] == 5
+    assert tr.build_model(config).label_emb.num_embeddings == 5
+    draws = tr.draw_step(config, tr.UniformSampler(50), 0, (1, 2, 2),
+                         torch.device("cpu"))
+    assert 0.27 < draws.drop.float().mean() < 0.33
+    seen = {}
+
+    def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        seen["y"] = y
+        return torch.zeros(len(x), 2, *x.shape[2:])
+
+    y = torch.arange(4000) % 4
+    tr.diffusion_terms(config, tr.build_diffusion(config), model,
+                       torch.zeros(4000, 1, 2, 2), y, draws)
+    assert torch.equal(seen["y"], torch.where(draws.drop, 4, y))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"label_dropout": 1.0}, "label_dropout=1.0 must be in"),
+    ({"label_dropout": -0.1}, "must be in"),
+    ({"label_dropout": 0.1, "class_cond": False}, "needs a class-cond"),
+])
+def test_label_dropout_is_checked(settings: dict, message: str) -> None:
+    with pytest.raises(tr.TrainError, match=message):
+        tr.make_config("diffusion", "mnist", settings)
+    with pytest.raises(tr.TrainError, match="needs a class-cond"):
+        tr.make_config("classifier", "mnist", {"label_dropout": 0.1})
+
+
+def test_dropping_no_labels_leaves_the_training_draws_unchanged() -> None:
+    config = tr.make_config("diffusion", "mnist", {**TINY})
+    draws = tr.draw_step(config, tr.UniformSampler(50), 7, (1, 2, 2),
+                         torch.device("cpu"))
+    assert not draws.drop.any()
+
+
+# `adm sample`.
+def sample(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = cli.main(["sample", *args, "--quiet", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_adm_sample_writes_the_reference_batch_and_a_grid(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "guided.npz"
+    code, text = sample([str(runs["unconditional"]), "--classifier",
+                         str(runs["classifier"]), "--classifier-scale", "3",
+                         "--num-samples", "6", "--labels", "1,3",
+                         "--respacing", "4", "--batch-size", "4",
+                         "--out", str(out)], capsys)
+    assert code == 0, text
+    with np.load(out) as batch:
+        assert batch["arr_0"].shape == (6, 8, 8, 1)
+        assert batch["arr_0"].dtype == np.uint8
+        assert batch["arr_1"].tolist() == [1, 3, 1, 3, 1, 3]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "scale 3.0" in text
+
+
+def test_adm_sample_guidance_changes_the_samples(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    common = [str(runs["conditional"]), "--num-samples", "4", "--sampler",
+              "ddim", "--respacing", "ddim4"]
+    batches = {}
+    for name, extra in {"plain": [], "cfg": ["--cfg-scale", "2"],
+                        "classifier": ["--classifier", str(runs["classifier"]),
+                                       "--classifier-scale", "5"]}.items():
+        out = tmp_path / f"{name}.npz"
+        code, text = sample([*common, *extra, "--out", str(out)], capsys)
+        assert code == 0, text
+        with np.load(out) as batch:
+            batches[name] = batch["arr_0"].astype(int)
+            # Random labels are drawn from the seed: the same every time.
+            labels = batch["arr_1"].tolist()
+    assert not np.array_equal(batches["plain"], batches["cfg"])
+    assert not np.array_equal(batches["plain"], batches["classifier"])
+    assert all(0 <= y < 4 for y in labels)
+
+
+def test_adm_sample_without_labels_for_an_unconditional_model(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "plain.npz"
+    code, text = sample([str(runs["unconditional"]), "--num-samples", "2",
+                         "--respacing", "3", "--out", str(out)], capsys)
+    assert code == 0, text
+    with np.load(out) as batch:
+        assert set(batch) == {"arr_0"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg-scale", "1"], "trained with label dropout"),
+    (["--labels", "7"], "outside the model's 4 classes"),
+    (["--labels", "two"], "expected 'random' or class numbers"),
+    (["--guide-at", "mean"], "needs a classifier and the ddpm"),
+    (["--respacing", "ddim70"], "--respacing 'ddim70'"),
+    (["--out", "samples.png"], "must end in .npz"),
+    (["--classifier-flags", "--image_size 8"], "needs --classifier"),
+    (["--classifier-scale", "2"], "--classifier-scale needs --classifier"),
+])
+def test_adm_sample_names_the_problem(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+        extra: list[str], message: str) -> None:
+    out = ["--out", str(tmp_path / "x.npz")] if "--out" not in extra else []
+    code, text = sample([str(runs["unconditional"]
+                             if "--cfg-scale" in extra
+                             else runs["conditional"]), *out, *extra],
+                        capsys)
+    assert code == 1 and message in text, text
+
+
+def test_adm_sample_refuses_a_classifier_that_does_not_fit(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "x.npz")
+    code, text = sample([str(runs["conditional"]), "--classifier",
+                         str(runs["conditional"]), "--out", out], capsys)
+    assert code == 1 and "is a diffusion run, not a classifier" in text
+    code, text = sample([str(runs["classifier"]), "--out", out], capsys)
+    assert code == 1 and "is a classifier run, not a diffusion" in text
+    code, text = sample([str(runs["data"]), "--out", out], capsys)
+    assert code == 1 and "--model-flags" in text
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(not (FIXTURES / "unet_a.pt").exists(),
+                    reason=f"no unet_a.pt in {FIXTURES}")
+def test_adm_sample_loads_the_reference_checkpoints(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Released-style checkpoints through --model-flags: the same samples
+    as guided_sample with the weights loaded by hand."""
+    from adm_lib.compat import guided_diffusion as gd
+
+    unet = torch.load(FIXTURES / "unet_a.pt", weights_only=True)
+    clf = torch.load(FIXTURES / "classifier_a.pt", weights_only=True)
+    out = tmp_path / "ref.npz"
+    code, text = sample([str(FIXTURES / "unet_a.pt"), "--model-flags",
+                         unet["flags"], "--classifier",
+                         str(FIXTURES / "classifier_a.pt"),
+                         "--classifier-flags", clf["flags"],
+                         "--classifier-scale", "3", "--sampler", "ddim",
+                         "--respacing", "ddim2", "--num-samples", "2",
+                         "--labels", "5,900", "--out", str(out)], capsys)
+    assert code == 0, text
+    model = gd.load_checkpoint(FIXTURES / "unet_a.pt", unet["flags"])
+    classifier = gd.load_checkpoint(FIXTURES / "classifier_a.pt",
+                                    clf["flags"], "classifier")
+    spaced = respace(gd.diffusion_from_flags(unet["flags"]), "ddim2")
+    expected, _ = sample_batches(
+        spaced, model, 2, (3, 64, 64), torch.tensor([5, 900]),
+        sampler="ddim", cond_fn=classifier_cond_fn(classifier, 3.0))
+    with np.load(out) as batch:
+        assert np.array_equal(batch["arr_0"], expected)
+        assert batch["arr_1"].tolist() == [5, 900]
+
+
+# `adm demo`, at a few steps (10 samples: a singular covariance for FID).
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_adm_demo_trains_samples_scores_and_reports(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--steps", "2", "--classifier-steps",
+            "2", "--per-class", "1", "--respacing", "2", "--scales", "0,3",
+            "--device", "cpu", "--quiet"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]) == {"0", "3"}
+    for scores in report["scores"].values():
+        assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["fid"])
+    assert report["timings_s"]["total"] > 0
+    assert (out / "guided_digits.png").stat().st_size > 0
+    assert (out / "report.md").read_text() in text
+    # A second run reuses the finished runs: no step is trained again.
+    logged = (out / "diffusion" / "metrics.jsonl").read_text()
+    assert cli.main(args) == 0
+    assert (out / "diffusion" / "metrics.jsonl").read_text() == logged
+    # Other settings in the same folder are refused, naming the way out.
+    changed = [*args, "--classifier-steps", "3"]
+    assert cli.main(changed) == 1
+    assert "made with other demo settings" in capsys.readouterr().err
+
+
+def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["demo", "--steps", "0", "--device", "cpu"]) == 1
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["demo", "--device", "cuda"]) == 1
+        assert "no GPU is visible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--scales", "1,x"])
