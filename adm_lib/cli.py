@@ -156,11 +156,13 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         model = sampling.load_network(args.model, "diffusion",
                                       args.model_flags, args.weights, device)
-        classifier = args.classifier and sampling.load_network(
-            args.classifier, "classifier", args.classifier_flags,
-            args.weights, device)
+        classifier = None
+        if args.classifier:
+            classifier = sampling.load_network(
+                args.classifier, "classifier", args.classifier_flags,
+                args.weights, device)
         images, labels = sampling.sample(
-            model, classifier or None,
+            model, classifier,
             classifier_scale=scale,
             cfg_scale=args.cfg_scale, sampler=args.sampler,
             respacing=args.respacing, eta=args.eta,
