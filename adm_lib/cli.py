@@ -111,14 +111,22 @@ def _run_training(args: argparse.Namespace, tr) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _device(name: str) -> str:
+    """--device: "auto" is a GPU if there is one; "cuda" must exist."""
     import torch
 
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: no GPU is visible to torch "
+                           f"{torch.__version__}; use --device cpu")
+    return name
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from adm_lib import metrics
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     try:
         scores = metrics.evaluate(
             args.ref, args.samples, args.features, args.weights,
@@ -130,18 +138,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(scores, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
-
-
-def _device(name: str) -> str:
-    """--device: "auto" is a GPU if there is one; "cuda" must exist."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no GPU is visible to torch "
-                           f"{torch.__version__}; use --device cpu")
-    return name
 
 
 def _sample(args: argparse.Namespace) -> int:

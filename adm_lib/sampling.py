@@ -129,12 +129,12 @@ def parse_labels(text: str | None, count: int, num_classes: int,
 def save_grid(path: str | os.PathLike, images: np.ndarray,
               columns: int) -> Path:
     """A PNG grid of uint8 N x H x W x C images, written atomically."""
+    from adm_lib.train import write_atomic
+
     grid = pixel_grid(images, columns)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-        tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
     return path
 
 
