@@ -37,6 +37,7 @@ __all__ = [
 
 # %% chapters/02_diffusion.py:118
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -172,7 +173,7 @@ class GaussianDiffusion(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:301
+# %% chapters/02_diffusion.py:302
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -247,7 +248,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:402
+# %% chapters/02_diffusion.py:403
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -281,7 +282,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:467
+# %% chapters/02_diffusion.py:468
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -318,7 +319,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:540
+# %% chapters/02_diffusion.py:541
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -382,16 +383,19 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:651
+# %% chapters/02_diffusion.py:658
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
-    if spec.startswith("ddim"):
+    if re.fullmatch(r"ddim\d+", spec):
         count = int(spec[len("ddim"):])
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == count:
                 return list(range(0, num_timesteps, stride))
         raise ValueError(f"cannot take exactly {count} of {num_timesteps} "
                          "steps with an integer stride")
+    if not re.fullmatch(r"\d+(,\d+)*", spec):
+        raise ValueError(f"respacing spec {spec!r} is not a step count, "
+                         "comma-separated counts, or ddimN")
     counts = [int(c) for c in spec.split(",")]
     size, extra = divmod(num_timesteps, len(counts))
     steps, start = [], 0
@@ -401,7 +405,11 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
             raise ValueError(f"cannot take {count} steps from a section "
                              f"of {section} in {spec!r}")
         stride = 1 if count <= 1 else (section - 1) / (count - 1)
-        steps += [start + round(stride * k) for k in range(count)]
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            # Accumulated, as the reference: round(stride * k) differs.
+            position += stride
         start += section
     return sorted(set(steps))
 
@@ -436,7 +444,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:756
+# %% chapters/02_diffusion.py:770
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -554,7 +562,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:883
+# %% chapters/02_diffusion.py:897
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,

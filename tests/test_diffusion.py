@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,70 @@ def test_hybrid_weight_is_lambda_times_t() -> None:
     noise = torch.randn_like(x)
     terms = training_losses(diffusion, model, x, t, noise=noise)
     torch.testing.assert_close(terms["loss"], terms["mse"] + 4 * terms["vb"])
+
+
+def _reference_rule(num_timesteps: int, counts: list[int]) -> list[int]:
+    """The reference's section rule, restated from its respace.py.
+
+    Each section walks a float position by its stride and rounds every
+    partial sum; written with itertools.accumulate so that it shares no
+    code with adm_lib's loop, only the order of the float additions.
+    """
+    size, extra = divmod(num_timesteps, len(counts))
+    sizes = [size + (i < extra) for i in range(len(counts))]
+    starts = itertools.accumulate(sizes, initial=0)
+    kept: set[int] = set()
+    for start, section, count in zip(starts, sizes, counts, strict=False):
+        stride = (section - 1) / (count - 1) if count > 1 else 1
+        walk = itertools.accumulate([stride] * (count - 1), initial=0.0)
+        kept.update(start + round(p) for p in walk if count > 0)
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("num_timesteps", [1000, 4000])
+def test_respacing_every_count_equals_reference_rule(num_timesteps: int) -> None:
+    differs = [n for n in range(1, num_timesteps + 1)
+               if space_timesteps(num_timesteps, str(n))
+               != _reference_rule(num_timesteps, [n])]
+    assert differs == []
+    for n in (1, 7, 21, 35, 999, num_timesteps):
+        assert len(space_timesteps(num_timesteps, str(n))) == n
+
+
+def test_respacing_known_disagreement_with_round_stride_times_k() -> None:
+    # 21 of 1000: stride 49.95, and 49.95 * 10 is exactly 499.5, which
+    # rounds to 500 (half to even), while the walked sum is 499.4999...
+    assert space_timesteps(1000, "21")[10] == 499
+
+
+def test_respacing_multi_section_specs_equal_reference_rule() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        num_timesteps = int(rng.integers(1, 4001))
+        sections = int(rng.integers(1, min(num_timesteps, 6) + 1))
+        size = num_timesteps // sections
+        counts = [int(c) for c in rng.integers(0, size + 1, sections)]
+        spec = ",".join(map(str, counts))
+        if not any(counts):
+            continue
+        assert space_timesteps(num_timesteps, spec) == _reference_rule(
+            num_timesteps, counts), spec
+
+
+def test_respacing_corner_cases() -> None:
+    # A section of one step, counts of 1 and 0, a section taken whole.
+    assert space_timesteps(3, "1,1,1") == [0, 1, 2]
+    assert space_timesteps(10, "1,0") == [0]
+    assert space_timesteps(10, "5,5") == list(range(10))
+    assert space_timesteps(11, "6,1") == list(range(6)) + [6]
+    # ddimN whose stride does not divide T: the first stride giving N.
+    assert space_timesteps(1000, "ddim30") == list(range(0, 1000, 34))
+    assert space_timesteps(4000, "ddim7") == list(range(0, 4000, 572))
+    with pytest.raises(ValueError, match="section of 5"):
+        space_timesteps(10, "6,1")
+    for bad in ["", "ddim", "ddimx", "10,", "-3", "2.5", "abc"]:
+        with pytest.raises(ValueError, match="respacing spec|integer stride"):
+            space_timesteps(1000, bad)
 
 
 def test_respacing_specs_and_errors() -> None:
