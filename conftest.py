@@ -5,18 +5,30 @@ each chapter listed in book.toml is converted to a notebook in the build folder
 and handed to nbval's collector, in lax mode (there are no stored outputs to
 compare; the cells assert what they show). If a requested chapter yields no
 cells, collection fails rather than passing with nothing run.
+
+A chapter whose every cell ran and passed has been executed exactly as
+`adm book build` would execute it (its parameters cell's defaults), so its
+outputs go into the site's cache (build/site-cache): the site test, ordered
+after the chapters, and a later `adm book build` render them without running
+the chapter a second time.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections.abc import Generator, Iterable
 from pathlib import Path
+from typing import Any
 
+import jupytext
 import nbformat
 import pytest
 from _pytest.compat import LEGACY_PATH, legacy_path
 from nbval.plugin import IPyNbFile
 
-from adm_lib.book import Book, to_notebook
+from adm_lib.book import Book, BookError, to_notebook
+from adm_lib.website import store_executed
 
 BOOK = Book.load(Path(__file__).parent)
 NOTEBOOKS = BOOK.build_dir / "nbval"
@@ -38,9 +50,39 @@ class ChapterNotebook(IPyNbFile):
     (so `pytest chapters/01_forward.py` selects it), while nbval reads, and
     runs the kernel beside, the notebook converted into the build folder."""
 
+    failed = False
+    cells: list[Any] = []
+
     @property
     def fspath(self) -> LEGACY_PATH:
         return legacy_path(NOTEBOOKS / f"{self.path.stem}.ipynb")
+
+    def collect(self) -> Iterable[Any]:
+        # The chapter's text as nbval runs it: the cache is keyed on this text.
+        self.text = self.path.read_text(encoding="utf-8")
+        self.cells = list(super().collect())
+        return self.cells
+
+    def setup(self) -> None:
+        self.started = time.perf_counter()
+        super().setup()
+
+    def teardown(self) -> None:
+        super().teardown()
+        ran = [cell.test_outputs for cell in self.cells]
+        if self.failed or not ran or any(outputs is None for outputs in ran):
+            return  # a failed, skipped or deselected cell: not the whole chapter
+        notebook = jupytext.reads(self.text, fmt="py:percent")
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        for count, (cell, outputs) in enumerate(zip(code, ran, strict=True), 1):
+            cell.execution_count, cell.outputs = count, outputs
+        try:
+            store_executed(BOOK, self.path, notebook, {},
+                           time.perf_counter() - self.started, "nbval",
+                           text=self.text)
+        except (BookError, OSError) as err:
+            warnings.warn(f"{self.path.name}: not shared with the site cache: "
+                          f"{err}", stacklevel=1)
 
 
 def pytest_collect_file(
@@ -76,3 +118,17 @@ def pytest_collection_modifyitems(
             f"no notebook cells collected for chapter(s) {', '.join(missing)}; "
             "nbval must run every chapter listed in book.toml"
         )
+    # The site's tests render what the chapters' cells have just executed
+    # (build/site-cache), so they run after them; the sort keeps other orders.
+    items.sort(key=lambda item: item.get_closest_marker("site") is not None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Note a chapter with a failing cell: its outputs must not reach the site."""
+    report = yield
+    if report.failed and isinstance(item.parent, ChapterNotebook):
+        item.parent.failed = True
+    return report

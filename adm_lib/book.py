@@ -45,6 +45,9 @@ class Book:
     kernel: str
     cell_timeout: int
     startup_timeout: int
+    description: str = ""
+    authors: tuple[str, ...] = ()
+    language: str = "en"
 
     @classmethod
     def load(cls, start: Path | None = None) -> Book:
@@ -72,6 +75,9 @@ class Book:
                 kernel=execute.get("kernel", "python3"),
                 cell_timeout=int(execute.get("cell-timeout", 1800)),
                 startup_timeout=int(execute.get("startup-timeout", 120)),
+                description=book.get("description", ""),
+                authors=tuple(book.get("authors", ())),
+                language=book.get("language", "en"),
             )
         except tomllib.TOMLDecodeError as err:
             raise BookError(f"{path}: not valid TOML: {err}") from err
@@ -177,6 +183,11 @@ def _title(cells: list[Cell]) -> str:
                 if line.startswith("# # "):
                     return line[4:].strip()
     return ""
+
+
+def chapter_title(chapter: Path) -> str:
+    """A chapter's title: the first level-one heading of its markdown cells."""
+    return _title(read_cells(chapter))
 
 
 def chapter_module(book: Book, chapter: Path) -> tuple[Path, str] | None:
@@ -355,6 +366,18 @@ def coerce_parameter(name: str, raw: str, default: Any) -> Any:
         ) from err
 
 
+def resolve_parameters(chapter: Path, overrides: dict[str, str]) -> dict[str, Any]:
+    """Check command-line overrides against a chapter's parameters; coerce them."""
+    defaults = chapter_parameters(chapter)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise BookError(
+            f"{chapter.name} has no parameter {', '.join(unknown)}; "
+            f"its parameters: {', '.join(defaults)}"
+        )
+    return {k: coerce_parameter(k, v, defaults[k]) for k, v in overrides.items()}
+
+
 def to_notebook(chapter: Path) -> Any:
     """Read a chapter as an nbformat notebook through Jupytext."""
     import jupytext
@@ -372,14 +395,7 @@ def run_chapter(
     """Execute a chapter with papermill and write the executed notebook."""
     import papermill
 
-    defaults = chapter_parameters(chapter)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise BookError(
-            f"{chapter.name} has no parameter {', '.join(unknown)}; "
-            f"its parameters: {', '.join(defaults)}"
-        )
-    values = {k: coerce_parameter(k, v, defaults[k]) for k, v in overrides.items()}
+    values = resolve_parameters(chapter, overrides)
     output = output or book.build_dir / "run" / f"{chapter.stem}.ipynb"
     output.parent.mkdir(parents=True, exist_ok=True)
     try:

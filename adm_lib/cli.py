@@ -63,6 +63,21 @@ def _book_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _book_build(args: argparse.Namespace) -> int:
+    from adm_lib import website
+
+    book = bk.Book.load()
+    parameters = {}
+    if args.parameters is not None:
+        parameters = website.read_parameters_file(book, args.parameters)
+    report = website.build_site(book, args.output, parameters,
+                                force=args.execute, progress=not args.quiet)
+    print(f"wrote {report.index}: {len(book.chapters)} chapter(s), "
+          f"{len(report.executed)} executed, {len(report.reused)} from the cache "
+          f"({book.rel(book.build_dir / website.CACHE)}), {report.seconds:.0f} s")
+    return 0
+
+
 def _setting(text: str) -> tuple[str, str]:
     """A --set argument, KEY=VALUE."""
     key, eq, value = text.partition("=")
@@ -150,6 +165,14 @@ def _sample(args: argparse.Namespace) -> int:
                                "--classifier")
     scale = 1.0 if args.classifier_scale is None else args.classifier_scale
     try:
+        # Every option is checked before a model loads or a step runs.
+        sampling.check_options(
+            args.classifier, classifier_scale=scale,
+            cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
+            guide_at_mean=args.guide_at == "mean",
+            num_samples=args.num_samples, labels=args.labels,
+            batch_size=args.batch_size)
+        sampling.check_out(args.out, args.grid_columns)
         model = sampling.load_network(args.model, "diffusion",
                                       args.model_flags, args.weights, device)
         classifier = None
@@ -217,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adm", description="adm-book: the ADM textbook and its library."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    book = commands.add_parser("book", help="export, check and run the chapters")
+    book = commands.add_parser(
+        "book", help="export, check, run and build the chapters")
     actions = book.add_subparsers(dest="action", required=True)
     actions.add_parser(
         "export", help="write adm_lib's generated modules from the chapters"
@@ -238,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_book_run)
+    build = actions.add_parser(
+        "build", help="the book as a web site: execute the chapters, render HTML",
+        description="Execute every chapter (with its parameters cell's smoke "
+        "defaults unless --parameters says otherwise; an unchanged chapter is "
+        "reused from build/site-cache) and write a site that reads offline: "
+        "an index, one HTML page per chapter with its outputs and figures "
+        "embedded, maths by a local MathJax.",
+    )
+    build.add_argument("--execute", action="store_true",
+                       help="execute every chapter again, ignoring the cache")
+    build.add_argument("--output", type=Path, metavar="DIR",
+                       help="the site's folder (default build/site)")
+    build.add_argument("--parameters", type=Path, metavar="FILE.toml",
+                       help="overrides per chapter: a [01_forward] table of "
+                       "name = value lines for each chapter to change")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(func=_book_build)
 
     train = commands.add_parser(
         "train", help="train a diffusion model, noisy classifier or upsampler",

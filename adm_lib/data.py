@@ -6,9 +6,10 @@ models: a float32 tensor ``C x H x W`` holding ``uint8 / 127.5 - 1``, so values 
 
 :func:`load_dataset` accepts
 
-* the name ``"mnist5k"``: 5,000 MNIST digits embedded in the project
-  (``data/mnist5k.npz``, see ``data/README.md``), zero-padded from 28x28 to 32x32 so
-  the border is -1 after scaling; 1 channel; 10 classes named ``"0"`` to ``"9"``;
+* the name ``"mnist5k"``: 5,000 MNIST digits shipped in the package
+  (``adm_lib/assets/mnist5k.npz``, see ``data/README.md``), zero-padded from 28x28
+  to 32x32 so the border is -1 after scaling; 1 channel; 10 classes named ``"0"`` to
+  ``"9"``;
 * a folder of images, searched recursively, labelled by sub-folder
   (``labels="folder"``), by the reference's file-name prefix (``"filename"``:
   ``3_00012.png`` is class ``"3"``), or not at all (``"none"``);
@@ -21,6 +22,10 @@ models: a float32 tensor ``C x H x W`` holding ``uint8 / 127.5 - 1``, so values 
 One class, :class:`ImageDataset`, converts colours, resizes (the reference's
 :func:`center_crop_arr`) and scales; it gets raw PIL images from a small backend:
 ``_Folder`` and ``_Zip`` decode files on demand, ``_Arrays`` holds pixels in memory.
+A data set's channels are decided by all of its images, not the first: one colour
+image anywhere makes it RGB (3 channels, greyscale images converted), otherwise it
+is greyscale (1 channel). Folders and zips read image headers until the first colour
+one, so a colour set costs one header and a greyscale set one header per image.
 Bad input raises :class:`DataError`, whose message names the file or field at fault.
 """
 
@@ -40,11 +45,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from adm_lib.assets import asset
+
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 )
 LABEL_MODES = ("auto", "folder", "filename", "none")
-MNIST5K_PATH = Path(__file__).resolve().parent.parent / "data" / "mnist5k.npz"
+MNIST5K_PATH = asset("mnist5k.npz")
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
@@ -78,6 +85,8 @@ class _Backend(Protocol):
 
     def image(self, index: int) -> Image.Image: ...
 
+    def channels(self) -> int: ...
+
 
 def _decode(name: str, data: bytes) -> Image.Image:
     """Decode an encoded image, or raise a DataError naming it."""
@@ -87,6 +96,20 @@ def _decode(name: str, data: bytes) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {name}: {e}") from e
     return image
+
+
+def _channels(backend: _Backend, header: Callable[[int], Image.Image]) -> int:
+    """3 if any image is in colour, else 1, from headers (stops at a colour one)."""
+    for index in range(len(backend)):
+        try:
+            with header(index) as image:
+                grey = image.mode in _GRAY_MODES
+        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error,
+                EOFError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {backend.name(index)}: {e}") from e
+        if not grey:
+            return 3
+    return 1
 
 
 class _Folder:
@@ -107,6 +130,9 @@ class _Folder:
         except OSError as e:
             raise DataError(f"cannot read image {self.name(index)}: {e}") from e
         return _decode(self.name(index), data)
+
+    def channels(self) -> int:
+        return _channels(self, lambda i: Image.open(self.root / self.files[i]))
 
 
 class _Zip:
@@ -135,6 +161,15 @@ class _Zip:
             raise DataError(f"cannot read image {self.name(index)}: {e}") from e
         return _decode(self.name(index), data)
 
+    def channels(self) -> int:
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                return _channels(
+                    self, lambda i: Image.open(archive.open(self.members[i]))
+                )
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read zip archive {self.path}: {e}") from e
+
 
 class _Arrays:
     """Images held in memory as uint8 N x H x W (grayscale) or N x H x W x 3."""
@@ -151,14 +186,17 @@ class _Arrays:
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.pixels[index])
 
+    def channels(self) -> int:
+        return 1 if self.pixels.ndim == 3 else 3
+
 
 class ImageDataset(Dataset):
     """Images as float32 C x H x W tensors in [-1, 1] with int labels (-1: none).
 
     Build one with :func:`load_dataset`. ``resolution=None`` keeps the images' own
     (square) size, which all images must share; an int resizes every image that
-    differs with :func:`center_crop_arr`. ``channels=None`` takes 1 if the first image
-    is grayscale, else 3.
+    differs with :func:`center_crop_arr`. ``channels=None`` takes 3 if any image is in
+    colour (greyscale ones are converted), else 1; 1 or 3 converts every image.
     """
 
     def __init__(
@@ -177,7 +215,7 @@ class ImageDataset(Dataset):
         self.class_names = list(class_names or [])
         self.num_classes = len(self.class_names)
         first = backend.image(0)
-        self.channels = channels or (1 if first.mode in _GRAY_MODES else 3)
+        self.channels = channels or backend.channels()
         self._resize = resolution is not None
         if resolution is None:
             if first.width != first.height:
@@ -210,6 +248,10 @@ class ImageDataset(Dataset):
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         label = -1 if self.labels is None else int(self.labels[index])
         return torch.from_numpy(np.ascontiguousarray(arr)), label
+
+    def name(self, index: int) -> str:
+        """Where image ``index`` comes from: a file, an archive member, an array row."""
+        return self._backend.name(index)
 
     def images(self, indices: Iterable[int]) -> torch.Tensor:
         """Return the images at ``indices`` as one N x C x H x W batch."""
@@ -432,7 +474,7 @@ def _load_mnist5k(labels: str, options: dict) -> ImageDataset:
     """The embedded MNIST subset, zero-padded to 32x32."""
     _check_array_label_mode("mnist5k", labels)
     try:
-        with np.load(MNIST5K_PATH, allow_pickle=False) as npz:
+        with MNIST5K_PATH.open("rb") as f, np.load(f, allow_pickle=False) as npz:
             pixels, digits = npz["images"], npz["labels"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cannot read the embedded data set {MNIST5K_PATH}: {e}") from e

@@ -8,21 +8,22 @@ the images are 32x32 digits or CIFAR-10 pictures unlike ImageNet, a
 ``{"pool", "spatial", "logits"}`` interface as ``adm_lib.inception``. Numbers made
 with one are labelled by the net, e.g. "FID(cifar10-net)", never "FID".
 
-The weights are made by ``python data/make_feature_nets.py`` and read by
-:func:`load_data_set_net`; ``data/README.md`` records how, and their accuracies.
+The weights ship in ``adm_lib/assets/``, made by ``python data/make_feature_nets.py``
+and read by :func:`load_data_set_net`; ``data/README.md`` records how, and their
+accuracies.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from adm_lib.assets import asset
+
 FILE_FORMAT = "adm-book datanet v1"
 RESOLUTION = 32
 SPATIAL_CHANNELS = 7
@@ -34,15 +35,15 @@ MNIST_TEST_SIZE = 1000
 class NetInfo:
     """Where a data-set net's weights live and what it reads and predicts."""
 
-    path: Path
+    path: Traversable  # a packaged file (adm_lib.assets) or any Path
     in_channels: int
     num_classes: int
     data: str
 
 
 NETS: dict[str, NetInfo] = {
-    "mnist": NetInfo(DATA_DIR / "featnet_mnist5k.pt", 1, 10, "mnist5k"),
-    "cifar10": NetInfo(DATA_DIR / "featnet_cifar10.pt", 3, 10, "CIFAR-10"),
+    "mnist": NetInfo(asset("featnet_mnist5k.pt"), 1, 10, "mnist5k"),
+    "cifar10": NetInfo(asset("featnet_cifar10.pt"), 3, 10, "CIFAR-10"),
 }
 
 
@@ -187,12 +188,13 @@ def load_data_set_net(name: str, device: str | torch.device = "cpu") -> DataSetN
             f"unknown data-set net {name!r}; known names: {', '.join(NETS)}"
         )
     path = NETS[name].path
-    if not os.path.exists(path):
+    if not path.is_file():
         raise FileNotFoundError(
             f"no weights for the {name!r} data-set net at {path}; make them with "
             "`python data/make_feature_nets.py`"
         )
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not a data-set net file ({FILE_FORMAT!r})")
     net = DataSetNet(**blob["config"])

@@ -27,6 +27,7 @@ __all__ = [
     "p_sample",
     "ddim_sample",
     "ddim_reverse_sample",
+    "NoiseFn",
     "p_sample_loop_progressive",
     "ddim_sample_loop_progressive",
     "p_sample_loop",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:118
+# %% chapters/02_diffusion.py:120
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -64,8 +65,9 @@ class GaussianDiffusion(ForwardProcess):
         var_type: str = "learned_range",
         loss: str | None = None,
         lambda_vlb: float = 0.001,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(betas)
+        super().__init__(betas, dtype)
         learned = var_type in ("learned", "learned_range")
         loss = loss or ("hybrid" if learned else "simple")
         for name, value, known in [("mean_type", mean_type, MEAN_TYPES),
@@ -133,7 +135,8 @@ class GaussianDiffusion(ForwardProcess):
                 f"{(x.shape[0], channels, *x.shape[2:])} for var_type "
                 f"{self.var_type!r}"
             )
-        output = output.float()
+        # The maths runs in self.dtype: half-precision outputs are upcast.
+        output = output.to(self.dtype)
         mean_out, var_out = output[:, : x.shape[1]], output[:, x.shape[1]:]
         log_variance = self._log_variance(var_out, x, t)
         pred_xstart = self._predict_xstart(mean_out, x, t)
@@ -173,7 +176,7 @@ class GaussianDiffusion(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:302
+# %% chapters/02_diffusion.py:306
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -248,7 +251,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:403
+# %% chapters/02_diffusion.py:407
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -282,7 +285,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:468
+# %% chapters/02_diffusion.py:472
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -301,7 +304,7 @@ def training_losses(
         vb = vb_terms_bpd(diffusion, p, x_start, x_t, t)
         return {"loss": vb * diffusion.num_timesteps, "vb": vb}
     channels = x_start.shape[1]
-    mean_out = output[:, :channels].float()
+    mean_out = output[:, :channels].to(diffusion.dtype)
     target = {
         "eps": noise,
         "x0": x_start,
@@ -319,7 +322,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:541
+# %% chapters/02_diffusion.py:545
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -383,7 +386,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:658
+# %% chapters/02_diffusion.py:662
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -425,7 +428,8 @@ class SpacedDiffusion(GaussianDiffusion):
         alphas_cumprod = base.alphas_cumprod[kept]
         previous = np.append(1.0, alphas_cumprod[:-1])
         super().__init__(1 - alphas_cumprod / previous, base.mean_type,
-                         base.var_type, base.loss, base.lambda_vlb)
+                         base.var_type, base.loss, base.lambda_vlb,
+                         base.dtype)
         self.timestep_map = base.model_timesteps(torch.tensor(kept))
         self._maps: dict[torch.device, Tensor] = {}
 
@@ -444,7 +448,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:771
+# %% chapters/02_diffusion.py:776
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -462,7 +466,8 @@ def condition_mean(
     point = p["mean"] if at_mean else x
     gradient = cond_fn(point, diffusion.model_timesteps(t),
                        **(model_kwargs or {}))
-    return p["mean"].float() + p["variance"] * gradient.float()
+    dtype = diffusion.dtype
+    return p["mean"].to(dtype) + p["variance"] * gradient.to(dtype)
 
 
 def condition_score(
@@ -562,7 +567,10 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:898
+# %% chapters/02_diffusion.py:908
+NoiseFn = Callable[[Tensor], Tensor]
+
+
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,
@@ -570,12 +578,15 @@ def _loop(
     x: Tensor,
     steps: range,
     progress: bool,
+    noise_fn: NoiseFn | None = None,
     **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     from tqdm.auto import tqdm
 
     for i in tqdm(steps, disable=not progress, desc=step.__name__):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        if noise_fn is not None:  # None: a deterministic step (inversion)
+            kwargs["noise"] = noise_fn(x)
         with torch.no_grad():
             out = step(diffusion, model, x, t, **kwargs)
         yield {"step": i, **out}
@@ -584,22 +595,24 @@ def _loop(
 
 def p_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False, **kwargs: Any,
+    progress: bool = False, noise_fn: NoiseFn = torch.randn_like,
+    **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     """Ancestral sampling from x_T = noise, yielding every step."""
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     yield from _loop(p_sample, diffusion, model, noise, steps, progress,
-                     **kwargs)
+                     noise_fn, **kwargs)
 
 
 def ddim_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False, **kwargs: Any,
+    progress: bool = False, noise_fn: NoiseFn = torch.randn_like,
+    **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     """DDIM sampling from x_T = noise (option eta), yielding every step."""
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     yield from _loop(ddim_sample, diffusion, model, noise, steps, progress,
-                     **kwargs)
+                     noise_fn, **kwargs)
 
 
 def _last(

@@ -71,11 +71,13 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     return BETA_SCHEDULES[name](num_timesteps)
 
 
-# %% chapters/01_forward.py:244
+# %% chapters/01_forward.py:250
 class ForwardProcess:
     """The forward process q of a beta schedule: marginals and posterior."""
 
-    def __init__(self, betas: np.ndarray) -> None:
+    def __init__(
+        self, betas: np.ndarray, dtype: torch.dtype = torch.float32
+    ) -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
             raise ValueError("betas must be a 1-D array with values in (0, 1]")
@@ -106,16 +108,21 @@ class ForwardProcess:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / one_minus
         )
-        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+        # The precision of the tables extract returns, and so of the maths
+        # done with them; it may be changed at any time.
+        self.dtype = dtype
+        self._on_device: dict[
+            tuple[str, torch.device, torch.dtype], Tensor
+        ] = {}
 
     def extract(self, name: str, t: Tensor, ndim: int) -> Tensor:
-        """Table `name` at timesteps t, float32, broadcastable to ndim."""
-        key = (name, t.device)
+        """Table `name` at timesteps t, in self.dtype, broadcastable."""
+        key = (name, t.device, self.dtype)
         if key not in self._on_device:
             # Copy each table to a device once: a host-to-device copy per call
             # would synchronise the GPU at every training or sampling step.
             self._on_device[key] = torch.as_tensor(
-                getattr(self, name), dtype=torch.float32, device=t.device
+                getattr(self, name), dtype=self.dtype, device=t.device
             )
         return self._on_device[key][t].view(-1, *(1,) * (ndim - 1))
 

@@ -11,6 +11,8 @@ __all__ = [
     "classifier_cond_fn",
     "ignore_labels",
     "guided_sample",
+    "sample_seed",
+    "sample_noise",
     "sample_batches",
     "classifier_free_model",
     "guidance_scores",
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.diffusion import (
     GaussianDiffusion,
+    NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
 )
@@ -51,7 +54,10 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
     """grad_x log p(y | x_t) of each image, from a noisy classifier."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
+        logits = classifier(x_in, t)
+        # Half-precision logits are upcast; float64 ones stay float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = F.log_softmax(logits, dim=-1)
         chosen = log_probs[torch.arange(len(y), device=y.device), y]
         return torch.autograd.grad(chosen.sum(), x_in)[0]
 
@@ -63,7 +69,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/04_guidance.py:294
+# %% chapters/04_guidance.py:309
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -78,8 +84,12 @@ def guided_sample(
     cond_fn: CondFn | None = None, guide_at_mean: bool = False,
     eta: float = 0.0, progress: bool = False,
     callback: Callable[[dict[str, Tensor]], None] | None = None,
+    noise_fn: NoiseFn = torch.randn_like,
 ) -> Tensor:
-    """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim")."""
+    """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
+
+    `noise_fn(x)` gives each step's noise (chapter 2's loops).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
                          f"not {sampler!r}")
@@ -91,10 +101,40 @@ def guided_sample(
     kwargs = {} if labels is None else {"y": labels}
     if sampler == "ddpm":
         return p_sample_loop(diffusion, model, noise, progress, callback,
-                             model_kwargs=kwargs, cond_fn=cond_fn,
-                             guide_at_mean=guide_at_mean)
+                             noise_fn=noise_fn, model_kwargs=kwargs,
+                             cond_fn=cond_fn, guide_at_mean=guide_at_mean)
     return ddim_sample_loop(diffusion, model, noise, progress, callback,
-                            model_kwargs=kwargs, cond_fn=cond_fn, eta=eta)
+                            noise_fn=noise_fn, model_kwargs=kwargs,
+                            cond_fn=cond_fn, eta=eta)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the noise stream of sample `index` under `seed`."""
+    # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
+    # share a stream while index < M. CPU generators keep a seed's low 32
+    # bits, so there this holds for seeds below 4,294; CUDA keeps 64.
+    return (seed * 1_000_003 + index) % 2**64
+
+
+def sample_noise(seed: int, indices: range,
+                 device: str | torch.device = "cpu") -> NoiseFn:
+    """Noise whose row k comes from sample indices[k]'s own stream.
+
+    Each call draws the next noise of every stream on `device`: first a
+    sample's x_T, then its steps' noise, whatever batch it is in.
+    """
+    generators = [torch.Generator(device).manual_seed(sample_seed(seed, i))
+                  for i in indices]
+
+    def noise_fn(like: Tensor) -> Tensor:
+        if len(like) != len(generators):
+            raise ValueError(f"noise for {len(generators)} samples, "
+                             f"asked for {len(like)}")
+        noise = torch.empty_like(like)
+        for row, generator in zip(noise, generators, strict=True):
+            row.normal_(generator=generator)
+        return noise
+    return noise_fn
 
 
 def sample_batches(
@@ -106,31 +146,29 @@ def sample_batches(
     """`count` samples as uint8 N x H x W x C, and their labels.
 
     `options` go to `guided_sample` (sampler, cond_fn, guide_at_mean,
-    eta). The noise of sample i is the same whatever the batch size.
+    eta). Sample i's noise, x_T and steps, is `sample_noise`'s stream i,
+    so samples do not depend on the batch size.
     """
     if labels is not None and len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} samples")
     device = torch.device(device)
-    noise = torch.randn((count, *shape),
-                        generator=torch.Generator().manual_seed(seed))
-    images = []
+    # Filled in place: no second copy of all samples, as concatenating has.
+    images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)  # the ancestral sampler's noise
-        for start in range(0, count, batch_size):
-            rows = slice(start, start + batch_size)
-            y = None if labels is None else labels[rows].to(device)
-            x = guided_sample(diffusion, model, noise[rows].to(device), y,
-                              **options)
-            images.append(to_uint8(x))
-            bar.update(len(x))
+    for start in range(0, count, batch_size):
+        rows = range(start, min(start + batch_size, count))
+        noise_fn = sample_noise(seed, rows, device)
+        x_T = noise_fn(torch.empty((len(rows), *shape), device=device))
+        y = None if labels is None else labels[start:rows.stop].to(device)
+        x = guided_sample(diffusion, model, x_T, y, noise_fn=noise_fn,
+                          **options)
+        images[start:rows.stop] = to_uint8(x)
+        bar.update(len(rows))
     bar.close()
-    return (np.concatenate(images),
-            None if labels is None else labels.cpu().numpy())
+    return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/04_guidance.py:386
+# %% chapters/04_guidance.py:466
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""
@@ -148,7 +186,7 @@ def classifier_free_model(model: Model, scale: float,
     return guided
 
 
-# %% chapters/04_guidance.py:579
+# %% chapters/04_guidance.py:659
 def guidance_scores(ref: dict[str, np.ndarray],
                     samples: dict[str, np.ndarray],
                     labels: np.ndarray | None = None,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adm_lib.compat.guided_diffusion import safe_load
+
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILE
@@ -317,9 +319,10 @@ def load_inception(
     """Build the network, load the weights strictly, freeze it and move it to device."""
     file = find_weights(path)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"cannot read Inception weights from {file}: {err}") from err
+        state = safe_load(file)
+    except (ValueError, OSError) as err:
+        message = f"cannot read Inception weights from {file}: {err}"
+        raise RuntimeError(message) from None
     if not isinstance(state, dict):
         raise RuntimeError(f"{file} holds a {type(state).__name__}, not a state_dict")
     # A state_dict saved from an nn.BatchNorm2d model carries unused step counters.

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:102
+# %% chapters/05_metrics.py:103
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -85,7 +85,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:179
+# %% chapters/05_metrics.py:180
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -131,7 +131,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:267
+# %% chapters/05_metrics.py:268
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -144,7 +144,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:314
+# %% chapters/05_metrics.py:315
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -206,7 +206,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:416
+# %% chapters/05_metrics.py:417
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -225,7 +225,8 @@ def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    # Named after the process: two writers never write into one file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path
@@ -266,7 +267,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:476
+# %% chapters/05_metrics.py:478
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -279,9 +280,20 @@ def evaluate(ref: str | os.PathLike | Batch,
     sigma, mu_s and sigma_s are used as given when the features are
     Inception's (they were made with Inception).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
     extractor = feature_extractor(features, weights, device)  # fail fast
-    ref = ref if isinstance(ref, Batch) else read_batch(ref)
-    samples = samples if isinstance(samples, Batch) else read_batch(samples)
+    batches = []
+    for name, given in (("reference", ref), ("sample", samples)):
+        batch = given if isinstance(given, Batch) else read_batch(given)
+        if len(batch.images) < 4:
+            where = "" if isinstance(given, Batch) else f" {given}"
+            raise ValueError(
+                f"the {name} batch{where} has {len(batch.images)} images; "
+                "the scores need at least 4 (precision and recall use "
+                "each image's 3rd nearest neighbour)")
+        batches.append(batch)
+    ref, samples = batches
     acts = [compute_activations(batch.images, extractor, batch_size, device,
                                 progress) for batch in (ref, samples)]
     stats = [(feature_statistics(a["pool"]), feature_statistics(a["spatial"]))

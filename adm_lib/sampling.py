@@ -101,24 +101,81 @@ def _load_reference(path: Path, kind: str, flags: str,
                   respacing, None, f"{path} (reference flags)")
 
 
-def parse_labels(text: str | None, count: int, num_classes: int,
-                 seed: int) -> torch.Tensor | None:
-    """The labels of `count` samples: "random", or a list cycled through."""
-    if num_classes == 0:
-        if text not in (None, "random"):
-            raise SampleError("--labels needs a class-conditional model or "
-                              "a classifier")
-        return None
+def check_options(classifier: object | None = None, *,
+                  classifier_scale: float = 1.0, cfg_scale: float = 0.0,
+                  sampler: str = "ddpm", eta: float = 0.0,
+                  guide_at_mean: bool = False, num_samples: int = 16,
+                  labels: str | None = None, batch_size: int = 64) -> None:
+    """Raise SampleError naming the first option that cannot work.
+
+    What `sample` takes, checked before any model is loaded; `classifier`
+    is anything standing for one (a path, a network), or None.
+    """
+    if sampler not in SAMPLERS:
+        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}")
+    for flag, value in (("--classifier-scale", classifier_scale),
+                        ("--cfg-scale", cfg_scale)):
+        if not (math.isfinite(value) and value >= 0):
+            raise SampleError(f"{flag} {value}: expected a finite number "
+                              ">= 0")
+    # eta 0 is DDIM, 1 the ancestral sampler's noise; above 1 the DDIM
+    # step's square root goes negative (NaN samples).
+    if not 0 <= eta <= 1:
+        raise SampleError(f"--eta {eta}: expected a number in [0, 1]")
+    for flag, value in (("--num-samples", num_samples),
+                        ("--batch-size", batch_size)):
+        if value < 1:
+            raise SampleError(f"{flag} {value}: expected a number >= 1")
+    if guide_at_mean and (classifier is None or sampler != "ddpm"):
+        raise SampleError("--guide-at mean needs a classifier and the ddpm "
+                          "sampler (Algorithm 1)")
+    _label_list(labels)
+
+
+def check_out(out: str | os.PathLike,
+              columns: int | None = None) -> Path:
+    """`out` as a writable .npz path, and `columns` positive, or SampleError."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise SampleError(f"--out {out}: the batch file must end in .npz")
+    if out.is_dir():
+        raise SampleError(f"--out {out} is a folder; name a file in it")
+    if not out.parent.is_dir():
+        raise SampleError(f"--out {out}: no folder {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise SampleError(f"--out {out}: cannot write in {out.parent}")
+    if columns is not None and columns < 1:
+        raise SampleError(f"--grid-columns {columns}: expected a number "
+                          ">= 1")
+    return out
+
+
+def _label_list(text: str | None) -> list[int] | None:
+    """--labels as class numbers; None for "random" (or not given)."""
     if text in (None, "random"):
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(num_classes, (count,), generator=g)
+        return None
     try:
         chosen = [int(word) for word in text.split(",") if word.strip()]
     except ValueError:
         chosen = []
-    if not chosen:
+    if not chosen or min(chosen) < 0:
         raise SampleError(f"--labels {text!r}: expected 'random' or class "
                           "numbers such as 0,3,7")
+    return chosen
+
+
+def parse_labels(text: str | None, count: int, num_classes: int,
+                 seed: int) -> torch.Tensor | None:
+    """The labels of `count` samples: "random", or a list cycled through."""
+    chosen = _label_list(text)
+    if num_classes == 0:
+        if chosen is not None:
+            raise SampleError("--labels needs a class-conditional model or "
+                              "a classifier")
+        return None
+    if chosen is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(num_classes, (count,), generator=g)
     bad = [y for y in chosen if not 0 <= y < num_classes]
     if bad:
         raise SampleError(f"--labels: {bad} outside the model's "
@@ -147,13 +204,10 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
            seed: int = 0, progress: bool = False,
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples of `model`, guided as asked; uint8 NHWC and labels."""
-    if sampler not in SAMPLERS:
-        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-    if num_samples < 1 or batch_size < 1:
-        raise SampleError("--num-samples and --batch-size must be >= 1")
-    if guide_at_mean and (classifier is None or sampler != "ddpm"):
-        raise SampleError("--guide-at mean needs a classifier and the ddpm "
-                          "sampler (Algorithm 1)")
+    check_options(classifier, classifier_scale=classifier_scale,
+                  cfg_scale=cfg_scale, sampler=sampler, eta=eta,
+                  guide_at_mean=guide_at_mean, num_samples=num_samples,
+                  labels=labels, batch_size=batch_size)
     net: Any = model.model
     num_classes = model.num_classes
     if classifier is not None:
@@ -213,11 +267,7 @@ def write_samples(out: str | os.PathLike, images: np.ndarray,
                   labels: np.ndarray | None,
                   columns: int | None = None) -> tuple[Path, Path]:
     """The batch file (.npz) and a PNG grid beside it."""
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise SampleError(f"--out {out}: the batch file must end in .npz")
-    if not out.parent.is_dir():
-        raise SampleError(f"--out {out}: no folder {out.parent}")
+    out = check_out(out, columns)
     columns = columns or math.ceil(math.sqrt(len(images)))
     batch = write_batch(out, images, labels)
     return batch, save_grid(out.with_suffix(".png"), images, columns)

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:106
+# %% chapters/03_architecture.py:108
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +66,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:150
+# %% chapters/03_architecture.py:152
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -81,7 +81,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:189
+# %% chapters/03_architecture.py:191
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -100,7 +100,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:217
+# %% chapters/03_architecture.py:219
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -161,7 +161,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:326
+# %% chapters/03_architecture.py:328
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -236,7 +236,7 @@ class ResBlock(TimestepBlock):
         return (self.skip_connection(x) + h) * self.residual_scale
 
 
-# %% chapters/03_architecture.py:457
+# %% chapters/03_architecture.py:460
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, 3*C, T] qkv."""
 
@@ -310,7 +310,7 @@ class AttentionBlock(nn.Module):
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:602
+# %% chapters/03_architecture.py:605
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -399,7 +399,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:700
+# %% chapters/03_architecture.py:703
 class UNetModel(nn.Module):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -500,7 +500,7 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:878
+# %% chapters/03_architecture.py:881
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -570,7 +570,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:949
+# %% chapters/03_architecture.py:952
 class EncoderUNetModel(nn.Module):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -635,7 +635,7 @@ class EncoderUNetModel(nn.Module):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1046
+# %% chapters/03_architecture.py:1049
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -654,7 +654,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
 
-# %% chapters/03_architecture.py:1238
+# %% chapters/03_architecture.py:1241
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

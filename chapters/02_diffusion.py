@@ -113,6 +113,8 @@ print(f"device: {device}")
 # names are kept throughout. The diffusion also carries the training objective
 # (`loss`, section 2.3), so that a saved configuration rebuilds all of it.
 # `model_timesteps` is the identity here; respacing (section 2.5) overrides it.
+# The model's output is cast to chapter 1's `dtype` (float32 by default), so a
+# network run in half precision still gets its Gaussian in float32.
 
 # %%
 #| export
@@ -144,8 +146,9 @@ class GaussianDiffusion(ForwardProcess):
         var_type: str = "learned_range",
         loss: str | None = None,
         lambda_vlb: float = 0.001,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(betas)
+        super().__init__(betas, dtype)
         learned = var_type in ("learned", "learned_range")
         loss = loss or ("hybrid" if learned else "simple")
         for name, value, known in [("mean_type", mean_type, MEAN_TYPES),
@@ -213,7 +216,8 @@ class GaussianDiffusion(ForwardProcess):
                 f"{(x.shape[0], channels, *x.shape[2:])} for var_type "
                 f"{self.var_type!r}"
             )
-        output = output.float()
+        # The maths runs in self.dtype: half-precision outputs are upcast.
+        output = output.to(self.dtype)
         mean_out, var_out = output[:, : x.shape[1]], output[:, x.shape[1]:]
         log_variance = self._log_variance(var_out, x, t)
         pred_xstart = self._predict_xstart(mean_out, x, t)
@@ -484,7 +488,7 @@ def training_losses(
         vb = vb_terms_bpd(diffusion, p, x_start, x_t, t)
         return {"loss": vb * diffusion.num_timesteps, "vb": vb}
     channels = x_start.shape[1]
-    mean_out = output[:, :channels].float()
+    mean_out = output[:, :channels].to(diffusion.dtype)
     target = {
         "eps": noise,
         "x0": x_start,
@@ -697,7 +701,8 @@ class SpacedDiffusion(GaussianDiffusion):
         alphas_cumprod = base.alphas_cumprod[kept]
         previous = np.append(1.0, alphas_cumprod[:-1])
         super().__init__(1 - alphas_cumprod / previous, base.mean_type,
-                         base.var_type, base.loss, base.lambda_vlb)
+                         base.var_type, base.loss, base.lambda_vlb,
+                         base.dtype)
         self.timestep_map = base.model_timesteps(torch.tensor(kept))
         self._maps: dict[torch.device, Tensor] = {}
 
@@ -786,7 +791,8 @@ def condition_mean(
     point = p["mean"] if at_mean else x
     gradient = cond_fn(point, diffusion.model_timesteps(t),
                        **(model_kwargs or {}))
-    return p["mean"].float() + p["variance"] * gradient.float()
+    dtype = diffusion.dtype
+    return p["mean"].to(dtype) + p["variance"] * gradient.to(dtype)
 
 
 def condition_score(
@@ -892,10 +898,17 @@ def ddim_reverse_sample(
 # options as the steps. The progressive forms yield every step's `sample` and
 # `pred_xstart`, for figures or early stopping; the plain forms return the
 # final sample and call an optional `callback` with each step's dictionary.
-# `progress=True` shows a progress bar.
+# `progress=True` shows a progress bar. Each step's noise comes from
+# `noise_fn(x)`, a function returning noise shaped like `x`, by default
+# `torch.randn_like`. How noise is drawn is thus an argument, not a new
+# loop, as in k-diffusion's samplers: chapter 4 passes one that gives every
+# sample its own random stream.
 
 # %%
 #| export
+NoiseFn = Callable[[Tensor], Tensor]
+
+
 def _loop(
     step: Callable[..., dict[str, Tensor]],
     diffusion: GaussianDiffusion,
@@ -903,12 +916,15 @@ def _loop(
     x: Tensor,
     steps: range,
     progress: bool,
+    noise_fn: NoiseFn | None = None,
     **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     from tqdm.auto import tqdm
 
     for i in tqdm(steps, disable=not progress, desc=step.__name__):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        if noise_fn is not None:  # None: a deterministic step (inversion)
+            kwargs["noise"] = noise_fn(x)
         with torch.no_grad():
             out = step(diffusion, model, x, t, **kwargs)
         yield {"step": i, **out}
@@ -917,22 +933,24 @@ def _loop(
 
 def p_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False, **kwargs: Any,
+    progress: bool = False, noise_fn: NoiseFn = torch.randn_like,
+    **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     """Ancestral sampling from x_T = noise, yielding every step."""
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     yield from _loop(p_sample, diffusion, model, noise, steps, progress,
-                     **kwargs)
+                     noise_fn, **kwargs)
 
 
 def ddim_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False, **kwargs: Any,
+    progress: bool = False, noise_fn: NoiseFn = torch.randn_like,
+    **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     """DDIM sampling from x_T = noise (option eta), yielding every step."""
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     yield from _loop(ddim_sample, diffusion, model, noise, steps, progress,
-                     **kwargs)
+                     noise_fn, **kwargs)
 
 
 def _last(

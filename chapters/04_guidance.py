@@ -163,6 +163,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.diffusion import (
     GaussianDiffusion,
+    NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
 )
@@ -185,7 +186,10 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
     """grad_x log p(y | x_t) of each image, from a noisy classifier."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
+        logits = classifier(x_in, t)
+        # Half-precision logits are upcast; float64 ones stay float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_probs = F.log_softmax(logits, dim=-1)
         chosen = log_probs[torch.arange(len(y), device=y.device), y]
         return torch.autograd.grad(chosen.sum(), x_in)[0]
 
@@ -286,9 +290,20 @@ else:
 # model so that it takes, and ignores, the labels the classifier needs.
 # `sample_batches` draws any number of samples batch by batch with a
 # progress bar and returns them as the reference stores them: uint8
-# images N x H x W x C and their labels. The noise is drawn for all
-# samples up front from `seed`, so the same seed gives the same starting
-# noise at every scale, which makes grids across scales comparable.
+# images N x H x W x C and their labels.
+#
+# **Noise per sample.** Every random number a sample uses, its $x_T$ and
+# then the noise of each ancestral (or $\eta > 0$ DDIM) step, comes from a
+# generator of its own, seeded from `seed` and the sample's index
+# (`sample_noise`), and reaches chapter 2's loops as their `noise_fn`. A
+# sample then does not depend on the batch it was drawn in: a seed gives
+# the same samples with any batch size or number of GPUs, up to float
+# rounding (a batched kernel may add in another order), and the same noise
+# at every guidance scale, which makes grids across scales comparable.
+# The noise is made on the device, one batch at a time, so memory is that
+# of a batch however many samples are drawn; drawing it all up front
+# would hold 39 GB for 50,000 images at 256x256. One seed gives other
+# numbers on a CPU and on a GPU, whose generators differ.
 
 # %%
 #| export
@@ -306,8 +321,12 @@ def guided_sample(
     cond_fn: CondFn | None = None, guide_at_mean: bool = False,
     eta: float = 0.0, progress: bool = False,
     callback: Callable[[dict[str, Tensor]], None] | None = None,
+    noise_fn: NoiseFn = torch.randn_like,
 ) -> Tensor:
-    """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim")."""
+    """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
+
+    `noise_fn(x)` gives each step's noise (chapter 2's loops).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
                          f"not {sampler!r}")
@@ -319,10 +338,40 @@ def guided_sample(
     kwargs = {} if labels is None else {"y": labels}
     if sampler == "ddpm":
         return p_sample_loop(diffusion, model, noise, progress, callback,
-                             model_kwargs=kwargs, cond_fn=cond_fn,
-                             guide_at_mean=guide_at_mean)
+                             noise_fn=noise_fn, model_kwargs=kwargs,
+                             cond_fn=cond_fn, guide_at_mean=guide_at_mean)
     return ddim_sample_loop(diffusion, model, noise, progress, callback,
-                            model_kwargs=kwargs, cond_fn=cond_fn, eta=eta)
+                            noise_fn=noise_fn, model_kwargs=kwargs,
+                            cond_fn=cond_fn, eta=eta)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the noise stream of sample `index` under `seed`."""
+    # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
+    # share a stream while index < M. CPU generators keep a seed's low 32
+    # bits, so there this holds for seeds below 4,294; CUDA keeps 64.
+    return (seed * 1_000_003 + index) % 2**64
+
+
+def sample_noise(seed: int, indices: range,
+                 device: str | torch.device = "cpu") -> NoiseFn:
+    """Noise whose row k comes from sample indices[k]'s own stream.
+
+    Each call draws the next noise of every stream on `device`: first a
+    sample's x_T, then its steps' noise, whatever batch it is in.
+    """
+    generators = [torch.Generator(device).manual_seed(sample_seed(seed, i))
+                  for i in indices]
+
+    def noise_fn(like: Tensor) -> Tensor:
+        if len(like) != len(generators):
+            raise ValueError(f"noise for {len(generators)} samples, "
+                             f"asked for {len(like)}")
+        noise = torch.empty_like(like)
+        for row, generator in zip(noise, generators, strict=True):
+            row.normal_(generator=generator)
+        return noise
+    return noise_fn
 
 
 def sample_batches(
@@ -334,28 +383,59 @@ def sample_batches(
     """`count` samples as uint8 N x H x W x C, and their labels.
 
     `options` go to `guided_sample` (sampler, cond_fn, guide_at_mean,
-    eta). The noise of sample i is the same whatever the batch size.
+    eta). Sample i's noise, x_T and steps, is `sample_noise`'s stream i,
+    so samples do not depend on the batch size.
     """
     if labels is not None and len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} samples")
     device = torch.device(device)
-    noise = torch.randn((count, *shape),
-                        generator=torch.Generator().manual_seed(seed))
-    images = []
+    # Filled in place: no second copy of all samples, as concatenating has.
+    images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
-        torch.manual_seed(seed)  # the ancestral sampler's noise
-        for start in range(0, count, batch_size):
-            rows = slice(start, start + batch_size)
-            y = None if labels is None else labels[rows].to(device)
-            x = guided_sample(diffusion, model, noise[rows].to(device), y,
-                              **options)
-            images.append(to_uint8(x))
-            bar.update(len(x))
+    for start in range(0, count, batch_size):
+        rows = range(start, min(start + batch_size, count))
+        noise_fn = sample_noise(seed, rows, device)
+        x_T = noise_fn(torch.empty((len(rows), *shape), device=device))
+        y = None if labels is None else labels[start:rows.stop].to(device)
+        x = guided_sample(diffusion, model, x_T, y, noise_fn=noise_fn,
+                          **options)
+        images[start:rows.stop] = to_uint8(x)
+        bar.update(len(rows))
     bar.close()
-    return (np.concatenate(images),
-            None if labels is None else labels.cpu().numpy())
+    return images, None if labels is None else labels.cpu().numpy()
+
+# %% [markdown]
+# A small random UNet shows it: five samples drawn one at a time equal
+# the same five drawn as one batch, with the ancestral sampler, whose
+# every step adds noise. Sample 2's stream is the same whether it is row
+# 2 of a batch of five or row 0 of a batch starting at index 2.
+
+# %%
+from adm_lib.diffusion import GaussianDiffusion
+from adm_lib.forward import get_named_beta_schedule
+from adm_lib.unet import UNetModel
+
+toy_unet = UNetModel(image_size=8, in_channels=1, model_channels=32,
+                     out_channels=2, num_res_blocks=1,
+                     attention_resolutions=(), channel_mult=(1, 2)).eval()
+with torch.no_grad():  # a new UNet's output layer is zero: perturb it
+    for weight in toy_unet.parameters():
+        weight.add_(0.05 * torch.randn_like(weight))
+toy_unet.to(device)
+toy_diffusion = respace(
+    GaussianDiffusion(get_named_beta_schedule("cosine", 100)), "10")
+drawn = {size: sample_batches(toy_diffusion, toy_unet, 5, (1, 8, 8),
+                              batch_size=size, device=device, seed=seed)[0]
+         for size in (1, 5)}
+gap = np.abs(drawn[1].astype(int) - drawn[5].astype(int)).max()
+streams = sample_noise(seed, range(5), device)
+later = sample_noise(seed, range(2, 5), device)
+for _ in range(3):  # x_T, then two steps' noise
+    like = torch.empty(5, 1, 8, 8, device=device)
+    assert torch.equal(streams(like)[2:], later(like[2:]))
+print(f"batch 1 against batch 5: largest difference {gap} of 255 grey "
+      f"levels; pixel spread {drawn[5].std():.0f}")
+assert gap <= 1 and drawn[5].std() > 10  # equal, and not a flat image
 
 # %% [markdown]
 # ## 4.4 Classifier-free guidance
@@ -719,7 +799,10 @@ with np.load(batch_file) as batch:
 # Each diffusion model (1.37M parameters) trained for 1,500 steps of batch
 # 32 in about 400 s, the classifier (0.79M) for 600 steps of batch 64 in
 # 99 s, and the 15 settings of 200 samples (50 ancestral steps each) took
-# 738 s. The grids, a column per class and starting noise:
+# 738 s. (It was recorded before samples had their own noise streams, so
+# the same command now draws other samples of the same models, and its
+# numbers move within their sampling error.) The grids, a column per
+# class and starting noise:
 #
 # ![Conditional model across guidance scales](figures/04_grid_conditional.png)
 #
@@ -802,7 +885,9 @@ with np.load(batch_file) as batch:
 #   $-\sqrt{1-\bar\alpha_t}\,s\nabla\log p(y \mid x_t)$.
 # * `classifier_cond_fn` equals the reference; `guided_sample` and
 #   `sample_batches` sample with it, from conditional and (via
-#   `ignore_labels`) unconditional models.
+#   `ignore_labels`) unconditional models. Every sample draws its noise
+#   from its own stream (`sample_noise`), so a seed gives the same samples
+#   whatever the batch size, in the memory of one batch.
 # * `classifier_free_model` replaces the classifier by the model's own
 #   conditional and unconditional predictions.
 # * The scale trades diversity (recall) for fidelity (precision), which

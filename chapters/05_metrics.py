@@ -94,9 +94,10 @@ print(f"device: {device}, features: {features}")
 # file: an explicit path, else `ADM_INCEPTION_WEIGHTS`, else the torch hub
 # cache. Nothing is downloaded. For offline use, for this book's own
 # experiments and for its tests there are also small classifiers trained
-# on MNIST-5k and CIFAR-10 (`adm_lib.datanets`, weights in `data/`) with
-# the same three outputs. Their numbers are labelled with the network,
-# FID(mnist-net), and are never comparable with Inception FIDs.
+# on MNIST-5k and CIFAR-10 (`adm_lib.datanets`, weights shipped in the
+# package) with the same three outputs. Their numbers are labelled with
+# the network, FID(mnist-net), and are never comparable with Inception
+# FIDs.
 
 # %%
 #| export
@@ -432,7 +433,8 @@ def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    # Named after the process: two writers never write into one file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path
@@ -486,9 +488,20 @@ def evaluate(ref: str | os.PathLike | Batch,
     sigma, mu_s and sigma_s are used as given when the features are
     Inception's (they were made with Inception).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
     extractor = feature_extractor(features, weights, device)  # fail fast
-    ref = ref if isinstance(ref, Batch) else read_batch(ref)
-    samples = samples if isinstance(samples, Batch) else read_batch(samples)
+    batches = []
+    for name, given in (("reference", ref), ("sample", samples)):
+        batch = given if isinstance(given, Batch) else read_batch(given)
+        if len(batch.images) < 4:
+            where = "" if isinstance(given, Batch) else f" {given}"
+            raise ValueError(
+                f"the {name} batch{where} has {len(batch.images)} images; "
+                "the scores need at least 4 (precision and recall use "
+                "each image's 3rd nearest neighbour)")
+        batches.append(batch)
+    ref, samples = batches
     acts = [compute_activations(batch.images, extractor, batch_size, device,
                                 progress) for batch in (ref, samples)]
     stats = [(feature_statistics(a["pool"]), feature_statistics(a["spatial"]))

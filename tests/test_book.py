@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -280,6 +281,8 @@ def test_chapters_run_as_nbval_tests(tmp_path: Path) -> None:
     # Three code cells: the parameters and the two asserts.
     assert "1 failed, 2 passed" in result.stdout
     assert (root / "build" / "nbval" / "01_x.ipynb").is_file()
+    # A chapter with a failing cell gives the site's cache nothing.
+    assert not (root / "build" / "site-cache").exists()
 
 
 def test_a_chapter_without_cells_fails_collection(tmp_path: Path) -> None:
@@ -306,3 +309,184 @@ def test_saving_a_chapter_from_jupyterlab_changes_nothing(path: Path) -> None:
     notebook.metadata["language_info"] = {"name": "python", "version": "3.99"}
     notebook.metadata["jupytext"]["text_representation"]["jupytext_version"] = "9"
     assert jupytext.writes(notebook, fmt=fmt) == path.read_text()
+
+
+# The web site (`adm book build`): tiny books, executed for real by papermill.
+
+MATHS = ("# %% [markdown]\n# The mean is $\\mu_\\theta(x_t, t)$ and\n#\n"
+         "# $$L = \\sum_t L_t$$\n#\n# ![a recorded figure](figures/fig.png)\n")
+
+
+def _site_book(tmp_path: Path, names: list[str]) -> bk.Book:
+    """A book whose chapters print their parameter and cite a recorded figure."""
+    texts = {name: chapter("print('scale is', scale)", parameters="scale = 2\n")
+             .replace("# # A title", f"# # Title of {name[:-3]}") + "\n" + MATHS
+             for name in names}
+    book = make_book(tmp_path, texts)
+    (tmp_path / "chapters" / "figures").mkdir()
+    shutil.copy(ROOT / "chapters" / "figures" / "02_cpu_run_bound.png",
+                tmp_path / "chapters" / "figures" / "fig.png")
+    return book
+
+
+class _LinkParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []
+        self._open: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            values = dict(attrs)
+            self._open = [values.get("rel") or "", values.get("href") or "", ""]
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None:
+            self._open[2] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._open is not None:
+            rel, href, text = self._open
+            self.links.append((rel, href, " ".join(text.split())))
+            self._open = None
+
+
+def _links(page: str) -> list[tuple[str, str, str]]:
+    """The (rel, href, text) of every link of a page."""
+    parser = _LinkParser()
+    parser.feed(page)
+    return parser.links
+
+
+def test_site_index_navigation_sources_and_figures(tmp_path: Path) -> None:
+    from adm_lib import website
+
+    names = ["01_a.py", "02_b.py", "appendix_c.py"]
+    book = _site_book(tmp_path, names)
+    report = website.build_site(book, progress=False)
+    site = tmp_path / "build" / "site"
+    assert report.index == site / "index.html"
+    assert report.executed == ["01_a", "02_b", "appendix_c"] and report.reused == []
+    index = (site / "index.html").read_text()
+    assert '<span class="adm-num">1.</span>Title of 01_a' in index
+    positions = [index.index(f'href="{n[:-3]}.html"') for n in names]
+    assert positions == sorted(positions)
+    assert '<title>T</title>' in index
+    middle = (site / "02_b.html").read_text()
+    # The bar is above and below the chapter.
+    assert _links(middle).count(("prev", "01_a.html", "\u2190 1. Title of 01_a")) == 2
+    assert _links(middle).count(
+        ("next", "appendix_c.html", "Title of appendix_c \u2192")) == 2
+    assert ("", "source/02_b.py", "source: 02_b.py") in _links(middle)
+    assert ("", "index.html", "Contents") in _links(middle)
+    assert (site / "source" / "02_b.py").read_text() == (
+        tmp_path / "chapters" / "02_b.py").read_text()
+    first = _links((site / "01_a.html").read_text())
+    last = _links((site / "appendix_c.html").read_text())
+    assert "prev" not in {rel for rel, _, _ in first}
+    assert ("next", "02_b.html", "2. Title of 02_b \u2192") in first
+    assert "next" not in {rel for rel, _, _ in last}
+    # The output, the maths left for MathJax, the recorded figure as a data URI.
+    assert "scale is 2" in middle and "smoke configuration" in middle
+    assert "\\mu_\\theta(x_t, t)" in middle
+    assert 'src="data:image/png;base64,' in middle and "figures/fig.png" not in middle
+    assert 'src="mathjax/MathJax.js?config=' in middle
+    assert (site / "mathjax" / "MathJax.js").is_file()
+    assert (site / "mathjax" / "fonts" / "HTML-CSS" / "STIX-Web" / "woff").is_dir()
+    assert not (site / "mathjax" / "jax" / "output" / "SVG").exists()
+    for page in site.glob("*.html"):
+        assert website.external_loads(page.read_text()) == [], page.name
+
+
+def test_site_cache_reuses_and_rebuilds(tmp_path: Path) -> None:
+    from adm_lib import website
+
+    book = _site_book(tmp_path, ["01_a.py"])
+    chapter_path = tmp_path / "chapters" / "01_a.py"
+    page = tmp_path / "build" / "site" / "01_a.html"
+
+    def build(parameters: dict[Path, dict[str, str]] | None = None,
+              force: bool = False) -> website.SiteReport:
+        return website.build_site(book, None, parameters, force, progress=False)
+
+    assert build().executed == ["01_a"]
+    cached = sorted((tmp_path / "build" / website.CACHE).glob("*.ipynb"))
+    assert len(cached) == 1
+    assert build().reused == ["01_a"]  # same text, same parameters
+    # A default given explicitly is the same run.
+    assert build(parameters={chapter_path: {"scale": "2"}}).reused == ["01_a"]
+    assert build(parameters={chapter_path: {"scale": "3"}}).executed == ["01_a"]
+    assert "scale is 3" in page.read_text() and "scale = 3" in page.read_text()
+    chapter_path.write_text(chapter_path.read_text().replace("is'", "now'"))
+    assert build().executed == ["01_a"]  # the text changed
+    assert "scale now 2" in page.read_text()
+    assert build(force=True).executed == ["01_a"]  # --execute
+    # One entry per chapter: older runs are dropped from the cache.
+    assert len(list((tmp_path / "build" / website.CACHE).glob("*.ipynb"))) == 1
+
+
+def test_site_build_failure_names_the_cell_and_keeps_the_site(tmp_path: Path) -> None:
+    from adm_lib import website
+
+    book = _site_book(tmp_path, ["01_a.py"])
+    website.build_site(book, progress=False)
+    chapter_path = tmp_path / "chapters" / "01_a.py"
+    chapter_path.write_text(chapter_path.read_text().replace(
+        "print('scale is', scale)", "assert scale == 5, 'not five'"))
+    with pytest.raises(bk.BookError, match=r"chapters/01_a.py:\d+: cell \[2\] "
+                       "`assert scale == 5, 'not five'` raised AssertionError"):
+        website.build_site(book, progress=False)
+    assert "scale is 2" in (tmp_path / "build" / "site" / "01_a.html").read_text()
+    assert (tmp_path / "build" / website.CACHE / "01_a.failed.ipynb").is_file()
+
+
+def test_site_build_command_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _site_book(tmp_path, ["01_a.py"])
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "p.toml"
+    params.write_text("[01_a]\nscael = 3\n")
+    assert main(["book", "build", "--parameters", str(params)]) == 1
+    assert "01_a.py has no parameter scael; its parameters: scale" in (
+        capsys.readouterr().err)
+    params.write_text("[09]\nscale = 3\n")
+    assert main(["book", "build", "--parameters", str(params)]) == 1
+    assert "no chapter '09'" in capsys.readouterr().err
+    params.write_text("scale = 3\n")
+    assert main(["book", "build", "--parameters", str(params)]) == 1
+    assert "'scale' is not a table" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["book", "build", "--output", "mine"]) == 1
+    assert "is not a site made by adm book build" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_external_loads_finds_what_a_page_fetches() -> None:
+    from adm_lib.website import external_loads
+
+    page = ('<script src="https://cdn.example/x.js"></script>'
+            '<link rel="stylesheet" href="//cdn.example/s.css">'
+            '<img src="http://example.org/a.png"><img src="data:image/png;base64,AA">'
+            '<a href="https://arxiv.org/abs/2105.05233">the paper</a>'
+            '<style>@font-face { src: url("https://f.example/m.woff") }</style>'
+            '<script src="mathjax/MathJax.js"></script>')
+    assert external_loads(page) == ["https://cdn.example/x.js", "//cdn.example/s.css",
+                                    "http://example.org/a.png",
+                                    "https://f.example/m.woff"]
+
+
+def test_nbval_run_fills_the_site_cache(tmp_path: Path) -> None:
+    """A chapter that passed under pytest is rendered without running again."""
+    from adm_lib import website
+
+    root = _runnable_book(tmp_path, "print('scale is', scale)")
+    result = _pytest(root)
+    assert result.returncode == 0, result.stdout
+    book = bk.Book.load(root)
+    report = website.build_site(book, progress=False)
+    assert report.reused == ["01_x"] and report.executed == []
+    page = (root / "build" / "site" / "01_x.html").read_text()
+    assert "scale is 2" in page

@@ -10,7 +10,7 @@ import torch
 
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
-from tests.reference import FIXTURES, load, reference_files
+from tests.reference import FIXTURES, assert_parity, load, reference_files
 
 TINY = ("--image_size 32 --num_channels 32 --num_res_blocks 1 "
         "--channel_mult 1,2 --attention_resolutions 16 --num_heads 2")
@@ -19,14 +19,17 @@ TINY_CLASSIFIER = ("--image_size 64 --classifier_width 32 "
 
 
 def check_parity(model: torch.nn.Module, data: dict, *args) -> None:
-    """Load the fixture's weights and compare the output, float32, eval."""
+    """Load the fixture's weights; the eval output, float32 and float64,
+    against the fixture by the error model of tests/reference.py."""
     gd.load_reference_state_dict(model, data["state_dict"])
     model.eval()
-    with torch.no_grad():
-        out = model(*args)
-    diff = (out - data["output"]).abs().max().item()
-    print(f"max |ours - reference| = {diff:.2e}")
-    torch.testing.assert_close(out, data["output"], rtol=1e-5, atol=1e-5)
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        inputs = [a.to(dtype) if isinstance(a, torch.Tensor)
+                  and a.is_floating_point() else a for a in args]
+        with torch.no_grad():
+            outs.append(model.to(dtype)(*inputs))
+    assert_parity({"output": (*outs, data["output"])})
 
 
 @pytest.mark.parity

@@ -138,6 +138,38 @@ def test_channels(tmp_path: Path) -> None:
     assert torch.equal(as_gray, scaled(expected))
 
 
+def test_a_colour_image_anywhere_makes_the_set_rgb(tmp_path: Path) -> None:
+    # Sorted, the greyscale images come first: they must not decide.
+    grey = write_images(tmp_path / "mixed", ["a.png", "b.png"], channels=1)
+    write_images(tmp_path / "mixed" / "z", ["c.png"])
+    files = {p.relative_to(tmp_path / "mixed").as_posix(): p.read_bytes()
+             for p in sorted((tmp_path / "mixed").rglob("*.png"))}
+    archive = write_zip(tmp_path / "mixed.zip", files)
+    for source in (tmp_path / "mixed", archive):
+        ds = load_dataset(source, labels="none")
+        assert ds.channels == 3
+        assert [ds[i][0].shape for i in range(3)] == [(3, 8, 8)] * 3
+        assert torch.equal(ds[0][0], scaled(np.stack([grey[0]] * 3, axis=-1)))
+    write_images(tmp_path / "grey", ["a.png", "b.png"], channels=1)
+    assert load_dataset(tmp_path / "grey").channels == 1
+
+
+def test_a_greyscale_set_reads_every_header(tmp_path: Path) -> None:
+    write_images(tmp_path, ["a.png"], channels=1)
+    (tmp_path / "b.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read image .*b.png"):
+        load_dataset(tmp_path)
+
+
+def test_name_says_where_an_image_comes_from(tmp_path: Path) -> None:
+    write_images(tmp_path / "f", ["a/0.png", "b/1.png"])
+    assert load_dataset(tmp_path / "f").name(1) == str(tmp_path / "f/b/1.png")
+    archive = write_zip(tmp_path / "z.zip", {"x/0.png": encode(pixels(0))})
+    assert load_dataset(archive).name(0) == f"{archive}:x/0.png"
+    np.savez(tmp_path / "n.npz", np.zeros((2, 8, 8), np.uint8))
+    assert load_dataset(tmp_path / "n.npz").name(1) == f"{tmp_path / 'n.npz'}[1]"
+
+
 def reference_center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """guided_diffusion.image_datasets.center_crop_arr, written out independently."""
     while min(*pil_image.size) >= 2 * image_size:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
 import itertools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from adm_lib import guidance
 from adm_lib.compat.guided_diffusion import (
     classifier_from_flags,
     diffusion_from_flags,
@@ -33,9 +38,8 @@ from adm_lib.diffusion import (
     space_timesteps,
     training_losses,
 )
-from adm_lib.forward import get_named_beta_schedule
-from adm_lib.guidance import classifier_cond_fn
-from tests.reference import load, reference_files
+from adm_lib.forward import ForwardProcess, get_named_beta_schedule
+from tests.reference import ParityError, assert_parity, load, reference_files
 
 BETAS = get_named_beta_schedule("linear", 100)
 Tensor = torch.Tensor
@@ -208,6 +212,58 @@ def test_callback_and_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     assert "p_sample" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("loop, step", [(p_sample_loop, p_sample),
+                                        (ddim_sample_loop, ddim_sample)])
+def test_loops_take_each_steps_noise_from_noise_fn(loop: Any,
+                                                   step: Any) -> None:
+    spaced = respace(GaussianDiffusion(BETAS), "5")
+    model = TinyModel()
+    x_T = torch.randn(2, 2, 4, 4)
+    draws = torch.randn(5, 2, 2, 4, 4)
+    seen: list[Tensor] = []
+
+    def noise_fn(x: Tensor) -> Tensor:
+        seen.append(x)
+        return draws[len(seen) - 1]
+
+    options = {} if step is p_sample else {"eta": 0.7}
+    out = loop(spaced, model, x_T, noise_fn=noise_fn, **options)
+    x = x_T
+    with torch.no_grad():
+        for k, i in enumerate(range(4, -1, -1)):
+            torch.testing.assert_close(seen[k], x, rtol=0, atol=0)
+            x = step(spaced, model, x, torch.full((2,), i), noise=draws[k],
+                     **options)["sample"]
+    assert len(seen) == 5
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+def test_dtype_sets_the_precision_of_the_maths() -> None:
+    """float32 by default, half outputs upcast; float64 end to end, kept by
+    respacing, when the parity tests ask for it."""
+    t = torch.tensor([0, 50, 99])
+    x = torch.rand(3, 2, 4, 4) * 2 - 1
+    single = GaussianDiffusion(BETAS)
+    half = single.p_mean_variance_from_output(torch.randn(3, 4, 4, 4).half(),
+                                              x, t)
+    assert {v.dtype for v in half.values()} == {torch.float32}
+    diffusion = GaussianDiffusion(BETAS, dtype=torch.float64)
+    spaced = respace(diffusion, "10")
+    assert spaced.dtype == torch.float64
+    model, x = TinyModel().double(), x.double()
+    terms = training_losses(diffusion, model, x, t)
+    assert {v.dtype for v in terms.values()} == {torch.float64}
+
+    def cond_fn(x: Tensor, t: Tensor, **_: Any) -> Tensor:
+        return torch.ones_like(x)
+
+    steps = torch.tensor([9, 5, 0])
+    with torch.no_grad():
+        for step in (p_sample, ddim_sample):
+            out = step(spaced, model, x, steps, cond_fn=cond_fn)
+            assert {v.dtype for v in out.values()} == {torch.float64}
+
+
 def test_ddim_eta_one_matches_ancestral_with_fixed_small() -> None:
     diffusion = GaussianDiffusion(BETAS, var_type="fixed_small")
     model = TinyModel(out=2)
@@ -244,12 +300,51 @@ def test_calc_bpd_loop_shapes() -> None:
 
 
 # --- parity with the reference implementation -----------------------------
+#
+# Every quantity is computed by adm_lib twice, in float32 (as the reference)
+# and in float64 (the diffusion's `dtype` and the networks in float64: the
+# exact value), and compared with the fixture by the error model of
+# tests/reference.py (`assert_parity`): the reference and ours must each lie
+# within K = 8 times our own float32 error of the exact value, per sample.
+# The mutation tests at the end show that the comparison catches real faults.
 
+PRECISIONS = (torch.float32, torch.float64)
+
+
+def _fingerprint(value: Any) -> Any:
+    """A hashable key that is equal exactly when the values are."""
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous().numpy().tobytes()
+        return (str(value.dtype), tuple(value.shape),
+                hashlib.sha1(data).hexdigest())
+    if isinstance(value, (tuple, list)):
+        return tuple(_fingerprint(v) for v in value)
+    return repr(value)
+
+
+class Memoised:
+    """A network whose outputs are remembered by their exact inputs.
+
+    The mutation tests change the diffusion's coefficients, not what the
+    networks see, so they rerun the maths without rerunning the UNet.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self.seen = net, {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        key = _fingerprint((args, sorted(kwargs.items())))
+        if key not in self.seen:
+            with torch.no_grad():
+                self.seen[key] = self.net(*args, **kwargs)
+        return self.seen[key].clone()
+
+
+@functools.cache
 def _reference(path: Path) -> dict[str, Any]:
-    """The fixture with its model, classifier and diffusion rebuilt."""
+    """The fixture, its UNet and classifier in float32 and float64."""
     fixture = load(path)
     tag = path.name.removeprefix("diffusion_")
-    parts = {}
     for kind, build in [("unet", model_from_flags),
                         ("classifier", classifier_from_flags)]:
         source = path.with_name(f"{kind}_{tag}")
@@ -258,19 +353,95 @@ def _reference(path: Path) -> dict[str, Any]:
         saved = load(source)
         module = build(saved["flags"])
         load_reference_state_dict(module, saved["state_dict"])
-        parts[kind] = module.eval()
-        parts[f"{kind}_flags"] = saved["flags"]
-    fixture.update(parts)
-    fixture["diffusion"] = diffusion_from_flags(parts["unet_flags"])
+        module.eval()
+        fixture[kind] = {torch.float32: module,
+                         torch.float64: copy.deepcopy(module).double()}
+        fixture[f"{kind}_flags"] = saved["flags"]
+    fixture["unet"] = {d: Memoised(m) for d, m in fixture["unet"].items()}
     fixture["model_kwargs"] = (
         {"y": fixture["y"]} if fixture.get("y") is not None else {}
     )
     return fixture
 
 
-def _close(actual: Tensor, expected: Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
-                               msg=lambda m: f"{what}: {m}")
+def _diffusion(ref: dict[str, Any], dtype: torch.dtype) -> GaussianDiffusion:
+    """The fixture's diffusion, computing in dtype."""
+    diffusion = diffusion_from_flags(ref["unet_flags"])
+    diffusion.dtype = dtype
+    return diffusion
+
+
+def _one_step(ref: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Training terms, posterior and p_mean_variance, named as the fixture."""
+    diffusion, model = _diffusion(ref, dtype), ref["unet"][dtype]
+    x_start, noise, x_t = (ref[k].to(dtype) for k in ("x_start", "noise",
+                                                      "x_t"))
+    t, kwargs = ref["t"], ref["model_kwargs"]
+    with torch.no_grad():
+        out = {"x_t": diffusion.q_sample(x_start, t, noise)}
+        mean, variance, log_variance = diffusion.q_posterior_mean_variance(
+            x_start, x_t, t)
+        out.update(q_posterior_mean=mean, q_posterior_variance=variance,
+                   q_posterior_log_variance_clipped=log_variance)
+        out.update(training_losses(diffusion, model, x_start, t, kwargs,
+                                   noise=noise))
+        p = diffusion.p_mean_variance(model, x_t, t, clip_denoised=True,
+                                      model_kwargs=kwargs)
+    out.update(p_mean=p["mean"], p_variance=p["variance"],
+               p_log_variance=p["log_variance"],
+               pred_xstart=p["pred_xstart"])
+    return out
+
+
+def _sampler(ref: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The respaced diffusion, model, guidance hook and labels in dtype."""
+    spaced = respace(_diffusion(ref, dtype), ref["ddim_respacing"])
+    assert spaced.dtype == dtype  # respacing keeps the precision
+    unet, conditional = ref["unet"][dtype], bool(ref["model_kwargs"])
+
+    def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        # As the reference's sampling script: labels reach the classifier
+        # always, and the model only if it is class-conditional.
+        return unet(x, t, y if conditional else None)
+
+    cond_fn = guidance.classifier_cond_fn(ref["classifier"][dtype],
+                                          float(ref["guidance_scale"]))
+    return {"diffusion": spaced, "model": model_fn, "cond_fn": cond_fn,
+            "model_kwargs": {"y": ref["guide_y"]}}
+
+
+def _guided_step(ref: dict[str, Any], dtype: torch.dtype
+                 ) -> dict[str, Tensor]:
+    """One guided ancestral step (Algorithm 1) from the fixture's x."""
+    s = _sampler(ref, dtype)
+    with torch.no_grad():
+        step = p_sample(s["diffusion"], s["model"],
+                        ref["ddpm_step_x"].to(dtype), ref["ddpm_step_t"],
+                        cond_fn=s["cond_fn"], model_kwargs=s["model_kwargs"],
+                        noise=ref["ddpm_step_noise"].to(dtype))
+    return {"ddpm_step_guided_sample": step["sample"],
+            "ddpm_step_guided_pred_xstart": step["pred_xstart"]}
+
+
+def _ddim(ref: dict[str, Any], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Deterministic DDIM from x_T, without and with guidance."""
+    s = _sampler(ref, dtype)
+    x_T = ref["x_T"].to(dtype)
+    return {"ddim_eta0": ddim_sample_loop(s["diffusion"], s["model"], x_T,
+                                          model_kwargs=s["model_kwargs"]),
+            "ddim_eta0_guided": ddim_sample_loop(
+                s["diffusion"], s["model"], x_T,
+                model_kwargs=s["model_kwargs"], cond_fn=s["cond_fn"])}
+
+
+def _check(ref: dict[str, Any], compute: Callable[..., dict[str, Tensor]]
+           ) -> None:
+    """compute in float32 and float64, against the fixture's numbers."""
+    ours32, ours64 = (compute(ref, dtype) for dtype in PRECISIONS)
+    missing = set(ours32) - set(ref)
+    assert not missing, f"the fixture lacks {sorted(missing)}"
+    assert_parity({key: (ours32[key], ours64[key], ref[key])
+                   for key in ours32})
 
 
 @pytest.mark.parity
@@ -287,47 +458,71 @@ def test_respacing_equals_reference(path: Path) -> None:
 @pytest.mark.parity
 @pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
 def test_losses_and_p_mean_variance_equal_reference(path: Path) -> None:
-    ref = _reference(path)
-    diffusion, model, kwargs = ref["diffusion"], ref["unet"], ref["model_kwargs"]
-    with torch.no_grad():
-        terms = training_losses(diffusion, model, ref["x_start"], ref["t"],
-                                kwargs, noise=ref["noise"])
-        p = diffusion.p_mean_variance(model, ref["x_t"], ref["t"],
-                                      clip_denoised=True, model_kwargs=kwargs)
-    for key in ("loss", "mse", "vb"):
-        _close(terms[key], ref[key], key)
-    for key in ("mean", "variance", "log_variance", "pred_xstart"):
-        _close(p[key], ref["p_" + key if key != "pred_xstart" else key], key)
+    """x_t, the posterior, loss/mse/vb and p_mean_variance at every t."""
+    _check(_reference(path), _one_step)
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
 def test_sampling_with_and_without_guidance_equals_reference(path: Path) -> None:
     ref = _reference(path)
-    spaced = respace(ref["diffusion"], ref["ddim_respacing"])
-    cond_fn = classifier_cond_fn(ref["classifier"],
-                                 float(ref["guidance_scale"]))
-    conditional = bool(ref["model_kwargs"])
+    _check(ref, _guided_step)
+    _check(ref, _ddim)
 
-    def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        # As the reference's sampling script: labels reach the classifier
-        # always, and the model only if it is class-conditional.
-        return ref["unet"](x, t, y if conditional else None)
 
-    kwargs = {"y": ref["guide_y"]}
-    plain = ddim_sample_loop(spaced, model_fn, ref["x_T"],
-                             model_kwargs=kwargs)
-    _close(plain, ref["ddim_eta0"], "ddim_eta0")
-    guided = ddim_sample_loop(spaced, model_fn, ref["x_T"],
-                              model_kwargs=kwargs, cond_fn=cond_fn)
-    _close(guided, ref["ddim_eta0_guided"], "ddim_eta0_guided")
-    with torch.no_grad():
-        step = p_sample(spaced, model_fn, ref["ddpm_step_x"],
-                        ref["ddpm_step_t"], cond_fn=cond_fn,
-                        model_kwargs=kwargs, noise=ref["ddpm_step_noise"])
-    _close(step["sample"], ref["ddpm_step_guided_sample"], "guided sample")
-    _close(step["pred_xstart"], ref["ddpm_step_guided_pred_xstart"],
-           "guided pred_xstart")
+def _scaled(table: str) -> Callable[[str], tuple[str, float]]:
+    return lambda name: (name, 1 + 1e-4 if name == table else 1.0)
+
+
+def _swapped(name: str) -> tuple[str, float]:
+    swap = {"posterior_mean_coef1": "posterior_mean_coef2",
+            "posterior_mean_coef2": "posterior_mean_coef1"}
+    return swap.get(name, name), 1.0
+
+
+# A fault, what it changes, and a quantity the comparison must flag.
+MUTATIONS = {
+    "sqrt_recip_alphas_cumprod_1e-4": (_scaled("sqrt_recip_alphas_cumprod"),
+                                       _one_step, "pred_xstart"),
+    "posterior_mean_coef1_1e-4": (_scaled("posterior_mean_coef1"), _one_step,
+                                  "q_posterior_mean"),
+    "posterior_log_variance_1e-4": (
+        _scaled("posterior_log_variance_clipped"), _one_step,
+        "q_posterior_log_variance_clipped"),
+    "posterior_mean_coefs_swapped": (_swapped, _one_step, "q_posterior_mean"),
+    "guidance_scale_dropped": (None, _guided_step, "ddpm_step_guided_sample"),
+}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
+def test_parity_catches_a_mutated_diffusion(
+    path: Path, mutation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault in the code, in float32 and float64 alike, must fail parity.
+
+    Coefficient faults are applied where every table is read, in
+    `extract`; the guidance fault is a hook that ignores its scale (1
+    instead of the fixture's 3).
+    """
+    ref = _reference(path)
+    rename, compute, flagged = MUTATIONS[mutation]
+    if rename is not None:
+        extract = ForwardProcess.extract
+
+        def mutated(self: ForwardProcess, name: str, t: Tensor,
+                    ndim: int) -> Tensor:
+            name, factor = rename(name)
+            return extract(self, name, t, ndim) * factor
+
+        monkeypatch.setattr(ForwardProcess, "extract", mutated)
+    else:
+        cond_fn = guidance.classifier_cond_fn
+        monkeypatch.setattr(guidance, "classifier_cond_fn",
+                            lambda classifier, scale: cond_fn(classifier, 1.0))
+    with pytest.raises(ParityError, match=flagged):
+        _check(ref, compute)
 
 
 def test_ddim_inversion_round_trips_with_an_exact_model() -> None:

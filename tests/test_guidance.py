@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from adm_lib import cli
+from adm_lib import guidance as gu
 from adm_lib import train as tr
-from adm_lib.diffusion import p_sample, respace
+from adm_lib.diffusion import GaussianDiffusion, p_sample, respace
+from adm_lib.forward import get_named_beta_schedule
 from adm_lib.guidance import (
     classifier_cond_fn,
     classifier_free_model,
@@ -27,8 +29,11 @@ from adm_lib.guidance import (
     guided_sample,
     ignore_labels,
     sample_batches,
+    sample_noise,
+    sample_seed,
 )
-from adm_lib.unet import EncoderUNetModel
+from adm_lib.unet import EncoderUNetModel, UNetModel
+from adm_lib.viz import to_uint8
 
 from .reference import FIXTURES
 
@@ -101,6 +106,19 @@ def test_classifier_grad_is_the_gradient_of_each_log_probability() -> None:
         torch.testing.assert_close(grad[i:i + 1], expected)
     scaled = classifier_cond_fn(classifier, 2.5)(x, t, y=y, other=None)
     torch.testing.assert_close(scaled, 2.5 * grad)
+
+
+def test_classifier_grad_keeps_float64() -> None:
+    """A float64 classifier's gradient has no float32 step in it, as the
+    parity tests' float64 recomputation needs."""
+    classifier = small_classifier().double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t, y = torch.tensor([0, 20, 45]), torch.tensor([3, 0, 2])
+    log_p = classifier(x, t).log_softmax(-1)[torch.arange(3), y].sum()
+    (expected,) = torch.autograd.grad(log_p, x)
+    grad = classifier_grad(classifier, x.detach(), t, y)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-15)
 
 
 def test_classifier_grad_works_inside_no_grad() -> None:
@@ -193,6 +211,105 @@ def test_sample_batches_do_not_depend_on_the_batch_size(
     other, _ = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 5,
                               seed=4, sampler="ddim", cond_fn=hook)
     assert not np.array_equal(whole, other)
+
+
+def tiny_unet() -> UNetModel:
+    """A random 8x8 UNet with a learned variance, its output perturbed."""
+    torch.manual_seed(0)
+    model = UNetModel(image_size=8, in_channels=1, model_channels=32,
+                      out_channels=2, num_res_blocks=1,
+                      attention_resolutions=(), channel_mult=(1,)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_samples_are_the_same_for_batch_sizes_1_7_and_64(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-sample noise: the x_T of each sample is exactly the same, and
+    its image the same to float rounding, with step noise or without."""
+    model = tiny_unet()
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("cosine",
+                                                               100)), "4")
+    starts: list[Tensor] = []
+    real_guided_sample = gu.guided_sample
+
+    def spy(diffusion: Any, model: Any, noise: Tensor, *args: Any,
+            **kwargs: Any) -> Tensor:
+        starts.append(noise.clone())
+        return real_guided_sample(diffusion, model, noise, *args, **kwargs)
+
+    monkeypatch.setattr(gu, "guided_sample", spy)
+    for options in ({"sampler": "ddpm"}, {"sampler": "ddim"},
+                    {"sampler": "ddim", "eta": 0.5}):
+        drawn, x_T = {}, {}
+        for size in (1, 7, 64):
+            starts.clear()
+            drawn[size], _ = sample_batches(spaced, model, 65, (1, 8, 8),
+                                            batch_size=size, seed=5,
+                                            **options)
+            x_T[size] = torch.cat(starts)
+            assert len(starts) == -(-65 // size)  # batches, ragged last
+        assert drawn[64].std() > 10, options  # not a flat image
+        for size in (1, 7):
+            assert torch.equal(x_T[size], x_T[64]), (options, size)
+            gap = np.abs(drawn[size].astype(int) - drawn[64].astype(int))
+            assert gap.max() <= 1, (options, size)
+
+
+def test_sample_noise_rows_are_their_samples_streams() -> None:
+    whole = sample_noise(3, range(64))
+    part = sample_noise(3, range(10, 20))
+    for _ in range(3):  # x_T, then steps' noise, in turn
+        like = torch.empty(64, 2, 4, 4)
+        assert torch.equal(part(like[10:20]), whole(like)[10:20])
+    with pytest.raises(ValueError, match="noise for 10 samples, asked for 3"):
+        part(like[:3])
+
+
+def test_another_seed_gives_other_noise() -> None:
+    like = torch.empty(8, 1, 4, 4)
+    one, other = sample_noise(0, range(8))(like), sample_noise(1, range(8))(
+        like)
+    assert (one != other).flatten(1).any(1).all()
+    # No two (seed, index) share a stream, even in the 32 bits CPU
+    # generators keep.
+    seeds = {sample_seed(s, i) % 2**32 for s in range(20)
+             for i in range(0, 1_000_003, 997)}
+    assert len(seeds) == 20 * len(range(0, 1_000_003, 997))
+
+
+def test_sample_batches_makes_noise_for_one_batch_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []  # the rows of every noise tensor drawn
+    streams: list[int] = []
+    real_sample_noise = gu.sample_noise
+
+    def spy_noise(seed: int, indices: range, device: Any = "cpu") -> Any:
+        streams.append(len(indices))
+        noise_fn = real_sample_noise(seed, indices, device)
+
+        def counted(like: Tensor) -> Tensor:
+            made.append(len(like))
+            return noise_fn(like)
+        return counted
+
+    def spy_randn(*args: Any, **kwargs: Any) -> Tensor:
+        raise AssertionError("noise must come from sample_noise")
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        return torch.cat([0.1 * x, torch.zeros_like(x)], 1)
+
+    monkeypatch.setattr(gu, "sample_noise", spy_noise)
+    monkeypatch.setattr(torch, "randn", spy_randn)
+    monkeypatch.setattr(torch, "randn_like", spy_randn)
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("linear",
+                                                               50)), "3")
+    images, _ = sample_batches(spaced, model, 10, (1, 4, 4), batch_size=3)
+    assert images.shape == (10, 4, 4, 1)
+    assert streams == [3, 3, 3, 1]
+    assert made == [3] * 4 * 3 + [1] * 4  # x_T and 3 steps per batch
 
 
 def test_guidance_scores_count_hits_of_the_labels() -> None:
@@ -346,7 +463,8 @@ def test_adm_sample_refuses_a_classifier_that_does_not_fit(
 def test_adm_sample_loads_the_reference_checkpoints(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Released-style checkpoints through --model-flags: the same samples
-    as guided_sample with the weights loaded by hand."""
+    as guided_sample with the weights loaded by hand, from the seed's
+    per-sample noise."""
     from adm_lib.compat import guided_diffusion as gd
 
     unet = torch.load(FIXTURES / "unet_a.pt", weights_only=True)
@@ -364,9 +482,11 @@ def test_adm_sample_loads_the_reference_checkpoints(
     classifier = gd.load_checkpoint(FIXTURES / "classifier_a.pt",
                                     clf["flags"], "classifier")
     spaced = respace(gd.diffusion_from_flags(unet["flags"]), "ddim2")
-    expected, _ = sample_batches(
-        spaced, model, 2, (3, 64, 64), torch.tensor([5, 900]),
-        sampler="ddim", cond_fn=classifier_cond_fn(classifier, 3.0))
+    noise_fn = sample_noise(0, range(2))  # --seed 0
+    x_T = noise_fn(torch.empty(2, 3, 64, 64))
+    expected = to_uint8(guided_sample(
+        spaced, model, x_T, torch.tensor([5, 900]), "ddim",
+        classifier_cond_fn(classifier, 3.0), noise_fn=noise_fn))
     with np.load(out) as batch:
         assert np.array_equal(batch["arr_0"], expected)
         assert batch["arr_1"].tolist() == [5, 900]

@@ -19,6 +19,17 @@ from .reference import reference_files
 @pytest.mark.parity
 @pytest.mark.parametrize("path", reference_files("metrics_*.npz"))
 def test_metrics_match_the_reference_evaluator(path):
+    """Tolerances, against the error model of tests/reference.py: FID and
+    IS are float64 numpy/scipy on the same float32 features, so they agree
+    to float64 round-off and sqrtm's iteration (measured 6e-9 relative;
+    rel 1e-6). The radii are float32 squared distances by |u|^2 - 2 u.v +
+    |v|^2, which loses log2((|u|^2 + |v|^2) / d^2) bits, about 1 here:
+    measured 3.6 eps32 (ours) and 3.0 eps32 (the fixture) from the float64
+    distances; rtol 1e-5 (84 eps32) leaves the model's factor 8 and room for
+    features with d^2 several times below |u|^2. Precision and recall count
+    samples inside radii: exact, as the fixture used the same float32
+    distances.
+    """
     data = np.load(path)
     ref, samples = data["ref_features"], data["sample_features"]
     fid = mt.frechet_distance(mt.feature_statistics(samples),
@@ -202,3 +213,36 @@ def test_cli_evaluate_writes_json_and_names_bad_files(tmp_path, monkeypatch,
 def test_unknown_features_are_named():
     with pytest.raises(ValueError, match="inception, mnist, cifar10"):
         mt.feature_extractor("vgg")
+
+
+@pytest.mark.parametrize("count", [0, 3])
+def test_cli_evaluate_names_a_batch_too_small_to_score(tmp_path, monkeypatch,
+                                                       capsys, count):
+    rng = np.random.default_rng(5)
+    mt.write_batch(tmp_path / "ref.npz",
+                   rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8))
+    mt.write_batch(tmp_path / "few.npz",
+                   rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8))
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeFeatures())
+    assert cli.main(["evaluate", str(tmp_path / "ref.npz"),
+                     str(tmp_path / "few.npz"), "--features", "mnist",
+                     "--quiet", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"adm evaluate: the sample batch {tmp_path / 'few.npz'} has "
+                   f"{count} images; the scores need at least 4 (precision "
+                   "and recall use each image's 3rd nearest neighbour)\n")
+
+
+def test_cli_evaluate_names_a_bad_batch_size(tmp_path, monkeypatch, capsys):
+    mt.write_batch(tmp_path / "a.npz", np.zeros((6, 4, 4, 3), np.uint8))
+
+    def no_features(name, weights, device):
+        raise AssertionError("no work before the options are checked")
+
+    monkeypatch.setattr(mt, "feature_extractor", no_features)
+    assert cli.main(["evaluate", str(tmp_path / "a.npz"),
+                     str(tmp_path / "a.npz"), "--batch-size", "0",
+                     "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        "adm evaluate: batch_size=0: expected >= 1\n")

@@ -282,9 +282,13 @@ def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
     assert runs[0].returncode == -signal.SIGKILL, killed_err
     assert runs[1].returncode == 0, whole_err
 
-    partial = killed / "checkpoints" / ".step_00000003.pt.tmp"
+    # The temporary file carries the killed process's id.
+    partial = killed / "checkpoints" / f".step_00000003.pt.{runs[0].pid}.tmp"
     assert partial.exists() and partial.stat().st_size > 0
     assert steps_of(killed) == [1, 2]
+    # Its lock went with it: the file is there, unlocked, and the resume
+    # below takes it (and deletes the temporary file under it).
+    assert (killed / ".lock").read_text() == str(runs[0].pid)
     # Step 3 was logged before its save was killed: the resume rewrites it.
     assert [r["step"] for r in metrics(killed)] == [1, 2, 3]
 
@@ -806,3 +810,271 @@ def test_tensorboard_is_optional_and_named_when_missing(data, tmp_path):
         return
     tr.train(settings, tmp_path / "run", progress=False)
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+# --- bad input, as a hostile but realistic user gives it ------------------------
+
+
+def adm_train(out: Path, data: Path, *extra: str,
+              settings: dict | None = None) -> list[str]:
+    """`adm train diffusion` in this process, tiny: its argv."""
+    return ["train", "diffusion", "--out", str(out), "--data", str(data),
+            "--quiet", *set_args({**TINY, **(settings or {})}), *extra]
+
+
+def damage(path: Path) -> None:
+    """Cut a file to half its size, as a crash on a lax file system might."""
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_read(data, reference,
+                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for step in steps_of(out):
+        damage(tr.checkpoint_path(out, step))
+    before = {name: (out / name).read_text()
+              for name in ("metrics.jsonl", "config.json")}
+    for resume in (True, False):
+        with (pytest.warns(UserWarning, match="not a readable checkpoint"),
+              pytest.raises(tr.TrainError) as err):
+            tr.train(config(data, **RESUMABLE), out, resume=resume,
+                     progress=False)
+        message = str(err.value)
+        assert "no checkpoint in" in message and "can be read" in message
+        assert "step_00000001.pt" in message
+        assert "step_00000006.pt" in message
+    with pytest.warns(UserWarning):
+        assert cli.main(["train", "diffusion", "--out", str(out), "--resume",
+                         "--quiet"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("adm train: no checkpoint in")
+    after = {name: (out / name).read_text() for name in before}
+    assert after == before  # the metrics survive: nothing started afresh
+
+
+def test_resume_of_a_folder_without_a_run_says_so_and_starts(data, tmp_path):
+    out = tmp_path / "new"
+    with pytest.warns(UserWarning, match=re.escape(
+            f"nothing to resume in {out} (no checkpoint): starting a new run")):
+        tr.train(config(data), out, resume=True, progress=False)
+    assert steps_of(out) == [2]
+
+
+def test_resume_behind_the_run_is_refused_and_changes_nothing(data, reference,
+                                                             tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main(["train", "diffusion", "--out", str(out), "--resume",
+                     "--steps", "4", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"adm train: {out} is at step 6, past steps=4: "
+                            "pass more steps to go on; the run is unchanged\n")
+    after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.keys() - {".lock"} == before.keys() - {".lock"}
+    assert all(after[k] == before[k] for k in before if k != ".lock")
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with tr.lock_run(out):  # as a run in another process holds it
+        assert (out / ".lock").read_text() == str(os.getpid())
+        assert cli.main(adm_train(out, data)) == 1
+        assert capsys.readouterr().err == (
+            f"adm train: {out} is in use by another run (pid {os.getpid()}): "
+            "wait for it to end, or choose another folder\n")
+        assert not (out / "metrics.jsonl").exists()
+        assert not (out / "config.json").exists()
+    # The lock ends with its holder; the next run takes it and cleans up
+    # what a killed process left behind.
+    stale = out / "checkpoints" / ".step_00000002.pt.99999.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half")
+    assert cli.main(adm_train(out, data)) == 0
+    assert (out / ".lock").read_text() == ""
+    assert not stale.exists() and steps_of(out) == [2]
+
+
+def test_write_atomic_names_its_temporary_file_by_process(tmp_path):
+    names = []
+    tr.write_atomic(tmp_path / "file.bin", lambda f: names.append(f.name))
+    assert names == [str(tmp_path / f".file.bin.{os.getpid()}.tmp")]
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 colour 8x8 images in 4 classes, as an .npz."""
+    path = tmp_path_factory.mktemp("rgb") / "rgb.npz"
+    images = np.random.default_rng(1).integers(0, 256, (12, 8, 8, 3))
+    np.savez(path, images.astype(np.uint8), np.arange(12) % 4)
+    return path
+
+
+def test_data_whose_channels_differ_from_in_channels_is_refused(rgb, data,
+                                                                capsys,
+                                                                tmp_path):
+    c = config(rgb)  # the mnist preset: in_channels=1
+    with pytest.raises(tr.TrainError, match=re.escape(
+            f"data '{rgb}' has colour images (3 channel(s)) but "
+            "in_channels=1: set in_channels=3, or 0 to take the data's")):
+        tr.open_data(c)
+    out = tmp_path / "run"
+    assert cli.main(adm_train(out, rgb)) == 1
+    assert "but in_channels=1" in capsys.readouterr().err
+    assert not out.exists()
+    resolved = tr.resolve_config(replace(c, in_channels=0),
+                                 tr.open_data(replace(c, in_channels=0)))
+    assert resolved.in_channels == 3
+    with pytest.raises(tr.TrainError, match="has greyscale images"):
+        tr.open_data(config(data, in_channels=3))
+
+
+def test_a_label_far_above_the_others_is_refused(tmp_path):
+    path = tmp_path / "typo.npz"
+    labels = np.arange(12) % 4
+    labels[7] = 1_000_000
+    np.savez(path, np.zeros((12, 8, 8), np.uint8), labels)
+    c = config(path)
+    dataset = tr.open_data(c)
+    with pytest.raises(tr.TrainError, match=re.escape(
+            f"{path}[7] has label 1000000, but {path} has 5 distinct labels: "
+            "that makes a 1000001-class model; if that is meant, set "
+            "num_classes=1000001")):
+        tr.resolve_config(c, dataset)
+    meant = tr.resolve_config(replace(c, num_classes=1_000_001), dataset)
+    assert meant.num_classes == 1_000_001  # set explicitly: accepted
+    labels[7] = 9  # 10 classes, 5 seen: a subset, not a typo
+    np.savez(path, np.zeros((12, 8, 8), np.uint8), labels)
+    assert tr.resolve_config(c, tr.open_data(c)).num_classes == 10
+
+
+def test_a_worker_data_error_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "digits"
+    for k in range(8):
+        (folder / str(k % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 16 * k, np.uint8)).save(
+            folder / str(k % 2) / f"{k}.png")
+    bad = folder / "1" / "7.png"
+    bad.write_bytes(bad.read_bytes()[:45])  # the header survives, not pixels
+    out = tmp_path / "run"
+    argv = adm_train(out, folder, settings={"num_workers": 1, "steps": 20,
+                                            "batch_size": 8})
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"adm train: cannot read image {bad}: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+class Pickled:
+    """Not a tensor: a checkpoint holding one needs code to load."""
+
+
+def test_checkpoint_errors_never_advise_weights_only_false(data, tmp_path):
+    path = tr.checkpoint_path(tmp_path / "run", 1)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": tr.CHECKPOINT_FORMAT, "model": Pickled()}, path)
+    with pytest.raises(tr.TrainError) as err:
+        tr.read_checkpoint(path)
+    message = str(err.value)
+    assert "holds objects other than tensors" in message
+    assert "Pickled" in message  # what it holds, named
+    with pytest.warns(UserWarning) as caught:
+        assert tr.latest_checkpoint(tmp_path / "run") is None
+    texts = [message, *(str(w.message) for w in caught)]
+    for text in texts:
+        assert "weights_only=False" not in text
+        assert "weights_only` set to `False`" not in text
+        assert "trust" not in text  # nor the rest of torch's advice
+
+
+# Every field of TrainConfig, with a value that cannot work: (kind, value).
+BAD_SETTINGS = {
+    "kind": ("diffusion", "gan"), "val_fraction": ("classifier", 1.0),
+    "image_size": ("diffusion", 33), "small_size": ("upsampler", 0),
+    "in_channels": ("diffusion", 2), "num_classes": ("diffusion", -1),
+    "class_cond": ("diffusion", "maybe"),
+    "label_dropout": ("diffusion", 1.0), "random_flip": ("diffusion", 1),
+    "num_channels": ("diffusion", 48), "num_res_blocks": ("diffusion", 0),
+    "channel_mult": ("diffusion", "a,b"),
+    "attention_resolutions": ("diffusion", "5"),
+    "num_heads": ("diffusion", 0), "num_head_channels": ("diffusion", 48),
+    "num_heads_upsample": ("diffusion", 0), "dropout": ("diffusion", 1.0),
+    "use_scale_shift_norm": ("diffusion", "x"),
+    "resblock_updown": ("diffusion", "x"),
+    "use_new_attention_order": ("diffusion", "x"),
+    "use_checkpoint": ("diffusion", "x"),
+    "classifier_width": ("classifier", 48),
+    "classifier_depth": ("classifier", 0),
+    "classifier_attention_resolutions": ("classifier", "16,5"),
+    "classifier_use_scale_shift_norm": ("classifier", "x"),
+    "classifier_resblock_updown": ("classifier", "x"),
+    "classifier_pool": ("classifier", "max"),
+    "diffusion_steps": ("diffusion", 0), "noise_schedule": ("diffusion", "x"),
+    "learn_sigma": ("diffusion", "x"), "use_kl": ("diffusion", "x"),
+    "predict_xstart": ("diffusion", "x"),
+    "rescale_learned_sigmas": ("diffusion", "x"),
+    "steps": ("diffusion", 0), "batch_size": ("diffusion", 0),
+    "microbatch": ("diffusion", -1), "lr": ("diffusion", 0.0),
+    "weight_decay": ("diffusion", float("nan")),
+    "lr_anneal_steps": ("diffusion", -1), "grad_clip": ("diffusion", -1.0),
+    "ema_rate": ("diffusion", "0.9,x"), "ema_warmup": ("diffusion", "x"),
+    "schedule_sampler": ("diffusion", "x"), "precision": ("diffusion", "x"),
+    "noised": ("classifier", "x"), "clean_fraction": ("classifier", 2.0),
+    "seed": ("diffusion", -1), "num_workers": ("diffusion", -1),
+    "log_interval": ("diffusion", 0), "save_interval": ("diffusion", 0),
+    "keep_checkpoints": ("diffusion", 0),
+    "sample_interval": ("diffusion", 0), "num_samples": ("diffusion", 0),
+    "sample_steps": ("diffusion", "ddim999"),
+    "eval_interval": ("classifier", 0), "eval_images": ("classifier", -1),
+    "max_nonfinite": ("diffusion", 0), "tensorboard": ("diffusion", "x"),
+}
+# Checked when the run starts, before its first step (see the tests above
+# and below): where the data are, and which device.
+CHECKED_AT_START = {"data", "val_data", "device"}
+
+
+def test_every_setting_has_a_check():
+    names = [f.name for f in tr.fields(tr.TrainConfig)]
+    assert sorted(BAD_SETTINGS.keys() | CHECKED_AT_START) == sorted(names)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
+def test_each_bad_setting_is_named(name):
+    kind, value = BAD_SETTINGS[name]
+    good = tr.make_config(kind, overrides=TINY)
+    tr.validate(good)
+    with pytest.raises(tr.TrainError) as err:
+        tr.validate(replace(good, **{name: value}))
+    assert f"{name}=" in str(err.value) or f"{name} must" in str(err.value)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("image_size=33", "image_size=33 must be divisible by 4: channel_mult "
+     "1,2,2 halves it 2 times"),
+    ("sample_steps=abc", "sample_steps='abc': respacing spec 'abc' is not a "
+     "step count"),
+    ("channel_mult=a,b", "channel_mult='a,b': expected positive integers"),
+    ("attention_resolutions=5", "attention_resolutions='5': 5 is not one of "
+     "the network's resolutions (32, 16, 8,"),
+    ("num_channels=48", "num_channels=48: the channels at each resolution"),
+    ("in_channels=2", "in_channels=2: expected one of 0, 1, 3"),
+])
+def test_adm_train_names_a_bad_setting_before_any_work(tmp_path, capsys,
+                                                       setting, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "diffusion", "--out", str(out), "--quiet",
+                     "--set", setting]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"adm train: {message}"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_a_device_that_is_not_one_is_named_before_any_work(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(tr.TrainError, match="device='gpu' is not a device"):
+        tr.train(config(data, device="gpu"), out, progress=False)
+    assert not out.exists()

@@ -32,7 +32,7 @@ import shlex
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,7 @@ __all__ = [
     "BUILDERS",
     "RELEASED",
     "load_reference_state_dict",
+    "safe_load",
     "load_checkpoint",
 ]
 
@@ -570,6 +571,30 @@ def load_reference_state_dict(
     return module
 
 
+def safe_load(source: str | PathLike | IO[bytes]) -> Any:
+    """torch.load of tensors and plain containers only, on the CPU.
+
+    A file that does not load raises ValueError saying why (the caller
+    names the file): torch's reason, less its advice to load with
+    weights_only=False, which would run the file's code.
+    """
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated zip, bad pickle, disk error...
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+        if "Weights only load failed" in reason:
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)",
+                              reason)
+            reason = ("it holds objects other than tensors and plain "
+                      "containers, which adm_lib does not load"
+                      + (f" ({found.group(1).strip()})" if found else ""))
+        else:
+            reason = f"{type(err).__name__}: {reason.strip()}"
+        raise ValueError(reason) from None
+
+
 def load_checkpoint(
     path: str | PathLike,
     flags: str | Mapping[str, Any],
@@ -588,11 +613,9 @@ def load_checkpoint(
             "it there, or pass its path"
         )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {err}"
-        ) from err
+        loaded = safe_load(path)
+    except ValueError as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
     if isinstance(loaded, Mapping) and isinstance(
         loaded.get("state_dict"), Mapping
     ):
