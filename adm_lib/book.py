@@ -306,7 +306,69 @@ def check(book: Book) -> list[str]:
             )
     for chapter in book.chapters:
         problems += _notebook_problems(book, chapter)
-    return problems
+    return problems + import_order_problems(book, expected)
+
+
+def _imports(source: str, where: str) -> set[str]:
+    """The adm_lib modules and names that `source` imports, at any depth."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as err:
+        raise BookError(f"{where}:{err.lineno}: does not parse: {err.msg}") from err
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] == PACKAGE}
+
+
+def _module_file(book: Book, name: str) -> Path | None:
+    """The file of module `adm_lib.x.y`, or None (a name, not a module)."""
+    base = book.root / name.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def import_order_problems(
+    book: Book, expected: dict[Path, tuple[Path, str]] | None = None
+) -> list[str]:
+    """Chapters that use a module a later chapter exports.
+
+    A chapter may import what earlier chapters export, and hand-written
+    modules whose own imports (followed to any depth) obey the same rule.
+    A generated module's imports are its chapter's, so checking every
+    chapter checks the modules too.
+    """
+    expected = expected_modules(book) if expected is None else expected
+    position = {chapter: i for i, chapter in enumerate(book.chapters)}
+    exporter = {path: chapter for path, (chapter, _) in expected.items()}
+    problems = []
+    for chapter in book.chapters:
+        name = book.rel(chapter)
+        # (module, the hand-written modules through which the chapter reaches it)
+        todo = [(n, ()) for n in _imports(chapter.read_text("utf-8"), name)]
+        seen: set[Path] = set()
+        while todo:
+            module, via = todo.pop()
+            path = _module_file(book, module)
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            source = exporter.get(path)
+            if source is None:  # hand-written: follow its imports
+                hops = (*via, book.rel(path))
+                text = path.read_text("utf-8")
+                todo += [(n, hops) for n in _imports(text, book.rel(path))]
+            elif position[source] > position[chapter]:
+                through = f" (through {', '.join(via)})" if via else ""
+                problems.append(f"{name} imports {module}{through}, which the "
+                                f"later chapter {book.rel(source)} exports")
+    return sorted(problems)
 
 
 def _notebook_problems(book: Book, chapter: Path) -> list[str]:

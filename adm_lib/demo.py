@@ -1,8 +1,8 @@
 """`adm demo`: classifier guidance end to end, in minutes on a laptop CPU.
 
 Hand-written tooling. It trains a small class-conditional diffusion model
-and a noisy classifier on the embedded MNIST-5k (chapter 7's `train`),
-draws every digit at two guidance scales (chapter 4's `sample_batches`),
+and a noisy classifier on the embedded MNIST-5k (chapter 4's `train`),
+draws every digit at two guidance scales (chapter 6's `sample_batches`),
 scores the samples with chapter 5's MNIST network, which did not guide
 them, and writes a grid PNG and a report.
 """

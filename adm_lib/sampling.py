@@ -1,6 +1,6 @@
 """What `adm sample` does: load models, draw guided samples, write them.
 
-Hand-written tooling around `adm_lib.guidance` (chapter 4). A model comes
+Hand-written tooling around `adm_lib.guidance` (chapter 6). A model comes
 from a run folder or checkpoint of `adm train`, or from a released
 checkpoint of the reference with its flags (`adm_lib.compat`).
 """
@@ -71,7 +71,7 @@ def load_network(path: str | os.PathLike, kind: str,
     config = run.config
     if config.kind != kind:
         raise SampleError(f"{path} is a {config.kind} run, not a {kind}"
-                          + (" (upsamplers are sampled in chapter 6)"
+                          + (" (upsamplers are sampled in chapter 7)"
                              if config.kind == "upsampler" else ""))
     labelled = kind == "classifier" or config.class_cond
     return Loaded(run.model, run.diffusion, config.image_size,

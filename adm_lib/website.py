@@ -265,7 +265,7 @@ def execute(
 
 
 def read_parameters_file(book: bk.Book, path: Path) -> dict[Path, dict[str, str]]:
-    """Per-chapter overrides from a TOML file: a table per chapter, `[04_guidance]`."""
+    """Per-chapter overrides from a TOML file: a table per chapter, `[06_guidance]`."""
     import tomllib
 
     try:

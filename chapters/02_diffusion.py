@@ -763,14 +763,14 @@ assert respace(base, "").num_timesteps == num_timesteps
 #
 # **Guidance** enters through a hook, `cond_fn(x, t, **model_kwargs)`, which
 # returns a gradient, for classifier guidance $s \nabla_{x_t} \log p_\phi(y
-# \mid x_t)$ (chapter 4 builds it). Ancestral sampling shifts the mean by
+# \mid x_t)$ (chapter 6 builds it). Ancestral sampling shifts the mean by
 # $\Sigma \cdot$ gradient (`condition_mean`, the paper's Algorithm 1). DDIM has
 # no such mean, so the gradient corrects the predicted noise, $\hat\epsilon =
 # \epsilon_\theta - \sqrt{1-\bar\alpha_t} \cdot$ gradient (`condition_score`,
 # Algorithm 2). Like the model, the hook sees original timesteps. Samplers run
 # under `torch.no_grad()`, so a hook that needs gradients enables them itself.
 # `p_sample(..., guide_at_mean=True)` takes the gradient at the unguided mean
-# instead of at $x_t$, a variant chapter 4 compares.
+# instead of at $x_t$, a variant chapter 6 compares.
 
 # %%
 #| export
@@ -901,7 +901,7 @@ def ddim_reverse_sample(
 # `progress=True` shows a progress bar. Each step's noise comes from
 # `noise_fn(x)`, a function returning noise shaped like `x`, by default
 # `torch.randn_like`. How noise is drawn is thus an argument, not a new
-# loop, as in k-diffusion's samplers: chapter 4 passes one that gives every
+# loop, as in k-diffusion's samplers: chapter 6 passes one that gives every
 # sample its own random stream.
 
 # %%
@@ -1100,7 +1100,7 @@ class SmallUNet(nn.Module):
 # %% [markdown]
 # The training loop is the paper's in miniature: draw a batch and timesteps,
 # compute `training_losses`, weight by the sampler's weights, step AdamW.
-# Chapter 7 turns it into a full training engine (mixed precision, EMA,
+# Chapter 4 turns it into a full training engine (mixed precision, EMA,
 # checkpoints); here we keep the loss history to plot.
 
 # %%

@@ -46,7 +46,7 @@
 #
 # This chapter builds every one of these as a small module, checks what each
 # does, assembles the UNet, the noisy-image classifier used for guidance
-# (chapter 4) and the super-resolution model (chapter 6), and exports them as
+# (chapter 6) and the super-resolution model (chapter 7), and exports them as
 # `adm_lib.unet`. The module and parameter names follow the reference
 # implementation (`openai/guided-diffusion`), so its released checkpoints load
 # into our models unchanged; `adm_lib.compat.guided_diffusion` turns the
@@ -862,7 +862,7 @@ for updown in (False, True):
 # %% [markdown]
 # ## 3.7 The noisy-image classifier
 #
-# Classifier guidance (chapter 4) needs $\nabla_{x_t} \log p(y \mid x_t)$: a
+# Classifier guidance (chapter 6) needs $\nabla_{x_t} \log p(y \mid x_t)$: a
 # classifier that works on *noisy* images at any timestep. The paper uses the
 # encoder half of the UNet (input blocks and middle block, with the same
 # timestep embedding) and a pooling head to 1000 logits. The reference calls
@@ -1713,4 +1713,4 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #   outputs to float32 round-off, and have exactly the parameter counts of the
 #   released models.
 #
-# Chapter 4 uses the classifier's gradient to guide sampling.
+# Chapter 6 uses the classifier's gradient to guide sampling.

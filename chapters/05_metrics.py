@@ -633,7 +633,7 @@ assert fids[0] > fids[-1] and slope > 0
 # only the digits (classes) 0 to 4, a dropped half of the modes; B
 # blurred, every image worse but all modes present; and the samples of a
 # small diffusion model trained here for `model_steps` steps with
-# `adm_lib.train` (chapter 7).
+# `adm_lib.train` (chapter 4).
 
 # %%
 def blurred(images: np.ndarray) -> np.ndarray:
@@ -767,7 +767,7 @@ show_rows({"B": as_tensor(real_images[:8]),
 # | model, 1,500 steps | 1.799 | 159.379 | 274.219 | 0.018 | 0.933 |
 #
 # Dropping half the classes halves recall and leaves precision where it
-# was; blurring does the opposite to precision. The model (chapter 7's
+# was; blurring does the opposite to precision. The model (chapter 4's
 # MNIST preset after 1,500 steps of batch 32, sampled with 25 DDIM steps)
 # shows a third pattern: its samples are still grainy, so almost none is
 # inside the real manifold (precision 0.018), yet recall is 0.933: the
@@ -803,7 +803,7 @@ show_rows({"B": as_tensor(real_images[:8]),
 # * The Inception Score rewards confident, varied class predictions and
 #   never looks at real images.
 # * Precision and recall separate fidelity from coverage: dropping modes
-#   costs recall, degrading every image costs precision. Chapter 4 uses
+#   costs recall, degrading every image costs precision. Chapter 6 uses
 #   them to show what classifier guidance trades.
 # * `adm evaluate REF.npz SAMPLES.npz` prints all five as the reference's
 #   evaluator does, from the same `.npz` batches.

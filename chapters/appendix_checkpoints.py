@@ -298,12 +298,12 @@ except FileNotFoundError as err:
 # (chapter 2), and a `ddim` prefix, as in `ddim25`, selects deterministic
 # DDIM sampling.
 #
-# Guidance (chapter 4) shifts each step's mean by the scaled gradient of the
+# Guidance (chapter 6) shifts each step's mean by the scaled gradient of the
 # classifier's log-probability of the wanted class, $s \, \Sigma \,
 # \nabla_{x_t} \log p_\phi(y \mid x_t)$ (DDIM shifts its noise prediction
 # instead, by a multiple of the same gradient). The classifier sees the
 # noisy image
-# at the model's original timestep, and chapter 4's `classifier_cond_fn`
+# at the model's original timestep, and chapter 6's `classifier_cond_fn`
 # returns $s$ times the gradient, exactly as the reference's
 # `classifier_sample.py` does. The labels are random ImageNet classes; an
 # unconditional model is wrapped by `ignore_labels` so that the labels

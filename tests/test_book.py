@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,46 @@ def test_check_reports_two_chapters_writing_one_module(tmp_path: Path) -> None:
                        "adm_lib/things.py")
     with pytest.raises(bk.BookError, match="both write"):
         bk.export(book)
+
+
+def test_a_chapter_using_a_later_chapters_module_is_named(tmp_path: Path) -> None:
+    later = chapter("#| default_exp later", "#| export\nLATER = 1")
+    book = make_book(tmp_path, {
+        "01_early.py": chapter("from adm_lib.later import LATER"),
+        "02_helped.py": chapter("import adm_lib.helper"),
+        "03_later.py": later,
+        "04_after.py": chapter("from adm_lib import later, helper"),
+    })
+    # A hand-written module that reaches the later chapter's module, from
+    # inside a function: importing it from an earlier chapter counts too.
+    (tmp_path / "adm_lib" / "helper.py").write_text(
+        "def f():\n    from adm_lib import later\n    return later\n")
+    bk.export(book)
+    assert bk.check(book) == [
+        "chapters/01_early.py imports adm_lib.later, which the later chapter "
+        "chapters/03_later.py exports",
+        "chapters/02_helped.py imports adm_lib.later (through "
+        "adm_lib/helper.py), which the later chapter chapters/03_later.py "
+        "exports",
+    ]
+    (tmp_path / "chapters" / "01_early.py").write_text(chapter("x = 1"))
+    (tmp_path / "adm_lib" / "helper.py").write_text("import math\n")
+    assert bk.check(book) == []
+
+
+def test_this_books_chapters_import_only_earlier_chapters() -> None:
+    book = bk.Book.load(ROOT)
+    assert bk.import_order_problems(book) == []
+    # The rule is not vacuous here: guidance, read before training and
+    # metrics as the book once ordered it, uses both.
+    order = [c.name for c in book.chapters]
+    order.remove("06_guidance.py")
+    order.insert(order.index("04_training.py"), "06_guidance.py")
+    swapped = dataclasses.replace(
+        book, chapters=tuple(book.src / name for name in order))
+    problems = "\n".join(bk.import_order_problems(swapped))
+    assert "chapters/06_guidance.py imports adm_lib.train, which" in problems
+    assert "chapters/06_guidance.py imports adm_lib.metrics, which" in problems
 
 
 @pytest.mark.parametrize(

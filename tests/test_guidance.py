@@ -1,4 +1,4 @@
-"""adm_lib.guidance (chapter 4), `adm sample` and `adm demo`.
+"""adm_lib.guidance (chapter 6), `adm sample` and `adm demo`.
 
 Models here are tiny (8x8 grey images, a few training steps) and run on
 one thread, so the file takes well under a minute on a 2-core CPU; the
@@ -325,7 +325,7 @@ def test_guidance_scores_count_hits_of_the_labels() -> None:
     assert "accuracy" not in guidance_scores(ref, samples)
 
 
-# Label dropout: the training side of classifier-free guidance (chapter 7).
+# Label dropout: the training side of classifier-free guidance (chapter 4).
 def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
     config = tr.make_config("diffusion", "mnist", {
         **TINY, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,

@@ -1,4 +1,4 @@
-"""adm_lib.train (chapter 7): `adm train`'s config, loop, checkpoints, resume.
+"""adm_lib.train (chapter 4): `adm train`'s config, loop, checkpoints, resume.
 
 Every run here is tiny (8x8 grey images, a 32-channel UNet, a few steps) so
 the file runs in well under a minute on a 2-core CPU. Every run uses one

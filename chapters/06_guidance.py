@@ -27,24 +27,24 @@
 #
 # This chapter exports `adm_lib.guidance`:
 #
-# * 4.1 the derivation of the two guided samplers, Algorithms 1 and 2;
-# * 4.2 the conditioning function of a noisy classifier, equal to the
+# * 6.1 the derivation of the two guided samplers, Algorithms 1 and 2;
+# * 6.2 the conditioning function of a noisy classifier, equal to the
 #   reference's;
-# * 4.3 guided sampling in batches, the code behind `adm sample`;
-# * 4.4 classifier-free guidance, the method that succeeded it;
-# * 4.5 to 4.7 experiments: three models trained on MNIST-5k, grids across
+# * 6.3 guided sampling in batches, the code behind `adm sample`;
+# * 6.4 classifier-free guidance, the method that succeeded it;
+# * 6.5 to 6.7 experiments: three models trained on MNIST-5k, grids across
 #   guidance scales, the gradient at $x_t$ against the gradient at the
 #   mean, and the fidelity-diversity trade-off measured with chapter 5's
 #   metrics, classifier guidance beside classifier-free guidance;
-# * 4.8 `adm sample` and `adm demo`, and 4.9 a longer recorded run.
+# * 6.8 `adm sample` and `adm demo`, and 6.9 a longer recorded run.
 
 # %% tags=["parameters"]
-# Smoke configuration: a few minutes on a CPU. The recorded CPU run of 4.9
+# Smoke configuration: a few minutes on a CPU. The recorded CPU run of 6.9
 # and the full GPU run on CIFAR-10 are
-#   adm book run 4 -p train_steps 1500 -p classifier_steps 600 \
+#   adm book run 6 -p train_steps 1500 -p classifier_steps 600 \
 #       -p respacing 50 -p samples_per_scale 200 -p num_ref 2000 \
 #       -p runs_dir build/chapter4_record -p figures_dir chapters/figures
-#   adm book run 4 -p device cuda -p preset cifar10 -p features cifar10 \
+#   adm book run 6 -p device cuda -p preset cifar10 -p features cifar10 \
 #       -p data ../shared/data/cifar10/train.zip -p train_steps 100000 \
 #       -p classifier_steps 50000 -p settings "{}" \
 #       -p classifier_settings "{}" -p respacing 250 \
@@ -100,7 +100,7 @@ runs = Path(runs_dir)
 print(f"device: {device}, features: {features}")
 
 # %% [markdown]
-# ## 4.1 Conditioning a diffusion model on a classifier
+# ## 6.1 Conditioning a diffusion model on a classifier
 #
 # A diffusion model's reverse step is a Gaussian,
 # $p_\theta(x_t \mid x_{t+1}) = \mathcal{N}(\mu, \Sigma)$ (chapter 2). To
@@ -137,10 +137,10 @@ print(f"device: {device}, features: {features}")
 # Guidance is a function handed to the sampler, not a new sampler. The
 # reference evaluates the gradient at $x_t$ rather than at $\mu$, where the
 # derivation expands; `p_sample(..., guide_at_mean=True)` does the latter,
-# and 4.6 compares the two.
+# and 6.6 compares the two.
 
 # %% [markdown]
-# ## 4.2 The conditioning function
+# ## 6.2 The conditioning function
 #
 # The classifier (chapter 3's encoder half of the UNet) takes $x_t$ and
 # $t$ and returns logits. `classifier_grad` differentiates the log-softmax
@@ -280,7 +280,7 @@ else:
     print(f"no fixtures at {fixtures}: parity not shown")
 
 # %% [markdown]
-# ## 4.3 Guided sampling in batches
+# ## 6.3 Guided sampling in batches
 #
 # `guided_sample` runs one batch from noise to images with Algorithm 1
 # (`sampler="ddpm"`) or Algorithm 2 (`"ddim"`), on whatever respaced
@@ -438,7 +438,7 @@ print(f"batch 1 against batch 5: largest difference {gap} of 255 grey "
 assert gap <= 1 and drawn[5].std() > 10  # equal, and not a flat image
 
 # %% [markdown]
-# ## 4.4 Classifier-free guidance
+# ## 6.4 Classifier-free guidance
 #
 # Classifier guidance needs a second network, trained on noisy images,
 # whose gradients are not always meaningful: a classifier can be fooled
@@ -460,7 +460,7 @@ assert gap <= 1 and drawn[5].std() > 10  # equal, and not a flat image
 # that any sampler runs it unchanged: one forward pass on the doubled
 # batch, the mixed $\epsilon$ on the image channels, and the conditional
 # output's variance channels. `adm train` learns such a model with
-# `--set label_dropout=0.1` (chapter 7); its null label is `num_classes`.
+# `--set label_dropout=0.1` (chapter 4); its null label is `num_classes`.
 
 # %%
 #| export
@@ -503,11 +503,11 @@ assert torch.equal(classifier_free_model(toy_model, 0.0, 0)(x, t, y),
 print("mixed eps of the first image, first row:", mixed[0, 0, 0].tolist())
 
 # %% [markdown]
-# ## 4.5 Three models on MNIST-5k
+# ## 6.5 Three models on MNIST-5k
 #
 # The experiments need a class-conditional diffusion model, an
 # unconditional one and a noisy classifier, all on the same data. They are
-# trained with chapter 7's `train`, from the `preset` of `adm_lib.train`
+# trained with chapter 4's `train`, from the `preset` of `adm_lib.train`
 # changed by the parameters cell. The conditional model is trained with
 # `label_dropout` so that it serves classifier-free guidance too: with a
 # real label it is an ordinary conditional model.
@@ -582,7 +582,7 @@ assert all(s.shape == (samples_per_scale, *shape[1:], shape[0])
            for s in samples.values())
 
 # %% [markdown]
-# ## 4.6 Grids across guidance scales
+# ## 6.6 Grids across guidance scales
 
 # %%
 def grid_figure(name: str, values: list[float], symbol: str) -> plt.Figure:
@@ -612,7 +612,7 @@ plt.show()
 # guidance makes its digits bolder and more alike.
 #
 # **The gradient at $x_t$ or at the mean.** The reference takes the
-# classifier's gradient at $x_t$; the derivation of 4.1 expands around
+# classifier's gradient at $x_t$; the derivation of 6.1 expands around
 # the unguided mean $\mu$, which is $x_{t-1}$'s expected value. The two
 # points differ by one denoising step, and the classifier, asked about
 # $\mu$ with the timestep $t$ of $x_t$, sees a cleaner image than it was
@@ -642,7 +642,7 @@ if features != "inception":
 assert difference.mean() > 0
 
 # %% [markdown]
-# ## 4.7 Fidelity against diversity
+# ## 6.7 Fidelity against diversity
 #
 # The paper measures what guidance trades with chapter 5's metrics:
 # FID (lower is better) and, separately, precision (fidelity) and recall
@@ -751,7 +751,7 @@ if figures_dir:
                        bbox_inches="tight")
 
 # %% [markdown]
-# ## 4.8 `adm sample`
+# ## 6.8 `adm sample`
 #
 # The command line does the same for any model: a run folder or
 # checkpoint of `adm train`, or a released checkpoint of the reference
@@ -784,14 +784,14 @@ with np.load(batch_file) as batch:
 # on them and their FID, all within ten minutes on a two-core CPU (see
 # the README for its measured time).
 #
-# ## 4.9 A longer run, recorded
+# ## 6.9 A longer run, recorded
 #
 # The smoke configuration trains for seconds and its samples are noise.
 # The same chapter with longer training, on this project's 2-core CPU (no
 # GPU, PyTorch 2.13 CPU build), on 2026-11-25, took 28 minutes:
 #
 # ```sh
-# adm book run 4 -p train_steps 1500 -p classifier_steps 600 \
+# adm book run 6 -p train_steps 1500 -p classifier_steps 600 \
 #     -p respacing 50 -p samples_per_scale 200 -p num_ref 2000 \
 #     -p runs_dir build/chapter4_record -p figures_dir chapters/figures
 # ```
@@ -804,11 +804,11 @@ with np.load(batch_file) as batch:
 # numbers move within their sampling error.) The grids, a column per
 # class and starting noise:
 #
-# ![Conditional model across guidance scales](figures/04_grid_conditional.png)
+# ![Conditional model across guidance scales](figures/06_grid_conditional.png)
 #
-# ![Unconditional model, guided](figures/04_grid_unconditional.png)
+# ![Unconditional model, guided](figures/06_grid_unconditional.png)
 #
-# ![Classifier-free guidance across scales](figures/04_grid_free.png)
+# ![Classifier-free guidance across scales](figures/06_grid_free.png)
 #
 # Guidance does what the paper says it does, most visibly on the
 # unconditional model: at $s = 0$ its columns are whatever digit the
@@ -841,9 +841,9 @@ with np.load(batch_file) as batch:
 # | classifier-free, $w = 2$ | 2.57 | 81.5 | 0.100 | 0.715 | 40.5% |
 # | classifier-free, $w = 4$ | 2.39 | 88.2 | 0.085 | 0.735 | 35.0% |
 #
-# ![Metrics against the guidance scale](figures/04_scales.png)
+# ![Metrics against the guidance scale](figures/06_scales.png)
 #
-# ![Precision against recall](figures/04_tradeoff.png)
+# ![Precision against recall](figures/06_tradeoff.png)
 #
 # What this small run shows, and what it does not:
 #
@@ -877,7 +877,7 @@ with np.load(batch_file) as batch:
 # inception_weights PATH`). It has not been run for this book yet, so no
 # GPU numbers are quoted here.
 #
-# ## 4.10 Summary
+# ## 6.10 Summary
 #
 # * Guidance conditions a sampler on a classifier through one function,
 #   `cond_fn`: Algorithm 1 shifts the ancestral mean by $s\Sigma\nabla\log

@@ -25,26 +25,26 @@
 # This chapter builds the loop the rest of the book trains with, and
 # exports it as `adm_lib.train` and the `adm train` command:
 #
-# * 7.1 a run is one configuration, and the paper's models are presets;
-# * 7.2 what one step draws, so that any step can be replayed;
-# * 7.3 the three objectives: diffusion model, noisy classifier, upsampler;
-# * 7.4 mixed precision and 7.5 the EMA of the weights, with a warm-up;
-# * 7.6 checkpoints that survive a kill, and exact resume;
-# * 7.7 data-parallel training with `torchrun`;
-# * 7.8 the loop itself;
-# * 7.9 checks of the claims above: a resumed run equals the uninterrupted
+# * 4.1 a run is one configuration, and the paper's models are presets;
+# * 4.2 what one step draws, so that any step can be replayed;
+# * 4.3 the three objectives: diffusion model, noisy classifier, upsampler;
+# * 4.4 mixed precision and 4.5 the EMA of the weights, with a warm-up;
+# * 4.6 checkpoints that survive a kill, and exact resume;
+# * 4.7 data-parallel training with `torchrun`;
+# * 4.8 the loop itself;
+# * 4.9 checks of the claims above: a resumed run equals the uninterrupted
 #   one bit for bit, a damaged checkpoint is skipped, and two processes
 #   equal one;
-# * 7.10 three real models trained with it, and 7.11 a longer recorded
+# * 4.10 three real models trained with it, and 4.11 a longer recorded
 #   run.
 
 # %% tags=["parameters"]
 # Smoke configuration: about a minute on a CPU. The recorded CPU run of
-# 7.11 and the full GPU run are
-#   adm book run 7 -p train_steps 1500 -p classifier_steps 1000 \
+# 4.11 and the full GPU run are
+#   adm book run 4 -p train_steps 1500 -p classifier_steps 1000 \
 #       -p batch_size 32 -p snapshot_every 250 -p figures_dir FOLDER \
 #       -p runs_dir build/chapter7_record
-#   adm book run 7 -p device cuda -p train_steps 20000 \
+#   adm book run 4 -p device cuda -p train_steps 20000 \
 #       -p classifier_steps 10000 -p batch_size 128 -p num_channels 64 \
 #       -p snapshot_every 2000
 data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
@@ -82,14 +82,14 @@ runs = Path(runs_dir)
 shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 
 # %% [markdown]
-# ## 7.1 A run is a configuration
+# ## 4.1 A run is a configuration
 #
 # Everything that decides what a run computes lives in one dataclass,
 # `TrainConfig`: the data, the network, the diffusion, the optimiser, and
 # the run's bookkeeping. It is saved as `config.json` in the run folder and
 # inside every checkpoint, so a checkpoint rebuilds its network with no
-# flags retyped (`load_run`, 7.8), and a resumed run can check that it
-# continues the same computation (7.6). The network and diffusion fields
+# flags retyped (`load_run`, 4.8), and a resumed run can check that it
+# continues the same computation (4.6). The network and diffusion fields
 # keep the reference's flag names (`num_channels`, `attention_resolutions`,
 # `learn_sigma`, ...), so the reference's README commands translate one to
 # one.
@@ -166,7 +166,7 @@ class TrainConfig:
     in_channels: int = 0
     num_classes: int = 0
     class_cond: bool = True
-    # Classifier-free guidance (chapter 4): this share of labels becomes
+    # Classifier-free guidance (chapter 6): this share of labels becomes
     # the extra "null" label num_classes, so one model is both
     # conditional and unconditional.
     label_dropout: float = 0.0
@@ -652,7 +652,7 @@ assert counts["diffusion", "imagenet64"] == "295.9M"
 assert counts["classifier", "imagenet128"] == "42.6M"
 
 # %% [markdown]
-# ## 7.2 What a step draws
+# ## 4.2 What a step draws
 #
 # A step of the reference draws its batch from a shuffling data loader,
 # and its timesteps, noise and dropout masks from the global random
@@ -882,17 +882,17 @@ first_pass = torch.cat([order(s) for s in range(6)] + [order(6)[:2]])
 assert sorted(first_pass.tolist()) == list(range(50))
 
 # %% [markdown]
-# ## 7.3 Three objectives
+# ## 4.3 Three objectives
 #
 # The three kinds of model differ only in their per-image loss:
 #
 # * a **diffusion model** minimises chapter 2's `training_losses`: the
 #   hybrid $L_\text{simple} + \lambda L_\text{vlb}$ when it learns its
 #   variance, else $L_\text{simple}$;
-# * an **upsampler** (chapter 6) minimises the same loss, with the
+# * an **upsampler** (chapter 7) minimises the same loss, with the
 #   low-resolution image as an extra input, made from the batch itself by
 #   area down-sampling, as the reference does;
-# * a **noisy classifier** (chapter 4) minimises the cross-entropy of the
+# * a **noisy classifier** (chapter 6) minimises the cross-entropy of the
 #   label given $x_t$ = `q_sample`$(x_0, t)$ at a random $t$, because
 #   guidance needs $\nabla_{x_t} \log p(y \mid x_t)$ at every noise level.
 #   `clean_fraction` shows a share of the images noise-free (at $t = 0$),
@@ -901,7 +901,7 @@ assert sorted(first_pass.tolist()) == list(range(50))
 # A class-conditional model trained with `label_dropout` $> 0$ sees that
 # share of its labels replaced by an extra "null" label, number
 # `num_classes`; it learns the unconditional model alongside, which
-# classifier-free guidance (chapter 4) needs.
+# classifier-free guidance (chapter 6) needs.
 #
 # Each returns per-image terms; the loop weights them by the timestep
 # sampler's importance weights (all ones for the uniform sampler) and
@@ -941,7 +941,7 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     }
 
 # %% [markdown]
-# ## 7.4 Mixed precision
+# ## 4.4 Mixed precision
 #
 # Autocast runs the network's matrix products in 16 bits and keeps the
 # weights, the optimiser and the diffusion arithmetic in float32: the
@@ -999,7 +999,7 @@ assert torch.isinf(torch.tensor(1e5).half())
 assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 
 # %% [markdown]
-# ## 7.5 The exponential moving average
+# ## 4.5 The exponential moving average
 #
 # The reference keeps $\bar\theta \leftarrow r\bar\theta + (1-r)\theta$ with
 # $r = 0.9999$ from the first step, so after $n$ steps the average still
@@ -1048,7 +1048,7 @@ print(f"no warm-up, 2,994 steps: {reference_run:.3f}; "
 assert 0.2 < reference_run < 0.25 and warm < 1e-6
 
 # %% [markdown]
-# ## 7.6 Checkpoints that survive a kill
+# ## 4.6 Checkpoints that survive a kill
 #
 # A checkpoint holds everything the run needs to go on: the weights, each
 # EMA, AdamW's moments, the loss scaler, the loss-aware sampler's history,
@@ -1271,7 +1271,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 # %% [markdown]
-# ## 7.7 Data parallelism with torchrun
+# ## 4.7 Data parallelism with torchrun
 #
 # The reference launches one process per GPU with MPI. PyTorch's own
 # launcher, `torchrun`, does the same without an MPI installation, and its
@@ -1289,7 +1289,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
 # the process group (NCCL between GPUs, gloo between CPU processes) and
 # wraps the network in `DistributedDataParallel`, which averages the
 # gradients across processes during the backward pass. The global batch
-# is split evenly, each rank reading its rows (7.2). Rank 0 alone logs,
+# is split evenly, each rank reading its rows (4.2). Rank 0 alone logs,
 # draws sample grids and writes checkpoints; on several machines the run
 # folder must be on a shared file system, since every rank loads the
 # checkpoint rank 0 picks.
@@ -1359,7 +1359,7 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     return values
 
 # %% [markdown]
-# ## 7.8 The loop
+# ## 4.8 The loop
 #
 # One step on each rank: read the rank's rows of the batch and the step's
 # draws, flip the chosen images, set the learning rate (annealed linearly
@@ -1948,12 +1948,12 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
 
 # %% [markdown]
 # `load_run` is the way back from a run folder to a network, for sampling
-# (chapter 4), evaluation (chapter 5) or fine-tuning.
+# (chapter 6), evaluation (chapter 5) or fine-tuning.
 
 # %% [markdown]
-# ## 7.9 Trusting the loop
+# ## 4.9 Trusting the loop
 #
-# Now the claims of 7.2, 7.6 and 7.7 can be checked. The chapter's runs
+# Now the claims of 4.2, 4.6 and 4.7 can be checked. The chapter's runs
 # all use the MNIST preset scaled down by the parameters cell:
 
 # %%
@@ -2058,7 +2058,7 @@ assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two],
 assert gap < 1e-3
 
 # %% [markdown]
-# ## 7.10 Three models
+# ## 4.10 Three models
 #
 # Now the three kinds, trained for real on the embedded MNIST subset: a
 # class-conditional diffusion model with learned variances, a noisy
@@ -2110,7 +2110,7 @@ curves(axes[2], metrics["upsampler"], ["mse", "vb"], "upsampler")
 axes[2].set_yscale("log")
 fig.tight_layout()
 if figures_dir:
-    fig.savefig(Path(figures_dir) / "07_cpu_run_curves.png", dpi=120)
+    fig.savefig(Path(figures_dir) / "04_cpu_run_curves.png", dpi=120)
 plt.show()
 first, last = metrics["diffusion"][0], metrics["diffusion"][-1]
 assert last["mse"] < first["mse"]
@@ -2137,7 +2137,7 @@ for ax, path in zip(axes, shown, strict=True):
     ax.axis("off")
 fig.tight_layout()
 if figures_dir:
-    fig.savefig(Path(figures_dir) / "07_cpu_run_samples.png", dpi=120)
+    fig.savefig(Path(figures_dir) / "04_cpu_run_samples.png", dpi=120)
 plt.show()
 assert grids and up.exists()
 
@@ -2154,14 +2154,14 @@ for kind in KINDS:
     assert loaded.step == loaded.config.steps
 
 # %% [markdown]
-# ## 7.11 A longer run, recorded
+# ## 4.11 A longer run, recorded
 #
 # The smoke configuration trains for seconds. A longer run of this chapter
 # on this project's 2-core CPU (no GPU, PyTorch 2.13 CPU build), on
 # 2026-11-25:
 #
 # ```sh
-# adm book run 7 -p train_steps 1500 -p classifier_steps 1000 \
+# adm book run 4 -p train_steps 1500 -p classifier_steps 1000 \
 #     -p batch_size 32 -p snapshot_every 250 -p figures_dir chapters/figures \
 #     -p runs_dir build/chapter7_record
 # ```
@@ -2184,12 +2184,12 @@ for kind in KINDS:
 # for the first quarter of an hour, so the images per second (the median
 # over the logged windows) are a floor. The curves:
 #
-# ![Loss curves of the CPU run](figures/07_cpu_run_curves.png)
+# ![Loss curves of the CPU run](figures/04_cpu_run_curves.png)
 #
 # and the EMA's samples every 250 steps (DDIM, 10 steps, the same noise
 # and labels each time), then the upsampler's last grid:
 #
-# ![Samples of the CPU run](figures/07_cpu_run_samples.png)
+# ![Samples of the CPU run](figures/04_cpu_run_samples.png)
 #
 # The digits take shape by step 500 and sharpen after, but the
 # backgrounds stay grainy and a few classes (1, 2, 3, 5) are still noise:
@@ -2202,7 +2202,7 @@ for kind in KINDS:
 # The full run, on one GPU, is
 #
 # ```sh
-# adm book run 7 -p device cuda -p train_steps 20000 \
+# adm book run 4 -p device cuda -p train_steps 20000 \
 #     -p classifier_steps 10000 -p batch_size 128 -p num_channels 64 \
 #     -p snapshot_every 2000
 # ```
@@ -2230,5 +2230,5 @@ for kind in KINDS:
 # * `adm train diffusion|classifier|upsampler` is the same `train` from
 #   the command line, and under `torchrun` it is data-parallel.
 #
-# Chapter 4 uses this loop to train a class-conditional model and a noisy
+# Chapter 6 uses this loop to train a class-conditional model and a noisy
 # classifier, and guides the one with the other.
