@@ -71,7 +71,8 @@ def load_network(path: str | os.PathLike, kind: str,
     config = run.config
     if config.kind != kind:
         raise SampleError(f"{path} is a {config.kind} run, not a {kind}"
-                          + (" (upsamplers are sampled in chapter 7)"
+                          + (" (an upsampler needs low-resolution inputs: see the "
+                             "cascade in chapters/appendix_checkpoints.py)"
                              if config.kind == "upsampler" else ""))
     labelled = kind == "classifier" or config.class_cond
     return Loaded(run.model, run.diffusion, config.image_size,

@@ -139,17 +139,17 @@ def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
 
 
 # %% [markdown]
-# **Cosine** (Nichol & Dhariwal, 2021, used by the paper's models): define the
+# **Cosine** (Nichol & Dhariwal, 2021; of the paper's released models only
+# ImageNet $64 \times 64$ uses it, the others linear, Table 11): define the
 # curve $\bar\alpha$ itself rather than the betas,
 #
 # $$\bar\alpha(t) = \frac{f(t)}{f(0)}, \qquad
 # f(t) = \cos^2\!\Big(\frac{t/T + s}{1 + s} \cdot \frac{\pi}{2}\Big),$$
 #
-# and recover $\beta_t = 1 - \bar\alpha(t) / \bar\alpha(t - 1)$. The offset $s
-# = 0.008$ keeps $\beta$ from being vanishingly small near $t = 0$, and each
-# $\beta$ is clipped at $0.999$, since at $t = T$ the cosine reaches zero and
-# $\beta$ would be $1$, a step that forgets everything at once. The helper
-# `betas_for_alpha_bar` turns any such curve on $[0, 1]$ into betas.
+# and recover $\beta_t = 1 - \bar\alpha(t) / \bar\alpha(t - 1)$. The offset
+# $s = 0.008$ keeps $\beta$ from vanishing near $t = 0$; $\beta$ is clipped at
+# $0.999$, for at $t = T$ the cosine is zero and $\beta = 1$ would forget all
+# at once. `betas_for_alpha_bar` turns any such curve on $[0, 1]$ into betas.
 
 # %%
 #| export
@@ -450,7 +450,9 @@ plt.show()
 # erased the image while the cosine one still keeps much of it, and at the last
 # step both leave almost nothing. That is the point of the cosine schedule:
 # fewer steps wasted on pure noise, which matters most when sampling with few
-# steps (chapter 2).
+# steps (chapter 2). The paper still uses the linear schedule for most of its
+# models: by its Table 11 only ImageNet $64 \times 64$ is cosine, while the
+# ImageNet $128$, $256$ and $512$ models and the LSUN ones are linear.
 
 # %%
 for name, p in processes.items():
@@ -587,7 +589,8 @@ print("adm_lib.forward exports:", ", ".join(forward.__all__))
 #   $\beta_t$; its marginal $q(x_t \mid x_0)$ has a closed form governed by
 #   $\bar\alpha_t$, so training can sample any $t$ directly.
 # * The cosine schedule keeps signal for longer than the linear one and wastes
-#   fewer steps on near-pure noise.
+#   fewer steps on near-pure noise. Of the paper's models only ImageNet
+#   $64 \times 64$ uses it; the others are linear (Table 11).
 # * The posterior $q(x_{t-1} \mid x_t, x_0)$ is Gaussian with known mean
 #   coefficients and variance $\tilde\beta_t \le \beta_t$; its log-variance is
 #   clipped at $t = 1$ to stay finite.
@@ -595,3 +598,31 @@ print("adm_lib.forward exports:", ", ".join(forward.__all__))
 # Chapter 2 trains a network to reverse this process, with a learned variance
 # between $\tilde\beta_t$ and $\beta_t$, and samples with far fewer than $T$
 # steps.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Show by induction on $t$ that the steps $q(x_t \mid x_{t-1})$ compose to
+#    $q(x_t \mid x_0) = \mathcal{N}(\sqrt{\bar\alpha_t}\, x_0, (1 -
+#    \bar\alpha_t) I)$, the closed form that `q_sample` draws from and that
+#    section 1.6 checks by simulation.
+# 2. Multiply the prior $q(x_{t-1} \mid x_0)$ by the likelihood $q(x_t \mid
+#    x_{t-1})$ and complete the square to derive `posterior_mean_coef1`,
+#    `posterior_mean_coef2` and $\tilde\beta_t$ of section 1.4. Then show
+#    that $\tilde\beta_t < \beta_t$ for $t \ge 2$, as section 1.7 asserts.
+# 3. Put the $x_0$ of `predict_xstart_from_eps` into $\tilde\mu_t$ and show
+#    that $\tilde\mu_t = \big(x_t - \frac{\beta_t}{\sqrt{1 -
+#    \bar\alpha_t}}\, \epsilon\big) / \sqrt{\alpha_t}$: the mean of the
+#    reverse step, written with the noise instead of $x_0$.
+# 4. Rerun with `-p num_timesteps 100`. Predict the shares of steps with
+#    $\bar\alpha_t < 10^{-3}$ that section 1.6 prints for each schedule,
+#    then check. Below which $T$ does `linear_beta_schedule` return a beta
+#    above 1, which `ForwardProcess` refuses?
+# 5. Add a schedule `"linear_logsnr"` whose log-SNR falls linearly from $10$
+#    to $-10$: `betas_for_alpha_bar` of $\bar\alpha(u) = 1 / (1 + e^{20 u -
+#    10})$, in `BETA_SCHEDULES` (then `adm book export`). Predict where its
+#    curves lie against the cosine's in section 1.6's figure, then plot them.
+# 6. Section 1.8 leaves out the last step. Predict the float32 error of the
+#    round trip there for `processes["linear"]` from $1 /
+#    \sqrt{\bar\alpha_t}$, then run it at all of `steps` for both schedules
+#    and plot the error against $1 / \sqrt{\bar\alpha_t}$.

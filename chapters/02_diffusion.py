@@ -95,17 +95,17 @@ print(f"device: {device}")
 # of chapter 1's figure, and two learned ones:
 #
 # * `"fixed_small"`: $\tilde\beta_t$, the posterior variance;
-# * `"fixed_large"`: $\beta_t$ (with $\tilde\beta_1$ at the first step, for a
+# * `"fixed_large"`: $\beta_t$ (with $\tilde\beta_2$ at the first step, for a
 #   better decoder likelihood);
 # * `"learned"`: the network outputs $\log \Sigma$ directly;
-# * `"learned_range"`: the network outputs $v$ per pixel and $\log\Sigma_\theta
-#   = \frac{v+1}{2} \log\beta_t + \frac{1-v}{2} \log\tilde\beta_t$, an
-#   interpolation between the two bounds. Since the bounds differ by little
-#   (chapter 1, section 1.7), predicting where in between to sit is an easy,
-#   well-scaled task. ADM uses this.
+# * `"learned_range"`: the network outputs $v$ per pixel, read as $v \in
+#   [-1, 1]$ (nothing clamps it), and $\log\Sigma_\theta = \frac{v+1}{2}
+#   \log\beta_t + \frac{1-v}{2} \log\tilde\beta_t$. Nichol & Dhariwal (2021)
+#   write this with a weight $v \in [0, 1]$ on $\log\beta_t$: theirs is our
+#   $\frac{v+1}{2}$. The bounds differ by little (chapter 1, section 1.7), so
+#   where in between to sit is an easy, well-scaled prediction. ADM uses it.
 #
-# With a learned variance the network outputs $2C$ channels: the mean output
-# and then the variance output.
+# With a learned variance the network outputs $2C$ channels, mean then $v$.
 #
 # `GaussianDiffusion` extends chapter 1's `ForwardProcess` with these choices
 # and with the tables they need. `p_mean_variance` runs the model and returns
@@ -300,7 +300,7 @@ assert torch.allclose(out["variance"], out["variance"][:, :1, :1, :1])
 # edge bins open to $\pm\infty$). Following the reference, every term is
 # averaged over pixels and divided by $\ln 2$, so the bound is in **bits per
 # dimension**, the unit likelihood results are reported in. `vb_terms_bpd`
-# returns $L_{t-1}$ for each image at its own $t$, or $L_0$ where $t = 0$.
+# returns $L_{t-1}$ for each image at its own $t$, or $L_0$ where `t = 0`.
 
 # %%
 #| export
@@ -1038,8 +1038,10 @@ for spec in ["10", "ddim25"]:
 # UNet will do: two down-sampling stages, residual blocks that receive a
 # sinusoidal embedding of $t$, and an output with $2C$ channels (the noise and
 # $v$). It is defined in this chapter only; `adm_lib` exports the paper's UNet
-# from chapter 3. The diffusion is ADM's: cosine schedule, $\epsilon$
-# prediction, `learned_range` variance and the hybrid objective.
+# from chapter 3. The diffusion is that of ADM's ImageNet $64 \times 64$
+# model: cosine schedule (the paper's other models use the linear one, Table
+# 11), $\epsilon$ prediction, `learned_range` variance and the hybrid
+# objective.
 
 # %%
 def timestep_embedding(t, dim):
@@ -1179,9 +1181,11 @@ assert head > terms_by_t[num_timesteps // 10:].sum()
 #
 # With `learned_range`, the model places $\log\Sigma_\theta$ between
 # $\log\tilde\beta_t$ and $\log\beta_t$. Averaged over pixels of noised images,
-# the learned interpolation $\frac{v+1}{2}$ shows where: chapter 1 showed that
-# the two bounds differ only near $t = 0$, so that is where the choice matters;
-# elsewhere any value in between gives almost the same Gaussian.
+# the learned interpolation $\frac{v+1}{2}$ shows where. It is the weight on
+# $\log\beta_t$: the network's output $v \in [-1, 1]$ mapped to $[0, 1]$, the
+# range of Nichol & Dhariwal's $v$ (section 2.1). Chapter 1 showed that the two
+# bounds differ only in the first few steps, so that is where the choice
+# matters; elsewhere any value in between gives almost the same Gaussian.
 
 # %%
 probe_t = np.unique(np.geomspace(1, num_timesteps - 1, 40).astype(int))
@@ -1317,3 +1321,31 @@ assert error < spread
 #   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Show that at $\eta = 1$ DDIM's $\sigma_t^2$ is $\tilde\beta_t$ and its
+#    mean is $\tilde\mu_t(\hat x_0, x_t)$, so `ddim_sample` with `eta=1.0`
+#    is `p_sample` with `fixed_small`. Check one step of each on
+#    `oracle_diffusion` and `oracle`, with the same $x_t$, `t` and `noise`.
+# 2. With $\Sigma = \sigma_t^2 I$ fixed and `mean_type="eps"`, show that
+#    $L_{t-1} = w_t \lVert \epsilon - \epsilon_\theta \rVert^2 + c$, and
+#    $L_\text{simple}$ drops $w_t = \beta_t^2 / (2 \sigma_t^2 \alpha_t (1 -
+#    \bar\alpha_t))$. Where is $w_t$ largest when $\sigma_t^2 = \tilde\beta_t$?
+# 3. Predict the largest step kept by `space_timesteps(1000, "ddim7")` and
+#    by `space_timesteps(1000, "7")`, then check, and compare
+#    `base.alphas_cumprod` there. Which of the two starts a sampler from
+#    $x_T \sim \mathcal{N}(0, I)$ with the smaller mismatch?
+# 4. Rerun with `-p schedule linear`. Using chapter 1's figure of
+#    $\tilde\beta_t / \beta_t$, predict how the terms of the bound in section
+#    2.8 and the learned interpolation of section 2.9 change from the cosine
+#    run, then check.
+# 5. Train section 2.7's model with `var_type="fixed_small"`, then
+#    `"fixed_large"` (the loss becomes `"simple"`): end `SmallUNet` in
+#    `channels` outputs, log only `mse`, skip section 2.9. Predict which
+#    loses more in section 2.10's 10-step rows, then check.
+# 6. Train on the bound alone, `GaussianDiffusion(..., loss="kl")`, with a
+#    `LossAwareSampler(num_timesteps)` and, after each step,
+#    `sampler.update(t, terms["loss"].detach())` (log only `vb`). Predict
+#    after how many steps its `weights()` stop being uniform, then check.

@@ -34,8 +34,8 @@
 #    $8 \times 8$ rather than at $16 \times 16$ only.
 # 3. **More heads, fixed width per head.** A fixed number of channels per
 #    attention head, so wider layers get more heads. Of the widths they tried,
-#    32 channels per head had the lowest FID; they chose 64 because it was
-#    the best for wall-clock time, at a small cost in FID.
+#    32 channels per head had the lowest FID (Table 2); they chose 64 for
+#    wall-clock time (Figure 2), at a small cost in FID.
 # 4. **BigGAN residual up/down-sampling.** Change resolution *inside* a
 #    residual block rather than with a separate convolution.
 # 5. **Adaptive group normalisation (AdaGN).** Inject the timestep and class
@@ -144,9 +144,9 @@ def zero_module(module: nn.Module) -> nn.Module:
 #
 # A network cannot do much with the integer $t$ itself. Like the Transformer's
 # positions, it is turned into sines and cosines of geometrically spaced
-# frequencies, from 1 down to $1/10000$ radians per step: nearby timesteps get
-# similar vectors, and every scale of $t$ is represented. The UNet then passes
-# this vector through a two-layer MLP (`time_embed`).
+# frequencies, from 1 down to nearly $1/10000$ radians per unit of $t$: nearby
+# timesteps get similar vectors, and every scale of $t$ is represented. The
+# UNet then passes this vector through a two-layer MLP (`time_embed`).
 
 # %%
 #| export
@@ -165,9 +165,9 @@ def timestep_embedding(
 
 
 # %% [markdown]
-# At $t = 0$ every cosine is one and every sine zero; the first frequency is
-# one cycle per $2\pi$ steps and the last $1/10000$ of it, so neighbouring
-# timesteps differ mostly in the fast features.
+# At $t = 0$ every cosine is one and every sine zero. With $h$ = `dim // 2`,
+# frequency $k = 0, \dots, h - 1$ is $10000^{-k/h}$ radians per unit of $t$,
+# 1 down to $10000^{-(h-1)/h}$, so nearby steps differ mostly in the fast ones.
 
 # %%
 emb = timestep_embedding(torch.tensor([0, 1, 500, 999]), 8)
@@ -444,8 +444,8 @@ print("AdaGN output matches GroupNorm(h) * (1 + y_s) + y_b")
 # (`qkv`), softmax attention per head, and a zero-initialised projection back
 # (`proj_out`), added to the input. The number of heads is either given
 # (`num_heads`) or follows from a fixed width per head (`num_head_channels`);
-# the paper's Table 2 has 32 channels per head with the lowest FID, and ADM
-# takes 64 as the better choice for wall-clock time.
+# in the paper's Table 2, 32 channels per head has the lowest FID, and ADM
+# takes 64 for wall-clock time (Figure 2).
 #
 # The `qkv` convolution outputs $3C$ channels, and there are two ways to read
 # them as heads. The **legacy** order (the reference's `QKVAttentionLegacy`,
@@ -1219,7 +1219,7 @@ else:
 #   list the parameter counts.
 # * **4 heads**: a fixed head count, as in Table 1.
 # * **64 channels per head**: the head count grows with the width, the
-#   setting Table 2 preferred. Every attention layer must then be a
+#   setting ADM adopted (Table 2). Every attention layer must then be a
 #   multiple of 64 wide, so with attention at $32 \times 32$ (ADM) the base
 #   width must be a multiple of 64.
 # * **attention at 32, 16 and 8** rather than 16 only. On $32 \times 32$
@@ -1235,7 +1235,7 @@ else:
 # The last entry, **ADM**, is the paper's combination: attention at 32, 16
 # and 8 with 64 channels per head, BigGAN resampling and AdaGN, no
 # rescaling. Every model predicts $\epsilon$ and the variance interpolation
-# $v$, so it has twice the image's channels as output.
+# $v \in [-1, 1]$ (chapter 2), so it has twice the image's channels as output.
 
 # %%
 #| export
@@ -1350,11 +1350,13 @@ print("checkpointed gradients match")
 #
 # The paper trained every variant on ImageNet $128 \times 128$ and compared
 # FID after 700K and 1.2M iterations. The same protocol, small: each
-# variant trains with chapter 2's ADM diffusion (cosine schedule,
-# $\epsilon$ prediction, `learned_range` variance, the hybrid loss, uniform
-# $t$, AdamW), class-conditional, from the same seed, on the same batches
-# with the same timesteps and noise, and is measured on the same held-out
-# images. Two comparisons come from one run:
+# variant trains with chapter 2's diffusion (the cosine schedule, which the
+# paper gives only its ImageNet $64 \times 64$ model, the $128 \times 128$
+# one being linear by Table 11; $\epsilon$ prediction, `learned_range`
+# variance, the hybrid loss, uniform $t$, AdamW), class-conditional, from
+# the same seed, on the same batches with the same timesteps and noise, and
+# is measured on the same held-out images. Two comparisons come from one
+# run:
 #
 # * **equal steps**: the weights after `train_steps` updates. What does the
 #   change buy per update?
@@ -1714,3 +1716,30 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #   released models.
 #
 # Chapter 6 uses the classifier's gradient to guide sampling.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Show that for an even `dim` the dot product of the embeddings that
+#    `timestep_embedding` gives two timesteps $s$ and $t$ depends only on
+#    $s - t$. Predict from the frequencies how it changes as $|s - t|$
+#    grows, then plot it for `dim` 128.
+# 2. Write the parameter count of `ResBlock(C, E, 0.0)`, a block that keeps
+#    its $C$ channels, as a function of $C$ and $E$, with and without
+#    `use_scale_shift_norm`, and check it by summing `p.numel()` over
+#    `block.parameters()`. What share does AdaGN add at $C = 256$, $E = 4C$?
+# 3. Count the multiply-adds of an `AttentionBlock` of $C$ channels on an
+#    $r \times r$ map, in `qkv`, `proj_out` and the attention itself. Predict
+#    the ratio of its times at $r = 32$ and $r = 16$ for $C = 64$, then time
+#    it, and compare with the ms/step of the recorded run of 3.12.
+# 4. Rerun with `-p ablation_channels 96`. Predict which entries of
+#    `ABLATIONS` `ablation_unet` can build, minding the GroupNorm's 32 groups
+#    and `heads_for`, then check.
+# 5. Add to `ABLATIONS` an entry "ADM, additive": ADM without
+#    `use_scale_shift_norm` (then `adm book export`). Predict whether its VLB
+#    in 3.12 lands nearer ADM's or the baseline's, given the paired standard
+#    errors, then check.
+# 6. Add a pool `"max"` to `pool_head` and `POOLS`: norm, SiLU, global max
+#    pooling and a zero-initialised $1 \times 1$ conv. Predict how its input
+#    gradient, which guidance uses, differs from the `adaptive` head's, then
+#    compare the two with the cell of 3.7.

@@ -57,7 +57,7 @@ num_channels = 32  # the networks' base width (a multiple of 32)
 snapshot_every = 20  # steps between sample grids and evaluations
 num_samples = 10
 sample_steps = "ddim10"
-figures_dir = ""  # if set, 7.10 also saves its figures there
+figures_dir = ""  # if set, 4.10 also saves its figures there
 seed = 0
 
 # %%
@@ -973,15 +973,15 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 # %% [markdown]
-# Why bf16 is the default: float16 has 10 mantissa bits but a narrow
-# range, so gradients below about $6 \times 10^{-8}$ become zero and values
-# above 65,504 overflow. bfloat16 keeps float32's range with 7 mantissa
-# bits. The plot shows the relative error of storing a value in each
-# format; float16 needs a loss scaler (`torch.amp.GradScaler`, our
-# `precision="fp16"`) that multiplies the loss by up to $2^{16}$ so that
-# small gradients survive, and skips the steps whose scaled gradients
-# overflow. bf16 needs no scaler, and is what Hopper and Ampere GPUs run
-# fastest.
+# Why bf16 is the default: float16 has 10 mantissa bits but a narrow range, so
+# gradients below about $6 \times 10^{-8}$ become zero and values above 65,504
+# overflow. bfloat16 has float32's exponent range, with 7 mantissa bits. The
+# plot shows the relative error of storing a value in each format. float16
+# needs a loss scaler (`torch.amp.GradScaler`, our `precision="fp16"`) that
+# multiplies the loss by up to $2^{16}$ so that small gradients survive, and
+# skips the steps whose scaled gradients overflow; bf16 needs none. Speed is
+# not the reason: Ampere and Hopper tensor cores run bf16 and fp16 at the same
+# peak rate (Hopper also has fp8, not used here).
 
 # %%
 values = torch.logspace(-12, 6, 400, dtype=torch.float64)
@@ -2232,3 +2232,31 @@ for kind in KINDS:
 #
 # Chapter 6 uses this loop to train a class-conditional model and a noisy
 # classifier, and guides the one with the other.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Show that while $\frac{1+k}{10+k} < r$ the warm-up keeps
+#    $\prod_{k<n} \frac{1+k}{10+k} = 1 / \binom{n+9}{9}$ of the initial
+#    weights after $n$ updates, and check it against `warm` of section 4.5.
+#    At which update exactly does `ema_decay` first return $r$?
+# 2. From float16's 5 exponent and 10 mantissa bits, derive its largest
+#    finite value and its smallest positive (subnormal) one; then bfloat16's,
+#    from 8 and 7. Check them with `torch.finfo` and by casting powers of
+#    two, and find them on the plot of section 4.4.
+# 3. Show that `accumulate_gradients` gives the same gradient whatever
+#    `microbatch` is, in exact arithmetic. Predict whether
+#    `small("diffusion", steps=4, microbatch=4)` and the same run without it
+#    end with equal `weights` bit for bit or to round-off, then check.
+# 4. Rerun with `-p sample_steps 10`, so that `sample_grid` samples
+#    ancestrally with `p_sample_loop` instead of with DDIM. Predict how the
+#    grids of section 4.10 change, and whether each snapshot still starts
+#    from the same noise and draws the same noise at every step, then check.
+# 5. Add a linear learning-rate warm-up: a field `lr_warmup_steps` of
+#    `TrainConfig`, checked by `validate` and used by `learning_rate`. Decide
+#    whether it belongs in `RUN_FIELDS`, then check that the exact resume of
+#    section 4.9 still holds with it set.
+# 6. In `_train`, remove the `set_rng_state` call. Predict which of the
+#    exact-resume checks of section 4.9 fail, `same` or the logged losses,
+#    then check. Why could the loss-aware sampler's saved history not matter
+#    at all in a run of 8 steps of batch 16?

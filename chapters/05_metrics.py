@@ -807,3 +807,30 @@ show_rows({"B": as_tensor(real_images[:8]),
 #   them to show what classifier guidance trades.
 # * `adm evaluate REF.npz SAMPLES.npz` prints all five as the reference's
 #   evaluator does, from the same `.npz` batches.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Show that for one-dimensional features FID is $(\mu_a - \mu_b)^2 +
+#    (\sigma_a - \sigma_b)^2$, and check it with `frechet_distance` on
+#    `FIDStatistics` of one-element arrays. In $d$ dimensions, when is the
+#    trace term zero?
+# 2. For batches of $n$ and $m$ features from the same $\mathcal{N}(0,
+#    I_d)$, show that FID's mean term $\lVert \hat\mu_a - \hat\mu_b
+#    \rVert^2$ has expectation $d\,(1/n + 1/m)$. Simulate FID at $d = 8$ and
+#    several $n$ with `rng.normal`; compare its slope in $1/n$ with $d$.
+# 3. Show that $\log \text{IS} = H(p(y)) - \mathbb{E}_x H(p(y \mid x))$,
+#    the mutual information of $x$ and $y$, so that $1 \le \text{IS} \le C$
+#    for $C$ classes. Check the bounds with `inception_score` on
+#    `rng.dirichlet` probabilities of several concentrations.
+# 4. In the disk example of 5.5, call `precision_recall(real, half, k=k)`
+#    and `precision_recall(real, wide, k=k)` for $k$ = 1, 3 and 10. Predict
+#    in which direction precision and recall move as $k$ grows, then check.
+# 5. Add `kernel_distance`, KID (Bińkowski et al., 2018): the unbiased
+#    squared MMD of two feature sets with the kernel $k(u, v) = (u \cdot v /
+#    d + 1)^3$. Repeat 5.7's "FID depends on the number of samples" with it
+#    and predict whether two real batches still seem apart at small $n$.
+# 6. Add to the table of 5.7 a batch "B, noisy": `real_images` plus Gaussian
+#    noise of standard deviation 16 grey levels, rounded and clipped to 0 to
+#    255 as `blurred` does. Predict whether it costs precision, recall or
+#    both, like blurring or like dropping classes, then check.
