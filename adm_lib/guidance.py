@@ -4,7 +4,6 @@
 """Classifier guidance: the code of chapters/06_guidance.py."""
 
 __all__ = [
-    "Model",
     "CondFn",
     "SAMPLERS",
     "classifier_grad",
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.diffusion import (
     GaussianDiffusion,
+    Model,
     NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
@@ -44,7 +44,6 @@ from adm_lib.metrics import (
 )
 from adm_lib.viz import to_uint8
 
-Model = Callable[..., Tensor]
 CondFn = Callable[..., Tensor]
 SAMPLERS = ("ddpm", "ddim")
 

@@ -25,7 +25,6 @@ __all__ = [
     "open_data",
     "resolve_config",
     "split_data",
-    "Model",
     "diffusion_terms",
     "classifier_terms",
     "resolve_precision",
@@ -99,6 +98,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
+    Model,
     UniformSampler,
     ddim_sample_loop,
     p_sample_loop,
@@ -115,7 +115,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:150
+# %% chapters/04_training.py:151
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
@@ -202,7 +202,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:251
+# %% chapters/04_training.py:252
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -272,7 +272,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:321
+# %% chapters/04_training.py:322
 _TRUE, _FALSE = {"1", "true", "yes", "y", "t"}, {"0", "false", "no", "n", "f"}
 
 
@@ -512,7 +512,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:569
+# %% chapters/04_training.py:570
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()
@@ -546,7 +546,7 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
         raise TrainError(f"cannot build the diffusion: {err}") from None
 
 
-# %% chapters/04_training.py:671
+# %% chapters/04_training.py:672
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -600,7 +600,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:735
+# %% chapters/04_training.py:736
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -642,7 +642,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      flip.to(device), clean.to(device), drop.to(device))
 
 
-# %% chapters/04_training.py:788
+# %% chapters/04_training.py:789
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -722,10 +722,7 @@ def split_data(config: TrainConfig, data: ImageDataset
     return data, perm[held:].sort().values, data, perm[:held]
 
 
-# %% chapters/04_training.py:911
-Model = Callable[..., Tensor]
-
-
+# %% chapters/04_training.py:912
 def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:
@@ -755,7 +752,7 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     }
 
 
-# %% chapters/04_training.py:953
+# %% chapters/04_training.py:951
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
     if precision == "auto":
@@ -778,7 +775,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1012
+# %% chapters/04_training.py:1010
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -792,7 +789,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-# %% chapters/04_training.py:1084
+# %% chapters/04_training.py:1082
 CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
 CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
@@ -904,7 +901,7 @@ def lock_run(out: Path) -> Iterator[None]:
             f.truncate(0)
 
 
-# %% chapters/04_training.py:1196
+# %% chapters/04_training.py:1194
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -982,7 +979,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:1298
+# %% chapters/04_training.py:1296
 @dataclass
 class Ranks:
     """This process's place in a (possibly one-process) data-parallel run."""
@@ -1046,7 +1043,7 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     return values
 
 
-# %% chapters/04_training.py:1379
+# %% chapters/04_training.py:1377
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -1123,7 +1120,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1466
+# %% chapters/04_training.py:1464
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -1222,7 +1219,7 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     return _records(path)
 
 
-# %% chapters/04_training.py:1565
+# %% chapters/04_training.py:1563
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -1291,7 +1288,7 @@ def save_png(path: Path, images: Tensor, columns: int) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-# %% chapters/04_training.py:1641
+# %% chapters/04_training.py:1639
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -1551,7 +1548,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/04_training.py:1905
+# %% chapters/04_training.py:1903
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

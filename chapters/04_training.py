@@ -131,6 +131,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
+    Model,
     UniformSampler,
     ddim_sample_loop,
     p_sample_loop,
@@ -909,9 +910,6 @@ assert sorted(first_pass.tolist()) == list(range(50))
 
 # %%
 #| export
-Model = Callable[..., Tensor]
-
-
 def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:

@@ -163,6 +163,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.diffusion import (
     GaussianDiffusion,
+    Model,
     NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
@@ -176,7 +177,6 @@ from adm_lib.metrics import (
 )
 from adm_lib.viz import to_uint8
 
-Model = Callable[..., Tensor]
 CondFn = Callable[..., Tensor]
 SAMPLERS = ("ddpm", "ddim")
 
