@@ -160,6 +160,7 @@ def _save_grid(path: Path, samples: dict[float, np.ndarray],
     import numpy as np
     from PIL import Image, ImageDraw
 
+    from adm_lib.train import write_atomic
     from adm_lib.viz import pixel_grid
 
     shown = min(per_class, 8)
@@ -181,7 +182,7 @@ def _save_grid(path: Path, samples: dict[float, np.ndarray],
     for i, scale in enumerate(samples):
         draw.text((i * (width + gap) + 4, 3), f"guidance scale {scale:g}",
                   fill=0)
-    picture.save(path)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
 def format_report(report: dict) -> str:

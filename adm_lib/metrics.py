@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.datanets import load_data_set_net
 from adm_lib.inception import load_inception
+from adm_lib.train import write_atomic
 from adm_lib.viz import to_uint8
 
 FEATURES = ("inception", "mnist", "cifar10")
@@ -85,7 +86,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:180
+# %% chapters/05_metrics.py:181
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -131,7 +132,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:268
+# %% chapters/05_metrics.py:269
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -144,7 +145,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:315
+# %% chapters/05_metrics.py:316
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -206,7 +207,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:417
+# %% chapters/05_metrics.py:418
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -225,10 +226,7 @@ def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     path = Path(path)
-    # Named after the process: two writers never write into one file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))  # chapter 4's
     return path
 
 
@@ -267,7 +265,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:478
+# %% chapters/05_metrics.py:476
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from adm_lib.compat import guided_diffusion as gd
@@ -28,7 +27,7 @@ from adm_lib.guidance import (
     sample_batches,
 )
 from adm_lib.metrics import write_batch
-from adm_lib.viz import pixel_grid
+from adm_lib.train import TrainError, load_run, save_png
 
 
 class SampleError(ValueError):
@@ -60,8 +59,6 @@ def load_network(path: str | os.PathLike, kind: str,
     path = Path(path)
     if flags is not None:
         return _load_reference(path, kind, flags, device)
-    from adm_lib.train import TrainError, load_run
-
     try:
         run = load_run(path, weights, device)
     except TrainError as err:
@@ -184,18 +181,6 @@ def parse_labels(text: str | None, count: int, num_classes: int,
     return torch.tensor(chosen).repeat(math.ceil(count / len(chosen)))[:count]
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray,
-              columns: int) -> Path:
-    """A PNG grid of uint8 N x H x W x C images, written atomically."""
-    from adm_lib.train import write_atomic
-
-    grid = pixel_grid(images, columns)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    path = Path(path)
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
-    return path
-
-
 def sample(model: Loaded, classifier: Loaded | None = None, *,
            classifier_scale: float = 1.0, cfg_scale: float = 0.0,
            sampler: str = "ddpm", respacing: str | None = None,
@@ -271,4 +256,4 @@ def write_samples(out: str | os.PathLike, images: np.ndarray,
     out = check_out(out, columns)
     columns = columns or math.ceil(math.sqrt(len(images)))
     batch = write_batch(out, images, labels)
-    return batch, save_grid(out.with_suffix(".png"), images, columns)
+    return batch, save_png(out.with_suffix(".png"), images, columns)

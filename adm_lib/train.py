@@ -108,7 +108,7 @@ from adm_lib.diffusion import (
 )
 from adm_lib.forward import BETA_SCHEDULES
 from adm_lib.unet import POOLS
-from adm_lib.viz import image_grid
+from adm_lib.viz import pixel_grid, to_uint8
 
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -1281,14 +1281,15 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-def save_png(path: Path, images: Tensor, columns: int) -> None:
-    """Write a batch in [-1, 1] as one grid PNG, atomically."""
-    grid = image_grid(images, columns)
+def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
+    """Write uint8 N x H x W x C images as one grid PNG, atomically."""
+    grid = pixel_grid(pixels, columns)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
+    return path
 
 
-# %% chapters/04_training.py:1639
+# %% chapters/04_training.py:1640
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -1405,8 +1406,8 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
                and 1 < config.num_classes <= n else math.ceil(n ** 0.5))
     if config.kind == "upsampler":
         columns = n
-    save_png(out / "samples" / f"step_{state.step:08d}.png", images,
-             columns)
+    save_png(out / "samples" / f"step_{state.step:08d}.png",
+             to_uint8(images), columns)
 
 
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
@@ -1548,7 +1549,7 @@ def record_step(config: TrainConfig, state: TrainState, status: str,
         log.add(t_all, gathered, norm)
 
 
-# %% chapters/04_training.py:1903
+# %% chapters/04_training.py:1904
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -141,7 +141,7 @@ from adm_lib.diffusion import (
 )
 from adm_lib.forward import BETA_SCHEDULES
 from adm_lib.unet import POOLS
-from adm_lib.viz import image_grid
+from adm_lib.viz import pixel_grid, to_uint8
 
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -1622,11 +1622,12 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-def save_png(path: Path, images: Tensor, columns: int) -> None:
-    """Write a batch in [-1, 1] as one grid PNG, atomically."""
-    grid = image_grid(images, columns)
+def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
+    """Write uint8 N x H x W x C images as one grid PNG, atomically."""
+    grid = pixel_grid(pixels, columns)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
+    return path
 
 # %% [markdown]
 # `train` puts the pieces together: it opens the data and fills in
@@ -1753,8 +1754,8 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
                and 1 < config.num_classes <= n else math.ceil(n ** 0.5))
     if config.kind == "upsampler":
         columns = n
-    save_png(out / "samples" / f"step_{state.step:08d}.png", images,
-             columns)
+    save_png(out / "samples" / f"step_{state.step:08d}.png",
+             to_uint8(images), columns)
 
 
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,

@@ -115,6 +115,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.datanets import load_data_set_net
 from adm_lib.inception import load_inception
+from adm_lib.train import write_atomic
 from adm_lib.viz import to_uint8
 
 FEATURES = ("inception", "mnist", "cifar10")
@@ -433,10 +434,7 @@ def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     path = Path(path)
-    # Named after the process: two writers never write into one file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))  # chapter 4's
     return path
 
 
