@@ -43,7 +43,7 @@ device = "auto"
 sample_counts = [100, 200, 400, 800]  # sizes for FID against n
 num_images = 2000  # real images used (two halves of this many)
 model_steps = 60  # training steps of the model whose samples are scored
-model_sampler = "ddim10"  # its sampler's respacing
+model_sampler = "ddim5"  # its sampler's respacing
 seed = 0
 
 # %%
