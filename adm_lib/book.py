@@ -306,7 +306,11 @@ def check(book: Book) -> list[str]:
             )
     for chapter in book.chapters:
         problems += _notebook_problems(book, chapter)
-    return problems + import_order_problems(book, expected)
+    try:
+        problems += import_order_problems(book, expected)
+    except BookError as err:  # a chapter or module that does not parse
+        problems.append(str(err))
+    return problems
 
 
 def _imports(source: str, where: str) -> set[str]:

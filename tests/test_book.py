@@ -173,6 +173,7 @@ def test_this_books_chapters_import_only_earlier_chapters() -> None:
         (chapter("#| default_exp a", "#| default_exp b"), "second #| default_exp"),
         (chapter("#| default_exp 9bad"), "bad module name '9bad'"),
         (chapter("#| default_exp a", "#| export\ndef f(:"), "does not parse"),
+        (chapter("x = ("), "does not parse"),
     ],
 )
 def test_bad_chapters_are_named(tmp_path: Path, text: str, message: str) -> None:
