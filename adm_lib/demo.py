@@ -60,12 +60,12 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
 
     from adm_lib.data import load_dataset
     from adm_lib.diffusion import respace
-    from adm_lib.guidance import (
-        classifier_cond_fn,
-        guidance_scores,
-        sample_batches,
+    from adm_lib.guidance import classifier_cond_fn, sample_batches
+    from adm_lib.metrics import (
+        compute_activations,
+        feature_extractor,
+        score_activations,
     )
-    from adm_lib.metrics import compute_activations, feature_extractor
     from adm_lib.train import TrainError, load_run, train
     from adm_lib.viz import to_uint8
 
@@ -122,7 +122,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
                         channels=shape[0])
     real_images = to_uint8(real.images(range(len(real))))
     ref = compute_activations(real_images, judge, 500, device)
-    scores = {scale: guidance_scores(
+    scores = {scale: score_activations(
         ref, compute_activations(images, judge, 500, device),
         labels.numpy(), device) for scale, images in samples.items()}
     timings["score"] = time.perf_counter() - start

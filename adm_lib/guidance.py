@@ -14,11 +14,10 @@ __all__ = [
     "sample_noise",
     "sample_batches",
     "classifier_free_model",
-    "guidance_scores",
 ]
 
 
-# %% chapters/06_guidance.py:154
+# %% chapters/06_guidance.py:158
 from collections.abc import Callable
 from typing import Any
 
@@ -34,13 +33,6 @@ from adm_lib.diffusion import (
     NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
-)
-from adm_lib.metrics import (
-    feature_statistics,
-    frechet_distance,
-    inception_score,
-    precision_recall,
-    softmax,
 )
 from adm_lib.viz import to_uint8
 
@@ -68,7 +60,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:309
+# %% chapters/06_guidance.py:306
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -167,7 +159,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:466
+# %% chapters/06_guidance.py:463
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""
@@ -183,28 +175,3 @@ def classifier_free_model(model: Model, scale: float,
         eps = cond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([eps, cond[:, c:]], dim=1)
     return guided
-
-
-# %% chapters/06_guidance.py:659
-def guidance_scores(ref: dict[str, np.ndarray],
-                    samples: dict[str, np.ndarray],
-                    labels: np.ndarray | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, float]:
-    """IS, FID, precision, recall (and accuracy) of sample features.
-
-    `ref` and `samples` are `metrics.compute_activations` outputs; with
-    `labels`, accuracy is the share whose top logit is their label.
-    """
-    precision, recall = precision_recall(ref["pool"], samples["pool"],
-                                         device=device)
-    scores = {
-        "inception_score": inception_score(softmax(samples["logits"])),
-        "fid": frechet_distance(feature_statistics(samples["pool"]),
-                                feature_statistics(ref["pool"])),
-        "precision": precision,
-        "recall": recall,
-    }
-    if labels is not None:
-        hits = samples["logits"].argmax(axis=1) == labels
-        scores["accuracy"] = float(hits.mean())
-    return scores

@@ -500,22 +500,45 @@ def evaluate(ref: str | os.PathLike | Batch,
                 "each image's 3rd nearest neighbour)")
         batches.append(batch)
     ref, samples = batches
-    acts = [compute_activations(batch.images, extractor, batch_size, device,
-                                progress) for batch in (ref, samples)]
-    stats = [(feature_statistics(a["pool"]), feature_statistics(a["spatial"]))
-             for a in acts]
-    if features == "inception" and ref.stats is not None:
-        stats[0] = (ref.stats, ref.stats_spatial)
-    precision, recall = precision_recall(acts[0]["pool"], acts[1]["pool"],
+    ref_acts, sample_acts = (
+        compute_activations(batch.images, extractor, batch_size, device,
+                            progress) for batch in (ref, samples))
+    given = ref.stats is not None and features == "inception"
+    scores = score_activations(
+        ref_acts, sample_acts, device=device,
+        ref_stats=(ref.stats, ref.stats_spatial) if given else None)
+    return {"features": features, **scores}
+
+
+def score_activations(
+    ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
+    labels: np.ndarray | None = None, device: str | torch.device = "cpu",
+    ref_stats: tuple[FIDStatistics, FIDStatistics] | None = None,
+) -> dict[str, float]:
+    """IS, FID, sFID, precision, recall (and accuracy) of sample features.
+
+    `ref` and `samples` are `compute_activations` outputs; `ref_stats`
+    (pool, spatial) replace the reference's own statistics when given.
+    With `labels`, accuracy is the share whose top logit is their label.
+    """
+    if ref_stats is None:
+        ref_stats = (feature_statistics(ref["pool"]),
+                     feature_statistics(ref["spatial"]))
+    precision, recall = precision_recall(ref["pool"], samples["pool"],
                                          device=device)
-    return {
-        "features": features,
-        "inception_score": inception_score(softmax(acts[1]["logits"])),
-        "fid": frechet_distance(stats[1][0], stats[0][0]),
-        "sfid": frechet_distance(stats[1][1], stats[0][1]),
+    scores = {
+        "inception_score": inception_score(softmax(samples["logits"])),
+        "fid": frechet_distance(feature_statistics(samples["pool"]),
+                                ref_stats[0]),
+        "sfid": frechet_distance(feature_statistics(samples["spatial"]),
+                                 ref_stats[1]),
         "precision": precision,
         "recall": recall,
     }
+    if labels is not None:
+        hits = samples["logits"].argmax(axis=1) == np.asarray(labels)
+        scores["accuracy"] = float(hits.mean())
+    return scores
 
 
 def format_scores(scores: dict[str, float | str]) -> str:

@@ -89,7 +89,11 @@ from torch import nn
 
 from adm_lib.data import load_dataset
 from adm_lib.diffusion import p_sample, respace
-from adm_lib.metrics import compute_activations, feature_extractor
+from adm_lib.metrics import (
+    compute_activations,
+    feature_extractor,
+    score_activations,
+)
 from adm_lib.train import load_run, make_config, train
 from adm_lib.viz import to_uint8
 
@@ -167,13 +171,6 @@ from adm_lib.diffusion import (
     NoiseFn,
     ddim_sample_loop,
     p_sample_loop,
-)
-from adm_lib.metrics import (
-    feature_statistics,
-    frechet_distance,
-    inception_score,
-    precision_recall,
-    softmax,
 )
 from adm_lib.viz import to_uint8
 
@@ -652,37 +649,9 @@ assert difference.mean() > 0
 # "(mnist-net)" and comparable only with each other). Its own accuracy
 # on the samples, against the labels they were drawn for, says how often
 # guidance got the class right, by a network that did not guide it.
-# `guidance_scores` computes all of them from the features of a batch of
-# real images and of the samples:
-
-# %%
-#| export
-def guidance_scores(ref: dict[str, np.ndarray],
-                    samples: dict[str, np.ndarray],
-                    labels: np.ndarray | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, float]:
-    """IS, FID, precision, recall (and accuracy) of sample features.
-
-    `ref` and `samples` are `metrics.compute_activations` outputs; with
-    `labels`, accuracy is the share whose top logit is their label.
-    """
-    precision, recall = precision_recall(ref["pool"], samples["pool"],
-                                         device=device)
-    scores = {
-        "inception_score": inception_score(softmax(samples["logits"])),
-        "fid": frechet_distance(feature_statistics(samples["pool"]),
-                                feature_statistics(ref["pool"])),
-        "precision": precision,
-        "recall": recall,
-    }
-    if labels is not None:
-        hits = samples["logits"].argmax(axis=1) == labels
-        scores["accuracy"] = float(hits.mean())
-    return scores
-
-# %% [markdown]
-# The real images are `num_ref` images of the training data, in a seeded
-# random order.
+# Chapter 5's `score_activations` computes all of them from the features
+# of a batch of real images and of the samples. The real images are
+# `num_ref` images of the training data, in a seeded random order.
 
 # %%
 real = load_dataset(data, resolution=shape[1], channels=shape[0])
@@ -692,7 +661,7 @@ chosen = order[:num_ref].tolist()
 real_images = to_uint8(real.images(chosen))
 ref_acts = compute_activations(real_images, judge, 256, device)
 with_labels = labels.numpy() if features != "inception" else None
-scores = {key: guidance_scores(
+scores = {key: score_activations(
     ref_acts, compute_activations(images, judge, 256, device), with_labels,
     device) for key, images in samples.items()}
 names = ["inception_score", "fid", "precision", "recall"]
@@ -908,7 +877,7 @@ with np.load(batch_file) as batch:
 # * `classifier_free_model` replaces the classifier by the model's own
 #   conditional and unconditional predictions.
 # * The scale trades diversity (recall) for fidelity (precision), which
-#   the experiments measure with `guidance_scores`.
+#   the experiments measure with chapter 5's `score_activations`.
 
 # %% [markdown]
 # ## Exercises
@@ -931,7 +900,7 @@ with np.load(batch_file) as batch:
 # 5. Draw the samples of 6.5 with Algorithm 2 by passing `sampler="ddim"` to
 #    `draw`, which hands it to `guided_sample`. Predict whether the same $s$
 #    moves DDIM's samples more or less than the ancestral ones, then compare
-#    their `guidance_scores`.
+#    their `score_activations`.
 # 6. Write `window_cond_fn(classifier, scale, t_lo, t_hi)`, a hook that
 #    guides only at original timesteps $t_\text{lo} \le t < t_\text{hi}$.
 #    Predict whether guiding the unconditional model in the noisier or the

@@ -25,7 +25,6 @@ from adm_lib.guidance import (
     classifier_cond_fn,
     classifier_free_model,
     classifier_grad,
-    guidance_scores,
     guided_sample,
     ignore_labels,
     sample_batches,
@@ -310,19 +309,6 @@ def test_sample_batches_makes_noise_for_one_batch_at_a_time(
     assert images.shape == (10, 4, 4, 1)
     assert streams == [3, 3, 3, 1]
     assert made == [3] * 4 * 3 + [1] * 4  # x_T and 3 steps per batch
-
-
-def test_guidance_scores_count_hits_of_the_labels() -> None:
-    rng = np.random.default_rng(0)
-    ref = {"pool": rng.normal(size=(40, 3)),
-           "logits": rng.normal(size=(40, 4))}
-    logits = np.eye(4)[[0, 1, 2, 3, 0, 1]] * 5
-    samples = {"pool": rng.normal(size=(6, 3)), "logits": logits}
-    scores = guidance_scores(ref, samples, np.array([0, 1, 2, 0, 0, 0]))
-    assert scores["accuracy"] == pytest.approx(4 / 6)
-    assert set(scores) == {"inception_score", "fid", "precision", "recall",
-                           "accuracy"}
-    assert "accuracy" not in guidance_scores(ref, samples)
 
 
 # Label dropout: the training side of classifier-free guidance (chapter 4).

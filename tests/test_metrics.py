@@ -246,3 +246,30 @@ def test_cli_evaluate_names_a_bad_batch_size(tmp_path, monkeypatch, capsys):
                      "--device", "cpu"]) == 1
     assert capsys.readouterr().err == (
         "adm evaluate: batch_size=0: expected >= 1\n")
+
+
+def test_score_activations_count_hits_of_the_labels() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"pool": rng.normal(size=(40, 3)),
+           "spatial": rng.normal(size=(40, 5)),
+           "logits": rng.normal(size=(40, 4))}
+    logits = np.eye(4)[[0, 1, 2, 3, 0, 1]] * 5
+    samples = {"pool": rng.normal(size=(6, 3)),
+               "spatial": rng.normal(size=(6, 5)), "logits": logits}
+    scores = mt.score_activations(ref, samples, np.array([0, 1, 2, 0, 0, 0]))
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    assert set(scores) == {"inception_score", "fid", "sfid", "precision",
+                           "recall", "accuracy"}
+    assert "accuracy" not in mt.score_activations(ref, samples)
+
+
+def test_score_activations_use_given_reference_statistics() -> None:
+    rng = np.random.default_rng(1)
+    acts = {"pool": rng.normal(size=(20, 3)),
+            "spatial": rng.normal(size=(20, 3)),
+            "logits": rng.normal(size=(20, 4))}
+    own = mt.score_activations(acts, acts)
+    assert own["fid"] == pytest.approx(0, abs=1e-6)
+    far = mt.FIDStatistics(np.full(3, 10.0), np.eye(3))
+    given = mt.score_activations(acts, acts, ref_stats=(far, far))
+    assert given["fid"] > 100 and given["sfid"] > 100
