@@ -88,16 +88,19 @@ def _setting(text: str) -> tuple[str, str]:
 
 def _train(args: argparse.Namespace) -> int:
     # Imported here: `adm book export` must work even if train.py is broken.
-    from adm_lib import train as tr
+    from adm_lib.config import TrainError
     from adm_lib.data import DataError
 
     try:
-        return _run_training(args, tr)
-    except (tr.TrainError, DataError) as err:
+        return _run_training(args)
+    except (TrainError, DataError) as err:
         raise CommandError(str(err)) from None
 
 
-def _run_training(args: argparse.Namespace, tr) -> int:
+def _run_training(args: argparse.Namespace) -> int:
+    from adm_lib import config as cf
+    from adm_lib import train as tr
+
     overrides = dict(args.set)
     if args.data is not None:
         overrides["data"] = args.data
@@ -108,14 +111,14 @@ def _run_training(args: argparse.Namespace, tr) -> int:
     if args.resume and args.preset is None and saved.exists():
         try:
             fields = json.loads(saved.read_text())
-            base = tr.TrainConfig(**fields)
+            base = cf.TrainConfig(**fields)
         except (ValueError, TypeError) as err:
-            raise tr.TrainError(f"{saved} is not a config ({err}); pass "
+            raise cf.TrainError(f"{saved} is not a config ({err}); pass "
                                 "--preset and --set to describe the run") from None
         if base.kind != args.kind:
-            raise tr.TrainError(f"{args.out} is a {base.kind} run, "
+            raise cf.TrainError(f"{args.out} is a {base.kind} run, "
                                 f"not a {args.kind} run")
-    config = tr.make_config(args.kind, args.preset, overrides, base)
+    config = cf.make_config(args.kind, args.preset, overrides, base)
     last = tr.train(config, args.out, resume=args.resume,
                     progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -128,14 +131,12 @@ def _run_training(args: argparse.Namespace, tr) -> int:
 
 def _device(name: str) -> str:
     """--device: "auto" is a GPU if there is one; "cuda" must exist."""
-    import torch
+    from adm_lib.devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no GPU is visible to torch "
-                           f"{torch.__version__}; use --device cpu")
-    return name
+    try:
+        return str(resolve_device(name))
+    except ValueError as err:
+        raise CommandError(f"--device: {err}") from None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -218,7 +219,7 @@ def _scales(text: str) -> tuple[float, ...]:
 
 def _demo(args: argparse.Namespace) -> int:
     from adm_lib import demo
-    from adm_lib.train import TrainError
+    from adm_lib.config import TrainError
 
     settings = demo.DemoSettings(
         steps=args.steps, classifier_steps=args.classifier_steps,
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a diffusion model, noisy classifier or upsampler",
         description="Train one model in a run folder. Under torchrun, every "
         "process trains a share of each batch (DDP). Settings are the fields "
-        "of adm_lib.train.TrainConfig; presets are in adm_lib.train.PRESETS.",
+        "of adm_lib.config.TrainConfig; presets are in adm_lib.config.PRESETS.",
     )
     train.add_argument("kind", choices=("diffusion", "classifier", "upsampler"))
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",

@@ -34,7 +34,7 @@ class DemoSettings:
 
 
 def _configs(settings: DemoSettings, device: str) -> dict:
-    from adm_lib.train import make_config
+    from adm_lib.config import make_config
 
     common = {"data": "mnist5k", "device": device, "seed": settings.seed,
               "log_interval": 25}
@@ -58,7 +58,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     """Train, sample and score; returns the report (also in out/)."""
     import torch
 
+    from adm_lib.checkpoints import load_run
+    from adm_lib.config import TrainError
     from adm_lib.data import load_dataset
+    from adm_lib.devices import resolve_device
     from adm_lib.diffusion import respace
     from adm_lib.guidance import classifier_cond_fn, sample_batches
     from adm_lib.metrics import (
@@ -66,15 +69,13 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
         feature_extractor,
         score_activations,
     )
-    from adm_lib.train import TrainError, load_run, train
+    from adm_lib.train import train
     from adm_lib.viz import to_uint8
 
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(settings.device))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     configs = _configs(settings, device)
@@ -147,7 +148,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
 
 def _held_out(run: Path) -> float | None:
     """The classifier's last held-out top-1 accuracy at random t."""
-    from adm_lib.train import read_metrics
+    from adm_lib.runlog import read_metrics
 
     hits = [r["ema_val_acc@1"] for r in read_metrics(run)
             if "ema_val_acc@1" in r]
@@ -160,7 +161,7 @@ def _save_grid(path: Path, samples: dict[float, np.ndarray],
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from adm_lib.train import write_atomic
+    from adm_lib.checkpoints import write_atomic
     from adm_lib.viz import pixel_grid
 
     shown = min(per_class, 8)

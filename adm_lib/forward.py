@@ -72,8 +72,8 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
 
 
 # %% chapters/01_forward.py:250
-class ForwardProcess:
-    """The forward process q of a beta schedule: marginals and posterior."""
+class _ScheduleTables:
+    """Every per-step coefficient of a beta schedule, in float64."""
 
     def __init__(
         self, betas: np.ndarray, dtype: torch.dtype = torch.float32
@@ -84,30 +84,22 @@ class ForwardProcess:
         self.betas = betas
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(alphas)
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(
-            1.0 / self.alphas_cumprod - 1
-        )
+        self.alphas_cumprod = abar = np.cumprod(alphas)
+        self.alphas_cumprod_prev = prev = np.append(1.0, abar[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(abar)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - abar)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - abar)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / abar)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / abar - 1)
         # q(x_{t-1} | x_t, x_0); its variance is 0 at t = 0, so the log is
         # clipped by repeating the next step's value.
-        one_minus = 1.0 - self.alphas_cumprod
-        self.posterior_variance = (
-            betas * (1.0 - self.alphas_cumprod_prev) / one_minus
-        )
+        one_minus = 1.0 - abar
+        self.posterior_variance = var = betas * (1.0 - prev) / one_minus
         self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            np.append(var[1], var[1:])
         )
-        self.posterior_mean_coef1 = (
-            betas * np.sqrt(self.alphas_cumprod_prev) / one_minus
-        )
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / one_minus
-        )
+        self.posterior_mean_coef1 = betas * np.sqrt(prev) / one_minus
+        self.posterior_mean_coef2 = (1.0 - prev) * np.sqrt(alphas) / one_minus
         # The precision of the tables extract returns, and so of the maths
         # done with them; it may be changed at any time.
         self.dtype = dtype
@@ -125,6 +117,11 @@ class ForwardProcess:
                 getattr(self, name), dtype=self.dtype, device=t.device
             )
         return self._on_device[key][t].view(-1, *(1,) * (ndim - 1))
+
+
+# %% chapters/01_forward.py:305
+class ForwardProcess(_ScheduleTables):
+    """The forward process q of a beta schedule: marginals and posterior."""
 
     def q_mean_variance(
         self, x_start: Tensor, t: Tensor

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-# %% chapters/06_guidance.py:158
+# %% chapters/06_guidance.py:163
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +60,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:306
+# %% chapters/06_guidance.py:295
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -99,6 +99,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
+# %% chapters/06_guidance.py:346
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the noise stream of sample `index` under `seed`."""
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
@@ -128,6 +129,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
+# %% chapters/06_guidance.py:384
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -159,7 +161,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:463
+# %% chapters/06_guidance.py:474
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

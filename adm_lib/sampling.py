@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from adm_lib.checkpoints import load_run
 from adm_lib.compat import guided_diffusion as gd
+from adm_lib.config import TrainError
 from adm_lib.diffusion import GaussianDiffusion, respace
 from adm_lib.guidance import (
     SAMPLERS,
@@ -27,7 +29,7 @@ from adm_lib.guidance import (
     sample_batches,
 )
 from adm_lib.metrics import write_batch
-from adm_lib.train import TrainError, load_run, save_png
+from adm_lib.runlog import save_png
 
 
 class SampleError(ValueError):

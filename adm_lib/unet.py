@@ -20,6 +20,7 @@ __all__ = [
     "BlockFactory",
     "time_embed_mlp",
     "encoder_blocks",
+    "UNetTrunk",
     "UNetModel",
     "AttentionPool2d",
     "POOLS",
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:108
+# %% chapters/03_architecture.py:94
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:152
+# %% chapters/03_architecture.py:138
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -81,7 +82,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:191
+# %% chapters/03_architecture.py:177
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -100,7 +101,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:219
+# %% chapters/03_architecture.py:205
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -132,6 +133,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
+# %% chapters/03_architecture.py:243
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -161,7 +163,32 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:328
+# %% chapters/03_architecture.py:307
+def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
+    """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
+    scale, shift = e.chunk(2, dim=1)
+    return norm(h) * (1 + scale) + shift
+
+
+# %% chapters/03_architecture.py:332
+def skip_projection(
+    channels: int, out_channels: int, dims: int, use_conv: bool
+) -> nn.Module:
+    """The skip path: the identity, or a conv where the channels change."""
+    if out_channels == channels:
+        return nn.Identity()
+    kernel = 3 if use_conv else 1
+    return conv_nd(dims, channels, out_channels, kernel, padding=kernel // 2)
+
+
+def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
+    """block._forward(*inputs), recomputed in the backward pass if asked."""
+    if block.use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block._forward, *inputs, use_reentrant=False)
+    return block._forward(*inputs)
+
+
+# %% chapters/03_architecture.py:357
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -180,14 +207,12 @@ class ResBlock(TimestepBlock):
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
-        self.out_channels = out_channels or channels
+        self.out_channels = out = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.residual_scale = 2**-0.5 if rescale_residual else 1.0
-        out = self.out_channels
         self.in_layers = nn.Sequential(
-            normalization(channels),
-            nn.SiLU(),
+            normalization(channels), nn.SiLU(),
             conv_nd(dims, channels, out, 3, padding=1),
         )
         self.updown = up or down
@@ -195,28 +220,17 @@ class ResBlock(TimestepBlock):
         self.h_upd = resample(channels, False, dims) if up or down else None
         self.x_upd = resample(channels, False, dims) if up or down else None
         emb_out = 2 * out if use_scale_shift_norm else out
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, emb_out)
-        )
+        self.emb_layers = nn.Sequential(nn.SiLU(),
+                                        nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(out),
-            nn.SiLU(),
-            nn.Dropout(p=dropout),
+            normalization(out), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, out, out, 3, padding=1)),
         )
-        if out == channels:
-            self.skip_connection = nn.Identity()
-        else:
-            kernel = 3 if use_conv else 1
-            self.skip_connection = conv_nd(
-                dims, channels, out, kernel, padding=kernel // 2
-            )
+        self.skip_connection = skip_projection(channels, out, dims, use_conv)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """skip(x) + branch(x, emb), times the residual scale."""
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+        return run_checkpointed(self, x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         norm, act, conv = self.in_layers
@@ -226,17 +240,14 @@ class ResBlock(TimestepBlock):
         h = conv(h)
         e = self.emb_layers(emb)
         e = e.reshape(*e.shape, *(1,) * (h.ndim - 2))  # N C 1 1
-        if self.use_scale_shift_norm:  # AdaGN
-            scale, shift = e.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            for layer in self.out_layers[1:]:
-                h = layer(h)
+        if self.use_scale_shift_norm:
+            h = self.out_layers[1:](adagn(self.out_layers[0], h, e))
         else:  # additive: h + e, then the usual norm
             h = self.out_layers(h + e)
         return (self.skip_connection(x) + h) * self.residual_scale
 
 
-# %% chapters/03_architecture.py:460
+# %% chapters/03_architecture.py:473
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, 3*C, T] qkv."""
 
@@ -262,6 +273,7 @@ class QKVAttention(nn.Module):
         return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 
+# %% chapters/03_architecture.py:507
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Heads of an attention layer: num_heads, or channels per head given."""
     if num_head_channels == -1:
@@ -299,9 +311,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x + attention(x), times the residual scale."""
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return run_checkpointed(self, x)
 
     def _forward(self, x: Tensor) -> Tensor:
         n, c, *spatial = x.shape
@@ -310,7 +320,7 @@ class AttentionBlock(nn.Module):
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:605
+# %% chapters/03_architecture.py:625
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -356,6 +366,7 @@ class BlockFactory:
         )
 
 
+# %% chapters/03_architecture.py:679
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -399,8 +410,99 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:703
-class UNetModel(nn.Module):
+# %% chapters/03_architecture.py:733
+class UNetTrunk(nn.Module):
+    """The embedding, down path and middle block of UNet and classifier."""
+
+    def __init__(
+        self,
+        make: BlockFactory,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        channel_mult: Sequence[float],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        conv_resample: bool = True,
+        resblock_updown: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.make = make
+        self.image_size, self.in_channels = image_size, in_channels
+        self.model_channels, self.num_classes = model_channels, num_classes
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.channel_mult = tuple(channel_mult)
+        self.time_embed = time_embed_mlp(model_channels)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, make.emb_channels)
+        self.input_blocks, self.skip_channels, self.ds = encoder_blocks(
+            make, in_channels, model_channels, channel_mult, num_res_blocks,
+            attention_resolutions, conv_resample, resblock_updown,
+        )
+        self.middle_block = make.middle(self.skip_channels[-1])
+
+    def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
+        """The embedding of the timesteps (and labels), in x's dtype."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError(
+                "pass y if and only if the model is class-conditional "
+                f"(num_classes={self.num_classes})"
+            )
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        features = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(features.to(x.dtype))
+        if y is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y must have shape ({x.shape[0]},)")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def encode(self, x: Tensor, emb: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Every input block's output, and the middle block's."""
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        return skips, self.middle_block(h, emb)
+
+
+# %% chapters/03_architecture.py:799
+def decoder_blocks(
+    make: BlockFactory,
+    skip_channels: Sequence[int],
+    ds: int,
+    model_channels: int,
+    channel_mult: Sequence[float],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    conv_resample: bool,
+    resblock_updown: bool,
+    num_heads_upsample: int,
+) -> tuple[nn.ModuleList, int]:
+    """The up path, taking the skips in reverse, and its output channels."""
+    chans, ch = list(skip_channels), skip_channels[-1]
+    blocks = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(num_res_blocks + 1):
+            out = int(mult * model_channels)
+            layers = [make.res(ch + chans.pop(), out)]
+            ch = out
+            if ds in attention_resolutions:
+                layers.append(make.attn(ch, num_heads_upsample))
+            if level and i == num_res_blocks:
+                if resblock_updown:
+                    layers.append(make.res(ch, up=True))
+                else:
+                    layers.append(Upsample(ch, conv_resample, make.dims))
+                ds //= 2
+            blocks.append(TimestepEmbedSequential(*layers))
+    return blocks, ch
+
+
+# %% chapters/03_architecture.py:839
+class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
     def __init__(
@@ -425,82 +527,40 @@ class UNetModel(nn.Module):
         use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size, self.in_channels = image_size, in_channels
-        self.model_channels, self.out_channels = model_channels, out_channels
-        self.num_classes = num_classes
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.channel_mult = tuple(channel_mult)
+        super().__init__(
+            BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
+                         use_scale_shift_norm, num_heads, num_head_channels,
+                         use_new_attention_order, rescale_residual),
+            image_size, in_channels, model_channels, channel_mult,
+            num_res_blocks, attention_resolutions, conv_resample,
+            resblock_updown, num_classes,
+        )
+        self.out_channels = out_channels
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        make = BlockFactory(
-            4 * model_channels, dropout, dims, use_checkpoint,
-            use_scale_shift_norm, num_heads, num_head_channels,
-            use_new_attention_order, rescale_residual,
+        self.output_blocks, ch = decoder_blocks(
+            self.make, self.skip_channels, self.ds, model_channels,
+            channel_mult, num_res_blocks, attention_resolutions,
+            conv_resample, resblock_updown, num_heads_upsample,
         )
-        self.time_embed = time_embed_mlp(model_channels)
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, 4 * model_channels)
-        self.input_blocks, chans, ds = encoder_blocks(
-            make, in_channels, model_channels, channel_mult, num_res_blocks,
-            attention_resolutions, conv_resample, resblock_updown,
-        )
-        ch = chans[-1]
-        self.middle_block = make.middle(ch)
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                out = int(mult * model_channels)
-                layers = [make.res(ch + chans.pop(), out)]
-                ch = out
-                if ds in attention_resolutions:
-                    layers.append(make.attn(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    if resblock_updown:
-                        layers.append(make.res(ch, up=True))
-                    else:
-                        layers.append(Upsample(ch, conv_resample, dims))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 
-    def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
-        """The embedding of the timesteps (and labels), in x's dtype."""
-        if (y is None) != (self.num_classes is None):
-            raise ValueError(
-                "pass y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes})"
-            )
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
-        if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},)")
-            emb = emb + self.label_emb(y)
-        return emb
-
     def forward(
         self, x: Tensor, timesteps: Tensor, y: Tensor | None = None
     ) -> Tensor:
         """The prediction for noisy images x at timesteps (labels y)."""
         emb = self.embed(x, timesteps, y)
-        skips, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+        skips, h = self.encode(x, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:881
+# %% chapters/03_architecture.py:975
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -527,6 +587,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
 
 
+# %% chapters/03_architecture.py:1007
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -570,8 +631,8 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:952
-class EncoderUNetModel(nn.Module):
+# %% chapters/03_architecture.py:1052
+class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
     def __init__(
@@ -595,47 +656,32 @@ class EncoderUNetModel(nn.Module):
         pool: str = "adaptive",
         rescale_residual: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size, self.in_channels = image_size, in_channels
-        self.model_channels, self.out_channels = model_channels, out_channels
-        self.pool = pool
-        make = BlockFactory(
-            4 * model_channels, dropout, dims, use_checkpoint,
-            use_scale_shift_norm, num_heads, num_head_channels,
-            use_new_attention_order, rescale_residual,
+        super().__init__(
+            BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
+                         use_scale_shift_norm, num_heads, num_head_channels,
+                         use_new_attention_order, rescale_residual),
+            image_size, in_channels, model_channels, channel_mult,
+            num_res_blocks, attention_resolutions, conv_resample,
+            resblock_updown,
         )
-        self.time_embed = time_embed_mlp(model_channels)
-        self.input_blocks, chans, ds = encoder_blocks(
-            make, in_channels, model_channels, channel_mult, num_res_blocks,
-            attention_resolutions, conv_resample, resblock_updown,
-        )
-        ch = chans[-1]
-        self.middle_block = make.middle(ch)
+        self.out_channels, self.pool = out_channels, pool
+        chans = self.skip_channels
         self.out = pool_head(
-            pool, ch, out_channels, dims, image_size // ds,
-            num_head_channels, feature_size=sum(chans) + ch,
+            pool, chans[-1], out_channels, dims, image_size // self.ds,
+            num_head_channels, feature_size=sum(chans) + chans[-1],
         )
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
         """Logits [N, out_channels] for noisy images x at timesteps."""
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
-        spatial = self.pool.startswith("spatial")
-        means, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            if spatial:
-                means.append(h.mean(dim=tuple(range(2, h.ndim))))
-        h = self.middle_block(h, emb)
-        if spatial:
-            means.append(h.mean(dim=tuple(range(2, h.ndim))))
+        skips, h = self.encode(x, self.embed(x, timesteps, None))
+        if self.pool.startswith("spatial"):
+            # The spatial heads read the mean of every block's output.
+            means = [f.mean(dim=tuple(range(2, f.ndim))) for f in (*skips, h)]
             return self.out(torch.cat(means, dim=-1))
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1049
+# %% chapters/03_architecture.py:1134
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -654,7 +700,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
 
-# %% chapters/03_architecture.py:1241
+# %% chapters/03_architecture.py:1326
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

@@ -51,6 +51,7 @@ learning_rate = 1e-3
 sample_steps = [10, 25, 50, 250]  # respaced sampling lengths to compare
 num_samples = 8
 nll_images = 4  # images whose full variational bound is evaluated
+vlb_draws = 64  # per image: stratified draws of the bound's estimate
 seed = 0
 
 # %%
@@ -70,8 +71,36 @@ from adm_lib.forward import ForwardProcess, get_named_beta_schedule
 from adm_lib.viz import show_rows
 
 torch.manual_seed(seed)
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+# %% [markdown]
+# The chapter trains a model, so it needs a device. Every chapter names it the
+# same way, by the string `device`: `"auto"` is CUDA when PyTorch sees a GPU
+# and the CPU otherwise, and a name that cannot work here is refused before
+# any work starts. `resolve_device` is that rule, exported as
+# `adm_lib.devices` for the chapters and tools that follow.
+
+# %%
+#| export devices
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a name selects: "auto" is CUDA when there is a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={name!r} is not a device; expected auto, "
+                         "cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but PyTorch sees no GPU; use cpu "
+                         "or auto")
+    return device
+
+
+# %%
+device = str(resolve_device(device))
 print(f"device: {device}")
 
 # %% [markdown]
@@ -107,14 +136,9 @@ print(f"device: {device}")
 #
 # With a learned variance the network outputs $2C$ channels, mean then $v$.
 #
-# `GaussianDiffusion` extends chapter 1's `ForwardProcess` with these choices
-# and with the tables they need. `p_mean_variance` runs the model and returns
-# the Gaussian, with $\hat x_0$ (`pred_xstart`) alongside; the reference's
-# names are kept throughout. The diffusion also carries the training objective
-# (`loss`, section 2.3), so that a saved configuration rebuilds all of it.
-# `model_timesteps` is the identity here; respacing (section 2.5) overrides it.
-# The model's output is cast to chapter 1's `dtype` (float32 by default), so a
-# network run in half precision still gets its Gaussian in float32.
+# In code the choices are names, checked together before anything is built:
+# a learned variance needs the bound in its loss (section 2.3), and the
+# hybrid loss needs a learned variance to train.
 
 # %%
 #| export
@@ -136,8 +160,36 @@ LOSSES = ("simple", "hybrid", "kl")
 Model = Callable[..., Tensor]
 
 
-class GaussianDiffusion(ForwardProcess):
-    """A diffusion's reverse process: model output to Gaussian, and back."""
+def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
+    """The loss of these choices (hybrid or simple by default), checked."""
+    learned = var_type in ("learned", "learned_range")
+    loss = loss or ("hybrid" if learned else "simple")
+    for name, value, known in [("mean_type", mean_type, MEAN_TYPES),
+                               ("var_type", var_type, VAR_TYPES),
+                               ("loss", loss, LOSSES)]:
+        if value not in known:
+            raise ValueError(f"{name} {value!r} is not one of {known}")
+    if learned and loss == "simple":
+        raise ValueError("a learned variance needs loss 'hybrid' or "
+                         "'kl': L_simple gives it no gradient")
+    if not learned and loss == "hybrid":
+        raise ValueError(f"loss 'hybrid' trains a learned variance, "
+                         f"but var_type {var_type!r} is fixed")
+    return loss
+
+
+# %% [markdown]
+# `GaussianDiffusion` extends chapter 1's `ForwardProcess` with these choices
+# and the tables they need, in two steps. The first, `_Parameterisation`,
+# keeps the choices and writes the two rules above as code: `_log_variance`
+# reads the variance channels $v$ as $\log\Sigma$, and `_predict_xstart`
+# reads the mean channels as $\hat x_0$. `model_timesteps` is the identity
+# here; respacing (section 2.5) overrides it.
+
+# %%
+#| export
+class _Parameterisation(ForwardProcess):
+    """A forward process with the choices of the reverse process's rules."""
 
     def __init__(
         self,
@@ -149,22 +201,10 @@ class GaussianDiffusion(ForwardProcess):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(betas, dtype)
-        learned = var_type in ("learned", "learned_range")
-        loss = loss or ("hybrid" if learned else "simple")
-        for name, value, known in [("mean_type", mean_type, MEAN_TYPES),
-                                   ("var_type", var_type, VAR_TYPES),
-                                   ("loss", loss, LOSSES)]:
-            if value not in known:
-                raise ValueError(f"{name} {value!r} is not one of {known}")
-        if learned and loss == "simple":
-            raise ValueError("a learned variance needs loss 'hybrid' or "
-                             "'kl': L_simple gives it no gradient")
-        if not learned and loss == "hybrid":
-            raise ValueError(f"loss 'hybrid' trains a learned variance, "
-                             f"but var_type {var_type!r} is fixed")
+        loss = _checked_loss(mean_type, var_type, loss)
         self.mean_type, self.var_type = mean_type, var_type
         self.loss, self.lambda_vlb = loss, lambda_vlb
-        self.learns_variance = learned
+        self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
         # fixed_large starts at beta-tilde_1, for a better decoder likelihood.
@@ -175,6 +215,46 @@ class GaussianDiffusion(ForwardProcess):
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
         return t
+
+    def _log_variance(self, var_out: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        n = x.ndim
+        if self.var_type == "learned":
+            return var_out
+        if self.var_type == "learned_range":
+            min_log = self.extract("posterior_log_variance_clipped", t, n)
+            max_log = self.extract("log_betas", t, n)
+            frac = (var_out + 1) / 2  # v in [-1, 1] spans [min, max]
+            return frac * max_log + (1 - frac) * min_log
+        table = {"fixed_small": "posterior_log_variance_clipped",
+                 "fixed_large": "fixed_large_log_variance"}[self.var_type]
+        return self.extract(table, t, n).expand_as(x)
+
+    def _predict_xstart(self, mean_out: Tensor, x: Tensor, t: Tensor
+                        ) -> Tensor:
+        if self.mean_type == "eps":
+            return self.predict_xstart_from_eps(x, t, mean_out)
+        if self.mean_type == "x0":
+            return mean_out
+        # "prev": solve mean = coef1 * x_0 + coef2 * x_t for x_0.
+        coef1 = self.extract("posterior_mean_coef1", t, x.ndim)
+        coef2 = self.extract("posterior_mean_coef2", t, x.ndim)
+        return (mean_out - coef2 * x) / coef1
+
+
+# %% [markdown]
+# The second step is the Gaussian itself. `p_mean_variance` runs the model
+# and returns the mean and variance of $p_\theta(x_{t-1} \mid x_t)$, with
+# $\hat x_0$ (`pred_xstart`) alongside; the reference's names are kept
+# throughout. `predict_eps_from_xstart` solves `q_sample` for the noise. The
+# diffusion also carries the training objective (`loss`, section 2.3), so that
+# a saved configuration rebuilds all of it. The model's output is cast to
+# chapter 1's `dtype` (float32 by default), so a network run in half precision
+# still gets its Gaussian in float32.
+
+# %%
+#| export
+class GaussianDiffusion(_Parameterisation):
+    """A diffusion's reverse process: model output to Gaussian, and back."""
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -210,12 +290,10 @@ class GaussianDiffusion(ForwardProcess):
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
         channels = x.shape[1] * (2 if self.learns_variance else 1)
-        if output.shape != (x.shape[0], channels, *x.shape[2:]):
-            raise ValueError(
-                f"model output {tuple(output.shape)}, expected "
-                f"{(x.shape[0], channels, *x.shape[2:])} for var_type "
-                f"{self.var_type!r}"
-            )
+        expected = (x.shape[0], channels, *x.shape[2:])
+        if output.shape != expected:
+            raise ValueError(f"model output {tuple(output.shape)}, expected "
+                             f"{expected} for var_type {self.var_type!r}")
         # The maths runs in self.dtype: half-precision outputs are upcast.
         output = output.to(self.dtype)
         mean_out, var_out = output[:, : x.shape[1]], output[:, x.shape[1]:]
@@ -231,30 +309,6 @@ class GaussianDiffusion(ForwardProcess):
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": torch.exp(log_variance),
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
-
-    def _log_variance(self, var_out: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        n = x.ndim
-        if self.var_type == "learned":
-            return var_out
-        if self.var_type == "learned_range":
-            min_log = self.extract("posterior_log_variance_clipped", t, n)
-            max_log = self.extract("log_betas", t, n)
-            frac = (var_out + 1) / 2  # v in [-1, 1] spans [min, max]
-            return frac * max_log + (1 - frac) * min_log
-        table = {"fixed_small": "posterior_log_variance_clipped",
-                 "fixed_large": "fixed_large_log_variance"}[self.var_type]
-        return self.extract(table, t, n).expand_as(x)
-
-    def _predict_xstart(self, mean_out: Tensor, x: Tensor, t: Tensor
-                        ) -> Tensor:
-        if self.mean_type == "eps":
-            return self.predict_xstart_from_eps(x, t, mean_out)
-        if self.mean_type == "x0":
-            return mean_out
-        # "prev": solve mean = coef1 * x_0 + coef2 * x_t for x_0.
-        coef1 = self.extract("posterior_mean_coef1", t, x.ndim)
-        coef2 = self.extract("posterior_mean_coef2", t, x.ndim)
-        return (mean_out - coef2 * x) / coef1
 
 
 # %% [markdown]
@@ -293,14 +347,10 @@ assert torch.allclose(out["variance"], out["variance"][:, :1, :1, :1])
 # \ \underbrace{-\ \log p_\theta(x_0 \mid x_1)}_{L_0,\ \text{decoder}}.$$
 #
 # Every $L_{t-1}$ compares two Gaussians, chapter 1's posterior and the model's
-# step, so it has a closed form (`normal_kl`). The prior term has no
-# parameters. The decoder term $L_0$ scores the 8-bit image itself: each pixel
-# value owns the bin of width $2/255$ around it, and its probability is the
-# Gaussian's mass in that bin (`discretized_gaussian_log_likelihood`, with the
-# edge bins open to $\pm\infty$). Following the reference, every term is
-# averaged over pixels and divided by $\ln 2$, so the bound is in **bits per
-# dimension**, the unit likelihood results are reported in. `vb_terms_bpd`
-# returns $L_{t-1}$ for each image at its own $t$, or $L_0$ where `t = 0`.
+# step, so it has a closed form (`normal_kl`), and so has the prior term,
+# which has no parameters. Following the reference, every term is averaged
+# over pixels (`mean_flat`) and divided by $\ln 2$, so the bound is in **bits
+# per dimension**, the unit likelihood results are reported in.
 
 # %%
 #| export
@@ -326,6 +376,15 @@ def normal_kl(
     )
 
 
+# %% [markdown]
+# The decoder term $L_0$ scores the 8-bit image itself: each pixel value owns
+# the bin of width $2/255$ around it, and its probability is the Gaussian's
+# mass in that bin (`discretized_gaussian_log_likelihood`, with the edge bins
+# open to $\pm\infty$). The reference computes the normal CDF with a `tanh`
+# approximation, and so do we, to give its numbers.
+
+# %%
+#| export
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -350,6 +409,12 @@ def discretized_gaussian_log_likelihood(
     )
 
 
+# %% [markdown]
+# With both, `vb_terms_bpd` returns $L_{t-1}$ for each image at its own $t$,
+# or $L_0$ where `t = 0`, and `prior_bpd` the prior term $L_T$.
+
+# %%
+#| export
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -436,6 +501,70 @@ def calc_bpd_loop(
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior,
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
+
+
+# %% [markdown]
+# The full bound costs $T$ network evaluations per image, too many for
+# comparing models during or after training. It can be **estimated** with
+# two: exactly the prior $L_T$ and the decoder term $L_0$ of each image, plus
+# $T - 1$ times the KL term $L_{t}$ at one timestep $t_i$ per image,
+#
+# $$L_\text{vlb} \approx \frac{1}{n} \sum_{i=1}^{n} \Big( L_T(x^{(i)}) +
+# L_0(x^{(i)}) + (T - 1)\, L_{t_i}(x^{(i)}) \Big),$$
+#
+# which is unbiased when $t_i$ is uniform on $1, \dots, T - 1$. Drawing the
+# $t_i$ **stratified**, one uniform draw in each of $n$ equal slices of that
+# range (`stratified_timesteps`), keeps it unbiased over the $n$ images with
+# less spread than independent draws. `vlb_estimate` returns each image's
+# estimate (`"vlb"`, bits/dim) and, as `calc_bpd_loop` records it, the
+# squared error of the implied noise at its $t_i$ (`"mse"`). Fixed (image,
+# $t$, noise) triples make it a fair comparison of models: each sees the
+# same draws, so the difference between two models has a small standard
+# error even where the spread between images is large.
+
+# %%
+#| export
+def stratified_timesteps(
+    n: int, num_timesteps: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """n timesteps in 1..T-1, one uniform draw in each of n equal slices."""
+    if num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+    strata = torch.arange(n) + torch.rand(n, generator=generator,
+                                          dtype=torch.float64)
+    t = 1 + (strata * (num_timesteps - 1) / n).long()
+    # Float rounding can put the last draw on T itself.
+    return t.clamp(max=num_timesteps - 1)
+
+
+def vlb_estimate(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x_start: Tensor,
+    t: Tensor,
+    noise: Tensor | None = None,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Tensor]:
+    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t."""
+    if t.min() < 1 or t.max() >= diffusion.num_timesteps:
+        raise ValueError(f"t must lie in [1, {diffusion.num_timesteps}) for "
+                         "a KL term; t = 0 is the decoder, counted anyway")
+    noise = torch.randn_like(x_start) if noise is None else noise
+
+    def term(step: Tensor) -> tuple[Tensor, Tensor]:
+        x_t = diffusion.q_sample(x_start, step, noise)
+        with torch.no_grad():
+            p = diffusion.p_mean_variance(model, x_t, step, clip_denoised,
+                                          model_kwargs=model_kwargs)
+        eps = diffusion.predict_eps_from_xstart(x_t, step, p["pred_xstart"])
+        return vb_terms_bpd(diffusion, p, x_start, x_t, step), eps
+
+    kl, eps = term(t)
+    decoder, _ = term(torch.zeros_like(t))
+    vlb = (prior_bpd(diffusion, x_start) + decoder
+           + (diffusion.num_timesteps - 1) * kl)
+    return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
 # %% [markdown]
@@ -566,6 +695,14 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
+# %% [markdown]
+# The loss-aware sampler keeps, for every $t$, a history of its last
+# `history_per_term` losses and the number seen so far (`counts`); the
+# history is part of a training checkpoint, so a resumed run draws the same
+# timesteps.
+
+# %%
+#| export
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -690,6 +827,13 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
+# %% [markdown]
+# `SpacedDiffusion` is the shorter process, built from the $\bar\alpha$ of the
+# kept steps, and `respace` makes one from a spec. Its `timestep_map` holds
+# the original step of each of its steps.
+
+# %%
+#| export
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's."""
 
@@ -813,6 +957,13 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
+# %% [markdown]
+# One ancestral step, `p_sample`, draws from the model's Gaussian, its mean
+# shifted by `condition_mean` when there is a `cond_fn`. The last step, at
+# `t = 0`, returns the mean without noise: `_nonzero` is the mask.
+
+# %%
+#| export
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -843,6 +994,15 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
+# %% [markdown]
+# One DDIM step, `ddim_sample`, is the formula above with $\hat\epsilon$
+# re-derived from the (clipped) $\hat x_0$, whatever the model predicts.
+# `ddim_reverse_sample` runs the same deterministic step forwards, from $x_t$
+# to $x_{t+1}$, with $\bar\alpha_{t+1}$ (`alphas_cumprod_next`) in place of
+# $\bar\alpha_{t-1}$.
+
+# %%
+#| export
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -953,6 +1113,13 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
+# %% [markdown]
+# The plain loops run a progressive one to its end, handing each step to the
+# `callback`, and return the last sample. DDIM inversion runs the steps in
+# increasing order, from the image to $x_T$, with no noise at all.
+
+# %%
+#| export
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,
@@ -1177,6 +1344,28 @@ head = terms_by_t[1:num_timesteps // 10].sum()
 assert head > terms_by_t[num_timesteps // 10:].sum()
 
 # %% [markdown]
+# The estimate of section 2.2 on the same images costs two evaluations per
+# draw instead of $T$. With `vlb_draws` stratified draws of $(t, \epsilon)$
+# per image, shuffled so that every image sees the whole range of $t$, its
+# mean should agree with the full bound within a few of its standard errors.
+# The spread of single estimates is large (the first steps dominate the
+# bound, and $T - 1$ multiplies them), which is why a comparison of models
+# needs many images or the paired differences of chapter 4.
+
+# %%
+g = torch.Generator().manual_seed(seed)
+x_many = x_nll.repeat(vlb_draws, 1, 1, 1)
+t_many = stratified_timesteps(len(x_many), num_timesteps, g)
+t_many = t_many[torch.randperm(len(x_many), generator=g)].to(device)
+estimate = vlb_estimate(diffusion, model, x_many, t_many)["vlb"]
+se = estimate.std().item() / len(estimate) ** 0.5
+full = bound["total_bpd"].mean().item()
+print(f"estimate {estimate.mean():.3f} ± {se:.3f} bits/dim from "
+      f"{len(estimate)} draws ({2 * len(estimate)} evaluations); full bound "
+      f"{full:.3f} ({num_timesteps * nll_images} evaluations)")
+assert abs(estimate.mean().item() - full) < 5 * se
+
+# %% [markdown]
 # ## 2.9 What the variance learned
 #
 # With `learned_range`, the model places $\log\Sigma_\theta$ between
@@ -1243,7 +1432,11 @@ show_rows(grids)
 # that with a fixed variance ancestral sampling degrades quickly as steps are
 # removed, while a learned variance keeps most of the quality with far fewer
 # steps; the paper samples its ADM models with 25 to 250 ancestral steps or
-# 25 DDIM steps. Chapter 5 measures such gaps with FID.
+# 25 DDIM steps. Chapter 5 measures such gaps with FID, and its section
+# 5.9 does it for these two variances: the same model trained with
+# $L_\text{simple}$ (fixed variance) and with $L_\text{hybrid}$ (learned),
+# sampled with 10, 25, 50 and 100 ancestral steps. (It needs chapter 5's
+# metrics and chapter 4's training loop, so it cannot come earlier.)
 #
 # Finally DDIM inversion on real images: encode to $x_T$ with 50 steps and
 # decode back. The round trip is exact only as the step count grows, and only
@@ -1316,6 +1509,9 @@ assert error < spread
 #   hybrid objective adds $\lambda L_\text{vlb}$ with a stop-gradient so the
 #   bound trains only the variance. Importance sampling of $t$ tames the
 #   bound's variance when it is optimised alone.
+# * The full bound needs $T$ network evaluations per image
+#   (`calc_bpd_loop`); `vlb_estimate` estimates it without bias from two,
+#   at stratified timesteps, which is how later chapters compare models.
 # * Respacing keeps a subsequence of steps with recomputed betas while the
 #   model still sees original timesteps; DDPM and DDIM sample on it, and a
 #   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).

@@ -54,35 +54,21 @@
 # uses it to count the parameters of every released model.
 
 # %% tags=["parameters"]
-# Smoke configuration: tiny models and runs, about a minute on a CPU.
+# Smoke configuration: tiny models, seconds on a CPU. The chapter trains
+# nothing (chapter 4 trains the ablations); larger models are
 #   adm book run 3 -p image_size 64 -p model_channels 64
-# The ablations of 3.12 on CIFAR-10, the full run on one GPU:
-#   adm book run 3 -p data ../shared/data/cifar10/train.zip -p device cuda \
-#       -p train_batch_size 128 -p train_steps 3000 -p threads 0 \
-#       -p seconds_per_variant 120 -p eval_images 1000 -p num_samples 8
 image_size = 32  # side of the square images of the small models
 model_channels = 32  # base width of the small models
 batch_size = 2  # images per forward pass
 threads = 1  # PyTorch CPU threads (0: its default): 1 is steadier
+ablation_channels = 64  # base width of the ablation models of 3.11
 seed = 0
-# The ablation experiment (3.12).
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-device = "auto"  # "auto" picks CUDA when there is a GPU
-train_images = 0  # training images after the held-out ones (0: all)
-eval_images = 8  # held-out images, one (image, t) pair each
-ablation_channels = 64  # base width of the ablation models
-train_batch_size = 4
-train_steps = 3  # the equal-steps comparison
-seconds_per_variant = 0.5  # the equal-time comparison
-learning_rate = 3e-4
-num_samples = 2  # DDIM-25 samples per variant
 
 # %%
 #| default_exp unet
 
 # %%
 import math
-import time
 
 import torch
 
@@ -248,6 +234,13 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
+# %% [markdown]
+# Going down halves the inner two sizes: a $3 \times 3$ convolution of stride
+# 2 that may change the number of channels, or, without a convolution, a $2
+# \times 2$ average that cannot.
+
+# %%
+#| export
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -307,8 +300,18 @@ assert torch.allclose(pool(x)[..., 0, 0], x[..., :2, :2].mean((-1, -2)))
 # The code writes $y_s$ as $1 + y_s$, so a zero projection is no change. The
 # paper (Table 3) finds AdaGN clearly better than addition: the condition can
 # switch a channel off or amplify it, not just move it. The reference calls it
-# `use_scale_shift_norm`.
-#
+# `use_scale_shift_norm`. `adagn` is the formula, given the group norm, the
+# activations $h$ and the projected embedding, scale channels first.
+
+# %%
+#| exporti
+def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
+    """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
+    scale, shift = e.chunk(2, dim=1)
+    return norm(h) * (1 + scale) + shift
+
+
+# %% [markdown]
 # **BigGAN up/down-sampling.** With `up` or `down`, the block resamples both
 # its input (the skip path) and its branch, right before the first
 # convolution, so the resolution change is learned by a residual block.
@@ -318,11 +321,37 @@ assert torch.allclose(pool(x)[..., 0, 0], x[..., :2, :2].mean((-1, -2)))
 # equal variance). The paper found it no help, so `rescale_residual` is off by
 # default; the released checkpoints were trained without it.
 #
-# A block that changes the number of channels needs a projection on the skip
-# path: a $1 \times 1$ conv, or $3 \times 3$ with `use_conv`. With
-# `use_checkpoint`, the block's activations are recomputed in the backward
-# pass instead of stored (`torch.utils.checkpoint`): less memory, one more
-# forward.
+# Two more helpers. A block that changes the number of channels needs a
+# projection on the skip path (`skip_projection`): a $1 \times 1$ conv, or $3
+# \times 3$ with `use_conv`. With `use_checkpoint`, a block's activations are
+# recomputed in the backward pass instead of stored (`run_checkpointed`, with
+# `torch.utils.checkpoint`): less memory, one more forward. The attention
+# block of section 3.5 uses it too.
+
+# %%
+#| exporti
+def skip_projection(
+    channels: int, out_channels: int, dims: int, use_conv: bool
+) -> nn.Module:
+    """The skip path: the identity, or a conv where the channels change."""
+    if out_channels == channels:
+        return nn.Identity()
+    kernel = 3 if use_conv else 1
+    return conv_nd(dims, channels, out_channels, kernel, padding=kernel // 2)
+
+
+def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
+    """block._forward(*inputs), recomputed in the backward pass if asked."""
+    if block.use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block._forward, *inputs, use_reentrant=False)
+    return block._forward(*inputs)
+
+
+# %% [markdown]
+# The block itself: the first half of the branch (`in_layers`), the
+# projection of the embedding (`emb_layers`, two numbers per channel with
+# AdaGN), the second half (`out_layers`, whose convolution starts at zero)
+# and the skip path.
 
 # %%
 #| export
@@ -344,14 +373,12 @@ class ResBlock(TimestepBlock):
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
-        self.out_channels = out_channels or channels
+        self.out_channels = out = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.residual_scale = 2**-0.5 if rescale_residual else 1.0
-        out = self.out_channels
         self.in_layers = nn.Sequential(
-            normalization(channels),
-            nn.SiLU(),
+            normalization(channels), nn.SiLU(),
             conv_nd(dims, channels, out, 3, padding=1),
         )
         self.updown = up or down
@@ -359,28 +386,17 @@ class ResBlock(TimestepBlock):
         self.h_upd = resample(channels, False, dims) if up or down else None
         self.x_upd = resample(channels, False, dims) if up or down else None
         emb_out = 2 * out if use_scale_shift_norm else out
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, emb_out)
-        )
+        self.emb_layers = nn.Sequential(nn.SiLU(),
+                                        nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(out),
-            nn.SiLU(),
-            nn.Dropout(p=dropout),
+            normalization(out), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, out, out, 3, padding=1)),
         )
-        if out == channels:
-            self.skip_connection = nn.Identity()
-        else:
-            kernel = 3 if use_conv else 1
-            self.skip_connection = conv_nd(
-                dims, channels, out, kernel, padding=kernel // 2
-            )
+        self.skip_connection = skip_projection(channels, out, dims, use_conv)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """skip(x) + branch(x, emb), times the residual scale."""
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+        return run_checkpointed(self, x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         norm, act, conv = self.in_layers
@@ -390,11 +406,8 @@ class ResBlock(TimestepBlock):
         h = conv(h)
         e = self.emb_layers(emb)
         e = e.reshape(*e.shape, *(1,) * (h.ndim - 2))  # N C 1 1
-        if self.use_scale_shift_norm:  # AdaGN
-            scale, shift = e.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            for layer in self.out_layers[1:]:
-                h = layer(h)
+        if self.use_scale_shift_norm:
+            h = self.out_layers[1:](adagn(self.out_layers[0], h, e))
         else:  # additive: h + e, then the usual norm
             h = self.out_layers(h + e)
         return (self.skip_connection(x) + h) * self.residual_scale
@@ -483,6 +496,15 @@ class QKVAttention(nn.Module):
         return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 
+# %% [markdown]
+# The block around it. `heads_for` turns the two ways of giving the heads
+# into a number of heads, and `AttentionBlock` wraps the attention in the
+# group norm, the `qkv` convolution and the zero-initialised `proj_out`,
+# with the input added back, over the flattened positions of a feature map
+# of any dimension.
+
+# %%
+#| export
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Heads of an attention layer: num_heads, or channels per head given."""
     if num_head_channels == -1:
@@ -520,9 +542,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x + attention(x), times the residual scale."""
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return run_checkpointed(self, x)
 
     def _forward(self, x: Tensor) -> Tensor:
         n, c, *spatial = x.shape
@@ -648,6 +668,15 @@ class BlockFactory:
         )
 
 
+# %% [markdown]
+# The encoder is built by two functions: `time_embed_mlp`, the MLP of
+# `time_embed`, and `encoder_blocks`, the `input_blocks`. Besides the blocks,
+# `encoder_blocks` returns the number of channels of every block's output,
+# which the decoder needs to size its skip connections, and the final
+# down-sampling factor `ds`.
+
+# %%
+#| export
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -692,16 +721,123 @@ def encoder_blocks(
 
 
 # %% [markdown]
-# The decoder mirrors the encoder and consumes its saved outputs in reverse,
-# one per block. `num_heads_upsample` lets the decoder's attention use a
-# different number of heads (the reference keeps it for old checkpoints; $-1$
-# means "as `num_heads`"). Class conditioning adds `label_emb(y)` to the
-# timestep embedding, so every residual block sees both. `rescale_residual` is
-# our addition, for the paper's ablation; it changes no parameter.
+# The noisy-image classifier of section 3.7 is this same encoder with another
+# head, so what the two models share lives in one class, `UNetTrunk`. Given a
+# `BlockFactory` (`make`) it builds `time_embed`, `label_emb` with classes,
+# `input_blocks` and `middle_block`, under the reference's names so that
+# checkpoints load. `embed` turns timesteps (and labels) into the embedding
+# $e$ every residual block reads, and `encode` runs the down path and the
+# middle block, returning every input block's output, the skips.
 
 # %%
 #| export
-class UNetModel(nn.Module):
+class UNetTrunk(nn.Module):
+    """The embedding, down path and middle block of UNet and classifier."""
+
+    def __init__(
+        self,
+        make: BlockFactory,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        channel_mult: Sequence[float],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        conv_resample: bool = True,
+        resblock_updown: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.make = make
+        self.image_size, self.in_channels = image_size, in_channels
+        self.model_channels, self.num_classes = model_channels, num_classes
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.channel_mult = tuple(channel_mult)
+        self.time_embed = time_embed_mlp(model_channels)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, make.emb_channels)
+        self.input_blocks, self.skip_channels, self.ds = encoder_blocks(
+            make, in_channels, model_channels, channel_mult, num_res_blocks,
+            attention_resolutions, conv_resample, resblock_updown,
+        )
+        self.middle_block = make.middle(self.skip_channels[-1])
+
+    def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
+        """The embedding of the timesteps (and labels), in x's dtype."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError(
+                "pass y if and only if the model is class-conditional "
+                f"(num_classes={self.num_classes})"
+            )
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        features = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(features.to(x.dtype))
+        if y is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y must have shape ({x.shape[0]},)")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def encode(self, x: Tensor, emb: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Every input block's output, and the middle block's."""
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        return skips, self.middle_block(h, emb)
+
+
+# %% [markdown]
+# The decoder mirrors the encoder and consumes its saved outputs in reverse,
+# one per block. `num_heads_upsample` lets the decoder's attention use a
+# different number of heads (the reference keeps it for old checkpoints; $-1$
+# means "as `num_heads`"). `decoder_blocks` builds it from the encoder's
+# `skip_channels` and `ds`, and returns the width of its last block.
+
+# %%
+#| exporti
+def decoder_blocks(
+    make: BlockFactory,
+    skip_channels: Sequence[int],
+    ds: int,
+    model_channels: int,
+    channel_mult: Sequence[float],
+    num_res_blocks: int,
+    attention_resolutions: Sequence[int],
+    conv_resample: bool,
+    resblock_updown: bool,
+    num_heads_upsample: int,
+) -> tuple[nn.ModuleList, int]:
+    """The up path, taking the skips in reverse, and its output channels."""
+    chans, ch = list(skip_channels), skip_channels[-1]
+    blocks = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(num_res_blocks + 1):
+            out = int(mult * model_channels)
+            layers = [make.res(ch + chans.pop(), out)]
+            ch = out
+            if ds in attention_resolutions:
+                layers.append(make.attn(ch, num_heads_upsample))
+            if level and i == num_res_blocks:
+                if resblock_updown:
+                    layers.append(make.res(ch, up=True))
+                else:
+                    layers.append(Upsample(ch, conv_resample, make.dims))
+                ds //= 2
+            blocks.append(TimestepEmbedSequential(*layers))
+    return blocks, ch
+
+
+# %% [markdown]
+# The UNet is the trunk, the decoder and `out`. Class conditioning adds
+# `label_emb(y)` to the timestep embedding, so every residual block sees
+# both. `rescale_residual` is our addition, for the paper's ablation; it
+# changes no parameter.
+
+# %%
+#| export
+class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
     def __init__(
@@ -726,76 +862,34 @@ class UNetModel(nn.Module):
         use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size, self.in_channels = image_size, in_channels
-        self.model_channels, self.out_channels = model_channels, out_channels
-        self.num_classes = num_classes
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.channel_mult = tuple(channel_mult)
+        super().__init__(
+            BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
+                         use_scale_shift_norm, num_heads, num_head_channels,
+                         use_new_attention_order, rescale_residual),
+            image_size, in_channels, model_channels, channel_mult,
+            num_res_blocks, attention_resolutions, conv_resample,
+            resblock_updown, num_classes,
+        )
+        self.out_channels = out_channels
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        make = BlockFactory(
-            4 * model_channels, dropout, dims, use_checkpoint,
-            use_scale_shift_norm, num_heads, num_head_channels,
-            use_new_attention_order, rescale_residual,
+        self.output_blocks, ch = decoder_blocks(
+            self.make, self.skip_channels, self.ds, model_channels,
+            channel_mult, num_res_blocks, attention_resolutions,
+            conv_resample, resblock_updown, num_heads_upsample,
         )
-        self.time_embed = time_embed_mlp(model_channels)
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, 4 * model_channels)
-        self.input_blocks, chans, ds = encoder_blocks(
-            make, in_channels, model_channels, channel_mult, num_res_blocks,
-            attention_resolutions, conv_resample, resblock_updown,
-        )
-        ch = chans[-1]
-        self.middle_block = make.middle(ch)
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                out = int(mult * model_channels)
-                layers = [make.res(ch + chans.pop(), out)]
-                ch = out
-                if ds in attention_resolutions:
-                    layers.append(make.attn(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    if resblock_updown:
-                        layers.append(make.res(ch, up=True))
-                    else:
-                        layers.append(Upsample(ch, conv_resample, dims))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 
-    def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
-        """The embedding of the timesteps (and labels), in x's dtype."""
-        if (y is None) != (self.num_classes is None):
-            raise ValueError(
-                "pass y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes})"
-            )
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
-        if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},)")
-            emb = emb + self.label_emb(y)
-        return emb
-
     def forward(
         self, x: Tensor, timesteps: Tensor, y: Tensor | None = None
     ) -> Tensor:
         """The prediction for noisy images x at timesteps (labels y)."""
         emb = self.embed(x, timesteps, y)
-        skips, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+        skips, h = self.encode(x, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
@@ -905,6 +999,12 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
 
 
+# %% [markdown]
+# `pool_head` builds the head of each kind; the spatial heads take the
+# concatenated means, `feature_size` numbers per image.
+
+# %%
+#| export
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -950,7 +1050,7 @@ def pool_head(
 
 # %%
 #| export
-class EncoderUNetModel(nn.Module):
+class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
     def __init__(
@@ -974,42 +1074,27 @@ class EncoderUNetModel(nn.Module):
         pool: str = "adaptive",
         rescale_residual: bool = False,
     ) -> None:
-        super().__init__()
-        self.image_size, self.in_channels = image_size, in_channels
-        self.model_channels, self.out_channels = model_channels, out_channels
-        self.pool = pool
-        make = BlockFactory(
-            4 * model_channels, dropout, dims, use_checkpoint,
-            use_scale_shift_norm, num_heads, num_head_channels,
-            use_new_attention_order, rescale_residual,
+        super().__init__(
+            BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
+                         use_scale_shift_norm, num_heads, num_head_channels,
+                         use_new_attention_order, rescale_residual),
+            image_size, in_channels, model_channels, channel_mult,
+            num_res_blocks, attention_resolutions, conv_resample,
+            resblock_updown,
         )
-        self.time_embed = time_embed_mlp(model_channels)
-        self.input_blocks, chans, ds = encoder_blocks(
-            make, in_channels, model_channels, channel_mult, num_res_blocks,
-            attention_resolutions, conv_resample, resblock_updown,
-        )
-        ch = chans[-1]
-        self.middle_block = make.middle(ch)
+        self.out_channels, self.pool = out_channels, pool
+        chans = self.skip_channels
         self.out = pool_head(
-            pool, ch, out_channels, dims, image_size // ds,
-            num_head_channels, feature_size=sum(chans) + ch,
+            pool, chans[-1], out_channels, dims, image_size // self.ds,
+            num_head_channels, feature_size=sum(chans) + chans[-1],
         )
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
         """Logits [N, out_channels] for noisy images x at timesteps."""
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
-        spatial = self.pool.startswith("spatial")
-        means, h = [], x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            if spatial:
-                means.append(h.mean(dim=tuple(range(2, h.ndim))))
-        h = self.middle_block(h, emb)
-        if spatial:
-            means.append(h.mean(dim=tuple(range(2, h.ndim))))
+        skips, h = self.encode(x, self.embed(x, timesteps, None))
+        if self.pool.startswith("spatial"):
+            # The spatial heads read the mean of every block's output.
+            means = [f.mean(dim=tuple(range(2, f.ndim))) for f in (*skips, h)]
             return self.out(torch.cat(means, dim=-1))
         return self.out(h)
 
@@ -1283,7 +1368,7 @@ def ablation_unet(
 
 
 # %% [markdown]
-# Each variant, built at the experiment's size, with what it changes in
+# Each variant, built at the size chapter 4 trains it, with what it changes in
 # the model: parameters, residual blocks, where attention is and how many
 # heads of what width it has, how it resamples and how the embedding enters.
 # Each row must differ from the baseline in what it claims.
@@ -1346,327 +1431,13 @@ for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
 print("checkpointed gradients match")
 
 # %% [markdown]
-# ## 3.12 Running the ablations
+# ## 3.12 Training the ablations
 #
-# The paper trained every variant on ImageNet $128 \times 128$ and compared
-# FID after 700K and 1.2M iterations. The same protocol, small: each
-# variant trains with chapter 2's diffusion (the cosine schedule, which the
-# paper gives only its ImageNet $64 \times 64$ model, the $128 \times 128$
-# one being linear by Table 11; $\epsilon$ prediction, `learned_range`
-# variance, the hybrid loss, uniform $t$, AdamW), class-conditional, from
-# the same seed, on the same batches with the same timesteps and noise, and
-# is measured on the same held-out images. Two comparisons come from one
-# run:
-#
-# * **equal steps**: the weights after `train_steps` updates. What does the
-#   change buy per update?
-# * **equal time**: the weights after `seconds_per_variant` seconds of
-#   training. A change that makes steps slower must pay for them; this is
-#   why the paper kept two blocks per resolution and went wider instead.
-#
-# Training goes on until both points are passed, and the weights are copied
-# at each. Only the training steps are timed; on a GPU each step is
-# synchronised, so the clock sees the work.
-#
-# Until chapter 5 has FID, two held-out measures stand in:
-#
-# * $L_\text{simple}$, the $\epsilon$ mean squared error, on fixed (image,
-#   $t$, noise) triples;
-# * the variational bound in bits/dim, which also judges the learned
-#   variance. Computing all $T = 1000$ terms per image (`calc_bpd_loop`) is
-#   too slow for every variant, so it is **estimated**: exactly the prior
-#   $L_T$ and the decoder term $L_0$ of each image, plus $T - 1$ times the
-#   KL term $L_{t}$ at one timestep $t_i$ per image, from the model's full
-#   output (nothing detached, $\hat x_0$ clipped as in `calc_bpd_loop`):
-#
-# $$L_\text{vlb} \approx \frac{1}{n} \sum_{i=1}^{n} \Big( L_T(x^{(i)}) +
-# L_0(x^{(i)}) + (T - 1)\, L_{t_i}(x^{(i)}) \Big).$$
-#
-# The $t_i$ are stratified, one uniform draw in each of $n$ equal slices of
-# $1, \dots, T - 1$, so the estimate is unbiased with less spread than
-# independent draws. With $n$ = `eval_images` pairs the table shows its
-# standard error, and, because every variant sees the same pairs, the
-# standard error of its *difference* from the baseline, which is much
-# smaller.
-
-# %%
-import matplotlib.pyplot as plt
-from tqdm.auto import tqdm
-
-from adm_lib.data import load_dataset
-from adm_lib.diffusion import (
-    GaussianDiffusion,
-    UniformSampler,
-    ddim_sample_loop,
-    mean_flat,
-    prior_bpd,
-    respace,
-    training_losses,
-    vb_terms_bpd,
-)
-from adm_lib.forward import get_named_beta_schedule
-from adm_lib.viz import show_rows
-
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-dataset = load_dataset(data)
-assert dataset.num_classes, "the ablations are class-conditional"
-labels = torch.from_numpy(dataset.labels).long()
-split = torch.randperm(len(dataset),
-                       generator=torch.Generator().manual_seed(seed))
-held_out = split[:eval_images]
-train_ids = split[eval_images:][:train_images or None]
-train_x = dataset.images(train_ids.tolist()).to(device)
-train_y = labels[train_ids].to(device)
-eval_x = dataset.images(held_out.tolist()).to(device)
-eval_y = labels[held_out].to(device)
-assert not set(held_out.tolist()) & set(train_ids.tolist())
-diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 1000))
-T = diffusion.num_timesteps
-print(f"{dataset.source}: {len(train_ids)} training and {eval_images} "
-      f"held-out images {tuple(eval_x.shape[1:])}, "
-      f"{dataset.num_classes} classes; device {device}")
-
-# %% [markdown]
-# The fixed evaluation pairs and the fixed starting noise of the samples,
-# drawn once from their own seeded generator.
-
-# %%
-g = torch.Generator().manual_seed(seed + 1)
-strata = (torch.arange(eval_images) + torch.rand(eval_images, generator=g))
-eval_t = (1 + (strata * (T - 1) / eval_images).long()).to(device)
-eval_noise = torch.randn(eval_x.shape, generator=g).to(device)
-sample_noise = torch.randn(num_samples, *eval_x.shape[1:],
-                           generator=g).to(device)
-sample_y = torch.arange(num_samples, device=device) % dataset.num_classes
-assert eval_t.min() >= 1 and eval_t.max() <= T - 1
-
-
-@torch.no_grad()
-def evaluate(model: UNetModel) -> dict:
-    """Held-out L_simple and the VLB estimate (bits/dim) per image."""
-    model.eval()
-    mse, vlb = [], []
-    for i in range(0, eval_images, train_batch_size):
-        x0, y = eval_x[i:i + train_batch_size], eval_y[i:i + train_batch_size]
-        noise = eval_noise[i:i + train_batch_size]
-        pair_t = eval_t[i:i + train_batch_size]
-        terms = {}
-        for key, t in (("pair", pair_t), ("decoder", torch.zeros_like(y))):
-            x_t = diffusion.q_sample(x0, t, noise)
-            output = model(x_t, t, y)
-            p = diffusion.p_mean_variance_from_output(output, x_t, t)
-            terms[key] = vb_terms_bpd(diffusion, p, x0, x_t, t)
-            if key == "pair":
-                mse.append(mean_flat((output[:, :x0.shape[1]] - noise) ** 2))
-        vlb.append(prior_bpd(diffusion, x0) + terms["decoder"]
-                   + (T - 1) * terms["pair"])
-    model.train()
-    return {"mse": torch.cat(mse).mean().item(), "vlb": torch.cat(vlb)}
-
-
-# %% [markdown]
-# Training one variant: the model from `seed`, then the data order,
-# timesteps and noise from `seed + 1`, the same for every variant.
-
-# %%
-def train(variant: str) -> tuple[UNetModel, dict]:
-    """Train a variant; copy its weights at train_steps and at the budget."""
-    torch.manual_seed(seed)
-    model = ablation_unet(variant, dataset.resolution, ablation_channels,
-                          dataset.num_classes, dataset.channels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    sampler = UniformSampler(T)
-    torch.manual_seed(seed + 1)
-    snapshots, step, seconds = {}, 0, 0.0
-    bar = tqdm(desc=variant, unit="step")
-    while len(snapshots) < 2:
-        start = time.perf_counter()
-        batch = torch.randint(len(train_x), (train_batch_size,))
-        t, weights = sampler.sample(train_batch_size, device)
-        terms = training_losses(diffusion, model, train_x[batch], t,
-                                {"y": train_y[batch]})
-        optimizer.zero_grad(set_to_none=True)
-        (terms["loss"] * weights).mean().backward()
-        optimizer.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        step += 1
-        bar.update()
-        for arm, done in (("equal steps", step == train_steps),
-                          ("equal time", seconds >= seconds_per_variant)):
-            if done and arm not in snapshots:
-                state = {k: v.clone() for k, v in model.state_dict().items()}
-                snapshots[arm] = {"steps": step, "seconds": seconds,
-                                  "state": state}
-    bar.close()
-    return model, snapshots
-
-
-# %% [markdown]
-# All variants, in turn: train, evaluate both snapshots, and draw
-# `num_samples` images with 25 DDIM steps from the equal-steps weights
-# (the same noise and classes for every variant).
-
-# %%
-ddim25 = respace(diffusion, "ddim25")
-results = {}
-run_start = time.perf_counter()
-for variant in ABLATIONS:
-    model, snapshots = train(variant)
-    row = {"parameters": sum(p.numel() for p in model.parameters())}
-    for arm, snap in snapshots.items():
-        model.load_state_dict(snap["state"])
-        row[arm] = {"steps": snap["steps"], "seconds": snap["seconds"],
-                    **evaluate(model)}
-    model.load_state_dict(snapshots["equal steps"]["state"])
-    row["samples"] = ddim_sample_loop(
-        ddim25, model.eval(), sample_noise, model_kwargs={"y": sample_y}
-    ).cpu()
-    results[variant] = row
-run_minutes = (time.perf_counter() - run_start) / 60
-print(f"{len(results)} variants in {run_minutes:.1f} min on {device}")
-
-# %% [markdown]
-# The table. Per arm: steps reached, milliseconds per step, held-out
-# $L_\text{simple}$, the VLB estimate with its standard error, and its
-# difference from the baseline with the paired standard error (negative is
-# better).
-
-# %%
-def vlb_columns(row: dict, arm: str) -> str:
-    """VLB +- se and the paired difference from the baseline +- se."""
-    vlb, ref = row[arm]["vlb"], results["baseline"][arm]["vlb"]
-    se = vlb.std() / len(vlb) ** 0.5
-    diff = vlb - ref
-    diff_se = diff.std() / len(diff) ** 0.5
-    return (f"{vlb.mean():7.3f} ±{se:5.3f} "
-            f"{diff.mean():+7.3f} ±{diff_se:5.3f}")
-
-
-print(f"{data}, {len(train_ids)} training images, batch "
-      f"{train_batch_size}, base width {ablation_channels}, {device}; "
-      f"VLB on {eval_images} held-out (image, t) pairs")
-for arm in ("equal steps", "equal time"):
-    print(f"\n{arm}:")
-    print(f"{'variant':<29}{'params':>10}{'steps':>7}{'ms/step':>8}"
-          f"{'L_simple':>9}{'VLB bits/dim':>15}{'vs baseline':>15}")
-    for variant, row in results.items():
-        r = row[arm]
-        print(f"{variant:<29}{row['parameters']:>10,}{r['steps']:>7}"
-              f"{1000 * r['seconds'] / r['steps']:>8.1f}{r['mse']:>9.4f} "
-              f"{vlb_columns(row, arm)}")
-assert list(results) == list(ABLATIONS)
-for row in results.values():
-    assert row["equal steps"]["steps"] == train_steps
-    # The time arm stops at the first step past the budget.
-    spent = row["equal time"]
-    step_time = spent["seconds"] / spent["steps"]
-    assert seconds_per_variant <= spent["seconds"]
-    assert spent["seconds"] < seconds_per_variant + 2 * step_time + 1.0
-    for arm in ("equal steps", "equal time"):
-        assert math.isfinite(row[arm]["mse"])
-        assert torch.isfinite(row[arm]["vlb"]).all()
-
-# %% [markdown]
-# The differences from the baseline as bars, both arms, with their paired
-# standard errors: the comparison that the spread between images does not
-# drown (below zero is better).
-
-# %%
-fig, ax = plt.subplots(figsize=(9, 3.5))
-names = list(results)
-for k, arm in enumerate(("equal steps", "equal time")):
-    diffs = [results[n][arm]["vlb"] - results["baseline"][arm]["vlb"]
-             for n in names]
-    ax.bar([i + 0.4 * k for i in range(len(names))],
-           [d.mean().item() for d in diffs], width=0.4, label=arm,
-           yerr=[(d.std() / len(d) ** 0.5).item() for d in diffs])
-ax.axhline(0, color="black", lw=0.8)
-ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30,
-              ha="right")
-ax.set(ylabel="VLB - baseline (bits/dim)", title=f"ablations on {data}")
-ax.legend()
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# And samples: one row per variant, the same noise and classes in every
-# row, 25 DDIM steps.
-
-# %%
-show_rows({variant: row["samples"] for variant, row in results.items()})
-assert all(r["samples"].shape == sample_noise.shape
-           for r in results.values())
-
-# %% [markdown]
-# ### A CPU-scale run, recorded
-#
-# The numbers above come from the smoke configuration (a few steps on
-# MNIST) and say nothing about the architectures. A larger run was made on
-# this project's 2-core CPU (no GPU) on 2026-11-25, on a 5,000-image subset
-# of CIFAR-10; training and evaluating the nine variants took 13.9
-# minutes:
-#
-# ```sh
-# adm book run 3 -p data ../shared/data/cifar10/train.zip \
-#     -p train_images 5000 -p eval_images 128 -p train_batch_size 16 \
-#     -p train_steps 100 -p seconds_per_variant 60 -p num_samples 4 \
-#     -p threads 0
-# ```
-#
-# Its tables, as printed but for two columns dropped to fit the page (the
-# parameter counts, listed in 3.11, and the VLB's unpaired standard errors,
-# 1.03 to 1.20 bits/dim, which are dominated by the spread between images).
-# The VLB is estimated on 128 held-out (image, t) pairs; the last column is
-# the paired difference from the baseline with its standard error, negative
-# is better:
-#
-# ```text
-# equal steps:
-# variant                      steps ms/step L_simple    VLB    vs baseline
-# baseline                       100   561.9   0.0992  4.437  +0.000 ±0.000
-# depth (4 blocks, 0.8x width)   100   855.1   0.1011  4.414  -0.024 ±0.042
-# 4 heads                        100   579.2   0.1004  4.506  +0.069 ±0.030
-# 64 channels per head           100   564.4   0.0993  4.430  -0.008 ±0.013
-# attention at 32, 16, 8         100  1417.2   0.0999  4.477  +0.040 ±0.030
-# BigGAN up/down                 100   609.6   0.1021  4.524  +0.087 ±0.034
-# residual rescaling             100   544.7   0.1014  4.544  +0.106 ±0.038
-# AdaGN                          100   555.4   0.0993  4.503  +0.065 ±0.028
-# ADM                            100  1478.9   0.0968  4.437  -0.000 ±0.011
-#
-# equal time:
-# variant                      steps ms/step L_simple    VLB    vs baseline
-# baseline                       107   562.3   0.0938  4.226  +0.000 ±0.000
-# depth (4 blocks, 0.8x width)    71   848.6   0.1172  4.486  +0.260 ±0.054
-# 4 heads                        104   579.3   0.0974  4.345  +0.119 ±0.043
-# 64 channels per head           107   564.0   0.0945  4.239  +0.013 ±0.015
-# attention at 32, 16, 8          42  1430.4   0.2148  5.170  +0.944 ±0.178
-# BigGAN up/down                  99   609.9   0.1015  4.460  +0.234 ±0.095
-# residual rescaling             110   546.8   0.0973  4.429  +0.203 ±0.090
-# AdaGN                          109   553.9   0.0936  4.313  +0.087 ±0.039
-# ADM                             41  1482.3   0.2164  5.121  +0.895 ±0.168
-# ```
-#
-# What it shows, honestly: after 100 steps of batch 16 every model is at
-# the very start of training (its DDIM samples are still noise), and the
-# differences at equal steps are a few hundredths of a bit, within two or
-# three paired standard errors. On this evidence nothing of the paper's
-# findings is confirmed or refuted. The paper found that attention at 32,
-# 16 and 8, 64 channels per head, BigGAN up/down-sampling and AdaGN each
-# improve FID, and that residual rescaling does not; here residual
-# rescaling is indeed not better than the baseline, and 64 channels per
-# head ties it, but BigGAN resampling, AdaGN and more attention are
-# slightly *worse* this early. The equal-time arm shows the other half of
-# the paper's argument on a CPU: attention at $32 \times 32$ costs 2.5
-# times the baseline's time per step here, so within the same minute the
-# variants that use it (and ADM) reach far fewer steps and fall behind,
-# while depth pays for its 63% more parameters in the same way. On a GPU
-# the relative costs differ; the GPU run will show by how much.
-#
-# The full run, on one GPU, is the command in the parameters cell; it has
-# not been made yet, and its table belongs here.
+# Which of these switches help is a question for training, and the book has
+# one training loop: chapter 4's. Its section 4.12 trains every entry of
+# `ABLATIONS` as a run of that loop, compares them at equal steps and at
+# equal training time on held-out images, with chapter 2's estimate of the
+# variational bound, and records a CPU run.
 
 # %% [markdown]
 # ## 3.13 The library
@@ -1705,9 +1476,9 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #   scales and shifts normalised activations by the embedding; residual
 #   rescaling by $1/\sqrt{2}$ was tried and left out.
 # * Each of the paper's ablations is an entry of `ABLATIONS`, a few options
-#   on top of a Ho et al.-like baseline, and `ablation_unet` builds it. The
-#   experiment of 3.12 trains them all at equal steps and at equal time and
-#   compares held-out $L_\text{simple}$ and a VLB estimate.
+#   on top of a Ho et al.-like baseline, and `ablation_unet` builds it.
+#   Chapter 4 (section 4.12) trains them all at equal steps and at equal
+#   time and compares a held-out VLB estimate.
 # * The noisy-image classifier is the UNet's encoder with an attention-pooling
 #   head; the super-resolution model is a UNet that also sees the up-sampled
 #   low-resolution image.
@@ -1731,13 +1502,13 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 # 3. Count the multiply-adds of an `AttentionBlock` of $C$ channels on an
 #    $r \times r$ map, in `qkv`, `proj_out` and the attention itself. Predict
 #    the ratio of its times at $r = 32$ and $r = 16$ for $C = 64$, then time
-#    it, and compare with the ms/step of the recorded run of 3.12.
+#    it, and compare with the ms/step of the recorded run of 4.12.
 # 4. Rerun with `-p ablation_channels 96`. Predict which entries of
 #    `ABLATIONS` `ablation_unet` can build, minding the GroupNorm's 32 groups
 #    and `heads_for`, then check.
 # 5. Add to `ABLATIONS` an entry "ADM, additive": ADM without
 #    `use_scale_shift_norm` (then `adm book export`). Predict whether its VLB
-#    in 3.12 lands nearer ADM's or the baseline's, given the paired standard
+#    in 4.12 lands nearer ADM's or the baseline's, given the paired standard
 #    errors, then check.
 # 6. Add a pool `"max"` to `pool_head` and `POOLS`: norm, SiLU, global max
 #    pooling and a zero-initialised $1 \times 1$ conv. Predict how its input

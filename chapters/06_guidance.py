@@ -41,24 +41,26 @@
 # %% tags=["parameters"]
 # Smoke configuration: a few minutes on a CPU. The recorded CPU run of 6.9
 # and the full GPU run on CIFAR-10 are
-#   adm book run 6 -p train_steps 1500 -p classifier_steps 600 \
-#       -p respacing 50 -p samples_per_scale 200 -p num_ref 2000 \
-#       -p runs_dir build/chapter4_record -p figures_dir chapters/figures
+#   adm book run 6 -p train_steps 300 -p classifier_steps 200 \
+#       -p respacing 10 -p scales "[0.0, 2.0, 10.0]" \
+#       -p free_scales "[0.0, 1.0, 4.0]" -p samples_per_scale 80 \
+#       -p sample_seeds "[0, 1, 2]" -p num_ref 2000 \
+#       -p runs_dir build/chapter6_record -p figures_dir chapters/figures
 #   adm book run 6 -p device cuda -p preset cifar10 -p features cifar10 \
 #       -p data ../shared/data/cifar10/train.zip -p train_steps 100000 \
 #       -p classifier_steps 50000 -p settings "{}" \
 #       -p classifier_settings "{}" -p respacing 250 \
-#       -p samples_per_scale 5000 -p num_ref 10000 -p batch_size 500 \
-#       -p runs_dir build/chapter4_cifar10
+#       -p samples_per_scale 5000 -p sample_seeds "[0, 1, 2]" \
+#       -p num_ref 10000 -p batch_size 500 -p runs_dir build/chapter6_cifar10
 data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
 features = "mnist"  # the metrics' network: mnist, cifar10 or inception
 inception_weights = ""  # the Inception weights file, for "inception"
-preset = "mnist"  # the adm_lib.train preset of all three models
+preset = "mnist"  # the adm_lib.config preset of all three models
 settings = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
             "ema_rate": "0.999"}  # changes to the diffusion preset
 classifier_settings = {"batch_size": 64}  # changes to the classifier's
 device = "auto"  # "auto" picks CUDA when there is a GPU
-runs_dir = "build/chapter4"  # the three run folders
+runs_dir = "build/chapter6"  # the three run folders
 reuse_runs = False  # True: finished runs in runs_dir are loaded, not redone
 train_steps = 40  # of each diffusion model
 classifier_steps = 40
@@ -66,11 +68,12 @@ label_dropout = 0.1  # the conditional model's, for classifier-free guidance
 respacing = "10"  # the ancestral sampler's steps
 scales = [0.0, 1.0, 2.0, 5.0, 10.0]  # classifier guidance scales s
 free_scales = [0.0, 0.5, 1.0, 2.0, 4.0]  # classifier-free scales w
-samples_per_scale = 30  # samples scored at each scale
+samples_per_scale = 15  # samples scored at each scale, for each seed
+sample_seeds = [0, 1]  # sampling seeds: every setting is drawn with each
 num_ref = 500  # real images the samples are scored against
 batch_size = 200  # of sampling
 figures_dir = ""  # if set, the figures are also saved there
-seed = 0
+seed = 0  # of training, and of the real images' order
 
 # %%
 #| default_exp guidance
@@ -87,19 +90,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from adm_lib.checkpoints import load_run
+from adm_lib.config import make_config
 from adm_lib.data import load_dataset
+from adm_lib.devices import resolve_device
 from adm_lib.diffusion import p_sample, respace
 from adm_lib.metrics import (
     compute_activations,
     feature_extractor,
     score_activations,
 )
-from adm_lib.train import load_run, make_config, train
+from adm_lib.train import train
 from adm_lib.viz import to_uint8
 
 torch.manual_seed(seed)
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+device = str(resolve_device(device))
 runs = Path(runs_dir)
 print(f"device: {device}, features: {features}")
 
@@ -285,22 +290,6 @@ else:
 # Labels go to the model as `y` and to the conditioning function. The
 # paper guides unconditional models too; `ignore_labels` wraps such a
 # model so that it takes, and ignores, the labels the classifier needs.
-# `sample_batches` draws any number of samples batch by batch with a
-# progress bar and returns them as the reference stores them: uint8
-# images N x H x W x C and their labels.
-#
-# **Noise per sample.** Every random number a sample uses, its $x_T$ and
-# then the noise of each ancestral (or $\eta > 0$ DDIM) step, comes from a
-# generator of its own, seeded from `seed` and the sample's index
-# (`sample_noise`), and reaches chapter 2's loops as their `noise_fn`. A
-# sample then does not depend on the batch it was drawn in: a seed gives
-# the same samples with any batch size or number of GPUs, up to float
-# rounding (a batched kernel may add in another order), and the same noise
-# at every guidance scale, which makes grids across scales comparable.
-# The noise is made on the device, one batch at a time, so memory is that
-# of a batch however many samples are drawn; drawing it all up front
-# would hold 39 GB for 50,000 images at 256x256. One seed gives other
-# numbers on a CPU and on a GPU, whose generators differ.
 
 # %%
 #| export
@@ -341,7 +330,20 @@ def guided_sample(
                             noise_fn=noise_fn, model_kwargs=kwargs,
                             cond_fn=cond_fn, eta=eta)
 
+# %% [markdown]
+# **Noise per sample.** Every random number a sample uses, its $x_T$ and
+# then the noise of each ancestral (or $\eta > 0$ DDIM) step, comes from a
+# generator of its own, seeded from `seed` and the sample's index
+# (`sample_noise`), and reaches chapter 2's loops as their `noise_fn`. A
+# sample then does not depend on the batch it was drawn in: a seed gives
+# the same samples with any batch size or number of GPUs, up to float
+# rounding (a batched kernel may add in another order), and the same noise
+# at every guidance scale, which makes grids across scales comparable.
+# One seed gives other numbers on a CPU and on a GPU, whose generators
+# differ.
 
+# %%
+#| export
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the noise stream of sample `index` under `seed`."""
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
@@ -370,7 +372,16 @@ def sample_noise(seed: int, indices: range,
         return noise
     return noise_fn
 
+# %% [markdown]
+# `sample_batches` draws any number of samples batch by batch with a
+# progress bar and returns them as the reference stores them: uint8
+# images N x H x W x C and their labels. The noise is made on the device,
+# one batch at a time, so memory is that of a batch however many samples
+# are drawn; drawing it all up front would hold 39 GB for 50,000 images
+# at 256x256.
 
+# %%
+#| export
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -504,7 +515,7 @@ print("mixed eps of the first image, first row:", mixed[0, 0, 0].tolist())
 #
 # The experiments need a class-conditional diffusion model, an
 # unconditional one and a noisy classifier, all on the same data. They are
-# trained with chapter 4's `train`, from the `preset` of `adm_lib.train`
+# trained with chapter 4's `train`, from the `preset` of `adm_lib.config`
 # changed by the parameters cell. The conditional model is trained with
 # `label_dropout` so that it serves classifier-free guidance too: with a
 # real label it is an ordinary conditional model.
@@ -539,9 +550,16 @@ for name, run in models.items():
 # %% [markdown]
 # The samplers use the EMA weights and `respacing` steps of Algorithm 1.
 # Each guidance scale draws `samples_per_scale` samples with labels
-# $0, 1, \dots, 9, 0, 1, \dots$ and the same noise, so the first ten of
-# every scale form one row of a grid: a column is one starting noise and
-# one class, guided harder down the column.
+# $0, 1, \dots, 9, 0, 1, \dots$ and, for one sampling seed, the same noise,
+# so the first ten of every scale form one row of a grid: a column is one
+# starting noise and one class, guided harder down the column.
+#
+# Every setting is drawn once for each seed of `sample_seeds`. The models
+# are trained once, with the training seed `seed`; the sampling seeds
+# change only the noise the samples start from and take at each step. The
+# spread of a score over them is therefore the sampling error of
+# `samples_per_scale` samples from these three trained models, not the
+# variation between training runs, which would add to it.
 
 # %%
 conditional, unconditional, classifier = (
@@ -555,37 +573,56 @@ guided_models = {"conditional": conditional.model,
                  "unconditional": ignore_labels(unconditional.model)}
 
 
-def draw(model: nn.Module, cond_fn=None, **options) -> np.ndarray:
-    """The chapter's samples of one setting (uint8 NHWC)."""
+def draw(model: nn.Module, sample_seed: int, cond_fn=None,
+         **options) -> np.ndarray:
+    """The chapter's samples of one setting and seed (uint8 NHWC)."""
     images, _ = sample_batches(spaced, model, samples_per_scale, shape,
-                               labels, batch_size, device, seed,
+                               labels, batch_size, device, sample_seed,
                                cond_fn=cond_fn, **options)
     return images
 
 
-samples = {}
+samples = {}  # (model, scale, sampling seed): uint8 NHWC images
 start = time.perf_counter()
 for name, model in guided_models.items():
     for s in scales:
         hook = classifier_cond_fn(classifier.model, s) if s else None
-        samples[name, s] = draw(model, hook)
-for w in free_scales:
-    free = classifier_free_model(conditional.model, w, num_classes)
-    samples["classifier-free", w] = draw(free)
+        for k in sample_seeds:
+            samples[name, s, k] = draw(model, k, hook)
 sampling_time = time.perf_counter() - start
-print(f"{len(samples)} settings x {samples_per_scale} samples in "
-      f"{sampling_time:.0f} s")
+print(f"{len(samples)} settings and seeds x {samples_per_scale} samples "
+      f"in {sampling_time:.0f} s")
 assert all(s.shape == (samples_per_scale, *shape[1:], shape[0])
            for s in samples.values())
 
 # %% [markdown]
+# Classifier-free guidance samples the conditional model through
+# `classifier_free_model`. At $w = 0$ that is the conditional model
+# itself (6.4), with the same noise, so its samples are those of the
+# conditional model at $s = 0$, reused rather than drawn again:
+
+# %%
+start = time.perf_counter()
+for w in free_scales:
+    free = classifier_free_model(conditional.model, w, num_classes)
+    for k in sample_seeds:
+        same = ("conditional", 0.0, k)
+        samples["classifier-free", w, k] = (
+            samples[same] if w == 0 and same in samples else draw(free, k))
+print(f"classifier-free: {len(free_scales)} scales x {len(sample_seeds)} "
+      f"seeds in {time.perf_counter() - start:.0f} s")
+
+# %% [markdown]
 # ## 6.6 Grids across guidance scales
+#
+# The grids show the first sampling seed.
 
 # %%
 def grid_figure(name: str, values: list[float], symbol: str) -> plt.Figure:
     """Rows of the first ten samples of each scale of a setting."""
-    rows = [np.concatenate(list(samples[name, v][:num_classes]), axis=1)
-            for v in values]
+    rows = [np.concatenate(
+        list(samples[name, v, sample_seeds[0]][:num_classes]), axis=1)
+        for v in values]
     fig, axes = plt.subplots(len(values), 1, figsize=(8, 0.95 * len(values)))
     for ax, row, v in zip(axes, rows, values, strict=True):
         ax.imshow(row.squeeze(-1), cmap="gray", vmin=0, vmax=255)
@@ -608,20 +645,40 @@ plt.show()
 # its class. The conditional model starts from the right classes, and
 # guidance makes its digits bolder and more alike.
 #
+# **Means and error bars.** A score of one seed is one draw of a noisy
+# estimate. Every number from here on is the mean over the sampling seeds
+# $\pm$ its standard error: the standard deviation over seeds (with
+# $n - 1$) divided by $\sqrt{n}$, for $n$ seeds. Two settings differ by
+# more than sampling error only when their gap is well beyond both
+# standard errors; with three seeds a standard error is itself rough, so
+# gaps of a standard error or two are not claimed.
+
+# %%
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for a single value)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return (float(values.mean()),
+            float(values.std(ddof=1) / np.sqrt(len(values))))
+
+
+mean, se = mean_se([1.0, 2.0, 3.0])
+assert mean == 2.0 and abs(se - 1 / np.sqrt(3)) < 1e-12
+
+# %% [markdown]
 # **The gradient at $x_t$ or at the mean.** The reference takes the
 # classifier's gradient at $x_t$; the derivation of 6.1 expands around
 # the unguided mean $\mu$, which is $x_{t-1}$'s expected value. The two
 # points differ by one denoising step, and the classifier, asked about
 # $\mu$ with the timestep $t$ of $x_t$, sees a cleaner image than it was
 # trained to expect at $t$. The same noise and labels, guided both ways at
-# the middle scale:
+# the middle scale, for every sampling seed; the accuracy gap is taken
+# seed by seed (same noise), then averaged:
 
 # %%
 middle = scales[len(scales) // 2]
 hook = classifier_cond_fn(classifier.model, middle)
-at_mean = draw(guided_models["unconditional"], hook, guide_at_mean=True)
-at_x_t = samples["unconditional", middle]
-difference = np.abs(at_mean.astype(float) - at_x_t.astype(float))
 judge = feature_extractor(features, inception_weights or None, device)
 
 
@@ -631,12 +688,30 @@ def accuracy(images: np.ndarray) -> float:
     return float((logits.argmax(1) == labels.numpy()).mean())
 
 
-print(f"s = {middle:g}, unconditional model: mean |difference| "
-      f"{difference.mean():.1f} of 255 grey levels")
+compared = {"difference": [], "at x_t": [], "at the mean": []}
+start = time.perf_counter()
+for k in sample_seeds:
+    at_mean = draw(guided_models["unconditional"], k, hook,
+                   guide_at_mean=True)
+    at_x_t = samples["unconditional", middle, k]
+    gap = np.abs(at_mean.astype(float) - at_x_t.astype(float)).mean()
+    compared["difference"].append(gap)
+    if features != "inception":
+        compared["at x_t"].append(accuracy(at_x_t))
+        compared["at the mean"].append(accuracy(at_mean))
+print(f"s = {middle:g}, unconditional model, {len(sample_seeds)} seeds "
+      f"({time.perf_counter() - start:.0f} s): mean |difference| "
+      "{:.1f} ± {:.1f} of 255 grey levels".format(
+          *mean_se(compared["difference"])))
 if features != "inception":
-    print(f"accuracy at x_t {accuracy(at_x_t):.1%}, "
-          f"at the mean {accuracy(at_mean):.1%}")
-assert difference.mean() > 0
+    for where in ("at x_t", "at the mean"):
+        print(f"accuracy {where}: per seed "
+              f"{[round(a, 3) for a in compared[where]]}, "
+              "mean {:.1%} ± {:.1%}".format(*mean_se(compared[where])))
+    lead = np.subtract(compared["at x_t"], compared["at the mean"])
+    print("x_t minus mean, seed by seed: {:+.1%} ± {:.1%}".format(
+        *mean_se(lead)))
+assert min(compared["difference"]) > 0
 
 # %% [markdown]
 # ## 6.7 Fidelity against diversity
@@ -651,7 +726,8 @@ assert difference.mean() > 0
 # guidance got the class right, by a network that did not guide it.
 # Chapter 5's `score_activations` computes all of them from the features
 # of a batch of real images and of the samples. The real images are
-# `num_ref` images of the training data, in a seeded random order.
+# `num_ref` images of the training data, in a seeded random order. Each
+# seed's samples are scored on their own, then the scores averaged.
 
 # %%
 real = load_dataset(data, resolution=shape[1], channels=shape[0])
@@ -667,26 +743,33 @@ scores = {key: score_activations(
 names = ["inception_score", "fid", "precision", "recall"]
 if with_labels is not None:
     names.append("accuracy")
-print(f"{'setting':<24}" + "".join(f"{n[:9]:>10}" for n in names))
-for (name, v), row in scores.items():
-    print(f"{name + f' {v:g}':<24}"
-          + "".join(f"{row[n]:>10.3f}" for n in names))
+settings_of = {"conditional": scales, "unconditional": scales,
+               "classifier-free": free_scales}
+summary = {(name, v): {n: mean_se([scores[name, v, k][n]
+                                   for k in sample_seeds]) for n in names}
+           for name, values in settings_of.items() for v in values}
+print(f"mean ± standard error over {len(sample_seeds)} sampling seeds")
+print(f"{'setting':<22}" + "".join(f"{n[:9]:>17}" for n in names))
+for (name, v), row in summary.items():
+    print(f"{name + f' {v:g}':<22}" + "".join(
+        f"{m:>9.3f} ± {e:<4.3f}" for m, e in row.values()))
 assert all(np.isfinite(row[n]) for row in scores.values() for n in names)
 
 # %%
 fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
-settings_of = {"conditional": scales, "unconditional": scales,
-               "classifier-free": free_scales}
 for name, values in settings_of.items():
     style = "--" if name == "classifier-free" else "-"
     for ax, metric in zip(axes, names, strict=True):
-        ax.plot(values, [scores[name, v][metric] for v in values], style,
-                marker="o", label=name)
+        means, errors = zip(*(summary[name, v][metric] for v in values),
+                            strict=True)
+        ax.errorbar(values, means, yerr=errors, linestyle=style,
+                    marker="o", capsize=3, label=name)
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("scale (s, or w dashed)")
 axes[0].legend(fontsize=8)
 fig.suptitle(f"guidance scale against the metrics, {features}-net "
-             f"features, {samples_per_scale} samples each")
+             f"features, {samples_per_scale} samples each: mean ± s.e. "
+             f"over {len(sample_seeds)} sampling seeds")
 fig.tight_layout()
 figures["scales"] = fig
 plt.show()
@@ -696,28 +779,31 @@ plt.show()
 # precision against recall as BigGAN-deep's truncation and the guidance
 # scale vary, one curve per method. Moving along a curve buys precision
 # with recall; a curve above and to the right of another is the better
-# method.
+# method. The error bars are standard errors in both directions.
 
 # %%
 fig, ax = plt.subplots(figsize=(4.5, 4))
 for name, values in settings_of.items():
     style = "--" if name == "classifier-free" else "-"
-    recall = [scores[name, v]["recall"] for v in values]
-    precision = [scores[name, v]["precision"] for v in values]
-    ax.plot(recall, precision, style, marker="o", label=name)
+    recall, recall_se = zip(*(summary[name, v]["recall"] for v in values),
+                            strict=True)
+    precision, precision_se = zip(
+        *(summary[name, v]["precision"] for v in values), strict=True)
+    ax.errorbar(recall, precision, xerr=recall_se, yerr=precision_se,
+                linestyle=style, marker="o", capsize=3, label=name)
     for v, r, p in zip(values, recall, precision, strict=True):
         ax.annotate(f"{v:g}", (r, p), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
 ax.set_xlabel("recall (diversity)")
 ax.set_ylabel("precision (fidelity)")
 ax.legend(fontsize=8)
-ax.set_title("the trade-off, labelled by scale")
+ax.set_title(f"the trade-off, labelled by scale ({len(sample_seeds)} seeds)")
 fig.tight_layout()
 figures["tradeoff"] = fig
 plt.show()
 if figures_dir:
     for key, figure in figures.items():
-        figure.savefig(Path(figures_dir) / f"04_{key}.png", dpi=120,
+        figure.savefig(Path(figures_dir) / f"06_{key}.png", dpi=120,
                        bbox_inches="tight")
 
 # %% [markdown]
@@ -757,21 +843,28 @@ with np.load(batch_file) as batch:
 # ## 6.9 A longer run, recorded
 #
 # The smoke configuration trains for seconds and its samples are noise.
-# The same chapter with longer training, on this project's 2-core CPU (no
-# GPU, PyTorch 2.13 CPU build), on 2026-11-25, took 28 minutes:
+# A longer run, on this project's 2-core CPU (AMD EPYC, no GPU, PyTorch
+# 2.13 CPU build), on 2026-12-02, with every setting sampled with three
+# seeds:
 #
 # ```sh
-# adm book run 6 -p train_steps 1500 -p classifier_steps 600 \
-#     -p respacing 50 -p samples_per_scale 200 -p num_ref 2000 \
-#     -p runs_dir build/chapter4_record -p figures_dir chapters/figures
+# adm book run 6 -p train_steps 300 -p classifier_steps 200 \
+#     -p respacing 10 -p scales "[0.0, 2.0, 10.0]" \
+#     -p free_scales "[0.0, 1.0, 4.0]" -p samples_per_scale 80 \
+#     -p sample_seeds "[0, 1, 2]" -p num_ref 2000 \
+#     -p runs_dir build/chapter6_record -p figures_dir chapters/figures
 # ```
 #
-# Each diffusion model (1.37M parameters) trained for 1,500 steps of batch
-# 32 in about 400 s, the classifier (0.79M) for 600 steps of batch 64 in
-# 99 s, and the 15 settings of 200 samples (50 ancestral steps each) took
-# 738 s. (It was recorded before samples had their own noise streams, so
-# the same command now draws other samples of the same models, and its
-# numbers move within their sampling error.) The grids, a column per
+# Three seeds had to fit in the time of one earlier recording, on a CPU
+# shared with other jobs, so this run is smaller than that one (1,500
+# training steps, 50 sampling steps, 200 samples of one seed): 300
+# steps of batch 32 for each diffusion model (1.37M parameters), 200
+# of batch 64 for the classifier (0.79M), 10 ancestral steps, three
+# scales per method, 80 samples per setting and seed. The three models
+# were trained first with these configurations, one thread each
+# (1,234 s, 1,130 s and 560 s), and the chapter then loaded them
+# (`-p reuse_runs True`) and took 1,015 s, of which drawing the 27
+# settings and seeds took 945 s. The grids (first seed), a column per
 # class and starting noise:
 #
 # ![Conditional model across guidance scales](figures/06_grid_conditional.png)
@@ -780,86 +873,77 @@ with np.load(batch_file) as batch:
 #
 # ![Classifier-free guidance across scales](figures/06_grid_free.png)
 #
-# Guidance does what the paper says it does, most visibly on the
-# unconditional model: at $s = 0$ its columns are whatever digit the
-# noise leads to, and by $s = 10$ most have turned into the class asked
-# for (1, 2, 3, 5, 7, 9), keeping the stroke style of their noise. On the
-# conditional model, the classes it got wrong at $s = 0$ (the 5) are
-# corrected and the strokes thicken. Some samples are not digits at any
-# scale; 1,500 steps is a hundredth of a real run, and many samples keep a
-# grey background, a low-frequency error of a short training run that
-# guidance does not fix.
+# After 300 steps few samples are digits, most on grey backgrounds. On
+# the unconditional model guidance at $s = 10$ turns some columns into
+# the class asked for (the 1 and the 7) and leaves the rest; the
+# classifier-free row at $w = 4$ has bolder, more uniform strokes than
+# at $w = 0$, the pattern the earlier, longer run showed more clearly.
 #
 # The scores, with the MNIST network's features against 2,000 real
-# digits (FID and precision/recall are "(mnist-net)", not Inception's;
-# accuracy is that network's, on the labels the samples were drawn for):
+# digits (FID and precision/recall are "(mnist-net)"; accuracy is that
+# network's, on the labels the samples were drawn for, 10% by chance),
+# as mean $\pm$ standard error over the three sampling seeds, for the
+# conditional (cond.) and unconditional (uncond.) models under classifier
+# guidance and the conditional model under classifier-free guidance
+# (free), whose $w = 0$ is the conditional model at $s = 0$:
 #
-# | model, scale | IS | FID | precision | recall | accuracy |
+# | setting | IS | FID | precision | recall | accuracy, % |
 # | --- | --- | --- | --- | --- | --- |
-# | conditional, $s = 0$ | 2.31 | 73.4 | 0.100 | 0.888 | 31.5% |
-# | conditional, $s = 1$ | 2.51 | 70.8 | 0.135 | 0.877 | 38.5% |
-# | conditional, $s = 2$ | 2.62 | 68.8 | 0.155 | 0.968 | 40.5% |
-# | conditional, $s = 5$ | 2.79 | 65.6 | 0.145 | 0.932 | 43.5% |
-# | conditional, $s = 10$ | 3.06 | 62.0 | 0.190 | 0.904 | 47.0% |
-# | unconditional, $s = 0$ | 2.40 | 71.6 | 0.115 | 0.909 | 9.5% |
-# | unconditional, $s = 1$ | 2.23 | 72.9 | 0.115 | 0.953 | 18.5% |
-# | unconditional, $s = 2$ | 2.27 | 72.9 | 0.150 | 0.901 | 24.5% |
-# | unconditional, $s = 5$ | 2.38 | 69.2 | 0.125 | 0.984 | 29.0% |
-# | unconditional, $s = 10$ | 2.57 | 64.7 | 0.155 | 0.983 | 37.5% |
-# | classifier-free, $w = 0.5$ | 2.52 | 74.0 | 0.115 | 0.863 | 38.5% |
-# | classifier-free, $w = 1$ | 2.55 | 76.7 | 0.095 | 0.904 | 40.0% |
-# | classifier-free, $w = 2$ | 2.57 | 81.5 | 0.100 | 0.715 | 40.5% |
-# | classifier-free, $w = 4$ | 2.39 | 88.2 | 0.085 | 0.735 | 35.0% |
+# | cond., $s = 0$ | 1.49±.02 | 145.0±1.7 | .017±.004 | .60±.15 | 11.3±0.7 |
+# | cond., $s = 2$ | 1.52±.05 | 142.3±1.7 | .008±.004 | .42±.29 | 12.9±1.8 |
+# | cond., $s = 10$ | 1.62±.04 | 133.0±2.1 | .012±.013 | .79±.03 | 16.7±2.1 |
+# | uncond., $s = 0$ | 1.65±.02 | 137.7±1.9 | .008±.004 | .29±.04 | 11.3±0.7 |
+# | uncond., $s = 2$ | 1.64±.05 | 137.9±1.8 | .025±.000 | .49±.13 | 12.1±1.1 |
+# | uncond., $s = 10$ | 1.70±.04 | 128.1±1.7 | .033±.018 | .55±.13 | 13.3±1.5 |
+# | free, $w = 1$ | 1.50±.03 | 148.7±1.7 | .004±.004 | .70±.15 | 12.9±1.5 |
+# | free, $w = 4$ | 1.35±.03 | 161.3±0.8 | .000±.000 | .47±.21 | 11.3±1.3 |
 #
 # ![Metrics against the guidance scale](figures/06_scales.png)
 #
 # ![Precision against recall](figures/06_tradeoff.png)
 #
-# What this small run shows, and what it does not:
+# A gap is claimed below only when it is more than twice the standard
+# error of the difference, $\sqrt{e_1^2 + e_2^2}$; with three seeds even
+# that is a rough test. What this run shows, and what it does not:
 #
-# * **Classifier guidance raises accuracy at every scale**: from 31.5% to
-#   47.0% on the conditional model and from 9.5% (chance) to 37.5% on the
-#   unconditional one. The other fidelity scores rise only overall, not at
-#   every step. IS climbs from 2.31 to 3.06 on the conditional model, but
-#   on the unconditional one it drops at $s = 1$ and $2$ (2.23, 2.27
-#   against 2.40) and passes its unguided value only at $s = 10$ (2.57).
-#   Precision zig-zags: 0.155 at $s = 2$ then 0.145 at $s = 5$ on the
-#   conditional model, 0.150 then 0.125 on the unconditional one. Steps
-#   that small are within the sampling error of 200 samples, a few
-#   hundredths.
-# * **FID follows the pattern of the paper's Table 4 (arXiv version).**
-#   There, guidance at $s = 1$ makes the unconditional ImageNet $256
-#   \times 256$ model's FID worse (26.21 unguided, 33.03) and $s = 10$
-#   makes it better (12.00); the conditional model improves at both scales
-#   (10.94 unguided, 4.59 at $s = 1$, 9.11 at $s = 10$). Here the
-#   unconditional model's FID also gets worse at $s = 1$ and $2$ (72.9
-#   against 71.6) and better at $s = 5$ and $10$ (69.2, 64.7), and the
-#   conditional model's improves at every scale, 73.4 to 62.0: these
-#   samples are so far from the data that sharper classes may bring them
-#   closer.
-# * **The recall side of the trade-off is not visible here.** Recall stays
-#   near 0.9 for classifier guidance: 200 samples against 2,000 digits
-#   measure it to a few hundredths, and a model this weak has diversity to
-#   spare.
-# * **Classifier-free guidance trades hardest.** Its grid has the
-#   cleanest digits of the run: at $w = 2$ and $4$ the 0 and the 6, blobs
-#   under classifier guidance, become digits, and the strokes grow bold
-#   and uniform. The scores show the price: beyond $w = 1$ recall falls to
-#   0.72 and FID rises to 88, as the samples become alike and unlike the
-#   thinner real digits, and accuracy over all 200 samples stays near 40%.
-# * **The gradient at the mean did worse than at $x_t$, in one run.**
-#   With the same noise at $s = 2$ on the unconditional model, the samples
-#   differ by 44 grey levels on average, and the MNIST network's accuracy
-#   is 15.5% at the mean against 24.5% at $x_t$. That is one seed and 200
-#   samples, which measure an accuracy only to a few points, so it is an
-#   observation of this run, not a finding: it agrees with the reference's
-#   choice, plausibly because the classifier was trained on images noised
-#   to $t$, which $\mu$ is not, but other seeds may shrink the gap.
+# * **Classifier guidance at $s = 10$ improves FID on both models**:
+#   145.0 to 133.0 on the conditional model and 137.7 to 128.1 on the
+#   unconditional one, gaps of about four standard errors. At $s = 2$
+#   neither FID moves by more than its error (142.3, 137.9).
+# * **On the conditional model, $s = 10$ raises the Inception Score**
+#   (1.49 to 1.62, three standard errors) **and the accuracy** (11.3% to
+#   16.7%, two and a half). On the unconditional model both rise too
+#   (1.65 to 1.70, 11.3% to 13.3%), but by less than two standard errors:
+#   this run cannot tell them from no change. The accuracies are near
+#   chance because 300 training steps make few digits.
+# * **Precision and recall say nothing here.** Precision is at most
+#   0.033, one or two of 80 samples inside the real manifold, and its
+#   standard errors are as large as its steps. Recall moves between 0.29
+#   and 0.79 with standard errors up to 0.29: 80 samples per seed measure
+#   it too poorly to show the trade-off, and the trade-off figure's error
+#   bars cover most of it.
+# * **Classifier-free guidance at $w = 4$ costs on every score.** FID
+#   rises from 145.0 to 161.3 and the Inception Score falls from 1.49 to
+#   1.35; precision is 0.000 in all three seeds and the accuracy stays at
+#   11.3%. The bolder strokes of its grid are not cleaner digits to the
+#   MNIST network: they are further from the thin real ones. In the
+#   earlier run the $w = 2$ and $4$ digits were visibly the cleanest, and
+#   precision on 200 samples did not rise with them either (0.100 and
+#   0.085, against 0.100 unguided). At $w = 1$ no score differs from the
+#   unguided model's by more than its error.
+# * **The gradient at the mean is not shown to be worse.** With the same
+#   noise at $s = 2$ on the unconditional model the two kinds of samples
+#   differ by 14.8 ± 0.4 grey levels on average, yet the accuracy is
+#   12.1 ± 1.1% at $x_t$ and 11.2 ± 1.3% at the mean, a paired gap of
+#   +0.8 ± 0.8 points. The earlier, longer run saw 24.5% against 15.5%
+#   in one seed; on these three seeds the gap is within its error, so
+#   the book does not claim that one point is better, only that the
+#   reference's choice ($x_t$) is the one its classifier was trained for.
 #
 # The paper's claims are about the full-scale regime, which needs a GPU:
 # the command of the parameters cell trains on CIFAR-10 for 100,000 steps
-# and scores 5,000 samples per scale with the CIFAR-10 network's
-# features (or Inception's, with `-p features inception -p
+# and scores 5,000 samples per scale and seed with the CIFAR-10
+# network's features (or Inception's, with `-p features inception -p
 # inception_weights PATH`). It has not been run for this book yet, so no
 # GPU numbers are quoted here.
 #

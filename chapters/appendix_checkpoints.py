@@ -93,12 +93,12 @@ from adm_lib.compat.guided_diffusion import (
     load_checkpoint,
     parse_flags,
 )
+from adm_lib.devices import resolve_device
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop
 from adm_lib.guidance import classifier_cond_fn, ignore_labels
 from adm_lib.viz import show_images
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+device = str(resolve_device(device))
 torch.manual_seed(seed)
 print(f"device: {device}")
 

@@ -14,6 +14,7 @@ import pytest
 
 from adm_lib import book as bk
 from adm_lib.cli import main
+from adm_lib.values import coerce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,39 @@ def test_dotted_module_creates_package(tmp_path: Path) -> None:
     assert (tmp_path / "adm_lib" / "sub" / "__init__.py").is_file()
 
 
+def test_a_chapter_exports_one_module_per_concern(tmp_path: Path) -> None:
+    text = chapter(
+        "#| default_exp things",
+        "# ## 1.2 Circles",
+        "#| export shapes.circles\ndef area(r: float) -> float:\n"
+        "    return 3.0 * r * r",
+        "#| export\nTHING = 1",
+        "#| exporti shapes.circles\n_TAU = 6.28",
+    ).replace("# %%\n# ## 1.2", "# %% [markdown]\n# ## 1.2")
+    book = make_book(tmp_path, {"01_things.py": text})
+    circles = tmp_path / "adm_lib" / "shapes" / "circles.py"
+    things = tmp_path / "adm_lib" / "things.py"
+    assert bk.export(book) == [things, circles]
+    assert (tmp_path / "adm_lib" / "shapes" / "__init__.py").is_file()
+    written = circles.read_text()
+    assert '__all__ = [\n    "area",\n]' in written and "_TAU = 6.28" in written
+    assert "THING" not in written and "def area" not in things.read_text()
+    assert '"""A title, 1.2 Circles: the code of chapters/01_things.py."""' in written
+    assert bk.check(book) == []
+
+
+def test_a_module_may_state_its_docstring(tmp_path: Path) -> None:
+    text = chapter("#| default_exp things",
+                   '#| export shapes\n"""Shapes and their areas."""\nSIDES = 4')
+    book = make_book(tmp_path, {"01_things.py": text})
+    bk.export(book)
+    written = (tmp_path / "adm_lib" / "shapes.py").read_text()
+    assert '"""Shapes and their areas.\n\nThe code of chapters/01_things.py.' \
+        in written
+    assert written.count("Shapes and their areas") == 1
+    assert bk.check(book) == []
+
+
 def test_check_reports_edits_with_a_diff(tmp_path: Path) -> None:
     book = make_book(tmp_path, {"01_things.py": EXPORTING})
     bk.export(book)
@@ -172,6 +206,8 @@ def test_this_books_chapters_import_only_earlier_chapters() -> None:
         (chapter("#| export\nx = 1"), "no #| default_exp"),
         (chapter("#| default_exp a", "#| default_exp b"), "second #| default_exp"),
         (chapter("#| default_exp 9bad"), "bad module name '9bad'"),
+        (chapter("#| default_exp a", "#| export 9bad\nx = 1"),
+         "bad module name '9bad'"),
         (chapter("#| default_exp a", "#| export\ndef f(:"), "does not parse"),
         (chapter("x = ("), "does not parse"),
     ],
@@ -532,3 +568,22 @@ def test_nbval_run_fills_the_site_cache(tmp_path: Path) -> None:
     assert report.reused == ["01_x"] and report.executed == []
     page = (root / "build" / "site" / "01_x.html").read_text()
     assert "scale is 2" in page
+
+
+@pytest.mark.parametrize(("raw", "default", "value"), [
+    ("yes", False, True), ("Off", True, False), ("1e5", 3, 100000),
+    (4.0, 3, 4), ("7", 0.5, 7.0), (7, "x", "7"), ("[1, 2]", [0], [1, 2]),
+    ("{'a': 1}", {}, {"a": 1}), ("runs/a", None, "runs/a"), ("3", None, 3),
+])
+def test_one_converter_for_every_command_line(raw, default, value) -> None:
+    assert coerce(raw, default) == value
+    assert type(coerce(raw, default)) is type(value)
+
+
+@pytest.mark.parametrize(("raw", "default"), [
+    ("maybe", False), ("1.5", 3), ("True", 3), (True, 0.5), ("ten", 1.0),
+    ("[1", [0]), ("{}", [0]),
+])
+def test_the_converter_refuses_what_is_not_of_the_type(raw, default) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        coerce(raw, default)

@@ -36,7 +36,9 @@ from adm_lib.diffusion import (
     p_sample_loop_progressive,
     respace,
     space_timesteps,
+    stratified_timesteps,
     training_losses,
+    vlb_estimate,
 )
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
 from tests.reference import ParityError, assert_parity, load, reference_files
@@ -297,6 +299,59 @@ def test_calc_bpd_loop_shapes() -> None:
     assert out["vb"].shape == out["mse"].shape == (3, 20)
     torch.testing.assert_close(out["total_bpd"],
                                out["vb"].sum(1) + out["prior_bpd"])
+
+
+@pytest.mark.parametrize("n", [1, 7, 19, 64])
+def test_stratified_timesteps_draw_once_per_slice(n: int) -> None:
+    t = stratified_timesteps(n, 20, torch.Generator().manual_seed(n))
+    k = torch.arange(n)
+    assert t.dtype == torch.long and t.shape == (n,)
+    assert torch.all((1 + k * 19 // n <= t) & (t <= 1 + (k + 1) * 19 // n))
+    assert t.min() >= 1 and t.max() <= 19
+    again = stratified_timesteps(n, 20, torch.Generator().manual_seed(n))
+    assert torch.equal(t, again)
+    with pytest.raises(ValueError, match="num_timesteps must be >= 2"):
+        stratified_timesteps(n, 1)
+
+
+def test_vlb_estimate_is_unbiased_for_the_full_bound() -> None:
+    """Its mean over draws is calc_bpd_loop's bound, within the error model.
+
+    Both are random (calc_bpd_loop draws one noise per term), so the
+    tolerance is 4 standard errors of the difference of the two means.
+    """
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
+    model = TinyModel()
+    images = torch.rand(2, 2, 4, 4) * 2 - 1
+    full = calc_bpd_loop(diffusion, model, images.repeat(100, 1, 1, 1))
+    bound = full["total_bpd"]
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    t = stratified_timesteps(n, 20, g)[torch.randperm(n, generator=g)]
+    estimate = vlb_estimate(diffusion, model, images.repeat(n // 2, 1, 1, 1),
+                            t)["vlb"]
+    se = (estimate.var() / n + bound.var() / len(bound)).sqrt()
+    assert abs(estimate.mean() - bound.mean()) < 4 * se
+    # The spread is that of the one KL term, not of round-off.
+    assert se > 1e-4
+
+
+def test_vlb_estimate_terms_and_errors() -> None:
+    diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
+    model = TinyModel()
+    x = torch.rand(3, 2, 4, 4) * 2 - 1
+    t, noise = torch.tensor([1, 9, 19]), torch.randn_like(x)
+    out = vlb_estimate(diffusion, model, x, t, noise)
+    x_t = diffusion.q_sample(x, t, noise)
+    p = diffusion.p_mean_variance(model, x_t, t)
+    eps = diffusion.predict_eps_from_xstart(x_t, t, p["pred_xstart"])
+    expected = ((eps - noise) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(out["mse"], expected)
+    assert out["vlb"].shape == (3,) and torch.isfinite(out["vlb"]).all()
+    for bad in (torch.tensor([0, 3, 4]), torch.tensor([1, 2, 20])):
+        with pytest.raises(ValueError, match=r"t must lie in \[1, 20\)"):
+            vlb_estimate(diffusion, model, x, bad, noise)
 
 
 # --- parity with the reference implementation -----------------------------

@@ -16,10 +16,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from adm_lib import batches as bt
+from adm_lib import checkpoints as ck
 from adm_lib import cli
+from adm_lib import config as cf
 from adm_lib import guidance as gu
+from adm_lib import objectives as ob
 from adm_lib import train as tr
-from adm_lib.diffusion import GaussianDiffusion, p_sample, respace
+from adm_lib.diffusion import GaussianDiffusion, UniformSampler, p_sample, respace
 from adm_lib.forward import get_named_beta_schedule
 from adm_lib.guidance import (
     classifier_cond_fn,
@@ -74,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "classifier": ("classifier", {}),
     }
     for name, (kind, extra) in kinds.items():
-        tr.train(tr.make_config(kind, "mnist", {**settings, **extra}),
+        tr.train(cf.make_config(kind, "mnist", {**settings, **extra}),
                  root / name, progress=False)
     return {name: root / name for name in kinds} | {"data": data}
 
@@ -131,7 +135,7 @@ def test_classifier_grad_works_inside_no_grad() -> None:
 
 def test_gradient_at_the_mean_is_taken_at_the_unguided_mean(
         runs: dict[str, Path]) -> None:
-    run = tr.load_run(runs["unconditional"])
+    run = ck.load_run(runs["unconditional"])
     spaced = respace(run.diffusion, "5")
     x = torch.randn(2, 1, 8, 8)
     t = torch.tensor([3, 3])
@@ -182,9 +186,9 @@ def test_classifier_free_model_mixes_eps_and_keeps_the_variance() -> None:
 
 def test_guided_sample_refuses_what_cannot_work(
         runs: dict[str, Path]) -> None:
-    run = tr.load_run(runs["conditional"])
+    run = ck.load_run(runs["conditional"])
     spaced, noise = respace(run.diffusion, "3"), torch.randn(1, 1, 8, 8)
-    hook = classifier_cond_fn(tr.load_run(runs["classifier"]).model, 1.0)
+    hook = classifier_cond_fn(ck.load_run(runs["classifier"]).model, 1.0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         guided_sample(spaced, run.model, noise, sampler="euler")
     with pytest.raises(ValueError, match="guidance needs labels"):
@@ -196,10 +200,10 @@ def test_guided_sample_refuses_what_cannot_work(
 
 def test_sample_batches_do_not_depend_on_the_batch_size(
         runs: dict[str, Path]) -> None:
-    run = tr.load_run(runs["conditional"])
+    run = ck.load_run(runs["conditional"])
     spaced = respace(run.diffusion, "ddim4")
     labels = torch.tensor([0, 1, 2, 3, 0])
-    hook = classifier_cond_fn(tr.load_run(runs["classifier"]).model, 2.0)
+    hook = classifier_cond_fn(ck.load_run(runs["classifier"]).model, 2.0)
     whole, y = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 5,
                               seed=3, sampler="ddim", cond_fn=hook)
     parts, _ = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 2,
@@ -313,12 +317,12 @@ def test_sample_batches_makes_noise_for_one_batch_at_a_time(
 
 # Label dropout: the training side of classifier-free guidance (chapter 4).
 def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
-    config = tr.make_config("diffusion", "mnist", {
+    config = cf.make_config("diffusion", "mnist", {
         **TINY, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,
         "batch_size": 4000})
-    assert tr.model_flags(config)["num_classes"] == 5
-    assert tr.build_model(config).label_emb.num_embeddings == 5
-    draws = tr.draw_step(config, tr.UniformSampler(50), 0, (1, 2, 2),
+    assert cf.model_flags(config)["num_classes"] == 5
+    assert cf.build_model(config).label_emb.num_embeddings == 5
+    draws = bt.draw_step(config, UniformSampler(50), 0, (1, 2, 2),
                          torch.device("cpu"))
     assert 0.27 < draws.drop.float().mean() < 0.33
     seen = {}
@@ -328,7 +332,7 @@ def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
         return torch.zeros(len(x), 2, *x.shape[2:])
 
     y = torch.arange(4000) % 4
-    tr.diffusion_terms(config, tr.build_diffusion(config), model,
+    ob.diffusion_terms(config, cf.build_diffusion(config), model,
                        torch.zeros(4000, 1, 2, 2), y, draws)
     assert torch.equal(seen["y"], torch.where(draws.drop, 4, y))
 
@@ -339,15 +343,15 @@ def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
     ({"label_dropout": 0.1, "class_cond": False}, "needs a class-cond"),
 ])
 def test_label_dropout_is_checked(settings: dict, message: str) -> None:
-    with pytest.raises(tr.TrainError, match=message):
-        tr.make_config("diffusion", "mnist", settings)
-    with pytest.raises(tr.TrainError, match="needs a class-cond"):
-        tr.make_config("classifier", "mnist", {"label_dropout": 0.1})
+    with pytest.raises(cf.TrainError, match=message):
+        cf.make_config("diffusion", "mnist", settings)
+    with pytest.raises(cf.TrainError, match="needs a class-cond"):
+        cf.make_config("classifier", "mnist", {"label_dropout": 0.1})
 
 
 def test_dropping_no_labels_leaves_the_training_draws_unchanged() -> None:
-    config = tr.make_config("diffusion", "mnist", {**TINY})
-    draws = tr.draw_step(config, tr.UniformSampler(50), 7, (1, 2, 2),
+    config = cf.make_config("diffusion", "mnist", {**TINY})
+    draws = bt.draw_step(config, UniformSampler(50), 7, (1, 2, 2),
                          torch.device("cpu"))
     assert not draws.drop.any()
 
@@ -510,6 +514,6 @@ def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
     assert "--steps must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli.main(["demo", "--device", "cuda"]) == 1
-        assert "no GPU is visible" in capsys.readouterr().err
+        assert "sees no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--scales", "1,x"])

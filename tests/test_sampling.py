@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adm_lib import checkpoints as ck
 from adm_lib import cli, sampling
-from adm_lib import train as tr
 
 
 @pytest.fixture
@@ -110,9 +110,9 @@ class Pickled:
 
 def test_unloadable_checkpoints_never_advise_weights_only_false(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ours = tr.checkpoint_path(tmp_path / "run", 1)
+    ours = ck.checkpoint_path(tmp_path / "run", 1)
     ours.parent.mkdir(parents=True)
-    torch.save({"format": tr.CHECKPOINT_FORMAT, "model": Pickled()}, ours)
+    torch.save({"format": ck.CHECKPOINT_FORMAT, "model": Pickled()}, ours)
     theirs = tmp_path / "released.pt"
     torch.save({"input_blocks.0.0.weight": Pickled()}, theirs)
     out = str(tmp_path / "x.npz")

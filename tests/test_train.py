@@ -7,6 +7,7 @@ thread: the subprocesses' (the kill test, torchrun) and this one's.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -26,7 +27,12 @@ import pytest
 import torch
 from PIL import Image
 
+from adm_lib import batches as bt
+from adm_lib import checkpoints as ck
 from adm_lib import cli
+from adm_lib import config as cf
+from adm_lib import objectives as ob
+from adm_lib import runlog as rl
 from adm_lib import train as tr
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -80,9 +86,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def config(data: Path, kind: str = "diffusion", **overrides) -> tr.TrainConfig:
+def config(data: Path, kind: str = "diffusion", **overrides) -> cf.TrainConfig:
     """A tiny config of `kind` on the fixture's data."""
-    return tr.make_config(kind, overrides={**TINY, "data": str(data),
+    return cf.make_config(kind, overrides={**TINY, "data": str(data),
                                            **overrides})
 
 
@@ -106,12 +112,12 @@ def env() -> dict[str, str]:
 def metrics(out: Path) -> list[dict]:
     """A run's metric records without the wall-clock fields."""
     return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in tr.read_metrics(out)]
+            for r in rl.read_metrics(out)]
 
 
 def weights(out: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """The weights of a run's newest checkpoint: EMA, "model" (raw), a rate."""
-    return tr.load_run(out, which).model.state_dict()
+    return ck.load_run(out, which).model.state_dict()
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
@@ -146,7 +152,7 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resume_reproduces_the_uninterrupted_run(data, reference, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, **{**RESUMABLE, "steps": 4}), out, progress=False)
-    saved = tr.read_checkpoint(tr.checkpoint_path(out, 4))
+    saved = ck.read_checkpoint(ck.checkpoint_path(out, 4))
     # The sampler's history is full: its (non-uniform) weights pick the t of
     # the steps after the resume, so a lost history would change them.
     assert (saved["sampler"]["counts"] == 10).all()
@@ -157,8 +163,8 @@ def test_resume_reproduces_the_uninterrupted_run(data, reference, tmp_path):
     assert metrics(out) == metrics(reference)
     assert_same(weights(out, "model"), weights(reference, "model"))
     assert_same(weights(out), weights(reference))  # the EMA
-    ours = tr.read_checkpoint(tr.checkpoint_path(out, 6))
-    theirs = tr.read_checkpoint(tr.checkpoint_path(reference, 6))
+    ours = ck.read_checkpoint(ck.checkpoint_path(out, 6))
+    theirs = ck.read_checkpoint(ck.checkpoint_path(reference, 6))
     for a, b in zip(ours["optimizer"]["state"].values(),
                     theirs["optimizer"]["state"].values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
@@ -171,7 +177,7 @@ def test_resume_allows_run_fields_and_refuses_other_changes(data, reference,
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = (out / "config.json").read_text()
-    with pytest.raises(tr.TrainError) as err:
+    with pytest.raises(cf.TrainError) as err:
         tr.train(config(data, **{**RESUMABLE, "lr": 1e-3, "dropout": 0.0}),
                  out, resume=True, progress=False)
     message = str(err.value)
@@ -182,12 +188,12 @@ def test_resume_allows_run_fields_and_refuses_other_changes(data, reference,
     assert (out / "config.json").read_text() == before
 
     # A fresh run into a folder with checkpoints must be asked for.
-    with pytest.raises(tr.TrainError, match=r"already holds a run .*--resume"):
+    with pytest.raises(cf.TrainError, match=r"already holds a run .*--resume"):
         tr.train(config(data, **RESUMABLE), out, progress=False)
     assert steps_of(out) == steps_of(reference)
 
     # RUN_FIELDS may change: go on for 2 more steps, logging every 2.
-    assert {"steps", "log_interval", "save_interval"} <= tr.RUN_FIELDS
+    assert {"steps", "log_interval", "save_interval"} <= cf.RUN_FIELDS
     tr.train(config(data, **{**RESUMABLE, "steps": 8, "log_interval": 2,
                              "save_interval": 4}),
              out, resume=True, progress=False)
@@ -200,22 +206,22 @@ def test_truncated_newest_checkpoint_is_named_and_skipped(data, reference,
                                                           tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    newest = tr.checkpoint_path(out, 6)
+    newest = ck.checkpoint_path(out, 6)
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
 
     with pytest.warns(UserWarning, match=re.escape(str(newest))):
-        path, state = tr.latest_checkpoint(out)
-    assert path == tr.checkpoint_path(out, 5) and state["step"] == 5
-    with pytest.raises(tr.TrainError, match="not a readable checkpoint"):
-        tr.read_checkpoint(newest)
+        path, state = ck.latest_checkpoint(out)
+    assert path == ck.checkpoint_path(out, 5) and state["step"] == 5
+    with pytest.raises(cf.TrainError, match="not a readable checkpoint"):
+        ck.read_checkpoint(newest)
     with pytest.warns(UserWarning, match="step_00000006.pt"):
-        assert tr.load_run(out).step == 5
+        assert ck.load_run(out).step == 5
 
     # Resuming redoes step 6 from step 5 and lands on the reference.
     with pytest.warns(UserWarning, match="step_00000006.pt"):
         tr.train(config(data, **RESUMABLE), out, resume=True, progress=False)
-    assert tr.read_checkpoint(newest)["step"] == 6
+    assert ck.read_checkpoint(newest)["step"] == 6
     assert metrics(out) == metrics(reference)
     assert_same(weights(out, "model"), weights(reference, "model"))
     assert_same(weights(out), weights(reference))
@@ -228,10 +234,15 @@ import io, os, signal, sys
 import torch
 
 from adm_lib import cli
+from adm_lib import batches as bt
+from adm_lib import checkpoints as ck
+from adm_lib import config as cf
+from adm_lib import objectives as ob
+from adm_lib import runlog as rl
 from adm_lib import train as tr
 
 kill_at, saves = int(os.environ.get("KILL_AT_SAVE", "0")), 0
-real_save, real_read = torch.save, tr.read_checkpoint
+real_save, real_read = torch.save, ck.read_checkpoint
 
 
 def save(obj, f, *args, **kwargs):
@@ -252,7 +263,7 @@ def read(path):
     return real_read(path)
 
 
-torch.save, tr.read_checkpoint = save, read
+torch.save, ck.read_checkpoint = save, read
 sys.exit(cli.main(sys.argv[1:]))
 '''
 
@@ -299,13 +310,13 @@ def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
         resume.kill()
     assert resume.returncode == 0, err
     reads = [line for line in out.splitlines() if line.startswith("read ")]
-    assert reads == [f"read {tr.checkpoint_path(killed, 2)}"]  # 2 steps lost
+    assert reads == [f"read {ck.checkpoint_path(killed, 2)}"]  # 2 steps lost
     assert "checkpoint:" in out and "step_00000005.pt" in out
 
     assert not list((killed / "checkpoints").glob("*.tmp"))
     assert steps_of(killed) == [1, 2, 3, 4, 5]  # keep_checkpoints=10
     for step in steps_of(killed):
-        tr.read_checkpoint(tr.checkpoint_path(killed, step))
+        ck.read_checkpoint(ck.checkpoint_path(killed, step))
     assert metrics(killed) == metrics(whole)
     assert_same(weights(killed, "model"), weights(whole, "model"))
     assert_same(weights(killed), weights(whole))
@@ -344,7 +355,7 @@ def test_two_processes_match_one(data, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
     assert_same(weights(two, "model"), weights(one, "model"), atol=1e-4)
     assert_same(weights(two), weights(one), atol=1e-4)
-    saved = tr.read_checkpoint(tr.checkpoint_path(two, 3))
+    saved = ck.read_checkpoint(ck.checkpoint_path(two, 3))
     assert len(saved["rng"]) == 2  # every rank's dropout RNG
 
 
@@ -354,7 +365,7 @@ def test_two_processes_match_one(data, tmp_path):
 def nan_terms(monkeypatch: pytest.MonkeyPatch,
               bad: Callable[[int], bool]) -> None:
     """Make diffusion_terms' loss NaN on the calls (0, 1...) `bad` picks."""
-    real, calls = tr.diffusion_terms, []
+    real, calls = ob.diffusion_terms, []
 
     def terms(*args):
         out = real(*args)
@@ -376,7 +387,7 @@ def test_a_non_finite_step_is_skipped(data, tmp_path, monkeypatch):
     assert [r["skipped"] for r in records] == [0, 1, 0, 0]
     assert "loss" not in records[1] and np.isfinite(records[2]["loss"])
 
-    ckpt = [tr.read_checkpoint(tr.checkpoint_path(out, s)) for s in (1, 2, 3)]
+    ckpt = [ck.read_checkpoint(ck.checkpoint_path(out, s)) for s in (1, 2, 3)]
     assert [c["nonfinite"] for c in ckpt] == [0, 1, 0]
     assert_same(ckpt[1]["model"], ckpt[0]["model"])  # step 2 changed nothing
     assert_same(ckpt[1]["ema"]["0.9999"], ckpt[0]["ema"]["0.9999"])
@@ -392,7 +403,7 @@ def test_non_finite_every_step_stops_the_run(data, tmp_path, monkeypatch):
     nan_terms(monkeypatch, lambda call: True)
     out = tmp_path / "run"
     with (pytest.warns(UserWarning, match="non-finite"),
-          pytest.raises(tr.TrainError) as err):
+          pytest.raises(cf.TrainError) as err):
         tr.train(config(data, steps=20, save_interval=1, max_nonfinite=3),
                  out, progress=False)
     message = str(err.value)
@@ -405,7 +416,7 @@ def test_unwritable_run_folder_names_the_path(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     out = blocker / "run"
-    with pytest.raises(tr.TrainError, match=re.escape(f"cannot use {out}")):
+    with pytest.raises(cf.TrainError, match=re.escape(f"cannot use {out}")):
         tr.train(config(data), out, progress=False)
 
 
@@ -416,7 +427,7 @@ def test_read_only_parent_folder_names_the_path(data, tmp_path):
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        with pytest.raises(tr.TrainError, match=re.escape(str(parent / "run"))):
+        with pytest.raises(cf.TrainError, match=re.escape(str(parent / "run"))):
             tr.train(config(data), parent / "run", progress=False)
     finally:
         parent.chmod(0o700)
@@ -434,25 +445,25 @@ def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(
 
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
-    newest = tr.checkpoint_path(out, 3)
-    with pytest.raises(tr.TrainError,
+    newest = ck.checkpoint_path(out, 3)
+    with pytest.raises(cf.TrainError,
                        match=re.escape(f"cannot write {newest}: No space")):
         tr.train(config(data, steps=4, save_interval=1), out, progress=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000001.pt", "step_00000002.pt"]  # no temporary file either
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        path, state = tr.latest_checkpoint(out)
-    assert path == tr.checkpoint_path(out, 2) and state["step"] == 2
-    assert tr.load_run(out).step == 2
+        path, state = ck.latest_checkpoint(out)
+    assert path == ck.checkpoint_path(out, 2) and state["step"] == 2
+    assert ck.load_run(out).step == 2
 
 
 # --- settings ----------------------------------------------------------------
 
 
 def test_unknown_setting_suggests_and_lists(tmp_path, capsys):
-    with pytest.raises(tr.TrainError) as err:
-        tr.make_config(overrides={"lrr": 1})
+    with pytest.raises(cf.TrainError) as err:
+        cf.make_config(overrides={"lrr": 1})
     message = str(err.value)
     assert "unknown setting 'lrr'" in message and "did you mean lr" in message
     assert "valid settings: data, val_data" in message
@@ -490,43 +501,43 @@ def test_unknown_setting_suggests_and_lists(tmp_path, capsys):
     ("ema_rate", "0.9,1.5", "ema_rate='0.9,1.5': expected rates in (0, 1)"),
 ])
 def test_bad_values_are_named(key, value, message):
-    with pytest.raises(tr.TrainError, match=re.escape(message)):
-        tr.make_config(overrides={key: value})
+    with pytest.raises(cf.TrainError, match=re.escape(message)):
+        cf.make_config(overrides={key: value})
 
 
 def test_values_are_coerced_to_the_field_types():
-    c = tr.make_config("classifier", "mnist", {
+    c = cf.make_config("classifier", "mnist", {
         "batch_size": "16", "steps": "1e3", "lr": "1e-4", "random_flip": "yes",
         "class_cond": "0", "ema_rate": "0.999,0.9999", "microbatch": 4.0})
     assert (c.batch_size, c.steps, c.lr) == (16, 1000, 1e-4)
     assert (c.random_flip, c.class_cond, c.microbatch) == (True, False, 4)
     assert type(c.steps) is int and type(c.lr) is float
-    assert tr.ema_rates(c) == [0.999, 0.9999]
+    assert cf.ema_rates(c) == [0.999, 0.9999]
     assert c.weight_decay == 0.05 and c.kind == "classifier"  # the preset's
     base = replace(c, seed=7)
-    assert tr.make_config("classifier", overrides={"lr": 1}, base=base).seed == 7
-    with pytest.raises(tr.TrainError, match="kind must be one of"):
-        tr.make_config("gan")
-    with pytest.raises(tr.TrainError, match="presets: mnist, cifar10"):
-        tr.make_config("upsampler", "imagenet64")
+    assert cf.make_config("classifier", overrides={"lr": 1}, base=base).seed == 7
+    with pytest.raises(cf.TrainError, match="kind must be one of"):
+        cf.make_config("gan")
+    with pytest.raises(cf.TrainError, match="presets: mnist, cifar10"):
+        cf.make_config("upsampler", "imagenet64")
 
 
 def test_non_integer_exponent_strings_are_refused():
-    with pytest.raises(tr.TrainError, match="expected int"):
-        tr.make_config(overrides={"microbatch": "2.5e0"})
+    with pytest.raises(cf.TrainError, match="expected int"):
+        cf.make_config(overrides={"microbatch": "2.5e0"})
 
 
 def test_kind_is_not_suggested_for_kind():
-    with pytest.raises(tr.TrainError) as err:
-        tr.make_config(overrides={"kind": "classifier"})
+    with pytest.raises(cf.TrainError) as err:
+        cf.make_config(overrides={"kind": "classifier"})
     assert "did you mean kind" not in str(err.value)
     assert "first argument" in str(err.value)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_lr_is_refused(value):
-    with pytest.raises(tr.TrainError, match="lr="):
-        tr.make_config(overrides={"lr": value})
+    with pytest.raises(cf.TrainError, match="lr="):
+        cf.make_config(overrides={"lr": value})
 
 
 # --- micro-batches, precision --------------------------------------------------
@@ -534,15 +545,15 @@ def test_non_finite_lr_is_refused(value):
 
 def test_micro_batches_give_the_whole_batch_gradient(data, tmp_path):
     c = config(data, batch_size=8, dropout=0.0)
-    dataset = tr.open_data(c)
-    c = tr.resolve_config(c, dataset)
-    diffusion = tr.build_diffusion(c)
+    dataset = bt.open_data(c)
+    c = bt.resolve_config(c, dataset)
+    diffusion = cf.build_diffusion(c)
     x = torch.stack([dataset[i][0] for i in range(8)])
     y = torch.tensor([dataset[i][1] for i in range(8)])
     grads, losses = [], []
     for micro in (0, 3):
         state = tr.TrainState.create(replace(c, microbatch=micro), CPU)
-        draws = tr.draw_step(c, state.sampler, 0, tuple(x.shape[1:]), CPU)
+        draws = bt.draw_step(c, state.sampler, 0, tuple(x.shape[1:]), CPU)
         loss, terms = tr.accumulate_gradients(
             replace(c, microbatch=micro), diffusion, state.model, state, x, y,
             draws, CPU)
@@ -586,7 +597,7 @@ def test_mixed_precision_on_cpu(data, tmp_path, precision, dtype):
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
-    scaler = tr.read_checkpoint(tr.checkpoint_path(out, 2))["scaler"]
+    scaler = ck.read_checkpoint(ck.checkpoint_path(out, 2))["scaler"]
     if precision == "fp16":
         assert scaler["scale"] > 0  # GradScaler on, its state saved
     else:
@@ -608,13 +619,13 @@ def test_checkpoints_are_plain_and_pruned(data, tmp_path):
     out = tmp_path / "run"
     last = tr.train(config(data, steps=4, save_interval=1, keep_checkpoints=2),
                     out, progress=False)
-    assert last == tr.checkpoint_path(out, 4)
+    assert last == ck.checkpoint_path(out, 4)
     assert steps_of(out) == [3, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000003.pt", "step_00000004.pt"]
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert set(state) == set(tr.CHECKPOINT_KEYS)
-    assert state["format"] == tr.CHECKPOINT_FORMAT and state["step"] == 4
+    assert set(state) == set(ck.CHECKPOINT_KEYS)
+    assert state["format"] == ck.CHECKPOINT_FORMAT and state["step"] == 4
     assert state["config"] == json.loads((out / "config.json").read_text())
     assert state["config"]["in_channels"] == 1  # resolved from the data
     assert state["config"]["num_classes"] == 4
@@ -629,11 +640,11 @@ def test_write_atomic_leaves_nothing_when_saving_fails(tmp_path):
         f.write(b"new, but half")
         raise OSError(errno.EIO, "I/O error")
 
-    with pytest.raises(tr.TrainError, match=re.escape(f"cannot write {path}")):
-        tr.write_atomic(path, fail)
+    with pytest.raises(cf.TrainError, match=re.escape(f"cannot write {path}")):
+        ck.write_atomic(path, fail)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
-    tr.write_atomic(path, lambda f: f.write(b"new"))
+    ck.write_atomic(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
@@ -646,27 +657,27 @@ def test_write_atomic_cleans_up_after_any_exception(tmp_path):
         raise RuntimeError("cannot pickle this")
 
     with pytest.raises(RuntimeError):
-        tr.write_atomic(path, fail)
+        ck.write_atomic(path, fail)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_read_checkpoint_rejects_other_files(tmp_path):
-    with pytest.raises(tr.TrainError, match="no checkpoint at"):
-        tr.read_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(cf.TrainError, match="no checkpoint at"):
+        ck.read_checkpoint(tmp_path / "absent.pt")
     other = tmp_path / "other.pt"
     torch.save({"format": "something else", "step": 1}, other)
-    with pytest.raises(tr.TrainError, match="not an adm train checkpoint"):
-        tr.read_checkpoint(other)
-    with pytest.raises(tr.TrainError, match="holds no checkpoint"):
-        tr.load_run(tmp_path)
+    with pytest.raises(cf.TrainError, match="not an adm train checkpoint"):
+        ck.read_checkpoint(other)
+    with pytest.raises(cf.TrainError, match="holds no checkpoint"):
+        ck.load_run(tmp_path)
 
 
 def test_read_metrics_survives_a_cut_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
     try:
-        records = tr.read_metrics(tmp_path)
-    except tr.TrainError:
+        records = rl.read_metrics(tmp_path)
+    except cf.TrainError:
         return  # a clear error would do too
     assert records == [{"step": 1, "loss": 0.5}]
 
@@ -686,7 +697,7 @@ def test_classifier_run(data, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, "classifier", steps=2, ema_rate="0.9999,0.99"), out,
              progress=False)
-    records = tr.read_metrics(out)
+    records = rl.read_metrics(out)
     train_records = [r for r in records if "acc@1" in r]
     evals = [r for r in records if "val_acc@1" in r]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -697,20 +708,20 @@ def test_classifier_run(data, tmp_path):
     assert 0 <= evals[0]["val_acc@1"] <= evals[0]["val_acc@5"] == 1.0  # 4 classes
     assert not (out / "samples" / "step_00000002.png").exists()
 
-    saved = tr.read_checkpoint(tr.checkpoint_path(out, 2))
-    run = tr.load_run(out)
+    saved = ck.read_checkpoint(ck.checkpoint_path(out, 2))
+    run = ck.load_run(out)
     assert isinstance(run.model, EncoderUNetModel)
-    assert run.config == tr.TrainConfig(**saved["config"])
-    assert run.step == 2 and run.path == tr.checkpoint_path(out, 2)
+    assert run.config == cf.TrainConfig(**saved["config"])
+    assert run.step == 2 and run.path == ck.checkpoint_path(out, 2)
     assert not run.model.training
     assert_same(run.model.state_dict(), saved["ema"]["0.9999"])
     assert_same(weights(out, "model"), saved["model"])
     assert_same(weights(out, "0.99"), saved["ema"]["0.99"])
-    assert_same(tr.load_run(run.path, "0.9999").model.state_dict(),
+    assert_same(ck.load_run(run.path, "0.9999").model.state_dict(),
                 saved["ema"]["0.9999"])
-    with pytest.raises(tr.TrainError, match="weights='0.5': .* has ema, model, "
+    with pytest.raises(cf.TrainError, match="weights='0.5': .* has ema, model, "
                        "0.9999, 0.99"):
-        tr.load_run(out, "0.5")
+        ck.load_run(out, "0.5")
     logits = run.model(torch.zeros(2, 1, 8, 8), torch.zeros(2))
     assert logits.shape == (2, 4)
 
@@ -724,10 +735,10 @@ def test_upsampler_run(data, tmp_path):
         # low-res, samples and truth: 3 rows of num_samples 8x8 images
         assert image.size == (4 * 10 + 2, 3 * 10 + 2)
         assert image.mode == "L"
-    run = tr.load_run(out)
+    run = ck.load_run(out)
     assert isinstance(run.model, SuperResModel)
     assert (run.config.image_size, run.config.small_size) == (8, 4)
-    saved = tr.read_checkpoint(tr.checkpoint_path(out, 2))
+    saved = ck.read_checkpoint(ck.checkpoint_path(out, 2))
     assert_same(run.model.state_dict(), saved["ema"]["0.9999"])
     assert_same(weights(out, "model"), saved["model"])
     out_ = run.model(torch.zeros(1, 1, 8, 8), torch.zeros(1),
@@ -736,7 +747,7 @@ def test_upsampler_run(data, tmp_path):
 
 
 def test_diffusion_run_loads_as_a_unet(reference):
-    run = tr.load_run(reference, "model")
+    run = ck.load_run(reference, "model")
     assert isinstance(run.model, UNetModel)
     assert run.diffusion.num_timesteps == RESUMABLE["diffusion_steps"]
     assert run.config.dropout == 0.1 and run.step == 6
@@ -758,10 +769,10 @@ def test_ema_decay_warms_up():
 
 def test_first_ema_update_uses_the_warm_up_decay(data, reference):
     """After step 1: ema = 0.1 * initial + 0.9 * model (decay 1/10)."""
-    c = tr.resolve_config(config(data, **RESUMABLE),
-                          tr.open_data(config(data, **RESUMABLE)))
+    c = bt.resolve_config(config(data, **RESUMABLE),
+                          bt.open_data(config(data, **RESUMABLE)))
     initial = tr.TrainState.create(c, CPU).model.state_dict()
-    step1 = tr.read_checkpoint(tr.checkpoint_path(reference, 1))
+    step1 = ck.read_checkpoint(ck.checkpoint_path(reference, 1))
     ema, model = step1["ema"]["0.9999"], step1["model"]
     moved = 0
     for name, value in ema.items():
@@ -775,9 +786,9 @@ def test_first_ema_update_uses_the_warm_up_decay(data, reference):
 
 def param_count(kind: str, preset: str) -> int:
     """Parameters of a preset's network, built on the meta device."""
-    c = tr.make_config(kind, preset)
+    c = cf.make_config(kind, preset)
     with torch.device("meta"):
-        model = tr.build_model(c)
+        model = cf.build_model(c)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -790,7 +801,7 @@ def test_imagenet_diffusion_presets_match_the_reference_builds():
             if name in recorded:
                 assert recorded[name] == count
     for name, count in expected.items():
-        c = tr.make_config("diffusion", name)
+        c = cf.make_config("diffusion", name)
         assert (c.in_channels, c.num_classes, c.class_cond) == (3, 1000, True)
         assert param_count("diffusion", name) == count
 
@@ -804,8 +815,8 @@ def test_imagenet_classifier_presets_match_table_12(size, millions):
 def test_tensorboard_is_optional_and_named_when_missing(data, tmp_path):
     settings = replace(config(data), tensorboard=True)
     if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(tr.TrainError, match="pip install tensorboard"):
-            tr.validate(settings)
+        with pytest.raises(cf.TrainError, match="pip install tensorboard"):
+            cf.validate(settings)
         assert not (tmp_path / "run").exists()
         return
     tr.train(settings, tmp_path / "run", progress=False)
@@ -833,12 +844,12 @@ def test_resume_refuses_when_no_checkpoint_can_be_read(data, reference,
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for step in steps_of(out):
-        damage(tr.checkpoint_path(out, step))
+        damage(ck.checkpoint_path(out, step))
     before = {name: (out / name).read_text()
               for name in ("metrics.jsonl", "config.json")}
     for resume in (True, False):
         with (pytest.warns(UserWarning, match="not a readable checkpoint"),
-              pytest.raises(tr.TrainError) as err):
+              pytest.raises(cf.TrainError) as err):
             tr.train(config(data, **RESUMABLE), out, resume=resume,
                      progress=False)
         message = str(err.value)
@@ -881,7 +892,7 @@ def test_resume_behind_the_run_is_refused_and_changes_nothing(data, reference,
 def test_a_second_run_on_a_folder_in_use_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    with tr.lock_run(out):  # as a run in another process holds it
+    with ck.lock_run(out):  # as a run in another process holds it
         assert (out / ".lock").read_text() == str(os.getpid())
         assert cli.main(adm_train(out, data)) == 1
         assert capsys.readouterr().err == (
@@ -901,7 +912,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(data, tmp_path, capsys):
 
 def test_write_atomic_names_its_temporary_file_by_process(tmp_path):
     names = []
-    tr.write_atomic(tmp_path / "file.bin", lambda f: names.append(f.name))
+    ck.write_atomic(tmp_path / "file.bin", lambda f: names.append(f.name))
     assert names == [str(tmp_path / f".file.bin.{os.getpid()}.tmp")]
 
 
@@ -918,19 +929,19 @@ def test_data_whose_channels_differ_from_in_channels_is_refused(rgb, data,
                                                                 capsys,
                                                                 tmp_path):
     c = config(rgb)  # the mnist preset: in_channels=1
-    with pytest.raises(tr.TrainError, match=re.escape(
+    with pytest.raises(cf.TrainError, match=re.escape(
             f"data '{rgb}' has colour images (3 channel(s)) but "
             "in_channels=1: set in_channels=3, or 0 to take the data's")):
-        tr.open_data(c)
+        bt.open_data(c)
     out = tmp_path / "run"
     assert cli.main(adm_train(out, rgb)) == 1
     assert "but in_channels=1" in capsys.readouterr().err
     assert not out.exists()
-    resolved = tr.resolve_config(replace(c, in_channels=0),
-                                 tr.open_data(replace(c, in_channels=0)))
+    resolved = bt.resolve_config(replace(c, in_channels=0),
+                                 bt.open_data(replace(c, in_channels=0)))
     assert resolved.in_channels == 3
-    with pytest.raises(tr.TrainError, match="has greyscale images"):
-        tr.open_data(config(data, in_channels=3))
+    with pytest.raises(cf.TrainError, match="has greyscale images"):
+        bt.open_data(config(data, in_channels=3))
 
 
 def test_a_label_far_above_the_others_is_refused(tmp_path):
@@ -939,17 +950,17 @@ def test_a_label_far_above_the_others_is_refused(tmp_path):
     labels[7] = 1_000_000
     np.savez(path, np.zeros((12, 8, 8), np.uint8), labels)
     c = config(path)
-    dataset = tr.open_data(c)
-    with pytest.raises(tr.TrainError, match=re.escape(
+    dataset = bt.open_data(c)
+    with pytest.raises(cf.TrainError, match=re.escape(
             f"{path}[7] has label 1000000, but {path} has 5 distinct labels: "
             "that makes a 1000001-class model; if that is meant, set "
             "num_classes=1000001")):
-        tr.resolve_config(c, dataset)
-    meant = tr.resolve_config(replace(c, num_classes=1_000_001), dataset)
+        bt.resolve_config(c, dataset)
+    meant = bt.resolve_config(replace(c, num_classes=1_000_001), dataset)
     assert meant.num_classes == 1_000_001  # set explicitly: accepted
     labels[7] = 9  # 10 classes, 5 seen: a subset, not a typo
     np.savez(path, np.zeros((12, 8, 8), np.uint8), labels)
-    assert tr.resolve_config(c, tr.open_data(c)).num_classes == 10
+    assert bt.resolve_config(c, bt.open_data(c)).num_classes == 10
 
 
 def test_a_worker_data_error_is_one_line(tmp_path, capsys):
@@ -974,16 +985,16 @@ class Pickled:
 
 
 def test_checkpoint_errors_never_advise_weights_only_false(data, tmp_path):
-    path = tr.checkpoint_path(tmp_path / "run", 1)
+    path = ck.checkpoint_path(tmp_path / "run", 1)
     path.parent.mkdir(parents=True)
-    torch.save({"format": tr.CHECKPOINT_FORMAT, "model": Pickled()}, path)
-    with pytest.raises(tr.TrainError) as err:
-        tr.read_checkpoint(path)
+    torch.save({"format": ck.CHECKPOINT_FORMAT, "model": Pickled()}, path)
+    with pytest.raises(cf.TrainError) as err:
+        ck.read_checkpoint(path)
     message = str(err.value)
     assert "holds objects other than tensors" in message
     assert "Pickled" in message  # what it holds, named
     with pytest.warns(UserWarning) as caught:
-        assert tr.latest_checkpoint(tmp_path / "run") is None
+        assert ck.latest_checkpoint(tmp_path / "run") is None
     texts = [message, *(str(w.message) for w in caught)]
     for text in texts:
         assert "weights_only=False" not in text
@@ -1038,17 +1049,17 @@ CHECKED_AT_START = {"data", "val_data", "device"}
 
 
 def test_every_setting_has_a_check():
-    names = [f.name for f in tr.fields(tr.TrainConfig)]
+    names = [f.name for f in dataclasses.fields(cf.TrainConfig)]
     assert sorted(BAD_SETTINGS.keys() | CHECKED_AT_START) == sorted(names)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
 def test_each_bad_setting_is_named(name):
     kind, value = BAD_SETTINGS[name]
-    good = tr.make_config(kind, overrides=TINY)
-    tr.validate(good)
-    with pytest.raises(tr.TrainError) as err:
-        tr.validate(replace(good, **{name: value}))
+    good = cf.make_config(kind, overrides=TINY)
+    cf.validate(good)
+    with pytest.raises(cf.TrainError) as err:
+        cf.validate(replace(good, **{name: value}))
     assert f"{name}=" in str(err.value) or f"{name} must" in str(err.value)
 
 
@@ -1075,6 +1086,6 @@ def test_adm_train_names_a_bad_setting_before_any_work(tmp_path, capsys,
 
 def test_a_device_that_is_not_one_is_named_before_any_work(data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(tr.TrainError, match="device='gpu' is not a device"):
+    with pytest.raises(cf.TrainError, match="device='gpu' is not a device"):
         tr.train(config(data, device="gpu"), out, progress=False)
     assert not out.exists()

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from adm_lib.diffusion import GaussianDiffusion, respace
 from adm_lib.forward import get_named_beta_schedule
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
+from adm_lib.values import coerce
 
 __all__ = [
     "NUM_CLASSES",
@@ -99,8 +100,14 @@ CLASSIFIER_DEFAULTS: dict[str, Any] = {
 SUPER_RES_DEFAULTS: dict[str, Any] = {"large_size": 256, "small_size": 64}
 # adm_lib's own flags, for data that is not ImageNet: the image channels and
 # the class count of class-conditional models and classifiers. The reference
-# fixes them at 3 and 1000; `adm train` sets them from the data set.
-EXTENSION_DEFAULTS: dict[str, Any] = {"in_channels": 3, "num_classes": NUM_CLASSES}
+# fixes them at 3 and 1000; `adm train` sets them from the data set. And the
+# paper's ablation of residual connections scaled by 1/sqrt(2) (its Table 1),
+# which the reference's code does not have: off, as in every released model.
+EXTENSION_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "num_classes": NUM_CLASSES,
+    "rescale_residual": False,
+}
 # The scripts' own flags (sampling first, then training), accepted so that a
 # whole command line parses; the model builders do not use them.
 SCRIPT_DEFAULTS: dict[str, Any] = {
@@ -150,40 +157,17 @@ SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
-_TRUE = {"yes", "true", "t", "y", "1"}
-_FALSE = {"no", "false", "f", "n", "0"}
-
-
-def _to_bool(name: str, value: Any) -> bool:
-    """A flag value as a bool, the way the reference's str2bool reads it."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ValueError(f"--{name} expects True or False, got {value!r}")
-
-
 def _typed(name: str, value: Any) -> Any:
     """A flag value converted to the type of the flag's default."""
     default = DEFAULTS[name]
-    if isinstance(default, bool):
-        return _to_bool(name, value)
-    if isinstance(default, str):
-        if isinstance(value, list | tuple):
-            return ",".join(str(v) for v in value)
-        return str(value)
-    kind = type(default)
+    if isinstance(default, str) and isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
     try:
-        if kind is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if kind is int and isinstance(value, float | bool):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"--{name} expects {kind.__name__}, got {value!r}"
-        ) from None
+        return coerce(value, default)
+    except ValueError:
+        wanted = ("True or False" if isinstance(default, bool)
+                  else type(default).__name__)
+        raise ValueError(f"--{name} expects {wanted}, got {value!r}") from None
 
 
 def _split(flags: str) -> dict[str, str]:
@@ -252,6 +236,7 @@ def _unet_options(f: Mapping[str, Any], size: int,
         "num_heads_upsample": f["num_heads_upsample"],
         "use_scale_shift_norm": f["use_scale_shift_norm"],
         "resblock_updown": f["resblock_updown"],
+        "rescale_residual": f["rescale_residual"],
     }
 
 

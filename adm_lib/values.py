@@ -1,0 +1,55 @@
+"""Command-line values as Python values: `adm train --set` and `adm book run -p`.
+
+Hand-written tooling (not exported from a chapter): one converter, so that a
+value typed on any command line means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "y", "t", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "n", "f", "off"})
+
+
+def coerce(raw: Any, default: Any) -> Any:
+    """`raw` (often a string) as a value of `default`'s type, or ValueError.
+
+    Booleans take the words of TRUE_WORDS and FALSE_WORDS; integers take
+    integer-valued numbers such as "1e5"; floats take any number; strings
+    take anything; other defaults (lists, dicts, None) take a Python
+    literal, and None also takes a plain string.
+    """
+    kind = type(default).__name__
+    if isinstance(default, bool):
+        text = str(raw).strip().lower()
+        if text not in TRUE_WORDS | FALSE_WORDS:
+            raise ValueError(f"expected bool ({', '.join(sorted(TRUE_WORDS))}"
+                             f" or {', '.join(sorted(FALSE_WORDS))})")
+        return text in TRUE_WORDS
+    if isinstance(default, int | float):
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            number = float(raw) if isinstance(raw, str) else raw
+            if isinstance(default, float):
+                return float(number)
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {kind}") from None
+    if isinstance(default, str):
+        return str(raw)
+    if not isinstance(raw, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return raw
+        raise ValueError(f"expected a {kind} literal") from None
+    if default is not None and not isinstance(value, type(default)):
+        raise ValueError(f"expected a {kind} literal")
+    return value

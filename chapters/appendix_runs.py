@@ -1,0 +1,282 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Appendix: the engineering of runs
+#
+# Chapter 4 teaches what a training run computes: the objectives, mixed
+# precision, the EMA, exact resume and data parallelism. This appendix is
+# about what makes a run safe to start, stop and share, and it checks each
+# promise chapter 4 makes by running tiny runs on the CPU:
+#
+# * R.1 a configuration that cannot work is refused before its first step,
+#   naming the setting;
+# * R.2 the checkpoint file: its format, and writes that are whole or absent;
+# * R.3 one run per folder;
+# * R.4 a resumed run equals the uninterrupted one, bit for bit;
+# * R.5 a damaged checkpoint is named and skipped, and a resume with
+#   another configuration is refused;
+# * R.6 two processes under `torchrun` equal one.
+#
+# Every code cell here uses the library (`adm_lib.config`,
+# `adm_lib.checkpoints`, `adm_lib.train`, `adm_lib.runlog`), whose code
+# chapter 4 builds; nothing is exported.
+
+# %% tags=["parameters"]
+# A few tiny runs on the CPU, about a minute:
+#   adm book run appendix_runs
+# There is no larger run: the checks are of the machinery, not of a model.
+data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
+runs_dir = "build/appendix_runs"  # the appendix's run folders (emptied)
+batch_size = 16
+num_channels = 32  # the networks' base width (a multiple of 32)
+seed = 0
+
+# %%
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adm_lib.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEYS,
+    checkpoint_path,
+    latest_checkpoint,
+    load_run,
+    lock_run,
+    write_atomic,
+)
+from adm_lib.config import TrainConfig, TrainError, make_config
+from adm_lib.runlog import read_metrics
+from adm_lib.train import train
+
+runs = Path(runs_dir)
+shutil.rmtree(runs, ignore_errors=True)  # the appendix's runs start afresh
+device = "cpu"  # the checks are exact on the CPU (R.4)
+
+
+def small(kind: str, **settings: Any) -> TrainConfig:
+    """The MNIST preset of `kind`, scaled down to seconds."""
+    base = {"data": data, "in_channels": 0, "device": device,
+            "batch_size": batch_size, "num_channels": num_channels,
+            "classifier_width": num_channels, "num_samples": 4,
+            "sample_steps": "ddim5", "seed": seed}
+    return make_config(kind, "mnist", {**base, **settings})
+
+# %% [markdown]
+# ## R.1 Refused before the first step
+#
+# `make_config` converts and checks every override, and `validate` every
+# value alone and together; `train` validates again. Each refusal names the
+# setting, its value and what would do. A few of them:
+
+# %%
+bad = {
+    "num_chanels": 64,  # a typo
+    "steps": "1.5e3x",
+    "image_size": 30,  # the network halves it twice
+    "attention_resolutions": "7",
+    "num_channels": 48,  # GroupNorm's 32 groups
+    "sample_steps": "ddim2000",
+    "label_dropout": 1.0,
+}
+messages = {}
+for key, value in bad.items():
+    try:
+        small("diffusion", **{key: value})
+    except TrainError as err:
+        messages[key] = str(err)
+for key, message in messages.items():
+    print(f"{key}: {message[:100]}")
+assert list(messages) == list(bad)
+assert "did you mean num_channels" in messages["num_chanels"]
+assert all(message.startswith(key) or key == "num_chanels"
+           for key, message in messages.items())
+
+# %% [markdown]
+# ## R.2 The checkpoint file
+#
+# A checkpoint is a `torch.save` of plain tensors and containers, so
+# `torch.load(..., weights_only=True)` reads it without running any code.
+# It carries a format string, the step, the whole configuration (so
+# `load_run` rebuilds the network with no flag retyped), the weights, each
+# EMA, AdamW's state, the loss scaler, the timestep sampler's history,
+# every rank's random state and the count of non-finite steps in a row:
+
+# %%
+train(small("diffusion", steps=2, save_interval=2), runs / "file",
+      progress=False)
+path = checkpoint_path(runs / "file", 2)
+state = torch.load(path, weights_only=True)
+print(path.name, f"{path.stat().st_size / 1e6:.1f} MB:",
+      ", ".join(state))
+print("format:", state["format"], "| step:", state["step"],
+      "| EMA rates:", list(state["ema"]))
+assert tuple(state) == CHECKPOINT_KEYS
+assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 2
+assert load_run(runs / "file").config == TrainConfig(**state["config"])
+
+# %% [markdown]
+# Every file of a run is written by `write_atomic`: to a temporary file,
+# forced to disk, then renamed into place. A write that fails half-way
+# leaves the old file as it was, and no temporary file behind:
+
+# %%
+target = runs / "file" / "note.txt"
+write_atomic(target, lambda f: f.write(b"first"))
+
+
+def fail_half_way(f: Any) -> None:
+    f.write(b"sec")
+    raise OSError(28, "No space left on device")
+
+
+try:
+    write_atomic(target, fail_half_way)
+except TrainError as err:
+    print(err)
+assert target.read_bytes() == b"first"
+assert not list(target.parent.glob(".*.tmp"))
+
+# %% [markdown]
+# ## R.3 One run per folder
+#
+# A run holds the folder's lock for its whole life. A second run on the
+# same folder stops at once and names the process that holds it (here the
+# lock is held by this very process, as a running run would hold it):
+
+# %%
+with lock_run(runs / "file"):
+    try:
+        train(small("diffusion", steps=4), runs / "file", resume=True,
+              progress=False)
+    except TrainError as err:
+        held = str(err)
+print(held)
+assert f"pid {os.getpid()}" in held
+
+# %% [markdown]
+# ## R.4 Exact resume
+#
+# One run trains 8 steps straight; another trains 5,
+# stops, and is resumed to 8. With dropout and the loss-aware sampler
+# both consuming randomness and state, the two runs log the same losses
+# and end with bit-identical weights. (These checks run on the CPU: on a
+# GPU, some cuDNN kernels sum in a different order from run to run, so
+# there a resumed run matches to round-off unless
+# `torch.use_deterministic_algorithms(True)` is set.)
+
+# %%
+check = {"steps": 8, "save_interval": 4, "log_interval": 1,
+         "sample_interval": 1000, "dropout": 0.1, "device": "cpu",
+         "schedule_sampler": "loss-second-moment"}
+whole = small("diffusion", **check)
+train(whole, runs / "whole", progress=False)
+train(replace(whole, steps=5), runs / "split", progress=False)
+train(whole, runs / "split", resume=True, progress=False)
+
+
+def weights(run: Path, which: str) -> list[Tensor]:
+    return list(load_run(run, which).model.parameters())
+
+
+same = all(torch.equal(p, q) for which in ("model", "ema")
+           for p, q in zip(weights(runs / "whole", which),
+                           weights(runs / "split", which), strict=True))
+logged = [[r["loss"] for r in read_metrics(runs / name)]
+          for name in ("whole", "split")]
+print(f"identical weights: {same}; identical losses: "
+      f"{logged[0] == logged[1]}")
+assert same and logged[0] == logged[1] and len(logged[0]) == 8
+
+# %% [markdown]
+# ## R.5 A damaged checkpoint
+#
+# Cut the newest checkpoint short, as a file
+# system that ignores `fsync` might after a crash: it is named, and the
+# one before it is used. And a resume with a different learning rate is
+# refused, naming the field:
+
+# %%
+newest = checkpoint_path(runs / "split", 8)
+newest.write_bytes(newest.read_bytes()[:1000])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    path, state = latest_checkpoint(runs / "split")
+print(str(caught[0].message)[:110], "...")
+print("resumes from", path.name)
+assert state["step"] == 5 and newest.name in str(caught[0].message)
+try:
+    train(replace(whole, lr=1e-3), runs / "split", resume=True)
+except TrainError as err:
+    refusal = str(err)
+print(refusal)
+assert "lr: checkpoint 0.0002, now 0.001" in refusal
+
+# %% [markdown]
+# ## R.6 Two processes equal one
+#
+# The same 6 steps, once in one process and
+# once in two processes under `torchrun` (gloo, on the CPU), through the
+# `adm train` command. The losses agree, and the weights to float32
+# round-off (the two processes sum their gradients in another order):
+
+# %%
+def adm_train(out: Path, processes: int) -> None:
+    """Run `adm train` on the chapter's data in `processes` processes."""
+    launcher = ["-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes > 1 else []
+    settings = {"batch_size": 8, "num_channels": num_channels,
+                "in_channels": 0, "log_interval": 1, "sample_interval": 1000,
+                "device": "cpu", "seed": seed}
+    command = [sys.executable, *launcher, "-m", "adm_lib.cli", "train",
+               "diffusion", "--data", data, "--out", str(out), "--steps",
+               "6", "--quiet"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+
+
+for processes in (1, 2):
+    adm_train(runs / f"ranks{processes}", processes)
+one, two = (read_metrics(runs / f"ranks{p}") for p in (1, 2))
+gap = max((p - q).abs().max().item()
+          for p, q in zip(weights(runs / "ranks1", "model"),
+                          weights(runs / "ranks2", "model"), strict=True))
+print("losses, 1 process: ", [round(r["loss"], 5) for r in one])
+print("losses, 2 processes:", [round(r["loss"], 5) for r in two])
+print(f"largest weight difference: {gap:.1e}")
+assert np.allclose([r["loss"] for r in one], [r["loss"] for r in two],
+                   rtol=1e-5)
+assert gap < 1e-3
+
+# %% [markdown]
+# ## Summary
+#
+# * A configuration is checked whole before the first step, and every
+#   refusal names the setting (R.1).
+# * A checkpoint holds all a run needs to go on, readable with
+#   `weights_only=True`; every file is written whole or not at all (R.2).
+# * A folder holds one run at a time, and a kill frees it at once (R.3).
+# * Exact resume, the skipping of a damaged checkpoint and the equality of
+#   one and two processes hold on these tiny runs, so they hold by
+#   construction, not by luck of scale (R.4 to R.6).
