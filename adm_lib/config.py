@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:132
+# %% chapters/04_training.py:135
 import difflib
 import importlib.util
 import math
@@ -45,12 +45,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:155
+# %% chapters/04_training.py:158
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
 
-# %% chapters/04_training.py:163
+# %% chapters/04_training.py:166
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -126,7 +126,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:242
+# %% chapters/04_training.py:245
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -135,7 +135,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:265
+# %% chapters/04_training.py:268
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -155,7 +155,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:289
+# %% chapters/04_training.py:292
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -206,7 +206,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:347
+# %% chapters/04_training.py:350
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -243,7 +243,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:389
+# %% chapters/04_training.py:392
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -256,7 +256,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:402
+# %% chapters/04_training.py:405
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -281,7 +281,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:431
+# %% chapters/04_training.py:434
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -327,7 +327,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:482
+# %% chapters/04_training.py:485
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -368,7 +368,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:528
+# %% chapters/04_training.py:531
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -420,7 +420,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:584
+# %% chapters/04_training.py:587
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -437,7 +437,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:609
+# %% chapters/04_training.py:612
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

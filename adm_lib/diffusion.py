@@ -98,9 +98,11 @@ class _Parameterisation(ForwardProcess):
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
-        # fixed_large starts at beta-tilde_1, for a better decoder likelihood.
-        self.fixed_large_log_variance = np.log(
-            np.append(self.posterior_variance[1], self.betas[1:])
+        # fixed_large starts at beta-tilde_1, for a better decoder likelihood
+        # (the clipped posterior's first value, which chapter 1 defines for
+        # a one-step process too).
+        self.fixed_large_log_variance = np.append(
+            self.posterior_log_variance_clipped[0], self.log_betas[1:]
         )
 
     def model_timesteps(self, t: Tensor) -> Tensor:
@@ -132,7 +134,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:255
+# %% chapters/02_diffusion.py:257
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -191,7 +193,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:356
+# %% chapters/02_diffusion.py:358
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -214,7 +216,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:387
+# %% chapters/02_diffusion.py:389
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -239,7 +241,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:417
+# %% chapters/02_diffusion.py:419
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -268,7 +270,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:472
+# %% chapters/02_diffusion.py:474
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -302,7 +304,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:526
+# %% chapters/02_diffusion.py:528
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -346,7 +348,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:601
+# %% chapters/02_diffusion.py:603
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -383,7 +385,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:674
+# %% chapters/02_diffusion.py:676
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -407,7 +409,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:705
+# %% chapters/02_diffusion.py:707
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -448,7 +450,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:799
+# %% chapters/02_diffusion.py:801
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -479,7 +481,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:836
+# %% chapters/02_diffusion.py:838
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's."""
 
@@ -511,7 +513,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:920
+# %% chapters/02_diffusion.py:922
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -551,7 +553,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:966
+# %% chapters/02_diffusion.py:968
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -582,7 +584,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1005
+# %% chapters/02_diffusion.py:1007
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -632,7 +634,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1068
+# %% chapters/02_diffusion.py:1070
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -680,7 +682,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1122
+# %% chapters/02_diffusion.py:1124
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

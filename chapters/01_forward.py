@@ -268,11 +268,13 @@ class _ScheduleTables:
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / abar)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / abar - 1)
         # q(x_{t-1} | x_t, x_0); its variance is 0 at t = 0, so the log is
-        # clipped by repeating the next step's value.
+        # clipped by repeating the next step's value. A one-step process
+        # (a respacing to "1") has no next step; its beta, the largest
+        # variance the step can have, stands in.
         one_minus = 1.0 - abar
         self.posterior_variance = var = betas * (1.0 - prev) / one_minus
         self.posterior_log_variance_clipped = np.log(
-            np.append(var[1], var[1:])
+            np.append(var[1] if len(var) > 1 else betas[0], var[1:])
         )
         self.posterior_mean_coef1 = betas * np.sqrt(prev) / one_minus
         self.posterior_mean_coef2 = (1.0 - prev) * np.sqrt(alphas) / one_minus

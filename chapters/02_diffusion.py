@@ -207,9 +207,11 @@ class _Parameterisation(ForwardProcess):
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
-        # fixed_large starts at beta-tilde_1, for a better decoder likelihood.
-        self.fixed_large_log_variance = np.log(
-            np.append(self.posterior_variance[1], self.betas[1:])
+        # fixed_large starts at beta-tilde_1, for a better decoder likelihood
+        # (the clipped posterior's first value, which chapter 1 defines for
+        # a one-step process too).
+        self.fixed_large_log_variance = np.append(
+            self.posterior_log_variance_clipped[0], self.log_betas[1:]
         )
 
     def model_timesteps(self, t: Tensor) -> Tensor:

@@ -85,7 +85,7 @@ ablation_train_images = 64  # training images after the held-out (0: all)
 ablation_eval_images = 4  # held-out (image, t, noise) triples
 ablation_channels = 64  # base width (64: the per-head widths need it)
 ablation_batch_size = 4
-ablation_steps = 2  # the equal-steps arm
+ablation_steps = 1  # the equal-steps arm
 ablation_seconds = 0.5  # the equal-time budget per variant
 ablation_timing_steps = 1  # first steps of each run, timed for its time arm
 ablation_lr = 3e-4
@@ -108,6 +108,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adm_lib.devices import resolve_device
+
+device = str(resolve_device(device))
 runs = Path(runs_dir)
 shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 

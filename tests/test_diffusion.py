@@ -276,6 +276,22 @@ def test_ddim_eta_one_matches_ancestral_with_fixed_small() -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("var_type", ["learned_range", "fixed_small",
+                                      "fixed_large"])
+@pytest.mark.parametrize("spec", ["1", "2", "ddim2"])
+def test_one_and_two_step_respacings_sample(var_type: str, spec: str) -> None:
+    """Every respacing space_timesteps accepts samples, down to one step."""
+    diffusion = respace(GaussianDiffusion(BETAS, var_type=var_type), spec)
+    model = TinyModel(out=4 if var_type == "learned_range" else 2)
+    noise = torch.randn(2, 2, 4, 4)
+    loop = ddim_sample_loop if spec.startswith("ddim") else p_sample_loop
+    assert torch.isfinite(loop(diffusion, model, noise)).all()
+    logs = diffusion.posterior_log_variance_clipped
+    assert np.isfinite(logs).all()
+    if diffusion.num_timesteps == 1:  # no next step: its beta stands in
+        assert logs[0] == np.log(diffusion.betas[0])
+
+
 def test_importance_sampler_warms_up_then_follows_losses() -> None:
     sampler = LossAwareSampler(4, history_per_term=2, uniform_prob=0.0)
     sampler.update(torch.tensor([0, 1, 2, 3, 0, 1, 2]),

@@ -1028,6 +1028,7 @@ BAD_SETTINGS = {
     "learn_sigma": ("diffusion", "x"), "use_kl": ("diffusion", "x"),
     "predict_xstart": ("diffusion", "x"),
     "rescale_learned_sigmas": ("diffusion", "x"),
+    "rescale_residual": ("diffusion", "x"),
     "steps": ("diffusion", 0), "batch_size": ("diffusion", 0),
     "microbatch": ("diffusion", -1), "lr": ("diffusion", 0.0),
     "weight_decay": ("diffusion", float("nan")),
