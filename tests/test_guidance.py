@@ -494,8 +494,20 @@ def test_adm_demo_trains_samples_scores_and_reports(
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert set(report["scores"]) == {"0", "3"}
-    for scores in report["scores"].values():
+    for scale, scores in report["scores"].items():
         assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["fid"])
+        assert 0 <= scores["mean_intensity"] <= 255
+        # Each scale's samples: a batch of the reference's format.
+        path = out / f"samples_scale_{scale}.npz"
+        assert report["files"][f"samples_scale_{scale}"] == str(path)
+        with np.load(path) as batch:
+            assert batch["arr_0"].shape == (10, 28, 28, 1)
+            assert batch["arr_0"].dtype == np.uint8
+            assert batch["arr_1"].dtype == np.int64
+            assert batch["arr_1"].tolist() == list(range(10))
+            assert scores["mean_intensity"] == pytest.approx(
+                batch["arr_0"].mean())
+    assert 0 < report["data_mean_intensity"] < 255
     assert report["timings_s"]["total"] > 0
     assert (out / "guided_digits.png").stat().st_size > 0
     assert (out / "report.md").read_text() in text
