@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "noisy classifier on the embedded MNIST-5k, draw every digit at two "
         "guidance scales, and write a grid, the samples and a report (accuracy "
         "of an independent MNIST network on the samples, FID, timings). "
-        "About 8 minutes on a 2-core CPU; a GPU is used if there is one. "
+        "About 11 minutes on a shared 2-core CPU; a GPU is used if there is one. "
         "Running it "
         "again reuses the finished runs.",
     )

@@ -24,9 +24,9 @@ if TYPE_CHECKING:  # torch is imported when the demo runs, not by `adm -h`
 class DemoSettings:
     """What the demo trains and draws.
 
-    The defaults take about 8 minutes on a 2-core CPU (one thread) and
-    make rough digits: this budget does not reach 85% accuracy (see the
-    README).
+    The defaults took 11 minutes (647 s in the demo's own timings) on a
+    shared 2-core CPU, one thread, and make rough digits on grey
+    backgrounds (16% accuracy): they do not reach 85% accuracy.
     """
 
     steps: int = 300  # diffusion model, batch 32
