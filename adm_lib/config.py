@@ -107,7 +107,8 @@ class TrainConfig:
     ema_rate: str = "0.9999"  # comma-separated rates
     ema_warmup: bool = True
     schedule_sampler: str = "uniform"
-    precision: str = "auto"  # bf16 on a GPU, fp32 on a CPU
+    precision: str = "auto"  # bf16 where native (GPU, new CPUs), else fp32
+    compile: bool = False  # torch.compile the network for training
     noised: bool = True  # classifier: train on noised images
     clean_fraction: float = 0.0  # classifier: share of noise-free images
     seed: int = 0
@@ -126,16 +127,16 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:245
+# %% chapters/04_training.py:246
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
     "sample_steps", "eval_interval", "eval_images", "max_nonfinite",
-    "tensorboard",
+    "tensorboard", "compile",
 })
 
 
-# %% chapters/04_training.py:268
+# %% chapters/04_training.py:269
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -155,7 +156,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:292
+# %% chapters/04_training.py:293
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -206,7 +207,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:350
+# %% chapters/04_training.py:351
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -243,7 +244,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:392
+# %% chapters/04_training.py:393
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -256,7 +257,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:405
+# %% chapters/04_training.py:406
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -281,7 +282,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:434
+# %% chapters/04_training.py:435
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -327,7 +328,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:485
+# %% chapters/04_training.py:486
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -368,7 +369,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:531
+# %% chapters/04_training.py:532
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -420,7 +421,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:587
+# %% chapters/04_training.py:588
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -437,7 +438,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:612
+# %% chapters/04_training.py:613
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

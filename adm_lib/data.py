@@ -230,6 +230,11 @@ class ImageDataset(Dataset):
         return len(self._backend)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels, label = self.pixels(index)
+        return pixels.float() / 127.5 - 1, label
+
+    def pixels(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image ``index`` as a uint8 C x H x W tensor, and its label."""
         image = self._backend.image(index)
         mode = "L" if self.channels == 1 else "RGB"
         if image.mode != mode:
@@ -244,10 +249,10 @@ class ImageDataset(Dataset):
                 f"{self._backend.name(index)} is {image.width}x{image.height} but "
                 f"{self.source} has {res}x{res} images: pass a resolution to resize"
             )
-        arr = arr.astype(np.float32) / 127.5 - 1
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         label = -1 if self.labels is None else int(self.labels[index])
-        return torch.from_numpy(np.ascontiguousarray(arr)), label
+        # A copy: PIL's buffer is read-only, and a batch may be written to.
+        return torch.from_numpy(np.array(arr, np.uint8, order="C")), label
 
     def name(self, index: int) -> str:
         """Where image ``index`` comes from: a file, an archive member, an array row."""
@@ -263,6 +268,23 @@ class ImageDataset(Dataset):
             f"{self.channels}x{self.resolution}x{self.resolution}, "
             f"{self.num_classes} classes)"
         )
+
+
+class Pixels(Dataset):
+    """An :class:`ImageDataset` whose items are its uint8 pixels.
+
+    A training loop moves these to the device and normalises them there:
+    a quarter of float32's bytes to copy.
+    """
+
+    def __init__(self, data: ImageDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data.pixels(index)
 
 
 def load_dataset(

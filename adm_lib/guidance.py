@@ -34,6 +34,7 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
+from adm_lib.train import autocast_model, resolve_precision
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]
@@ -60,7 +61,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:295
+# %% chapters/06_guidance.py:296
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -99,7 +100,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:346
+# %% chapters/06_guidance.py:347
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the noise stream of sample `index` under `seed`."""
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
@@ -129,22 +130,27 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:384
+# %% chapters/06_guidance.py:385
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
     batch_size: int = 64, device: str | torch.device = "cpu",
-    seed: int = 0, progress: bool = False, **options: Any,
+    seed: int = 0, progress: bool = False, precision: str = "fp32",
+    **options: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
     `options` go to `guided_sample` (sampler, cond_fn, guide_at_mean,
     eta). Sample i's noise, x_T and steps, is `sample_noise`'s stream i,
-    so samples do not depend on the batch size.
+    so samples do not depend on the batch size. The network runs at
+    `precision` (chapter 4's; "auto": bf16 where native), the sampler's
+    arithmetic in float32.
     """
     if labels is not None and len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} samples")
     device = torch.device(device)
+    model = autocast_model(model, resolve_precision(precision, device),
+                           device)
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
@@ -161,7 +167,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:474
+# %% chapters/06_guidance.py:480
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

@@ -189,9 +189,13 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
            eta: float = 0.0, guide_at_mean: bool = False,
            num_samples: int = 16, labels: str | None = None,
            batch_size: int = 64, device: str | torch.device = "cpu",
-           seed: int = 0, progress: bool = False,
+           seed: int = 0, progress: bool = False, precision: str = "auto",
            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples of `model`, guided as asked; uint8 NHWC and labels."""
+    """Samples of `model`, guided as asked; uint8 NHWC and labels.
+
+    `precision` is the network's ("auto": bf16 where the device has it
+    natively, else fp32; see chapter 4).
+    """
     check_options(classifier, classifier_scale=classifier_scale,
                   cfg_scale=cfg_scale, sampler=sampler, eta=eta,
                   guide_at_mean=guide_at_mean, num_samples=num_samples,
@@ -222,9 +226,9 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
         cond_fn = classifier_cond_fn(classifier.model, classifier_scale)
     shape = (model.in_channels, model.image_size, model.image_size)
     return sample_batches(spaced, net, num_samples, shape, y, batch_size,
-                          device, seed, progress, sampler=sampler,
-                          cond_fn=cond_fn, guide_at_mean=guide_at_mean,
-                          eta=eta)
+                          device, seed, progress, precision,
+                          sampler=sampler, cond_fn=cond_fn,
+                          guide_at_mean=guide_at_mean, eta=eta)
 
 
 def default_respacing(sampler: str, num_timesteps: int) -> str:

@@ -8,7 +8,10 @@ The code of chapters/04_training.py.
 """
 
 __all__ = [
+    "native_bf16",
     "resolve_precision",
+    "fast_backends",
+    "memory_format",
     "autocast_model",
     "ema_decay",
     "update_ema",
@@ -19,15 +22,18 @@ __all__ = [
     "train",
     "save_state",
     "snapshot",
+    "train_step",
     "record_step",
 ]
 
 
-# %% chapters/04_training.py:1023
+# %% chapters/04_training.py:1024
 import contextlib
 import copy
+import functools
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -68,7 +74,7 @@ from adm_lib.config import (
     ema_rates,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset
+from adm_lib.data import DataError, ImageDataset, Pixels
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
@@ -93,14 +99,53 @@ from adm_lib.runlog import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1096
+# %% chapters/04_training.py:1099
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # AVX-512-BF16 or AMX: without them oneDNN emulates bf16, several
+    # times slower than float32.
+    mkldnn = torch.ops.mkldnn
+    return device.type == "cpu" and mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """"auto" as bf16 where the device has it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    _say_fp32(device.type)
+    return "fp32"
 
 
+@functools.cache
+def _say_fp32(device_type: str) -> None:
+    """Say once per process why "auto" precision is float32 here."""
+    print(f"adm_lib: this {device_type} has no native bfloat16 (a CPU needs "
+          "AVX-512-BF16 or AMX), so precision 'auto' runs in float32",
+          file=sys.stderr)
+
+
+# %% chapters/04_training.py:1137
+def fast_backends(device: torch.device) -> None:
+    """TF32 matrix products and cuDNN's autotuner on a GPU."""
+    if device.type == "cuda":
+        # TF32 rounds float32 products' inputs to 10 mantissa bits: the
+        # float32 parts of a bf16 run lose nothing that bf16 kept.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU, where cuDNN's fastest convolutions want it."""
+    return (torch.channels_last if device.type == "cuda"
+            else torch.contiguous_format)
+
+
+# %% chapters/04_training.py:1157
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -116,7 +161,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1155
+# %% chapters/04_training.py:1209
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -130,7 +175,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-# %% chapters/04_training.py:1383
+# %% chapters/04_training.py:1437
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -148,11 +193,15 @@ class TrainState:
                device: torch.device) -> "TrainState":
         """A fresh state: seeded initial weights, AdamW, EMA copies."""
         torch.manual_seed(config.seed)
-        model = build_model(config).to(device)
+        model = build_model(config).to(device,
+                                       memory_format=memory_format(device))
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
+        # Fused: one kernel for all parameters' updates, not one per tensor.
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=device.type in ("cpu", "cuda"))
         precision = resolve_precision(config.precision, device)
         scaler = torch.amp.GradScaler(device.type,
                                       enabled=precision == "fp16")
@@ -193,7 +242,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1582
+# %% chapters/04_training.py:1640
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -231,7 +280,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1624
+# %% chapters/04_training.py:1682
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[str, float]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -264,7 +313,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return status, norm.item()
 
 
-# %% chapters/04_training.py:1661
+# %% chapters/04_training.py:1719
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -272,7 +321,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1973
+# %% chapters/04_training.py:2031
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -311,7 +360,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2016
+# %% chapters/04_training.py:2074
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -341,7 +390,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2052
+# %% chapters/04_training.py:2110
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -374,18 +423,47 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     order = BatchOrder(indices, config.batch_size, config.seed)
     sampler = RankBatches(order, ranks.rank, ranks.world_size, state.step)
     loader = DataLoader(
-        data, batch_sampler=sampler, num_workers=config.num_workers,
+        Pixels(data), batch_sampler=sampler,
+        num_workers=config.num_workers,
         pin_memory=ranks.device.type == "cuda",
         # Its own generator: the global one (dropout's) stays untouched.
         generator=torch.Generator().manual_seed(config.seed))
     return loader, sampler
 
 
-# %% chapters/04_training.py:2098
+# %% chapters/04_training.py:2156
+def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
+               model: nn.Module, state: TrainState, pixels: Tensor,
+               y: Tensor, rows: slice, ranks: Ranks,
+               log: MetricsLog | None = None,
+               last: Path | None = None) -> float:
+    """One optimisation step on the rank's uint8 images; its lr."""
+    device = ranks.device
+    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
+    x = x.contiguous(memory_format=memory_format(device))
+    y = y.to(device, non_blocking=True)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(config, state.sampler, state.step, shape,
+                      device).rows(rows)
+    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+    lr = learning_rate(config, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss, terms = accumulate_gradients(config, diffusion, model, state,
+                                       x, y, draws, device)
+    status, norm = apply_gradients(config, state, loss, ranks)
+    record_step(config, state, status, norm, draws.t, terms, ranks, log,
+                last)
+    state.step += 1
+    return lr
+
+
+# %% chapters/04_training.py:2188
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
+    fast_backends(device)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
@@ -395,6 +473,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     if ranks.world_size > 1:
         model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
+    # Compiled for the steps only: checkpoints keep the plain module's keys.
+    run = torch.compile(model) if config.compile else model
     loader, sampler = _loader(config, data, train_idx, state, ranks)
     log = None
     if ranks.main:
@@ -402,7 +482,6 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
                          out / "tensorboard" if config.tensorboard else None)
         truncate_metrics(log.path, state.step)
         (out / "samples").mkdir(exist_ok=True)
-    shape = (config.in_channels, config.image_size, config.image_size)
     look_every = (config.eval_interval if config.kind == "classifier"
                   else config.sample_interval)
     bar = tqdm(total=config.steps, initial=state.step, unit="step",
@@ -411,21 +490,11 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     batches = iter(loader)
     while state.step < config.steps:
         try:
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+            pixels, y = next(batches)
         except DataError as err:
             raise DataError(_worker_error(err)) from None
-        draws = draw_step(config, state.sampler, state.step, shape,
-                          device).rows(sampler.rows)
-        x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
-        lr = learning_rate(config, state.step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        loss, terms = accumulate_gradients(config, diffusion, model, state,
-                                           x, y, draws, device)
-        status, norm = apply_gradients(config, state, loss, ranks)
-        record_step(config, state, status, norm, draws.t, terms, ranks, log,
-                    last)
-        state.step += 1
+        lr = train_step(config, diffusion, run, state, pixels, y,
+                        sampler.rows, ranks, log, last)
         bar.update()
         pause, done = time.perf_counter(), state.step == config.steps
         if log and (state.step % config.log_interval == 0
@@ -444,7 +513,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2167
+# %% chapters/04_training.py:2249
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -262,18 +262,19 @@ class QKVAttention(nn.Module):
         if width % (3 * heads):
             raise ValueError(f"qkv width {width} is not 3 x {heads} heads")
         ch = width // (3 * heads)
+        # To [q, k, v][N][head][T][ch]: SDPA wants positions before
+        # channels, and its fused GPU kernels want each position's channels
+        # adjacent in memory (last stride 1), hence one copy.
         if self.legacy_order:  # [head][q, k, v][ch]
-            q, k, v = qkv.reshape(n, heads, 3 * ch, length).split(ch, dim=2)
+            qkv = qkv.reshape(n, heads, 3, ch, length).permute(2, 0, 1, 4, 3)
         else:  # [q, k, v][head][ch]
-            q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
-        # SDPA wants [N, heads, T, ch]: positions before channels.
-        out = F.scaled_dot_product_attention(
-            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
-        )
+            qkv = qkv.reshape(n, 3, heads, ch, length).permute(1, 0, 2, 4, 3)
+        q, k, v = qkv.contiguous().unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, ch]
         return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 
-# %% chapters/03_architecture.py:507
+# %% chapters/03_architecture.py:508
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Heads of an attention layer: num_heads, or channels per head given."""
     if num_head_channels == -1:
@@ -320,7 +321,7 @@ class AttentionBlock(nn.Module):
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:625
+# %% chapters/03_architecture.py:626
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -366,7 +367,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:679
+# %% chapters/03_architecture.py:680
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -410,7 +411,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:733
+# %% chapters/03_architecture.py:734
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -468,7 +469,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:799
+# %% chapters/03_architecture.py:800
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -501,7 +502,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:839
+# %% chapters/03_architecture.py:840
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -560,7 +561,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:975
+# %% chapters/03_architecture.py:976
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -587,7 +588,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
 
 
-# %% chapters/03_architecture.py:1007
+# %% chapters/03_architecture.py:1008
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -631,7 +632,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1052
+# %% chapters/03_architecture.py:1053
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -681,7 +682,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1134
+# %% chapters/03_architecture.py:1135
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -700,7 +701,7 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
 
-# %% chapters/03_architecture.py:1326
+# %% chapters/03_architecture.py:1327
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

@@ -1083,11 +1083,15 @@ def _loop(
 ) -> Iterator[dict[str, Tensor]]:
     from tqdm.auto import tqdm
 
+    # Guidance differentiates a classifier inside the step, which
+    # inference mode (no autograd records at all) would forbid.
+    grad_free = (torch.no_grad if kwargs.get("cond_fn")
+                 else torch.inference_mode)
     for i in tqdm(steps, disable=not progress, desc=step.__name__):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         if noise_fn is not None:  # None: a deterministic step (inversion)
             kwargs["noise"] = noise_fn(x)
-        with torch.no_grad():
+        with grad_free():
             out = step(diffusion, model, x, t, **kwargs)
         yield {"step": i, **out}
         x = out["sample"]

@@ -485,14 +485,15 @@ class QKVAttention(nn.Module):
         if width % (3 * heads):
             raise ValueError(f"qkv width {width} is not 3 x {heads} heads")
         ch = width // (3 * heads)
+        # To [q, k, v][N][head][T][ch]: SDPA wants positions before
+        # channels, and its fused GPU kernels want each position's channels
+        # adjacent in memory (last stride 1), hence one copy.
         if self.legacy_order:  # [head][q, k, v][ch]
-            q, k, v = qkv.reshape(n, heads, 3 * ch, length).split(ch, dim=2)
+            qkv = qkv.reshape(n, heads, 3, ch, length).permute(2, 0, 1, 4, 3)
         else:  # [q, k, v][head][ch]
-            q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
-        # SDPA wants [N, heads, T, ch]: positions before channels.
-        out = F.scaled_dot_product_attention(
-            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
-        )
+            qkv = qkv.reshape(n, 3, heads, ch, length).permute(1, 0, 2, 4, 3)
+        q, k, v = qkv.contiguous().unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, ch]
         return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 

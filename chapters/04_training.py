@@ -220,7 +220,8 @@ class TrainConfig:
     ema_rate: str = "0.9999"  # comma-separated rates
     ema_warmup: bool = True
     schedule_sampler: str = "uniform"
-    precision: str = "auto"  # bf16 on a GPU, fp32 on a CPU
+    precision: str = "auto"  # bf16 where native (GPU, new CPUs), else fp32
+    compile: bool = False  # torch.compile the network for training
     noised: bool = True  # classifier: train on noised images
     clean_fraction: float = 0.0  # classifier: share of noise-free images
     seed: int = 0
@@ -247,7 +248,7 @@ RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
     "sample_steps", "eval_interval", "eval_images", "max_nonfinite",
-    "tensorboard",
+    "tensorboard", "compile",
 })
 
 # %% [markdown]
@@ -1025,8 +1026,10 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
 accumulation and its application, and `train`."""
 import contextlib
 import copy
+import functools
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -1067,7 +1070,7 @@ from adm_lib.config import (
     ema_rates,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset
+from adm_lib.data import DataError, ImageDataset, Pixels
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
@@ -1094,13 +1097,64 @@ from adm_lib.viz import to_uint8
 
 # %%
 #| export
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # AVX-512-BF16 or AMX: without them oneDNN emulates bf16, several
+    # times slower than float32.
+    mkldnn = torch.ops.mkldnn
+    return device.type == "cpu" and mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" as bf16 on a GPU and fp32 elsewhere; others unchanged."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """"auto" as bf16 where the device has it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    _say_fp32(device.type)
+    return "fp32"
 
 
+@functools.cache
+def _say_fp32(device_type: str) -> None:
+    """Say once per process why "auto" precision is float32 here."""
+    print(f"adm_lib: this {device_type} has no native bfloat16 (a CPU needs "
+          "AVX-512-BF16 or AMX), so precision 'auto' runs in float32",
+          file=sys.stderr)
+
+# %% [markdown]
+# "auto" is bf16 only where the hardware computes in it: on a CPU without
+# AVX-512-BF16 or AMX, oneDNN emulates bf16 and a step is several times
+# slower than in float32. The rest of the fast path is for GPUs: TF32 for
+# the products left in float32, cuDNN's autotuner, and channels_last
+# tensors (each pixel's channels adjacent), the layout of its fastest
+# convolutions. The appendix on the engineering of runs measures what
+# they buy (R.7).
+
+# %%
+#| export
+def fast_backends(device: torch.device) -> None:
+    """TF32 matrix products and cuDNN's autotuner on a GPU."""
+    if device.type == "cuda":
+        # TF32 rounds float32 products' inputs to 10 mantissa bits: the
+        # float32 parts of a bf16 run lose nothing that bf16 kept.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU, where cuDNN's fastest convolutions want it."""
+    return (torch.channels_last if device.type == "cuda"
+            else torch.contiguous_format)
+
+# %% [markdown]
+# Autocast itself wraps the network, not the loss:
+
+# %%
+#| export
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -1398,11 +1452,15 @@ class TrainState:
                device: torch.device) -> "TrainState":
         """A fresh state: seeded initial weights, AdamW, EMA copies."""
         torch.manual_seed(config.seed)
-        model = build_model(config).to(device)
+        model = build_model(config).to(device,
+                                       memory_format=memory_format(device))
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
+        # Fused: one kernel for all parameters' updates, not one per tensor.
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=device.type in ("cpu", "cuda"))
         precision = resolve_precision(config.precision, device)
         scaler = torch.amp.GradScaler(device.type,
                                       enabled=precision == "fp16")
@@ -2082,17 +2140,49 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     order = BatchOrder(indices, config.batch_size, config.seed)
     sampler = RankBatches(order, ranks.rank, ranks.world_size, state.step)
     loader = DataLoader(
-        data, batch_sampler=sampler, num_workers=config.num_workers,
+        Pixels(data), batch_sampler=sampler,
+        num_workers=config.num_workers,
         pin_memory=ranks.device.type == "cuda",
         # Its own generator: the global one (dropout's) stays untouched.
         generator=torch.Generator().manual_seed(config.seed))
     return loader, sampler
 
 # %% [markdown]
-# Each step then reads its rows and draws, flips the chosen images, sets
-# the learning rate, accumulates and applies the gradients and records
-# them; between steps rank 0 logs, saves and looks at the model, and the
-# time that takes is kept out of the throughput it logs.
+# One step, `train_step`, is what `adm train` repeats and what `adm bench`
+# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
+# on the device: a quarter of float32's bytes cross to a GPU.
+
+# %%
+#| export
+def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
+               model: nn.Module, state: TrainState, pixels: Tensor,
+               y: Tensor, rows: slice, ranks: Ranks,
+               log: MetricsLog | None = None,
+               last: Path | None = None) -> float:
+    """One optimisation step on the rank's uint8 images; its lr."""
+    device = ranks.device
+    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
+    x = x.contiguous(memory_format=memory_format(device))
+    y = y.to(device, non_blocking=True)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(config, state.sampler, state.step, shape,
+                      device).rows(rows)
+    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+    lr = learning_rate(config, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss, terms = accumulate_gradients(config, diffusion, model, state,
+                                       x, y, draws, device)
+    status, norm = apply_gradients(config, state, loss, ranks)
+    record_step(config, state, status, norm, draws.t, terms, ranks, log,
+                last)
+    state.step += 1
+    return lr
+
+# %% [markdown]
+# The loop reads each step's rows and takes the step; between steps rank 0
+# logs, saves and looks at the model, and the time that takes is kept out
+# of the throughput it logs.
 
 # %%
 #| export
@@ -2100,6 +2190,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
+    fast_backends(device)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
@@ -2109,6 +2200,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     if ranks.world_size > 1:
         model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
+    # Compiled for the steps only: checkpoints keep the plain module's keys.
+    run = torch.compile(model) if config.compile else model
     loader, sampler = _loader(config, data, train_idx, state, ranks)
     log = None
     if ranks.main:
@@ -2116,7 +2209,6 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
                          out / "tensorboard" if config.tensorboard else None)
         truncate_metrics(log.path, state.step)
         (out / "samples").mkdir(exist_ok=True)
-    shape = (config.in_channels, config.image_size, config.image_size)
     look_every = (config.eval_interval if config.kind == "classifier"
                   else config.sample_interval)
     bar = tqdm(total=config.steps, initial=state.step, unit="step",
@@ -2125,21 +2217,11 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     batches = iter(loader)
     while state.step < config.steps:
         try:
-            x, y = (v.to(device, non_blocking=True) for v in next(batches))
+            pixels, y = next(batches)
         except DataError as err:
             raise DataError(_worker_error(err)) from None
-        draws = draw_step(config, state.sampler, state.step, shape,
-                          device).rows(sampler.rows)
-        x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
-        lr = learning_rate(config, state.step)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
-        loss, terms = accumulate_gradients(config, diffusion, model, state,
-                                           x, y, draws, device)
-        status, norm = apply_gradients(config, state, loss, ranks)
-        record_step(config, state, status, norm, draws.t, terms, ranks, log,
-                    last)
-        state.step += 1
+        lr = train_step(config, diffusion, run, state, pixels, y,
+                        sampler.rows, ranks, log, last)
         bar.update()
         pause, done = time.perf_counter(), state.step == config.steps
         if log and (state.step % config.log_interval == 0

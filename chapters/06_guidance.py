@@ -177,6 +177,7 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
+from adm_lib.train import autocast_model, resolve_precision
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]
@@ -386,17 +387,22 @@ def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
     batch_size: int = 64, device: str | torch.device = "cpu",
-    seed: int = 0, progress: bool = False, **options: Any,
+    seed: int = 0, progress: bool = False, precision: str = "fp32",
+    **options: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
     `options` go to `guided_sample` (sampler, cond_fn, guide_at_mean,
     eta). Sample i's noise, x_T and steps, is `sample_noise`'s stream i,
-    so samples do not depend on the batch size.
+    so samples do not depend on the batch size. The network runs at
+    `precision` (chapter 4's; "auto": bf16 where native), the sampler's
+    arithmetic in float32.
     """
     if labels is not None and len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} samples")
     device = torch.device(device)
+    model = autocast_model(model, resolve_precision(precision, device),
+                           device)
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)

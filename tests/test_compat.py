@@ -202,3 +202,13 @@ def test_load_checkpoint_missing_and_corrupt_files(tmp_path: Path) -> None:
     torch.save({"step": 3}, odd)
     with pytest.raises(ValueError, match="odd.pt does not hold"):
         gd.load_checkpoint(odd, TINY)
+
+
+def test_no_attention_resolutions_leaves_only_the_middle_blocks():
+    # "" passes validation (no attention at any resolution): the builder
+    # must agree.
+    model = gd.model_from_flags({"image_size": 32, "channel_mult": "1,2",
+                                 "attention_resolutions": "",
+                                 "num_channels": 32})
+    names = [type(m).__name__ for m in model.modules()]
+    assert names.count("AttentionBlock") == 1  # the middle block's, always

@@ -501,7 +501,7 @@ def test_adm_demo_trains_samples_scores_and_reports(
         path = out / f"samples_scale_{scale}.npz"
         assert report["files"][f"samples_scale_{scale}"] == str(path)
         with np.load(path) as batch:
-            assert batch["arr_0"].shape == (10, 28, 28, 1)
+            assert batch["arr_0"].shape == (10, 32, 32, 1)
             assert batch["arr_0"].dtype == np.uint8
             assert batch["arr_1"].dtype == np.int64
             assert batch["arr_1"].tolist() == list(range(10))

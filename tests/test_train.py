@@ -605,11 +605,38 @@ def test_mixed_precision_on_cpu(data, tmp_path, precision, dtype):
     assert (out / "samples" / "step_00000002.png").exists()
 
 
-def test_resolve_precision():
-    assert tr.resolve_precision("auto", CPU) == "fp32"
-    assert tr.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+@pytest.mark.parametrize("native", [True, False])
+def test_resolve_precision(monkeypatch, capsys, native):
+    # "auto" is bf16 only where it is native: emulated bf16 is slower.
+    monkeypatch.setattr(tr, "native_bf16", lambda device: native)
+    tr._say_fp32.cache_clear()
+    want = "bf16" if native else "fp32"
+    for device in (CPU, torch.device("cuda", 0)):
+        assert tr.resolve_precision("auto", device) == want
     for precision in ("fp32", "bf16", "fp16"):
         assert tr.resolve_precision(precision, CPU) == precision
+    said = capsys.readouterr().err
+    # Said once per device type, and only when it falls back.
+    assert said.count("no native bfloat16") == (0 if native else 2)
+    tr.resolve_precision("auto", CPU)
+    assert "bfloat16" not in capsys.readouterr().err
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read() if os.path.exists(
+        "/proc/cpuinfo") else ""
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    has = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    assert tr.native_bf16(CPU) == has
+
+
+def test_fast_path_pieces_follow_the_device():
+    assert tr.memory_format(CPU) == torch.contiguous_format
+    assert tr.memory_format(torch.device("cuda", 0)) == torch.channels_last
+    before = torch.backends.cudnn.benchmark
+    tr.fast_backends(CPU)  # changes nothing on a CPU
+    assert torch.backends.cudnn.benchmark == before
 
 
 # --- checkpoints and runs of each kind ------------------------------------------
@@ -1043,6 +1070,7 @@ BAD_SETTINGS = {
     "sample_steps": ("diffusion", "ddim999"),
     "eval_interval": ("classifier", 0), "eval_images": ("classifier", -1),
     "max_nonfinite": ("diffusion", 0), "tensorboard": ("diffusion", "x"),
+    "compile": ("diffusion", "yes"),
 }
 # Checked when the run starts, before its first step (see the tests above
 # and below): where the data are, and which device.

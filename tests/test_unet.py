@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adm_lib.unet import (
@@ -140,6 +141,24 @@ def test_attention_orders_match_explicit_attention() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="qkv width"):
         QKVAttention(4)(torch.randn(1, 30, 3))
+
+
+@pytest.mark.parametrize("legacy_order", [True, False])
+def test_attention_gives_sdpa_channels_adjacent_in_memory(
+        monkeypatch: pytest.MonkeyPatch, legacy_order: bool) -> None:
+    # The fused (flash, memory-efficient) kernels need last stride 1; with
+    # another, SDPA falls back to the math kernel and its T x T matrix.
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append([(t.shape, t.stride(-1)) for t in (q, k, v)])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    heads, ch, length = 2, 8, 6
+    QKVAttention(heads, legacy_order)(torch.randn(N, 3 * heads * ch, length))
+    assert seen == [[((N, heads, length, ch), 1)] * 3]
 
 
 @pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial",

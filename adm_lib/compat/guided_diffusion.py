@@ -46,6 +46,7 @@ __all__ = [
     "NUM_CLASSES",
     "DEFAULTS",
     "parse_flags",
+    "unet_arguments",
     "model_from_flags",
     "classifier_from_flags",
     "upsampler_from_flags",
@@ -211,8 +212,11 @@ def _numbers(text: str) -> tuple[float, ...]:
 
 
 def _attention_factors(resolutions: str, image_size: int) -> tuple[int, ...]:
-    """Attention resolutions (e.g. "32,16,8") as down-sampling factors."""
-    return tuple(image_size // int(r) for r in resolutions.split(","))
+    """Attention resolutions (e.g. "32,16,8") as down-sampling factors.
+
+    "" is no attention (the reference's parser would fail on it).
+    """
+    return tuple(image_size // int(r) for r in resolutions.split(",") if r)
 
 
 def _unet_options(f: Mapping[str, Any], size: int,
@@ -255,15 +259,22 @@ def _channel_mult(f: Mapping[str, Any], table: dict, size_flag: str
     return table[size]
 
 
-def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
-    """The diffusion UNet the reference's create_model builds from flags."""
+def unet_arguments(flags: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the diffusion UNet that flags describe.
+
+    The reference's `UNetModel` takes the same ones but `rescale_residual`
+    (an adm_lib extension).
+    """
     f = parse_flags(flags)
     size = f["image_size"]
     channel_mult = _channel_mult(f, CHANNEL_MULT, "image_size")
-    return UNetModel(
-        **_unet_options(f, size, channel_mult),
-        use_new_attention_order=f["use_new_attention_order"],
-    )
+    return {**_unet_options(f, size, channel_mult),
+            "use_new_attention_order": f["use_new_attention_order"]}
+
+
+def model_from_flags(flags: str | Mapping[str, Any]) -> UNetModel:
+    """The diffusion UNet the reference's create_model builds from flags."""
+    return UNetModel(**unet_arguments(flags))
 
 
 def classifier_from_flags(flags: str | Mapping[str, Any]) -> EncoderUNetModel:
