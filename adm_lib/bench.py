@@ -31,6 +31,7 @@ from adm_lib.config import (
     TrainConfig,
     TrainError,
     build_diffusion,
+    ema_rates,
     make_config,
     model_flags,
     validate,
@@ -179,7 +180,7 @@ class Reference:
             model=model, use_fp16=self.use_fp16)
         self.opt = torch.optim.AdamW(self.trainer.master_params, lr=config.lr,
                                      weight_decay=config.weight_decay)
-        self.ema_rate = float(config.ema_rate.split(",")[0])
+        self.ema_rate = ema_rates(config)[0]
         self.ema = copy.deepcopy(self.trainer.master_params)
         self.sampler = modules["resample"].UniformSampler(self.diffusion)
         self.update_ema = modules["nn"].update_ema
