@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:710
+# %% chapters/04_training.py:711
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -32,7 +32,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
 
 
-# %% chapters/04_training.py:726
+# %% chapters/04_training.py:727
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -86,7 +86,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:790
+# %% chapters/04_training.py:791
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -128,7 +128,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      flip.to(device), clean.to(device), drop.to(device))
 
 
-# %% chapters/04_training.py:843
+# %% chapters/04_training.py:844
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -184,7 +184,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:904
+# %% chapters/04_training.py:905
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -255,16 +255,18 @@ def forward_flops(model: torch.nn.Module, config: TrainConfig,
     return float(counter.get_total_flops())
 
 
-def run_bench(config: TrainConfig, *, batch: int, rounds: int = 5,
-              warmup: int = 2, sample_steps: str = "25",
+def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
+              sample_steps: str = "25",
               sample_batch: int | None = None,
               reference: Path | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Time training and sampling of `config`; a report.
 
-    The sampler draws `sample_batch` images at once (default `batch`):
-    without gradients, a GPU needs a larger batch to fill.
+    Training steps take `config.batch_size` images; the sampler draws
+    `sample_batch` at once (default the same): without gradients, a GPU
+    needs a larger batch to fill.
     """
+    batch = config.batch_size
     sample_batch = sample_batch or batch
     if min(batch, sample_batch, rounds) < 1 or warmup < 0:
         raise BenchError(f"batch {batch}, sample batch {sample_batch}, "

@@ -24,16 +24,16 @@ if TYPE_CHECKING:  # torch is imported when the demo runs, not by `adm -h`
 class DemoSettings:
     """What the demo trains and draws.
 
-    The defaults took 898 s on a 2-core CPU (README) and make rough
-    digits, many on grey backgrounds.
+    The defaults took 828 s on a 2-core AVX2 CPU in float32 (README):
+    95% of the samples at scale 1 in the class asked for, FID 1.0.
     """
 
-    steps: int = 1000  # diffusion model, batch 32
+    steps: int = 800  # diffusion model, batch 32
     classifier_steps: int = 400  # noisy classifier, batch 64
     scales: tuple[float, ...] = (1.0, 4.0)
     per_class: int = 20  # samples of each digit at each scale
     sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim" (eta 0)
-    respacing: str = "50"  # the sampler's steps (a respacing spec)
+    respacing: str = "25"  # the sampler's steps (a respacing spec)
     device: str = "auto"
     seed: int = 0
 
@@ -46,7 +46,12 @@ def _configs(settings: DemoSettings, device: str) -> dict:
     return {
         "diffusion": make_config("diffusion", "mnist", {
             **common, "steps": settings.steps, "batch_size": 32, "lr": 1e-3,
-            "num_res_blocks": 1, "ema_rate": "0.999",
+            "num_res_blocks": 1,
+            # Chapter 4.13 measured these: a short run learns digits and
+            # their classes far sooner predicting x0 under L_simple alone,
+            # and a short EMA keeps up with weights that still move fast.
+            "predict_xstart": True, "learn_sigma": False,
+            "ema_rate": "0.95",
             "save_interval": 250, "sample_interval": 10**9,
             "sample_steps": "ddim25", "num_samples": 10}),
         "classifier": make_config("classifier", "mnist", {

@@ -843,8 +843,9 @@ with np.load(batch_file) as batch:
 # `adm demo` runs this chapter's story in one command: it trains a small
 # class-conditional model and a classifier on MNIST-5k, draws every digit
 # at two guidance scales, and reports the evaluation network's accuracy
-# on them and their FID, all within ten minutes on a two-core CPU (see
-# the README for its measured time).
+# on them and their FID, in about a quarter of an hour on a two-core CPU
+# (the README has its measured time; chapter 4.13 its recipe, and why it
+# guides with ancestral steps rather than DDIM's).
 #
 # ## 6.9 A longer run, recorded
 #

@@ -295,8 +295,9 @@ from adm_lib.bench import bench_config, format_report, run_bench
 
 toy = bench_config("demo", {"num_channels": 32, "channel_mult": "1,2",
                             "num_res_blocks": 1, "diffusion_steps": 50,
-                            "attention_resolutions": "16"}, device)
-report = run_bench(toy, batch=2, rounds=1, warmup=0, sample_steps="2",
+                            "attention_resolutions": "16",
+                            "batch_size": 2}, device)
+report = run_bench(toy, rounds=1, warmup=0, sample_steps="2",
                    progress=False)
 print(format_report("demo (toy size)", report))
 assert report["train"]["adm_lib"]["rate"] > 0

@@ -1,0 +1,172 @@
+"""Measure training recipes for `adm demo`: accuracy and FID against minutes.
+
+Each recipe is the demo's diffusion config with some fields changed. It is
+trained once, with a checkpoint every `--every` images; every checkpoint is
+then sampled (20 of each digit, 25 steps of DDIM or ancestral sampling, at
+one guidance scale) with its raw weights, the last also with each EMA, and
+scored with chapter 5's MNIST network. One JSON line per checkpoint and
+weights goes to results.jsonl; `--plot FILE` draws accuracy and FID against
+training minutes.
+
+    python scripts/demo_recipes.py eps x0 --out build/demo_recipes
+    python scripts/demo_recipes.py --out build/demo_recipes --plot fig.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+# What each recipe sets in the demo's diffusion config, and why.
+RECIPES = {
+    "eps": ({"predict_xstart": False, "learn_sigma": True, "lr": 1e-3},
+            "the reference's: predict the noise, learned variances"),
+    "x0": ({"predict_xstart": True, "learn_sigma": True, "lr": 1e-3},
+           "predict the clean image instead"),
+    "x0-simple": ({"predict_xstart": True, "learn_sigma": False, "lr": 1e-3},
+                  "and fixed variances: L_simple alone, no L_vlb"),
+    "x0-simple-lr2e-3": ({"predict_xstart": True, "learn_sigma": False,
+                          "lr": 2e-3},
+                         "x0-simple at twice the learning rate"),
+}
+
+
+def _train(name: str, images: int, every: int, out: Path) -> tuple[Path,
+                                                                   float]:
+    """Train recipe `name` on `images` images; its run, seconds per step."""
+    from adm_lib.config import make_config
+    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.runlog import read_metrics
+    from adm_lib.train import train
+
+    fields = asdict(_configs(DemoSettings(), "cpu")["diffusion"])
+    del fields["kind"]
+    fields.update(RECIPES[name][0], keep_checkpoints=10**6,
+                  ema_rate="0.95,0.999")
+    # Every recipe sees the same images, and checkpoints at the same ones.
+    fields.update(steps=images // fields["batch_size"],
+                  save_interval=every // fields["batch_size"])
+    run = out / name
+    train(make_config("diffusion", None, fields), run, resume=run.exists())
+    rates = sorted(r["steps_per_s"] for r in read_metrics(run))
+    return run, 1 / rates[len(rates) // 2]
+
+
+def _score(name: str, run: Path, per_step: float, scale: float,
+           sampler: str, every_checkpoint: bool, out: Path) -> None:
+    """Sample and score every checkpoint of `run`; append to results."""
+    import torch
+
+    from adm_lib.checkpoints import load_run
+    from adm_lib.data import load_dataset
+    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.diffusion import respace
+    from adm_lib.guidance import classifier_cond_fn, sample_batches
+    from adm_lib.metrics import (
+        compute_activations,
+        feature_extractor,
+        score_activations,
+    )
+    from adm_lib.train import train
+    from adm_lib.viz import to_uint8
+
+    hook = None
+    if scale:
+        classifier = out / "classifier"
+        if not classifier.exists():
+            train(_configs(DemoSettings(), "cpu")["classifier"], classifier)
+        hook = classifier_cond_fn(load_run(classifier).model, scale)
+    judge = feature_extractor("mnist")
+    labels = torch.arange(200) % 10
+    data = load_dataset("mnist5k", resolution=32, channels=1)
+    real = to_uint8(data.images(range(len(data))))
+    reference = compute_activations(real, judge, 500, "cpu")
+    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
+    if not every_checkpoint:
+        checkpoints = checkpoints[-1:]
+    for checkpoint in checkpoints:
+        # The EMAs at the end only: early on they trail the raw weights.
+        last = checkpoint == checkpoints[-1]
+        for weights in ("model", "0.95", "0.999") if last else ("model",):
+            net = load_run(checkpoint, weights=weights)
+            images, _ = sample_batches(
+                respace(net.diffusion, "25"), net.model, 200, (1, 32, 32),
+                labels, 100, "cpu", 0, False, sampler=sampler,
+                cond_fn=hook)
+            scores = score_activations(
+                reference, compute_activations(images, judge, 500, "cpu"),
+                labels.numpy(), "cpu")
+            row = {"recipe": name, "step": net.step, "weights": weights,
+                   "scale": scale, "sampler": sampler,
+                   "minutes": net.step * per_step / 60,
+                   "accuracy": scores["accuracy"], "fid": scores["fid"],
+                   "mean_intensity": float(images.mean()),
+                   "data_mean_intensity": float(real.mean())}
+            print(json.dumps(row), flush=True)
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def plot(out: Path, path: Path) -> None:
+    """Accuracy and FID against training minutes, a line per recipe.
+
+    The raw weights' unguided DDIM samples, which every recipe has.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line)
+            for line in (out / "results.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = sorted((r["minutes"], r["accuracy"], r["fid"])
+                      for r in rows if r["recipe"] == recipe
+                      and r["weights"] == "model" and r["scale"] == 0
+                      and r["sampler"] == "ddim")
+        minutes, accuracy, fid = zip(*mine, strict=True)
+        axes[0].plot(minutes, accuracy, marker="o", label=recipe)
+        axes[1].plot(minutes, fid, marker="o", label=recipe)
+    axes[0].set(xlabel="training minutes (2-core CPU)",
+                ylabel="accuracy on the samples")
+    axes[0].axhline(0.85, color="grey", lw=0.5)
+    axes[1].set(xlabel="training minutes (2-core CPU)",
+                ylabel="FID (mnist-net)", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("raw weights, unguided, 25 DDIM steps; 200 samples each",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("recipes", nargs="*", help=", ".join(RECIPES))
+    parser.add_argument("--out", type=Path, default=Path("build/recipes"))
+    parser.add_argument("--images", type=int, default=25600,
+                        help="training images (steps x batch)")
+    parser.add_argument("--every", type=int, default=6400,
+                        help="images between checkpoints")
+    parser.add_argument("--scale", type=float, default=0.0,
+                        help="classifier guidance scale (0: none)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"),
+                        default="ddim", help="25 steps of DDIM or ancestral")
+    parser.add_argument("--last", action="store_true",
+                        help="score the last checkpoint only")
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    unknown = set(args.recipes) - set(RECIPES)
+    if unknown:
+        parser.error(f"no recipe {', '.join(sorted(unknown))}: choose from "
+                     f"{', '.join(RECIPES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.recipes:
+        run, per_step = _train(name, args.images, args.every, args.out)
+        _score(name, run, per_step, args.scale, args.sampler, not args.last,
+               args.out)
+    if args.plot:
+        plot(args.out, args.plot)
+
+
+if __name__ == "__main__":
+    main()
