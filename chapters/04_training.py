@@ -2975,10 +2975,10 @@ assert all(r["samples"].shape == sample_noise.shape
 # gradient $g$ into a change of $x_0$ of
 # $(1 - \bar\alpha_t) g / \sqrt{\bar\alpha_t}$; at the first of 25
 # steps of the cosine schedule $\bar\alpha = 2.4 \times 10^{-9}$, and
-# the next $x$ moves by 1,327 $g$. Ancestral guidance (Algorithm 1)
-# shifts the mean by $s \Sigma g$, bounded by the step's variance. At
-# scale 1, with the demo's classifier (400 steps), the x0-simple model
-# at step 800 with EMA 0.95 gave:
+# the next $x$ moves by 1,326 $g$ (chapter 6.1 derives it). Ancestral
+# guidance (Algorithm 1) shifts the mean by $s \Sigma g$, bounded by the
+# step's variance. At scale 1, with the demo's classifier (400 steps),
+# the x0-simple model at step 800 with EMA 0.95 gave:
 #
 # | sampler, 25 steps | accuracy | FID | mean pixel |
 # | --- | --- | --- | --- |
