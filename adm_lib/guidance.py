@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-# %% chapters/06_guidance.py:205
+# %% chapters/06_guidance.py:207
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +61,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:338
+# %% chapters/06_guidance.py:340
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -100,7 +100,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:389
+# %% chapters/06_guidance.py:391
 def sample_seed(seed: int, index: int) -> int:
     """The seed of the noise stream of sample `index` under `seed`."""
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
@@ -130,7 +130,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:427
+# %% chapters/06_guidance.py:429
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -167,7 +167,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:522
+# %% chapters/06_guidance.py:524
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""
