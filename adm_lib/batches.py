@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:711
+# %% chapters/04_training.py:721
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -32,7 +32,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
 
 
-# %% chapters/04_training.py:727
+# %% chapters/04_training.py:737
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -86,7 +86,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:791
+# %% chapters/04_training.py:801
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -97,6 +97,8 @@ class StepDraws:
     flip: Tensor
     clean: Tensor
     drop: Tensor
+    low_res_t: Tensor  # upsampler augmentation: step, and noise (or N x 0)
+    low_res_noise: Tensor
 
     def rows(self, rows: slice) -> "StepDraws":
         """The draws of one rank's rows."""
@@ -124,11 +126,24 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
         step_seed(config.seed, 3, stream, step))
     noise = torch.randn((config.batch_size, *shape), generator=noise_g,
                         device=device)
+    low_res_t = torch.zeros(config.batch_size, dtype=torch.long)
+    low_res_noise = torch.empty((config.batch_size, 0), device=device)
+    if config.low_res_noise:  # its own streams: the others stay as they are
+        aug_g = torch.Generator().manual_seed(
+            step_seed(config.seed, 4, stream, step))
+        low_res_t = torch.randint(config.low_res_noise + 1,
+                                  (config.batch_size,), generator=aug_g)
+        aug_noise_g = torch.Generator(device).manual_seed(
+            step_seed(config.seed, 5, stream, step))
+        small = (shape[0], config.small_size, config.small_size)
+        low_res_noise = torch.randn((config.batch_size, *small),
+                                    generator=aug_noise_g, device=device)
     return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device), drop.to(device))
+                     flip.to(device), clean.to(device), drop.to(device),
+                     low_res_t.to(device), low_res_noise)
 
 
-# %% chapters/04_training.py:844
+# %% chapters/04_training.py:869
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -184,7 +199,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:905
+# %% chapters/04_training.py:930
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

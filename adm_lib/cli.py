@@ -179,52 +179,135 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from adm_lib import sampling
+# Options of the base model: meaningless when --low-res gives its images.
+_BASE_ONLY = ("model_flags", "respacing", "sampler", "num_samples")
+_UPSAMPLER_ONLY = ("upsampler_flags", "upsampler_sampler",
+                   "upsampler_respacing", "low_res_t", "low_res")
 
-    device = _device(args.device)
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any work."""
     for option in ("classifier_flags", "classifier_scale"):
         if getattr(args, option) is not None and not args.classifier:
             raise CommandError(f"--{option.replace('_', '-')} needs "
                                "--classifier")
+    for option in _UPSAMPLER_ONLY:
+        if getattr(args, option) is not None and not args.upsampler:
+            raise CommandError(f"--{option.replace('_', '-')} needs "
+                               "--upsampler")
+    if args.low_res_t is not None and args.low_res_t < 0:
+        raise CommandError(f"--low-res-t {args.low_res_t}: expected a "
+                           "step >= 0")
+    if args.low_res is not None:
+        if args.model is not None:
+            raise CommandError(f"--low-res upsamples the images of "
+                               f"{args.low_res}: give no MODEL "
+                               f"({args.model}) with it")
+        if args.classifier is not None:
+            raise CommandError("--classifier: guidance runs in the base "
+                               "model only, and --low-res has none")
+        if args.cfg_scale:
+            raise CommandError("--cfg-scale: guidance runs in the base "
+                               "model only, and --low-res has none")
+        for option in _BASE_ONLY:
+            if getattr(args, option) is not None:
+                flag = option.replace("_", "-")
+                raise CommandError(
+                    f"--{flag} is the base model's, and --low-res has none"
+                    + ("; the upsampler's is --upsampler-" + flag
+                       if flag in ("respacing", "sampler") else ""))
+        if not args.low_res.exists():
+            raise CommandError(f"--low-res {args.low_res}: no such file or "
+                               "folder")
+    elif args.model is None:
+        raise CommandError("give a MODEL to sample (with --upsampler, a "
+                           "cascade), or --low-res images and an "
+                           "--upsampler to upsample them")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from adm_lib import sampling
+
+    device = _device(args.device)
+    _check_sample_args(args)
     scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+    sampler = args.sampler or "ddpm"
+    count = 16 if args.num_samples is None else args.num_samples
+    up_sampler = args.upsampler_sampler or "ddpm"
+    low_out = None
     try:
         # Every option is checked before a model loads or a step runs.
         sampling.check_options(
             args.classifier, classifier_scale=scale,
-            cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
+            cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
             guide_at_mean=args.guide_at == "mean",
-            num_samples=args.num_samples, labels=args.labels,
+            num_samples=count, labels=args.labels,
             batch_size=args.batch_size)
         sampling.check_out(args.out, args.grid_columns)
-        model = sampling.load_network(args.model, "diffusion",
-                                      args.model_flags, args.weights, device)
-        classifier = None
+        if args.model is not None and args.upsampler is not None:
+            low_out = args.out.with_name(f"{args.out.stem}_low_res.npz")
+            sampling.check_out(low_out)
+        model = classifier = upsampler = None
+        if args.model is not None:
+            model = sampling.load_network(args.model, "diffusion",
+                                          args.model_flags, args.weights,
+                                          device)
         if args.classifier:
             classifier = sampling.load_network(
                 args.classifier, "classifier", args.classifier_flags,
                 args.weights, device)
-        images, labels = sampling.sample(
-            model, classifier,
-            classifier_scale=scale,
-            cfg_scale=args.cfg_scale, sampler=args.sampler,
-            respacing=args.respacing, eta=args.eta,
-            guide_at_mean=args.guide_at == "mean",
-            num_samples=args.num_samples, labels=args.labels,
+        if args.upsampler:
+            upsampler = sampling.load_network(
+                args.upsampler, "upsampler", args.upsampler_flags,
+                args.weights, device)
+        options = dict(
             batch_size=args.batch_size, device=device, seed=args.seed,
             progress=not args.quiet, precision=args.precision)
+        base = dict(
+            classifier_scale=scale, cfg_scale=args.cfg_scale,
+            sampler=sampler, respacing=args.respacing, eta=args.eta,
+            guide_at_mean=args.guide_at == "mean", num_samples=count,
+            labels=args.labels)
+        upsampling = dict(
+            upsampler_sampler=up_sampler,
+            upsampler_respacing=args.upsampler_respacing,
+            low_res_t=args.low_res_t)
+        low = None
+        if model is None:
+            images, labels = sampling.upsample_files(
+                upsampler, args.low_res, labels=args.labels, eta=args.eta,
+                **upsampling, **options)
+        elif upsampler is None:
+            images, labels = sampling.sample(model, classifier, **base,
+                                             **options)
+        else:
+            low, images, labels = sampling.sample_cascade(
+                model, upsampler, classifier, **base, **upsampling,
+                **options)
         columns = args.grid_columns
         if columns is None and args.labels not in (None, "random"):
             columns = len(args.labels.split(","))
+        if low is not None:
+            low_batch, low_grid = sampling.write_samples(
+                low_out, low, labels, columns)
         batch, grid = sampling.write_samples(args.out, images, labels,
                                              columns)
     except (sampling.SampleError, OSError) as err:
         raise CommandError(str(err)) from None
-    print(f"model:   {model.source}")
+    if model:
+        print(f"model:     {model.source}")
     if classifier:
-        print(f"guided:  {classifier.source}, scale {scale}")
-    print(f"samples: {batch} ({len(images)} images {images.shape[1:]})")
-    print(f"grid:    {grid}")
+        print(f"guided:    {classifier.source}, scale {scale}")
+    if upsampler:
+        print(f"upsampler: {upsampler.source}")
+    if model is None:
+        print(f"low res:   {args.low_res} ({len(images)} images)")
+    if low is not None:
+        print(f"low res:   {low_batch} ({len(low)} images "
+              f"{low.shape[1:]})")
+        print(f"low grid:  {low_grid}")
+    print(f"samples:   {batch} ({len(images)} images {images.shape[1:]})")
+    print(f"grid:      {grid}")
     return 0
 
 
@@ -349,16 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     sample = commands.add_parser(
-        "sample", help="draw samples, guided or not, to an .npz and a PNG",
+        "sample", help="draw samples, guided or not, or upsampled, to an "
+        ".npz and a PNG",
         description="Sample a diffusion model (a run folder or checkpoint of "
         "adm train, or a released checkpoint of the reference with "
         "--model-flags), optionally guided by a noisy classifier (Algorithm "
-        "1 with ddpm, 2 with ddim) or by classifier-free guidance. Writes "
+        "1 with ddpm, 2 with ddim) or by classifier-free guidance; with "
+        "--upsampler, upsample its samples (a cascade, chapter 7), or with "
+        "--low-res and no MODEL, upsample given images. Writes "
         "the reference's batch format (arr_0 uint8 NHWC, arr_1 labels) and "
         "a PNG grid beside it.",
     )
-    sample.add_argument("model", type=Path,
-                        help="run folder or checkpoint of the diffusion model")
+    sample.add_argument("model", type=Path, nargs="?",
+                        help="run folder or checkpoint of the diffusion model"
+                        " (none with --low-res)")
     sample.add_argument("--model-flags", metavar="FLAGS",
                         help="the reference's flags of a released checkpoint,"
                         " e.g. \"--image_size 64 --class_cond True ...\"")
@@ -374,20 +461,42 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg-scale", type=float, default=0.0, metavar="W",
                         help="classifier-free guidance w, for a model "
                         "trained with label_dropout (default 0: none)")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
-                        help="ancestral (Algorithm 1) or DDIM (Algorithm 2)")
+    sample.add_argument("--sampler", choices=("ddpm", "ddim"),
+                        help="ancestral (Algorithm 1, the default) or DDIM "
+                        "(Algorithm 2)")
     sample.add_argument("--respacing", metavar="SPEC",
                         help="steps to keep: 250, ddim25, 10,15,20 ... "
                         "(default: 250 for ddpm, ddim25 for ddim)")
     sample.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM's stochasticity (default 0)")
+                        help="DDIM's stochasticity, in every stage that "
+                        "samples with ddim (default 0)")
     sample.add_argument("--guide-at", choices=("x_t", "mean"), default="x_t",
                         help="where Algorithm 1 takes the classifier's "
                         "gradient (the reference: x_t)")
-    sample.add_argument("--num-samples", type=int, default=16, metavar="N")
+    sample.add_argument("--num-samples", type=int, metavar="N",
+                        help="samples to draw (default 16)")
     sample.add_argument("--labels", metavar="random|Y,Y,...",
                         help="class labels, cycled through the samples "
-                        "(default random)")
+                        "(default random; with --low-res, the images' own)")
+    sample.add_argument("--upsampler", type=Path, metavar="PATH",
+                        help="upsampler (run folder or checkpoint) to "
+                        "upsample the samples, or the --low-res images")
+    sample.add_argument("--upsampler-flags", metavar="FLAGS",
+                        help="the reference's flags of a released upsampler"
+                        " (--large_size, --small_size ...)")
+    sample.add_argument("--upsampler-sampler", choices=("ddpm", "ddim"),
+                        help="the upsampler's sampler (default ddpm)")
+    sample.add_argument("--upsampler-respacing", metavar="SPEC",
+                        help="the upsampler's steps (default: 250 for "
+                        "ddpm, ddim25 for ddim)")
+    sample.add_argument("--low-res-t", type=int, metavar="S",
+                        help="step the upsampler's inputs are noised to, "
+                        "for one trained with low_res_noise (default: "
+                        "half of it; 0: none)")
+    sample.add_argument("--low-res", type=Path, metavar="NPZ|FOLDER",
+                        help="upsample these images (a batch .npz with "
+                        "optional labels, or a folder of images, labelled "
+                        "by class sub-folders) instead of a MODEL's")
     sample.add_argument("--batch-size", type=int, default=64)
     sample.add_argument("--device", default="auto",
                         help="auto: a GPU if there is one, else the CPU")
@@ -398,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the device has it natively, else fp32")
     sample.add_argument("--out", type=Path, default=Path("samples.npz"),
                         help="batch file (default samples.npz); the grid "
-                        "goes beside it as .png")
+                        "goes beside it as .png, a cascade's base samples "
+                        "as OUT_low_res.npz")
     sample.add_argument("--grid-columns", type=int, metavar="N")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)

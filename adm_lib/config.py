@@ -62,6 +62,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     image_size: int = 32  # the upsampler's output size
     small_size: int = 8  # the upsampler's input size
+    # Upsampler conditioning augmentation (chapter 7): noise the low-res
+    # input to a random step up to this one; 0: none (the reference).
+    low_res_noise: int = 0
     in_channels: int = 0
     num_classes: int = 0
     class_cond: bool = True
@@ -127,7 +130,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:247
+# %% chapters/04_training.py:250
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -136,7 +139,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:270
+# %% chapters/04_training.py:273
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -156,7 +159,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:294
+# %% chapters/04_training.py:297
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -207,7 +210,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:352
+# %% chapters/04_training.py:355
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -244,7 +247,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:394
+# %% chapters/04_training.py:397
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -257,7 +260,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:407
+# %% chapters/04_training.py:410
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -269,6 +272,13 @@ def validate(config: TrainConfig) -> None:
     if config.kind == "upsampler" and config.small_size >= config.image_size:
         raise TrainError(f"small_size={config.small_size} must be below "
                          f"image_size={config.image_size}")
+    if config.low_res_noise and config.kind != "upsampler":
+        raise TrainError("low_res_noise is an upsampler's setting (its "
+                         f"conditioning augmentation), not a {config.kind}'s")
+    if not 0 <= config.low_res_noise < config.diffusion_steps:
+        raise TrainError(f"low_res_noise={config.low_res_noise}: expected a "
+                         f"step from 0 (none) to diffusion_steps - 1 = "
+                         f"{config.diffusion_steps - 1}")
     if config.kind != "classifier" and config.num_samples < 1:
         raise TrainError(f"num_samples={config.num_samples} must be >= 1: "
                          f"a {config.kind}'s grids show that many samples")
@@ -282,7 +292,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:436
+# %% chapters/04_training.py:446
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -328,7 +338,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:487
+# %% chapters/04_training.py:497
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -369,7 +379,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:533
+# %% chapters/04_training.py:543
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -421,7 +431,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:589
+# %% chapters/04_training.py:599
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -438,7 +448,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:614
+# %% chapters/04_training.py:624
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

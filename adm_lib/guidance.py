@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from adm_lib.batches import step_seed
 from adm_lib.diffusion import (
     GaussianDiffusion,
     Model,
@@ -61,7 +62,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:340
+# %% chapters/06_guidance.py:341
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -77,10 +78,13 @@ def guided_sample(
     eta: float = 0.0, progress: bool = False,
     callback: Callable[[dict[str, Tensor]], None] | None = None,
     noise_fn: NoiseFn = torch.randn_like,
+    model_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
 
-    `noise_fn(x)` gives each step's noise (chapter 2's loops).
+    `noise_fn(x)` gives each step's noise (chapter 2's loops);
+    `model_kwargs` go to the model besides the labels (an upsampler's
+    `low_res`, chapter 7).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
@@ -90,7 +94,9 @@ def guided_sample(
     if guide_at_mean and sampler != "ddpm":
         raise ValueError("guide_at_mean applies to ancestral sampling "
                          "(Algorithm 1, sampler='ddpm') only")
-    kwargs = {} if labels is None else {"y": labels}
+    kwargs = dict(model_kwargs or {})
+    if labels is not None:
+        kwargs["y"] = labels
     if sampler == "ddpm":
         return p_sample_loop(diffusion, model, noise, progress, callback,
                              noise_fn=noise_fn, model_kwargs=kwargs,
@@ -100,9 +106,15 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:391
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of the noise stream of sample `index` under `seed`."""
+# %% chapters/06_guidance.py:397
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of the noise stream of sample `index` under `seed`.
+
+    `stream` > 0 names another use of the same samples' noise (a
+    cascade's upsampler, chapter 7).
+    """
+    if stream:  # hashed: independent of stream 0 but by 32-bit chance
+        return step_seed(seed, index, stream)
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
     # share a stream while index < M. CPU generators keep a seed's low 32
     # bits, so there this holds for seeds below 4,294; CUDA keeps 64.
@@ -110,14 +122,15 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def sample_noise(seed: int, indices: range,
-                 device: str | torch.device = "cpu") -> NoiseFn:
+                 device: str | torch.device = "cpu",
+                 stream: int = 0) -> NoiseFn:
     """Noise whose row k comes from sample indices[k]'s own stream.
 
     Each call draws the next noise of every stream on `device`: first a
     sample's x_T, then its steps' noise, whatever batch it is in.
     """
-    generators = [torch.Generator(device).manual_seed(sample_seed(seed, i))
-                  for i in indices]
+    generators = [torch.Generator(device).manual_seed(
+        sample_seed(seed, i, stream)) for i in indices]
 
     def noise_fn(like: Tensor) -> Tensor:
         if len(like) != len(generators):
@@ -130,24 +143,28 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:429
+# %% chapters/06_guidance.py:442
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
     batch_size: int = 64, device: str | torch.device = "cpu",
     seed: int = 0, progress: bool = False, precision: str = "fp32",
+    model_kwargs: dict[str, Tensor] | None = None, stream: int = 0,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
-    `options` go to `guided_sample` (sampler, cond_fn, guide_at_mean,
-    eta). Sample i's noise, x_T and steps, is `sample_noise`'s stream i,
-    so samples do not depend on the batch size. The network runs at
-    `precision` (chapter 4's; "auto": bf16 where native), the sampler's
-    arithmetic in float32.
+    `model_kwargs` hold a row per sample (as `labels`), given to the model
+    a batch at a time; `options` go to `guided_sample` (sampler, cond_fn,
+    guide_at_mean, eta). Sample i's noise, x_T and steps, comes from
+    `sample_noise(seed, ..., stream)`'s row i, so samples do not depend on
+    the batch size. The network runs at `precision` (chapter 4's; "auto":
+    bf16 where native), the sampler's arithmetic in float32.
     """
-    if labels is not None and len(labels) != count:
-        raise ValueError(f"{len(labels)} labels for {count} samples")
+    model_kwargs = dict(model_kwargs or {})
+    for name, rows in {"labels": labels, **model_kwargs}.items():
+        if rows is not None and len(rows) != count:
+            raise ValueError(f"{len(rows)} {name} for {count} samples")
     device = torch.device(device)
     model = autocast_model(model, resolve_precision(precision, device),
                            device)
@@ -156,18 +173,20 @@ def sample_batches(
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
     for start in range(0, count, batch_size):
         rows = range(start, min(start + batch_size, count))
-        noise_fn = sample_noise(seed, rows, device)
+        noise_fn = sample_noise(seed, rows, device, stream)
         x_T = noise_fn(torch.empty((len(rows), *shape), device=device))
         y = None if labels is None else labels[start:rows.stop].to(device)
+        kwargs = {k: v[start:rows.stop].to(device)
+                  for k, v in model_kwargs.items()}
         x = guided_sample(diffusion, model, x_T, y, noise_fn=noise_fn,
-                          **options)
+                          model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))
     bar.close()
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:524
+# %% chapters/06_guidance.py:543
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:973
+# %% chapters/04_training.py:998
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +23,7 @@ from adm_lib.config import TrainConfig
 from adm_lib.diffusion import GaussianDiffusion, Model, training_losses
 
 
-# %% chapters/04_training.py:986
+# %% chapters/04_training.py:1011
 def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:
@@ -32,7 +32,12 @@ def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     if config.class_cond:
         kwargs["y"] = torch.where(draws.drop, config.num_classes, y)
     if config.kind == "upsampler":
-        kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
+        low_res = F.interpolate(x, config.small_size, mode="area")
+        if config.low_res_noise:  # conditioning augmentation (chapter 7)
+            low_res = diffusion.q_sample(low_res, draws.low_res_t,
+                                         draws.low_res_noise)
+            kwargs["low_res_t"] = diffusion.model_timesteps(draws.low_res_t)
+        kwargs["low_res"] = low_res
     return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
 
 

@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1738
+# %% chapters/04_training.py:1768
 import json
 import os
 import time
@@ -49,7 +49,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.viz import pixel_grid
 
 
-# %% chapters/04_training.py:1772
+# %% chapters/04_training.py:1802
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -66,7 +66,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1793
+# %% chapters/04_training.py:1823
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -131,7 +131,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:1863
+# %% chapters/04_training.py:1893
 def _records(path: Path) -> list[dict[str, float]]:
     """The whole records of a JSONL file."""
     records = []
@@ -160,7 +160,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 
-# %% chapters/04_training.py:1892
+# %% chapters/04_training.py:1922
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -182,6 +182,9 @@ def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
         labels = torch.tensor([data[i][1] for i in chosen], device=device)
         kwargs["low_res"] = F.interpolate(truth, config.small_size,
                                           mode="area")
+        if config.low_res_noise:  # real inputs: shown to it as clean
+            kwargs["low_res_t"] = torch.zeros(n, dtype=torch.long,
+                                              device=device)
     if config.class_cond:
         kwargs["y"] = labels
     loop = (ddim_sample_loop if config.sample_steps.startswith("ddim")
@@ -222,7 +225,7 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-# %% chapters/04_training.py:1957
+# %% chapters/04_training.py:1990
 def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
     """Write uint8 N x H x W x C images as one grid PNG, atomically."""
     grid = pixel_grid(pixels, columns)

@@ -1,34 +1,39 @@
 """What `adm sample` does: load models, draw guided samples, write them.
 
-Hand-written tooling around `adm_lib.guidance` (chapter 6). A model comes
-from a run folder or checkpoint of `adm train`, or from a released
-checkpoint of the reference with its flags (`adm_lib.compat`).
+Hand-written tooling around `adm_lib.guidance` (chapter 6) and
+`adm_lib.cascade` (chapter 7). A model comes from a run folder or
+checkpoint of `adm train`, or from a released checkpoint of the reference
+with its flags (`adm_lib.compat`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from adm_lib import cascade as cs
 from adm_lib.checkpoints import load_run
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import TrainError
+from adm_lib.data import DataError, load_dataset
 from adm_lib.diffusion import GaussianDiffusion, respace
 from adm_lib.guidance import (
     SAMPLERS,
+    CondFn,
     classifier_cond_fn,
     classifier_free_model,
     ignore_labels,
     sample_batches,
 )
-from adm_lib.metrics import write_batch
+from adm_lib.metrics import read_batch, write_batch
 from adm_lib.runlog import save_png
 
 
@@ -48,16 +53,31 @@ class Loaded:
     respacing: str  # the respacing its flags ask for, if any
     null_label: int | None  # classifier-free guidance's label, if trained
     source: str
+    small_size: int = 0  # an upsampler's input size; 0 for other kinds
+    low_res_noise: int = 0  # an upsampler's largest augmentation step
+
+
+KINDS = ("diffusion", "classifier", "upsampler")
+_BUILDER = {"diffusion": "model", "classifier": "classifier",
+            "upsampler": "upsampler"}
+
+
+def _a(kind: str) -> str:
+    """`kind` with its article: "a diffusion", "an upsampler"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def load_network(path: str | os.PathLike, kind: str,
                  flags: str | None = None, weights: str = "ema",
                  device: str | torch.device = "cpu") -> Loaded:
-    """A diffusion model or classifier: ours (a run), or the reference's.
+    """A diffusion model, classifier or upsampler: ours, or the reference's.
 
-    `kind` is "diffusion" or "classifier". With `flags`, `path` is a
-    released checkpoint of the reference described by those flags.
+    `kind` is one of KINDS. With `flags`, `path` is a released checkpoint
+    of the reference described by those flags.
     """
+    if kind not in KINDS:
+        raise SampleError(f"kind {kind!r}: expected one of "
+                          f"{', '.join(KINDS)}")
     path = Path(path)
     if flags is not None:
         return _load_reference(path, kind, flags, device)
@@ -69,19 +89,21 @@ def load_network(path: str | os.PathLike, kind: str,
         raise SampleError(f"{err}{hint}") from None
     config = run.config
     if config.kind != kind:
-        raise SampleError(f"{path} is a {config.kind} run, not a {kind}"
-                          + (" (an upsampler needs low-resolution inputs: see the "
-                             "cascade in chapters/appendix_checkpoints.py)"
-                             if config.kind == "upsampler" else ""))
+        raise SampleError(f"{path} is {_a(config.kind)} run, not "
+                          f"{_a(kind)} run")
     labelled = kind == "classifier" or config.class_cond
+    up = kind == "upsampler"
     return Loaded(run.model, run.diffusion, config.image_size,
                   config.in_channels, config.num_classes if labelled else 0,
                   "", config.num_classes if config.label_dropout else None,
-                  f"{run.path} (step {run.step}, {weights} weights)")
+                  f"{run.path} (step {run.step}, {weights} weights)",
+                  config.small_size if up else 0,
+                  config.low_res_noise if up else 0)
 
 
 def _flag_option(kind: str) -> str:
-    return "model-flags" if kind == "diffusion" else "classifier-flags"
+    return {"diffusion": "model-flags", "classifier": "classifier-flags",
+            "upsampler": "upsampler-flags"}[kind]
 
 
 def _load_reference(path: Path, kind: str, flags: str,
@@ -89,16 +111,39 @@ def _load_reference(path: Path, kind: str, flags: str,
     try:
         f = gd.parse_flags(flags)
         respacing = f.pop("timestep_respacing", "")
-        model = gd.load_checkpoint(path, f, "model" if kind == "diffusion"
-                                   else "classifier")
+        model = gd.load_checkpoint(path, f, _BUILDER[kind])
         diffusion = gd.diffusion_from_flags(f)
     except (ValueError, FileNotFoundError) as err:
         raise SampleError(str(err)) from None
     labelled = kind == "classifier" or f["class_cond"]
+    up = kind == "upsampler"
     model.to(device).requires_grad_(False)
-    return Loaded(model, diffusion, f["image_size"], f.get("in_channels", 3),
+    return Loaded(model, diffusion,
+                  f["large_size"] if up else f["image_size"],
+                  f.get("in_channels", 3),
                   f.get("num_classes", gd.NUM_CLASSES) if labelled else 0,
-                  respacing, None, f"{path} (reference flags)")
+                  respacing, None, f"{path} (reference flags)",
+                  f["small_size"] if up else 0,
+                  f["low_res_noise"] if up else 0)
+
+
+def to_stage(loaded: Loaded, respacing: str | None = None,
+             sampler: str = "ddpm", eta: float = 0.0) -> cs.Stage:
+    """`loaded` as a cascade stage sampling with `sampler`, `respacing`."""
+    prefix = "--upsampler-" if loaded.small_size else "--"
+    if sampler not in SAMPLERS:
+        raise SampleError(f"{prefix}sampler {sampler!r}: expected one of "
+                          f"{', '.join(SAMPLERS)}")
+    if respacing is None:
+        respacing = loaded.respacing or default_respacing(
+            sampler, loaded.diffusion.num_timesteps)
+    try:
+        respace(loaded.diffusion, respacing)
+    except (ValueError, AssertionError) as err:
+        raise SampleError(f"{prefix}respacing {respacing!r}: {err}") from None
+    return cs.Stage(loaded.model, loaded.diffusion, loaded.image_size,
+                    loaded.in_channels, loaded.num_classes > 0, respacing,
+                    sampler, eta, loaded.small_size, loaded.low_res_noise)
 
 
 def check_options(classifier: object | None = None, *,
@@ -134,7 +179,7 @@ def check_options(classifier: object | None = None, *,
 
 def check_out(out: str | os.PathLike,
               columns: int | None = None) -> Path:
-    """`out` as a writable .npz path, and `columns` positive, or SampleError."""
+    """`out` as a writable .npz path, `columns` positive, or SampleError."""
     out = Path(out)
     if out.suffix != ".npz":
         raise SampleError(f"--out {out}: the batch file must end in .npz")
@@ -196,39 +241,227 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
     `precision` is the network's ("auto": bf16 where the device has it
     natively, else fp32; see chapter 4).
     """
+    base, y, cond_fn = _prepare_base(
+        model, classifier, classifier_scale=classifier_scale,
+        cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
+        guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
+        batch_size=batch_size, seed=seed)
+    net = base.model if base.class_cond else ignore_labels(base.model)
+    shape = (base.in_channels, base.image_size, base.image_size)
+    return sample_batches(respace(base.diffusion, base.respacing), net,
+                          num_samples, shape, y, batch_size, device, seed,
+                          progress, precision, sampler=sampler,
+                          cond_fn=cond_fn, guide_at_mean=guide_at_mean,
+                          eta=eta)
+
+
+def _prepare_base(
+    model: Loaded, classifier: Loaded | None, *, classifier_scale: float,
+    cfg_scale: float, sampler: str, respacing: str | None, eta: float,
+    guide_at_mean: bool, num_samples: int, labels: str | None,
+    batch_size: int, seed: int, upsampler: Loaded | None = None,
+) -> tuple[cs.Stage, torch.Tensor | None, CondFn | None]:
+    """The base model's stage (guided as asked), its labels and cond_fn."""
     check_options(classifier, classifier_scale=classifier_scale,
                   cfg_scale=cfg_scale, sampler=sampler, eta=eta,
                   guide_at_mean=guide_at_mean, num_samples=num_samples,
                   labels=labels, batch_size=batch_size)
-    net: Any = model.model
     num_classes = model.num_classes
     if classifier is not None:
         _check_pair(model, classifier)
         num_classes = classifier.num_classes
-        if not model.num_classes:
-            net = ignore_labels(net)
+    if upsampler is not None and upsampler.num_classes:
+        if num_classes and num_classes != upsampler.num_classes:
+            which = "classifier" if classifier is not None else "base model"
+            raise SampleError(
+                f"the {which} has {num_classes} classes, the upsampler "
+                f"{upsampler.source} {upsampler.num_classes}")
+        num_classes = upsampler.num_classes
+    stage = to_stage(model, respacing, sampler, eta)
     if cfg_scale:
         if model.null_label is None:
             raise SampleError(f"--cfg-scale needs a model trained with label "
                               f"dropout (adm train ... --set "
                               f"label_dropout=0.1); {model.source} was not")
-        net = classifier_free_model(net, cfg_scale, model.null_label)
-    if respacing is None:
-        respacing = model.respacing or default_respacing(
-            sampler, model.diffusion.num_timesteps)
-    try:
-        spaced = respace(model.diffusion, respacing)
-    except (ValueError, AssertionError) as err:
-        raise SampleError(f"--respacing {respacing!r}: {err}") from None
+        stage.model = classifier_free_model(model.model, cfg_scale,
+                                            model.null_label)
     y = parse_labels(labels, num_samples, num_classes, seed)
     cond_fn = None
     if classifier is not None and classifier_scale:
         cond_fn = classifier_cond_fn(classifier.model, classifier_scale)
-    shape = (model.in_channels, model.image_size, model.image_size)
-    return sample_batches(spaced, net, num_samples, shape, y, batch_size,
-                          device, seed, progress, precision,
-                          sampler=sampler, cond_fn=cond_fn,
-                          guide_at_mean=guide_at_mean, eta=eta)
+    return stage, y, cond_fn
+
+
+def sample_cascade(
+    model: Loaded, upsampler: Loaded, classifier: Loaded | None = None, *,
+    classifier_scale: float = 1.0, cfg_scale: float = 0.0,
+    sampler: str = "ddpm", respacing: str | None = None, eta: float = 0.0,
+    guide_at_mean: bool = False, num_samples: int = 16,
+    labels: str | None = None, batch_size: int = 64,
+    device: str | torch.device = "cpu", seed: int = 0,
+    progress: bool = False, precision: str = "auto",
+    upsampler_sampler: str = "ddpm", upsampler_respacing: str | None = None,
+    low_res_t: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Base samples (guided as asked), them upsampled, and their labels.
+
+    Guidance (a classifier, `cfg_scale`) runs in the base model; the
+    upsampler samples with `upsampler_sampler`, `upsampler_respacing`, and
+    its low-resolution inputs noised to step `low_res_t` (None: the
+    cascade's default) if it was trained with conditioning augmentation.
+    """
+    if not upsampler.small_size:
+        raise SampleError(f"{upsampler.source} is not an upsampler: it "
+                          "takes no low-resolution images")
+    if model.small_size:
+        raise SampleError(f"{model.source} is an upsampler; a cascade "
+                          "starts from a model that samples from noise")
+    if (classifier is not None
+            and classifier.image_size != model.image_size
+            and classifier.image_size == upsampler.image_size):
+        raise SampleError(
+            f"the classifier {classifier.source} sees "
+            f"{classifier.image_size}px images, the upsampler's output: "
+            "guidance runs in the base model only, so pass a classifier "
+            f"of the base model's size ({model.image_size}px)")
+    base, y, cond_fn = _prepare_base(
+        model, classifier, classifier_scale=classifier_scale,
+        cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
+        guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
+        batch_size=batch_size, seed=seed, upsampler=upsampler)
+    up = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
+    _check_level(upsampler, low_res_t)
+    try:
+        low, high = cs.cascade(
+            base, up, num_samples, y, cond_fn=cond_fn,
+            guide_at_mean=guide_at_mean, low_res_t=low_res_t,
+            batch_size=batch_size, device=device, seed=seed,
+            progress=progress, precision=precision)
+    except cs.CascadeError as err:  # the stages do not fit
+        raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
+    return low, high, None if y is None else y.numpy()
+
+
+def _check_level(upsampler: Loaded, low_res_t: int | None) -> None:
+    """Raise SampleError unless `upsampler` takes augmentation `low_res_t`."""
+    if low_res_t is None:
+        return
+    if not upsampler.low_res_noise:
+        if low_res_t:
+            raise SampleError(
+                f"--low-res-t {low_res_t}: the upsampler {upsampler.source} "
+                "was trained without conditioning augmentation "
+                "(low_res_noise 0); it takes no augmentation level")
+        return
+    if not 0 <= low_res_t <= upsampler.low_res_noise:
+        raise SampleError(
+            f"--low-res-t {low_res_t}: the upsampler {upsampler.source} was "
+            f"trained on augmentation levels 0 to {upsampler.low_res_noise}")
+
+
+def read_low_res(path: str | os.PathLike
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images to upsample, uint8 NHWC, and their labels (None: none).
+
+    `path` is a batch (.npz: arr_0 images, optional arr_1 labels) or a
+    folder of images, labelled by class sub-folders if all are in one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"--low-res {path}: no such file or folder")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix.lower() != ".npz":
+        raise SampleError(f"--low-res {path}: expected an .npz batch or a "
+                          "folder of images")
+    try:
+        batch = read_batch(path)  # its ValueErrors name the file
+        images, labels = batch.images, batch.labels
+    except ValueError as err:
+        raise SampleError(f"--low-res: {err}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise SampleError(f"--low-res {path}: not a readable .npz batch "
+                          f"({err})") from None
+    if labels is not None:
+        if (labels.ndim != 1 or len(labels) != len(images)
+                or not np.issubdtype(labels.dtype, np.integer)):
+            raise SampleError(
+                f"--low-res {path}: arr_1 must hold one integer label per "
+                f"image ({len(images)}), not {labels.dtype} of shape "
+                f"{labels.shape}")
+        labels = labels.astype(np.int64)
+    return images, labels
+
+
+def _read_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A folder of equal-sized square images, as uint8 NHWC and labels."""
+    try:
+        data = load_dataset(path, labels="none")
+        names = [Path(data.name(i)).relative_to(path)
+                 for i in range(len(data))]
+        if all(len(name.parts) > 1 for name in names):
+            data = load_dataset(path, labels="folder")
+        images = np.stack([data.pixels(i)[0].numpy().transpose(1, 2, 0)
+                           for i in range(len(data))])
+    except DataError as err:
+        raise SampleError(f"--low-res {path}: {err}") from None
+    if data.labels is None:
+        return images, None
+    classes = data.class_names
+    if all(c.isdecimal() for c in classes):  # folders 0/ 1/ ...: numbers
+        return images, np.array([int(classes[i]) for i in data.labels])
+    return images, np.asarray(data.labels, np.int64)
+
+
+def upsample_files(
+    upsampler: Loaded, low_res_path: str | os.PathLike, *,
+    labels: str | None = None, upsampler_sampler: str = "ddpm",
+    upsampler_respacing: str | None = None, low_res_t: int | None = None,
+    eta: float = 0.0, batch_size: int = 64,
+    device: str | torch.device = "cpu", seed: int = 0,
+    progress: bool = False, precision: str = "auto",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images of `low_res_path` (see read_low_res) upsampled; labels.
+
+    `labels` ("random" or class numbers cycled through) replaces the
+    inputs' own labels; a class-conditional upsampler needs one or other.
+    """
+    check_options(eta=eta, labels=labels, batch_size=batch_size)
+    if not upsampler.small_size:
+        raise SampleError(f"{upsampler.source} is not an upsampler: it "
+                          "takes no low-resolution images")
+    stage = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
+    _check_level(upsampler, low_res_t)
+    images, found = read_low_res(low_res_path)
+    try:
+        cs.check_low_res(stage, images)
+    except cs.CascadeError as err:
+        raise SampleError(f"--low-res {low_res_path}: {err}") from None
+    count, classes = len(images), upsampler.num_classes
+    if labels is not None:
+        y = parse_labels(labels, count, classes, seed)
+    elif found is None:
+        if classes:
+            raise SampleError(
+                f"the upsampler {upsampler.source} is class-conditional "
+                f"and {low_res_path} has no labels (no arr_1, no class "
+                "folders): pass --labels (class numbers, or random)")
+        y = None
+    else:
+        bad = sorted({int(v) for v in found if not 0 <= v < classes})
+        if classes and bad:
+            raise SampleError(
+                f"--low-res {low_res_path}: labels {bad[:5]} outside the "
+                f"upsampler's {classes} classes (0 to {classes - 1}); pass "
+                "--labels to replace them")
+        y = torch.from_numpy(found)
+    try:
+        high = cs.upsample(stage, images, y, low_res_t=low_res_t,
+                           batch_size=batch_size, device=device, seed=seed,
+                           progress=progress, precision=precision)
+    except cs.CascadeError as err:
+        raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
+    return high, None if y is None else y.numpy()
 
 
 def default_respacing(sampler: str, num_timesteps: int) -> str:

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1025
+# %% chapters/04_training.py:1055
 import contextlib
 import copy
 import functools
@@ -99,7 +99,7 @@ from adm_lib.runlog import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1100
+# %% chapters/04_training.py:1130
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (not emulated)."""
     if device.type == "cuda":
@@ -128,7 +128,7 @@ def _say_fp32(device_type: str) -> None:
           file=sys.stderr)
 
 
-# %% chapters/04_training.py:1138
+# %% chapters/04_training.py:1168
 def fast_backends(device: torch.device) -> None:
     """TF32 matrix products and cuDNN's autotuner on a GPU."""
     if device.type == "cuda":
@@ -145,7 +145,7 @@ def memory_format(device: torch.device) -> torch.memory_format:
             else torch.contiguous_format)
 
 
-# %% chapters/04_training.py:1158
+# %% chapters/04_training.py:1188
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -161,7 +161,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1210
+# %% chapters/04_training.py:1240
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -175,7 +175,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-# %% chapters/04_training.py:1438
+# %% chapters/04_training.py:1468
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -242,7 +242,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1641
+# %% chapters/04_training.py:1671
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -280,7 +280,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1683
+# %% chapters/04_training.py:1713
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[str, float]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -313,7 +313,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return status, norm.item()
 
 
-# %% chapters/04_training.py:1720
+# %% chapters/04_training.py:1750
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -321,7 +321,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2032
+# %% chapters/04_training.py:2065
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -360,7 +360,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2075
+# %% chapters/04_training.py:2108
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -390,7 +390,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2111
+# %% chapters/04_training.py:2144
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -431,7 +431,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2157
+# %% chapters/04_training.py:2190
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
                y: Tensor, rows: slice, ranks: Ranks,
@@ -458,7 +458,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return lr
 
 
-# %% chapters/04_training.py:2189
+# %% chapters/04_training.py:2222
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -513,7 +513,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2250
+# %% chapters/04_training.py:2283
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -554,14 +554,17 @@ class UNetModel(UNetTrunk):
         self, x: Tensor, timesteps: Tensor, y: Tensor | None = None
     ) -> Tensor:
         """The prediction for noisy images x at timesteps (labels y)."""
-        emb = self.embed(x, timesteps, y)
+        return self.denoise(x, self.embed(x, timesteps, y))
+
+    def denoise(self, x: Tensor, emb: Tensor) -> Tensor:
+        """The prediction for x given its embedding (down, middle, up)."""
         skips, h = self.encode(x, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:976
+# %% chapters/03_architecture.py:979
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -588,7 +591,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
 
 
-# %% chapters/03_architecture.py:1008
+# %% chapters/03_architecture.py:1011
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -632,7 +635,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1053
+# %% chapters/03_architecture.py:1056
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -682,12 +685,15 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1135
+# %% chapters/03_architecture.py:1146
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
-    def __init__(self, image_size: int, in_channels: int, *args, **kwargs):
+    def __init__(self, image_size: int, in_channels: int, *args,
+                 low_res_level: bool = False, **kwargs):
         super().__init__(image_size, 2 * in_channels, *args, **kwargs)
+        if low_res_level:
+            self.low_res_embed = time_embed_mlp(self.model_channels)
 
     def forward(
         self,
@@ -695,13 +701,28 @@ class SuperResModel(UNetModel):
         timesteps: Tensor,
         low_res: Tensor,
         y: Tensor | None = None,
+        low_res_t: Tensor | None = None,
     ) -> Tensor:
-        """The prediction for x at timesteps given low_res (and labels)."""
+        """The prediction for x at timesteps given low_res (and labels).
+
+        `low_res_t`: the step low_res was noised to (a `low_res_level`
+        model only).
+        """
+        if (low_res_t is None) != (not hasattr(self, "low_res_embed")):
+            raise ValueError("pass low_res_t if and only if the model was "
+                             "built with low_res_level=True")
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
-        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+        h = torch.cat([x, upsampled], dim=1)
+        emb = self.embed(h, timesteps, y)
+        if low_res_t is not None:
+            if low_res_t.ndim == 0:
+                low_res_t = low_res_t.expand(x.shape[0])
+            level = timestep_embedding(low_res_t, self.model_channels)
+            emb = emb + self.low_res_embed(level.to(h.dtype))
+        return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1327
+# %% chapters/03_architecture.py:1374
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

@@ -311,9 +311,7 @@ plt.show()
 # Each chapter rebuilds one part of these claims and exports it to
 # `adm_lib`; the reference implementation (`openai/guided-diffusion`) is
 # the yardstick. The map below is checked against `book.toml`: every chapter
-# of the book must be in it, with the modules it really exports. Chapter 7,
-# on upsampling cascades (the ADM-U rows of Table 6), is planned; chapter 3
-# already builds the super-resolution UNet.
+# of the book must be in it, with the modules it really exports.
 
 # %%
 BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
@@ -333,6 +331,8 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                       ("adm_lib.metrics",)),
     "06_guidance.py": ("Section 4, Algorithms 1-2, Table 4; and "
                        "classifier-free guidance", ("adm_lib.guidance",)),
+    "07_cascades.py": ("Table 6: upsampling diffusion and the guided "
+                       "cascade", ("adm_lib.cascade",)),
     "appendix_checkpoints.py": ("the reference's released checkpoints", ()),
     "appendix_runs.py": ("the engineering of runs: validation, checkpoint "
                          "files, locks, exact resume, ranks", ()),

@@ -889,7 +889,10 @@ class UNetModel(UNetTrunk):
         self, x: Tensor, timesteps: Tensor, y: Tensor | None = None
     ) -> Tensor:
         """The prediction for noisy images x at timesteps (labels y)."""
-        emb = self.embed(x, timesteps, y)
+        return self.denoise(x, self.embed(x, timesteps, y))
+
+    def denoise(self, x: Tensor, emb: Tensor) -> Tensor:
+        """The prediction for x given its embedding (down, middle, up)."""
         skips, h = self.encode(x, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
@@ -1131,13 +1134,24 @@ for pool_kind in POOLS:
 # model's size and concatenate it to $x_t$ on channels. So the model is a
 # UNet with twice the input channels.
 
+# %% [markdown]
+# Chapter 7 adds one option, for *conditioning augmentation*: trained on
+# low-resolution inputs noised to a random step $s$ of its own diffusion, the
+# upsampler must be told $s$. With `low_res_level=True` it embeds $s$ as it
+# embeds $t$ (its own MLP, `low_res_embed`) and adds it to the timestep
+# embedding; the model then takes `low_res_t`. The released upsamplers have
+# no such layer, and load unchanged.
+
 # %%
 #| export
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
-    def __init__(self, image_size: int, in_channels: int, *args, **kwargs):
+    def __init__(self, image_size: int, in_channels: int, *args,
+                 low_res_level: bool = False, **kwargs):
         super().__init__(image_size, 2 * in_channels, *args, **kwargs)
+        if low_res_level:
+            self.low_res_embed = time_embed_mlp(self.model_channels)
 
     def forward(
         self,
@@ -1145,10 +1159,25 @@ class SuperResModel(UNetModel):
         timesteps: Tensor,
         low_res: Tensor,
         y: Tensor | None = None,
+        low_res_t: Tensor | None = None,
     ) -> Tensor:
-        """The prediction for x at timesteps given low_res (and labels)."""
+        """The prediction for x at timesteps given low_res (and labels).
+
+        `low_res_t`: the step low_res was noised to (a `low_res_level`
+        model only).
+        """
+        if (low_res_t is None) != (not hasattr(self, "low_res_embed")):
+            raise ValueError("pass low_res_t if and only if the model was "
+                             "built with low_res_level=True")
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
-        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+        h = torch.cat([x, upsampled], dim=1)
+        emb = self.embed(h, timesteps, y)
+        if low_res_t is not None:
+            if low_res_t.ndim == 0:
+                low_res_t = low_res_t.expand(x.shape[0])
+            level = timestep_embedding(low_res_t, self.model_channels)
+            emb = emb + self.low_res_embed(level.to(h.dtype))
+        return self.denoise(h, emb)
 
 
 # %%
@@ -1167,6 +1196,24 @@ print(f"x {tuple(x.shape)} + low_res {tuple(low_res.shape)} "
 assert out.shape == (batch_size, 6, image_size, image_size)
 assert sr.input_blocks[0][0].in_channels == 6
 assert not torch.allclose(out, other)
+
+# %% [markdown]
+# The same model with `low_res_level=True` has one more MLP, and its output
+# moves with the level it is told:
+
+# %%
+aug = SuperResModel(
+    image_size, 3, model_channels, 6, 1, (4,), channel_mult=(1, 2, 2),
+    num_heads=2, low_res_level=True,
+).eval()
+with torch.no_grad():
+    levels = [perturb(aug)(x, torch.tensor([10, 20]), low_res,
+                           low_res_t=torch.tensor([s, s]))
+              for s in (0, 100)]
+extra = sum(p.numel() for p in aug.low_res_embed.parameters())
+print(f"low_res_embed: {extra:,} parameters; output change from s=0 to "
+      f"s=100: {(levels[1] - levels[0]).abs().max():.2e}")
+assert not torch.allclose(*levels)
 
 # %% [markdown]
 # ## 3.9 The released models, counted

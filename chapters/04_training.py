@@ -176,6 +176,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     image_size: int = 32  # the upsampler's output size
     small_size: int = 8  # the upsampler's input size
+    # Upsampler conditioning augmentation (chapter 7): noise the low-res
+    # input to a random step up to this one; 0: none (the reference).
+    low_res_noise: int = 0
     in_channels: int = 0
     num_classes: int = 0
     class_cond: bool = True
@@ -416,6 +419,13 @@ def validate(config: TrainConfig) -> None:
     if config.kind == "upsampler" and config.small_size >= config.image_size:
         raise TrainError(f"small_size={config.small_size} must be below "
                          f"image_size={config.image_size}")
+    if config.low_res_noise and config.kind != "upsampler":
+        raise TrainError("low_res_noise is an upsampler's setting (its "
+                         f"conditioning augmentation), not a {config.kind}'s")
+    if not 0 <= config.low_res_noise < config.diffusion_steps:
+        raise TrainError(f"low_res_noise={config.low_res_noise}: expected a "
+                         f"step from 0 (none) to diffusion_steps - 1 = "
+                         f"{config.diffusion_steps - 1}")
     if config.kind != "classifier" and config.num_samples < 1:
         raise TrainError(f"num_samples={config.num_samples} must be >= 1: "
                          f"a {config.kind}'s grids show that many samples")
@@ -799,6 +809,8 @@ class StepDraws:
     flip: Tensor
     clean: Tensor
     drop: Tensor
+    low_res_t: Tensor  # upsampler augmentation: step, and noise (or N x 0)
+    low_res_noise: Tensor
 
     def rows(self, rows: slice) -> "StepDraws":
         """The draws of one rank's rows."""
@@ -826,8 +838,21 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
         step_seed(config.seed, 3, stream, step))
     noise = torch.randn((config.batch_size, *shape), generator=noise_g,
                         device=device)
+    low_res_t = torch.zeros(config.batch_size, dtype=torch.long)
+    low_res_noise = torch.empty((config.batch_size, 0), device=device)
+    if config.low_res_noise:  # its own streams: the others stay as they are
+        aug_g = torch.Generator().manual_seed(
+            step_seed(config.seed, 4, stream, step))
+        low_res_t = torch.randint(config.low_res_noise + 1,
+                                  (config.batch_size,), generator=aug_g)
+        aug_noise_g = torch.Generator(device).manual_seed(
+            step_seed(config.seed, 5, stream, step))
+        small = (shape[0], config.small_size, config.small_size)
+        low_res_noise = torch.randn((config.batch_size, *small),
+                                    generator=aug_noise_g, device=device)
     return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device), drop.to(device))
+                     flip.to(device), clean.to(device), drop.to(device),
+                     low_res_t.to(device), low_res_noise)
 
 # %% [markdown]
 # The data come from `adm_lib.data.load_dataset` at the configured size.
@@ -992,7 +1017,12 @@ def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     if config.class_cond:
         kwargs["y"] = torch.where(draws.drop, config.num_classes, y)
     if config.kind == "upsampler":
-        kwargs["low_res"] = F.interpolate(x, config.small_size, mode="area")
+        low_res = F.interpolate(x, config.small_size, mode="area")
+        if config.low_res_noise:  # conditioning augmentation (chapter 7)
+            low_res = diffusion.q_sample(low_res, draws.low_res_t,
+                                         draws.low_res_noise)
+            kwargs["low_res_t"] = diffusion.model_timesteps(draws.low_res_t)
+        kwargs["low_res"] = low_res
     return training_losses(diffusion, model, x, draws.t, kwargs, draws.noise)
 
 
@@ -1911,6 +1941,9 @@ def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
         labels = torch.tensor([data[i][1] for i in chosen], device=device)
         kwargs["low_res"] = F.interpolate(truth, config.small_size,
                                           mode="area")
+        if config.low_res_noise:  # real inputs: shown to it as clean
+            kwargs["low_res_t"] = torch.zeros(n, dtype=torch.long,
+                                              device=device)
     if config.class_cond:
         kwargs["y"] = labels
     loop = (ddim_sample_loop if config.sample_steps.startswith("ddim")

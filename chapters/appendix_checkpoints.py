@@ -85,6 +85,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adm_lib.cascade import Stage, upsample
 from adm_lib.compat.guided_diffusion import (
     BUILDERS,
     NUM_CLASSES,
@@ -97,6 +98,7 @@ from adm_lib.devices import resolve_device
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop
 from adm_lib.guidance import classifier_cond_fn, ignore_labels
 from adm_lib.viz import show_images
+from adm_lib.viz import to_uint8 as uint8_nhwc
 
 device = str(resolve_device(device))
 torch.manual_seed(seed)
@@ -388,9 +390,11 @@ assert torch.isfinite(logits).all()
 # small one (chapter 3): the sampler starts from noise at the large size and
 # the model sees the low-resolution image, bilinearly up-sampled, as three
 # extra channels. Its diffusion comes from *its* flags, and it takes the
-# labels too. The released upsamplers take exactly the output size of a
-# released base model ($64$ or $128$); images of another size go through
-# `fit` first.
+# labels too. It runs through chapter 7's `upsample`, the upsampler stage of
+# the cascade, on the base samples as `uint8` images (what the reference's
+# `super_res_sample.py` reads from its `--base_samples` file). The released
+# upsamplers take exactly the output size of a released base model ($64$ or
+# $128$); images of another size go through `fit` first.
 
 # %%
 up = parse_flags(upsampler_flags)
@@ -398,19 +402,17 @@ small, large = up["small_size"], up["large_size"]
 low_res = fit(samples, small)
 if small != size:
     print(f"resized the {size}x{size} samples to {small}x{small}")
-up_diffusion = diffusion_from_flags(f"{upsampler_flags} "
-                                    f"--timestep_respacing {respacing}")
-up_kwargs = {"low_res": low_res}
-if up["class_cond"]:
-    up_kwargs["y"] = labels
+up_stage = Stage(
+    upsampler, diffusion_from_flags(upsampler_flags), large, 3,
+    up["class_cond"], respacing,
+    "ddim" if respacing.startswith("ddim") else "ddpm", small_size=small)
 start = time.perf_counter()
-upsampled = loop(up_diffusion, upsampler,
-                 torch.randn(num_samples, 3, large, large, device=device),
-                 progress=True, model_kwargs=up_kwargs)
+upsampled = upsample(up_stage, uint8_nhwc(low_res), labels.cpu(),
+                     batch_size=num_samples, device=device, seed=seed,
+                     progress=True)
 print(f"upsampled {small} -> {large} in {time.perf_counter() - start:.1f} s")
-assert upsampled.shape == (num_samples, 3, large, large)
-assert torch.isfinite(upsampled).all()
-assert upsampled.abs().max() <= 1 + 1e-5
+assert upsampled.shape == (num_samples, large, large, 3)
+assert upsampled.dtype == np.uint8
 
 # %% [markdown]
 # Before and after, at the same displayed size:
@@ -418,6 +420,7 @@ assert upsampled.abs().max() <= 1 + 1e-5
 # %%
 _, axes = plt.subplots(2, num_samples, squeeze=False,
                        figsize=(2 * num_samples, 4.2))
+upsampled = torch.from_numpy(upsampled).permute(0, 3, 1, 2) / 127.5 - 1
 for row, batch, side in [(0, low_res, small), (1, upsampled, large)]:
     show_images(batch, [f"{side}px, class {y}" for y in labels.tolist()],
                 axes[row])

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from adm_lib.compat import guided_diffusion as gd
+from adm_lib.diffusion import p_sample
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
-from tests.reference import FIXTURES, assert_parity, load, reference_files
+from tests.reference import (
+    FIXTURES,
+    ROOT,
+    assert_parity,
+    load,
+    reference_files,
+)
+
+CHECKOUT = Path(os.environ.get("ADM_REFERENCE_CHECKOUT", ROOT / "reference"))
 
 TINY = ("--image_size 32 --num_channels 32 --num_res_blocks 1 "
         "--channel_mult 1,2 --attention_resolutions 16 --num_heads 2")
@@ -56,6 +67,79 @@ def test_upsampler_parity(path: Path) -> None:
     check_parity(
         model, data, data["x"], data["t"], data["low_res"], data.get("y")
     )
+
+
+def _upsampler_step(data: dict, network, dtype: torch.dtype,
+                    noise: Tensor) -> dict[str, Tensor]:
+    """One ancestral step of the fixture's upsampler from its x at its t."""
+    diffusion = gd.diffusion_from_flags(data["flags"])
+    diffusion.dtype = dtype
+    kwargs = {"low_res": data["low_res"].to(dtype), "y": data["y"]}
+    with torch.no_grad():
+        step = p_sample(diffusion, network, data["x"].to(dtype), data["t"],
+                        model_kwargs=kwargs, noise=noise.to(dtype))
+    return {"sample": step["sample"], "pred_xstart": step["pred_xstart"]}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("path", reference_files("upsampler_*.pt"))
+def test_upsampler_reverse_step_parity(path: Path) -> None:
+    """A reverse step with the low_res kwarg, against the reference's.
+
+    The fixture holds the reference network's output, not its step: its
+    step is that output through the diffusion maths in float64 (the maths
+    equal the reference's by tests/test_diffusion.py), against ours in
+    float32 and float64 by the error model of tests/reference.py.
+    """
+    data = load(path)
+    model = gd.upsampler_from_flags(data["flags"])
+    gd.load_reference_state_dict(model, data["state_dict"])
+    model.eval()
+    noise = torch.randn(data["x"].shape,
+                        generator=torch.Generator().manual_seed(0))
+
+    def recorded(x: Tensor, t: Tensor, low_res: Tensor,
+                 y: Tensor | None = None) -> Tensor:
+        torch.testing.assert_close(low_res, data["low_res"].to(x.dtype))
+        return data["output"].to(x.dtype)
+
+    ref = _upsampler_step(data, recorded, torch.float64, noise)
+    ours32 = _upsampler_step(data, model.float(), torch.float32, noise)
+    ours64 = _upsampler_step(data, model.double(), torch.float64, noise)
+    assert_parity({k: (ours32[k], ours64[k], ref[k]) for k in ref})
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(not (CHECKOUT / "guided_diffusion").is_dir(),
+                    reason=f"no checkout of the reference at {CHECKOUT} "
+                    "(set ADM_REFERENCE_CHECKOUT)")
+@pytest.mark.parametrize("path", reference_files("upsampler_*.pt"))
+def test_upsampler_step_equals_the_reference_code(path: Path) -> None:
+    """The same step run by the reference's own SuperResModel and p_sample,
+    in one process (a local checkout, never committed)."""
+    from adm_lib.bench import _import_reference
+
+    data = load(path)
+    script_util = _import_reference(CHECKOUT)["script_util"]
+    f = gd.parse_flags(data["flags"])
+    names = script_util.sr_model_and_diffusion_defaults()
+    theirs, diffusion = script_util.sr_create_model_and_diffusion(
+        **{k: f[k] for k in names})
+    theirs.load_state_dict(data["state_dict"])
+    theirs.eval()
+    kwargs = {"low_res": data["low_res"], "y": data["y"]}
+    torch.manual_seed(0)  # its p_sample draws its noise as randn_like(x)
+    with torch.no_grad():
+        step = diffusion.p_sample(theirs, data["x"], data["t"],
+                                  model_kwargs=kwargs)
+    torch.manual_seed(0)
+    noise = torch.randn_like(data["x"])
+    model = gd.upsampler_from_flags(data["flags"])
+    gd.load_reference_state_dict(model, data["state_dict"])
+    model.eval()
+    ours32 = _upsampler_step(data, model.float(), torch.float32, noise)
+    ours64 = _upsampler_step(data, model.double(), torch.float64, noise)
+    assert_parity({k: (ours32[k], ours64[k], step[k]) for k in ours32})
 
 
 def official_models() -> list:

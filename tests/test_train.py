@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from adm_lib import batches as bt
@@ -34,6 +35,7 @@ from adm_lib import config as cf
 from adm_lib import objectives as ob
 from adm_lib import runlog as rl
 from adm_lib import train as tr
+from adm_lib.diffusion import UniformSampler
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -753,6 +755,53 @@ def test_classifier_run(data, tmp_path):
     assert logits.shape == (2, 4)
 
 
+def test_augmented_upsampler_trains_on_noised_inputs(data, tmp_path):
+    """low_res_noise: each image's low-res input noised to its own drawn
+    step s <= S (seeded), the network told s; it learns the level's MLP."""
+    c = config(data, "upsampler", steps=1, low_res_noise=30)
+    shape = (1, c.image_size, c.image_size)
+    sampler = UniformSampler(c.diffusion_steps)
+    draws = bt.draw_step(c, sampler, 7, shape, torch.device("cpu"))
+    again = bt.draw_step(c, sampler, 7, shape, torch.device("cpu"))
+    assert_same(vars(draws), vars(again))
+    assert draws.low_res_noise.shape == (c.batch_size, 1, c.small_size,
+                                         c.small_size)
+    assert 0 <= draws.low_res_t.min() and draws.low_res_t.max() <= 30
+    assert len(set(draws.low_res_t.tolist())) > 1  # one draw per image
+    # Without augmentation the other draws are the same numbers.
+    plain = bt.draw_step(config(data, "upsampler", steps=1), sampler, 7,
+                         shape, torch.device("cpu"))
+    torch.testing.assert_close(draws.noise, plain.noise, rtol=0, atol=0)
+    assert plain.low_res_noise.numel() == 0
+    out = tmp_path / "run"
+    tr.train(c, out, progress=False)
+    run = ck.load_run(out)
+    assert run.config.low_res_noise == 30
+    assert hasattr(run.model, "low_res_embed")
+    seen = {}
+
+    def spy(model, x, t, low_res, y=None, low_res_t=None):
+        seen.update(low_res=low_res, low_res_t=low_res_t)
+        return model(x, t, low_res, y, low_res_t)
+
+    x = torch.rand(c.batch_size, *shape) * 2 - 1
+    y = torch.zeros(c.batch_size, dtype=torch.long)
+    model = run.model
+    ob.diffusion_terms(c, run.diffusion,
+                    lambda *a, **k: spy(model, *a, **k), x, y, draws)
+    clean = F.interpolate(x, c.small_size, mode="area")
+    torch.testing.assert_close(seen["low_res_t"], draws.low_res_t)
+    torch.testing.assert_close(seen["low_res"], run.diffusion.q_sample(
+        clean, draws.low_res_t, draws.low_res_noise))
+    with pytest.raises(ValueError, match="low_res_t"):
+        model(x, torch.zeros(c.batch_size), clean, y)  # level not given
+    for kind, level, message in [("diffusion", 5, "upsampler's setting"),
+                                 ("upsampler", -1, "low_res_noise=-1"),
+                                 ("upsampler", 50, "diffusion_steps - 1")]:
+        with pytest.raises(cf.TrainError, match=message):
+            config(data, kind, low_res_noise=level)
+
+
 def test_upsampler_run(data, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, "upsampler", steps=2), out, progress=False)
@@ -1033,6 +1082,7 @@ def test_checkpoint_errors_never_advise_weights_only_false(data, tmp_path):
 BAD_SETTINGS = {
     "kind": ("diffusion", "gan"), "val_fraction": ("classifier", 1.0),
     "image_size": ("diffusion", 33), "small_size": ("upsampler", 0),
+    "low_res_noise": ("upsampler", 1000),
     "in_channels": ("diffusion", 2), "num_classes": ("diffusion", -1),
     "class_cond": ("diffusion", "maybe"),
     "label_dropout": ("diffusion", 1.0), "random_flip": ("diffusion", 1),

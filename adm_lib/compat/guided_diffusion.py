@@ -104,10 +104,14 @@ SUPER_RES_DEFAULTS: dict[str, Any] = {"large_size": 256, "small_size": 64}
 # fixes them at 3 and 1000; `adm train` sets them from the data set. And the
 # paper's ablation of residual connections scaled by 1/sqrt(2) (its Table 1),
 # which the reference's code does not have: off, as in every released model.
+# And an upsampler's conditioning augmentation (chapter 7): the largest step
+# its low-resolution input is noised to in training; above 0 the network
+# embeds that step (`low_res_level`). 0, the reference's, has no such layer.
 EXTENSION_DEFAULTS: dict[str, Any] = {
     "in_channels": 3,
     "num_classes": NUM_CLASSES,
     "rescale_residual": False,
+    "low_res_noise": 0,
 }
 # The scripts' own flags (sampling first, then training), accepted so that a
 # whole command line parses; the model builders do not use them.
@@ -304,7 +308,8 @@ def upsampler_from_flags(flags: str | Mapping[str, Any]) -> SuperResModel:
     size = f["large_size"]
     channel_mult = _channel_mult(f, SUPER_RES_CHANNEL_MULT, "large_size")
     # sr_create_model leaves use_new_attention_order at its default, False.
-    return SuperResModel(**_unet_options(f, size, channel_mult))
+    return SuperResModel(**_unet_options(f, size, channel_mult),
+                         low_res_level=f["low_res_noise"] > 0)
 
 
 def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
