@@ -289,9 +289,10 @@ def test_sample_batches_makes_noise_for_one_batch_at_a_time(
     streams: list[int] = []
     real_sample_noise = gu.sample_noise
 
-    def spy_noise(seed: int, indices: range, device: Any = "cpu") -> Any:
+    def spy_noise(seed: int, indices: range, device: Any = "cpu",
+                  stream: int = 0) -> Any:
         streams.append(len(indices))
-        noise_fn = real_sample_noise(seed, indices, device)
+        noise_fn = real_sample_noise(seed, indices, device, stream)
 
         def counted(like: Tensor) -> Tensor:
             made.append(len(like))
