@@ -3,10 +3,11 @@
 Each recipe is the demo's diffusion config with some fields changed. It is
 trained once, with a checkpoint every `--every` images; every checkpoint is
 then sampled (20 of each digit, 25 steps of DDIM or ancestral sampling, at
-one guidance scale) with its raw weights, the last also with each EMA, and
+one guidance scale, with the demo's classifier) with its raw weights, the
+last also with each EMA, or with `--weights` at every checkpoint, and
 scored with chapter 5's MNIST network. One JSON line per checkpoint and
 weights goes to results.jsonl; `--plot FILE` draws accuracy and FID against
-training minutes.
+training minutes for the rows of the same weights, scale and sampler.
 
     python scripts/demo_recipes.py eps x0 --out build/demo_recipes
     python scripts/demo_recipes.py --out build/demo_recipes --plot fig.png
@@ -55,7 +56,8 @@ def _train(name: str, images: int, every: int, out: Path) -> tuple[Path,
 
 
 def _score(name: str, run: Path, per_step: float, scale: float,
-           sampler: str, every_checkpoint: bool, out: Path) -> None:
+           sampler: str, every_checkpoint: bool, weights: str | None,
+           out: Path) -> None:
     """Sample and score every checkpoint of `run`; append to results."""
     import torch
 
@@ -87,10 +89,13 @@ def _score(name: str, run: Path, per_step: float, scale: float,
     if not every_checkpoint:
         checkpoints = checkpoints[-1:]
     for checkpoint in checkpoints:
-        # The EMAs at the end only: early on they trail the raw weights.
+        # By default the EMAs at the end only: early on they trail the raw
+        # weights.
         last = checkpoint == checkpoints[-1]
-        for weights in ("model", "0.95", "0.999") if last else ("model",):
-            net = load_run(checkpoint, weights=weights)
+        chosen = ((weights,) if weights else
+                  ("model", "0.95", "0.999") if last else ("model",))
+        for which in chosen:
+            net = load_run(checkpoint, weights=which)
             images, _ = sample_batches(
                 respace(net.diffusion, "25"), net.model, 200, (1, 32, 32),
                 labels, 100, "cpu", 0, False, sampler=sampler,
@@ -98,7 +103,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
             scores = score_activations(
                 reference, compute_activations(images, judge, 500, "cpu"),
                 labels.numpy(), "cpu")
-            row = {"recipe": name, "step": net.step, "weights": weights,
+            row = {"recipe": name, "step": net.step, "weights": which,
                    "scale": scale, "sampler": sampler,
                    "minutes": net.step * per_step / 60,
                    "accuracy": scores["accuracy"], "fid": scores["fid"],
@@ -109,31 +114,39 @@ def _score(name: str, run: Path, per_step: float, scale: float,
                 f.write(json.dumps(row) + "\n")
 
 
-def plot(out: Path, path: Path) -> None:
-    """Accuracy and FID against training minutes, a line per recipe.
-
-    The raw weights' unguided DDIM samples, which every recipe has.
-    """
+def plot(out: Path, path: Path, weights: str, scale: float,
+         sampler: str) -> None:
+    """Accuracy and FID against training minutes, a line per recipe."""
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line)
             for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["weights"] == weights
+            and r["scale"] == scale and r["sampler"] == sampler]
+    if not rows:
+        raise SystemExit(f"no results for weights {weights}, scale {scale}, "
+                         f"sampler {sampler} in {out / 'results.jsonl'}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = sorted((r["minutes"], r["accuracy"], r["fid"])
-                      for r in rows if r["recipe"] == recipe
-                      and r["weights"] == "model" and r["scale"] == 0
-                      and r["sampler"] == "ddim")
+                      for r in rows if r["recipe"] == recipe)
         minutes, accuracy, fid = zip(*mine, strict=True)
-        axes[0].plot(minutes, accuracy, marker="o", label=recipe)
+        # One standard error of a share of the 200 samples.
+        error = [(a * (1 - a) / 200) ** 0.5 for a in accuracy]
+        axes[0].errorbar(minutes, accuracy, error, marker="o", capsize=3,
+                         label=recipe)
         axes[1].plot(minutes, fid, marker="o", label=recipe)
     axes[0].set(xlabel="training minutes (2-core CPU)",
                 ylabel="accuracy on the samples")
-    axes[0].axhline(0.85, color="grey", lw=0.5)
+    for target in (0.85, 0.9):
+        axes[0].axhline(target, color="grey", lw=0.5)
     axes[1].set(xlabel="training minutes (2-core CPU)",
                 ylabel="FID (mnist-net)", yscale="log")
     axes[0].legend(fontsize=7)
-    fig.suptitle("raw weights, unguided, 25 DDIM steps; 200 samples each",
+    name = "raw weights" if weights == "model" else f"EMA {weights}"
+    guide = f"guided at scale {scale:g}" if scale else "unguided"
+    steps = "DDIM" if sampler == "ddim" else "ancestral"
+    fig.suptitle(f"{name}, {guide}, 25 {steps} steps; 200 samples each",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -153,6 +166,8 @@ def main() -> None:
                         default="ddim", help="25 steps of DDIM or ancestral")
     parser.add_argument("--last", action="store_true",
                         help="score the last checkpoint only")
+    parser.add_argument("--weights", choices=("model", "0.95", "0.999"),
+                        help="score these weights at every checkpoint")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     unknown = set(args.recipes) - set(RECIPES)
@@ -163,9 +178,10 @@ def main() -> None:
     for name in args.recipes:
         run, per_step = _train(name, args.images, args.every, args.out)
         _score(name, run, per_step, args.scale, args.sampler, not args.last,
-               args.out)
+               args.weights, args.out)
     if args.plot:
-        plot(args.out, args.plot)
+        plot(args.out, args.plot, args.weights or "model", args.scale,
+             args.sampler)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,8 @@ UP_FLAGS = ("--large_size 16 --small_size 8 --num_channels 32 "
             "--diffusion_steps 50 --learn_sigma True")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning threads on 2 busy cores crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here, and the module's runs, with one intra-op thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
