@@ -3042,8 +3042,12 @@ assert all(r["samples"].shape == sample_noise.shape
 # | one block a level, 400 steps | 111 | 87.5% | 1.78 |
 #
 # (lr $3 \times 10^{-4}$ unless given, annealed to 0; seconds of
-# training on this CPU.) The classifier's steps matter and its learning
-# rate does not (the three are within a standard error of each other);
+# training on this CPU, 2026-12-03. Each is the demo's classifier with
+# `adm train classifier --out RUN --set batch_size=64 --set
+# classifier_depth=D --set steps=N --set lr_anneal_steps=N`, guiding
+# the x0-simple run's step-400 checkpoint as the demo does.) The
+# classifier's steps matter and its learning rate does not (the three
+# are within a standard error of each other);
 # half its blocks cost nothing in accuracy and save a third of its time,
 # so the demo's has one per level. Then the diffusion model's steps, at
 # the demo's sampling:
