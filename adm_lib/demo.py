@@ -59,7 +59,7 @@ def _configs(settings: DemoSettings, device: str) -> dict:
             **common, "steps": settings.classifier_steps, "batch_size": 64,
             "lr_anneal_steps": settings.classifier_steps,
             # One residual block per level: as accurate a guide here as
-            # the preset's two (chapter 4.13), in 60% of the time.
+            # the preset's two (chapter 4.13), in two thirds of the time.
             "classifier_depth": 1,
             "save_interval": 10**9, "eval_interval": 10**9,
             "eval_images": 500}),

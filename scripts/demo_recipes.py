@@ -20,6 +20,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+SAMPLES = 200  # scored per checkpoint: 20 of each digit
+
 # What each recipe sets in the demo's diffusion config, and why.
 RECIPES = {
     "eps": ({"predict_xstart": False, "learn_sigma": True, "lr": 1e-3},
@@ -81,7 +83,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
             train(_configs(DemoSettings(), "cpu")["classifier"], classifier)
         hook = classifier_cond_fn(load_run(classifier).model, scale)
     judge = feature_extractor("mnist")
-    labels = torch.arange(200) % 10
+    labels = torch.arange(SAMPLES) % 10
     data = load_dataset("mnist5k", resolution=32, channels=1)
     real = to_uint8(data.images(range(len(data))))
     reference = compute_activations(real, judge, 500, "cpu")
@@ -97,7 +99,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
         for which in chosen:
             net = load_run(checkpoint, weights=which)
             images, _ = sample_batches(
-                respace(net.diffusion, "25"), net.model, 200, (1, 32, 32),
+                respace(net.diffusion, "25"), net.model, SAMPLES, (1, 32, 32),
                 labels, 100, "cpu", 0, False, sampler=sampler,
                 cond_fn=hook)
             scores = score_activations(
@@ -131,8 +133,8 @@ def plot(out: Path, path: Path, weights: str, scale: float,
         mine = sorted((r["minutes"], r["accuracy"], r["fid"])
                       for r in rows if r["recipe"] == recipe)
         minutes, accuracy, fid = zip(*mine, strict=True)
-        # One standard error of a share of the 200 samples.
-        error = [(a * (1 - a) / 200) ** 0.5 for a in accuracy]
+        # One standard error of a share of the samples.
+        error = [(a * (1 - a) / SAMPLES) ** 0.5 for a in accuracy]
         axes[0].errorbar(minutes, accuracy, error, marker="o", capsize=3,
                          label=recipe)
         axes[1].plot(minutes, fid, marker="o", label=recipe)
@@ -146,7 +148,7 @@ def plot(out: Path, path: Path, weights: str, scale: float,
     name = "raw weights" if weights == "model" else f"EMA {weights}"
     guide = f"guided at scale {scale:g}" if scale else "unguided"
     steps = "DDIM" if sampler == "ddim" else "ancestral"
-    fig.suptitle(f"{name}, {guide}, 25 {steps} steps; 200 samples each",
+    fig.suptitle(f"{name}, {guide}, 25 {steps} steps; {SAMPLES} samples each",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
