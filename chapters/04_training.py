@@ -3069,10 +3069,12 @@ assert all(r["samples"].shape == sample_noise.shape
 # | 800 | 8.5 | 96.5% | 0.91 | 26.5 |
 #
 # (Minutes at that run's pace, 0.64 s a step; error bars one standard
-# error.) 90% needs about 550 steps, five minutes of diffusion training
-# alone, and with the classifier and the sampling the demo would take
-# about nine minutes. So five minutes of this CPU do not reach 90%, and
-# the demo's default is where the curve crosses 85%: 400 steps, 87.5%
+# error.) Between the measured points, 90% lies near 500 steps (the
+# line from 400 to 600 crosses it at 490, known to about a hundred
+# steps): four and a half minutes of diffusion training at the demo's
+# pace, about eight minutes with the classifier and the sampling. So
+# five minutes of this CPU do not reach 90%, and the demo's default is
+# where the curve crosses 85%: 400 steps, 87.5%
 # at scale 1, in under seven minutes all told (README has the timed
 # run). `adm demo --steps 600` reaches 93% in two minutes more. A CPU
 # with native bf16 (AVX-512-BF16 or AMX) trains under bf16 autocast by
