@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:721
+# %% chapters/04_training.py:720
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -32,7 +32,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
 
 
-# %% chapters/04_training.py:737
+# %% chapters/04_training.py:736
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -86,7 +86,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:801
+# %% chapters/04_training.py:800
 @dataclass
 class StepDraws:
     """A step's random draws for the global batch (see `draw_step`)."""
@@ -138,12 +138,15 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
         small = (shape[0], config.small_size, config.small_size)
         low_res_noise = torch.randn((config.batch_size, *small),
                                     generator=aug_noise_g, device=device)
-    return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device), drop.to(device),
-                     low_res_t.to(device), low_res_noise)
+    # non_blocking: a blocking copy to a GPU waits for its queue to empty.
+    t, weights, flip, clean, drop, low_res_t = (
+        x.to(device, non_blocking=True)
+        for x in (t, weights, flip, clean, drop, low_res_t))
+    return StepDraws(t, weights, noise, flip, clean, drop, low_res_t,
+                     low_res_noise)
 
 
-# %% chapters/04_training.py:869
+# %% chapters/04_training.py:871
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -199,7 +202,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:930
+# %% chapters/04_training.py:932
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

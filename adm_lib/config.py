@@ -121,10 +121,10 @@ class TrainConfig:
     log_interval: int = 50
     save_interval: int = 500
     keep_checkpoints: int = 3
-    sample_interval: int = 500
+    sample_interval: int = 500  # 0: no grids, not even at the end
     num_samples: int = 16
     sample_steps: str = "ddim50"  # respacing of the grids' sampler
-    eval_interval: int = 500
+    eval_interval: int = 500  # 0: no held-out evaluation
     eval_images: int = 1000
     max_nonfinite: int = 10  # non-finite steps in a row before stopping
     tensorboard: bool = False
@@ -304,16 +304,15 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)!r}: expected "
                              f"one of {', '.join(map(str, allowed))}")
     positive = ("steps", "batch_size", "image_size", "small_size",
-                "log_interval", "save_interval", "sample_interval",
-                "eval_interval", "keep_checkpoints", "max_nonfinite",
-                "diffusion_steps", "num_res_blocks", "classifier_depth",
-                "num_heads")
+                "log_interval", "save_interval", "keep_checkpoints",
+                "max_nonfinite", "diffusion_steps", "num_res_blocks",
+                "classifier_depth", "num_heads")
     for name in positive:
         if getattr(config, name) < 1:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "seed"):
+                 "num_classes", "seed", "sample_interval", "eval_interval"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
     for name in ("num_head_channels", "num_heads_upsample"):
@@ -338,7 +337,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:497
+# %% chapters/04_training.py:496
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -379,7 +378,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:543
+# %% chapters/04_training.py:542
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -431,7 +430,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:599
+# %% chapters/04_training.py:598
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -448,7 +447,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:624
+# %% chapters/04_training.py:623
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

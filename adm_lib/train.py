@@ -22,12 +22,13 @@ __all__ = [
     "train",
     "save_state",
     "snapshot",
+    "StepResult",
     "train_step",
-    "record_step",
+    "record_steps",
 ]
 
 
-# %% chapters/04_training.py:1055
+# %% chapters/04_training.py:1057
 import contextlib
 import copy
 import functools
@@ -99,7 +100,7 @@ from adm_lib.runlog import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1130
+# %% chapters/04_training.py:1132
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (not emulated)."""
     if device.type == "cuda":
@@ -128,7 +129,7 @@ def _say_fp32(device_type: str) -> None:
           file=sys.stderr)
 
 
-# %% chapters/04_training.py:1168
+# %% chapters/04_training.py:1170
 def fast_backends(device: torch.device) -> None:
     """TF32 matrix products and cuDNN's autotuner on a GPU."""
     if device.type == "cuda":
@@ -145,7 +146,7 @@ def memory_format(device: torch.device) -> torch.memory_format:
             else torch.contiguous_format)
 
 
-# %% chapters/04_training.py:1188
+# %% chapters/04_training.py:1190
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -161,21 +162,30 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1240
+# %% chapters/04_training.py:1242
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+def update_ema(ema: nn.Module, model: nn.Module,
+               decay: float | Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter.
+
+    `decay` may be a tensor on the model's device: the training loop passes
+    1 for a skipped step without asking the host.
+    """
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+    # ema + (1 - decay)(model - ema), spelled out: lerp takes no tensor
+    # weight, and a Python number made from one would wait for the device.
+    delta = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(delta, 1 - decay)
+    torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1468
+# %% chapters/04_training.py:1479
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -197,11 +207,11 @@ class TrainState:
                                        memory_format=memory_format(device))
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
-        # Fused: one kernel for all parameters' updates, not one per tensor.
+        # Fused: one kernel for all parameters' updates, not one per tensor,
+        # and a step it can skip on the device (`apply_gradients`).
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=device.type in ("cpu", "cuda"))
+            weight_decay=config.weight_decay, fused=True)
         precision = resolve_precision(config.precision, device)
         scaler = torch.amp.GradScaler(device.type,
                                       enabled=precision == "fp16")
@@ -242,7 +252,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1671
+# %% chapters/04_training.py:1690
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -280,15 +290,15 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1713
+# %% chapters/04_training.py:1735
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
-                    ranks: Ranks) -> tuple[str, float]:
+                    ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
 
-    Returns ("ok" | "overflow" | "nonfinite", grad_norm). With fp16 a
-    non-finite gradient under a finite loss is the loss scaler's overflow:
-    it skips the step and lowers the scale, as it is meant to. Any other
-    non-finite loss or gradient skips the step on every rank.
+    Returns (global loss is finite, gradient norm) as device tensors; the
+    host waits for neither. A non-finite loss or gradient skips the step
+    on every rank; with fp16 the scaler also lowers its scale when the
+    gradient overflowed.
     """
     state.scaler.unscale_(state.optimizer)
     params = [p for p in state.model.parameters() if p.grad is not None]
@@ -297,23 +307,21 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     # The gradient norm is global already (DDP averaged the gradients).
-    loss_ok = bool(torch.isfinite(sum_ranks(ranks, loss.clone())))
-    norm_ok = bool(torch.isfinite(norm))
-    status = "ok" if loss_ok and norm_ok else "nonfinite"
-    if loss_ok and not norm_ok and state.scaler.is_enabled():
-        status = "overflow"
-    if status != "nonfinite":
-        state.scaler.step(state.optimizer)  # skips itself on overflow
-    if status == "ok":
-        for rate, ema in state.ema.items():
-            update_ema(ema, state.model,
-                       ema_decay(rate, state.step, config.ema_warmup))
+    loss_ok = torch.isfinite(sum_ranks(ranks, loss.clone()))
+    ok = loss_ok & torch.isfinite(norm)
+    # What GradScaler.step does for a fused optimizer, but for a
+    # non-finite loss too: the update kernel returns early when set.
+    state.optimizer.found_inf = (~ok).float()
+    state.optimizer.step()
+    for rate, ema in state.ema.items():
+        decay = ema_decay(rate, state.step, config.ema_warmup)
+        update_ema(ema, state.model, torch.where(ok, decay, 1.0))
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    return status, norm.item()
+    return loss_ok, norm
 
 
-# %% chapters/04_training.py:1750
+# %% chapters/04_training.py:1770
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -321,7 +329,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2065
+# %% chapters/04_training.py:2086
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -360,7 +368,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2108
+# %% chapters/04_training.py:2129
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -390,7 +398,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2144
+# %% chapters/04_training.py:2165
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -431,13 +439,22 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2190
+# %% chapters/04_training.py:2212
+@dataclass
+class StepResult:
+    """What one step leaves for the log, still on the device."""
+
+    step: int
+    loss_ok: Tensor  # the global batch's loss is finite
+    grad_norm: Tensor
+    t: Tensor  # the rank's timesteps, and its per-image terms
+    terms: dict[str, Tensor]
+
+
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
-               y: Tensor, rows: slice, ranks: Ranks,
-               log: MetricsLog | None = None,
-               last: Path | None = None) -> float:
-    """One optimisation step on the rank's uint8 images; its lr."""
+               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
+    """One optimisation step on the rank's uint8 images."""
     device = ranks.device
     x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
     x = x.contiguous(memory_format=memory_format(device))
@@ -451,14 +468,12 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
         group["lr"] = lr
     loss, terms = accumulate_gradients(config, diffusion, model, state,
                                        x, y, draws, device)
-    status, norm = apply_gradients(config, state, loss, ranks)
-    record_step(config, state, status, norm, draws.t, terms, ranks, log,
-                last)
+    loss_ok, norm = apply_gradients(config, state, loss, ranks)
     state.step += 1
-    return lr
+    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2222
+# %% chapters/04_training.py:2254
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -484,27 +499,36 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         (out / "samples").mkdir(exist_ok=True)
     look_every = (config.eval_interval if config.kind == "classifier"
                   else config.sample_interval)
+    every = [n for n in (config.log_interval, config.save_interval,
+                         look_every) if n]
+    if isinstance(state.sampler, LossAwareSampler):
+        every = [1]
     bar = tqdm(total=config.steps, initial=state.step, unit="step",
                desc=f"train {config.kind}",
                disable=not (progress and ranks.main))
-    batches = iter(loader)
+    batches, pending = iter(loader), []
     while state.step < config.steps:
         try:
             pixels, y = next(batches)
         except DataError as err:
             raise DataError(_worker_error(err)) from None
-        lr = train_step(config, diffusion, run, state, pixels, y,
-                        sampler.rows, ranks, log, last)
+        pending.append(train_step(config, diffusion, run, state, pixels, y,
+                                  sampler.rows, ranks))
         bar.update()
-        pause, done = time.perf_counter(), state.step == config.steps
+        done = state.step == config.steps
+        if done or any(state.step % n == 0 for n in every):
+            record_steps(config, state, pending, ranks, log, last)
+            pending.clear()
+        pause = time.perf_counter()
         if log and (state.step % config.log_interval == 0
                     or done and log.steps):
-            record = log.write(state.step, lr=lr)
+            record = log.write(state.step,
+                               lr=learning_rate(config, state.step - 1))
             bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}",
                             img_s=f"{record['images_per_s']:.0f}")
         if state.step % config.save_interval == 0 or done:
             last = save_state(config, state, out, ranks)
-        if log and (state.step % look_every == 0 or done):
+        if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
         if log:
@@ -513,7 +537,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2283
+# %% chapters/04_training.py:2327
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 
@@ -532,38 +556,53 @@ def _worker_error(err: Exception) -> str:
                       *lines[starts[-1] + 1:]])
 
 
-def record_step(config: TrainConfig, state: TrainState, status: str,
-                norm: float, t: Tensor, terms: dict[str, Tensor],
-                ranks: Ranks, log: MetricsLog | None,
-                last: Path | None) -> None:
-    """Log a step's global-batch terms, or count and report a skipped one."""
-    if status == "nonfinite":
-        state.nonfinite += 1
-        where = (f"the newest checkpoint, {last}, is intact" if last
-                 else "no checkpoint was written yet")
-        if state.nonfinite >= config.max_nonfinite:
-            raise TrainError(
-                f"{state.nonfinite} steps in a row (the last at step "
-                f"{state.step}) had a non-finite loss or gradient: lower "
-                f"lr, set grad_clip, or check the data; {where}")
-        warnings.warn(f"step {state.step}: non-finite loss or gradient "
-                      f"(norm {norm}); step skipped ({state.nonfinite} in a "
-                      f"row, stopping at {config.max_nonfinite})",
-                      stacklevel=2)
-        if log:
-            log.skip()
+def record_steps(config: TrainConfig, state: TrainState,
+                 results: list[StepResult], ranks: Ranks,
+                 log: MetricsLog | None, last: Path | None) -> None:
+    """Log the steps' global-batch terms; count and report skipped ones."""
+    if not results:
         return
-    state.nonfinite = 0
-    names = sorted(terms)  # one gather: t (exact in float32) and the terms
-    columns = [t.float()] + [terms[k].float() for k in names]
-    table = gather_rows(ranks, torch.stack(columns, dim=1)).cpu()
-    t_all, *values = table.unbind(1)
-    t_all = t_all.long()
-    gathered = dict(zip(names, values, strict=True))
-    # The loss-aware sampler learns from unweighted losses (a classifier's
-    # are never weighted).
-    raw = gathered.pop("raw_loss", gathered["loss"])
-    if isinstance(state.sampler, LossAwareSampler):
-        state.sampler.update(t_all, raw)
+    names = sorted(results[0].terms)  # t (exact in float32), the terms
+    rows = torch.stack([torch.stack([r.t.float()] + [r.terms[k].float()
+                                                     for k in names], 1)
+                        for r in results], 1)  # rows x steps x columns
+    table = gather_rows(ranks, rows).cpu()
+    flags = torch.stack([torch.stack([r.loss_ok.float(), r.grad_norm])
+                         for r in results]).cpu().tolist()
+    for result, (loss_ok, norm), step in zip(results, flags, table.unbind(1),
+                                             strict=True):
+        # With fp16, a gradient that overflowed under a finite loss is the
+        # scaler's: it lowers its scale, and the step is not counted.
+        if not loss_ok or not (math.isfinite(norm)
+                               or state.scaler.is_enabled()):
+            _skipped(config, state, result.step, norm, log, last)
+            continue
+        state.nonfinite = 0
+        t_all, *values = step.unbind(1)
+        t_all = t_all.long()
+        gathered = dict(zip(names, values, strict=True))
+        # The loss-aware sampler learns from unweighted losses (a
+        # classifier's are never weighted).
+        raw = gathered.pop("raw_loss", gathered["loss"])
+        if isinstance(state.sampler, LossAwareSampler):
+            state.sampler.update(t_all, raw)
+        if log:
+            log.add(t_all, gathered, norm)
+
+
+def _skipped(config: TrainConfig, state: TrainState, step: int,
+             norm: float, log: MetricsLog | None, last: Path | None) -> None:
+    """Count a skipped step; warn, or stop after too many in a row."""
+    state.nonfinite += 1
+    where = (f"the newest checkpoint, {last}, is intact" if last
+             else "no checkpoint was written yet")
+    if state.nonfinite >= config.max_nonfinite:
+        raise TrainError(
+            f"{state.nonfinite} steps in a row (the last at step {step}) "
+            "had a non-finite loss or gradient: lower lr, set grad_clip, "
+            f"or check the data; {where}")
+    warnings.warn(f"step {step}: non-finite loss or gradient (norm "
+                  f"{norm}); step skipped ({state.nonfinite} in a row, "
+                  f"stopping at {config.max_nonfinite})", stacklevel=3)
     if log:
-        log.add(t_all, gathered, norm)
+        log.skip()

@@ -235,10 +235,10 @@ class TrainConfig:
     log_interval: int = 50
     save_interval: int = 500
     keep_checkpoints: int = 3
-    sample_interval: int = 500
+    sample_interval: int = 500  # 0: no grids, not even at the end
     num_samples: int = 16
     sample_steps: str = "ddim50"  # respacing of the grids' sampler
-    eval_interval: int = 500
+    eval_interval: int = 500  # 0: no held-out evaluation
     eval_images: int = 1000
     max_nonfinite: int = 10  # non-finite steps in a row before stopping
     tensorboard: bool = False
@@ -455,16 +455,15 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)!r}: expected "
                              f"one of {', '.join(map(str, allowed))}")
     positive = ("steps", "batch_size", "image_size", "small_size",
-                "log_interval", "save_interval", "sample_interval",
-                "eval_interval", "keep_checkpoints", "max_nonfinite",
-                "diffusion_steps", "num_res_blocks", "classifier_depth",
-                "num_heads")
+                "log_interval", "save_interval", "keep_checkpoints",
+                "max_nonfinite", "diffusion_steps", "num_res_blocks",
+                "classifier_depth", "num_heads")
     for name in positive:
         if getattr(config, name) < 1:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "seed"):
+                 "num_classes", "seed", "sample_interval", "eval_interval"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
     for name in ("num_head_channels", "num_heads_upsample"):
@@ -850,9 +849,12 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
         small = (shape[0], config.small_size, config.small_size)
         low_res_noise = torch.randn((config.batch_size, *small),
                                     generator=aug_noise_g, device=device)
-    return StepDraws(t.to(device), weights.to(device), noise,
-                     flip.to(device), clean.to(device), drop.to(device),
-                     low_res_t.to(device), low_res_noise)
+    # non_blocking: a blocking copy to a GPU waits for its queue to empty.
+    t, weights, flip, clean, drop, low_res_t = (
+        x.to(device, non_blocking=True)
+        for x in (t, weights, flip, clean, drop, low_res_t))
+    return StepDraws(t, weights, noise, flip, clean, drop, low_res_t,
+                     low_res_noise)
 
 # %% [markdown]
 # The data come from `adm_lib.data.load_dataset` at the configured size.
@@ -1244,11 +1246,20 @@ def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+def update_ema(ema: nn.Module, model: nn.Module,
+               decay: float | Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter.
+
+    `decay` may be a tensor on the model's device: the training loop passes
+    1 for a skipped step without asking the host.
+    """
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+    # ema + (1 - decay)(model - ema), spelled out: lerp takes no tensor
+    # weight, and a Python number made from one would wait for the device.
+    delta = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(delta, 1 - decay)
+    torch._foreach_add_(ema_params, delta)
 
 # %% [markdown]
 # How much of the random initialisation each average still holds after
@@ -1487,11 +1498,11 @@ class TrainState:
                                        memory_format=memory_format(device))
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
-        # Fused: one kernel for all parameters' updates, not one per tensor.
+        # Fused: one kernel for all parameters' updates, not one per tensor,
+        # and a step it can skip on the device (`apply_gradients`).
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr,
-            weight_decay=config.weight_decay,
-            fused=device.type in ("cpu", "cuda"))
+            weight_decay=config.weight_decay, fused=True)
         precision = resolve_precision(config.precision, device)
         scaler = torch.amp.GradScaler(device.type,
                                       enabled=precision == "fp16")
@@ -1666,6 +1677,14 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
 # skips the step on every rank if the loss or the norm is not finite; the
 # run stops with an error after `max_nonfinite` skipped steps in a row,
 # naming the checkpoint that is intact.
+#
+# None of this asks the host a question. A GPU runs a step's kernels in
+# the order the host queued them, and the host queues them far ahead as
+# long as it never waits for a value: an `.item()`, a `bool()` of a
+# tensor or a copy to the CPU each make it wait until the GPU has caught
+# up, and then the GPU idles while the host queues the next kernels. So
+# the skip is decided on the device, the step's results stay there, and
+# the host reads them only when it logs, saves or looks at the model.
 
 # %%
 #| export
@@ -1706,19 +1725,22 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 # %% [markdown]
-# Applying them: unscale (fp16), measure or clip the norm, and step AdamW
-# and the EMAs only if everything is finite.
+# Applying them: unscale (fp16), measure or clip the norm, then step AdamW
+# and the EMAs, both told on the device whether to change anything. The
+# fused AdamW already skips its update when its `found_inf` flag is set:
+# that is how the fp16 loss scaler skips an overflowing step. We set the
+# flag for every non-finite step, and give the EMAs a decay of 1 for it.
 
 # %%
 #| export
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
-                    ranks: Ranks) -> tuple[str, float]:
+                    ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
 
-    Returns ("ok" | "overflow" | "nonfinite", grad_norm). With fp16 a
-    non-finite gradient under a finite loss is the loss scaler's overflow:
-    it skips the step and lowers the scale, as it is meant to. Any other
-    non-finite loss or gradient skips the step on every rank.
+    Returns (global loss is finite, gradient norm) as device tensors; the
+    host waits for neither. A non-finite loss or gradient skips the step
+    on every rank; with fp16 the scaler also lowers its scale when the
+    gradient overflowed.
     """
     state.scaler.unscale_(state.optimizer)
     params = [p for p in state.model.parameters() if p.grad is not None]
@@ -1727,20 +1749,18 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     # The gradient norm is global already (DDP averaged the gradients).
-    loss_ok = bool(torch.isfinite(sum_ranks(ranks, loss.clone())))
-    norm_ok = bool(torch.isfinite(norm))
-    status = "ok" if loss_ok and norm_ok else "nonfinite"
-    if loss_ok and not norm_ok and state.scaler.is_enabled():
-        status = "overflow"
-    if status != "nonfinite":
-        state.scaler.step(state.optimizer)  # skips itself on overflow
-    if status == "ok":
-        for rate, ema in state.ema.items():
-            update_ema(ema, state.model,
-                       ema_decay(rate, state.step, config.ema_warmup))
+    loss_ok = torch.isfinite(sum_ranks(ranks, loss.clone()))
+    ok = loss_ok & torch.isfinite(norm)
+    # What GradScaler.step does for a fused optimizer, but for a
+    # non-finite loss too: the update kernel returns early when set.
+    state.optimizer.found_inf = (~ok).float()
+    state.optimizer.step()
+    for rate, ema in state.ema.items():
+        decay = ema_decay(rate, state.step, config.ema_warmup)
+        update_ema(ema, state.model, torch.where(ok, decay, 1.0))
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    return status, norm.item()
+    return loss_ok, norm
 
 # %% [markdown]
 # The learning rate of a step, annealed as the reference anneals its
@@ -1758,11 +1778,12 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 # Every `log_interval` steps rank 0 averages the window into one line of
 # `metrics.jsonl`: each loss term overall and by timestep quartile, the
 # gradient norm, the learning rate, steps and images per second, and the
-# number of skipped steps. Every `sample_interval` steps it draws a grid
-# from the first EMA with fixed noise and labels, so grids over training
-# can be compared; a classifier instead reports held-out loss and top-1
-# and top-5 accuracy, of the raw and of the EMA weights, every
-# `eval_interval` steps.
+# number of skipped steps. Every `sample_interval` steps and at the end
+# it draws a grid from the first EMA with fixed noise and labels, so
+# grids over training can be compared; a classifier instead reports
+# held-out loss and top-1 and top-5 accuracy, of the raw and of the EMA
+# weights, every `eval_interval` steps. An interval of 0 turns them off,
+# for runs that are sampled or scored elsewhere.
 
 # %%
 #| export runlog
@@ -2184,16 +2205,26 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
 # %% [markdown]
 # One step, `train_step`, is what `adm train` repeats and what `adm bench`
 # times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
-# on the device: a quarter of float32's bytes cross to a GPU.
+# on the device: a quarter of float32's bytes cross to a GPU. It returns
+# a `StepResult`, the step's numbers still on the device.
 
 # %%
 #| export
+@dataclass
+class StepResult:
+    """What one step leaves for the log, still on the device."""
+
+    step: int
+    loss_ok: Tensor  # the global batch's loss is finite
+    grad_norm: Tensor
+    t: Tensor  # the rank's timesteps, and its per-image terms
+    terms: dict[str, Tensor]
+
+
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
-               y: Tensor, rows: slice, ranks: Ranks,
-               log: MetricsLog | None = None,
-               last: Path | None = None) -> float:
-    """One optimisation step on the rank's uint8 images; its lr."""
+               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
+    """One optimisation step on the rank's uint8 images."""
     device = ranks.device
     x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
     x = x.contiguous(memory_format=memory_format(device))
@@ -2207,16 +2238,17 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
         group["lr"] = lr
     loss, terms = accumulate_gradients(config, diffusion, model, state,
                                        x, y, draws, device)
-    status, norm = apply_gradients(config, state, loss, ranks)
-    record_step(config, state, status, norm, draws.t, terms, ranks, log,
-                last)
+    loss_ok, norm = apply_gradients(config, state, loss, ranks)
     state.step += 1
-    return lr
+    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 # %% [markdown]
-# The loop reads each step's rows and takes the step; between steps rank 0
-# logs, saves and looks at the model, and the time that takes is kept out
-# of the throughput it logs.
+# The loop reads each step's rows and takes the step. The steps' results
+# wait on the device until the loop next logs, saves or looks at the
+# model; then `record_steps` reads them all at once (every step with the
+# loss-aware sampler, which learns from each step before drawing the
+# next). The time rank 0 spends between steps is kept out of the
+# throughput it logs.
 
 # %%
 #| export
@@ -2245,27 +2277,36 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         (out / "samples").mkdir(exist_ok=True)
     look_every = (config.eval_interval if config.kind == "classifier"
                   else config.sample_interval)
+    every = [n for n in (config.log_interval, config.save_interval,
+                         look_every) if n]
+    if isinstance(state.sampler, LossAwareSampler):
+        every = [1]
     bar = tqdm(total=config.steps, initial=state.step, unit="step",
                desc=f"train {config.kind}",
                disable=not (progress and ranks.main))
-    batches = iter(loader)
+    batches, pending = iter(loader), []
     while state.step < config.steps:
         try:
             pixels, y = next(batches)
         except DataError as err:
             raise DataError(_worker_error(err)) from None
-        lr = train_step(config, diffusion, run, state, pixels, y,
-                        sampler.rows, ranks, log, last)
+        pending.append(train_step(config, diffusion, run, state, pixels, y,
+                                  sampler.rows, ranks))
         bar.update()
-        pause, done = time.perf_counter(), state.step == config.steps
+        done = state.step == config.steps
+        if done or any(state.step % n == 0 for n in every):
+            record_steps(config, state, pending, ranks, log, last)
+            pending.clear()
+        pause = time.perf_counter()
         if log and (state.step % config.log_interval == 0
                     or done and log.steps):
-            record = log.write(state.step, lr=lr)
+            record = log.write(state.step,
+                               lr=learning_rate(config, state.step - 1))
             bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}",
                             img_s=f"{record['images_per_s']:.0f}")
         if state.step % config.save_interval == 0 or done:
             last = save_state(config, state, out, ranks)
-        if log and (state.step % look_every == 0 or done):
+        if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
         if log:
@@ -2275,9 +2316,12 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
 
 # %% [markdown]
 # Two helpers of the loop: a data loader worker's error is reported as its
-# own message, and each step's per-image terms are gathered from every
-# rank into the log (a skipped step is counted, and too many in a row
-# stop the run, naming the intact checkpoint).
+# own message, and the pending steps' per-image terms are gathered from
+# every rank into the log, in one gather and one copy to the host. There
+# each step is judged as it would have been at once: a skipped step is
+# counted and reported by its number (with fp16, a gradient that
+# overflowed under a finite loss is the loss scaler's business, not a
+# skip), and too many in a row stop the run, naming the intact checkpoint.
 
 # %%
 #| export
@@ -2299,41 +2343,56 @@ def _worker_error(err: Exception) -> str:
                       *lines[starts[-1] + 1:]])
 
 
-def record_step(config: TrainConfig, state: TrainState, status: str,
-                norm: float, t: Tensor, terms: dict[str, Tensor],
-                ranks: Ranks, log: MetricsLog | None,
-                last: Path | None) -> None:
-    """Log a step's global-batch terms, or count and report a skipped one."""
-    if status == "nonfinite":
-        state.nonfinite += 1
-        where = (f"the newest checkpoint, {last}, is intact" if last
-                 else "no checkpoint was written yet")
-        if state.nonfinite >= config.max_nonfinite:
-            raise TrainError(
-                f"{state.nonfinite} steps in a row (the last at step "
-                f"{state.step}) had a non-finite loss or gradient: lower "
-                f"lr, set grad_clip, or check the data; {where}")
-        warnings.warn(f"step {state.step}: non-finite loss or gradient "
-                      f"(norm {norm}); step skipped ({state.nonfinite} in a "
-                      f"row, stopping at {config.max_nonfinite})",
-                      stacklevel=2)
-        if log:
-            log.skip()
+def record_steps(config: TrainConfig, state: TrainState,
+                 results: list[StepResult], ranks: Ranks,
+                 log: MetricsLog | None, last: Path | None) -> None:
+    """Log the steps' global-batch terms; count and report skipped ones."""
+    if not results:
         return
-    state.nonfinite = 0
-    names = sorted(terms)  # one gather: t (exact in float32) and the terms
-    columns = [t.float()] + [terms[k].float() for k in names]
-    table = gather_rows(ranks, torch.stack(columns, dim=1)).cpu()
-    t_all, *values = table.unbind(1)
-    t_all = t_all.long()
-    gathered = dict(zip(names, values, strict=True))
-    # The loss-aware sampler learns from unweighted losses (a classifier's
-    # are never weighted).
-    raw = gathered.pop("raw_loss", gathered["loss"])
-    if isinstance(state.sampler, LossAwareSampler):
-        state.sampler.update(t_all, raw)
+    names = sorted(results[0].terms)  # t (exact in float32), the terms
+    rows = torch.stack([torch.stack([r.t.float()] + [r.terms[k].float()
+                                                     for k in names], 1)
+                        for r in results], 1)  # rows x steps x columns
+    table = gather_rows(ranks, rows).cpu()
+    flags = torch.stack([torch.stack([r.loss_ok.float(), r.grad_norm])
+                         for r in results]).cpu().tolist()
+    for result, (loss_ok, norm), step in zip(results, flags, table.unbind(1),
+                                             strict=True):
+        # With fp16, a gradient that overflowed under a finite loss is the
+        # scaler's: it lowers its scale, and the step is not counted.
+        if not loss_ok or not (math.isfinite(norm)
+                               or state.scaler.is_enabled()):
+            _skipped(config, state, result.step, norm, log, last)
+            continue
+        state.nonfinite = 0
+        t_all, *values = step.unbind(1)
+        t_all = t_all.long()
+        gathered = dict(zip(names, values, strict=True))
+        # The loss-aware sampler learns from unweighted losses (a
+        # classifier's are never weighted).
+        raw = gathered.pop("raw_loss", gathered["loss"])
+        if isinstance(state.sampler, LossAwareSampler):
+            state.sampler.update(t_all, raw)
+        if log:
+            log.add(t_all, gathered, norm)
+
+
+def _skipped(config: TrainConfig, state: TrainState, step: int,
+             norm: float, log: MetricsLog | None, last: Path | None) -> None:
+    """Count a skipped step; warn, or stop after too many in a row."""
+    state.nonfinite += 1
+    where = (f"the newest checkpoint, {last}, is intact" if last
+             else "no checkpoint was written yet")
+    if state.nonfinite >= config.max_nonfinite:
+        raise TrainError(
+            f"{state.nonfinite} steps in a row (the last at step {step}) "
+            "had a non-finite loss or gradient: lower lr, set grad_clip, "
+            f"or check the data; {where}")
+    warnings.warn(f"step {step}: non-finite loss or gradient (norm "
+                  f"{norm}); step skipped ({state.nonfinite} in a row, "
+                  f"stopping at {config.max_nonfinite})", stacklevel=3)
     if log:
-        log.add(t_all, gathered, norm)
+        log.skip()
 
 # %% [markdown]
 # A finished run is a folder; `load_run` rebuilds its network from the
@@ -2660,10 +2719,9 @@ ablation_base = {
     "in_channels": source.channels, "num_classes": source.num_classes,
     "batch_size": ablation_batch_size, "lr": ablation_lr,
     "device": device, "seed": seed,
-    # A checkpoint and a grid only where a run stops, and only the newest
+    # A checkpoint only where a run stops, no grids, and only the newest
     # checkpoint kept: each arm is evaluated before the run goes on.
-    "save_interval": 10**9, "sample_interval": 10**9,
-    "num_samples": 1, "sample_steps": "ddim2", "keep_checkpoints": 1,
+    "save_interval": 10**9, "sample_interval": 0, "keep_checkpoints": 1,
 }
 
 

@@ -39,9 +39,9 @@
 #       -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
 #       -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
 #       -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25 \
-#       -p variance_preset cifar10 -p variance_settings "{}" \
-#       -p variance_steps 100000 -p variance_samples 5000 \
-#       -p variance_respacings "[10, 25, 50, 100]" \
+#       -p model_settings "{}" -p variance_preset cifar10 \
+#       -p variance_settings "{}" -p variance_steps 100000 \
+#       -p variance_samples 5000 -p variance_respacings "[10, 25, 50, 100]" \
 #       -p variance_seeds "[0, 1, 2]" -p variance_dir build/chapter5_cifar10
 # and the recorded CPU run of 5.9 (5.8 has its own) is
 #   adm book run 5 -p num_images 4000 -p variance_steps 300 \
@@ -55,8 +55,9 @@ inception_weights = ""  # the Inception weights file, for "inception"
 device = "auto"
 sample_counts = [100, 200, 400, 800]  # sizes for FID against n
 num_images = 2000  # real images used (two halves of this many)
-model_steps = 60  # training steps of the model whose samples are scored
-model_sampler = "ddim5"  # its sampler's respacing
+model_steps = 30  # training steps of the model whose samples are scored
+model_settings = {"num_res_blocks": 1}  # changes to the MNIST preset
+model_sampler = "ddim2"  # its sampler's respacing
 # 5.9: two models, learned and fixed variance, sampled in few steps
 variance_preset = "mnist"  # their preset (chapter 4's make_config)
 variance_settings = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
@@ -718,7 +719,8 @@ shutil.rmtree(work / "model", ignore_errors=True)  # a fresh run each time
 run = train(make_config("diffusion", "mnist", {
     "data": data, "steps": model_steps, "batch_size": 32,
     "image_size": 32, "in_channels": dataset.channels, "device": device,
-    "sample_interval": 10**9, "log_interval": 10**9, "seed": seed,
+    "sample_interval": 0, "log_interval": 10**9, "seed": seed,
+    **model_settings,
 }), work / "model", progress=False)
 model = load_run(run, device=device)
 spaced = respace(model.diffusion, model_sampler)
@@ -810,7 +812,7 @@ show_rows({"B": as_tensor(real_images[:8]),
 # ```sh
 # adm book run 5 -p num_images 4000 \
 #     -p sample_counts "[250, 500, 1000, 2000]" -p model_steps 1500 \
-#     -p model_sampler ddim25
+#     -p model_sampler ddim25 -p model_settings "{}"
 # ```
 #
 # FID(mnist-net) of 2,000 real images against the other 2,000, with the
@@ -849,7 +851,8 @@ show_rows({"B": as_tensor(real_images[:8]),
 # adm book run 5 -p device cuda -p features inception \
 #     -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
 #     -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
-#     -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25
+#     -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25 \
+#     -p model_settings "{}"
 # ```
 #
 # and has not been made yet (no GPU, and no Inception weights file, was
@@ -883,7 +886,7 @@ variance_runs = Path(variance_dir)
 if variance_runs.exists() and not reuse_runs:
     shutil.rmtree(variance_runs)
 base = {"data": data, "device": device, "seed": seed,
-        "steps": variance_steps, "sample_interval": 10**9,
+        "steps": variance_steps, "sample_interval": 0,
         "save_interval": 10**9, "log_interval": 10, **variance_settings}
 variance_models = {}
 for name, learned in (("learned", True), ("fixed", False)):

@@ -64,8 +64,8 @@ classifier_settings = {"batch_size": 64, "classifier_depth": 1}
 device = "auto"  # "auto" picks CUDA when there is a GPU
 runs_dir = "build/chapter6"  # the three run folders
 reuse_runs = False  # True: finished runs in runs_dir are loaded, not redone
-train_steps = 40  # of each diffusion model
-classifier_steps = 40
+train_steps = 20  # of each diffusion model
+classifier_steps = 20
 label_dropout = 0.1  # the conditional model's, for classifier-free guidance
 respacing = "10"  # the ancestral sampler's steps
 scales = [0.0, 1.0, 2.0, 5.0, 10.0]  # classifier guidance scales s
@@ -599,8 +599,8 @@ print("mixed eps of the first image, first row:", mixed[0, 0, 0].tolist())
 # %%
 if runs.exists() and not reuse_runs:
     shutil.rmtree(runs)
-base = {"data": data, "device": device, "seed": seed, "sample_interval":
-        10**9, "save_interval": 10**9, "log_interval": 10}
+base = {"data": data, "device": device, "seed": seed, "sample_interval": 0,
+        "save_interval": 10**9, "log_interval": 10}
 configs = {
     "conditional": make_config("diffusion", preset, {
         **base, **settings, "steps": train_steps,
@@ -609,7 +609,7 @@ configs = {
         **base, **settings, "steps": train_steps, "class_cond": False}),
     "classifier": make_config("classifier", preset, {
         **base, **classifier_settings, "steps": classifier_steps,
-        "eval_interval": 10**9}),
+        "eval_interval": 0}),
 }
 timings = {}
 for name, config in configs.items():

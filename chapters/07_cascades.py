@@ -474,8 +474,8 @@ for name, attempt in bad.items():
 
 # %%
 common = {"data": data, "in_channels": 0, "device": device, "seed": seed,
-          "log_interval": 25, "sample_interval": 10**9,
-          "save_interval": 10**9, "eval_interval": 10**9, **settings}
+          "log_interval": 25, "sample_interval": 0,
+          "save_interval": 10**9, "eval_interval": 0, **settings}
 configs = {
     "base32": make_config("diffusion", "mnist", {
         **common, "image_size": image_size, "steps": train_steps}),
@@ -487,8 +487,7 @@ configs = {
         "image_size": small_size, "steps": classifier_steps,
         "batch_size": 64, "lr_anneal_steps": classifier_steps,
         "classifier_attention_resolutions": str(small_size // 2),
-        "save_interval": 10**9, "eval_interval": 10**9,
-        "eval_images": 500}),
+        "save_interval": 10**9, "eval_interval": 0}),
     "up": make_config("upsampler", "mnist", {
         **common, "image_size": image_size, "small_size": small_size,
         "steps": upsampler_steps}),

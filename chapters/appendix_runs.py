@@ -331,8 +331,12 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 #
 # On a GPU the fast path adds bf16 autocast, TF32, cuDNN's autotuner,
 # channels_last, fused AdamW, uint8 batches normalised on the device,
-# attention laid out for the fused kernels (chapter 3) and, with
-# `--set compile=true`, `torch.compile`. One script runs every GPU
+# attention laid out for the fused kernels (chapter 3), steps that never
+# make the host wait for the GPU between log intervals (chapter 4.8; a
+# test counts the values three steps read back, which must be none, and
+# on a GPU runs them under CUDA's sync debug mode) and, with
+# `--set compile=true`,
+# `torch.compile`. One script runs every GPU
 # measurement (the released 64x64 model at batch 64 against the
 # reference's own fp16 trainer, compiled and not, and bf16 against fp32
 # loss curves over 1,000 steps of the demo's model) in under 8 minutes:

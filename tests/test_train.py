@@ -802,6 +802,16 @@ def test_augmented_upsampler_trains_on_noised_inputs(data, tmp_path):
             config(data, kind, low_res_noise=level)
 
 
+@pytest.mark.parametrize("kind", ["diffusion", "classifier"])
+def test_interval_zero_draws_no_grid_and_scores_nothing(data, tmp_path, kind):
+    out = tmp_path / "run"
+    tr.train(config(data, kind, steps=2, sample_interval=0, eval_interval=0),
+             out, progress=False)
+    assert not list((out / "samples").iterdir())
+    assert not any("val_loss" in r for r in metrics(out))
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
 def test_upsampler_run(data, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, "upsampler", steps=2), out, progress=False)
@@ -1116,9 +1126,9 @@ BAD_SETTINGS = {
     "seed": ("diffusion", -1), "num_workers": ("diffusion", -1),
     "log_interval": ("diffusion", 0), "save_interval": ("diffusion", 0),
     "keep_checkpoints": ("diffusion", 0),
-    "sample_interval": ("diffusion", 0), "num_samples": ("diffusion", 0),
+    "sample_interval": ("diffusion", -1), "num_samples": ("diffusion", 0),
     "sample_steps": ("diffusion", "ddim999"),
-    "eval_interval": ("classifier", 0), "eval_images": ("classifier", -1),
+    "eval_interval": ("classifier", -1), "eval_images": ("classifier", -1),
     "max_nonfinite": ("diffusion", 0), "tensorboard": ("diffusion", "x"),
     "compile": ("diffusion", "yes"),
 }
@@ -1168,3 +1178,61 @@ def test_a_device_that_is_not_one_is_named_before_any_work(data, tmp_path):
     with pytest.raises(cf.TrainError, match="device='gpu' is not a device"):
         tr.train(config(data, device="gpu"), out, progress=False)
     assert not out.exists()
+
+
+# --- no host sync between log intervals ---------------------------------------
+
+# Reading a tensor into Python (a number, a bool, a list, a CPU copy) makes
+# the host wait for the device to finish all it was given. (`.numpy()` is
+# not among them: it refuses a GPU tensor, and the sampler's draws are
+# made on the host.)
+HOST_READS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__",
+              "__index__")
+
+
+def steps_and_reads(data: Path, monkeypatch: pytest.MonkeyPatch,
+                    device: torch.device, **overrides
+                    ) -> tuple[list[str], Callable[[], None]]:
+    """The tensor reads of three train_steps, and a call recording them."""
+    cfg = config(data, grad_clip=1.0, device=str(device), in_channels=1,
+                 num_classes=4, **overrides)
+    state = tr.TrainState.create(cfg, device)
+    diffusion = cf.build_diffusion(cfg)
+    ranks = tr.Ranks(0, 1, device, False)
+    pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(4) % 4
+    reads: list[str] = []
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            real = getattr(torch.Tensor, name)
+
+            def read(self, *args, _name=name, _real=real, **kwargs):
+                reads.append(_name)
+                return _real(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, read)
+        results = [tr.train_step(cfg, diffusion, state.model, state, pixels,
+                                 y, slice(0, 4), ranks) for _ in range(3)]
+    return reads, lambda: tr.record_steps(cfg, state, results, ranks, None,
+                                          None)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"kind": "classifier"}, {"precision": "bf16"},
+    {"learn_sigma": False, "predict_xstart": True}])
+def test_steps_read_nothing_back_until_recorded(data, monkeypatch, overrides):
+    reads, record = steps_and_reads(data, monkeypatch, CPU, **overrides)
+    assert reads == []
+    record()  # the recording reads them, once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_steps_never_sync_a_gpu(data, monkeypatch):
+    device = torch.device("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reads, record = steps_and_reads(data, monkeypatch, device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert reads == []
+    record()
