@@ -334,7 +334,7 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # attention laid out for the fused kernels (chapter 3), steps that never
 # make the host wait for the GPU between log intervals (chapter 4.8; a
 # test counts the values three steps read back, which must be none, and
-# on a GPU runs them under CUDA's sync debug mode) and, with
+# on a GPU, not yet lent, runs them under CUDA's sync debug mode) and, with
 # `--set compile=true`,
 # `torch.compile`. One script runs every GPU
 # measurement (the released 64x64 model at batch 64 against the
