@@ -12,6 +12,7 @@ __all__ = [
     "BatchOrder",
     "RankBatches",
     "StepDraws",
+    "row_noise",
     "draw_step",
     "open_data",
     "resolve_config",
@@ -86,10 +87,10 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:800
+# %% chapters/04_training.py:805
 @dataclass
 class StepDraws:
-    """A step's random draws for the global batch (see `draw_step`)."""
+    """A step's random draws for some rows of its batch (see `draw_step`)."""
 
     t: Tensor
     weights: Tensor
@@ -101,52 +102,60 @@ class StepDraws:
     low_res_noise: Tensor
 
     def rows(self, rows: slice) -> "StepDraws":
-        """The draws of one rank's rows."""
+        """The draws of some of these rows."""
         return StepDraws(*(getattr(self, f.name)[rows]
                            for f in fields(self)))
 
 
+def row_noise(words: tuple[int, ...], rows: range, shape: tuple[int, ...],
+              device: torch.device) -> Tensor:
+    """Standard normal noise of `shape` per row, row i seeded by words + i."""
+    g = torch.Generator(device)
+    return torch.stack([
+        torch.randn(shape, generator=g.manual_seed(step_seed(*words, i)),
+                    device=device)
+        for i in rows])
+
+
 def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
               shape: tuple[int, ...], device: torch.device,
-              stream: int = 0) -> StepDraws:
-    """Timesteps, importance weights, noise and flips of a global batch.
+              stream: int = 0, rows: slice = slice(None)) -> StepDraws:
+    """Timesteps, importance weights, noise and flips of `rows` of a batch.
 
-    `stream` 0 is training; evaluation draws from stream 1.
+    `rows` of the global batch (all by default) are drawn as they are in a
+    draw of the whole batch. `stream` 0 is training; evaluation uses 1.
     """
+    n = config.batch_size
     g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
-    t, weights = sampler.sample(config.batch_size, "cpu", g)
-    flip = torch.rand(config.batch_size, generator=g) < 0.5
-    clean = torch.rand(config.batch_size, generator=g) < config.clean_fraction
-    drop = torch.rand(config.batch_size, generator=g) < config.label_dropout
+    t, weights = sampler.sample(n, "cpu", g)
+    flip = torch.rand(n, generator=g) < 0.5
+    clean = torch.rand(n, generator=g) < config.clean_fraction
+    drop = torch.rand(n, generator=g) < config.label_dropout
     if not config.random_flip:
         flip[:] = False
     if not config.noised:
         clean[:] = True
-    noise_g = torch.Generator(device).manual_seed(
-        step_seed(config.seed, 3, stream, step))
-    noise = torch.randn((config.batch_size, *shape), generator=noise_g,
-                        device=device)
-    low_res_t = torch.zeros(config.batch_size, dtype=torch.long)
-    low_res_noise = torch.empty((config.batch_size, 0), device=device)
+    mine = range(n)[rows]
+    noise = row_noise((config.seed, 3, stream, step), mine, shape, device)
+    low_res_t = torch.zeros(n, dtype=torch.long)
+    low_res_noise = torch.empty((len(mine), 0), device=device)
     if config.low_res_noise:  # its own streams: the others stay as they are
         aug_g = torch.Generator().manual_seed(
             step_seed(config.seed, 4, stream, step))
-        low_res_t = torch.randint(config.low_res_noise + 1,
-                                  (config.batch_size,), generator=aug_g)
-        aug_noise_g = torch.Generator(device).manual_seed(
-            step_seed(config.seed, 5, stream, step))
+        low_res_t = torch.randint(config.low_res_noise + 1, (n,),
+                                  generator=aug_g)
         small = (shape[0], config.small_size, config.small_size)
-        low_res_noise = torch.randn((config.batch_size, *small),
-                                    generator=aug_noise_g, device=device)
+        low_res_noise = row_noise((config.seed, 5, stream, step), mine,
+                                  small, device)
     # non_blocking: a blocking copy to a GPU waits for its queue to empty.
     t, weights, flip, clean, drop, low_res_t = (
-        x.to(device, non_blocking=True)
+        x[rows].to(device, non_blocking=True)
         for x in (t, weights, flip, clean, drop, low_res_t))
     return StepDraws(t, weights, noise, flip, clean, drop, low_res_t,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:871
+# %% chapters/04_training.py:884
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -202,7 +211,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:932
+# %% chapters/04_training.py:945
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

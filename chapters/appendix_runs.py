@@ -331,6 +331,7 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 #
 # On a GPU the fast path adds bf16 autocast, TF32, cuDNN's autotuner,
 # channels_last, fused AdamW, uint8 batches normalised on the device,
+# noise drawn by each rank for its own rows only (chapter 4.2),
 # attention laid out for the fused kernels (chapter 3), steps that never
 # make the host wait for the GPU between log intervals (chapter 4.8; a
 # test counts the values three steps read back, which must be none, and

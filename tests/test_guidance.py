@@ -504,6 +504,7 @@ def test_adm_demo_trains_samples_scores_and_reports(
             assert scores["mean_intensity"] == pytest.approx(
                 batch["arr_0"].mean())
     assert 0 < report["data_mean_intensity"] < 255
+    assert 0 <= report["classifier_accuracy_held_out"] <= 1
     assert report["timings_s"]["total"] > 0
     assert (out / "guided_digits.png").stat().st_size > 0
     assert (out / "report.md").read_text() in text
@@ -520,6 +521,9 @@ def test_adm_demo_trains_samples_scores_and_reports(
 def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["demo", "--steps", "0", "--device", "cpu"]) == 1
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--classifier-batch", "0", "--device",
+                     "cpu"]) == 1
+    assert "--classifier-batch must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli.main(["demo", "--device", "cuda"]) == 1
         assert "sees no GPU" in capsys.readouterr().err

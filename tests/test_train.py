@@ -755,6 +755,46 @@ def test_classifier_run(data, tmp_path):
     assert logits.shape == (2, 4)
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_rank_draws_only_its_rows_as_the_whole_batch_draws_them(
+        data, world):
+    """Split a batch of 12 over `world` ranks: each draws its rows' noise
+    and nothing more, and together they are the single process's draw."""
+    c = config(data, "upsampler", batch_size=12, low_res_noise=30,
+               random_flip=True, clean_fraction=0.5)
+    shape = (1, c.image_size, c.image_size)
+    sampler = UniformSampler(c.diffusion_steps)
+    whole = bt.draw_step(c, sampler, 5, shape, CPU)
+    share = 12 // world
+    parts = [bt.draw_step(c, sampler, 5, shape, CPU,
+                          rows=slice(r * share, (r + 1) * share))
+             for r in range(world)]
+    for field in dataclasses.fields(whole):
+        mine = [getattr(p, field.name) for p in parts]
+        assert all(len(m) == share for m in mine), field.name
+        torch.testing.assert_close(torch.cat(mine), getattr(whole, field.name),
+                                   rtol=0, atol=0)
+
+
+def test_row_noise_is_independent_standard_normal_noise():
+    """Rows seeded by consecutive words share nothing: the mean squared
+    correlation of two rows of d numbers is 1/(d-1) for independent noise
+    (one degree of freedom goes to each row's mean)."""
+    rows, d = 400, 64
+    noise = bt.row_noise((0, 3, 0, 7), range(rows), (d,), CPU).double()
+    n = noise.numel()
+    assert abs(noise.mean()) < 5 / n**0.5
+    assert abs(noise.var() - 1) < 5 * (2 / n) ** 0.5
+    r = torch.corrcoef(noise)[~torch.eye(rows, dtype=torch.bool)]
+    # r^2 of independent rows: mean 1/(d-1), variance about 2/d^2.
+    pairs = rows * (rows - 1) / 2
+    assert abs(r.pow(2).mean() - 1 / (d - 1)) < 5 * (2 / d**2 / pairs) ** 0.5
+    other = bt.row_noise((0, 3, 0, 8), range(rows), (d,), CPU).double()
+    across = torch.corrcoef(torch.cat([noise, other]))[:rows, rows:]
+    assert (abs(across.pow(2).mean() - 1 / (d - 1))
+            < 5 * (2 / d**2 / rows**2) ** 0.5)
+
+
 def test_augmented_upsampler_trains_on_noised_inputs(data, tmp_path):
     """low_res_noise: each image's low-res input noised to its own drawn
     step s <= S (seeded), the network told s; it learns the level's MLP."""
