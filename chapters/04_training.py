@@ -3237,7 +3237,7 @@ assert all(r["samples"].shape == sample_noise.shape
 # | --- | --- | --- |
 # | $10^{-3}$, constant (the demo's) | 90.0% (90.0, 88.0, 92.0) | 1.72 |
 # | $10^{-3}$, decayed to 0 | 87.3% (85.0, 87.5, 89.5) | 1.95 |
-# | $2 \times 10^{-3}$, decayed to 0 | 80.3% (78.5, 79.5, 83.0) | 2.98 |
+# | $2 \times 10^{-3}$, decayed to 0 | 80.3% (78.5, 79.5, 83.0) | 2.97 |
 #
 # So the demo: the lean x0-simple model, 400 steps of batch 32 at a
 # constant $10^{-3}$; the lean classifier, 400 steps of batch 32; 15
@@ -3264,8 +3264,8 @@ assert all(r["samples"].shape == sample_noise.shape
 # The data's mean pixel is 25.6.) At 400 steps the demo's samples reach
 # the 90% it aims for, with 600 samples known to about 1.2 points, and
 # the whole demo, both networks' training, two guided passes and the
-# scoring, takes about five minutes of this CPU (README has the timed
-# run from a fresh clone). `adm demo --steps 600` reaches 95.5% in about
+# scoring, takes five to six minutes of this CPU as its pace drifts
+# (README has the timed run from a fresh clone: 347 s). `adm demo --steps 600` reaches 95.5% in about
 # two minutes more. A CPU with native bf16 (AVX-512-BF16 or AMX) trains
 # under bf16 autocast by itself and should be faster; that has not been
 # measured here.
