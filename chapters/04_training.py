@@ -3265,10 +3265,10 @@ assert all(r["samples"].shape == sample_noise.shape
 # the 90% it aims for, with 600 samples known to about 1.2 points, and
 # the whole demo, both networks' training, two guided passes and the
 # scoring, takes five to six minutes of this CPU as its pace drifts
-# (README has the timed run from a fresh clone: 347 s). `adm demo --steps 600` reaches 95.5% in about
-# two minutes more. A CPU with native bf16 (AVX-512-BF16 or AMX) trains
-# under bf16 autocast by itself and should be faster; that has not been
-# measured here.
+# (README has the timed run from a fresh clone: 347 s).
+# `adm demo --steps 600` reaches 95.5% in about two minutes more. A CPU
+# with native bf16 (AVX-512-BF16 or AMX) trains under bf16 autocast by
+# itself and should be faster; that has not been measured here.
 #
 # %% [markdown]
 # ## Summary
