@@ -3190,13 +3190,13 @@ assert all(r["samples"].shape == sample_noise.shape
 # (Mean pixel of the lean run's samples; the data's is 25.6. Minutes in
 # the figure are each run's own pace, 0.64 and 0.42 s a step, measured
 # on different days; the table above is the fair comparison of speed.)
-# The lean network is ahead at all four checkpoints, by 0.5 to 3.5
-# points, each within about one standard error of the difference (3.1
-# to 4.2 points with 200 samples a side): as accurate per step, in 0.6
-# of the time, so the demo uses it for both networks. With it the
-# demo's other costs were measured on the demo itself (`adm demo`, which reuses finished runs, so each change below
-# retrains only what it changes). The classifier's batch, each lean and
-# 400 steps, guiding the same 400-step lean model, 25 ancestral steps:
+# The lean network is ahead at all four checkpoints, by 0.5 to 3.5 points, each
+# within about one standard error of the difference (3.1 to 4.2 points with 200
+# samples a side): as accurate per step, in 0.6 of the time, so the demo uses
+# it for both networks. With it the demo's other costs were measured on the
+# demo itself (`adm demo`, which reuses finished runs, so each change below
+# retrains only what it changes). The classifier's batch, each lean and 400
+# steps, guiding the same 400-step lean model, 25 ancestral steps:
 #
 # | classifier batch | seconds | accuracy | FID |
 # | --- | --- | --- | --- |
