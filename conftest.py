@@ -85,16 +85,21 @@ class ChapterNotebook(IPyNbFile):
                           f"{err}", stacklevel=1)
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_collect_file(
     file_path: Path, parent: pytest.Collector
-) -> pytest.Collector | None:
-    """Collect a book chapter as the notebook Jupytext makes of it."""
+) -> Generator[None, list[pytest.Collector], list[pytest.Collector]]:
+    """Collect a book chapter as the notebook Jupytext makes of it, only."""
+    collectors = yield
     if file_path not in BOOK.chapters:
-        return None
+        return collectors
     NOTEBOOKS.mkdir(parents=True, exist_ok=True)
     notebook = NOTEBOOKS / f"{file_path.stem}.ipynb"
     nbformat.write(to_notebook(file_path), notebook)
-    return ChapterNotebook.from_parent(parent, path=file_path)
+    # Named on the command line (`pytest chapters/05_metrics.py`), a chapter
+    # is also a Python module to pytest, which would import it, running the
+    # whole chapter once more during collection: that collector is dropped.
+    return [ChapterNotebook.from_parent(parent, path=file_path)]
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect anything

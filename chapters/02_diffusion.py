@@ -44,13 +44,13 @@ data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
 device = "auto"  # "auto" picks CUDA when there is a GPU
 schedule = "cosine"
 num_timesteps = 1000
-train_steps = 200
+train_steps = 100
 batch_size = 32
 model_channels = 32
 learning_rate = 1e-3
 sample_steps = [10, 25, 50, 250]  # respaced sampling lengths to compare
 num_samples = 8
-nll_images = 4  # images whose full variational bound is evaluated
+nll_images = 2  # images whose full variational bound is evaluated
 vlb_draws = 64  # per image: stratified draws of the bound's estimate
 seed = 0
 

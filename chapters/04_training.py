@@ -71,11 +71,11 @@
 data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
 device = "auto"  # "auto" picks CUDA when there is a GPU
 runs_dir = "build/chapter4"  # the chapter's run folders (emptied first)
-train_steps = 40  # of the diffusion model and the upsampler
-classifier_steps = 40
+train_steps = 20  # of the diffusion model and the upsampler
+classifier_steps = 20
 batch_size = 16
 num_channels = 32  # the networks' base width (a multiple of 32)
-snapshot_every = 20  # steps between sample grids and evaluations
+snapshot_every = 10  # steps between sample grids and evaluations
 num_samples = 10
 sample_steps = "ddim10"
 figures_dir = ""  # if set, 4.10 also saves its figures there

@@ -346,9 +346,10 @@ def test_failing_cell_names_the_cell(tmp_path: Path) -> None:
     assert (root / "build" / "run" / "01_x.ipynb").is_file()
 
 
-def _pytest(root: Path) -> subprocess.CompletedProcess[str]:
+def _pytest(root: Path, target: str = "chapters"
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p",
-                           "no:cacheprovider", "chapters"], cwd=root,
+                           "no:cacheprovider", target], cwd=root,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -361,6 +362,19 @@ def test_chapters_run_as_nbval_tests(tmp_path: Path) -> None:
     assert (root / "build" / "nbval" / "01_x.ipynb").is_file()
     # A chapter with a failing cell gives the site's cache nothing.
     assert not (root / "build" / "site-cache").exists()
+
+
+@pytest.mark.parametrize("target", ["chapters", "chapters/01_x.py"])
+def test_a_chapter_runs_once_however_it_is_named(tmp_path: Path,
+                                                 target: str) -> None:
+    """Named as a file, a chapter is not also imported as a module."""
+    log = tmp_path / "ran.txt"
+    root = _runnable_book(tmp_path, f"with open({str(log)!r}, 'a') as f:\n"
+                          "    f.write('ran\\n')")
+    result = _pytest(root, target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert log.read_text() == "ran\n"
 
 
 def test_a_chapter_without_cells_fails_collection(tmp_path: Path) -> None:
