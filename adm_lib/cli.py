@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         "noisy classifier on the embedded MNIST-5k, draw every digit at two "
         "guidance scales, and write a grid, each scale's samples (.npz) and "
         "a report (accuracy of an independent MNIST network on the samples, "
-        "FID, mean intensity, timings). Five to six minutes on a 2-core CPU; a "
+        "FID, mean intensity, timings). About five minutes on a 2-core CPU; a "
         "GPU is used if there is one. Running it again reuses the finished "
         "runs.",
     )

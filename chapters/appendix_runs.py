@@ -340,7 +340,8 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # `torch.compile`. One script runs every GPU
 # measurement (the released 64x64 model at batch 64 against the
 # reference's own fp16 trainer, compiled and not, and bf16 against fp32
-# loss curves over 1,000 steps of the demo's model) in under 8 minutes:
+# loss curves over 1,000 steps of the demo's model at its batch of 32;
+# chapter 4.4 has them from this CPU at batch 4) in under 8 minutes:
 #
 # ```sh
 # bash scripts/gpu_check.sh   # results in build/gpu/

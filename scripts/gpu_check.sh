@@ -42,11 +42,6 @@ bench imagenet64_compiled imagenet64 --batch 64 --sample-batch 256 \
     --rounds 5 --set compile=true
 bench cifar32 cifar32 --batch 128 --sample-batch 512 --reference "$REF"
 # bf16 against fp32 over the same 1,000 steps of the demo's model: the loss
-# curves that chapter 4 compares (metrics logs only; the runs stay in /tmp).
-for precision in fp32 bf16; do
-    run=$(mktemp -d)/curve
-    "$PY" -m adm_lib.cli train diffusion --out "$run" --steps 1000 --quiet \
-        --set precision=$precision --set log_interval=25 \
-        --set save_interval=1000 --set sample_interval=1000
-    cp "$run/metrics.jsonl" "$OUT/curve_$precision.jsonl"
-done
+# curves that chapter 4 compares.
+"$PY" scripts/precision_curves.py --steps 1000 --out "$OUT/precision" \
+    --plot "$OUT/04_bf16_fp32.png" 2>"$OUT/precision.err" | tee -a "$OUT/log"

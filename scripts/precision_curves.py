@@ -1,0 +1,118 @@
+"""Train the same run in float32 and under bf16 autocast; compare the losses.
+
+Both runs are the demo's diffusion model (adm_lib.demo) with the same seed,
+so they see the same batches, timesteps and noise: only the arithmetic
+differs. Every step's loss is logged. For each window of `--window` steps
+the two runs' mean losses are compared with the noise of such a mean, the
+standard error of the difference of two window means of independent steps
+(the batch-to-batch spread of the loss within the window). Prints a table,
+and with `--plot FILE` draws both curves and the difference in units of
+that standard error.
+
+    python scripts/precision_curves.py --steps 1000 --out build/precision \\
+        --plot chapters/figures/04_bf16_fp32.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _train(precision: str, steps: int, batch: int, device: str,
+           out: Path) -> Path:
+    """The demo's diffusion run at `precision`, logging every step."""
+    from adm_lib.config import make_config
+    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.train import train
+
+    fields = asdict(_configs(DemoSettings(), device)["diffusion"])
+    del fields["kind"]
+    fields.update(steps=steps, batch_size=batch, precision=precision,
+                  log_interval=1, save_interval=steps)
+    run = out / precision
+    train(make_config("diffusion", None, fields), run, resume=run.exists())
+    return run
+
+
+def windows(losses: dict[str, list[float]], width: int) -> list[dict]:
+    """Per window: each run's mean loss, the gap and its standard error."""
+    rows = []
+    fp32, bf16 = (losses[p] for p in PRECISIONS)
+    for start in range(0, len(fp32) - width + 1, width):
+        a, b = fp32[start:start + width], bf16[start:start + width]
+        mean_a, mean_b = sum(a) / width, sum(b) / width
+        var = sum((x - mean_a) ** 2 for x in a) + sum(
+            (x - mean_b) ** 2 for x in b)
+        se = math.sqrt(var / (width - 1) / width)  # both runs' variances
+        rows.append({"steps": f"{start + 1}-{start + width}", "fp32": mean_a,
+                     "bf16": mean_b, "gap": mean_b - mean_a, "se": se})
+    return rows
+
+
+def _plot(losses: dict[str, list[float]], rows: list[dict], width: int,
+          path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(10, 3.4))
+    kernel = np.ones(width) / width
+    for precision in PRECISIONS:
+        smooth = np.convolve(losses[precision], kernel, mode="valid")
+        ax.plot(np.arange(width, width + len(smooth)), smooth,
+                label=precision)
+    ax.set(xlabel="step", ylabel=f"loss, mean of {width} steps",
+           yscale="log", title="training loss")
+    ax.legend()
+    centres = [(i + 0.5) * width for i in range(len(rows))]
+    gap.axhspan(-2, 2, color="0.9", label="within 2 standard errors")
+    gap.plot(centres, [r["gap"] / r["se"] for r in rows], "ko-")
+    gap.axhline(0, color="0.5", lw=0.8)
+    gap.set(xlabel="step", ylabel="(bf16 - fp32) / standard error",
+            title=f"the gap of {width}-step means", ylim=(-4, 4))
+    gap.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--window", type=int, default=100)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("build/precision"))
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    if args.steps < 2 * args.window or args.window < 2:
+        parser.error("--steps must be at least two --window, which is >= 2")
+    from adm_lib.runlog import read_metrics
+
+    losses = {}
+    for precision in PRECISIONS:
+        run = _train(precision, args.steps, args.batch, args.device,
+                     args.out)
+        losses[precision] = [r["loss"] for r in read_metrics(run)
+                             if "loss" in r]
+    rows = windows(losses, args.window)
+    print("| steps | fp32 | bf16 | gap | standard error | gap / se |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['steps']} | {r['fp32']:.4f} | {r['bf16']:.4f} | "
+              f"{r['gap']:+.4f} | {r['se']:.4f} | "
+              f"{r['gap'] / r['se']:+.2f} |")
+    if args.plot:
+        _plot(losses, rows, args.window, args.plot,
+              f"the demo's diffusion model, batch {args.batch}, the same "
+              "seed: float32 and bf16 autocast")
+
+
+if __name__ == "__main__":
+    main()
