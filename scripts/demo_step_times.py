@@ -16,7 +16,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 PRESET_NET = {"channel_mult": "1,2,2", "resblock_updown": True,
               "classifier_resblock_updown": True}
@@ -31,10 +30,9 @@ def _step(kind: str, net: dict) -> tuple[Callable[[], None], int, int]:
     from adm_lib.ranks import Ranks
     from adm_lib.train import TrainState, train_step
 
-    fields = asdict(_configs(DemoSettings(), "cpu")[kind])
-    del fields["kind"]
-    config = make_config(kind, None, {**fields, **net, "in_channels": 1,
-                                      "num_classes": 10})
+    config = make_config(kind, base=_configs(DemoSettings(), "cpu")[kind],
+                         overrides={**net, "in_channels": 1,
+                                    "num_classes": 10})
     cpu = torch.device("cpu")
     state = TrainState.create(config, cpu)
     diffusion = build_diffusion(config)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 PRECISIONS = ("fp32", "bf16")
@@ -30,12 +29,12 @@ def _train(precision: str, steps: int, batch: int, device: str,
     from adm_lib.demo import DemoSettings, _configs
     from adm_lib.train import train
 
-    fields = asdict(_configs(DemoSettings(), device)["diffusion"])
-    del fields["kind"]
-    fields.update(steps=steps, batch_size=batch, precision=precision,
-                  log_interval=1, save_interval=steps)
+    config = make_config("diffusion", base=_configs(
+        DemoSettings(), device)["diffusion"], overrides={
+        "steps": steps, "batch_size": batch, "precision": precision,
+        "log_interval": 1, "save_interval": steps})
     run = out / precision
-    train(make_config("diffusion", None, fields), run, resume=run.exists())
+    train(config, run, resume=run.exists())
     return run
 
 
