@@ -3335,17 +3335,19 @@ assert all(r["samples"].shape == sample_noise.shape
 # crosses 85% between 300 and 350 steps and reaches 90% at 400.
 #
 # The demo's budget is five minutes on a 2-core CPU, and this CPU's pace
-# drifts: a diffusion step took 0.44 to 0.63 s over the day. Besides
-# training the diffusion model, the demo spends 100 to 120 s: the
-# classifier (55 to 70 s), the two guided passes (25 to 40 s) and the
-# scoring (8 s). At 400 steps a timed run from a fresh clone took 330 s
-# (223 s of it training the diffusion model, 0.56 s a step), with 92.0%
-# at scale 1: over the budget. Five minutes at that pace leave 330 to
-# 350 steps, and 350 is the first checkpoint of the curve past 85%
-# (87.3%), so the demo trains 350 steps: the rule for when five minutes
-# cannot reach 90% on the machine at hand. Its timed run from a fresh
-# clone (README) took 311 s, with 91.5% at scale 1: 11 s over, on a slow
-# hour. `adm demo --steps 400` is the 90% run, half a minute longer.
+# drifts: a diffusion step took 0.44 s in the side-by-side timing above
+# and 0.47 to 0.70 s over 25-step intervals in the afternoon's runs
+# (their `metrics.jsonl`). Besides training the diffusion model, the
+# demo spends 90 to 115 s: the classifier (55 to 70 s), the two guided
+# passes (25 to 40 s) and the scoring (8 to 9 s). At 400 steps a timed
+# run from a fresh clone took 330 s (223 s of it training the diffusion
+# model, 0.56 s a step), with 92.0% at scale 1: over the budget. Five
+# minutes at that pace leave 330 to 350 steps, and 350 is the first
+# checkpoint of the curve past 85% (87.3%), so the demo trains 350
+# steps: the rule for when five minutes cannot reach 90% on the machine
+# at hand. Its timed run from a fresh clone (README) took 311 s, with
+# 91.5% at scale 1: 11 s over, on a slow hour. `adm demo --steps 400` is
+# the 90% run, half a minute longer.
 # `adm demo --steps 600` reaches 95.5% in about two minutes more. A CPU
 # with native bf16 (AVX-512-BF16 or AMX) trains under bf16 autocast by
 # itself; on such a CPU the issue measured the 11.3M-parameter model's
