@@ -3,7 +3,8 @@
 Each recipe is the demo's diffusion config with some fields changed. It is
 trained once, with a checkpoint every `--every` images; every checkpoint is
 then sampled (20 of each digit per seed, DDIM or ancestral sampling at
-`--respacing`, at one guidance scale, with the demo's classifier) with its
+`--respacing`, at one guidance scale, with the demo's classifier, at the
+demo's precision: bf16 where the CPU has it natively) with its
 raw weights, the last also with each EMA, or with `--weights` at every
 checkpoint, and scored with chapter 5's MNIST network. One JSON line per checkpoint and
 weights goes to results.jsonl; `--plot FILE` draws accuracy and FID against
@@ -129,7 +130,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
                 images, _ = sample_batches(
                     respace(net.diffusion, respacing), net.model, SAMPLES,
                     (1, 32, 32), labels, 100, "cpu", seed, False,
-                    sampler=sampler, cond_fn=hook)
+                    precision="auto", sampler=sampler, cond_fn=hook)
                 scores = score_activations(
                     reference, compute_activations(images, judge, 500, "cpu"),
                     labels.numpy(), "cpu")
