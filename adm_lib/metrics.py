@@ -103,6 +103,16 @@ def feature_statistics(features: np.ndarray) -> FIDStatistics:
                          np.cov(features, rowvar=False))
 
 
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root, without its singular-matrix warning."""
+    # Fewer samples than feature dimensions always make the product
+    # singular, and scipy warns; whether the root is usable is decided by
+    # the finiteness check of `frechet_distance`, as in the reference.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
+
+
 def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                      eps: float = 1e-6) -> float:
     """The Frechet distance of two Gaussians, as the reference computes it.
@@ -118,12 +128,12 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
             f"the statistics have different dimensions: {mu_a.shape[0]} "
             f"and {mu_b.shape[0]} (were they made with the same features?)")
     diff = mu_a - mu_b
-    covmean = linalg.sqrtm(sigma_a.dot(sigma_b))
+    covmean = _sqrtm(sigma_a.dot(sigma_b))
     if not np.isfinite(covmean).all():
         warnings.warn(f"the covariance product is singular; adding {eps} "
                       "to the diagonal of both", stacklevel=2)
         offset = np.eye(sigma_a.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma_a + offset).dot(sigma_b + offset))
+        covmean = _sqrtm((sigma_a + offset).dot(sigma_b + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             worst = np.max(np.abs(covmean.imag))
@@ -133,7 +143,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:299
+# %% chapters/05_metrics.py:309
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -146,7 +156,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:346
+# %% chapters/05_metrics.py:356
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -184,7 +194,7 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:390
+# %% chapters/05_metrics.py:400
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
@@ -209,7 +219,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:455
+# %% chapters/05_metrics.py:465
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -267,7 +277,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:513
+# %% chapters/05_metrics.py:523
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -304,7 +314,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:556
+# %% chapters/05_metrics.py:566
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -336,7 +346,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:591
+# %% chapters/05_metrics.py:601
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))

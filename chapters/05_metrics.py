@@ -224,6 +224,16 @@ def feature_statistics(features: np.ndarray) -> FIDStatistics:
                          np.cov(features, rowvar=False))
 
 
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root, without its singular-matrix warning."""
+    # Fewer samples than feature dimensions always make the product
+    # singular, and scipy warns; whether the root is usable is decided by
+    # the finiteness check of `frechet_distance`, as in the reference.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
+
+
 def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                      eps: float = 1e-6) -> float:
     """The Frechet distance of two Gaussians, as the reference computes it.
@@ -239,12 +249,12 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
             f"the statistics have different dimensions: {mu_a.shape[0]} "
             f"and {mu_b.shape[0]} (were they made with the same features?)")
     diff = mu_a - mu_b
-    covmean = linalg.sqrtm(sigma_a.dot(sigma_b))
+    covmean = _sqrtm(sigma_a.dot(sigma_b))
     if not np.isfinite(covmean).all():
         warnings.warn(f"the covariance product is singular; adding {eps} "
                       "to the diagonal of both", stacklevel=2)
         offset = np.eye(sigma_a.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma_a + offset).dot(sigma_b + offset))
+        covmean = _sqrtm((sigma_a + offset).dot(sigma_b + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             worst = np.max(np.abs(covmean.imag))

@@ -479,7 +479,6 @@ def test_adm_sample_loads_the_reference_checkpoints(
 
 
 # `adm demo`, at a few steps (10 samples: a singular covariance for FID).
-@pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_adm_demo_trains_samples_scores_and_reports(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -78,6 +79,21 @@ def test_singular_covariances_fall_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="singular"):
         assert mt.frechet_distance(stats, stats) == pytest.approx(0, abs=1e-5)
     np.testing.assert_allclose(calls[1], (1 + 1e-6) ** 2 * np.eye(3))
+
+
+def test_a_singular_product_with_a_finite_root_warns_nothing():
+    # A feature that never varies (a dead unit) makes both covariances
+    # singular; scipy warns, yet the root is finite and the distance exact.
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 20, 8))
+    a[:, 0] = b[:, 0] = 0
+    stats = [mt.feature_statistics(x) for x in (a, b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distance = mt.frechet_distance(*stats)
+    # Without the dead unit the distance is the same: it adds nothing.
+    live = [mt.feature_statistics(x[:, 1:]) for x in (a, b)]
+    assert distance == pytest.approx(mt.frechet_distance(*live), rel=1e-9)
 
 
 def test_an_imaginary_root_is_an_error(monkeypatch):
