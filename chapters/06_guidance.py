@@ -913,9 +913,9 @@ with np.load(batch_file) as batch:
 # `adm demo` runs this chapter's story in one command: it trains a small
 # class-conditional model and a classifier on MNIST-5k, draws every digit
 # at two guidance scales, and reports the evaluation network's accuracy
-# on them and their FID, in about five minutes on a two-core CPU (the
-# README has its measured time; chapter 4.13 its recipe, and why it
-# guides with ancestral steps rather than DDIM's).
+# on them and their FID, in minutes on a two-core CPU (the README has
+# its measured time; chapter 4.13 its recipe, and why it guides with
+# ancestral steps rather than DDIM's).
 #
 # ## 6.9 A longer run, recorded
 #
