@@ -462,7 +462,8 @@ def test_adm_sample_loads_the_reference_checkpoints(
                          "--classifier-flags", clf["flags"],
                          "--classifier-scale", "3", "--sampler", "ddim",
                          "--respacing", "ddim2", "--num-samples", "2",
-                         "--labels", "5,900", "--out", str(out)], capsys)
+                         "--labels", "5,900", "--precision", "fp32",
+                         "--out", str(out)], capsys)
     assert code == 0, text
     model = gd.load_checkpoint(FIXTURES / "unet_a.pt", unet["flags"])
     classifier = gd.load_checkpoint(FIXTURES / "classifier_a.pt",

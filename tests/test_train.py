@@ -54,6 +54,9 @@ TINY = {
     "num_workers": 0, "device": "cpu", "log_interval": 1,
     "save_interval": 1000, "sample_interval": 1000, "eval_interval": 1000,
     "eval_images": 8, "val_fraction": 0.25,
+    # The tolerances below are float32's; "auto" would train in bf16 on a
+    # CPU with native bf16.
+    "precision": "fp32",
 }
 # Dropout and the loss-aware sampler: the RNG and the sampler's history must
 # both come back on resume. Two diffusion steps fill the sampler's history
