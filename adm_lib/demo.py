@@ -24,10 +24,11 @@ if TYPE_CHECKING:  # torch is imported when the demo runs, not by `adm -h`
 class DemoSettings:
     """What the demo trains and draws.
 
-    The defaults are chapter 4.13's measured choice: the step where its
-    curve of accuracy against training steps is past 90% in every seed,
-    about three minutes on a 2-core CPU with native bf16 (README has the
-    timed run); `steps=350` is the five-minute run of a float32-only CPU.
+    The defaults are chapter 4.13's measured choice: the first step where
+    every seed of its curve of accuracy against training steps is past
+    92%, about three minutes on a 2-core CPU with native bf16 (README has
+    the timed run); `steps=350` is the five-minute run of a float32-only
+    CPU.
     """
 
     steps: int = 600  # diffusion model
