@@ -2561,7 +2561,7 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
 # tiny runs to show each. This chapter's own runs all use the MNIST preset
 # scaled down by the parameters cell:
 # %%
-def small(kind: str, **settings: Any) -> TrainConfig:
+def small(kind: str, **fields: Any) -> TrainConfig:
     """The MNIST preset of `kind`, scaled down by the parameters cell."""
     # in_channels 0: the data's, so that colour data sets run too.
     base = {"data": data, "in_channels": 0, "device": device,
@@ -2569,7 +2569,7 @@ def small(kind: str, **settings: Any) -> TrainConfig:
             "num_channels": num_channels, "classifier_width": num_channels,
             "num_samples": num_samples, "sample_steps": sample_steps,
             "seed": seed}
-    return make_config(kind, "mnist", {**base, **settings})
+    return make_config(kind, "mnist", {**base, **fields})
 
 # %% [markdown]
 # ## 4.10 Three models
