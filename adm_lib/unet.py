@@ -15,6 +15,7 @@ __all__ = [
     "Downsample",
     "ResBlock",
     "QKVAttention",
+    "positionwise",
     "heads_for",
     "AttentionBlock",
     "BlockFactory",
@@ -125,15 +126,20 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Double the (inner two) spatial sizes of x."""
-        if self.dims == 3:
-            size = (x.shape[2], x.shape[3] * 2, x.shape[4] * 2)
-            x = F.interpolate(x, size, mode="nearest")
-        else:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # interpolate keeps channels_last; repeat_interleave would not.
             x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            # Two repeats, each copying along a contiguous last dimension,
+            # are several times faster on the CPU than interpolate's
+            # gather, and give the same values.
+            x = x.repeat_interleave(2, dim=-1)
+            if self.dims > 1:
+                x = x.repeat_interleave(2, dim=-2)
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:243
+# %% chapters/03_architecture.py:248
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -163,14 +169,14 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:307
+# %% chapters/03_architecture.py:312
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
     return norm(h) * (1 + scale) + shift
 
 
-# %% chapters/03_architecture.py:332
+# %% chapters/03_architecture.py:337
 def skip_projection(
     channels: int, out_channels: int, dims: int, use_conv: bool
 ) -> nn.Module:
@@ -188,7 +194,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:357
+# %% chapters/03_architecture.py:362
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -247,34 +253,37 @@ class ResBlock(TimestepBlock):
         return (self.skip_connection(x) + h) * self.residual_scale
 
 
-# %% chapters/03_architecture.py:473
+# %% chapters/03_architecture.py:485
 class QKVAttention(nn.Module):
-    """Multi-head attention over the positions of a [N, 3*C, T] qkv."""
+    """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
     def __init__(self, num_heads: int, legacy_order: bool = False) -> None:
         super().__init__()
         self.num_heads, self.legacy_order = num_heads, legacy_order
 
     def forward(self, qkv: Tensor) -> Tensor:
-        """softmax(q^T k / sqrt(c)) v per head, as [N, C, T]."""
-        n, width, length = qkv.shape
+        """softmax(q k^T / sqrt(c)) v per head, as [N, T, C]."""
+        n, length, width = qkv.shape
         heads = self.num_heads
         if width % (3 * heads):
             raise ValueError(f"qkv width {width} is not 3 x {heads} heads")
         ch = width // (3 * heads)
-        # To [q, k, v][N][head][T][ch]: SDPA wants positions before
-        # channels, and its fused GPU kernels want each position's channels
-        # adjacent in memory (last stride 1), hence one copy.
+        # Views as [q, k, v][N][head][T][ch], channels still adjacent.
         if self.legacy_order:  # [head][q, k, v][ch]
-            qkv = qkv.reshape(n, heads, 3, ch, length).permute(2, 0, 1, 4, 3)
+            qkv = qkv.reshape(n, length, heads, 3, ch).permute(3, 0, 2, 1, 4)
         else:  # [q, k, v][head][ch]
-            qkv = qkv.reshape(n, 3, heads, ch, length).permute(1, 0, 2, 4, 3)
-        q, k, v = qkv.contiguous().unbind(0)
+            qkv = qkv.reshape(n, length, 3, heads, ch).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, ch]
-        return out.transpose(-1, -2).reshape(n, heads * ch, length)
+        return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:508
+# %% chapters/03_architecture.py:521
+def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
+    """A 1x1 conv applied to [..., C] features with channels last."""
+    return F.linear(h, conv.weight[..., 0], conv.bias)
+
+
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Heads of an attention layer: num_heads, or channels per head given."""
     if num_head_channels == -1:
@@ -317,11 +326,13 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # positions flattened: N C T
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        h = self.norm(x).transpose(1, 2)  # N T C, a view
+        h = self.attention(positionwise(self.qkv, h))
+        h = positionwise(self.proj_out, h).transpose(1, 2)
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:626
+# %% chapters/03_architecture.py:642
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -367,7 +378,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:680
+# %% chapters/03_architecture.py:696
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -411,7 +422,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:734
+# %% chapters/03_architecture.py:750
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -469,7 +480,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:800
+# %% chapters/03_architecture.py:816
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -502,7 +513,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:840
+# %% chapters/03_architecture.py:856
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -564,7 +575,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:979
+# %% chapters/03_architecture.py:995
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -587,11 +598,12 @@ class AttentionPool2d(nn.Module):
         """Pool [N, C, H, W] features to [N, output_dim]."""
         x = x.flatten(2)  # N C T
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
-        x = x + self.positional_embedding.to(x.dtype)
-        return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
+        x = (x + self.positional_embedding.to(x.dtype)).transpose(1, 2)
+        h = self.attention(positionwise(self.qkv_proj, x))  # N T C
+        return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1011
+# %% chapters/03_architecture.py:1028
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -635,7 +647,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1056
+# %% chapters/03_architecture.py:1073
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -685,7 +697,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1146
+# %% chapters/03_architecture.py:1163
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -722,7 +734,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1374
+# %% chapters/03_architecture.py:1391
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

@@ -226,11 +226,16 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Double the (inner two) spatial sizes of x."""
-        if self.dims == 3:
-            size = (x.shape[2], x.shape[3] * 2, x.shape[4] * 2)
-            x = F.interpolate(x, size, mode="nearest")
-        else:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # interpolate keeps channels_last; repeat_interleave would not.
             x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            # Two repeats, each copying along a contiguous last dimension,
+            # are several times faster on the CPU than interpolate's
+            # gather, and give the same values.
+            x = x.repeat_interleave(2, dim=-1)
+            if self.dims > 1:
+                x = x.repeat_interleave(2, dim=-2)
         return self.conv(x) if self.use_conv else x
 
 
@@ -468,33 +473,38 @@ print("AdaGN output matches GroupNorm(h) * (1 + y_s) + y_b")
 # heads. The weights are the same shape either way, so a checkpoint only
 # works with the order it was trained with. Both are plain reshapes in front
 # of PyTorch's fused `scaled_dot_product_attention`.
+#
+# The reference keeps the features channels-first, `[N, C, T]` for $T$
+# positions, and transposes $q$, $k$ and $v$ for the attention. We turn the
+# features positions-first once, `[N, T, C]`, before the `qkv` projection:
+# then each head's $q$, $k$ and $v$ are views with each position's channels
+# adjacent in memory (last stride 1), the layout the fused GPU kernels need,
+# and no copy is made between the projection and the attention.
 
 # %%
 #| export
 class QKVAttention(nn.Module):
-    """Multi-head attention over the positions of a [N, 3*C, T] qkv."""
+    """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
     def __init__(self, num_heads: int, legacy_order: bool = False) -> None:
         super().__init__()
         self.num_heads, self.legacy_order = num_heads, legacy_order
 
     def forward(self, qkv: Tensor) -> Tensor:
-        """softmax(q^T k / sqrt(c)) v per head, as [N, C, T]."""
-        n, width, length = qkv.shape
+        """softmax(q k^T / sqrt(c)) v per head, as [N, T, C]."""
+        n, length, width = qkv.shape
         heads = self.num_heads
         if width % (3 * heads):
             raise ValueError(f"qkv width {width} is not 3 x {heads} heads")
         ch = width // (3 * heads)
-        # To [q, k, v][N][head][T][ch]: SDPA wants positions before
-        # channels, and its fused GPU kernels want each position's channels
-        # adjacent in memory (last stride 1), hence one copy.
+        # Views as [q, k, v][N][head][T][ch], channels still adjacent.
         if self.legacy_order:  # [head][q, k, v][ch]
-            qkv = qkv.reshape(n, heads, 3, ch, length).permute(2, 0, 1, 4, 3)
+            qkv = qkv.reshape(n, length, heads, 3, ch).permute(3, 0, 2, 1, 4)
         else:  # [q, k, v][head][ch]
-            qkv = qkv.reshape(n, 3, heads, ch, length).permute(1, 0, 2, 4, 3)
-        q, k, v = qkv.contiguous().unbind(0)
+            qkv = qkv.reshape(n, length, 3, heads, ch).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, ch]
-        return out.transpose(-1, -2).reshape(n, heads * ch, length)
+        return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
 # %% [markdown]
@@ -502,10 +512,18 @@ class QKVAttention(nn.Module):
 # into a number of heads, and `AttentionBlock` wraps the attention in the
 # group norm, the `qkv` convolution and the zero-initialised `proj_out`,
 # with the input added back, over the flattened positions of a feature map
-# of any dimension.
+# of any dimension. The two $1 \times 1$ convolutions stay `nn.Conv1d`
+# modules, so that the reference's checkpoints load as they are;
+# `positionwise` applies one to positions-first features as the linear map
+# it is.
 
 # %%
 #| export
+def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
+    """A 1x1 conv applied to [..., C] features with channels last."""
+    return F.linear(h, conv.weight[..., 0], conv.bias)
+
+
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Heads of an attention layer: num_heads, or channels per head given."""
     if num_head_channels == -1:
@@ -548,7 +566,9 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # positions flattened: N C T
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        h = self.norm(x).transpose(1, 2)  # N T C, a view
+        h = self.attention(positionwise(self.qkv, h))
+        h = positionwise(self.proj_out, h).transpose(1, 2)
         return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
 
 
@@ -559,24 +579,20 @@ class AttentionBlock(nn.Module):
 
 # %%
 def naive_attention(q, k, v):
-    """softmax(q^T k / sqrt(c)) v for [B, c, T] tensors."""
-    weight = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(q.shape[1])
-    return torch.einsum("bts,bcs->bct", weight.softmax(dim=-1), v)
+    """softmax(q k^T / sqrt(c)) v for [B, T, heads, c] tensors."""
+    weight = torch.einsum("bthc,bshc->bhts", q, k) / math.sqrt(q.shape[-1])
+    out = torch.einsum("bhts,bshc->bthc", weight.softmax(dim=-1), v)
+    return out.flatten(2)
 
 
 heads, ch, length = 4, 16, 10
-qkv = torch.randn(batch_size, 3 * heads * ch, length)
-by_head = qkv.reshape(batch_size * heads, 3 * ch, length).split(ch, dim=1)
+qkv = torch.randn(batch_size, length, 3 * heads * ch)
+by_head = qkv.unflatten(-1, (heads, 3, ch)).unbind(-2)
 legacy = QKVAttention(heads, legacy_order=True)(qkv)
-assert torch.allclose(
-    legacy, naive_attention(*by_head).reshape(batch_size, -1, length),
-    atol=1e-5,
-)
-q, k, v = (t.reshape(batch_size * heads, ch, length) for t in qkv.chunk(3, 1))
+assert torch.allclose(legacy, naive_attention(*by_head), atol=1e-5)
+q, k, v = qkv.unflatten(-1, (3, heads, ch)).unbind(-3)
 new = QKVAttention(heads)(qkv)
-assert torch.allclose(
-    new, naive_attention(q, k, v).reshape(batch_size, -1, length), atol=1e-5
-)
+assert torch.allclose(new, naive_attention(q, k, v), atol=1e-5)
 
 channels = heads * ch
 old_block = AttentionBlock(channels, num_head_channels=ch)
@@ -999,8 +1015,9 @@ class AttentionPool2d(nn.Module):
         """Pool [N, C, H, W] features to [N, output_dim]."""
         x = x.flatten(2)  # N C T
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
-        x = x + self.positional_embedding.to(x.dtype)
-        return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
+        x = (x + self.positional_embedding.to(x.dtype)).transpose(1, 2)
+        h = self.attention(positionwise(self.qkv_proj, x))  # N T C
+        return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
 # %% [markdown]

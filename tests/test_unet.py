@@ -127,20 +127,58 @@ def test_additive_and_adagn_embedding_widths() -> None:
 
 def test_attention_orders_match_explicit_attention() -> None:
     heads, ch, length = 2, 8, 5
-    qkv = torch.randn(N, 3 * heads * ch, length)
+    qkv = torch.randn(N, length, 3 * heads * ch)
 
-    def explicit(q, k, v):
-        w = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
-        return torch.einsum("bts,bcs->bct", w.softmax(-1), v)
+    def explicit(q, k, v):  # [N, T, heads, ch] each
+        w = torch.einsum("bthc,bshc->bhts", q, k) / math.sqrt(ch)
+        return torch.einsum("bhts,bshc->bthc", w.softmax(-1), v).flatten(2)
 
-    legacy = qkv.reshape(N * heads, 3 * ch, length).split(ch, dim=1)
-    new = [t.reshape(N * heads, ch, length) for t in qkv.chunk(3, dim=1)]
+    legacy = qkv.unflatten(-1, (heads, 3, ch)).unbind(-2)
+    new = qkv.unflatten(-1, (3, heads, ch)).unbind(-3)
     for order, parts in ((True, legacy), (False, new)):
         got = QKVAttention(heads, legacy_order=order)(qkv)
-        want = explicit(*parts).reshape(N, heads * ch, length)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, explicit(*parts), rtol=1e-5,
+                                   atol=1e-6)
     with pytest.raises(ValueError, match="qkv width"):
-        QKVAttention(4)(torch.randn(1, 30, 3))
+        QKVAttention(4)(torch.randn(1, 3, 30))
+
+
+@pytest.mark.parametrize("legacy_order", [True, False])
+def test_attention_block_matches_channels_first_reference(
+        legacy_order: bool) -> None:
+    # The reference's block: channels-first, the Conv1d modules called as
+    # convolutions, heads split from the [N, 3C, T] qkv, same weights.
+    heads, ch = 4, 8
+    block = AttentionBlock(heads * ch, num_head_channels=ch,
+                           use_new_attention_order=not legacy_order)
+    nn.init.normal_(block.proj_out.weight)
+    x = torch.randn(N, heads * ch, 3, 5)
+    qkv = block.qkv(block.norm(x.flatten(2)))
+    if legacy_order:
+        q, k, v = qkv.reshape(N * heads, 3 * ch, -1).split(ch, dim=1)
+    else:
+        q, k, v = (t.reshape(N * heads, ch, -1) for t in qkv.chunk(3, 1))
+    w = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+    a = torch.einsum("bts,bcs->bct", w.softmax(-1), v)
+    want = x + block.proj_out(a.reshape(N, heads * ch, -1)).reshape(x.shape)
+    torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dims", "channels_last"),
+                         [(1, False), (2, False), (3, False), (2, True)])
+def test_upsample_is_nearest_interpolation(dims: int,
+                                           channels_last: bool) -> None:
+    x = torch.randn(N, 3, *(4, 5, 6)[:dims])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    size = [2 * s for s in x.shape[2:]]
+    if dims == 3:  # only the inner two are doubled
+        size[0] = x.shape[2]
+    got = Upsample(3, use_conv=False, dims=dims)(x)
+    assert torch.equal(got, F.interpolate(x, size, mode="nearest"))
+    assert got.is_contiguous(
+        memory_format=torch.channels_last if channels_last
+        else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("legacy_order", [True, False])
@@ -156,9 +194,11 @@ def test_attention_gives_sdpa_channels_adjacent_in_memory(
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    heads, ch, length = 2, 8, 6
-    QKVAttention(heads, legacy_order)(torch.randn(N, 3 * heads * ch, length))
-    assert seen == [[((N, heads, length, ch), 1)] * 3]
+    heads, ch, side = 2, 16, 3
+    block = AttentionBlock(heads * ch, num_head_channels=ch,
+                           use_new_attention_order=not legacy_order)
+    block(torch.randn(N, heads * ch, side, side))
+    assert seen == [[((N, heads, side * side, ch), 1)] * 3]
 
 
 @pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial",
