@@ -173,10 +173,16 @@ class Downsample(nn.Module):
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
-    return norm(h) * (1 + scale) + shift
+    # One fused pass over h for the multiply and the add.
+    return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:337
+# %% chapters/03_architecture.py:341
+def rescaled(h: Tensor, scale: float) -> Tensor:
+    """h times the residual scale, without a pass when the scale is 1."""
+    return h if scale == 1 else h * scale
+
+
 def skip_projection(
     channels: int, out_channels: int, dims: int, use_conv: bool
 ) -> nn.Module:
@@ -194,7 +200,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:362
+# %% chapters/03_architecture.py:371
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -250,10 +256,10 @@ class ResBlock(TimestepBlock):
             h = self.out_layers[1:](adagn(self.out_layers[0], h, e))
         else:  # additive: h + e, then the usual norm
             h = self.out_layers(h + e)
-        return (self.skip_connection(x) + h) * self.residual_scale
+        return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:485
+# %% chapters/03_architecture.py:494
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -278,10 +284,12 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:521
+# %% chapters/03_architecture.py:530
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
-    return F.linear(h, conv.weight[..., 0], conv.bias)
+    # Contiguous, F.linear is one matrix product; a transposed view would
+    # go to a batched product, which on CPUs is many times slower in bf16.
+    return F.linear(h.contiguous(), conv.weight[..., 0], conv.bias)
 
 
 def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -326,13 +334,13 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # positions flattened: N C T
-        h = self.norm(x).transpose(1, 2)  # N T C, a view
+        h = self.norm(x).transpose(1, 2)  # N T C
         h = self.attention(positionwise(self.qkv, h))
         h = positionwise(self.proj_out, h).transpose(1, 2)
-        return ((x + h) * self.residual_scale).reshape(n, c, *spatial)
+        return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:642
+# %% chapters/03_architecture.py:653
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -378,7 +386,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:696
+# %% chapters/03_architecture.py:707
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -422,7 +430,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:750
+# %% chapters/03_architecture.py:761
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -480,7 +488,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:816
+# %% chapters/03_architecture.py:827
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -513,7 +521,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:856
+# %% chapters/03_architecture.py:867
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -575,7 +583,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:995
+# %% chapters/03_architecture.py:1006
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -603,7 +611,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1028
+# %% chapters/03_architecture.py:1039
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -647,7 +655,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1073
+# %% chapters/03_architecture.py:1084
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -697,7 +705,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1163
+# %% chapters/03_architecture.py:1174
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -734,7 +742,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1391
+# %% chapters/03_architecture.py:1402
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,
