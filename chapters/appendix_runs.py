@@ -306,22 +306,27 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # %% [markdown]
 # Recorded on this project's 2-core CPU machine (AMD EPYC with AVX2 but
 # neither AVX-512-BF16 nor AMX, so "auto" is float32 on both sides;
-# PyTorch 2.13 CPU build; 2026-12-02, with other jobs on the machine),
-# for the 11.1M-parameter 32x32 model `cifar32`:
+# PyTorch 2.13 CPU build; 2026-12-04, nothing else running), for the
+# 11.1M-parameter 32x32 model `cifar32` at the defaults (batch 32, 25
+# sampling steps, 2 warm-up rounds, 5 timed):
 #
 # ```sh
-# adm bench cifar32 --batch 32 --rounds 5 --warmup 1 --sample-steps 10 \
-#     --reference reference
+# adm bench cifar32 --reference reference
 # ```
 #
 # | workload | adm_lib | reference | ratio (range of 5 rounds) |
 # | --- | --- | --- | --- |
-# | training, images/s | 2.5 | 2.2 | 1.07x (0.67 to 1.25) |
-# | sampling, images x NFE/s | 5.5 | 6.1 | 0.98x (0.63 to 1.22) |
+# | training, images/s | 6.6 | 5.7 | 0.98x (0.96 to 1.29) |
+# | sampling, images x NFE/s | 21.2 | 18.8 | 0.97x (0.84 to 1.27) |
 #
-# Equal, within the noise of a shared machine: in float32 both run the
-# same oneDNN convolutions, which took 75% of our network's forward and
-# backward time in PyTorch's profiler (backward 55%, forward 20%). What a
+# Equal, within the noise of a shared machine (single rounds of the same
+# work took from 34 to 47 seconds): in float32 both run the same oneDNN
+# convolutions, which took 75% of our network's forward and backward time
+# in PyTorch's profiler (backward 55%, forward 20%), and 71% of a forward
+# pass alone. Chapter 3's up-sampling, attention layout and residual
+# scale make the rest cheaper (`python scripts/unet_speed.py --before
+# 19e384d`: up-sampling 2.96x faster at 16x16, the attention block 1.33x
+# at 8x8), but a whole float32 forward only 1.02x (0.92 to 1.25). What a
 # CPU can gain is bf16 where it is native: on a 2-core EPYC with
 # AVX-512-BF16, the same step under bf16 autocast took 1.37 s against the
 # reference's 2.37 s in float32 (1.73x, measured side by side on that

@@ -65,3 +65,26 @@ def test_precision_curves_refuses_too_few_steps() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "--steps must be at least two --window" in done.stderr
+
+
+def test_unet_speed_compares_against_a_commit() -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/unet_speed.py", "--before", "HEAD",
+         "--batch", "2", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| attention, 128 x 16x16", "| upsample, 128 x 16x16",
+        "| attention, 128 x 8x8", "| upsample, 128 x 8x8",
+        "| whole forward"]
+    assert all("bit-equal" in r for r in rows if "upsample" in r)
+
+
+def test_unet_speed_names_a_bad_revision() -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/unet_speed.py", "--before", "no-such-rev"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no-such-rev" in done.stderr
