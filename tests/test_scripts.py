@@ -22,6 +22,14 @@ def _script(name: str):
     return module
 
 
+def _run(script: str, *args: str,
+         timeout: int = 300) -> subprocess.CompletedProcess:
+    """scripts/<script>.py run from the project root, output captured."""
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}.py", *args], cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout)
+
+
 def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
 ) -> None:
     curves = _script("precision_curves")
@@ -40,11 +48,9 @@ def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
 
 def test_precision_curves_trains_both_and_plots(tmp_path: Path) -> None:
     plot = tmp_path / "curves.png"
-    done = subprocess.run(
-        [sys.executable, "scripts/precision_curves.py", "--steps", "4",
-         "--window", "2", "--batch", "2", "--device", "cpu",
-         "--out", str(tmp_path / "runs"), "--plot", str(plot)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = _run("precision_curves", "--steps", "4", "--window", "2",
+                "--batch", "2", "--device", "cpu",
+                "--out", str(tmp_path / "runs"), "--plot", str(plot))
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines()
              if line.startswith("| 1-2 ") or line.startswith("| 3-4 ")]
@@ -60,18 +66,14 @@ def test_precision_curves_trains_both_and_plots(tmp_path: Path) -> None:
 
 
 def test_precision_curves_refuses_too_few_steps() -> None:
-    done = subprocess.run(
-        [sys.executable, "scripts/precision_curves.py", "--steps", "150"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = _run("precision_curves", "--steps", "150", timeout=60)
     assert done.returncode == 2
     assert "--steps must be at least two --window" in done.stderr
 
 
 def test_unet_speed_compares_against_a_commit() -> None:
-    done = subprocess.run(
-        [sys.executable, "scripts/unet_speed.py", "--before", "HEAD",
-         "--batch", "2", "--rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = _run("unet_speed", "--before", "HEAD", "--batch", "2",
+                "--rounds", "1")
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines()
             if line.startswith("| ") and "---" not in line][1:]
@@ -83,8 +85,6 @@ def test_unet_speed_compares_against_a_commit() -> None:
 
 
 def test_unet_speed_names_a_bad_revision() -> None:
-    done = subprocess.run(
-        [sys.executable, "scripts/unet_speed.py", "--before", "no-such-rev"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = _run("unet_speed", "--before", "no-such-rev", timeout=60)
     assert done.returncode == 1
     assert "no-such-rev" in done.stderr
