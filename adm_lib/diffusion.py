@@ -78,7 +78,7 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:190
+# %% chapters/02_diffusion.py:194
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -90,11 +90,13 @@ class _Parameterisation(ForwardProcess):
         loss: str | None = None,
         lambda_vlb: float = 0.001,
         dtype: torch.dtype = torch.float32,
+        rescale_timesteps: bool = False,
     ) -> None:
         super().__init__(betas, dtype)
         loss = _checked_loss(mean_type, var_type, loss)
         self.mean_type, self.var_type = mean_type, var_type
         self.loss, self.lambda_vlb = loss, lambda_vlb
+        self.rescale_timesteps = rescale_timesteps
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
@@ -107,6 +109,8 @@ class _Parameterisation(ForwardProcess):
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
         return t
 
     def _log_variance(self, var_out: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -134,7 +138,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:257
+# %% chapters/02_diffusion.py:265
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -193,7 +197,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:358
+# %% chapters/02_diffusion.py:366
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -216,7 +220,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:389
+# %% chapters/02_diffusion.py:397
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -241,7 +245,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:419
+# %% chapters/02_diffusion.py:427
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -270,7 +274,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:474
+# %% chapters/02_diffusion.py:484
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -296,15 +300,15 @@ def calc_bpd_loop(
         xstart_mse.append(mean_flat((p["pred_xstart"] - x_start) ** 2))
         eps = diffusion.predict_eps_from_xstart(x_t, t, p["pred_xstart"])
         mse.append(mean_flat((eps - noise) ** 2))
-    # Columns in timestep order, 0 to T - 1.
-    vb, xstart_mse, mse = (torch.stack(v[::-1], dim=1)
+    # Columns in the loop's order, t = T - 1 down to 0: the reference's.
+    vb, xstart_mse, mse = (torch.stack(v, dim=1)
                            for v in (vb, xstart_mse, mse))
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior,
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:528
+# %% chapters/02_diffusion.py:538
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -348,7 +352,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:603
+# %% chapters/02_diffusion.py:616
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -385,7 +389,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:676
+# %% chapters/02_diffusion.py:689
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -409,7 +413,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:707
+# %% chapters/02_diffusion.py:720
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -450,7 +454,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:801
+# %% chapters/02_diffusion.py:814
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -481,7 +485,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:838
+# %% chapters/02_diffusion.py:853
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's."""
 
@@ -494,7 +498,8 @@ class SpacedDiffusion(GaussianDiffusion):
         previous = np.append(1.0, alphas_cumprod[:-1])
         super().__init__(1 - alphas_cumprod / previous, base.mean_type,
                          base.var_type, base.loss, base.lambda_vlb,
-                         base.dtype)
+                         base.dtype, base.rescale_timesteps)
+        # The base's model timesteps: its steps, rescaled if it rescales.
         self.timestep_map = base.model_timesteps(torch.tensor(kept))
         self._maps: dict[torch.device, Tensor] = {}
 
@@ -513,7 +518,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:922
+# %% chapters/02_diffusion.py:938
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -553,7 +558,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:968
+# %% chapters/02_diffusion.py:984
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -584,7 +589,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1007
+# %% chapters/02_diffusion.py:1023
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -634,7 +639,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1070
+# %% chapters/02_diffusion.py:1086
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -686,7 +691,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1128
+# %% chapters/02_diffusion.py:1144
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

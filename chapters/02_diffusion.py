@@ -183,8 +183,12 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
 # and the tables they need, in two steps. The first, `_Parameterisation`,
 # keeps the choices and writes the two rules above as code: `_log_variance`
 # reads the variance channels $v$ as $\log\Sigma$, and `_predict_xstart`
-# reads the mean channels as $\hat x_0$. `model_timesteps` is the identity
-# here; respacing (section 2.5) overrides it.
+# reads the mean channels as $\hat x_0$. `model_timesteps` gives the step
+# numbers the network sees: $t$ itself here, which respacing (section 2.5)
+# maps. The reference has one more option, `rescale_timesteps`, that shows the
+# network $1000\, t / T$ as a float, so that a model of 4,000 steps sees the
+# range of one of 1,000; its released models leave it off, and so does every
+# run of this book.
 
 # %%
 #| export
@@ -199,11 +203,13 @@ class _Parameterisation(ForwardProcess):
         loss: str | None = None,
         lambda_vlb: float = 0.001,
         dtype: torch.dtype = torch.float32,
+        rescale_timesteps: bool = False,
     ) -> None:
         super().__init__(betas, dtype)
         loss = _checked_loss(mean_type, var_type, loss)
         self.mean_type, self.var_type = mean_type, var_type
         self.loss, self.lambda_vlb = loss, lambda_vlb
+        self.rescale_timesteps = rescale_timesteps
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
@@ -216,6 +222,8 @@ class _Parameterisation(ForwardProcess):
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
         return t
 
     def _log_variance(self, var_out: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -468,7 +476,9 @@ for m, scale in [(0.1, 0.05), (-0.7, 0.3), (0.99, 0.01)]:
 # The whole bound of an image needs the model at every step, from $T - 1$ down
 # to $0$, plus the prior: `calc_bpd_loop`. Along the way it records, as the
 # reference does, the error of $\hat x_0$ and of the implied $\epsilon$ at each
-# step. Section 2.8 runs it on a trained model.
+# step, in columns in the order it visits them, as the reference's: column
+# $0$ is $t = T - 1$ and the last column the decoder term $L_0$. Section 2.8
+# runs it on a trained model.
 
 # %%
 #| export
@@ -497,8 +507,8 @@ def calc_bpd_loop(
         xstart_mse.append(mean_flat((p["pred_xstart"] - x_start) ** 2))
         eps = diffusion.predict_eps_from_xstart(x_t, t, p["pred_xstart"])
         mse.append(mean_flat((eps - noise) ** 2))
-    # Columns in timestep order, 0 to T - 1.
-    vb, xstart_mse, mse = (torch.stack(v[::-1], dim=1)
+    # Columns in the loop's order, t = T - 1 down to 0: the reference's.
+    vb, xstart_mse, mse = (torch.stack(v, dim=1)
                            for v in (vb, xstart_mse, mse))
     prior = prior_bpd(diffusion, x_start)
     return {"total_bpd": vb.sum(dim=1) + prior, "prior_bpd": prior,
@@ -596,8 +606,11 @@ def vlb_estimate(
 # which section 2.4 addresses.
 #
 # `training_losses` returns the per-image loss and its terms `mse` and `vb`,
-# the same keys the reference logs. The target of the mean output follows
-# `mean_type`: the noise, $x_0$ or the posterior mean.
+# the keys the reference logs. Our `vb` is always $L_t$ in bits/dim; the
+# reference's is the term its loss adds, $\lambda T L_t$, the same wherever
+# $\lambda T = 1$ (its hybrid without `rescale_learned_sigmas`, or $T =
+# 1000$). The target of the mean output follows `mean_type`: the noise,
+# $x_0$ or the posterior mean.
 
 # %%
 #| export
@@ -832,7 +845,9 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
 # %% [markdown]
 # `SpacedDiffusion` is the shorter process, built from the $\bar\alpha$ of the
 # kept steps, and `respace` makes one from a spec. Its `timestep_map` holds
-# the original step of each of its steps.
+# what the network sees at each of its steps: the original step (scaled to
+# $[0, 1000)$ by the original $T$ where the base rescales, as the
+# reference's).
 
 # %%
 #| export
@@ -848,7 +863,8 @@ class SpacedDiffusion(GaussianDiffusion):
         previous = np.append(1.0, alphas_cumprod[:-1])
         super().__init__(1 - alphas_cumprod / previous, base.mean_type,
                          base.var_type, base.loss, base.lambda_vlb,
-                         base.dtype)
+                         base.dtype, base.rescale_timesteps)
+        # The base's model timesteps: its steps, rescaled if it rescales.
         self.timestep_map = base.model_timesteps(torch.tensor(kept))
         self._maps: dict[torch.device, Tensor] = {}
 
@@ -1335,7 +1351,7 @@ assert late < early and all(np.isfinite(history["loss"]))
 # %%
 x_nll = images[:nll_images].to(device)
 bound = calc_bpd_loop(diffusion, model, x_nll, progress=True)
-terms_by_t = bound["vb"].mean(0).cpu().numpy()
+terms_by_t = bound["vb"].mean(0).flip(0).cpu().numpy()  # t = 0 first
 print(f"bound: {bound['total_bpd'].mean():.3f} bits/dim "
       f"(prior {bound['prior_bpd'].mean():.2e}, decoder L_0 "
       f"{terms_by_t[0]:.3f}, sum of KL terms {terms_by_t[1:].sum():.3f})")

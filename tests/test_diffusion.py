@@ -27,6 +27,7 @@ from adm_lib.diffusion import (
     LossAwareSampler,
     UniformSampler,
     calc_bpd_loop,
+    condition_mean,
     ddim_reverse_sample_loop,
     ddim_sample,
     ddim_sample_loop,
@@ -38,6 +39,7 @@ from adm_lib.diffusion import (
     space_timesteps,
     stratified_timesteps,
     training_losses,
+    vb_terms_bpd,
     vlb_estimate,
 )
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
@@ -309,12 +311,76 @@ def test_importance_sampler_warms_up_then_follows_losses() -> None:
     assert t.max() < 7 and torch.all(w == 1)
 
 
-def test_calc_bpd_loop_shapes() -> None:
+def test_calc_bpd_loop_columns_run_from_the_last_step_as_the_reference() -> None:
     diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
-    out = calc_bpd_loop(diffusion, TinyModel(), torch.rand(3, 2, 4, 4) * 2 - 1)
+    model, x = TinyModel(), torch.rand(3, 2, 4, 4) * 2 - 1
+    torch.manual_seed(0)
+    out = calc_bpd_loop(diffusion, model, x)
     assert out["vb"].shape == out["mse"].shape == (3, 20)
     torch.testing.assert_close(out["total_bpd"],
                                out["vb"].sum(1) + out["prior_bpd"])
+    # Column 0 is t = T - 1, the loop's first step and its first noise draw.
+    torch.manual_seed(0)
+    t = torch.full((3,), 19)
+    x_t = diffusion.q_sample(x, t, torch.randn_like(x))
+    with torch.no_grad():
+        p = diffusion.p_mean_variance(model, x_t, t)
+    torch.testing.assert_close(out["vb"][:, 0],
+                               vb_terms_bpd(diffusion, p, x, x_t, t))
+
+
+@pytest.mark.parametrize("steps,spec", [(4000, ""), (4000, "ddim40"),
+                                        (1000, "10,15,20"), (7, "3")])
+def test_rescale_timesteps_shows_the_model_1000_t_over_t_max(
+        steps: int, spec: str) -> None:
+    """The reference's rescale_timesteps: the model and cond_fn see
+    1000 k / T for the original step k of each (spaced) step, as floats."""
+    diffusion = diffusion_from_flags({
+        "diffusion_steps": steps, "timestep_respacing": spec,
+        "noise_schedule": "cosine", "rescale_timesteps": True,
+        "learn_sigma": True})
+    kept = space_timesteps(steps, spec) if spec else list(range(steps))
+    expected = torch.tensor(kept, dtype=torch.float64) * 1000 / steps
+    t = torch.arange(diffusion.num_timesteps)
+    seen = diffusion.model_timesteps(t)
+    assert seen.dtype == torch.float32
+    # float32: the scale and the product each rounded once.
+    torch.testing.assert_close(seen.double(), expected, rtol=2.4e-7, atol=0)
+    model, x = TinyModel(), torch.rand(len(t), 2, 4, 4) * 2 - 1
+    training_losses(diffusion, model, x, t)
+    diffusion.p_mean_variance(model, x, t)
+    shown: list[Tensor] = []
+    condition_mean(
+        diffusion, lambda x, t: shown.append(t) or torch.zeros_like(x),
+        diffusion.p_mean_variance(model, x, t), x, t)
+    for got in [*model.seen, *shown]:
+        torch.testing.assert_close(got, seen, rtol=0, atol=0)
+
+
+def test_without_rescale_timesteps_the_model_sees_integer_steps() -> None:
+    diffusion = diffusion_from_flags({"diffusion_steps": 100,
+                                      "timestep_respacing": "ddim10"})
+    seen = diffusion.model_timesteps(torch.arange(10))
+    assert seen.dtype == torch.long
+    assert seen.tolist() == list(range(0, 100, 10))
+
+
+@pytest.mark.parametrize("steps,spec,rescale,weight", [
+    (100, "39", False, 1.0), (100, "39", True, 39 / 1000),
+    (4000, "", False, 1.0), (4000, "", True, 4.0)])
+def test_reference_flags_weight_the_bound_as_its_loss_types(
+        steps: int, spec: str, rescale: bool, weight: float) -> None:
+    """MSE adds the vb term once; RESCALED_MSE scales it by T / 1000,
+    with T the steps trained on, respaced or not."""
+    diffusion = diffusion_from_flags({
+        "diffusion_steps": steps, "timestep_respacing": spec,
+        "learn_sigma": True, "rescale_learned_sigmas": rescale})
+    x = torch.rand(3, 2, 4, 4) * 2 - 1
+    t = torch.tensor([0, 5, diffusion.num_timesteps - 1])
+    terms = training_losses(diffusion, TinyModel(), x, t)
+    assert (terms["vb"] > 0).all()
+    torch.testing.assert_close(terms["loss"],
+                               terms["mse"] + weight * terms["vb"])
 
 
 @pytest.mark.parametrize("n", [1, 7, 19, 64])

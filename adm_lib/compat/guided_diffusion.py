@@ -37,7 +37,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
-from adm_lib.diffusion import GaussianDiffusion, respace
+from adm_lib.diffusion import GaussianDiffusion, respace, space_timesteps
 from adm_lib.forward import get_named_beta_schedule
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
 from adm_lib.values import coerce
@@ -315,16 +315,14 @@ def upsampler_from_flags(flags: str | Mapping[str, Any]) -> SuperResModel:
 def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
     """The diffusion of the reference's create_gaussian_diffusion."""
     f = parse_flags(flags)
-    if f["rescale_timesteps"]:
-        raise ValueError(
-            "--rescale_timesteps True (timesteps scaled to [0, 1000)) is not "
-            "supported: guided-diffusion's released models use False"
-        )
     steps = f["diffusion_steps"]
     learned = f["learn_sigma"]
+    kept = (space_timesteps(steps, f["timestep_respacing"])
+            if f["timestep_respacing"] else range(steps))
     # The reference's loss types: use_kl is the rescaled bound (T * L_t); the
-    # hybrid adds the vb term unscaled (lambda = 1/T) unless
-    # rescale_learned_sigmas scales it by T/1000 (lambda = 0.001).
+    # hybrid adds the vb term unscaled (lambda = 1/T, T the steps it trains
+    # on, respaced or not) unless rescale_learned_sigmas scales it by T/1000
+    # (lambda = 0.001).
     if f["use_kl"]:
         loss = "kl"
     else:
@@ -334,7 +332,8 @@ def diffusion_from_flags(flags: str | Mapping[str, Any]) -> GaussianDiffusion:
         mean_type="x0" if f["predict_xstart"] else "eps",
         var_type="learned_range" if learned else "fixed_large",
         loss=loss,
-        lambda_vlb=0.001 if f["rescale_learned_sigmas"] else 1 / steps,
+        lambda_vlb=0.001 if f["rescale_learned_sigmas"] else 1 / len(kept),
+        rescale_timesteps=f["rescale_timesteps"],
     )
     return respace(diffusion, f["timestep_respacing"])
 
