@@ -311,7 +311,7 @@ def test_importance_sampler_warms_up_then_follows_losses() -> None:
     assert t.max() < 7 and torch.all(w == 1)
 
 
-def test_calc_bpd_loop_columns_run_from_the_last_step_as_the_reference() -> None:
+def test_calc_bpd_loop_columns_start_at_the_last_step() -> None:
     diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
     model, x = TinyModel(), torch.rand(3, 2, 4, 4) * 2 - 1
     torch.manual_seed(0)

@@ -26,11 +26,12 @@ from adm_lib.compat import guided_diffusion as gd
 from tests.reference import ROOT, assert_parity
 
 CHECKOUT = Path(os.environ.get("ADM_REFERENCE_CHECKOUT", ROOT / "reference"))
+SOURCE = CHECKOUT / "guided_diffusion" / "gaussian_diffusion.py"
 
 pytestmark = [
     pytest.mark.parity,
     pytest.mark.skipif(
-        not (CHECKOUT / "guided_diffusion" / "gaussian_diffusion.py").is_file(),
+        not SOURCE.is_file(),
         reason=f"no guided-diffusion checkout at {CHECKOUT} (set "
                "ADM_REFERENCE_CHECKOUT)"),
 ]
