@@ -486,9 +486,15 @@ def run_chapter(
     overrides: dict[str, str],
     output: Path | None = None,
     progress: bool = True,
+    cell_timeout: int | None = None,
 ) -> Path:
-    """Execute a chapter with papermill and write the executed notebook."""
+    """Execute a chapter with papermill and write the executed notebook.
+
+    No cell is timed out unless `cell_timeout` (seconds) is given: a full
+    run's training cell takes as long as its training.
+    """
     import papermill
+    from nbclient.exceptions import CellTimeoutError
 
     values = resolve_parameters(chapter, overrides)
     output = output or book.build_dir / "run" / f"{chapter.stem}.ipynb"
@@ -501,11 +507,16 @@ def run_chapter(
             kernel_name=book.kernel,
             cwd=str(book.root),
             start_timeout=book.startup_timeout,
-            execution_timeout=book.cell_timeout,
+            execution_timeout=cell_timeout,
             progress_bar=progress,
         )
     except papermill.PapermillExecutionError as err:
         raise BookError(_describe_failure(book, chapter, output, err)) from None
+    except CellTimeoutError:
+        raise BookError(
+            f"{book.rel(chapter)}: a cell ran past the limit of "
+            f"{cell_timeout} s and was stopped; the notebook so far is in "
+            f"{output}") from None
     return output
 
 

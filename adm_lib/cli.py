@@ -40,6 +40,18 @@ def _book_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, "
+                                          f"got {text!r}")
+    return value
+
+
 def _book_run(args: argparse.Namespace) -> int:
     book = bk.Book.load()
     if args.all == (args.chapter is not None):
@@ -58,7 +70,8 @@ def _book_run(args: argparse.Namespace) -> int:
             mine = {k: v for k, v in overrides.items() if k in own}
             output = output and output / f"{chapter.stem}.ipynb"
         print(f"running {book.rel(chapter)}", flush=True)
-        written = bk.run_chapter(book, chapter, mine, output, not args.quiet)
+        written = bk.run_chapter(book, chapter, mine, output, not args.quiet,
+                                 args.cell_timeout)
         print(f"wrote {written}")
     return 0
 
@@ -372,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="executed notebook (a folder with --all); default build/run/",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--cell-timeout", type=_positive_int, metavar="SECONDS",
+        help="stop a cell that runs longer (default: no limit, as a full "
+        "run's training cell takes as long as its training)",
+    )
     run.set_defaults(func=_book_run)
     build = actions.add_parser(
         "build", help="the book as a web site: execute the chapters, render HTML",

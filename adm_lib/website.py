@@ -255,7 +255,8 @@ def execute(
     # A failed run leaves its notebook, traceback included, under this name.
     running = book.build_dir / CACHE / f"{chapter.stem}.failed.ipynb"
     start = time.perf_counter()
-    bk.run_chapter(book, chapter, overrides, running, progress)
+    bk.run_chapter(book, chapter, overrides, running, progress,
+                   book.cell_timeout)
     seconds = time.perf_counter() - start
     notebook = nbformat.read(running, as_version=4)
     stored = store_executed(book, chapter, notebook, overrides, seconds,

@@ -346,6 +346,47 @@ def test_failing_cell_names_the_cell(tmp_path: Path) -> None:
     assert (root / "build" / "run" / "01_x.ipynb").is_file()
 
 
+
+def test_a_cell_past_the_given_limit_is_named(tmp_path: Path) -> None:
+    root = _runnable_book(tmp_path, "import time\ntime.sleep(30)")
+    result = _adm(["book", "run", "1", "--quiet", "--cell-timeout", "2"],
+                  root)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]  # after the kernel's log
+    assert "chapters/01_x.py: a cell ran past the limit of 2 s" in last
+    assert last.endswith("01_x.ipynb")
+
+
+def test_full_runs_have_no_cell_limit_and_the_site_build_has_the_books(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's training cell may take hours; the site build keeps a limit."""
+    import papermill
+
+    from adm_lib import website
+
+    class Executed(Exception):
+        """Raised by the stand-in for papermill once it has the limit."""
+
+    def execute_notebook(*args: object, execution_timeout: int | None,
+                         **kwargs: object) -> None:
+        raise Executed(execution_timeout)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    root = _runnable_book(tmp_path, "y = scale")
+    with (root / "book.toml").open("a") as toml:
+        toml.write("[execute]\ncell-timeout = 77\n")
+    monkeypatch.chdir(root)
+    book = bk.Book.load(root)
+    limits = []
+    for run in (lambda: main(["book", "run", "1", "--quiet"]),
+                lambda: main(["book", "run", "1", "--cell-timeout", "60"]),
+                lambda: website.execute(book, book.chapter("1"), {},
+                                        force=True, progress=False)):
+        with pytest.raises(Executed) as raised:
+            run()
+        limits.append(raised.value.args[0])
+    assert limits == [None, 60, 77]
+
 def _pytest(root: Path, target: str = "chapters"
             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p",
