@@ -48,6 +48,7 @@ train_steps = 100
 batch_size = 32
 model_channels = 32
 learning_rate = 1e-3
+ema_rate = 0.999  # decay of the weights' average, which samples
 sample_steps = [10, 25, 50, 250]  # respaced sampling lengths to compare
 num_samples = 8
 nll_images = 2  # images whose full variational bound is evaluated
@@ -58,6 +59,7 @@ seed = 0
 #| default_exp diffusion
 
 # %%
+import copy
 import time
 
 import matplotlib.pyplot as plt
@@ -1291,7 +1293,15 @@ class SmallUNet(nn.Module):
 # %% [markdown]
 # The training loop is the paper's in miniature: draw a batch and timesteps,
 # compute `training_losses`, weight by the sampler's weights, step AdamW.
-# Chapter 4 turns it into a full training engine (mixed precision, EMA,
+# Like the paper, it also keeps an exponential moving average of the
+# weights, `ema`, updated after every step as
+# $\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta$, and the
+# rest of the chapter evaluates and samples that average: with a constant
+# learning rate the weights of the last step carry that step's noise,
+# which the average smooths away. The decay $d$ is `ema_rate` held to
+# $\frac{1+n}{10+n}$ at update $n$, so that a short run's average is not
+# mostly its random initialisation (chapter 4.5 measures why). Chapter 4
+# turns the loop into a full training engine (mixed precision,
 # checkpoints); here we keep the loss history to plot.
 
 # %%
@@ -1303,10 +1313,11 @@ model = SmallUNet(dataset.channels, model_channels).to(device)
 print(f"{dataset.source}: {len(dataset)} images {tuple(images.shape[1:])}; "
       f"model {sum(p.numel() for p in model.parameters()):,} parameters")
 optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+ema = copy.deepcopy(model).requires_grad_(False)
 sampler = UniformSampler(num_timesteps)
 history = {"loss": [], "mse": [], "vb": []}
 start = time.perf_counter()
-for _ in tqdm(range(train_steps), desc="training"):
+for step in tqdm(range(train_steps), desc="training"):
     batch = images[torch.randint(len(images), (batch_size,))].to(device)
     t, weights = sampler.sample(batch_size, device)
     terms = training_losses(diffusion, model, batch, t)
@@ -1314,10 +1325,15 @@ for _ in tqdm(range(train_steps), desc="training"):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    decay = min(ema_rate, (1 + step) / (10 + step))
+    with torch.no_grad():
+        pairs = zip(ema.parameters(), model.parameters(), strict=True)
+        for average, weight in pairs:
+            average.lerp_(weight, 1 - decay)
     for key in history:
         history[key].append(terms[key].mean().item())
 train_seconds = time.perf_counter() - start
-model.eval()
+last, model = model.eval(), ema.eval()  # `last`: the final step's weights
 print(f"{train_steps} steps of batch {batch_size} in {train_seconds:.0f} s "
       f"on {device}")
 
@@ -1429,7 +1445,9 @@ assert np.all(np.isfinite(fractions))
 #
 # The same trained model, the same starting noise, sampled with the respaced
 # processes of `sample_steps`, ancestrally and with deterministic DDIM. Each
-# row of the figure is one sampler and length.
+# row of the figure is one sampler and length. The last row is the longest
+# DDIM again, from the same noise, with the weights of the last training
+# step (`last`) in place of their average: what the EMA changes.
 
 # %%
 noise = torch.randn(num_samples, *images.shape[1:], device=device)
@@ -1444,6 +1462,9 @@ for steps in sample_steps:
         print(f"{name} {steps:4d} steps: {seconds:5.1f} s")
         assert samples.shape == noise.shape
         assert samples.abs().max() <= 1 + 1e-6  # x_0 is clipped to [-1, 1]
+longest = max(sample_steps)
+grids[f"DDIM {longest}, last"] = ddim_sample_loop(
+    respace(diffusion, str(longest)), last, noise).cpu()
 show_rows(grids)
 
 # %% [markdown]
@@ -1483,8 +1504,8 @@ assert error < spread
 # ## 2.11 A longer run, recorded
 #
 # The smoke configuration above trains for seconds. A longer run on this
-# project's 2-core CPU (AMD EPYC, no GPU, PyTorch 2.13 CPU build, float32:
-# this chapter's loop has no autocast), on 2026-12-03:
+# project's 2-core CPU (Intel Xeon with AMX, no GPU, PyTorch 2.13 CPU
+# build, float32: this chapter's loop has no autocast), on 2026-12-07:
 #
 # ```sh
 # adm book run 2 -p train_steps 6000 -p batch_size 64 \
@@ -1493,26 +1514,30 @@ assert error < spread
 #
 # | what | result |
 # | --- | --- |
-# | training, 6,000 steps of batch 64 | 1,338 s |
-# | $L_\text{simple}$, mean of the first / last 20 steps | 0.332 / 0.032 |
-# | bound on 16 training images | 1.601 bits/dim |
-# | of which decoder $L_0$ / KL terms / prior | 0.711 / 0.890 / 1.6e-09 |
-# | its estimate from 1,024 draws (section 2.8) | 1.581 $\pm$ 0.159 |
-# | DDIM-50 inversion round trip, RMS error | 0.016 (0.572 between images) |
+# | training, 6,000 steps of batch 64 | 1,449 s |
+# | $L_\text{simple}$, mean of the first / last 20 steps | 0.332 / 0.031 |
+# | bound on 16 training images | 1.453 bits/dim |
+# | of which decoder $L_0$ / KL terms / prior | 0.620 / 0.833 / 1.6e-09 |
+# | its estimate from 1,024 draws (section 2.8) | 1.437 $\pm$ 0.137 |
+# | DDIM-50 inversion round trip, RMS error | 0.013 (0.572 between images) |
 #
 # Its samples, with the same rows as section 2.10:
 #
 # ![Samples of the CPU run](figures/02_cpu_run_samples.png)
 #
-# Ancestral samples change with every length, as they should, and many
-# are recognisable digits (0, 3, 5, 8, 9 most often), though many are
-# not: the model is unconditional, has no EMA, and has seen each image
-# about 77 times. DDIM keeps a trace of speckle in the background at 10
-# steps, little from 25 on, and its samples barely change from 25 to 250
-# steps. (The run of 2026-11-25, 2,000 steps on one CPU thread, gave
-# 1.70 bits/dim and samples mostly of strokes; 6,000 steps took the
-# bound to 1.60.) The terms of its bound have the shape of section 2.8,
-# the first steps dominating:
+# Ancestral samples change with every length, as they should, and more than
+# half are recognisable digits, though many are not: the model is small (282k
+# parameters), unconditional, and has seen each image about 77 times. DDIM's
+# are smoother and less often digits, keep a trace of speckle in the
+# background at 10 steps and barely change from 25 to 250 steps. The same run
+# before the loop kept an EMA (2026-12-03, an AMD EPYC; it evaluated its last
+# step's weights) bounded the same 16 images at 1.601 bits/dim, 0.711 of it in
+# the decoder: the average takes 0.15 bits/dim off the bound, 0.09 of it in
+# $L_0$. The samples change less: the last row, the last step's weights from
+# the same noise, is the row above it with small changes of stroke. (The run
+# of 2026-11-25, 2,000 steps, no EMA, gave 1.70 bits/dim and samples mostly of
+# strokes.) The terms of its bound have the shape of section 2.8, the first
+# steps dominating:
 #
 # ![Terms of the bound of the CPU run](figures/02_cpu_run_bound.png)
 #

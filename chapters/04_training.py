@@ -1341,6 +1341,8 @@ assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 # TensorFlow's `ExponentialMovingAverage`: at update $n$ the decay is
 # $\min\big(r, \frac{1+n}{10+n}\big)$, which averages roughly the last
 # tenth of a short run and reaches $r$ after about $10/(1-r)$ steps.
+# (Chapter 2's small loop held its decay to the same bound, inline; here
+# it is the library's, for every run.)
 
 # %%
 #| export
