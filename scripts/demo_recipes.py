@@ -55,15 +55,15 @@ RECIPES = {
 }
 
 
-def _train(name: str, images: int, every: int, out: Path) -> tuple[Path,
-                                                                   float]:
+def _train(name: str, images: int, every: int, seed: int,
+           out: Path) -> tuple[Path, float]:
     """Train recipe `name` on `images` images; its run, seconds per step."""
     from adm_lib.config import make_config
     from adm_lib.demo import DemoSettings, _configs
     from adm_lib.runlog import read_metrics
     from adm_lib.train import train
 
-    fields = asdict(_configs(DemoSettings(), "cpu")["diffusion"])
+    fields = asdict(_configs(DemoSettings(seed=seed), "cpu")["diffusion"])
     del fields["kind"]
     fields.update(RECIPES[name][0], keep_checkpoints=10**6,
                   ema_rate="0.95,0.999")
@@ -80,7 +80,7 @@ def _train(name: str, images: int, every: int, out: Path) -> tuple[Path,
 
 def _score(name: str, run: Path, per_step: float, scale: float,
            sampler: str, respacing: str, seeds: int, every_checkpoint: bool,
-           weights: str | None, out: Path) -> None:
+           weights: str | None, train_seed: int, out: Path) -> None:
     """Sample and score every checkpoint of `run`; append to results.
 
     Each of `seeds` sampling seeds draws SAMPLES digits, scored on their
@@ -107,7 +107,8 @@ def _score(name: str, run: Path, per_step: float, scale: float,
     if scale:
         classifier = out / "classifier"
         if not classifier.exists():
-            train(_configs(DemoSettings(), "cpu")["classifier"], classifier)
+            train(_configs(DemoSettings(seed=train_seed), "cpu")[
+                "classifier"], classifier)
         hook = classifier_cond_fn(load_run(classifier).model, scale)
     judge = feature_extractor("mnist")
     labels = torch.arange(SAMPLES) % 10
@@ -140,6 +141,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
             row = {"recipe": name, "step": net.step, "weights": which,
                    "scale": scale, "sampler": sampler,
                    "respacing": respacing, "samples": SAMPLES * seeds,
+                   "train_seed": train_seed,
                    "minutes": net.step * per_step / 60,
                    "accuracy": statistics.mean(accuracy),
                    "fid": statistics.mean(fid),
@@ -210,6 +212,9 @@ def main() -> None:
                         help="the sampler's steps (a respacing spec)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="sampling seeds per checkpoint, SAMPLES each")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="seed of both networks' training runs (use "
+                        "a new --out for each)")
     parser.add_argument("--last", action="store_true",
                         help="score the last checkpoint only")
     parser.add_argument("--weights", choices=("model", "0.95", "0.999"),
@@ -222,9 +227,11 @@ def main() -> None:
                      f"{', '.join(RECIPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.recipes:
-        run, per_step = _train(name, args.images, args.every, args.out)
+        run, per_step = _train(name, args.images, args.every,
+                               args.train_seed, args.out)
         _score(name, run, per_step, args.scale, args.sampler, args.respacing,
-               args.seeds, not args.last, args.weights, args.out)
+               args.seeds, not args.last, args.weights, args.train_seed,
+               args.out)
     if args.plot:
         plot(args.out, args.plot, args.weights or "model", args.scale,
              args.sampler, args.respacing)

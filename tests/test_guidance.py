@@ -513,9 +513,23 @@ def test_adm_demo_trains_samples_scores_and_reports(
     assert cli.main(args) == 0
     assert (out / "diffusion" / "metrics.jsonl").read_text() == logged
     # Other settings in the same folder are refused, naming the way out.
-    changed = [*args, "--classifier-steps", "3"]
-    assert cli.main(changed) == 1
-    assert "made with other demo settings" in capsys.readouterr().err
+    for changed in (["--classifier-steps", "3"], ["--seed", "1"]):
+        assert cli.main([*args, *changed]) == 1
+        assert "made with other demo settings" in capsys.readouterr().err
+    assert (report["settings"]["seed"], report["settings"]["steps"]) == (0, 2)
+
+
+def test_adm_demo_steps_default_to_the_devices_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from adm_lib import demo, train
+
+    for native, steps in ((True, demo.STEPS_BF16),
+                          (False, demo.STEPS_FP32_CPU)):
+        monkeypatch.setattr(train, "native_bf16", lambda device, n=native: n)
+        configs = demo._configs(demo.DemoSettings(), "cpu")
+        assert configs["diffusion"].steps == steps
+        given = demo._configs(demo.DemoSettings(steps=7), "cpu")
+        assert given["diffusion"].steps == 7
 
 
 def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
