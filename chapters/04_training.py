@@ -3389,7 +3389,7 @@ assert all(r["samples"].shape == sample_noise.shape
 # classifier 55 to 70, the two guided passes 25 to 40, the scoring 8 to
 # 9); 400 steps from a fresh clone took 330 s, so five minutes held 350
 # steps, the first checkpoint past 85%: 311 s from a fresh clone, 91.5%
-# at scale 1. That is `adm demo --steps 350`, the run for such a CPU.
+# at scale 1. That is the demo's default on such a CPU (below).
 #
 # A CPU with native bf16 (AVX-512-BF16 or AMX) trains and samples under
 # bf16 autocast by itself (`precision="auto"`, section 4.4), and section
@@ -3425,11 +3425,59 @@ assert all(r["samples"].shape == sample_noise.shape
 # Step for step it is the float32 curve within noise (at 350, 86.3%
 # against 87.3%; at 400, 88.0% against 90.0%, each within about one
 # standard error of the difference, 1.9 points with 600 samples a
-# side). Five
-# minutes now hold far more than 400 steps, so the demo trains 600: the
-# first checkpoint with every seed past 92%, under two minutes of
-# training. Its run from a fresh clone (README) took 144 s in all, with
-# 93.5% at scale 1, FID 1.21 and a mean pixel of 25.6, the data's.
+# side).
+#
+# One training run says little about the next. On this project's 2-core
+# CPU of 2026-12-07 (Intel Xeon with AMX, so bf16 too), the same recipe
+# with four training seeds, both networks retrained for each, every
+# checkpoint guided at scale 1 with three sampling seeds of 200 digits:
+#
+# ```sh
+# for seed in 0 1 2 3; do
+#     python scripts/demo_recipes.py x0-simple-lean --images 25600 \
+#         --every 6400 --scale 1 --sampler ddpm --weights 0.95 \
+#         --respacing 10 --seeds 3 --train-seed $seed \
+#         --out build/recipes_seed$seed
+# done
+# ```
+#
+# | steps | minutes | seed 0 | seed 1 | seed 2 | seed 3 | mean | FID | pixel |
+# | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+# | 200 | 0.7 | 72.0% | 65.2% | 68.5% | 64.8% | 67.6% | 4.38 | 26.7 |
+# | 400 | 1.3 | 88.0% | 85.7% | 85.3% | 85.0% | 86.0% | 2.07 | 26.1 |
+# | 600 | 2.0 | 92.7% | 93.5% | 91.8% | 93.7% | 92.9% | 1.23 | 25.6 |
+# | 800 | 2.6 | 94.8% | 95.3% | 94.0% | 96.0% | 95.0% | 1.05 | 25.2 |
+#
+# (Each seed's accuracy is the mean of its three sampling seeds; FID and
+# mean pixel are means over all twelve; minutes at 0.2 s a step.) Seed 0's
+# row at 600 steps, 92.7%, is the AMD machine's 93.5% within a standard
+# error. From 600 steps on, the four means spread by 0.8 points (standard
+# deviation), no more than the 0.9 to 1.0 point that 600 samples' own noise
+# gives: the training seed matters less than which 200 digits are drawn.
+# That noise is what a single `adm demo` sees, about 1.8 points for its 200
+# digits at scale 1, so at 600 steps one run in twenty would fall below 90%
+# (normal approximation); of the twelve seed pairs the lowest was 90.5%. At
+# 800 steps the mean is 95.0%, the lowest pair 91.5%, and a run below 90% is
+# about three standard errors away. So where training runs in bf16 the demo
+# trains 800 steps, under three minutes of training here. Its run from a
+# fresh clone (README) took 187 s in all, with 93.5% at scale 1, FID 1.05
+# and a mean pixel of 25.0 (the data's 25.6).
+#
+# In bf16 the lean networks keep most of their lead. Side by side on the
+# AMX machine, as in the float32 table above (`python
+# scripts/demo_step_times.py --rounds 30`, 2026-12-07):
+#
+# | model | network | s/step | lean / preset |
+# | --- | --- | --- | --- |
+# | diffusion | preset | 0.272 | 1.00 |
+# | diffusion | lean | 0.178 | 0.65 |
+# | classifier | preset | 0.084 | 1.00 |
+# | classifier | lean | 0.062 | 0.73 |
+#
+# A CPU without native bf16 trains in float32, three times slower a step,
+# and 800 steps would take it past seven minutes. There the demo's
+# default is 350 steps (`adm_lib.demo.default_steps`), the first
+# checkpoint of the float32 curve past 85%, near five minutes.
 #
 # %% [markdown]
 # ## Summary

@@ -939,7 +939,7 @@ with np.load(batch_file) as batch:
 # settings and seeds of 80 samples, 220 s for classifier-free guidance,
 # whose every step runs the network on a doubled batch). These were the
 # recipe and budget of `adm demo` that day; it has since taken chapter
-# 4.13's leaner networks, a classifier batch of 32 and 15 sampling
+# 4.13's leaner networks, a classifier batch of 32 and 10 sampling
 # steps, for the same accuracy in less time. The grids (first seed),
 # a column per class and starting noise:
 #

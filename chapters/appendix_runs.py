@@ -327,12 +327,20 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # scale make the rest cheaper (`python scripts/unet_speed.py --before
 # 19e384d`: up-sampling 2.96x faster at 16x16, the attention block 1.33x
 # at 8x8), but a whole float32 forward only 1.02x (0.92 to 1.25). What a
-# CPU can gain is bf16 where it is native: on a 2-core EPYC with
-# AVX-512-BF16, the same step under bf16 autocast took 1.37 s against the
-# reference's 2.37 s in float32 (1.73x, measured side by side on that
-# machine by this project's issue 14). `precision="auto"` takes that path
-# by itself on such a CPU; on this one it says once that it runs in
-# float32 instead.
+# CPU can gain is bf16 where it is native. The same command on two such
+# 2-core machines (2026), our side under bf16 autocast, the reference's in
+# float32:
+#
+# | machine, day | train, img/s | ratio | sample, img x NFE/s | ratio |
+# | --- | --- | --- | --- | --- |
+# | EPYC, AVX-512-BF16, 12-03 | 31.8 / 17.7 | 1.93x | 103.5 / 71.1 | 1.48x |
+# | Xeon, AMX, 12-07 | 33.3 / 16.1 | 2.06x | 127.0 / 57.1 | 2.25x |
+#
+# (ours / the reference's; ratios are medians of 5 paired rounds). The
+# second ran today's code, with the changes above; the code before them
+# (`19e384d`) gave 1.94x and 2.08x on the AMX machine the same morning.
+# `precision="auto"` takes the bf16 path by itself on such a CPU; on one
+# without, it says once that it runs in float32 instead.
 #
 # On a GPU the fast path adds bf16 autocast, TF32, cuDNN's autotuner,
 # channels_last, fused AdamW, uint8 batches normalised on the device,
