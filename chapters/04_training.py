@@ -3504,7 +3504,7 @@ assert all(r["samples"].shape == sample_noise.shape
 #   leaves grey backgrounds (4.13); guide such a model ancestrally, as
 #   DDIM's guided step scales the gradient by $1 / \sqrt{\bar\alpha_t}$.
 #   A leaner network (resampling by convolution, 32 channels at 16x16)
-#   learns as much per step in 0.6 of the time.
+#   learns as much per step in 0.6 to 0.75 of the time.
 #
 # Chapter 6 uses this loop to train a class-conditional model and a noisy
 # classifier, and guides the one with the other.
