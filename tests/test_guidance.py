@@ -532,6 +532,27 @@ def test_adm_demo_steps_default_to_the_devices_budget(
         assert given["diffusion"].steps == 7
 
 
+def test_adm_demo_says_why_a_float32_cpu_trains_fewer_steps(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from adm_lib import demo, train
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(train, "train", stop)  # no need to train here
+    said: list[str] = []
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path, demo.DemoSettings(device="cpu"),
+                      say=said.append)
+    assert said[0].startswith(f"adm demo: {demo.STEPS_FP32_CPU} diffusion")
+    assert f"--steps {demo.STEPS_BF16}" in said[0]
+    assert f"({demo.STEPS_FP32_CPU} steps, cpu)" in said[1]
+
+
 def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["demo", "--steps", "0", "--device", "cpu"]) == 1
     assert "--steps must be >= 1" in capsys.readouterr().err
