@@ -588,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the runs, grid and report "
                       "(default adm-demo)")
     demo.add_argument("--steps", type=int, default=defaults.steps,
-                      help="diffusion training steps (default 800 where "
-                      "training runs in bf16, 350 on a float32-only CPU)")
+                      help="diffusion training steps (default 800 on a GPU "
+                      "or a CPU with native bf16, 350 on other CPUs)")
     demo.add_argument("--batch", type=int, default=defaults.batch,
                       help="diffusion training batch")
     demo.add_argument("--classifier-steps", type=int,

@@ -25,9 +25,9 @@ class DemoSettings:
     """What the demo trains and draws.
 
     The defaults are chapter 4.13's measured choice. `steps` left as None
-    is `default_steps` of the device: 800 where training runs in bf16,
-    under four minutes on a 2-core CPU with native bf16 (README has the
-    timed run), 350 on a float32-only CPU, its five-minute run.
+    is `default_steps` of the device: 800 on a GPU or a CPU with native
+    bf16, under four minutes on such a 2-core CPU (README has the timed
+    run), and 350 on a float32-only CPU, its five-minute run.
     """
 
     steps: int | None = None  # diffusion model; None: default_steps
@@ -50,11 +50,11 @@ LEAN = {"num_res_blocks": 1, "channel_mult": "1,1,2",
         "resblock_updown": False}
 
 
-# Chapter 4.13's budget. With bf16 (a GPU, or a CPU with AVX-512-BF16 or
-# AMX), 800 steps took four training seeds to 95% on average, every
-# sampling seed past 91%, in under three minutes of training on 2 cores.
-# A float32-only CPU takes three times as long a step: 350 steps, where
-# its curve passes 85%, keep the demo near five minutes there.
+# Chapter 4.13's budget. On a CPU with native bf16 (AVX-512-BF16 or AMX),
+# 800 steps took four training seeds to 95% on average, every sampling
+# seed past 91%, in under three minutes of training on 2 cores; a GPU is
+# faster still. A float32-only CPU takes three times as long a step: 350
+# steps, where its curve passes 85%, keep the demo near five minutes.
 STEPS_BF16, STEPS_FP32_CPU = 800, 350
 
 
@@ -77,7 +77,8 @@ def _configs(settings: DemoSettings, device: str) -> dict:
               "log_interval": 25}
     return {
         "diffusion": make_config("diffusion", "mnist", {
-            **common, "steps": settings.steps or default_steps(device),
+            **common, "steps": (default_steps(device) if settings.steps
+                                is None else settings.steps),
             "batch_size": settings.batch, "lr": 1e-3,
             # Chapter 4.13 measured these: a short run learns digits and
             # their classes far sooner predicting x0 under L_simple alone,

@@ -3458,8 +3458,8 @@ assert all(r["samples"].shape == sample_noise.shape
 # digits at scale 1, so at 600 steps one run in twenty would fall below 90%
 # (normal approximation); of the twelve seed pairs the lowest was 90.5%. At
 # 800 steps the mean is 95.0%, the lowest pair 91.5%, and a run below 90% is
-# about three standard errors away. So where training runs in bf16 the demo
-# trains 800 steps, under three minutes of training here. Its run from a
+# about three standard errors away. So on a CPU with native bf16 (and on a
+# GPU) the demo trains 800 steps, under three minutes of training here. Its run from a
 # fresh clone (README) took 187 s in all, with 93.5% at scale 1, FID 1.05
 # and a mean pixel of 25.0 (the data's 25.6).
 #
