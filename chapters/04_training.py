@@ -3459,9 +3459,9 @@ assert all(r["samples"].shape == sample_noise.shape
 # (normal approximation); of the twelve seed pairs the lowest was 90.5%. At
 # 800 steps the mean is 95.0%, the lowest pair 91.5%, and a run below 90% is
 # about three standard errors away. So on a CPU with native bf16 (and on a
-# GPU) the demo trains 800 steps, under three minutes of training here. Its run from a
-# fresh clone (README) took 187 s in all, with 93.5% at scale 1, FID 1.05
-# and a mean pixel of 25.0 (the data's 25.6).
+# GPU) the demo trains 800 steps, under three minutes of training here. Its
+# run from a fresh clone (README) took 187 s in all, with 93.5% at scale 1,
+# FID 1.05 and a mean pixel of 25.0 (the data's 25.6).
 #
 # In bf16 the lean networks keep most of their lead. Side by side on the
 # AMX machine, as in the float32 table above (`python
