@@ -41,7 +41,7 @@
 # %% tags=["parameters"]
 # Smoke configuration: a few minutes on a CPU. The recorded CPU run of 6.9
 # and the full GPU run on CIFAR-10 are
-#   adm book run 6 -p train_steps 400 -p classifier_steps 400 \
+#   adm book run 6 -p train_steps 800 -p classifier_steps 400 \
 #       -p respacing 25 -p scales "[0.0, 1.0, 4.0]" \
 #       -p free_scales "[0.0, 1.0, 4.0]" -p samples_per_scale 80 \
 #       -p sample_seeds "[0, 1, 2]" -p num_ref 2000 \
@@ -920,28 +920,28 @@ with np.load(batch_file) as batch:
 # ## 6.9 A longer run, recorded
 #
 # The smoke configuration trains for seconds and its samples are noise.
-# A longer run, on this project's 2-core CPU (AMD EPYC with AVX2, no
-# native bf16, so float32; no GPU; PyTorch 2.13 CPU build), on
-# 2026-12-03, with every setting sampled with three seeds:
+# A longer run, on this project's 2-core CPU (Intel Xeon with AMX, so bf16
+# autocast; no GPU; PyTorch 2.13 CPU build), on 2026-12-07, with every
+# setting sampled with three seeds:
 #
 # ```sh
-# adm book run 6 -p train_steps 400 -p classifier_steps 400 \
+# adm book run 6 -p train_steps 800 -p classifier_steps 400 \
 #     -p respacing 25 -p scales "[0.0, 1.0, 4.0]" \
 #     -p free_scales "[0.0, 1.0, 4.0]" -p samples_per_scale 80 \
 #     -p sample_seeds "[0, 1, 2]" -p num_ref 2000 \
 #     -p runs_dir build/chapter6_record -p figures_dir chapters/figures
 # ```
 #
-# It took 20 minutes in all: 400 steps of batch 32 for each diffusion
-# model (1.37M parameters; 245 s and 228 s), 400 of batch 64 for the
-# classifier (0.56M, one residual block per level; 99 s), then 25
-# ancestral steps for every setting (325 s for the 18 classifier-guided
-# settings and seeds of 80 samples, 220 s for classifier-free guidance,
-# whose every step runs the network on a doubled batch). These were the
-# recipe and budget of `adm demo` that day; it has since taken chapter
-# 4.13's leaner networks, a classifier batch of 32 and 10 sampling
-# steps, for the same accuracy in less time. The grids (first seed),
-# a column per class and starting noise:
+# It took 14 minutes in all: 800 steps of batch 32 for each diffusion
+# model (1.37M parameters; 203 s and 204 s), 400 of batch 64 for the
+# classifier (0.56M, one residual block per level; 57 s), then 25
+# ancestral steps for every setting (184 s for the 18 classifier-guided
+# settings and seeds of 80 samples, 114 s for classifier-free guidance,
+# whose every step runs the network on a doubled batch). (The run
+# recorded before it, on 2026-12-03, trained 400 steps in float32 on an
+# AVX2 CPU; its conditional model put 70.4% of its unguided samples in
+# the class asked for, this one 88.3%, and its grids had more malformed
+# digits.) The grids (first seed), a column per class and starting noise:
 #
 # ![Conditional model across guidance scales](figures/06_grid_conditional.png)
 #
@@ -952,10 +952,10 @@ with np.load(batch_file) as batch:
 # The digits are on black backgrounds, as in the data. Down a column the
 # noise is the same and only the guidance changes: on the unconditional
 # model, whose samples at $s = 0$ ignore the label, guidance at $s = 4$
-# turns most columns into the digit asked for (the 0, 1, 3, 5, 7), and on
-# the conditional model it repairs the ones that were wrong (the 4, 5 and
-# 9). Classifier-free guidance at $w = 4$ draws thicker, bolder strokes,
-# and some of them (the 2, the 4, the 8) break apart.
+# turns most columns into the digit asked for (the 0, 1, 3, 5, 7 and 9),
+# and on the conditional model it straightens the 5 and the 9; its 4 is
+# poor at every scale. Classifier-free guidance at $w = 4$ draws
+# thicker, bolder strokes than the data's.
 #
 # The scores, with the MNIST network's features against 2,000 real
 # digits (FID and precision/recall are "(mnist-net)"; accuracy is that
@@ -967,14 +967,14 @@ with np.load(batch_file) as batch:
 #
 # | setting | IS | FID | precision | recall | accuracy, % |
 # | --- | --- | --- | --- | --- | --- |
-# | cond., $s = 0$ | 3.38±.04 | 3.14±.21 | .55±.02 | .90±.03 | 70.4±3.4 |
-# | cond., $s = 1$ | 3.88±.05 | 2.55±.13 | .56±.05 | .89±.02 | 87.5±0.7 |
-# | cond., $s = 4$ | 4.52±.01 | 2.06±.06 | .65±.03 | .87±.01 | 95.4±1.5 |
-# | uncond., $s = 0$ | 2.27±.11 | 7.33±.32 | .47±.05 | .76±.03 | 10.8±0.4 |
-# | uncond., $s = 1$ | 2.25±.02 | 7.03±.34 | .45±.02 | .85±.01 | 42.5±2.6 |
-# | uncond., $s = 4$ | 2.76±.17 | 5.34±.35 | .52±.02 | .86±.03 | 68.3±7.1 |
-# | free, $w = 1$ | 4.61±.12 | 3.04±.27 | .55±.03 | .74±.04 | 92.1±1.8 |
-# | free, $w = 4$ | 4.46±.17 | 7.88±.34 | .25±.02 | .13±.05 | 93.8±1.9 |
+# | cond., $s = 0$ | 4.46±.05 | 1.68±.05 | .69±.04 | .86±.04 | 88.3±1.8 |
+# | cond., $s = 1$ | 5.05±.12 | 1.37±.07 | .72±.04 | .81±.02 | 95.8±1.8 |
+# | cond., $s = 4$ | 5.29±.16 | 1.26±.03 | .77±.05 | .75±.04 | 97.9±1.5 |
+# | uncond., $s = 0$ | 2.51±.09 | 4.92±.35 | .46±.02 | .91±.03 | 11.7±1.5 |
+# | uncond., $s = 1$ | 2.42±.05 | 5.23±.08 | .49±.02 | .86±.01 | 39.2±3.3 |
+# | uncond., $s = 4$ | 3.05±.09 | 3.44±.12 | .55±.03 | .95±.02 | 71.3±1.9 |
+# | free, $w = 1$ | 5.88±.07 | 1.54±.03 | .80±.02 | .52±.03 | 99.2±0.8 |
+# | free, $w = 4$ | 6.07±.05 | 4.08±.06 | .47±.02 | .12±.02 | 100.0±0.0 |
 #
 # ![Metrics against the guidance scale](figures/06_scales.png)
 #
@@ -984,35 +984,37 @@ with np.load(batch_file) as batch:
 # error of the difference, $\sqrt{e_1^2 + e_2^2}$; with three seeds even
 # that is a rough test. What this run shows, and what it does not:
 #
-# * **Classifier guidance buys fidelity, as the paper says.** On the
-#   conditional model the accuracy rises from 70.4% to 87.5% at $s = 1$
-#   and 95.4% at $s = 4$, the Inception Score from 3.38 to 4.52 and
-#   precision from 0.55 to 0.65; FID improves too (3.14 to 2.06), since
-#   at 400 steps many unguided samples are of the wrong class. Recall
-#   falls from 0.90 to 0.87, within its error: at this scale the cost in
-#   diversity is not shown.
+# * **Classifier guidance trades diversity for fidelity, as the paper
+#   says.** On the conditional model the accuracy rises from 88.3% to
+#   95.8% at $s = 1$ and 97.9% at $s = 4$, the Inception Score from 4.46
+#   to 5.29, and FID improves (1.68 to 1.26, seven standard errors),
+#   since unguided samples are sometimes of the wrong class. Recall falls
+#   from 0.86 to 0.75 at $s = 4$, 2.2 standard errors: the cost in
+#   diversity shows. Precision rises from 0.69 to 0.77, within its error.
 # * **An unconditional model guided at $s = 1$ is not a conditional
-#   one.** In theory it samples $p(x \mid y)$; here it puts 42.5% in the
-#   class asked for, against 70.4% for the conditional model unguided and
-#   87.5% guided at the same scale. A 400-step classifier's
+#   one.** In theory it samples $p(x \mid y)$; here it puts 39.2% in the
+#   class asked for, against 88.3% for the conditional model unguided and
+#   95.8% guided at the same scale. A 400-step classifier's
 #   $\log p_\phi(y \mid x_t)$ is a weak model of the class, and the paper
 #   too guides its unconditional model at $s = 10$ (its Table 4). At $s = 4$
-#   the unconditional model reaches 68.3% and FID 5.34 (from 7.33), gaps
+#   the unconditional model reaches 71.3% and FID 3.44 (from 4.92), a gap
 #   of four standard errors.
 # * **Classifier-free guidance trades diversity at a higher rate.** At
-#   $w = 1$ it matches classifier guidance at $s = 4$ in accuracy (92.1%
-#   against 95.4%, within two standard errors) but not in FID (3.04
-#   against 2.06) or recall (0.74 against 0.87). At $w = 4$ recall is 0.13 and
-#   precision 0.25: the bold, broken strokes of its grid are far from
-#   the thin real digits, and FID is back at 7.88.
+#   $w = 1$ it matches classifier guidance at $s = 4$ in accuracy (99.2%
+#   against 97.9%, within a standard error) and precision, but not in FID
+#   (1.54 against 1.26) or recall (0.52 against 0.75), gaps of five
+#   standard errors and more. At $w = 4$ recall is 0.12 and precision
+#   0.47: the bold strokes of its grid are far from the thin real
+#   digits, and FID is back at 4.08.
 # * **Here the gradient at the mean is better than at $x_t$.** With the
 #   same noise at $s = 1$ on the unconditional model the two kinds of
-#   samples differ by 15.3 ± 0.4 grey levels on average, and the accuracy
-#   is 42.5 ± 2.6% at $x_t$ against 55.4 ± 3.7% at the mean, a paired gap
-#   of $-12.9 \pm 3.3$ points, four standard errors over three seeds.
-#   The earlier, shorter runs of this chapter (with the paper's recipe,
+#   samples differ by 15.4 ± 0.4 grey levels on average, and the accuracy
+#   is 39.2 ± 3.3% at $x_t$ against 52.1 ± 1.8% at the mean, a paired gap
+#   of $-12.9 \pm 5.1$ points, two and a half standard errors over three
+#   seeds (the run of 2026-12-03 saw the same gap, $-12.9 \pm 3.3$). The
+#   earlier, shorter runs of this chapter (with the paper's recipe,
 #   predicting $\epsilon$) saw no gap, or one the other way, so this is
-#   a finding about this model and classifier, not a rule; the reference
+#   a finding about this recipe and classifier, not a rule; the reference
 #   takes the gradient at $x_t$, the point its classifier was trained
 #   for, and so does `classifier_cond_fn`.
 #
