@@ -130,10 +130,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     configs = _configs(settings, device)
     steps = configs["diffusion"].steps
     if settings.steps is None and steps == STEPS_FP32_CPU:
-        say(f"adm demo: {steps} diffusion steps, not {STEPS_BF16}: this CPU "
-            "trains in float32, three times slower a step than in bf16, and "
-            f"{steps} keep the demo near five minutes (--steps "
-            f"{STEPS_BF16} for the full recipe)")
+        say(f"adm demo: {steps} diffusion steps, not {STEPS_BF16}, to stay "
+            "near five minutes in float32 (this CPU has no native bf16; "
+            f"chapter 4.13); --steps {STEPS_BF16} for the full recipe")
     runs = {}
     for number, (name, config) in enumerate(configs.items(), 1):
         say(f"[{number}/4] training the {name} on MNIST-5k "
