@@ -53,8 +53,9 @@ LEAN = {"num_res_blocks": 1, "channel_mult": "1,1,2",
 # Chapter 4.13's budget. On a CPU with native bf16 (AVX-512-BF16 or AMX),
 # 800 steps took four training seeds to 95% on average, every sampling
 # seed past 91%, in under three minutes of training on 2 cores; a GPU is
-# faster still. A float32-only CPU takes three times as long a step: 350
-# steps, where its curve passes 85%, keep the demo near five minutes.
+# faster still. On a float32-only CPU (an AVX2 EPYC) a step took three
+# times as long: 350 steps, where its curve passes 85%, keep the demo
+# near five minutes there.
 STEPS_BF16, STEPS_FP32_CPU = 800, 350
 
 

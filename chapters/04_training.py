@@ -3474,10 +3474,12 @@ assert all(r["samples"].shape == sample_noise.shape
 # | classifier | preset | 0.084 | 1.00 |
 # | classifier | lean | 0.062 | 0.73 |
 #
-# A CPU without native bf16 trains in float32, three times slower a step,
-# and 800 steps would take it past seven minutes. There the demo's
-# default is 350 steps (`adm_lib.demo.default_steps`), the first
-# checkpoint of the float32 curve past 85%, near five minutes.
+# A CPU without native bf16 trains in float32: three times slower a step
+# on the AVX2 EPYC above, where 800 steps would take past seven minutes.
+# There the demo's default is 350 steps (`adm_lib.demo.default_steps`),
+# the first checkpoint of the float32 curve past 85%, near five minutes.
+# (The same 350 steps in float32 on the AMX machine, bf16 switched off:
+# 88.5% at scale 1, FID 2.11.)
 #
 # %% [markdown]
 # ## Summary
