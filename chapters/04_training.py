@@ -3478,8 +3478,6 @@ assert all(r["samples"].shape == sample_noise.shape
 # on the AVX2 EPYC above, where 800 steps would take past seven minutes.
 # There the demo's default is 350 steps (`adm_lib.demo.default_steps`),
 # the first checkpoint of the float32 curve past 85%, near five minutes.
-# (The same 350 steps in float32 on the AMX machine, bf16 switched off:
-# 88.5% at scale 1, FID 2.11.)
 #
 # %% [markdown]
 # ## Summary
