@@ -337,8 +337,9 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # | Xeon, AMX, 12-07 | 33.3 / 16.1 | 2.06x | 127.0 / 57.1 | 2.25x |
 #
 # (ours / the reference's; ratios are medians of 5 paired rounds). The
-# second ran today's code, with the changes above; the code before them
-# (`19e384d`) gave 1.94x and 2.08x on the AMX machine the same morning.
+# second ran the code of that day, with the changes above; the code
+# before them (`19e384d`) gave 1.94x and 2.08x on the AMX machine the
+# same morning, so most of the gap between the two rows is the machines'.
 # `precision="auto"` takes the bf16 path by itself on such a CPU; on one
 # without, it says once that it runs in float32 instead.
 #
