@@ -1536,7 +1536,9 @@ assert error < spread
 # $L_0$. The samples change less: the last row, the last step's weights from
 # the same noise, is the row above it with small changes of stroke. (The run
 # of 2026-11-25, 2,000 steps, no EMA, gave 1.70 bits/dim and samples mostly of
-# strokes.) The terms of its bound have the shape of section 2.8, the first
+# strokes; twice as long as this one, `-p train_steps 12000`, 2,568 s on the
+# same machine and day, gave 1.515 bits/dim and samples of the same kind: no
+# better.) The terms of its bound have the shape of section 2.8, the first
 # steps dominating:
 #
 # ![Terms of the bound of the CPU run](figures/02_cpu_run_bound.png)
