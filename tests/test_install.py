@@ -9,12 +9,14 @@ editable install's finder stays out, so ``adm_lib`` can only come from the wheel
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -75,6 +77,7 @@ def test_wheel_ships_the_assets(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         assert {f"adm_lib/assets/{name}" for name in ASSETS} <= names
+        assert "adm_lib/py.typed" in names  # PEP 561: a typed package
         sizes = {info.filename: info.file_size for info in archive.infolist()}
     for name in ASSETS:
         packed = sizes[f"adm_lib/assets/{name}"]
@@ -115,3 +118,54 @@ def test_installed_wheel_runs_demo_and_evaluate_outside_the_checkout(
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         assert np.isfinite(scores[key]), (key, scores)
     assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+
+
+# What the script gets wrong, and mypy's words for it: one error a line.
+WRONG_TYPES = {
+    5: 'Argument 1 to "UNetModel" has incompatible type "str"; expected "int"',
+    7: 'Argument "var_type" to "GaussianDiffusion" has incompatible type '
+       '"int"; expected "str"',
+    8: 'Argument 2 to "respace" has incompatible type "int"; expected "str"',
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
+                    reason="mypy is not installed (pip install -e .[dev])")
+def test_mypy_reads_the_package_as_typed(tmp_path: Path) -> None:
+    """`import adm_lib` in a user's script: mypy checks the calls against
+    adm_lib's annotations (py.typed), instead of skipping the package as
+    one "missing library stubs". Only adm_lib is analysed (its own errors
+    silenced); torch and the rest are skipped, which keeps mypy to seconds."""
+    script = tmp_path / "user.py"
+    script.write_text(textwrap.dedent("""\
+        from adm_lib.diffusion import GaussianDiffusion, respace
+        from adm_lib.forward import get_named_beta_schedule
+        from adm_lib.unet import UNetModel
+
+        model = UNetModel("32", 3, 64, 6, 2, attention_resolutions=(2,))
+        diffusion = GaussianDiffusion(get_named_beta_schedule("linear", 50),
+                                      var_type=1)
+        spaced = respace(diffusion, 10)
+        fine = UNetModel(32, 3, 64, 6, 2, attention_resolutions=(2,))
+        """))
+    (tmp_path / "mypy.ini").write_text(textwrap.dedent("""\
+        [mypy]
+        follow_imports = skip
+        [mypy-adm_lib.*]
+        follow_imports = silent
+        """))
+    # The checkout first on the path, where mypy looks for installed
+    # packages (and where an editable install's finder is not read).
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
+         "--cache-dir", str(tmp_path / "cache"), "--no-error-summary",
+         "--hide-error-context", "--no-color-output", script.name],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert "py.typed" not in done.stdout, done.stdout
+    errors = {}
+    for line in done.stdout.splitlines():
+        where, _, message = line.partition(": error: ")
+        errors[int(where.split(":")[1])] = message.rsplit("  [", 1)[0]
+    assert errors == WRONG_TYPES, done.stdout + done.stderr
