@@ -38,6 +38,7 @@ __all__ = [
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:138
+# %% chapters/03_architecture.py:139
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -83,7 +84,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:177
+# %% chapters/03_architecture.py:178
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -102,7 +103,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:205
+# %% chapters/03_architecture.py:206
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -139,7 +140,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:248
+# %% chapters/03_architecture.py:249
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -169,7 +170,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:312
+# %% chapters/03_architecture.py:313
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -177,7 +178,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:341
+# %% chapters/03_architecture.py:342
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -200,7 +201,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:371
+# %% chapters/03_architecture.py:372
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -259,7 +260,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:494
+# %% chapters/03_architecture.py:495
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -284,7 +285,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:530
+# %% chapters/03_architecture.py:531
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -340,7 +341,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:653
+# %% chapters/03_architecture.py:655
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -386,7 +387,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:707
+# %% chapters/03_architecture.py:709
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -430,7 +431,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:761
+# %% chapters/03_architecture.py:771
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -448,6 +449,16 @@ class UNetTrunk(nn.Module):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        factors = [2**level for level in range(len(channel_mult))]
+        if unreached := sorted(set(attention_resolutions) - set(factors)):
+            raise ValueError(
+                f"attention_resolutions={tuple(attention_resolutions)}: "
+                "no level of this network has down-sampling factor "
+                f"{', '.join(map(str, unreached))}; its factors are "
+                f"{', '.join(map(str, factors))} (resolutions "
+                f"{', '.join(str(image_size // f) for f in factors)} of "
+                f"image_size={image_size}), each image_size // resolution"
+            )
         self.make = make
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -481,6 +492,14 @@ class UNetTrunk(nn.Module):
 
     def encode(self, x: Tensor, emb: Tensor) -> tuple[list[Tensor], Tensor]:
         """Every input block's output, and the middle block's."""
+        # The resampled axes: the last two (one in 1-D; 3-D keeps its first).
+        size = tuple(x.shape[2:][-2:])
+        if size != (self.image_size,) * len(size):
+            built = " x ".join([str(self.image_size)] * len(size))
+            raise ValueError(
+                f"images of {' x '.join(map(str, size))} given to a network "
+                f"built for {built} (image_size={self.image_size})"
+            )
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -488,7 +507,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:827
+# %% chapters/03_architecture.py:855
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -521,9 +540,47 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:867
+# %% chapters/03_architecture.py:895
 class UNetModel(UNetTrunk):
-    """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
+    """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
+
+    Args:
+        image_size: side in pixels of the square images it takes; images
+            of another size are refused.
+        in_channels: channels of the images (3 for RGB, 1 for grey).
+        model_channels: base width C; level i has channel_mult[i] x C
+            channels, which must be multiples of 32 (GroupNorm's groups).
+        out_channels: in_channels for a fixed variance; twice that, the
+            mean then the variance, for a learned one (chapter 2).
+        num_res_blocks: residual blocks per level on the way down (one
+            more per level on the way up).
+        attention_resolutions: down-sampling FACTORS, not resolutions:
+            image_size // resolution, e.g. (2, 4, 8) on a 64 px model for
+            attention at 32, 16 and 8 px. Each must be the factor of a
+            level, 2**i for i < len(channel_mult). The middle block always
+            has attention.
+        dropout: dropout probability in the residual blocks.
+        channel_mult: width multiplier of each level; the images are
+            halved len(channel_mult) - 1 times.
+        conv_resample: resample with a 3x3 convolution, else by nearest
+            neighbours and average pooling alone (without resblock_updown).
+        dims: 1, 2 or 3 spatial axes (3-D resamples the last two only).
+        num_classes: number of classes of a class-conditional model, which
+            then takes labels y in [0, num_classes); None: unconditional.
+        use_checkpoint: recompute the blocks' activations in the backward
+            pass (gradient checkpointing): less memory, more compute.
+        num_heads: attention heads of each layer, unless num_head_channels
+            is given.
+        num_head_channels: channels per head (heads = channels / this);
+            -1: a fixed num_heads instead.
+        num_heads_upsample: heads of the decoder's attention; -1: num_heads.
+        use_scale_shift_norm: AdaGN: the embedding scales and shifts the
+            normalised features instead of being added.
+        resblock_updown: resample with residual blocks (BigGAN).
+        use_new_attention_order: split qkv as [q, k, v] per head rather
+            than the legacy per-head [q, k, v] (a weight layout, same maths).
+        rescale_residual: scale each residual output by 1/sqrt(2).
+    """
 
     def __init__(
         self,
@@ -583,7 +640,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1006
+# %% chapters/03_architecture.py:1072
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -611,7 +668,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1039
+# %% chapters/03_architecture.py:1105
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -655,9 +712,22 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1084
+# %% chapters/03_architecture.py:1150
 class EncoderUNetModel(UNetTrunk):
-    """The UNet's encoder and middle block with a pooling head: logits."""
+    """The UNet's encoder and middle block with a pooling head: logits.
+
+    Args:
+        image_size: side in pixels of the square images it takes; images
+            of another size are refused.
+        out_channels: number of classes: the logits per image.
+        attention_resolutions: down-sampling FACTORS (image_size //
+            resolution) of the levels with attention, as in UNetModel.
+        pool: the head, one of POOLS: "adaptive" (global average),
+            "attention" (needs num_head_channels), "spatial" or
+            "spatial_v2" (an MLP on every block's mean).
+
+    The other arguments are UNetModel's.
+    """
 
     def __init__(
         self,
@@ -705,12 +775,23 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1174
+# %% chapters/03_architecture.py:1253
 class SuperResModel(UNetModel):
-    """A UNet that also sees a low-res image, up-sampled, as extra input."""
+    """A UNet that also sees a low-res image, up-sampled, as extra input.
 
-    def __init__(self, image_size: int, in_channels: int, *args,
-                 low_res_level: bool = False, **kwargs):
+    Args:
+        image_size: side in pixels of the large images x; low_res may have
+            any size, resized to this one.
+        in_channels: channels of x and of low_res (the network sees twice
+            as many, the two concatenated).
+        low_res_level: embed the step low_res was noised to (low_res_t).
+
+    The other arguments are UNetModel's, out_channels counting x's
+    channels: in_channels, or twice that for a learned variance.
+    """
+
+    def __init__(self, image_size: int, in_channels: int, *args: Any,
+                 low_res_level: bool = False, **kwargs: Any) -> None:
         super().__init__(image_size, 2 * in_channels, *args, **kwargs)
         if low_res_level:
             self.low_res_embed = time_embed_mlp(self.model_channels)
@@ -742,7 +823,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1402
+# %% chapters/03_architecture.py:1496
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,
@@ -777,7 +858,9 @@ def ablation_unet(
     # Widths are multiples of 32, the GroupNorm's number of groups.
     width = 32 * max(1, round(config.pop("width") * model_channels / 32))
     levels = int(math.log2(image_size // 8)) + 1  # down to 8 x 8
-    factors = tuple(image_size // r for r in config.pop("attention_at"))
+    # Resolutions in pixels; those above image_size are not in the model.
+    factors = tuple(image_size // r for r in config.pop("attention_at")
+                    if r <= image_size)
     return UNetModel(
         image_size, in_channels, width, 2 * in_channels,
         attention_resolutions=factors,

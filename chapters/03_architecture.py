@@ -95,6 +95,7 @@ if threads:
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -646,8 +647,9 @@ print(f"{old_block.num_heads} heads of {ch} channels; orders agree "
 #
 # Attention resolutions are given, as in the reference, as *down-sampling
 # factors*: `attention_resolutions=(2, 4, 8)` on a $64 \times 64$ model means
-# attention at 32, 16 and 8. A small factory holds the options every block
-# shares, so the construction code below reads like the description above.
+# attention at 32, 16 and 8, and a factor that no level reaches is an
+# error. A small factory holds the options every block shares, so the
+# construction code below reads like the description above.
 
 # %%
 #| export
@@ -756,6 +758,14 @@ def encoder_blocks(
 # checkpoints load. `embed` turns timesteps (and labels) into the embedding
 # $e$ every residual block reads, and `encode` runs the down path and the
 # middle block, returning every input block's output, the skips.
+#
+# Two mistakes would otherwise pass in silence, so the trunk refuses them.
+# An attention factor that no level reaches, such as `(8,)` on a network
+# with one halving, would build no attention layer at all. And images of
+# another size than `image_size` would run: the convolutions do not care,
+# and the reference never checks, but the model was trained at one size,
+# and the attention-pooled classifier (3.7) fails on any other with an
+# obscure shape error. The check is one comparison of two shapes a call.
 
 # %%
 #| export
@@ -776,6 +786,16 @@ class UNetTrunk(nn.Module):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        factors = [2**level for level in range(len(channel_mult))]
+        if unreached := sorted(set(attention_resolutions) - set(factors)):
+            raise ValueError(
+                f"attention_resolutions={tuple(attention_resolutions)}: "
+                "no level of this network has down-sampling factor "
+                f"{', '.join(map(str, unreached))}; its factors are "
+                f"{', '.join(map(str, factors))} (resolutions "
+                f"{', '.join(str(image_size // f) for f in factors)} of "
+                f"image_size={image_size}), each image_size // resolution"
+            )
         self.make = make
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -809,6 +829,14 @@ class UNetTrunk(nn.Module):
 
     def encode(self, x: Tensor, emb: Tensor) -> tuple[list[Tensor], Tensor]:
         """Every input block's output, and the middle block's."""
+        # The resampled axes: the last two (one in 1-D; 3-D keeps its first).
+        size = tuple(x.shape[2:][-2:])
+        if size != (self.image_size,) * len(size):
+            built = " x ".join([str(self.image_size)] * len(size))
+            raise ValueError(
+                f"images of {' x '.join(map(str, size))} given to a network "
+                f"built for {built} (image_size={self.image_size})"
+            )
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -866,7 +894,45 @@ def decoder_blocks(
 # %%
 #| export
 class UNetModel(UNetTrunk):
-    """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
+    """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
+
+    Args:
+        image_size: side in pixels of the square images it takes; images
+            of another size are refused.
+        in_channels: channels of the images (3 for RGB, 1 for grey).
+        model_channels: base width C; level i has channel_mult[i] x C
+            channels, which must be multiples of 32 (GroupNorm's groups).
+        out_channels: in_channels for a fixed variance; twice that, the
+            mean then the variance, for a learned one (chapter 2).
+        num_res_blocks: residual blocks per level on the way down (one
+            more per level on the way up).
+        attention_resolutions: down-sampling FACTORS, not resolutions:
+            image_size // resolution, e.g. (2, 4, 8) on a 64 px model for
+            attention at 32, 16 and 8 px. Each must be the factor of a
+            level, 2**i for i < len(channel_mult). The middle block always
+            has attention.
+        dropout: dropout probability in the residual blocks.
+        channel_mult: width multiplier of each level; the images are
+            halved len(channel_mult) - 1 times.
+        conv_resample: resample with a 3x3 convolution, else by nearest
+            neighbours and average pooling alone (without resblock_updown).
+        dims: 1, 2 or 3 spatial axes (3-D resamples the last two only).
+        num_classes: number of classes of a class-conditional model, which
+            then takes labels y in [0, num_classes); None: unconditional.
+        use_checkpoint: recompute the blocks' activations in the backward
+            pass (gradient checkpointing): less memory, more compute.
+        num_heads: attention heads of each layer, unless num_head_channels
+            is given.
+        num_head_channels: channels per head (heads = channels / this);
+            -1: a fixed num_heads instead.
+        num_heads_upsample: heads of the decoder's attention; -1: num_heads.
+        use_scale_shift_norm: AdaGN: the embedding scales and shifts the
+            normalised features instead of being added.
+        resblock_updown: resample with residual blocks (BigGAN).
+        use_new_attention_order: split qkv as [q, k, v] per head rather
+            than the legacy per-head [q, k, v] (a weight layout, same maths).
+        rescale_residual: scale each residual output by 1/sqrt(2).
+    """
 
     def __init__(
         self,
@@ -1083,7 +1149,20 @@ def pool_head(
 # %%
 #| export
 class EncoderUNetModel(UNetTrunk):
-    """The UNet's encoder and middle block with a pooling head: logits."""
+    """The UNet's encoder and middle block with a pooling head: logits.
+
+    Args:
+        image_size: side in pixels of the square images it takes; images
+            of another size are refused.
+        out_channels: number of classes: the logits per image.
+        attention_resolutions: down-sampling FACTORS (image_size //
+            resolution) of the levels with attention, as in UNetModel.
+        pool: the head, one of POOLS: "adaptive" (global average),
+            "attention" (needs num_head_channels), "spatial" or
+            "spatial_v2" (an MLP on every block's mean).
+
+    The other arguments are UNetModel's.
+    """
 
     def __init__(
         self,
@@ -1173,10 +1252,21 @@ for pool_kind in POOLS:
 # %%
 #| export
 class SuperResModel(UNetModel):
-    """A UNet that also sees a low-res image, up-sampled, as extra input."""
+    """A UNet that also sees a low-res image, up-sampled, as extra input.
 
-    def __init__(self, image_size: int, in_channels: int, *args,
-                 low_res_level: bool = False, **kwargs):
+    Args:
+        image_size: side in pixels of the large images x; low_res may have
+            any size, resized to this one.
+        in_channels: channels of x and of low_res (the network sees twice
+            as many, the two concatenated).
+        low_res_level: embed the step low_res was noised to (low_res_t).
+
+    The other arguments are UNetModel's, out_channels counting x's
+    channels: in_channels, or twice that for a learned variance.
+    """
+
+    def __init__(self, image_size: int, in_channels: int, *args: Any,
+                 low_res_level: bool = False, **kwargs: Any) -> None:
         super().__init__(image_size, 2 * in_channels, *args, **kwargs)
         if low_res_level:
             self.low_res_embed = time_embed_mlp(self.model_channels)
@@ -1253,7 +1343,10 @@ assert not torch.allclose(*levels)
 # `create_model`, `create_classifier` and `sr_create_model` build theirs: the
 # per-resolution `channel_mult`, attention resolutions converted to
 # down-sampling factors, six output channels with `--learn_sigma`, 1000
-# classes with `--class_cond`, classifiers with 64 channels per head.
+# classes with `--class_cond`, classifiers with 64 channels per head. A
+# resolution that no level has is dropped there, not refused: the reference
+# ignores it, and checkpoints trained with such flags must load (the parity
+# fixtures' model has one).
 #
 # Built on PyTorch's `meta` device, a model has shapes but no storage, so even
 # the 500-million-parameter models are counted in milliseconds. The flags are
@@ -1386,7 +1479,8 @@ else:
 # * **attention at 32, 16 and 8** rather than 16 only. On $32 \times 32$
 #   images these are the absolute resolutions of the paper's $128 \times
 #   128$ experiments, so `attention_at` is given in pixels; the builder turns
-#   it into the model's down-sampling factors.
+#   it into the model's down-sampling factors (on smaller images, dropping
+#   the resolutions above the image's).
 # * **BigGAN up/down-sampling**: residual blocks that resample (section 3.4).
 # * **residual rescaling** by $1/\sqrt{2}$.
 # * **AdaGN** instead of addition. The paper ablated it on top of its
@@ -1434,7 +1528,9 @@ def ablation_unet(
     # Widths are multiples of 32, the GroupNorm's number of groups.
     width = 32 * max(1, round(config.pop("width") * model_channels / 32))
     levels = int(math.log2(image_size // 8)) + 1  # down to 8 x 8
-    factors = tuple(image_size // r for r in config.pop("attention_at"))
+    # Resolutions in pixels; those above image_size are not in the model.
+    factors = tuple(image_size // r for r in config.pop("attention_at")
+                    if r <= image_size)
     return UNetModel(
         image_size, in_channels, width, 2 * in_channels,
         attention_resolutions=factors,

@@ -288,6 +288,27 @@ def test_load_checkpoint_missing_and_corrupt_files(tmp_path: Path) -> None:
         gd.load_checkpoint(odd, TINY)
 
 
+@pytest.mark.parametrize(("size", "mult", "given", "kept"), [
+    (64, "1,2,2", "16,8", "16"), (32, "1,2", "32,16,8,4", "32,16"),
+    (32, "1", "64,16", ""), (64, "1,2,3,4", "64,32,16,8", "64,32,16,8"),
+])
+def test_resolutions_no_level_has_add_nothing_as_in_the_reference(
+        size: int, mult: str, given: str, kept: str) -> None:
+    """The reference skips them, and its checkpoints built so load; the
+    classifier's flag alike. (UNetModel itself refuses such factors.)"""
+    base = {"image_size": size, "channel_mult": mult, "num_channels": 32,
+            "classifier_width": 64, "classifier_depth": 1}
+    builds = {"attention_resolutions": gd.model_from_flags,
+              "classifier_attention_resolutions": gd.classifier_from_flags}
+    with torch.device("meta"):
+        for flag, build in builds.items():
+            got = build({**base, flag: given})
+            want = build({**base, flag: kept})
+            assert ({k: v.shape for k, v in got.state_dict().items()}
+                    == {k: v.shape for k, v in want.state_dict().items()})
+            assert got.attention_resolutions == want.attention_resolutions
+
+
 def test_no_attention_resolutions_leaves_only_the_middle_blocks():
     # "" passes validation (no attention at any resolution): the builder
     # must agree.

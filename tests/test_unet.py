@@ -295,6 +295,84 @@ def test_scalar_timestep_is_broadcast() -> None:
         )
 
 
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+def test_attention_factors_no_level_reaches_are_refused(levels: int) -> None:
+    """Every factor a level has builds; any other is refused, by name,
+    with the factors the network does have, for each model class."""
+    mult, size = (1,) * levels, 2 ** (levels + 2)
+    factors = [2**i for i in range(levels)]
+    builders = {
+        "unet": lambda a: UNetModel(size, 3, WIDTH, 6, 1, a,
+                                    channel_mult=mult),
+        "classifier": lambda a: EncoderUNetModel(size, 3, WIDTH, 4, 1, a,
+                                                 channel_mult=mult),
+        "upsampler": lambda a: SuperResModel(size, 3, WIDTH, 6, 1, a,
+                                             channel_mult=mult),
+    }
+    with torch.device("meta"):  # shapes only: fast
+        for name, build in builders.items():
+            model = build(tuple(factors))
+            attn = _modules(model, AttentionBlock)
+            # A layer per block at each level (one block down, two up), and
+            # the middle block's.
+            per_level = 1 if name == "classifier" else 3
+            assert len(attn) == per_level * levels + 1, name
+            shown = ", ".join(map(str, factors))
+            for bad in (0, 3, 2**levels, 2 ** (levels + 1)):
+                with pytest.raises(ValueError) as err:
+                    build((*factors[:1], bad))
+                assert str(err.value).startswith(
+                    f"attention_resolutions=(1, {bad}): no level"), name
+                assert f"factor {bad}; its factors are {shown} (" in str(
+                    err.value), name
+
+
+@pytest.mark.parametrize(("built", "given"), [
+    (16, (8, 8)), (16, (32, 32)), (16, (16, 8)), (16, (8, 16)),
+    (8, (16, 16)), (32, (16, 16)),
+])
+def test_images_of_another_size_are_refused(built: int,
+                                            given: tuple[int, int]) -> None:
+    """UNet, classifier and upsampler name the size they were built for;
+    at that size they run (the attention-pooled classifier would fail on
+    any other with an obscure shape error)."""
+    models = {
+        "unet": UNetModel(built, 3, WIDTH, 6, 1, (2,), channel_mult=(1, 2)),
+        "classifier": EncoderUNetModel(built, 3, WIDTH, 4, 1, (2,),
+                                       channel_mult=(1, 2), pool="attention",
+                                       num_head_channels=32),
+        "upsampler": SuperResModel(built, 3, WIDTH, 6, 1, (2,),
+                                   channel_mult=(1, 2)),
+    }
+    t = torch.tensor([3])
+    low = torch.randn(1, 3, 4, 4)  # an upsampler's low_res: any size
+    shown = " x ".join(map(str, given))
+    message = (f"images of {shown} given to a network built for {built} x "
+               f"{built} (image_size={built})")
+    with torch.no_grad():
+        for name, model in models.items():
+            extra = (low,) if name == "upsampler" else ()
+            with pytest.raises(ValueError) as err:
+                model(torch.randn(1, 3, *given), t, *extra)
+            assert str(err.value) == message, name
+            out = model(torch.randn(1, 3, built, built), t, *extra)
+            assert out.shape[0] == 1, name
+
+
+def test_the_size_check_reads_the_resampled_axes() -> None:
+    """1-D: the one axis; 3-D: the last two (the first is not resampled)."""
+    line = UNetModel(8, 1, WIDTH, 1, 1, (), channel_mult=(1, 2), dims=1)
+    volume = UNetModel(8, 1, WIDTH, 1, 1, (), channel_mult=(1, 2), dims=3)
+    t = torch.tensor([3])
+    with torch.no_grad():
+        assert line(torch.randn(1, 1, 8), t).shape == (1, 1, 8)
+        assert volume(torch.randn(1, 1, 5, 8, 8), t).shape == (1, 1, 5, 8, 8)
+        for model, x in ((line, torch.randn(1, 1, 16)),
+                         (volume, torch.randn(1, 1, 8, 8, 16))):
+            with pytest.raises(ValueError, match="built for 8"):
+                model(x, t)
+
+
 def test_three_dimensional_unet() -> None:
     model = perturb(UNetModel(
         8, 1, WIDTH, 1, 1, (2,), channel_mult=(1, 2), dims=3, num_heads=2,
@@ -357,6 +435,17 @@ def test_ablation_switches_change_what_they_claim() -> None:
     for variant, model in models.items():
         if variant != "depth (4 blocks, 0.8x width)":
             assert model.model_channels == 128, variant
+
+
+@pytest.mark.parametrize("size", [8, 16, 32, 64])
+def test_ablations_attend_at_their_resolutions_at_any_size(size: int) -> None:
+    """attention_at is in pixels: those the image has, as factors."""
+    for variant, options in ABLATIONS.items():
+        pixels = options.get("attention_at", (16,))
+        with torch.device("meta"):
+            model = ablation_unet(variant, size, 64)
+        assert model.attention_resolutions == tuple(
+            size // r for r in pixels if r <= size), variant
 
 
 def test_unknown_ablation_is_an_error() -> None:

@@ -215,12 +215,18 @@ def _numbers(text: str) -> tuple[float, ...]:
     return tuple(int(v) if v.is_integer() else v for v in values)
 
 
-def _attention_factors(resolutions: str, image_size: int) -> tuple[int, ...]:
+def _attention_factors(resolutions: str, image_size: int,
+                       channel_mult: tuple[float, ...]) -> tuple[int, ...]:
     """Attention resolutions (e.g. "32,16,8") as down-sampling factors.
 
-    "" is no attention (the reference's parser would fail on it).
+    "" is no attention (the reference's parser would fail on it). A
+    resolution that no level has adds nothing, as in the reference, whose
+    checkpoints built so load (the parity fixtures' model: 16,8 at 64 px
+    with channel_mult 1,2,2, no level at 8 px); UNetModel refuses it.
     """
-    return tuple(image_size // int(r) for r in resolutions.split(",") if r)
+    levels = {2**level for level in range(len(channel_mult))}
+    factors = (image_size // int(r) for r in resolutions.split(",") if r)
+    return tuple(f for f in factors if f in levels)
 
 
 def _unet_options(f: Mapping[str, Any], size: int,
@@ -233,7 +239,7 @@ def _unet_options(f: Mapping[str, Any], size: int,
         "out_channels": f["in_channels"] * (2 if f["learn_sigma"] else 1),
         "num_res_blocks": f["num_res_blocks"],
         "attention_resolutions": _attention_factors(
-            f["attention_resolutions"], size
+            f["attention_resolutions"], size, channel_mult
         ),
         "dropout": f["dropout"],
         "channel_mult": channel_mult,
@@ -285,6 +291,7 @@ def classifier_from_flags(flags: str | Mapping[str, Any]) -> EncoderUNetModel:
     """The noisy-image classifier of the reference's create_classifier."""
     f = parse_flags(flags)
     size = f["image_size"]
+    channel_mult = _channel_mult(f, CHANNEL_MULT, "image_size")
     return EncoderUNetModel(
         image_size=size,
         in_channels=f["in_channels"],
@@ -292,9 +299,9 @@ def classifier_from_flags(flags: str | Mapping[str, Any]) -> EncoderUNetModel:
         out_channels=f["num_classes"],
         num_res_blocks=f["classifier_depth"],
         attention_resolutions=_attention_factors(
-            f["classifier_attention_resolutions"], size
+            f["classifier_attention_resolutions"], size, channel_mult
         ),
-        channel_mult=_channel_mult(f, CHANNEL_MULT, "image_size"),
+        channel_mult=channel_mult,
         num_head_channels=64,
         use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
         resblock_updown=f["classifier_resblock_updown"],
