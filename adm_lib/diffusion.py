@@ -138,9 +138,42 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:267
+# %% chapters/02_diffusion.py:271
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back."""
+    """A diffusion's reverse process: model output to Gaussian, and back.
+
+    Args:
+        betas: the noise schedule beta_1..beta_T, a 1-D array in (0, 1]
+            (chapter 1's get_named_beta_schedule); T = len(betas).
+        mean_type: what the model's first C channels predict, for images of
+            C channels: "eps" (the noise), "x0" (the clean image) or
+            "prev" (the posterior mean).
+        var_type: "fixed_small" (the posterior's beta-tilde_t),
+            "fixed_large" (beta_t), or learned, from the model's last C
+            channels: "learned" (log variance) or "learned_range" (v in
+            [-1, 1] between the two fixed ones). A learned variance needs a
+            model with out_channels twice the images' channels.
+        loss: "simple" (the mean's MSE), "hybrid" (MSE plus lambda_vlb
+            times T times the bound, for a learned variance) or "kl" (the
+            bound); None: hybrid for a learned variance, else simple.
+        lambda_vlb: the weight of the bound in the hybrid loss, per step.
+        dtype: the dtype of the Gaussian's arithmetic; the model's output
+            is cast to it.
+        rescale_timesteps: show the model 1000 t / T (floats), not t.
+    """
+
+    def check_output(self, output: Tensor, x: Tensor) -> None:
+        """Raise a ValueError unless output is shaped as var_type needs."""
+        channels = x.shape[1] * (2 if self.learns_variance else 1)
+        expected = (x.shape[0], channels, *x.shape[2:])
+        if output.shape != expected:
+            rule = ("twice the images' channels (mean, then variance)"
+                    if self.learns_variance else "the images' channels")
+            raise ValueError(
+                f"model output {tuple(output.shape)}, expected {expected}: "
+                f"var_type {self.var_type!r} needs a model with "
+                f"out_channels={channels}, {rule}"
+            )
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -175,11 +208,7 @@ class GaussianDiffusion(_Parameterisation):
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
-        channels = x.shape[1] * (2 if self.learns_variance else 1)
-        expected = (x.shape[0], channels, *x.shape[2:])
-        if output.shape != expected:
-            raise ValueError(f"model output {tuple(output.shape)}, expected "
-                             f"{expected} for var_type {self.var_type!r}")
+        self.check_output(output, x)
         # The maths runs in self.dtype: half-precision outputs are upcast.
         output = output.to(self.dtype)
         mean_out, var_out = output[:, : x.shape[1]], output[:, x.shape[1]:]
@@ -197,7 +226,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:368
+# %% chapters/02_diffusion.py:401
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -220,7 +249,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:399
+# %% chapters/02_diffusion.py:432
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -245,7 +274,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:429
+# %% chapters/02_diffusion.py:462
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -274,7 +303,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:486
+# %% chapters/02_diffusion.py:519
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -308,7 +337,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:540
+# %% chapters/02_diffusion.py:573
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -352,7 +381,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:618
+# %% chapters/02_diffusion.py:651
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -366,6 +395,9 @@ def training_losses(
         noise = torch.randn_like(x_start)
     x_t = diffusion.q_sample(x_start, t, noise)
     output = model(x_t, diffusion.model_timesteps(t), **(model_kwargs or {}))
+    # Else a fixed variance's loss would read a learned one's output, and
+    # ignore half of it.
+    diffusion.check_output(output, x_t)
     if diffusion.loss == "kl":
         p = diffusion.p_mean_variance_from_output(output, x_t, t, False)
         vb = vb_terms_bpd(diffusion, p, x_start, x_t, t)
@@ -389,7 +421,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:691
+# %% chapters/02_diffusion.py:727
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -413,7 +445,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:722
+# %% chapters/02_diffusion.py:758
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -454,7 +486,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:816
+# %% chapters/02_diffusion.py:852
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -485,9 +517,16 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:855
+# %% chapters/02_diffusion.py:891
 class SpacedDiffusion(GaussianDiffusion):
-    """A diffusion on a subset of a base's steps; the model sees the base's."""
+    """A diffusion on a subset of a base's steps; the model sees the base's.
+
+    Args:
+        base: the diffusion whose steps are kept; its other options carry
+            over.
+        timesteps: the steps to keep, in [0, base.num_timesteps) (see
+            space_timesteps); the shorter process's T is their number.
+    """
 
     def __init__(self, base: GaussianDiffusion, timesteps: list[int]) -> None:
         kept = sorted(set(timesteps))
@@ -518,7 +557,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:940
+# %% chapters/02_diffusion.py:983
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -558,7 +597,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:986
+# %% chapters/02_diffusion.py:1029
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -589,7 +628,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1025
+# %% chapters/02_diffusion.py:1068
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -639,7 +678,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1088
+# %% chapters/02_diffusion.py:1131
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -691,7 +730,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1146
+# %% chapters/02_diffusion.py:1189
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

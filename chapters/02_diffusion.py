@@ -261,12 +261,49 @@ class _Parameterisation(ForwardProcess):
 # diffusion also carries the training objective (`loss`, section 2.3), so that
 # a saved configuration rebuilds all of it. The model's output is cast to
 # chapter 1's `dtype` (float32 by default), so a network run in half precision
-# still gets its Gaussian in float32.
+# still gets its Gaussian in float32. Before anything reads it, `check_output`
+# refuses an output of other than $2C$ channels with a learned variance ($C$
+# with a fixed one), naming the `out_channels` the model must be built with;
+# the training loss calls it too, where a fixed variance's MSE would
+# otherwise read the first $C$ of $2C$ channels without a word.
 
 # %%
 #| export
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back."""
+    """A diffusion's reverse process: model output to Gaussian, and back.
+
+    Args:
+        betas: the noise schedule beta_1..beta_T, a 1-D array in (0, 1]
+            (chapter 1's get_named_beta_schedule); T = len(betas).
+        mean_type: what the model's first C channels predict, for images of
+            C channels: "eps" (the noise), "x0" (the clean image) or
+            "prev" (the posterior mean).
+        var_type: "fixed_small" (the posterior's beta-tilde_t),
+            "fixed_large" (beta_t), or learned, from the model's last C
+            channels: "learned" (log variance) or "learned_range" (v in
+            [-1, 1] between the two fixed ones). A learned variance needs a
+            model with out_channels twice the images' channels.
+        loss: "simple" (the mean's MSE), "hybrid" (MSE plus lambda_vlb
+            times T times the bound, for a learned variance) or "kl" (the
+            bound); None: hybrid for a learned variance, else simple.
+        lambda_vlb: the weight of the bound in the hybrid loss, per step.
+        dtype: the dtype of the Gaussian's arithmetic; the model's output
+            is cast to it.
+        rescale_timesteps: show the model 1000 t / T (floats), not t.
+    """
+
+    def check_output(self, output: Tensor, x: Tensor) -> None:
+        """Raise a ValueError unless output is shaped as var_type needs."""
+        channels = x.shape[1] * (2 if self.learns_variance else 1)
+        expected = (x.shape[0], channels, *x.shape[2:])
+        if output.shape != expected:
+            rule = ("twice the images' channels (mean, then variance)"
+                    if self.learns_variance else "the images' channels")
+            raise ValueError(
+                f"model output {tuple(output.shape)}, expected {expected}: "
+                f"var_type {self.var_type!r} needs a model with "
+                f"out_channels={channels}, {rule}"
+            )
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -301,11 +338,7 @@ class GaussianDiffusion(_Parameterisation):
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
-        channels = x.shape[1] * (2 if self.learns_variance else 1)
-        expected = (x.shape[0], channels, *x.shape[2:])
-        if output.shape != expected:
-            raise ValueError(f"model output {tuple(output.shape)}, expected "
-                             f"{expected} for var_type {self.var_type!r}")
+        self.check_output(output, x)
         # The maths runs in self.dtype: half-precision outputs are upcast.
         output = output.to(self.dtype)
         mean_out, var_out = output[:, : x.shape[1]], output[:, x.shape[1]:]
@@ -629,6 +662,9 @@ def training_losses(
         noise = torch.randn_like(x_start)
     x_t = diffusion.q_sample(x_start, t, noise)
     output = model(x_t, diffusion.model_timesteps(t), **(model_kwargs or {}))
+    # Else a fixed variance's loss would read a learned one's output, and
+    # ignore half of it.
+    diffusion.check_output(output, x_t)
     if diffusion.loss == "kl":
         p = diffusion.p_mean_variance_from_output(output, x_t, t, False)
         vb = vb_terms_bpd(diffusion, p, x_start, x_t, t)
@@ -854,7 +890,14 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
 # %%
 #| export
 class SpacedDiffusion(GaussianDiffusion):
-    """A diffusion on a subset of a base's steps; the model sees the base's."""
+    """A diffusion on a subset of a base's steps; the model sees the base's.
+
+    Args:
+        base: the diffusion whose steps are kept; its other options carry
+            over.
+        timesteps: the steps to keep, in [0, base.num_timesteps) (see
+            space_timesteps); the shorter process's T is their number.
+    """
 
     def __init__(self, base: GaussianDiffusion, timesteps: list[int]) -> None:
         kept = sorted(set(timesteps))

@@ -107,6 +107,36 @@ def test_configuration_errors_name_the_option() -> None:
         diffusion.p_mean_variance_from_output(x, x, torch.tensor([1, 2]))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(("var_type", "loss"), [
+    ("fixed_small", "simple"), ("fixed_large", "kl"),
+    ("learned", "hybrid"), ("learned_range", "hybrid"),
+    ("learned_range", "kl")])
+def test_a_model_of_the_wrong_output_channels_is_refused_by_name(
+        channels: int, var_type: str, loss: str) -> None:
+    """Training and sampling both refuse any output but C channels for a
+    fixed variance and 2C for a learned one, naming out_channels; the
+    fixed variance's MSE used to read the first C of 2C in silence."""
+    diffusion = GaussianDiffusion(BETAS, var_type=var_type, loss=loss)
+    need = channels * (2 if diffusion.learns_variance else 1)
+    x, t = torch.rand(2, channels, 4, 4) * 2 - 1, torch.tensor([1, 50])
+    for out in (channels, 2 * channels, 3 * channels):
+        model = TinyModel(channels, out)
+        if out == need:
+            training_losses(diffusion, model, x, t)
+            p_sample_loop(respace(diffusion, "2"), model, x)
+            continue
+        message = (f"model output (2, {out}, 4, 4), expected (2, {need}, 4, "
+                   f"4): var_type '{var_type}' needs a model with "
+                   f"out_channels={need}, ")
+        with pytest.raises(ValueError) as trained:
+            training_losses(diffusion, model, x, t)
+        with pytest.raises(ValueError) as sampled:
+            p_sample_loop(respace(diffusion, "2"), model, x)
+        for err in (trained, sampled):
+            assert str(err.value).startswith(message), out
+
+
 def test_hybrid_weight_is_lambda_times_t() -> None:
     diffusion = GaussianDiffusion(get_named_beta_schedule("linear", 4000))
     model = TinyModel()
