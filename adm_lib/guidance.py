@@ -62,7 +62,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:343
+# %% chapters/06_guidance.py:344
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -73,30 +73,28 @@ def ignore_labels(model: Model) -> Model:
 
 def guided_sample(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    labels: Tensor | None = None, sampler: str = "ddpm",
-    cond_fn: CondFn | None = None, guide_at_mean: bool = False,
-    eta: float = 0.0, progress: bool = False,
+    sampler: str = "ddpm", cond_fn: CondFn | None = None,
+    guide_at_mean: bool = False, eta: float = 0.0, progress: bool = False,
     callback: Callable[[dict[str, Tensor]], None] | None = None,
     noise_fn: NoiseFn = torch.randn_like,
     model_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
 
-    `noise_fn(x)` gives each step's noise (chapter 2's loops);
-    `model_kwargs` go to the model besides the labels (an upsampler's
-    `low_res`, chapter 7).
+    `model_kwargs` go to the model and to `cond_fn`, as in chapter 2's
+    loops: the labels as `y`, an upsampler's `low_res` (chapter 7);
+    `noise_fn(x)` gives each step's noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
                          f"not {sampler!r}")
-    if cond_fn is not None and labels is None:
-        raise ValueError("guidance needs labels: pass `labels`")
+    kwargs = model_kwargs or {}
+    if cond_fn is not None and kwargs.get("y") is None:
+        raise ValueError("guidance needs labels: pass model_kwargs="
+                         "{'y': labels}")
     if guide_at_mean and sampler != "ddpm":
         raise ValueError("guide_at_mean applies to ancestral sampling "
                          "(Algorithm 1, sampler='ddpm') only")
-    kwargs = dict(model_kwargs or {})
-    if labels is not None:
-        kwargs["y"] = labels
     if sampler == "ddpm":
         return p_sample_loop(diffusion, model, noise, progress, callback,
                              noise_fn=noise_fn, model_kwargs=kwargs,
@@ -106,7 +104,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:399
+# %% chapters/06_guidance.py:398
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The seed of the noise stream of sample `index` under `seed`.
 
@@ -143,7 +141,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:444
+# %% chapters/06_guidance.py:443
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -175,10 +173,11 @@ def sample_batches(
         rows = range(start, min(start + batch_size, count))
         noise_fn = sample_noise(seed, rows, device, stream)
         x_T = noise_fn(torch.empty((len(rows), *shape), device=device))
-        y = None if labels is None else labels[start:rows.stop].to(device)
         kwargs = {k: v[start:rows.stop].to(device)
                   for k, v in model_kwargs.items()}
-        x = guided_sample(diffusion, model, x_T, y, noise_fn=noise_fn,
+        if labels is not None:
+            kwargs["y"] = labels[start:rows.stop].to(device)
+        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))

@@ -335,7 +335,8 @@ else:
 # `guided_sample` runs one batch from noise to images with Algorithm 1
 # (`sampler="ddpm"`) or Algorithm 2 (`"ddim"`), on whatever respaced
 # diffusion it is given (chapter 2's `respace`: `"250"`, `"ddim25"`...).
-# Labels go to the model as `y` and to the conditioning function. The
+# It takes the labels as chapter 2's loops do, in `model_kwargs={"y":
+# labels}`, which reach the model and the conditioning function. The
 # paper guides unconditional models too; `ignore_labels` wraps such a
 # model so that it takes, and ignores, the labels the classifier needs.
 
@@ -351,30 +352,28 @@ def ignore_labels(model: Model) -> Model:
 
 def guided_sample(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    labels: Tensor | None = None, sampler: str = "ddpm",
-    cond_fn: CondFn | None = None, guide_at_mean: bool = False,
-    eta: float = 0.0, progress: bool = False,
+    sampler: str = "ddpm", cond_fn: CondFn | None = None,
+    guide_at_mean: bool = False, eta: float = 0.0, progress: bool = False,
     callback: Callable[[dict[str, Tensor]], None] | None = None,
     noise_fn: NoiseFn = torch.randn_like,
     model_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
 
-    `noise_fn(x)` gives each step's noise (chapter 2's loops);
-    `model_kwargs` go to the model besides the labels (an upsampler's
-    `low_res`, chapter 7).
+    `model_kwargs` go to the model and to `cond_fn`, as in chapter 2's
+    loops: the labels as `y`, an upsampler's `low_res` (chapter 7);
+    `noise_fn(x)` gives each step's noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
                          f"not {sampler!r}")
-    if cond_fn is not None and labels is None:
-        raise ValueError("guidance needs labels: pass `labels`")
+    kwargs = model_kwargs or {}
+    if cond_fn is not None and kwargs.get("y") is None:
+        raise ValueError("guidance needs labels: pass model_kwargs="
+                         "{'y': labels}")
     if guide_at_mean and sampler != "ddpm":
         raise ValueError("guide_at_mean applies to ancestral sampling "
                          "(Algorithm 1, sampler='ddpm') only")
-    kwargs = dict(model_kwargs or {})
-    if labels is not None:
-        kwargs["y"] = labels
     if sampler == "ddpm":
         return p_sample_loop(diffusion, model, noise, progress, callback,
                              noise_fn=noise_fn, model_kwargs=kwargs,
@@ -473,10 +472,11 @@ def sample_batches(
         rows = range(start, min(start + batch_size, count))
         noise_fn = sample_noise(seed, rows, device, stream)
         x_T = noise_fn(torch.empty((len(rows), *shape), device=device))
-        y = None if labels is None else labels[start:rows.stop].to(device)
         kwargs = {k: v[start:rows.stop].to(device)
                   for k, v in model_kwargs.items()}
-        x = guided_sample(diffusion, model, x_T, y, noise_fn=noise_fn,
+        if labels is not None:
+            kwargs["y"] = labels[start:rows.stop].to(device)
+        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))

@@ -23,7 +23,14 @@ from adm_lib import config as cf
 from adm_lib import guidance as gu
 from adm_lib import objectives as ob
 from adm_lib import train as tr
-from adm_lib.diffusion import GaussianDiffusion, UniformSampler, p_sample, respace
+from adm_lib.diffusion import (
+    GaussianDiffusion,
+    UniformSampler,
+    ddim_sample_loop,
+    p_sample,
+    p_sample_loop,
+    respace,
+)
 from adm_lib.forward import get_named_beta_schedule
 from adm_lib.guidance import (
     classifier_cond_fn,
@@ -186,11 +193,42 @@ def test_guided_sample_refuses_what_cannot_work(
     hook = classifier_cond_fn(ck.load_run(runs["classifier"]).model, 1.0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         guided_sample(spaced, run.model, noise, sampler="euler")
-    with pytest.raises(ValueError, match="guidance needs labels"):
-        guided_sample(spaced, run.model, noise, cond_fn=hook)
+    for kwargs in (None, {}, {"y": None}):
+        with pytest.raises(ValueError, match=r"guidance needs labels: pass "
+                           r"model_kwargs=\{'y': labels\}"):
+            guided_sample(spaced, run.model, noise, cond_fn=hook,
+                          model_kwargs=kwargs)
     with pytest.raises(ValueError, match="ancestral sampling"):
-        guided_sample(spaced, run.model, noise, torch.tensor([1]),
-                      sampler="ddim", cond_fn=hook, guide_at_mean=True)
+        guided_sample(spaced, run.model, noise, sampler="ddim", cond_fn=hook,
+                      guide_at_mean=True, model_kwargs={"y": torch.tensor([1])})
+
+
+@pytest.mark.parametrize(("sampler", "loop", "options"), [
+    ("ddpm", p_sample_loop, {}), ("ddpm", p_sample_loop,
+                                  {"guide_at_mean": True}),
+    ("ddim", ddim_sample_loop, {}), ("ddim", ddim_sample_loop, {"eta": 0.5}),
+])
+def test_guided_sample_takes_labels_as_the_samplers_do(
+        sampler: str, loop: Any, options: dict[str, Any]) -> None:
+    """One way to pass labels: model_kwargs={"y": ...}, to guided_sample
+    as to chapter 2's loops, with the same samples from the same noise."""
+    model, classifier = tiny_unet(num_classes=4), small_classifier()
+    hook = classifier_cond_fn(classifier, 2.0)
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("cosine",
+                                                               100)), "3")
+    y = torch.tensor([0, 3, 1])
+    x_T = torch.randn(3, 1, 8, 8)
+    drawn = []
+    for sample in (guided_sample, loop):
+        torch.manual_seed(1)
+        kwargs = {"sampler": sampler} if sample is guided_sample else {}
+        drawn.append(sample(spaced, model, x_T, cond_fn=hook,
+                            model_kwargs={"y": y}, **kwargs, **options))
+    assert torch.equal(*drawn)
+    torch.manual_seed(1)
+    other = guided_sample(spaced, model, x_T, sampler, cond_fn=hook,
+                          model_kwargs={"y": y.flip(0)}, **options)
+    assert not torch.equal(other, drawn[0])  # the labels are used
 
 
 def test_sample_batches_do_not_depend_on_the_batch_size(
@@ -211,12 +249,13 @@ def test_sample_batches_do_not_depend_on_the_batch_size(
     assert not np.array_equal(whole, other)
 
 
-def tiny_unet() -> UNetModel:
+def tiny_unet(num_classes: int | None = None) -> UNetModel:
     """A random 8x8 UNet with a learned variance, its output perturbed."""
     torch.manual_seed(0)
     model = UNetModel(image_size=8, in_channels=1, model_channels=32,
                       out_channels=2, num_res_blocks=1,
-                      attention_resolutions=(), channel_mult=(1,)).eval()
+                      attention_resolutions=(), channel_mult=(1,),
+                      num_classes=num_classes).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -472,8 +511,8 @@ def test_adm_sample_loads_the_reference_checkpoints(
     noise_fn = sample_noise(0, range(2))  # --seed 0
     x_T = noise_fn(torch.empty(2, 3, 64, 64))
     expected = to_uint8(guided_sample(
-        spaced, model, x_T, torch.tensor([5, 900]), "ddim",
-        classifier_cond_fn(classifier, 3.0), noise_fn=noise_fn))
+        spaced, model, x_T, "ddim", classifier_cond_fn(classifier, 3.0),
+        noise_fn=noise_fn, model_kwargs={"y": torch.tensor([5, 900])}))
     with np.load(out) as batch:
         assert np.array_equal(batch["arr_0"], expected)
         assert batch["arr_1"].tolist() == [5, 900]
