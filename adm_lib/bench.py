@@ -36,7 +36,7 @@ from adm_lib.config import (
     model_flags,
     validate,
 )
-from adm_lib.diffusion import respace
+from adm_lib.diffusion import respace, space_timesteps
 from adm_lib.guidance import sample_batches
 from adm_lib.ranks import Ranks
 from adm_lib.train import TrainState, fast_backends, resolve_precision, train_step
@@ -267,11 +267,23 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
     needs a larger batch to fill.
     """
     batch = config.batch_size
-    sample_batch = sample_batch or batch
-    if min(batch, sample_batch, rounds) < 1 or warmup < 0:
-        raise BenchError(f"batch {batch}, sample batch {sample_batch}, "
-                         f"rounds {rounds} and warmup {warmup} must be "
-                         "positive (warmup may be 0)")
+    sample_batch = batch if sample_batch is None else sample_batch
+    # Each is checked before the model is built: nothing waits on a typo.
+    for flag, value, least in (("--rounds", rounds, 1),
+                               ("--warmup", warmup, 0),
+                               ("--sample-batch", sample_batch, 1)):
+        if value < least:
+            raise BenchError(f"{flag} {value}: expected a whole number "
+                             f">= {least}")
+    try:
+        kept = (space_timesteps(config.diffusion_steps, sample_steps)
+                if sample_steps else range(config.diffusion_steps))
+    except ValueError as err:
+        raise BenchError(f"--sample-steps {sample_steps!r}: {err}") from None
+    if not kept:
+        raise BenchError(f"--sample-steps {sample_steps!r} keeps no step; "
+                         "expected a count such as 25, or ddim25")
+    nfe = len(kept)
     device = torch.device(config.device)
     ours = Ours(config, device)
     impls: dict[str, Any] = {"adm_lib": ours}
@@ -285,7 +297,6 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
     y, y_sample = (torch.randint(0, max(config.num_classes, 1), (n,),
                                  generator=generator)
                    for n in (batch, sample_batch))
-    nfe = len(respace(ours.diffusion, sample_steps).timestep_map)
     workloads = {
         "train": (lambda impl: impl.train_step(pixels, y), batch),
         "sample": (lambda impl: impl.sample(y_sample, sample_steps),

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from adm_lib import book as bk
+from adm_lib.values import SEED_LIMIT, coerce
 
 
 class CommandError(Exception):
@@ -40,16 +45,29 @@ def _book_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, "
-                                          f"got {text!r}")
-    return value
+def _whole(least: int | None = None,
+           limit: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number, least <= n < limit if given.
+
+    Read as `--set` reads one (`values.coerce`), so 1e5 is 100000 here too.
+    """
+    def whole(text: str) -> int:
+        try:
+            value = coerce(text, 0)
+        except ValueError:
+            value = None
+        if value is None or (least is not None and value < least) or (
+                limit is not None and value >= limit):
+            bounds = (f" from {least} to {limit - 1}" if limit is not None
+                      else f" >= {least}" if least is not None else "")
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number{bounds}, got {text!r}")
+        return value
+    return whole
+
+
+_positive_int = _whole(1)
+_seed = _whole(0, SEED_LIMIT)
 
 
 def _book_run(args: argparse.Namespace) -> int:
@@ -152,10 +170,35 @@ def _device(name: str) -> str:
         raise CommandError(f"--device: {err}") from None
 
 
+def _check_json(path: Path | None) -> None:
+    """--json's file can be written: checked before the work, not after."""
+    from adm_lib import sampling
+
+    if path is not None:
+        try:
+            sampling.check_writable(path, "--json")
+        except sampling.SampleError as err:
+            raise CommandError(str(err)) from None
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write --json's file whole or not at all; say where it went."""
+    from adm_lib.checkpoints import write_atomic
+    from adm_lib.config import TrainError
+
+    text = json.dumps(report, indent=1) + "\n"
+    try:
+        write_atomic(path, lambda f: f.write(text.encode()))
+    except TrainError as err:  # a disk filled up during the work
+        raise CommandError(f"--json: {err}") from None
+    print(f"wrote {path}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from adm_lib import bench
 
     device = _device(args.device)
+    _check_json(args.json)
     try:
         overrides = dict(args.set)
         if args.batch is not None:
@@ -170,8 +213,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     print(bench.format_report(args.model, report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, report)
     return 0
 
 
@@ -179,6 +221,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from adm_lib import metrics
 
     device = _device(args.device)
+    _check_json(args.json)
     try:
         scores = metrics.evaluate(
             args.ref, args.samples, args.features, args.weights,
@@ -187,8 +230,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     print(metrics.format_scores(scores))
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, scores)
     return 0
 
 
@@ -247,64 +289,65 @@ def _sample(args: argparse.Namespace) -> int:
     sampler = args.sampler or "ddpm"
     count = 16 if args.num_samples is None else args.num_samples
     up_sampler = args.upsampler_sampler or "ddpm"
-    low_out = None
+    cascade = args.model is not None and args.upsampler is not None
     try:
-        # Every option is checked before a model loads or a step runs.
+        # Every option, and every file to write, is checked before a model
+        # loads or a step runs.
         sampling.check_options(
             args.classifier, classifier_scale=scale,
             cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
             guide_at_mean=args.guide_at == "mean",
             num_samples=count, labels=args.labels,
-            batch_size=args.batch_size)
-        sampling.check_out(args.out, args.grid_columns)
-        if args.model is not None and args.upsampler is not None:
-            low_out = args.out.with_name(f"{args.out.stem}_low_res.npz")
-            sampling.check_out(low_out)
-        model = classifier = upsampler = None
-        if args.model is not None:
-            model = sampling.load_network(args.model, "diffusion",
-                                          args.model_flags, args.weights,
-                                          device)
-        if args.classifier:
-            classifier = sampling.load_network(
-                args.classifier, "classifier", args.classifier_flags,
-                args.weights, device)
-        if args.upsampler:
-            upsampler = sampling.load_network(
-                args.upsampler, "upsampler", args.upsampler_flags,
-                args.weights, device)
-        options = dict(
-            batch_size=args.batch_size, device=device, seed=args.seed,
-            progress=not args.quiet, precision=args.precision)
-        base = dict(
-            classifier_scale=scale, cfg_scale=args.cfg_scale,
-            sampler=sampler, respacing=args.respacing, eta=args.eta,
-            guide_at_mean=args.guide_at == "mean", num_samples=count,
-            labels=args.labels)
-        upsampling = dict(
-            upsampler_sampler=up_sampler,
-            upsampler_respacing=args.upsampler_respacing,
-            low_res_t=args.low_res_t)
-        low = None
-        if model is None:
-            images, labels = sampling.upsample_files(
-                upsampler, args.low_res, labels=args.labels, eta=args.eta,
-                **upsampling, **options)
-        elif upsampler is None:
-            images, labels = sampling.sample(model, classifier, **base,
-                                             **options)
-        else:
-            low, images, labels = sampling.sample_cascade(
-                model, upsampler, classifier, **base, **upsampling,
-                **options)
-        columns = args.grid_columns
-        if columns is None and args.labels not in (None, "random"):
-            columns = len(args.labels.split(","))
-        if low is not None:
-            low_batch, low_grid = sampling.write_samples(
-                low_out, low, labels, columns)
-        batch, grid = sampling.write_samples(args.out, images, labels,
-                                             columns)
+            batch_size=args.batch_size, seed=args.seed)
+        sampling.check_out(args.out, args.grid_columns, cascade)
+        with sampling.lock_out(args.out):
+            model = classifier = upsampler = None
+            if args.model is not None:
+                model = sampling.load_network(args.model, "diffusion",
+                                              args.model_flags, args.weights,
+                                              device)
+            if args.classifier:
+                classifier = sampling.load_network(
+                    args.classifier, "classifier", args.classifier_flags,
+                    args.weights, device)
+            if args.upsampler:
+                upsampler = sampling.load_network(
+                    args.upsampler, "upsampler", args.upsampler_flags,
+                    args.weights, device)
+            options = dict(
+                batch_size=args.batch_size, device=device, seed=args.seed,
+                progress=not args.quiet, precision=args.precision)
+            base = dict(
+                classifier_scale=scale, cfg_scale=args.cfg_scale,
+                sampler=sampler, respacing=args.respacing, eta=args.eta,
+                guide_at_mean=args.guide_at == "mean", num_samples=count,
+                labels=args.labels)
+            upsampling = dict(
+                upsampler_sampler=up_sampler,
+                upsampler_respacing=args.upsampler_respacing,
+                low_res_t=args.low_res_t)
+            low = None
+            if model is None:
+                images, labels = sampling.upsample_files(
+                    upsampler, args.low_res, labels=args.labels,
+                    eta=args.eta, **upsampling, **options)
+            elif upsampler is None:
+                images, labels = sampling.sample(model, classifier, **base,
+                                                 **options)
+            else:
+                low, images, labels = sampling.sample_cascade(
+                    model, upsampler, classifier, **base, **upsampling,
+                    **options)
+            columns = args.grid_columns
+            if columns is None and args.labels not in (None, "random"):
+                columns = len(args.labels.split(","))
+            # The final samples first: the most work, and what was asked.
+            batch, grid = sampling.write_samples(args.out, images, labels,
+                                                 columns)
+            if low is not None:
+                low_batch, low_grid = sampling.write_samples(
+                    sampling.sample_outputs(args.out, cascade)[2], low,
+                    labels, columns)
     except (sampling.SampleError, OSError) as err:
         raise CommandError(str(err)) from None
     if model:
@@ -359,11 +402,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEVICE_HELP = "auto: a GPU if there is one, else the CPU (default auto)"
+
+
+def _version() -> str:
+    """The installed adm-book's version, from its package metadata."""
+    try:
+        return importlib.metadata.version("adm-book")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout
+        return "(not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `adm` command."""
     parser = argparse.ArgumentParser(
         prog="adm", description="adm-book: the ADM textbook and its library."
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     book = commands.add_parser(
         "book", help="export, check, run and build the chapters")
@@ -420,13 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
                        help="run folder: config, checkpoints, metrics, samples")
     train.add_argument("--data", metavar="PATH_OR_NAME",
-                       help="data set: mnist5k (embedded), a folder, .zip or .npz")
+                       help="data set: mnist5k (embedded), a folder, .zip or "
+                       ".npz (default: the preset's, mnist5k)")
     train.add_argument("--preset", metavar="NAME",
                        help="named configuration (default mnist); e.g. cifar10, "
                        "imagenet64, imagenet64-256")
     train.add_argument("--set", type=_setting, action="append", default=[],
-                       metavar="KEY=VALUE", help="override a setting (repeatable)")
-    train.add_argument("--steps", type=int, help="train until this step")
+                       metavar="KEY=VALUE", help="override a setting "
+                       "(repeatable; default: the preset's settings)")
+    train.add_argument("--steps", type=_whole(0),
+                       help="train until this step (default: the preset's)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run folder's newest valid checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -442,14 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("samples", type=Path, help="sample batch (.npz)")
     evaluate.add_argument(
         "--features", default="inception", choices=("inception", "mnist", "cifar10"),
-        help="Inception-v3 (needs its weights file), or a data-set classifier")
+        help="Inception-v3 (needs its weights file), or a data-set classifier "
+        "(default %(default)s)")
     evaluate.add_argument("--weights", type=Path,
                           help="Inception weights file (default: "
                           "$ADM_INCEPTION_WEIGHTS, then the torch hub cache)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--device", default="auto",
-                          help="auto: a GPU if there is one, else the CPU")
-    evaluate.add_argument("--json", type=Path, help="also write the scores here")
+    evaluate.add_argument("--batch-size", type=_whole(), default=64, metavar="N",
+                          help="images per forward pass (default "
+                          "%(default)s)")
+    evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    evaluate.add_argument("--json", type=Path, metavar="PATH",
+                          help="also write the scores here (default: not "
+                          "written)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
@@ -470,22 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
                         " (none with --low-res)")
     sample.add_argument("--model-flags", metavar="FLAGS",
                         help="the reference's flags of a released checkpoint,"
-                        " e.g. \"--image_size 64 --class_cond True ...\"")
+                        " e.g. \"--image_size 64 --class_cond True ...\" "
+                        "(default: none, MODEL is an adm train run)")
     sample.add_argument("--weights", default="ema",
                         help="of adm train runs: ema (default), model, or an "
                         "EMA rate such as 0.9999")
     sample.add_argument("--classifier", type=Path, metavar="PATH",
-                        help="noisy classifier: run folder or checkpoint")
+                        help="noisy classifier: run folder or checkpoint "
+                        "(default: none, no classifier guidance)")
     sample.add_argument("--classifier-flags", metavar="FLAGS",
-                        help="the reference's flags of a released classifier")
+                        help="the reference's flags of a released classifier"
+                        " (default: none, an adm train run)")
     sample.add_argument("--classifier-scale", type=float, metavar="S",
                         help="guidance scale s (default 1)")
     sample.add_argument("--cfg-scale", type=float, default=0.0, metavar="W",
                         help="classifier-free guidance w, for a model "
                         "trained with label_dropout (default 0: none)")
     sample.add_argument("--sampler", choices=("ddpm", "ddim"),
-                        help="ancestral (Algorithm 1, the default) or DDIM "
-                        "(Algorithm 2)")
+                        help="ancestral (Algorithm 1) or DDIM (Algorithm 2) "
+                        "(default ddpm)")
     sample.add_argument("--respacing", metavar="SPEC",
                         help="steps to keep: 250, ddim25, 10,15,20 ... "
                         "(default: 250 for ddpm, ddim25 for ddim)")
@@ -494,35 +560,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples with ddim (default 0)")
     sample.add_argument("--guide-at", choices=("x_t", "mean"), default="x_t",
                         help="where Algorithm 1 takes the classifier's "
-                        "gradient (the reference: x_t)")
-    sample.add_argument("--num-samples", type=int, metavar="N",
+                        "gradient (default %(default)s, as the reference)")
+    sample.add_argument("--num-samples", type=_whole(), metavar="N",
                         help="samples to draw (default 16)")
     sample.add_argument("--labels", metavar="random|Y,Y,...",
                         help="class labels, cycled through the samples "
                         "(default random; with --low-res, the images' own)")
     sample.add_argument("--upsampler", type=Path, metavar="PATH",
                         help="upsampler (run folder or checkpoint) to "
-                        "upsample the samples, or the --low-res images")
+                        "upsample the samples, or the --low-res images "
+                        "(default: none)")
     sample.add_argument("--upsampler-flags", metavar="FLAGS",
                         help="the reference's flags of a released upsampler"
-                        " (--large_size, --small_size ...)")
+                        " (--large_size, --small_size ...; default: none, "
+                        "an adm train run)")
     sample.add_argument("--upsampler-sampler", choices=("ddpm", "ddim"),
                         help="the upsampler's sampler (default ddpm)")
     sample.add_argument("--upsampler-respacing", metavar="SPEC",
                         help="the upsampler's steps (default: 250 for "
                         "ddpm, ddim25 for ddim)")
-    sample.add_argument("--low-res-t", type=int, metavar="S",
+    sample.add_argument("--low-res-t", type=_whole(), metavar="S",
                         help="step the upsampler's inputs are noised to, "
                         "for one trained with low_res_noise (default: "
                         "half of it; 0: none)")
     sample.add_argument("--low-res", type=Path, metavar="NPZ|FOLDER",
                         help="upsample these images (a batch .npz with "
                         "optional labels, or a folder of images, labelled "
-                        "by class sub-folders) instead of a MODEL's")
-    sample.add_argument("--batch-size", type=int, default=64)
-    sample.add_argument("--device", default="auto",
-                        help="auto: a GPU if there is one, else the CPU")
-    sample.add_argument("--seed", type=int, default=0)
+                        "by class sub-folders) instead of a MODEL's "
+                        "(default: none)")
+    sample.add_argument("--batch-size", type=_whole(), default=64, metavar="N",
+                        help="samples drawn at once; they do not depend on "
+                        "it (default %(default)s)")
+    sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    sample.add_argument("--seed", type=_seed, default=0,
+                        help="seed of the noise and of random labels, 0 to "
+                        f"{SEED_LIMIT - 1} (default %(default)s)")
     sample.add_argument("--precision", choices=("auto", "fp32", "bf16",
                                                 "fp16"), default="auto",
                         help="the network's: auto (default) is bf16 where "
@@ -531,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="batch file (default samples.npz); the grid "
                         "goes beside it as .png, a cascade's base samples "
                         "as OUT_low_res.npz")
-    sample.add_argument("--grid-columns", type=int, metavar="N")
+    sample.add_argument("--grid-columns", type=_whole(), metavar="N",
+                        help="columns of the PNG grid (default: one per "
+                        "--labels class given, else a square grid)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
@@ -545,28 +619,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("model", nargs="?", default="cifar32",
                        choices=("demo", "cifar32", "imagenet64"),
-                       help="the demo's model, the 11M 32x32 one (default), "
-                       "or the released 64x64 one")
-    bench.add_argument("--batch", type=int, metavar="N",
+                       help="the demo's model, the 11M 32x32 one, or the "
+                       "released 64x64 one (default %(default)s)")
+    bench.add_argument("--batch", type=_positive_int, metavar="N",
                        help="batch size (default: the model's config)")
-    bench.add_argument("--rounds", type=int, default=5,
-                       help="timed rounds of each workload (default 5)")
-    bench.add_argument("--warmup", type=int, default=2,
-                       help="untimed rounds first (default 2)")
+    bench.add_argument("--rounds", type=_positive_int, default=5,
+                       help="timed rounds of each workload (default "
+                       "%(default)s)")
+    bench.add_argument("--warmup", type=_whole(0), default=2,
+                       help="untimed rounds first (default %(default)s)")
     bench.add_argument("--sample-steps", default="25", metavar="SPEC",
-                       help="the sampler's respacing (default 25)")
-    bench.add_argument("--sample-batch", type=int, metavar="N",
+                       help="the sampler's respacing (default %(default)s)")
+    bench.add_argument("--sample-batch", type=_positive_int, metavar="N",
                        help="images sampled at once (default: --batch)")
     bench.add_argument("--reference", type=Path, metavar="PATH",
-                       help="a local checkout of openai/guided-diffusion")
+                       help="a local checkout of openai/guided-diffusion "
+                       "(default: none, adm_lib alone)")
     bench.add_argument("--set", type=_setting, action="append", default=[],
                        metavar="KEY=VALUE", help="override a training "
-                       "setting, e.g. precision=fp32 or compile=true")
-    bench.add_argument("--device", default="auto",
-                       help="auto: a GPU if there is one, else the CPU")
+                       "setting, e.g. precision=fp32 or compile=true "
+                       "(default: the model's config)")
+    bench.add_argument("--device", default="auto", help=_DEVICE_HELP)
     bench.add_argument("--json", type=Path, metavar="PATH",
                        help="also write the report, with every round's "
-                       "seconds, as JSON")
+                       "seconds, as JSON (default: not written)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
@@ -587,38 +663,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("adm-demo"),
                       help="folder for the runs, grid and report "
                       "(default adm-demo)")
-    demo.add_argument("--steps", type=int, default=defaults.steps,
+    demo.add_argument("--steps", type=_whole(), default=defaults.steps,
                       help="diffusion training steps (default 800 on a GPU "
                       "or a CPU with native bf16, 350 on other CPUs)")
-    demo.add_argument("--batch", type=int, default=defaults.batch,
-                      help="diffusion training batch")
-    demo.add_argument("--classifier-steps", type=int,
+    demo.add_argument("--batch", type=_whole(), default=defaults.batch,
+                      help="diffusion training batch (default %(default)s)")
+    demo.add_argument("--classifier-steps", type=_whole(),
                       default=defaults.classifier_steps,
-                      help="classifier training steps")
-    demo.add_argument("--classifier-batch", type=int,
+                      help="classifier training steps (default %(default)s)")
+    demo.add_argument("--classifier-batch", type=_whole(),
                       default=defaults.classifier_batch,
-                      help="classifier training batch")
+                      help="classifier training batch (default %(default)s)")
     demo.add_argument("--scales", type=_scales, default=defaults.scales,
-                      help="guidance scales, e.g. 1,4")
-    demo.add_argument("--per-class", type=int, default=defaults.per_class,
-                      help="samples of each digit at each scale")
+                      help="guidance scales (default "
+                      f"{','.join(f'{s:g}' for s in defaults.scales)})")
+    demo.add_argument("--per-class", type=_whole(),
+                      default=defaults.per_class,
+                      help="samples of each digit at each scale (default "
+                      "%(default)s)")
     demo.add_argument("--sampler", choices=("ddim", "ddpm"),
                       default=defaults.sampler,
-                      help="DDIM (eta 0) or ancestral sampling")
+                      help="DDIM (eta 0) or ancestral sampling (default "
+                      "%(default)s)")
     demo.add_argument("--respacing", default=defaults.respacing,
-                      help="the sampler's steps (a respacing spec)")
-    demo.add_argument("--device", default="auto",
-                      help="auto: a GPU if there is one, else the CPU")
-    demo.add_argument("--seed", type=int, default=defaults.seed,
-                      help="seed of both training runs and of the samples")
+                      help="the sampler's steps, a respacing spec (default "
+                      "%(default)s)")
+    demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    demo.add_argument("--seed", type=_seed, default=defaults.seed,
+                      help="seed of both training runs and of the samples "
+                      "(default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning],
+                    filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """A library's warning as one line: what it says, not where it was."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `adm` console script."""
     args = build_parser().parse_args(argv)
+    # Formatting only: warnings still go where Python sends them (stderr,
+    # or a test's record).
+    formatted, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except (bk.BookError, CommandError) as err:
@@ -631,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adm {args.command}: {err.name} is not installed; "
               "install the book extras: pip install -e '.[book]'", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatted
 
 
 if __name__ == "__main__":

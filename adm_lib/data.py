@@ -52,6 +52,11 @@ IMAGE_EXTENSIONS = frozenset(
 )
 LABEL_MODES = ("auto", "folder", "filename", "none")
 MNIST5K_PATH = asset("mnist5k.npz")
+# Class numbers in a file (.npz arr_1, dataset.json) must lie below this. A
+# class list and a model's label embedding have a row per number up to the
+# largest, so a label of 1e9 is gigabytes before any check of the classes
+# could run; ImageNet-21k, among the largest labelled sets, has 21,841.
+MAX_CLASSES = 2**20
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
@@ -419,8 +424,11 @@ def _labels_from_json(
         ok = isinstance(entry, list) and len(entry) == 2
         if not (ok and isinstance(entry[0], str) and type(entry[1]) is int):
             raise DataError(f'{where}: labels[{k}] is not ["path", int]: {entry!r}')
-        if entry[1] < 0:
-            raise DataError(f"{where}: labels[{k}] has a negative class {entry[1]}")
+        if not 0 <= entry[1] < MAX_CLASSES:
+            raise DataError(
+                f"{where}: labels[{k}] gives {entry[0]} class {entry[1]}; "
+                f"classes are numbered 0 to {MAX_CLASSES - 1}"
+            )
         table[entry[0]] = entry[1]
     missing = [m for m in members if m not in table]
     if missing:
@@ -451,14 +459,40 @@ def _check_array_label_mode(source: str, labels: str) -> None:
         raise DataError(f"labels={labels!r} needs a folder or zip, not {source}")
 
 
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, or a DataError naming the file.
+
+    All are read here, so a file cut short or damaged anywhere fails at once,
+    with its name, rather than later, when one of its arrays is first used.
+    Nothing pickled is loaded.
+    """
+    path = Path(path)
+    npy = np.lib.format.MAGIC_PREFIX
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(npy))
+        if magic == npy:
+            raise DataError(f"cannot read {path}: it holds one array (.npy), "
+                            "not an .npz archive of named arrays")
+        if not magic.startswith(b"PK"):  # not a zip: numpy would unpickle it
+            raise DataError(f"cannot read {path}: " + (
+                "the file is empty" if not magic else
+                "not an .npz file (it is not a zip archive)"))
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except FileNotFoundError:
+        raise DataError(f"no such file: {path}") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"cannot read {path}: not a readable .npz file "
+                        f"({e})") from None
+
+
 def _load_npz(path: Path, labels: str, options: dict) -> ImageDataset:
     """An .npz with uint8 images ``arr_0`` and optional labels ``arr_1``."""
     _check_array_label_mode(str(path), labels)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in ("arr_0", "arr_1") if k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise DataError(f"cannot read .npz file {path}: {e}") from e
+    arrays = read_npz(path)
     if "arr_0" not in arrays:
         raise DataError(f"{path} has no arr_0 array of images")
     pixels, file_labels = arrays["arr_0"], arrays.get("arr_1")
@@ -472,14 +506,17 @@ def _load_npz(path: Path, labels: str, options: dict) -> ImageDataset:
         pixels = pixels[..., 0]
     label_array, classes = None, []
     if file_labels is not None and labels == "auto":
-        if (
-            file_labels.shape != (len(pixels),)
-            or file_labels.dtype.kind not in "iu"
-            or file_labels.min() < 0
-        ):
+        if file_labels.shape != (len(pixels),) or file_labels.dtype.kind not in "iu":
             raise DataError(
-                f"{path}: arr_1 must hold {len(pixels)} non-negative integer labels, "
+                f"{path}: arr_1 must hold {len(pixels)} integer labels, "
                 f"not {file_labels.dtype} {file_labels.shape}"
+            )
+        # Checked before anything is sized by the largest label.
+        bad = np.flatnonzero((file_labels < 0) | (file_labels >= MAX_CLASSES))
+        if len(bad):
+            raise DataError(
+                f"{path}: arr_1[{bad[0]}] is class {file_labels[bad[0]]}; "
+                f"classes are numbered 0 to {MAX_CLASSES - 1}"
             )
         label_array = file_labels.astype(np.int64)
         classes = [str(c) for c in range(int(label_array.max()) + 1)]

@@ -119,6 +119,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
         score_activations,
         write_batch,
     )
+    from adm_lib.sampling import step_bar
     from adm_lib.train import train
     from adm_lib.viz import to_uint8
 
@@ -164,14 +165,19 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
         f"({_sampler_text(settings)})")
     start = time.perf_counter()
     samples, batches = {}, {}
-    for scale in settings.scales:
-        hook = classifier_cond_fn(classifier.model, scale) if scale else None
-        samples[scale], _ = sample_batches(
-            spaced, model.model, count, shape, labels, 100, device,
-            settings.seed, progress, precision="auto",
-            sampler=settings.sampler, cond_fn=hook)
-        batches[scale] = write_batch(out / f"samples_scale_{scale:g}.npz",
-                                     samples[scale], labels.numpy())
+    per_scale = -(-count // 100) * spaced.num_timesteps  # batches of 100
+    with step_bar(len(settings.scales) * per_scale, progress) as counting:
+        net = counting(model.model)
+        for scale in settings.scales:
+            hook = (classifier_cond_fn(classifier.model, scale) if scale
+                    else None)
+            samples[scale], _ = sample_batches(
+                spaced, net, count, shape, labels, 100, device,
+                settings.seed, False, precision="auto",
+                sampler=settings.sampler, cond_fn=hook)
+            batches[scale] = write_batch(
+                out / f"samples_scale_{scale:g}.npz", samples[scale],
+                labels.numpy())
     timings["sample"] = time.perf_counter() - start
 
     say("[4/4] scoring the samples with the MNIST network of chapter 5")

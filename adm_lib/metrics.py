@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adm_lib.checkpoints import write_atomic
+from adm_lib.data import read_npz
 from adm_lib.datanets import load_data_set_net
 from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
@@ -87,7 +88,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:211
+# %% chapters/05_metrics.py:212
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -143,7 +144,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:309
+# %% chapters/05_metrics.py:310
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -156,7 +157,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:356
+# %% chapters/05_metrics.py:357
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -194,7 +195,7 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:400
+# %% chapters/05_metrics.py:401
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
@@ -219,7 +220,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:465
+# %% chapters/05_metrics.py:469
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -255,13 +256,8 @@ class Batch:
 def read_batch(path: str | os.PathLike) -> Batch:
     """Read a sample or reference batch (.npz with arr_0, maybe mu...)."""
     path = Path(path)
-    try:
-        data = np.load(path)
-        names = set(data.files)
-    except FileNotFoundError:
-        raise ValueError(f"no batch at {path}") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not an .npz batch ({err})") from None
+    data = read_npz(path)  # a DataError (a ValueError) names a bad file
+    names = set(data)
     if "arr_0" not in names:
         raise ValueError(f"{path} has no arr_0 (images); it has "
                          f"{', '.join(sorted(names)) or 'nothing'}")
@@ -277,7 +273,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:523
+# %% chapters/05_metrics.py:522
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -293,17 +289,25 @@ def evaluate(ref: str | os.PathLike | Batch,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
     extractor = feature_extractor(features, weights, device)  # fail fast
-    batches = []
+    batches, named = [], []
     for name, given in (("reference", ref), ("sample", samples)):
         batch = given if isinstance(given, Batch) else read_batch(given)
+        named.append(f"the {name} batch"
+                     + ("" if isinstance(given, Batch) else f" {given}"))
         if len(batch.images) < 4:
-            where = "" if isinstance(given, Batch) else f" {given}"
             raise ValueError(
-                f"the {name} batch{where} has {len(batch.images)} images; "
-                "the scores need at least 4 (precision and recall use "
-                "each image's 3rd nearest neighbour)")
+                f"{named[-1]} has {len(batch.images)} images; the scores "
+                "need at least 4 (precision and recall use each image's "
+                "3rd nearest neighbour)")
         batches.append(batch)
     ref, samples = batches
+    if ref.images.shape[-1] != samples.images.shape[-1]:
+        # Both can be scored (the features take grey or colour), but a
+        # grey batch against a colour one is more often a mistake.
+        shapes = [" x ".join(map(str, b.images.shape)) for b in batches]
+        warnings.warn(f"{named[0]} is {shapes[0]}, {named[1]} {shapes[1]}:"
+                      " the scores compare grey images with colour ones",
+                      stacklevel=2)
     ref_acts, sample_acts = (
         compute_activations(batch.images, extractor, batch_size, device,
                             progress) for batch in (ref, samples))
@@ -314,7 +318,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:566
+# %% chapters/05_metrics.py:573
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -346,7 +350,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:601
+# %% chapters/05_metrics.py:608
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))

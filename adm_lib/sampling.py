@@ -8,23 +8,26 @@ with its flags (`adm_lib.compat`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
-import zipfile
-import zlib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from adm_lib import cascade as cs
 from adm_lib.checkpoints import load_run
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import TrainError
-from adm_lib.data import DataError, load_dataset
-from adm_lib.diffusion import GaussianDiffusion, respace
+from adm_lib.data import MAX_CLASSES, DataError, load_dataset
+from adm_lib.diffusion import GaussianDiffusion, Model, respace
 from adm_lib.guidance import (
     SAMPLERS,
     CondFn,
@@ -35,6 +38,7 @@ from adm_lib.guidance import (
 )
 from adm_lib.metrics import read_batch, write_batch
 from adm_lib.runlog import save_png
+from adm_lib.values import SEED_LIMIT
 
 
 class SampleError(ValueError):
@@ -150,7 +154,8 @@ def check_options(classifier: object | None = None, *,
                   classifier_scale: float = 1.0, cfg_scale: float = 0.0,
                   sampler: str = "ddpm", eta: float = 0.0,
                   guide_at_mean: bool = False, num_samples: int = 16,
-                  labels: str | None = None, batch_size: int = 64) -> None:
+                  labels: str | None = None, batch_size: int = 64,
+                  seed: int = 0) -> None:
     """Raise SampleError naming the first option that cannot work.
 
     What `sample` takes, checked before any model is loaded; `classifier`
@@ -171,28 +176,167 @@ def check_options(classifier: object | None = None, *,
                         ("--batch-size", batch_size)):
         if value < 1:
             raise SampleError(f"{flag} {value}: expected a number >= 1")
+    if not 0 <= seed < SEED_LIMIT:
+        raise SampleError(f"--seed {seed}: expected a whole number from 0 "
+                          f"to {SEED_LIMIT - 1}")
     if guide_at_mean and (classifier is None or sampler != "ddpm"):
         raise SampleError("--guide-at mean needs a classifier and the ddpm "
                           "sampler (Algorithm 1)")
     _label_list(labels)
 
 
-def check_out(out: str | os.PathLike,
-              columns: int | None = None) -> Path:
-    """`out` as a writable .npz path, `columns` positive, or SampleError."""
+def check_writable(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a file that can be written, or SampleError naming `flag`.
+
+    For an output that is written after the work: checked before it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SampleError(f"{flag} {path} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise SampleError(f"{flag} {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SampleError(f"{flag} {path}: cannot write in {path.parent}")
+    return path
+
+
+def sample_outputs(out: str | os.PathLike,
+                   cascade: bool = False) -> list[Path]:
+    """The files of `--out`: the batch and its grid, then a cascade's base
+    samples and their grid (OUT_low_res.npz and .png)."""
+    out = Path(out)
+    low = out.with_name(f"{out.stem}_low_res.npz")
+    return [out, out.with_suffix(".png"),
+            *((low, low.with_suffix(".png")) if cascade else ())]
+
+
+def check_out(out: str | os.PathLike, columns: int | None = None,
+              cascade: bool = False) -> Path:
+    """`out` and the files beside it writable, `columns` positive, or
+    SampleError: checked before any sampling, so none is lost."""
     out = Path(out)
     if out.suffix != ".npz":
         raise SampleError(f"--out {out}: the batch file must end in .npz")
-    if out.is_dir():
-        raise SampleError(f"--out {out} is a folder; name a file in it")
-    if not out.parent.is_dir():
-        raise SampleError(f"--out {out}: no folder {out.parent}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise SampleError(f"--out {out}: cannot write in {out.parent}")
+    check_writable(out, "--out")
+    for path in sample_outputs(out, cascade)[1:]:
+        if path.is_dir():
+            raise SampleError(f"--out {out}: it writes {path} too, and "
+                              "that is a folder; move it or name another "
+                              "--out")
     if columns is not None and columns < 1:
         raise SampleError(f"--grid-columns {columns}: expected a number "
                           ">= 1")
     return out
+
+
+@contextlib.contextmanager
+def lock_out(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of `--out` while this process writes its files.
+
+    Two runs writing one --out would interleave their batches and grids;
+    the second is refused, naming the first. As chapter 4's run folder
+    lock, an flock on a hidden file beside it (.OUT.lock) that the system
+    drops when the process ends, however it ends.
+    """
+    out = Path(out)
+    path = out.with_name(f".{out.name}.lock")
+    try:
+        f = open(path, "a+")
+    except OSError as err:
+        raise SampleError(f"--out {out}: cannot create its lock {path}: "
+                          f"{err.strerror or err}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise SampleError(f"--out {out} is being written by another "
+                              f"process (pid {holder}): wait for it to end, "
+                              "or choose another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still take; None if unknown.
+
+    Linux's MemAvailable, or less under a container's (cgroup v2) limit.
+    """
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            free = left if free is None else min(free, left)
+    if free is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return free
+
+
+def check_memory(what: str, count: int, model: Loaded | None = None,
+                 upsampler: Loaded | None = None) -> None:
+    """Raise SampleError, naming `what`, if `count` samples of `model`
+    (upsampled by `upsampler`, or `upsampler`'s alone) cannot fit in memory.
+
+    They are kept in memory until written, as uint8 images with int64
+    labels; an upsampler conditions on its inputs as float32 (and a noised
+    copy); the PNG grid copies the largest images twice (the grid, and
+    PIL's image of it). More than is available is refused, not streamed.
+    """
+    images = [net.image_size ** 2 * net.in_channels
+              for net in (model, upsampler) if net is not None]
+    inputs = (2 * 4 * upsampler.small_size ** 2 * upsampler.in_channels
+              if upsampler is not None else 0)
+    per_sample = 8 + inputs + sum(images) + 2 * max(images)
+    free = available_memory()
+    if free is not None and count * per_sample > free:
+        raise SampleError(
+            f"{what}: {count} samples and their grid need about "
+            f"{count * per_sample / 1e9:,.1f} GB of memory, and "
+            f"{free / 1e9:,.1f} GB is available: refused, as samples are "
+            f"not streamed to disk; {free // per_sample} fit, so split "
+            "the work into runs of that many")
+
+
+@contextlib.contextmanager
+def step_bar(total: int, progress: bool
+              ) -> Iterator[Callable[[Model], Model]]:
+    """A bar of `total` network evaluations; yields a wrapper that moves it.
+
+    It moves every sampling step, where a bar of batches would wait a
+    whole batch (the samplers' own bars count batches).
+    """
+    bar = tqdm(total=total, unit="step", desc="sample", disable=not progress)
+
+    def counting(model: Model) -> Model:
+        def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+            out = model(*args, **kwargs)
+            bar.update()
+            return out
+        return counted
+
+    try:
+        yield counting
+    finally:
+        bar.close()
+
+
+def _evaluations(stage: cs.Stage, count: int, batch_size: int) -> int:
+    """Network calls of `stage` drawing `count` samples: one a step."""
+    steps = respace(stage.diffusion, stage.respacing).num_timesteps
+    return math.ceil(count / batch_size) * steps
 
 
 def _label_list(text: str | None) -> list[int] | None:
@@ -248,11 +392,13 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
         batch_size=batch_size, seed=seed)
     net = base.model if base.class_cond else ignore_labels(base.model)
     shape = (base.in_channels, base.image_size, base.image_size)
-    return sample_batches(respace(base.diffusion, base.respacing), net,
-                          num_samples, shape, y, batch_size, device, seed,
-                          progress, precision, sampler=sampler,
-                          cond_fn=cond_fn, guide_at_mean=guide_at_mean,
-                          eta=eta)
+    total = _evaluations(base, num_samples, batch_size)
+    with step_bar(total, progress) as counting:
+        return sample_batches(respace(base.diffusion, base.respacing),
+                              counting(net), num_samples, shape, y,
+                              batch_size, device, seed, False, precision,
+                              sampler=sampler, cond_fn=cond_fn,
+                              guide_at_mean=guide_at_mean, eta=eta)
 
 
 def _prepare_base(
@@ -265,7 +411,9 @@ def _prepare_base(
     check_options(classifier, classifier_scale=classifier_scale,
                   cfg_scale=cfg_scale, sampler=sampler, eta=eta,
                   guide_at_mean=guide_at_mean, num_samples=num_samples,
-                  labels=labels, batch_size=batch_size)
+                  labels=labels, batch_size=batch_size, seed=seed)
+    check_memory(f"--num-samples {num_samples}", num_samples, model,
+                 upsampler)
     num_classes = model.num_classes
     if classifier is not None:
         _check_pair(model, classifier)
@@ -331,12 +479,16 @@ def sample_cascade(
         batch_size=batch_size, seed=seed, upsampler=upsampler)
     up = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
     _check_level(upsampler, low_res_t)
+    total = (_evaluations(base, num_samples, batch_size)
+             + _evaluations(up, num_samples, batch_size))
     try:
-        low, high = cs.cascade(
-            base, up, num_samples, y, cond_fn=cond_fn,
-            guide_at_mean=guide_at_mean, low_res_t=low_res_t,
-            batch_size=batch_size, device=device, seed=seed,
-            progress=progress, precision=precision)
+        with step_bar(total, progress) as counting:
+            low, high = cs.cascade(
+                replace(base, model=counting(base.model)),
+                replace(up, model=counting(up.model)), num_samples, y,
+                cond_fn=cond_fn, guide_at_mean=guide_at_mean,
+                low_res_t=low_res_t, batch_size=batch_size, device=device,
+                seed=seed, progress=False, precision=precision)
     except cs.CascadeError as err:  # the stages do not fit
         raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
     return low, high, None if y is None else y.numpy()
@@ -379,9 +531,6 @@ def read_low_res(path: str | os.PathLike
         images, labels = batch.images, batch.labels
     except ValueError as err:
         raise SampleError(f"--low-res: {err}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise SampleError(f"--low-res {path}: not a readable .npz batch "
-                          f"({err})") from None
     if labels is not None:
         if (labels.ndim != 1 or len(labels) != len(images)
                 or not np.issubdtype(labels.dtype, np.integer)):
@@ -409,7 +558,12 @@ def _read_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         return images, None
     classes = data.class_names
     if all(c.isdecimal() for c in classes):  # folders 0/ 1/ ...: numbers
-        return images, np.array([int(classes[i]) for i in data.labels])
+        big = [c for c in classes if int(c) >= MAX_CLASSES]
+        if big:
+            raise SampleError(f"--low-res {path}: class folder {big[0]}: "
+                              f"classes are numbered 0 to {MAX_CLASSES - 1}")
+        numbers = np.array([int(c) for c in classes], np.int64)
+        return images, numbers[data.labels]
     return images, np.asarray(data.labels, np.int64)
 
 
@@ -426,7 +580,7 @@ def upsample_files(
     `labels` ("random" or class numbers cycled through) replaces the
     inputs' own labels; a class-conditional upsampler needs one or other.
     """
-    check_options(eta=eta, labels=labels, batch_size=batch_size)
+    check_options(eta=eta, labels=labels, batch_size=batch_size, seed=seed)
     if not upsampler.small_size:
         raise SampleError(f"{upsampler.source} is not an upsampler: it "
                           "takes no low-resolution images")
@@ -437,6 +591,8 @@ def upsample_files(
         cs.check_low_res(stage, images)
     except cs.CascadeError as err:
         raise SampleError(f"--low-res {low_res_path}: {err}") from None
+    check_memory(f"--low-res {low_res_path}", len(images),
+                 upsampler=upsampler)
     count, classes = len(images), upsampler.num_classes
     if labels is not None:
         y = parse_labels(labels, count, classes, seed)
@@ -456,9 +612,13 @@ def upsample_files(
                 "--labels to replace them")
         y = torch.from_numpy(found)
     try:
-        high = cs.upsample(stage, images, y, low_res_t=low_res_t,
-                           batch_size=batch_size, device=device, seed=seed,
-                           progress=progress, precision=precision)
+        with step_bar(_evaluations(stage, len(images), batch_size),
+                       progress) as counting:
+            high = cs.upsample(replace(stage, model=counting(stage.model)),
+                               images, y, low_res_t=low_res_t,
+                               batch_size=batch_size, device=device,
+                               seed=seed, progress=False,
+                               precision=precision)
     except cs.CascadeError as err:
         raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
     return high, None if y is None else y.numpy()
@@ -494,5 +654,8 @@ def write_samples(out: str | os.PathLike, images: np.ndarray,
     """The batch file (.npz) and a PNG grid beside it."""
     out = check_out(out, columns)
     columns = columns or math.ceil(math.sqrt(len(images)))
-    batch = write_batch(out, images, labels)
-    return batch, save_png(out.with_suffix(".png"), images, columns)
+    try:
+        batch = write_batch(out, images, labels)
+        return batch, save_png(out.with_suffix(".png"), images, columns)
+    except TrainError as err:  # chapter 4's atomic write: a full disk...
+        raise SampleError(f"--out {out}: {err}") from None

@@ -9,6 +9,13 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+# Seeds are whole numbers 0 <= seed < SEED_LIMIT: torch's generators take
+# 64-bit seeds, and numpy's SeedSequence (chapter 4's step_seed) takes no
+# negative ones; chapter 6's per-sample seeds are reduced modulo 2**64. One
+# range for every seed, of training (TrainConfig.seed) and of sampling
+# (--seed), so that a seed one command takes, the others take too.
+SEED_LIMIT = 2**63
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "y", "t", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "n", "f", "off"})
 
@@ -32,7 +39,12 @@ def coerce(raw: Any, default: Any) -> Any:
         try:
             if isinstance(raw, bool):
                 raise ValueError
-            number = float(raw) if isinstance(raw, str) else raw
+            number = raw
+            if isinstance(raw, str):  # int() first: float() rounds 2**63 - 1
+                try:
+                    number = int(raw)
+                except ValueError:
+                    number = float(raw)
             if isinstance(default, float):
                 return float(number)
             if isinstance(number, float) and not number.is_integer():

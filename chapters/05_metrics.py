@@ -144,6 +144,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adm_lib.checkpoints import write_atomic
+from adm_lib.data import read_npz
 from adm_lib.datanets import load_data_set_net
 from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
@@ -459,7 +460,10 @@ assert scores["twice as wide"][0] < 0.4 and scores["twice as wide"][1] > 0.95
 # class-conditional model), and its published reference batches add the
 # Inception statistics `mu`, `sigma`, `mu_s` and `sigma_s`, used as given.
 # A sampler's output in $[-1, 1]$ is converted to uint8 exactly as the
-# reference's sampling scripts do it (`viz.to_uint8`).
+# reference's sampling scripts do it (`viz.to_uint8`). A file that is not
+# such a batch (empty, cut short, not an `.npz`) is refused with its name
+# before any work. A grey batch against a colour one is scored, as the
+# features take both, but with a warning: it is more often a mistake.
 
 # %%
 #| export
@@ -498,13 +502,8 @@ class Batch:
 def read_batch(path: str | os.PathLike) -> Batch:
     """Read a sample or reference batch (.npz with arr_0, maybe mu...)."""
     path = Path(path)
-    try:
-        data = np.load(path)
-        names = set(data.files)
-    except FileNotFoundError:
-        raise ValueError(f"no batch at {path}") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not an .npz batch ({err})") from None
+    data = read_npz(path)  # a DataError (a ValueError) names a bad file
+    names = set(data)
     if "arr_0" not in names:
         raise ValueError(f"{path} has no arr_0 (images); it has "
                          f"{', '.join(sorted(names)) or 'nothing'}")
@@ -536,17 +535,25 @@ def evaluate(ref: str | os.PathLike | Batch,
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
     extractor = feature_extractor(features, weights, device)  # fail fast
-    batches = []
+    batches, named = [], []
     for name, given in (("reference", ref), ("sample", samples)):
         batch = given if isinstance(given, Batch) else read_batch(given)
+        named.append(f"the {name} batch"
+                     + ("" if isinstance(given, Batch) else f" {given}"))
         if len(batch.images) < 4:
-            where = "" if isinstance(given, Batch) else f" {given}"
             raise ValueError(
-                f"the {name} batch{where} has {len(batch.images)} images; "
-                "the scores need at least 4 (precision and recall use "
-                "each image's 3rd nearest neighbour)")
+                f"{named[-1]} has {len(batch.images)} images; the scores "
+                "need at least 4 (precision and recall use each image's "
+                "3rd nearest neighbour)")
         batches.append(batch)
     ref, samples = batches
+    if ref.images.shape[-1] != samples.images.shape[-1]:
+        # Both can be scored (the features take grey or colour), but a
+        # grey batch against a colour one is more often a mistake.
+        shapes = [" x ".join(map(str, b.images.shape)) for b in batches]
+        warnings.warn(f"{named[0]} is {shapes[0]}, {named[1]} {shapes[1]}:"
+                      " the scores compare grey images with colour ones",
+                      stacklevel=2)
     ref_acts, sample_acts = (
         compute_activations(batch.images, extractor, batch_size, device,
                             progress) for batch in (ref, samples))

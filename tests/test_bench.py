@@ -54,8 +54,69 @@ def test_run_bench_times_both_workloads():
     assert report["forward_gflop_per_image"] > 0
     assert "| train, images/s |" in bench.format_report("demo", report)
     assert report["batch"] == 3
-    with pytest.raises(bench.BenchError, match="must be positive"):
+    with pytest.raises(bench.BenchError, match="--rounds 0: expected"):
         bench.run_bench(config, rounds=0)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model fails the test: the flags come first."""
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the flags were "
+                             "checked")
+
+    monkeypatch.setattr(bench, "Ours", built)
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--sample-batch", "0", "a whole number >= 1"),
+    ("--sample-batch", "-3", "a whole number >= 1"),
+    ("--batch", "0", "a whole number >= 1"),
+    ("--rounds", "0", "a whole number >= 1"),
+    ("--rounds", "two", "a whole number >= 1"),
+    ("--warmup", "-1", "a whole number >= 0"),
+    ("--warmup", "0.5", "a whole number >= 0"),
+])
+def test_bench_flags_are_checked_by_the_parser(capsys, no_model, flag, value,
+                                               expected):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "demo", "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.splitlines()[-1].endswith(
+        f"argument {flag}: expected {expected}, got {value!r}"), err
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("abc", "is not a step count"), ("0", "keeps no step"),
+    ("0,0", "keeps no step"), ("ddim0", "cannot take exactly 0"),
+    ("5000", "cannot take 5000 steps"),
+])
+def test_sample_steps_are_checked_before_the_model_is_built(
+        capsys, no_model, value, expected):
+    code = cli.main(["bench", "demo", "--device", "cpu", "--quiet",
+                     "--sample-steps", value])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(
+        f"adm bench: --sample-steps {value!r}"), err
+    assert expected in err and err.count("\n") == 1, err
+
+
+def test_a_sample_batch_of_zero_is_not_replaced(no_model):
+    config = bench.bench_config("demo", {**TINY, "batch_size": 3}, "cpu")
+    with pytest.raises(bench.BenchError, match="--sample-batch 0"):
+        bench.run_bench(config, sample_batch=0)
+
+
+@pytest.mark.parametrize("json_path", ["absent/bench.json", "folder"])
+def test_bench_json_is_checked_before_the_work(tmp_path, capsys, no_model,
+                                               json_path):
+    (tmp_path / "folder").mkdir()
+    code = cli.main(["bench", "demo", "--device", "cpu", "--quiet",
+                     "--json", str(tmp_path / json_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(
+        f"adm bench: --json {tmp_path / json_path}"), err
+    assert err.count("\n") == 1
 
 
 def test_a_folder_that_is_not_the_reference_is_named(tmp_path, capsys):

@@ -293,7 +293,7 @@ def bad_batches(root: Path) -> dict[str, Path]:
                         "10 classes"]),
     ("labels per image", ["short.npz: arr_1 must hold one integer label per "
                           "image (2)"]),
-    ("corrupt file", ["corrupt.npz: not a readable .npz batch"]),
+    ("corrupt file", ["corrupt.npz: not a readable .npz file"]),
     ("classifier with low res", ["--classifier: guidance runs in the base "
                                  "model only"]),
     ("unaugmented level", ["--low-res-t 3:", "without conditioning "

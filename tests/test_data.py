@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adm_lib.data import DataError, ImageDataset, load_dataset
+from adm_lib.data import MAX_CLASSES, DataError, ImageDataset, load_dataset
 
 CIFAR10_TEST = Path(__file__).resolve().parents[1] / "../shared/data/cifar10/test.zip"
 
@@ -326,6 +328,62 @@ def test_npz_errors(tmp_path: Path, arrays: dict, culprit: str) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=rf"bad\.npz.*{culprit}"):
         load_dataset(tmp_path / "bad.npz")
+
+
+# Labels far too large: named before anything is sized by them (a class list of
+# 1e9 names took a minute and gigabytes before the class-count check could run).
+HUGE = [MAX_CLASSES, 10**9, 2**31, 2**63 - 1, -1, -(2**63)]
+
+
+@pytest.mark.parametrize("label", HUGE)
+def test_npz_labels_out_of_range_are_named(tmp_path: Path, label: int) -> None:
+    labels = np.array([0, 1, label, 1], np.int64)
+    np.savez(tmp_path / "big.npz", np.zeros((4, 8, 8), np.uint8), labels)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=re.escape(
+            f"big.npz: arr_1[2] is class {label}; classes are numbered 0 to "
+            f"{MAX_CLASSES - 1}")):
+        load_dataset(tmp_path / "big.npz")
+    assert time.perf_counter() - started < 1
+
+
+def test_unsigned_npz_labels_beyond_int64_are_named(tmp_path: Path) -> None:
+    labels = np.array([0, 2**64 - 1], np.uint64)  # -1 once cast to int64
+    np.savez(tmp_path / "u.npz", np.zeros((2, 8, 8), np.uint8), labels)
+    with pytest.raises(DataError, match=re.escape(f"arr_1[1] is class {2**64 - 1}")):
+        load_dataset(tmp_path / "u.npz")
+    np.savez(tmp_path / "u.npz", np.zeros((2, 8, 8), np.uint8), np.uint64([0, 6]))
+    assert load_dataset(tmp_path / "u.npz").num_classes == 7  # uint64 itself is fine
+
+
+@pytest.mark.parametrize("label", [*HUGE, 10**30])
+def test_dataset_json_labels_out_of_range_are_named(tmp_path: Path, label: int) -> None:
+    names = [f"{'ab'[i % 2]}/{i:04d}.png" for i in range(6)]
+    meta = {"labels": [[n, label if i == 3 else i % 2] for i, n in enumerate(names)]}
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=re.escape(
+            f"big.zip:dataset.json: labels[3] gives b/0003.png class {label}; "
+            f"classes are numbered 0 to {MAX_CLASSES - 1}")):
+        load_dataset(small_zip(tmp_path / "big.zip", meta))
+    assert time.perf_counter() - started < 1
+
+
+def test_the_largest_class_number_is_taken(tmp_path: Path) -> None:
+    labels = np.array([0, MAX_CLASSES - 1])
+    np.savez(tmp_path / "top.npz", np.zeros((2, 8, 8), np.uint8), labels)
+    assert load_dataset(tmp_path / "top.npz").num_classes == MAX_CLASSES
+
+
+def test_damaged_npz_files_are_named(tmp_path: Path) -> None:
+    np.savez(tmp_path / "good.npz", np.zeros((4, 8, 8), np.uint8), np.arange(4))
+    data = (tmp_path / "good.npz").read_bytes()
+    damaged = {"empty": b"", "garbage": bytes(range(256)),
+               "pickled": pickle.dumps({"arr_0": 1}),
+               **{f"cut_{n}": data[:n] for n in (2, 40, len(data) // 2, len(data) - 1)}}
+    for name, content in damaged.items():
+        (tmp_path / f"{name}.npz").write_bytes(content)
+        with pytest.raises(DataError, match=f"cannot read .*{name}.npz"):
+            load_dataset(tmp_path / f"{name}.npz")
 
 
 # The embedded MNIST subset ------------------------------------------------------------

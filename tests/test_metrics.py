@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 
 import numpy as np
@@ -138,20 +139,57 @@ def test_reference_statistics_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({"images": np.zeros((2, 4, 4, 3), np.uint8)}, "no arr_0"),
+    ({"images": np.zeros((2, 4, 4, 3), np.uint8)}, "has no arr_0"),
     ({"arr_0": np.zeros((2, 4, 4, 3), np.float32)}, "must be uint8"),
     ({"arr_0": np.zeros((2, 4, 4), np.uint8)}, "must be uint8"),
+    ({"arr_0": np.array([None, 1], dtype=object)}, "not a readable .npz"),
 ])
 def test_bad_batches_are_named(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"{path}.*{message}|{message}.*{path}"):
         mt.read_batch(path)
-    with pytest.raises(ValueError, match="no batch at"):
-        mt.read_batch(tmp_path / "absent.npz")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not an .npz batch"):
-        mt.read_batch(tmp_path / "junk.npz")
+
+
+def damaged_batches(folder):
+    """Files that are not batches, of every kind a disk or a user makes."""
+    good = folder / "good.npz"
+    mt.write_batch(good, np.zeros((6, 4, 4, 3), np.uint8))
+    data = good.read_bytes()
+    files = {"empty.npz": b"", "garbage.npz": bytes(range(256)) * 3,
+             "text.npz": b"arr_0 = images\n",
+             "pickled.npz": pickle.dumps({"arr_0": [1, 2]}),
+             "flipped.npz": data[:60] + bytes(40) + data[100:]}
+    for length in (1, 4, 30, 200, len(data) // 2, len(data) - 22,
+                   len(data) - 1):
+        files[f"cut_{length}.npz"] = data[:length]
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    np.save(folder / "one_array.npy", np.zeros((6, 4, 4, 3), np.uint8))
+    (folder / "one_array.npy").rename(folder / "one_array.npz")
+    return [folder / name for name in [*files, "one_array.npz",
+                                       "absent.npz"]]
+
+
+def test_damaged_batches_are_named(tmp_path):
+    for path in damaged_batches(tmp_path):
+        with pytest.raises(ValueError, match=str(path)) as caught:
+            mt.read_batch(path)
+        assert "allow_pickle" not in str(caught.value)  # no unsafe advice
+
+
+def test_cli_evaluate_names_a_damaged_batch_in_one_line(tmp_path, monkeypatch,
+                                                        capsys):
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeFeatures())
+    good = tmp_path / "good.npz"
+    for path in damaged_batches(tmp_path):
+        for pair in ((path, good), (good, path)):
+            code = cli.main(["evaluate", *map(str, pair), "--quiet",
+                             "--features", "mnist", "--device", "cpu"])
+            err = capsys.readouterr().err
+            assert code == 1 and err.startswith("adm evaluate: "), err
+            assert str(path) in err and err.count("\n") == 1, err
 
 
 class FakeFeatures:
@@ -162,6 +200,13 @@ class FakeFeatures:
         flat = images.float().flatten(1)
         return {"pool": torch.cat([x, x ** 2 / 255], 1),
                 "spatial": flat[:, :6], "logits": flat[:, :4] / 50}
+
+
+class FakeGreyFeatures(FakeFeatures):
+    """FakeFeatures of the images made grey, as the mnist net sees them."""
+
+    def __call__(self, images):
+        return super().__call__(images.float().mean(1, keepdim=True))
 
 
 def test_evaluate_computes_each_score(tmp_path, monkeypatch):
@@ -223,7 +268,54 @@ def test_cli_evaluate_writes_json_and_names_bad_files(tmp_path, monkeypatch,
     assert "Precision(mnist-net): 1.0" in capsys.readouterr().out
     assert cli.main(["evaluate", str(tmp_path / "absent.npz"),
                      str(tmp_path / "a.npz"), "--features", "mnist"]) == 1
-    assert "no batch at" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("json_path", ["absent/scores.json", "folder"])
+def test_cli_evaluate_checks_json_before_the_work(tmp_path, monkeypatch,
+                                                  capsys, json_path):
+    mt.write_batch(tmp_path / "a.npz", np.zeros((6, 4, 4, 3), np.uint8))
+    (tmp_path / "folder").mkdir()
+
+    def no_features(name, weights, device):
+        raise AssertionError("no work before --json is checked")
+
+    monkeypatch.setattr(mt, "feature_extractor", no_features)
+    code = cli.main(["evaluate", str(tmp_path / "a.npz"),
+                     str(tmp_path / "a.npz"), "--device", "cpu",
+                     "--json", str(tmp_path / json_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(
+        f"adm evaluate: --json {tmp_path / json_path}"), err
+    assert err.count("\n") == 1
+
+
+def test_grey_against_colour_is_said(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(6)
+    mt.write_batch(tmp_path / "grey.npz",
+                   rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8))
+    mt.write_batch(tmp_path / "colour.npz",
+                   rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8))
+    monkeypatch.setattr(mt, "feature_extractor",
+                        lambda name, weights, device: FakeGreyFeatures())
+    for ref, samples in (("grey", "colour"), ("colour", "grey")):
+        with pytest.warns(UserWarning, match=(
+                f"the reference batch .*{ref}.npz is 8 x 4 x 4 x "
+                f"{1 if ref == 'grey' else 3}, the sample batch "
+                f".*{samples}.npz .*compare grey images with colour")):
+            mt.evaluate(tmp_path / f"{ref}.npz", tmp_path / f"{samples}.npz",
+                        features="mnist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same channels: not a word
+        mt.evaluate(tmp_path / "grey.npz", tmp_path / "grey.npz",
+                    features="mnist")
+    # The command says it in one line, without the source line.
+    assert cli.main(["evaluate", str(tmp_path / "grey.npz"),
+                     str(tmp_path / "colour.npz"), "--features", "mnist",
+                     "--quiet", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the reference batch") and \
+        err.count("\n") == 1, err
 
 
 def test_unknown_features_are_named():

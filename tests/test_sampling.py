@@ -14,6 +14,7 @@ import torch
 
 from adm_lib import checkpoints as ck
 from adm_lib import cli, sampling
+from adm_lib import config as cf
 
 
 @pytest.fixture
@@ -124,3 +125,141 @@ def test_unloadable_checkpoints_never_advise_weights_only_false(
         assert "weights_only=False" not in err
         assert "weights_only` set to `False`" not in err
         assert "Pickled" in err and err.count("\n") == 1
+
+
+# Every output of a run is checked before any work: the grid beside --out,
+# and a cascade's base samples and their grid (OUT_low_res.npz, .png).
+@pytest.mark.parametrize(("cascade", "taken"), [
+    (False, "x.png"), (True, "x.png"), (True, "x_low_res.npz"),
+    (True, "x_low_res.png")])
+def test_every_output_is_checked_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture, no_loading: None,
+        cascade: bool, taken: str) -> None:
+    (tmp_path / taken).mkdir()
+    out = tmp_path / "x.npz"
+    upsampler = ["--upsampler", str(tmp_path / "up")] if cascade else []
+    code, err = adm_sample([str(tmp_path / "run"), *upsampler, "--out",
+                            str(out)], capsys)
+    assert code == 1 and err == (
+        f"adm sample: --out {out}: it writes {tmp_path / taken} too, and "
+        "that is a folder; move it or name another --out\n")
+    assert sampling.sample_outputs(out, cascade)[0] == out
+
+
+def test_a_second_writer_of_one_out_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture,
+        no_loading: None) -> None:
+    out = tmp_path / "x.npz"
+    with sampling.lock_out(out):  # another run, writing x.npz and x.png
+        code, err = adm_sample([str(tmp_path / "run"), "--out", str(out)],
+                               capsys)
+    assert code == 1 and err == (
+        f"adm sample: --out {out} is being written by another process "
+        f"(pid {os.getpid()}): wait for it to end, or choose another "
+        "--out\n")
+    with sampling.lock_out(out):  # free again once the first has ended
+        pass
+
+
+def fake(image_size: int, channels: int = 3, small_size: int = 0
+         ) -> sampling.Loaded:
+    """A loaded network of that size, that is never run."""
+    return sampling.Loaded(None, None, image_size, channels, 0, "", None,
+                           "a fake network", small_size)
+
+
+@pytest.mark.parametrize("count", ["100000000", "1e8", "1e12", str(2**62)])
+def test_samples_that_cannot_fit_are_refused_before_sampling(
+        tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, count: str) -> None:
+    monkeypatch.setattr(sampling, "load_network",
+                        lambda *args, **kwargs: fake(32))
+    monkeypatch.setattr(sampling, "available_memory", lambda: 16 * 10**9)
+    code, err = adm_sample([str(tmp_path / "run"), "--num-samples", count,
+                            "--out", str(tmp_path / "x.npz")], capsys)
+    n = int(float(count))
+    assert code == 1 and err.startswith(
+        f"adm sample: --num-samples {n}: {n} samples and their grid need "
+        "about "), err
+    assert "16.0 GB is available: refused, as samples are not streamed" in err
+    assert err.count("\n") == 1
+
+
+def test_memory_counts_every_stage_and_the_grid(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    per_sample = 8 + 32 * 32 * 3 + 2 * 32 * 32 * 3  # label, batch, grid
+    monkeypatch.setattr(sampling, "available_memory",
+                        lambda: 1000 * per_sample)
+    sampling.check_memory("--num-samples 1000", 1000, fake(32))
+    with pytest.raises(sampling.SampleError, match="; 1000 fit, so"):
+        sampling.check_memory("--num-samples 1001", 1001, fake(32))
+    # A cascade: the base images, the upsampled ones and their grid, and
+    # the upsampler's float32 inputs (and their noised copy).
+    up = fake(64, small_size=32)
+    per_sample += 3 * 64 * 64 * 3 + 2 * 4 * 32 * 32 * 3 - 2 * 32 * 32 * 3
+    monkeypatch.setattr(sampling, "available_memory",
+                        lambda: 1000 * per_sample)
+    sampling.check_memory("--num-samples 1000", 1000, fake(32), up)
+    with pytest.raises(sampling.SampleError, match="; 1000 fit"):
+        sampling.check_memory("--num-samples 1001", 1001, fake(32), up)
+    assert sampling.available_memory() > 0  # this machine says how much
+
+
+@pytest.mark.parametrize("seed", ["1e23", "-1", str(2**63), "1.5", "abc"])
+def test_seeds_out_of_range_are_refused_by_the_parser(
+        tmp_path: Path, capsys: pytest.CaptureFixture, no_loading: None,
+        seed: str) -> None:
+    for command in (["sample", str(tmp_path / "run")], ["demo"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*command, "--seed", seed])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.splitlines()[-1].endswith(
+            f"error: argument --seed: expected a whole number from 0 to "
+            f"{2**63 - 1}, got {seed!r}"), err
+        assert "Traceback" not in err
+    with pytest.raises(sampling.SampleError, match="--seed"):
+        sampling.check_options(seed=2**63)
+    args = cli.build_parser().parse_args(["sample", "m", "--seed",
+                                          str(2**63 - 1)])
+    assert args.seed == 2**63 - 1  # not rounded through a float
+
+
+TINY = {"num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
+        "attention_resolutions": "8", "diffusion_steps": 20,
+        "in_channels": 1, "num_classes": 10, "precision": "fp32",
+        "sample_steps": "4"}
+
+
+def tiny(kind: str, **settings: object) -> sampling.Loaded:
+    """An untrained network of `kind` and `settings`, never trained."""
+    config = cf.make_config(kind, "mnist", {**TINY, **settings})
+    torch.manual_seed(0)
+    model = cf.build_model(config).eval().requires_grad_(False)
+    return sampling.Loaded(model, cf.build_diffusion(config),
+                           config.image_size, 1, 10, "", None, kind,
+                           config.small_size if kind == "upsampler" else 0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_bar_counts_steps_and_any_seed_in_range_samples(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = tiny("diffusion", image_size=4, attention_resolutions="4")
+    up = tiny("upsampler", image_size=8, small_size=4)
+    top = 2**63 - 1
+    images, labels = sampling.sample(base, num_samples=5, batch_size=2,
+                                     respacing="3", seed=top, progress=True,
+                                     precision="fp32")
+    assert images.shape == (5, 4, 4, 1) and len(labels) == 5
+    # 3 batches of 3 steps: the bar moves at each step, not each batch.
+    assert "9/9" in capsys.readouterr().err
+    low, high, _ = sampling.sample_cascade(
+        base, up, num_samples=3, batch_size=2, respacing="2",
+        upsampler_respacing="4", seed=top, progress=True, precision="fp32")
+    assert high.shape == (3, 8, 8, 1)
+    assert "12/12" in capsys.readouterr().err  # 2 x 2 + 2 x 4
+    sampling.write_samples(tmp_path / "low.npz", low, None)
+    sampling.upsample_files(up, tmp_path / "low.npz", labels="1",
+                            upsampler_respacing="4", batch_size=2,
+                            progress=True, precision="fp32")
+    assert "8/8" in capsys.readouterr().err  # 2 x 4
+

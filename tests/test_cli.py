@@ -1,0 +1,87 @@
+"""The `adm` command itself (adm_lib.cli): its version, its help, and how
+it shows the library's warnings. Each subcommand's behaviour is tested
+with its module (tests/test_sampling.py for `adm sample`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from adm_lib import checkpoints as ck
+from adm_lib import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_comes_from_the_package_metadata(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    version = importlib.metadata.version("adm-book")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"adm {version}\n"
+
+    def absent(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert "not installed" in capsys.readouterr().out
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """The parsers of `adm`'s subcommands, by name."""
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions
+                   if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+# `adm book`'s options are the book tooling's, documented with it.
+@pytest.mark.parametrize("command", sorted(set(subcommands()) - {"book"}))
+def test_every_option_says_its_default(command: str) -> None:
+    parser = subcommands()[command]
+    parser.format_help()  # every %(default)s expands
+    for action in parser._actions:
+        takes_value = action.option_strings and action.nargs != 0
+        if takes_value and not action.required:
+            assert "default" in (action.help or ""), (
+                f"adm {command} {action.option_strings[-1]}: its help says "
+                "no default")
+
+
+def test_library_warnings_show_as_one_line_without_source(
+        tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in (1, 2):  # damaged: each is skipped with a warning
+        ck.checkpoint_path(run, step).parent.mkdir(parents=True,
+                                                   exist_ok=True)
+        ck.checkpoint_path(run, step).write_bytes(b"cut short")
+    # A process of its own: under pytest, warnings are recorded, not shown.
+    done = subprocess.run(
+        [sys.executable, "-m", "adm_lib.cli", "sample", str(run), "--out",
+         str(tmp_path / "x.npz"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 3, done.stderr
+    for step, line in zip((2, 1), lines[:2], strict=True):  # no source lines
+        assert line.startswith(f"warning: {ck.checkpoint_path(run, step)} "
+                               "is not a readable checkpoint"), done.stderr
+        assert line.endswith("; trying the one before it"), done.stderr
+    assert lines[2] == f"adm sample: {run} holds no checkpoint"
+
+
+def test_main_leaves_the_warnings_format_as_it_was() -> None:
+    formatted = warnings.formatwarning
+    cli.main(["sample", "--device", "cpu"])  # refused: no MODEL
+    assert warnings.formatwarning is formatted
