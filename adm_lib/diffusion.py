@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:146
+# %% chapters/02_diffusion.py:151
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -78,7 +78,7 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:196
+# %% chapters/02_diffusion.py:201
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -138,7 +138,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:267
+# %% chapters/02_diffusion.py:272
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -197,7 +197,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:368
+# %% chapters/02_diffusion.py:373
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -220,7 +220,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:399
+# %% chapters/02_diffusion.py:404
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -245,7 +245,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:429
+# %% chapters/02_diffusion.py:434
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -274,7 +274,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:486
+# %% chapters/02_diffusion.py:491
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -308,7 +308,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:540
+# %% chapters/02_diffusion.py:545
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -352,7 +352,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:618
+# %% chapters/02_diffusion.py:623
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -389,7 +389,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:691
+# %% chapters/02_diffusion.py:696
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -413,7 +413,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:722
+# %% chapters/02_diffusion.py:727
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -454,7 +454,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:816
+# %% chapters/02_diffusion.py:821
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -485,7 +485,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:855
+# %% chapters/02_diffusion.py:860
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's."""
 
@@ -518,7 +518,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:940
+# %% chapters/02_diffusion.py:945
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -558,7 +558,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:986
+# %% chapters/02_diffusion.py:991
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -589,7 +589,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1025
+# %% chapters/02_diffusion.py:1030
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -639,7 +639,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1088
+# %% chapters/02_diffusion.py:1093
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -691,7 +691,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1146
+# %% chapters/02_diffusion.py:1151
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:133
+# %% chapters/05_metrics.py:138
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -87,7 +87,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:211
+# %% chapters/05_metrics.py:216
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -143,7 +143,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:309
+# %% chapters/05_metrics.py:314
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -156,7 +156,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:356
+# %% chapters/05_metrics.py:361
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -194,7 +194,7 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:400
+# %% chapters/05_metrics.py:405
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
@@ -219,7 +219,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:465
+# %% chapters/05_metrics.py:470
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -277,7 +277,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:523
+# %% chapters/05_metrics.py:528
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -314,7 +314,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:566
+# %% chapters/05_metrics.py:571
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -346,7 +346,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:601
+# %% chapters/05_metrics.py:606
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:94
+# %% chapters/03_architecture.py:100
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +68,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:138
+# %% chapters/03_architecture.py:144
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -83,7 +83,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:177
+# %% chapters/03_architecture.py:183
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -102,7 +102,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:205
+# %% chapters/03_architecture.py:211
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -139,7 +139,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:248
+# %% chapters/03_architecture.py:254
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -169,7 +169,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:312
+# %% chapters/03_architecture.py:318
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -177,7 +177,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:341
+# %% chapters/03_architecture.py:347
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -200,7 +200,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:371
+# %% chapters/03_architecture.py:377
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -259,7 +259,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:494
+# %% chapters/03_architecture.py:500
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -284,7 +284,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:530
+# %% chapters/03_architecture.py:536
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -340,7 +340,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:653
+# %% chapters/03_architecture.py:659
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -386,7 +386,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:707
+# %% chapters/03_architecture.py:713
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -430,7 +430,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:761
+# %% chapters/03_architecture.py:767
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -488,7 +488,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:827
+# %% chapters/03_architecture.py:833
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -521,7 +521,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:867
+# %% chapters/03_architecture.py:873
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...]."""
 
@@ -583,7 +583,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1006
+# %% chapters/03_architecture.py:1012
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -611,7 +611,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1039
+# %% chapters/03_architecture.py:1045
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -655,7 +655,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1084
+# %% chapters/03_architecture.py:1090
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits."""
 
@@ -705,7 +705,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1174
+# %% chapters/03_architecture.py:1180
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input."""
 
@@ -742,7 +742,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1402
+# %% chapters/03_architecture.py:1405
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,
