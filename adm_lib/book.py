@@ -16,6 +16,7 @@ import difflib
 import json
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,7 @@ class Book:
     @classmethod
     def load(cls, start: Path | None = None) -> Book:
         """Read `book.toml` from `start` or the nearest folder above it."""
-        here = (start or Path.cwd()).resolve()
-        for folder in (here, *here.parents):
-            if (folder / "book.toml").is_file():
-                return cls._from_toml(folder)
-        raise BookError(f"no book.toml in {here} or any folder above it")
+        return cls._from_toml(find_root(start))
 
     @classmethod
     def _from_toml(cls, root: Path) -> Book:
@@ -90,13 +87,19 @@ class Book:
             raise BookError(f"{path}: missing required key {err}") from err
 
     def chapter(self, name: str) -> Path:
-        """Find a chapter by path, file name, stem or number (`1`, `01`)."""
-        for chapter in self.chapters:
-            number = chapter.name.split("_", 1)[0]
-            if name in (chapter.name, chapter.stem) or (
-                name.isdigit() and number.isdigit() and int(name) == int(number)
-            ):
-                return chapter
+        """Find a chapter by path, file name, stem, number (`1`, `01`) or name.
+
+        A chapter's name is its stem without the prefix before the first
+        `_` (`forward` for `01_forward.py`, `runs` for `appendix_runs.py`).
+        """
+        found = [chapter for chapter in self.chapters
+                 if _is_named(chapter, name)]
+        if len(found) > 1:
+            which = ", ".join(c.name for c in found)
+            raise BookError(f"chapter {name!r} is ambiguous ({which}); "
+                            "give its number or file name")
+        if found:
+            return found[0]
         path = Path(name).resolve()
         if path in self.chapters:
             return path
@@ -106,6 +109,28 @@ class Book:
     def rel(self, path: Path) -> str:
         """A path relative to the project root, for messages and headers."""
         return path.resolve().relative_to(self.root).as_posix()
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The book's root: the folder of `book.toml`, `start` or one above it.
+
+    `start` defaults to the working folder. Chapters change to this folder
+    first, so that their relative paths mean the same wherever their kernel
+    starts (JupyterLab starts it in `chapters/`, nbval in `build/nbval/`).
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "book.toml").is_file():
+            return folder
+    raise BookError(f"no book.toml in {here} or any folder above it")
+
+
+def _is_named(chapter: Path, name: str) -> bool:
+    """Whether `name` is the chapter's file name, stem, name or number."""
+    prefix, _, short = chapter.stem.partition("_")
+    if name.isdigit() and prefix.isdigit():
+        return int(name) == int(prefix)
+    return name in (chapter.name, chapter.stem, short or chapter.stem)
 
 
 @dataclass(frozen=True)
@@ -480,6 +505,32 @@ def to_notebook(chapter: Path) -> Any:
     return jupytext.read(chapter)
 
 
+class _ChapterReader:
+    """A papermill I/O handler that reads a chapter through Jupytext.
+
+    Registered for each chapter's own path, so that papermill reads the `.py`
+    file as a notebook and records that path as the run's `input_path`.
+    """
+
+    def read(self, path: str) -> str:
+        import nbformat
+
+        return nbformat.writes(to_notebook(Path(path)))
+
+    def pretty_path(self, path: str) -> str:
+        return path
+
+
+def _papermill_input(chapter: Path) -> str:
+    """The chapter's path, with papermill set to read it through Jupytext."""
+    from papermill.iorw import papermill_io
+
+    path = str(chapter)
+    if not isinstance(papermill_io.get_handler(path), _ChapterReader):
+        papermill_io.register(path, _ChapterReader())
+    return path
+
+
 def run_chapter(
     book: Book,
     chapter: Path,
@@ -500,16 +551,19 @@ def run_chapter(
     output = output or book.build_dir / "run" / f"{chapter.stem}.ipynb"
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(
-            to_notebook(chapter),
-            str(output),
-            parameters=values,
-            kernel_name=book.kernel,
-            cwd=str(book.root),
-            start_timeout=book.startup_timeout,
-            execution_timeout=cell_timeout,
-            progress_bar=progress,
-        )
+        with warnings.catch_warnings():
+            # papermill warns that a `.py` file is not an `.ipynb`.
+            warnings.filterwarnings("ignore", "The specified file", UserWarning)
+            papermill.execute_notebook(
+                _papermill_input(chapter),
+                str(output),
+                parameters=values,
+                kernel_name=book.kernel,
+                cwd=str(book.root),
+                start_timeout=book.startup_timeout,
+                execution_timeout=cell_timeout,
+                progress_bar=progress,
+            )
     except papermill.PapermillExecutionError as err:
         raise BookError(_describe_failure(book, chapter, output, err)) from None
     except CellTimeoutError:

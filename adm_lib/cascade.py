@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/07_cascades.py:236
+# %% chapters/07_cascades.py:241
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +59,7 @@ class Stage:
     low_res_noise: int = 0  # the largest augmentation step it trained on
 
 
-# %% chapters/07_cascades.py:283
+# %% chapters/07_cascades.py:288
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
     if not stage.small_size:
@@ -124,7 +124,7 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     return low_res_t
 
 
-# %% chapters/07_cascades.py:355
+# %% chapters/07_cascades.py:360
 def _network(stage: Stage) -> Model:
     return stage.model if stage.class_cond else ignore_labels(stage.model)
 

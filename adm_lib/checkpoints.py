@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1429
+# %% chapters/04_training.py:1434
 import contextlib
 import fcntl
 import json
@@ -55,7 +55,7 @@ CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
 
 
-# %% chapters/04_training.py:1461
+# %% chapters/04_training.py:1466
 def checkpoint_path(out: Path, step: int) -> Path:
     """Where the checkpoint of `step` lives in the run folder `out`."""
     return out / "checkpoints" / f"step_{step:08d}.pt"
@@ -90,7 +90,7 @@ def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
         raise
 
 
-# %% chapters/04_training.py:1503
+# %% chapters/04_training.py:1508
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
     """Write `state` atomically and delete all but the `keep` newest."""
     path = checkpoint_path(out, state["step"])
@@ -129,7 +129,7 @@ def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-# %% chapters/04_training.py:1546
+# %% chapters/04_training.py:1551
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -164,7 +164,7 @@ def lock_run(out: Path) -> Iterator[None]:
             f.truncate(0)
 
 
-# %% chapters/04_training.py:1655
+# %% chapters/04_training.py:1660
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """This process's global RNG state (dropout draws from it)."""
     state = {"cpu": torch.get_rng_state()}
@@ -180,7 +180,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:2134
+# %% chapters/04_training.py:2139
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -234,7 +234,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2509
+# %% chapters/04_training.py:2514
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -94,6 +94,14 @@ def _book_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _book_lab(args: argparse.Namespace) -> int:
+    from adm_lib import lab
+
+    command, env = lab.lab_command(bk.Book.load(), args.jupyter_args)
+    # JupyterLab replaces this process, so Ctrl-C reaches it as from a shell.
+    os.execve(command[0], command, env)
+
+
 def _book_build(args: argparse.Namespace) -> int:
     from adm_lib import website
 
@@ -422,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     book = commands.add_parser(
-        "book", help="export, check, run and build the chapters")
+        "book", help="export, check, run, open (lab) and build the chapters")
     actions = book.add_subparsers(dest="action", required=True)
     actions.add_parser(
         "export", help="write adm_lib's generated modules from the chapters"
@@ -431,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="fail, with a diff, if adm_lib differs from the chapters"
     ).set_defaults(func=_book_check)
     run = actions.add_parser("run", help="execute chapters with papermill")
-    run.add_argument("chapter", nargs="?", help="number, name or path of a chapter")
+    run.add_argument("chapter", nargs="?",
+                     help="a chapter: its number (1), name (forward), file "
+                     "stem (01_forward) or path")
     run.add_argument("--all", action="store_true", help="run every chapter in order")
     run.add_argument(
         "-p", "--parameter", nargs=2, action="append", default=[],
@@ -448,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run's training cell takes as long as its training)",
     )
     run.set_defaults(func=_book_run)
+    lab = actions.add_parser(
+        "lab", help="open the chapters in JupyterLab, as notebooks",
+        description="Start JupyterLab on the chapters with the project's "
+        "settings (.jupyter/): a double click opens a chapter as a notebook, "
+        "which Jupytext saves back to its .py file. Arguments after -- go to "
+        "JupyterLab, e.g. adm book lab -- --port 8890 --no-browser.",
+    )
+    lab.add_argument("jupyter_args", nargs="*", metavar="JUPYTER_ARG",
+                     help="passed to jupyter lab (after --)")
+    lab.set_defaults(func=_book_lab)
     build = actions.add_parser(
         "build", help="the book as a web site: execute the chapters, render HTML",
         description="Execute every chapter (with its parameters cell's smoke "

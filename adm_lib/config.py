@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:140
+# %% chapters/04_training.py:145
 import difflib
 import importlib.util
 import math
@@ -45,12 +45,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:163
+# %% chapters/04_training.py:168
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
 
-# %% chapters/04_training.py:171
+# %% chapters/04_training.py:176
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -130,7 +130,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:254
+# %% chapters/04_training.py:259
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -139,7 +139,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:277
+# %% chapters/04_training.py:282
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -159,7 +159,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:301
+# %% chapters/04_training.py:306
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -210,7 +210,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:359
+# %% chapters/04_training.py:364
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -247,7 +247,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:401
+# %% chapters/04_training.py:406
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -260,7 +260,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:414
+# %% chapters/04_training.py:419
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -292,7 +292,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:450
+# %% chapters/04_training.py:455
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -337,7 +337,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:500
+# %% chapters/04_training.py:505
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -378,7 +378,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:546
+# %% chapters/04_training.py:551
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -430,7 +430,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:602
+# %% chapters/04_training.py:607
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -447,7 +447,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:627
+# %% chapters/04_training.py:632
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

@@ -11,7 +11,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:85
+# %% chapters/02_diffusion.py:90
 import torch
 
 

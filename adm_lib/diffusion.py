@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:146
+# %% chapters/02_diffusion.py:151
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -78,7 +78,7 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:196
+# %% chapters/02_diffusion.py:201
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -138,7 +138,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:271
+# %% chapters/02_diffusion.py:276
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back.
 
@@ -226,7 +226,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:401
+# %% chapters/02_diffusion.py:406
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -249,7 +249,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:432
+# %% chapters/02_diffusion.py:437
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -274,7 +274,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:462
+# %% chapters/02_diffusion.py:467
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -303,7 +303,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:519
+# %% chapters/02_diffusion.py:524
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -337,7 +337,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:573
+# %% chapters/02_diffusion.py:578
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -381,7 +381,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:651
+# %% chapters/02_diffusion.py:656
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -421,7 +421,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:727
+# %% chapters/02_diffusion.py:732
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -445,7 +445,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:758
+# %% chapters/02_diffusion.py:763
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -486,7 +486,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:852
+# %% chapters/02_diffusion.py:857
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -517,7 +517,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:891
+# %% chapters/02_diffusion.py:896
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's.
 
@@ -557,7 +557,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:983
+# %% chapters/02_diffusion.py:988
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -597,7 +597,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:1029
+# %% chapters/02_diffusion.py:1034
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -628,7 +628,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1068
+# %% chapters/02_diffusion.py:1073
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -678,7 +678,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1131
+# %% chapters/02_diffusion.py:1136
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -730,7 +730,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1189
+# %% chapters/02_diffusion.py:1194
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

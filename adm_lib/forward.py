@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/01_forward.py:124
+# %% chapters/01_forward.py:130
 import math
 from collections.abc import Callable
 
@@ -30,7 +30,7 @@ def linear_beta_schedule(num_timesteps: int) -> np.ndarray:
     )
 
 
-# %% chapters/01_forward.py:155
+# %% chapters/01_forward.py:161
 def betas_for_alpha_bar(
     num_timesteps: int,
     alpha_bar: Callable[[float], float],
@@ -71,7 +71,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     return BETA_SCHEDULES[name](num_timesteps)
 
 
-# %% chapters/01_forward.py:250
+# %% chapters/01_forward.py:256
 class _ScheduleTables:
     """Every per-step coefficient of a beta schedule, in float64."""
 
@@ -121,7 +121,7 @@ class _ScheduleTables:
         return self._on_device[key][t].view(-1, *(1,) * (ndim - 1))
 
 
-# %% chapters/01_forward.py:307
+# %% chapters/01_forward.py:313
 class ForwardProcess(_ScheduleTables):
     """The forward process q of a beta schedule: marginals and posterior."""
 

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-# %% chapters/06_guidance.py:209
+# %% chapters/06_guidance.py:215
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +62,7 @@ def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
     return cond_fn
 
 
-# %% chapters/06_guidance.py:344
+# %% chapters/06_guidance.py:350
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -104,7 +104,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:398
+# %% chapters/06_guidance.py:404
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The seed of the noise stream of sample `index` under `seed`.
 
@@ -141,7 +141,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:443
+# %% chapters/06_guidance.py:449
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -185,7 +185,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:545
+# %% chapters/06_guidance.py:551
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

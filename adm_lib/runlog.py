@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1895
+# %% chapters/04_training.py:1900
 import json
 import os
 import time
@@ -49,7 +49,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.viz import pixel_grid
 
 
-# %% chapters/04_training.py:1929
+# %% chapters/04_training.py:1934
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -66,7 +66,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1950
+# %% chapters/04_training.py:1955
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -131,7 +131,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:2020
+# %% chapters/04_training.py:2025
 def _records(path: Path) -> list[dict[str, float]]:
     """The whole records of a JSONL file."""
     records = []
@@ -160,7 +160,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 
-# %% chapters/04_training.py:2049
+# %% chapters/04_training.py:2054
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -226,7 +226,7 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-# %% chapters/04_training.py:2118
+# %% chapters/04_training.py:2123
 def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
     """Write uint8 N x H x W x C images as one grid PNG, atomically."""
     grid = pixel_grid(pixels, columns)

@@ -34,13 +34,25 @@
 # Smoke configuration: nothing trains here; the chapter reads the paper's
 # tables and the book's chapters in about a second, on any machine.
 #   adm book run 0 -p figure_dpi 150
-figure_dpi = 100  # resolution of the chapter's one figure
+figure_dpi: int = 100  # resolution of the chapter's one figure
 
 # %%
+import os
+
 import matplotlib.pyplot as plt
 import numpy as np
 
-from adm_lib.book import Book, chapter_modules, chapter_title, read_cells
+from adm_lib.book import (
+    Book,
+    chapter_modules,
+    chapter_title,
+    find_root,
+    read_cells,
+)
+
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 
 
 def show_table(header: list[str], rows: list[list]) -> None:
@@ -358,7 +370,13 @@ assert set(BOOK_MAP) - {c.name for c in book.chapters} <= {"00_claims.py"}
 # the *smoke configuration*, seconds to minutes on a CPU, and its comment
 # gives the commands of the full runs, which override those parameters with
 # papermill (`-p name value`), most of them on a GPU (`-p device cuda`).
-# Here they are, read from the chapters themselves:
+# `adm book run` takes a chapter's number or name (`adm book run forward`).
+# papermill itself reads notebooks only, so pipe a chapter through Jupytext:
+# `jupytext --to ipynb -o - chapters/01_forward.py | papermill - out.ipynb
+# -p num_timesteps 4000`, with `-y 'name: [1, 2]'` for a list (`-p` would
+# pass it as a string); `papermill --help-notebook -` lists the parameters.
+# To read and run the chapters as notebooks, `adm book lab` opens them in
+# JupyterLab. Here are the full runs, read from the chapters themselves:
 
 # %%
 for chapter in book.chapters:

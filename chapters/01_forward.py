@@ -41,23 +41,29 @@
 # %% tags=["parameters"]
 # Smoke configuration: runs on a CPU in seconds. Papermill overrides it:
 #   adm book run 1 -p data ../shared/data/cifar10/test.zip
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-num_timesteps = 1000  # T, the length of the forward process
-num_images = 4  # images shown noised across t
-num_chains = 20_000  # scalar chains simulated to check the closed form
-seed = 0
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+num_timesteps: int = 1000  # T, the length of the forward process
+num_images: int = 4  # images shown noised across t
+num_chains: int = 20_000  # scalar chains simulated to check the closed form
+seed: int = 0  # of the images picked and of the noise
 
 # %%
 #| default_exp forward
 
 # %%
+import os
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from adm_lib.book import find_root
 from adm_lib.data import load_dataset
 from adm_lib.viz import show_images
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 rng = np.random.default_rng(seed)
 

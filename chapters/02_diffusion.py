@@ -40,26 +40,27 @@
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
 #   adm book run 2 -p device cuda -p train_steps 30000 -p batch_size 128 \
 #       -p model_channels 64 -p num_samples 64
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-device = "auto"  # "auto" picks CUDA when there is a GPU
-schedule = "cosine"
-num_timesteps = 1000
-train_steps = 100
-batch_size = 32
-model_channels = 32
-learning_rate = 1e-3
-ema_rate = 0.999  # decay of the weights' average, which samples
-sample_steps = [10, 25, 50, 250]  # respaced sampling lengths to compare
-num_samples = 8
-nll_images = 2  # images whose full variational bound is evaluated
-vlb_draws = 64  # per image: stratified draws of the bound's estimate
-seed = 0
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+device: str = "auto"  # "auto" picks CUDA when there is a GPU
+schedule: str = "cosine"  # the noise schedule: "cosine" or "linear"
+num_timesteps: int = 1000  # T, the diffusion's steps
+train_steps: int = 100  # of the small model
+batch_size: int = 32  # images per training step
+model_channels: int = 32  # the small UNet's base width
+learning_rate: float = 1e-3  # AdamW's
+ema_rate: float = 0.999  # decay of the weights' average, which samples
+sample_steps: list[int] = [10, 25, 50, 250]  # sampling lengths to compare
+num_samples: int = 8  # images drawn by each sampler
+nll_images: int = 2  # images whose full variational bound is evaluated
+vlb_draws: int = 64  # per image: stratified draws of the bound's estimate
+seed: int = 0  # of training and sampling
 
 # %%
 #| default_exp diffusion
 
 # %%
 import copy
+import os
 import time
 
 import matplotlib.pyplot as plt
@@ -68,10 +69,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adm_lib.book import find_root
 from adm_lib.data import load_dataset
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
 from adm_lib.viz import show_rows
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 
 # %% [markdown]

@@ -57,21 +57,27 @@
 # Smoke configuration: tiny models, seconds on a CPU. The chapter trains
 # nothing (chapter 4 trains the ablations); larger models are
 #   adm book run 3 -p image_size 64 -p model_channels 64
-image_size = 32  # side of the square images of the small models
-model_channels = 32  # base width of the small models
-batch_size = 2  # images per forward pass
-threads = 1  # PyTorch CPU threads (0: its default): 1 is steadier
-ablation_channels = 64  # base width of the ablation models of 3.11
-seed = 0
+image_size: int = 32  # side of the square images of the small models
+model_channels: int = 32  # base width of the small models
+batch_size: int = 2  # images per forward pass
+threads: int = 1  # PyTorch CPU threads (0: its default): 1 is steadier
+ablation_channels: int = 64  # base width of the ablation models of 3.11
+seed: int = 0  # of the models' weights and inputs
 
 # %%
 #| default_exp unet
 
 # %%
 import math
+import os
 
 import torch
 
+from adm_lib.book import find_root
+
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 if threads:
     torch.set_num_threads(threads)
@@ -1376,11 +1382,8 @@ for name, (kind, flags) in RELEASED.items():
 # released checkpoint load.
 
 # %%
-# The project root: the folder above the working directory with book.toml.
-root = next(p for p in (Path.cwd(), *Path.cwd().parents)
-            if (p / "book.toml").is_file())
-official = (root / "../shared/reference/guided_diffusion"
-            / "official_models.json")
+# Beside the project, as the tests look for it (the kernel is at its root).
+official = Path("../shared/reference/guided_diffusion/official_models.json")
 if official.is_file():
     reference = json.loads(official.read_text())
     for name, entry in reference.items():

@@ -68,34 +68,35 @@
 #       -p ablation_seconds 120 -p ablation_timing_steps 50 \
 #       -p ablation_eval_images 1000 -p ablation_samples 8 \
 #       -p ablation_sample_steps ddim25
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-device = "auto"  # "auto" picks CUDA when there is a GPU
-runs_dir = "build/chapter4"  # the chapter's run folders (emptied first)
-train_steps = 20  # of the diffusion model and the upsampler
-classifier_steps = 20
-batch_size = 16
-num_channels = 32  # the networks' base width (a multiple of 32)
-# 4.10's diffusion model and upsampler: changes to the MNIST preset, 4.13's
-# recipe for runs of minutes (predict x0 under L_simple, a short EMA)
-settings = {"lr": 1e-3, "num_res_blocks": 1, "predict_xstart": True,
-            "learn_sigma": False, "ema_rate": "0.95"}
-snapshot_every = 10  # steps between sample grids and evaluations
-num_samples = 10
-sample_steps = "ddim10"
-figures_dir = ""  # if set, 4.10 also saves its figures there
-seed = 0
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+device: str = "auto"  # "auto" picks CUDA when there is a GPU
+runs_dir: str = "build/chapter4"  # the chapter's run folders (emptied)
+train_steps: int = 20  # of the diffusion model and the upsampler
+classifier_steps: int = 20  # of the noisy classifier
+batch_size: int = 16  # images per training step
+num_channels: int = 32  # the networks' base width (a multiple of 32)
+# 4.10's diffusion model and upsampler: 4.13's recipe for runs of minutes
+# (predict x0 under L_simple, a short EMA)
+settings: dict = {"lr": 1e-3, "num_res_blocks": 1, "predict_xstart": True,
+                  "learn_sigma": False,
+                  "ema_rate": "0.95"}  # changes to the MNIST preset
+snapshot_every: int = 10  # steps between sample grids and evaluations
+num_samples: int = 10  # images in each sample grid
+sample_steps: str = "ddim10"  # the grids' respacing
+figures_dir: str = ""  # if set, 4.10 also saves its figures there
+seed: int = 0  # of every run
 # 4.12: the architecture ablations of chapter 3, trained with this loop
-ablation_data = "mnist5k"  # a data-set name, or a folder, .zip or .npz
-ablation_train_images = 64  # training images after the held-out (0: all)
-ablation_eval_images = 4  # held-out (image, t, noise) triples
-ablation_channels = 64  # base width (64: the per-head widths need it)
-ablation_batch_size = 4
-ablation_steps = 1  # the equal-steps arm
-ablation_seconds = 0.5  # the equal-time budget per variant
-ablation_timing_steps = 1  # first steps of each run, timed for its time arm
-ablation_lr = 3e-4
-ablation_samples = 2
-ablation_sample_steps = "ddim5"  # the samples' respacing (ddim25 in full)
+ablation_data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+ablation_train_images: int = 64  # training images after the held-out (0: all)
+ablation_eval_images: int = 4  # held-out (image, t, noise) triples
+ablation_channels: int = 64  # base width (64: the per-head widths need it)
+ablation_batch_size: int = 4  # images per training step
+ablation_steps: int = 1  # the equal-steps arm
+ablation_seconds: float = 0.5  # the equal-time budget per variant
+ablation_timing_steps: int = 1  # first steps of each run, timed (time arm)
+ablation_lr: float = 3e-4  # the ablations' learning rate
+ablation_samples: int = 2  # images sampled from each variant
+ablation_sample_steps: str = "ddim5"  # the samples' respacing (ddim25 in full)
 
 # %%
 #| default_exp train
@@ -113,8 +114,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adm_lib.book import find_root
 from adm_lib.devices import resolve_device
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 device = str(resolve_device(device))
 runs = Path(runs_dir)
 shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh

@@ -49,35 +49,36 @@
 #       -p variance_seeds "[0, 1, 2]" \
 #       -p variance_dir build/chapter5_record/variance \
 #       -p figures_dir chapters/figures
-data = "mnist5k"  # real images: a data-set name, folder, .zip or .npz
-features = "mnist"  # "inception", "mnist" or "cifar10" (match the data)
-inception_weights = ""  # the Inception weights file, for "inception"
-device = "auto"
-sample_counts = [100, 200, 400, 800]  # sizes for FID against n
-num_images = 2000  # real images used (two halves of this many)
-model_steps = 15  # training steps of the model whose samples are scored
-# changes to the MNIST preset: chapter 4.13's lean network, for speed
-model_settings = {"num_res_blocks": 1, "channel_mult": "1,1,2",
-                  "resblock_updown": False}
-model_sampler = "ddim2"  # its sampler's respacing
+data: str = "mnist5k"  # real images: a data-set name, folder, .zip or .npz
+features: str = "mnist"  # "inception", "mnist" or "cifar10" (match the data)
+inception_weights: str = ""  # the Inception weights file, for "inception"
+device: str = "auto"  # "auto" picks CUDA when there is a GPU
+sample_counts: list[int] = [100, 200, 400, 800]  # sizes for FID against n
+num_images: int = 2000  # real images used (two halves of this many)
+model_steps: int = 15  # training steps of the model whose samples are scored
+# chapter 4.13's lean network, for speed
+model_settings: dict = {"num_res_blocks": 1, "channel_mult": "1,1,2",
+                        "resblock_updown": False}  # changes to the preset
+model_sampler: str = "ddim2"  # its sampler's respacing
 # 5.9: two models, learned and fixed variance, sampled in few steps
-variance_preset = "mnist"  # their preset (chapter 4's make_config)
-variance_settings = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
-                     "ema_rate": "0.999"}  # changes to the preset
-variance_steps = 10  # training steps of each
-variance_respacings = [5, 10]  # ancestral sampling steps
-variance_samples = 10  # samples per model, step count and seed
-variance_seeds = [0, 1]  # sampling seeds
-variance_dir = "build/chapter5/variance"  # their two run folders
-reuse_runs = False  # True: finished runs in variance_dir are loaded
-figures_dir = ""  # if set, 5.9's figure is also saved there
-seed = 0
+variance_preset: str = "mnist"  # their preset (chapter 4's make_config)
+variance_settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
+                           "ema_rate": "0.999"}  # changes to the preset
+variance_steps: int = 10  # training steps of each
+variance_respacings: list[int] = [5, 10]  # ancestral sampling steps
+variance_samples: int = 10  # samples per model, step count and seed
+variance_seeds: list[int] = [0, 1]  # sampling seeds
+variance_dir: str = "build/chapter5/variance"  # their two run folders
+reuse_runs: bool = False  # True: finished runs in variance_dir are loaded
+figures_dir: str = ""  # if set, 5.9's figure is also saved there
+seed: int = 0  # of training and of the real images' order
 
 # %%
 #| default_exp metrics
 
 # %%
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adm_lib.book import find_root
 from adm_lib.checkpoints import load_run
 from adm_lib.config import make_config
 from adm_lib.data import load_dataset
@@ -97,6 +99,9 @@ from adm_lib.diffusion import ddim_sample_loop, p_sample_loop, respace
 from adm_lib.train import train
 from adm_lib.viz import show_rows, to_uint8
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 device = str(resolve_device(device))
 print(f"device: {device}, features: {features}")

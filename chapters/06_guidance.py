@@ -52,35 +52,37 @@
 #       -p classifier_settings "{}" -p respacing 250 \
 #       -p samples_per_scale 5000 -p sample_seeds "[0, 1, 2]" \
 #       -p num_ref 10000 -p batch_size 500 -p runs_dir build/chapter6_cifar10
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-features = "mnist"  # the metrics' network: mnist, cifar10 or inception
-inception_weights = ""  # the Inception weights file, for "inception"
-preset = "mnist"  # the adm_lib.config preset of all three models
-# Changes to the presets: chapter 4.13's recipe for runs of minutes.
-settings = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
-            "predict_xstart": True, "learn_sigma": False,
-            "ema_rate": "0.95"}
-classifier_settings = {"batch_size": 64, "classifier_depth": 1}
-device = "auto"  # "auto" picks CUDA when there is a GPU
-runs_dir = "build/chapter6"  # the three run folders
-reuse_runs = False  # True: finished runs in runs_dir are loaded, not redone
-train_steps = 10  # of each diffusion model
-classifier_steps = 10
-label_dropout = 0.1  # the conditional model's, for classifier-free guidance
-respacing = "10"  # the ancestral sampler's steps
-scales = [0.0, 1.0, 4.0]  # classifier guidance scales s
-free_scales = [0.0, 1.0, 4.0]  # classifier-free scales w
-samples_per_scale = 15  # samples scored at each scale, for each seed
-sample_seeds = [0, 1]  # sampling seeds: every setting is drawn with each
-num_ref = 500  # real images the samples are scored against
-batch_size = 200  # of sampling
-figures_dir = ""  # if set, the figures are also saved there
-seed = 0  # of training, and of the real images' order
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+features: str = "mnist"  # the metrics' network: mnist, cifar10 or inception
+inception_weights: str = ""  # the Inception weights file, for "inception"
+preset: str = "mnist"  # the adm_lib.config preset of all three models
+# Chapter 4.13's recipe for runs of minutes.
+settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
+                  "predict_xstart": True, "learn_sigma": False,
+                  "ema_rate": "0.95"}  # changes to the models' preset
+classifier_settings: dict = {
+    "batch_size": 64, "classifier_depth": 1}  # changes to its preset
+device: str = "auto"  # "auto" picks CUDA when there is a GPU
+runs_dir: str = "build/chapter6"  # the three run folders
+reuse_runs: bool = False  # True: finished runs in runs_dir are loaded
+train_steps: int = 10  # of each diffusion model
+classifier_steps: int = 10  # of the noisy classifier
+label_dropout: float = 0.1  # for classifier-free guidance
+respacing: str = "10"  # the ancestral sampler's steps
+scales: list[float] = [0.0, 1.0, 4.0]  # classifier guidance scales s
+free_scales: list[float] = [0.0, 1.0, 4.0]  # classifier-free scales w
+samples_per_scale: int = 15  # samples scored at each scale, for each seed
+sample_seeds: list[int] = [0, 1]  # sampling seeds: each setting, each seed
+num_ref: int = 500  # real images the samples are scored against
+batch_size: int = 200  # of sampling
+figures_dir: str = ""  # if set, the figures are also saved there
+seed: int = 0  # of training, and of the real images' order
 
 # %%
 #| default_exp guidance
 
 # %%
+import os
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adm_lib.book import find_root
 from adm_lib.checkpoints import load_run
 from adm_lib.config import make_config
 from adm_lib.data import load_dataset
@@ -105,6 +108,9 @@ from adm_lib.metrics import (
 from adm_lib.train import train
 from adm_lib.viz import to_uint8
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 device = str(resolve_device(device))
 runs = Path(runs_dir)

@@ -66,34 +66,35 @@
 #       -p upsampler_steps 50000 -p classifier_steps 30000 \
 #       -p respacing 250 -p num_samples 10000 -p num_ref 10000 \
 #       -p batch_size 500 -p runs_dir build/chapter7_gpu
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-features = "mnist"  # the metrics' network: mnist, cifar10 or inception
-inception_weights = ""  # the Inception weights file, for "inception"
-image_size = 32  # the cascade's output size
-small_size = 16  # the half-size base model's, and the upsampler's input
-settings = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
-            "predict_xstart": True, "learn_sigma": False,
-            "ema_rate": "0.95"}  # chapter 4.13's CPU recipe, for all models
-low_res_noise = 300  # augmentation: training steps s from 0 to this
-sample_low_res_t = [0, 75, 150, 300]  # levels tried at sampling
-device = "auto"  # "auto" picks CUDA when there is a GPU
-runs_dir = "build/chapter7"  # the five run folders
-reuse_runs = False  # True: finished runs in runs_dir are loaded, not redone
-train_steps = 10  # of each base model
-upsampler_steps = 10  # of each upsampler
-classifier_steps = 10  # of the half-size base model's classifier
-classifier_scale = 2.0  # the guided cascade's
-respacing = "10"  # every stage's ancestral steps
-num_samples = 20  # samples of each configuration
-num_ref = 300  # real images the samples are scored against
-batch_size = 200  # of sampling
-figures_dir = ""  # if set, the figures are also saved there
-seed = 0
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+features: str = "mnist"  # the metrics' network: mnist, cifar10 or inception
+inception_weights: str = ""  # the Inception weights file, for "inception"
+image_size: int = 32  # the cascade's output size
+small_size: int = 16  # the half-size base model's, and the upsampler's input
+settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
+                  "predict_xstart": True, "learn_sigma": False,
+                  "ema_rate": "0.95"}  # chapter 4.13's CPU recipe, all models
+low_res_noise: int = 300  # augmentation: training steps s from 0 to this
+sample_low_res_t: list[int] = [0, 75, 150, 300]  # levels tried at sampling
+device: str = "auto"  # "auto" picks CUDA when there is a GPU
+runs_dir: str = "build/chapter7"  # the five run folders
+reuse_runs: bool = False  # True: finished runs in runs_dir are loaded
+train_steps: int = 10  # of each base model
+upsampler_steps: int = 10  # of each upsampler
+classifier_steps: int = 10  # of the half-size base model's classifier
+classifier_scale: float = 2.0  # the guided cascade's
+respacing: str = "10"  # every stage's ancestral steps
+num_samples: int = 20  # samples of each configuration
+num_ref: int = 300  # real images the samples are scored against
+batch_size: int = 200  # of sampling
+figures_dir: str = ""  # if set, the figures are also saved there
+seed: int = 0  # of training and sampling
 
 # %%
 #| default_exp cascade
 
 # %%
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adm_lib.book import find_root
 from adm_lib.checkpoints import load_run
 from adm_lib.config import build_diffusion, make_config
 from adm_lib.data import load_dataset
@@ -122,6 +124,9 @@ from adm_lib.metrics import (
 from adm_lib.train import train
 from adm_lib.viz import show_images, to_uint8
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 torch.manual_seed(seed)
 device = str(resolve_device(device))
 runs = Path(runs_dir)

@@ -45,36 +45,38 @@
 # %% tags=["parameters"]
 # Smoke configuration: no checkpoint files, so every model is a tiny random
 # stand-in and the chapter runs on a CPU in seconds. With the released files
-# in models/ (section A.1), from the project root:
+# in models/ under the project root (section A.1):
 #   adm book run appendix_checkpoints -p model_path models/64x64_diffusion.pt
 #     -p classifier_path models/64x64_classifier.pt
 #     -p upsampler_path models/64_256_upsampler.pt -p device cuda
-model_path = ""  # a diffusion model's .pt; "" for a tiny random stand-in
-model_flags = (  # the 64x64 model's flags, from the reference's README
+model_path: str = ""  # a diffusion model's .pt; "" for a tiny stand-in
+model_flags: str = (
     "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
     "--dropout 0.1 --image_size 64 --learn_sigma True --noise_schedule cosine "
     "--num_channels 192 --num_head_channels 64 --num_res_blocks 3 "
     "--resblock_updown True --use_new_attention_order True --use_fp16 True "
     "--use_scale_shift_norm True"
-)
-classifier_path = ""  # its classifier's .pt; "" for a stand-in
-classifier_flags = "--image_size 64 --classifier_depth 4"
-classifier_scale = 1.0  # guidance scale (README: 1.0 at 64); 0 for none
-upsampler_path = ""  # an upsampler's .pt; "" for a stand-in
-upsampler_flags = (  # the 64 -> 256 upsampler's flags
+)  # its flags: the 64x64 model's, from the reference's README
+classifier_path: str = ""  # its classifier's .pt; "" for a stand-in
+classifier_flags: str = (
+    "--image_size 64 --classifier_depth 4")  # the 64x64 classifier's
+classifier_scale: float = 1.0  # guidance scale (README: 1.0 at 64); 0: none
+upsampler_path: str = ""  # an upsampler's .pt; "" for a stand-in
+upsampler_flags: str = (
     "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
     "--large_size 256  --small_size 64 --learn_sigma True "
     "--noise_schedule linear --num_channels 192 --num_heads 4 "
     "--num_res_blocks 2 --resblock_updown True --use_fp16 True "
     "--use_scale_shift_norm True"
-)
-respacing = "25"  # sampling steps: "250", "25", or "ddim25" for DDIM
-num_samples = 4  # images sampled, classified and upsampled
-device = "auto"  # "cuda", "cpu", or "auto" for cuda where available
-save_samples = ""  # an .npz to write the samples to, as the reference does
-seed = 0
+)  # its flags: the 64 -> 256 upsampler's
+respacing: str = "25"  # sampling steps: "250", "25", or "ddim25" for DDIM
+num_samples: int = 4  # images sampled, classified and upsampled
+device: str = "auto"  # "cuda", "cpu", or "auto" for cuda where available
+save_samples: str = ""  # an .npz to write the samples to, as the reference
+seed: int = 0  # of the stand-ins' weights and of sampling
 
 # %%
+import os
 import shutil
 import tempfile
 import time
@@ -85,6 +87,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adm_lib.book import find_root
 from adm_lib.cascade import Stage, upsample
 from adm_lib.compat.guided_diffusion import (
     BUILDERS,
@@ -100,6 +103,9 @@ from adm_lib.guidance import classifier_cond_fn, ignore_labels
 from adm_lib.viz import show_images
 from adm_lib.viz import to_uint8 as uint8_nhwc
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 device = str(resolve_device(device))
 torch.manual_seed(seed)
 print(f"device: {device}")
@@ -108,8 +114,8 @@ print(f"device: {device}")
 # ## A.1 The released files and their flags
 #
 # The reference's README lists fifteen files. Put each where the reference's
-# own commands expect it, `models/<file>` under the folder you run from (for
-# `adm book run`, the project root), and pass its path and flags as
+# own commands expect it, `models/<file>`, under the project root (where a
+# chapter's relative paths start), and pass its path and flags as
 # parameters: `-p model_path models/128x128_diffusion.pt -p model_flags
 # "..."`. A classifier goes with the diffusion model of its resolution; the
 # classifier scale is the one the README samples with.

@@ -38,11 +38,11 @@
 # A few tiny runs on the CPU, about a minute:
 #   adm book run appendix_runs
 # There is no larger run: the checks are of the machinery, not of a model.
-data = "mnist5k"  # a data-set name, or a folder, .zip or .npz of images
-runs_dir = "build/appendix_runs"  # the appendix's run folders (emptied)
-batch_size = 16
-num_channels = 32  # the networks' base width (a multiple of 32)
-seed = 0
+data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
+runs_dir: str = "build/appendix_runs"  # the appendix's run folders (emptied)
+batch_size: int = 16  # images per training step
+num_channels: int = 32  # the networks' base width (a multiple of 32)
+seed: int = 0  # of every run
 
 # %%
 import os
@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adm_lib.book import find_root
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEYS,
@@ -71,6 +72,9 @@ from adm_lib.config import TrainConfig, TrainError, make_config
 from adm_lib.runlog import read_metrics
 from adm_lib.train import train
 
+# Relative paths, the parameters' too, start at the book's root, as under
+# `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
+os.chdir(find_root())
 runs = Path(runs_dir)
 shutil.rmtree(runs, ignore_errors=True)  # the appendix's runs start afresh
 device = "cpu"  # the checks are exact on the CPU (R.4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,12 +251,68 @@ def test_read_cells_keeps_kinds_tags_and_lines(tmp_path: Path) -> None:
 
 
 def test_chapter_lookup(tmp_path: Path) -> None:
-    book = make_book(tmp_path, {"01_a.py": EXPORTING, "02_b.py": chapter()})
+    book = make_book(tmp_path, {"01_a.py": EXPORTING, "02_b.py": chapter(),
+                                "appendix_c.py": chapter()})
     target = tmp_path / "chapters" / "02_b.py"
-    for name in ("2", "02", "02_b", "02_b.py", str(target)):
+    for name in ("2", "02", "02_b", "02_b.py", "b", str(target)):
         assert book.chapter(name) == target
+    assert book.chapter("c") == book.chapter("appendix_c")
     with pytest.raises(bk.BookError, match="no chapter '3'.*01_a.py, 02_b.py"):
         book.chapter("3")
+    with pytest.raises(bk.BookError, match="no chapter 'appendix'"):
+        book.chapter("appendix")  # a prefix, not a name
+
+
+def test_a_name_two_chapters_share_is_refused(tmp_path: Path) -> None:
+    book = make_book(tmp_path, {"01_runs.py": chapter(),
+                                "appendix_runs.py": chapter()})
+    with pytest.raises(bk.BookError, match="'runs' is ambiguous "
+                       r"\(01_runs.py, appendix_runs.py\)"):
+        book.chapter("runs")
+
+
+def test_every_chapter_is_found_by_each_of_its_names() -> None:
+    """What `adm book run --help` promises: a number, name, stem or path."""
+    book = bk.Book.load(ROOT)
+    for path in book.chapters:
+        prefix, _, name = path.stem.partition("_")
+        names = [name, path.stem, path.name, str(path)]
+        names += [prefix, str(int(prefix))] if prefix.isdigit() else []
+        assert {book.chapter(n) for n in names} == {path}
+
+
+def test_adm_book_run_takes_a_chapters_name(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # An unknown parameter stops the run before any work, once the chapter
+    # is found: the message names the chapter the name resolved to.
+    assert main(["book", "run", "forward", "-p", "num_stepz", "1"]) == 1
+    assert "01_forward.py has no parameter num_stepz" in capsys.readouterr().err
+
+
+def test_the_root_is_found_from_any_folder_of_the_book(tmp_path: Path) -> None:
+    make_book(tmp_path, {"01_a.py": chapter()})
+    (tmp_path / "build" / "nbval").mkdir(parents=True)
+    for start in (tmp_path, tmp_path / "chapters", tmp_path / "build" / "nbval"):
+        assert bk.find_root(start) == tmp_path
+    with pytest.raises(bk.BookError, match="no book.toml in"):
+        bk.find_root(tmp_path.parent)
+
+
+def test_every_chapter_starts_at_the_books_root() -> None:
+    """Relative paths mean the same under JupyterLab, nbval and papermill.
+
+    Each chapter's first code cell after its parameters (and its
+    `#| default_exp`) changes to the root before anything else runs.
+    """
+    for path in bk.Book.load(ROOT).chapters:
+        cells = [c for c in bk.read_cells(path) if c.kind == "code"]
+        after = next(i for i, c in enumerate(cells) if "parameters" in c.tags)
+        first = next(c for c in cells[after + 1:]
+                     if not c.source.startswith("#| default_exp"))
+        code = [line for line in first.source.splitlines()
+                if line and not line.startswith(("#", "import ", "from ", " ",
+                                                 ")"))]
+        assert code[0] == "os.chdir(find_root())", path.name
 
 
 def test_book_toml_errors(tmp_path: Path) -> None:
@@ -315,6 +373,61 @@ def test_run_chapter_one_with_overrides(tmp_path: Path) -> None:
     # At T = 200 the linear schedule's ends are scaled by 1000 / 200 = 5.
     assert "linear beta range  5.00e-04 .. 1.00e-01" in text
     assert "matches Bayes' rule at all 199 steps" in text
+    # The run records where it came from: the chapter, not its notebook.
+    assert executed.metadata.papermill.input_path == str(book.chapter("1"))
+
+
+@pytest.mark.parametrize("path", bk.Book.load(ROOT).chapters, ids=lambda p: p.name)
+def test_papermill_shows_every_parameter_typed_and_described(path: Path) -> None:
+    """`papermill --help-notebook` lists what `adm book run` takes."""
+    import papermill
+
+    shown = papermill.inspect_notebook(bk.to_notebook(path))
+    assert set(shown) == set(bk.chapter_parameters(path))
+    for name, parameter in shown.items():
+        assert parameter["inferred_type_name"] not in ("None", ""), name
+        assert parameter["help"], name
+
+
+def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A shell command line, with this environment's scripts on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(command, shell=True, cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ,
+                                                       "PATH": path})
+
+
+# README's and chapter 0's recipe for papermill itself; -y for lists.
+RECIPE = ("jupytext --to ipynb -o - {chapter} | papermill - {output} {options}"
+          " -p num_timesteps 200 -y 'sample_steps: [10, 25]'")
+
+
+def test_the_papermill_recipe_parameterizes_a_chapter(tmp_path: Path) -> None:
+    output = tmp_path / "out.ipynb"
+    result = _shell(RECIPE.format(chapter="02_diffusion.py", output=output,
+                                  options="--prepare-only"), ROOT / "chapters")
+    assert result.returncode == 0, result.stderr
+    injected, = (c for c in nbformat.read(output, as_version=4).cells
+                 if "injected-parameters" in c.metadata.get("tags", []))
+    assert "num_timesteps = 200\n" in injected.source
+    assert "sample_steps = [10, 25]\n" in injected.source  # a list, by -y
+
+
+def test_the_papermill_recipe_runs_from_any_folder_of_the_book(
+        tmp_path: Path) -> None:
+    """Piped from chapters/, a chapter's relative paths still mean the root."""
+    make_book(tmp_path, {"01_x.py": chapter(
+        "import os\nfrom adm_lib.book import find_root\n\n"
+        "os.chdir(find_root())",
+        "from pathlib import Path\n\n"
+        "Path('out.txt').write_text(str(num_timesteps + sample_steps[1]))",
+        parameters="num_timesteps = 1\nsample_steps = [1, 2]\n")})
+    output = tmp_path / "x.ipynb"
+    result = _shell(RECIPE.format(chapter="01_x.py", output=output,
+                                  options="--no-progress-bar"),
+                    tmp_path / "chapters")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.txt").read_text() == "225"
 
 
 def _runnable_book(
@@ -642,3 +755,14 @@ def test_one_converter_for_every_command_line(raw, default, value) -> None:
 def test_the_converter_refuses_what_is_not_of_the_type(raw, default) -> None:
     with pytest.raises(ValueError, match="expected"):
         coerce(raw, default)
+
+
+def test_the_conda_environment_pins_readmes_torch() -> None:
+    """environment.yml installs the torch that README's install lines pin."""
+    import yaml
+
+    readme = set(re.findall(r"torch==([\w.+]+)", (ROOT / "README.md").read_text()))
+    conda = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    pinned = {line.split("==")[1] for line in pip if line.startswith("torch==")}
+    assert len(readme) == 1 and pinned == readme
