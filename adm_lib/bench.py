@@ -259,12 +259,15 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
               sample_steps: str = "25",
               sample_batch: int | None = None,
               reference: Path | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True,
+              sample: bool = True) -> dict[str, Any]:
     """Time training and sampling of `config`; a report.
 
     Training steps take `config.batch_size` images; the sampler draws
     `sample_batch` at once (default the same): without gradients, a GPU
-    needs a larger batch to fill.
+    needs a larger batch to fill. `sample=False` times training only: the
+    sampler runs the EMA model uncompiled, so a compiled run would only
+    time the eager sampler again.
     """
     batch = config.batch_size
     sample_batch = batch if sample_batch is None else sample_batch
@@ -302,6 +305,8 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
         "sample": (lambda impl: impl.sample(y_sample, sample_steps),
                    sample_batch * nfe),
     }
+    if not sample:
+        del workloads["sample"]
     timings = {w: {name: Timing() for name in impls} for w in workloads}
     total = (warmup + rounds) * len(workloads) * len(impls)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
@@ -323,7 +328,8 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
         "precision": ours.precision, "compile": config.compile,
         "reference_precision": ("fp16" if device.type == "cuda" else "fp32"
                                 ) if reference else None,
-        "sample_steps": sample_steps, "sample_batch": sample_batch,
+        "sample_steps": sample_steps if sample else None,
+        "sample_batch": sample_batch if sample else None,
         "forward_gflop_per_image": flops / 1e9,
     }
     for workload, (_, work) in workloads.items():
@@ -385,6 +391,8 @@ def format_report(name: str, report: dict[str, Any]) -> str:
              "sample": f"images x NFE/s ({report['sample_steps']} steps, "
                        f"batch {report['sample_batch']})"}
     for workload, unit in units.items():
+        if workload not in report:  # timed training only
+            continue
         entry = report[workload]
         ref = (f"{entry['reference']['rate']:.1f}" if both else "-")
         ratio = (f"{entry['ratio']:.2f}x ({entry['ratio_range'][0]:.2f}-"

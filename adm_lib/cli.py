@@ -216,7 +216,7 @@ def _bench(args: argparse.Namespace) -> int:
             config, rounds=args.rounds, warmup=args.warmup,
             sample_steps=args.sample_steps, sample_batch=args.sample_batch,
             reference=args.reference,
-            progress=not args.quiet)
+            progress=not args.quiet, sample=not args.train_only)
     except bench.BenchError as err:
         raise CommandError(str(err)) from None
     print(bench.format_report(args.model, report))
@@ -663,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, metavar="PATH",
                        help="also write the report, with every round's "
                        "seconds, as JSON (default: not written)")
+    bench.add_argument("--train-only", action="store_true",
+                       help="time the training step only, not the sampler")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 

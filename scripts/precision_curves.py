@@ -5,9 +5,10 @@ so they see the same batches, timesteps and noise: only the arithmetic
 differs. Every step's loss is logged. For each window of `--window` steps
 the two runs' mean losses are compared with the noise of such a mean, the
 standard error of the difference of two window means of independent steps
-(the batch-to-batch spread of the loss within the window). Prints a table,
-and with `--plot FILE` draws both curves and the difference in units of
-that standard error.
+(the batch-to-batch spread of the loss within the window). Prints a table;
+with `--plot FILE` draws both curves and the difference in units of that
+standard error; with `--json FILE` writes every loss, window and run time.
+`--device auto` (the default) is a GPU where there is one, else the CPU.
 
     python scripts/precision_curves.py --steps 1000 --out build/precision \\
         --plot chapters/figures/04_bf16_fp32.png
@@ -16,14 +17,16 @@ that standard error.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def _train(precision: str, steps: int, batch: int, device: str,
-           out: Path) -> Path:
+           out: Path, progress: bool) -> Path:
     """The demo's diffusion run at `precision`, logging every step."""
     from adm_lib.config import make_config
     from adm_lib.demo import DemoSettings, _configs
@@ -34,7 +37,7 @@ def _train(precision: str, steps: int, batch: int, device: str,
         "steps": steps, "batch_size": batch, "precision": precision,
         "log_interval": 1, "save_interval": steps})
     run = out / precision
-    train(config, run, resume=run.exists())
+    train(config, run, resume=run.exists(), progress=progress)
     return run
 
 
@@ -86,18 +89,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--window", type=int, default=100)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto: a GPU if there is one, else the CPU")
     parser.add_argument("--out", type=Path, default=Path("build/precision"))
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars")
     args = parser.parse_args()
     if args.steps < 2 * args.window or args.window < 2:
         parser.error("--steps must be at least two --window, which is >= 2")
+    from adm_lib.devices import resolve_device
     from adm_lib.runlog import read_metrics
 
-    losses = {}
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as err:
+        parser.error(f"--device: {err}")
+    losses, seconds = {}, {}
     for precision in PRECISIONS:
-        run = _train(precision, args.steps, args.batch, args.device,
-                     args.out)
+        start = time.perf_counter()
+        run = _train(precision, args.steps, args.batch, device, args.out,
+                     not args.quiet)
+        seconds[precision] = time.perf_counter() - start
         losses[precision] = [r["loss"] for r in read_metrics(run)
                              if "loss" in r]
     rows = windows(losses, args.window)
@@ -111,6 +125,11 @@ def main() -> None:
         _plot(losses, rows, args.window, args.plot,
               f"the demo's diffusion model, batch {args.batch}, the same "
               "seed: float32 and bf16 autocast")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": device, "steps": args.steps, "batch": args.batch,
+            "window": args.window, "seconds": seconds, "windows": rows,
+            "losses": losses}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# scripts/gpu_check.sh's steps, in order, and those that time the reference.
+GPU_STEPS = ["env", "tests", "imagenet64", "cifar32", "precision",
+             "imagenet64_compiled"]
+NEEDS_REFERENCE = {"imagenet64", "cifar32"}
 
 
 def _script(name: str):
@@ -47,15 +53,20 @@ def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
 
 
 def test_precision_curves_trains_both_and_plots(tmp_path: Path) -> None:
-    plot = tmp_path / "curves.png"
+    plot, numbers = tmp_path / "curves.png", tmp_path / "curves.json"
+    # The device left at its default, auto, as chapter 4 runs it.
     done = _run("precision_curves", "--steps", "4", "--window", "2",
-                "--batch", "2", "--device", "cpu",
-                "--out", str(tmp_path / "runs"), "--plot", str(plot))
+                "--batch", "2", "--out", str(tmp_path / "runs"),
+                "--plot", str(plot), "--json", str(numbers), "--quiet")
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines()
              if line.startswith("| 1-2 ") or line.startswith("| 3-4 ")]
     assert len(table) == 2
     assert plot.stat().st_size > 0
+    report = json.loads(numbers.read_text())
+    assert report["device"] in ("cpu", "cuda")
+    assert [len(report["losses"][p]) for p in ("fp32", "bf16")] == [4, 4]
+    assert [w["steps"] for w in report["windows"]] == ["1-2", "3-4"]
     for precision in ("fp32", "bf16"):
         records = [json.loads(line) for line in (
             tmp_path / "runs" / precision / "metrics.jsonl").open()]
@@ -63,6 +74,13 @@ def test_precision_curves_trains_both_and_plots(tmp_path: Path) -> None:
         config = json.loads((tmp_path / "runs" / precision /
                              "config.json").read_text())
         assert config["precision"] == precision
+
+
+def test_precision_curves_names_a_bad_device() -> None:
+    done = _run("precision_curves", "--steps", "4", "--window", "2",
+                "--device", "tpu", timeout=60)
+    assert done.returncode == 2
+    assert "--device: device='tpu' is not a device" in done.stderr
 
 
 def test_precision_curves_refuses_too_few_steps() -> None:
@@ -88,3 +106,84 @@ def test_unet_speed_names_a_bad_revision() -> None:
     done = _run("unet_speed", "--before", "no-such-rev", timeout=60)
     assert done.returncode == 1
     assert "no-such-rev" in done.stderr
+
+
+def _gpu_check(tmp_path: Path, **env: str
+               ) -> tuple[subprocess.CompletedProcess, dict]:
+    """scripts/gpu_check.sh run with `env`; its output and its JSON."""
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env={
+            **os.environ, "OUT": str(tmp_path / "out"),
+            "BUILD": str(tmp_path / "build"), "PYTHON": sys.executable,
+            **env})
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    return done, report
+
+
+def test_the_gpu_check_runs_every_step_at_toy_size(tmp_path: Path) -> None:
+    # SIZE=toy: the GPU branch's own commands, at toy sizes on the CPU
+    # (and against the reference where a checkout is at ./reference).
+    done, report = _gpu_check(tmp_path, SIZE="toy")
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == [p["name"] for p in report["plan"]] == GPU_STEPS
+    checkout = (ROOT / "reference" / "guided_diffusion").is_dir()
+    for name, step in steps.items():
+        skipped = name in NEEDS_REFERENCE and not checkout
+        assert step["status"] == ("skipped" if skipped else "ok"), step
+        assert step["expected_h100_s"] > 0
+    assert steps["env"]["result"]["gpu"] is None
+    assert "1 skipped" in steps["tests"]["last_line"]  # the GPU's test
+    compiled = steps["imagenet64_compiled"]["result"]
+    assert compiled["compile"] and "sample" not in compiled
+    assert compiled["train"]["adm_lib"]["rate"] > 0
+    assert [w["steps"] for w in steps["precision"]["result"]["windows"]] == [
+        "1-2", "3-4"]
+    for name in NEEDS_REFERENCE & {n for n, s in steps.items()
+                                   if s["status"] == "ok"}:
+        assert steps[name]["result"]["train"]["ratio"] > 0
+    # At the top of the results: the JSON, the whole log, one figure.
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "04_bf16_fp32.png", "gpu_check.json", "gpu_check.log"]
+    log = (out / "gpu_check.log").read_text()
+    for line in ("SKIPPED [1] tests/test_train.py", "| 3-4 |",
+                 "adm bench imagenet64:", "| imagenet64_compiled | ok |"):
+        assert line in log
+
+
+def test_a_failing_or_hanging_gpu_step_loses_only_itself(
+        tmp_path: Path) -> None:
+    # A python that fails the tests and hangs (with a child) in the curves;
+    # no checkout, one step left out, and too short a budget for the last.
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+case "$*" in
+    */env_check.py*) exit 0 ;;
+    "-m pytest"*) echo "E   a failing test"; exit 3 ;;
+    scripts/precision_curves.py*) sleep 60 & wait; exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    start = time.monotonic()
+    done, report = _gpu_check(tmp_path, SIZE="toy", PYTHON=str(fake),
+                              REF=str(tmp_path / "none"), BUDGET="6",
+                              MIN_STEP="2", ONLY=" ".join(
+                                  n for n in GPU_STEPS if n != "imagenet64"))
+    assert time.monotonic() - start < 30  # the hung step's child too
+    assert done.returncode == 1
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == GPU_STEPS
+    assert [steps[n]["status"] for n in GPU_STEPS] == [
+        "ok", "failed", "skipped", "skipped", "timeout", "skipped"]
+    assert steps["tests"]["exit_code"] == 3
+    assert steps["tests"]["last_line"] == "E   a failing test"
+    assert steps["imagenet64"]["reason"] == "not in ONLY"
+    assert "no guided-diffusion checkout" in steps["cifar32"]["reason"]
+    assert 4 < steps["precision"]["seconds"] < 20
+    assert "s left of the 6 s budget" in steps["imagenet64_compiled"][
+        "reason"]
+    assert "E   a failing test" in (tmp_path / "out" /
+                                    "gpu_check.log").read_text()
