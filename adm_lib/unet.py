@@ -6,6 +6,7 @@
 __all__ = [
     "conv_nd",
     "avg_pool_nd",
+    "GroupNorm32",
     "normalization",
     "zero_module",
     "timestep_embedding",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:100
+# %% chapters/03_architecture.py:103
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,9 +58,19 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     return pools[dims](*args, **kwargs)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose output keeps its input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # CUDA's autocast runs group_norm in float32 and returns float32:
+        # without the cast back, every SiLU, AdaGN and dropout after a norm
+        # would run and be saved for backward in float32, twice the bytes.
+        return super().forward(x).to(x.dtype)
+
+
 def normalization(channels: int) -> nn.GroupNorm:
     """The models' normalisation: GroupNorm with 32 groups."""
-    return nn.GroupNorm(32, channels)
+    return GroupNorm32(32, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -69,7 +80,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:145
+# %% chapters/03_architecture.py:158
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -84,7 +95,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:184
+# %% chapters/03_architecture.py:197
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -103,7 +114,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:212
+# %% chapters/03_architecture.py:225
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -140,7 +151,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:255
+# %% chapters/03_architecture.py:268
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -170,7 +181,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:319
+# %% chapters/03_architecture.py:332
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -178,7 +189,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:348
+# %% chapters/03_architecture.py:361
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -201,7 +212,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:378
+# %% chapters/03_architecture.py:391
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -260,7 +271,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:501
+# %% chapters/03_architecture.py:514
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -285,7 +296,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:537
+# %% chapters/03_architecture.py:550
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -341,7 +352,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:661
+# %% chapters/03_architecture.py:674
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -387,7 +398,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:715
+# %% chapters/03_architecture.py:728
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -431,7 +442,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:777
+# %% chapters/03_architecture.py:790
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -507,7 +518,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:861
+# %% chapters/03_architecture.py:874
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -540,7 +551,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:901
+# %% chapters/03_architecture.py:914
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
@@ -640,7 +651,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1078
+# %% chapters/03_architecture.py:1091
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -668,7 +679,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1111
+# %% chapters/03_architecture.py:1124
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -712,7 +723,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1156
+# %% chapters/03_architecture.py:1169
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
@@ -775,7 +786,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1259
+# %% chapters/03_architecture.py:1272
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
@@ -823,7 +834,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1499
+# %% chapters/03_architecture.py:1512
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

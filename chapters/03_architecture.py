@@ -94,7 +94,10 @@ if threads:
 #
 # The models do no dtype juggling: they compute in the dtype of their
 # parameters and inputs. Mixed precision is the job of `torch.autocast`, or of
-# the caller who casts the model (float32, bfloat16 and float16 all run).
+# the caller who casts the model (float32, bfloat16 and float16 all run). One
+# exception, as in the reference's `GroupNorm32`: a norm's output is cast back
+# to its input's dtype, since CUDA's autocast computes group norms in float32
+# and would otherwise leave the rest of the block in float32.
 
 # %%
 #| export
@@ -120,9 +123,19 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     return pools[dims](*args, **kwargs)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose output keeps its input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # CUDA's autocast runs group_norm in float32 and returns float32:
+        # without the cast back, every SiLU, AdaGN and dropout after a norm
+        # would run and be saved for backward in float32, twice the bytes.
+        return super().forward(x).to(x.dtype)
+
+
 def normalization(channels: int) -> nn.GroupNorm:
     """The models' normalisation: GroupNorm with 32 groups."""
-    return nn.GroupNorm(32, channels)
+    return GroupNorm32(32, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from adm_lib.unet import (
     UNetModel,
     Upsample,
     ablation_unet,
+    normalization,
     timestep_embedding,
 )
 
@@ -269,6 +270,29 @@ def test_autocast_bfloat16() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t)
     assert out.shape == (N, 6, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_norms_return_their_inputs_dtype_when_computed_in_float32(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA's autocast runs group_norm in float32; the same is forced here,
+    # and every activation a norm hands on must stay in the input's dtype.
+    group_norm = F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda x, groups, w, b, eps:
+                        group_norm(x.float(), groups, w.float(), b.float(),
+                                   eps))
+    seen = []
+    model = unet(dropout=0.1).to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.register_forward_hook(
+                lambda m, i, out: seen.append((i[0].dtype, out.dtype)))
+    x = torch.randn(N, 3, SIZE, SIZE, dtype=torch.bfloat16)
+    out = model(x, torch.tensor([3, 700]))
+    assert out.dtype == torch.bfloat16 and len(seen) > 10
+    assert all(out == into for into, out in seen)
+    # The reference's checkpoints load: a norm's keys are GroupNorm's.
+    norm = normalization(64)
+    assert norm.state_dict().keys() == nn.GroupNorm(32, 64).state_dict().keys()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
