@@ -8,6 +8,7 @@ __all__ = [
     "Extractor",
     "feature_extractor",
     "feature_label",
+    "ieee_float32",
     "compute_activations",
     "softmax",
     "FIDStatistics",
@@ -27,9 +28,10 @@ __all__ = [
 
 
 # %% chapters/05_metrics.py:138
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +67,25 @@ def feature_label(name: str) -> str:
     return "" if name == "inception" else f"({name}-net)"
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Float32 products and convolutions in IEEE float32 on a GPU too."""
+    # A training run in the same process may have turned TF32 on (10-bit
+    # mantissas): distances and features would move with it, and so the
+    # k-NN radii of precision and recall. The CPU never uses TF32.
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [b.allow_tf32 for b in backends]
+    for backend in backends:
+        backend.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for backend, allowed in zip(backends, saved, strict=True):
+            backend.allow_tf32 = allowed
+
+
 @torch.no_grad()
+@ieee_float32()
 def compute_activations(images: np.ndarray, extractor: Extractor,
                         batch_size: int = 64,
                         device: str | torch.device = "cpu",
@@ -88,7 +108,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:217
+# %% chapters/05_metrics.py:236
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -144,7 +164,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:315
+# %% chapters/05_metrics.py:334
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -157,7 +177,8 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:362
+# %% chapters/05_metrics.py:382
+@ieee_float32()
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
@@ -195,7 +216,7 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:406
+# %% chapters/05_metrics.py:427
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
@@ -220,7 +241,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:474
+# %% chapters/05_metrics.py:495
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -273,7 +294,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:527
+# %% chapters/05_metrics.py:548
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -318,7 +339,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:578
+# %% chapters/05_metrics.py:599
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -350,7 +371,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:613
+# %% chapters/05_metrics.py:634
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))

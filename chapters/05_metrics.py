@@ -136,9 +136,10 @@ print(f"device: {device}, features: {features}")
 
 # %%
 #| export
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +175,25 @@ def feature_label(name: str) -> str:
     return "" if name == "inception" else f"({name}-net)"
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Float32 products and convolutions in IEEE float32 on a GPU too."""
+    # A training run in the same process may have turned TF32 on (10-bit
+    # mantissas): distances and features would move with it, and so the
+    # k-NN radii of precision and recall. The CPU never uses TF32.
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [b.allow_tf32 for b in backends]
+    for backend in backends:
+        backend.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for backend, allowed in zip(backends, saved, strict=True):
+            backend.allow_tf32 = allowed
+
+
 @torch.no_grad()
+@ieee_float32()
 def compute_activations(images: np.ndarray, extractor: Extractor,
                         batch_size: int = 64,
                         device: str | torch.device = "cpu",
@@ -352,7 +371,8 @@ assert abs(spread - classes) < 1e-3 and abs(collapsed - 1) < 1e-3
 # guidance buys precision with recall.
 #
 # Distances are squared Euclidean, computed as
-# $\lVert u \rVert^2 - 2 u \cdot v + \lVert v \rVert^2$ in float32, and a
+# $\lVert u \rVert^2 - 2 u \cdot v + \lVert v \rVert^2$ in IEEE float32 (never
+# TF32, which a GPU training run may have switched on), and a
 # point on a ball's surface is inside. With 50,000 samples against 10,000
 # references the distance matrix would take 2 GB, so it is computed in
 # blocks, keeping for each row only the $k + 1$ smallest distances seen;
@@ -360,6 +380,7 @@ assert abs(spread - classes) < 1e-3 and abs(collapsed - 1) < 1e-3
 
 # %%
 #| export
+@ieee_float32()
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
     norm_u = (u * u).sum(dim=1, keepdim=True)

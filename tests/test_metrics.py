@@ -381,3 +381,42 @@ def test_score_activations_use_given_reference_statistics() -> None:
     far = mt.FIDStatistics(np.full(3, 10.0), np.eye(3))
     given = mt.score_activations(acts, acts, ref_stats=(far, far))
     assert given["fid"] > 100 and given["sfid"] > 100
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_metrics_compute_without_tf32_and_restore_the_setting(
+        monkeypatch: pytest.MonkeyPatch, allowed: bool) -> None:
+    # A training run may have turned TF32 on; the products of distances and
+    # features must still be IEEE float32, and the run's setting come back.
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    # Set by hand: monkeypatch cannot undo these modules' attributes.
+    saved = [backend.allow_tf32 for backend in backends]
+    for backend in backends:
+        backend.allow_tf32 = allowed
+    try:
+        check_tf32_off(monkeypatch, backends, allowed)
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.allow_tf32 = value
+
+
+def check_tf32_off(monkeypatch: pytest.MonkeyPatch, backends: tuple,
+                   allowed: bool) -> None:
+    seen = []
+    matmul = torch.Tensor.__matmul__
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append([backend.allow_tf32 for backend in backends])
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    mt.pairwise_distances(torch.randn(5, 3), torch.randn(4, 3))
+
+    def extractor(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append([backend.allow_tf32 for backend in backends])
+        return {"pool": x.flatten(1)}
+
+    images = np.zeros((3, 2, 2, 1), np.uint8)
+    mt.compute_activations(images, extractor, batch_size=2)
+    assert seen == [[False, False]] * 3
+    assert [backend.allow_tf32 for backend in backends] == [allowed] * 2
