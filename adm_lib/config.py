@@ -11,6 +11,7 @@ __all__ = [
     "KINDS",
     "PRECISIONS",
     "SCHEDULE_SAMPLERS",
+    "MAX_SEED",
     "TrainError",
     "TrainConfig",
     "RUN_FIELDS",
@@ -43,14 +44,17 @@ from adm_lib.values import coerce
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+# The largest seed: torch's generators take 64 bits. Seeds derived from it
+# (`step_seed`) are hashed to 64 bits, so they take any seed.
+MAX_SEED = 2**64 - 1
 
 
-# %% chapters/04_training.py:163
+# %% chapters/04_training.py:166
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
 
-# %% chapters/04_training.py:171
+# %% chapters/04_training.py:174
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -114,7 +118,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network for training
     noised: bool = True  # classifier: train on noised images
     clean_fraction: float = 0.0  # classifier: share of noise-free images
-    seed: int = 0
+    seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
     num_workers: int = 0
@@ -130,7 +134,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:254
+# %% chapters/04_training.py:257
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -139,7 +143,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:277
+# %% chapters/04_training.py:280
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -159,7 +163,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:301
+# %% chapters/04_training.py:304
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -210,7 +214,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:359
+# %% chapters/04_training.py:362
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -247,7 +251,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:401
+# %% chapters/04_training.py:404
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -260,7 +264,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:414
+# %% chapters/04_training.py:417
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -292,7 +296,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:450
+# %% chapters/04_training.py:453
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -312,9 +316,12 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "seed", "sample_interval", "eval_interval"):
+                 "num_classes", "sample_interval", "eval_interval"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainError(f"seed={config.seed}: expected 0 to 2**64 - 1 = "
+                         f"{MAX_SEED}, the seeds torch's generators take")
     for name in ("num_head_channels", "num_heads_upsample"):
         value = getattr(config, name)
         if value != -1 and value < 1:
@@ -337,7 +344,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:500
+# %% chapters/04_training.py:506
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -378,7 +385,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:546
+# %% chapters/04_training.py:552
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -430,7 +437,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:602
+# %% chapters/04_training.py:608
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -447,7 +454,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:627
+# %% chapters/04_training.py:633
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()
