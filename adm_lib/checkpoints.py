@@ -13,6 +13,7 @@ __all__ = [
     "checkpoint_path",
     "write_atomic",
     "save_checkpoint",
+    "rotate_checkpoints",
     "read_checkpoint",
     "latest_checkpoint",
     "config_mismatch",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1434
+# %% chapters/04_training.py:1439
 import contextlib
 import fcntl
 import json
@@ -55,7 +56,7 @@ CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
 
 
-# %% chapters/04_training.py:1466
+# %% chapters/04_training.py:1471
 def checkpoint_path(out: Path, step: int) -> Path:
     """Where the checkpoint of `step` lives in the run folder `out`."""
     return out / "checkpoints" / f"step_{step:08d}.pt"
@@ -81,31 +82,73 @@ def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save's: RuntimeError
         tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot write {path}: {err.strerror or err}; "
+        raise TrainError(f"cannot write {path}: {_write_failure(err)}; "
                          "earlier files there are intact") from None
     except BaseException:  # a failing save(), Ctrl-C: no litter either
         tmp.unlink(missing_ok=True)
         raise
 
 
-# %% chapters/04_training.py:1508
+def _write_failure(err: Exception) -> str:
+    """Why a write failed, in one line: the system's reason if it gave one.
+
+    torch.save turns a failed write (a full disk, say) into a RuntimeError
+    of its own, "[enforce fail at inline_container.cc:...] ...", raised
+    while handling the OSError that says what happened.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+
+# %% chapters/04_training.py:1531
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` atomically and delete all but the `keep` newest."""
+    """Write `state` atomically; then keep `keep` checkpoints (rotate)."""
     path = checkpoint_path(out, state["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(state, f))
-    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
-        old.unlink()
+    rotate_checkpoints(path, keep)
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only), or a clear TrainError."""
+def rotate_checkpoints(written: Path, keep: int) -> None:
+    """Keep `written` and the `keep` - 1 newest readable other checkpoints.
+
+    Older readable ones are deleted; damaged ones are set aside as
+    `*.damaged` with a warning. A file is probed with its tensors mapped,
+    not read, so a rotation costs little however large the checkpoints.
+    """
+    others = sorted(set(written.parent.glob("step_*.pt")) - {written},
+                    reverse=True)
+    kept = 1
+    for path in others:
+        try:
+            read_checkpoint(path, mmap=True)
+        except TrainError as err:
+            aside = path.with_name(f"{path.name}.damaged")
+            path.replace(aside)
+            warnings.warn(f"{err}; set aside as {aside.name}", stacklevel=2)
+            continue
+        if kept < keep:
+            kept += 1
+        else:
+            path.unlink()
+
+
+def read_checkpoint(path: str | os.PathLike,
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only), or a clear TrainError.
+
+    With `mmap`, the tensors are mapped from the file, not read.
+    """
     path = Path(path)
     try:
-        state = gd.safe_load(path)
+        state = gd.safe_load(path, mmap=mmap)
     except FileNotFoundError:
         raise TrainError(f"no checkpoint at {path}") from None
     except ValueError as err:  # truncated zip, bad pickle, disk error...
@@ -129,7 +172,7 @@ def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-# %% chapters/04_training.py:1551
+# %% chapters/04_training.py:1601
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -164,7 +207,7 @@ def lock_run(out: Path) -> Iterator[None]:
             f.truncate(0)
 
 
-# %% chapters/04_training.py:1660
+# %% chapters/04_training.py:1710
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """This process's global RNG state (dropout draws from it)."""
     state = {"cpu": torch.get_rng_state()}
@@ -180,7 +223,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:2139
+# %% chapters/04_training.py:2211
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -234,7 +277,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2514
+# %% chapters/04_training.py:2594
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adm_lib import book as bk
-from adm_lib.values import SEED_LIMIT, coerce
+from adm_lib.values import MAX_SEED, coerce
 
 
 class CommandError(Exception):
@@ -67,7 +67,7 @@ def _whole(least: int | None = None,
 
 
 _positive_int = _whole(1)
-_seed = _whole(0, SEED_LIMIT)
+_seed = _whole(0, MAX_SEED + 1)
 
 
 def _book_run(args: argparse.Namespace) -> int:
@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
     sample.add_argument("--seed", type=_seed, default=0,
                         help="seed of the noise and of random labels, 0 to "
-                        f"{SEED_LIMIT - 1} (default %(default)s)")
+                        f"{MAX_SEED} (default %(default)s)")
     sample.add_argument("--precision", choices=("auto", "fp32", "bf16",
                                                 "fp16"), default="auto",
                         help="the network's: auto (default) is bf16 where "

@@ -38,7 +38,7 @@ from adm_lib.compat import guided_diffusion as gd
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.forward import BETA_SCHEDULES
 from adm_lib.unet import POOLS
-from adm_lib.values import coerce
+from adm_lib.values import MAX_SEED, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -114,7 +114,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network for training
     noised: bool = True  # classifier: train on noised images
     clean_fraction: float = 0.0  # classifier: share of noise-free images
-    seed: int = 0
+    seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
     num_workers: int = 0
@@ -312,9 +312,12 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "seed", "sample_interval", "eval_interval"):
+                 "num_classes", "sample_interval", "eval_interval"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainError(f"seed={config.seed}: expected 0 to 2**64 - 1 = "
+                         f"{MAX_SEED}, the seeds torch's generators take")
     for name in ("num_head_channels", "num_heads_upsample"):
         value = getattr(config, name)
         if value != -1 and value < 1:
@@ -337,7 +340,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:505
+# %% chapters/04_training.py:508
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -378,7 +381,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:551
+# %% chapters/04_training.py:554
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -430,7 +433,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:607
+# %% chapters/04_training.py:610
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -447,7 +450,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:632
+# %% chapters/04_training.py:635
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

@@ -18,10 +18,11 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1900
+# %% chapters/04_training.py:1950
 import json
 import os
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +50,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.viz import pixel_grid
 
 
-# %% chapters/04_training.py:1934
+# %% chapters/04_training.py:1985
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -66,7 +67,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1955
+# %% chapters/04_training.py:2006
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -131,16 +132,31 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:2025
-def _records(path: Path) -> list[dict[str, float]]:
-    """The whole records of a JSONL file."""
-    records = []
-    for line in path.read_text().splitlines():
+# %% chapters/04_training.py:2079
+def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
+    """The lines of a JSONL log, each with its record (None: not one).
+
+    A last line cut short by a kill, or still being written, is left out;
+    any other line that is not a record is named in a warning.
+    """
+    text = path.read_text()
+    lines = text.splitlines()
+    found = []
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue  # a line cut short by a kill, or being written
-    return records
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut short: the line had not ended
+            record = None
+        if not (isinstance(record, dict)
+                and type(record.get("step")) is int):
+            warnings.warn(f"{path} line {number} is not a metrics record "
+                          "(a JSON object with an integer step): skipped",
+                          stacklevel=3)
+            record = None
+        found.append((line, record))
+    return found
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
@@ -148,19 +164,22 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         raise TrainError(f"no metrics at {path}: has the run started?")
-    return _records(path)
+    return [record for _, record in _lines(path) if record is not None]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of the JSONL file `path` after `step`."""
+    """Drop the records of the JSONL file `path` after `step`.
+
+    Lines that are not records stay as they are: nothing is lost.
+    """
     if not path.exists():
         return
-    kept = "".join(json.dumps(r) + "\n" for r in _records(path)
-                   if r["step"] <= step)
+    kept = "".join(line + "\n" for line, record in _lines(path)
+                   if record is None or record["step"] <= step)
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 
-# %% chapters/04_training.py:2054
+# %% chapters/04_training.py:2126
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -226,7 +245,7 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-# %% chapters/04_training.py:2123
+# %% chapters/04_training.py:2195
 def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
     """Write uint8 N x H x W x C images as one grid PNG, atomically."""
     grid = pixel_grid(pixels, columns)

@@ -38,7 +38,7 @@ from adm_lib.guidance import (
 )
 from adm_lib.metrics import read_batch, write_batch
 from adm_lib.runlog import save_png
-from adm_lib.values import SEED_LIMIT
+from adm_lib.values import MAX_SEED
 
 
 class SampleError(ValueError):
@@ -176,9 +176,9 @@ def check_options(classifier: object | None = None, *,
                         ("--batch-size", batch_size)):
         if value < 1:
             raise SampleError(f"{flag} {value}: expected a number >= 1")
-    if not 0 <= seed < SEED_LIMIT:
+    if not 0 <= seed <= MAX_SEED:
         raise SampleError(f"--seed {seed}: expected a whole number from 0 "
-                          f"to {SEED_LIMIT - 1}")
+                          f"to {MAX_SEED}")
     if guide_at_mean and (classifier is None or sampler != "ddpm"):
         raise SampleError("--guide-at mean needs a classifier and the ddpm "
                           "sampler (Algorithm 1)")

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1095
+# %% chapters/04_training.py:1098
 import contextlib
 import copy
 import functools
@@ -100,7 +100,7 @@ from adm_lib.runlog import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1170
+# %% chapters/04_training.py:1173
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (not emulated)."""
     if device.type == "cuda":
@@ -129,7 +129,7 @@ def _say_fp32(device_type: str) -> None:
           file=sys.stderr)
 
 
-# %% chapters/04_training.py:1208
+# %% chapters/04_training.py:1211
 def fast_backends(device: torch.device) -> None:
     """TF32 matrix products and cuDNN's autotuner on a GPU."""
     if device.type == "cuda":
@@ -146,7 +146,7 @@ def memory_format(device: torch.device) -> torch.memory_format:
             else torch.contiguous_format)
 
 
-# %% chapters/04_training.py:1228
+# %% chapters/04_training.py:1231
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -162,7 +162,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1353
+# %% chapters/04_training.py:1356
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -185,7 +185,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1590
+# %% chapters/04_training.py:1640
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -252,7 +252,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1801
+# %% chapters/04_training.py:1851
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -290,7 +290,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1846
+# %% chapters/04_training.py:1896
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -321,7 +321,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1881
+# %% chapters/04_training.py:1931
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -329,7 +329,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2198
+# %% chapters/04_training.py:2270
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -368,7 +368,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2241
+# %% chapters/04_training.py:2313
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -398,7 +398,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2277
+# %% chapters/04_training.py:2350
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -408,8 +408,10 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     if config.batch_size % world:
         raise TrainError(f"batch_size={config.batch_size} does not split "
                          f"evenly over {world} processes")
-    found = prepare_run(config, out, resume, ranks, held)
+    # Built before the run folder is touched: a setting that cannot work
+    # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
+    found = prepare_run(config, out, resume, ranks, held)
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
     if not found:
         return config, state, None
@@ -439,7 +441,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2324
+# %% chapters/04_training.py:2399
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -473,7 +475,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2366
+# %% chapters/04_training.py:2442
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -482,8 +484,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
-    config, state, last = _restore(config, out, resume, ranks, held)
     diffusion = build_diffusion(config)
+    config, state, last = _restore(config, out, resume, ranks, held)
     model = state.model
     if ranks.world_size > 1:
         model = DistributedDataParallel(
@@ -531,13 +533,17 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
+        paused = time.perf_counter() - pause
         if log:
-            log.started += time.perf_counter() - pause
+            log.started += paused
+        if not bar.disable:  # tqdm's own clock, as its unpause() moves it
+            bar.start_t += paused
+            bar.last_print_t += paused
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2439
+# %% chapters/04_training.py:2519
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-# Seeds are whole numbers 0 <= seed < SEED_LIMIT: torch's generators take
+# Seeds are whole numbers 0 <= seed <= MAX_SEED: torch's generators take
 # 64-bit seeds, and numpy's SeedSequence (chapter 4's step_seed) takes no
 # negative ones; chapter 6's per-sample seeds are reduced modulo 2**64. One
 # range for every seed, of training (TrainConfig.seed) and of sampling
 # (--seed), so that a seed one command takes, the others take too.
-SEED_LIMIT = 2**63
+MAX_SEED = 2**64 - 1
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "y", "t", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "n", "f", "off"})

@@ -158,7 +158,7 @@ from adm_lib.compat import guided_diffusion as gd
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.forward import BETA_SCHEDULES
 from adm_lib.unet import POOLS
-from adm_lib.values import coerce
+from adm_lib.values import MAX_SEED, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -237,7 +237,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network for training
     noised: bool = True  # classifier: train on noised images
     clean_fraction: float = 0.0  # classifier: share of noise-free images
-    seed: int = 0
+    seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
     num_workers: int = 0
@@ -472,9 +472,12 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
     for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "seed", "sample_interval", "eval_interval"):
+                 "num_classes", "sample_interval", "eval_interval"):
         if getattr(config, name) < 0:
             raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainError(f"seed={config.seed}: expected 0 to 2**64 - 1 = "
+                         f"{MAX_SEED}, the seeds torch's generators take")
     for name in ("num_head_channels", "num_heads_upsample"):
         value = getattr(config, name)
         if value != -1 and value < 1:
@@ -1408,13 +1411,15 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 # * **Atomic writes.** `write_atomic` writes to a temporary file, forces
 #   it to disk (`fsync`) and renames it into place; a rename is atomic, so
 #   a kill or a full disk at any moment leaves either the new file or the
-#   old ones, never half a checkpoint under a checkpoint's name.
+#   old ones, never half a checkpoint under a checkpoint's name; a write
+#   that fails stops the run with one line naming the file.
 # * **Safe loads.** `torch.load(..., weights_only=True)` unpickles tensors
 #   and plain containers only, so a checkpoint cannot run code. A file
 #   that does not load (cut short by a file system that broke the rules
 #   above, say) is named in a warning and the one before it is used; the
-#   run keeps `keep_checkpoints` of them. Errors never pass on torch's
-#   advice to load such a file with `weights_only` off.
+#   run keeps the `keep_checkpoints` newest that read, and renames a
+#   damaged one `*.damaged` rather than count it. Errors never pass on
+#   torch's advice to load such a file with `weights_only` off.
 # * **One run per folder.** A run holds an exclusive lock on the folder's
 #   `.lock` file for its whole life (`lock_run`), so a second run started
 #   on the same folder stops at once, naming the pid that holds it,
@@ -1491,36 +1496,81 @@ def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save's: RuntimeError
         tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot write {path}: {err.strerror or err}; "
+        raise TrainError(f"cannot write {path}: {_write_failure(err)}; "
                          "earlier files there are intact") from None
     except BaseException:  # a failing save(), Ctrl-C: no litter either
         tmp.unlink(missing_ok=True)
         raise
 
+
+def _write_failure(err: Exception) -> str:
+    """Why a write failed, in one line: the system's reason if it gave one.
+
+    torch.save turns a failed write (a full disk, say) into a RuntimeError
+    of its own, "[enforce fail at inline_container.cc:...] ...", raised
+    while handling the OSError that says what happened.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause.strerror or str(cause)
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
 # %% [markdown]
-# A checkpoint is one such file per saved step, of which the run keeps
-# the `keep` newest; reading one checks its format and keys, and the
-# newest that reads is the one a resume takes.
+# A checkpoint is one such file per saved step; reading one checks its
+# format and keys, and the newest that reads is the one a resume takes.
+# The run keeps the `keep` newest that read: the one just written and
+# `keep` - 1 others. Only readable files count, and a damaged one is
+# renamed `step_....pt.damaged`, never deleted: counted by name, a damaged
+# newer file would outlive the good ones, and a resume would find none.
 
 # %%
 #| export checkpoints
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` atomically and delete all but the `keep` newest."""
+    """Write `state` atomically; then keep `keep` checkpoints (rotate)."""
     path = checkpoint_path(out, state["step"])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(state, f))
-    for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
-        old.unlink()
+    rotate_checkpoints(path, keep)
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only), or a clear TrainError."""
+def rotate_checkpoints(written: Path, keep: int) -> None:
+    """Keep `written` and the `keep` - 1 newest readable other checkpoints.
+
+    Older readable ones are deleted; damaged ones are set aside as
+    `*.damaged` with a warning. A file is probed with its tensors mapped,
+    not read, so a rotation costs little however large the checkpoints.
+    """
+    others = sorted(set(written.parent.glob("step_*.pt")) - {written},
+                    reverse=True)
+    kept = 1
+    for path in others:
+        try:
+            read_checkpoint(path, mmap=True)
+        except TrainError as err:
+            aside = path.with_name(f"{path.name}.damaged")
+            path.replace(aside)
+            warnings.warn(f"{err}; set aside as {aside.name}", stacklevel=2)
+            continue
+        if kept < keep:
+            kept += 1
+        else:
+            path.unlink()
+
+
+def read_checkpoint(path: str | os.PathLike,
+                    mmap: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only), or a clear TrainError.
+
+    With `mmap`, the tensors are mapped from the file, not read.
+    """
     path = Path(path)
     try:
-        state = gd.safe_load(path)
+        state = gd.safe_load(path, mmap=mmap)
     except FileNotFoundError:
         raise TrainError(f"no checkpoint at {path}") from None
     except ValueError as err:  # truncated zip, bad pickle, disk error...
@@ -1903,6 +1953,7 @@ classifier's held-out scores, and grid PNGs."""
 import json
 import os
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -2019,19 +2070,37 @@ class MetricsLog:
 # %% [markdown]
 # A run's records are read back by `read_metrics`, which skips a last line
 # that a kill cut short; a resumed run first drops the records after its
-# checkpoint's step (`truncate_metrics`), since it writes them again.
+# checkpoint's step (`truncate_metrics`), since it writes them again. Any
+# other line that is not a record, a JSON object with an integer `step`
+# (a line edited by hand, say), is named in a warning and skipped, and a
+# resume keeps it as it is.
 
 # %%
 #| export runlog
-def _records(path: Path) -> list[dict[str, float]]:
-    """The whole records of a JSONL file."""
-    records = []
-    for line in path.read_text().splitlines():
+def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
+    """The lines of a JSONL log, each with its record (None: not one).
+
+    A last line cut short by a kill, or still being written, is left out;
+    any other line that is not a record is named in a warning.
+    """
+    text = path.read_text()
+    lines = text.splitlines()
+    found = []
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue  # a line cut short by a kill, or being written
-    return records
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut short: the line had not ended
+            record = None
+        if not (isinstance(record, dict)
+                and type(record.get("step")) is int):
+            warnings.warn(f"{path} line {number} is not a metrics record "
+                          "(a JSON object with an integer step): skipped",
+                          stacklevel=3)
+            record = None
+        found.append((line, record))
+    return found
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
@@ -2039,15 +2108,18 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         raise TrainError(f"no metrics at {path}: has the run started?")
-    return _records(path)
+    return [record for _, record in _lines(path) if record is not None]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of the JSONL file `path` after `step`."""
+    """Drop the records of the JSONL file `path` after `step`.
+
+    Lines that are not records stay as they are: nothing is lost.
+    """
     if not path.exists():
         return
-    kept = "".join(json.dumps(r) + "\n" for r in _records(path)
-                   if r["step"] <= step)
+    kept = "".join(line + "\n" for line, record in _lines(path)
+                   if record is None or record["step"] <= step)
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 # %%
@@ -2130,10 +2202,10 @@ def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
 
 # %% [markdown]
 # `train` puts the pieces together: it opens the data and fills in
-# `in_channels` and `num_classes`, checks the run folder (a folder that
-# already holds a run needs `resume=True`), builds or restores the state,
-# and runs the steps with a progress bar, saving every `save_interval`
-# steps and at the end.
+# `in_channels` and `num_classes`, builds the state, checks the run folder
+# (a folder that already holds a run needs `resume=True`), restores the
+# state from its newest checkpoint if any, and runs the steps with a
+# progress bar, saving every `save_interval` steps and at the end.
 
 # %%
 #| export checkpoints
@@ -2269,9 +2341,10 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
 
 # %% [markdown]
 # The loop proper. Before the first step it opens and splits the data,
-# checks the folder and restores the newest checkpoint with every rank's
-# random state; the data loader reads each rank's rows from the step the
-# run is at.
+# builds the network and its state (before it touches the folder, so a
+# setting that cannot be built leaves none behind), checks the folder and
+# restores the newest checkpoint with every rank's random state; the data
+# loader reads each rank's rows from the step the run is at.
 
 # %%
 #| export
@@ -2284,8 +2357,10 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     if config.batch_size % world:
         raise TrainError(f"batch_size={config.batch_size} does not split "
                          f"evenly over {world} processes")
-    found = prepare_run(config, out, resume, ranks, held)
+    # Built before the run folder is touched: a setting that cannot work
+    # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
+    found = prepare_run(config, out, resume, ranks, held)
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
     if not found:
         return config, state, None
@@ -2359,8 +2434,9 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
 # wait on the device until the loop next logs, saves or looks at the
 # model; then `record_steps` reads them all at once (every step with the
 # loss-aware sampler, which learns from each step before drawing the
-# next). The time rank 0 spends between steps is kept out of the
-# throughput it logs.
+# next). The time rank 0 spends between steps (logging, saving, drawing a
+# grid) is kept out of the throughput it logs and out of the progress
+# bar's clock, so both count the steps alone.
 
 # %%
 #| export
@@ -2372,8 +2448,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
-    config, state, last = _restore(config, out, resume, ranks, held)
     diffusion = build_diffusion(config)
+    config, state, last = _restore(config, out, resume, ranks, held)
     model = state.model
     if ranks.world_size > 1:
         model = DistributedDataParallel(
@@ -2421,8 +2497,12 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
+        paused = time.perf_counter() - pause
         if log:
-            log.started += time.perf_counter() - pause
+            log.started += paused
+        if not bar.disable:  # tqdm's own clock, as its unpause() moves it
+            bar.start_t += paused
+            bar.last_print_t += paused
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 

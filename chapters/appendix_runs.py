@@ -23,8 +23,8 @@
 # * R.2 the checkpoint file: its format, and writes that are whole or absent;
 # * R.3 one run per folder;
 # * R.4 a resumed run equals the uninterrupted one, bit for bit;
-# * R.5 a damaged checkpoint is named and skipped, and a resume with
-#   another configuration is refused;
+# * R.5 a damaged checkpoint is named, skipped and set aside, and a resume
+#   with another configuration is refused;
 # * R.6 two processes under `torchrun` equal one;
 # * R.7 speed: `adm bench`, side by side with the reference, and the fast
 #   path on CPUs and GPUs.
@@ -144,7 +144,9 @@ assert load_run(runs / "file").config == TrainConfig(**state["config"])
 # %% [markdown]
 # Every file of a run is written by `write_atomic`: to a temporary file,
 # forced to disk, then renamed into place. A write that fails half-way
-# leaves the old file as it was, and no temporary file behind:
+# (a full disk: an `OSError`, or from `torch.save` a `RuntimeError` of its
+# zip writer) leaves the old file as it was, no temporary file behind, and
+# one line naming the file:
 
 # %%
 target = runs / "file" / "note.txt"
@@ -219,8 +221,10 @@ assert same and logged[0] == logged[1] and len(logged[0]) == 8
 #
 # Cut the newest checkpoint short, as a file
 # system that ignores `fsync` might after a crash: it is named, and the
-# one before it is used. And a resume with a different learning rate is
-# refused, naming the field:
+# one before it is used. A resume from there that keeps one checkpoint
+# keeps the one it writes, and sets the damaged one aside rather than
+# count it. And a resume with a different learning rate is refused,
+# naming the field:
 
 # %%
 newest = checkpoint_path(runs / "split", 8)
@@ -231,6 +235,13 @@ with warnings.catch_warnings(record=True) as caught:
 print(str(caught[0].message)[:110], "...")
 print("resumes from", path.name)
 assert state["step"] == 5 and newest.name in str(caught[0].message)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(replace(whole, steps=6, keep_checkpoints=1), runs / "split",
+          resume=True, progress=False)
+kept = sorted(p.name for p in (runs / "split" / "checkpoints").iterdir())
+print("kept:", ", ".join(kept))
+assert kept == ["step_00000006.pt", "step_00000008.pt.damaged"]
 try:
     train(replace(whole, lr=1e-3), runs / "split", resume=True)
 except TrainError as err:

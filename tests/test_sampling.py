@@ -205,7 +205,7 @@ def test_memory_counts_every_stage_and_the_grid(
     assert sampling.available_memory() > 0  # this machine says how much
 
 
-@pytest.mark.parametrize("seed", ["1e23", "-1", str(2**63), "1.5", "abc"])
+@pytest.mark.parametrize("seed", ["1e23", "-1", str(2**64), "1.5", "abc"])
 def test_seeds_out_of_range_are_refused_by_the_parser(
         tmp_path: Path, capsys: pytest.CaptureFixture, no_loading: None,
         seed: str) -> None:
@@ -215,13 +215,13 @@ def test_seeds_out_of_range_are_refused_by_the_parser(
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.splitlines()[-1].endswith(
             f"error: argument --seed: expected a whole number from 0 to "
-            f"{2**63 - 1}, got {seed!r}"), err
+            f"{2**64 - 1}, got {seed!r}"), err
         assert "Traceback" not in err
     with pytest.raises(sampling.SampleError, match="--seed"):
-        sampling.check_options(seed=2**63)
+        sampling.check_options(seed=2**64)
     args = cli.build_parser().parse_args(["sample", "m", "--seed",
-                                          str(2**63 - 1)])
-    assert args.seed == 2**63 - 1  # not rounded through a float
+                                          str(2**64 - 1)])
+    assert args.seed == 2**64 - 1  # not rounded through a float
 
 
 TINY = {"num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
@@ -245,7 +245,7 @@ def test_the_bar_counts_steps_and_any_seed_in_range_samples(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = tiny("diffusion", image_size=4, attention_resolutions="4")
     up = tiny("upsampler", image_size=8, small_size=4)
-    top = 2**63 - 1
+    top = 2**64 - 1
     images, labels = sampling.sample(base, num_samples=5, batch_size=2,
                                      respacing="3", seed=top, progress=True,
                                      precision="fp32")

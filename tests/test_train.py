@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib.util
+import io
+import itertools
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -37,6 +40,7 @@ from adm_lib import runlog as rl
 from adm_lib import train as tr
 from adm_lib.diffusion import UniformSampler
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
+from adm_lib.values import MAX_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ROOT.parent / "shared" / "baselines" / "reference_h100.json"
@@ -263,9 +267,10 @@ def save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
 
 
-def read(path):
-    print(f"read {path}", flush=True)
-    return real_read(path)
+def read(path, mmap=False):
+    if not mmap:  # rotation's probes map the tensors; a resume reads them
+        print(f"read {path}", flush=True)
+    return real_read(path, mmap=mmap)
 
 
 torch.save, ck.read_checkpoint = save, read
@@ -438,22 +443,63 @@ def test_read_only_parent_folder_names_the_path(data, tmp_path):
         parent.chmod(0o700)
 
 
+class FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+ENFORCE = ("[enforce fail at inline_container.cc:603] . PytorchStreamWriter "
+           "failed writing file data/0: file write failed")
+
+
+def full_disk(save, obj, f):
+    """torch.save into a disk that fills up: torch's own RuntimeError."""
+    save(obj, FullDisk(f, 1000))
+
+
+def enforce_fail(save, obj, f):
+    """torch's RuntimeError with no OSError under it."""
+    f.write(b"half a checkpoint")
+    raise RuntimeError(ENFORCE)
+
+
+def os_error(save, obj, f):
+    """An OSError from the write itself (a flush, say)."""
+    f.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(("fail", "reason"), [
+    (full_disk, "No space left on device"), (os_error, "No space left"),
+    (enforce_fail, ENFORCE)])
 def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(
-        data, tmp_path, monkeypatch):
+        data, tmp_path, monkeypatch, fail, reason):
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
         if obj["step"] == 3:
-            f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fail(real_save, obj, f)
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
     newest = ck.checkpoint_path(out, 3)
-    with pytest.raises(cf.TrainError,
-                       match=re.escape(f"cannot write {newest}: No space")):
+    with pytest.raises(cf.TrainError) as err:
         tr.train(config(data, steps=4, save_interval=1), out, progress=False)
+    assert str(err.value).startswith(f"cannot write {newest}: {reason}")
+    assert str(err.value).endswith("; earlier files there are intact")
+    assert "\n" not in str(err.value)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000001.pt", "step_00000002.pt"]  # no temporary file either
     with warnings.catch_warnings():
@@ -664,6 +710,109 @@ def test_checkpoints_are_plain_and_pruned(data, tmp_path):
     assert list(state["ema"]) == ["0.9999"]
 
 
+def checkpoint_bytes(step: int) -> bytes:
+    """A small file that reads as a checkpoint of `step`."""
+    state = {k: {} for k in ck.CHECKPOINT_KEYS}
+    state.update(format=ck.CHECKPOINT_FORMAT, step=step,
+                 model={"w": torch.full((4,), float(step))})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def damaged_bytes(step: int) -> bytes:
+    """A file that does not read as a checkpoint, damaged one of three ways."""
+    whole = checkpoint_bytes(step)
+    other = io.BytesIO()
+    torch.save({"step": step}, other)  # a torch file, not a checkpoint
+    return (whole[:len(whole) // 2], b"\0" * 100, other.getvalue())[step % 3]
+
+
+def test_rotation_keeps_every_readable_checkpoint_it_should(tmp_path,
+                                                            monkeypatch):
+    # Every mix of absent, readable and damaged files at steps 1 to 4, a
+    # checkpoint written at step 2 (amid them, over one) or 5 (the newest),
+    # and every keep up to more than there are files.
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # speed: not tested
+    good = {step: checkpoint_bytes(step) for step in range(1, 6)}
+    bad = {step: damaged_bytes(step) for step in range(1, 6)}
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    cases = 0
+    for mix in itertools.product("-gd", repeat=4):
+        files = {step: (good if kind == "g" else bad)[step]
+                 for step, kind in zip(range(1, 5), mix, strict=True)
+                 if kind != "-"}
+        for written, keep in itertools.product((2, 5), range(1, 5)):
+            for path in folder.iterdir():
+                path.unlink()
+            for step, content in files.items():
+                ck.checkpoint_path(tmp_path, step).write_bytes(content)
+            readable = sorted((s for s, c in files.items()
+                               if c == good[s] and s != written),
+                              reverse=True)
+            damaged = [s for s, c in files.items()
+                       if c == bad[s] and s != written]
+            state = torch.load(io.BytesIO(good[written]),
+                               weights_only=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ck.save_checkpoint(tmp_path, state, keep)
+            kept = sorted([written, *readable[:keep - 1]])
+            case = f"files {mix}, written {written}, keep {keep}"
+            assert steps_of(tmp_path) == kept, case
+            for step in kept:  # each whole, and as it was
+                path = ck.checkpoint_path(tmp_path, step)
+                assert path.read_bytes() == good[step], case
+            for step in damaged:  # set aside, not lost
+                path = ck.checkpoint_path(tmp_path, step)
+                aside = path.with_name(path.name + ".damaged")
+                assert aside.read_bytes() == bad[step], case
+            assert len(caught) == len(damaged), case
+            assert all("set aside as" in str(w.message) for w in caught)
+            assert (len(list(folder.iterdir()))
+                    == len(kept) + len(damaged)), case  # nothing else
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing damaged is left
+                path, found = ck.latest_checkpoint(tmp_path)
+            assert found["step"] == max(kept), case  # a resume takes it
+            cases += 1
+    assert cases == 3 ** 4 * 2 * 4
+
+
+def test_resume_over_a_damaged_newer_checkpoint_loses_nothing(
+        data, reference, tmp_path):
+    # The run stopped after step 4; step 4's file is damaged, step 2's
+    # good. A resume that keeps one checkpoint goes on from step 2.
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for step in (1, 3, 5, 6):
+        ck.checkpoint_path(out, step).unlink()
+    newest = ck.checkpoint_path(out, 4)
+    damage(newest)
+    damaged = newest.read_bytes()
+    with pytest.warns(UserWarning) as caught:
+        tr.train(config(data, **{**RESUMABLE, "steps": 3,
+                                 "keep_checkpoints": 1}),
+                 out, resume=True, progress=False)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and all(str(newest) in m for m in said)
+    assert said[0].endswith("trying the one before it")
+    assert said[1].endswith("set aside as step_00000004.pt.damaged")
+    assert steps_of(out) == [3]
+    aside = newest.with_name("step_00000004.pt.damaged")
+    assert aside.read_bytes() == damaged
+    # The next resume finds step 3 and lands on the uninterrupted run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.train(config(data, **{**RESUMABLE, "keep_checkpoints": 1}), out,
+                 resume=True, progress=False)
+    assert steps_of(out) == [6]
+    assert metrics(out) == metrics(reference)
+    assert_same(weights(out, "model"), weights(reference, "model"))
+    assert_same(weights(out), weights(reference))
+
+
 def test_write_atomic_leaves_nothing_when_saving_fails(tmp_path):
     path = tmp_path / "file.bin"
     path.write_bytes(b"old")
@@ -707,11 +856,37 @@ def test_read_checkpoint_rejects_other_files(tmp_path):
 def test_read_metrics_survives_a_cut_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kill's cut line is no news
         records = rl.read_metrics(tmp_path)
-    except cf.TrainError:
-        return  # a clear error would do too
     assert records == [{"step": 1, "loss": 0.5}]
+
+
+# Lines a run never writes: no step, not an object, a step not an integer,
+# not JSON, empty.
+NOT_RECORDS = ["{}", '{"loss": 0.5}', "[1, 2]", "3", '"step"', "null",
+               '{"step": "2"}', '{"step": 1.5}', '{"step": true}',
+               '{"step": null}', "not json", '{"step": 2', ""]
+
+
+@pytest.mark.parametrize("line", NOT_RECORDS)
+def test_a_metrics_line_that_is_not_a_record_is_named_and_kept(tmp_path,
+                                                               line):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": step, "loss": 1 / step} for step in (1, 2, 3)]
+    lines = [json.dumps(r) for r in records]
+    path.write_text("\n".join([lines[0], line, *lines[1:]])
+                    + '\n{"step": 4, "lo')  # and a kill's cut line
+    named = (f"{path} line 2 is not a metrics record (a JSON object with "
+             "an integer step): skipped")
+    with pytest.warns(UserWarning) as caught:
+        assert rl.read_metrics(tmp_path) == records
+    assert [str(w.message) for w in caught] == [named]
+    # A resume from step 2 drops the records after it, and keeps the line.
+    with pytest.warns(UserWarning) as caught:
+        rl.truncate_metrics(path, 2)
+    assert [str(w.message) for w in caught] == [named]
+    assert path.read_text() == "\n".join([lines[0], line, lines[1]]) + "\n"
 
 
 @pytest.mark.parametrize("settings", [
@@ -853,6 +1028,35 @@ def test_interval_zero_draws_no_grid_and_scores_nothing(data, tmp_path, kind):
     assert not list((out / "samples").iterdir())
     assert not any("val_loss" in r for r in metrics(out))
     assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_the_progress_bar_counts_steps_not_grids(data, tmp_path,
+                                                 monkeypatch):
+    bars, real_snapshot = [], tr.snapshot
+
+    class Bar(tr.tqdm):
+        """The loop's bar, with how long it was open and what it timed."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.opened = self._time()
+            bars.append(self)
+
+        def close(self) -> None:
+            self.open_for = self._time() - self.opened
+            self.timed = self.format_dict["elapsed"]
+            super().close()
+
+    def slow_snapshot(*args) -> None:
+        time.sleep(0.25)  # a grid that takes its time to draw
+        real_snapshot(*args)
+
+    monkeypatch.setattr(tr, "tqdm", Bar)
+    monkeypatch.setattr(tr, "snapshot", slow_snapshot)
+    tr.train(config(data, steps=2, sample_interval=1), tmp_path / "run")
+    bar, = bars
+    assert bar.n == 2 and len(list((tmp_path / "run" / "samples").iterdir()))
+    assert bar.open_for - bar.timed >= 0.5  # both grids: not steps
 
 
 def test_upsampler_run(data, tmp_path):
@@ -1186,13 +1390,16 @@ def test_every_setting_has_a_check():
 
 
 @pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
-def test_each_bad_setting_is_named(name):
+def test_each_bad_setting_is_named(name, tmp_path):
     kind, value = BAD_SETTINGS[name]
     good = cf.make_config(kind, overrides=TINY)
     cf.validate(good)
     with pytest.raises(cf.TrainError) as err:
         cf.validate(replace(good, **{name: value}))
     assert f"{name}=" in str(err.value) or f"{name} must" in str(err.value)
+    with pytest.raises(cf.TrainError, match=re.escape(str(err.value))):
+        tr.train(replace(good, **{name: value}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -1205,6 +1412,10 @@ def test_each_bad_setting_is_named(name):
      "the network's resolutions (32, 16, 8,"),
     ("num_channels=48", "num_channels=48: the channels at each resolution"),
     ("in_channels=2", "in_channels=2: expected one of 0, 1, 3"),
+    ("seed=1e30", "seed=1000000000000000019884624838656: expected 0 to "
+     "2**64 - 1 = 18446744073709551615"),
+    (f"seed={2**64}", f"seed={2**64}: expected 0 to 2**64 - 1"),
+    ("seed=-1", "seed=-1: expected 0 to 2**64 - 1"),
 ])
 def test_adm_train_names_a_bad_setting_before_any_work(tmp_path, capsys,
                                                        setting, message):
@@ -1214,6 +1425,46 @@ def test_adm_train_names_a_bad_setting_before_any_work(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith(f"adm train: {message}"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_the_largest_seed_trains(data, tmp_path):
+    # Every generator a run seeds takes it: the initial weights', the
+    # data loader's, and those of each step's draws and of the grid.
+    out = tmp_path / "run"
+    tr.train(config(data, seed=MAX_SEED, steps=1, sample_interval=1), out,
+             progress=False)
+    assert steps_of(out) == [1] and any((out / "samples").iterdir())
+    with pytest.raises(cf.TrainError, match=re.escape(
+            f"seed={MAX_SEED + 1}: expected 0 to 2**64 - 1")):
+        config(data, seed=MAX_SEED + 1)
+
+
+def raises(error: type[BaseException]) -> Callable[..., None]:
+    """A stand-in for a function: it raises `error`."""
+    def fail(*args, **kwargs) -> None:
+        raise error("cannot be done")
+    return fail
+
+
+@pytest.mark.parametrize(("settings", "broken"), [
+    ({"in_channels": 3}, None),  # the data's channels
+    ({"num_classes": 2}, None),  # the data's labels
+    ({"kind": "classifier", "val_fraction": 0.99}, None),  # its size
+    ({}, ("build_model", MemoryError)),  # a network too large, say
+    ({}, ("build_diffusion", cf.TrainError)),
+    ({}, ("manual_seed", ValueError)),  # a seed no generator takes
+])
+def test_a_run_that_cannot_start_leaves_no_new_folder(data, tmp_path,
+                                                      monkeypatch, settings,
+                                                      broken):
+    if broken:
+        name, error = broken
+        owner = torch if name == "manual_seed" else tr
+        monkeypatch.setattr(owner, name, raises(error))
+    out = tmp_path / "new" / "run"
+    with pytest.raises((cf.TrainError, MemoryError, ValueError)):
+        tr.train(config(data, **settings), out, progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_device_that_is_not_one_is_named_before_any_work(data, tmp_path):

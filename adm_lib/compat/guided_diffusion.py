@@ -578,15 +578,17 @@ def load_reference_state_dict(
     return module
 
 
-def safe_load(source: str | PathLike | IO[bytes]) -> Any:
+def safe_load(source: str | PathLike | IO[bytes], mmap: bool = False) -> Any:
     """torch.load of tensors and plain containers only, on the CPU.
 
     A file that does not load raises ValueError saying why (the caller
     names the file): torch's reason, less its advice to load with
-    weights_only=False, which would run the file's code.
+    weights_only=False, which would run the file's code. With `mmap` (a
+    path only), tensors are mapped from the file rather than read.
     """
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True,
+                          mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as err:  # truncated zip, bad pickle, disk error...
