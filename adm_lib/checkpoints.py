@@ -17,6 +17,7 @@ __all__ = [
     "read_checkpoint",
     "latest_checkpoint",
     "config_mismatch",
+    "hold_lock",
     "lock_run",
     "rng_state",
     "set_rng_state",
@@ -182,22 +183,19 @@ def config_mismatch(saved: Mapping[str, Any],
 
 
 @contextlib.contextmanager
-def lock_run(out: Path) -> Iterator[None]:
-    """Hold the run folder's lock, `out/.lock`, or name who holds it.
+def hold_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an flock on `path`, or raise `busy(pid of its holder)`.
 
     An flock belongs to the open file, so the system drops it when the
     process ends however it ends: a killed run can be resumed at once.
     The file holds the holder's pid while it runs, for the message.
     """
-    with open(out / ".lock", "a+") as f:
+    with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise TrainError(f"{out} is in use by another run (pid "
-                             f"{holder}): wait for it to end, or choose "
-                             "another folder") from None
+            raise busy(f.read().strip() or "unknown") from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -207,7 +205,14 @@ def lock_run(out: Path) -> Iterator[None]:
             f.truncate(0)
 
 
-# %% chapters/04_training.py:1710
+def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the run folder's lock, `out/.lock`, or name who holds it."""
+    return hold_lock(out / ".lock", lambda holder: TrainError(
+        f"{out} is in use by another run (pid {holder}): wait for it to "
+        "end, or choose another folder"))
+
+
+# %% chapters/04_training.py:1714
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """This process's global RNG state (dropout draws from it)."""
     state = {"cpu": torch.get_rng_state()}
@@ -223,7 +228,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:2211
+# %% chapters/04_training.py:2215
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -277,7 +282,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2594
+# %% chapters/04_training.py:2598
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

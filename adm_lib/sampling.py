@@ -9,7 +9,6 @@ with its flags (`adm_lib.compat`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adm_lib import cascade as cs
-from adm_lib.checkpoints import load_run
+from adm_lib.checkpoints import hold_lock, load_run
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import TrainError
 from adm_lib.data import MAX_CLASSES, DataError, load_dataset
@@ -241,26 +240,14 @@ def lock_out(out: str | os.PathLike) -> Iterator[None]:
     out = Path(out)
     path = out.with_name(f".{out.name}.lock")
     try:
-        f = open(path, "a+")
+        path.touch()
     except OSError as err:
         raise SampleError(f"--out {out}: cannot create its lock {path}: "
                           f"{err.strerror or err}") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise SampleError(f"--out {out} is being written by another "
-                              f"process (pid {holder}): wait for it to end, "
-                              "or choose another --out") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
+    with hold_lock(path, lambda holder: SampleError(
+            f"--out {out} is being written by another process (pid "
+            f"{holder}): wait for it to end, or choose another --out")):
+        yield
 
 
 def available_memory() -> int | None:

@@ -1608,22 +1608,19 @@ def config_mismatch(saved: Mapping[str, Any],
 
 
 @contextlib.contextmanager
-def lock_run(out: Path) -> Iterator[None]:
-    """Hold the run folder's lock, `out/.lock`, or name who holds it.
+def hold_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an flock on `path`, or raise `busy(pid of its holder)`.
 
     An flock belongs to the open file, so the system drops it when the
     process ends however it ends: a killed run can be resumed at once.
     The file holds the holder's pid while it runs, for the message.
     """
-    with open(out / ".lock", "a+") as f:
+    with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise TrainError(f"{out} is in use by another run (pid "
-                             f"{holder}): wait for it to end, or choose "
-                             "another folder") from None
+            raise busy(f.read().strip() or "unknown") from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -1631,6 +1628,13 @@ def lock_run(out: Path) -> Iterator[None]:
             yield
         finally:
             f.truncate(0)
+
+
+def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the run folder's lock, `out/.lock`, or name who holds it."""
+    return hold_lock(out / ".lock", lambda holder: TrainError(
+        f"{out} is in use by another run (pid {holder}): wait for it to "
+        "end, or choose another folder"))
 
 # %% [markdown]
 # What a checkpoint holds is `TrainState`: the network, its EMAs, AdamW,
