@@ -149,13 +149,13 @@ TEMPLATE = (
 {% block data_png scoped %}
 <div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
 <img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
- alt="{{ cell.metadata.adm_alt | escape_html }}">
+ alt="{{ output | get_metadata('adm_alt', 'image/png') | escape_html }}">
 </div>
 {%- endblock data_png %}
 {% block data_jpg scoped %}
 <div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
 <img src="data:image/jpeg;base64,{{ output.data['image/jpeg'] | escape_html }}"
- alt="{{ cell.metadata.adm_alt | escape_html }}">
+ alt="{{ output | get_metadata('adm_alt', 'image/jpeg') | escape_html }}">
 </div>
 {%- endblock data_jpg %}
 """
@@ -535,14 +535,17 @@ def _note(info: dict[str, Any], recorded: list[str]) -> str:
 def _plain(text: str) -> str:
     """Text with its TeX made readable: Greek letters kept, markup dropped."""
 
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group(1)  # None for markup: {}, _ and ^
+        if char in ("_", "%", "&", "#"):
+            return char  # posterior\_mean
+        return " " if char and (char.isspace() or char in ",;:!") else ""
+
     def math(match: re.Match[str]) -> str:
         tex = match.group(1) or match.group(2)
         tex = re.sub(r"\\([A-Za-z]+)",
                      lambda m: _LETTERS.get(m.group(1), " "), tex)
-        # Markup goes; an escaped character (posterior\_mean) stays.
-        return re.sub(r"\\(.)|[{}_^]",
-                      lambda m: m.group(1) if m.group(1) in ("_", "%", "&", "#")
-                      else "", tex)
+        return re.sub(r"\\([\s\S])|[{}_^]", escaped, tex)
 
     return " ".join(_MATH.sub(math, text).split())
 
@@ -562,8 +565,8 @@ def _for_the_page(notebook: Any) -> tuple[Any, list[str]]:
     """The notebook as the page shows it, and the captions of its recorded figures.
 
     Live progress-bar widgets are dropped; export cells are marked to fold;
-    images drawn by a cell get alt text (the cell's `alt` metadata, or where
-    it is); the recorded runs' figures of the text are labelled.
+    images drawn by a cell get alt text that says where they are (the text's
+    own images have their captions); the recorded runs' figures are labelled.
     """
     notebook.metadata.pop("widgets", None)
     module, section, recorded = None, "", []
@@ -595,11 +598,16 @@ def _for_the_page(notebook: Any) -> tuple[Any, list[str]]:
                                          first[2] if len(first) > 2 else module),
                 "open": lines <= FOLD_LINES,
             }
-        figures = sum("image/png" in o.get("data", {})
-                      or "image/jpeg" in o.get("data", {}) for o in cell.outputs)
-        cell.metadata["adm_alt"] = cell.metadata.get("alt") or (
-            f"{'A figure' if figures == 1 else 'Figures'} drawn by the code of "
-            f"the section \u201c{section}\u201d")
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if "image/png" not in data and "image/jpeg" not in data:
+                continue
+            # Matplotlib's text for a figure: "<Figure size 900x320 with 2 Axes>".
+            panels = re.search(r"with (\d+) Axes", str(data.get("text/plain", "")))
+            what = (f"A figure of {panels[1]} panels" if panels and panels[1] != "1"
+                    else "A figure")
+            output.metadata["adm_alt"] = (
+                f"{what} drawn by the code of the section \u201c{section}\u201d")
     return notebook, recorded
 
 

@@ -619,6 +619,7 @@ def test_plain_text_of_tex() -> None:
     assert _plain("The $\\alpha_t$ and $$x^{2} + \\frac{1}{2}$$ end") == (
         "The αt and x2 + 12 end")
     assert _plain("a $\\texttt{posterior\\_mean}$") == "a posterior_mean"
+    assert _plain("$a,\\\n\\ b$") == "a, b"
 
 
 def test_site_cache_reuses_and_rebuilds(tmp_path: Path) -> None:
