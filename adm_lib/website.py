@@ -175,6 +175,11 @@ SITE_JS = """(function () {
   function search() {
     var words = input.value.toLowerCase().split(/\\s+/).filter(Boolean);
     var hits = [];
+    list.replaceChildren();
+    list.hidden = words.length === 0;
+    if (list.hidden) {
+      return;
+    }
     index.forEach(function (s) {
       var title = s.title.toLowerCase(), text = s.text.toLowerCase();
       if (!words.every(function (w) { return (title + " " + text).includes(w); })) {
@@ -184,8 +189,6 @@ SITE_JS = """(function () {
       hits.push([score, s]);
     });
     hits.sort(function (a, b) { return b[0] - a[0]; });
-    list.replaceChildren();
-    list.hidden = words.length === 0;
     hits.slice(0, 20).forEach(function (hit) {
       var s = hit[1], item = document.createElement("li");
       var link = document.createElement("a"), where = document.createElement("span");
@@ -196,7 +199,7 @@ SITE_JS = """(function () {
       item.append(link, where);
       list.append(item);
     });
-    if (words.length && !hits.length) {
+    if (!hits.length) {
       var none = document.createElement("li");
       none.textContent = "Nothing found.";
       list.append(none);
