@@ -527,8 +527,8 @@ def _note(info: dict[str, Any], recorded: list[str]) -> str:
     return (
         '<aside class="adm-smoke" id="adm-smoke" role="note"><strong>Smoke run.'
         "</strong> The outputs on this page came from running the chapter with "
-        "its parameters cell as written, the smoke configuration that runs on a "
-        f"CPU in minutes, {when}. Where they train or sample, they do it with "
+        "its parameters cell as written, the smoke configuration sized for a "
+        f"CPU, {when}. Where they train or sample, they do it with "
         "tiny models and few steps: those numbers and images (noisy samples, "
         "scores near zero) show that the code runs, not what it achieves."
         f"{where}</aside>"
