@@ -182,6 +182,9 @@ def test_every_page_is_written_with_nothing_from_the_network(site: Path) -> None
     for page in site.glob("*.html"):
         assert website.external_loads(page.read_text(encoding="utf-8")) == [], page
     assert (site / "mathjax" / "MathJax.js").is_file()
+    assert (site / website.SEARCH_INDEX).read_text(encoding="utf-8").startswith(
+        "window.ADM_SEARCH = [")
+    assert (site / website.SITE_SCRIPT).is_file()
     for chapter in BOOK.chapters:
         assert (site / "source" / chapter.name).read_bytes() == chapter.read_bytes()
 
