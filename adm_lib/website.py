@@ -2,10 +2,14 @@
 
 Each chapter of `book.toml` is executed by `book.run_chapter` (papermill), its
 executed notebook is kept in a cache keyed on the chapter's text and parameters,
-and nbconvert's lab template renders it to HTML. The site reads offline: MathJax
-is copied from the `jupyter-server-mathjax` package, every image is embedded as
-a data URI, and no page loads anything from the network. Hand-written tooling,
-not exported from a chapter.
+and nbconvert's lab template renders it to HTML. Every page has a sidebar with
+the chapters, the current chapter's sections and a search box over a prebuilt
+index (`search-index.js`); export cells fold, cells tagged `solution` are
+collapsed, images have alt text, and a page built from the smoke configuration
+says so in a banner. The site reads offline, from `file://` too: MathJax is
+copied from the `jupyter-server-mathjax` package, every image is embedded as a
+data URI, the index is a script rather than fetched JSON, and no page loads
+anything from the network. Hand-written tooling, not exported from a chapter.
 """
 
 from __future__ import annotations
