@@ -2,10 +2,14 @@
 
 Each chapter of `book.toml` is executed by `book.run_chapter` (papermill), its
 executed notebook is kept in a cache keyed on the chapter's text and parameters,
-and nbconvert's lab template renders it to HTML. The site reads offline: MathJax
-is copied from the `jupyter-server-mathjax` package, every image is embedded as
-a data URI, and no page loads anything from the network. Hand-written tooling,
-not exported from a chapter.
+and nbconvert's lab template renders it to HTML. Every page has a sidebar with
+the chapters, the current chapter's sections and a search box over a prebuilt
+index (`search-index.js`); export cells fold, cells tagged `solution` are
+collapsed, images have alt text, and a page built from the smoke configuration
+says so in a banner. The site reads offline, from `file://` too: MathJax is
+copied from the `jupyter-server-mathjax` package, every image is embedded as a
+data URI, the index is a script rather than fetched JSON, and no page loads
+anything from the network. Hand-written tooling, not exported from a chapter.
 """
 
 from __future__ import annotations
@@ -77,12 +81,34 @@ MathJax.Hub.Register.MessageHook("TeX Jax - parse error", function (m) {
 });
 MathJax.Hub.Register.MessageHook("TeX Jax - undefined control sequence",
   function (m) { console.error("TeX: undefined control sequence " + m[1]); });
+// In text mode (\text{...}, \texttt{...}, \mbox{...}) MathJax 2 shows
+// \_ with its backslash, where JupyterLab's MathJax 3 (its textmacros) and
+// LaTeX show _: the chapters are written for those, so the escapes of _ % & #
+// are taken out of text-mode arguments before MathJax reads them.
+MathJax.Hub.Register.StartupHook("TeX Jax Ready", function () {
+  MathJax.InputJax.TeX.prefilterHooks.Add(function (data) {
+    data.math = data.math.replace(
+      /(\\(?:text[a-z]*|mbox)\s*\{)([^{}]*)\}/g,
+      function (all, macro, body) {
+        return macro + body.replace(/\\([_%&#])/g, "$1") + "}";
+      });
+  });
+});
+// A collapsed <details> (a solution, folded code) has no size when MathJax
+// typesets it: its maths is laid out again when it opens.
+document.addEventListener("toggle", function (event) {
+  var details = event.target;
+  if (details.open && details.querySelector('script[type^="math/tex"]')) {
+    MathJax.Hub.Queue(["Rerender", MathJax.Hub, details]);
+  }
+}, true);
 </script>
 <script src="{{ resources.adm.mathjax_url }}"></script>"""
 
 # nbconvert's lab template, less everything it would fetch from a CDN:
 # require.js and the widget manager (the site has no live widgets) and mermaid
-# (no chapter draws a diagram); plus the book's navigation.
+# (no chapter draws a diagram); plus the book's navigation, a solution's cells
+# collapsed, export cells foldable and images with alt text.
 TEMPLATE = (
     """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
@@ -105,8 +131,98 @@ TEMPLATE = (
 {{ resources.adm.bottom }}
 {{ super() }}
 {% endblock body_footer %}
+{% block any_cell scoped %}
+{%- if 'solution' in cell.metadata.get('tags', []) -%}
+<details class="adm-solution"><summary>Solution</summary>
+{{ super() }}
+</details>
+{%- else -%}
+{{ super() }}
+{%- endif -%}
+{% endblock any_cell %}
+{% block input_group -%}
+{%- if cell.metadata.adm_fold -%}
+<details class="adm-fold"{{ ' open' if cell.metadata.adm_fold.open }}>
+<summary>{{ cell.metadata.adm_fold.summary | escape_html }}</summary>
+{{ super() }}
+</details>
+{%- else -%}
+{{ super() }}
+{%- endif -%}
+{% endblock input_group %}
+{% block data_png scoped %}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/png;base64,{{ output.data['image/png'] | escape_html }}"
+ alt="{{ output | get_metadata('adm_alt', 'image/png') | escape_html }}">
+</div>
+{%- endblock data_png %}
+{% block data_jpg scoped %}
+<div class="jp-RenderedImage jp-OutputArea-output {{ extra_class }}">
+<img src="data:image/jpeg;base64,{{ output.data['image/jpeg'] | escape_html }}"
+ alt="{{ output | get_metadata('adm_alt', 'image/jpeg') | escape_html }}">
+</div>
+{%- endblock data_jpg %}
 """
 )
+
+# The site's own scripts: search over search-index.js (a script, not JSON
+# fetched, so that it works from file://) and the fold-all switch.
+SITE_JS = """(function () {
+  "use strict";
+  var input = document.getElementById("adm-search");
+  var list = document.getElementById("adm-results");
+  var index = window.ADM_SEARCH || [];
+  function snippet(text, word) {
+    var at = Math.max(0, text.toLowerCase().indexOf(word) - 60);
+    return (at ? "\\u2026" : "") + text.slice(at, at + 160) + "\\u2026";
+  }
+  function search() {
+    var words = input.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    var hits = [];
+    list.replaceChildren();
+    list.hidden = words.length === 0;
+    if (list.hidden) {
+      return;
+    }
+    index.forEach(function (s) {
+      var title = s.title.toLowerCase(), text = s.text.toLowerCase();
+      if (!words.every(function (w) { return (title + " " + text).includes(w); })) {
+        return;
+      }
+      var score = words.filter(function (w) { return title.includes(w); }).length;
+      hits.push([score, s]);
+    });
+    hits.sort(function (a, b) { return b[0] - a[0]; });
+    hits.slice(0, 20).forEach(function (hit) {
+      var s = hit[1], item = document.createElement("li");
+      var link = document.createElement("a"), where = document.createElement("span");
+      link.href = s.url;
+      link.textContent = s.title;
+      where.className = "adm-where";
+      where.textContent = s.page + ": " + snippet(s.text, words[0]);
+      item.append(link, where);
+      list.append(item);
+    });
+    if (!hits.length) {
+      var none = document.createElement("li");
+      none.textContent = "Nothing found.";
+      list.append(none);
+    }
+  }
+  if (input) {
+    input.addEventListener("input", search);
+    search();
+  }
+  var fold = document.getElementById("adm-fold-all");
+  if (fold) {
+    fold.addEventListener("click", function () {
+      var folds = document.querySelectorAll("details.adm-fold");
+      var open = Array.prototype.some.call(folds, function (d) { return !d.open; });
+      folds.forEach(function (d) { d.open = open; });
+    });
+  }
+})();
+"""
 
 CSS = """
 main { max-width: 62rem; margin: 0 auto; padding: 0 1rem 2rem; }
@@ -119,6 +235,51 @@ main { max-width: 62rem; margin: 0 auto; padding: 0 1rem 2rem; }
 .adm-nav .adm-next { margin-left: auto; }
 .adm-note { color: #57606a; font: 14px/1.45 system-ui, sans-serif;
   margin: 0 0 1rem; }
+.adm-smoke { margin: 0 0 1rem; padding: 0.7rem 0.9rem; border-radius: 6px;
+  border: 1px solid #d4a72c; border-left-width: 5px; background: #fff8c5;
+  color: #3b2e00; font: 15px/1.5 system-ui, sans-serif; }
+.adm-smoke a { color: #0b5cad; }
+.adm-recorded { display: block; width: fit-content; margin: 0.3rem 0;
+  padding: 0 0.4rem; border-radius: 4px; background: #dafbe1; color: #116329;
+  font: 600 12px/1.6 system-ui, sans-serif; letter-spacing: 0.03em; }
+.adm-sidebar { box-sizing: border-box; padding: 1rem 0.9rem; background: #f6f8fa;
+  font: 14px/1.45 system-ui, sans-serif; color: #1f2328;
+  border-bottom: 1px solid #d0d7de; }
+.adm-sidebar a { color: #0b5cad; text-decoration: none; }
+.adm-sidebar a:hover { text-decoration: underline; }
+.adm-sidebar .adm-book { display: block; font-weight: 600; font-size: 15px;
+  color: #1f2328; margin-bottom: 0.7rem; }
+.adm-sidebar ol { list-style: none; margin: 0; padding: 0; }
+.adm-chapters > li { margin: 0.35rem 0; }
+.adm-chapters a[aria-current] { font-weight: 600; color: #1f2328; }
+.adm-contents { margin: 0.3rem 0 0.5rem 0.7rem !important;
+  padding-left: 0.6rem !important; border-left: 2px solid #d0d7de; }
+.adm-contents li { margin: 0.2rem 0; font-size: 13px; }
+.adm-smoke-tag { display: block; margin: 0.2rem 0 0 0.7rem; font-size: 12px;
+  color: #7d4e00; }
+.adm-sidebar input[type=search] { box-sizing: border-box; width: 100%;
+  padding: 0.35rem 0.5rem; border: 1px solid #d0d7de; border-radius: 6px;
+  font: inherit; }
+.adm-results { margin: 0.4rem 0 0.8rem !important; max-height: 50vh;
+  overflow-y: auto; background: #fff; border: 1px solid #d0d7de;
+  border-radius: 6px; }
+.adm-results li { padding: 0.35rem 0.5rem; border-bottom: 1px solid #eaeef2; }
+.adm-results .adm-where { display: block; color: #57606a; font-size: 12px; }
+.adm-sidebar button { margin: 0.8rem 0 0; font: 13px system-ui, sans-serif;
+  padding: 0.2rem 0.5rem; border: 1px solid #d0d7de; border-radius: 6px;
+  background: #fff; cursor: pointer; }
+@media (min-width: 72rem) {
+  body.jp-Notebook, body.adm-index { padding-left: 18rem; }
+  .adm-sidebar { position: fixed; top: 0; bottom: 0; left: 0; width: 17rem;
+    overflow-y: auto; border-bottom: none; border-right: 1px solid #d0d7de; }
+}
+details.adm-fold > summary, details.adm-solution > summary { cursor: pointer;
+  padding: 0.3rem 0.6rem; font: 13px/1.5 system-ui, sans-serif;
+  color: #57606a; }
+details.adm-fold { border-left: 3px solid #d0d7de; margin: 0.2rem 0; }
+details.adm-solution { margin: 0.6rem 0; padding: 0 0.4rem;
+  border: 1px solid #d0d7de; border-radius: 6px; }
+details.adm-solution > summary { font-weight: 600; color: #1f2328; }
 .adm-index { font: 17px/1.55 system-ui, sans-serif; color: #1f2328; }
 .adm-index h1 { font-size: 2rem; margin: 2rem 0 0.3rem; }
 .adm-index .adm-authors { color: #57606a; margin-top: 0; }
@@ -131,6 +292,24 @@ main { max-width: 62rem; margin: 0 auto; padding: 0 1rem 2rem; }
    browser fetch MathJax's TeX fonts (not in the site) for script letters. */
 .MJX_Assistive_MathML, .MJX_Assistive_MathML * { font-family: serif !important; }
 """
+
+# Export cells longer than this start folded (the reader can open each, or all).
+FOLD_LINES = 40
+SEARCH_INDEX = "search-index.js"
+SITE_SCRIPT = "site.js"
+SCRIPTS = (f'<script src="{SEARCH_INDEX}"></script>\n'
+           f'<script src="{SITE_SCRIPT}"></script>')
+SIDEBAR_MARK = "<!-- adm-sidebar -->"
+
+_MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.MULTILINE)
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\]\((figures/[^)\s]+)[^)]*\)")
+_FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
+_DEFINED = re.compile(r"^(?:async\s+)?(def|class)\s+(\w+)", re.MULTILINE)
+_MATH = re.compile(r"\$\$(.+?)\$\$|\$([^$]+)\$", re.DOTALL)
+_GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta iota kappa "
+          "lambda mu nu xi pi rho sigma tau upsilon phi varphi chi psi omega "
+          "Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega").split()
+_LETTERS = dict(zip(_GREEK, "αβγδεεζηθικλμνξπρστυφφχψωΓΔΘΛΞΠΣΦΨΩ", strict=True))
 
 
 @dataclass(frozen=True)
@@ -168,6 +347,16 @@ class Page:
     def label(self) -> str:
         """The title with its number, as the navigation shows it."""
         return f"{self.number}. {self.title}" if self.number else self.title
+
+
+@dataclass
+class Section:
+    """A heading of a rendered chapter and the prose under it."""
+
+    anchor: str
+    level: int
+    title: str
+    text: list[str] = field(default_factory=list)
 
 
 def _changed_parameters(chapter: Path, overrides: dict[str, str]) -> dict[str, Any]:
@@ -320,31 +509,113 @@ def _nav(pages: list[Page], index: int) -> str:
     return '<nav class="adm-nav">' + "\n".join(links) + "</nav>"
 
 
-def _note(info: dict[str, Any]) -> str:
-    """Says which parameters made the outputs on the page."""
+def _note(info: dict[str, Any], recorded: list[str]) -> str:
+    """Says which parameters made the outputs on the page: a banner for a smoke run."""
     parameters = info.get("parameters") or {}
+    when = (f"in {info.get('seconds', 0):.0f} s "
+            f"({html.escape(str(info.get('executed', '')))})")
     if parameters:
         given = ", ".join(f"<code>{html.escape(f'{k} = {v!r}')}</code>"
                           for k, v in parameters.items())
-        made = f"with {given} (the other parameters at their defaults)"
-    else:
-        made = "with its parameters cell as written (the smoke configuration)"
+        return (
+            f'<p class="adm-note">The outputs on this page came from running the '
+            f"chapter with {given} (the other parameters at their defaults), "
+            f"{when}. Figures that the text cites from recorded runs are those "
+            "runs' own.</p>"
+        )
+    links = ", ".join(f'<a href="#adm-recorded-{n}">{html.escape(caption)}</a>'
+                      for n, caption in enumerate(recorded, 1))
+    where = (f" The recorded runs' figures, which are results, are marked "
+             f"<em>recorded run</em> where the text shows them: {links}."
+             if recorded else "")
     return (
-        f'<p class="adm-note">The outputs on this page came from running the '
-        f"chapter {made}, in {info.get('seconds', 0):.0f} s "
-        f"({html.escape(str(info.get('executed', '')))}). Figures that the text "
-        "cites from recorded runs are those runs' own.</p>"
+        '<aside class="adm-smoke" id="adm-smoke" role="note"><strong>Smoke run.'
+        "</strong> The outputs on this page came from running the chapter with "
+        "its parameters cell as written, the smoke configuration sized for a "
+        f"CPU, {when}. Where they train or sample, they do it with "
+        "tiny models and few steps: those numbers and images (noisy samples, "
+        "scores near zero) show that the code runs, not what it achieves."
+        f"{where}</aside>"
     )
 
 
-def _for_the_page(notebook: Any) -> Any:
-    """Drop what a static page cannot show: live progress-bar widgets."""
+def _plain(text: str) -> str:
+    """Text with its TeX made readable: Greek letters kept, markup dropped."""
+
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group(1)  # None for markup: {}, _ and ^
+        if char in ("_", "%", "&", "#"):
+            return char  # posterior\_mean
+        return " " if char and (char.isspace() or char in ",;:!") else ""
+
+    def math(match: re.Match[str]) -> str:
+        tex = match.group(1) or match.group(2)
+        tex = re.sub(r"\\([A-Za-z]+)",
+                     lambda m: _LETTERS.get(m.group(1), " "), tex)
+        return re.sub(r"\\([\s\S])|[{}_^]", escaped, tex)
+
+    return " ".join(_MATH.sub(math, text).split())
+
+
+def _fold_summary(source: str, module: str | None) -> str:
+    """What a folded export cell defines, for its summary line."""
+    names = [f"{kind} {name}" for kind, name in _DEFINED.findall(source)]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more"
+                                    if len(names) > 4 else "")
+    lines = len(source.splitlines())
+    into = f"adm_lib.{module}" if module else "adm_lib"
+    return (f"Library code, exported to {into}: {shown or 'statements'} "
+            f"({lines} lines)")
+
+
+def _for_the_page(notebook: Any) -> tuple[Any, list[str]]:
+    """The notebook as the page shows it, and the captions of its recorded figures.
+
+    Live progress-bar widgets are dropped; export cells are marked to fold;
+    images drawn by a cell get alt text that says where they are (the text's
+    own images have their captions); the recorded runs' figures are labelled.
+    """
     notebook.metadata.pop("widgets", None)
+    module, section, recorded = None, "", []
+
+    def label(match: re.Match[str]) -> str:
+        recorded.append(" ".join(match.group(1).split()) or match.group(2))
+        # A block of its own: an inline tag would be split from its text.
+        return (f'<div class="adm-recorded" id="adm-recorded-{len(recorded)}">'
+                f"recorded run</div>\n\n{match.group()}")
+
     for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs
-                            if WIDGET_VIEW not in o.get("data", {})]
-    return notebook
+        if cell.cell_type == "markdown":
+            prose = _FENCE.sub("", cell.source)
+            headings = [h for _, h in _MD_HEADING.findall(prose)]
+            section = _plain(headings[-1]) if headings else section
+            cell.source = _MD_IMAGE.sub(label, cell.source)
+            continue
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs
+                        if WIDGET_VIEW not in o.get("data", {})]
+        first = (cell.source.splitlines() or [""])[0].split()
+        if first[:2] == ["#|", "default_exp"] and len(first) > 2:
+            module = first[2]
+        elif first[:2] in (["#|", "export"], ["#|", "exporti"]):
+            lines = len(cell.source.splitlines())
+            cell.metadata["adm_fold"] = {
+                "summary": _fold_summary(cell.source,
+                                         first[2] if len(first) > 2 else module),
+                "open": lines <= FOLD_LINES,
+            }
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if "image/png" not in data and "image/jpeg" not in data:
+                continue
+            # Matplotlib's text for a figure: "<Figure size 900x320 with 2 Axes>".
+            panels = re.search(r"with (\d+) Axes", str(data.get("text/plain", "")))
+            what = (f"A figure of {panels[1]} panels" if panels and panels[1] != "1"
+                    else "A figure")
+            output.metadata["adm_alt"] = (
+                f"{what} drawn by the code of the section \u201c{section}\u201d")
+    return notebook, recorded
 
 
 def _exporter() -> Any:
@@ -360,17 +631,105 @@ def _exporter() -> Any:
     )
 
 
+class _Prose(HTMLParser):
+    """The headings of a rendered chapter's markdown and the text under each."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+            "meta", "source", "track", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.sections = [Section("", 1, "")]
+        self._depth = 0
+        self._markdown: int | None = None  # depth of the markdown cell we are in
+        self._heading: int | None = None
+        self._skip: int | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.VOID:
+            return
+        self._depth += 1
+        named = dict(attrs)
+        classes = (named.get("class") or "").split()
+        if self._markdown is None:
+            if "jp-RenderedMarkdown" in classes:
+                self._markdown = self._depth
+        elif self._skip is None and ("anchor-link" in classes
+                                     or tag in ("script", "style")):
+            self._skip = self._depth
+        elif re.fullmatch(r"h[1-3]", tag) and named.get("id"):
+            self.sections.append(Section(named["id"] or "", int(tag[1]), ""))
+            self._heading = self._depth
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.VOID:
+            return
+        for name in ("_skip", "_heading", "_markdown"):
+            if getattr(self, name) == self._depth:
+                setattr(self, name, None)
+        self._depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._markdown is None or self._skip is not None:
+            return
+        section = self.sections[-1]
+        if self._heading is not None:
+            section.title += data
+        else:
+            section.text.append(data)
+
+
+def _sections(body: str) -> list[Section]:
+    """The sections of a rendered chapter, in order."""
+    parser = _Prose()
+    parser.feed(body)
+    return [s for s in parser.sections if s.anchor or "".join(s.text).strip()]
+
+
+def _sidebar(book: bk.Book, pages: list[Page], current: int | None,
+             sections: list[Section], smoke: bool) -> str:
+    """The chapter list, with the current chapter's contents, and the search box."""
+    items = []
+    for index, page in enumerate(pages):
+        if index != current:
+            items.append(f'<li><a href="{page.html}">{html.escape(page.label)}</a>'
+                         "</li>")
+            continue
+        contents = "\n".join(
+            f'<li><a href="#{html.escape(s.anchor)}">{html.escape(s.title.strip())}'
+            "</a></li>" for s in sections if s.level == 2)
+        tag = ('<a class="adm-smoke-tag" href="#adm-smoke">Outputs from a smoke '
+               "run</a>" if smoke else "")
+        items.append(
+            f'<li><a href="{page.html}" aria-current="page">'
+            f"{html.escape(page.label)}</a>{tag}"
+            f'<ol class="adm-contents" aria-label="Contents of this chapter">'
+            f"{contents}</ol></li>")
+    fold = ('<button type="button" id="adm-fold-all">Fold or unfold all library '
+            "code</button>" if current is not None else "")
+    return (
+        '<nav class="adm-sidebar" aria-label="Chapters">'
+        f'<a class="adm-book" href="index.html">{html.escape(book.title)}</a>'
+        '<div role="search"><input type="search" id="adm-search" '
+        'placeholder="Search the book" aria-label="Search the book" '
+        'autocomplete="off">'
+        '<ol class="adm-results" id="adm-results" hidden></ol></div>'
+        f'<ol class="adm-chapters">{"".join(items)}</ol>{fold}</nav>'
+    )
+
+
 def render_chapter(
     book: bk.Book, pages: list[Page], index: int, notebook_path: Path,
     exporter: Any = None,
-) -> str:
-    """A chapter's HTML page from its executed notebook."""
+) -> tuple[str, list[Section]]:
+    """A chapter's HTML page from its executed notebook, and its sections."""
     import nbformat
 
     page = pages[index]
-    notebook = _for_the_page(nbformat.read(notebook_path, as_version=4))
+    notebook, recorded = _for_the_page(nbformat.read(notebook_path, as_version=4))
     notebook.metadata["title"] = f"{page.label} | {book.title}"
     nav = _nav(pages, index)
+    info = notebook.metadata.get("adm_book", {})
     resources = {
         # Markdown images (the recorded runs' figures) resolve from here.
         "metadata": {"path": str(page.chapter.parent), "name": page.title},
@@ -378,8 +737,8 @@ def render_chapter(
             "mathjax_url": f"mathjax/MathJax.js?config={MATHJAX_CONFIG}",
             "generator": GENERATOR,
             "css": CSS,
-            "top": nav + _note(notebook.metadata.get("adm_book", {})),
-            "bottom": nav,
+            "top": SIDEBAR_MARK + nav + _note(info, recorded),
+            "bottom": nav + SCRIPTS,
         },
     }
     try:
@@ -387,7 +746,26 @@ def render_chapter(
     except FileNotFoundError as err:
         raise bk.BookError(f"{book.rel(page.chapter)}: an image it shows is "
                            f"missing: {err}") from err
-    return body
+    sections = _sections(body)
+    smoke = not info.get("parameters")
+    body = body.replace(SIDEBAR_MARK, _sidebar(book, pages, index, sections, smoke), 1)
+    return body, sections
+
+
+def search_index(pages: list[Page], sections: dict[str, list[Section]]) -> str:
+    """The site's search index, as a script that sets `window.ADM_SEARCH`."""
+    entries = []
+    for page in pages:
+        for section in sections.get(page.html, []):
+            url = page.html + (f"#{section.anchor}" if section.anchor else "")
+            entries.append({
+                "page": page.label, "url": url,
+                "title": _plain(section.title) or page.label,
+                "text": _plain(" ".join(section.text)),
+            })
+    # "</" cannot end the script early: JSON allows "\/" for "/".
+    text = json.dumps(entries, ensure_ascii=False).replace("</", "<\\/")
+    return f"window.ADM_SEARCH = {text};\n"
 
 
 def render_index(book: bk.Book, pages: list[Page]) -> str:
@@ -409,6 +787,7 @@ def render_index(book: bk.Book, pages: list[Page]) -> str:
 <style type="text/css">{CSS}</style>
 </head>
 <body class="adm-index">
+{_sidebar(book, pages, None, [], False)}
 <main>
 <h1>{html.escape(book.title)}</h1>
 <p class="adm-authors">{authors}</p>
@@ -425,6 +804,7 @@ running each chapter with its smoke configuration, unless a page says otherwise;
 figures from the recorded CPU runs are shown where the text cites them. Made by
 <code>adm book build</code>.</p>
 </main>
+{SCRIPTS}
 </body>
 </html>
 """
@@ -526,15 +906,20 @@ def build_site(
     copy_mathjax(partial / "mathjax")
     report = SiteReport(output, output / "index.html")
     bar = tqdm(pages, desc="adm book build", unit="chapter", disable=not progress)
+    sections = {}
     for index, page in enumerate(bar):
         bar.set_postfix_str(page.chapter.name)
         done = execute(book, page.chapter, parameters.get(page.chapter, {}),
                        force, progress)
         (report.reused if done.reused else report.executed).append(page.chapter.stem)
-        text = render_chapter(book, pages, index, done.notebook, exporter)
+        text, sections[page.html] = render_chapter(book, pages, index, done.notebook,
+                                                   exporter)
         (partial / page.html).write_text(text, encoding="utf-8")
         shutil.copy2(page.chapter, partial / "source" / page.chapter.name)
     (partial / "index.html").write_text(render_index(book, pages), encoding="utf-8")
+    (partial / SEARCH_INDEX).write_text(search_index(pages, sections),
+                                        encoding="utf-8")
+    (partial / SITE_SCRIPT).write_text(SITE_JS, encoding="utf-8")
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
     report.seconds = time.perf_counter() - start

@@ -644,6 +644,97 @@ def test_site_index_navigation_sources_and_figures(tmp_path: Path) -> None:
         assert website.external_loads(page.read_text()) == [], page.name
 
 
+# A 1x1 PNG, so that a cell draws an image without matplotlib.
+PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwAD"
+         "hgGAWjR9awAAAABJRU5ErkJggg==")
+LONG_EXPORT = "#| export\ndef long_one() -> int:\n    x = 0\n" + (
+    "    x += 1\n" * 45) + "    return x"
+READER = chapter(
+    "#| default_exp things",
+    "#| export\ndef short_one() -> int:\n    return 1",
+    LONG_EXPORT,
+    "from base64 import b64decode\nfrom IPython.display import Image\n"
+    f"Image(data=b64decode({PIXEL!r}))",
+    'print("the answer is", 6 * 7)',
+).replace("# %%\nprint(", '# %% tags=["solution"]\nprint(').replace(
+    "# %%\n#| export\ndef short_one",
+    "# %% [markdown]\n# ## 1.1 The $\\alpha$ section\n#\n# Prose about zebras,"
+    " with $\\texttt{a\\_b}$.\n\n# %%\n#| export\ndef short_one").replace(
+    "# %%\nfrom base64",
+    "# %% [markdown]\n# ## 1.2 Pictures\n\n# %%\nfrom base64"
+) + ('\n# %% [markdown] tags=["solution"]\n# Why: zebras.\n\n' + MATHS)
+
+
+def test_site_reader_aids(tmp_path: Path) -> None:
+    """Chapter list, contents, search index, folds, solutions, alt text, banner."""
+    import json
+    import re
+
+    from adm_lib import website
+
+    book = make_book(tmp_path, {"01_a.py": READER, "02_b.py": chapter(
+        "print(1)").replace("# # A title", "# # Second")})
+    (tmp_path / "chapters" / "figures").mkdir()
+    shutil.copy(ROOT / "chapters" / "figures" / "02_cpu_run_bound.png",
+                tmp_path / "chapters" / "figures" / "fig.png")
+    website.build_site(book, progress=False)
+    site = tmp_path / "build" / "site"
+    page = (site / "01_a.html").read_text()
+    # Every page lists the chapters, the current one with its sections.
+    sidebar = page[page.index('<nav class="adm-sidebar"'):]
+    sidebar = sidebar[:sidebar.index("</nav>")]
+    assert sidebar.index('href="01_a.html" aria-current="page"') < sidebar.index(
+        'href="02_b.html"')
+    anchors = re.findall(r'<h2 id="([^"]+)"', page)
+    assert len(anchors) == 2
+    contents = sidebar[sidebar.index('class="adm-contents"'):]
+    assert re.findall(r'href="#([^"]+)"', contents) == anchors
+    assert "1.1 The $\\alpha$ section" in contents  # MathJax typesets it there
+    for other in ("02_b.html", "index.html"):
+        assert '<nav class="adm-sidebar"' in (site / other).read_text()
+    # The search index: a script, a section per heading, its TeX made plain.
+    script = (site / website.SEARCH_INDEX).read_text()
+    entries = json.loads(script.removeprefix("window.ADM_SEARCH = ").rstrip(";\n"))
+    found = {e["url"]: e for e in entries}
+    first = found[f"01_a.html#{anchors[0]}"]
+    assert first["title"] == "1.1 The α section"
+    assert "zebras" in first["text"] and "texttt" not in first["text"]
+    assert not any("$" in e["title"] + e["text"] or "\\" in e["title"] + e["text"]
+                   for e in entries)
+    assert any(e["url"].startswith("02_b.html") for e in entries)
+    assert f'src="{website.SEARCH_INDEX}"' in page
+    assert (site / website.SITE_SCRIPT).read_text() == website.SITE_JS
+    # Export cells fold; a long one starts folded. Solutions start collapsed.
+    folds = re.findall(r'<details class="adm-fold"( open="")?>\s*<summary>([^<]*)',
+                       page)
+    assert folds == [
+        (' open=""', "Library code, exported to adm_lib.things: def short_one "
+                  "(3 lines)"),
+        ("", "Library code, exported to adm_lib.things: def long_one (49 lines)")]
+    solutions = page.split('<details class="adm-solution"><summary>Solution'
+                           "</summary>")
+    assert len(solutions) == 3
+    assert "the answer is 42" in solutions[1] and "zebras." in solutions[2]
+    # Images say what they are: a cell's by where it is, the text's by caption.
+    assert 'alt="A figure drawn by the code of the section “1.2 Pictures”"' in page
+    assert 'alt="a recorded figure"' in page
+    assert not re.search(r'<img(?![^>]*\balt="[^"]+")', page)
+    # The smoke run is said in a banner that links to the recorded figures.
+    banner = page[page.index('<aside class="adm-smoke"'):]
+    banner = banner[:banner.index("</aside>")]
+    assert 'href="#adm-recorded-1">a recorded figure</a>' in banner
+    assert 'id="adm-recorded-1">recorded run</div>' in page
+
+
+def test_plain_text_of_tex() -> None:
+    from adm_lib.website import _plain
+
+    assert _plain("The $\\alpha_t$ and $$x^{2} + \\frac{1}{2}$$ end") == (
+        "The αt and x2 + 12 end")
+    assert _plain("a $\\texttt{posterior\\_mean}$") == "a posterior_mean"
+    assert _plain("$a,\\\n\\ b$") == "a, b"
+
+
 def test_site_cache_reuses_and_rebuilds(tmp_path: Path) -> None:
     from adm_lib import website
 

@@ -7,9 +7,12 @@ executed, from build/site-cache; run alone, the build executes every chapter.
 
 Each page is opened from its file in headless Chromium (Debian's `chromium` and
 `chromium-driver`, which `.ci/run` installs when missing) through Selenium, and
-must have its maths typeset by the local MathJax with no TeX left raw, every
-image loaded, every internal link resolving, and nothing in the console. A
-screenshot of a chapter is saved to build/site-test/chapter.png.
+must have its maths typeset by the local MathJax with no TeX source left in its
+text (typeset formulas included), every image loaded and described, every
+internal link resolving, the chapter list with the chapter's contents, and
+nothing in the console. Search, folding and the smoke-run banner are tried as
+a reader would. A screenshot of a chapter is saved to
+build/site-test/chapter.png.
 """
 
 from __future__ import annotations
@@ -36,23 +39,26 @@ OUT = BOOK.build_dir / "site-test"
 PAGES = ["index", *(chapter.stem for chapter in BOOK.chapters)]
 SCREENSHOT_OF = "01_forward"
 
-# TeX that MathJax should have typeset: delimiters or a control sequence left in
-# the text of a rendered markdown cell (code and the typeset maths removed).
-RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\s][^$]*\$|\\[A-Za-z]+")
+# TeX that MathJax should have typeset: delimiters, a control sequence or an
+# escaped character left in the text of a page (code and typeset maths removed).
+RAW_TEX = re.compile(
+    r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\s][^$]*\$|\\[A-Za-z]+|\\[_%&#]")
+# What the typeset maths shows must not be TeX either: `\_` inside \texttt{...}
+# is typeset as a backslash and an underscore by MathJax 2 unless the site
+# takes the escape out.
+TEX_IN_MATHS = re.compile(r"\\|\$")
 
 # Waits until MathJax has typeset the page (its "End" startup hook) or says
 # there is none; then reports what the checks need.
 INSPECT = """
 const done = arguments[arguments.length - 1];
 function report(mathjax) {
-  const prose = [];
-  for (const cell of document.querySelectorAll(".jp-RenderedMarkdown")) {
-    const copy = cell.cloneNode(true);
-    copy.querySelectorAll("code, pre, script, .MathJax, .MathJax_Display, "
-      + ".MathJax_Preview, .MathJax_CHTML, .MJX_Assistive_MathML")
-      .forEach((node) => node.remove());
-    prose.push(copy.textContent);
-  }
+  const text = document.body.cloneNode(true);
+  text.querySelectorAll("code, pre, script, style, .MathJax, .MathJax_Display, "
+    + ".MathJax_Preview, .MathJax_CHTML, .MJX_Assistive_MathML")
+    .forEach((node) => node.remove());
+  const hrefs = (selector) => Array.from(document.querySelectorAll(selector))
+    .map((a) => a.getAttribute("href"));
   done({
     mathjax: mathjax,
     maths: document.querySelectorAll('script[type^="math/tex"]').length,
@@ -60,11 +66,18 @@ function report(mathjax) {
     untypeset: Array.from(document.querySelectorAll('script[type^="math/tex"]'))
       .filter((s) => !document.getElementById(s.id + "-Frame"))
       .map((s) => s.textContent.slice(0, 60)),
-    prose: prose.join("\\n"),
+    prose: text.textContent,
+    typeset: Array.from(document.querySelectorAll(".MathJax, .MathJax_Display"))
+      .map((node) => node.textContent).join("\\n"),
     images: Array.from(document.images).map(
-      (img) => [img.alt || img.src.slice(0, 60), img.complete, img.naturalWidth]),
-    links: Array.from(document.querySelectorAll("a[href]")).map(
-      (a) => a.getAttribute("href")),
+      (img) => [img.src.slice(0, 60), img.complete, img.naturalWidth, img.alt]),
+    links: hrefs("a[href]"),
+    chapters: hrefs(".adm-chapters > li > a:first-child"),
+    current: hrefs(".adm-chapters a[aria-current=page]"),
+    contents: hrefs(".adm-contents a"),
+    headings: Array.from(document.querySelectorAll(".jp-RenderedMarkdown h2[id]"))
+      .map((h) => "#" + h.id),
+    smoke: document.getElementById("adm-smoke")?.textContent || "",
   });
 }
 if (window.MathJax && window.MathJax.Hub) {
@@ -169,6 +182,9 @@ def test_every_page_is_written_with_nothing_from_the_network(site: Path) -> None
     for page in site.glob("*.html"):
         assert website.external_loads(page.read_text(encoding="utf-8")) == [], page
     assert (site / "mathjax" / "MathJax.js").is_file()
+    assert (site / website.SEARCH_INDEX).read_text(encoding="utf-8").startswith(
+        "window.ADM_SEARCH = [")
+    assert (site / website.SITE_SCRIPT).is_file()
     for chapter in BOOK.chapters:
         assert (site / "source" / chapter.name).read_bytes() == chapter.read_bytes()
 
@@ -184,7 +200,7 @@ def test_index_has_the_chapters_in_book_order(site: Path) -> None:
 
 @pytest.mark.parametrize("name", PAGES)
 def test_page_in_chromium(site: Path, browser: Any, name: str) -> None:
-    """Maths typeset, images loaded, links resolving, a quiet console."""
+    """Maths typeset, images loaded and described, links resolving, a quiet console."""
     page = site / f"{name}.html"
     browser.get(page.as_uri())
     seen = browser.execute_async_script(INSPECT)
@@ -193,17 +209,86 @@ def test_page_in_chromium(site: Path, browser: Any, name: str) -> None:
     assert errors == [], f"{name}: console errors"
     unloaded = [image for image in seen["images"] if not image[1] or image[2] <= 0]
     assert unloaded == [], f"{name}: images that did not load"
+    assert [image for image in seen["images"] if not image[3].strip()] == [], (
+        f"{name}: images without alt text")
     assert _broken_links(site, page, seen["links"]) == []
     raw = sorted({m.group() for m in RAW_TEX.finditer(seen["prose"])})
     assert raw == [], f"{name}: TeX left untypeset"
-    if name != "index":
-        chapter = BOOK.chapter(name)
-        has_maths = any("$" in cell.source for cell in bk.read_cells(chapter)
-                        if cell.kind == "markdown")
-        assert seen["mathjax"], f"{name}: MathJax did not load"
-        if has_maths:
-            assert seen["maths"] > 0, f"{name}: no maths found"
-        assert seen["untypeset"] == [], f"{name}: maths MathJax did not typeset"
+    shown = sorted({m.group() for m in TEX_IN_MATHS.finditer(seen["typeset"])})
+    assert shown == [], f"{name}: TeX source shown by the typeset maths"
+    # Every page lists the chapters in book order.
+    assert seen["chapters"] == [f"{c.stem}.html" for c in BOOK.chapters]
+    if name == "index":
+        assert seen["current"] == []
+        return
+    chapter = BOOK.chapter(name)
+    assert seen["current"] == [f"{name}.html"]
+    # The chapter's contents: a link to each of its sections, in order.
+    assert seen["headings"] and seen["contents"] == seen["headings"]
+    # Built with its parameters cell as written: the page says so.
+    assert "Smoke run." in seen["smoke"], f"{name}: no smoke-run banner"
+    has_maths = any("$" in cell.source for cell in bk.read_cells(chapter)
+                    if cell.kind == "markdown")
+    assert seen["mathjax"], f"{name}: MathJax did not load"
+    if has_maths:
+        assert seen["maths"] > 0, f"{name}: no maths found"
+    assert seen["untypeset"] == [], f"{name}: maths MathJax did not typeset"
+
+
+def test_search_finds_sections_from_a_file(site: Path, browser: Any) -> None:
+    """Typing in the search box lists sections whose links resolve."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    page = site / f"{SCREENSHOT_OF}.html"
+    browser.get(page.as_uri())
+    browser.execute_async_script(INSPECT)
+    box = browser.find_element(By.ID, "adm-search")
+
+    def results(query: str) -> list[tuple[str, str]]:
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(query)
+        return [(item.get_attribute("textContent"),
+                 item.find_element(By.TAG_NAME, "a").get_attribute("href")
+                 if item.find_elements(By.TAG_NAME, "a") else "")
+                for item in browser.find_elements(By.CSS_SELECTOR, "#adm-results li")]
+
+    found = results("posterior variance")
+    assert found and all(href for _, href in found)
+    links = [href.removeprefix(site.as_uri() + "/") for _, href in found]
+    assert _broken_links(site, page, links) == []
+    assert any(link.startswith("01_forward.html#1.4") for link in links)
+    assert not [text for text, _ in found if RAW_TEX.search(text)]
+    # Every chapter's prose is in the index, not only this page's.
+    assert {link.split("#")[0] for link in links} - {page.name}
+    assert results("zzzqqq no such words") == [("Nothing found.", "")]
+    assert results("") == []
+    assert [entry for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE"] == []
+
+
+def test_export_cells_fold(site: Path, browser: Any) -> None:
+    """Each export cell can be folded; long ones start folded; one switch for all."""
+    from selenium.webdriver.common.by import By
+
+    chapter = BOOK.chapter(SCREENSHOT_OF)
+    exports = [len(cell.source.splitlines()) for cell in bk.read_cells(chapter)
+               if cell.kind == "code" and cell.source.startswith("#| export")]
+    browser.get((site / f"{SCREENSHOT_OF}.html").as_uri())
+    browser.execute_async_script(INSPECT)
+
+    def opened() -> list[bool]:
+        return browser.execute_script(
+            "return Array.from(document.querySelectorAll('details.adm-fold'))"
+            ".map((d) => d.open)")
+
+    assert opened() == [lines <= website.FOLD_LINES for lines in exports]
+    assert not all(opened()), "no export cell of the chapter starts folded"
+    browser.find_element(By.ID, "adm-fold-all").click()
+    assert all(opened())
+    browser.find_element(By.ID, "adm-fold-all").click()
+    assert not any(opened())
 
 
 def test_screenshot_of_a_chapter(site: Path, browser: Any) -> None:
