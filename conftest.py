@@ -61,6 +61,10 @@ class ChapterNotebook(IPyNbFile):
         # The chapter's text as nbval runs it: the cache is keyed on this text.
         self.text = self.path.read_text(encoding="utf-8")
         self.cells = list(super().collect())
+        for cell in self.cells:
+            # nbval waits 5 s for a finished cell's outputs to arrive; a
+            # loaded 2-core machine can take longer to send a figure.
+            cell.output_timeout = 60
         return self.cells
 
     def setup(self) -> None:
