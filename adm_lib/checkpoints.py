@@ -212,7 +212,7 @@ def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
         "end, or choose another folder"))
 
 
-# %% chapters/04_training.py:1778
+# %% chapters/04_training.py:1781
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """This process's global RNG state (dropout draws from it)."""
     state = {"cpu": torch.get_rng_state()}
@@ -228,7 +228,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:2301
+# %% chapters/04_training.py:2304
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -282,7 +282,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2684
+# %% chapters/04_training.py:2687
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -1684,7 +1684,10 @@ def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
 
 # %% [markdown]
 # What a checkpoint holds is `TrainState`: the network, its EMAs, AdamW,
-# the loss scaler and the timestep sampler, and the step.
+# the loss scaler and the timestep sampler, and the step. Loading puts
+# each tensor where its parameter is: on its device, in its dtype, and,
+# for AdamW's moments, in its memory layout, which a resume may change
+# (channels_last on a GPU, contiguous on a CPU).
 
 # %%
 #| export
