@@ -133,16 +133,13 @@ def _say_fp32(device_type: str) -> None:
           file=sys.stderr)
 
 
-# %% chapters/04_training.py:1241
+# %% chapters/04_training.py:1245
 def fast_backends(config: TrainConfig, device: torch.device) -> None:
     """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # This also stops Inductor (compile=true) from autotuning its kernels.
     torch.use_deterministic_algorithms(config.deterministic)
-    if config.compile:
-        # Inductor's autotuning could pick other kernels in each process.
-        from torch._inductor import config as inductor
-        inductor.deterministic = config.deterministic
     if device.type == "cuda":
         tf32 = resolve_precision(config.precision, device) != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -166,7 +163,7 @@ def attention_kernels(
             else contextlib.nullcontext())
 
 
-# %% chapters/04_training.py:1277
+# %% chapters/04_training.py:1278
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -182,7 +179,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1402
+# %% chapters/04_training.py:1403
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -205,7 +202,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1693
+# %% chapters/04_training.py:1694
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -290,7 +287,7 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
                     param, dtype=value.dtype).copy_(value)
 
 
-# %% chapters/04_training.py:1926
+# %% chapters/04_training.py:1927
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -346,7 +343,7 @@ def data_parallel(model: nn.Module,
         gradient_as_bucket_view=True)
 
 
-# %% chapters/04_training.py:1989
+# %% chapters/04_training.py:1990
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -377,7 +374,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:2024
+# %% chapters/04_training.py:2025
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -385,7 +382,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2363
+# %% chapters/04_training.py:2364
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -424,7 +421,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2406
+# %% chapters/04_training.py:2407
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -454,7 +451,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2443
+# %% chapters/04_training.py:2444
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -497,7 +494,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2492
+# %% chapters/04_training.py:2493
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -532,7 +529,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2536
+# %% chapters/04_training.py:2537
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -599,7 +596,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2612
+# %% chapters/04_training.py:2613
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

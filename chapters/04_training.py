@@ -1224,18 +1224,22 @@ def _say_fp32(device_type: str) -> None:
 #
 # `deterministic=true` makes a GPU run repeat itself bit for bit, which a
 # resumed run needs to match an uninterrupted one (appendix R.4). It
-# turns on `torch.use_deterministic_algorithms`, which makes any
-# nondeterministic kernel raise rather than run; sets
-# `CUBLAS_WORKSPACE_CONFIG=:4096:8`, without which cuBLAS's products may
-# sum in a different order (unless already set: it must be, before the
-# process's first cuBLAS call, which is why `train` sets it first thing);
-# turns cuDNN's autotuner off, since it may pick another convolution
-# algorithm in each process; and runs attention's backward in PyTorch's
-# plain ("math") kernels, since the fused ones may accumulate in any
-# order. The classifier's average pool to 1x1 is a mean, whose backward
-# is deterministic. The cost is speed, and the math attention's memory
-# (it stores the attention matrix); how much has not been measured here,
-# for want of a GPU. On a CPU every kernel we use is deterministic already.
+# turns on `torch.use_deterministic_algorithms`, which picks deterministic
+# kernels and raises for an op that has none (and stops Inductor's
+# autotuning under `compile=true`); sets `CUBLAS_WORKSPACE_CONFIG` to
+# `:4096:8` unless it is set, without which cuBLAS may split a product's
+# sums differently (PyTorch sizes cuBLAS's workspace at its first
+# product, so `train` sets it first thing; a process that has already
+# multiplied on the GPU must set it in its environment); turns cuDNN's
+# autotuner off, since it may pick another convolution algorithm in each
+# process; and runs attention's backward in PyTorch's plain ("math")
+# kernels, since the fused ones may accumulate in any order. The
+# classifier's adaptive average pool, whose CUDA backward has no
+# deterministic kernel, needs nothing: to 1x1, PyTorch computes it as a
+# mean. The cost is speed, and the math attention's memory (it stores the
+# attention matrix); how much has not been measured, for want of a GPU.
+# A CPU needs none of it: the kernels we use there are deterministic
+# already.
 
 # %%
 #| export
@@ -1243,11 +1247,8 @@ def fast_backends(config: TrainConfig, device: torch.device) -> None:
     """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # This also stops Inductor (compile=true) from autotuning its kernels.
     torch.use_deterministic_algorithms(config.deterministic)
-    if config.compile:
-        # Inductor's autotuning could pick other kernels in each process.
-        from torch._inductor import config as inductor
-        inductor.deterministic = config.deterministic
     if device.type == "cuda":
         tf32 = resolve_precision(config.precision, device) != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -198,8 +198,8 @@ assert f"pid {os.getpid()}" in held
 # atomics, in whatever order the threads arrive. `deterministic=true`
 # (section 4.4) removes all three: deterministic algorithms only (an op
 # without one raises rather than run), `CUBLAS_WORKSPACE_CONFIG=:4096:8`,
-# no autotuner, attention's backward in the plain math kernels, and
-# Inductor's deterministic mode under `compile=true`. What it promises is
+# no autotuner (nor Inductor's, under `compile=true`), and attention's
+# backward in the plain math kernels. What it promises is
 # bit-identical runs on the same kind of GPU, the same number of
 # processes and the same PyTorch, CUDA and cuDNN: a resume on another
 # GPU, on the CPU or in another `memory_format` runs other kernels and

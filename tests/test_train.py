@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch._inductor import config as inductor
 
 from adm_lib import batches as bt
 from adm_lib import checkpoints as ck
@@ -721,14 +720,12 @@ def backends(monkeypatch):
              (torch.backends.cudnn, "benchmark")]
     saved = [getattr(obj, name) for obj, name in flags]
     deterministic = torch.are_deterministic_algorithms_enabled()
-    compiled = inductor.deterministic  # a config module: by hand too
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # undone at the end
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     yield
     for (obj, name), value in zip(flags, saved, strict=True):
         setattr(obj, name, value)
     torch.use_deterministic_algorithms(deterministic)
-    inductor.deterministic = compiled
 
 
 def tf32() -> tuple[bool, bool]:
@@ -760,9 +757,8 @@ def test_fast_backends_change_nothing_on_a_cpu(data, backends):
 
 def test_deterministic_sets_what_bit_exact_gpu_runs_need(data, backends):
     cuda = torch.device("cuda", 0)
-    tr.fast_backends(config(data, deterministic=True, compile=True), cuda)
+    tr.fast_backends(config(data, deterministic=True), cuda)
     assert torch.are_deterministic_algorithms_enabled()
-    assert inductor.deterministic
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.backends.cudnn.benchmark
     with tr.attention_kernels(config(data, deterministic=True)):
@@ -773,9 +769,8 @@ def test_deterministic_sets_what_bit_exact_gpu_runs_need(data, backends):
     assert torch.backends.cuda.flash_sdp_enabled()  # only inside
     # A non-deterministic run in the same process undoes it, but leaves a
     # workspace setting alone (cuBLAS read it once, at its first call).
-    tr.fast_backends(config(data, compile=True), cuda)
+    tr.fast_backends(config(data), cuda)
     assert not torch.are_deterministic_algorithms_enabled()
-    assert not inductor.deterministic
     assert torch.backends.cudnn.benchmark
     # A workspace size the user chose is kept.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
