@@ -138,8 +138,9 @@ shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 # one.
 #
 # The last group, from `device` on, only steers the run: how long, how
-# often to log and save, where to compute. Those may change when a run is
-# resumed (`RUN_FIELDS`); every other field must match its checkpoint.
+# often to log and save, where and how to compute (the layout, and
+# whether bit for bit). Those may change when a run is resumed
+# (`RUN_FIELDS`); every other field must match its checkpoint.
 
 # %%
 #| export config
