@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:732
+# %% chapters/04_training.py:739
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -33,7 +33,7 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
 
 
-# %% chapters/04_training.py:748
+# %% chapters/04_training.py:755
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
@@ -87,7 +87,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:817
+# %% chapters/04_training.py:824
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -155,7 +155,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:896
+# %% chapters/04_training.py:903
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -211,7 +211,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:957
+# %% chapters/04_training.py:964
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

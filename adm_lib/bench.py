@@ -120,7 +120,7 @@ class Ours:
     """adm_lib's training step and sampler, as `adm train` and `adm sample`."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        fast_backends(device)
+        fast_backends(config, device)
         self.config, self.device = config, device
         self.precision = resolve_precision(config.precision, device)
         self.state = TrainState.create(config, device)

@@ -11,6 +11,7 @@ __all__ = [
     "KINDS",
     "PRECISIONS",
     "SCHEDULE_SAMPLERS",
+    "MEMORY_FORMATS",
     "TrainError",
     "TrainConfig",
     "RUN_FIELDS",
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:145
+# %% chapters/04_training.py:146
 import difflib
 import importlib.util
 import math
@@ -43,14 +44,15 @@ from adm_lib.values import MAX_SEED, coerce
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-# %% chapters/04_training.py:168
+# %% chapters/04_training.py:170
 class TrainError(RuntimeError):
     """A run cannot start or go on; the message names the culprit."""
 
 
-# %% chapters/04_training.py:176
+# %% chapters/04_training.py:178
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -117,6 +119,10 @@ class TrainConfig:
     seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
+    # The layout of images and convolution weights (4.4); auto:
+    # channels_last on a GPU, contiguous elsewhere.
+    memory_format: str = "auto"
+    deterministic: bool = False  # bit-exact on a GPU too, slower (4.4)
     num_workers: int = 0
     log_interval: int = 50
     save_interval: int = 500
@@ -130,16 +136,16 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:259
+# %% chapters/04_training.py:265
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
     "sample_steps", "eval_interval", "eval_images", "max_nonfinite",
-    "tensorboard", "compile",
+    "tensorboard", "compile", "memory_format", "deterministic",
 })
 
 
-# %% chapters/04_training.py:282
+# %% chapters/04_training.py:288
 def _released(name: str) -> dict[str, Any]:
     """A released model's architecture flags, as config fields."""
     kind, flags = gd.RELEASED[name]
@@ -159,7 +165,7 @@ def _imagenet(name: str, batch: int, lr: float, steps: int,
             "steps": steps, **more}
 
 
-# %% chapters/04_training.py:306
+# %% chapters/04_training.py:312
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
@@ -210,7 +216,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:364
+# %% chapters/04_training.py:370
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -247,7 +253,7 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:406
+# %% chapters/04_training.py:412
 def ema_rates(config: TrainConfig) -> list[float]:
     """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
     try:
@@ -260,7 +266,7 @@ def ema_rates(config: TrainConfig) -> list[float]:
     return rates
 
 
-# %% chapters/04_training.py:419
+# %% chapters/04_training.py:425
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -292,13 +298,14 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:455
+# %% chapters/04_training.py:461
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
                "schedule_sampler": SCHEDULE_SAMPLERS,
                "noise_schedule": tuple(BETA_SCHEDULES),
-               "classifier_pool": POOLS, "in_channels": (0, 1, 3)}
+               "classifier_pool": POOLS, "in_channels": (0, 1, 3),
+               "memory_format": MEMORY_FORMATS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise TrainError(f"{name}={getattr(config, name)!r}: expected "
@@ -340,7 +347,7 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"lr={config.lr} must be > 0")
 
 
-# %% chapters/04_training.py:508
+# %% chapters/04_training.py:515
 def _check_types(config: TrainConfig) -> None:
     """Each field holds its default's type (an int will do for a float)."""
     for field in fields(TrainConfig):
@@ -381,7 +388,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:554
+# %% chapters/04_training.py:561
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = _channel_mults(config)
@@ -433,7 +440,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:610
+# %% chapters/04_training.py:617
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -450,7 +457,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:635
+# %% chapters/04_training.py:642
 def model_flags(config: TrainConfig) -> dict[str, Any]:
     """The reference flags that describe `config`'s network and diffusion."""
     flags = {k: v for k, v in asdict(config).items()

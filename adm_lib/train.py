@@ -12,11 +12,14 @@ __all__ = [
     "resolve_precision",
     "fast_backends",
     "memory_format",
+    "attention_kernels",
     "autocast_model",
     "ema_decay",
     "update_ema",
     "TrainState",
     "accumulate_gradients",
+    "micro_sync",
+    "data_parallel",
     "apply_gradients",
     "learning_rate",
     "train",
@@ -28,7 +31,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1098
+# %% chapters/04_training.py:1105
 import contextlib
 import copy
 import functools
@@ -45,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -100,7 +104,7 @@ from adm_lib.runlog import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1173
+# %% chapters/04_training.py:1181
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (not emulated)."""
     if device.type == "cuda":
@@ -129,24 +133,37 @@ def _say_fp32(device_type: str) -> None:
           file=sys.stderr)
 
 
-# %% chapters/04_training.py:1211
-def fast_backends(device: torch.device) -> None:
-    """TF32 matrix products and cuDNN's autotuner on a GPU."""
+# %% chapters/04_training.py:1246
+def fast_backends(config: TrainConfig, device: torch.device) -> None:
+    """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # This also stops Inductor (compile=true) from autotuning its kernels.
+    torch.use_deterministic_algorithms(config.deterministic)
     if device.type == "cuda":
-        # TF32 rounds float32 products' inputs to 10 mantissa bits: the
-        # float32 parts of a bf16 run lose nothing that bf16 kept.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        tf32 = resolve_precision(config.precision, device) != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = not config.deterministic
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on a GPU, where cuDNN's fastest convolutions want it."""
-    return (torch.channels_last if device.type == "cuda"
+def memory_format(choice: str, device: torch.device) -> torch.memory_format:
+    """The layout a `memory_format` setting names on `device`."""
+    if choice == "auto":
+        # cuDNN's fastest convolutions want channels_last.
+        choice = "channels_last" if device.type == "cuda" else "contiguous"
+    return (torch.channels_last if choice == "channels_last"
             else torch.contiguous_format)
 
 
-# %% chapters/04_training.py:1231
+def attention_kernels(
+        config: TrainConfig) -> contextlib.AbstractContextManager[None]:
+    """Attention in the math kernels if `config` is deterministic."""
+    return (sdpa_kernel(SDPBackend.MATH) if config.deterministic
+            else contextlib.nullcontext())
+
+
+# %% chapters/04_training.py:1279
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -162,7 +179,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1356
+# %% chapters/04_training.py:1404
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -185,7 +202,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1644
+# %% chapters/04_training.py:1695
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -203,8 +220,8 @@ class TrainState:
                device: torch.device) -> "TrainState":
         """A fresh state: seeded initial weights, AdamW, EMA copies."""
         torch.manual_seed(config.seed)
-        model = build_model(config).to(device,
-                                       memory_format=memory_format(device))
+        layout = memory_format(config.memory_format, device)
+        model = build_model(config).to(device, memory_format=layout)
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
         # Fused: one kernel for all parameters' updates, not one per tensor,
@@ -245,6 +262,7 @@ class TrainState:
         for rate, model in self.ema.items():
             model.load_state_dict(state["ema"][str(rate)])
         self.optimizer.load_state_dict(state["optimizer"])
+        _follow_layouts(self.optimizer)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.sampler, LossAwareSampler):
@@ -252,7 +270,24 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1855
+def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's moments the parameter's strides.
+
+    Loading moves them to the parameter's device and dtype but keeps the
+    strides they were saved with, and the fused AdamW pairs elements by
+    position in memory: moments saved channels_last (a GPU's layout) and
+    loaded for a contiguous parameter (a CPU's) would update the wrong
+    elements.
+    """
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if (isinstance(value, Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                slots[name] = torch.empty_like(
+                    param, dtype=value.dtype).copy_(value)
+
+
+# %% chapters/04_training.py:1928
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -274,9 +309,7 @@ def accumulate_gradients(
     for start in range(0, share, micro):
         rows = slice(start, start + micro)
         last = start + micro >= share
-        sync = (model.no_sync() if isinstance(model, DistributedDataParallel)
-                and not last else contextlib.nullcontext())
-        with sync:
+        with micro_sync(model, last), attention_kernels(config):
             terms = objective(config, diffusion, run, x[rows], y[rows],
                               draws.rows(rows))
             if config.kind != "classifier":  # importance-weighted, as logged
@@ -290,7 +323,27 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1900
+def micro_sync(model: nn.Module,
+               last: bool) -> contextlib.AbstractContextManager[None]:
+    """DDP's `no_sync` unless `last`, through a torch.compile wrapper."""
+    # torch.compile(DDP(...)) is an OptimizedModule holding the DDP module.
+    ddp = getattr(model, "_orig_mod", model)
+    if isinstance(ddp, DistributedDataParallel) and not last:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def data_parallel(model: nn.Module,
+                  device: torch.device) -> DistributedDataParallel:
+    """`model` in DDP, its gradients views of the all-reduce buckets."""
+    # The views save a copy between gradients and buckets each step, and
+    # a gradient's worth of memory.
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
+
+
+# %% chapters/04_training.py:1991
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -321,7 +374,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1935
+# %% chapters/04_training.py:2026
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -329,7 +382,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2274
+# %% chapters/04_training.py:2365
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -368,7 +421,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2317
+# %% chapters/04_training.py:2408
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -398,7 +451,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2354
+# %% chapters/04_training.py:2445
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -441,7 +494,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2403
+# %% chapters/04_training.py:2494
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -459,7 +512,8 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     """One optimisation step on the rank's uint8 images."""
     device = ranks.device
     x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
-    x = x.contiguous(memory_format=memory_format(device))
+    x = x.contiguous(memory_format=memory_format(config.memory_format,
+                                                 device))
     y = y.to(device, non_blocking=True)
     shape = (config.in_channels, config.image_size, config.image_size)
     draws = draw_step(config, state.sampler, state.step, shape, device,
@@ -475,12 +529,12 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2446
+# %% chapters/04_training.py:2538
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
-    fast_backends(device)
+    fast_backends(config, device)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
@@ -488,8 +542,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config, state, last = _restore(config, out, resume, ranks, held)
     model = state.model
     if ranks.world_size > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+        model = data_parallel(model, device)
     # Compiled for the steps only: checkpoints keep the plain module's keys.
     run = torch.compile(model) if config.compile else model
     loader, sampler = _loader(config, data, train_idx, state, ranks)
@@ -543,7 +596,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2523
+# %% chapters/04_training.py:2614
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -138,8 +138,9 @@ shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 # one.
 #
 # The last group, from `device` on, only steers the run: how long, how
-# often to log and save, where to compute. Those may change when a run is
-# resumed (`RUN_FIELDS`); every other field must match its checkpoint.
+# often to log and save, where and how to compute (the layout, and
+# whether bit for bit). Those may change when a run is resumed
+# (`RUN_FIELDS`); every other field must match its checkpoint.
 
 # %%
 #| export config
@@ -163,6 +164,7 @@ from adm_lib.values import MAX_SEED, coerce
 KINDS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 # %%
 #| export config
@@ -240,6 +242,10 @@ class TrainConfig:
     seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
+    # The layout of images and convolution weights (4.4); auto:
+    # channels_last on a GPU, contiguous elsewhere.
+    memory_format: str = "auto"
+    deterministic: bool = False  # bit-exact on a GPU too, slower (4.4)
     num_workers: int = 0
     log_interval: int = 50
     save_interval: int = 500
@@ -261,7 +267,7 @@ RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
     "sample_steps", "eval_interval", "eval_images", "max_nonfinite",
-    "tensorboard", "compile",
+    "tensorboard", "compile", "memory_format", "deterministic",
 })
 
 # %% [markdown]
@@ -458,7 +464,8 @@ def _check_ranges(config: TrainConfig) -> None:
     choices = {"kind": KINDS, "precision": PRECISIONS,
                "schedule_sampler": SCHEDULE_SAMPLERS,
                "noise_schedule": tuple(BETA_SCHEDULES),
-               "classifier_pool": POOLS, "in_channels": (0, 1, 3)}
+               "classifier_pool": POOLS, "in_channels": (0, 1, 3),
+               "memory_format": MEMORY_FORMATS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise TrainError(f"{name}={getattr(config, name)!r}: expected "
@@ -1114,6 +1121,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -1206,23 +1214,63 @@ def _say_fp32(device_type: str) -> None:
 # tensors (each pixel's channels adjacent), the layout of its fastest
 # convolutions. The appendix on the engineering of runs measures what
 # they buy (R.7).
+#
+# TF32 is for 16-bit runs only: it rounds a float32 product's inputs to
+# 10 mantissa bits, which loses nothing a bf16 or fp16 run kept, but
+# `precision="fp32"` means IEEE float32, so there it is off. The layout is
+# the `memory_format` setting: "auto" is channels_last on a GPU and
+# contiguous elsewhere; "contiguous" is there because CUDA's GroupNorm on
+# our torch wants NCHW, so channels_last may pay a transpose around every
+# norm, and only a measurement on the GPU says which layout wins.
+#
+# `deterministic=true` makes a GPU run repeat itself bit for bit, which a
+# resumed run needs to match an uninterrupted one (appendix R.4). It
+# turns on `torch.use_deterministic_algorithms`, which picks deterministic
+# kernels and raises for an op that has none (and stops Inductor's
+# autotuning under `compile=true`); sets `CUBLAS_WORKSPACE_CONFIG` to
+# `:4096:8` unless it is set, without which cuBLAS may split a product's
+# sums differently (PyTorch sizes cuBLAS's workspace at its first
+# product, so `train` sets it first thing; a process that has already
+# multiplied on the GPU must set it in its environment); turns cuDNN's
+# autotuner off, since it may pick another convolution algorithm in each
+# process; and runs attention's backward in PyTorch's plain ("math")
+# kernels, since the fused ones may accumulate in any order. The
+# classifier's adaptive average pool, whose CUDA backward has no
+# deterministic kernel, needs nothing: to 1x1, PyTorch computes it as a
+# mean. The cost is speed, and the math attention's memory (it stores the
+# attention matrix); how much has not been measured, for want of a GPU.
+# A CPU needs none of it: the kernels we use there are deterministic
+# already.
 
 # %%
 #| export
-def fast_backends(device: torch.device) -> None:
-    """TF32 matrix products and cuDNN's autotuner on a GPU."""
+def fast_backends(config: TrainConfig, device: torch.device) -> None:
+    """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # This also stops Inductor (compile=true) from autotuning its kernels.
+    torch.use_deterministic_algorithms(config.deterministic)
     if device.type == "cuda":
-        # TF32 rounds float32 products' inputs to 10 mantissa bits: the
-        # float32 parts of a bf16 run lose nothing that bf16 kept.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        tf32 = resolve_precision(config.precision, device) != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = not config.deterministic
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on a GPU, where cuDNN's fastest convolutions want it."""
-    return (torch.channels_last if device.type == "cuda"
+def memory_format(choice: str, device: torch.device) -> torch.memory_format:
+    """The layout a `memory_format` setting names on `device`."""
+    if choice == "auto":
+        # cuDNN's fastest convolutions want channels_last.
+        choice = "channels_last" if device.type == "cuda" else "contiguous"
+    return (torch.channels_last if choice == "channels_last"
             else torch.contiguous_format)
+
+
+def attention_kernels(
+        config: TrainConfig) -> contextlib.AbstractContextManager[None]:
+    """Attention in the math kernels if `config` is deterministic."""
+    return (sdpa_kernel(SDPBackend.MATH) if config.deterministic
+            else contextlib.nullcontext())
 
 # %% [markdown]
 # Autocast itself wraps the network, not the loss:
@@ -1638,7 +1686,10 @@ def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
 
 # %% [markdown]
 # What a checkpoint holds is `TrainState`: the network, its EMAs, AdamW,
-# the loss scaler and the timestep sampler, and the step.
+# the loss scaler and the timestep sampler, and the step. Loading puts
+# each tensor where its parameter is: on its device, in its dtype, and,
+# for AdamW's moments, in its memory layout, which a resume may change
+# (channels_last on a GPU, contiguous on a CPU).
 
 # %%
 #| export
@@ -1659,8 +1710,8 @@ class TrainState:
                device: torch.device) -> "TrainState":
         """A fresh state: seeded initial weights, AdamW, EMA copies."""
         torch.manual_seed(config.seed)
-        model = build_model(config).to(device,
-                                       memory_format=memory_format(device))
+        layout = memory_format(config.memory_format, device)
+        model = build_model(config).to(device, memory_format=layout)
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
                for rate in ema_rates(config)}
         # Fused: one kernel for all parameters' updates, not one per tensor,
@@ -1701,11 +1752,29 @@ class TrainState:
         for rate, model in self.ema.items():
             model.load_state_dict(state["ema"][str(rate)])
         self.optimizer.load_state_dict(state["optimizer"])
+        _follow_layouts(self.optimizer)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+
+
+def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's moments the parameter's strides.
+
+    Loading moves them to the parameter's device and dtype but keeps the
+    strides they were saved with, and the fused AdamW pairs elements by
+    position in memory: moments saved channels_last (a GPU's layout) and
+    loaded for a contiguous parameter (a CPU's) would update the wrong
+    elements.
+    """
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if (isinstance(value, Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                slots[name] = torch.empty_like(
+                    param, dtype=value.dtype).copy_(value)
 
 # %% [markdown]
 # And every rank's global random state, which only dropout draws from.
@@ -1744,7 +1813,9 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
 # Each process reads `RANK` and `WORLD_SIZE` from the environment, joins
 # the process group (NCCL between GPUs, gloo between CPU processes) and
 # wraps the network in `DistributedDataParallel`, which averages the
-# gradients across processes during the backward pass. The global batch
+# gradients across processes during the backward pass (the gradients are
+# views of its all-reduce buckets, so nothing is copied between the
+# two). The global batch
 # is split evenly, each rank reading its rows (4.2). Rank 0 alone logs,
 # draws sample grids and writes checkpoints; on several machines the run
 # folder must be on a shared file system, since every rank loads the
@@ -1837,7 +1908,9 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
 # `accumulate_gradients` splits the rank's rows into micro-batches of
 # `microbatch` images, for models whose batch does not fit in memory: each
 # micro-batch adds its share of the loss's gradient, so the step's
-# gradient is the same however the batch is split. `apply_gradients` then
+# gradient is the same however the batch is split; under DDP only the
+# last micro-batch all-reduces (`micro_sync`, which finds the DDP module
+# inside a torch.compile wrapper too). `apply_gradients` then
 # measures the gradient norm (clipping it to `grad_clip` if set), and
 # skips the step on every rank if the loss or the norm is not finite; the
 # run stops with an error after `max_nonfinite` skipped steps in a row,
@@ -1874,9 +1947,7 @@ def accumulate_gradients(
     for start in range(0, share, micro):
         rows = slice(start, start + micro)
         last = start + micro >= share
-        sync = (model.no_sync() if isinstance(model, DistributedDataParallel)
-                and not last else contextlib.nullcontext())
-        with sync:
+        with micro_sync(model, last), attention_kernels(config):
             terms = objective(config, diffusion, run, x[rows], y[rows],
                               draws.rows(rows))
             if config.kind != "classifier":  # importance-weighted, as logged
@@ -1888,6 +1959,26 @@ def accumulate_gradients(
         loss_sum += loss.detach()
         parts.append({k: v.detach() for k, v in terms.items()})
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def micro_sync(model: nn.Module,
+               last: bool) -> contextlib.AbstractContextManager[None]:
+    """DDP's `no_sync` unless `last`, through a torch.compile wrapper."""
+    # torch.compile(DDP(...)) is an OptimizedModule holding the DDP module.
+    ddp = getattr(model, "_orig_mod", model)
+    if isinstance(ddp, DistributedDataParallel) and not last:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def data_parallel(model: nn.Module,
+                  device: torch.device) -> DistributedDataParallel:
+    """`model` in DDP, its gradients views of the all-reduce buckets."""
+    # The views save a copy between gradients and buckets each step, and
+    # a gradient's worth of memory.
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
 
 # %% [markdown]
 # Applying them: unscale (fp16), measure or clip the norm, then step AdamW
@@ -2418,7 +2509,8 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     """One optimisation step on the rank's uint8 images."""
     device = ranks.device
     x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
-    x = x.contiguous(memory_format=memory_format(device))
+    x = x.contiguous(memory_format=memory_format(config.memory_format,
+                                                 device))
     y = y.to(device, non_blocking=True)
     shape = (config.in_channels, config.image_size, config.image_size)
     draws = draw_step(config, state.sampler, state.step, shape, device,
@@ -2448,7 +2540,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
-    fast_backends(device)
+    fast_backends(config, device)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
@@ -2456,8 +2548,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config, state, last = _restore(config, out, resume, ranks, held)
     model = state.model
     if ranks.world_size > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+        model = data_parallel(model, device)
     # Compiled for the steps only: checkpoints keep the plain module's keys.
     run = torch.compile(model) if config.compile else model
     loader, sampler = _loader(config, data, train_idx, state, ranks)

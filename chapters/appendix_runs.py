@@ -188,10 +188,25 @@ assert f"pid {os.getpid()}" in held
 # One run trains 8 steps straight; another trains 5,
 # stops, and is resumed to 8. With dropout and the loss-aware sampler
 # both consuming randomness and state, the two runs log the same losses
-# and end with bit-identical weights. (These checks run on the CPU: on a
-# GPU, some cuDNN kernels sum in a different order from run to run, so
-# there a resumed run matches to round-off unless
-# `torch.use_deterministic_algorithms(True)` is set.)
+# and end with bit-identical weights.
+#
+# These checks run on the CPU, whose kernels are deterministic. On a GPU
+# a resumed run matches an uninterrupted one only to round-off by
+# default: the new process's cuDNN autotuner may pick other convolution
+# algorithms, cuBLAS may split a product's sums differently, and some
+# backward kernels (convolution weights, fused attention) add with
+# atomics, in whatever order the threads arrive. `deterministic=true`
+# (section 4.4) removes all three: deterministic algorithms only (an op
+# without one raises rather than run), `CUBLAS_WORKSPACE_CONFIG=:4096:8`,
+# no autotuner (nor Inductor's, under `compile=true`), and attention's
+# backward in the plain math kernels. What it promises is
+# bit-identical runs on the same kind of GPU, the same number of
+# processes and the same PyTorch, CUDA and cuDNN: a resume on another
+# GPU, on the CPU or in another `memory_format` runs other kernels and
+# matches to round-off (the optimiser's moments follow the weights'
+# layout on load, so such a resume is correct, not exact). It costs
+# speed, and the math attention's memory; by how much, and the
+# bit-identity itself, have not been measured here, for want of a GPU.
 
 # %%
 check = {"steps": 8, "save_interval": 4, "log_interval": 1,

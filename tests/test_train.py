@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -336,7 +337,6 @@ def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
 
 
 def test_two_processes_match_one(data, tmp_path):
-    dist = torch.distributed
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     settings = {**TINY, "batch_size": 8, "steps": 3, "dropout": 0.0,
@@ -682,12 +682,168 @@ def test_native_bf16_matches_the_cpu_flags():
     assert tr.native_bf16(CPU) == has
 
 
-def test_fast_path_pieces_follow_the_device():
-    assert tr.memory_format(CPU) == torch.contiguous_format
-    assert tr.memory_format(torch.device("cuda", 0)) == torch.channels_last
-    before = torch.backends.cudnn.benchmark
-    tr.fast_backends(CPU)  # changes nothing on a CPU
-    assert torch.backends.cudnn.benchmark == before
+def test_memory_format_auto_follows_the_device_and_choices_override():
+    cuda = torch.device("cuda", 0)
+    assert tr.memory_format("auto", CPU) == torch.contiguous_format
+    assert tr.memory_format("auto", cuda) == torch.channels_last
+    for device in (CPU, cuda):
+        assert tr.memory_format("contiguous", device) == torch.contiguous_format
+        assert tr.memory_format("channels_last", device) == torch.channels_last
+    assert {"memory_format", "deterministic"} <= cf.RUN_FIELDS
+
+
+def test_memory_format_setting_lays_out_the_model_and_the_batch(data):
+    c = config(data, memory_format="channels_last", in_channels=3,
+               num_classes=4)
+    state = tr.TrainState.create(c, CPU)
+    convs = [p for p in state.model.parameters() if p.dim() == 4]
+    # (A 1x1 weight is both layouts at once.)
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in convs)
+    assert any(not p.is_contiguous() for p in convs)
+    seen = []
+    state.model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    tr.train_step(c, cf.build_diffusion(c), state.model, state, pixels,
+                  torch.zeros(4, dtype=torch.long), slice(0, 4),
+                  tr.Ranks(0, 1, CPU, False))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()
+
+
+@pytest.fixture
+def backends(monkeypatch):
+    """Put back the global backend flags that fast_backends sets."""
+    # monkeypatch cannot undo torch.backends' attributes: save them by hand.
+    flags = [(torch.backends.cuda.matmul, "allow_tf32"),
+             (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cudnn, "benchmark")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # undone at the end
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    for (obj, name), value in zip(flags, saved, strict=True):
+        setattr(obj, name, value)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def tf32() -> tuple[bool, bool]:
+    return (torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+
+
+@pytest.mark.parametrize("first", ["fp32", "bf16"])
+def test_tf32_only_for_16_bit_runs(data, backends, first):
+    # fast_backends reads only the device's type, so a CUDA device object
+    # works without a GPU. Each precision after the other: a previous
+    # run's setting must not leak into the next.
+    cuda = torch.device("cuda", 0)
+    order = ["fp32", "bf16", "fp16", "fp32"]
+    if first == "bf16":
+        order = order[1:] + ["bf16"]
+    for precision in order:
+        tr.fast_backends(config(data, precision=precision), cuda)
+        assert tf32() == ((precision != "fp32"),) * 2, precision
+        assert torch.backends.cudnn.benchmark
+
+
+def test_fast_backends_change_nothing_on_a_cpu(data, backends):
+    before = tf32(), torch.backends.cudnn.benchmark
+    tr.fast_backends(config(data, precision="bf16"), CPU)
+    assert (tf32(), torch.backends.cudnn.benchmark) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_deterministic_sets_what_bit_exact_gpu_runs_need(data, backends):
+    cuda = torch.device("cuda", 0)
+    tr.fast_backends(config(data, deterministic=True), cuda)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.backends.cudnn.benchmark
+    with tr.attention_kernels(config(data, deterministic=True)):
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert not (torch.backends.cuda.flash_sdp_enabled()
+                    or torch.backends.cuda.mem_efficient_sdp_enabled()
+                    or torch.backends.cuda.cudnn_sdp_enabled())
+    assert torch.backends.cuda.flash_sdp_enabled()  # only inside
+    # A non-deterministic run in the same process undoes it, but leaves a
+    # workspace setting alone (cuBLAS read it once, at its first call).
+    tr.fast_backends(config(data), cuda)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark
+    # A workspace size the user chose is kept.
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    tr.fast_backends(config(data, deterministic=True), cuda)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_deterministic_run_trains(data, backends, tmp_path):
+    c = config(data, deterministic=True, microbatch=2,
+               memory_format="channels_last")
+    tr.train(c, tmp_path / "run", progress=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    losses = [r["loss"] for r in rl.read_metrics(tmp_path / "run")]
+    assert len(losses) == c.steps and all(map(np.isfinite, losses))
+
+
+@pytest.mark.parametrize("saved, loaded", [("contiguous", "channels_last"),
+                                           ("channels_last", "contiguous")])
+def test_a_resume_across_layouts_updates_as_if_never_stopped(
+        data, saved, loaded):
+    # A GPU run's checkpoint (channels_last) resumed on a CPU (contiguous),
+    # or the other way: the fused AdamW pairs each weight with its moments
+    # by position in memory, so moments in the other layout update the
+    # wrong weights (off by up to about lr). lr 0.1 makes that plain.
+    def state(layout: str) -> tr.TrainState:
+        c = config(data, lr=0.1, memory_format=layout, in_channels=1,
+                   num_classes=4)
+        return tr.TrainState.create(c, CPU)
+
+    def step(s: tr.TrainState, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for p in s.model.parameters():  # each gradient in its weight's layout
+            p.grad = torch.empty_like(p).copy_(
+                torch.randn(p.shape, generator=g))
+        s.optimizer.step()
+
+    whole = state(saved)
+    step(whole, 1)
+    buffer = io.BytesIO()
+    torch.save(whole.state_dict(config(data), []), buffer)
+    buffer.seek(0)
+    resumed = state(loaded)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    step(whole, 2)
+    step(resumed, 2)
+    layout = torch.channels_last if loaded == "channels_last" else None
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters(),
+                    strict=True):
+        if layout and p.dim() == 4:
+            assert q.is_contiguous(memory_format=layout)
+        # The same elementwise arithmetic on the same values, whatever
+        # the layout: equal but for the last bit of a vectorised tail.
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_micro_batches_skip_the_all_reduce_under_compile_too():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = tr.data_parallel(torch.nn.Linear(2, 2), CPU)
+        assert ddp.gradient_as_bucket_view
+        compiled = torch.compile(ddp)  # wraps it; compiles only when run
+        for model in (ddp, compiled):
+            with tr.micro_sync(model, last=False):
+                assert not ddp.require_backward_grad_sync
+            with tr.micro_sync(model, last=True):
+                assert ddp.require_backward_grad_sync
+        with tr.micro_sync(torch.nn.Linear(2, 2), last=False):
+            pass  # no DDP, nothing to skip
+    finally:
+        dist.destroy_process_group()
 
 
 # --- checkpoints and runs of each kind ------------------------------------------
@@ -1378,6 +1534,8 @@ BAD_SETTINGS = {
     "eval_interval": ("classifier", -1), "eval_images": ("classifier", -1),
     "max_nonfinite": ("diffusion", 0), "tensorboard": ("diffusion", "x"),
     "compile": ("diffusion", "yes"),
+    "memory_format": ("diffusion", "nhwc"),
+    "deterministic": ("diffusion", "yes"),
 }
 # Checked when the run starts, before its first step (see the tests above
 # and below): where the data are, and which device.
