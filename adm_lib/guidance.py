@@ -118,7 +118,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:421
+# %% chapters/06_guidance.py:423
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The seed of the noise stream of sample `index` under `seed`.
 
@@ -157,7 +157,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:468
+# %% chapters/06_guidance.py:470
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -182,6 +182,9 @@ def sample_batches(
     device = torch.device(device)
     model = autocast_model(model, resolve_precision(precision, device),
                            device)
+    # Deterministic DDIM scales its steps' noise by zero: they take zeros,
+    # one fill per step, not a draw per sample; x_T is the stream's first.
+    still = options.get("sampler") == "ddim" and not options.get("eta")
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
@@ -193,7 +196,8 @@ def sample_batches(
                   for k, v in model_kwargs.items()}
         if labels is not None:
             kwargs["y"] = labels[start:rows.stop].to(device)
-        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
+        x = guided_sample(diffusion, model, x_T,
+                          noise_fn=torch.zeros_like if still else noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))
@@ -201,7 +205,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:555
+# %% chapters/06_guidance.py:561
 def prepare_for_sampling(model: nn.Module, device: str | torch.device,
                          compile: bool = False) -> nn.Module:
     """`model` in its device's layout and backends; compiled if asked."""
@@ -211,7 +215,7 @@ def prepare_for_sampling(model: nn.Module, device: str | torch.device,
     return torch.compile(model) if compile else model
 
 
-# %% chapters/06_guidance.py:603
+# %% chapters/06_guidance.py:609
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

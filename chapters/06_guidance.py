@@ -415,7 +415,9 @@ def guided_sample(
 # rounding (a batched kernel may add in another order), and the same noise
 # at every guidance scale, which makes grids across scales comparable.
 # One seed gives other numbers on a CPU and on a GPU, whose generators
-# differ.
+# differ. The price is a kernel per sample and step, as the generators
+# are the samples' own; deterministic DDIM ($\eta = 0$), whose steps
+# scale their noise by zero, draws x_T alone.
 
 # %%
 #| export
@@ -490,6 +492,9 @@ def sample_batches(
     device = torch.device(device)
     model = autocast_model(model, resolve_precision(precision, device),
                            device)
+    # Deterministic DDIM scales its steps' noise by zero: they take zeros,
+    # one fill per step, not a draw per sample; x_T is the stream's first.
+    still = options.get("sampler") == "ddim" and not options.get("eta")
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
@@ -501,7 +506,8 @@ def sample_batches(
                   for k, v in model_kwargs.items()}
         if labels is not None:
             kwargs["y"] = labels[start:rows.stop].to(device)
-        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
+        x = guided_sample(diffusion, model, x_T,
+                          noise_fn=torch.zeros_like if still else noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))

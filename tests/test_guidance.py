@@ -671,3 +671,43 @@ def test_prepare_for_sampling_takes_the_devices_fast_path(
     gu.prepare_for_sampling(unet, "cpu")
     weight = unet.input_blocks[0][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deterministic_ddim_draws_only_x_T(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """eta 0 scales the steps' noise by zero: sample_batches draws each
+    sample's x_T alone, and its samples are those of the drawn noise, bit
+    for bit; eta > 0 still draws every step."""
+    made: list[int] = []
+    real_sample_noise = gu.sample_noise
+
+    def spy_noise(*args: Any) -> Any:
+        noise_fn = real_sample_noise(*args)
+
+        def counted(like: Tensor) -> Tensor:
+            made.append(len(like))
+            return noise_fn(like)
+        return counted
+
+    torch.manual_seed(0)
+    model = UNetModel(image_size=8, in_channels=1, model_channels=32,
+                      out_channels=2, num_res_blocks=1,
+                      attention_resolutions=(), channel_mult=(1, 2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("cosine",
+                                                               100)), "5")
+    monkeypatch.setattr(gu, "sample_noise", spy_noise)
+    images, _ = sample_batches(spaced, model, 3, (1, 8, 8), batch_size=2,
+                               seed=7, sampler="ddim")
+    assert made == [2, 1]  # x_T of each batch
+    noise_fn = real_sample_noise(7, range(3))
+    x_T = noise_fn(torch.empty(3, 1, 8, 8))
+    with torch.inference_mode():
+        drawn = guided_sample(spaced, model, x_T, "ddim", noise_fn=noise_fn)
+    assert np.array_equal(images, to_uint8(drawn))
+    made.clear()
+    sample_batches(spaced, model, 3, (1, 8, 8), batch_size=3, seed=7,
+                   sampler="ddim", eta=0.5)
+    assert made == [3] * 6  # x_T and 5 steps
