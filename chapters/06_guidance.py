@@ -1100,6 +1100,9 @@ with np.load(batch_file) as batch:
 #   `ignore_labels`) unconditional models. Every sample draws its noise
 #   from its own stream (`sample_noise`), so a seed gives the same samples
 #   whatever the batch size, in the memory of one batch.
+# * `prepare_for_sampling` puts a network on its device's fast path
+#   (layout, backends, optionally compiled) for `adm sample` and the
+#   bench alike; a guiding classifier runs at the sampling precision.
 # * `classifier_free_model` replaces the classifier by the model's own
 #   conditional and unconditional predictions.
 # * The scale trades diversity (recall) for fidelity (precision), which
