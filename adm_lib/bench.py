@@ -2,7 +2,9 @@
 
 Hand-written tooling. It times what `adm train` and `adm sample` run:
 chapter 4's `train_step` (loss, backward, AdamW and the EMA, at the run's
-precision) and chapter 6's `sample_batches`, on random data. Given a local
+precision) and chapter 6's `sample_batches` on the EMA network prepared
+as `adm sample` prepares it (`prepare_for_sampling`, compiled with
+`compile=true` as `adm sample --compile`), on random data. Given a local
 checkout of `openai/guided-diffusion`, it builds the reference's network
 and diffusion from the same flags, loads the same weights, and times its
 training step (its `TrainLoop.run_step` without MPI or logging) and its
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from adm_lib import guidance
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import (
     TrainConfig,
@@ -37,7 +40,6 @@ from adm_lib.config import (
     validate,
 )
 from adm_lib.diffusion import respace, space_timesteps
-from adm_lib.guidance import sample_batches
 from adm_lib.ranks import Ranks
 from adm_lib.train import TrainState, fast_backends, resolve_precision, train_step
 
@@ -128,6 +130,9 @@ class Ours:
         self.net = (torch.compile(self.state.model) if config.compile
                     else self.state.model)
         self.ranks = Ranks(0, 1, device, False)
+        # The EMA network as `adm sample --compile` (if compile) runs it.
+        self.sampler_net = guidance.prepare_for_sampling(
+            next(iter(self.state.ema.values())), device, config.compile)
 
     def train_step(self, pixels: torch.Tensor, y: torch.Tensor) -> None:
         """One step of `adm train` on a uint8 batch."""
@@ -138,9 +143,9 @@ class Ours:
         """One batch of `adm sample`: ancestral sampling at `steps`."""
         c = self.config
         shape = (c.in_channels, c.image_size, c.image_size)
-        ema = next(iter(self.state.ema.values()))
-        sample_batches(respace(self.diffusion, steps), ema, len(y), shape,
-                       y, len(y), self.device, precision=self.precision)
+        guidance.sample_batches(respace(self.diffusion, steps),
+                                self.sampler_net, len(y), shape, y, len(y),
+                                self.device, precision=self.precision)
 
 
 class Reference:
@@ -265,9 +270,9 @@ def run_bench(config: TrainConfig, *, rounds: int = 5, warmup: int = 2,
 
     Training steps take `config.batch_size` images; the sampler draws
     `sample_batch` at once (default the same): without gradients, a GPU
-    needs a larger batch to fill. `sample=False` times training only: the
-    sampler runs the EMA model uncompiled, so a compiled run would only
-    time the eager sampler again.
+    needs a larger batch to fill; with `config.compile` it samples with the
+    compiled network, as `adm sample --compile`. `sample=False` times
+    training only.
     """
     batch = config.batch_size
     sample_batch = batch if sample_batch is None else sample_batch

@@ -239,7 +239,9 @@ def normal_kl(
     logvar2: Tensor | float,
 ) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), in nats."""
-    logvar2 = torch.as_tensor(logvar2).to(logvar1)
+    # A number becomes a 0-d tensor left on the host, which a GPU kernel
+    # reads as a scalar: copying it to the GPU would block at every call.
+    logvar2 = torch.as_tensor(logvar2).to(dtype=logvar1.dtype)
     return 0.5 * (
         -1.0
         + logvar2
@@ -249,7 +251,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:437
+# %% chapters/02_diffusion.py:439
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -274,7 +276,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:467
+# %% chapters/02_diffusion.py:469
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -303,7 +305,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:524
+# %% chapters/02_diffusion.py:526
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -337,7 +339,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:578
+# %% chapters/02_diffusion.py:580
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -360,10 +362,15 @@ def vlb_estimate(
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t."""
+    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t.
+
+    `t` may be on the CPU (as `stratified_timesteps` draws it): checked
+    there, it reaches a GPU without a sync, where a check would wait.
+    """
     if t.min() < 1 or t.max() >= diffusion.num_timesteps:
         raise ValueError(f"t must lie in [1, {diffusion.num_timesteps}) for "
                          "a KL term; t = 0 is the decoder, counted anyway")
+    t = t.to(x_start.device, non_blocking=True)
     noise = torch.randn_like(x_start) if noise is None else noise
 
     def term(step: Tensor) -> tuple[Tensor, Tensor]:
@@ -381,7 +388,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:656
+# %% chapters/02_diffusion.py:663
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -421,7 +428,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:732
+# %% chapters/02_diffusion.py:739
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -445,7 +452,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:763
+# %% chapters/02_diffusion.py:770
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -486,7 +493,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:857
+# %% chapters/02_diffusion.py:864
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -517,7 +524,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:896
+# %% chapters/02_diffusion.py:903
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's.
 
@@ -557,7 +564,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:988
+# %% chapters/02_diffusion.py:995
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -597,7 +604,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:1034
+# %% chapters/02_diffusion.py:1041
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -628,7 +635,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1073
+# %% chapters/02_diffusion.py:1080
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -678,7 +685,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1136
+# %% chapters/02_diffusion.py:1143
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -730,7 +737,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1194
+# %% chapters/02_diffusion.py:1201
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

@@ -13,18 +13,19 @@ __all__ = [
     "sample_seed",
     "sample_noise",
     "sample_batches",
+    "prepare_for_sampling",
     "classifier_free_model",
 ]
 
 
-# %% chapters/06_guidance.py:215
+# %% chapters/06_guidance.py:219
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adm_lib.batches import step_seed
@@ -35,7 +36,12 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
-from adm_lib.train import autocast_model, resolve_precision
+from adm_lib.train import (
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]
@@ -55,14 +61,22 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
         return torch.autograd.grad(chosen.sum(), x_in)[0]
 
 
-def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
-    """The sampler hook s * grad_x log p(y | x_t), labels from `y`."""
+def classifier_cond_fn(classifier: Model, scale: float,
+                       precision: str = "fp32") -> CondFn:
+    """The sampler hook s * grad_x log p(y | x_t), labels from `y`.
+
+    The classifier runs at `precision` (chapter 4's; "auto": bf16 where
+    native), as the sampled network does; its log-softmax in float32.
+    """
     def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
-        return scale * classifier_grad(classifier, x, t, y)
+        net = autocast_model(classifier,
+                             resolve_precision(precision, x.device),
+                             x.device)
+        return scale * classifier_grad(net, x, t, y)
     return cond_fn
 
 
-# %% chapters/06_guidance.py:350
+# %% chapters/06_guidance.py:367
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -104,7 +118,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:404
+# %% chapters/06_guidance.py:423
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The seed of the noise stream of sample `index` under `seed`.
 
@@ -134,14 +148,16 @@ def sample_noise(seed: int, indices: range,
         if len(like) != len(generators):
             raise ValueError(f"noise for {len(generators)} samples, "
                              f"asked for {len(like)}")
-        noise = torch.empty_like(like)
+        # Contiguous whatever `like`'s layout (channels_last on a GPU): a
+        # row's numbers are drawn in memory order.
+        noise = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         for row, generator in zip(noise, generators, strict=True):
             row.normal_(generator=generator)
         return noise
     return noise_fn
 
 
-# %% chapters/06_guidance.py:449
+# %% chapters/06_guidance.py:470
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -166,6 +182,9 @@ def sample_batches(
     device = torch.device(device)
     model = autocast_model(model, resolve_precision(precision, device),
                            device)
+    # Deterministic DDIM scales its steps' noise by zero: they take zeros,
+    # one fill per step, not a draw per sample; x_T is the stream's first.
+    still = options.get("sampler") == "ddim" and not options.get("eta")
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
@@ -177,7 +196,8 @@ def sample_batches(
                   for k, v in model_kwargs.items()}
         if labels is not None:
             kwargs["y"] = labels[start:rows.stop].to(device)
-        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
+        x = guided_sample(diffusion, model, x_T,
+                          noise_fn=torch.zeros_like if still else noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))
@@ -185,7 +205,17 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:551
+# %% chapters/06_guidance.py:561
+def prepare_for_sampling(model: nn.Module, device: str | torch.device,
+                         compile: bool = False) -> nn.Module:
+    """`model` in its device's layout and backends; compiled if asked."""
+    device = torch.device(device)
+    fast_backends(device)
+    model.to(device, memory_format=memory_format(device))
+    return torch.compile(model) if compile else model
+
+
+# %% chapters/06_guidance.py:609
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

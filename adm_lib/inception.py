@@ -48,7 +48,10 @@ def resize_like_tf1(images: Tensor, size: int = INPUT_SIZE) -> Tensor:
     # float32 arithmetic and the order of the lerps follow torch-fidelity's "slow"
     # method, which it reports bit-exact with TF on CPU.
     def grid(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
-        scale = torch.tensor(n_in / size, dtype=torch.float32, device=images.device)
+        # in / out rounded to float32 on the host: a tensor made on a GPU would be
+        # a blocking copy at every batch. A float32 scalar multiplies a float32
+        # tensor as that 0-d tensor did.
+        scale = torch.tensor(n_in / size, dtype=torch.float32).item()
         pos = torch.arange(size, dtype=images.dtype, device=images.device) * scale
         lo = pos.long()
         return lo, (lo + 1).clamp_max(n_in - 1), pos - lo.to(pos.dtype)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adm_lib import cascade as cs
+from adm_lib import guidance
 from adm_lib.checkpoints import hold_lock, load_run
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import TrainError
@@ -72,18 +73,30 @@ def _a(kind: str) -> str:
 
 def load_network(path: str | os.PathLike, kind: str,
                  flags: str | None = None, weights: str = "ema",
-                 device: str | torch.device = "cpu") -> Loaded:
+                 device: str | torch.device = "cpu",
+                 compile: bool = False) -> Loaded:
     """A diffusion model, classifier or upsampler: ours, or the reference's.
 
     `kind` is one of KINDS. With `flags`, `path` is a released checkpoint
-    of the reference described by those flags.
+    of the reference described by those flags. The network is prepared
+    for sampling on `device` (chapter 6's `prepare_for_sampling`: what
+    `adm bench` times), and compiled if `compile`.
     """
     if kind not in KINDS:
         raise SampleError(f"kind {kind!r}: expected one of "
                           f"{', '.join(KINDS)}")
     path = Path(path)
     if flags is not None:
-        return _load_reference(path, kind, flags, device)
+        loaded = _load_reference(path, kind, flags, device)
+    else:
+        loaded = _load_run(path, kind, weights, device)
+    loaded.model = guidance.prepare_for_sampling(loaded.model, device,
+                                                 compile)
+    return loaded
+
+
+def _load_run(path: Path, kind: str, weights: str,
+              device: str | torch.device) -> Loaded:
     try:
         run = load_run(path, weights, device)
     except TrainError as err:
@@ -376,7 +389,7 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
         model, classifier, classifier_scale=classifier_scale,
         cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
         guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
-        batch_size=batch_size, seed=seed)
+        batch_size=batch_size, seed=seed, precision=precision)
     net = base.model if base.class_cond else ignore_labels(base.model)
     shape = (base.in_channels, base.image_size, base.image_size)
     total = _evaluations(base, num_samples, batch_size)
@@ -392,9 +405,13 @@ def _prepare_base(
     model: Loaded, classifier: Loaded | None, *, classifier_scale: float,
     cfg_scale: float, sampler: str, respacing: str | None, eta: float,
     guide_at_mean: bool, num_samples: int, labels: str | None,
-    batch_size: int, seed: int, upsampler: Loaded | None = None,
+    batch_size: int, seed: int, precision: str,
+    upsampler: Loaded | None = None,
 ) -> tuple[cs.Stage, torch.Tensor | None, CondFn | None]:
-    """The base model's stage (guided as asked), its labels and cond_fn."""
+    """The base model's stage (guided as asked), its labels and cond_fn.
+
+    The classifier runs at the network's `precision`.
+    """
     check_options(classifier, classifier_scale=classifier_scale,
                   cfg_scale=cfg_scale, sampler=sampler, eta=eta,
                   guide_at_mean=guide_at_mean, num_samples=num_samples,
@@ -423,7 +440,8 @@ def _prepare_base(
     y = parse_labels(labels, num_samples, num_classes, seed)
     cond_fn = None
     if classifier is not None and classifier_scale:
-        cond_fn = classifier_cond_fn(classifier.model, classifier_scale)
+        cond_fn = classifier_cond_fn(classifier.model, classifier_scale,
+                                     precision)
     return stage, y, cond_fn
 
 
@@ -463,7 +481,8 @@ def sample_cascade(
         model, classifier, classifier_scale=classifier_scale,
         cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
         guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
-        batch_size=batch_size, seed=seed, upsampler=upsampler)
+        batch_size=batch_size, seed=seed, precision=precision,
+        upsampler=upsampler)
     up = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
     _check_level(upsampler, low_res_t)
     total = (_evaluations(base, num_samples, batch_size)

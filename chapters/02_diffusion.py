@@ -416,7 +416,9 @@ def normal_kl(
     logvar2: Tensor | float,
 ) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), in nats."""
-    logvar2 = torch.as_tensor(logvar2).to(logvar1)
+    # A number becomes a 0-d tensor left on the host, which a GPU kernel
+    # reads as a scalar: copying it to the GPU would block at every call.
+    logvar2 = torch.as_tensor(logvar2).to(dtype=logvar1.dtype)
     return 0.5 * (
         -1.0
         + logvar2
@@ -598,10 +600,15 @@ def vlb_estimate(
     clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t."""
+    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t.
+
+    `t` may be on the CPU (as `stratified_timesteps` draws it): checked
+    there, it reaches a GPU without a sync, where a check would wait.
+    """
     if t.min() < 1 or t.max() >= diffusion.num_timesteps:
         raise ValueError(f"t must lie in [1, {diffusion.num_timesteps}) for "
                          "a KL term; t = 0 is the decoder, counted anyway")
+    t = t.to(x_start.device, non_blocking=True)
     noise = torch.randn_like(x_start) if noise is None else noise
 
     def term(step: Tensor) -> tuple[Tensor, Tensor]:

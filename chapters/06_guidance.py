@@ -82,6 +82,7 @@ seed: int = 0  # of training, and of the real images' order
 #| default_exp guidance
 
 # %%
+import copy
 import os
 import shutil
 import subprocess
@@ -210,6 +211,9 @@ for steps in ("10", "25", "50", "250", "1000"):
 # differentiating, which gives every image its own gradient because the
 # classifier treats images independently (GroupNorm, no batch statistics). The
 # samplers run under `torch.no_grad()`, so gradients are switched back on here.
+# The classifier runs at the sampling precision (bf16 autocast on a GPU), as
+# the reference runs its released classifiers in float16; the gradient then
+# costs a bf16 forward and backward pass per step, not a float32 one.
 
 # %%
 #| export
@@ -219,7 +223,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adm_lib.batches import step_seed
@@ -230,7 +234,12 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
-from adm_lib.train import autocast_model, resolve_precision
+from adm_lib.train import (
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]
@@ -250,10 +259,18 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
         return torch.autograd.grad(chosen.sum(), x_in)[0]
 
 
-def classifier_cond_fn(classifier: Model, scale: float) -> CondFn:
-    """The sampler hook s * grad_x log p(y | x_t), labels from `y`."""
+def classifier_cond_fn(classifier: Model, scale: float,
+                       precision: str = "fp32") -> CondFn:
+    """The sampler hook s * grad_x log p(y | x_t), labels from `y`.
+
+    The classifier runs at `precision` (chapter 4's; "auto": bf16 where
+    native), as the sampled network does; its log-softmax in float32.
+    """
     def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
-        return scale * classifier_grad(classifier, x, t, y)
+        net = autocast_model(classifier,
+                             resolve_precision(precision, x.device),
+                             x.device)
+        return scale * classifier_grad(net, x, t, y)
     return cond_fn
 
 # %% [markdown]
@@ -398,7 +415,9 @@ def guided_sample(
 # rounding (a batched kernel may add in another order), and the same noise
 # at every guidance scale, which makes grids across scales comparable.
 # One seed gives other numbers on a CPU and on a GPU, whose generators
-# differ.
+# differ. The price is a kernel per sample and step, as the generators
+# are the samples' own; deterministic DDIM ($\eta = 0$), whose steps
+# scale their noise by zero, draws x_T alone.
 
 # %%
 #| export
@@ -431,7 +450,9 @@ def sample_noise(seed: int, indices: range,
         if len(like) != len(generators):
             raise ValueError(f"noise for {len(generators)} samples, "
                              f"asked for {len(like)}")
-        noise = torch.empty_like(like)
+        # Contiguous whatever `like`'s layout (channels_last on a GPU): a
+        # row's numbers are drawn in memory order.
+        noise = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         for row, generator in zip(noise, generators, strict=True):
             row.normal_(generator=generator)
         return noise
@@ -471,6 +492,9 @@ def sample_batches(
     device = torch.device(device)
     model = autocast_model(model, resolve_precision(precision, device),
                            device)
+    # Deterministic DDIM scales its steps' noise by zero: they take zeros,
+    # one fill per step, not a draw per sample; x_T is the stream's first.
+    still = options.get("sampler") == "ddim" and not options.get("eta")
     # Filled in place: no second copy of all samples, as concatenating has.
     images = np.empty((count, *shape[1:], shape[0]), np.uint8)
     bar = tqdm(total=count, unit="img", desc="sample", disable=not progress)
@@ -482,7 +506,8 @@ def sample_batches(
                   for k, v in model_kwargs.items()}
         if labels is not None:
             kwargs["y"] = labels[start:rows.stop].to(device)
-        x = guided_sample(diffusion, model, x_T, noise_fn=noise_fn,
+        x = guided_sample(diffusion, model, x_T,
+                          noise_fn=torch.zeros_like if still else noise_fn,
                           model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))
@@ -521,6 +546,39 @@ for _ in range(3):  # x_T, then two steps' noise
 print(f"batch 1 against batch 5: largest difference {gap} of 255 grey "
       f"levels; pixel spread {drawn[5].std():.0f}")
 assert gap <= 1 and drawn[5].std() > 10  # equal, and not a flat image
+
+# %% [markdown]
+# A network sampled on a GPU takes chapter 4's fast path, as in training:
+# channels_last weights and cuDNN's autotuner (`fast_backends`), and, if
+# asked, `torch.compile`. `prepare_for_sampling` is that one step, taken
+# by `adm sample` for each network it loads and by `adm bench` for the
+# network whose sampling it times, so the bench times what `adm sample`
+# runs. The layout changes the order of a convolution's sums, not its
+# result, and not the noise, which `sample_noise` draws in a contiguous
+# layout whatever the network's: samples agree up to float rounding.
+
+# %%
+#| export
+def prepare_for_sampling(model: nn.Module, device: str | torch.device,
+                         compile: bool = False) -> nn.Module:
+    """`model` in its device's layout and backends; compiled if asked."""
+    device = torch.device(device)
+    fast_backends(device)
+    model.to(device, memory_format=memory_format(device))
+    return torch.compile(model) if compile else model
+
+# %% [markdown]
+# On a CPU the fast path keeps the contiguous layout; forced to
+# channels_last, the toy UNet draws the same samples:
+
+# %%
+toy_last = copy.deepcopy(toy_unet).to(memory_format=torch.channels_last)
+last = sample_batches(toy_diffusion, toy_last, 5, (1, 8, 8),
+                      batch_size=5, device=device, seed=seed)[0]
+layout_gap = np.abs(last.astype(int) - drawn[5].astype(int)).max()
+print(f"channels_last against contiguous: largest difference "
+      f"{layout_gap} of 255 grey levels")
+assert layout_gap <= 1
 
 # %% [markdown]
 # ## 6.4 Classifier-free guidance
@@ -1042,6 +1100,9 @@ with np.load(batch_file) as batch:
 #   `ignore_labels`) unconditional models. Every sample draws its noise
 #   from its own stream (`sample_noise`), so a seed gives the same samples
 #   whatever the batch size, in the memory of one batch.
+# * `prepare_for_sampling` puts a network on its device's fast path
+#   (layout, backends, optionally compiled) for `adm sample` and the
+#   bench alike; a guiding classifier runs at the sampling precision.
 # * `classifier_free_model` replaces the classifier by the model's own
 #   conditional and unconditional predictions.
 # * The scale trades diversity (recall) for fidelity (precision), which

@@ -32,6 +32,7 @@ from adm_lib.diffusion import (
     ddim_sample,
     ddim_sample_loop,
     ddim_sample_loop_progressive,
+    normal_kl,
     p_sample,
     p_sample_loop,
     p_sample_loop_progressive,
@@ -464,6 +465,39 @@ def test_vlb_estimate_terms_and_errors() -> None:
     for bad in (torch.tensor([0, 3, 4]), torch.tensor([1, 2, 20])):
         with pytest.raises(ValueError, match=r"t must lie in \[1, 20\)"):
             vlb_estimate(diffusion, model, x, bad, noise)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_bound_never_syncs_a_gpu() -> None:
+    """calc_bpd_loop, and vlb_estimate given t on the CPU, queue their work
+    without waiting on the GPU."""
+    cuda = torch.device("cuda")
+    diffusion = GaussianDiffusion(get_named_beta_schedule("cosine", 20))
+    model = TinyModel().to(cuda)
+    x = torch.rand(3, 2, 4, 4, device=cuda) * 2 - 1
+    t = torch.tensor([1, 9, 19])
+    calc_bpd_loop(diffusion, model, x)  # tables uploaded, kernels loaded
+    vlb_estimate(diffusion, model, x, t)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calc_bpd_loop(diffusion, model, x)
+        vlb_estimate(diffusion, model, x, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_normal_kl_takes_numbers_at_the_tensors_precision() -> None:
+    """A number is the 0-d tensor of it (as the reference converts it), and
+    a float64 KL stays float64."""
+    for dtype in (torch.float32, torch.float64):
+        mean, logvar = torch.randn(2, 5, dtype=dtype), torch.randn(2, 5,
+                                                                   dtype=dtype)
+        for value in (0.0, 0.3):
+            kl = normal_kl(mean, logvar, value, value)
+            as_tensor = torch.tensor(value).to(logvar)
+            assert kl.dtype == dtype
+            assert torch.equal(kl, normal_kl(mean, logvar, value,
+                                             as_tensor))
 
 
 # --- parity with the reference implementation -----------------------------

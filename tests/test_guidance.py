@@ -7,6 +7,7 @@ demo test runs the whole pipeline at a few steps.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -603,3 +604,110 @@ def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
         assert "sees no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--scales", "1,x"])
+
+
+def test_the_classifier_runs_at_the_sampling_precision() -> None:
+    """Under guidance the classifier's forward (and so its backward) runs
+    in the precision asked; its log-softmax in float32."""
+    inner = small_classifier()
+    seen: list[torch.dtype | None] = []
+
+    def classifier(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(torch.get_autocast_dtype("cpu")
+                    if torch.is_autocast_enabled("cpu") else None)
+        return inner(x, t)
+
+    x = torch.randn(2, 1, 8, 8)
+    t, y = torch.tensor([3, 30]), torch.tensor([1, 2])
+    exact = classifier_cond_fn(classifier, 2.0)(x, t, y=y)
+    low = classifier_cond_fn(classifier, 2.0, "bf16")(x, t, y=y)
+    assert seen == [None, torch.bfloat16]
+    assert low.dtype == exact.dtype == torch.float32
+    # bf16 keeps 8 significant bits: the gradient agrees to a few percent.
+    error = (low - exact).norm() / exact.norm()
+    assert 0 < error < 0.1, error
+
+
+def test_channels_last_networks_sample_the_same_images() -> None:
+    """A network in channels_last (a GPU's layout, `prepare_for_sampling`)
+    draws the samples of the contiguous one: the layout changes the order
+    of a convolution's sums, never the noise."""
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=8, in_channels=3, model_channels=32,
+                     out_channels=6, num_res_blocks=1,
+                     attention_resolutions=(), channel_mult=(1, 2)).eval()
+    with torch.no_grad():  # its output layer starts at zero
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    last = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("cosine",
+                                                               100)), "8")
+    # Ancestral: noise at every step, drawn like the sampler's x_t.
+    drawn = [sample_batches(spaced, net, 3, (3, 8, 8), seed=4)[0]
+             for net in (unet, last)]
+    gap = np.abs(drawn[0].astype(int) - drawn[1].astype(int))
+    # float32 rounding moves a value across a grey level's edge at most.
+    assert gap.max() <= 1 and drawn[0].std() > 10
+    # The noise does not follow the layout of the x_t it is drawn for.
+    like = torch.empty(3, 3, 8, 8)
+    assert torch.equal(
+        sample_noise(4, range(3))(like),
+        sample_noise(4, range(3))(like.contiguous(
+            memory_format=torch.channels_last)))
+
+
+def test_prepare_for_sampling_takes_the_devices_fast_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile",
+                        lambda model: compiled.append(model) or model)
+    unet = small_classifier()
+    assert gu.prepare_for_sampling(unet, "cpu") is unet and not compiled
+    assert gu.prepare_for_sampling(unet, "cpu", compile=True) is unet
+    assert compiled == [unet]
+    # The layout is chapter 4's for the device: contiguous on a CPU.
+    monkeypatch.setattr(gu, "memory_format",
+                        lambda device: torch.channels_last)
+    gu.prepare_for_sampling(unet, "cpu")
+    weight = unet.input_blocks[0][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deterministic_ddim_draws_only_x_T(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """eta 0 scales the steps' noise by zero: sample_batches draws each
+    sample's x_T alone, and its samples are those of the drawn noise, bit
+    for bit; eta > 0 still draws every step."""
+    made: list[int] = []
+    real_sample_noise = gu.sample_noise
+
+    def spy_noise(*args: Any) -> Any:
+        noise_fn = real_sample_noise(*args)
+
+        def counted(like: Tensor) -> Tensor:
+            made.append(len(like))
+            return noise_fn(like)
+        return counted
+
+    torch.manual_seed(0)
+    model = UNetModel(image_size=8, in_channels=1, model_channels=32,
+                      out_channels=2, num_res_blocks=1,
+                      attention_resolutions=(), channel_mult=(1, 2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spaced = respace(GaussianDiffusion(get_named_beta_schedule("cosine",
+                                                               100)), "5")
+    monkeypatch.setattr(gu, "sample_noise", spy_noise)
+    images, _ = sample_batches(spaced, model, 3, (1, 8, 8), batch_size=2,
+                               seed=7, sampler="ddim")
+    assert made == [2, 1]  # x_T of each batch
+    noise_fn = real_sample_noise(7, range(3))
+    x_T = noise_fn(torch.empty(3, 1, 8, 8))
+    with torch.inference_mode():
+        drawn = guided_sample(spaced, model, x_T, "ddim", noise_fn=noise_fn)
+    assert np.array_equal(images, to_uint8(drawn))
+    made.clear()
+    sample_batches(spaced, model, 3, (1, 8, 8), batch_size=3, seed=7,
+                   sampler="ddim", eta=0.5)
+    assert made == [3] * 6  # x_T and 5 steps

@@ -157,6 +157,32 @@ def test_resize_samples_like_tf1() -> None:
     assert out[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 10.0]
 
 
+def test_resize_positions_are_rounded_to_float32_as_tf_does() -> None:
+    """The sampling positions i * (in / out) take in / out rounded to float32
+    (TF's arithmetic), whether the scale is a tensor or a host number."""
+    for n_in in (7, 28, 32, 64, 100, 256, 333):
+        for dtype in (torch.float32, torch.float64):
+            scale = torch.tensor(n_in / 299, dtype=torch.float32)
+            pos = torch.arange(299, dtype=dtype) * scale
+            column = torch.arange(n_in, dtype=dtype).view(1, 1, 1, n_in)
+            lo = pos.long()
+            hi = (lo + 1).clamp_max(n_in - 1)
+            expected = lo + (hi - lo) * (pos - lo.to(dtype))
+            out = resize_like_tf1(column.expand(1, 1, 2, n_in))[0, 0, 0]
+            assert torch.equal(out, expected), (n_in, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resize_never_syncs_a_gpu() -> None:
+    images = torch.rand(2, 3, 32, 32, device="cuda") * 255
+    resize_like_tf1(images)  # warm-up: kernels loaded
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        resize_like_tf1(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_find_weights_order(hub: Path, tmp_path: Path, monkeypatch) -> None:
     explicit, from_env = tmp_path / "explicit.pth", tmp_path / "env.pth"
     for file in (explicit, from_env, hub):

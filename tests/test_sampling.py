@@ -7,6 +7,7 @@ if the option was refused before the model was loaded.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,70 @@ def test_the_bar_counts_steps_and_any_seed_in_range_samples(
                             progress=True, precision="fp32")
     assert "8/8" in capsys.readouterr().err  # 2 x 4
 
+
+
+def test_adm_sample_prepares_networks_as_the_bench_times_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adm sample --compile` and `adm bench --set compile=true` take one
+    preparation (chapter 6's prepare_for_sampling), with one set of
+    arguments, and sample with the network it returns."""
+    from adm_lib import bench, guidance
+
+    prepared: list[tuple[str, torch.device, bool]] = []
+    returned: list[torch.nn.Module] = []
+
+    def spy(model: torch.nn.Module, device: str | torch.device,
+            compile: bool = False) -> torch.nn.Module:
+        prepared.append((type(model).__name__, torch.device(device),
+                         compile))
+        returned.append(model)
+        return model
+
+    sampled: list[object] = []
+    real_sample_batches = guidance.sample_batches
+
+    def spy_sample(diffusion: object, model: object, *args: object,
+                   **kwargs: object) -> object:
+        sampled.append(model)
+        return real_sample_batches(diffusion, model, *args, **kwargs)
+
+    monkeypatch.setattr(guidance, "prepare_for_sampling", spy)
+    monkeypatch.setattr(guidance, "sample_batches", spy_sample)
+    loaded = tiny("diffusion", image_size=4, attention_resolutions="4")
+    config = cf.make_config("diffusion", "mnist", {
+        **TINY, "image_size": 4, "attention_resolutions": "4"})
+    monkeypatch.setattr(sampling, "load_run", lambda *args: ck.TrainedModel(
+        loaded.model, loaded.diffusion, config, 0, tmp_path / "run"))
+    code, err = adm_sample([str(tmp_path / "run"), "--compile",
+                            "--num-samples", "1", "--respacing", "1",
+                            "--out", str(tmp_path / "x.npz")], capsys)
+    assert code == 0, err
+    ours = bench.Ours(bench.bench_config("demo", {
+        **TINY, "image_size": 4, "attention_resolutions": "4",
+        "compile": True}, "cpu"), torch.device("cpu"))
+    assert prepared == [("UNetModel", torch.device("cpu"), True)] * 2
+    assert returned[1] is next(iter(ours.state.ema.values()))
+    ours.sample(torch.tensor([0]), "1")
+    assert sampled[-1] is returned[1]  # the bench times what it prepared
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_classifier_guides_at_the_samplings_precision() -> None:
+    base = tiny("diffusion", image_size=4, attention_resolutions="4")
+    judge = tiny("classifier", image_size=4,
+                 classifier_attention_resolutions="4", classifier_width=64)
+    seen: set[torch.dtype | None] = set()
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.add(torch.get_autocast_dtype("cpu")
+                     if torch.is_autocast_enabled("cpu") else None)
+            return judge.model(x, t)
+
+    guided = replace(judge, model=Spy())
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        seen.clear()
+        sampling.sample(base, guided, num_samples=2, respacing="2",
+                        labels="1", precision=precision)
+        assert seen == {dtype}, precision
