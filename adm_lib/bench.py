@@ -122,7 +122,7 @@ class Ours:
     """adm_lib's training step and sampler, as `adm train` and `adm sample`."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        fast_backends(config, device)
+        fast_backends(device, config.precision, config.deterministic)
         self.config, self.device = config, device
         self.precision = resolve_precision(config.precision, device)
         self.state = TrainState.create(config, device)
@@ -132,7 +132,8 @@ class Ours:
         self.ranks = Ranks(0, 1, device, False)
         # The EMA network as `adm sample --compile` (if compile) runs it.
         self.sampler_net = guidance.prepare_for_sampling(
-            next(iter(self.state.ema.values())), device, config.compile)
+            next(iter(self.state.ema.values())), device, config.precision,
+            config.memory_format, config.compile)
 
     def train_step(self, pixels: torch.Tensor, y: torch.Tensor) -> None:
         """One step of `adm train` on a uint8 batch."""

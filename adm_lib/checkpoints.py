@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1487
+# %% chapters/04_training.py:1488
 import contextlib
 import fcntl
 import json
@@ -57,7 +57,7 @@ CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
                    "scaler", "sampler", "rng", "nonfinite")
 
 
-# %% chapters/04_training.py:1519
+# %% chapters/04_training.py:1520
 def checkpoint_path(out: Path, step: int) -> Path:
     """Where the checkpoint of `step` lives in the run folder `out`."""
     return out / "checkpoints" / f"step_{step:08d}.pt"
@@ -107,7 +107,7 @@ def _write_failure(err: Exception) -> str:
     return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
-# %% chapters/04_training.py:1579
+# %% chapters/04_training.py:1580
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
     """Write `state` atomically; then keep `keep` checkpoints (rotate)."""
     path = checkpoint_path(out, state["step"])
@@ -173,7 +173,7 @@ def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-# %% chapters/04_training.py:1649
+# %% chapters/04_training.py:1650
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -212,7 +212,7 @@ def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
         "end, or choose another folder"))
 
 
-# %% chapters/04_training.py:1783
+# %% chapters/04_training.py:1784
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """This process's global RNG state (dropout draws from it)."""
     state = {"cpu": torch.get_rng_state()}
@@ -228,7 +228,7 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# %% chapters/04_training.py:2306
+# %% chapters/04_training.py:2307
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -282,7 +282,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2689
+# %% chapters/04_training.py:2690
 @dataclass
 class TrainedModel:
     """A network rebuilt from a checkpoint, with its diffusion and config."""

@@ -313,15 +313,16 @@ def _sample(args: argparse.Namespace) -> int:
             if args.model is not None:
                 model = sampling.load_network(args.model, "diffusion",
                                               args.model_flags, args.weights,
-                                              device, args.compile)
+                                              device, args.compile,
+                                              args.precision)
             if args.classifier:
                 classifier = sampling.load_network(
                     args.classifier, "classifier", args.classifier_flags,
-                    args.weights, device, args.compile)
+                    args.weights, device, args.compile, args.precision)
             if args.upsampler:
                 upsampler = sampling.load_network(
                     args.upsampler, "upsampler", args.upsampler_flags,
-                    args.weights, device, args.compile)
+                    args.weights, device, args.compile, args.precision)
             options = dict(
                 batch_size=args.batch_size, device=device, seed=args.seed,
                 progress=not args.quiet, precision=args.precision)

@@ -207,15 +207,17 @@ def sample_batches(
 
 # %% chapters/06_guidance.py:561
 def prepare_for_sampling(model: nn.Module, device: str | torch.device,
+                         precision: str = "auto", layout: str = "auto",
                          compile: bool = False) -> nn.Module:
-    """`model` in its device's layout and backends; compiled if asked."""
+    """`model` in chapter 4's layout and backends for `device` and
+    `precision` (TF32 unless fp32), compiled if asked."""
     device = torch.device(device)
-    fast_backends(device)
-    model.to(device, memory_format=memory_format(device))
+    fast_backends(device, precision)
+    model.to(device, memory_format=memory_format(layout, device))
     return torch.compile(model) if compile else model
 
 
-# %% chapters/06_guidance.py:609
+# %% chapters/06_guidance.py:611
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

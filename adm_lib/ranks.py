@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1825
+# %% chapters/04_training.py:1826
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from adm_lib.config import TrainError
 from adm_lib.devices import resolve_device
 
 
-# %% chapters/04_training.py:1841
+# %% chapters/04_training.py:1842
 @dataclass
 class Ranks:
     """This process's place in a (possibly one-process) data-parallel run."""

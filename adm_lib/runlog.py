@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:2045
+# %% chapters/04_training.py:2046
 import json
 import os
 import time
@@ -50,7 +50,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.viz import pixel_grid
 
 
-# %% chapters/04_training.py:2080
+# %% chapters/04_training.py:2081
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -67,7 +67,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:2101
+# %% chapters/04_training.py:2102
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -132,7 +132,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:2174
+# %% chapters/04_training.py:2175
 def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
     """The lines of a JSONL log, each with its record (None: not one).
 
@@ -179,7 +179,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 
-# %% chapters/04_training.py:2221
+# %% chapters/04_training.py:2222
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -245,7 +245,7 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 
-# %% chapters/04_training.py:2290
+# %% chapters/04_training.py:2291
 def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
     """Write uint8 N x H x W x C images as one grid PNG, atomically."""
     grid = pixel_grid(pixels, columns)

@@ -74,13 +74,14 @@ def _a(kind: str) -> str:
 def load_network(path: str | os.PathLike, kind: str,
                  flags: str | None = None, weights: str = "ema",
                  device: str | torch.device = "cpu",
-                 compile: bool = False) -> Loaded:
+                 compile: bool = False, precision: str = "auto") -> Loaded:
     """A diffusion model, classifier or upsampler: ours, or the reference's.
 
     `kind` is one of KINDS. With `flags`, `path` is a released checkpoint
     of the reference described by those flags. The network is prepared
-    for sampling on `device` (chapter 6's `prepare_for_sampling`: what
-    `adm bench` times), and compiled if `compile`.
+    for sampling on `device` at `precision` (chapter 6's
+    `prepare_for_sampling`: what `adm bench` times), and compiled if
+    `compile`.
     """
     if kind not in KINDS:
         raise SampleError(f"kind {kind!r}: expected one of "
@@ -90,8 +91,8 @@ def load_network(path: str | os.PathLike, kind: str,
         loaded = _load_reference(path, kind, flags, device)
     else:
         loaded = _load_run(path, kind, weights, device)
-    loaded.model = guidance.prepare_for_sampling(loaded.model, device,
-                                                 compile)
+    loaded.model = guidance.prepare_for_sampling(
+        loaded.model, device, precision, compile=compile)
     return loaded
 
 

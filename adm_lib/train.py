@@ -134,17 +134,18 @@ def _say_fp32(device_type: str) -> None:
 
 
 # %% chapters/04_training.py:1246
-def fast_backends(config: TrainConfig, device: torch.device) -> None:
-    """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
-    if config.deterministic:
+def fast_backends(device: torch.device, precision: str,
+                  deterministic: bool = False) -> None:
+    """Set TF32, cuDNN's autotuner and determinism for a run's settings."""
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # This also stops Inductor (compile=true) from autotuning its kernels.
-    torch.use_deterministic_algorithms(config.deterministic)
+    torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
-        tf32 = resolve_precision(config.precision, device) != "fp32"
+        tf32 = resolve_precision(precision, device) != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def memory_format(choice: str, device: torch.device) -> torch.memory_format:
@@ -163,7 +164,7 @@ def attention_kernels(
             else contextlib.nullcontext())
 
 
-# %% chapters/04_training.py:1279
+# %% chapters/04_training.py:1280
 def autocast_model(model: nn.Module, precision: str,
                    device: torch.device) -> Model:
     """`model` run under autocast at `precision`, returning float32."""
@@ -179,7 +180,7 @@ def autocast_model(model: nn.Module, precision: str,
     return run
 
 
-# %% chapters/04_training.py:1404
+# %% chapters/04_training.py:1405
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -202,7 +203,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1695
+# %% chapters/04_training.py:1696
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -287,7 +288,7 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
                     param, dtype=value.dtype).copy_(value)
 
 
-# %% chapters/04_training.py:1928
+# %% chapters/04_training.py:1929
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -343,7 +344,7 @@ def data_parallel(model: nn.Module,
         gradient_as_bucket_view=True)
 
 
-# %% chapters/04_training.py:1991
+# %% chapters/04_training.py:1992
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -374,7 +375,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:2026
+# %% chapters/04_training.py:2027
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -382,7 +383,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2365
+# %% chapters/04_training.py:2366
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -421,7 +422,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2408
+# %% chapters/04_training.py:2409
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -451,7 +452,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2445
+# %% chapters/04_training.py:2446
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -494,7 +495,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2494
+# %% chapters/04_training.py:2495
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -529,12 +530,12 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2538
+# %% chapters/04_training.py:2539
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
-    fast_backends(config, device)
+    fast_backends(device, config.precision, config.deterministic)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
@@ -596,7 +597,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2614
+# %% chapters/04_training.py:2615
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -1244,17 +1244,18 @@ def _say_fp32(device_type: str) -> None:
 
 # %%
 #| export
-def fast_backends(config: TrainConfig, device: torch.device) -> None:
-    """Set TF32, cuDNN's autotuner and determinism for `config`'s run."""
-    if config.deterministic:
+def fast_backends(device: torch.device, precision: str,
+                  deterministic: bool = False) -> None:
+    """Set TF32, cuDNN's autotuner and determinism for a run's settings."""
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # This also stops Inductor (compile=true) from autotuning its kernels.
-    torch.use_deterministic_algorithms(config.deterministic)
+    torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
-        tf32 = resolve_precision(config.precision, device) != "fp32"
+        tf32 = resolve_precision(precision, device) != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def memory_format(choice: str, device: torch.device) -> torch.memory_format:
@@ -2540,7 +2541,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
-    fast_backends(config, device)
+    fast_backends(device, config.precision, config.deterministic)
     data = open_data(config)
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)

@@ -667,7 +667,7 @@ def test_prepare_for_sampling_takes_the_devices_fast_path(
     assert compiled == [unet]
     # The layout is chapter 4's for the device: contiguous on a CPU.
     monkeypatch.setattr(gu, "memory_format",
-                        lambda device: torch.channels_last)
+                        lambda layout, device: torch.channels_last)
     gu.prepare_for_sampling(unet, "cpu")
     weight = unet.input_blocks[0][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)

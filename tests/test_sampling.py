@@ -274,13 +274,14 @@ def test_adm_sample_prepares_networks_as_the_bench_times_them(
     arguments, and sample with the network it returns."""
     from adm_lib import bench, guidance
 
-    prepared: list[tuple[str, torch.device, bool]] = []
+    prepared: list[tuple[str, torch.device, str, str, bool]] = []
     returned: list[torch.nn.Module] = []
 
     def spy(model: torch.nn.Module, device: str | torch.device,
+            precision: str = "auto", layout: str = "auto",
             compile: bool = False) -> torch.nn.Module:
         prepared.append((type(model).__name__, torch.device(device),
-                         compile))
+                         precision, layout, compile))
         returned.append(model)
         return model
 
@@ -300,13 +301,15 @@ def test_adm_sample_prepares_networks_as_the_bench_times_them(
     monkeypatch.setattr(sampling, "load_run", lambda *args: ck.TrainedModel(
         loaded.model, loaded.diffusion, config, 0, tmp_path / "run"))
     code, err = adm_sample([str(tmp_path / "run"), "--compile",
+                            "--precision", "fp32",
                             "--num-samples", "1", "--respacing", "1",
                             "--out", str(tmp_path / "x.npz")], capsys)
     assert code == 0, err
     ours = bench.Ours(bench.bench_config("demo", {
         **TINY, "image_size": 4, "attention_resolutions": "4",
         "compile": True}, "cpu"), torch.device("cpu"))
-    assert prepared == [("UNetModel", torch.device("cpu"), True)] * 2
+    assert prepared == [("UNetModel", torch.device("cpu"), "fp32", "auto",
+                         True)] * 2
     assert returned[1] is next(iter(ours.state.ema.values()))
     ours.sample(torch.tensor([0]), "1")
     assert sampled[-1] is returned[1]  # the bench times what it prepared

@@ -743,21 +743,21 @@ def test_tf32_only_for_16_bit_runs(data, backends, first):
     if first == "bf16":
         order = order[1:] + ["bf16"]
     for precision in order:
-        tr.fast_backends(config(data, precision=precision), cuda)
+        tr.fast_backends(cuda, precision)
         assert tf32() == ((precision != "fp32"),) * 2, precision
         assert torch.backends.cudnn.benchmark
 
 
 def test_fast_backends_change_nothing_on_a_cpu(data, backends):
     before = tf32(), torch.backends.cudnn.benchmark
-    tr.fast_backends(config(data, precision="bf16"), CPU)
+    tr.fast_backends(CPU, "bf16")
     assert (tf32(), torch.backends.cudnn.benchmark) == before
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def test_deterministic_sets_what_bit_exact_gpu_runs_need(data, backends):
     cuda = torch.device("cuda", 0)
-    tr.fast_backends(config(data, deterministic=True), cuda)
+    tr.fast_backends(cuda, "auto", deterministic=True)
     assert torch.are_deterministic_algorithms_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.backends.cudnn.benchmark
@@ -769,12 +769,12 @@ def test_deterministic_sets_what_bit_exact_gpu_runs_need(data, backends):
     assert torch.backends.cuda.flash_sdp_enabled()  # only inside
     # A non-deterministic run in the same process undoes it, but leaves a
     # workspace setting alone (cuBLAS read it once, at its first call).
-    tr.fast_backends(config(data), cuda)
+    tr.fast_backends(cuda, "auto")
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.backends.cudnn.benchmark
     # A workspace size the user chose is kept.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
-    tr.fast_backends(config(data, deterministic=True), cuda)
+    tr.fast_backends(cuda, "auto", deterministic=True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
