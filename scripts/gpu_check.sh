@@ -59,7 +59,9 @@ LC_NUMERIC=C  # EPOCHREALTIME with a decimal point
 # The tests that need a GPU (the others run on any CPU). They need no book
 # tooling: --confcutdir keeps the root conftest.py (jupytext, nbformat,
 # nbval: the chapters' tests) out.
-TESTS=(tests/test_train.py::test_steps_never_sync_a_gpu)
+TESTS=(tests/test_train.py::test_steps_never_sync_a_gpu
+       tests/test_diffusion.py::test_the_bound_never_syncs_a_gpu
+       tests/test_inception.py::test_resize_never_syncs_a_gpu)
 
 case $SIZE in
     full)
