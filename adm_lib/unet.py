@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:103
+# %% chapters/03_architecture.py:105
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +80,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:158
+# %% chapters/03_architecture.py:160
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -95,7 +95,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:197
+# %% chapters/03_architecture.py:199
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -114,7 +114,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:225
+# %% chapters/03_architecture.py:227
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -151,7 +151,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:268
+# %% chapters/03_architecture.py:270
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -181,7 +181,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:332
+# %% chapters/03_architecture.py:334
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -189,7 +189,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:361
+# %% chapters/03_architecture.py:363
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -212,7 +212,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:391
+# %% chapters/03_architecture.py:393
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -271,7 +271,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:514
+# %% chapters/03_architecture.py:516
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -296,7 +296,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:550
+# %% chapters/03_architecture.py:552
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -352,7 +352,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:674
+# %% chapters/03_architecture.py:676
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -398,7 +398,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:728
+# %% chapters/03_architecture.py:730
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -442,7 +442,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:790
+# %% chapters/03_architecture.py:792
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -485,7 +485,7 @@ class UNetTrunk(nn.Module):
         self.middle_block = make.middle(self.skip_channels[-1])
 
     def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
-        """The embedding of the timesteps (and labels), in x's dtype."""
+        """The embedding of the timesteps (and labels), in the weights'."""
         if (y is None) != (self.num_classes is None):
             raise ValueError(
                 "pass y if and only if the model is class-conditional "
@@ -494,7 +494,12 @@ class UNetTrunk(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
+        # In the parameters' dtype even under autocast, as the reference
+        # keeps this MLP in float32: a tiny cost, and t's features change
+        # in digits that bfloat16 would round away.
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.time_embed[0].weight
+            emb = self.time_embed(features.to(weight.dtype))
         if y is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},)")
@@ -518,7 +523,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:874
+# %% chapters/03_architecture.py:881
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -551,7 +556,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:914
+# %% chapters/03_architecture.py:921
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
@@ -651,7 +656,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1091
+# %% chapters/03_architecture.py:1098
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -679,7 +684,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1124
+# %% chapters/03_architecture.py:1131
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -723,7 +728,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1169
+# %% chapters/03_architecture.py:1176
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
@@ -786,7 +791,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1272
+# %% chapters/03_architecture.py:1279
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
@@ -834,7 +839,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1512
+# %% chapters/03_architecture.py:1519
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

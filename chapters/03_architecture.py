@@ -94,10 +94,12 @@ if threads:
 #
 # The models do no dtype juggling: they compute in the dtype of their
 # parameters and inputs. Mixed precision is the job of `torch.autocast`, or of
-# the caller who casts the model (float32, bfloat16 and float16 all run). One
-# exception, as in the reference's `GroupNorm32`: a norm's output is cast back
-# to its input's dtype, since CUDA's autocast computes group norms in float32
-# and would otherwise leave the rest of the block in float32.
+# the caller who casts the model (float32, bfloat16 and float16 all run). Two
+# exceptions follow the reference: a norm's output is cast back to its input's
+# dtype (its `GroupNorm32`), since CUDA's autocast computes group norms in
+# float32 and would otherwise leave the rest of the block in float32; and the
+# timestep MLP runs in its weights' dtype even under autocast, as the
+# reference keeps it in float32.
 
 # %%
 #| export
@@ -830,7 +832,7 @@ class UNetTrunk(nn.Module):
         self.middle_block = make.middle(self.skip_channels[-1])
 
     def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
-        """The embedding of the timesteps (and labels), in x's dtype."""
+        """The embedding of the timesteps (and labels), in the weights'."""
         if (y is None) != (self.num_classes is None):
             raise ValueError(
                 "pass y if and only if the model is class-conditional "
@@ -839,7 +841,12 @@ class UNetTrunk(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         features = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(features.to(x.dtype))
+        # In the parameters' dtype even under autocast, as the reference
+        # keeps this MLP in float32: a tiny cost, and t's features change
+        # in digits that bfloat16 would round away.
+        with torch.autocast(x.device.type, enabled=False):
+            weight = self.time_embed[0].weight
+            emb = self.time_embed(features.to(weight.dtype))
         if y is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},)")

@@ -272,6 +272,21 @@ def test_autocast_bfloat16() -> None:
     assert out.shape == (N, 6, SIZE, SIZE) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("cast", [False, True])
+def test_time_embedding_runs_in_the_weights_dtype_under_autocast(
+        cast: bool) -> None:
+    # The reference keeps the timestep MLP in float32 under mixed precision.
+    model = unet().to(torch.bfloat16) if cast else unet()
+    seen = []
+    model.time_embed.register_forward_hook(
+        lambda m, i, out: seen.append((i[0].dtype, out.dtype)))
+    x, t = inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x.to(model.time_embed[0].weight.dtype), t)
+    weights = torch.bfloat16 if cast else torch.float32
+    assert seen == [(weights, weights)]
+
+
 def test_norms_return_their_inputs_dtype_when_computed_in_float32(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # CUDA's autocast runs group_norm in float32; the same is forced here,
