@@ -8,7 +8,6 @@ The code of chapters/04_training.py.
 """
 
 __all__ = [
-    "step_seed",
     "BatchOrder",
     "RankBatches",
     "StepDraws",
@@ -20,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:739
+# %% chapters/04_training.py:825
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -28,18 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.config import TrainConfig, TrainError
+from adm_lib.config import TrainConfig
 from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
+from adm_lib.errors import TrainError
+from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:755
-def step_seed(*words: int) -> int:
-    """A 64-bit seed that depends on every word (seed, purpose, step...)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(
-        1, np.uint64)[0])
-
-
+# %% chapters/04_training.py:843
 class BatchOrder:
     """The data indices of each step's global batch: seeded epoch shuffles.
 
@@ -87,7 +82,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:824
+# %% chapters/04_training.py:906
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -155,7 +150,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:903
+# %% chapters/04_training.py:985
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -211,7 +206,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:964
+# %% chapters/04_training.py:1046
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -29,19 +29,18 @@ import torch
 from tqdm.auto import tqdm
 
 from adm_lib import guidance
-from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import (
     TrainConfig,
-    TrainError,
     build_diffusion,
-    ema_rates,
     make_config,
-    model_flags,
+    unet_arguments,
     validate,
 )
+from adm_lib.devices import fast_backends, resolve_precision
 from adm_lib.diffusion import respace, space_timesteps
+from adm_lib.errors import TrainError
 from adm_lib.ranks import Ranks
-from adm_lib.train import TrainState, fast_backends, resolve_precision, train_step
+from adm_lib.train import TrainState, train_step
 
 # The benchmarked networks, as `adm train` configs. "cifar32" is the
 # 11M-parameter 32x32 model of the issue that set the CPU targets.
@@ -82,9 +81,9 @@ def bench_config(name: str, overrides: dict[str, Any] | None = None,
                          f"{', '.join(BENCH_MODELS)}")
     preset, fields = BENCH_MODELS[name]
     if name == "demo":
-        from adm_lib.demo import DemoSettings, _configs
+        from adm_lib.demo import DemoSettings, demo_configs
 
-        demo = _configs(DemoSettings(), device)["diffusion"]
+        demo = demo_configs(DemoSettings(), device)["diffusion"]
         fields = {k: v for k, v in asdict(demo).items()
                   if k not in ("data", "kind")}
         fields.update(in_channels=1, num_classes=10)
@@ -158,25 +157,23 @@ class Reference:
         modules = _import_reference(path)
         self.device = device
         self.use_fp16 = device.type == "cuda"  # its trainer's fast path
-        flags = model_flags(config)
-        arguments = gd.unet_arguments(flags)
+        arguments = unet_arguments(config)
         if arguments.pop("rescale_residual"):
             raise BenchError("rescale_residual is an adm_lib extension: "
                              "the reference cannot run it")
-        model = modules["unet"].UNetModel(**arguments,
-                                          use_fp16=self.use_fp16)
+        model = modules["unet"].UNetModel(
+            **arguments, use_fp16=self.use_fp16,
+            use_new_attention_order=config.use_new_attention_order)
         model.load_state_dict(weights)
         model.to(device)
         if self.use_fp16:
             model.convert_to_fp16()
-        f = gd.parse_flags(flags)
         make = modules["script_util"].create_gaussian_diffusion
         self.diffusion_of = lambda spacing: make(
-            steps=f["diffusion_steps"], learn_sigma=f["learn_sigma"],
-            noise_schedule=f["noise_schedule"], use_kl=f["use_kl"],
-            predict_xstart=f["predict_xstart"],
-            rescale_timesteps=f["rescale_timesteps"],
-            rescale_learned_sigmas=f["rescale_learned_sigmas"],
+            steps=config.diffusion_steps, learn_sigma=config.learn_sigma,
+            noise_schedule=config.noise_schedule, use_kl=config.use_kl,
+            predict_xstart=config.predict_xstart, rescale_timesteps=False,
+            rescale_learned_sigmas=config.rescale_learned_sigmas,
             timestep_respacing=spacing)
         self.diffusion = self.diffusion_of("")
         # Its trainer logs through its logger: a quiet one in a temp dir.
@@ -186,7 +183,7 @@ class Reference:
             model=model, use_fp16=self.use_fp16)
         self.opt = torch.optim.AdamW(self.trainer.master_params, lr=config.lr,
                                      weight_decay=config.weight_decay)
-        self.ema_rate = ema_rates(config)[0]
+        self.ema_rate = config.ema_rate[0]
         self.ema = copy.deepcopy(self.trainer.master_params)
         self.sampler = modules["resample"].UniformSampler(self.diffusion)
         self.update_ema = modules["nn"].update_ema

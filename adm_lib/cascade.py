@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.diffusion import GaussianDiffusion, Model, respace
+from adm_lib.diffusion import Model, respace
 from adm_lib.guidance import (
     SAMPLERS,
     CondFn,
@@ -34,6 +34,7 @@ from adm_lib.guidance import (
     sample_batches,
     sample_noise,
 )
+from adm_lib.models import TrainedModel
 
 UPSAMPLER_STREAM = 1  # sample_noise stream of the upsampler's own noise
 AUGMENT_STREAM = 2  # and of the noise its low-res inputs are augmented with
@@ -45,24 +46,19 @@ class CascadeError(ValueError):
 
 @dataclass
 class Stage:
-    """One model of a cascade, and how it samples."""
+    """A trained model of a cascade (chapter 4's type), and how it samples."""
 
-    model: Model  # an upsampler's also takes low_res (and low_res_t)
-    diffusion: GaussianDiffusion  # as trained; `respacing` picks steps
-    image_size: int
-    in_channels: int
-    class_cond: bool = False  # the model takes labels y
-    respacing: str = "25"
+    trained: TrainedModel  # an upsampler's also takes low_res (low_res_t)
+    respacing: str = "25"  # of the diffusion it trained with
     sampler: str = "ddpm"  # "ddpm" (Algorithm 1) or "ddim" (Algorithm 2)
     eta: float = 0.0  # DDIM's noise
-    small_size: int = 0  # an upsampler's input size; 0 for a base model
-    low_res_noise: int = 0  # the largest augmentation step it trained on
 
 
-# %% chapters/07_cascades.py:288
+# %% chapters/07_cascades.py:283
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
-    if not stage.small_size:
+    net = stage.trained
+    if not net.small_size:
         raise CascadeError("this stage is a base model, not an upsampler: "
                            "it takes no low-resolution images")
     if low_res.dtype != np.uint8 or low_res.ndim != 4 or not len(low_res):
@@ -70,36 +66,36 @@ def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
             f"low-resolution images must be a non-empty uint8 array N x H "
             f"x W x C, not {low_res.dtype} of shape {low_res.shape}")
     _, h, w, c = low_res.shape
-    want = stage.small_size
+    want = net.small_size
     if (h, w) != (want, want):
         raise CascadeError(
             f"the low-resolution images are {h}x{w}; the upsampler takes "
-            f"{want}x{want} (and makes {stage.image_size}x"
-            f"{stage.image_size})")
-    if c != stage.in_channels:
+            f"{want}x{want} (and makes {net.image_size}x"
+            f"{net.image_size})")
+    if c != net.in_channels:
         raise CascadeError(
             f"the low-resolution images have {c} channels; the upsampler "
-            f"takes {stage.in_channels}")
+            f"takes {net.in_channels}")
 
 
 def check_cascade(base: Stage, upsampler: Stage) -> None:
     """Raise CascadeError unless `upsampler` takes what `base` makes."""
-    if base.small_size:
+    low, up = base.trained, upsampler.trained
+    if low.small_size:
         raise CascadeError("the base stage is an upsampler; a cascade "
                            "starts from a model that samples from noise")
-    if not upsampler.small_size:
+    if not up.small_size:
         raise CascadeError("the second stage is not an upsampler: it takes "
                            "no low-resolution images")
-    if base.image_size != upsampler.small_size:
+    if low.image_size != up.small_size:
         raise CascadeError(
-            f"the base model makes {base.image_size}x{base.image_size} "
-            f"images; the upsampler takes {upsampler.small_size}x"
-            f"{upsampler.small_size} (to make {upsampler.image_size}x"
-            f"{upsampler.image_size})")
-    if base.in_channels != upsampler.in_channels:
+            f"the base model makes {low.image_size}x{low.image_size} "
+            f"images; the upsampler takes {up.small_size}x{up.small_size} "
+            f"(to make {up.image_size}x{up.image_size})")
+    if low.in_channels != up.in_channels:
         raise CascadeError(
-            f"the base model makes {base.in_channels}-channel images; the "
-            f"upsampler takes {upsampler.in_channels}")
+            f"the base model makes {low.in_channels}-channel images; the "
+            f"upsampler takes {up.in_channels}")
     for stage in (base, upsampler):
         if stage.sampler not in SAMPLERS:
             raise CascadeError(f"sampler {stage.sampler!r}: expected one of "
@@ -108,7 +104,8 @@ def check_cascade(base: Stage, upsampler: Stage) -> None:
 
 def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     """The step an upsampler's input is noised to (None: no augmentation)."""
-    if not stage.low_res_noise:
+    most = stage.trained.low_res_noise
+    if not most:
         if low_res_t:
             raise CascadeError(
                 f"low_res_t={low_res_t} needs an upsampler trained with "
@@ -116,17 +113,18 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
                 "was not")
         return None
     if low_res_t is None:
-        return stage.low_res_noise // 2
-    if not 0 <= low_res_t <= stage.low_res_noise:
+        return most // 2
+    if not 0 <= low_res_t <= most:
         raise CascadeError(
             f"low_res_t={low_res_t}: the upsampler was trained on "
-            f"augmentation steps 0 to {stage.low_res_noise}")
+            f"augmentation steps 0 to {most}")
     return low_res_t
 
 
-# %% chapters/07_cascades.py:360
+# %% chapters/07_cascades.py:357
 def _network(stage: Stage) -> Model:
-    return stage.model if stage.class_cond else ignore_labels(stage.model)
+    net = stage.trained
+    return net.model if net.num_classes else ignore_labels(net.model)
 
 
 def upsample(
@@ -137,7 +135,8 @@ def upsample(
 ) -> np.ndarray:
     """uint8 N x h x w x C images upsampled by `stage`: uint8 NHWC."""
     check_low_res(stage, low_res)
-    if stage.class_cond and labels is None:
+    net = stage.trained
+    if net.num_classes and labels is None:
         raise CascadeError("the upsampler is class-conditional: pass the "
                            "low-resolution images' labels")
     step = augmentation_step(stage, low_res_t)
@@ -146,11 +145,11 @@ def upsample(
     if step is not None:
         t = torch.full((len(z),), step)
         noise = sample_noise(seed, range(len(z)), stream=AUGMENT_STREAM)(z)
-        kwargs = {"low_res": stage.diffusion.q_sample(z, t, noise),
-                  "low_res_t": stage.diffusion.model_timesteps(t)}
-    shape = (stage.in_channels, stage.image_size, stage.image_size)
+        kwargs = {"low_res": net.diffusion.q_sample(z, t, noise),
+                  "low_res_t": net.diffusion.model_timesteps(t)}
+    shape = (net.in_channels, net.image_size, net.image_size)
     images, _ = sample_batches(
-        respace(stage.diffusion, stage.respacing), _network(stage), len(z),
+        respace(net.diffusion, stage.respacing), _network(stage), len(z),
         shape, labels, batch_size, device, seed, progress, precision,
         model_kwargs=kwargs, stream=UPSAMPLER_STREAM,
         sampler=stage.sampler, eta=stage.eta)
@@ -167,13 +166,14 @@ def cascade(
     """`count` base samples (guided by `cond_fn`) and them upsampled."""
     check_cascade(base, upsampler)
     augmentation_step(upsampler, low_res_t)  # before the base stage runs
-    if labels is None and (cond_fn or base.class_cond
-                           or upsampler.class_cond):
+    if labels is None and (cond_fn or base.trained.num_classes
+                           or upsampler.trained.num_classes):
         raise CascadeError("labels are needed: a stage is class-"
                            "conditional or the base model is guided")
-    shape = (base.in_channels, base.image_size, base.image_size)
+    net = base.trained
+    shape = (net.in_channels, net.image_size, net.image_size)
     low, _ = sample_batches(
-        respace(base.diffusion, base.respacing), _network(base), count,
+        respace(net.diffusion, base.respacing), _network(base), count,
         shape, labels, batch_size, device, seed, progress, precision,
         sampler=base.sampler, eta=base.eta, cond_fn=cond_fn,
         guide_at_mean=guide_at_mean)

@@ -127,18 +127,30 @@ def _setting(text: str) -> tuple[str, str]:
 
 def _train(args: argparse.Namespace) -> int:
     # Imported here: `adm book export` must work even if train.py is broken.
-    from adm_lib.config import TrainError
     from adm_lib.data import DataError
+    from adm_lib.errors import TrainError
 
     try:
         return _run_training(args)
     except (TrainError, DataError) as err:
-        raise CommandError(str(err)) from None
+        raise CommandError(_as_flags(str(err))) from None
+
+
+# The library's errors name its arguments; `adm train` says its flags.
+_TRAIN_FLAGS = {"resume=True": "--resume"}
+
+
+def _as_flags(message: str) -> str:
+    """A library error's message in terms of `adm train`'s flags."""
+    for argument, flag in _TRAIN_FLAGS.items():
+        message = message.replace(argument, flag)
+    return message
 
 
 def _run_training(args: argparse.Namespace) -> int:
     from adm_lib import config as cf
     from adm_lib import train as tr
+    from adm_lib.errors import TrainError
 
     overrides = dict(args.set)
     if args.data is not None:
@@ -150,13 +162,13 @@ def _run_training(args: argparse.Namespace) -> int:
     if args.resume and args.preset is None and saved.exists():
         try:
             fields = json.loads(saved.read_text())
-            base = cf.TrainConfig(**fields)
-        except (ValueError, TypeError) as err:
-            raise cf.TrainError(f"{saved} is not a config ({err}); pass "
-                                "--preset and --set to describe the run") from None
+            base = cf.config_from_dict(fields)
+        except (ValueError, TypeError, AttributeError, TrainError) as err:
+            raise TrainError(f"{saved} is not a config ({err}); pass "
+                             "--preset and --set to describe the run") from None
         if base.kind != args.kind:
-            raise cf.TrainError(f"{args.out} is a {base.kind} run, "
-                                f"not a {args.kind} run")
+            raise TrainError(f"{args.out} is a {base.kind} run, "
+                             f"not a {args.kind} run")
     config = cf.make_config(args.kind, args.preset, overrides, base)
     last = tr.train(config, args.out, resume=args.resume,
                     progress=not args.quiet)
@@ -191,8 +203,8 @@ def _check_json(path: Path | None) -> None:
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
     """Write --json's file whole or not at all; say where it went."""
-    from adm_lib.checkpoints import write_atomic
-    from adm_lib.config import TrainError
+    from adm_lib.errors import TrainError
+    from adm_lib.files import write_atomic
 
     text = json.dumps(report, indent=1) + "\n"
     try:
@@ -390,7 +402,7 @@ def _scales(text: str) -> tuple[float, ...]:
 
 def _demo(args: argparse.Namespace) -> int:
     from adm_lib import demo
-    from adm_lib.config import TrainError
+    from adm_lib.errors import TrainError
 
     settings = demo.DemoSettings(
         steps=args.steps, batch=args.batch,

@@ -9,17 +9,17 @@ The code of chapters/04_training.py.
 
 __all__ = [
     "KINDS",
-    "PRECISIONS",
     "SCHEDULE_SAMPLERS",
-    "MEMORY_FORMATS",
-    "TrainError",
     "TrainConfig",
     "RUN_FIELDS",
+    "CHANNEL_MULT",
+    "SUPER_RES_CHANNEL_MULT",
     "PRESETS",
     "make_config",
-    "ema_rates",
+    "config_from_dict",
     "validate",
-    "model_flags",
+    "channel_mults",
+    "unet_arguments",
     "build_model",
     "build_diffusion",
 ]
@@ -31,28 +31,22 @@ import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, get_args
 
 from torch import nn
 
-from adm_lib.compat import guided_diffusion as gd
+from adm_lib.devices import MEMORY_FORMATS, PRECISIONS
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
-from adm_lib.forward import BETA_SCHEDULES
-from adm_lib.unet import POOLS
+from adm_lib.errors import TrainError
+from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
+from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
 from adm_lib.values import MAX_SEED, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-# %% chapters/04_training.py:170
-class TrainError(RuntimeError):
-    """A run cannot start or go on; the message names the culprit."""
-
-
-# %% chapters/04_training.py:178
+# %% chapters/04_training.py:172
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -78,8 +72,10 @@ class TrainConfig:
     # Architecture and diffusion: the reference's flags, same meanings.
     num_channels: int = 32
     num_res_blocks: int = 2
-    channel_mult: str = "1,2,2"
-    attention_resolutions: str = "8"
+    # Channel multipliers per resolution, () for the reference's default
+    # for the image size (CHANNEL_MULT); attention at these resolutions.
+    channel_mult: tuple[float, ...] = (1, 2, 2)
+    attention_resolutions: tuple[int, ...] = (8,)
     num_heads: int = 4
     num_head_channels: int = 32
     num_heads_upsample: int = -1
@@ -91,7 +87,7 @@ class TrainConfig:
     rescale_residual: bool = False  # the paper's ablation; not a ref. flag
     classifier_width: int = 32
     classifier_depth: int = 2
-    classifier_attention_resolutions: str = "8"
+    classifier_attention_resolutions: tuple[int, ...] = (8,)
     classifier_use_scale_shift_norm: bool = True
     classifier_resblock_updown: bool = True
     classifier_pool: str = "attention"
@@ -109,7 +105,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_anneal_steps: int = 0  # linear decay to 0 over this many steps
     grad_clip: float = 0.0  # max gradient norm; 0: no clipping
-    ema_rate: str = "0.9999"  # comma-separated rates
+    ema_rate: tuple[float, ...] = (0.9999,)  # the first is "ema"
     ema_warmup: bool = True
     schedule_sampler: str = "uniform"
     precision: str = "auto"  # bf16 where native (GPU, new CPUs), else fp32
@@ -136,7 +132,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:265
+# %% chapters/04_training.py:261
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -145,60 +141,81 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:288
-def _released(name: str) -> dict[str, Any]:
-    """A released model's architecture flags, as config fields."""
-    kind, flags = gd.RELEASED[name]
-    f = gd.parse_flags(flags)
-    names = {field.name for field in fields(TrainConfig)}
-    preset = {k: v for k, v in f.items()
-              if k in names and k not in gd.SCRIPT_DEFAULTS}
-    if kind == "upsampler":
-        preset.update(image_size=f["large_size"], small_size=f["small_size"])
-    return {**preset, "data": "", "random_flip": True, "ema_rate": "0.9999",
-            "num_workers": 8}
+# %% chapters/04_training.py:287
+CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
 
 
-def _imagenet(name: str, batch: int, lr: float, steps: int,
-              **more: Any) -> dict[str, Any]:
-    return {**_released(name), "batch_size": batch, "lr": lr,
-            "steps": steps, **more}
+def _imagenet(batch: int, lr: float, steps: int,
+              **fields: Any) -> dict[str, Any]:
+    """A released ImageNet (or LSUN) model's fields, its data to be given."""
+    return {"data": "", "in_channels": 3, "num_classes": 1000,
+            "channel_mult": (), "random_flip": True, "num_workers": 8,
+            "batch_size": batch, "lr": lr, "steps": steps, **fields}
 
 
-# %% chapters/04_training.py:312
+_WIDE = {"num_channels": 256, "num_head_channels": 64,
+         "attention_resolutions": (32, 16, 8), "noise_schedule": "linear"}
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
+_IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
+                        "learn_sigma": False, "noise_schedule": "linear",
+                        "classifier_attention_resolutions": (32, 16, 8)}
+
+
+# %% chapters/04_training.py:317
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
         "mnist": {"in_channels": 1, "steps": 5000},
         "cifar10": {
-            "data": "", "num_channels": 128, "channel_mult": "1,2,2,2",
-            "attention_resolutions": "16,8", "num_head_channels": 64,
+            "data": "", "num_channels": 128, "channel_mult": (1, 2, 2, 2),
+            "attention_resolutions": (16, 8), "num_head_channels": 64,
             "dropout": 0.1, "batch_size": 128, "lr": 1e-4,
             "random_flip": True, "steps": 50000, "save_interval": 5000,
             "sample_interval": 5000, "num_workers": 4,
         },
-        "imagenet64": _imagenet("64x64_diffusion", 2048, 3e-4, 540_000),
-        "imagenet128": _imagenet("128x128_diffusion", 256, 1e-4, 4_360_000),
-        "imagenet256": _imagenet("256x256_diffusion", 256, 1e-4, 1_980_000),
-        "imagenet512": _imagenet("512x512_diffusion", 256, 1e-4, 1_940_000),
-        "lsun": _imagenet("lsun_bedroom", 256, 1e-4, 500_000),
+        "imagenet64": _imagenet(
+            2048, 3e-4, 540_000, image_size=64, num_channels=192,
+            num_res_blocks=3, num_head_channels=64,
+            attention_resolutions=(32, 16, 8), dropout=0.1,
+            use_new_attention_order=True),
+        "imagenet128": _imagenet(
+            256, 1e-4, 4_360_000, image_size=128, num_channels=256,
+            num_head_channels=-1, attention_resolutions=(32, 16, 8),
+            noise_schedule="linear"),
+        "imagenet256": _imagenet(256, 1e-4, 1_980_000, image_size=256,
+                                 **_WIDE),
+        "imagenet512": _imagenet(256, 1e-4, 1_940_000, image_size=512,
+                                 **_WIDE),
+        "lsun": _imagenet(256, 1e-4, 500_000, image_size=256, dropout=0.1,
+                          class_cond=False, **_WIDE),
     },
     "classifier": {
         "mnist": {**_CLASSIFIER, "in_channels": 1, "steps": 2000,
                   "lr_anneal_steps": 2000},
         "cifar10": {
             **_CLASSIFIER, "data": "", "classifier_width": 128,
-            "channel_mult": "1,2,2,2",
-            "classifier_attention_resolutions": "16,8",
+            "channel_mult": (1, 2, 2, 2),
+            "classifier_attention_resolutions": (16, 8),
             "batch_size": 128, "random_flip": True, "steps": 50000,
             "lr_anneal_steps": 50000, "num_workers": 4,
         },
         "imagenet64": _imagenet(
-            "64x64_classifier", 1024, 6e-4, 300_000, weight_decay=0.2,
-            noise_schedule="cosine", lr_anneal_steps=300_000),
+            1024, 6e-4, 300_000,
+            **{**_IMAGENET_CLASSIFIER, "noise_schedule": "cosine"},
+            image_size=64, classifier_depth=4, weight_decay=0.2,
+            lr_anneal_steps=300_000),
         **{f"imagenet{size}": _imagenet(
-            f"{size}x{size}_classifier", 256, 3e-4, steps, weight_decay=0.05,
-            noise_schedule="linear", lr_anneal_steps=steps)
+            256, 3e-4, steps, **_IMAGENET_CLASSIFIER, image_size=size,
+            weight_decay=0.05, lr_anneal_steps=steps)
            for size, steps in ((128, 300_000), (256, 500_000),
                                (512, 500_000))},
     },
@@ -209,14 +226,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 128, "lr": 1e-4, "random_flip": True,
             "steps": 50000, "num_workers": 4,
         },
-        "imagenet64-256": _imagenet("64_256_upsampler", 256, 1e-4, 500_000),
+        "imagenet64-256": _imagenet(
+            256, 1e-4, 500_000, image_size=256, small_size=64,
+            num_channels=192, num_head_channels=-1,
+            attention_resolutions=(32, 16, 8), noise_schedule="linear"),
         "imagenet128-512": _imagenet(
-            "128_512_upsampler", 256, 1e-4, 1_050_000),
+            256, 1e-4, 1_050_000, image_size=512, small_size=128,
+            num_channels=192, num_head_channels=64,
+            attention_resolutions=(32, 16), noise_schedule="linear"),
     },
 }
 
 
-# %% chapters/04_training.py:370
+# %% chapters/04_training.py:391
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -236,8 +258,8 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     settings = [k for k in defaults if k != "kind"]
     for key, value in (overrides or {}).items():
         if key == "kind":
-            raise TrainError("kind is not a setting: it is the first "
-                             "argument (adm train KIND, make_config(KIND))")
+            raise TrainError("kind is not a setting: it is make_config's "
+                             "first argument")
         if key not in defaults:
             close = difflib.get_close_matches(key, settings, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -253,20 +275,25 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     return config
 
 
-# %% chapters/04_training.py:412
-def ema_rates(config: TrainConfig) -> list[float]:
-    """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
+def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
+    """The config a checkpoint or `config.json` stores, older ones too.
+
+    Runs written before the lists were typed hold them as strings
+    ("1,2,2"); `coerce` reads those as it reads `--set` values.
+    """
+    defaults = asdict(TrainConfig())
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise TrainError(f"settings {', '.join(unknown)} are not fields of "
+                         "this adm_lib's TrainConfig")
     try:
-        rates = [float(r) for r in config.ema_rate.split(",") if r.strip()]
-    except ValueError:
-        rates = []
-    if not rates or not all(0 < r < 1 for r in rates):
-        raise TrainError(f"ema_rate={config.ema_rate!r}: expected rates "
-                         "in (0, 1), comma-separated")
-    return rates
+        return TrainConfig(**{k: coerce(v, defaults[k])
+                              for k, v in settings.items()})
+    except ValueError as err:
+        raise TrainError(f"a stored setting does not read: {err}") from None
 
 
-# %% chapters/04_training.py:425
+# %% chapters/04_training.py:451
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     _check_types(config)
@@ -288,17 +315,14 @@ def validate(config: TrainConfig) -> None:
     if config.kind != "classifier" and config.num_samples < 1:
         raise TrainError(f"num_samples={config.num_samples} must be >= 1: "
                          f"a {config.kind}'s grids show that many samples")
-    for name in ("attention_resolutions", "classifier_attention_resolutions"):
-        _int_list(config, name)
     _check_network(config)
     _check_sample_steps(config)
-    ema_rates(config)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:461
+# %% chapters/04_training.py:484
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -345,13 +369,32 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)} is not finite")
     if config.lr <= 0:
         raise TrainError(f"lr={config.lr} must be > 0")
+    for name in ("channel_mult", "attention_resolutions",
+                 "classifier_attention_resolutions"):
+        value = getattr(config, name)
+        if not all(0 < v < math.inf for v in value):
+            raise TrainError(f"{name}={value}: expected positive numbers, "
+                             "such as (16, 8)")
+    if not config.ema_rate or not all(0 < r < 1 for r in config.ema_rate):
+        raise TrainError(f"ema_rate={config.ema_rate}: expected one or "
+                         "more rates in (0, 1), such as (0.9999,)")
 
 
-# %% chapters/04_training.py:515
+# %% chapters/04_training.py:547
 def _check_types(config: TrainConfig) -> None:
-    """Each field holds its default's type (an int will do for a float)."""
+    """Each field holds its default's type (an int will do for a float);
+    a tuple field, a tuple of its element type."""
     for field in fields(TrainConfig):
         value, default = getattr(config, field.name), field.default
+        if isinstance(default, tuple):
+            item = get_args(field.type)[0]
+            wanted = (int, float) if item is float else item
+            if not (isinstance(value, tuple) and all(
+                    isinstance(v, wanted) and not isinstance(v, bool)
+                    for v in value)):
+                raise TrainError(f"{field.name}={value!r}: expected a tuple "
+                                 f"of {item.__name__}")
+            continue
         wanted = (int, float) if type(default) is float else type(default)
         if (isinstance(value, bool) != isinstance(default, bool)
                 or not isinstance(value, wanted)):
@@ -359,39 +402,26 @@ def _check_types(config: TrainConfig) -> None:
                              f"{type(default).__name__}")
 
 
-def _int_list(config: TrainConfig, name: str) -> list[int]:
-    """A setting of comma-separated positive integers ("" for none)."""
-    text = getattr(config, name)
-    try:
-        values = [int(v) for v in text.split(",")] if text.strip() else []
-    except ValueError:
-        values = [0]
-    if not all(v > 0 for v in values):
-        raise TrainError(f"{name}={text!r}: expected positive integers, "
-                         "comma-separated, such as 16,8")
-    return values
-
-
-def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
+def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
-        return tuple(_int_list(config, "channel_mult"))
-    # "" is the reference's default for the image size (ImageNet's sizes).
-    table = (gd.SUPER_RES_CHANNEL_MULT if config.kind == "upsampler"
-             else gd.CHANNEL_MULT)
+        return config.channel_mult
+    # () is the reference's default for the image size (ImageNet's sizes).
+    table = (SUPER_RES_CHANNEL_MULT if config.kind == "upsampler"
+             else CHANNEL_MULT)
     if config.image_size not in table:
         raise TrainError(
-            f"channel_mult='' (the reference's default for the image size) "
+            f"channel_mult=() (the reference's default for the image size) "
             f"exists for a {config.kind} of image_size "
             f"{', '.join(map(str, sorted(table)))}, not "
-            f"{config.image_size}: set channel_mult, such as 1,2,2")
+            f"{config.image_size}: set channel_mult, such as (1, 2, 2)")
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:561
+# %% chapters/04_training.py:590
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
-    mults = _channel_mults(config)
+    mults = channel_mults(config)
     shown = f"channel_mult {','.join(f'{m:g}' for m in mults)}"
     halvings = len(mults) - 1
     if config.image_size % 2 ** halvings:
@@ -410,11 +440,11 @@ def _check_network(config: TrainConfig) -> None:
             "be multiples of 32, the groups of the GroupNorm layers")
     name = ("classifier_attention_resolutions" if classifier
             else "attention_resolutions")
-    attention = _int_list(config, name)
+    attention = getattr(config, name)
     for res in attention:
         if res not in sizes:
             raise TrainError(
-                f"{name}={getattr(config, name)!r}: {res} is not one of the "
+                f"{name}={attention}: {res} is not one of the "
                 f"network's resolutions ({', '.join(map(str, sizes))}, for "
                 f"image_size={config.image_size} and {shown})")
     # Attention layers: at those resolutions, and in the middle block.
@@ -440,7 +470,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:617
+# %% chapters/04_training.py:646
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -457,35 +487,91 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:642
-def model_flags(config: TrainConfig) -> dict[str, Any]:
-    """The reference flags that describe `config`'s network and diffusion."""
-    flags = {k: v for k, v in asdict(config).items()
-             if k in gd.DEFAULTS and k not in gd.SCRIPT_DEFAULTS}
-    flags.update(large_size=config.image_size, small_size=config.small_size)
-    if config.label_dropout:  # one more label: the null label
-        flags["num_classes"] = config.num_classes + 1
-    return flags
+# %% chapters/04_training.py:672
+def unet_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The constructor arguments of a diffusion model's or upsampler's UNet.
+
+    The reference's `UNetModel` takes the same ones but
+    `rescale_residual` (the paper's ablation) and `use_new_attention_order`
+    (which its super-resolution model does not take).
+    """
+    mults = channel_mults(config)
+    labels = config.num_classes + (1 if config.label_dropout else 0)
+    return {
+        "image_size": config.image_size,
+        "in_channels": config.in_channels,
+        "model_channels": config.num_channels,
+        "out_channels": config.in_channels * (2 if config.learn_sigma
+                                              else 1),
+        "num_res_blocks": config.num_res_blocks,
+        "attention_resolutions": tuple(
+            config.image_size // r for r in config.attention_resolutions),
+        "dropout": config.dropout,
+        "channel_mult": mults,
+        # label_dropout's null label is one more class (chapter 6)
+        "num_classes": labels if config.class_cond else None,
+        "use_checkpoint": config.use_checkpoint,
+        "num_heads": config.num_heads,
+        "num_head_channels": config.num_head_channels,
+        "num_heads_upsample": config.num_heads_upsample,
+        "use_scale_shift_norm": config.use_scale_shift_norm,
+        "resblock_updown": config.resblock_updown,
+        "rescale_residual": config.rescale_residual,
+    }
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """The network `config` trains (see `model_flags`)."""
+    """The network `config` trains: a UNet, classifier or upsampler."""
     if config.in_channels < 1 or (config.num_classes < 1 and (
             config.class_cond or config.kind == "classifier")):
         raise TrainError("in_channels or num_classes is 0 (\"from the "
                          "data\"): resolve_config the config first")
-    builders = {"diffusion": gd.model_from_flags,
-                "classifier": gd.classifier_from_flags,
-                "upsampler": gd.upsampler_from_flags}
     try:
-        return builders[config.kind](model_flags(config))
+        return _network(config)
     except (ValueError, AssertionError) as err:
         raise TrainError(f"cannot build the {config.kind}: {err}") from None
 
 
+def _network(config: TrainConfig) -> nn.Module:
+    if config.kind == "classifier":
+        return EncoderUNetModel(
+            image_size=config.image_size,
+            in_channels=config.in_channels,
+            model_channels=config.classifier_width,
+            out_channels=config.num_classes,
+            num_res_blocks=config.classifier_depth,
+            attention_resolutions=tuple(
+                config.image_size // r
+                for r in config.classifier_attention_resolutions),
+            channel_mult=channel_mults(config),
+            num_head_channels=64,  # the reference's classifiers
+            use_scale_shift_norm=config.classifier_use_scale_shift_norm,
+            resblock_updown=config.classifier_resblock_updown,
+            pool=config.classifier_pool)
+    if config.kind == "upsampler":
+        return SuperResModel(**unet_arguments(config),
+                             low_res_level=config.low_res_noise > 0)
+    return UNetModel(**unet_arguments(config),
+                     use_new_attention_order=config.use_new_attention_order)
+
+
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
-    """The diffusion `config` trains with (a classifier's: its noising)."""
-    try:
-        return gd.diffusion_from_flags(model_flags(config))
-    except ValueError as err:
-        raise TrainError(f"cannot build the diffusion: {err}") from None
+    """The diffusion `config` trains with (a classifier's: its noising).
+
+    The reference's loss types: use_kl is the rescaled bound (T * L_t);
+    the hybrid adds the bound's terms with weight 1/T, or 0.001 with
+    rescale_learned_sigmas.
+    """
+    learned = config.learn_sigma
+    if config.use_kl:
+        loss = "kl"
+    else:
+        loss = "hybrid" if learned else "simple"
+    return GaussianDiffusion(
+        get_named_beta_schedule(config.noise_schedule,
+                                config.diffusion_steps),
+        mean_type="x0" if config.predict_xstart else "eps",
+        var_type="learned_range" if learned else "fixed_large",
+        loss=loss,
+        lambda_vlb=(0.001 if config.rescale_learned_sigmas
+                    else 1 / config.diffusion_steps))

@@ -46,7 +46,7 @@ class DemoSettings:
 # 16x16, and resampling by a convolution rather than a residual block.
 # Chapter 4.13: as accurate per step as the preset's, in 0.6 (diffusion)
 # and 0.7 (classifier) of its step time.
-LEAN = {"num_res_blocks": 1, "channel_mult": "1,1,2",
+LEAN = {"num_res_blocks": 1, "channel_mult": (1, 1, 2),
         "resblock_updown": False}
 
 
@@ -63,15 +63,16 @@ def default_steps(device: str) -> int:
     """The diffusion model's training steps on `device` by default."""
     import torch
 
-    from adm_lib import train
+    from adm_lib.devices import native_bf16
 
     where = torch.device(device)
-    if where.type == "cpu" and not train.native_bf16(where):
+    if where.type == "cpu" and not native_bf16(where):
         return STEPS_FP32_CPU
     return STEPS_BF16
 
 
-def _configs(settings: DemoSettings, device: str) -> dict:
+def demo_configs(settings: DemoSettings, device: str) -> dict:
+    """The diffusion model's and the classifier's training configs."""
     from adm_lib.config import make_config
 
     common = {"data": "mnist5k", "device": device, "seed": settings.seed,
@@ -85,7 +86,7 @@ def _configs(settings: DemoSettings, device: str) -> dict:
             # their classes far sooner predicting x0 under L_simple alone,
             # and a short EMA keeps up with weights that still move fast.
             "predict_xstart": True, "learn_sigma": False,
-            "ema_rate": "0.95", **LEAN,
+            "ema_rate": (0.95,), **LEAN,
             "save_interval": 250, "sample_interval": 0}),
         "classifier": make_config("classifier", "mnist", {
             **common, "steps": settings.classifier_steps,
@@ -107,11 +108,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     """Train, sample and score; returns the report (also in out/)."""
     import torch
 
-    from adm_lib.checkpoints import load_run
-    from adm_lib.config import TrainError
     from adm_lib.data import load_dataset
     from adm_lib.devices import resolve_device
     from adm_lib.diffusion import respace
+    from adm_lib.errors import TrainError
     from adm_lib.guidance import classifier_cond_fn, sample_batches
     from adm_lib.metrics import (
         compute_activations,
@@ -119,6 +119,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
         score_activations,
         write_batch,
     )
+    from adm_lib.models import load_run
     from adm_lib.sampling import step_bar
     from adm_lib.train import train
     from adm_lib.viz import to_uint8
@@ -129,7 +130,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     device = str(resolve_device(settings.device))
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    configs = _configs(settings, device)
+    configs = demo_configs(settings, device)
     steps = configs["diffusion"].steps
     if settings.steps is None and steps == STEPS_FP32_CPU:
         say(f"adm demo: {steps} diffusion steps, not {STEPS_BF16}, to stay "
@@ -240,7 +241,7 @@ def _save_grid(path: Path, samples: dict[float, np.ndarray],
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from adm_lib.checkpoints import write_atomic
+    from adm_lib.files import write_atomic
     from adm_lib.viz import pixel_grid
 
     shown = min(per_class, 8)

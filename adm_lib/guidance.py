@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adm_lib.batches import step_seed
+from adm_lib.devices import (
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.diffusion import (
     GaussianDiffusion,
     Model,
@@ -36,12 +41,7 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
-from adm_lib.train import (
-    autocast_model,
-    fast_backends,
-    memory_format,
-    resolve_precision,
-)
+from adm_lib.seeds import step_seed
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]

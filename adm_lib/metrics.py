@@ -41,9 +41,9 @@ from scipy import linalg
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adm_lib.checkpoints import write_atomic
 from adm_lib.data import read_npz
 from adm_lib.datanets import load_data_set_net
+from adm_lib.files import write_atomic
 from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
 

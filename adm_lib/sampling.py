@@ -12,22 +12,22 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from adm_lib import cascade as cs
 from adm_lib import guidance
-from adm_lib.checkpoints import hold_lock, load_run
 from adm_lib.compat import guided_diffusion as gd
-from adm_lib.config import TrainError
+from adm_lib.config import KINDS
 from adm_lib.data import MAX_CLASSES, DataError, load_dataset
-from adm_lib.diffusion import GaussianDiffusion, Model, respace
+from adm_lib.diffusion import Model, respace
+from adm_lib.errors import TrainError
+from adm_lib.files import hold_lock, save_png
 from adm_lib.guidance import (
     SAMPLERS,
     CondFn,
@@ -37,7 +37,7 @@ from adm_lib.guidance import (
     sample_batches,
 )
 from adm_lib.metrics import read_batch, write_batch
-from adm_lib.runlog import save_png
+from adm_lib.models import TrainedModel, load_run
 from adm_lib.values import MAX_SEED
 
 
@@ -45,25 +45,6 @@ class SampleError(ValueError):
     """Sampling cannot go ahead as asked; the message says why."""
 
 
-@dataclass
-class Loaded:
-    """A network ready to sample with, and what it was trained on."""
-
-    model: nn.Module
-    diffusion: GaussianDiffusion
-    image_size: int
-    in_channels: int
-    num_classes: int  # 0: unconditional (a model) or unknown
-    respacing: str  # the respacing its flags ask for, if any
-    null_label: int | None  # classifier-free guidance's label, if trained
-    source: str
-    small_size: int = 0  # an upsampler's input size; 0 for other kinds
-    low_res_noise: int = 0  # an upsampler's largest augmentation step
-
-
-KINDS = ("diffusion", "classifier", "upsampler")
-_BUILDER = {"diffusion": "model", "classifier": "classifier",
-            "upsampler": "upsampler"}
 
 
 def _a(kind: str) -> str:
@@ -74,7 +55,8 @@ def _a(kind: str) -> str:
 def load_network(path: str | os.PathLike, kind: str,
                  flags: str | None = None, weights: str = "ema",
                  device: str | torch.device = "cpu",
-                 compile: bool = False, precision: str = "auto") -> Loaded:
+                 compile: bool = False, precision: str = "auto"
+                 ) -> TrainedModel:
     """A diffusion model, classifier or upsampler: ours, or the reference's.
 
     `kind` is one of KINDS. With `flags`, `path` is a released checkpoint
@@ -88,34 +70,34 @@ def load_network(path: str | os.PathLike, kind: str,
                           f"{', '.join(KINDS)}")
     path = Path(path)
     if flags is not None:
-        loaded = _load_reference(path, kind, flags, device)
+        try:
+            trained = gd.load_trained(path, flags, kind, device)
+        except (ValueError, FileNotFoundError) as err:
+            raise SampleError(str(err)) from None
     else:
-        loaded = _load_run(path, kind, weights, device)
-    loaded.model = guidance.prepare_for_sampling(
-        loaded.model, device, precision, compile=compile)
-    return loaded
+        trained = _load_run(path, kind, weights, device)
+    trained.model = guidance.prepare_for_sampling(
+        trained.model, device, precision, compile=compile)
+    return trained
 
 
 def _load_run(path: Path, kind: str, weights: str,
-              device: str | torch.device) -> Loaded:
+              device: str | torch.device) -> TrainedModel:
     try:
         run = load_run(path, weights, device)
     except TrainError as err:
         hint = ("" if path.is_dir() else "; for a checkpoint of the "
                 f"reference, pass its flags (--{_flag_option(kind)})")
         raise SampleError(f"{err}{hint}") from None
-    config = run.config
-    if config.kind != kind:
-        raise SampleError(f"{path} is {_a(config.kind)} run, not "
+    if run.kind != kind:
+        raise SampleError(f"{path} is {_a(run.kind)} run, not "
                           f"{_a(kind)} run")
-    labelled = kind == "classifier" or config.class_cond
-    up = kind == "upsampler"
-    return Loaded(run.model, run.diffusion, config.image_size,
-                  config.in_channels, config.num_classes if labelled else 0,
-                  "", config.num_classes if config.label_dropout else None,
-                  f"{run.path} (step {run.step}, {weights} weights)",
-                  config.small_size if up else 0,
-                  config.low_res_noise if up else 0)
+    return run
+
+
+def _a(kind: str) -> str:
+    """`kind` with its article: "a diffusion", "an upsampler"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def _flag_option(kind: str) -> str:
@@ -123,44 +105,28 @@ def _flag_option(kind: str) -> str:
             "upsampler": "upsampler-flags"}[kind]
 
 
-def _load_reference(path: Path, kind: str, flags: str,
-                    device: str | torch.device) -> Loaded:
-    try:
-        f = gd.parse_flags(flags)
-        respacing = f.pop("timestep_respacing", "")
-        model = gd.load_checkpoint(path, f, _BUILDER[kind])
-        diffusion = gd.diffusion_from_flags(f)
-    except (ValueError, FileNotFoundError) as err:
-        raise SampleError(str(err)) from None
-    labelled = kind == "classifier" or f["class_cond"]
-    up = kind == "upsampler"
-    model.to(device).requires_grad_(False)
-    return Loaded(model, diffusion,
-                  f["large_size"] if up else f["image_size"],
-                  f.get("in_channels", 3),
-                  f.get("num_classes", gd.NUM_CLASSES) if labelled else 0,
-                  respacing, None, f"{path} (reference flags)",
-                  f["small_size"] if up else 0,
-                  f["low_res_noise"] if up else 0)
-
-
-def to_stage(loaded: Loaded, respacing: str | None = None,
+def to_stage(trained: TrainedModel, respacing: str | None = None,
              sampler: str = "ddpm", eta: float = 0.0) -> cs.Stage:
-    """`loaded` as a cascade stage sampling with `sampler`, `respacing`."""
-    prefix = "--upsampler-" if loaded.small_size else "--"
+    """`trained` as a cascade stage sampling with `sampler`, `respacing`."""
+    prefix = "--upsampler-" if trained.small_size else "--"
     if sampler not in SAMPLERS:
         raise SampleError(f"{prefix}sampler {sampler!r}: expected one of "
                           f"{', '.join(SAMPLERS)}")
     if respacing is None:
-        respacing = loaded.respacing or default_respacing(
-            sampler, loaded.diffusion.num_timesteps)
+        respacing = trained.respacing or default_respacing(
+            sampler, trained.diffusion.num_timesteps)
     try:
-        respace(loaded.diffusion, respacing)
+        respace(trained.diffusion, respacing)
     except (ValueError, AssertionError) as err:
         raise SampleError(f"{prefix}respacing {respacing!r}: {err}") from None
-    return cs.Stage(loaded.model, loaded.diffusion, loaded.image_size,
-                    loaded.in_channels, loaded.num_classes > 0, respacing,
-                    sampler, eta, loaded.small_size, loaded.low_res_noise)
+    return cs.Stage(trained, respacing, sampler, eta)
+
+
+def _counted(stage: cs.Stage, counting: Callable[[Model], Model]
+             ) -> cs.Stage:
+    """`stage` with its network wrapped by `counting` (the step bar)."""
+    return replace(stage, trained=replace(
+        stage.trained, model=counting(stage.trained.model)))
 
 
 def check_options(classifier: object | None = None, *,
@@ -286,8 +252,8 @@ def available_memory() -> int | None:
     return free
 
 
-def check_memory(what: str, count: int, model: Loaded | None = None,
-                 upsampler: Loaded | None = None) -> None:
+def check_memory(what: str, count: int, model: TrainedModel | None = None,
+                 upsampler: TrainedModel | None = None) -> None:
     """Raise SampleError, naming `what`, if `count` samples of `model`
     (upsampled by `upsampler`, or `upsampler`'s alone) cannot fit in memory.
 
@@ -336,7 +302,7 @@ def step_bar(total: int, progress: bool
 
 def _evaluations(stage: cs.Stage, count: int, batch_size: int) -> int:
     """Network calls of `stage` drawing `count` samples: one a step."""
-    steps = respace(stage.diffusion, stage.respacing).num_timesteps
+    steps = respace(stage.trained.diffusion, stage.respacing).num_timesteps
     return math.ceil(count / batch_size) * steps
 
 
@@ -373,7 +339,7 @@ def parse_labels(text: str | None, count: int, num_classes: int,
     return torch.tensor(chosen).repeat(math.ceil(count / len(chosen)))[:count]
 
 
-def sample(model: Loaded, classifier: Loaded | None = None, *,
+def sample(model: TrainedModel, classifier: TrainedModel | None = None, *,
            classifier_scale: float = 1.0, cfg_scale: float = 0.0,
            sampler: str = "ddpm", respacing: str | None = None,
            eta: float = 0.0, guide_at_mean: bool = False,
@@ -391,23 +357,24 @@ def sample(model: Loaded, classifier: Loaded | None = None, *,
         cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
         guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
         batch_size=batch_size, seed=seed, precision=precision)
-    net = base.model if base.class_cond else ignore_labels(base.model)
-    shape = (base.in_channels, base.image_size, base.image_size)
+    net = base.trained
+    network = net.model if net.num_classes else ignore_labels(net.model)
+    shape = (net.in_channels, net.image_size, net.image_size)
     total = _evaluations(base, num_samples, batch_size)
     with step_bar(total, progress) as counting:
-        return sample_batches(respace(base.diffusion, base.respacing),
-                              counting(net), num_samples, shape, y,
+        return sample_batches(respace(net.diffusion, base.respacing),
+                              counting(network), num_samples, shape, y,
                               batch_size, device, seed, False, precision,
                               sampler=sampler, cond_fn=cond_fn,
                               guide_at_mean=guide_at_mean, eta=eta)
 
 
 def _prepare_base(
-    model: Loaded, classifier: Loaded | None, *, classifier_scale: float,
+    model: TrainedModel, classifier: TrainedModel | None, *, classifier_scale: float,
     cfg_scale: float, sampler: str, respacing: str | None, eta: float,
     guide_at_mean: bool, num_samples: int, labels: str | None,
     batch_size: int, seed: int, precision: str,
-    upsampler: Loaded | None = None,
+    upsampler: TrainedModel | None = None,
 ) -> tuple[cs.Stage, torch.Tensor | None, CondFn | None]:
     """The base model's stage (guided as asked), its labels and cond_fn.
 
@@ -436,8 +403,8 @@ def _prepare_base(
             raise SampleError(f"--cfg-scale needs a model trained with label "
                               f"dropout (adm train ... --set "
                               f"label_dropout=0.1); {model.source} was not")
-        stage.model = classifier_free_model(model.model, cfg_scale,
-                                            model.null_label)
+        stage.trained = replace(model, model=classifier_free_model(
+            model.model, cfg_scale, model.null_label))
     y = parse_labels(labels, num_samples, num_classes, seed)
     cond_fn = None
     if classifier is not None and classifier_scale:
@@ -447,7 +414,8 @@ def _prepare_base(
 
 
 def sample_cascade(
-    model: Loaded, upsampler: Loaded, classifier: Loaded | None = None, *,
+    model: TrainedModel, upsampler: TrainedModel,
+    classifier: TrainedModel | None = None, *,
     classifier_scale: float = 1.0, cfg_scale: float = 0.0,
     sampler: str = "ddpm", respacing: str | None = None, eta: float = 0.0,
     guide_at_mean: bool = False, num_samples: int = 16,
@@ -491,8 +459,8 @@ def sample_cascade(
     try:
         with step_bar(total, progress) as counting:
             low, high = cs.cascade(
-                replace(base, model=counting(base.model)),
-                replace(up, model=counting(up.model)), num_samples, y,
+                _counted(base, counting), _counted(up, counting),
+                num_samples, y,
                 cond_fn=cond_fn, guide_at_mean=guide_at_mean,
                 low_res_t=low_res_t, batch_size=batch_size, device=device,
                 seed=seed, progress=False, precision=precision)
@@ -501,7 +469,7 @@ def sample_cascade(
     return low, high, None if y is None else y.numpy()
 
 
-def _check_level(upsampler: Loaded, low_res_t: int | None) -> None:
+def _check_level(upsampler: TrainedModel, low_res_t: int | None) -> None:
     """Raise SampleError unless `upsampler` takes augmentation `low_res_t`."""
     if low_res_t is None:
         return
@@ -575,7 +543,7 @@ def _read_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def upsample_files(
-    upsampler: Loaded, low_res_path: str | os.PathLike, *,
+    upsampler: TrainedModel, low_res_path: str | os.PathLike, *,
     labels: str | None = None, upsampler_sampler: str = "ddpm",
     upsampler_respacing: str | None = None, low_res_t: int | None = None,
     eta: float = 0.0, batch_size: int = 64,
@@ -621,7 +589,7 @@ def upsample_files(
     try:
         with step_bar(_evaluations(stage, len(images), batch_size),
                        progress) as counting:
-            high = cs.upsample(replace(stage, model=counting(stage.model)),
+            high = cs.upsample(_counted(stage, counting),
                                images, y, low_res_t=low_res_t,
                                batch_size=batch_size, device=device,
                                seed=seed, progress=False,
@@ -639,7 +607,7 @@ def default_respacing(sampler: str, num_timesteps: int) -> str:
     return str(min(250, num_timesteps))
 
 
-def _check_pair(model: Loaded, classifier: Loaded) -> None:
+def _check_pair(model: TrainedModel, classifier: TrainedModel) -> None:
     if classifier.image_size != model.image_size:
         raise SampleError(f"the classifier sees {classifier.image_size}px "
                           f"images, the model makes {model.image_size}px")

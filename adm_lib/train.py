@@ -8,20 +8,16 @@ The code of chapters/04_training.py.
 """
 
 __all__ = [
-    "native_bf16",
-    "resolve_precision",
-    "fast_backends",
-    "memory_format",
-    "attention_kernels",
-    "autocast_model",
     "ema_decay",
     "update_ema",
+    "config_mismatch",
     "TrainState",
     "accumulate_gradients",
     "micro_sync",
     "data_parallel",
     "apply_gradients",
     "learning_rate",
+    "prepare_run",
     "train",
     "save_state",
     "snapshot",
@@ -31,13 +27,12 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1105
+# %% chapters/04_training.py:1187
 import contextlib
 import copy
-import functools
+import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -48,7 +43,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -61,31 +55,38 @@ from adm_lib.batches import (
     open_data,
     resolve_config,
     split_data,
-    step_seed,
 )
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_path,
-    prepare_run,
-    rng_state,
+    latest_checkpoint,
+    lock_run,
+    read_checkpoint,
     save_checkpoint,
-    set_rng_state,
 )
 from adm_lib.config import (
+    RUN_FIELDS,
     TrainConfig,
-    TrainError,
     build_diffusion,
     build_model,
-    ema_rates,
+    config_from_dict,
     validate,
 )
 from adm_lib.data import DataError, ImageDataset, Pixels
+from adm_lib.devices import (
+    attention_kernels,
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
-    Model,
     UniformSampler,
 )
+from adm_lib.errors import TrainError
+from adm_lib.files import save_png, write_atomic
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
@@ -98,89 +99,13 @@ from adm_lib.runlog import (
     MetricsLog,
     evaluate_classifier,
     sample_grid,
-    save_png,
     truncate_metrics,
 )
+from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1181
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bfloat16 natively (not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # AVX-512-BF16 or AMX: without them oneDNN emulates bf16, several
-    # times slower than float32.
-    mkldnn = torch.ops.mkldnn
-    return device.type == "cpu" and mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" as bf16 where the device has it natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if native_bf16(device):
-        return "bf16"
-    _say_fp32(device.type)
-    return "fp32"
-
-
-@functools.cache
-def _say_fp32(device_type: str) -> None:
-    """Say once per process why "auto" precision is float32 here."""
-    print(f"adm_lib: this {device_type} has no native bfloat16 (a CPU needs "
-          "AVX-512-BF16 or AMX), so precision 'auto' runs in float32",
-          file=sys.stderr)
-
-
-# %% chapters/04_training.py:1246
-def fast_backends(device: torch.device, precision: str,
-                  deterministic: bool = False) -> None:
-    """Set TF32, cuDNN's autotuner and determinism for a run's settings."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # This also stops Inductor (compile=true) from autotuning its kernels.
-    torch.use_deterministic_algorithms(deterministic)
-    if device.type == "cuda":
-        tf32 = resolve_precision(precision, device) != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = not deterministic
-
-
-def memory_format(choice: str, device: torch.device) -> torch.memory_format:
-    """The layout a `memory_format` setting names on `device`."""
-    if choice == "auto":
-        # cuDNN's fastest convolutions want channels_last.
-        choice = "channels_last" if device.type == "cuda" else "contiguous"
-    return (torch.channels_last if choice == "channels_last"
-            else torch.contiguous_format)
-
-
-def attention_kernels(
-        config: TrainConfig) -> contextlib.AbstractContextManager[None]:
-    """Attention in the math kernels if `config` is deterministic."""
-    return (sdpa_kernel(SDPBackend.MATH) if config.deterministic
-            else contextlib.nullcontext())
-
-
-# %% chapters/04_training.py:1280
-def autocast_model(model: nn.Module, precision: str,
-                   device: torch.device) -> Model:
-    """`model` run under autocast at `precision`, returning float32."""
-    if precision == "fp32":
-        return model
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype):
-            out = model(x, t, **kwargs)
-        return out.float()
-
-    return run
-
-
-# %% chapters/04_training.py:1405
+# %% chapters/04_training.py:1415
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -203,7 +128,20 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1696
+# %% chapters/04_training.py:1520
+def config_mismatch(saved: Mapping[str, Any],
+                    config: TrainConfig) -> list[str]:
+    """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
+    try:
+        before = asdict(config_from_dict(saved))
+    except TrainError as err:
+        return [str(err)]
+    return [f"{k}: checkpoint {before[k]!r}, now {v!r}"
+            for k, v in asdict(config).items()
+            if k not in RUN_FIELDS and before[k] != v]
+
+
+# %% chapters/04_training.py:1540
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -224,7 +162,7 @@ class TrainState:
         layout = memory_format(config.memory_format, device)
         model = build_model(config).to(device, memory_format=layout)
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
-               for rate in ema_rates(config)}
+               for rate in config.ema_rate}
         # Fused: one kernel for all parameters' updates, not one per tensor,
         # and a step it can skip on the device (`apply_gradients`).
         optimizer = torch.optim.AdamW(
@@ -288,7 +226,7 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
                     param, dtype=value.dtype).copy_(value)
 
 
-# %% chapters/04_training.py:1929
+# %% chapters/04_training.py:1691
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -310,7 +248,7 @@ def accumulate_gradients(
     for start in range(0, share, micro):
         rows = slice(start, start + micro)
         last = start + micro >= share
-        with micro_sync(model, last), attention_kernels(config):
+        with micro_sync(model, last), attention_kernels(config.deterministic):
             terms = objective(config, diffusion, run, x[rows], y[rows],
                               draws.rows(rows))
             if config.kind != "classifier":  # importance-weighted, as logged
@@ -344,7 +282,7 @@ def data_parallel(model: nn.Module,
         gradient_as_bucket_view=True)
 
 
-# %% chapters/04_training.py:1992
+# %% chapters/04_training.py:1754
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -375,7 +313,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:2027
+# %% chapters/04_training.py:1789
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -383,7 +321,61 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2366
+# %% chapters/04_training.py:2059
+def prepare_run(config: TrainConfig, out: Path, resume: bool,
+                ranks: Ranks, held: contextlib.ExitStack
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """Lock and check the run folder; the checkpoint to resume from, if any.
+
+    Rank 0 takes the folder's lock into `held`, and picks the newest
+    readable checkpoint; every rank loads that one, so a file cut short by
+    a kill is skipped the same way everywhere.
+    """
+    found, problem = None, None
+    if ranks.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock_run(out))
+            for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+                tmp.unlink()  # a killed run's: no one else writes here
+            found = latest_checkpoint(out)
+            files = sorted((out / "checkpoints").glob("step_*.pt"))
+            step = found[1]["step"] if found else 0
+            if files and not found:
+                problem = (f"no checkpoint in {out / 'checkpoints'} can be "
+                           f"read ({', '.join(p.name for p in files)}): "
+                           "move them away to start a new run there")
+            elif found and not resume:
+                problem = (f"{out} already holds a run (checkpoint at step "
+                           f"{step}): resume it (resume=True), or choose "
+                           "another folder")
+            elif found and (diff := config_mismatch(found[1]["config"],
+                                                    config)):
+                problem = (f"the config does not match {found[0]}:\n  "
+                           + "\n  ".join(diff))
+            elif step > config.steps:
+                problem = (f"{out} is at step {step}, past steps="
+                           f"{config.steps}: pass more steps to go on; "
+                           "the run is unchanged")
+            else:
+                if resume and not found:
+                    warnings.warn(f"nothing to resume in {out} (no "
+                                  "checkpoint): starting a new run",
+                                  stacklevel=4)
+                write_atomic(out / "config.json", lambda f: f.write(
+                    json.dumps(asdict(config), indent=2).encode()))
+        except (OSError, TrainError) as err:
+            problem = (str(err) if isinstance(err, TrainError) else
+                       f"cannot use {out}: {err.strerror or err}")
+    problem, path = from_rank0(ranks, problem, found and found[0])
+    if path and not ranks.main:
+        found = (path, read_checkpoint(path))
+    if problem:
+        raise TrainError(problem)
+    return found
+
+
+# %% chapters/04_training.py:2118
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -422,13 +414,13 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2409
+# %% chapters/04_training.py:2161
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
     """Rank 0's look at the model: a sample grid, or held-out accuracy."""
     precision = resolve_precision(config.precision, device)
-    ema = state.ema[ema_rates(config)[0]]
+    ema = state.ema[config.ema_rate[0]]
     if config.kind == "classifier":
         state.model.eval()
         record = {"step": state.step}
@@ -452,7 +444,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2446
+# %% chapters/04_training.py:2198
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -495,7 +487,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2495
+# %% chapters/04_training.py:2247
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -530,7 +522,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:2539
+# %% chapters/04_training.py:2291
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -597,7 +589,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2615
+# %% chapters/04_training.py:2367
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -25,8 +25,9 @@ def coerce(raw: Any, default: Any) -> Any:
 
     Booleans take the words of TRUE_WORDS and FALSE_WORDS; integers take
     integer-valued numbers such as "1e5"; floats take any number; strings
-    take anything; other defaults (lists, dicts, None) take a Python
-    literal, and None also takes a plain string.
+    take anything; tuples (of numbers) take numbers, comma-separated
+    ("16,8", "(16, 8)", "" for none) or as a list; other defaults (lists,
+    dicts, None) take a Python literal, and None also takes a plain string.
     """
     kind = type(default).__name__
     if isinstance(default, bool):
@@ -54,6 +55,9 @@ def coerce(raw: Any, default: Any) -> Any:
             raise ValueError(f"expected {kind}") from None
     if isinstance(default, str):
         return str(raw)
+    if isinstance(default, tuple):
+        return _numbers(raw, floats=bool(default) and all(
+            isinstance(v, float) for v in default))
     if not isinstance(raw, str):
         return raw
     try:
@@ -65,3 +69,21 @@ def coerce(raw: Any, default: Any) -> Any:
     if default is not None and not isinstance(value, type(default)):
         raise ValueError(f"expected a {kind} literal")
     return value
+
+
+def _numbers(raw: Any, floats: bool) -> tuple[int | float, ...]:
+    """A tuple of numbers: floats if `floats`, else ints where whole."""
+    if isinstance(raw, str):
+        items: list[Any] = [w for w in raw.strip().strip("()[]").split(",")
+                            if w.strip()]
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        items = [raw]
+    try:
+        numbers = [coerce(item, 0.0) for item in items]
+    except ValueError:
+        raise ValueError("expected numbers, comma-separated, such as "
+                         "16,8") from None
+    return tuple(n if floats or not n.is_integer() else int(n)
+                 for n in numbers)

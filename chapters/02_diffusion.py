@@ -83,28 +83,11 @@ torch.manual_seed(seed)
 # The chapter trains a model, so it needs a device. Every chapter names it the
 # same way, by the string `device`: `"auto"` is CUDA when PyTorch sees a GPU
 # and the CPU otherwise, and a name that cannot work here is refused before
-# any work starts. `resolve_device` is that rule, exported as
-# `adm_lib.devices` for the chapters and tools that follow.
+# any work starts. `resolve_device` is that rule; it lives in the library's
+# foundation, `adm_lib.devices`, with the choice of precision (chapter 4).
 
 # %%
-#| export devices
-import torch
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """The device a name selects: "auto" is CUDA when there is a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device={name!r} is not a device; expected auto, "
-                         "cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but PyTorch sees no GPU; use cpu "
-                         "or auto")
-    return device
-
+from adm_lib.devices import resolve_device
 
 # %%
 device = str(resolve_device(device))

@@ -151,25 +151,19 @@ import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, get_args
 
 from torch import nn
 
-from adm_lib.compat import guided_diffusion as gd
+from adm_lib.devices import MEMORY_FORMATS, PRECISIONS
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
-from adm_lib.forward import BETA_SCHEDULES
-from adm_lib.unet import POOLS
+from adm_lib.errors import TrainError
+from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
+from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
 from adm_lib.values import MAX_SEED, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
-
-# %%
-#| export config
-class TrainError(RuntimeError):
-    """A run cannot start or go on; the message names the culprit."""
 
 # %% [markdown]
 # The fields, grouped as the comments say:
@@ -201,8 +195,10 @@ class TrainConfig:
     # Architecture and diffusion: the reference's flags, same meanings.
     num_channels: int = 32
     num_res_blocks: int = 2
-    channel_mult: str = "1,2,2"
-    attention_resolutions: str = "8"
+    # Channel multipliers per resolution, () for the reference's default
+    # for the image size (CHANNEL_MULT); attention at these resolutions.
+    channel_mult: tuple[float, ...] = (1, 2, 2)
+    attention_resolutions: tuple[int, ...] = (8,)
     num_heads: int = 4
     num_head_channels: int = 32
     num_heads_upsample: int = -1
@@ -214,7 +210,7 @@ class TrainConfig:
     rescale_residual: bool = False  # the paper's ablation; not a ref. flag
     classifier_width: int = 32
     classifier_depth: int = 2
-    classifier_attention_resolutions: str = "8"
+    classifier_attention_resolutions: tuple[int, ...] = (8,)
     classifier_use_scale_shift_norm: bool = True
     classifier_resblock_updown: bool = True
     classifier_pool: str = "attention"
@@ -232,7 +228,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_anneal_steps: int = 0  # linear decay to 0 over this many steps
     grad_clip: float = 0.0  # max gradient norm; 0: no clipping
-    ema_rate: str = "0.9999"  # comma-separated rates
+    ema_rate: tuple[float, ...] = (0.9999,)  # the first is "ema"
     ema_warmup: bool = True
     schedule_sampler: str = "uniform"
     precision: str = "auto"  # bf16 where native (GPU, new CPUs), else fp32
@@ -272,77 +268,97 @@ RUN_FIELDS = frozenset({
 
 # %% [markdown]
 # The paper's configurations are presets. Each of the paper's models takes
-# its architecture from the reference's released flags (`compat.RELEASED`,
-# the same table the appendix loads checkpoints with) and its optimisation
-# from the paper's Tables 11 to 13: batch size, learning rate and
-# iterations. The classifiers also take the weight decay and the linear
-# learning-rate annealing of the reference README's classifier command.
-# The small presets are ours, sized for one GPU (CIFAR-10) or a CPU
-# (MNIST); `cifar10` is the configuration of the reference's measured
-# CIFAR-10 run in `shared/baselines`, so the two can be compared side by
-# side. One difference from the reference remains: its classifiers train
-# on random crops of 80 to 100% of each image, while our data loader
-# always takes the centre crop.
+# its architecture from the flags the reference released it with (the
+# appendix on released checkpoints loads them, and a test checks each
+# preset against those flags) and its optimisation from the paper's
+# Tables 11 to 13: batch size, learning rate and iterations. The
+# classifiers also take the weight decay and the linear learning-rate
+# annealing of the reference README's classifier command. `channel_mult`
+# of `()` is the reference's default for the image size, `CHANNEL_MULT`
+# (`SUPER_RES_CHANNEL_MULT` for upsamplers). The small presets are ours,
+# sized for one GPU (CIFAR-10) or a CPU (MNIST); `cifar10` is the
+# configuration of the reference's measured CIFAR-10 run in
+# `shared/baselines`, so the two can be compared side by side. One
+# difference from the reference remains: its classifiers train on random
+# crops of 80 to 100% of each image, while our data loader always takes
+# the centre crop.
 
 # %%
 #| export config
-def _released(name: str) -> dict[str, Any]:
-    """A released model's architecture flags, as config fields."""
-    kind, flags = gd.RELEASED[name]
-    f = gd.parse_flags(flags)
-    names = {field.name for field in fields(TrainConfig)}
-    preset = {k: v for k, v in f.items()
-              if k in names and k not in gd.SCRIPT_DEFAULTS}
-    if kind == "upsampler":
-        preset.update(image_size=f["large_size"], small_size=f["small_size"])
-    return {**preset, "data": "", "random_flip": True, "ema_rate": "0.9999",
-            "num_workers": 8}
+CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
 
 
-def _imagenet(name: str, batch: int, lr: float, steps: int,
-              **more: Any) -> dict[str, Any]:
-    return {**_released(name), "batch_size": batch, "lr": lr,
-            "steps": steps, **more}
+def _imagenet(batch: int, lr: float, steps: int,
+              **fields: Any) -> dict[str, Any]:
+    """A released ImageNet (or LSUN) model's fields, its data to be given."""
+    return {"data": "", "in_channels": 3, "num_classes": 1000,
+            "channel_mult": (), "random_flip": True, "num_workers": 8,
+            "batch_size": batch, "lr": lr, "steps": steps, **fields}
 
 
-# %% [markdown]
-# The presets, by kind and name:
-
-# %%
-#| export config
+_WIDE = {"num_channels": 256, "num_head_channels": 64,
+         "attention_resolutions": (32, 16, 8), "noise_schedule": "linear"}
 _CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
+_IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
+                        "learn_sigma": False, "noise_schedule": "linear",
+                        "classifier_attention_resolutions": (32, 16, 8)}
+
+# %%
+#| export config
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
         "mnist": {"in_channels": 1, "steps": 5000},
         "cifar10": {
-            "data": "", "num_channels": 128, "channel_mult": "1,2,2,2",
-            "attention_resolutions": "16,8", "num_head_channels": 64,
+            "data": "", "num_channels": 128, "channel_mult": (1, 2, 2, 2),
+            "attention_resolutions": (16, 8), "num_head_channels": 64,
             "dropout": 0.1, "batch_size": 128, "lr": 1e-4,
             "random_flip": True, "steps": 50000, "save_interval": 5000,
             "sample_interval": 5000, "num_workers": 4,
         },
-        "imagenet64": _imagenet("64x64_diffusion", 2048, 3e-4, 540_000),
-        "imagenet128": _imagenet("128x128_diffusion", 256, 1e-4, 4_360_000),
-        "imagenet256": _imagenet("256x256_diffusion", 256, 1e-4, 1_980_000),
-        "imagenet512": _imagenet("512x512_diffusion", 256, 1e-4, 1_940_000),
-        "lsun": _imagenet("lsun_bedroom", 256, 1e-4, 500_000),
+        "imagenet64": _imagenet(
+            2048, 3e-4, 540_000, image_size=64, num_channels=192,
+            num_res_blocks=3, num_head_channels=64,
+            attention_resolutions=(32, 16, 8), dropout=0.1,
+            use_new_attention_order=True),
+        "imagenet128": _imagenet(
+            256, 1e-4, 4_360_000, image_size=128, num_channels=256,
+            num_head_channels=-1, attention_resolutions=(32, 16, 8),
+            noise_schedule="linear"),
+        "imagenet256": _imagenet(256, 1e-4, 1_980_000, image_size=256,
+                                 **_WIDE),
+        "imagenet512": _imagenet(256, 1e-4, 1_940_000, image_size=512,
+                                 **_WIDE),
+        "lsun": _imagenet(256, 1e-4, 500_000, image_size=256, dropout=0.1,
+                          class_cond=False, **_WIDE),
     },
     "classifier": {
         "mnist": {**_CLASSIFIER, "in_channels": 1, "steps": 2000,
                   "lr_anneal_steps": 2000},
         "cifar10": {
             **_CLASSIFIER, "data": "", "classifier_width": 128,
-            "channel_mult": "1,2,2,2",
-            "classifier_attention_resolutions": "16,8",
+            "channel_mult": (1, 2, 2, 2),
+            "classifier_attention_resolutions": (16, 8),
             "batch_size": 128, "random_flip": True, "steps": 50000,
             "lr_anneal_steps": 50000, "num_workers": 4,
         },
         "imagenet64": _imagenet(
-            "64x64_classifier", 1024, 6e-4, 300_000, weight_decay=0.2,
-            noise_schedule="cosine", lr_anneal_steps=300_000),
+            1024, 6e-4, 300_000,
+            **{**_IMAGENET_CLASSIFIER, "noise_schedule": "cosine"},
+            image_size=64, classifier_depth=4, weight_decay=0.2,
+            lr_anneal_steps=300_000),
         **{f"imagenet{size}": _imagenet(
-            f"{size}x{size}_classifier", 256, 3e-4, steps, weight_decay=0.05,
-            noise_schedule="linear", lr_anneal_steps=steps)
+            256, 3e-4, steps, **_IMAGENET_CLASSIFIER, image_size=size,
+            weight_decay=0.05, lr_anneal_steps=steps)
            for size, steps in ((128, 300_000), (256, 500_000),
                                (512, 500_000))},
     },
@@ -353,9 +369,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 128, "lr": 1e-4, "random_flip": True,
             "steps": 50000, "num_workers": 4,
         },
-        "imagenet64-256": _imagenet("64_256_upsampler", 256, 1e-4, 500_000),
+        "imagenet64-256": _imagenet(
+            256, 1e-4, 500_000, image_size=256, small_size=64,
+            num_channels=192, num_head_channels=-1,
+            attention_resolutions=(32, 16, 8), noise_schedule="linear"),
         "imagenet128-512": _imagenet(
-            "128_512_upsampler", 256, 1e-4, 1_050_000),
+            256, 1e-4, 1_050_000, image_size=512, small_size=128,
+            num_channels=192, num_head_channels=64,
+            attention_resolutions=(32, 16), noise_schedule="linear"),
     },
 }
 
@@ -387,8 +408,8 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     settings = [k for k in defaults if k != "kind"]
     for key, value in (overrides or {}).items():
         if key == "kind":
-            raise TrainError("kind is not a setting: it is the first "
-                             "argument (adm train KIND, make_config(KIND))")
+            raise TrainError("kind is not a setting: it is make_config's "
+                             "first argument")
         if key not in defaults:
             close = difflib.get_close_matches(key, settings, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -403,23 +424,28 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
     validate(config)
     return config
 
+
+def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
+    """The config a checkpoint or `config.json` stores, older ones too.
+
+    Runs written before the lists were typed hold them as strings
+    ("1,2,2"); `coerce` reads those as it reads `--set` values.
+    """
+    defaults = asdict(TrainConfig())
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise TrainError(f"settings {', '.join(unknown)} are not fields of "
+                         "this adm_lib's TrainConfig")
+    try:
+        return TrainConfig(**{k: coerce(v, defaults[k])
+                              for k, v in settings.items()})
+    except ValueError as err:
+        raise TrainError(f"a stored setting does not read: {err}") from None
+
 # %% [markdown]
 # `validate` then checks every value, alone and together, and names the
 # first that cannot work. It is called by `make_config` and again by
 # `train`, so no run fails after its first step for want of a check.
-
-# %%
-#| export config
-def ema_rates(config: TrainConfig) -> list[float]:
-    """The EMA rates of `config.ema_rate`, e.g. "0.9999,0.999"."""
-    try:
-        rates = [float(r) for r in config.ema_rate.split(",") if r.strip()]
-    except ValueError:
-        rates = []
-    if not rates or not all(0 < r < 1 for r in rates):
-        raise TrainError(f"ema_rate={config.ema_rate!r}: expected rates "
-                         "in (0, 1), comma-separated")
-    return rates
 
 # %%
 #| export config
@@ -444,11 +470,8 @@ def validate(config: TrainConfig) -> None:
     if config.kind != "classifier" and config.num_samples < 1:
         raise TrainError(f"num_samples={config.num_samples} must be >= 1: "
                          f"a {config.kind}'s grids show that many samples")
-    for name in ("attention_resolutions", "classifier_attention_resolutions"):
-        _int_list(config, name)
     _check_network(config)
     _check_sample_steps(config)
-    ema_rates(config)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
@@ -505,6 +528,15 @@ def _check_ranges(config: TrainConfig) -> None:
             raise TrainError(f"{name}={getattr(config, name)} is not finite")
     if config.lr <= 0:
         raise TrainError(f"lr={config.lr} must be > 0")
+    for name in ("channel_mult", "attention_resolutions",
+                 "classifier_attention_resolutions"):
+        value = getattr(config, name)
+        if not all(0 < v < math.inf for v in value):
+            raise TrainError(f"{name}={value}: expected positive numbers, "
+                             "such as (16, 8)")
+    if not config.ema_rate or not all(0 < r < 1 for r in config.ema_rate):
+        raise TrainError(f"ema_rate={config.ema_rate}: expected one or "
+                         "more rates in (0, 1), such as (0.9999,)")
 
 # %% [markdown]
 # The checks it calls: each field holds its default's type, lists of
@@ -514,9 +546,19 @@ def _check_ranges(config: TrainConfig) -> None:
 # %%
 #| export config
 def _check_types(config: TrainConfig) -> None:
-    """Each field holds its default's type (an int will do for a float)."""
+    """Each field holds its default's type (an int will do for a float);
+    a tuple field, a tuple of its element type."""
     for field in fields(TrainConfig):
         value, default = getattr(config, field.name), field.default
+        if isinstance(default, tuple):
+            item = get_args(field.type)[0]
+            wanted = (int, float) if item is float else item
+            if not (isinstance(value, tuple) and all(
+                    isinstance(v, wanted) and not isinstance(v, bool)
+                    for v in value)):
+                raise TrainError(f"{field.name}={value!r}: expected a tuple "
+                                 f"of {item.__name__}")
+            continue
         wanted = (int, float) if type(default) is float else type(default)
         if (isinstance(value, bool) != isinstance(default, bool)
                 or not isinstance(value, wanted)):
@@ -524,32 +566,19 @@ def _check_types(config: TrainConfig) -> None:
                              f"{type(default).__name__}")
 
 
-def _int_list(config: TrainConfig, name: str) -> list[int]:
-    """A setting of comma-separated positive integers ("" for none)."""
-    text = getattr(config, name)
-    try:
-        values = [int(v) for v in text.split(",")] if text.strip() else []
-    except ValueError:
-        values = [0]
-    if not all(v > 0 for v in values):
-        raise TrainError(f"{name}={text!r}: expected positive integers, "
-                         "comma-separated, such as 16,8")
-    return values
-
-
-def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
+def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
-        return tuple(_int_list(config, "channel_mult"))
-    # "" is the reference's default for the image size (ImageNet's sizes).
-    table = (gd.SUPER_RES_CHANNEL_MULT if config.kind == "upsampler"
-             else gd.CHANNEL_MULT)
+        return config.channel_mult
+    # () is the reference's default for the image size (ImageNet's sizes).
+    table = (SUPER_RES_CHANNEL_MULT if config.kind == "upsampler"
+             else CHANNEL_MULT)
     if config.image_size not in table:
         raise TrainError(
-            f"channel_mult='' (the reference's default for the image size) "
+            f"channel_mult=() (the reference's default for the image size) "
             f"exists for a {config.kind} of image_size "
             f"{', '.join(map(str, sorted(table)))}, not "
-            f"{config.image_size}: set channel_mult, such as 1,2,2")
+            f"{config.image_size}: set channel_mult, such as (1, 2, 2)")
     return table[config.image_size]
 
 # %% [markdown]
@@ -561,7 +590,7 @@ def _channel_mults(config: TrainConfig) -> tuple[float, ...]:
 #| export config
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
-    mults = _channel_mults(config)
+    mults = channel_mults(config)
     shown = f"channel_mult {','.join(f'{m:g}' for m in mults)}"
     halvings = len(mults) - 1
     if config.image_size % 2 ** halvings:
@@ -580,11 +609,11 @@ def _check_network(config: TrainConfig) -> None:
             "be multiples of 32, the groups of the GroupNorm layers")
     name = ("classifier_attention_resolutions" if classifier
             else "attention_resolutions")
-    attention = _int_list(config, name)
+    attention = getattr(config, name)
     for res in attention:
         if res not in sizes:
             raise TrainError(
-                f"{name}={getattr(config, name)!r}: {res} is not one of the "
+                f"{name}={attention}: {res} is not one of the "
                 f"network's resolutions ({', '.join(map(str, sizes))}, for "
                 f"image_size={config.image_size} and {shown})")
     # Attention layers: at those resolutions, and in the middle block.
@@ -632,45 +661,102 @@ def _check_sample_steps(config: TrainConfig) -> None:
 
 
 # %% [markdown]
-# A configuration is enough to build the network and its diffusion: the
-# architecture fields are the reference's flags, so the builders of
-# `adm_lib.compat.guided_diffusion` make exactly the reference's models,
-# and a checkpoint, which carries its configuration, rebuilds its model
-# with no flag retyped.
+# A configuration is enough to build the network and its diffusion, with
+# chapter 3's classes and chapter 2's diffusion. The architecture fields
+# are named after the reference's flags and mean what they mean there, so
+# a checkpoint, which carries its configuration, rebuilds its network
+# with no flag retyped. An attention resolution is passed to the network
+# as the factor by which that level has been down-sampled.
 
 # %%
 #| export config
-def model_flags(config: TrainConfig) -> dict[str, Any]:
-    """The reference flags that describe `config`'s network and diffusion."""
-    flags = {k: v for k, v in asdict(config).items()
-             if k in gd.DEFAULTS and k not in gd.SCRIPT_DEFAULTS}
-    flags.update(large_size=config.image_size, small_size=config.small_size)
-    if config.label_dropout:  # one more label: the null label
-        flags["num_classes"] = config.num_classes + 1
-    return flags
+def unet_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The constructor arguments of a diffusion model's or upsampler's UNet.
+
+    The reference's `UNetModel` takes the same ones but
+    `rescale_residual` (the paper's ablation) and `use_new_attention_order`
+    (which its super-resolution model does not take).
+    """
+    mults = channel_mults(config)
+    labels = config.num_classes + (1 if config.label_dropout else 0)
+    return {
+        "image_size": config.image_size,
+        "in_channels": config.in_channels,
+        "model_channels": config.num_channels,
+        "out_channels": config.in_channels * (2 if config.learn_sigma
+                                              else 1),
+        "num_res_blocks": config.num_res_blocks,
+        "attention_resolutions": tuple(
+            config.image_size // r for r in config.attention_resolutions),
+        "dropout": config.dropout,
+        "channel_mult": mults,
+        # label_dropout's null label is one more class (chapter 6)
+        "num_classes": labels if config.class_cond else None,
+        "use_checkpoint": config.use_checkpoint,
+        "num_heads": config.num_heads,
+        "num_head_channels": config.num_head_channels,
+        "num_heads_upsample": config.num_heads_upsample,
+        "use_scale_shift_norm": config.use_scale_shift_norm,
+        "resblock_updown": config.resblock_updown,
+        "rescale_residual": config.rescale_residual,
+    }
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """The network `config` trains (see `model_flags`)."""
+    """The network `config` trains: a UNet, classifier or upsampler."""
     if config.in_channels < 1 or (config.num_classes < 1 and (
             config.class_cond or config.kind == "classifier")):
         raise TrainError("in_channels or num_classes is 0 (\"from the "
                          "data\"): resolve_config the config first")
-    builders = {"diffusion": gd.model_from_flags,
-                "classifier": gd.classifier_from_flags,
-                "upsampler": gd.upsampler_from_flags}
     try:
-        return builders[config.kind](model_flags(config))
+        return _network(config)
     except (ValueError, AssertionError) as err:
         raise TrainError(f"cannot build the {config.kind}: {err}") from None
 
 
+def _network(config: TrainConfig) -> nn.Module:
+    if config.kind == "classifier":
+        return EncoderUNetModel(
+            image_size=config.image_size,
+            in_channels=config.in_channels,
+            model_channels=config.classifier_width,
+            out_channels=config.num_classes,
+            num_res_blocks=config.classifier_depth,
+            attention_resolutions=tuple(
+                config.image_size // r
+                for r in config.classifier_attention_resolutions),
+            channel_mult=channel_mults(config),
+            num_head_channels=64,  # the reference's classifiers
+            use_scale_shift_norm=config.classifier_use_scale_shift_norm,
+            resblock_updown=config.classifier_resblock_updown,
+            pool=config.classifier_pool)
+    if config.kind == "upsampler":
+        return SuperResModel(**unet_arguments(config),
+                             low_res_level=config.low_res_noise > 0)
+    return UNetModel(**unet_arguments(config),
+                     use_new_attention_order=config.use_new_attention_order)
+
+
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
-    """The diffusion `config` trains with (a classifier's: its noising)."""
-    try:
-        return gd.diffusion_from_flags(model_flags(config))
-    except ValueError as err:
-        raise TrainError(f"cannot build the diffusion: {err}") from None
+    """The diffusion `config` trains with (a classifier's: its noising).
+
+    The reference's loss types: use_kl is the rescaled bound (T * L_t);
+    the hybrid adds the bound's terms with weight 1/T, or 0.001 with
+    rescale_learned_sigmas.
+    """
+    learned = config.learn_sigma
+    if config.use_kl:
+        loss = "kl"
+    else:
+        loss = "hybrid" if learned else "simple"
+    return GaussianDiffusion(
+        get_named_beta_schedule(config.noise_schedule,
+                                config.diffusion_steps),
+        mean_type="x0" if config.predict_xstart else "eps",
+        var_type="learned_range" if learned else "fixed_large",
+        loss=loss,
+        lambda_vlb=(0.001 if config.rescale_learned_sigmas
+                    else 1 / config.diffusion_steps))
 
 # %% [markdown]
 # `make_config` is how both the command line and Python make a
@@ -746,19 +832,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.config import TrainConfig, TrainError
+from adm_lib.config import TrainConfig
 from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
+from adm_lib.errors import TrainError
+from adm_lib.seeds import step_seed
 
 
 # %%
 #| export batches
-def step_seed(*words: int) -> int:
-    """A 64-bit seed that depends on every word (seed, purpose, step...)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(
-        1, np.uint64)[0])
-
-
 class BatchOrder:
     """The data indices of each step's global batch: seeded epoch shuffles.
 
@@ -1107,10 +1189,9 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
 accumulation and its application, and `train`."""
 import contextlib
 import copy
-import functools
+import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -1121,7 +1202,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -1134,31 +1214,38 @@ from adm_lib.batches import (
     open_data,
     resolve_config,
     split_data,
-    step_seed,
 )
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_path,
-    prepare_run,
-    rng_state,
+    latest_checkpoint,
+    lock_run,
+    read_checkpoint,
     save_checkpoint,
-    set_rng_state,
 )
 from adm_lib.config import (
+    RUN_FIELDS,
     TrainConfig,
-    TrainError,
     build_diffusion,
     build_model,
-    ema_rates,
+    config_from_dict,
     validate,
 )
 from adm_lib.data import DataError, ImageDataset, Pixels
+from adm_lib.devices import (
+    attention_kernels,
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.diffusion import (
     GaussianDiffusion,
     LossAwareSampler,
-    Model,
     UniformSampler,
 )
+from adm_lib.errors import TrainError
+from adm_lib.files import save_png, write_atomic
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
@@ -1171,40 +1258,10 @@ from adm_lib.runlog import (
     MetricsLog,
     evaluate_classifier,
     sample_grid,
-    save_png,
     truncate_metrics,
 )
+from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
-
-
-# %%
-#| export
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bfloat16 natively (not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # AVX-512-BF16 or AMX: without them oneDNN emulates bf16, several
-    # times slower than float32.
-    mkldnn = torch.ops.mkldnn
-    return device.type == "cpu" and mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" as bf16 where the device has it natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if native_bf16(device):
-        return "bf16"
-    _say_fp32(device.type)
-    return "fp32"
-
-
-@functools.cache
-def _say_fp32(device_type: str) -> None:
-    """Say once per process why "auto" precision is float32 here."""
-    print(f"adm_lib: this {device_type} has no native bfloat16 (a CPU needs "
-          "AVX-512-BF16 or AMX), so precision 'auto' runs in float32",
-          file=sys.stderr)
 
 # %% [markdown]
 # "auto" is bf16 only where the hardware computes in it: on a CPU without
@@ -1242,55 +1299,8 @@ def _say_fp32(device_type: str) -> None:
 # A CPU needs none of it: the kernels we use there are deterministic
 # already.
 
-# %%
-#| export
-def fast_backends(device: torch.device, precision: str,
-                  deterministic: bool = False) -> None:
-    """Set TF32, cuDNN's autotuner and determinism for a run's settings."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # This also stops Inductor (compile=true) from autotuning its kernels.
-    torch.use_deterministic_algorithms(deterministic)
-    if device.type == "cuda":
-        tf32 = resolve_precision(precision, device) != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cudnn.benchmark = not deterministic
-
-
-def memory_format(choice: str, device: torch.device) -> torch.memory_format:
-    """The layout a `memory_format` setting names on `device`."""
-    if choice == "auto":
-        # cuDNN's fastest convolutions want channels_last.
-        choice = "channels_last" if device.type == "cuda" else "contiguous"
-    return (torch.channels_last if choice == "channels_last"
-            else torch.contiguous_format)
-
-
-def attention_kernels(
-        config: TrainConfig) -> contextlib.AbstractContextManager[None]:
-    """Attention in the math kernels if `config` is deterministic."""
-    return (sdpa_kernel(SDPBackend.MATH) if config.deterministic
-            else contextlib.nullcontext())
-
 # %% [markdown]
 # Autocast itself wraps the network, not the loss:
-
-# %%
-#| export
-def autocast_model(model: nn.Module, precision: str,
-                   device: torch.device) -> Model:
-    """`model` run under autocast at `precision`, returning float32."""
-    if precision == "fp32":
-        return model
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-    def run(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype):
-            out = model(x, t, **kwargs)
-        return out.float()
-
-    return run
 
 # %% [markdown]
 # Why bf16 is the default: float16 has 10 mantissa bits but a narrow range, so
@@ -1485,88 +1495,14 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 #   refused, and leaves `config.json` as it was.
 
 # %%
-#| export checkpoints
-"""Checkpoints that survive a kill: atomic writes, safe loads, the run
-folder's lock, checked resumes, and `load_run`."""
-import contextlib
-import fcntl
-import json
-import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-
-from adm_lib.compat import guided_diffusion as gd
-from adm_lib.config import (
-    RUN_FIELDS,
-    TrainConfig,
-    TrainError,
-    build_diffusion,
-    build_model,
+from adm_lib.checkpoints import (
+    checkpoint_path,
+    latest_checkpoint,
+    lock_run,
+    read_checkpoint,
+    save_checkpoint,
 )
-from adm_lib.diffusion import GaussianDiffusion
-from adm_lib.ranks import Ranks, from_rank0
-
-CHECKPOINT_FORMAT = "adm-book/train-checkpoint/1"
-CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
-                   "scaler", "sampler", "rng", "nonfinite")
-
-# %%
-#| export checkpoints
-
-
-def checkpoint_path(out: Path, step: int) -> Path:
-    """Where the checkpoint of `step` lives in the run folder `out`."""
-    return out / "checkpoints" / f"step_{step:08d}.pt"
-
-
-def write_atomic(path: Path, save: Callable[[Any], None]) -> None:
-    """Write a file by `save(f)` so that it is either whole or absent.
-
-    The bytes go to a temporary file in the same folder, are flushed to
-    disk (fsync), and only then renamed over `path`: a kill or a full disk
-    at any moment leaves the previous file intact. The temporary file is
-    named after the process, so two writers never write into one.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except (OSError, RuntimeError) as err:  # torch.save's: RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot write {path}: {_write_failure(err)}; "
-                         "earlier files there are intact") from None
-    except BaseException:  # a failing save(), Ctrl-C: no litter either
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_failure(err: Exception) -> str:
-    """Why a write failed, in one line: the system's reason if it gave one.
-
-    torch.save turns a failed write (a full disk, say) into a RuntimeError
-    of its own, "[enforce fail at inline_container.cc:...] ...", raised
-    while handling the OSError that says what happened.
-    """
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return cause.strerror or str(cause)
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
+from adm_lib.files import write_atomic
 
 # %% [markdown]
 # A checkpoint is one such file per saved step; reading one checks its
@@ -1576,114 +1512,22 @@ def _write_failure(err: Exception) -> str:
 # renamed `step_....pt.damaged`, never deleted: counted by name, a damaged
 # newer file would outlive the good ones, and a resume would find none.
 
-# %%
-#| export checkpoints
-def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` atomically; then keep `keep` checkpoints (rotate)."""
-    path = checkpoint_path(out, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(state, f))
-    rotate_checkpoints(path, keep)
-    return path
-
-
-def rotate_checkpoints(written: Path, keep: int) -> None:
-    """Keep `written` and the `keep` - 1 newest readable other checkpoints.
-
-    Older readable ones are deleted; damaged ones are set aside as
-    `*.damaged` with a warning. A file is probed with its tensors mapped,
-    not read, so a rotation costs little however large the checkpoints.
-    """
-    others = sorted(set(written.parent.glob("step_*.pt")) - {written},
-                    reverse=True)
-    kept = 1
-    for path in others:
-        try:
-            read_checkpoint(path, mmap=True)
-        except TrainError as err:
-            aside = path.with_name(f"{path.name}.damaged")
-            path.replace(aside)
-            warnings.warn(f"{err}; set aside as {aside.name}", stacklevel=2)
-            continue
-        if kept < keep:
-            kept += 1
-        else:
-            path.unlink()
-
-
-def read_checkpoint(path: str | os.PathLike,
-                    mmap: bool = False) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only), or a clear TrainError.
-
-    With `mmap`, the tensors are mapped from the file, not read.
-    """
-    path = Path(path)
-    try:
-        state = gd.safe_load(path, mmap=mmap)
-    except FileNotFoundError:
-        raise TrainError(f"no checkpoint at {path}") from None
-    except ValueError as err:  # truncated zip, bad pickle, disk error...
-        raise TrainError(f"{path} is not a readable checkpoint "
-                         f"({err})") from None
-    missing = ([k for k in CHECKPOINT_KEYS if k not in state]
-               if isinstance(state, dict) else ["everything"])
-    if missing or state["format"] != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path} is not an adm train checkpoint "
-                         f"(missing {', '.join(missing) or 'format'})")
-    return state
-
-
-def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint of a run; unreadable ones are named."""
-    for path in sorted((out / "checkpoints").glob("step_*.pt"), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except TrainError as err:
-            warnings.warn(f"{err}; trying the one before it", stacklevel=2)
-    return None
-
 # %% [markdown]
 # Two more guards: the fields that may not change on resume are compared
 # with the checkpoint's, and the run folder is locked for the run's life.
 
 # %%
-#| export checkpoints
+#| export
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
-    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, now {v!r}"
+    try:
+        before = asdict(config_from_dict(saved))
+    except TrainError as err:
+        return [str(err)]
+    return [f"{k}: checkpoint {before[k]!r}, now {v!r}"
             for k, v in asdict(config).items()
-            if k not in RUN_FIELDS and saved.get(k) != v]
-
-
-@contextlib.contextmanager
-def hold_lock(path: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
-    """Hold an flock on `path`, or raise `busy(pid of its holder)`.
-
-    An flock belongs to the open file, so the system drops it when the
-    process ends however it ends: a killed run can be resumed at once.
-    The file holds the holder's pid while it runs, for the message.
-    """
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise busy(f.read().strip() or "unknown") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-
-
-def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold the run folder's lock, `out/.lock`, or name who holds it."""
-    return hold_lock(out / ".lock", lambda holder: TrainError(
-        f"{out} is in use by another run (pid {holder}): wait for it to "
-        "end, or choose another folder"))
+            if k not in RUN_FIELDS and before[k] != v]
 
 # %% [markdown]
 # What a checkpoint holds is `TrainState`: the network, its EMAs, AdamW,
@@ -1714,7 +1558,7 @@ class TrainState:
         layout = memory_format(config.memory_format, device)
         model = build_model(config).to(device, memory_format=layout)
         ema = {rate: copy.deepcopy(model).requires_grad_(False).eval()
-               for rate in ema_rates(config)}
+               for rate in config.ema_rate}
         # Fused: one kernel for all parameters' updates, not one per tensor,
         # and a step it can skip on the device (`apply_gradients`).
         optimizer = torch.optim.AdamW(
@@ -1781,21 +1625,6 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
 # And every rank's global random state, which only dropout draws from.
 
 # %%
-#| export checkpoints
-def rng_state(device: torch.device) -> dict[str, Tensor]:
-    """This process's global RNG state (dropout draws from it)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
-    """Restore what `rng_state` saved."""
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
 # %% [markdown]
 # ## 4.7 Data parallelism with torchrun
 #
@@ -1821,82 +1650,15 @@ def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
 # draws sample grids and writes checkpoints; on several machines the run
 # folder must be on a shared file system, since every rank loads the
 # checkpoint rank 0 picks.
-
 # %%
-#| export ranks
-"""Data-parallel ranks under torchrun: joining the process group, and
-gathering, broadcasting and summing across it."""
-import os
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-import torch.distributed as dist
-from torch import Tensor
-
-from adm_lib.config import TrainError
-from adm_lib.devices import resolve_device
-
-
-# %%
-#| export ranks
-@dataclass
-class Ranks:
-    """This process's place in a (possibly one-process) data-parallel run."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool  # whether train() opened the process group
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 logs, samples and writes checkpoints."""
-        return self.rank == 0
-
-
-def setup_ranks(device: str) -> Ranks:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        dev = resolve_device(device)
-    except ValueError as err:
-        raise TrainError(str(err)) from None
-    if dev.type == "cuda":
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if world_size == 1:
-        return Ranks(0, 1, dev, False)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev, owns)
-
-
-def gather_rows(ranks: Ranks, rows: Tensor) -> Tensor:
-    """Every rank's rows, concatenated in rank order (the global batch)."""
-    if ranks.world_size == 1:
-        return rows
-    parts = [torch.empty_like(rows) for _ in range(ranks.world_size)]
-    dist.all_gather(parts, rows.contiguous())
-    return torch.cat(parts)
-
-
-def from_rank0(ranks: Ranks, *values: Any) -> list[Any]:
-    """Rank 0's `values` (picklable), on every rank."""
-    values = list(values)
-    if ranks.world_size > 1:
-        dist.broadcast_object_list(values)
-    return values
-
-
-def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
-    """The sum over ranks of a tensor."""
-    if ranks.world_size > 1:
-        dist.all_reduce(values)
-    return values
+from adm_lib.ranks import (
+    Ranks,
+    from_rank0,
+    gather_rows,
+    setup_ranks,
+    sum_ranks,
+)
+from adm_lib.seeds import rng_state, set_rng_state
 
 # %% [markdown]
 # ## 4.8 The loop
@@ -1948,7 +1710,7 @@ def accumulate_gradients(
     for start in range(0, share, micro):
         rows = slice(start, start + micro)
         last = start + micro >= share
-        with micro_sync(model, last), attention_kernels(config):
+        with micro_sync(model, last), attention_kernels(config.deterministic):
             terms = objective(config, diffusion, run, x[rows], y[rows],
                               draws.rows(rows))
             if config.kind != "classifier":  # importance-weighted, as logged
@@ -2044,8 +1806,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 # %%
 #| export runlog
-"""A run's log: metrics records by timestep quartile, sample grids, a
-classifier's held-out scores, and grid PNGs."""
+"""A run's log: metrics records by timestep quartile, sample grids and a
+classifier's held-out scores."""
 import json
 import os
 import time
@@ -2054,16 +1816,13 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from adm_lib.batches import draw_step, step_seed
-from adm_lib.checkpoints import write_atomic
-from adm_lib.config import TrainConfig, TrainError
+from adm_lib.batches import draw_step
+from adm_lib.config import TrainConfig
 from adm_lib.data import ImageDataset
 from adm_lib.diffusion import (
     GaussianDiffusion,
@@ -2073,8 +1832,10 @@ from adm_lib.diffusion import (
     p_sample_loop,
     respace,
 )
+from adm_lib.errors import TrainError
+from adm_lib.files import write_atomic
 from adm_lib.objectives import classifier_terms
-from adm_lib.viz import pixel_grid
+from adm_lib.seeds import step_seed
 
 
 # %%
@@ -2287,15 +2048,6 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
 # %% [markdown]
 # The book's one writer of image grids, atomic like the checkpoints:
 
-# %%
-#| export runlog
-def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
-    """Write uint8 N x H x W x C images as one grid PNG, atomically."""
-    grid = pixel_grid(pixels, columns)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
-    return path
-
 # %% [markdown]
 # `train` puts the pieces together: it opens the data and fills in
 # `in_channels` and `num_classes`, builds the state, checks the run folder
@@ -2304,7 +2056,7 @@ def save_png(path: Path, pixels: np.ndarray, columns: int) -> Path:
 # progress bar, saving every `save_interval` steps and at the end.
 
 # %%
-#| export checkpoints
+#| export
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -2330,8 +2082,8 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
                            "move them away to start a new run there")
             elif found and not resume:
                 problem = (f"{out} already holds a run (checkpoint at step "
-                           f"{step}): pass --resume to continue it, or "
-                           "choose another --out")
+                           f"{step}): resume it (resume=True), or choose "
+                           "another folder")
             elif found and (diff := config_mismatch(found[1]["config"],
                                                     config)):
                 problem = (f"the config does not match {found[0]}:\n  "
@@ -2412,7 +2164,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              out: Path, log: MetricsLog, device: torch.device) -> None:
     """Rank 0's look at the model: a sample grid, or held-out accuracy."""
     precision = resolve_precision(config.precision, device)
-    ema = state.ema[ema_rates(config)[0]]
+    ema = state.ema[config.ema_rate[0]]
     if config.kind == "classifier":
         state.model.eval()
         record = {"step": state.step}
@@ -2687,16 +2439,82 @@ def _skipped(config: TrainConfig, state: TrainState, step: int,
 # configuration stored in the checkpoint, with the EMA weights by default.
 
 # %%
-#| export checkpoints
+#| export models
+"""A trained model: a network with its diffusion, the configuration that
+built it and where it came from, loaded from a run folder (`load_run`) or,
+through `adm_lib.compat`, from the reference's released files."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adm_lib.checkpoints import latest_checkpoint, read_checkpoint
+from adm_lib.config import (
+    TrainConfig,
+    build_diffusion,
+    build_model,
+    config_from_dict,
+)
+from adm_lib.diffusion import GaussianDiffusion
+from adm_lib.errors import TrainError
+
+
 @dataclass
 class TrainedModel:
-    """A network rebuilt from a checkpoint, with its diffusion and config."""
+    """A network with its diffusion, its configuration and its source."""
 
     model: nn.Module
     diffusion: GaussianDiffusion
     config: TrainConfig
-    step: int
     path: Path
+    step: int = 0
+    weights: str = "ema"  # "ema", an EMA rate, "model" or "reference"
+    respacing: str = ""  # the respacing its source asks for, if any
+
+    @property
+    def kind(self) -> str:
+        """"diffusion", "classifier" or "upsampler"."""
+        return self.config.kind
+
+    @property
+    def image_size(self) -> int:
+        """The size of the images it makes (an upsampler: its output's)."""
+        return self.config.image_size
+
+    @property
+    def in_channels(self) -> int:
+        """Its images' channels."""
+        return self.config.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        """The labels it takes; 0 for an unconditional model."""
+        c = self.config
+        return c.num_classes if c.kind == "classifier" or c.class_cond else 0
+
+    @property
+    def null_label(self) -> int | None:
+        """Classifier-free guidance's label, if it trained with one."""
+        return self.config.num_classes if self.config.label_dropout else None
+
+    @property
+    def small_size(self) -> int:
+        """An upsampler's input size; 0 for other kinds."""
+        return self.config.small_size if self.kind == "upsampler" else 0
+
+    @property
+    def low_res_noise(self) -> int:
+        """The largest step an upsampler's input was noised to in training."""
+        return self.config.low_res_noise if self.kind == "upsampler" else 0
+
+    @property
+    def source(self) -> str:
+        """Where it came from, for messages."""
+        if self.weights == "reference":
+            return f"{self.path} (reference flags)"
+        return f"{self.path} (step {self.step}, {self.weights} weights)"
 
 
 def load_run(path: str | os.PathLike, weights: str = "ema",
@@ -2715,8 +2533,8 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
     else:
         state = read_checkpoint(path)
     try:
-        config = TrainConfig(**state["config"])
-    except TypeError as err:
+        config = config_from_dict(state["config"])
+    except TrainError as err:
         raise TrainError(f"{path}: its config does not fit this adm_lib "
                          f"({err})") from None
     rates = list(state["ema"])
@@ -2728,8 +2546,8 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
     model = build_model(config)
     model.load_state_dict(choices[weights])
     model.to(device).eval().requires_grad_(False)
-    return TrainedModel(model, build_diffusion(config), config,
-                        state["step"], path)
+    return TrainedModel(model, build_diffusion(config), config, path,
+                        state["step"], weights)
 
 # %% [markdown]
 # `load_run` is the way back from a run folder to a network, for sampling
@@ -2960,7 +2778,6 @@ import math
 import re
 import time
 
-from adm_lib.checkpoints import TrainedModel
 from adm_lib.data import load_dataset
 from adm_lib.diffusion import (
     ddim_sample_loop,
@@ -2968,6 +2785,7 @@ from adm_lib.diffusion import (
     stratified_timesteps,
     vlb_estimate,
 )
+from adm_lib.models import TrainedModel
 from adm_lib.unet import ABLATION_BASELINE, ABLATIONS, ablation_unet
 from adm_lib.viz import show_rows
 

@@ -91,11 +91,11 @@ import torch
 import torch.nn.functional as F
 
 from adm_lib.book import find_root
-from adm_lib.checkpoints import load_run
 from adm_lib.config import make_config
 from adm_lib.data import load_dataset
 from adm_lib.devices import resolve_device
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop, respace
+from adm_lib.models import load_run
 from adm_lib.train import train
 from adm_lib.viz import show_rows, to_uint8
 
@@ -149,9 +149,9 @@ from scipy import linalg
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adm_lib.checkpoints import write_atomic
 from adm_lib.data import read_npz
 from adm_lib.datanets import load_data_set_net
+from adm_lib.files import write_atomic
 from adm_lib.inception import load_inception
 from adm_lib.viz import to_uint8
 

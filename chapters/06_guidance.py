@@ -96,7 +96,6 @@ import torch
 from torch import nn
 
 from adm_lib.book import find_root
-from adm_lib.checkpoints import load_run
 from adm_lib.config import make_config
 from adm_lib.data import load_dataset
 from adm_lib.devices import resolve_device
@@ -106,6 +105,7 @@ from adm_lib.metrics import (
     feature_extractor,
     score_activations,
 )
+from adm_lib.models import load_run
 from adm_lib.train import train
 from adm_lib.viz import to_uint8
 
@@ -226,7 +226,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adm_lib.batches import step_seed
+from adm_lib.devices import (
+    autocast_model,
+    fast_backends,
+    memory_format,
+    resolve_precision,
+)
 from adm_lib.diffusion import (
     GaussianDiffusion,
     Model,
@@ -234,12 +239,7 @@ from adm_lib.diffusion import (
     ddim_sample_loop,
     p_sample_loop,
 )
-from adm_lib.train import (
-    autocast_model,
-    fast_backends,
-    memory_format,
-    resolve_precision,
-)
+from adm_lib.seeds import step_seed
 from adm_lib.viz import to_uint8
 
 CondFn = Callable[..., Tensor]

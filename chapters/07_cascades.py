@@ -107,7 +107,6 @@ import torch
 import torch.nn.functional as F
 
 from adm_lib.book import find_root
-from adm_lib.checkpoints import load_run
 from adm_lib.config import build_diffusion, make_config
 from adm_lib.data import load_dataset
 from adm_lib.devices import resolve_device
@@ -121,6 +120,7 @@ from adm_lib.metrics import (
     frechet_distance,
     score_activations,
 )
+from adm_lib.models import load_run
 from adm_lib.train import train
 from adm_lib.viz import show_images, to_uint8
 
@@ -245,7 +245,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.diffusion import GaussianDiffusion, Model, respace
+from adm_lib.diffusion import Model, respace
 from adm_lib.guidance import (
     SAMPLERS,
     CondFn,
@@ -253,6 +253,7 @@ from adm_lib.guidance import (
     sample_batches,
     sample_noise,
 )
+from adm_lib.models import TrainedModel
 
 UPSAMPLER_STREAM = 1  # sample_noise stream of the upsampler's own noise
 AUGMENT_STREAM = 2  # and of the noise its low-res inputs are augmented with
@@ -264,18 +265,12 @@ class CascadeError(ValueError):
 
 @dataclass
 class Stage:
-    """One model of a cascade, and how it samples."""
+    """A trained model of a cascade (chapter 4's type), and how it samples."""
 
-    model: Model  # an upsampler's also takes low_res (and low_res_t)
-    diffusion: GaussianDiffusion  # as trained; `respacing` picks steps
-    image_size: int
-    in_channels: int
-    class_cond: bool = False  # the model takes labels y
-    respacing: str = "25"
+    trained: TrainedModel  # an upsampler's also takes low_res (low_res_t)
+    respacing: str = "25"  # of the diffusion it trained with
     sampler: str = "ddpm"  # "ddpm" (Algorithm 1) or "ddim" (Algorithm 2)
     eta: float = 0.0  # DDIM's noise
-    small_size: int = 0  # an upsampler's input size; 0 for a base model
-    low_res_noise: int = 0  # the largest augmentation step it trained on
 
 # %% [markdown]
 # The checks. An upsampler told a level it never saw in training, or told
@@ -288,7 +283,8 @@ class Stage:
 #| export
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
-    if not stage.small_size:
+    net = stage.trained
+    if not net.small_size:
         raise CascadeError("this stage is a base model, not an upsampler: "
                            "it takes no low-resolution images")
     if low_res.dtype != np.uint8 or low_res.ndim != 4 or not len(low_res):
@@ -296,36 +292,36 @@ def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
             f"low-resolution images must be a non-empty uint8 array N x H "
             f"x W x C, not {low_res.dtype} of shape {low_res.shape}")
     _, h, w, c = low_res.shape
-    want = stage.small_size
+    want = net.small_size
     if (h, w) != (want, want):
         raise CascadeError(
             f"the low-resolution images are {h}x{w}; the upsampler takes "
-            f"{want}x{want} (and makes {stage.image_size}x"
-            f"{stage.image_size})")
-    if c != stage.in_channels:
+            f"{want}x{want} (and makes {net.image_size}x"
+            f"{net.image_size})")
+    if c != net.in_channels:
         raise CascadeError(
             f"the low-resolution images have {c} channels; the upsampler "
-            f"takes {stage.in_channels}")
+            f"takes {net.in_channels}")
 
 
 def check_cascade(base: Stage, upsampler: Stage) -> None:
     """Raise CascadeError unless `upsampler` takes what `base` makes."""
-    if base.small_size:
+    low, up = base.trained, upsampler.trained
+    if low.small_size:
         raise CascadeError("the base stage is an upsampler; a cascade "
                            "starts from a model that samples from noise")
-    if not upsampler.small_size:
+    if not up.small_size:
         raise CascadeError("the second stage is not an upsampler: it takes "
                            "no low-resolution images")
-    if base.image_size != upsampler.small_size:
+    if low.image_size != up.small_size:
         raise CascadeError(
-            f"the base model makes {base.image_size}x{base.image_size} "
-            f"images; the upsampler takes {upsampler.small_size}x"
-            f"{upsampler.small_size} (to make {upsampler.image_size}x"
-            f"{upsampler.image_size})")
-    if base.in_channels != upsampler.in_channels:
+            f"the base model makes {low.image_size}x{low.image_size} "
+            f"images; the upsampler takes {up.small_size}x{up.small_size} "
+            f"(to make {up.image_size}x{up.image_size})")
+    if low.in_channels != up.in_channels:
         raise CascadeError(
-            f"the base model makes {base.in_channels}-channel images; the "
-            f"upsampler takes {upsampler.in_channels}")
+            f"the base model makes {low.in_channels}-channel images; the "
+            f"upsampler takes {up.in_channels}")
     for stage in (base, upsampler):
         if stage.sampler not in SAMPLERS:
             raise CascadeError(f"sampler {stage.sampler!r}: expected one of "
@@ -334,7 +330,8 @@ def check_cascade(base: Stage, upsampler: Stage) -> None:
 
 def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     """The step an upsampler's input is noised to (None: no augmentation)."""
-    if not stage.low_res_noise:
+    most = stage.trained.low_res_noise
+    if not most:
         if low_res_t:
             raise CascadeError(
                 f"low_res_t={low_res_t} needs an upsampler trained with "
@@ -342,11 +339,11 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
                 "was not")
         return None
     if low_res_t is None:
-        return stage.low_res_noise // 2
-    if not 0 <= low_res_t <= stage.low_res_noise:
+        return most // 2
+    if not 0 <= low_res_t <= most:
         raise CascadeError(
             f"low_res_t={low_res_t}: the upsampler was trained on "
-            f"augmentation steps 0 to {stage.low_res_noise}")
+            f"augmentation steps 0 to {most}")
     return low_res_t
 
 # %% [markdown]
@@ -359,7 +356,8 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
 # %%
 #| export
 def _network(stage: Stage) -> Model:
-    return stage.model if stage.class_cond else ignore_labels(stage.model)
+    net = stage.trained
+    return net.model if net.num_classes else ignore_labels(net.model)
 
 
 def upsample(
@@ -370,7 +368,8 @@ def upsample(
 ) -> np.ndarray:
     """uint8 N x h x w x C images upsampled by `stage`: uint8 NHWC."""
     check_low_res(stage, low_res)
-    if stage.class_cond and labels is None:
+    net = stage.trained
+    if net.num_classes and labels is None:
         raise CascadeError("the upsampler is class-conditional: pass the "
                            "low-resolution images' labels")
     step = augmentation_step(stage, low_res_t)
@@ -379,11 +378,11 @@ def upsample(
     if step is not None:
         t = torch.full((len(z),), step)
         noise = sample_noise(seed, range(len(z)), stream=AUGMENT_STREAM)(z)
-        kwargs = {"low_res": stage.diffusion.q_sample(z, t, noise),
-                  "low_res_t": stage.diffusion.model_timesteps(t)}
-    shape = (stage.in_channels, stage.image_size, stage.image_size)
+        kwargs = {"low_res": net.diffusion.q_sample(z, t, noise),
+                  "low_res_t": net.diffusion.model_timesteps(t)}
+    shape = (net.in_channels, net.image_size, net.image_size)
     images, _ = sample_batches(
-        respace(stage.diffusion, stage.respacing), _network(stage), len(z),
+        respace(net.diffusion, stage.respacing), _network(stage), len(z),
         shape, labels, batch_size, device, seed, progress, precision,
         model_kwargs=kwargs, stream=UPSAMPLER_STREAM,
         sampler=stage.sampler, eta=stage.eta)
@@ -400,13 +399,14 @@ def cascade(
     """`count` base samples (guided by `cond_fn`) and them upsampled."""
     check_cascade(base, upsampler)
     augmentation_step(upsampler, low_res_t)  # before the base stage runs
-    if labels is None and (cond_fn or base.class_cond
-                           or upsampler.class_cond):
+    if labels is None and (cond_fn or base.trained.num_classes
+                           or upsampler.trained.num_classes):
         raise CascadeError("labels are needed: a stage is class-"
                            "conditional or the base model is guided")
-    shape = (base.in_channels, base.image_size, base.image_size)
+    net = base.trained
+    shape = (net.in_channels, net.image_size, net.image_size)
     low, _ = sample_batches(
-        respace(base.diffusion, base.respacing), _network(base), count,
+        respace(net.diffusion, base.respacing), _network(base), count,
         shape, labels, batch_size, device, seed, progress, precision,
         sampler=base.sampler, eta=base.eta, cond_fn=cond_fn,
         guide_at_mean=guide_at_mean)
@@ -428,14 +428,18 @@ from adm_lib.cascade import (  # noqa: E402
     check_low_res,
     upsample,
 )
+from adm_lib.config import TrainConfig  # noqa: E402
+from adm_lib.models import TrainedModel  # noqa: E402
 
 
 def stand_in(size: int, small: int = 0, noise: int = 0) -> Stage:
     """A stage whose network must not run."""
     def never(*args, **kwargs):
         raise AssertionError("a check should have failed first")
-    return Stage(never, up_diffusion, size, 1, small_size=small,
-                 low_res_noise=noise)
+    kind = "upsampler" if small else "diffusion"
+    config = TrainConfig(kind=kind, image_size=size, small_size=small or 8,
+                         in_channels=1, low_res_noise=noise)
+    return Stage(TrainedModel(never, up_diffusion, config, Path("stand-in")))
 
 
 bad = {
@@ -528,12 +532,7 @@ assert loaded["up_aug"].config.low_res_noise == low_res_noise
 # %%
 def stage(name: str) -> Stage:
     """The stage of a trained run, sampling with `respacing` steps."""
-    run = loaded[name]
-    c = run.config
-    return Stage(run.model, run.diffusion, c.image_size, c.in_channels,
-                 c.class_cond, respacing, "ddpm",
-                 small_size=c.small_size if c.kind == "upsampler" else 0,
-                 low_res_noise=c.low_res_noise)
+    return Stage(loaded[name], respacing, "ddpm")
 
 
 num_classes = loaded["base32"].config.num_classes

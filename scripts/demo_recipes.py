@@ -59,11 +59,11 @@ def _train(name: str, images: int, every: int, seed: int,
            out: Path) -> tuple[Path, float]:
     """Train recipe `name` on `images` images; its run, seconds per step."""
     from adm_lib.config import make_config
-    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.demo import DemoSettings, demo_configs
     from adm_lib.runlog import read_metrics
     from adm_lib.train import train
 
-    fields = asdict(_configs(DemoSettings(seed=seed), "cpu")["diffusion"])
+    fields = asdict(demo_configs(DemoSettings(seed=seed), "cpu")["diffusion"])
     del fields["kind"]
     fields.update(RECIPES[name][0], keep_checkpoints=10**6,
                   ema_rate="0.95,0.999")
@@ -90,9 +90,8 @@ def _score(name: str, run: Path, per_step: float, scale: float,
 
     import torch
 
-    from adm_lib.checkpoints import load_run
     from adm_lib.data import load_dataset
-    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.demo import DemoSettings, demo_configs
     from adm_lib.diffusion import respace
     from adm_lib.guidance import classifier_cond_fn, sample_batches
     from adm_lib.metrics import (
@@ -100,6 +99,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
         feature_extractor,
         score_activations,
     )
+    from adm_lib.models import load_run
     from adm_lib.train import train
     from adm_lib.viz import to_uint8
 
@@ -107,7 +107,7 @@ def _score(name: str, run: Path, per_step: float, scale: float,
     if scale:
         classifier = out / "classifier"
         if not classifier.exists():
-            train(_configs(DemoSettings(seed=train_seed), "cpu")[
+            train(demo_configs(DemoSettings(seed=train_seed), "cpu")[
                 "classifier"], classifier)
         hook = classifier_cond_fn(load_run(classifier).model, scale)
     judge = feature_extractor("mnist")

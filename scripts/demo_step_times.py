@@ -26,11 +26,11 @@ def _step(kind: str, net: dict) -> tuple[Callable[[], None], int, int]:
     import torch
 
     from adm_lib.config import build_diffusion, make_config
-    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.demo import DemoSettings, demo_configs
     from adm_lib.ranks import Ranks
     from adm_lib.train import TrainState, train_step
 
-    config = make_config(kind, base=_configs(DemoSettings(), "cpu")[kind],
+    config = make_config(kind, base=demo_configs(DemoSettings(), "cpu")[kind],
                          overrides={**net, "in_channels": 1,
                                     "num_classes": 10})
     cpu = torch.device("cpu")

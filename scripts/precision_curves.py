@@ -29,10 +29,10 @@ def _train(precision: str, steps: int, batch: int, device: str,
            out: Path, progress: bool) -> Path:
     """The demo's diffusion run at `precision`, logging every step."""
     from adm_lib.config import make_config
-    from adm_lib.demo import DemoSettings, _configs
+    from adm_lib.demo import DemoSettings, demo_configs
     from adm_lib.train import train
 
-    config = make_config("diffusion", base=_configs(
+    config = make_config("diffusion", base=demo_configs(
         DemoSettings(), device)["diffusion"], overrides={
         "steps": steps, "batch_size": batch, "precision": precision,
         "log_interval": 1, "save_interval": steps})

@@ -27,8 +27,7 @@ import torch
 
 from adm_lib import unet
 from adm_lib.bench import bench_config
-from adm_lib.compat import guided_diffusion as gd
-from adm_lib.config import model_flags
+from adm_lib.config import unet_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +82,8 @@ def main() -> None:
     torch.manual_seed(0)
     before = module_at(args.before)
     config = bench_config(args.model, {"batch_size": args.batch}, "cpu")
-    arguments = gd.unet_arguments(model_flags(config))
+    arguments = {**unet_arguments(config),
+                 "use_new_attention_order": config.use_new_attention_order}
     new_net = unet.UNetModel(**arguments).eval()
     for p in new_net.parameters():  # a trained net's scale, not zeros
         torch.nn.init.normal_(p, std=0.02)

@@ -30,15 +30,24 @@ import difflib
 import re
 import shlex
 from collections.abc import Mapping
+from dataclasses import fields
 from os import PathLike
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adm_lib.config import (
+    CHANNEL_MULT,
+    KINDS,
+    SUPER_RES_CHANNEL_MULT,
+    TrainConfig,
+)
 from adm_lib.diffusion import GaussianDiffusion, respace, space_timesteps
+from adm_lib.files import safe_load
 from adm_lib.forward import get_named_beta_schedule
+from adm_lib.models import TrainedModel
 from adm_lib.unet import EncoderUNetModel, SuperResModel, UNetModel
 from adm_lib.values import coerce
 
@@ -54,8 +63,9 @@ __all__ = [
     "BUILDERS",
     "RELEASED",
     "load_reference_state_dict",
-    "safe_load",
     "load_checkpoint",
+    "config_from_flags",
+    "load_trained",
 ]
 
 NUM_CLASSES = 1000  # ImageNet: the class-conditional models' label count
@@ -150,18 +160,6 @@ DEFAULTS: dict[str, Any] = {
     **EXTENSION_DEFAULTS,
 }
 
-# Default channel multipliers per resolution level, by image size.
-CHANNEL_MULT: dict[int, tuple[float, ...]] = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-}
-SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
-    512: (1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    64: (1, 2, 3, 4),
-}
 def _typed(name: str, value: Any) -> Any:
     """A flag value converted to the type of the flag's default."""
     default = DEFAULTS[name]
@@ -578,32 +576,6 @@ def load_reference_state_dict(
     return module
 
 
-def safe_load(source: str | PathLike | IO[bytes], mmap: bool = False) -> Any:
-    """torch.load of tensors and plain containers only, on the CPU.
-
-    A file that does not load raises ValueError saying why (the caller
-    names the file): torch's reason, less its advice to load with
-    weights_only=False, which would run the file's code. With `mmap` (a
-    path only), tensors are mapped from the file rather than read.
-    """
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True,
-                          mmap=mmap)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # truncated zip, bad pickle, disk error...
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-        if "Weights only load failed" in reason:
-            found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)",
-                              reason)
-            reason = ("it holds objects other than tensors and plain "
-                      "containers, which adm_lib does not load"
-                      + (f" ({found.group(1).strip()})" if found else ""))
-        else:
-            reason = f"{type(err).__name__}: {reason.strip()}"
-        raise ValueError(reason) from None
-
-
 def load_checkpoint(
     path: str | PathLike,
     flags: str | Mapping[str, Any],
@@ -639,3 +611,52 @@ def load_checkpoint(
     except ValueError as err:
         raise ValueError(f"{path} ({kind}): {err}") from None
     return module.eval()
+
+
+def config_from_flags(flags: str | Mapping[str, Any],
+                      kind: str = "diffusion") -> TrainConfig:
+    """Our configuration of the model of `kind` that flags describe.
+
+    It describes the network (sizes, labels, diffusion) for sampling; the
+    training fields keep adm_lib's defaults. An attention resolution that
+    no level of the network has is left out, as the reference ignores it.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    f = parse_flags(flags)
+    up = kind == "upsampler"
+    size = f["large_size"] if up else f["image_size"]
+    table = SUPER_RES_CHANNEL_MULT if up else CHANNEL_MULT
+    mult = _numbers(f["channel_mult"])
+    levels = len(mult or table.get(size, ()))
+
+    def resolutions(flag: str) -> tuple[int, ...]:
+        kept = _attention_factors(f[flag], size, mult or (1,) * levels)
+        return tuple(size // factor for factor in kept)
+
+    names = {field.name for field in fields(TrainConfig)}
+    model = {k: v for k, v in f.items()
+             if k in names and k not in SCRIPT_DEFAULTS}
+    return TrainConfig(**{
+        **model, "kind": kind, "data": "", "image_size": size,
+        "small_size": f["small_size"] if up else TrainConfig.small_size,
+        "channel_mult": mult,
+        "attention_resolutions": resolutions("attention_resolutions"),
+        "classifier_attention_resolutions": resolutions(
+            "classifier_attention_resolutions")})
+
+
+
+def load_trained(path: str | PathLike, flags: str | Mapping[str, Any],
+                 kind: str = "diffusion",
+                 device: str | torch.device = "cpu") -> TrainedModel:
+    """A released checkpoint of `kind` and the flags it was released with,
+    as chapter 4's trained-model type (no gradients, eval mode)."""
+    f = parse_flags(flags)
+    respacing = f["timestep_respacing"]
+    model = load_checkpoint(path, f, "model" if kind == "diffusion" else kind)
+    model.to(device).requires_grad_(False)
+    return TrainedModel(
+        model, diffusion_from_flags({**f, "timestep_respacing": ""}),
+        config_from_flags(f, kind), Path(path), weights="reference",
+        respacing=respacing)

@@ -1,0 +1,36 @@
+"""Seeds: one 64-bit seed per purpose and step, and the global RNG's state.
+
+Foundation (hand-written). Chapter 4 draws each training step from
+`step_seed(seed, purpose, step)` so that any step can be replayed, and
+chapter 6 draws each sample's noise the same way; a checkpoint keeps the
+global state that dropout draws from (`rng_state`).
+"""
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["step_seed", "rng_state", "set_rng_state"]
+
+
+def step_seed(*words: int) -> int:
+    """A 64-bit seed that depends on every word (seed, purpose, step...)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(
+        1, np.uint64)[0])
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """This process's global RNG state (dropout draws from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
