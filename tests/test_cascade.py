@@ -20,6 +20,7 @@ from adm_lib import cli, sampling
 from adm_lib import config as cf
 from adm_lib import train as tr
 from adm_lib.compat import guided_diffusion as gd
+from adm_lib.models import TrainedModel
 
 TINY = {
     "steps": 4, "batch_size": 4, "num_channels": 32, "num_res_blocks": 1,
@@ -67,13 +68,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def nets(runs: dict[str, Path]) -> dict[str, sampling.Loaded]:
+def nets(runs: dict[str, Path]) -> dict[str, TrainedModel]:
     """The runs loaded."""
     return {name: sampling.load_network(runs[name], kind)
             for name, kind in KINDS.items()}
 
 
-def cascade(nets: dict[str, sampling.Loaded], up: str = "up",
+def cascade(nets: dict[str, TrainedModel], up: str = "up",
             **options) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """3 cascade samples of labels 3, 5, 7, fast."""
     options = {**FAST, "num_samples": 3, "labels": "3,5,7", **options}
@@ -90,7 +91,7 @@ def adm_sample(args: list[str], capsys: pytest.CaptureFixture
 
 
 def test_loaded_upsamplers_know_their_sizes(
-        runs: dict[str, Path], nets: dict[str, sampling.Loaded]) -> None:
+        runs: dict[str, Path], nets: dict[str, TrainedModel]) -> None:
     up, aug = nets["up"], nets["aug"]
     assert (up.image_size, up.small_size, up.low_res_noise) == (16, 8, 0)
     assert (aug.small_size, aug.low_res_noise, aug.num_classes) == (8, 10, 0)
@@ -99,8 +100,8 @@ def test_loaded_upsamplers_know_their_sizes(
     assert (ref.image_size, ref.small_size, ref.in_channels,
             ref.num_classes) == (16, 8, 1, 10)
     stage = sampling.to_stage(ref, sampler="ddim")
-    assert (stage.small_size, stage.class_cond, stage.respacing) == (
-        8, True, "ddim25")
+    assert (stage.trained.small_size, stage.trained.num_classes,
+            stage.respacing) == (8, 10, "ddim25")
     with pytest.raises(sampling.SampleError, match="--upsampler-flags"):
         sampling.load_network(runs["ref"], "upsampler")
     with pytest.raises(sampling.SampleError,
@@ -117,7 +118,7 @@ def test_loaded_upsamplers_know_their_sizes(
 
 
 def test_cascade_shapes_labels_and_determinism(
-        nets: dict[str, sampling.Loaded]) -> None:
+        nets: dict[str, TrainedModel]) -> None:
     low, high, labels = cascade(nets)
     assert low.dtype == high.dtype == np.uint8
     assert low.shape == (3, 8, 8, 1) and high.shape == (3, 16, 16, 1)
@@ -131,7 +132,7 @@ def test_cascade_shapes_labels_and_determinism(
 
 
 def test_the_cascade_upsamples_its_own_low_res_samples(
-        nets: dict[str, sampling.Loaded]) -> None:
+        nets: dict[str, TrainedModel]) -> None:
     low, high, labels = cascade(nets, seed=2)
     stage = sampling.to_stage(nets["up"], "3")
     alone = cs.upsample(stage, low, torch.from_numpy(labels), seed=2)
@@ -142,7 +143,7 @@ def test_the_cascade_upsamples_its_own_low_res_samples(
 
 
 def test_cascade_samples_do_not_depend_on_the_batch_size(
-        nets: dict[str, sampling.Loaded]) -> None:
+        nets: dict[str, TrainedModel]) -> None:
     whole = cascade(nets, num_samples=5, batch_size=5)
     for size in (1, 2):
         parts = cascade(nets, num_samples=5, batch_size=size)
@@ -152,7 +153,7 @@ def test_cascade_samples_do_not_depend_on_the_batch_size(
 
 
 def test_the_base_model_is_guided_in_a_cascade(
-        nets: dict[str, sampling.Loaded]) -> None:
+        nets: dict[str, TrainedModel]) -> None:
     low, high, _ = cascade(nets)
     for guided in (cascade(nets, cfg_scale=2.0),
                    cascade(nets, classifier=nets["clf8"],
@@ -162,7 +163,7 @@ def test_the_base_model_is_guided_in_a_cascade(
 
 
 def test_an_augmented_upsampler_takes_a_level(
-        nets: dict[str, sampling.Loaded]) -> None:
+        nets: dict[str, TrainedModel]) -> None:
     highs = {t: cascade(nets, "aug", low_res_t=t)[1]
              for t in (None, 0, 5, 10)}
     assert np.array_equal(highs[None], highs[5])  # the default: half of 10
@@ -181,7 +182,7 @@ def test_an_augmented_upsampler_takes_a_level(
 
 
 def test_adm_sample_cascade_and_low_res(
-        runs: dict[str, Path], nets: dict[str, sampling.Loaded],
+        runs: dict[str, Path], nets: dict[str, TrainedModel],
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "c.npz"
     code, text, err = adm_sample([

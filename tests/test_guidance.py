@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from adm_lib import batches as bt
-from adm_lib import checkpoints as ck
 from adm_lib import cli
 from adm_lib import config as cf
 from adm_lib import guidance as gu
@@ -43,6 +42,7 @@ from adm_lib.guidance import (
     sample_noise,
     sample_seed,
 )
+from adm_lib.models import load_run
 from adm_lib.unet import EncoderUNetModel, UNetModel
 from adm_lib.viz import to_uint8
 
@@ -138,7 +138,7 @@ def test_classifier_grad_works_inside_no_grad() -> None:
 
 def test_gradient_at_the_mean_is_taken_at_the_unguided_mean(
         runs: dict[str, Path]) -> None:
-    run = ck.load_run(runs["unconditional"])
+    run = load_run(runs["unconditional"])
     spaced = respace(run.diffusion, "5")
     x = torch.randn(2, 1, 8, 8)
     t = torch.tensor([3, 3])
@@ -189,9 +189,9 @@ def test_classifier_free_model_mixes_eps_and_keeps_the_variance() -> None:
 
 def test_guided_sample_refuses_what_cannot_work(
         runs: dict[str, Path]) -> None:
-    run = ck.load_run(runs["conditional"])
+    run = load_run(runs["conditional"])
     spaced, noise = respace(run.diffusion, "3"), torch.randn(1, 1, 8, 8)
-    hook = classifier_cond_fn(ck.load_run(runs["classifier"]).model, 1.0)
+    hook = classifier_cond_fn(load_run(runs["classifier"]).model, 1.0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         guided_sample(spaced, run.model, noise, sampler="euler")
     for kwargs in (None, {}, {"y": None}):
@@ -234,10 +234,10 @@ def test_guided_sample_takes_labels_as_the_samplers_do(
 
 def test_sample_batches_do_not_depend_on_the_batch_size(
         runs: dict[str, Path]) -> None:
-    run = ck.load_run(runs["conditional"])
+    run = load_run(runs["conditional"])
     spaced = respace(run.diffusion, "ddim4")
     labels = torch.tensor([0, 1, 2, 3, 0])
-    hook = classifier_cond_fn(ck.load_run(runs["classifier"]).model, 2.0)
+    hook = classifier_cond_fn(load_run(runs["classifier"]).model, 2.0)
     whole, y = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 5,
                               seed=3, sampler="ddim", cond_fn=hook)
     parts, _ = sample_batches(spaced, run.model, 5, (1, 8, 8), labels, 2,
@@ -356,7 +356,7 @@ def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
     config = cf.make_config("diffusion", "mnist", {
         **TINY, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,
         "batch_size": 4000})
-    assert cf.model_flags(config)["num_classes"] == 5
+    assert cf.unet_arguments(config)["num_classes"] == 5
     assert cf.build_model(config).label_emb.num_embeddings == 5
     draws = bt.draw_step(config, UniformSampler(50), 0, (1, 2, 2),
                          torch.device("cpu"))
@@ -561,20 +561,21 @@ def test_adm_demo_trains_samples_scores_and_reports(
 
 def test_adm_demo_steps_default_to_the_devices_budget(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from adm_lib import demo, train
+    from adm_lib import demo, devices
 
     for native, steps in ((True, demo.STEPS_BF16),
                           (False, demo.STEPS_FP32_CPU)):
-        monkeypatch.setattr(train, "native_bf16", lambda device, n=native: n)
-        configs = demo._configs(demo.DemoSettings(), "cpu")
+        monkeypatch.setattr(devices, "native_bf16",
+                            lambda device, n=native: n)
+        configs = demo.demo_configs(demo.DemoSettings(), "cpu")
         assert configs["diffusion"].steps == steps
-        given = demo._configs(demo.DemoSettings(steps=7), "cpu")
+        given = demo.demo_configs(demo.DemoSettings(steps=7), "cpu")
         assert given["diffusion"].steps == 7
 
 
 def test_adm_demo_says_why_a_float32_cpu_trains_fewer_steps(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from adm_lib import demo, train
+    from adm_lib import demo, devices, train
 
     class Stop(Exception):
         pass
@@ -582,7 +583,7 @@ def test_adm_demo_says_why_a_float32_cpu_trains_fewer_steps(
     def stop(*args: object, **kwargs: object) -> None:
         raise Stop
 
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: False)
     monkeypatch.setattr(train, "train", stop)  # no need to train here
     said: list[str] = []
     with pytest.raises(Stop):

@@ -16,6 +16,7 @@ import torch
 from adm_lib import checkpoints as ck
 from adm_lib import cli, sampling
 from adm_lib import config as cf
+from adm_lib.models import TrainedModel
 
 
 @pytest.fixture
@@ -163,10 +164,13 @@ def test_a_second_writer_of_one_out_is_refused(
 
 
 def fake(image_size: int, channels: int = 3, small_size: int = 0
-         ) -> sampling.Loaded:
+         ) -> TrainedModel:
     """A loaded network of that size, that is never run."""
-    return sampling.Loaded(None, None, image_size, channels, 0, "", None,
-                           "a fake network", small_size)
+    config = cf.TrainConfig(
+        kind="upsampler" if small_size else "diffusion",
+        image_size=image_size, in_channels=channels,
+        small_size=small_size or 8, class_cond=False)
+    return TrainedModel(None, None, config, Path("a fake network"))
 
 
 @pytest.mark.parametrize("count", ["100000000", "1e8", "1e12", str(2**62)])
@@ -225,20 +229,19 @@ def test_seeds_out_of_range_are_refused_by_the_parser(
     assert args.seed == 2**64 - 1  # not rounded through a float
 
 
-TINY = {"num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
-        "attention_resolutions": "8", "diffusion_steps": 20,
+TINY = {"num_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
+        "attention_resolutions": (8,), "diffusion_steps": 20,
         "in_channels": 1, "num_classes": 10, "precision": "fp32",
         "sample_steps": "4"}
 
 
-def tiny(kind: str, **settings: object) -> sampling.Loaded:
+def tiny(kind: str, **settings: object) -> TrainedModel:
     """An untrained network of `kind` and `settings`, never trained."""
     config = cf.make_config(kind, "mnist", {**TINY, **settings})
     torch.manual_seed(0)
     model = cf.build_model(config).eval().requires_grad_(False)
-    return sampling.Loaded(model, cf.build_diffusion(config),
-                           config.image_size, 1, 10, "", None, kind,
-                           config.small_size if kind == "upsampler" else 0)
+    return TrainedModel(model, cf.build_diffusion(config), config,
+                        Path(kind))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -298,8 +301,8 @@ def test_adm_sample_prepares_networks_as_the_bench_times_them(
     loaded = tiny("diffusion", image_size=4, attention_resolutions="4")
     config = cf.make_config("diffusion", "mnist", {
         **TINY, "image_size": 4, "attention_resolutions": "4"})
-    monkeypatch.setattr(sampling, "load_run", lambda *args: ck.TrainedModel(
-        loaded.model, loaded.diffusion, config, 0, tmp_path / "run"))
+    monkeypatch.setattr(sampling, "load_run", lambda *args: TrainedModel(
+        loaded.model, loaded.diffusion, config, tmp_path / "run"))
     code, err = adm_sample([str(tmp_path / "run"), "--compile",
                             "--precision", "fp32",
                             "--num-samples", "1", "--respacing", "1",
