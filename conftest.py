@@ -28,7 +28,7 @@ from _pytest.compat import LEGACY_PATH, legacy_path
 from nbval.plugin import IPyNbFile
 
 from adm_lib.book import Book, BookError, to_notebook
-from adm_lib.website import store_executed
+from adm_lib.book.website import store_executed
 
 BOOK = Book.load(Path(__file__).parent)
 NOTEBOOKS = BOOK.build_dir / "nbval"

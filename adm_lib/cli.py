@@ -95,7 +95,7 @@ def _book_run(args: argparse.Namespace) -> int:
 
 
 def _book_lab(args: argparse.Namespace) -> int:
-    from adm_lib import lab
+    from adm_lib.book import lab
 
     command, env = lab.lab_command(bk.Book.load(), args.jupyter_args)
     # JupyterLab replaces this process, so Ctrl-C reaches it as from a shell.
@@ -103,7 +103,7 @@ def _book_lab(args: argparse.Namespace) -> int:
 
 
 def _book_build(args: argparse.Namespace) -> int:
-    from adm_lib import website
+    from adm_lib.book import website
 
     book = bk.Book.load()
     parameters = {}

@@ -1,4 +1,4 @@
-"""JupyterLab on the book (`adm book lab`, adm_lib/lab.py).
+"""JupyterLab on the book (`adm book lab`, adm_lib/book/lab.py).
 
 The browser test starts `adm book lab` on localhost, with a random free port,
 a token and settings folders of its own, opens it in headless Chromium (the
@@ -30,7 +30,7 @@ from adm_lib import book as bk
 from adm_lib.cli import main
 from tests.test_site import browser  # noqa: F401  (a fixture)
 
-lab = pytest.importorskip("adm_lib.lab", reason="needs the book extras: "
+lab = pytest.importorskip("adm_lib.book.lab", reason="needs the book extras: "
                           "pip install -e '.[book]'")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_the_settings_name_the_viewer_and_the_contents_manager() -> None:
     config = ROOT / lab.CONFIG_DIR
     server = json.loads((config / "jupyter_server_config.json").read_text())
     manager = server["ServerApp"]["contents_manager_class"]
-    assert manager == "adm_lib.lab.ChapterContentsManager"
+    assert manager == "adm_lib.book.lab.ChapterContentsManager"
     overrides = json.loads(
         (config / "labconfig" / "default_setting_overrides.json").read_text())
     viewers = overrides["@jupyterlab/docmanager-extension:plugin"]

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from adm_lib import book as bk
-from adm_lib import website
+from adm_lib.book import website
 
 pytestmark = pytest.mark.site
 

@@ -5,8 +5,11 @@ Chapters are Jupytext percent-format `.py` files. A code cell whose first line i
 into it and its `__all__`, `#| exporti` cells into it without `__all__`. Either
 directive may name another module (`#| export <module>`), so that a chapter whose
 code has several concerns writes one module per concern; a module's first cell
-may open with a string, its docstring. This module is hand-written tooling, not
-exported from a chapter.
+may open with a string, its docstring.
+
+This package is the tool shed: hand-written tooling, not exported from a
+chapter, and imported by no library module. Besides this module it holds
+`website` (`adm book build`) and `lab` (`adm book lab`).
 """
 
 from __future__ import annotations
@@ -379,70 +382,64 @@ def check(book: Book) -> list[str]:
         problems += _notebook_problems(book, chapter)
     try:
         problems += import_order_problems(book, expected)
-    except BookError as err:  # a chapter or module that does not parse
+    except BookError as err:  # an exported cell that does not parse
         problems.append(str(err))
     return problems
 
 
-def _imports(source: str, where: str) -> set[str]:
-    """The adm_lib modules and names that `source` imports, at any depth."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as err:
-        raise BookError(f"{where}:{err.lineno}: does not parse: {err.msg}") from err
-    names: set[str] = set()
+def _imports(tree: ast.AST) -> dict[str, int]:
+    """The adm_lib modules and names a module imports, at any depth: name -> line."""
+    names: dict[str, int] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] == PACKAGE}
+            found = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in found:
+            if name.split(".")[0] == PACKAGE:
+                names[name] = min(node.lineno, names.get(name, node.lineno))
+    return names
 
 
-def _module_file(book: Book, name: str) -> Path | None:
-    """The file of module `adm_lib.x.y`, or None (a name, not a module)."""
-    base = book.root / name.replace(".", "/")
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
+def _cell_at(text: str, line: int, chapter: str) -> str:
+    """The chapter line (`chapter:n`) of the export cell holding a module's line."""
+    starts = [row[len("# %% "):] for row in text.splitlines()[:line]
+              if row.startswith("# %% ")]
+    return starts[-1] if starts else chapter
 
 
 def import_order_problems(
     book: Book, expected: dict[Path, tuple[Path, str]] | None = None
 ) -> list[str]:
-    """Chapters that use a module a later chapter exports.
+    """Export cells that import a module a later chapter exports.
 
-    A chapter may import what earlier chapters export, and hand-written
-    modules whose own imports (followed to any depth) obey the same rule.
-    A generated module's imports are its chapter's, so checking every
-    chapter checks the modules too.
+    A chapter's exported code (the modules it writes, imports inside
+    functions included) may import what the same or earlier chapters export,
+    and modules that no chapter exports. Hand-written modules' own imports
+    are not followed: the library's layering is tested on its own.
     """
     expected = expected_modules(book) if expected is None else expected
     position = {chapter: i for i, chapter in enumerate(book.chapters)}
     exporter = {path: chapter for path, (chapter, _) in expected.items()}
-    problems = []
-    for chapter in book.chapters:
+    problems: set[str] = set()
+    for chapter, text in expected.values():
         name = book.rel(chapter)
-        # (module, the hand-written modules through which the chapter reaches it)
-        todo = [(n, ()) for n in _imports(chapter.read_text("utf-8"), name)]
-        seen: set[Path] = set()
-        while todo:
-            module, via = todo.pop()
-            path = _module_file(book, module)
-            if path is None or path in seen:
-                continue
-            seen.add(path)
-            source = exporter.get(path)
-            if source is None:  # hand-written: follow its imports
-                hops = (*via, book.rel(path))
-                text = path.read_text("utf-8")
-                todo += [(n, hops) for n in _imports(text, book.rel(path))]
-            elif position[source] > position[chapter]:
-                through = f" (through {', '.join(via)})" if via else ""
-                problems.append(f"{name} imports {module}{through}, which the "
-                                f"later chapter {book.rel(source)} exports")
+        try:
+            tree = ast.parse(text)
+        except SyntaxError as err:  # an #| exporti cell: no other step parses it
+            where = _cell_at(text, err.lineno or 0, name)
+            raise BookError(f"{where}: exported cell does not parse: "
+                            f"{err.msg}") from err
+        for module, line in _imports(tree).items():
+            base = book.root / module.replace(".", "/")
+            files = (base.with_suffix(".py"), base / "__init__.py")
+            source = next((exporter[f] for f in files if f in exporter), None)
+            if source is not None and position[source] > position[chapter]:
+                problems.add(f"{_cell_at(text, line, name)} imports {module}, "
+                             f"which the later chapter {book.rel(source)} "
+                             "exports")
     return sorted(problems)
 
 
