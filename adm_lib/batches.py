@@ -157,7 +157,7 @@ def open_data(config: TrainConfig, source: str | None = None
     source = config.data if source is None else source
     if not source:
         raise TrainError(f"this {config.kind} preset has no data set of its "
-                         "own: pass --data PATH (a folder, .zip or .npz)")
+                         "own: set data=PATH (a folder, .zip or .npz)")
     try:
         data = load_dataset(source, resolution=config.image_size)
     except DataError as err:

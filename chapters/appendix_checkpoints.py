@@ -93,6 +93,7 @@ from adm_lib.compat.guided_diffusion import (
     BUILDERS,
     NUM_CLASSES,
     RELEASED,
+    config_from_flags,
     diffusion_from_flags,
     load_checkpoint,
     parse_flags,
@@ -100,6 +101,7 @@ from adm_lib.compat.guided_diffusion import (
 from adm_lib.devices import resolve_device
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop
 from adm_lib.guidance import classifier_cond_fn, ignore_labels
+from adm_lib.models import TrainedModel
 from adm_lib.viz import show_images
 from adm_lib.viz import to_uint8 as uint8_nhwc
 
@@ -408,10 +410,13 @@ small, large = up["small_size"], up["large_size"]
 low_res = fit(samples, small)
 if small != size:
     print(f"resized the {size}x{size} samples to {small}x{small}")
-up_stage = Stage(
-    upsampler, diffusion_from_flags(upsampler_flags), large, 3,
-    up["class_cond"], respacing,
-    "ddim" if respacing.startswith("ddim") else "ddpm", small_size=small)
+# A stage is chapter 4's trained-model type, here read from the flags,
+# and how it samples.
+trained = TrainedModel(upsampler, diffusion_from_flags(upsampler_flags),
+                       config_from_flags(upsampler_flags, "upsampler"),
+                       Path(upsampler_path or "stand-in"), weights="reference")
+up_stage = Stage(trained, respacing,
+                 "ddim" if respacing.startswith("ddim") else "ddpm")
 start = time.perf_counter()
 upsampled = upsample(up_stage, uint8_nhwc(low_res), labels.cpu(),
                      batch_size=num_samples, device=device, seed=seed,
