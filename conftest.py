@@ -15,6 +15,7 @@ the chapter a second time.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Generator, Iterable
@@ -36,6 +37,14 @@ NOTEBOOKS = BOOK.build_dir / "nbval"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Turn nbval on, in the current environment, with the book's timeouts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread per worker process, its chapters' kernels included:
+        # two workers of two threads each on two cores run slower than two
+        # of one (torch reads the variable when it starts).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
     option = config.option
     if not (option.nbval or option.nbval_lax):
         option.nbval_lax = True
@@ -73,6 +82,7 @@ class ChapterNotebook(IPyNbFile):
 
     def teardown(self) -> None:
         super().teardown()
+        done(self.path).touch()  # for the site's tests in another worker
         ran = [cell.test_outputs for cell in self.cells]
         if self.failed or not ran or any(outputs is None for outputs in ran):
             return  # a failed, skipped or deselected cell: not the whole chapter
@@ -89,6 +99,11 @@ class ChapterNotebook(IPyNbFile):
                           f"{err}", stacklevel=1)
 
 
+def done(chapter: Path) -> Path:
+    """The mark a chapter leaves when its cells have run, passed or not."""
+    return NOTEBOOKS / f"{chapter.stem}.done"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collect_file(
     file_path: Path, parent: pytest.Collector
@@ -100,6 +115,7 @@ def pytest_collect_file(
     NOTEBOOKS.mkdir(parents=True, exist_ok=True)
     notebook = NOTEBOOKS / f"{file_path.stem}.ipynb"
     nbformat.write(to_notebook(file_path), notebook)
+    done(file_path).unlink(missing_ok=True)
     # Named on the command line (`pytest chapters/05_metrics.py`), a chapter
     # is also a Python module to pytest, which would import it, running the
     # whole chapter once more during collection: that collector is dropped.
@@ -127,9 +143,21 @@ def pytest_collection_modifyitems(
             f"no notebook cells collected for chapter(s) {', '.join(missing)}; "
             "nbval must run every chapter listed in book.toml"
         )
+    # End-to-end runs are slow: `pytest -m "not slow"` leaves them out.
+    for item in items:
+        if isinstance(item.parent, IPyNbFile):
+            item.add_marker(pytest.mark.slow)
     # The site's tests render what the chapters' cells have just executed
     # (build/site-cache), so they run after them; the sort keeps other orders.
     items.sort(key=lambda item: item.get_closest_marker("site") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Say which chapters this session runs (after -k and -m), which the
+    site's tests wait for when another worker runs them (test_site.py)."""
+    chapters = {item.parent.path.stem for item in session.items
+                if isinstance(item.parent, IPyNbFile)}
+    os.environ["ADM_SESSION_CHAPTERS"] = ",".join(sorted(chapters))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -231,7 +231,10 @@ def test_load_inception_accepts_batchnorm_counters(net, tmp_path: Path) -> None:
     state = dict(net.state_dict())
     state["Mixed_5b.branch1x1.bn.num_batches_tracked"] = torch.tensor(0)
     torch.save(state, tmp_path / "w.pth")
-    load_inception(tmp_path / "w.pth")
+    loaded = load_inception(tmp_path / "w.pth").state_dict()
+    assert loaded.keys() == net.state_dict().keys()  # the counter dropped
+    for name, value in net.state_dict().items():
+        assert torch.equal(loaded[name], value), name
 
 
 def test_load_inception_mismatch_is_explained(net, tmp_path: Path) -> None:

@@ -18,8 +18,10 @@ build/site-test/chapter.png.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,7 +33,7 @@ import pytest
 from adm_lib import book as bk
 from adm_lib.book import website
 
-pytestmark = pytest.mark.site
+pytestmark = [pytest.mark.site, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = bk.Book.load(ROOT)
@@ -105,9 +107,24 @@ def _chromium() -> str | None:
     return next((path for name in names if (path := shutil.which(name))), None)
 
 
+def _wait_for_chapters(limit: float = 3600) -> None:
+    """Wait until the chapters this session runs have run: under
+    pytest-xdist another worker may still be running them, and their
+    outputs in the cache are what the site renders."""
+    stems = [s for s in os.environ.get("ADM_SESSION_CHAPTERS", "").split(",")
+             if s]
+    marks = [BOOK.build_dir / "nbval" / f"{stem}.done" for stem in stems]
+    deadline = time.monotonic() + limit
+    while not all(mark.exists() for mark in marks):
+        if time.monotonic() > deadline:
+            return  # build_site executes what is missing
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def site() -> Path:
     """The site for the smoke configuration, in build/site-test/site."""
+    _wait_for_chapters()
     report = website.build_site(BOOK, OUT / "site", progress=False)
     # Kept for the record: what was executed and what came from the cache.
     (OUT / "build.json").write_text(json.dumps({
