@@ -1,5 +1,6 @@
-"""The `adm` command itself (adm_lib.cli): its version, its help, and how
-it shows the library's warnings. Each subcommand's behaviour is tested
+"""The `adm` command itself (adm_lib.cli): its version, its help, how it
+shows the library's warnings, and how `adm train` reads `--set` and names
+its flags in the library's errors. Each subcommand's behaviour is tested
 with its module (tests/test_sampling.py for `adm sample`, ...).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -17,6 +19,7 @@ import pytest
 
 from adm_lib import checkpoints as ck
 from adm_lib import cli
+from tests.helpers import RESUMABLE, adm_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +88,66 @@ def test_main_leaves_the_warnings_format_as_it_was() -> None:
     formatted = warnings.formatwarning
     cli.main(["sample", "--device", "cpu"])  # refused: no MODEL
     assert warnings.formatwarning is formatted
+
+
+# --- adm train: settings, named before any work ------------------------------
+
+
+def test_adm_train_names_an_unknown_setting_and_a_bad_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "diffusion", "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--set", "lrr=1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("adm train: unknown setting 'lrr'")
+    assert "did you mean lr" in captured.err
+    assert not out.exists()  # nothing started
+
+    assert cli.main([*argv, "--set", "batch_size=abc"]) == 1
+    assert "batch_size='abc': expected int" in capsys.readouterr().err
+    assert cli.main([*argv, "--preset", "imagenet1024"]) == 1
+    assert ("no diffusion preset 'imagenet1024'; presets: mnist, cifar10, "
+            "imagenet64") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--set", "lr"])
+    assert exit_.value.code == 2
+    assert "expected KEY=VALUE, got 'lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("image_size=33", "image_size=33 must be divisible by 4: channel_mult "
+     "1,2,2 halves it 2 times"),
+    ("sample_steps=abc", "sample_steps='abc': respacing spec 'abc' is not a "
+     "step count"),
+    ("channel_mult=a,b", "channel_mult='a,b': expected numbers, "
+     "comma-separated"),
+    ("attention_resolutions=5", "attention_resolutions=(5,): 5 is not one "
+     "of the network's resolutions (32, 16, 8,"),
+    ("num_channels=48", "num_channels=48: the channels at each resolution"),
+    ("in_channels=2", "in_channels=2: expected one of 0, 1, 3"),
+    ("seed=1e30", "seed=1000000000000000019884624838656: expected 0 to "
+     "2**64 - 1 = 18446744073709551615"),
+    (f"seed={2**64}", f"seed={2**64}: expected 0 to 2**64 - 1"),
+    ("seed=-1", "seed=-1: expected 0 to 2**64 - 1"),
+])
+def test_adm_train_names_a_bad_setting_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture, setting: str,
+        message: str) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["train", "diffusion", "--out", str(out), "--quiet",
+                     "--set", setting]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"adm train: {message}"), err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_adm_train_names_its_flag_where_the_library_names_an_argument(
+        data: Path, reference: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    assert cli.main(adm_train(out, data, settings=RESUMABLE)) == 1
+    assert capsys.readouterr().err == (
+        f"adm train: {out} already holds a run (checkpoint at step 6): "
+        "resume it (--resume), or choose another folder\n")
