@@ -530,6 +530,7 @@ def test_adm_sample_loads_the_reference_checkpoints(
 
 
 # `adm demo`, at a few steps (10 samples: a singular covariance for FID).
+@pytest.mark.slow
 def test_adm_demo_trains_samples_scores_and_reports(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"

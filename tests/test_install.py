@@ -44,6 +44,9 @@ def _run(args: list, cwd: Path, timeout: float = 900) -> subprocess.CompletedPro
     return done
 
 
+# Wheels, fresh virtual environments, the demo outside the checkout.
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built offline with this environment's setuptools."""

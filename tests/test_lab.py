@@ -153,6 +153,7 @@ return {path: panel.context.path, notebook: cells !== undefined,
 """
 
 
+@pytest.mark.slow
 def test_double_click_opens_a_chapter_as_a_clean_notebook(
         browser: Any, jupyterlab: str) -> None:  # noqa: F811
     from selenium.webdriver.common.action_chains import ActionChains

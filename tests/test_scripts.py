@@ -52,6 +52,7 @@ def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
         assert row["se"] == pytest.approx(se, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_precision_curves_trains_both_and_plots(tmp_path: Path) -> None:
     plot, numbers = tmp_path / "curves.png", tmp_path / "curves.json"
     # The device left at its default, auto, as chapter 4 runs it.
@@ -89,6 +90,7 @@ def test_precision_curves_refuses_too_few_steps() -> None:
     assert "--steps must be at least two --window" in done.stderr
 
 
+@pytest.mark.slow
 def test_unet_speed_compares_against_a_commit() -> None:
     done = _run("unet_speed", "--before", "HEAD", "--batch", "2",
                 "--rounds", "1")
@@ -121,6 +123,7 @@ def _gpu_check(tmp_path: Path, **env: str
     return done, report
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_step_at_toy_size(tmp_path: Path) -> None:
     # SIZE=toy: the GPU branch's own commands, at toy sizes on the CPU
     # (and against the reference where a checkout is at ./reference).

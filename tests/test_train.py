@@ -181,6 +181,7 @@ sys.exit(cli.main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
                                                                  tmp_path):
     script = tmp_path / "killer.py"
@@ -238,6 +239,7 @@ def test_killed_mid_save_resumes_from_the_last_whole_checkpoint(data,
 # --- data-parallel ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
