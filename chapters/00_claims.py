@@ -332,13 +332,13 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                       "reverses", ("adm_lib.forward",)),
     "02_diffusion.py": ("Section 2.1: learned variance, hybrid loss, DDIM "
                         "(25 steps)",
-                        ("adm_lib.diffusion", "adm_lib.devices")),
+                        ("adm_lib.diffusion",)),
     "03_architecture.py": ("Section 3, Tables 1-3: the ADM UNet; the "
                            "classifier, the upsampler", ("adm_lib.unet",)),
     "04_training.py": ("Appendix I, Tables 11-13: the training recipes",
                        ("adm_lib.train", "adm_lib.config", "adm_lib.batches",
-                        "adm_lib.objectives", "adm_lib.checkpoints",
-                        "adm_lib.ranks", "adm_lib.runlog")),
+                        "adm_lib.objectives", "adm_lib.runlog",
+                        "adm_lib.models")),
     "05_metrics.py": ("Section 2.2: FID, sFID, IS, precision, recall",
                       ("adm_lib.metrics",)),
     "06_guidance.py": ("Section 4, Algorithms 1-2, Table 4; and "
