@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import inspect
 import json
 import os
 import sys
+import types
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from adm_lib import book as bk
-from adm_lib.values import MAX_SEED, coerce
+from adm_lib.values import coerce, flag
+
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -67,7 +73,6 @@ def _whole(least: int | None = None,
 
 
 _positive_int = _whole(1)
-_seed = _whole(0, MAX_SEED + 1)
 
 
 def _book_run(args: argparse.Namespace) -> int:
@@ -142,8 +147,8 @@ _TRAIN_FLAGS = {"resume=True": "--resume"}
 
 def _as_flags(message: str) -> str:
     """A library error's message in terms of `adm train`'s flags."""
-    for argument, flag in _TRAIN_FLAGS.items():
-        message = message.replace(argument, flag)
+    for argument, option in _TRAIN_FLAGS.items():
+        message = message.replace(argument, option)
     return message
 
 
@@ -256,20 +261,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # Options of the base model: meaningless when --low-res gives its images.
 _BASE_ONLY = ("model_flags", "respacing", "sampler", "num_samples")
-_UPSAMPLER_ONLY = ("upsampler_flags", "upsampler_sampler",
-                   "upsampler_respacing", "low_res_t", "low_res")
+# Options that mean nothing without another.
+_NEEDS = {"classifier": ("classifier_flags", "classifier_scale"),
+          "upsampler": ("upsampler_flags", "upsampler_sampler",
+                        "upsampler_respacing", "low_res_t", "low_res")}
 
 
 def _check_sample_args(args: argparse.Namespace) -> None:
     """Refuse options that do not go together, before any work."""
-    for option in ("classifier_flags", "classifier_scale"):
-        if getattr(args, option) is not None and not args.classifier:
-            raise CommandError(f"--{option.replace('_', '-')} needs "
-                               "--classifier")
-    for option in _UPSAMPLER_ONLY:
-        if getattr(args, option) is not None and not args.upsampler:
-            raise CommandError(f"--{option.replace('_', '-')} needs "
-                               "--upsampler")
+    from adm_lib.sampling import GUIDE_AT_MEAN
+
+    for needed, options in _NEEDS.items():
+        for option in options:
+            if getattr(args, option) is not None and not getattr(args,
+                                                                 needed):
+                raise CommandError(f"{flag(option)} needs {flag(needed)}")
     if args.low_res_t is not None and args.low_res_t < 0:
         raise CommandError(f"--low-res-t {args.low_res_t}: expected a "
                            "step >= 0")
@@ -278,19 +284,17 @@ def _check_sample_args(args: argparse.Namespace) -> None:
             raise CommandError(f"--low-res upsamples the images of "
                                f"{args.low_res}: give no MODEL "
                                f"({args.model}) with it")
-        if args.classifier is not None:
-            raise CommandError("--classifier: guidance runs in the base "
-                               "model only, and --low-res has none")
-        if args.cfg_scale:
-            raise CommandError("--cfg-scale: guidance runs in the base "
-                               "model only, and --low-res has none")
+        for option in ("classifier", "cfg_scale"):
+            if getattr(args, option):
+                raise CommandError(f"{flag(option)}: guidance runs in the "
+                                   "base model only, and --low-res has none")
         for option in _BASE_ONLY:
             if getattr(args, option) is not None:
-                flag = option.replace("_", "-")
+                name = flag(option)
                 raise CommandError(
-                    f"--{flag} is the base model's, and --low-res has none"
-                    + ("; the upsampler's is --upsampler-" + flag
-                       if flag in ("respacing", "sampler") else ""))
+                    f"{name} is the base model's, and --low-res has none"
+                    + (f"; the upsampler's is --upsampler-{name[2:]}"
+                       if option in ("respacing", "sampler") else ""))
         if not args.low_res.exists():
             raise CommandError(f"--low-res {args.low_res}: no such file or "
                                "folder")
@@ -298,6 +302,8 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise CommandError("give a MODEL to sample (with --upsampler, a "
                            "cascade), or --low-res images and an "
                            "--upsampler to upsample them")
+    if args.guide_at == "mean" and not args.classifier:
+        raise CommandError(GUIDE_AT_MEAN)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -305,63 +311,34 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     _check_sample_args(args)
-    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
-    sampler = args.sampler or "ddpm"
-    count = 16 if args.num_samples is None else args.num_samples
-    up_sampler = args.upsampler_sampler or "ddpm"
     cascade = args.model is not None and args.upsampler is not None
     try:
         # Every option, and every file to write, is checked before a model
         # loads or a step runs.
-        sampling.check_options(
-            args.classifier, classifier_scale=scale,
-            cfg_scale=args.cfg_scale, sampler=sampler, eta=args.eta,
-            guide_at_mean=args.guide_at == "mean",
-            num_samples=count, labels=args.labels,
-            batch_size=args.batch_size, seed=args.seed)
+        options = _options(sampling.SampleOptions, args)
         sampling.check_out(args.out, args.grid_columns, cascade)
         with sampling.lock_out(args.out):
-            model = classifier = upsampler = None
-            if args.model is not None:
-                model = sampling.load_network(args.model, "diffusion",
-                                              args.model_flags, args.weights,
-                                              device, args.compile,
-                                              args.precision)
-            if args.classifier:
-                classifier = sampling.load_network(
-                    args.classifier, "classifier", args.classifier_flags,
-                    args.weights, device, args.compile, args.precision)
-            if args.upsampler:
-                upsampler = sampling.load_network(
-                    args.upsampler, "upsampler", args.upsampler_flags,
-                    args.weights, device, args.compile, args.precision)
-            options = dict(
-                batch_size=args.batch_size, device=device, seed=args.seed,
-                progress=not args.quiet, precision=args.precision)
-            base = dict(
-                classifier_scale=scale, cfg_scale=args.cfg_scale,
-                sampler=sampler, respacing=args.respacing, eta=args.eta,
-                guide_at_mean=args.guide_at == "mean", num_samples=count,
-                labels=args.labels)
-            upsampling = dict(
-                upsampler_sampler=up_sampler,
-                upsampler_respacing=args.upsampler_respacing,
-                low_res_t=args.low_res_t)
-            low = None
+            model, classifier, upsampler = (
+                None if path is None else sampling.load_network(
+                    path, kind, flags, args.weights, device, args.compile,
+                    options.precision)
+                for kind, path, flags in (
+                    ("diffusion", args.model, args.model_flags),
+                    ("classifier", args.classifier, args.classifier_flags),
+                    ("upsampler", args.upsampler, args.upsampler_flags)))
+            low, run = None, {"device": device, "progress": not args.quiet}
             if model is None:
                 images, labels = sampling.upsample_files(
-                    upsampler, args.low_res, labels=args.labels,
-                    eta=args.eta, **upsampling, **options)
+                    upsampler, args.low_res, options, **run)
             elif upsampler is None:
-                images, labels = sampling.sample(model, classifier, **base,
-                                                 **options)
+                images, labels = sampling.sample(model, classifier, options,
+                                                 **run)
             else:
                 low, images, labels = sampling.sample_cascade(
-                    model, upsampler, classifier, **base, **upsampling,
-                    **options)
+                    model, upsampler, classifier, options, **run)
             columns = args.grid_columns
-            if columns is None and args.labels not in (None, "random"):
-                columns = len(args.labels.split(","))
+            if columns is None and options.classes:
+                columns = len(options.classes)
             # The final samples first: the most work, and what was asked.
             batch, grid = sampling.write_samples(args.out, images, labels,
                                                  columns)
@@ -374,7 +351,8 @@ def _sample(args: argparse.Namespace) -> int:
     if model:
         print(f"model:     {model.source}")
     if classifier:
-        print(f"guided:    {classifier.source}, scale {scale}")
+        print(f"guided:    {classifier.source}, scale "
+              f"{options.classifier_scale}")
     if upsampler:
         print(f"upsampler: {upsampler.source}")
     if model is None:
@@ -388,35 +366,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scales(text: str) -> tuple[float, ...]:
-    """A --scales argument: comma-separated guidance scales."""
-    try:
-        scales = tuple(float(word) for word in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or not all(s >= 0 and s == s for s in scales):
-        raise argparse.ArgumentTypeError(
-            f"expected scales >= 0 such as 1,4, got {text!r}")
-    return scales
-
-
 def _demo(args: argparse.Namespace) -> int:
     from adm_lib import demo
     from adm_lib.errors import TrainError
 
-    settings = demo.DemoSettings(
-        steps=args.steps, batch=args.batch,
-        classifier_steps=args.classifier_steps,
-        classifier_batch=args.classifier_batch,
-        scales=args.scales, per_class=args.per_class,
-        sampler=args.sampler, respacing=args.respacing,
-        device=_device(args.device), seed=args.seed)
-    for name in ("steps", "batch", "classifier_steps", "classifier_batch",
-                 "per_class"):
-        value = getattr(settings, name)
-        if value is not None and value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
+    device = _device(args.device)
     try:
+        settings = _options(demo.DemoSettings, args, device=device)
         demo.run_demo(args.out, settings, progress=not args.quiet)
     except (TrainError, OSError, ValueError) as err:
         raise CommandError(str(err)) from None
@@ -434,16 +390,97 @@ def _version() -> str:
         return "(not installed: pip install -e .)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `adm` command."""
-    parser = argparse.ArgumentParser(
-        prog="adm", description="adm-book: the ADM textbook and its library."
-    )
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    book = commands.add_parser(
-        "book", help="export, check, run, open (lab) and build the chapters")
+class _Command(argparse.ArgumentParser):
+    """A subcommand's parser, whose arguments `add` adds when it is first
+    used: a command's library is imported only when that command runs or
+    shows its help, so that `adm -h` and `adm book` start at once, without
+    torch, and `adm book export` works whatever state adm_lib is in."""
+
+    def __init__(self, *args: Any,
+                 add: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add = add
+
+    def _added(self) -> None:
+        if self._add is not None:
+            add, self._add = self._add, None
+            add(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse as argparse does, once the arguments are added."""
+        self._added()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        """The help, once the arguments are added."""
+        self._added()
+        return super().format_help()
+
+
+def _shown(value: Any) -> str:
+    """A default as --help shows it: 1 for 1.0, 1,4 for (1.0, 4.0)."""
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _reader(hint: Any, default: Any, least: int | None = None,
+            limit: int | None = None) -> Callable[[str], Any]:
+    """An argparse type reading a value of type `hint` as values.coerce
+    does (whole numbers as --set reads them, tuples as comma lists)."""
+    if isinstance(hint, types.UnionType):  # X | None: an X, or not given
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    kind = typing.get_origin(hint) or hint
+    if kind is int:
+        return _whole(least, limit)
+    if kind is str:
+        return str
+    like = default if kind is tuple else kind()
+
+    def read(text: str) -> Any:
+        try:
+            return coerce(text, like)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}, got {text!r}") from None
+    return read
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A flag for each field of dataclass `cls` declared by values.option,
+    with its type, choices and help; its default is shown in the help, and
+    one not given is None: `_options` leaves the field's default to it."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "help" not in field.metadata:
+            continue
+        argument = dict(field.metadata)
+        help = argument.pop("help").replace("%(default)s",
+                                            _shown(field.default))
+        read = _reader(hints[field.name], field.default,
+                       argument.pop("least", None), argument.pop("limit", None))
+        parser.add_argument(flag(field.name), type=read, help=help,
+                            **argument)
+
+
+def _defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """The defaults of `function`'s parameters, by name: a flag that
+    passes one shows the library's default."""
+    return {name: parameter.default for name, parameter
+            in inspect.signature(function).parameters.items()}
+
+
+def _options(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """`cls` of the options given in `args`, and `values`; the fields not
+    given keep the dataclass's defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return cls(**{**given, **values})
+
+
+def _book_arguments(book: argparse.ArgumentParser) -> None:
     actions = book.add_subparsers(dest="action", required=True)
     actions.add_parser(
         "export", help="write adm_lib's generated modules from the chapters"
@@ -499,21 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_book_build)
 
-    train = commands.add_parser(
-        "train", help="train a diffusion model, noisy classifier or upsampler",
-        description="Train one model in a run folder. Under torchrun, every "
-        "process trains a share of each batch (DDP). Settings are the fields "
-        "of adm_lib.config.TrainConfig; presets are in adm_lib.config.PRESETS.",
-    )
-    train.add_argument("kind", choices=("diffusion", "classifier", "upsampler"))
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    from adm_lib.config import KINDS, PRESETS
+
+    train.description = (
+        "Train one model in a run folder. Under torchrun, every process "
+        "trains a share of each batch (DDP). Settings are the fields of "
+        "adm_lib.config.TrainConfig; presets are in adm_lib.config.PRESETS.")
+    train.add_argument("kind", choices=KINDS)
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
                        help="run folder: config, checkpoints, metrics, samples")
     train.add_argument("--data", metavar="PATH_OR_NAME",
                        help="data set: mnist5k (embedded), a folder, .zip or "
                        ".npz (default: the preset's, mnist5k)")
     train.add_argument("--preset", metavar="NAME",
-                       help="named configuration (default mnist); e.g. cifar10, "
-                       "imagenet64, imagenet64-256")
+                       help="named configuration (default mnist) of KIND: "
+                       + "; ".join(f"{kind} {', '.join(presets)}"
+                                   for kind, presets in PRESETS.items()))
     train.add_argument("--set", type=_setting, action="append", default=[],
                        metavar="KEY=VALUE", help="override a setting "
                        "(repeatable; default: the preset's settings)")
@@ -522,24 +562,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from the run folder's newest valid checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="IS, FID, sFID, precision and recall of a sample batch",
-        description="Score a sample batch against a reference batch as the "
-        "reference's evaluator does. Batches are .npz files with arr_0 uint8 "
-        "N x H x W x C images (a reference batch may add mu, sigma, mu_s, sigma_s).",
-    )
+
+def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
+    from adm_lib import metrics
+
+    defaults = _defaults(metrics.evaluate)
+    evaluate.description = (
+        "Score a sample batch against a reference batch as the reference's "
+        "evaluator does. Batches are .npz files with arr_0 uint8 N x H x W "
+        "x C images (a reference batch may add mu, sigma, mu_s, sigma_s).")
     evaluate.add_argument("ref", type=Path, help="reference batch (.npz)")
     evaluate.add_argument("samples", type=Path, help="sample batch (.npz)")
     evaluate.add_argument(
-        "--features", default="inception", choices=("inception", "mnist", "cifar10"),
+        "--features", default=defaults["features"],
+        choices=metrics.FEATURES,
         help="Inception-v3 (needs its weights file), or a data-set classifier "
         "(default %(default)s)")
     evaluate.add_argument("--weights", type=Path,
                           help="Inception weights file (default: "
                           "$ADM_INCEPTION_WEIGHTS, then the torch hub cache)")
-    evaluate.add_argument("--batch-size", type=_whole(), default=64, metavar="N",
+    evaluate.add_argument("--batch-size", type=_whole(),
+                          default=defaults["batch_size"], metavar="N",
                           help="images per forward pass (default "
                           "%(default)s)")
     evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
@@ -547,20 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write the scores here (default: not "
                           "written)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
-    evaluate.set_defaults(func=_evaluate)
 
-    sample = commands.add_parser(
-        "sample", help="draw samples, guided or not, or upsampled, to an "
-        ".npz and a PNG",
-        description="Sample a diffusion model (a run folder or checkpoint of "
-        "adm train, or a released checkpoint of the reference with "
-        "--model-flags), optionally guided by a noisy classifier (Algorithm "
-        "1 with ddpm, 2 with ddim) or by classifier-free guidance; with "
-        "--upsampler, upsample its samples (a cascade, chapter 7), or with "
-        "--low-res and no MODEL, upsample given images. Writes "
-        "the reference's batch format (arr_0 uint8 NHWC, arr_1 labels) and "
-        "a PNG grid beside it.",
-    )
+
+def _sample_arguments(sample: argparse.ArgumentParser) -> None:
+    from adm_lib.sampling import SampleOptions
+
+    sample.description = (
+        "Sample a diffusion model (a run folder or checkpoint of adm train, "
+        "or a released checkpoint of the reference with --model-flags), "
+        "optionally guided by a noisy classifier (Algorithm 1 with ddpm, 2 "
+        "with ddim) or by classifier-free guidance; with --upsampler, "
+        "upsample its samples (a cascade, chapter 7), or with --low-res and "
+        "no MODEL, upsample given images. Writes the reference's batch "
+        "format (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid beside it.")
     sample.add_argument("model", type=Path, nargs="?",
                         help="run folder or checkpoint of the diffusion model"
                         " (none with --low-res)")
@@ -577,28 +620,6 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--classifier-flags", metavar="FLAGS",
                         help="the reference's flags of a released classifier"
                         " (default: none, an adm train run)")
-    sample.add_argument("--classifier-scale", type=float, metavar="S",
-                        help="guidance scale s (default 1)")
-    sample.add_argument("--cfg-scale", type=float, default=0.0, metavar="W",
-                        help="classifier-free guidance w, for a model "
-                        "trained with label_dropout (default 0: none)")
-    sample.add_argument("--sampler", choices=("ddpm", "ddim"),
-                        help="ancestral (Algorithm 1) or DDIM (Algorithm 2) "
-                        "(default ddpm)")
-    sample.add_argument("--respacing", metavar="SPEC",
-                        help="steps to keep: 250, ddim25, 10,15,20 ... "
-                        "(default: 250 for ddpm, ddim25 for ddim)")
-    sample.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM's stochasticity, in every stage that "
-                        "samples with ddim (default 0)")
-    sample.add_argument("--guide-at", choices=("x_t", "mean"), default="x_t",
-                        help="where Algorithm 1 takes the classifier's "
-                        "gradient (default %(default)s, as the reference)")
-    sample.add_argument("--num-samples", type=_whole(), metavar="N",
-                        help="samples to draw (default 16)")
-    sample.add_argument("--labels", metavar="random|Y,Y,...",
-                        help="class labels, cycled through the samples "
-                        "(default random; with --low-res, the images' own)")
     sample.add_argument("--upsampler", type=Path, metavar="PATH",
                         help="upsampler (run folder or checkpoint) to "
                         "upsample the samples, or the --low-res images "
@@ -607,31 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the reference's flags of a released upsampler"
                         " (--large_size, --small_size ...; default: none, "
                         "an adm train run)")
-    sample.add_argument("--upsampler-sampler", choices=("ddpm", "ddim"),
-                        help="the upsampler's sampler (default ddpm)")
-    sample.add_argument("--upsampler-respacing", metavar="SPEC",
-                        help="the upsampler's steps (default: 250 for "
-                        "ddpm, ddim25 for ddim)")
-    sample.add_argument("--low-res-t", type=_whole(), metavar="S",
-                        help="step the upsampler's inputs are noised to, "
-                        "for one trained with low_res_noise (default: "
-                        "half of it; 0: none)")
     sample.add_argument("--low-res", type=Path, metavar="NPZ|FOLDER",
                         help="upsample these images (a batch .npz with "
                         "optional labels, or a folder of images, labelled "
                         "by class sub-folders) instead of a MODEL's "
                         "(default: none)")
-    sample.add_argument("--batch-size", type=_whole(), default=64, metavar="N",
-                        help="samples drawn at once; they do not depend on "
-                        "it (default %(default)s)")
+    _add_options(sample, SampleOptions)
     sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    sample.add_argument("--seed", type=_seed, default=0,
-                        help="seed of the noise and of random labels, 0 to "
-                        f"{MAX_SEED} (default %(default)s)")
-    sample.add_argument("--precision", choices=("auto", "fp32", "bf16",
-                                                "fp16"), default="auto",
-                        help="the network's: auto (default) is bf16 where "
-                        "the device has it natively, else fp32")
     sample.add_argument("--compile", action="store_true",
                         help="torch.compile the networks: slower to start, "
                         "faster per step on a GPU (default: eager)")
@@ -643,28 +646,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="columns of the PNG grid (default: one per "
                         "--labels class given, else a square grid)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(func=_sample)
 
-    bench = commands.add_parser(
-        "bench", help="training and sampling throughput, against the "
-        "reference's",
-        description="Time the training step of adm train (loss, backward, "
-        "AdamW, EMA) and the sampler of adm sample on random data; with "
-        "--reference, the reference implementation's on the same flags, "
-        "weights and batch, alternating round by round, and the ratios.",
-    )
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from adm_lib.bench import BENCH_MODELS, run_bench
+
+    defaults = _defaults(run_bench)
+    bench.description = (
+        "Time the training step of adm train (loss, backward, AdamW, EMA) "
+        "and the sampler of adm sample on random data; with --reference, "
+        "the reference implementation's on the same flags, weights and "
+        "batch, alternating round by round, and the ratios.")
     bench.add_argument("model", nargs="?", default="cifar32",
-                       choices=("demo", "cifar32", "imagenet64"),
+                       choices=tuple(BENCH_MODELS),
                        help="the demo's model, the 11M 32x32 one, or the "
                        "released 64x64 one (default %(default)s)")
     bench.add_argument("--batch", type=_positive_int, metavar="N",
                        help="batch size (default: the model's config)")
-    bench.add_argument("--rounds", type=_positive_int, default=5,
+    bench.add_argument("--rounds", type=_positive_int,
+                       default=defaults["rounds"],
                        help="timed rounds of each workload (default "
                        "%(default)s)")
-    bench.add_argument("--warmup", type=_whole(0), default=2,
+    bench.add_argument("--warmup", type=_whole(0), default=defaults["warmup"],
                        help="untimed rounds first (default %(default)s)")
-    bench.add_argument("--sample-steps", default="25", metavar="SPEC",
+    bench.add_argument("--sample-steps", default=defaults["sample_steps"],
+                       metavar="SPEC",
                        help="the sampler's respacing (default %(default)s)")
     bench.add_argument("--sample-batch", type=_positive_int, metavar="N",
                        help="images sampled at once (default: --batch)")
@@ -683,56 +689,60 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train-only", action="store_true",
                        help="time the training step only, not the sampler")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench.set_defaults(func=_bench)
 
-    from adm_lib.demo import DemoSettings  # torch-free until it runs
 
-    defaults = DemoSettings()
-    demo = commands.add_parser(
-        "demo", help="classifier guidance end to end on MNIST (minutes, CPU)",
-        description="Train a small class-conditional diffusion model and a "
-        "noisy classifier on the embedded MNIST-5k, draw every digit at two "
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
+    from adm_lib.demo import STEPS_BF16, STEPS_FP32_CPU, DemoSettings
+
+    demo.description = (
+        "Train a small class-conditional diffusion model and a noisy "
+        "classifier on the embedded MNIST-5k, draw every digit at two "
         "guidance scales, and write a grid, each scale's samples (.npz) and "
         "a report (accuracy of an independent MNIST network on the samples, "
         "FID, mean intensity, timings). Under four minutes on a 2-core CPU "
         "with native bf16 (AVX-512-BF16 or AMX); on one without, it trains "
-        "350 steps instead of 800 to stay near five. A GPU is used if there "
-        "is one. Running it again reuses the finished runs.",
-    )
+        f"{STEPS_FP32_CPU} steps instead of {STEPS_BF16} to stay near five. "
+        "A GPU is used if there is one. Running it again reuses the "
+        "finished runs.")
     demo.add_argument("--out", type=Path, default=Path("adm-demo"),
                       help="folder for the runs, grid and report "
                       "(default adm-demo)")
-    demo.add_argument("--steps", type=_whole(), default=defaults.steps,
-                      help="diffusion training steps (default 800 on a GPU "
-                      "or a CPU with native bf16, 350 on other CPUs)")
-    demo.add_argument("--batch", type=_whole(), default=defaults.batch,
-                      help="diffusion training batch (default %(default)s)")
-    demo.add_argument("--classifier-steps", type=_whole(),
-                      default=defaults.classifier_steps,
-                      help="classifier training steps (default %(default)s)")
-    demo.add_argument("--classifier-batch", type=_whole(),
-                      default=defaults.classifier_batch,
-                      help="classifier training batch (default %(default)s)")
-    demo.add_argument("--scales", type=_scales, default=defaults.scales,
-                      help="guidance scales (default "
-                      f"{','.join(f'{s:g}' for s in defaults.scales)})")
-    demo.add_argument("--per-class", type=_whole(),
-                      default=defaults.per_class,
-                      help="samples of each digit at each scale (default "
-                      "%(default)s)")
-    demo.add_argument("--sampler", choices=("ddim", "ddpm"),
-                      default=defaults.sampler,
-                      help="DDIM (eta 0) or ancestral sampling (default "
-                      "%(default)s)")
-    demo.add_argument("--respacing", default=defaults.respacing,
-                      help="the sampler's steps, a respacing spec (default "
-                      "%(default)s)")
+    _add_options(demo, DemoSettings)
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
-    demo.add_argument("--seed", type=_seed, default=defaults.seed,
-                      help="seed of both training runs and of the samples "
-                      "(default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
+
+
+# The commands: name, one line of help, what adds their arguments, and
+# what runs them (`adm book`'s actions each name theirs).
+_COMMANDS = (
+    ("book", "export, check, run, open (lab) and build the chapters",
+     _book_arguments, None),
+    ("train", "train a diffusion model, noisy classifier or upsampler",
+     _train_arguments, _train),
+    ("evaluate", "IS, FID, sFID, precision and recall of a sample batch",
+     _evaluate_arguments, _evaluate),
+    ("sample", "draw samples, guided or not, or upsampled, to an .npz and a "
+     "PNG", _sample_arguments, _sample),
+    ("bench", "training and sampling throughput, against the reference's",
+     _bench_arguments, _bench),
+    ("demo", "classifier guidance end to end on MNIST (minutes, CPU)",
+     _demo_arguments, _demo),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `adm` command."""
+    parser = argparse.ArgumentParser(
+        prog="adm", description="adm-book: the ADM textbook and its library."
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=_Command)
+    for name, help, add, run in _COMMANDS:
+        command = commands.add_parser(name, help=help, add=add)
+        if run is not None:
+            command.set_defaults(func=run)
     return parser
 
 

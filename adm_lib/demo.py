@@ -10,45 +10,35 @@ them, and writes a grid PNG and a report.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported when the demo runs, not by `adm -h`
-    import numpy as np
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-
-@dataclass
-class DemoSettings:
-    """What the demo trains and draws.
-
-    The defaults are chapter 4.13's measured choice. `steps` left as None
-    is `default_steps` of the device: 800 on a GPU or a CPU with native
-    bf16, under four minutes on such a 2-core CPU (README has the timed
-    run), and 350 on a float32-only CPU, its five-minute run.
-    """
-
-    steps: int | None = None  # diffusion model; None: default_steps
-    batch: int = 32
-    classifier_steps: int = 400  # noisy classifier
-    classifier_batch: int = 32
-    scales: tuple[float, ...] = (1.0, 4.0)
-    per_class: int = 20  # samples of each digit at each scale
-    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim" (eta 0)
-    respacing: str = "10"  # the sampler's steps (a respacing spec)
-    device: str = "auto"
-    seed: int = 0
-
-
-# Both networks: one residual block per level, 32 channels at 32x32 and
-# 16x16, and resampling by a convolution rather than a residual block.
-# Chapter 4.13: as accurate per step as the preset's, in 0.6 (diffusion)
-# and 0.7 (classifier) of its step time.
-LEAN = {"num_res_blocks": 1, "channel_mult": (1, 1, 2),
-        "resblock_updown": False}
-
+from adm_lib import devices
+from adm_lib import train as training
+from adm_lib.config import make_config
+from adm_lib.data import load_dataset
+from adm_lib.diffusion import respace
+from adm_lib.errors import TrainError
+from adm_lib.files import write_atomic
+from adm_lib.guidance import SAMPLERS, classifier_cond_fn, sample_batches
+from adm_lib.metrics import (
+    compute_activations,
+    feature_extractor,
+    score_activations,
+    write_batch,
+)
+from adm_lib.models import load_run
+from adm_lib.runlog import read_metrics
+from adm_lib.sampling import step_bar
+from adm_lib.values import MAX_SEED, flag, option
+from adm_lib.viz import pixel_grid, to_uint8
 
 # Chapter 4.13's budget. On a CPU with native bf16 (AVX-512-BF16 or AMX),
 # 800 steps took four training seeds to 95% on average, every sampling
@@ -59,22 +49,72 @@ LEAN = {"num_res_blocks": 1, "channel_mult": (1, 1, 2),
 STEPS_BF16, STEPS_FP32_CPU = 800, 350
 
 
+@dataclass
+class DemoSettings:
+    """What the demo trains and draws: each field but `device` is a flag
+    of `adm demo` (values.flag), its default and help written here only.
+
+    The defaults are chapter 4.13's measured choice. `steps` left as None
+    is `default_steps` of the device: 800 on a GPU or a CPU with native
+    bf16, under four minutes on such a 2-core CPU (README has the timed
+    run), and 350 on a float32-only CPU, its five-minute run.
+    """
+
+    steps: int | None = option(  # diffusion model; None: default_steps
+        None, f"diffusion training steps (default {STEPS_BF16} on a GPU or "
+        f"a CPU with native bf16, {STEPS_FP32_CPU} on other CPUs)")
+    batch: int = option(32, "diffusion training batch (default %(default)s)")
+    classifier_steps: int = option(  # noisy classifier
+        400, "classifier training steps (default %(default)s)")
+    classifier_batch: int = option(
+        32, "classifier training batch (default %(default)s)")
+    scales: tuple[float, ...] = option(
+        (1.0, 4.0), "guidance scales (default %(default)s)")
+    per_class: int = option(
+        20, "samples of each digit at each scale (default %(default)s)")
+    sampler: str = option(
+        "ddpm", "DDIM (eta 0) or ancestral sampling (default %(default)s)",
+        choices=SAMPLERS)
+    respacing: str = option(
+        "10", "the sampler's steps, a respacing spec (default %(default)s)")
+    device: str = "auto"
+    seed: int = option(
+        0, "seed of both training runs and of the samples (default "
+        "%(default)s)", least=0, limit=MAX_SEED + 1)
+
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the first setting's flag that cannot
+        work."""
+        for name in ("steps", "batch", "classifier_steps",
+                     "classifier_batch", "per_class"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{flag(name)} must be >= 1")
+        if not self.scales or not all(math.isfinite(s) and s >= 0
+                                      for s in self.scales):
+            shown = ",".join(f"{s:g}" for s in self.scales)
+            raise ValueError(f"--scales {shown}: expected scales >= 0 such "
+                             "as 1,4")
+
+
+# Both networks: one residual block per level, 32 channels at 32x32 and
+# 16x16, and resampling by a convolution rather than a residual block.
+# Chapter 4.13: as accurate per step as the preset's, in 0.6 (diffusion)
+# and 0.7 (classifier) of its step time.
+LEAN = {"num_res_blocks": 1, "channel_mult": (1, 1, 2),
+        "resblock_updown": False}
+
+
 def default_steps(device: str) -> int:
     """The diffusion model's training steps on `device` by default."""
-    import torch
-
-    from adm_lib.devices import native_bf16
-
     where = torch.device(device)
-    if where.type == "cpu" and not native_bf16(where):
+    if where.type == "cpu" and not devices.native_bf16(where):
         return STEPS_FP32_CPU
     return STEPS_BF16
 
 
 def demo_configs(settings: DemoSettings, device: str) -> dict:
     """The diffusion model's and the classifier's training configs."""
-    from adm_lib.config import make_config
-
     common = {"data": "mnist5k", "device": device, "seed": settings.seed,
               "log_interval": 25}
     return {
@@ -106,28 +146,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
              progress: bool = True,
              say: Callable[[str], None] = print) -> dict:
     """Train, sample and score; returns the report (also in out/)."""
-    import torch
-
-    from adm_lib.data import load_dataset
-    from adm_lib.devices import resolve_device
-    from adm_lib.diffusion import respace
-    from adm_lib.errors import TrainError
-    from adm_lib.guidance import classifier_cond_fn, sample_batches
-    from adm_lib.metrics import (
-        compute_activations,
-        feature_extractor,
-        score_activations,
-        write_batch,
-    )
-    from adm_lib.models import load_run
-    from adm_lib.sampling import step_bar
-    from adm_lib.train import train
-    from adm_lib.viz import to_uint8
-
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = str(resolve_device(settings.device))
+    device = str(devices.resolve_device(settings.device))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     configs = demo_configs(settings, device)
@@ -143,8 +165,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
         start = time.perf_counter()
         # An earlier demo's finished run is reused; a cut one goes on.
         try:
-            train(config, out / name, resume=(out / name).exists(),
-                  progress=progress)
+            training.train(config, out / name,
+                           resume=(out / name).exists(), progress=progress)
         except TrainError as err:
             if "does not match" not in str(err):
                 raise
@@ -228,8 +250,6 @@ def _sampler_text(settings: DemoSettings | dict) -> str:
 
 def _held_out(run: Path) -> float | None:
     """The classifier's last held-out top-1 accuracy at random t."""
-    from adm_lib.runlog import read_metrics
-
     hits = [r["ema_val_acc@1"] for r in read_metrics(run)
             if "ema_val_acc@1" in r]
     return hits[-1] if hits else None
@@ -238,12 +258,6 @@ def _held_out(run: Path) -> float | None:
 def _save_grid(path: Path, samples: dict[float, np.ndarray],
                num_classes: int, per_class: int) -> None:
     """One block per scale: a row per digit, `per_class` (<= 8) columns."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from adm_lib.files import write_atomic
-    from adm_lib.viz import pixel_grid
-
     shown = min(per_class, 8)
     blocks = []
     for images in samples.values():

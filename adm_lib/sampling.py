@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from adm_lib import guidance
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import KINDS
 from adm_lib.data import MAX_CLASSES, DataError, load_dataset
+from adm_lib.devices import PRECISIONS
 from adm_lib.diffusion import Model, respace
 from adm_lib.errors import TrainError
 from adm_lib.files import hold_lock, save_png
@@ -38,18 +39,120 @@ from adm_lib.guidance import (
 )
 from adm_lib.metrics import read_batch, write_batch
 from adm_lib.models import TrainedModel, load_run
-from adm_lib.values import MAX_SEED
+from adm_lib.values import MAX_SEED, coerce, flag, option
 
 
 class SampleError(ValueError):
     """Sampling cannot go ahead as asked; the message says why."""
 
 
+# Algorithm 1 takes the gradient at the mean; `adm sample` says so, before
+# any model loads, without a classifier too.
+GUIDE_AT_MEAN = ("--guide-at mean needs a classifier and the ddpm sampler "
+                 "(Algorithm 1)")
+_STEPS = "(default: 250 for ddpm, ddim25 for ddim)"  # default_respacing's
 
 
-def _a(kind: str) -> str:
-    """`kind` with its article: "a diffusion", "an upsampler"."""
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+@dataclass(frozen=True)
+class SampleOptions:
+    """How `adm sample` draws: each field is one of its flags (values.flag),
+    with its default, choices and help written here only. Each is checked
+    once, as the options are made: a bad one raises SampleError naming its
+    flag."""
+
+    classifier_scale: float = option(
+        1.0, "guidance scale s (default %(default)s)", metavar="S")
+    cfg_scale: float = option(
+        0.0, "classifier-free guidance w, for a model trained with "
+        "label_dropout (default %(default)s: none)", metavar="W")
+    sampler: str = option(
+        "ddpm", "ancestral (Algorithm 1) or DDIM (Algorithm 2) (default "
+        "%(default)s)", choices=SAMPLERS)
+    respacing: str | None = option(
+        None, f"steps to keep: 250, ddim25, 10,15,20 ... {_STEPS}",
+        metavar="SPEC")
+    # eta 0 is DDIM, 1 the ancestral sampler's noise; above 1 the DDIM
+    # step's square root goes negative (NaN samples).
+    eta: float = option(
+        0.0, "DDIM's stochasticity, in every stage that samples with ddim "
+        "(default %(default)s)")
+    guide_at: str = option(
+        "x_t", "where Algorithm 1 takes the classifier's gradient (default "
+        "%(default)s, as the reference)", choices=("x_t", "mean"))
+    num_samples: int = option(
+        16, "samples to draw (default %(default)s)", metavar="N")
+    labels: str | None = option(  # None: random, or the inputs' own
+        None, "class labels, cycled through the samples (default random; "
+        "with --low-res, the images' own)", metavar="random|Y,Y,...")
+    upsampler_sampler: str = option(
+        "ddpm", "the upsampler's sampler (default %(default)s)",
+        choices=SAMPLERS)
+    upsampler_respacing: str | None = option(
+        None, f"the upsampler's steps {_STEPS}", metavar="SPEC")
+    low_res_t: int | None = option(  # None: the cascade's default
+        None, "step the upsampler's inputs are noised to, for one trained "
+        "with low_res_noise (default: half of it; 0: none)", metavar="S")
+    batch_size: int = option(
+        64, "samples drawn at once; they do not depend on it (default "
+        "%(default)s)", metavar="N")
+    seed: int = option(
+        0, f"seed of the noise and of random labels, 0 to {MAX_SEED} "
+        "(default %(default)s)", least=0, limit=MAX_SEED + 1)
+    precision: str = option(
+        "auto", "the network's: %(default)s (default) is bf16 where the "
+        "device has it natively, else fp32", choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        """Raise SampleError naming the first option that cannot work."""
+        for field in fields(self):
+            value = getattr(self, field.name)
+            choices = field.metadata.get("choices")
+            if choices and value not in choices:
+                raise SampleError(f"{flag(field.name)} {value!r}: expected "
+                                  f"one of {', '.join(choices)}")
+        for name in ("classifier_scale", "cfg_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SampleError(f"{flag(name)} {value}: expected a finite "
+                                  "number >= 0")
+        if not 0 <= self.eta <= 1:
+            raise SampleError(f"--eta {self.eta}: expected a number in "
+                              "[0, 1]")
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SampleError(f"{flag(name)} {getattr(self, name)}: "
+                                  "expected a number >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SampleError(f"--seed {self.seed}: expected a whole number "
+                              f"from 0 to {MAX_SEED}")
+        if self.guide_at == "mean" and self.sampler != "ddpm":
+            raise SampleError(GUIDE_AT_MEAN)
+        _classes(self.labels)
+
+    @property
+    def classes(self) -> tuple[int, ...] | None:
+        """--labels as class numbers; None for "random" (or not given)."""
+        return _classes(self.labels)
+
+    @property
+    def guide_at_mean(self) -> bool:
+        """Whether Algorithm 1 takes the gradient at the mean, not x_t."""
+        return self.guide_at == "mean"
+
+
+def _classes(labels: str | None) -> tuple[int, ...] | None:
+    """`labels` as class numbers, None for "random" (or None), or
+    SampleError."""
+    if labels in (None, "random"):
+        return None
+    try:
+        chosen = coerce(labels, (0,))
+    except ValueError:
+        chosen = ()
+    if not chosen or not all(isinstance(y, int) and y >= 0 for y in chosen):
+        raise SampleError(f"--labels {labels!r}: expected 'random' or class "
+                          "numbers such as 0,3,7")
+    return chosen
 
 
 def load_network(path: str | os.PathLike, kind: str,
@@ -109,9 +212,6 @@ def to_stage(trained: TrainedModel, respacing: str | None = None,
              sampler: str = "ddpm", eta: float = 0.0) -> cs.Stage:
     """`trained` as a cascade stage sampling with `sampler`, `respacing`."""
     prefix = "--upsampler-" if trained.small_size else "--"
-    if sampler not in SAMPLERS:
-        raise SampleError(f"{prefix}sampler {sampler!r}: expected one of "
-                          f"{', '.join(SAMPLERS)}")
     if respacing is None:
         respacing = trained.respacing or default_respacing(
             sampler, trained.diffusion.num_timesteps)
@@ -127,41 +227,6 @@ def _counted(stage: cs.Stage, counting: Callable[[Model], Model]
     """`stage` with its network wrapped by `counting` (the step bar)."""
     return replace(stage, trained=replace(
         stage.trained, model=counting(stage.trained.model)))
-
-
-def check_options(classifier: object | None = None, *,
-                  classifier_scale: float = 1.0, cfg_scale: float = 0.0,
-                  sampler: str = "ddpm", eta: float = 0.0,
-                  guide_at_mean: bool = False, num_samples: int = 16,
-                  labels: str | None = None, batch_size: int = 64,
-                  seed: int = 0) -> None:
-    """Raise SampleError naming the first option that cannot work.
-
-    What `sample` takes, checked before any model is loaded; `classifier`
-    is anything standing for one (a path, a network), or None.
-    """
-    if sampler not in SAMPLERS:
-        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-    for flag, value in (("--classifier-scale", classifier_scale),
-                        ("--cfg-scale", cfg_scale)):
-        if not (math.isfinite(value) and value >= 0):
-            raise SampleError(f"{flag} {value}: expected a finite number "
-                              ">= 0")
-    # eta 0 is DDIM, 1 the ancestral sampler's noise; above 1 the DDIM
-    # step's square root goes negative (NaN samples).
-    if not 0 <= eta <= 1:
-        raise SampleError(f"--eta {eta}: expected a number in [0, 1]")
-    for flag, value in (("--num-samples", num_samples),
-                        ("--batch-size", batch_size)):
-        if value < 1:
-            raise SampleError(f"{flag} {value}: expected a number >= 1")
-    if not 0 <= seed <= MAX_SEED:
-        raise SampleError(f"--seed {seed}: expected a whole number from 0 "
-                          f"to {MAX_SEED}")
-    if guide_at_mean and (classifier is None or sampler != "ddpm"):
-        raise SampleError("--guide-at mean needs a classifier and the ddpm "
-                          "sampler (Algorithm 1)")
-    _label_list(labels)
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
@@ -306,31 +371,17 @@ def _evaluations(stage: cs.Stage, count: int, batch_size: int) -> int:
     return math.ceil(count / batch_size) * steps
 
 
-def _label_list(text: str | None) -> list[int] | None:
-    """--labels as class numbers; None for "random" (or not given)."""
-    if text in (None, "random"):
-        return None
-    try:
-        chosen = [int(word) for word in text.split(",") if word.strip()]
-    except ValueError:
-        chosen = []
-    if not chosen or min(chosen) < 0:
-        raise SampleError(f"--labels {text!r}: expected 'random' or class "
-                          "numbers such as 0,3,7")
-    return chosen
-
-
-def parse_labels(text: str | None, count: int, num_classes: int,
-                 seed: int) -> torch.Tensor | None:
-    """The labels of `count` samples: "random", or a list cycled through."""
-    chosen = _label_list(text)
+def draw_labels(options: SampleOptions, count: int,
+                num_classes: int) -> torch.Tensor | None:
+    """The labels of `count` samples: random, or --labels cycled through."""
+    chosen = options.classes
     if num_classes == 0:
         if chosen is not None:
             raise SampleError("--labels needs a class-conditional model or "
                               "a classifier")
         return None
     if chosen is None:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(options.seed)
         return torch.randint(num_classes, (count,), generator=g)
     bad = [y for y in chosen if not 0 <= y < num_classes]
     if bad:
@@ -339,53 +390,41 @@ def parse_labels(text: str | None, count: int, num_classes: int,
     return torch.tensor(chosen).repeat(math.ceil(count / len(chosen)))[:count]
 
 
-def sample(model: TrainedModel, classifier: TrainedModel | None = None, *,
-           classifier_scale: float = 1.0, cfg_scale: float = 0.0,
-           sampler: str = "ddpm", respacing: str | None = None,
-           eta: float = 0.0, guide_at_mean: bool = False,
-           num_samples: int = 16, labels: str | None = None,
-           batch_size: int = 64, device: str | torch.device = "cpu",
-           seed: int = 0, progress: bool = False, precision: str = "auto",
+def sample(model: TrainedModel, classifier: TrainedModel | None = None,
+           options: SampleOptions | None = None,
+           device: str | torch.device = "cpu", progress: bool = False,
            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples of `model`, guided as asked; uint8 NHWC and labels.
+    """Samples of `model`, guided as `options` ask; uint8 NHWC and labels.
 
-    `precision` is the network's ("auto": bf16 where the device has it
-    natively, else fp32; see chapter 4).
+    The network runs at `options.precision` ("auto": bf16 where the device
+    has it natively, else fp32; see chapter 4).
     """
-    base, y, cond_fn = _prepare_base(
-        model, classifier, classifier_scale=classifier_scale,
-        cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
-        guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
-        batch_size=batch_size, seed=seed, precision=precision)
+    options = options or SampleOptions()
+    base, y, cond_fn = _prepare_base(model, classifier, options)
     net = base.trained
     network = net.model if net.num_classes else ignore_labels(net.model)
     shape = (net.in_channels, net.image_size, net.image_size)
-    total = _evaluations(base, num_samples, batch_size)
+    total = _evaluations(base, options.num_samples, options.batch_size)
     with step_bar(total, progress) as counting:
         return sample_batches(respace(net.diffusion, base.respacing),
-                              counting(network), num_samples, shape, y,
-                              batch_size, device, seed, False, precision,
-                              sampler=sampler, cond_fn=cond_fn,
-                              guide_at_mean=guide_at_mean, eta=eta)
+                              counting(network), options.num_samples, shape,
+                              y, options.batch_size, device, options.seed,
+                              False, options.precision,
+                              sampler=options.sampler, cond_fn=cond_fn,
+                              guide_at_mean=options.guide_at_mean,
+                              eta=options.eta)
 
 
 def _prepare_base(
-    model: TrainedModel, classifier: TrainedModel | None, *, classifier_scale: float,
-    cfg_scale: float, sampler: str, respacing: str | None, eta: float,
-    guide_at_mean: bool, num_samples: int, labels: str | None,
-    batch_size: int, seed: int, precision: str,
-    upsampler: TrainedModel | None = None,
+    model: TrainedModel, classifier: TrainedModel | None,
+    options: SampleOptions, upsampler: TrainedModel | None = None,
 ) -> tuple[cs.Stage, torch.Tensor | None, CondFn | None]:
     """The base model's stage (guided as asked), its labels and cond_fn.
 
-    The classifier runs at the network's `precision`.
+    The classifier runs at the network's precision.
     """
-    check_options(classifier, classifier_scale=classifier_scale,
-                  cfg_scale=cfg_scale, sampler=sampler, eta=eta,
-                  guide_at_mean=guide_at_mean, num_samples=num_samples,
-                  labels=labels, batch_size=batch_size, seed=seed)
-    check_memory(f"--num-samples {num_samples}", num_samples, model,
-                 upsampler)
+    count = options.num_samples
+    check_memory(f"--num-samples {count}", count, model, upsampler)
     num_classes = model.num_classes
     if classifier is not None:
         _check_pair(model, classifier)
@@ -397,33 +436,28 @@ def _prepare_base(
                 f"the {which} has {num_classes} classes, the upsampler "
                 f"{upsampler.source} {upsampler.num_classes}")
         num_classes = upsampler.num_classes
-    stage = to_stage(model, respacing, sampler, eta)
-    if cfg_scale:
+    stage = to_stage(model, options.respacing, options.sampler, options.eta)
+    if options.cfg_scale:
         if model.null_label is None:
             raise SampleError(f"--cfg-scale needs a model trained with label "
                               f"dropout (adm train ... --set "
                               f"label_dropout=0.1); {model.source} was not")
         stage.trained = replace(model, model=classifier_free_model(
-            model.model, cfg_scale, model.null_label))
-    y = parse_labels(labels, num_samples, num_classes, seed)
+            model.model, options.cfg_scale, model.null_label))
+    y = draw_labels(options, count, num_classes)
     cond_fn = None
-    if classifier is not None and classifier_scale:
-        cond_fn = classifier_cond_fn(classifier.model, classifier_scale,
-                                     precision)
+    if classifier is not None and options.classifier_scale:
+        cond_fn = classifier_cond_fn(classifier.model,
+                                     options.classifier_scale,
+                                     options.precision)
     return stage, y, cond_fn
 
 
 def sample_cascade(
     model: TrainedModel, upsampler: TrainedModel,
-    classifier: TrainedModel | None = None, *,
-    classifier_scale: float = 1.0, cfg_scale: float = 0.0,
-    sampler: str = "ddpm", respacing: str | None = None, eta: float = 0.0,
-    guide_at_mean: bool = False, num_samples: int = 16,
-    labels: str | None = None, batch_size: int = 64,
-    device: str | torch.device = "cpu", seed: int = 0,
-    progress: bool = False, precision: str = "auto",
-    upsampler_sampler: str = "ddpm", upsampler_respacing: str | None = None,
-    low_res_t: int | None = None,
+    classifier: TrainedModel | None = None,
+    options: SampleOptions | None = None,
+    device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Base samples (guided as asked), them upsampled, and their labels.
 
@@ -432,6 +466,7 @@ def sample_cascade(
     its low-resolution inputs noised to step `low_res_t` (None: the
     cascade's default) if it was trained with conditioning augmentation.
     """
+    options = options or SampleOptions()
     if not upsampler.small_size:
         raise SampleError(f"{upsampler.source} is not an upsampler: it "
                           "takes no low-resolution images")
@@ -446,27 +481,31 @@ def sample_cascade(
             f"{classifier.image_size}px images, the upsampler's output: "
             "guidance runs in the base model only, so pass a classifier "
             f"of the base model's size ({model.image_size}px)")
-    base, y, cond_fn = _prepare_base(
-        model, classifier, classifier_scale=classifier_scale,
-        cfg_scale=cfg_scale, sampler=sampler, respacing=respacing, eta=eta,
-        guide_at_mean=guide_at_mean, num_samples=num_samples, labels=labels,
-        batch_size=batch_size, seed=seed, precision=precision,
-        upsampler=upsampler)
-    up = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
-    _check_level(upsampler, low_res_t)
-    total = (_evaluations(base, num_samples, batch_size)
-             + _evaluations(up, num_samples, batch_size))
+    base, y, cond_fn = _prepare_base(model, classifier, options, upsampler)
+    up = _upsampler_stage(upsampler, options)
+    count, batch_size = options.num_samples, options.batch_size
+    total = (_evaluations(base, count, batch_size)
+             + _evaluations(up, count, batch_size))
     try:
         with step_bar(total, progress) as counting:
             low, high = cs.cascade(
-                _counted(base, counting), _counted(up, counting),
-                num_samples, y,
-                cond_fn=cond_fn, guide_at_mean=guide_at_mean,
-                low_res_t=low_res_t, batch_size=batch_size, device=device,
-                seed=seed, progress=False, precision=precision)
+                _counted(base, counting), _counted(up, counting), count, y,
+                cond_fn=cond_fn, guide_at_mean=options.guide_at_mean,
+                low_res_t=options.low_res_t, batch_size=batch_size,
+                device=device, seed=options.seed, progress=False,
+                precision=options.precision)
     except cs.CascadeError as err:  # the stages do not fit
         raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
     return low, high, None if y is None else y.numpy()
+
+
+def _upsampler_stage(upsampler: TrainedModel,
+                     options: SampleOptions) -> cs.Stage:
+    """`upsampler` as the stage `options` ask for, its level checked."""
+    stage = to_stage(upsampler, options.upsampler_respacing,
+                     options.upsampler_sampler, options.eta)
+    _check_level(upsampler, options.low_res_t)
+    return stage
 
 
 def _check_level(upsampler: TrainedModel, low_res_t: int | None) -> None:
@@ -543,24 +582,21 @@ def _read_folder(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def upsample_files(
-    upsampler: TrainedModel, low_res_path: str | os.PathLike, *,
-    labels: str | None = None, upsampler_sampler: str = "ddpm",
-    upsampler_respacing: str | None = None, low_res_t: int | None = None,
-    eta: float = 0.0, batch_size: int = 64,
-    device: str | torch.device = "cpu", seed: int = 0,
-    progress: bool = False, precision: str = "auto",
+    upsampler: TrainedModel, low_res_path: str | os.PathLike,
+    options: SampleOptions | None = None,
+    device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The images of `low_res_path` (see read_low_res) upsampled; labels.
 
-    `labels` ("random" or class numbers cycled through) replaces the
-    inputs' own labels; a class-conditional upsampler needs one or other.
+    The upsampler samples as `options` ask; their `labels` ("random" or
+    class numbers cycled through) replace the inputs' own labels, and a
+    class-conditional upsampler needs one or other.
     """
-    check_options(eta=eta, labels=labels, batch_size=batch_size, seed=seed)
+    options = options or SampleOptions()
     if not upsampler.small_size:
         raise SampleError(f"{upsampler.source} is not an upsampler: it "
                           "takes no low-resolution images")
-    stage = to_stage(upsampler, upsampler_respacing, upsampler_sampler, eta)
-    _check_level(upsampler, low_res_t)
+    stage = _upsampler_stage(upsampler, options)
     images, found = read_low_res(low_res_path)
     try:
         cs.check_low_res(stage, images)
@@ -569,8 +605,8 @@ def upsample_files(
     check_memory(f"--low-res {low_res_path}", len(images),
                  upsampler=upsampler)
     count, classes = len(images), upsampler.num_classes
-    if labels is not None:
-        y = parse_labels(labels, count, classes, seed)
+    if options.labels is not None:
+        y = draw_labels(options, count, classes)
     elif found is None:
         if classes:
             raise SampleError(
@@ -587,13 +623,13 @@ def upsample_files(
                 "--labels to replace them")
         y = torch.from_numpy(found)
     try:
-        with step_bar(_evaluations(stage, len(images), batch_size),
-                       progress) as counting:
-            high = cs.upsample(_counted(stage, counting),
-                               images, y, low_res_t=low_res_t,
-                               batch_size=batch_size, device=device,
-                               seed=seed, progress=False,
-                               precision=precision)
+        with step_bar(_evaluations(stage, count, options.batch_size),
+                      progress) as counting:
+            high = cs.upsample(_counted(stage, counting), images, y,
+                               low_res_t=options.low_res_t,
+                               batch_size=options.batch_size, device=device,
+                               seed=options.seed, progress=False,
+                               precision=options.precision)
     except cs.CascadeError as err:
         raise SampleError(f"--upsampler {upsampler.source}: {err}") from None
     return high, None if y is None else y.numpy()

@@ -1,12 +1,15 @@
 """Command-line values as Python values: `adm train --set` and `adm book run -p`.
 
 Hand-written tooling (not exported from a chapter): one converter, so that a
-value typed on any command line means the same thing everywhere.
+value typed on any command line means the same thing everywhere, and one way
+to declare an option's default, choices and help with the dataclass field
+that holds it (`option`; the `adm` command builds its flags from them).
 """
 
 from __future__ import annotations
 
 import ast
+from dataclasses import field
 from typing import Any
 
 # Seeds are whole numbers 0 <= seed <= MAX_SEED: torch's generators take
@@ -15,6 +18,22 @@ from typing import Any
 # range for every seed, of training (TrainConfig.seed) and of sampling
 # (--seed), so that a seed one command takes, the others take too.
 MAX_SEED = 2**64 - 1
+
+
+def option(default: Any, help: str, **argument: Any) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    `help` says what it is, `%(default)s` in it showing `default`;
+    `argument` holds argparse's `metavar` and `choices`, and for a whole
+    number `least` and `limit` (least <= n < limit), checked as it is read.
+    """
+    return field(default=default, metadata={"help": help, **argument})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of option `name`: --name-like-this."""
+    return "--" + name.replace("_", "-")
+
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "y", "t", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "n", "f", "off"})

@@ -75,10 +75,13 @@ def nets(runs: dict[str, Path]) -> dict[str, TrainedModel]:
 
 
 def cascade(nets: dict[str, TrainedModel], up: str = "up",
+            classifier: TrainedModel | None = None,
             **options) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """3 cascade samples of labels 3, 5, 7, fast."""
-    options = {**FAST, "num_samples": 3, "labels": "3,5,7", **options}
-    return sampling.sample_cascade(nets["base"], nets[up], **options)
+    options = sampling.SampleOptions(**{
+        **FAST, "num_samples": 3, "labels": "3,5,7", **options})
+    return sampling.sample_cascade(nets["base"], nets[up], classifier,
+                                   options)
 
 
 def adm_sample(args: list[str], capsys: pytest.CaptureFixture

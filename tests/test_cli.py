@@ -151,3 +151,23 @@ def test_adm_train_names_its_flag_where_the_library_names_an_argument(
     assert capsys.readouterr().err == (
         f"adm train: {out} already holds a run (checkpoint at step 6): "
         "resume it (--resume), or choose another folder\n")
+
+
+def test_a_command_loads_its_library_only_when_it_is_used() -> None:
+    # `adm -h` and `adm book` start at once, and `adm book export` works
+    # whatever state the generated modules are in: no command's arguments,
+    # so no library module and no torch, are loaded before it is used.
+    code = ("import sys; from adm_lib import cli; parser = cli.build_parser(); "
+            "parser.format_help(); parser.parse_args(['book', 'check']); "
+            "print(*(m for m in sys.modules if m == 'torch' or "
+            "m.startswith('adm_lib.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    loaded = done.stdout.split()
+    assert loaded and all(m.startswith(("adm_lib.book", "adm_lib.cli",
+                                        "adm_lib.values")) for m in loaded), \
+        loaded
+    # Used, a command's parser has its arguments.
+    help = subcommands()["sample"].format_help()
+    assert "--classifier-scale" in help and "--precision" in help

@@ -6,15 +6,16 @@ if the option was refused before the model was loaded.
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from adm_lib import checkpoints as ck
-from adm_lib import cli, sampling
+from adm_lib import cli, devices, guidance, sampling, values
 from adm_lib import config as cf
 from adm_lib.models import TrainedModel
 
@@ -100,11 +101,91 @@ def test_an_out_in_a_read_only_folder_is_named_before_any_work(
 
 
 def test_sample_checks_its_options_too() -> None:
-    # The library call refuses what the command does, before any model use.
+    # The library's options refuse what the command does, before any model
+    # use: there are no options to sample with.
     with pytest.raises(sampling.SampleError, match="--eta nan"):
-        sampling.sample(None, eta=float("nan"))
+        sampling.SampleOptions(eta=float("nan"))
     with pytest.raises(sampling.SampleError, match="--cfg-scale nan"):
-        sampling.sample(None, cfg_scale=float("nan"))
+        sampling.SampleOptions(cfg_scale=float("nan"))
+
+
+def sample_flags() -> dict[str, argparse.Action]:
+    """The flags of `adm sample`, by option name."""
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions
+                   if isinstance(a, argparse._SubParsersAction)]
+    sample = commands.choices["sample"]
+    sample.format_help()  # its arguments are added when it is first used
+    return {a.dest: a for a in sample._actions}
+
+
+def test_every_option_is_a_flag_with_its_default() -> None:
+    flags = sample_flags()
+    for field in fields(sampling.SampleOptions):
+        action = flags[field.name]
+        assert action.option_strings == [values.flag(field.name)]
+        # Not given, the option keeps the dataclass's default: written once.
+        assert action.default is None
+        assert action.choices == field.metadata.get("choices")
+        shown = field.default
+        if isinstance(shown, float):
+            shown = f"{shown:g}"
+        if shown is not None:
+            assert f"{shown} (default)" in action.help or (
+                f"default {shown}" in action.help), action.help
+    args = cli.build_parser().parse_args(["sample", "m"])
+    assert cli._options(sampling.SampleOptions, args) == (
+        sampling.SampleOptions())
+    args = cli.build_parser().parse_args(
+        ["sample", "m", "--sampler", "ddim", "--eta", "0.5", "--labels",
+         "3,1", "--num-samples", "1e3", "--low-res-t", "2"])
+    options = cli._options(sampling.SampleOptions, args)
+    assert (options.sampler, options.eta, options.classes,
+            options.num_samples, options.low_res_t) == (
+        "ddim", 0.5, (3, 1), 1000, 2)
+    # The choices are the library's own.
+    assert flags["sampler"].choices == flags["upsampler_sampler"].choices \
+        == guidance.SAMPLERS
+    assert flags["precision"].choices == devices.PRECISIONS
+
+
+# One bad value of each option that has one: refused by the options (once,
+# wherever they are made) and by `adm sample`, naming the flag.
+BAD = {"classifier_scale": -1.0, "cfg_scale": float("inf"),
+       "sampler": "euler", "eta": 2.0, "guide_at": "x_0",
+       "num_samples": 0, "labels": "3,x", "upsampler_sampler": "plms",
+       "batch_size": -4, "seed": -1, "precision": "fp8"}
+
+
+def test_each_options_bad_value_is_refused_naming_its_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture,
+        no_loading: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    unchecked = {f.name for f in fields(sampling.SampleOptions)} - set(BAD)
+    # Their values are checked against the networks, once loaded.
+    assert unchecked == {"respacing", "upsampler_respacing", "low_res_t"}
+    for name in BAD:
+        with pytest.raises(sampling.SampleError) as err:
+            sampling.SampleOptions(**{name: BAD[name]})
+        assert str(err.value).startswith(values.flag(name)), err.value
+    # The command: past its parser (a choice, a seed), the same refusal.
+    calls = []
+    real = sampling.SampleOptions.__post_init__
+
+    def counted(self: sampling.SampleOptions) -> None:
+        calls.append(self)
+        real(self)
+
+    monkeypatch.setattr(sampling.SampleOptions, "__post_init__", counted)
+    classifier = ["--classifier", str(tmp_path / "c")]
+    for name in ("classifier_scale", "cfg_scale", "eta", "num_samples",
+                 "labels", "batch_size"):
+        calls.clear()
+        code, err = adm_sample([str(tmp_path / "run"), *classifier,
+                                values.flag(name), str(BAD[name]), "--out",
+                                str(tmp_path / "x.npz")], capsys)
+        assert code == 1 and err.startswith(
+            f"adm sample: {values.flag(name)} "), err
+        assert len(calls) == 1  # checked once, before any model loads
 
 
 class Pickled:
@@ -223,7 +304,7 @@ def test_seeds_out_of_range_are_refused_by_the_parser(
             f"{2**64 - 1}, got {seed!r}"), err
         assert "Traceback" not in err
     with pytest.raises(sampling.SampleError, match="--seed"):
-        sampling.check_options(seed=2**64)
+        sampling.SampleOptions(seed=2**64)
     args = cli.build_parser().parse_args(["sample", "m", "--seed",
                                           str(2**64 - 1)])
     assert args.seed == 2**64 - 1  # not rounded through a float
@@ -250,23 +331,22 @@ def test_the_bar_counts_steps_and_any_seed_in_range_samples(
     base = tiny("diffusion", image_size=4, attention_resolutions="4")
     up = tiny("upsampler", image_size=8, small_size=4)
     top = 2**64 - 1
-    images, labels = sampling.sample(base, num_samples=5, batch_size=2,
-                                     respacing="3", seed=top, progress=True,
-                                     precision="fp32")
+    fp32 = sampling.SampleOptions(seed=top, precision="fp32", batch_size=2)
+    images, labels = sampling.sample(
+        base, options=replace(fp32, num_samples=5, respacing="3"),
+        progress=True)
     assert images.shape == (5, 4, 4, 1) and len(labels) == 5
     # 3 batches of 3 steps: the bar moves at each step, not each batch.
     assert "9/9" in capsys.readouterr().err
     low, high, _ = sampling.sample_cascade(
-        base, up, num_samples=3, batch_size=2, respacing="2",
-        upsampler_respacing="4", seed=top, progress=True, precision="fp32")
+        base, up, options=replace(fp32, num_samples=3, respacing="2",
+                                  upsampler_respacing="4"), progress=True)
     assert high.shape == (3, 8, 8, 1)
     assert "12/12" in capsys.readouterr().err  # 2 x 2 + 2 x 4
     sampling.write_samples(tmp_path / "low.npz", low, None)
-    sampling.upsample_files(up, tmp_path / "low.npz", labels="1",
-                            upsampler_respacing="4", batch_size=2,
-                            progress=True, precision="fp32")
+    sampling.upsample_files(up, tmp_path / "low.npz", replace(
+        fp32, labels="1", upsampler_respacing="4"), progress=True)
     assert "8/8" in capsys.readouterr().err  # 2 x 4
-
 
 
 def test_adm_sample_prepares_networks_as_the_bench_times_them(
@@ -334,6 +414,6 @@ def test_the_classifier_guides_at_the_samplings_precision() -> None:
     guided = replace(judge, model=Spy())
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
         seen.clear()
-        sampling.sample(base, guided, num_samples=2, respacing="2",
-                        labels="1", precision=precision)
+        sampling.sample(base, guided, sampling.SampleOptions(
+            num_samples=2, respacing="2", labels="1", precision=precision))
         assert seen == {dtype}, precision

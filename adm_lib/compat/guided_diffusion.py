@@ -207,12 +207,6 @@ def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **{k: _typed(k, v) for k, v in given.items()}}
 
 
-def _numbers(text: str) -> tuple[float, ...]:
-    """A comma list of numbers, as ints where they are whole."""
-    values = [float(v) for v in text.split(",") if v.strip()]
-    return tuple(int(v) if v.is_integer() else v for v in values)
-
-
 def _attention_factors(resolutions: str, image_size: int,
                        channel_mult: tuple[float, ...]) -> tuple[int, ...]:
     """Attention resolutions (e.g. "32,16,8") as down-sampling factors.
@@ -223,7 +217,7 @@ def _attention_factors(resolutions: str, image_size: int,
     with channel_mult 1,2,2, no level at 8 px); UNetModel refuses it.
     """
     levels = {2**level for level in range(len(channel_mult))}
-    factors = (image_size // int(r) for r in resolutions.split(",") if r)
+    factors = (image_size // int(r) for r in coerce(resolutions, ()))
     return tuple(f for f in factors if f in levels)
 
 
@@ -256,7 +250,7 @@ def _channel_mult(f: Mapping[str, Any], table: dict, size_flag: str
                   ) -> tuple[float, ...]:
     """--channel_mult if given, else the default for the image size."""
     if f["channel_mult"]:
-        return _numbers(f["channel_mult"])
+        return coerce(f["channel_mult"], ())
     size = f[size_flag]
     if size not in table:
         sizes = ", ".join(str(s) for s in sorted(table))
@@ -627,7 +621,7 @@ def config_from_flags(flags: str | Mapping[str, Any],
     up = kind == "upsampler"
     size = f["large_size"] if up else f["image_size"]
     table = SUPER_RES_CHANNEL_MULT if up else CHANNEL_MULT
-    mult = _numbers(f["channel_mult"])
+    mult = coerce(f["channel_mult"], ())
     levels = len(mult or table.get(size, ()))
 
     def resolutions(flag: str) -> tuple[int, ...]:
