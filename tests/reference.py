@@ -44,6 +44,7 @@ integer steps) are compared exactly or to float64 round-off instead.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from pathlib import Path
@@ -87,6 +88,27 @@ def parse_flags(flags: str) -> dict[str, str]:
 K = 8
 FLOOR_ULPS = 4
 EPS32 = torch.finfo(torch.float32).eps
+# For quantities computed in float64 only (schedules, statistics): their
+# round-off, in the same terms.
+EPS64 = torch.finfo(torch.float64).eps
+# bfloat16 keeps 8 significant bits: a rounding's relative error is uniform
+# in [-2^-8, 2^-8], of standard deviation 2^-8 / sqrt(3). Its comparisons
+# allow K_BF16 times the estimate of `bf16_error`, a standard deviation of
+# many independent roundings (near-Gaussian), not a measured error.
+K_BF16 = 4
+
+
+def bf16_error(network: torch.nn.Module, passes: int = 1) -> float:
+    """Relative error (an rms) of a network's output in bfloat16.
+
+    Each of its convolutions and linear layers rounds its input and its
+    weights, once per pass (forward; and backward, for a gradient); the
+    errors are independent and add in quadrature.
+    """
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+             torch.nn.Linear)
+    layers = sum(isinstance(m, kinds) for m in network.modules())
+    return 2**-8 * math.sqrt(2 * layers * passes / 3)
 
 
 class ParityError(AssertionError):

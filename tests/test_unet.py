@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -23,6 +24,8 @@ from adm_lib.unet import (
     normalization,
     timestep_embedding,
 )
+
+from .reference import EPS32, K_BF16, assert_parity, bf16_error
 
 N, SIZE, WIDTH = 2, 16, 32
 
@@ -54,8 +57,14 @@ def test_timestep_embedding_values() -> None:
     emb = timestep_embedding(torch.tensor([0.0, 2.5]), 6)
     assert emb.shape == (2, 6) and emb.dtype == torch.float32
     assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
-    freqs = torch.exp(-math.log(10000) * torch.arange(3) / 3)
-    assert torch.allclose(emb[1, :3], torch.cos(2.5 * freqs))
+
+    def cosines(dtype: torch.dtype) -> torch.Tensor:
+        freqs = torch.exp(-math.log(10000) * torch.arange(3, dtype=dtype) / 3)
+        return torch.cos(2.5 * freqs)[None]
+
+    # The formula in float32 and float64: the error model of tests/reference.py.
+    assert_parity({"cos": (cosines(torch.float32), cosines(torch.float64),
+                           emb[1:, :3])})
     assert timestep_embedding(torch.tensor([1]), 5)[0, -1] == 0
 
 
@@ -99,6 +108,7 @@ def test_class_conditional_unet() -> None:
     x, t = inputs()
     y = torch.tensor([0, 4])
     assert model.label_emb.weight.shape == (5, 4 * WIDTH)
+    # Other labels move the output by O(1), far beyond allclose's 1e-5.
     assert not torch.allclose(model(x, t, y), model(x, t, y.flip(0)))
     with pytest.raises(ValueError, match="class-conditional"):
         model(x, t)
@@ -113,7 +123,10 @@ def test_residual_rescaling_changes_no_parameter() -> None:
     }
     block = ResBlock(32, 8, 0.0, rescale_residual=True)
     x = torch.randn(1, 32, 4, 4)
-    assert torch.allclose(block(x, torch.randn(1, 8)), x / math.sqrt(2))
+    # The zero output layer adds 0. x * 2^-0.5 rounds the constant and the
+    # product, x / sqrt(2) the quotient: 1.5 eps32 apart at most.
+    assert torch.allclose(block(x, torch.randn(1, 8)), x / math.sqrt(2),
+                          rtol=2 * EPS32, atol=0)
 
 
 def test_additive_and_adagn_embedding_widths() -> None:
@@ -134,12 +147,18 @@ def test_attention_orders_match_explicit_attention() -> None:
         w = torch.einsum("bthc,bshc->bhts", q, k) / math.sqrt(ch)
         return torch.einsum("bhts,bshc->bthc", w.softmax(-1), v).flatten(2)
 
-    legacy = qkv.unflatten(-1, (heads, 3, ch)).unbind(-2)
-    new = qkv.unflatten(-1, (3, heads, ch)).unbind(-3)
-    for order, parts in ((True, legacy), (False, new)):
+    def legacy(qkv):
+        return explicit(*qkv.unflatten(-1, (heads, 3, ch)).unbind(-2))
+
+    def new(qkv):
+        return explicit(*qkv.unflatten(-1, (3, heads, ch)).unbind(-3))
+
+    for order, formula in ((True, legacy), (False, new)):
         got = QKVAttention(heads, legacy_order=order)(qkv)
-        torch.testing.assert_close(got, explicit(*parts), rtol=1e-5,
-                                   atol=1e-6)
+        # The explicit formula in float32 and float64: the error model of
+        # tests/reference.py.
+        assert_parity({"attention": (formula(qkv), formula(qkv.double()),
+                                     got)})
     with pytest.raises(ValueError, match="qkv width"):
         QKVAttention(4)(torch.randn(1, 3, 30))
 
@@ -154,15 +173,22 @@ def test_attention_block_matches_channels_first_reference(
                            use_new_attention_order=not legacy_order)
     nn.init.normal_(block.proj_out.weight)
     x = torch.randn(N, heads * ch, 3, 5)
-    qkv = block.qkv(block.norm(x.flatten(2)))
-    if legacy_order:
-        q, k, v = qkv.reshape(N * heads, 3 * ch, -1).split(ch, dim=1)
-    else:
-        q, k, v = (t.reshape(N * heads, ch, -1) for t in qkv.chunk(3, 1))
-    w = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
-    a = torch.einsum("bts,bcs->bct", w.softmax(-1), v)
-    want = x + block.proj_out(a.reshape(N, heads * ch, -1)).reshape(x.shape)
-    torch.testing.assert_close(block(x), want, rtol=1e-5, atol=1e-5)
+
+    def reference(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        qkv = block.qkv(block.norm(x.flatten(2)))
+        if legacy_order:
+            q, k, v = qkv.reshape(N * heads, 3 * ch, -1).split(ch, dim=1)
+        else:
+            q, k, v = (t.reshape(N * heads, ch, -1) for t in qkv.chunk(3, 1))
+        w = torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch)
+        a = torch.einsum("bts,bcs->bct", w.softmax(-1), v)
+        return x + block.proj_out(a.reshape(N, heads * ch, -1)).reshape(
+            x.shape)
+
+    # The reference's block in float32 and float64: the error model of
+    # tests/reference.py.
+    exact = reference(copy.deepcopy(block).double(), x.double())
+    assert_parity({"block": (reference(block, x), exact, block(x))})
 
 
 @pytest.mark.parametrize(("dims", "channels_last"),
@@ -238,6 +264,7 @@ def test_super_res_model_concatenates_upsampled_low_res() -> None:
     out = model(x, t, low, y=y)
     assert out.shape == (N, 3, SIZE, SIZE)
     assert model.input_blocks[0][0].in_channels == 6
+    # Another low_res moves the output by O(1), far beyond allclose's 1e-5.
     assert not torch.allclose(out, model(x, t, low.flip(-1), y=y))
 
 
@@ -250,7 +277,9 @@ def test_bfloat16_forward_matches_float32() -> None:
         ref = model(x, t, y)
         out = model.to(torch.bfloat16)(x.bfloat16(), t, y)
     assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    # bf16 keeps 8 significant bits: the error model of tests/reference.py.
+    bound = K_BF16 * bf16_error(model) * ref.abs().max()
+    assert (out.float() - ref).abs().max() < bound
 
 
 def test_float16_forward_where_supported() -> None:
@@ -319,19 +348,20 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     y = torch.tensor([0, 1])
     for model in (plain, ckpt):
         model(x, t, y).square().mean().backward()
+    # The backward recomputes the same forward with the same kernels, and
+    # sums the gradients in the same order: bit for bit.
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(),
                             strict=True):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7,
-                                   msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
 
 
 def test_scalar_timestep_is_broadcast() -> None:
     model = perturb(unet()).eval()
     x, _ = inputs()
-    with torch.no_grad():
+    with torch.no_grad():  # the same timesteps: bit for bit
         torch.testing.assert_close(
-            model(x, torch.tensor(7)), model(x, torch.tensor([7, 7]))
-        )
+            model(x, torch.tensor(7)), model(x, torch.tensor([7, 7])),
+            rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3, 4])
