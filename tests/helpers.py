@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adm_lib import config as cf
 from adm_lib import runlog as rl
 from adm_lib.models import load_run
+from adm_lib.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"steps_per_s", "images_per_s"}  # wall-clock: differs run to run
@@ -112,3 +114,36 @@ def damage(path: Path) -> None:
     """Cut a file to half its size, as a crash on a lax file system might."""
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
+
+
+# The guidance and sampling tests' runs: 4 classes of 8x8 noise images.
+GUIDED = {
+    "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+    "channel_mult": "1,2", "attention_resolutions": "4",
+    "num_head_channels": 32, "classifier_width": 32, "classifier_depth": 1,
+    "classifier_attention_resolutions": "4", "diffusion_steps": 50,
+    "batch_size": 4, "steps": 2, "num_workers": 0, "device": "cpu",
+    "log_interval": 1, "save_interval": 1000, "sample_interval": 1000,
+    "eval_interval": 1000, "eval_images": 8, "val_fraction": 0.25,
+}
+
+
+def tiny_guided_runs(root: Path) -> dict[str, Path]:
+    """Tiny runs on 4-class 8x8 data: conditional with label dropout,
+    unconditional, and a classifier."""
+    data = root / "tiny.npz"
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 4
+    images = rng.integers(0, 256, (24, 8, 8)).astype(np.uint8)
+    np.savez(data, images, labels)
+    # A high learning rate: after a few steps the labels matter.
+    settings = {**GUIDED, "data": str(data), "steps": 4, "lr": 1e-2}
+    kinds = {
+        "conditional": ("diffusion", {"label_dropout": 0.25}),
+        "unconditional": ("diffusion", {"class_cond": False}),
+        "classifier": ("classifier", {}),
+    }
+    for name, (kind, extra) in kinds.items():
+        train(cf.make_config(kind, "mnist", {**settings, **extra}),
+                 root / name, progress=False)
+    return {name: root / name for name in kinds} | {"data": data}

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from adm_lib import batches as bt
 from adm_lib import cli
 from adm_lib import config as cf
+from adm_lib import objectives as ob
 from adm_lib.diffusion import UniformSampler
-from tests.helpers import CPU, adm_train, config
+from tests.helpers import CPU, GUIDED, adm_train, config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,3 +114,34 @@ def test_row_noise_is_independent_standard_normal_noise():
     across = torch.corrcoef(torch.cat([noise, other]))[:rows, rows:]
     assert (abs(across.pow(2).mean() - 1 / (d - 1))
             < 5 * (2 / d**2 / rows**2) ** 0.5)
+
+
+# Label dropout: the training side of classifier-free guidance (chapter 4).
+def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
+    config = cf.make_config("diffusion", "mnist", {
+        **GUIDED, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,
+        "batch_size": 4000})
+    assert cf.unet_arguments(config)["num_classes"] == 5
+    assert cf.build_model(config).label_emb.num_embeddings == 5
+    draws = bt.draw_step(config, UniformSampler(50), 0, (1, 2, 2),
+                         torch.device("cpu"))
+    # A Monte-Carlo share of 4000 (seeded) draws: within 4 standard errors.
+    se = (0.3 * 0.7 / 4000) ** 0.5
+    assert abs(draws.drop.float().mean().item() - 0.3) < 4 * se
+    seen = {}
+
+    def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        seen["y"] = y
+        return torch.zeros(len(x), 2, *x.shape[2:])
+
+    y = torch.arange(4000) % 4
+    ob.diffusion_terms(config, cf.build_diffusion(config), model,
+                       torch.zeros(4000, 1, 2, 2), y, draws)
+    assert torch.equal(seen["y"], torch.where(draws.drop, 4, y))
+
+
+def test_dropping_no_labels_leaves_the_training_draws_unchanged() -> None:
+    config = cf.make_config("diffusion", "mnist", {**GUIDED})
+    draws = bt.draw_step(config, UniformSampler(50), 7, (1, 2, 2),
+                         torch.device("cpu"))
+    assert not draws.drop.any()

@@ -290,3 +290,15 @@ def test_a_released_models_preset_builds_its_network(kind, name):
     assert type(ours) is type(reference)
     assert ([p.shape for p in ours.parameters()]
             == [p.shape for p in reference.parameters()])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"label_dropout": 1.0}, "label_dropout=1.0 must be in"),
+    ({"label_dropout": -0.1}, "must be in"),
+    ({"label_dropout": 0.1, "class_cond": False}, "needs a class-cond"),
+])
+def test_label_dropout_is_checked(settings: dict, message: str) -> None:
+    with pytest.raises(cf.TrainError, match=message):
+        cf.make_config("diffusion", "mnist", settings)
+    with pytest.raises(cf.TrainError, match="needs a class-cond"):
+        cf.make_config("classifier", "mnist", {"label_dropout": 0.1})

@@ -1,14 +1,13 @@
-"""adm_lib.guidance (chapter 6), `adm sample` and `adm demo`.
+"""adm_lib.guidance (chapter 6): the classifier's gradient, guided and
+classifier-free sampling, sampling in batches with per-sample noise.
 
 Models here are tiny (8x8 grey images, a few training steps) and run on
-one thread, so the file takes well under a minute on a 2-core CPU; the
-demo test runs the whole pipeline at a few steps.
+one thread, so the file takes well under a minute on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from adm_lib import batches as bt
-from adm_lib import cli
-from adm_lib import config as cf
 from adm_lib import guidance as gu
-from adm_lib import objectives as ob
-from adm_lib import train as tr
 from adm_lib.diffusion import (
     GaussianDiffusion,
-    UniformSampler,
     ddim_sample_loop,
     p_sample,
     p_sample_loop,
@@ -45,19 +38,9 @@ from adm_lib.guidance import (
 from adm_lib.models import load_run
 from adm_lib.unet import EncoderUNetModel, UNetModel
 from adm_lib.viz import to_uint8
+from tests.helpers import tiny_guided_runs
 
-from .reference import FIXTURES, K_BF16, assert_parity, bf16_error
-
-TINY = {
-    "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
-    "channel_mult": "1,2", "attention_resolutions": "4",
-    "num_head_channels": 32, "classifier_width": 32, "classifier_depth": 1,
-    "classifier_attention_resolutions": "4", "diffusion_steps": 50,
-    "batch_size": 4, "steps": 2, "num_workers": 0, "device": "cpu",
-    "log_interval": 1, "save_interval": 1000, "sample_interval": 1000,
-    "eval_interval": 1000, "eval_images": 8, "val_fraction": 0.25,
-}
-
+from .reference import K_BF16, assert_parity, bf16_error
 
 # Every test here, and the module's runs, with one intra-op thread.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,25 +48,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny runs on 4-class 8x8 data: conditional with label dropout,
-    unconditional, and a classifier."""
-    root = tmp_path_factory.mktemp("runs")
-    data = root / "tiny.npz"
-    rng = np.random.default_rng(0)
-    labels = np.arange(24) % 4
-    images = rng.integers(0, 256, (24, 8, 8)).astype(np.uint8)
-    np.savez(data, images, labels)
-    # A high learning rate: after a few steps the labels matter.
-    settings = {**TINY, "data": str(data), "steps": 4, "lr": 1e-2}
-    kinds = {
-        "conditional": ("diffusion", {"label_dropout": 0.25}),
-        "unconditional": ("diffusion", {"class_cond": False}),
-        "classifier": ("classifier", {}),
-    }
-    for name, (kind, extra) in kinds.items():
-        tr.train(cf.make_config(kind, "mnist", {**settings, **extra}),
-                 root / name, progress=False)
-    return {name: root / name for name in kinds} | {"data": data}
+    """Tiny runs on 4-class 8x8 data (`tiny_guided_runs`)."""
+    return tiny_guided_runs(tmp_path_factory.mktemp("runs"))
 
 
 def small_classifier() -> EncoderUNetModel:
@@ -365,275 +331,6 @@ def test_sample_batches_makes_noise_for_one_batch_at_a_time(
     assert images.shape == (10, 4, 4, 1)
     assert streams == [3, 3, 3, 1]
     assert made == [3] * 4 * 3 + [1] * 4  # x_T and 3 steps per batch
-
-
-# Label dropout: the training side of classifier-free guidance (chapter 4).
-def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
-    config = cf.make_config("diffusion", "mnist", {
-        **TINY, "num_classes": 4, "in_channels": 1, "label_dropout": 0.3,
-        "batch_size": 4000})
-    assert cf.unet_arguments(config)["num_classes"] == 5
-    assert cf.build_model(config).label_emb.num_embeddings == 5
-    draws = bt.draw_step(config, UniformSampler(50), 0, (1, 2, 2),
-                         torch.device("cpu"))
-    # A Monte-Carlo share of 4000 (seeded) draws: within 4 standard errors.
-    se = (0.3 * 0.7 / 4000) ** 0.5
-    assert abs(draws.drop.float().mean().item() - 0.3) < 4 * se
-    seen = {}
-
-    def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        seen["y"] = y
-        return torch.zeros(len(x), 2, *x.shape[2:])
-
-    y = torch.arange(4000) % 4
-    ob.diffusion_terms(config, cf.build_diffusion(config), model,
-                       torch.zeros(4000, 1, 2, 2), y, draws)
-    assert torch.equal(seen["y"], torch.where(draws.drop, 4, y))
-
-
-@pytest.mark.parametrize("settings, message", [
-    ({"label_dropout": 1.0}, "label_dropout=1.0 must be in"),
-    ({"label_dropout": -0.1}, "must be in"),
-    ({"label_dropout": 0.1, "class_cond": False}, "needs a class-cond"),
-])
-def test_label_dropout_is_checked(settings: dict, message: str) -> None:
-    with pytest.raises(cf.TrainError, match=message):
-        cf.make_config("diffusion", "mnist", settings)
-    with pytest.raises(cf.TrainError, match="needs a class-cond"):
-        cf.make_config("classifier", "mnist", {"label_dropout": 0.1})
-
-
-def test_dropping_no_labels_leaves_the_training_draws_unchanged() -> None:
-    config = cf.make_config("diffusion", "mnist", {**TINY})
-    draws = bt.draw_step(config, UniformSampler(50), 7, (1, 2, 2),
-                         torch.device("cpu"))
-    assert not draws.drop.any()
-
-
-# `adm sample`.
-def sample(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    code = cli.main(["sample", *args, "--quiet", "--device", "cpu"])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
-def test_adm_sample_writes_the_reference_batch_and_a_grid(
-        runs: dict[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "guided.npz"
-    code, text = sample([str(runs["unconditional"]), "--classifier",
-                         str(runs["classifier"]), "--classifier-scale", "3",
-                         "--num-samples", "6", "--labels", "1,3",
-                         "--respacing", "4", "--batch-size", "4",
-                         "--out", str(out)], capsys)
-    assert code == 0, text
-    with np.load(out) as batch:
-        assert batch["arr_0"].shape == (6, 8, 8, 1)
-        assert batch["arr_0"].dtype == np.uint8
-        assert batch["arr_1"].tolist() == [1, 3, 1, 3, 1, 3]
-    assert out.with_suffix(".png").stat().st_size > 0
-    assert "scale 3.0" in text
-
-
-def test_adm_sample_guidance_moves_samples_towards_the_class(
-        runs: dict[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    common = [str(runs["conditional"]), "--num-samples", "8", "--sampler",
-              "ddim", "--respacing", "ddim4", "--labels", "0,1,2,3"]
-    batches = {}
-    for name, extra in {"plain": [], "cfg": ["--cfg-scale", "2"],
-                        "classifier": ["--classifier", str(runs["classifier"]),
-                                       "--classifier-scale", "5"]}.items():
-        out = tmp_path / f"{name}.npz"
-        code, text = sample([*common, *extra, "--out", str(out)], capsys)
-        assert code == 0, text
-        with np.load(out) as batch:
-            batches[name] = batch["arr_0"]
-            labels = torch.from_numpy(batch["arr_1"])
-    assert labels.tolist() == [0, 1, 2, 3] * 2
-    assert not np.array_equal(batches["plain"], batches["cfg"])
-    # Guidance climbs log p(y | x) of its classifier: on the clean samples,
-    # the classifier gives the asked-for classes more probability than on
-    # the unguided samples drawn from the same noise. (A flipped gradient,
-    # or one dropped, fails this; "the samples changed" would not.)
-    judge = load_run(runs["classifier"]).model
-
-    def log_p(images: np.ndarray) -> float:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        logits = judge(x, torch.zeros(len(x), dtype=torch.long))
-        return logits.log_softmax(1).gather(1, labels[:, None]).mean().item()
-
-    assert log_p(batches["classifier"]) > log_p(batches["plain"])
-
-
-def test_adm_sample_without_labels_for_an_unconditional_model(
-        runs: dict[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "plain.npz"
-    code, text = sample([str(runs["unconditional"]), "--num-samples", "2",
-                         "--respacing", "3", "--out", str(out)], capsys)
-    assert code == 0, text
-    with np.load(out) as batch:
-        assert set(batch) == {"arr_0"}
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--cfg-scale", "1"], "trained with label dropout"),
-    (["--labels", "7"], "outside the model's 4 classes"),
-    (["--labels", "two"], "expected 'random' or class numbers"),
-    (["--guide-at", "mean"], "needs a classifier and the ddpm"),
-    (["--respacing", "ddim70"], "--respacing 'ddim70'"),
-    (["--out", "samples.png"], "must end in .npz"),
-    (["--classifier-flags", "--image_size 8"], "needs --classifier"),
-    (["--classifier-scale", "2"], "--classifier-scale needs --classifier"),
-])
-def test_adm_sample_names_the_problem(
-        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
-        extra: list[str], message: str) -> None:
-    out = ["--out", str(tmp_path / "x.npz")] if "--out" not in extra else []
-    code, text = sample([str(runs["unconditional"]
-                             if "--cfg-scale" in extra
-                             else runs["conditional"]), *out, *extra],
-                        capsys)
-    assert code == 1 and message in text, text
-
-
-def test_adm_sample_refuses_a_classifier_that_does_not_fit(
-        runs: dict[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    out = str(tmp_path / "x.npz")
-    code, text = sample([str(runs["conditional"]), "--classifier",
-                         str(runs["conditional"]), "--out", out], capsys)
-    assert code == 1 and "is a diffusion run, not a classifier" in text
-    code, text = sample([str(runs["classifier"]), "--out", out], capsys)
-    assert code == 1 and "is a classifier run, not a diffusion" in text
-    code, text = sample([str(runs["data"]), "--out", out], capsys)
-    assert code == 1 and "--model-flags" in text
-
-
-@pytest.mark.parity
-@pytest.mark.skipif(not (FIXTURES / "unet_a.pt").exists(),
-                    reason=f"no unet_a.pt in {FIXTURES}")
-def test_adm_sample_loads_the_reference_checkpoints(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Released-style checkpoints through --model-flags: the same samples
-    as guided_sample with the weights loaded by hand, from the seed's
-    per-sample noise."""
-    from adm_lib.compat import guided_diffusion as gd
-
-    unet = torch.load(FIXTURES / "unet_a.pt", weights_only=True)
-    clf = torch.load(FIXTURES / "classifier_a.pt", weights_only=True)
-    out = tmp_path / "ref.npz"
-    code, text = sample([str(FIXTURES / "unet_a.pt"), "--model-flags",
-                         unet["flags"], "--classifier",
-                         str(FIXTURES / "classifier_a.pt"),
-                         "--classifier-flags", clf["flags"],
-                         "--classifier-scale", "3", "--sampler", "ddim",
-                         "--respacing", "ddim2", "--num-samples", "2",
-                         "--labels", "5,900", "--precision", "fp32",
-                         "--out", str(out)], capsys)
-    assert code == 0, text
-    model = gd.load_checkpoint(FIXTURES / "unet_a.pt", unet["flags"])
-    classifier = gd.load_checkpoint(FIXTURES / "classifier_a.pt",
-                                    clf["flags"], "classifier")
-    spaced = respace(gd.diffusion_from_flags(unet["flags"]), "ddim2")
-    noise_fn = sample_noise(0, range(2))  # --seed 0
-    x_T = noise_fn(torch.empty(2, 3, 64, 64))
-    expected = to_uint8(guided_sample(
-        spaced, model, x_T, "ddim", classifier_cond_fn(classifier, 3.0),
-        noise_fn=noise_fn, model_kwargs={"y": torch.tensor([5, 900])}))
-    with np.load(out) as batch:
-        assert np.array_equal(batch["arr_0"], expected)
-        assert batch["arr_1"].tolist() == [5, 900]
-
-
-# `adm demo`, at a few steps (10 samples: a singular covariance for FID).
-@pytest.mark.slow
-def test_adm_demo_trains_samples_scores_and_reports(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--steps", "2", "--classifier-steps",
-            "2", "--per-class", "1", "--respacing", "2", "--scales", "0,3",
-            "--device", "cpu", "--quiet"]
-    assert cli.main(args) == 0
-    text = capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["scores"]) == {"0", "3"}
-    for scale, scores in report["scores"].items():
-        assert 0 <= scores["accuracy"] <= 1 and np.isfinite(scores["fid"])
-        assert 0 <= scores["mean_intensity"] <= 255
-        # Each scale's samples: a batch of the reference's format.
-        path = out / f"samples_scale_{scale}.npz"
-        assert report["files"][f"samples_scale_{scale}"] == str(path)
-        with np.load(path) as batch:
-            assert batch["arr_0"].shape == (10, 32, 32, 1)
-            assert batch["arr_0"].dtype == np.uint8
-            assert batch["arr_1"].dtype == np.int64
-            assert batch["arr_1"].tolist() == list(range(10))
-            # numpy's mean of the same array, through JSON's exact repr.
-            assert scores["mean_intensity"] == batch["arr_0"].mean()
-    assert 0 < report["data_mean_intensity"] < 255
-    assert 0 <= report["classifier_accuracy_held_out"] <= 1
-    assert report["timings_s"]["total"] > 0
-    assert (out / "guided_digits.png").stat().st_size > 0
-    assert (out / "report.md").read_text() in text
-    # A second run reuses the finished runs: no step is trained again.
-    logged = (out / "diffusion" / "metrics.jsonl").read_text()
-    assert cli.main(args) == 0
-    assert (out / "diffusion" / "metrics.jsonl").read_text() == logged
-    # Other settings in the same folder are refused, naming the way out.
-    for changed in (["--classifier-steps", "3"], ["--seed", "1"]):
-        assert cli.main([*args, *changed]) == 1
-        assert "made with other demo settings" in capsys.readouterr().err
-    assert (report["settings"]["seed"], report["settings"]["steps"]) == (0, 2)
-
-
-def test_adm_demo_steps_default_to_the_devices_budget(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from adm_lib import demo, devices
-
-    for native, steps in ((True, demo.STEPS_BF16),
-                          (False, demo.STEPS_FP32_CPU)):
-        monkeypatch.setattr(devices, "native_bf16",
-                            lambda device, n=native: n)
-        configs = demo.demo_configs(demo.DemoSettings(), "cpu")
-        assert configs["diffusion"].steps == steps
-        given = demo.demo_configs(demo.DemoSettings(steps=7), "cpu")
-        assert given["diffusion"].steps == 7
-
-
-def test_adm_demo_says_why_a_float32_cpu_trains_fewer_steps(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from adm_lib import demo, devices, train
-
-    class Stop(Exception):
-        pass
-
-    def stop(*args: object, **kwargs: object) -> None:
-        raise Stop
-
-    monkeypatch.setattr(devices, "native_bf16", lambda device: False)
-    monkeypatch.setattr(train, "train", stop)  # no need to train here
-    said: list[str] = []
-    with pytest.raises(Stop):
-        demo.run_demo(tmp_path, demo.DemoSettings(device="cpu"),
-                      say=said.append)
-    assert said[0].startswith(f"adm demo: {demo.STEPS_FP32_CPU} diffusion")
-    assert f"--steps {demo.STEPS_BF16}" in said[0]
-    assert f"({demo.STEPS_FP32_CPU} steps, cpu)" in said[1]
-
-
-def test_adm_demo_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["demo", "--steps", "0", "--device", "cpu"]) == 1
-    assert "--steps must be >= 1" in capsys.readouterr().err
-    assert cli.main(["demo", "--classifier-batch", "0", "--device",
-                     "cpu"]) == 1
-    assert "--classifier-batch must be >= 1" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert cli.main(["demo", "--device", "cuda"]) == 1
-        assert "sees no GPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--scales", "1,x"])
 
 
 def test_the_classifier_runs_at_the_sampling_precision() -> None:
