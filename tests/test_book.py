@@ -16,7 +16,6 @@ import pytest
 
 from adm_lib import book as bk
 from adm_lib.cli import main
-from adm_lib.values import coerce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -480,7 +479,6 @@ def test_failing_cell_names_the_cell(tmp_path: Path) -> None:
     assert (root / "build" / "run" / "01_x.ipynb").is_file()
 
 
-
 def test_a_cell_past_the_given_limit_is_named(tmp_path: Path) -> None:
     root = _runnable_book(tmp_path, "import time\ntime.sleep(30)")
     result = _adm(["book", "run", "1", "--quiet", "--cell-timeout", "2"],
@@ -848,25 +846,6 @@ def test_nbval_run_fills_the_site_cache(tmp_path: Path) -> None:
     assert report.reused == ["01_x"] and report.executed == []
     page = (root / "build" / "site" / "01_x.html").read_text()
     assert "scale is 2" in page
-
-
-@pytest.mark.parametrize(("raw", "default", "value"), [
-    ("yes", False, True), ("Off", True, False), ("1e5", 3, 100000),
-    (4.0, 3, 4), ("7", 0.5, 7.0), (7, "x", "7"), ("[1, 2]", [0], [1, 2]),
-    ("{'a': 1}", {}, {"a": 1}), ("runs/a", None, "runs/a"), ("3", None, 3),
-])
-def test_one_converter_for_every_command_line(raw, default, value) -> None:
-    assert coerce(raw, default) == value
-    assert type(coerce(raw, default)) is type(value)
-
-
-@pytest.mark.parametrize(("raw", "default"), [
-    ("maybe", False), ("1.5", 3), ("True", 3), (True, 0.5), ("ten", 1.0),
-    ("[1", [0]), ("{}", [0]),
-])
-def test_the_converter_refuses_what_is_not_of_the_type(raw, default) -> None:
-    with pytest.raises(ValueError, match="expected"):
-        coerce(raw, default)
 
 
 def test_the_conda_environment_pins_readmes_torch() -> None:

@@ -1,0 +1,45 @@
+"""adm_lib.values: the one converter of command-line values, and options
+that are dataclass fields and flags at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from adm_lib.values import coerce
+
+
+@pytest.mark.parametrize(("raw", "default", "value"), [
+    ("yes", False, True), ("Off", True, False), ("1e5", 3, 100000),
+    (4.0, 3, 4), ("7", 0.5, 7.0), (7, "x", "7"), ("[1, 2]", [0], [1, 2]),
+    ("{'a': 1}", {}, {"a": 1}), ("runs/a", None, "runs/a"), ("3", None, 3),
+])
+def test_one_converter_for_every_command_line(raw, default, value) -> None:
+    assert coerce(raw, default) == value
+    assert type(coerce(raw, default)) is type(value)
+
+
+@pytest.mark.parametrize(("raw", "default"), [
+    ("maybe", False), ("1.5", 3), ("True", 3), (True, 0.5), ("ten", 1.0),
+    ("[1", [0]), ("{}", [0]),
+])
+def test_the_converter_refuses_what_is_not_of_the_type(raw, default) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        coerce(raw, default)
+
+
+@pytest.mark.parametrize(("raw", "default", "value"), [
+    ("1,2,2", (1,), (1, 2, 2)), ("(16, 8)", (8,), (16, 8)), ("", (8,), ()),
+    ("8", (8,), (8,)), ([0.5, 1], (1,), (0.5, 1)), (8, (8,), (8,)),
+    ("0.95", (0.9999,), (0.95,)), ("1", (0.9999,), (1.0,)),
+])
+def test_tuples_take_numbers_comma_separated(raw, default, value) -> None:
+    # A tuple of floats stays floats; other tuples keep whole numbers ints
+    # (channel_mult may hold 0.5).
+    assert coerce(raw, default) == value
+    assert [type(v) for v in coerce(raw, default)] == [type(v) for v in value]
+
+
+@pytest.mark.parametrize("raw", ["a,b", "1,,x", "True", [True], "nan,1x"])
+def test_tuples_refuse_what_is_not_numbers(raw) -> None:
+    with pytest.raises(ValueError, match="expected numbers, comma-separated"):
+        coerce(raw, (1,))
