@@ -377,6 +377,7 @@ def test_run_needs_one_chapter_or_all(capsys: pytest.CaptureFixture[str]) -> Non
     assert "give one CHAPTER or --all" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_chapter_one_with_overrides(tmp_path: Path) -> None:
     """Chapter 1 through papermill, with a shorter process than its default."""
     output = tmp_path / "forward.ipynb"
@@ -422,6 +423,7 @@ RECIPE = ("jupytext --to ipynb -o - {chapter} | papermill - {output} {options}"
           " -p num_timesteps 200 -y 'sample_steps: [10, 25]'")
 
 
+@pytest.mark.slow
 def test_the_papermill_recipe_parameterizes_a_chapter(tmp_path: Path) -> None:
     output = tmp_path / "out.ipynb"
     result = _shell(RECIPE.format(chapter="02_diffusion.py", output=output,
@@ -433,6 +435,7 @@ def test_the_papermill_recipe_parameterizes_a_chapter(tmp_path: Path) -> None:
     assert "sample_steps = [10, 25]\n" in injected.source  # a list, by -y
 
 
+@pytest.mark.slow
 def test_the_papermill_recipe_runs_from_any_folder_of_the_book(
         tmp_path: Path) -> None:
     """Piped from chapters/, a chapter's relative paths still mean the root."""
@@ -464,6 +467,7 @@ def _adm(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_failing_cell_names_the_cell(tmp_path: Path) -> None:
     root = _runnable_book(tmp_path, "y = scale * 2", "assert y == 5, 'y is not 5'",
                           parameters="scale = 2.0\n")
@@ -479,6 +483,7 @@ def test_failing_cell_names_the_cell(tmp_path: Path) -> None:
     assert (root / "build" / "run" / "01_x.ipynb").is_file()
 
 
+@pytest.mark.slow
 def test_a_cell_past_the_given_limit_is_named(tmp_path: Path) -> None:
     root = _runnable_book(tmp_path, "import time\ntime.sleep(30)")
     result = _adm(["book", "run", "1", "--quiet", "--cell-timeout", "2"],
@@ -526,6 +531,7 @@ def _pytest(root: Path, target: str = "chapters"
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_chapters_run_as_nbval_tests(tmp_path: Path) -> None:
     root = _runnable_book(tmp_path, "assert scale == 2", "assert scale == 3")
     result = _pytest(root)
@@ -537,6 +543,7 @@ def test_chapters_run_as_nbval_tests(tmp_path: Path) -> None:
     assert not (root / "build" / "site-cache").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["chapters", "chapters/01_x.py"])
 def test_a_chapter_runs_once_however_it_is_named(tmp_path: Path,
                                                  target: str) -> None:
@@ -550,6 +557,7 @@ def test_a_chapter_runs_once_however_it_is_named(tmp_path: Path,
     assert log.read_text() == "ran\n"
 
 
+@pytest.mark.slow
 def test_a_chapter_without_cells_fails_collection(tmp_path: Path) -> None:
     root = _runnable_book(tmp_path)
     text = (root / "chapters" / "01_x.py").read_text()
@@ -754,6 +762,7 @@ def test_plain_text_of_tex() -> None:
     assert _plain("$a,\\\n\\ b$") == "a, b"
 
 
+@pytest.mark.slow
 def test_site_cache_reuses_and_rebuilds(tmp_path: Path) -> None:
     from adm_lib.book import website
 
@@ -781,6 +790,7 @@ def test_site_cache_reuses_and_rebuilds(tmp_path: Path) -> None:
     assert len(list((tmp_path / "build" / website.CACHE).glob("*.ipynb"))) == 1
 
 
+@pytest.mark.slow
 def test_site_build_failure_names_the_cell_and_keeps_the_site(tmp_path: Path) -> None:
     from adm_lib.book import website
 
@@ -834,6 +844,7 @@ def test_external_loads_finds_what_a_page_fetches() -> None:
                                     "https://f.example/m.woff"]
 
 
+@pytest.mark.slow
 def test_nbval_run_fills_the_site_cache(tmp_path: Path) -> None:
     """A chapter that passed under pytest is rendered without running again."""
     from adm_lib.book import website

@@ -707,6 +707,9 @@ def test_losses_and_p_mean_variance_equal_reference(path: Path) -> None:
     _check(_reference(path), _one_step)
 
 
+# Whole DDIM chains of the 64x64 UNet in float64 too: about a minute on
+# one core, so in the full run only (the one-step tests above are quick).
+@pytest.mark.slow
 @pytest.mark.parity
 @pytest.mark.parametrize("path", reference_files("diffusion_*.pt"))
 def test_sampling_with_and_without_guidance_equals_reference(path: Path) -> None:
