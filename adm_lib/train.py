@@ -17,17 +17,17 @@ __all__ = [
     "data_parallel",
     "apply_gradients",
     "learning_rate",
+    "StepResult",
+    "train_step",
     "prepare_run",
     "train",
     "save_state",
     "snapshot",
-    "StepResult",
-    "train_step",
     "record_steps",
 ]
 
 
-# %% chapters/04_training.py:1187
+# %% chapters/04_training.py:1239
 import contextlib
 import copy
 import json
@@ -105,7 +105,7 @@ from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1415
+# %% chapters/04_training.py:1349
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -128,7 +128,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1520
+# %% chapters/04_training.py:1410
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -141,7 +141,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1540
+# %% chapters/04_training.py:1428
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -226,7 +226,7 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
                     param, dtype=value.dtype).copy_(value)
 
 
-# %% chapters/04_training.py:1691
+# %% chapters/04_training.py:1526
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -282,7 +282,7 @@ def data_parallel(model: nn.Module,
         gradient_as_bucket_view=True)
 
 
-# %% chapters/04_training.py:1754
+# %% chapters/04_training.py:1593
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -313,7 +313,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1789
+# %% chapters/04_training.py:1624
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -321,7 +321,42 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:2059
+# %% chapters/04_training.py:1638
+@dataclass
+class StepResult:
+    """What one step leaves for the log, still on the device."""
+
+    step: int
+    loss_ok: Tensor  # the global batch's loss is finite
+    grad_norm: Tensor
+    t: Tensor  # the rank's timesteps, and its per-image terms
+    terms: dict[str, Tensor]
+
+
+def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
+               model: nn.Module, state: TrainState, pixels: Tensor,
+               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
+    """One optimisation step on the rank's uint8 images."""
+    device = ranks.device
+    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
+    x = x.contiguous(memory_format=memory_format(config.memory_format,
+                                                 device))
+    y = y.to(device, non_blocking=True)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(config, state.sampler, state.step, shape, device,
+                      rows=rows)
+    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+    lr = learning_rate(config, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss, terms = accumulate_gradients(config, diffusion, model, state,
+                                       x, y, draws, device)
+    loss_ok, norm = apply_gradients(config, state, loss, ranks)
+    state.step += 1
+    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
+
+
+# %% chapters/04_training.py:1929
 def prepare_run(config: TrainConfig, out: Path, resume: bool,
                 ranks: Ranks, held: contextlib.ExitStack
                 ) -> tuple[Path, dict[str, Any]] | None:
@@ -375,7 +410,7 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
     return found
 
 
-# %% chapters/04_training.py:2118
+# %% chapters/04_training.py:1983
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -414,7 +449,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2161
+# %% chapters/04_training.py:2022
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -444,7 +479,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2198
+# %% chapters/04_training.py:2059
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -487,42 +522,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2247
-@dataclass
-class StepResult:
-    """What one step leaves for the log, still on the device."""
-
-    step: int
-    loss_ok: Tensor  # the global batch's loss is finite
-    grad_norm: Tensor
-    t: Tensor  # the rank's timesteps, and its per-image terms
-    terms: dict[str, Tensor]
-
-
-def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
-               model: nn.Module, state: TrainState, pixels: Tensor,
-               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
-    """One optimisation step on the rank's uint8 images."""
-    device = ranks.device
-    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
-    x = x.contiguous(memory_format=memory_format(config.memory_format,
-                                                 device))
-    y = y.to(device, non_blocking=True)
-    shape = (config.in_channels, config.image_size, config.image_size)
-    draws = draw_step(config, state.sampler, state.step, shape, device,
-                      rows=rows)
-    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
-    lr = learning_rate(config, state.step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    loss, terms = accumulate_gradients(config, diffusion, model, state,
-                                       x, y, draws, device)
-    loss_ok, norm = apply_gradients(config, state, loss, ranks)
-    state.step += 1
-    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
-
-
-# %% chapters/04_training.py:2291
+# %% chapters/04_training.py:2110
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -589,7 +589,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2367
+# %% chapters/04_training.py:2183
 def _worker_error(err: Exception) -> str:
     """A data loader worker's error as its own message, not a traceback.
 

@@ -348,6 +348,9 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
     "appendix_checkpoints.py": ("the reference's released checkpoints", ()),
     "appendix_runs.py": ("the engineering of runs: validation, checkpoint "
                          "files, locks, exact resume, ranks", ()),
+    "appendix_measurements.py": ("the measurements behind the chapters' "
+                                 "conclusions: dated runs, machines, raw "
+                                 "tables", ()),
 }
 book = Book.load()
 for chapter in book.chapters:

@@ -1338,7 +1338,7 @@ class SmallUNet(nn.Module):
 # learning rate the weights of the last step carry that step's noise,
 # which the average smooths away. The decay $d$ is `ema_rate` held to
 # $\frac{1+n}{10+n}$ at update $n$, so that a short run's average is not
-# mostly its random initialisation (chapter 4.5 measures why). Chapter 4
+# mostly its random initialisation (chapter 4.6 measures why). Chapter 4
 # turns the loop into a full training engine (mixed precision,
 # checkpoints); here we keep the loss history to plot.
 
@@ -1541,9 +1541,10 @@ assert error < spread
 # %% [markdown]
 # ## 2.11 A longer run, recorded
 #
-# The smoke configuration above trains for seconds. A longer run on this
-# project's 2-core CPU (Intel Xeon with AMX, no GPU, PyTorch 2.13 CPU
-# build, float32: this chapter's loop has no autocast), on 2026-12-07:
+# The smoke configuration above trains for seconds. A longer run on a
+# 2-core CPU, in float32 (this chapter's loop has no autocast; the
+# machine, day and time, and the runs before it, are in
+# [appendix M.1](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 2 -p train_steps 6000 -p batch_size 64 \
@@ -1552,7 +1553,6 @@ assert error < spread
 #
 # | what | result |
 # | --- | --- |
-# | training, 6,000 steps of batch 64 | 1,449 s |
 # | $L_\text{simple}$, mean of the first / last 20 steps | 0.332 / 0.031 |
 # | bound on 16 training images | 1.453 bits/dim |
 # | of which decoder $L_0$ / KL terms / prior | 0.620 / 0.833 / 1.6e-09 |
@@ -1568,16 +1568,10 @@ assert error < spread
 # parameters), unconditional, and has seen each image about 77 times. DDIM's
 # are smoother and less often digits, keep a trace of speckle in the
 # background at 10 steps and barely change from 25 to 250 steps. The same run
-# before the loop kept an EMA (2026-12-03, an AMD EPYC; it evaluated its last
-# step's weights) bounded the same 16 images at 1.601 bits/dim, 0.711 of it in
-# the decoder: the average takes 0.15 bits/dim off the bound, 0.09 of it in
-# $L_0$. The samples change less: the last row, the last step's weights from
-# the same noise, is the row above it with small changes of stroke. (The run
-# of 2026-11-25, 2,000 steps, no EMA, gave 1.70 bits/dim and samples mostly of
-# strokes; twice as long as this one, `-p train_steps 12000`, 2,568 s on the
-# same machine and day, gave 1.515 bits/dim and samples of the same kind: no
-# better.) The terms of its bound have the shape of section 2.8, the first
-# steps dominating:
+# without the EMA bounded the same 16 images at 1.601 bits/dim: the average
+# takes 0.15 bits/dim off the bound, and a run of twice the steps (without
+# the EMA) gave no better samples (appendix M.1). The terms of its bound
+# have the shape of section 2.8, the first steps dominating:
 #
 # ![Terms of the bound of the CPU run](figures/02_cpu_run_bound.png)
 #

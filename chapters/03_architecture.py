@@ -1629,7 +1629,7 @@ print("checkpointed gradients match")
 # ## 3.12 Training the ablations
 #
 # Which of these switches help is a question for training, and the book has
-# one training loop: chapter 4's. Its section 4.12 trains every entry of
+# one training loop: chapter 4's. Its section 4.9 trains every entry of
 # `ABLATIONS` as a run of that loop, compares them at equal steps and at
 # equal training time on held-out images, with chapter 2's estimate of the
 # variational bound, and records a CPU run.
@@ -1672,7 +1672,7 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #   rescaling by $1/\sqrt{2}$ was tried and left out.
 # * Each of the paper's ablations is an entry of `ABLATIONS`, a few options
 #   on top of a Ho et al.-like baseline, and `ablation_unet` builds it.
-#   Chapter 4 (section 4.12) trains them all at equal steps and at equal
+#   Chapter 4 (section 4.9) trains them all at equal steps and at equal
 #   time and compares a held-out VLB estimate.
 # * The noisy-image classifier is the UNet's encoder with an attention-pooling
 #   head; the super-resolution model is a UNet that also sees the up-sampled
@@ -1697,13 +1697,13 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 # 3. Count the multiply-adds of an `AttentionBlock` of $C$ channels on an
 #    $r \times r$ map, in `qkv`, `proj_out` and the attention itself. Predict
 #    the ratio of its times at $r = 32$ and $r = 16$ for $C = 64$, then time
-#    it, and compare with the ms/step of the recorded run of 4.12.
+#    it, and compare with the ms/step of the recorded run of appendix M.4.
 # 4. Rerun with `-p ablation_channels 96`. Predict which entries of
 #    `ABLATIONS` `ablation_unet` can build, minding the GroupNorm's 32 groups
 #    and `heads_for`, then check.
 # 5. Add to `ABLATIONS` an entry "ADM, additive": ADM without
 #    `use_scale_shift_norm` (then `adm book export`). Predict whether its VLB
-#    in 4.12 lands nearer ADM's or the baseline's, given the paired standard
+#    in 4.9 lands nearer ADM's or the baseline's, given the paired standard
 #    errors, then check.
 # 6. Add a pool `"max"` to `pool_head` and `POOLS`: norm, SiLU, global max
 #    pooling and a zero-initialised $1 \times 1$ conv. Predict how its input

@@ -10,72 +10,59 @@
 #     name: python3
 # ---
 
+
 # %% [markdown]
 # # Training at scale
 #
 # Chapters 2 and 3 trained small models with a dozen lines of loop. The
 # paper's models are another matter: the ImageNet 64 model trained for
 # 540,000 steps of batch 2048, about 1.1 billion images, on many GPUs at
-# once (Table 11 of the paper). At that scale the training loop carries
-# most of the engineering, and it is where users of the reference suffer:
-# MPI that will not install, fp16 runs that go NaN, resumed runs that
-# quietly differ from the run they continue, flags to retype exactly to
-# load a checkpoint.
+# once (Table 11 of the paper). This chapter builds the loop the rest of
+# the book trains with, and the `adm train` command. It trains a model
+# first, so that what the loop makes is on the page before how it works:
 #
-# This chapter builds the loop the rest of the book trains with, and the
-# `adm train` command. Its code has several concerns, so it exports one
-# module for each:
-#
-# * 4.1 a run is one configuration, and the paper's models are presets
+# * 4.1 a small model, trained and sampled;
+# * 4.2 a run is one configuration, and the paper's models are presets
 #   (`adm_lib.config`);
-# * 4.2 what one step draws, so that any step can be replayed
+# * 4.3 what one step draws, from the seed and the step alone
 #   (`adm_lib.batches`);
-# * 4.3 the three objectives: diffusion model, noisy classifier, upsampler
+# * 4.4 the three objectives: diffusion model, noisy classifier, upsampler
 #   (`adm_lib.objectives`);
-# * 4.4 mixed precision and 4.5 the EMA of the weights, with a warm-up;
-# * 4.6 checkpoints that survive a kill, and exact resume
-#   (`adm_lib.checkpoints`);
-# * 4.7 data-parallel training with `torchrun` (`adm_lib.ranks`);
-# * 4.8 the loop itself (`adm_lib.train`) and its log (`adm_lib.runlog`);
-# * 4.9 the scaled-down runs of this chapter (the checks of the claims
-#   above, that a resumed run equals the uninterrupted one bit for bit, a
-#   damaged checkpoint is skipped and two processes equal one, are in the
-#   appendix on the engineering of runs);
-# * 4.10 three real models trained with it, and 4.11 a longer recorded
-#   run;
-# * 4.12 the architecture ablations of chapter 3, each variant a run of
-#   this loop;
-# * 4.13 the recipe of `adm demo`, measured: what a run of minutes needs.
+# * 4.5 mixed precision: the paper's fp16 with loss scaling, and bf16;
+# * 4.6 the exponential moving average of the weights, with a warm-up;
+# * 4.7 the loop (`adm_lib.train`), its log (`adm_lib.runlog`) and the
+#   trained model it leaves (`adm_lib.models`);
+# * 4.8 the noisy classifier and the upsampler, trained with it;
+# * 4.9 chapter 3's architecture ablations, each variant a run of the loop;
+# * 4.10 what a run of minutes needs: the recipe of `adm demo`.
+#
+# What makes a run safe to stop, resume and share (the checkpoint file,
+# writes that are whole or absent, the run folder's lock, data
+# parallelism under `torchrun`, determinism) lives in hand-written
+# foundation modules beneath the book, which the
+# [appendix on the engineering of runs](appendix_runs.html) explains and
+# checks on tiny runs. The longer runs' dated records are in the
+# [appendix of measurements](appendix_measurements.html).
 
 # %% tags=["parameters"]
-# Smoke configuration: about a minute on a CPU. The recorded CPU run of
-# 4.11 and the full GPU run are
+# Smoke configuration: about a minute on a CPU. The longer CPU run
+# (appendix M.3) and the full GPU run are
 #   adm book run 4 -p train_steps 1500 -p classifier_steps 1000 \
-#       -p batch_size 32 -p snapshot_every 250 -p figures_dir FOLDER \
-#       -p runs_dir build/chapter4_record
+#       -p batch_size 32 -p snapshot_every 250 -p eval_images 500 \
+#       -p figures_dir FOLDER -p runs_dir build/chapter4_record
 #   adm book run 4 -p device cuda -p train_steps 20000 \
 #       -p classifier_steps 10000 -p batch_size 128 -p num_channels 64 \
-#       -p snapshot_every 2000
-# The ablations of 4.12 on CIFAR-10, recorded on a CPU and in full on a GPU:
-#   adm book run 4 -p ablation_data ../shared/data/cifar10/train.zip \
-#       -p ablation_train_images 5000 -p ablation_eval_images 128 \
-#       -p ablation_batch_size 16 -p ablation_steps 100 \
-#       -p ablation_seconds 60 -p ablation_timing_steps 20 \
-#       -p ablation_samples 4 -p ablation_sample_steps ddim25
-#   adm book run 4 -p device cuda \
-#       -p ablation_data ../shared/data/cifar10/train.zip \
-#       -p ablation_batch_size 128 -p ablation_steps 3000 \
-#       -p ablation_seconds 120 -p ablation_timing_steps 50 \
-#       -p ablation_eval_images 1000 -p ablation_samples 8 \
-#       -p ablation_sample_steps ddim25
+#       -p snapshot_every 2000 -p eval_images 500
+# (4.9's ablations at CPU and GPU scale: the commands of appendix M.4.)
 data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
 device: str = "auto"  # "auto" picks CUDA when there is a GPU
 runs_dir: str = "build/chapter4"  # the chapter's run folders (emptied)
 train_steps: int = 20  # of the diffusion model and the upsampler
 classifier_steps: int = 20  # of the noisy classifier
+eval_images: int = 64  # held-out images per evaluation (500: all)
 batch_size: int = 16  # images per training step
 num_channels: int = 32  # the networks' base width (a multiple of 32)
-# 4.10's diffusion model and upsampler: 4.13's recipe for runs of minutes
+# The diffusion model and upsampler: 4.10's recipe for runs of minutes
 # (predict x0 under L_simple, a short EMA)
 settings: dict = {"lr": 1e-3, "num_res_blocks": 1, "predict_xstart": True,
                   "learn_sigma": False,
@@ -83,9 +70,9 @@ settings: dict = {"lr": 1e-3, "num_res_blocks": 1, "predict_xstart": True,
 snapshot_every: int = 10  # steps between sample grids and evaluations
 num_samples: int = 10  # images in each sample grid
 sample_steps: str = "ddim10"  # the grids' respacing
-figures_dir: str = ""  # if set, 4.10 also saves its figures there
+figures_dir: str = ""  # if set, 4.8 also saves its figures there
 seed: int = 0  # of every run
-# 4.12: the architecture ablations of chapter 3, trained with this loop
+# 4.9: the architecture ablations of chapter 3, trained with this loop
 ablation_data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
 ablation_train_images: int = 64  # training images after the held-out (0: all)
 ablation_eval_images: int = 4  # held-out (image, t, noise) triples
@@ -104,6 +91,7 @@ ablation_sample_steps: str = "ddim5"  # the samples' respacing (ddim25 in full)
 # %%
 import os
 import shutil
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -115,7 +103,10 @@ import torch
 from torch import Tensor
 
 from adm_lib.book import find_root
+from adm_lib.config import TrainConfig, make_config
 from adm_lib.devices import resolve_device
+from adm_lib.runlog import read_metrics
+from adm_lib.train import train
 
 # Relative paths, the parameters' too, start at the book's root, as under
 # `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
@@ -125,22 +116,88 @@ runs = Path(runs_dir)
 shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 
 # %% [markdown]
-# ## 4.1 A run is a configuration
+# ## 4.1 A small model, trained first
+#
+# A run is a configuration and a folder. `make_config` takes one of the
+# paper's models as a preset, here the MNIST one, with the changes we ask
+# for; `train` trains it and writes into the folder its checkpoints, its
+# log and, every few steps, a grid of samples. Both are this chapter's
+# code: the sections below build them, and `adm book export` has written
+# them into `adm_lib`, from where this first run imports them.
+#
+# The run is small: the parameters cell's few steps of a 32-channel
+# network on the book's 5,000 MNIST digits, with the recipe 4.10 finds for
+# runs of minutes (predict $x_0$ under $L_\text{simple}$, a short EMA).
+# `small` is the MNIST preset scaled down by the parameters cell; every
+# run of the chapter uses it.
+
+# %%
+def small(kind: str, **fields: Any) -> TrainConfig:
+    """The MNIST preset of `kind`, scaled down by the parameters cell."""
+    # in_channels 0: the data's, so that colour data sets run too.
+    base = {"data": data, "in_channels": 0, "device": device,
+            "batch_size": batch_size,
+            "num_channels": num_channels, "classifier_width": num_channels,
+            "num_samples": num_samples, "sample_steps": sample_steps,
+            "eval_images": eval_images, "seed": seed}
+    return make_config(kind, "mnist", {**base, **fields})
+
+
+snapshots = {"sample_interval": snapshot_every,
+             "eval_interval": snapshot_every,
+             "save_interval": snapshot_every,
+             "log_interval": max(1, snapshot_every // 5)}
+started = time.perf_counter()
+train(small("diffusion", steps=train_steps, **snapshots, **settings),
+      runs / "diffusion")
+print(f"trained in {time.perf_counter() - started:.0f} s: "
+      + ", ".join(sorted(p.name for p in (runs / "diffusion").iterdir())))
+
+# %% [markdown]
+# The grids, every `snapshot_every` steps: samples of the average of the
+# weights (4.6), a column per class, from the same noise every time.
+
+# %%
+grids = sorted((runs / "diffusion" / "samples").glob("step_*.png"))
+fig, axes = plt.subplots(len(grids), 1, squeeze=False,
+                         figsize=(6, 0.75 * len(grids) + 0.5))
+for ax, path in zip(axes[:, 0], grids, strict=True):
+    ax.imshow(plt.imread(path), cmap="gray")
+    ax.set_title(f"step {int(path.stem.split('_')[1])}", fontsize=8)
+    ax.axis("off")
+fig.tight_layout()
+plt.show()
+assert len(grids) == -(-train_steps // snapshot_every)
+
+# %% [markdown]
+# A few steps give noise: the outputs on this page come from the
+# parameters cell's smoke configuration. With the recorded run's (1,500
+# steps of batch 32, minutes on a 2-core CPU; appendix M.3) the same grids
+# become digits, one row every 250 steps; the last three rows are 4.8's
+# upsampler: its 8-pixel inputs, its samples and the real images:
+#
+# ![Samples of the recorded CPU run every 250 steps, and the
+# upsampler's](figures/04_cpu_run_samples.png)
+#
+# The backgrounds are black from the first grid on, and most classes are
+# recognisable by step 750, while this noise still gives an unclear 2, 3
+# and 5 at step 1,500. The rest of the chapter builds `make_config` and
+# `train`.
+
+# %% [markdown]
+# ## 4.2 A run is a configuration
 #
 # Everything that decides what a run computes lives in one dataclass,
 # `TrainConfig`: the data, the network, the diffusion, the optimiser, and
 # the run's bookkeeping. It is saved as `config.json` in the run folder and
 # inside every checkpoint, so a checkpoint rebuilds its network with no
-# flags retyped (`load_run`, 4.8), and a resumed run can check that it
-# continues the same computation (4.6). The network and diffusion fields
-# keep the reference's flag names (`num_channels`, `attention_resolutions`,
+# flags retyped (`load_run`, 4.7). The network and diffusion fields keep
+# the reference's flag names (`num_channels`, `attention_resolutions`,
 # `learn_sigma`, ...), so the reference's README commands translate one to
-# one.
-#
-# The last group, from `device` on, only steers the run: how long, how
-# often to log and save, where and how to compute (the layout, and
-# whether bit for bit). Those may change when a run is resumed
-# (`RUN_FIELDS`); every other field must match its checkpoint.
+# one. The fields from `device` on only steer the run (how long, how often
+# to log and save, where and how to compute); they may change when a run
+# is resumed (`RUN_FIELDS`), and every other field must match its
+# checkpoint.
 
 # %%
 #| export config
@@ -164,9 +221,6 @@ from adm_lib.values import MAX_SEED, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
-
-# %% [markdown]
-# The fields, grouped as the comments say:
 
 # %%
 #| export config
@@ -238,10 +292,10 @@ class TrainConfig:
     seed: int = 0  # 0 to MAX_SEED = 2**64 - 1
     # Run control: these may change when a run is resumed.
     device: str = "auto"
-    # The layout of images and convolution weights (4.4); auto:
+    # The layout of images and convolution weights (app. R.7); auto:
     # channels_last on a GPU, contiguous elsewhere.
     memory_format: str = "auto"
-    deterministic: bool = False  # bit-exact on a GPU too, slower (4.4)
+    deterministic: bool = False  # bit-exact on a GPU too, slower (app. R.4)
     num_workers: int = 0
     log_interval: int = 50
     save_interval: int = 500
@@ -254,9 +308,6 @@ class TrainConfig:
     max_nonfinite: int = 10  # non-finite steps in a row before stopping
     tensorboard: bool = False
 
-# %% [markdown]
-# And the fields that only steer the run, which a resume may change:
-
 # %%
 #| export config
 RUN_FIELDS = frozenset({
@@ -268,19 +319,16 @@ RUN_FIELDS = frozenset({
 
 # %% [markdown]
 # The paper's configurations are presets. Each of the paper's models takes
-# its architecture from the flags the reference released it with (the
-# appendix on released checkpoints loads them, and a test checks each
-# preset against those flags) and its optimisation from the paper's
+# its architecture from the flags the reference released it with (a test
+# checks each preset against them) and its optimisation from the paper's
 # Tables 11 to 13: batch size, learning rate and iterations. The
-# classifiers also take the weight decay and the linear learning-rate
-# annealing of the reference README's classifier command. `channel_mult`
-# of `()` is the reference's default for the image size, `CHANNEL_MULT`
-# (`SUPER_RES_CHANNEL_MULT` for upsamplers). The small presets are ours,
-# sized for one GPU (CIFAR-10) or a CPU (MNIST); `cifar10` is the
-# configuration of the reference's measured CIFAR-10 run in
-# `shared/baselines`, so the two can be compared side by side. One
-# difference from the reference remains: its classifiers train on random
-# crops of 80 to 100% of each image, while our data loader always takes
+# classifiers also take the weight decay and learning-rate annealing of
+# the reference README's classifier command. `channel_mult` of `()` is
+# the reference's default for the image size, `CHANNEL_MULT`. The small
+# presets are ours, sized for one GPU (CIFAR-10) or a CPU (MNIST);
+# `cifar10` is the configuration of the reference's measured CIFAR-10 run
+# in `shared/baselines`. One difference from the reference remains: its
+# classifiers train on random crops of 80 to 100% of each image, ours on
 # the centre crop.
 
 # %%
@@ -384,8 +432,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # `make_config(kind, preset, overrides)` makes a configuration from a
 # preset: each override is checked by name (a typo gets the nearest
 # names) and converted to its field's type by `adm_lib.values.coerce`,
-# the converter `adm book run -p` uses too, so `--set steps=1e5` and
-# `--set learn_sigma=no` mean what they say on both.
+# the converter `adm book run -p` uses too. `validate` then checks every
+# value, alone and together, and names the first that cannot work; it is
+# called by `make_config` and again by `train`, so no run fails after its
+# first step for want of a check (appendix R.1 shows the refusals). The
+# checks are the cells after it: each value alone, its type, the network's
+# sizes and the grids' respacing.
 
 # %%
 #| export config
@@ -442,11 +494,6 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
     except ValueError as err:
         raise TrainError(f"a stored setting does not read: {err}") from None
 
-# %% [markdown]
-# `validate` then checks every value, alone and together, and names the
-# first that cannot work. It is called by `make_config` and again by
-# `train`, so no run fails after its first step for want of a check.
-
 # %%
 #| export config
 def validate(config: TrainConfig) -> None:
@@ -475,10 +522,6 @@ def validate(config: TrainConfig) -> None:
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
-
-# %% [markdown]
-# The checks it calls. First each value alone: a choice among names, or a
-# number in its range.
 
 # %%
 #| export config
@@ -538,11 +581,6 @@ def _check_ranges(config: TrainConfig) -> None:
         raise TrainError(f"ema_rate={config.ema_rate}: expected one or "
                          "more rates in (0, 1), such as (0.9999,)")
 
-# %% [markdown]
-# The checks it calls: each field holds its default's type, lists of
-# resolutions parse, and the channel multipliers are those given or the
-# reference's default for the image size.
-
 # %%
 #| export config
 def _check_types(config: TrainConfig) -> None:
@@ -580,11 +618,6 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
             f"{', '.join(map(str, sorted(table)))}, not "
             f"{config.image_size}: set channel_mult, such as (1, 2, 2)")
     return table[config.image_size]
-
-# %% [markdown]
-# The network must build: the image size halves evenly at every level,
-# every width is a multiple of the GroupNorm's 32 groups, the attention
-# resolutions exist, and the heads divide the attention layers' widths.
 
 # %%
 #| export config
@@ -638,10 +671,6 @@ def _check_network(config: TrainConfig) -> None:
                 "attention layers "
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
-# %% [markdown]
-# And the grids' `sample_steps` must be a respacing of the diffusion's
-# steps (chapter 2's `space_timesteps`).
-
 # %%
 #| export config
 def _check_sample_steps(config: TrainConfig) -> None:
@@ -661,12 +690,10 @@ def _check_sample_steps(config: TrainConfig) -> None:
 
 
 # %% [markdown]
-# A configuration is enough to build the network and its diffusion, with
-# chapter 3's classes and chapter 2's diffusion. The architecture fields
-# are named after the reference's flags and mean what they mean there, so
-# a checkpoint, which carries its configuration, rebuilds its network
-# with no flag retyped. An attention resolution is passed to the network
-# as the factor by which that level has been down-sampled.
+# A configuration builds its network, with chapter 3's classes, and its
+# diffusion, with chapter 2's. An attention resolution, given in pixels as
+# the reference's flags give it, reaches the network as the factor by
+# which that level has been down-sampled.
 
 # %%
 #| export config
@@ -760,9 +787,8 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
 
 # %% [markdown]
 # `make_config` is how both the command line and Python make a
-# configuration: a setting typed as a string is converted, and a setting
-# that does not exist is named with its nearest neighbours (the appendix on
-# the engineering of runs shows more refusals):
+# configuration: a setting typed as a string is converted, and one that
+# does not exist is named with its nearest neighbours.
 
 # %%
 config = make_config("diffusion", "mnist", {"steps": "500", "lr": "1e-4"})
@@ -806,7 +832,7 @@ assert counts["diffusion", "imagenet64"] == "295.9M"
 assert counts["classifier", "imagenet128"] == "42.6M"
 
 # %% [markdown]
-# ## 4.2 What a step draws
+# ## 4.3 What a step draws
 #
 # A step of the reference draws its batch from a shuffling data loader,
 # and its timesteps, noise and dropout masks from the global random
@@ -891,16 +917,11 @@ class RankBatches:
 # The rest of each step's randomness comes from generators seeded by
 # `(seed, step)`. The few numbers per image (timesteps, flips, the
 # classifier's noise-free picks, the labels dropped for classifier-free
-# guidance) are drawn for the whole global batch on every rank, which
-# keeps its rows. The noise, an image's worth of numbers per image, is
-# drawn only for the rank's rows, each row $i$ from its own generator
-# seeded by `(seed, step, i)`: one generator for the whole batch would
-# make row $i$'s numbers depend on the rows drawn before it, so each rank
-# would have to draw them all (on 8 GPUs with the 64x64 preset, 2,048
-# images of noise where 256 are used). Either way the step does not
-# depend on how many processes share it, and a resumed run draws the
-# same numbers. Only dropout uses PyTorch's global generator; its state
-# goes into every checkpoint.
+# guidance) are drawn for the whole global batch. The noise is drawn row
+# by row, row $i$ from its own generator seeded by `(seed, step, i)`, so
+# that a rank draws only its own rows and gets what one process would
+# (appendix R.6 checks it). Only dropout uses PyTorch's global generator;
+# its state goes into every checkpoint.
 
 # %%
 #| export batches
@@ -971,15 +992,11 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 # %% [markdown]
-# The data come from `adm_lib.data.load_dataset` at the configured size.
+# The data come from `adm_lib.data.load_dataset` at the configured size;
 # `in_channels` and `num_classes` of 0 are filled in from the data, so the
-# saved configuration is complete; a classifier holds out part of it.
-# Values that are set must fit the data: colour images (one anywhere makes
-# the set RGB) under `in_channels=1`, the MNIST presets' value, are refused
-# with both numbers named rather than trained in grey. And a label far
-# above the count of distinct labels, such as a typed 1,000,000 that would
-# build a million-class model, is refused with its file named unless
-# `num_classes` is set.
+# saved configuration is complete, and values that are set must fit the
+# data. A classifier holds out images to measure its accuracy on;
+# diffusion models and upsamplers train on all of them.
 
 # %%
 #| export batches
@@ -1037,11 +1054,6 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     return replace(config, in_channels=channels,
                    num_classes=classes if labelled else config.num_classes)
 
-# %% [markdown]
-# A classifier holds out images to measure its accuracy on; diffusion
-# models and upsamplers train on all of them and take their grids'
-# inputs from a seeded order of the same set.
-
 # %%
 #| export batches
 def split_data(config: TrainConfig, data: ImageDataset
@@ -1085,23 +1097,7 @@ first_pass = torch.cat([order(s) for s in range(6)] + [order(6)[:2]])
 assert sorted(first_pass.tolist()) == list(range(50))
 
 # %% [markdown]
-# The step's other draws split the same way. Each of two ranks draws the
-# noise of its own four rows of a batch of 8, and nothing more, and they
-# are the rows of one process's draw:
-
-# %%
-eight = make_config("diffusion", "mnist", {"batch_size": 8, "seed": seed})
-uniform = UniformSampler(eight.diffusion_steps)
-whole = draw_step(eight, uniform, 7, (1, 32, 32), torch.device("cpu"))
-shares = [draw_step(eight, uniform, 7, (1, 32, 32), torch.device("cpu"),
-                    rows=slice(4 * rank, 4 * rank + 4)) for rank in range(2)]
-print("noise per rank:", [tuple(s.noise.shape) for s in shares])
-for name in ("t", "noise", "flip"):
-    joined = torch.cat([getattr(s, name) for s in shares])
-    assert torch.equal(joined, getattr(whole, name)), name
-
-# %% [markdown]
-# ## 4.3 Three objectives
+# ## 4.4 Three objectives
 #
 # The three kinds of model differ only in their per-image loss:
 #
@@ -1175,13 +1171,69 @@ def classifier_terms(config: TrainConfig, diffusion: GaussianDiffusion,
     }
 
 # %% [markdown]
-# ## 4.4 Mixed precision
+# ## 4.5 Mixed precision
 #
-# Autocast runs the network's matrix products in 16 bits and keeps the
-# weights, the optimiser and the diffusion arithmetic in float32: the
-# wrapper below casts the network's output back to float32 before the loss
-# sees it, because the bound's log-likelihood terms lose too much in 16
-# bits.
+# The paper's models were trained in 16-bit floating point with loss
+# scaling: the reference's `--use_fp16 True`, in the commands it released
+# them with. Its `fp16_util.py` stores the UNet's convolution weights in
+# float16, keeps a float32 master copy of every weight for AdamW, and
+# multiplies the loss by a scale $2^{\ell}$ before the backward pass,
+# dividing the gradients by it before the step. The scale starts at
+# $2^{20}$; a step whose gradient overflows is skipped and halves it
+# ($\ell \leftarrow \ell - 1$), and every other step raises $\ell$ by
+# 0.001, doubling the scale every 1,000 steps.
+#
+# The scale is there because float16 has 10 mantissa bits but a narrow
+# range: gradients below about $6 \times 10^{-8}$ become zero, and values
+# above 65,504 overflow. bfloat16 has float32's exponent range with 7
+# mantissa bits, so it needs no scale. The relative error of storing a
+# value in each format:
+
+# %%
+values = torch.logspace(-12, 6, 400, dtype=torch.float64)
+fig, ax = plt.subplots(figsize=(6, 2.6))
+for dtype in (torch.float16, torch.bfloat16):
+    stored = values.to(dtype).double()
+    error = ((stored - values).abs() / values).clamp(max=1)
+    ax.loglog(values, error.clamp(min=1e-8), label=str(dtype)[6:])
+ax.set(xlabel="|value|", ylabel="relative error (1 = lost)")
+ax.legend()
+plt.show()
+tiny = torch.tensor(1e-8)
+assert tiny.half() == 0 and tiny.bfloat16() != 0
+assert torch.isinf(torch.tensor(1e5).half())
+assert (tiny * 2**16).half() != 0  # what the loss scaler is for
+
+# %% [markdown]
+# This book computes in 16 bits with PyTorch's autocast, which keeps the
+# weights, AdamW and the diffusion arithmetic in float32 and runs the
+# convolutions and matrix products in 16 bits; the network's output is
+# cast back to float32 before the loss sees it, because the bound's
+# log-likelihood terms lose too much in 16 bits. `precision="fp16"` adds
+# PyTorch's loss scaler (`torch.amp.GradScaler`: the same rule, starting
+# at $2^{16}$ and doubling after 2,000 steps without an overflow),
+# `"bf16"` needs none, and `"auto"`, the default, is bf16 where the device
+# computes in it natively (GPUs since Ampere, CPUs with AVX-512-BF16 or
+# AMX) and float32 elsewhere: emulated bf16 is several times slower than
+# float32. Speed is not the reason to prefer bf16 to fp16: Ampere and
+# Hopper tensor cores run both at the same peak rate.
+# The range is: no scale to tune, and no step lost to an overflow.
+#
+# The two functions are the foundation's (`adm_lib.devices`), shared with
+# the samplers of chapter 6:
+
+# %%
+import inspect
+
+from adm_lib.devices import autocast_model, resolve_precision
+
+print(inspect.getsource(resolve_precision))
+print(inspect.getsource(autocast_model))
+print("auto here:", resolve_precision("auto", torch.device(device)))
+
+# %% [markdown]
+# The training loop's module starts here; its imports list every piece
+# the rest of the chapter puts together:
 
 # %%
 #| export
@@ -1264,143 +1316,25 @@ from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 # %% [markdown]
-# "auto" is bf16 only where the hardware computes in it: on a CPU without
-# AVX-512-BF16 or AMX, oneDNN emulates bf16 and a step is several times
-# slower than in float32. The rest of the fast path is for GPUs: TF32 for
-# the products left in float32, cuDNN's autotuner, and channels_last
-# tensors (each pixel's channels adjacent), the layout of its fastest
-# convolutions. The appendix on the engineering of runs measures what
-# they buy (R.7).
+# Does bf16 change what a run learns? Trained twice from the same seed,
+# so that both runs see the same batches, timesteps and noise, once in
+# float32 and once under bf16 autocast, the demo's model (4.10) logged
+# the same losses: over 1,000 steps every 100-step window's gap is under
+# 0.15 of its standard error and under 1% of the loss, with bf16 emulated
+# at batch 4 and native at the demo's batch of 32
+# (`scripts/precision_curves.py`; the tables, machines and days are in
+# appendix M.2):
 #
-# TF32 is for 16-bit runs only: it rounds a float32 product's inputs to
-# 10 mantissa bits, which loses nothing a bf16 or fp16 run kept, but
-# `precision="fp32"` means IEEE float32, so there it is off. The layout is
-# the `memory_format` setting: "auto" is channels_last on a GPU and
-# contiguous elsewhere; "contiguous" is there because CUDA's GroupNorm on
-# our torch wants NCHW, so channels_last may pay a transpose around every
-# norm, and only a measurement on the GPU says which layout wins.
+# ![float32 and bf16 autocast over the same 1,000 steps at batch 32: the
+# losses, and their gap in standard errors](figures/04_bf16_fp32_native.png)
 #
-# `deterministic=true` makes a GPU run repeat itself bit for bit, which a
-# resumed run needs to match an uninterrupted one (appendix R.4). It
-# turns on `torch.use_deterministic_algorithms`, which picks deterministic
-# kernels and raises for an op that has none (and stops Inductor's
-# autotuning under `compile=true`); sets `CUBLAS_WORKSPACE_CONFIG` to
-# `:4096:8` unless it is set, without which cuBLAS may split a product's
-# sums differently (PyTorch sizes cuBLAS's workspace at its first
-# product, so `train` sets it first thing; a process that has already
-# multiplied on the GPU must set it in its environment); turns cuDNN's
-# autotuner off, since it may pick another convolution algorithm in each
-# process; and runs attention's backward in PyTorch's plain ("math")
-# kernels, since the fused ones may accumulate in any order. The
-# classifier's adaptive average pool, whose CUDA backward has no
-# deterministic kernel, needs nothing: to 1x1, PyTorch computes it as a
-# mean. The cost is speed, and the math attention's memory (it stores the
-# attention matrix); how much has not been measured, for want of a GPU.
-# A CPU needs none of it: the kernels we use there are deterministic
-# already.
+# The rest of the fast path on a GPU (TF32 for the products left in
+# float32, cuDNN's autotuner, the channels_last layout) and GPU runs that
+# repeat themselves bit for bit (`deterministic=true`) are the
+# foundation's too: appendix R.4 and R.7.
 
 # %% [markdown]
-# Autocast itself wraps the network, not the loss:
-
-# %% [markdown]
-# Why bf16 is the default: float16 has 10 mantissa bits but a narrow range, so
-# gradients below about $6 \times 10^{-8}$ become zero and values above 65,504
-# overflow. bfloat16 has float32's exponent range, with 7 mantissa bits. The
-# plot shows the relative error of storing a value in each format. float16
-# needs a loss scaler (`torch.amp.GradScaler`, our `precision="fp16"`) that
-# multiplies the loss by up to $2^{16}$ so that small gradients survive, and
-# skips the steps whose scaled gradients overflow; bf16 needs none. Speed is
-# not the reason: Ampere and Hopper tensor cores run bf16 and fp16 at the same
-# peak rate (Hopper also has fp8, not used here).
-
-# %%
-values = torch.logspace(-12, 6, 400, dtype=torch.float64)
-fig, ax = plt.subplots(figsize=(6, 2.6))
-for dtype in (torch.float16, torch.bfloat16):
-    stored = values.to(dtype).double()
-    error = ((stored - values).abs() / values).clamp(max=1)
-    ax.loglog(values, error.clamp(min=1e-8), label=str(dtype)[6:])
-ax.set(xlabel="|value|", ylabel="relative error (1 = lost)")
-ax.legend()
-plt.show()
-tiny = torch.tensor(1e-8)
-assert tiny.half() == 0 and tiny.bfloat16() != 0
-assert torch.isinf(torch.tensor(1e5).half())
-assert (tiny * 2**16).half() != 0  # what the loss scaler is for
-
-# %% [markdown]
-# Does bf16 change what a run learns? Autocast rounds the inputs of the
-# convolutions and matrix products to bf16, a relative error of up to
-# $2^{-8}$, and keeps float32 everywhere else. That is measured rather
-# than argued: `scripts/precision_curves.py` trains the demo's diffusion
-# model (section 4.13) twice from the same seed, so that both runs see
-# the same batches, timesteps and noise, once in float32 and once under
-# bf16 autocast, and logs every step's loss. For each window of 100
-# steps it compares the two runs' mean losses with the noise of such a
-# mean: the standard error of the difference of two means of 100 steps,
-# from the spread of the loss within the window. This CPU (AMD EPYC,
-# AVX2) has no native bf16, so oneDNN emulates it: the same roundings,
-# six times slower than float32 here (0.83 against 0.14 s a step), which
-# is why the batch is 4 rather than the demo's 32. On 2026-12-03:
-#
-# ```sh
-# python scripts/precision_curves.py --steps 1000 --batch 4 \
-#     --out build/precision --plot chapters/figures/04_bf16_fp32.png
-# ```
-#
-# ![float32 and bf16 autocast over the same 1,000 steps: the losses, and
-# their gap in standard errors](figures/04_bf16_fp32.png)
-#
-# | steps | fp32 | bf16 | gap | standard error | gap / se |
-# | --- | --- | --- | --- | --- | --- |
-# | 1-100 | 0.1602 | 0.1600 | -0.0002 | 0.0231 | -0.01 |
-# | 101-200 | 0.0876 | 0.0881 | +0.0005 | 0.0054 | +0.10 |
-# | 201-300 | 0.0855 | 0.0852 | -0.0002 | 0.0050 | -0.05 |
-# | 301-400 | 0.0732 | 0.0727 | -0.0004 | 0.0050 | -0.09 |
-# | 401-500 | 0.0714 | 0.0708 | -0.0006 | 0.0046 | -0.13 |
-# | 501-600 | 0.0756 | 0.0753 | -0.0003 | 0.0053 | -0.05 |
-# | 601-700 | 0.0652 | 0.0657 | +0.0004 | 0.0044 | +0.09 |
-# | 701-800 | 0.0686 | 0.0688 | +0.0001 | 0.0054 | +0.03 |
-# | 801-900 | 0.0718 | 0.0720 | +0.0001 | 0.0048 | +0.03 |
-# | 901-1000 | 0.0697 | 0.0697 | -0.0000 | 0.0050 | -0.00 |
-#
-# Every window's gap is under 0.13 standard errors, where two
-# independent runs would typically be about one apart (that is what the
-# standard error measures). The runs share their batches, so this is a
-# stricter test than two independent curves, and after
-# 1,000 steps the rounding has not pushed the bf16 run onto another
-# path. On a GPU, `scripts/gpu_check.sh` runs the same comparison at the
-# demo's batch of 32 (`--device cuda` is picked by itself).
-#
-# The same comparison at the demo's batch of 32, on a 2-core AMD EPYC
-# with native bf16 (AVX-512-BF16), 2026-12-03, both runs in 359 s:
-#
-# ```sh
-# python scripts/precision_curves.py --steps 1000 --batch 32 \
-#     --out build/precision_native \
-#     --plot chapters/figures/04_bf16_fp32_native.png
-# ```
-#
-# ![The same at batch 32 with native bf16](figures/04_bf16_fp32_native.png)
-#
-# | steps | fp32 | bf16 | gap / se |
-# | --- | --- | --- | --- |
-# | 1-100 | 0.1422 | 0.1423 | +0.00 |
-# | 101-200 | 0.0707 | 0.0705 | -0.14 |
-# | 201-300 | 0.0658 | 0.0661 | +0.15 |
-# | 301-400 | 0.0615 | 0.0615 | +0.01 |
-# | 401-500 | 0.0567 | 0.0567 | +0.02 |
-# | 501-600 | 0.0577 | 0.0578 | +0.07 |
-# | 601-700 | 0.0567 | 0.0568 | +0.08 |
-# | 701-800 | 0.0564 | 0.0564 | -0.00 |
-# | 801-900 | 0.0542 | 0.0542 | -0.00 |
-# | 901-1000 | 0.0537 | 0.0537 | +0.03 |
-#
-# Every gap is under 0.15 standard errors: with native bf16, too, the two
-# runs learn the same.
-
-# %% [markdown]
-# ## 4.5 The exponential moving average
+# ## 4.6 The exponential moving average
 #
 # The reference keeps $\bar\theta \leftarrow r\bar\theta + (1-r)\theta$ with
 # $r = 0.9999$ from the first step, so after $n$ steps the average still
@@ -1460,61 +1394,17 @@ print(f"no warm-up, 2,994 steps: {reference_run:.3f}; "
 assert 0.2 < reference_run < 0.25 and warm < 1e-6
 
 # %% [markdown]
-# ## 4.6 Checkpoints that survive a kill
+# ## 4.7 The loop
 #
-# A checkpoint holds everything the run needs to go on: the weights, each
-# EMA, AdamW's moments, the loss scaler, the loss-aware sampler's history,
-# the step, the configuration and every rank's random-generator state
-# (dropout's). Four rules make it trustworthy:
-#
-# * **Atomic writes.** `write_atomic` writes to a temporary file, forces
-#   it to disk (`fsync`) and renames it into place; a rename is atomic, so
-#   a kill or a full disk at any moment leaves either the new file or the
-#   old ones, never half a checkpoint under a checkpoint's name; a write
-#   that fails stops the run with one line naming the file.
-# * **Safe loads.** `torch.load(..., weights_only=True)` unpickles tensors
-#   and plain containers only, so a checkpoint cannot run code. A file
-#   that does not load (cut short by a file system that broke the rules
-#   above, say) is named in a warning and the one before it is used; the
-#   run keeps the `keep_checkpoints` newest that read, and renames a
-#   damaged one `*.damaged` rather than count it. Errors never pass on
-#   torch's advice to load such a file with `weights_only` off.
-# * **One run per folder.** A run holds an exclusive lock on the folder's
-#   `.lock` file for its whole life (`lock_run`), so a second run started
-#   on the same folder stops at once, naming the pid that holds it,
-#   instead of interleaving its metrics with the first's. The system drops
-#   the lock with the process, however it ends, so a killed run can be
-#   resumed at once; temporary files carry their process's id, and the
-#   ones a killed run left behind are deleted under the next run's lock.
-# * **Checked resumes.** A resumed run compares its configuration with the
-#   checkpoint's and names every field that differs; only `RUN_FIELDS`
-#   may. A resume that finds checkpoints but can read none of them is
-#   refused, naming them, rather than starting afresh over the run's
-#   metrics; one that finds no checkpoint at all says so, then starts a
-#   new run; one whose `steps` are behind the checkpoint's step is
-#   refused, and leaves `config.json` as it was.
-
-# %%
-from adm_lib.checkpoints import (
-    checkpoint_path,
-    latest_checkpoint,
-    lock_run,
-    read_checkpoint,
-    save_checkpoint,
-)
-from adm_lib.files import write_atomic
-
-# %% [markdown]
-# A checkpoint is one such file per saved step; reading one checks its
-# format and keys, and the newest that reads is the one a resume takes.
-# The run keeps the `keep` newest that read: the one just written and
-# `keep` - 1 others. Only readable files count, and a damaged one is
-# renamed `step_....pt.damaged`, never deleted: counted by name, a damaged
-# newer file would outlive the good ones, and a resume would find none.
-
-# %% [markdown]
-# Two more guards: the fields that may not change on resume are compared
-# with the checkpoint's, and the run folder is locked for the run's life.
+# What a run carries from step to step, and what a checkpoint saves, is
+# `TrainState`: the network, its EMAs, AdamW, the fp16 loss scaler, the
+# timestep sampler (the loss-aware one learns from every step) and the
+# step, with every rank's random state beside it. A resumed run must go on
+# with the same computation, so every field of its configuration but
+# `RUN_FIELDS` must match the checkpoint's (`config_mismatch` names each
+# that does not). How the checkpoint file is written and read, whole or
+# not at all and without running code, is the foundation's
+# (`adm_lib.checkpoints`, appendix R.2).
 
 # %%
 #| export
@@ -1530,11 +1420,9 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 # %% [markdown]
-# What a checkpoint holds is `TrainState`: the network, its EMAs, AdamW,
-# the loss scaler and the timestep sampler, and the step. Loading puts
-# each tensor where its parameter is: on its device, in its dtype, and,
-# for AdamW's moments, in its memory layout, which a resume may change
-# (channels_last on a GPU, contiguous on a CPU).
+# Loading a checkpoint puts each tensor where its parameter is: on its
+# device, in its dtype, and, for AdamW's moments, in its memory layout,
+# which a resume may change (channels_last on a GPU, contiguous on a CPU).
 
 # %%
 #| export
@@ -1622,47 +1510,6 @@ def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
                     param, dtype=value.dtype).copy_(value)
 
 # %% [markdown]
-# And every rank's global random state, which only dropout draws from.
-
-# %%
-# %% [markdown]
-# ## 4.7 Data parallelism with torchrun
-#
-# The reference launches one process per GPU with MPI. PyTorch's own
-# launcher, `torchrun`, does the same without an MPI installation, and its
-# rendezvous spans machines:
-#
-# ```sh
-# torchrun --nproc_per_node 8 -m adm_lib.cli train diffusion \
-#     --preset imagenet64 --data /data/imagenet64 --out runs/in64
-# # on each of 2 machines, with the first one's address:
-# torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
-#     --rdzv_endpoint HOST:29500 -m adm_lib.cli train diffusion ...
-# ```
-#
-# Each process reads `RANK` and `WORLD_SIZE` from the environment, joins
-# the process group (NCCL between GPUs, gloo between CPU processes) and
-# wraps the network in `DistributedDataParallel`, which averages the
-# gradients across processes during the backward pass (the gradients are
-# views of its all-reduce buckets, so nothing is copied between the
-# two). The global batch
-# is split evenly, each rank reading its rows (4.2). Rank 0 alone logs,
-# draws sample grids and writes checkpoints; on several machines the run
-# folder must be on a shared file system, since every rank loads the
-# checkpoint rank 0 picks.
-# %%
-from adm_lib.ranks import (
-    Ranks,
-    from_rank0,
-    gather_rows,
-    setup_ranks,
-    sum_ranks,
-)
-from adm_lib.seeds import rng_state, set_rng_state
-
-# %% [markdown]
-# ## 4.8 The loop
-#
 # One step on each rank: read the rank's rows of the batch and the step's
 # draws, flip the chosen images, set the learning rate (annealed linearly
 # to zero over `lr_anneal_steps` if set, as the reference does for its
@@ -1672,20 +1519,8 @@ from adm_lib.seeds import rng_state, set_rng_state
 # `microbatch` images, for models whose batch does not fit in memory: each
 # micro-batch adds its share of the loss's gradient, so the step's
 # gradient is the same however the batch is split; under DDP only the
-# last micro-batch all-reduces (`micro_sync`, which finds the DDP module
-# inside a torch.compile wrapper too). `apply_gradients` then
-# measures the gradient norm (clipping it to `grad_clip` if set), and
-# skips the step on every rank if the loss or the norm is not finite; the
-# run stops with an error after `max_nonfinite` skipped steps in a row,
-# naming the checkpoint that is intact.
-#
-# None of this asks the host a question. A GPU runs a step's kernels in
-# the order the host queued them, and the host queues them far ahead as
-# long as it never waits for a value: an `.item()`, a `bool()` of a
-# tensor or a copy to the CPU each make it wait until the GPU has caught
-# up, and then the GPU idles while the host queues the next kernels. So
-# the skip is decided on the device, the step's results stay there, and
-# the host reads them only when it logs, saves or looks at the model.
+# last micro-batch all-reduces (`micro_sync`; DDP itself is appendix
+# R.6's).
 
 # %%
 #| export
@@ -1748,7 +1583,11 @@ def data_parallel(model: nn.Module,
 # and the EMAs, both told on the device whether to change anything. The
 # fused AdamW already skips its update when its `found_inf` flag is set:
 # that is how the fp16 loss scaler skips an overflowing step. We set the
-# flag for every non-finite step, and give the EMAs a decay of 1 for it.
+# flag for every non-finite step, and give the EMAs a decay of 1 for it:
+# the step is skipped on every rank, and after `max_nonfinite` in a row
+# the run stops, naming the intact checkpoint. None of this makes the
+# host wait for the device (appendix R.7 says why that matters on a
+# GPU).
 
 # %%
 #| export
@@ -1781,10 +1620,6 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     state.optimizer.zero_grad(set_to_none=True)
     return loss_ok, norm
 
-# %% [markdown]
-# The learning rate of a step, annealed as the reference anneals its
-# classifiers':
-
 # %%
 #| export
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -1792,6 +1627,47 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     if not config.lr_anneal_steps:
         return config.lr
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
+
+# %% [markdown]
+# One step, `train_step`, is what `adm train` repeats and what `adm bench`
+# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
+# on the device: a quarter of float32's bytes cross to a GPU. It returns
+# a `StepResult`, the step's numbers still on the device.
+
+# %%
+#| export
+@dataclass
+class StepResult:
+    """What one step leaves for the log, still on the device."""
+
+    step: int
+    loss_ok: Tensor  # the global batch's loss is finite
+    grad_norm: Tensor
+    t: Tensor  # the rank's timesteps, and its per-image terms
+    terms: dict[str, Tensor]
+
+
+def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
+               model: nn.Module, state: TrainState, pixels: Tensor,
+               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
+    """One optimisation step on the rank's uint8 images."""
+    device = ranks.device
+    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
+    x = x.contiguous(memory_format=memory_format(config.memory_format,
+                                                 device))
+    y = y.to(device, non_blocking=True)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    draws = draw_step(config, state.sampler, state.step, shape, device,
+                      rows=rows)
+    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
+    lr = learning_rate(config, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss, terms = accumulate_gradients(config, diffusion, model, state,
+                                       x, y, draws, device)
+    loss_ok, norm = apply_gradients(config, state, loss, ranks)
+    state.step += 1
+    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 # %% [markdown]
 # Every `log_interval` steps rank 0 averages the window into one line of
@@ -1854,10 +1730,6 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
             if count:
                 sums[f"{name}_q{q}"] = (total, count)
     return sums
-
-# %% [markdown]
-# The log itself keeps a window's sums and counts and writes them out as
-# one record:
 
 # %%
 #| export runlog
@@ -1926,11 +1798,10 @@ class MetricsLog:
 
 # %% [markdown]
 # A run's records are read back by `read_metrics`, which skips a last line
-# that a kill cut short; a resumed run first drops the records after its
-# checkpoint's step (`truncate_metrics`), since it writes them again. Any
-# other line that is not a record, a JSON object with an integer `step`
-# (a line edited by hand, say), is named in a warning and skipped, and a
-# resume keeps it as it is.
+# that a kill cut short (and names any other line that is not a record);
+# a resumed run first drops the records after its checkpoint's step
+# (`truncate_metrics`), since it writes them again. Then the grids and
+# the classifier's evaluation, with the same noise at every call:
 
 # %%
 #| export runlog
@@ -2046,14 +1917,13 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 # %% [markdown]
-# The book's one writer of image grids, atomic like the checkpoints:
-
-# %% [markdown]
-# `train` puts the pieces together: it opens the data and fills in
-# `in_channels` and `num_classes`, builds the state, checks the run folder
-# (a folder that already holds a run needs `resume=True`), restores the
-# state from its newest checkpoint if any, and runs the steps with a
-# progress bar, saving every `save_interval` steps and at the end.
+# `train` puts the pieces together. `prepare_run` takes the folder's lock
+# (one run per folder, appendix R.3) and checks the folder: a folder that
+# already holds a run needs `resume=True`, a resume must match its
+# checkpoint, and the newest checkpoint that reads is the one every rank
+# loads. `train` validates the configuration, joins the ranks and holds
+# the lock for the run's life; rank 0 writes each checkpoint with every
+# rank's random state, and looks at the model between steps.
 
 # %%
 #| export
@@ -2109,11 +1979,6 @@ def prepare_run(config: TrainConfig, out: Path, resume: bool,
         raise TrainError(problem)
     return found
 
-# %% [markdown]
-# `train` itself validates the configuration, joins the ranks, holds the
-# folder's lock for the run's life, and leaves the process group as it
-# found it. Rank 0 writes each checkpoint with every rank's random state.
-
 # %%
 #| export
 def train(config: TrainConfig, out: str | os.PathLike, *,
@@ -2152,10 +2017,6 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     if problem:
         raise TrainError(problem)
     return checkpoint_path(out, state.step)
-
-# %% [markdown]
-# Between steps, rank 0 looks at the model: a grid of samples from the
-# first EMA, or the classifier's held-out scores.
 
 # %%
 #| export
@@ -2238,54 +2099,12 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 # %% [markdown]
-# One step, `train_step`, is what `adm train` repeats and what `adm bench`
-# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
-# on the device: a quarter of float32's bytes cross to a GPU. It returns
-# a `StepResult`, the step's numbers still on the device.
-
-# %%
-#| export
-@dataclass
-class StepResult:
-    """What one step leaves for the log, still on the device."""
-
-    step: int
-    loss_ok: Tensor  # the global batch's loss is finite
-    grad_norm: Tensor
-    t: Tensor  # the rank's timesteps, and its per-image terms
-    terms: dict[str, Tensor]
-
-
-def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
-               model: nn.Module, state: TrainState, pixels: Tensor,
-               y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
-    """One optimisation step on the rank's uint8 images."""
-    device = ranks.device
-    x = pixels.to(device, non_blocking=True).float() / 127.5 - 1
-    x = x.contiguous(memory_format=memory_format(config.memory_format,
-                                                 device))
-    y = y.to(device, non_blocking=True)
-    shape = (config.in_channels, config.image_size, config.image_size)
-    draws = draw_step(config, state.sampler, state.step, shape, device,
-                      rows=rows)
-    x = torch.where(draws.flip[:, None, None, None], x.flip(3), x)
-    lr = learning_rate(config, state.step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    loss, terms = accumulate_gradients(config, diffusion, model, state,
-                                       x, y, draws, device)
-    loss_ok, norm = apply_gradients(config, state, loss, ranks)
-    state.step += 1
-    return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
-
-# %% [markdown]
 # The loop reads each step's rows and takes the step. The steps' results
 # wait on the device until the loop next logs, saves or looks at the
 # model; then `record_steps` reads them all at once (every step with the
 # loss-aware sampler, which learns from each step before drawing the
-# next). The time rank 0 spends between steps (logging, saving, drawing a
-# grid) is kept out of the throughput it logs and out of the progress
-# bar's clock, so both count the steps alone.
+# next). The time spent between steps is kept out of the throughput it
+# logs.
 
 # %%
 #| export
@@ -2355,13 +2174,10 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 # %% [markdown]
-# Two helpers of the loop: a data loader worker's error is reported as its
-# own message, and the pending steps' per-image terms are gathered from
-# every rank into the log, in one gather and one copy to the host. There
-# each step is judged as it would have been at once: a skipped step is
-# counted and reported by its number (with fp16, a gradient that
-# overflowed under a finite loss is the loss scaler's business, not a
-# skip), and too many in a row stop the run, naming the intact checkpoint.
+# The loop's helpers: a data loader worker's error is reported as its own
+# message, and the pending steps' terms are gathered from every rank into
+# the log at once, each step judged as it would have been alone (a
+# skipped step counted and named; too many in a row stop the run).
 
 # %%
 #| export
@@ -2436,7 +2252,10 @@ def _skipped(config: TrainConfig, state: TrainState, step: int,
 
 # %% [markdown]
 # A finished run is a folder; `load_run` rebuilds its network from the
-# configuration stored in the checkpoint, with the EMA weights by default.
+# configuration stored in the checkpoint, with the EMA weights by default,
+# for sampling (chapter 6), evaluation (chapter 5) or fine-tuning. What it
+# returns, a `TrainedModel`, is also what the reference's released files
+# load into (appendix on released checkpoints).
 
 # %%
 #| export models
@@ -2550,57 +2369,23 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
                         state["step"], weights)
 
 # %% [markdown]
-# `load_run` is the way back from a run folder to a network, for sampling
-# (chapter 6), evaluation (chapter 5) or fine-tuning.
-
-# %% [markdown]
-# ## 4.9 Runs small enough for a CPU
+# ## 4.8 Three models
 #
-# The guarantees above (exact resume, a damaged checkpoint skipped, two
-# processes equal to one, a configuration refused before its first step)
-# are checked in the appendix on the engineering of runs, which trains
-# tiny runs to show each. This chapter's own runs all use the MNIST preset
-# scaled down by the parameters cell:
-# %%
-def small(kind: str, **fields: Any) -> TrainConfig:
-    """The MNIST preset of `kind`, scaled down by the parameters cell."""
-    # in_channels 0: the data's, so that colour data sets run too.
-    base = {"data": data, "in_channels": 0, "device": device,
-            "batch_size": batch_size,
-            "num_channels": num_channels, "classifier_width": num_channels,
-            "num_samples": num_samples, "sample_steps": sample_steps,
-            "seed": seed}
-    return make_config(kind, "mnist", {**base, **fields})
-
-# %% [markdown]
-# ## 4.10 Three models
-#
-# Now the three kinds, trained for real on the embedded MNIST subset: a
-# class-conditional diffusion model, a noisy classifier, and an 8 to 32
-# pixel upsampler. The paper's recipe (predict $\epsilon$, learn the
-# variances) is made for hundreds of thousands of steps, and these runs
-# have hundreds to thousands; so the diffusion model and the upsampler
-# take the recipe that section 4.13 measures for runs of minutes, the
-# parameters cell's `settings`: they predict $x_0$ under $L_\text{simple}$
-# with fixed variances, at a learning rate of $10^{-3}$, with one residual
-# block per level and an EMA at 0.95 (`-p settings "{}"` gives the
-# preset's). The parameters cell also sets their length; each run folder
-# holds its `config.json`, checkpoints, `metrics.jsonl` and sample grids.
+# The diffusion model of 4.1 has two companions: a noisy classifier, which
+# chapter 6 guides it with, and an 8 to 32 pixel upsampler, chapter 7's
+# second stage. Both are runs of the same loop. The upsampler takes 4.1's
+# recipe too (the parameters cell's `settings`; `-p settings "{}"` gives
+# the preset's: $\epsilon$, learned variances), the classifier its preset's,
+# with its learning rate annealed to zero.
 
 # %%
-snapshots = {"sample_interval": snapshot_every,
-             "eval_interval": snapshot_every,
-             "save_interval": snapshot_every,
-             "log_interval": max(1, snapshot_every // 5)}
 started = time.perf_counter()
-train(small("diffusion", steps=train_steps, **snapshots, **settings),
-      runs / "diffusion")
 train(small("classifier", steps=classifier_steps,
             lr_anneal_steps=classifier_steps, **snapshots),
       runs / "classifier")
 train(small("upsampler", steps=train_steps, **snapshots, **settings),
       runs / "upsampler")
-print(f"three runs: {time.perf_counter() - started:.0f} s")
+print(f"two runs: {time.perf_counter() - started:.0f} s")
 metrics = {kind: read_metrics(runs / kind) for kind in KINDS}
 assert all(metrics.values())
 
@@ -2643,17 +2428,17 @@ assert len(evaluations) == -(-classifier_steps // snapshot_every)
 assert all(0 <= r["ema_val_acc@5"] <= 1 for r in evaluations)
 
 # %% [markdown]
-# The EMA's samples over training, one column per class, from the same
-# noise every time; and the upsampler's last grid, whose rows are its
-# 8-pixel input, its sample and the real image:
+# The upsampler's last grid: its 8-pixel inputs, its samples, and the
+# real images (with `figures_dir` set, the diffusion model's grids of 4.1
+# above it, as in the recorded figure of 4.1):
 
 # %%
-grids = sorted((runs / "diffusion" / "samples").glob("step_*.png"))
 up = sorted((runs / "upsampler" / "samples").glob("step_*.png"))[-1]
-shown = [*grids, up]
-fig, axes = plt.subplots(len(shown), 1, figsize=(6, 0.75 * len(grids) + 2),
-                         height_ratios=[1] * len(grids) + [3])
-for ax, path in zip(axes, shown, strict=True):
+shown = [*grids, up] if figures_dir else [up]
+fig, axes = plt.subplots(len(shown), 1, squeeze=False,
+                         figsize=(6, 0.75 * len(shown) + 1.5),
+                         height_ratios=[1] * (len(shown) - 1) + [3])
+for ax, path in zip(axes[:, 0], shown, strict=True):
     ax.imshow(plt.imread(path), cmap="gray")
     step = int(path.stem.split("_")[1])
     ax.set_title(f"upsampler, step {step}" if path == up
@@ -2663,7 +2448,7 @@ fig.tight_layout()
 if figures_dir:
     fig.savefig(Path(figures_dir) / "04_cpu_run_samples.png", dpi=120)
 plt.show()
-assert grids and up.exists()
+assert up.exists()
 
 # %% [markdown]
 # And the rebuilt networks. `load_run` reads each run's newest checkpoint
@@ -2678,68 +2463,21 @@ for kind in KINDS:
     assert loaded.step == loaded.config.steps
 
 # %% [markdown]
-# ## 4.11 A longer run, recorded
+# At the recorded run's length (appendix M.3: 1,500 steps of batch 32 for
+# the diffusion model and the upsampler, 1,000 for the classifier) the
+# diffusion model's loss in $x_0$ falls from 0.203 to 0.050, 0.133 in the
+# noisiest quartile against 0.0049 in the least noisy, and the noisiest
+# quartile falls little after step 500: at $t$ near $T$ the best
+# prediction is a blurred mean of digits, which the sampler's later, less
+# noisy steps sharpen. The upsampler, which sees its 8-pixel input, has a
+# sixth of that loss at q3. The classifier puts 77.2% of 500 held-out
+# images (EMA: 77.4%, each $\pm$ 1.9 points) in the right class, on
+# images at uniformly random noise levels, most of them heavily noised.
 #
-# The smoke configuration trains for seconds. A longer run of this chapter
-# on this project's 2-core CPU (AMD EPYC with AVX-512-BF16, so bf16
-# autocast; no GPU; PyTorch 2.13 CPU build), on 2026-12-03, with the
-# parameters cell's `settings` (4.13's recipe for the diffusion model and
-# the upsampler):
-#
-# ```sh
-# adm book run 4 -p train_steps 1500 -p classifier_steps 1000 \
-#     -p batch_size 32 -p snapshot_every 250 -p figures_dir chapters/figures \
-#     -p runs_dir build/chapter4_record
-# ```
-#
-# | | diffusion | classifier | upsampler 8 to 32 |
-# | --- | --- | --- | --- |
-# | parameters | 1.37M | 0.79M | 1.37M |
-# | steps of batch 32 | 1,500 | 1,000 | 1,500 |
-# | images/s | 125 | 235 | 149 |
-# | loss, step 50 / last | 0.203 / 0.050 | 2.30 / 0.57 | 0.176 / 0.0125 |
-# | of which q0 / q3 | 0.0049 / 0.133 | | 0.0034 / 0.022 |
-# | held-out top-1 / top-5 | | 77.2% / 95.2% | |
-# | the same, EMA | | 77.4% / 94.8% | |
-#
-# (The losses are logged means over 50-step windows, $L_\text{simple}$ in
-# $x_0$ for the two diffusion models; the classifier's accuracy is on 500
-# held-out images at random $t$; images per second are the medians of the
-# logged windows.) The three runs took 844 s in all. The curves:
-#
-# ![Loss curves of the CPU run](figures/04_cpu_run_curves.png)
-#
-# and the EMA's samples every 250 steps (DDIM, 10 steps, the same noise
-# and labels each time), then the upsampler's last grid:
-#
-# ![Samples of the CPU run](figures/04_cpu_run_samples.png)
-#
-# The backgrounds are black from the first grid on, and most classes
-# are recognisable by step 750: 0, 1, 4, 6, 7, 8 and 9, while this noise
-# still gives an unclear 2, 3 and 5 at step 1,500. In $x_0$ the noisiest
-# quartile is the hard one (0.133 against 0.0049 for the least noisy),
-# and it falls little after step 500: at $t$ near $T$ the best
-# prediction is a blurred mean of digits, which the sampler's later,
-# less noisy steps sharpen. The upsampler, which sees its 8-pixel input,
-# has a sixth of that loss at q3 and follows its inputs closely. The
-# classifier is right three times in four on images at uniformly random
-# noise levels, most of them heavily noised. The same command with
-# `-p settings "{}"` gives the preset's recipe ($\epsilon$, learned
-# variances), whose grids at the same steps (recorded here on 2026-11-25)
-# were grey and grainy, with a few classes still noise at step 1,500.
-#
-# The full run, on one GPU, is
-#
-# ```sh
-# adm book run 4 -p device cuda -p train_steps 20000 \
-#     -p classifier_steps 10000 -p batch_size 128 -p num_channels 64 \
-#     -p snapshot_every 2000
-# ```
-#
-# and has not been made yet: its numbers belong in this table.
+# ![Loss curves of the recorded CPU run](figures/04_cpu_run_curves.png)
 
 # %% [markdown]
-# ## 4.12 The architecture ablations, trained with this loop
+# ## 4.9 The architecture ablations, trained with this loop
 #
 # Chapter 3 (section 3.11) wrote the paper's architecture ablations as
 # switches: `ABLATIONS` maps each variant to a few `UNetModel` options on
@@ -2760,7 +2498,7 @@ for kind in KINDS:
 #   that makes steps slower must pay for them; this is why the paper kept
 #   two blocks per resolution and went wider instead.
 #
-# Exact resume (section 4.6) means no step is trained twice: a run is
+# Exact resume (appendix R.4) means no step is trained twice: a run is
 # trained to the smaller of its two step counts, then resumed to the larger.
 # Each run first trains `ablation_timing_steps` steps, whose speed,
 # read from its metrics log, sets its equal-time step count.
@@ -2776,7 +2514,6 @@ for kind in KINDS:
 # %%
 import math
 import re
-import time
 
 from adm_lib.data import load_dataset
 from adm_lib.diffusion import (
@@ -3022,510 +2759,123 @@ assert all(r["samples"].shape == sample_noise.shape
            for r in results.values())
 
 # %% [markdown]
-# ### A CPU-scale run, recorded
-#
-# The numbers above come from the smoke configuration (a few steps on
-# MNIST) and say nothing about the architectures. The run recorded here was
-# made with an earlier version of the book, whose chapter 3 trained the
-# variants with a hand-written loop of its own (AdamW with PyTorch's default
-# weight decay of 0.01, raw rather than EMA weights, one timed loop that
-# copied the weights at each arm) and measured $L_\text{simple}$ from the
-# raw network output: the protocol of this section, but not its loop, so
-# its numbers are not this section's. It ran on this project's 2-core CPU
-# (no GPU) on 2026-11-25, on a 5,000-image subset of CIFAR-10; training and
-# evaluating the nine variants took 13.9 minutes. This section re-records
-# it with
-#
-# ```sh
-# adm book run 4 -p ablation_data ../shared/data/cifar10/train.zip \
-#     -p ablation_train_images 5000 -p ablation_eval_images 128 \
-#     -p ablation_batch_size 16 -p ablation_steps 100 \
-#     -p ablation_seconds 60 -p ablation_timing_steps 20 \
-#     -p ablation_samples 4 -p ablation_sample_steps ddim25
-# ```
-#
-# Its tables, as printed but for two columns dropped to fit the page (the
-# parameter counts, listed in 3.11, and the VLB's unpaired standard errors,
-# 1.03 to 1.20 bits/dim, which are dominated by the spread between images).
-# The VLB is estimated on 128 held-out (image, t) pairs; the last column is
-# the paired difference from the baseline with its standard error, negative
-# is better:
-#
-# ```text
-# equal steps:
-# variant                      steps ms/step L_simple    VLB    vs baseline
-# baseline                       100   561.9   0.0992  4.437  +0.000 ±0.000
-# depth (4 blocks, 0.8x width)   100   855.1   0.1011  4.414  -0.024 ±0.042
-# 4 heads                        100   579.2   0.1004  4.506  +0.069 ±0.030
-# 64 channels per head           100   564.4   0.0993  4.430  -0.008 ±0.013
-# attention at 32, 16, 8         100  1417.2   0.0999  4.477  +0.040 ±0.030
-# BigGAN up/down                 100   609.6   0.1021  4.524  +0.087 ±0.034
-# residual rescaling             100   544.7   0.1014  4.544  +0.106 ±0.038
-# AdaGN                          100   555.4   0.0993  4.503  +0.065 ±0.028
-# ADM                            100  1478.9   0.0968  4.437  -0.000 ±0.011
-#
-# equal time:
-# variant                      steps ms/step L_simple    VLB    vs baseline
-# baseline                       107   562.3   0.0938  4.226  +0.000 ±0.000
-# depth (4 blocks, 0.8x width)    71   848.6   0.1172  4.486  +0.260 ±0.054
-# 4 heads                        104   579.3   0.0974  4.345  +0.119 ±0.043
-# 64 channels per head           107   564.0   0.0945  4.239  +0.013 ±0.015
-# attention at 32, 16, 8          42  1430.4   0.2148  5.170  +0.944 ±0.178
-# BigGAN up/down                  99   609.9   0.1015  4.460  +0.234 ±0.095
-# residual rescaling             110   546.8   0.0973  4.429  +0.203 ±0.090
-# AdaGN                          109   553.9   0.0936  4.313  +0.087 ±0.039
-# ADM                             41  1482.3   0.2164  5.121  +0.895 ±0.168
-# ```
-#
-# What it shows, honestly: after 100 steps of batch 16 every model is at
-# the very start of training (its DDIM samples are still noise), and the
-# differences at equal steps are a few hundredths of a bit, within two or
-# three paired standard errors. On this evidence nothing of the paper's
-# findings is confirmed or refuted. The paper found that attention at 32,
-# 16 and 8, 64 channels per head, BigGAN up/down-sampling and AdaGN each
-# improve FID, and that residual rescaling does not; here residual
-# rescaling is indeed not better than the baseline, and 64 channels per
-# head ties it, but BigGAN resampling, AdaGN and more attention are
-# slightly *worse* this early. The equal-time arm shows the other half of
-# the paper's argument on a CPU: attention at $32 \times 32$ costs 2.5
-# times the baseline's time per step here, so within the same minute the
-# variants that use it (and ADM) reach far fewer steps and fall behind,
-# while depth pays for its 63% more parameters in the same way. On a GPU
-# the relative costs differ; the GPU run will show by how much.
-#
-# The full run, on one GPU, is
-#
-# ```sh
-# adm book run 4 -p device cuda \
-#     -p ablation_data ../shared/data/cifar10/train.zip \
-#     -p ablation_batch_size 128 -p ablation_steps 3000 \
-#     -p ablation_seconds 120 -p ablation_timing_steps 50 \
-#     -p ablation_eval_images 1000 -p ablation_samples 8 \
-#     -p ablation_sample_steps ddim25
-# ```
-#
-# It has not been made yet, and its table belongs here.
+# These numbers come from the smoke configuration and say nothing about
+# the architectures. The one run at CPU scale (appendix M.4: an earlier
+# version of the book, whose chapter 3 trained the variants with a loop
+# of its own, 100 steps of batch 16 on 5,000 CIFAR-10 images) left every
+# model at the start of training: at equal
+# steps the variants' bounds differed from the baseline's by a few
+# hundredths of a bit per dimension, within two or three paired standard
+# errors, which neither confirms nor refutes the paper's findings. At
+# equal time it showed the other half of the paper's argument: attention
+# at $32 \times 32$ cost 2.5 times the baseline's time per step, so the
+# variants that use it (and ADM) reached 42 and 41 steps to its 107 and
+# fell behind by $0.9 \pm 0.2$ bits/dim. The GPU run of appendix M.4's command
+# has not been made yet.
 
 # %% [markdown]
-# ## 4.13 A recipe for minutes: the demo's
+# ## 4.10 A recipe for minutes
 #
 # The paper's recipe (predict $\epsilon$, learn the variances with
-# $L_\text{hybrid}$, an EMA at 0.9999) is made for hundreds of thousands
-# of steps. `adm demo` has a few hundred on a CPU, and with that recipe
-# its digits sat on grey backgrounds and were mostly not of the class
-# asked for. So the recipes were measured as the demo uses them: the
-# MNIST preset's network with one residual block per level (1.37M
-# parameters) on MNIST-5k, batch 32, learning rate
-# $10^{-3}$, seed 0, each recipe changing only the fields in the table;
-# every checkpoint sampled 20 times per digit with 25 DDIM steps, without
-# guidance, and scored with chapter 5's MNIST network (accuracy, FID in
-# its features against the 5,000 training digits, and the mean pixel,
-# 25.6 of 255 for the data). On this project's 2-core CPU (AMD EPYC, AVX2
-# without native bf16, so float32; PyTorch 2.13 CPU build), 2026-12-02:
+# $L_\text{hybrid}$, an EMA at 0.9999) is made for hundreds of thousands of
+# steps. `adm demo` has a few hundred on a CPU, and with that recipe its
+# digits sat on grey backgrounds and were mostly not of the class asked
+# for. So recipes were measured as the demo uses them: MNIST-5k, batch 32,
+# learning rate $10^{-3}$, each checkpoint sampled 20 times per digit and
+# scored with chapter 5's MNIST network (the share in the class asked
+# for, "accuracy", and FID in its features). With 200 samples an accuracy
+# has a standard error of 2 to 3.5 points, $\sqrt{p(1-p)/200}$; the gaps
+# below are given with theirs (appendix M.8 recomputes them, and M.5 has
+# the study in full, with its commands, machines and days):
 #
-# ```sh
-# python scripts/demo_recipes.py eps x0 --images 12800 --out build/recipes
-# python scripts/demo_recipes.py x0-simple x0-simple-lr2e-3 \
-#     --out build/recipes
-# python scripts/demo_recipes.py x0-simple --scale 1 --out build/recipes
-# python scripts/demo_recipes.py x0-simple --scale 1 --sampler ddpm \
-#     --last --out build/recipes
-# python scripts/demo_recipes.py --out build/recipes \
-#     --plot chapters/figures/04_demo_recipes.png
-# ```
+# * **Predict $x_0$ and drop the variance term.** At 400 steps the paper's
+#   recipe put 16.0% of its samples in the class asked for, on grey
+#   backgrounds (a mean pixel of 99, against the data's 25.6); predicting
+#   $x_0$ instead turned the backgrounds black but kept 15.0%; predicting
+#   $x_0$ with fixed variances, so that the loss is $L_\text{simple}$
+#   alone, gave 76.5%, a gain of $61.5 \pm 3.9$ points. Predicting
+#   $\epsilon$, the network's error in $x_0$ is its error in $\epsilon$
+#   times $\sqrt{1 - \bar\alpha_t} / \sqrt{\bar\alpha_t}$, huge at the
+#   noisiest steps, where a sample's brightness is decided; with learned
+#   variances the $L_\text{vlb}$ term was the larger early on, and the
+#   same network fitted $L_\text{simple}$ worse with it (0.080 at step
+#   400 against 0.058). The study has no arm that predicts $\epsilon$
+#   under $L_\text{simple}$, so it does not say how much of the gain the
+#   target alone buys.
+# * **A short EMA, perhaps.** At 800 steps the EMA at 0.95 gained
+#   $4.5 \pm 3.1$ points over the raw weights and 0.999 gained
+#   $2.5 \pm 3.2$: suggestive, not shown. The demo takes 0.95, which with
+#   4.6's warm-up averages about the last twenty steps.
+# * **The learning rate** did not matter within the noise: $2 \times
+#   10^{-3}$ was $5.0 \pm 3.6$ points behind $10^{-3}$ at 800 steps.
+# * **Guide ancestrally.** Guided at scale 1 by a noisy classifier, DDIM
+#   put 48.5% in class and ancestral sampling 95.0%, $46.5 \pm 3.9$
+#   points apart. DDIM's guided step (chapter 6.1) turns the classifier's
+#   gradient $g$ into a change of $\hat x_0$ of
+#   $(1 - \bar\alpha_t) g / \sqrt{\bar\alpha_t}$; at the first of 25
+#   steps of the cosine schedule, where $\bar\alpha = 2.4 \times
+#   10^{-9}$, the next $x$ moves by $1{,}326\,g$. The ancestral step's
+#   shift is bounded by the step's variance.
+# * **A leaner network.** Resampling with one convolution rather than
+#   BigGAN's residual blocks, and 32 channels at $16 \times 16$, learned
+#   as much per step (at 400 steps, $3.5 \pm 3.1$ points ahead; within
+#   about a standard error at every checkpoint) in 0.60 of the preset's
+#   time a step in float32, 0.65 in bf16.
 #
-# (The first two recipes ran for 400 steps only, to save time: they
-# were far behind by then.)
+# The demo's recipe is these together, with a classifier of 400 steps of
+# batch 32 and 10 ancestral steps (10 to 25 steps were within a standard
+# error). On a CPU with native bf16 its model trains 800 steps: four
+# training seeds then put $95.0\%$ of their guided digits in class, the
+# seeds' means $\pm 0.8$ points apart (standard deviation), less than one
+# demo's own $\pm 1.5$ for its 200 digits. bf16 learned what float32
+# learned (at 400 steps, $2.0 \pm 1.8$ points apart), three times faster a
+# step, so a CPU without native bf16 trains 350 steps, about five minutes.
 #
-# The recipes: *eps* is the paper's ($\epsilon$, learned variances);
-# *x0* predicts $x_0$ instead; *x0-simple* also fixes the variances, so
-# that the loss is $L_\text{simple}$ alone; *x0-simple-lr2e-3* doubles
-# its learning rate. Raw weights unless an EMA is named:
-#
-# | recipe | steps | accuracy | FID | mean pixel |
-# | --- | --- | --- | --- | --- |
-# | eps | 400 | 16.0% | 96.1 | 99.2 |
-# | x0 | 400 | 15.0% | 16.5 | 28.4 |
-# | x0-simple | 400 | 76.5% | 3.2 | 24.6 |
-# | x0-simple | 800 | 87.0% | 2.2 | 23.2 |
-# | x0-simple, EMA 0.95 | 800 | 91.5% | 1.4 | 26.5 |
-# | x0-simple, EMA 0.999 | 800 | 89.5% | 1.4 | 26.1 |
-# | x0-simple-lr2e-3 | 800 | 82.0% | 2.7 | 23.2 |
-# | x0-simple-lr2e-3, EMA 0.95 | 800 | 88.5% | 1.7 | 26.6 |
-#
-# ![The recipes against training minutes](figures/04_demo_recipes.png)
-#
-# With 200 samples an accuracy is known to about 3 points (one standard
-# error). Three things matter, in this order:
-#
-# * **The target.** Predicting $\epsilon$, the network's error in $x_0$
-#   is its error in $\epsilon$ times
-#   $\sqrt{1 - \bar\alpha_t} / \sqrt{\bar\alpha_t}$, which is huge at the
-#   noisiest steps, where a sample's overall brightness is decided: the
-#   grey backgrounds (a mean pixel of 99) are that error, left in place.
-#   Predicting $x_0$ puts the error where it shows, and the backgrounds go
-#   black by step 400.
-# * **The variance term.** With learned variances the loss is
-#   $L_\text{simple} + \lambda L_\text{vlb}$, and early on the second
-#   term is the larger: in the x0 run's log at step 400, `mse` is 0.080
-#   and `vb` 0.095, 0.36 in the least noisy quarter of $t$. Its gradient
-#   reaches the mean only through the shared network (the mean is
-#   detached in it), yet the same network fitted $L_\text{simple}$
-#   worse with it: 0.080 at step 400 against 0.058 without it. Dropping
-#   it (fixed variances) took the accuracy at step 400 from 15% to 76.5%:
-#   the class is learned within minutes. What $L_\text{vlb}$ buys, a
-#   likelihood (chapter 2), the demo does not need, and its 25 ancestral
-#   steps do well with fixed variances (below).
-# * **A short EMA.** The weights still move fast. Section 4.5's warm-up
-#   holds every rate to $\frac{1+n}{10+n}$, 0.989 at step 800, so 0.999
-#   averages about the last ninety steps and 0.95 the last twenty; at
-#   step 800 they gained 2.5 and 4.5 points over the raw weights, which
-#   with 200 samples is within two standard errors of each other.
-#
-# The guided samples need one more choice. Chapter 6's two forms of
-# guidance differ here. DDIM's (Algorithm 2) turns the classifier's
-# gradient $g$ into a change of $x_0$ of
-# $(1 - \bar\alpha_t) g / \sqrt{\bar\alpha_t}$; at the first of 25
-# steps of the cosine schedule $\bar\alpha = 2.4 \times 10^{-9}$, and
-# the next $x$ moves by 1,326 $g$ (chapter 6.1 derives it). Ancestral
-# guidance (Algorithm 1) shifts the mean by $s \Sigma g$, bounded by the
-# step's variance. At scale 1, with a noisy classifier of 400 steps (the
-# preset's, two residual blocks per level), the x0-simple model at step
-# 800 with EMA 0.95 gave:
-#
-# | sampler, 25 steps | accuracy | FID | mean pixel |
-# | --- | --- | --- | --- |
-# | DDIM, unguided | 91.5% | 1.4 | 26.5 |
-# | DDIM, guided | 48.5% | 10.8 | 38.1 |
-# | ancestral, guided | 95.0% | 1.0 | 26.4 |
-#
-# (and with EMA 0.999, 96.5%, 0.85 and 25.9 ancestrally). The reference
-# does the same arithmetic, which the parity tests compare, so this is
-# the method, not a bug: with the cosine schedule and few steps, guide
-# ancestrally. The demo trains x0-simple with EMA 0.95 and samples
-# ancestrally.
-#
-# The last choice is the budget. The demo trains both networks and runs
-# two guided sampling passes (200 digits at each of scales 1 and 4), and
-# it should take five minutes on a 2-core CPU. First the classifier,
-# each guiding the model at step 400 (EMA 0.95, ancestrally at scale 1,
-# 200 samples):
-#
-# | classifier | seconds | accuracy | FID |
-# | --- | --- | --- | --- |
-# | two blocks a level, 100 steps | 43 | 77.5% | 1.99 |
-# | two blocks a level, 200 steps | 81 | 82.5% | 1.87 |
-# | the same, lr $10^{-3}$ | 86 | 81.0% | 1.93 |
-# | the same, lr $3 \times 10^{-3}$ | 87 | 83.0% | 1.90 |
-# | two blocks a level, 400 steps | 168 | 87.5% | 1.81 |
-# | one block a level, 400 steps | 111 | 87.5% | 1.78 |
-#
-# (lr $3 \times 10^{-4}$ unless given, annealed to 0; batch 64; seconds of
-# training on this CPU, 2026-12-03. Each is the demo's classifier of that
-# day with `adm train classifier --out RUN --set batch_size=64 --set
-# classifier_depth=D --set steps=N --set lr_anneal_steps=N`, guiding
-# the x0-simple run's step-400 checkpoint as the demo does.) The
-# classifier's steps matter and its learning rate does not (the three
-# are within a standard error of each other); half its blocks cost
-# nothing in accuracy and save a third of its time, so the demo's has one
-# per level.
-#
-# Then the network's cost. Both of the demo's networks spend three
-# quarters of a step in convolutions (PyTorch's profiler), and the
-# costliest are at 32x32. The preset resamples with residual blocks
-# (`resblock_updown`, the paper's BigGAN blocks), each two convolutions
-# at the larger of its two sizes, and has 64 channels at 16x16. The
-# demo's *lean* network (`adm_lib.demo.LEAN`) resamples with one
-# convolution and keeps 32 channels at 16x16 (`channel_mult` 1,1,2).
-# Side by side in one process, alternating rounds, on random batches:
-#
-# ```sh
-# python scripts/demo_step_times.py --rounds 6
-# ```
-#
-# | model | network | parameters | batch | s/step | lean / preset |
-# | --- | --- | --- | --- | --- | --- |
-# | diffusion | preset | 1.37M | 32 | 0.725 | 1.00 |
-# | diffusion | lean | 0.88M | 32 | 0.437 | 0.60 |
-# | classifier | preset | 0.56M | 32 | 0.187 | 1.00 |
-# | classifier | lean | 0.40M | 32 | 0.131 | 0.70 |
-#
-# (Medians of 6 rounds on this CPU, 2026-12-03; both classifiers have
-# one block a level.)
-#
-# Per step the lean diffusion model learns as fast as the preset's, so
-# it gets there in less time. The x0-simple recipe with each network,
-# every checkpoint guided at scale 1 by the same classifier (the 400-step
-# one-block one above, with the preset's resampling and batch 64: the
-# demo's of that day, which the script trained then; it now trains the
-# demo's current one), 25 ancestral steps, EMA 0.95, 200 samples:
-#
-# ```sh
-# python scripts/demo_recipes.py x0-simple-lean --scale 1 --sampler ddpm \
-#     --weights 0.95 --out build/recipes_demo
-# python scripts/demo_recipes.py --out build/recipes_demo --scale 1 \
-#     --sampler ddpm --weights 0.95 --plot chapters/figures/04_demo_lean.png
-# ```
-#
-# ![The preset's network and the lean one against training
-# minutes](figures/04_demo_lean.png)
-#
-# | steps | preset: accuracy | FID | lean: accuracy | FID | mean pixel |
-# | --- | --- | --- | --- | --- | --- |
-# | 200 | 77.0% | 3.51 | 77.5% | 3.15 | 26.4 |
-# | 400 | 87.5% | 1.78 | 91.0% | 1.54 | 25.4 |
-# | 600 | 93.0% | 0.91 | 94.0% | 1.03 | 25.1 |
-# | 800 | 96.5% | 0.91 | 97.5% | 0.90 | 25.7 |
-#
-# (Mean pixel of the lean run's samples; the data's is 25.6. Minutes in
-# the figure are each run's own pace, 0.64 and 0.42 s a step, measured
-# on different days; the table above is the fair comparison of speed.)
-# The lean network is ahead at all four checkpoints, by 0.5 to 3.5 points, each
-# within about one standard error of the difference (3.1 to 4.2 points with 200
-# samples a side): as accurate per step, in 0.6 of the time, so the demo uses
-# it for both networks. With it the demo's other costs were measured on the
-# demo itself (`adm demo`, which reuses finished runs, so each change below
-# retrains only what it changes). The classifier's batch, each lean and 400
-# steps, guiding the same 400-step lean model, 25 ancestral steps:
-#
-# | classifier batch | seconds | accuracy | FID |
-# | --- | --- | --- | --- |
-# | 64 | 124 | 89.0% | 1.52 |
-# | 32 | 55 | 87.0% | 1.60 |
-#
-# (`adm demo --out D --classifier-batch B --respacing 25`.) Two points,
-# within a standard error, for 69 seconds: the diffusion model's steps
-# buy more accuracy per second (the lean curve above gains 13.5 points
-# from 200 to 400 steps, 87 seconds at the lean pace), so the demo's
-# classifier trains at batch 32. Then the sampler's steps: the curve's
-# run below, its checkpoints guided at scale 1 by that classifier, three
-# sampling seeds of 200 digits each (the command of the curve, then the
-# same with `--respacing 10` and `--respacing 25`, which reuse the run),
-# and the seconds of the demo's two guided passes (`adm demo --respacing
-# R`, reusing the runs):
-#
-# | respacing | seconds | accuracy at 400 (seeds) | FID | at 600 | FID |
-# | --- | --- | --- | --- | --- | --- |
-# | 10 | 24 | 90.0% (92.0, 88.0, 90.0) | 1.95 | 93.5% | 1.19 |
-# | 15 | 40 | 90.0% (90.0, 88.0, 92.0) | 1.72 | 95.5% | 1.03 |
-# | 25 | 68 | 88.5% (87.0, 88.0, 90.5) | 1.71 | 95.5% | 1.04 |
-#
-# The number of steps hardly matters to these samples: from 10 to 25 the
-# accuracies are within a standard error of each other (one is about 1.2
-# points for 600 samples). FID starts to rise at 10, from 1.72 to 1.95,
-# a fifth of the 10 the demo allows itself, so the demo samples with 10
-# steps, in 40% less time than 15. Last, the learning-rate
-# schedule: decaying it linearly to 0 over the 400 steps, a common choice
-# for short runs, lost accuracy from either starting rate (same
-# classifier, 15 steps, three seeds):
-#
-# ```sh
-# python scripts/demo_recipes.py lean-decay lean-decay-lr2e-3 \
-#     --images 12800 --every 12800 --scale 1 --sampler ddpm \
-#     --weights 0.95 --respacing 15 --seeds 3 --out build/recipes_decay
-# ```
-#
-# | learning rate, 400 steps | accuracy (seeds) | FID |
-# | --- | --- | --- |
-# | $10^{-3}$, constant (the demo's) | 90.0% (90.0, 88.0, 92.0) | 1.72 |
-# | $10^{-3}$, decayed to 0 | 87.3% (85.0, 87.5, 89.5) | 1.95 |
-# | $2 \times 10^{-3}$, decayed to 0 | 80.3% (78.5, 79.5, 83.0) | 2.97 |
-#
-# (These three used 15 sampling steps, the demo's choice of that hour.)
-# So the demo's recipe: the lean x0-simple model, batch 32 at a constant
-# $10^{-3}$; the lean classifier, 400 steps of batch 32; 10 ancestral
-# steps. The diffusion model's number of steps is the budget's (below).
-# Its curve of accuracy against training minutes, guided with 15 steps:
-#
-# ```sh
-# python scripts/demo_recipes.py x0-simple-lean --scale 1 --sampler ddpm \
-#     --weights 0.95 --respacing 15 --seeds 3 --out build/recipes_final \
-#     --plot chapters/figures/04_demo_curve.png
-# ```
-#
-# ![Accuracy and FID of the demo's samples against training
-# minutes](figures/04_demo_curve.png)
-#
-# | steps | minutes | accuracy (seeds) | FID | mean pixel |
-# | --- | --- | --- | --- | --- |
-# | 200 | 1.8 | 70.0% (66.0, 72.5, 71.5) | 3.86 | 26.2 |
-# | 400 | 3.6 | 90.0% (90.0, 88.0, 92.0) | 1.72 | 25.7 |
-# | 600 | 5.3 | 95.5% (93.5, 96.5, 96.5) | 1.03 | 25.6 |
-# | 800 | 7.1 | 96.2% (95.0, 96.0, 97.5) | 0.96 | 25.5 |
-#
-# (Minutes at that run's pace, 0.53 s a step; FID the mean of the seeds'.
-# The data's mean pixel is 25.6.) The same run again, with a checkpoint
-# every 50 steps up to the demo's 400, guided with the demo's 10 steps,
-# three seeds of 200 digits each:
-#
-# ```sh
-# python scripts/demo_recipes.py x0-simple-lean --images 12800 \
-#     --every 1600 --scale 1 --sampler ddpm --weights 0.95 \
-#     --respacing 10 --seeds 3 --out build/recipes_fine
-# ```
-#
-# | steps | minutes | accuracy (seeds) | FID | mean pixel |
-# | --- | --- | --- | --- | --- |
-# | 50 | 0.5 | 29.7% (25.5, 31.5, 32.0) | 14.02 | 30.3 |
-# | 100 | 1.0 | 52.8% (50.5, 56.5, 51.5) | 6.83 | 27.6 |
-# | 150 | 1.5 | 64.5% (61.5, 68.5, 63.5) | 5.06 | 27.4 |
-# | 200 | 2.0 | 71.3% (69.0, 72.5, 72.5) | 4.02 | 26.5 |
-# | 250 | 2.5 | 76.8% (75.5, 77.0, 78.0) | 3.30 | 26.5 |
-# | 300 | 2.9 | 81.7% (84.0, 78.0, 83.0) | 2.76 | 26.2 |
-# | 350 | 3.4 | 87.3% (91.5, 85.0, 85.5) | 2.15 | 26.1 |
-# | 400 | 3.9 | 90.0% (92.0, 88.0, 90.0) | 1.95 | 25.9 |
-#
-# (Minutes at this run's pace, 0.59 s a step, 2026-12-03 afternoon.)
-# Its 400-step row is the 10-step row of the respacing table to the
-# digit: checkpoints every 50 steps do not change the run. The accuracy
-# crosses 85% between 300 and 350 steps and reaches 90% at 400.
-#
-# The demo's budget is five minutes on a 2-core CPU. On the CPU of the
-# measurements above (AVX2 without native bf16, so float32) its pace
-# drifted: a diffusion step took 0.44 s in the side-by-side timing and
-# 0.47 to 0.70 s over 25-step intervals in the afternoon's runs. Besides
-# training the diffusion model the demo spent 90 to 115 s there (the
-# classifier 55 to 70, the two guided passes 25 to 40, the scoring 8 to
-# 9); 400 steps from a fresh clone took 330 s, so five minutes held 350
-# steps, the first checkpoint past 85%: 311 s from a fresh clone, 91.5%
-# at scale 1. That is the demo's default on such a CPU (below).
-#
-# A CPU with native bf16 (AVX-512-BF16 or AMX) trains and samples under
-# bf16 autocast by itself (`precision="auto"`, section 4.4), and section
-# 4.4's loss curves show that it learns what float32 learns. On such a
-# CPU, a 2-core AMD EPYC with AVX-512-BF16, 2026-12-03, the curve again,
-# now past 400 steps, sampled at the demo's precision too:
-#
-# ```sh
-# python scripts/demo_recipes.py x0-simple-lean --images 19200 \
-#     --every 1600 --scale 1 --sampler ddpm --weights 0.95 \
-#     --respacing 10 --seeds 3 --out build/recipes_bf16
-# python scripts/demo_recipes.py --out build/recipes_bf16 --scale 1 \
-#     --sampler ddpm --weights 0.95 --respacing 10 \
-#     --plot chapters/figures/04_demo_curve_bf16.png
-# ```
-#
-# ![The demo's curve in bf16](figures/04_demo_curve_bf16.png)
-#
-# | steps | minutes | accuracy (seeds) | FID | mean pixel |
-# | --- | --- | --- | --- | --- |
-# | 100 | 0.3 | 55.2% (53.0, 59.5, 53.0) | 6.60 | 27.7 |
-# | 200 | 0.6 | 71.3% (69.0, 74.5, 70.5) | 4.01 | 26.5 |
-# | 300 | 0.9 | 82.3% (82.0, 80.5, 84.5) | 2.61 | 26.2 |
-# | 350 | 1.0 | 86.3% (87.5, 85.5, 86.0) | 2.16 | 26.2 |
-# | 400 | 1.2 | 88.0% (88.5, 86.0, 89.5) | 1.96 | 25.7 |
-# | 450 | 1.3 | 90.0% (91.0, 89.0, 90.0) | 1.53 | 25.3 |
-# | 500 | 1.5 | 91.7% (89.5, 92.0, 93.5) | 1.45 | 25.7 |
-# | 550 | 1.6 | 91.7% (91.0, 92.5, 91.5) | 1.37 | 25.0 |
-# | 600 | 1.8 | 93.5% (93.5, 94.5, 92.5) | 1.18 | 25.4 |
-#
-# (Minutes at this run's pace, 0.176 s a step, the median of its
-# 25-step intervals: 3.2 times the float32 pace of the curve above.)
-# Step for step it is the float32 curve within noise (at 350, 86.3%
-# against 87.3%; at 400, 88.0% against 90.0%, each within about one
-# standard error of the difference, 1.9 points with 600 samples a
-# side).
-#
-# One training run says little about the next. On this project's 2-core
-# CPU of 2026-12-07 (Intel Xeon with AMX, so bf16 too), the same recipe
-# with four training seeds, both networks retrained for each, every
-# checkpoint guided at scale 1 with three sampling seeds of 200 digits:
-#
-# ```sh
-# for seed in 0 1 2 3; do
-#     python scripts/demo_recipes.py x0-simple-lean --images 25600 \
-#         --every 6400 --scale 1 --sampler ddpm --weights 0.95 \
-#         --respacing 10 --seeds 3 --train-seed $seed \
-#         --out build/recipes_seed$seed
-# done
-# ```
-#
-# | steps | minutes | seed 0 | seed 1 | seed 2 | seed 3 | mean | FID | pixel |
-# | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-# | 200 | 0.7 | 72.0% | 65.2% | 68.5% | 64.8% | 67.6% | 4.38 | 26.7 |
-# | 400 | 1.3 | 88.0% | 85.7% | 85.3% | 85.0% | 86.0% | 2.07 | 26.1 |
-# | 600 | 2.0 | 92.7% | 93.5% | 91.8% | 93.7% | 92.9% | 1.23 | 25.6 |
-# | 800 | 2.6 | 94.8% | 95.3% | 94.0% | 96.0% | 95.0% | 1.05 | 25.2 |
-#
-# (Each seed's accuracy is the mean of its three sampling seeds; FID and
-# mean pixel are means over all twelve; minutes at 0.2 s a step.) Seed 0's
-# row at 600 steps, 92.7%, is the AMD machine's 93.5% within a standard
-# error. From 600 steps on, the four means spread by 0.8 points (standard
-# deviation), no more than the 0.9 to 1.0 point that 600 samples' own noise
-# gives: the training seed matters less than which 200 digits are drawn.
-# That noise is what a single `adm demo` sees, about 1.8 points for its 200
-# digits at scale 1, so at 600 steps one run in twenty would fall below 90%
-# (normal approximation); of the twelve seed pairs the lowest was 90.5%. At
-# 800 steps the mean is 95.0%, the lowest pair 91.5%, and a run below 90% is
-# about three standard errors away. So on a CPU with native bf16 (and on a
-# GPU) the demo trains 800 steps, under three minutes of training here. Its
-# run from a fresh clone (README) took 187 s in all, with 93.5% at scale 1,
-# FID 1.05 and a mean pixel of 25.0 (the data's 25.6).
-#
-# In bf16 the lean networks keep most of their lead. Side by side on the
-# AMX machine, as in the float32 table above (`python
-# scripts/demo_step_times.py --rounds 30`, 2026-12-07):
-#
-# | model | network | s/step | lean / preset |
-# | --- | --- | --- | --- |
-# | diffusion | preset | 0.272 | 1.00 |
-# | diffusion | lean | 0.178 | 0.65 |
-# | classifier | preset | 0.084 | 1.00 |
-# | classifier | lean | 0.062 | 0.73 |
-#
-# A CPU without native bf16 trains in float32: three times slower a step
-# on the AVX2 EPYC above, where 800 steps would take past seven minutes.
-# There the demo's default is 350 steps (`adm_lib.demo.default_steps`),
-# the first checkpoint of the float32 curve past 85%, near five minutes.
-#
+# ![The demo's guided accuracy and FID against training minutes, in
+# bf16](figures/04_demo_curve_bf16.png)
+
 # %% [markdown]
 # ## Summary
 #
-# * A run is one `TrainConfig`, saved with every checkpoint; the paper's
-#   models are presets whose networks are the reference's released flags
-#   and whose optimisation is the paper's Tables 11 to 13.
+# * A run is one `TrainConfig` and a folder; the paper's models are
+#   presets whose networks are the reference's released flags and whose
+#   optimisation is the paper's Tables 11 to 13. `train` trains one, and
+#   `load_run` gives back its network.
 # * Every step's batch, timesteps, noise and flips are a function of
-#   `(seed, step)`, and each rank reads its rows of the global batch: a
-#   resumed run equals the uninterrupted one bit for bit, and two
-#   processes equal one up to the order of a sum.
-# * bf16 autocast is the GPU default; fp16 comes with a loss scaler, and
-#   the diffusion arithmetic stays in float32 either way.
+#   `(seed, step)`, so a resumed run, or one split over processes, draws
+#   what the uninterrupted one does.
+# * The three kinds of model differ only in their per-image loss.
+# * The paper trained in fp16 with loss scaling; autocast in bf16 needs no
+#   scale, learns what float32 learns, and is the default where the device
+#   computes in it natively. The diffusion arithmetic stays in float32.
 # * An EMA without warm-up keeps $r^n$ of the random initialisation; the
 #   warm-up $\min(r, \frac{1+n}{10+n})$ makes short runs' averages usable.
-# * Checkpoints are written atomically and loaded with `weights_only`; a
-#   damaged one is named and skipped, a mismatched configuration is named
-#   field by field, and a run of non-finite steps stops with the intact
-#   checkpoint named.
-# * `adm train diffusion|classifier|upsampler` is the same `train` from
-#   the command line, and under `torchrun` it is data-parallel.
-# * For a run of minutes, predicting $x_0$ under $L_\text{simple}$ with
-#   a short EMA learns digits and their classes where the paper's recipe
-#   leaves grey backgrounds (4.13); guide such a model ancestrally, as
-#   DDIM's guided step scales the gradient by $1 / \sqrt{\bar\alpha_t}$.
-#   A leaner network (resampling by convolution, 32 channels at 16x16)
-#   learns as much per step in 0.6 to 0.75 of the time.
+# * For a run of minutes, predicting $x_0$ under $L_\text{simple}$ learns
+#   digits and their classes where the paper's recipe leaves grey
+#   backgrounds; guide such a model ancestrally.
 #
 # Chapter 6 uses this loop to train a class-conditional model and a noisy
-# classifier, and guides the one with the other.
+# classifier, and guides the one with the other. The appendix on the
+# engineering of runs checks what makes runs safe to stop and share.
 
 # %% [markdown]
 # ## Exercises
 #
 # 1. Show that while $\frac{1+k}{10+k} < r$ the warm-up keeps
 #    $\prod_{k<n} \frac{1+k}{10+k} = 1 / \binom{n+9}{9}$ of the initial
-#    weights after $n$ updates, and check it against `warm` of section 4.5.
+#    weights after $n$ updates, and check it against `warm` of section 4.6.
 #    At which update exactly does `ema_decay` first return $r$?
 # 2. From float16's 5 exponent and 10 mantissa bits, derive its largest
 #    finite value and its smallest positive (subnormal) one; then bfloat16's,
 #    from 8 and 7. Check them with `torch.finfo` and by casting powers of
-#    two, and find them on the plot of section 4.4.
+#    two, and find them on the plot of section 4.5.
 # 3. Show that `accumulate_gradients` gives the same gradient whatever
 #    `microbatch` is, in exact arithmetic. Predict whether
 #    `small("diffusion", steps=4, microbatch=4)` and the same run without it
 #    end with equal `weights` bit for bit or to round-off, then check.
 # 4. Rerun with `-p sample_steps 10`, so that `sample_grid` samples
 #    ancestrally with `p_sample_loop` instead of with DDIM. Predict how the
-#    grids of section 4.10 change, and whether each snapshot still starts
+#    grids of section 4.1 change, and whether each snapshot still starts
 #    from the same noise and draws the same noise at every step, then check.
 # 5. Add a linear learning-rate warm-up: a field `lr_warmup_steps` of
 #    `TrainConfig`, checked by `validate` and used by `learning_rate`. Decide

@@ -56,7 +56,7 @@ device: str = "auto"  # "auto" picks CUDA when there is a GPU
 sample_counts: list[int] = [100, 200, 400, 800]  # sizes for FID against n
 num_images: int = 2000  # real images used (two halves of this many)
 model_steps: int = 15  # training steps of the model whose samples are scored
-# chapter 4.13's lean network, for speed
+# chapter 4.10's lean network, for speed
 model_settings: dict = {"num_res_blocks": 1, "channel_mult": "1,1,2",
                         "resblock_updown": False}  # changes to the preset
 model_sampler: str = "ddim2"  # its sampler's respacing
@@ -851,8 +851,8 @@ show_rows({"B": as_tensor(real_images[:8]),
 # ## 5.8 A larger run, recorded
 #
 # The smoke configuration uses 2,000 images and a model trained for
-# seconds. A larger run on this project's 2-core CPU (no GPU), on
-# 2026-11-25, with the MNIST net's features; it took about 15 minutes:
+# seconds. A larger run on a 2-core CPU, with the MNIST net's features
+# (its machine, day and time: [appendix M.6](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 5 -p num_images 4000 \
@@ -1067,8 +1067,8 @@ if figures_dir:
 plt.show()
 
 # %% [markdown]
-# **A recorded run.** On this project's 2-core CPU (AMD EPYC, no GPU,
-# PyTorch 2.13 CPU build), on 2026-12-02, shared with other jobs:
+# **A recorded run.** On a 2-core CPU (its machine, day and times:
+# [appendix M.6](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 5 -p num_images 4000 -p variance_steps 300 \
@@ -1078,11 +1078,8 @@ plt.show()
 #     -p figures_dir chapters/figures
 # ```
 #
-# The two models (the MNIST preset with 1.37M parameters, 300 steps of
-# batch 32 on MNIST-5k) were trained first with these configurations,
-# one thread each (1,215 s learned, 1,078 s fixed), and the chapter then
-# loaded them (`-p reuse_runs True`) and took 1,732 s, of which 1,097 s
-# drew the 24 batches of 40 samples of 5.9. The time fitted three seeds
+# The two models are the MNIST preset with 1.37M parameters, 300 steps of
+# batch 32 on MNIST-5k. The time fitted three seeds
 # of 40 samples, not more; against the 2,000 real images of half A, FIDs
 # of 40 samples carry a large small-sample bias (5.7), the same for both
 # models, so they compare only with each other.

@@ -56,7 +56,7 @@ data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
 features: str = "mnist"  # the metrics' network: mnist, cifar10 or inception
 inception_weights: str = ""  # the Inception weights file, for "inception"
 preset: str = "mnist"  # the adm_lib.config preset of all three models
-# Chapter 4.13's recipe for runs of minutes.
+# Chapter 4.10's recipe for runs of minutes.
 settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
                   "predict_xstart": True, "learn_sigma": False,
                   "ema_rate": "0.95"}  # changes to the models' preset
@@ -198,7 +198,7 @@ for steps in ("10", "25", "50", "250", "1000"):
 # span $[-1, 1]$, and by about 1 at the next step: the classifier's
 # gradient is divided by $\sqrt{\bar\alpha_t}$ where the sample is
 # nearly all noise. The reference does the same, so this is the method;
-# chapter 4.13 measures what it does to the demo's samples (guided at
+# chapter 4.10 measures what it does to the demo's samples (guided at
 # $s = 1$ with DDIM, 48.5% of them in the right class against 95.0%
 # ancestrally), and the demo guides with Algorithm 1.
 
@@ -653,7 +653,7 @@ print("mixed eps of the first image, first row:", mixed[0, 0, 0].tolist())
 # The experiments need a class-conditional diffusion model, an
 # unconditional one and a noisy classifier, all on the same data. They are
 # trained with chapter 4's `train`, from the `preset` of `adm_lib.config`
-# changed by the parameters cell: by default chapter 4.13's recipe for
+# changed by the parameters cell: by default chapter 4.10's recipe for
 # runs of minutes, under which the networks predict $x_0$ with fixed
 # variances ($L_\text{simple}$ alone) and keep an EMA at 0.95. The
 # conditional model is trained with `label_dropout` so that it serves
@@ -980,15 +980,15 @@ with np.load(batch_file) as batch:
 # class-conditional model and a classifier on MNIST-5k, draws every digit
 # at two guidance scales, and reports the evaluation network's accuracy
 # on them and their FID, in minutes on a two-core CPU (the README has
-# its measured time; chapter 4.13 its recipe, and why it guides with
+# its measured time; chapter 4.10 its recipe, and why it guides with
 # ancestral steps rather than DDIM's).
 #
 # ## 6.9 A longer run, recorded
 #
 # The smoke configuration trains for seconds and its samples are noise.
-# A longer run, on this project's 2-core CPU (Intel Xeon with AMX, so bf16
-# autocast; no GPU; PyTorch 2.13 CPU build), on 2026-12-07, with every
-# setting sampled with three seeds:
+# A longer run, on a 2-core CPU with native bf16, with every setting
+# sampled with three seeds (its machine, day and times, and the run
+# before it: [appendix M.6](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 6 -p train_steps 800 -p classifier_steps 400 \
@@ -998,16 +998,10 @@ with np.load(batch_file) as batch:
 #     -p runs_dir build/chapter6_record -p figures_dir chapters/figures
 # ```
 #
-# It took 14 minutes in all: 800 steps of batch 32 for each diffusion
-# model (1.37M parameters; 203 s and 204 s), 400 of batch 64 for the
-# classifier (0.56M, one residual block per level; 57 s), then 25
-# ancestral steps for every setting (184 s for the 18 classifier-guided
-# settings and seeds of 80 samples, 114 s for classifier-free guidance,
-# whose every step runs the network on a doubled batch). (The run
-# recorded before it, on 2026-12-03, trained 400 steps in float32 on an
-# AVX2 CPU; its conditional model put 70.4% of its unguided samples in
-# the class asked for, this one 88.3%, and its grids had more malformed
-# digits.) The grids (first seed), a column per class and starting noise:
+# It trains 800 steps of batch 32 for each diffusion model (1.37M
+# parameters), 400 of batch 64 for the classifier (0.56M, one residual
+# block per level), then samples 25 ancestral steps for every setting.
+# The grids (first seed), a column per class and starting noise:
 #
 # ![Conditional model across guidance scales](figures/06_grid_conditional.png)
 #
@@ -1077,7 +1071,7 @@ with np.load(batch_file) as batch:
 #   samples differ by 15.4 ± 0.4 grey levels on average, and the accuracy
 #   is 39.2 ± 3.3% at $x_t$ against 52.1 ± 1.8% at the mean, a paired gap
 #   of $-12.9 \pm 5.1$ points, two and a half standard errors over three
-#   seeds (the run of 2026-12-03 saw the same gap, $-12.9 \pm 3.3$). The
+#   seeds (the run before it saw the same gap, $-12.9 \pm 3.3$). The
 #   earlier, shorter runs of this chapter (with the paper's recipe,
 #   predicting $\epsilon$) saw no gap, or one the other way, so this is
 #   a finding about this recipe and classifier, not a rule; the reference

@@ -467,7 +467,7 @@ for name, attempt in bad.items():
 # ## 7.4 The experiment: five models
 #
 # The comparison of Table 6, at a size a CPU can train in minutes. Five
-# networks, all with chapter 4.13's recipe (predict $x_0$, $L_\text{simple}$,
+# networks, all with chapter 4.10's recipe (predict $x_0$, $L_\text{simple}$,
 # a short EMA), on the data set named by `data`:
 #
 # * `base32`: the base model at the full $32 \times 32$ (ADM in Table 6);
@@ -702,19 +702,11 @@ if figures_dir:
 #
 # The smoke configuration trains each model for seconds, and its samples
 # are noise. The recorded runs are the two commands at the top of the
-# parameters cell, on this project's 2-core CPU (AMD EPYC with AVX2, no
-# GPU, PyTorch 2.13 CPU build, float32), on 2026-12-02 and 03: 500 steps
-# of batch 32 for each base model, 300 for each upsampler, 200 of batch 64
-# for the classifier, 25 ancestral steps in every stage, 150 samples per
-# row (every class in turn) against 1,500 real images. On MNIST-5k the
-# models took 9.5, 1.5, 0.5, 3.2 and 3.5 minutes (`base32`, `base16`,
-# `classifier16`, `up`, `up_aug`) and drawing and scoring 5.4 more, 25
-# minutes in all. The CIFAR-10 run shared the CPU with other jobs and its
-# training cell passed the book's 30-minute cell limit before `up_aug`
-# was done; both were then run again with `-p reuse_runs True`, which
-# loads the finished runs (`up_aug` trained anew in 3.0 minutes) and draws
-# the same seeded samples: the MNIST numbers of the second run equal the
-# first's. The figures are from the second runs.
+# parameters cell, on a 2-core CPU in float32: 500 steps of batch 32 for
+# each base model, 300 for each upsampler, 200 of batch 64 for the
+# classifier, 25 ancestral steps in every stage, 150 samples per row
+# (every class in turn) against 1,500 real images (their machine, days
+# and times: [appendix M.6](appendix_measurements.html)).
 #
 # MNIST-5k, the four cascades of the figure and real digits of the same
 # classes:

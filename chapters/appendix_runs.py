@@ -14,10 +14,11 @@
 # # Appendix: the engineering of runs
 #
 # Chapter 4 teaches what a training run computes: the objectives, mixed
-# precision, the EMA, exact resume and data parallelism. This appendix is
-# about what makes a run safe to start, stop and share, and it checks each
-# promise chapter 4 makes by running tiny runs on the CPU:
+# precision, the EMA and the loop. This appendix is about what makes a run
+# safe to start, stop, resume and share, and it checks each promise by
+# running tiny runs on the CPU:
 #
+# * R.0 the foundation: the hand-written modules that keep the promises;
 # * R.1 a configuration that cannot work is refused before its first step,
 #   naming the setting;
 # * R.2 the checkpoint file: its format, and writes that are whole or absent;
@@ -29,10 +30,10 @@
 # * R.7 speed: `adm bench`, side by side with the reference, and the fast
 #   path on CPUs and GPUs.
 #
-# Every code cell here uses the library (`adm_lib.config`,
-# `adm_lib.checkpoints`, `adm_lib.train`, `adm_lib.runlog`, and
-# `adm_lib.bench` in R.7), whose code chapter 4 builds; nothing is
-# exported.
+# Every code cell here uses the library: the foundation, chapter 4's
+# modules (`adm_lib.config`, `adm_lib.train`, `adm_lib.runlog`,
+# `adm_lib.models`) and `adm_lib.bench` in R.7; nothing is exported. The
+# dated speed measurements are in the appendix of measurements (M.7).
 
 # %% tags=["parameters"]
 # A few tiny runs on the CPU, about a minute:
@@ -45,6 +46,7 @@ num_channels: int = 32  # the networks' base width (a multiple of 32)
 seed: int = 0  # of every run
 
 # %%
+import importlib
 import os
 import shutil
 import subprocess
@@ -58,17 +60,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.book import find_root
+from adm_lib.batches import draw_step
+from adm_lib.book import Book, expected_modules, find_root
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEYS,
     checkpoint_path,
     latest_checkpoint,
-    load_run,
     lock_run,
-    write_atomic,
 )
-from adm_lib.config import TrainConfig, TrainError, make_config
+from adm_lib.config import TrainConfig, config_from_dict, make_config
+from adm_lib.diffusion import UniformSampler
+from adm_lib.errors import TrainError
+from adm_lib.files import write_atomic
+from adm_lib.models import load_run
 from adm_lib.runlog import read_metrics
 from adm_lib.train import train
 
@@ -87,6 +92,56 @@ def small(kind: str, **settings: Any) -> TrainConfig:
             "classifier_width": num_channels, "num_samples": 4,
             "sample_steps": "ddim5", "seed": seed}
     return make_config(kind, "mnist", {**base, **settings})
+
+# %% [markdown]
+# ## R.0 The foundation
+#
+# The book's library is generated from its chapters: chapter 2's
+# diffusion, chapter 3's networks, chapter 4's configuration and loop.
+# Beneath it lie hand-written modules that no chapter exports, because
+# what they get right is about files, processes and machines rather than
+# about diffusion; they import nothing of the book's library, so a
+# chapter, an app or a test can use them without loading the training
+# loop. This appendix explains them and checks what they promise.
+#
+# * `errors`: `TrainError`, the one error a run or a setting raises,
+#   naming the setting;
+# * `devices`: the device, the precision ("auto"), autocast, TF32 and
+#   cuDNN's autotuner, determinism and the memory layout, which training
+#   and sampling share and which depend on the machine (R.4, R.7);
+# * `seeds`: `step_seed`, one 64-bit seed per purpose and step, and the
+#   global generators' state, on which exact resume and the independence
+#   from the number of ranks rest (R.4, R.6);
+# * `files`: `write_atomic`, `safe_load`, `save_png` and `hold_lock`:
+#   files whole or absent, loads that run no code, one process per folder,
+#   on Linux, macOS and Windows (R.2, R.3);
+# * `checkpoints`: the checkpoint file and the run folder (save and
+#   rotate, read, the newest readable, `lock_run`); a checkpoint is a dict
+#   of tensors, and what its settings mean is chapter 4's (R.2, R.5);
+# * `ranks`: `torchrun`'s ranks: the process group, gathering rows, rank
+#   0's decisions (R.6);
+# * `data`: data sets (folders, zips, `.npz`, the embedded MNIST).
+#
+# Their public names, and a check that importing all of them, in a fresh
+# process, loads none of the modules the chapters export:
+
+# %%
+FOUNDATION = ("errors", "devices", "seeds", "files", "checkpoints", "ranks",
+              "data")
+for name in FOUNDATION:
+    module = importlib.import_module(f"adm_lib.{name}")
+    public = getattr(module, "__all__", None) or [
+        n for n, v in vars(module).items() if not n.startswith("_")
+        and getattr(v, "__module__", None) == module.__name__]
+    print(f"{name:<12}{', '.join(public)}")
+generated = {path.stem for path in expected_modules(Book.load())}
+probe = ("import sys; import " + ", ".join(f"adm_lib.{n}" for n in FOUNDATION)
+         + "; print(' '.join(m for m in sys.modules"
+         " if m.startswith('adm_lib.')))")
+loaded = subprocess.run([sys.executable, "-c", probe], check=True,
+                        capture_output=True, text=True).stdout.split()
+print("loaded:", ", ".join(sorted(loaded)))
+assert not {m.removeprefix("adm_lib.") for m in loaded} & generated
 
 # %% [markdown]
 # ## R.1 Refused before the first step
@@ -121,9 +176,35 @@ assert all(message.startswith(key) or key == "num_chanels"
 # %% [markdown]
 # ## R.2 The checkpoint file
 #
-# A checkpoint is a `torch.save` of plain tensors and containers, so
-# `torch.load(..., weights_only=True)` reads it without running any code.
-# It carries a format string, the step, the whole configuration (so
+# A checkpoint holds everything a run needs to go on (chapter 4's
+# `TrainState`), and four rules make it trustworthy:
+#
+# * **Atomic writes.** `write_atomic` writes to a temporary file, forces
+#   it to disk (`fsync`) and renames it into place; a rename is atomic, so
+#   a kill or a full disk at any moment leaves either the new file or the
+#   old ones, never half a checkpoint under a checkpoint's name; a write
+#   that fails stops the run with one line naming the file.
+# * **Safe loads.** `torch.load(..., weights_only=True)` unpickles tensors
+#   and plain containers only, so a checkpoint cannot run code. A file
+#   that does not load (cut short by a file system that broke the rule
+#   above, say) is named in a warning and the one before it is used
+#   (R.5). Errors never pass on torch's advice to load such a file with
+#   `weights_only` off.
+# * **Rotation by what reads.** The run keeps the `keep_checkpoints`
+#   newest files that read: the one just written and the newest others.
+#   A damaged one is renamed `step_....pt.damaged`, never deleted: counted
+#   by name, a damaged newer file would outlive the good ones, and a
+#   resume would find none.
+# * **Checked resumes.** A resumed run compares its configuration with
+#   the checkpoint's and names every field that differs; only chapter 4's
+#   `RUN_FIELDS` may (R.5). A resume that finds checkpoints but can read
+#   none of them is refused, naming them, rather than starting afresh over
+#   the run's metrics; one that finds no checkpoint at all says so, then
+#   starts a new run; one whose `steps` are behind the checkpoint's step
+#   is refused, and leaves `config.json` as it was.
+#
+# The file is a `torch.save` of plain tensors and containers. It carries
+# a format string, the step, the whole configuration (so
 # `load_run` rebuilds the network with no flag retyped), the weights, each
 # EMA, AdamW's state, the loss scaler, the timestep sampler's history,
 # every rank's random state and the count of non-finite steps in a row:
@@ -139,7 +220,7 @@ print("format:", state["format"], "| step:", state["step"],
       "| EMA rates:", list(state["ema"]))
 assert tuple(state) == CHECKPOINT_KEYS
 assert state["format"] == CHECKPOINT_FORMAT and state["step"] == 2
-assert load_run(runs / "file").config == TrainConfig(**state["config"])
+assert load_run(runs / "file").config == config_from_dict(state["config"])
 
 # %% [markdown]
 # Every file of a run is written by `write_atomic`: to a temporary file,
@@ -168,9 +249,15 @@ assert not list(target.parent.glob(".*.tmp"))
 # %% [markdown]
 # ## R.3 One run per folder
 #
-# A run holds the folder's lock for its whole life. A second run on the
-# same folder stops at once and names the process that holds it (here the
-# lock is held by this very process, as a running run would hold it):
+# A run holds an exclusive lock on the folder's `.lock` file for its
+# whole life (`lock_run`, an `flock` on Linux and macOS, a byte-range lock
+# on Windows). The system drops the lock with the process, however it
+# ends, so a killed run can be resumed at once; temporary files carry
+# their process's id, and the ones a killed run left behind are deleted
+# under the next run's lock. A second run on the same folder stops at
+# once and names the process that holds it, instead of interleaving its
+# metrics with the first's (here the lock is held by this very process,
+# as a running run would hold it):
 
 # %%
 with lock_run(runs / "file"):
@@ -196,10 +283,17 @@ assert f"pid {os.getpid()}" in held
 # algorithms, cuBLAS may split a product's sums differently, and some
 # backward kernels (convolution weights, fused attention) add with
 # atomics, in whatever order the threads arrive. `deterministic=true`
-# (section 4.4) removes all three: deterministic algorithms only (an op
-# without one raises rather than run), `CUBLAS_WORKSPACE_CONFIG=:4096:8`,
-# no autotuner (nor Inductor's, under `compile=true`), and attention's
-# backward in the plain math kernels. What it promises is
+# (`adm_lib.devices.fast_backends` and `attention_kernels`) removes all
+# three: deterministic algorithms only (an op without one raises rather
+# than run, and Inductor stops autotuning under `compile=true`);
+# `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless set, without which cuBLAS may
+# split a product's sums differently (PyTorch sizes cuBLAS's workspace
+# at its first product, so `train` sets it first thing, and a process
+# that has already multiplied on the GPU must set it in its
+# environment); no cuDNN autotuner; and attention's backward in the
+# plain math kernels. The classifier's adaptive average pool, whose CUDA
+# backward has no deterministic kernel, needs nothing: to 1x1, PyTorch
+# computes it as a mean. What it promises is
 # bit-identical runs on the same kind of GPU, the same number of
 # processes and the same PyTorch, CUDA and cuDNN: a resume on another
 # GPU, on the CPU or in another `memory_format` runs other kernels and
@@ -267,7 +361,45 @@ assert "lr: checkpoint 0.0002, now 0.001" in refusal
 # %% [markdown]
 # ## R.6 Two processes equal one
 #
-# The same 6 steps, once in one process and
+# The reference launches one process per GPU with MPI. PyTorch's own
+# launcher, `torchrun`, does the same without an MPI installation, and its
+# rendezvous spans machines:
+#
+# ```sh
+# torchrun --nproc_per_node 8 -m adm_lib.cli train diffusion \
+#     --preset imagenet64 --data /data/imagenet64 --out runs/in64
+# # on each of 2 machines, with the first one's address:
+# torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
+#     --rdzv_endpoint HOST:29500 -m adm_lib.cli train diffusion ...
+# ```
+#
+# Each process reads `RANK` and `WORLD_SIZE` from the environment, joins
+# the process group (NCCL between GPUs, gloo between CPU processes;
+# `adm_lib.ranks`) and wraps the network in `DistributedDataParallel`,
+# which averages the gradients across processes during the backward pass
+# (the gradients are views of its all-reduce buckets, so nothing is
+# copied between the two). The global batch is split evenly, each rank
+# reading its rows (chapter 4.3). Rank 0 alone logs, draws sample grids
+# and writes checkpoints; on several machines the run folder must be on a
+# shared file system, since every rank loads the checkpoint rank 0 picks.
+#
+# A step's draws do not depend on how many processes share it. Each of two
+# ranks draws the noise of its own four rows of a batch of 8, and nothing
+# more, and they are the rows of one process's draw:
+
+# %%
+eight = small("diffusion", batch_size=8)
+uniform = UniformSampler(eight.diffusion_steps)
+whole_draw = draw_step(eight, uniform, 7, (1, 32, 32), torch.device("cpu"))
+shares = [draw_step(eight, uniform, 7, (1, 32, 32), torch.device("cpu"),
+                    rows=slice(4 * rank, 4 * rank + 4)) for rank in range(2)]
+print("noise per rank:", [tuple(s.noise.shape) for s in shares])
+for name in ("t", "noise", "flip"):
+    joined = torch.cat([getattr(s, name) for s in shares])
+    assert torch.equal(joined, getattr(whole_draw, name)), name
+
+# %% [markdown]
+# Then whole runs: the same 6 steps, once in one process and
 # once in two processes under `torchrun` (gloo, on the CPU), through the
 # `adm train` command. The losses agree, and the weights to float32
 # round-off (the two processes sum their gradients in another order):
@@ -334,60 +466,44 @@ assert report["train"]["adm_lib"]["rate"] > 0
 assert report["sample"]["adm_lib"]["rate"] > 0
 
 # %% [markdown]
-# Recorded on this project's 2-core CPU machine (AMD EPYC with AVX2 but
-# neither AVX-512-BF16 nor AMX, so "auto" is float32 on both sides;
-# PyTorch 2.13 CPU build; 2026-12-04, nothing else running), for the
-# 11.1M-parameter 32x32 model `cifar32` at the defaults (batch 32, 25
-# sampling steps, 2 warm-up rounds, 5 timed):
-#
-# ```sh
-# adm bench cifar32 --reference reference
-# ```
-#
-# | workload | adm_lib | reference | ratio (range of 5 rounds) |
-# | --- | --- | --- | --- |
-# | training, images/s | 6.6 | 5.7 | 0.98x (0.96 to 1.29) |
-# | sampling, images x NFE/s | 21.2 | 18.8 | 0.97x (0.84 to 1.27) |
-#
-# Equal, within the noise of a shared machine (single rounds of the same
-# work took from 34 to 47 seconds): in float32 both run the same oneDNN
-# convolutions, which took 75% of our network's forward and backward time
-# in PyTorch's profiler (backward 55%, forward 20%), and 71% of a forward
-# pass alone. Chapter 3's up-sampling, attention layout and residual
-# scale make the rest cheaper (`python scripts/unet_speed.py --before
-# 19e384d`: up-sampling 2.96x faster at 16x16, the attention block 1.33x
-# at 8x8), but a whole float32 forward only 1.02x (0.92 to 1.25). What a
-# CPU can gain is bf16 where it is native. The same command on two such
-# 2-core machines (2026), our side under bf16 autocast, the reference's in
-# float32:
-#
-# | machine, day | train, img/s | ratio | sample, img x NFE/s | ratio |
-# | --- | --- | --- | --- | --- |
-# | EPYC, AVX-512-BF16, 12-03 | 31.8 / 17.7 | 1.93x | 103.5 / 71.1 | 1.48x |
-# | Xeon, AMX, 12-07 | 33.3 / 16.1 | 2.06x | 127.0 / 57.1 | 2.25x |
-#
-# (ours / the reference's; ratios are medians of 5 paired rounds). The
-# second ran the code of that day, with the changes above; the code
-# before them (`19e384d`) gave 1.94x and 2.08x on the AMX machine the
-# same morning, so most of the gap between the two rows is the machines'.
-# `precision="auto"` takes the bf16 path by itself on such a CPU; on one
-# without, it says once that it runs in float32 instead.
+# Measured at full size on 2-core CPUs (appendix M.7, with the machines
+# and days): in float32 ours and the reference's steps are equal within
+# the noise of a shared machine (training 0.98x, sampling 0.97x, medians
+# of 5 paired rounds), since both run the same oneDNN convolutions, which
+# take three quarters of the time; where the CPU computes in bf16
+# natively (AVX-512-BF16 or AMX), ours trains about twice as fast (1.9x
+# to 2.1x) under `precision="auto"`.
 #
 # On a GPU the fast path adds bf16 autocast, TF32, cuDNN's autotuner,
 # channels_last, fused AdamW, uint8 batches normalised on the device,
-# noise drawn by each rank for its own rows only (chapter 4.2),
-# attention laid out for the fused kernels (chapter 3), steps that never
-# make the host wait for the GPU between log intervals (chapter 4.8; a
+# noise drawn by each rank for its own rows only (R.6), attention laid
+# out for the fused kernels (chapter 3), steps that never make the host
+# wait for the GPU between log intervals and, with `--set compile=true`,
+# `torch.compile`. Three of them need a word. TF32 rounds a float32
+# product's inputs to 10 mantissa bits, which loses nothing a bf16 or
+# fp16 run kept, but `precision="fp32"` means IEEE float32, so there it
+# is off. The `memory_format` setting's "auto" is channels_last on a GPU
+# (each pixel's channels adjacent, the layout of cuDNN's fastest
+# convolutions) and contiguous elsewhere; "contiguous" is there because
+# CUDA's GroupNorm on our torch wants NCHW, so channels_last may pay a
+# transpose around every norm, and only a measurement on the GPU says
+# which layout wins. And the host: a GPU runs a step's kernels in the
+# order the host queued them, and the host queues them far ahead as long
+# as it never waits for a value; an `.item()`, a `bool()` of a tensor or
+# a copy to the CPU each make it wait until the GPU has caught up, and
+# then the GPU idles while the host queues the next kernels. So chapter
+# 4's loop decides a skipped step on the device, keeps the steps' results
+# there, and reads them only when it logs, saves or looks at the model (a
 # test counts the values three steps read back, which must be none, and
 # on a GPU, not yet lent, runs the two after a warm-up step under CUDA's
-# sync debug mode) and, with
-# `--set compile=true`,
-# `torch.compile`. One script runs every GPU
+# sync debug mode).
+#
+# One script runs every GPU
 # measurement (the released 64x64 model at batch 64 against the
 # reference's own fp16 trainer, and its training step compiled; the 11M
 # 32x32 model against the reference too; bf16 against fp32
 # loss curves over 1,000 steps of the demo's model at its batch of 32;
-# chapter 4.4 has them from this CPU at batch 4) in about 5 minutes, by
+# appendix M.2 has them from CPUs) in about 5 minutes, by
 # estimate from the reference's H100 baselines. Each step runs on its own
 # under a timeout, so one that fails loses only itself, and its status,
 # seconds and numbers go into one JSON; a test runs every step at toy
@@ -413,3 +529,5 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # * `adm bench` times the steps `adm train` and `adm sample` take, side by
 #   side with the reference's; in float32 on a CPU they are equal, and the
 #   gains are bf16 where it is native and the GPU fast path (R.7).
+# * The foundation that keeps these promises imports nothing of the
+#   book's library (R.0).
