@@ -548,3 +548,21 @@ def _load_mnist5k(labels: str, options: dict) -> ImageDataset:
 
 
 _EMBEDDED: dict[str, Callable[[str, dict], ImageDataset]] = {"mnist5k": _load_mnist5k}
+
+
+def worker_error(err: Exception) -> str:
+    """A data loader worker's error as its own message, not a traceback.
+
+    PyTorch re-raises a worker's exception with the worker's traceback as
+    its message; the original message is the traceback's last part.
+    """
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    lines = text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    if not starts:
+        return lines[-1]
+    return "\n".join([lines[starts[-1]][len(prefix):],
+                      *lines[starts[-1] + 1:]])

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from adm_lib import devices
 from adm_lib import train as training
+from adm_lib.checkpoints import read_metrics
 from adm_lib.config import make_config
 from adm_lib.data import load_dataset
 from adm_lib.diffusion import respace
@@ -35,7 +36,6 @@ from adm_lib.metrics import (
     write_batch,
 )
 from adm_lib.models import load_run
-from adm_lib.runlog import read_metrics
 from adm_lib.sampling import step_bar
 from adm_lib.values import MAX_SEED, flag, option
 from adm_lib.viz import pixel_grid, to_uint8

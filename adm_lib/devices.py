@@ -26,6 +26,7 @@ __all__ = [
     "memory_format",
     "attention_kernels",
     "autocast_model",
+    "follow_layouts",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -124,3 +125,20 @@ def autocast_model(model: nn.Module | Callable[..., Tensor], precision: str,
         return out.float()
 
     return run
+
+
+def follow_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's moments the parameter's strides.
+
+    Loading moves them to the parameter's device and dtype but keeps the
+    strides they were saved with, and the fused AdamW pairs elements by
+    position in memory: moments saved channels_last (a GPU's layout) and
+    loaded for a contiguous parameter (a CPU's) would update the wrong
+    elements.
+    """
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if (isinstance(value, Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                slots[name] = torch.empty_like(
+                    param, dtype=value.dtype).copy_(value)

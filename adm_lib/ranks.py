@@ -11,16 +11,20 @@ __all__ = [
     "gather_rows",
     "from_rank0",
     "sum_ranks",
+    "data_parallel",
+    "micro_sync",
 ]
 
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from adm_lib.devices import resolve_device
 from adm_lib.errors import TrainError
@@ -83,3 +87,23 @@ def sum_ranks(ranks: Ranks, values: Tensor) -> Tensor:
     if ranks.world_size > 1:
         dist.all_reduce(values)
     return values
+
+
+def micro_sync(model: nn.Module,
+               last: bool) -> contextlib.AbstractContextManager[None]:
+    """DDP's `no_sync` unless `last`, through a torch.compile wrapper."""
+    # torch.compile(DDP(...)) is an OptimizedModule holding the DDP module.
+    ddp = getattr(model, "_orig_mod", model)
+    if isinstance(ddp, DistributedDataParallel) and not last:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def data_parallel(model: nn.Module,
+                  device: torch.device) -> DistributedDataParallel:
+    """`model` in DDP, its gradients views of the all-reduce buckets."""
+    # The views save a copy between gradients and buckets each step, and
+    # a gradient's worth of memory.
+    return DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True)

@@ -10,18 +10,14 @@ The code of chapters/04_training.py.
 __all__ = [
     "term_sums",
     "MetricsLog",
-    "read_metrics",
-    "truncate_metrics",
     "sample_grid",
     "evaluate_classifier",
 ]
 
 
-# %% chapters/04_training.py:1684
+# %% chapters/04_training.py:1648
 import json
-import os
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -42,13 +38,11 @@ from adm_lib.diffusion import (
     p_sample_loop,
     respace,
 )
-from adm_lib.errors import TrainError
-from adm_lib.files import write_atomic
 from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:1718
+# %% chapters/04_training.py:1678
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -65,7 +59,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1735
+# %% chapters/04_training.py:1695
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -130,54 +124,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:1807
-def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
-    """The lines of a JSONL log, each with its record (None: not one).
-
-    A last line cut short by a kill, or still being written, is left out;
-    any other line that is not a record is named in a warning.
-    """
-    text = path.read_text()
-    lines = text.splitlines()
-    found = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # cut short: the line had not ended
-            record = None
-        if not (isinstance(record, dict)
-                and type(record.get("step")) is int):
-            warnings.warn(f"{path} line {number} is not a metrics record "
-                          "(a JSON object with an integer step): skipped",
-                          stacklevel=3)
-            record = None
-        found.append((line, record))
-    return found
-
-
-def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a run's metrics.jsonl, in order."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise TrainError(f"no metrics at {path}: has the run started?")
-    return [record for _, record in _lines(path) if record is not None]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of the JSONL file `path` after `step`.
-
-    Lines that are not records stay as they are: nothing is lost.
-    """
-    if not path.exists():
-        return
-    kept = "".join(line + "\n" for line, record in _lines(path)
-                   if record is None or record["step"] <= step)
-    write_atomic(path, lambda f: f.write(kept.encode()))
-
-
-# %% chapters/04_training.py:1854
+# %% chapters/04_training.py:1768
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,

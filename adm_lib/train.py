@@ -13,13 +13,10 @@ __all__ = [
     "config_mismatch",
     "TrainState",
     "accumulate_gradients",
-    "micro_sync",
-    "data_parallel",
     "apply_gradients",
     "learning_rate",
     "StepResult",
     "train_step",
-    "prepare_run",
     "train",
     "save_state",
     "snapshot",
@@ -30,7 +27,6 @@ __all__ = [
 # %% chapters/04_training.py:1239
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -43,7 +39,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -59,10 +54,9 @@ from adm_lib.batches import (
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_path,
-    latest_checkpoint,
-    lock_run,
-    read_checkpoint,
+    prepare_run,
     save_checkpoint,
+    truncate_metrics,
 )
 from adm_lib.config import (
     RUN_FIELDS,
@@ -72,11 +66,12 @@ from adm_lib.config import (
     config_from_dict,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset, Pixels
+from adm_lib.data import DataError, ImageDataset, Pixels, worker_error
 from adm_lib.devices import (
     attention_kernels,
     autocast_model,
     fast_backends,
+    follow_layouts,
     memory_format,
     resolve_precision,
 )
@@ -86,12 +81,14 @@ from adm_lib.diffusion import (
     UniformSampler,
 )
 from adm_lib.errors import TrainError
-from adm_lib.files import save_png, write_atomic
+from adm_lib.files import save_png
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
+    data_parallel,
     from_rank0,
     gather_rows,
+    micro_sync,
     setup_ranks,
     sum_ranks,
 )
@@ -99,13 +96,12 @@ from adm_lib.runlog import (
     MetricsLog,
     evaluate_classifier,
     sample_grid,
-    truncate_metrics,
 )
 from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1349
+# %% chapters/04_training.py:1348
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -128,7 +124,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1410
+# %% chapters/04_training.py:1409
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -141,7 +137,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1428
+# %% chapters/04_training.py:1427
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -201,7 +197,7 @@ class TrainState:
         for rate, model in self.ema.items():
             model.load_state_dict(state["ema"][str(rate)])
         self.optimizer.load_state_dict(state["optimizer"])
-        _follow_layouts(self.optimizer)
+        follow_layouts(self.optimizer)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.sampler, LossAwareSampler):
@@ -209,24 +205,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter's moments the parameter's strides.
-
-    Loading moves them to the parameter's device and dtype but keeps the
-    strides they were saved with, and the fused AdamW pairs elements by
-    position in memory: moments saved channels_last (a GPU's layout) and
-    loaded for a contiguous parameter (a CPU's) would update the wrong
-    elements.
-    """
-    for param, slots in optimizer.state.items():
-        for name, value in slots.items():
-            if (isinstance(value, Tensor) and value.shape == param.shape
-                    and value.stride() != param.stride()):
-                slots[name] = torch.empty_like(
-                    param, dtype=value.dtype).copy_(value)
-
-
-# %% chapters/04_training.py:1526
+# %% chapters/04_training.py:1509
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -262,27 +241,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def micro_sync(model: nn.Module,
-               last: bool) -> contextlib.AbstractContextManager[None]:
-    """DDP's `no_sync` unless `last`, through a torch.compile wrapper."""
-    # torch.compile(DDP(...)) is an OptimizedModule holding the DDP module.
-    ddp = getattr(model, "_orig_mod", model)
-    if isinstance(ddp, DistributedDataParallel) and not last:
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def data_parallel(model: nn.Module,
-                  device: torch.device) -> DistributedDataParallel:
-    """`model` in DDP, its gradients views of the all-reduce buckets."""
-    # The views save a copy between gradients and buckets each step, and
-    # a gradient's worth of memory.
-    return DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
-
-
-# %% chapters/04_training.py:1593
+# %% chapters/04_training.py:1557
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -313,7 +272,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1624
+# %% chapters/04_training.py:1588
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -321,7 +280,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1638
+# %% chapters/04_training.py:1602
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -356,61 +315,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1929
-def prepare_run(config: TrainConfig, out: Path, resume: bool,
-                ranks: Ranks, held: contextlib.ExitStack
-                ) -> tuple[Path, dict[str, Any]] | None:
-    """Lock and check the run folder; the checkpoint to resume from, if any.
-
-    Rank 0 takes the folder's lock into `held`, and picks the newest
-    readable checkpoint; every rank loads that one, so a file cut short by
-    a kill is skipped the same way everywhere.
-    """
-    found, problem = None, None
-    if ranks.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            held.enter_context(lock_run(out))
-            for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
-                tmp.unlink()  # a killed run's: no one else writes here
-            found = latest_checkpoint(out)
-            files = sorted((out / "checkpoints").glob("step_*.pt"))
-            step = found[1]["step"] if found else 0
-            if files and not found:
-                problem = (f"no checkpoint in {out / 'checkpoints'} can be "
-                           f"read ({', '.join(p.name for p in files)}): "
-                           "move them away to start a new run there")
-            elif found and not resume:
-                problem = (f"{out} already holds a run (checkpoint at step "
-                           f"{step}): resume it (resume=True), or choose "
-                           "another folder")
-            elif found and (diff := config_mismatch(found[1]["config"],
-                                                    config)):
-                problem = (f"the config does not match {found[0]}:\n  "
-                           + "\n  ".join(diff))
-            elif step > config.steps:
-                problem = (f"{out} is at step {step}, past steps="
-                           f"{config.steps}: pass more steps to go on; "
-                           "the run is unchanged")
-            else:
-                if resume and not found:
-                    warnings.warn(f"nothing to resume in {out} (no "
-                                  "checkpoint): starting a new run",
-                                  stacklevel=4)
-                write_atomic(out / "config.json", lambda f: f.write(
-                    json.dumps(asdict(config), indent=2).encode()))
-        except (OSError, TrainError) as err:
-            problem = (str(err) if isinstance(err, TrainError) else
-                       f"cannot use {out}: {err.strerror or err}")
-    problem, path = from_rank0(ranks, problem, found and found[0])
-    if path and not ranks.main:
-        found = (path, read_checkpoint(path))
-    if problem:
-        raise TrainError(problem)
-    return found
-
-
-# %% chapters/04_training.py:1983
+# %% chapters/04_training.py:1843
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
@@ -449,7 +354,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2022
+# %% chapters/04_training.py:1882
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -479,7 +384,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:2059
+# %% chapters/04_training.py:1919
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
                                                    Path | None]:
@@ -492,7 +397,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
-    found = prepare_run(config, out, resume, ranks, held)
+    found = prepare_run(out, asdict(config), config.steps, resume, ranks,
+                        held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
     if not found:
         return config, state, None
@@ -522,7 +428,7 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:2110
+# %% chapters/04_training.py:1971
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack) -> Path:
     """The loop of `train`, once the process group is up."""
@@ -559,7 +465,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         try:
             pixels, y = next(batches)
         except DataError as err:
-            raise DataError(_worker_error(err)) from None
+            raise DataError(worker_error(err)) from None
         pending.append(train_step(config, diffusion, run, state, pixels, y,
                                   sampler.rows, ranks))
         bar.update()
@@ -589,25 +495,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:2183
-def _worker_error(err: Exception) -> str:
-    """A data loader worker's error as its own message, not a traceback.
-
-    PyTorch re-raises a worker's exception with the worker's traceback as
-    its message; the original message is the traceback's last part.
-    """
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-    lines = text.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
-    if not starts:
-        return lines[-1]
-    return "\n".join([lines[starts[-1]][len(prefix):],
-                      *lines[starts[-1] + 1:]])
-
-
+# %% chapters/04_training.py:2044
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -103,9 +103,9 @@ import torch
 from torch import Tensor
 
 from adm_lib.book import find_root
+from adm_lib.checkpoints import read_metrics
 from adm_lib.config import TrainConfig, make_config
 from adm_lib.devices import resolve_device
-from adm_lib.runlog import read_metrics
 from adm_lib.train import train
 
 # Relative paths, the parameters' too, start at the book's root, as under
@@ -1241,7 +1241,6 @@ print("auto here:", resolve_precision("auto", torch.device(device)))
 accumulation and its application, and `train`."""
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -1254,7 +1253,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -1270,10 +1268,9 @@ from adm_lib.batches import (
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_path,
-    latest_checkpoint,
-    lock_run,
-    read_checkpoint,
+    prepare_run,
     save_checkpoint,
+    truncate_metrics,
 )
 from adm_lib.config import (
     RUN_FIELDS,
@@ -1283,11 +1280,12 @@ from adm_lib.config import (
     config_from_dict,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset, Pixels
+from adm_lib.data import DataError, ImageDataset, Pixels, worker_error
 from adm_lib.devices import (
     attention_kernels,
     autocast_model,
     fast_backends,
+    follow_layouts,
     memory_format,
     resolve_precision,
 )
@@ -1297,12 +1295,14 @@ from adm_lib.diffusion import (
     UniformSampler,
 )
 from adm_lib.errors import TrainError
-from adm_lib.files import save_png, write_atomic
+from adm_lib.files import save_png
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
+    data_parallel,
     from_rank0,
     gather_rows,
+    micro_sync,
     setup_ranks,
     sum_ranks,
 )
@@ -1310,7 +1310,6 @@ from adm_lib.runlog import (
     MetricsLog,
     evaluate_classifier,
     sample_grid,
-    truncate_metrics,
 )
 from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
@@ -1485,29 +1484,13 @@ class TrainState:
         for rate, model in self.ema.items():
             model.load_state_dict(state["ema"][str(rate)])
         self.optimizer.load_state_dict(state["optimizer"])
-        _follow_layouts(self.optimizer)
+        follow_layouts(self.optimizer)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
-
-def _follow_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter's moments the parameter's strides.
-
-    Loading moves them to the parameter's device and dtype but keeps the
-    strides they were saved with, and the fused AdamW pairs elements by
-    position in memory: moments saved channels_last (a GPU's layout) and
-    loaded for a contiguous parameter (a CPU's) would update the wrong
-    elements.
-    """
-    for param, slots in optimizer.state.items():
-        for name, value in slots.items():
-            if (isinstance(value, Tensor) and value.shape == param.shape
-                    and value.stride() != param.stride()):
-                slots[name] = torch.empty_like(
-                    param, dtype=value.dtype).copy_(value)
 
 # %% [markdown]
 # One step on each rank: read the rank's rows of the batch and the step's
@@ -1558,25 +1541,6 @@ def accumulate_gradients(
         parts.append({k: v.detach() for k, v in terms.items()})
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-
-def micro_sync(model: nn.Module,
-               last: bool) -> contextlib.AbstractContextManager[None]:
-    """DDP's `no_sync` unless `last`, through a torch.compile wrapper."""
-    # torch.compile(DDP(...)) is an OptimizedModule holding the DDP module.
-    ddp = getattr(model, "_orig_mod", model)
-    if isinstance(ddp, DistributedDataParallel) and not last:
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def data_parallel(model: nn.Module,
-                  device: torch.device) -> DistributedDataParallel:
-    """`model` in DDP, its gradients views of the all-reduce buckets."""
-    # The views save a copy between gradients and buckets each step, and
-    # a gradient's worth of memory.
-    return DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True)
 
 # %% [markdown]
 # Applying them: unscale (fp16), measure or clip the norm, then step AdamW
@@ -1685,9 +1649,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
 """A run's log: metrics records by timestep quartile, sample grids and a
 classifier's held-out scores."""
 import json
-import os
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -1708,8 +1670,6 @@ from adm_lib.diffusion import (
     p_sample_loop,
     respace,
 )
-from adm_lib.errors import TrainError
-from adm_lib.files import write_atomic
 from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
@@ -1797,58 +1757,12 @@ class MetricsLog:
             self.writer.flush()
 
 # %% [markdown]
-# A run's records are read back by `read_metrics`, which skips a last line
+# A run's records are read back by the foundation's `read_metrics`
+# (`adm_lib.checkpoints`, with the run folder), which skips a last line
 # that a kill cut short (and names any other line that is not a record);
 # a resumed run first drops the records after its checkpoint's step
 # (`truncate_metrics`), since it writes them again. Then the grids and
 # the classifier's evaluation, with the same noise at every call:
-
-# %%
-#| export runlog
-def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
-    """The lines of a JSONL log, each with its record (None: not one).
-
-    A last line cut short by a kill, or still being written, is left out;
-    any other line that is not a record is named in a warning.
-    """
-    text = path.read_text()
-    lines = text.splitlines()
-    found = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # cut short: the line had not ended
-            record = None
-        if not (isinstance(record, dict)
-                and type(record.get("step")) is int):
-            warnings.warn(f"{path} line {number} is not a metrics record "
-                          "(a JSON object with an integer step): skipped",
-                          stacklevel=3)
-            record = None
-        found.append((line, record))
-    return found
-
-
-def read_metrics(out: str | os.PathLike) -> list[dict[str, float]]:
-    """The records of a run's metrics.jsonl, in order."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise TrainError(f"no metrics at {path}: has the run started?")
-    return [record for _, record in _lines(path) if record is not None]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of the JSONL file `path` after `step`.
-
-    Lines that are not records stay as they are: nothing is lost.
-    """
-    if not path.exists():
-        return
-    kept = "".join(line + "\n" for line, record in _lines(path)
-                   if record is None or record["step"] <= step)
-    write_atomic(path, lambda f: f.write(kept.encode()))
 
 # %%
 #| export runlog
@@ -1924,60 +1838,6 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
 # loads. `train` validates the configuration, joins the ranks and holds
 # the lock for the run's life; rank 0 writes each checkpoint with every
 # rank's random state, and looks at the model between steps.
-
-# %%
-#| export
-def prepare_run(config: TrainConfig, out: Path, resume: bool,
-                ranks: Ranks, held: contextlib.ExitStack
-                ) -> tuple[Path, dict[str, Any]] | None:
-    """Lock and check the run folder; the checkpoint to resume from, if any.
-
-    Rank 0 takes the folder's lock into `held`, and picks the newest
-    readable checkpoint; every rank loads that one, so a file cut short by
-    a kill is skipped the same way everywhere.
-    """
-    found, problem = None, None
-    if ranks.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            held.enter_context(lock_run(out))
-            for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
-                tmp.unlink()  # a killed run's: no one else writes here
-            found = latest_checkpoint(out)
-            files = sorted((out / "checkpoints").glob("step_*.pt"))
-            step = found[1]["step"] if found else 0
-            if files and not found:
-                problem = (f"no checkpoint in {out / 'checkpoints'} can be "
-                           f"read ({', '.join(p.name for p in files)}): "
-                           "move them away to start a new run there")
-            elif found and not resume:
-                problem = (f"{out} already holds a run (checkpoint at step "
-                           f"{step}): resume it (resume=True), or choose "
-                           "another folder")
-            elif found and (diff := config_mismatch(found[1]["config"],
-                                                    config)):
-                problem = (f"the config does not match {found[0]}:\n  "
-                           + "\n  ".join(diff))
-            elif step > config.steps:
-                problem = (f"{out} is at step {step}, past steps="
-                           f"{config.steps}: pass more steps to go on; "
-                           "the run is unchanged")
-            else:
-                if resume and not found:
-                    warnings.warn(f"nothing to resume in {out} (no "
-                                  "checkpoint): starting a new run",
-                                  stacklevel=4)
-                write_atomic(out / "config.json", lambda f: f.write(
-                    json.dumps(asdict(config), indent=2).encode()))
-        except (OSError, TrainError) as err:
-            problem = (str(err) if isinstance(err, TrainError) else
-                       f"cannot use {out}: {err.strerror or err}")
-    problem, path = from_rank0(ranks, problem, found and found[0])
-    if path and not ranks.main:
-        found = (path, read_checkpoint(path))
-    if problem:
-        raise TrainError(problem)
-    return found
 
 # %%
 #| export
@@ -2069,7 +1929,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
-    found = prepare_run(config, out, resume, ranks, held)
+    found = prepare_run(out, asdict(config), config.steps, resume, ranks,
+                        held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
     if not found:
         return config, state, None
@@ -2144,7 +2005,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         try:
             pixels, y = next(batches)
         except DataError as err:
-            raise DataError(_worker_error(err)) from None
+            raise DataError(worker_error(err)) from None
         pending.append(train_step(config, diffusion, run, state, pixels, y,
                                   sampler.rows, ranks))
         bar.update()
@@ -2181,24 +2042,6 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
 
 # %%
 #| export
-def _worker_error(err: Exception) -> str:
-    """A data loader worker's error as its own message, not a traceback.
-
-    PyTorch re-raises a worker's exception with the worker's traceback as
-    its message; the original message is the traceback's last part.
-    """
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-    lines = text.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
-    if not starts:
-        return lines[-1]
-    return "\n".join([lines[starts[-1]][len(prefix):],
-                      *lines[starts[-1] + 1:]])
-
-
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -68,13 +68,13 @@ from adm_lib.checkpoints import (
     checkpoint_path,
     latest_checkpoint,
     lock_run,
+    read_metrics,
 )
 from adm_lib.config import TrainConfig, config_from_dict, make_config
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
 from adm_lib.files import write_atomic
 from adm_lib.models import load_run
-from adm_lib.runlog import read_metrics
 from adm_lib.train import train
 
 # Relative paths, the parameters' too, start at the book's root, as under

@@ -58,9 +58,9 @@ RECIPES = {
 def _train(name: str, images: int, every: int, seed: int,
            out: Path) -> tuple[Path, float]:
     """Train recipe `name` on `images` images; its run, seconds per step."""
+    from adm_lib.checkpoints import read_metrics
     from adm_lib.config import make_config
     from adm_lib.demo import DemoSettings, demo_configs
-    from adm_lib.runlog import read_metrics
     from adm_lib.train import train
 
     fields = asdict(demo_configs(DemoSettings(seed=seed), "cpu")["diffusion"])

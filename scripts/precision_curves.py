@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2 * args.window or args.window < 2:
         parser.error("--steps must be at least two --window, which is >= 2")
+    from adm_lib.checkpoints import read_metrics
     from adm_lib.devices import resolve_device
-    from adm_lib.runlog import read_metrics
 
     try:
         device = str(resolve_device(args.device))

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adm_lib import checkpoints as ck
 from adm_lib import config as cf
-from adm_lib import runlog as rl
 from adm_lib.models import load_run
 from adm_lib.train import train
 
@@ -84,7 +84,7 @@ def env() -> dict[str, str]:
 def metrics(out: Path) -> list[dict]:
     """A run's metric records without the wall-clock fields."""
     return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in rl.read_metrics(out)]
+            for r in ck.read_metrics(out)]
 
 
 def weights(out: Path, which: str = "ema") -> dict[str, torch.Tensor]:

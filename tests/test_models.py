@@ -13,7 +13,6 @@ import torch
 
 from adm_lib import checkpoints as ck
 from adm_lib import config as cf
-from adm_lib import runlog as rl
 from adm_lib import train as tr
 from adm_lib.models import TrainedModel, load_run
 from adm_lib.unet import EncoderUNetModel, UNetModel
@@ -26,7 +25,7 @@ def test_classifier_run(data, tmp_path):
     out = tmp_path / "run"
     tr.train(config(data, "classifier", steps=2, ema_rate="0.9999,0.99"), out,
              progress=False)
-    records = rl.read_metrics(out)
+    records = ck.read_metrics(out)
     train_records = [r for r in records if "acc@1" in r]
     evals = [r for r in records if "val_acc@1" in r]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -133,6 +132,6 @@ def test_an_old_run_resumes(data, tmp_path):
                 device="cpu")
     tr.train(c, out, resume=True, progress=False)
     assert steps_of(out) == [1, 2]
-    assert [r["step"] for r in rl.read_metrics(out)] == [1, 2]
+    assert [r["step"] for r in ck.read_metrics(out)] == [1, 2]
     assert load_run(out).config == c
     assert json.loads((out / "config.json").read_text())["channel_mult"] == [1]

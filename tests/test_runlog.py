@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
+from adm_lib import checkpoints as ck
 from adm_lib import config as cf
-from adm_lib import runlog as rl
 from adm_lib import train as tr
 from tests.helpers import config
 
@@ -23,7 +23,7 @@ def test_read_metrics_survives_a_cut_line(tmp_path):
         '{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a kill's cut line is no news
-        records = rl.read_metrics(tmp_path)
+        records = ck.read_metrics(tmp_path)
     assert records == [{"step": 1, "loss": 0.5}]
 
 
@@ -45,11 +45,11 @@ def test_a_metrics_line_that_is_not_a_record_is_named_and_kept(tmp_path,
     named = (f"{path} line 2 is not a metrics record (a JSON object with "
              "an integer step): skipped")
     with pytest.warns(UserWarning) as caught:
-        assert rl.read_metrics(tmp_path) == records
+        assert ck.read_metrics(tmp_path) == records
     assert [str(w.message) for w in caught] == [named]
     # A resume from step 2 drops the records after it, and keeps the line.
     with pytest.warns(UserWarning) as caught:
-        rl.truncate_metrics(path, 2)
+        ck.truncate_metrics(path, 2)
     assert [str(w.message) for w in caught] == [named]
     assert path.read_text() == "\n".join([lines[0], line, lines[1]]) + "\n"
 

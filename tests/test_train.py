@@ -31,10 +31,9 @@ from PIL import Image
 
 from adm_lib import batches as bt
 from adm_lib import checkpoints as ck
-from adm_lib import cli
+from adm_lib import cli, ranks
 from adm_lib import config as cf
 from adm_lib import objectives as ob
-from adm_lib import runlog as rl
 from adm_lib import train as tr
 from adm_lib.models import load_run
 from adm_lib.unet import SuperResModel
@@ -150,6 +149,7 @@ from adm_lib import batches as bt
 from adm_lib import checkpoints as ck
 from adm_lib import config as cf
 from adm_lib import objectives as ob
+from adm_lib import ranks
 from adm_lib import runlog as rl
 from adm_lib import train as tr
 
@@ -438,7 +438,7 @@ def test_a_deterministic_run_trains(data, backends, tmp_path):
                memory_format="channels_last")
     tr.train(c, tmp_path / "run", progress=False)
     assert torch.are_deterministic_algorithms_enabled()
-    losses = [r["loss"] for r in rl.read_metrics(tmp_path / "run")]
+    losses = [r["loss"] for r in ck.read_metrics(tmp_path / "run")]
     assert len(losses) == c.steps and all(map(np.isfinite, losses))
 
 
@@ -487,15 +487,15 @@ def test_micro_batches_skip_the_all_reduce_under_compile_too():
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        ddp = tr.data_parallel(torch.nn.Linear(2, 2), CPU)
+        ddp = ranks.data_parallel(torch.nn.Linear(2, 2), CPU)
         assert ddp.gradient_as_bucket_view
         compiled = torch.compile(ddp)  # wraps it; compiles only when run
         for model in (ddp, compiled):
-            with tr.micro_sync(model, last=False):
+            with ranks.micro_sync(model, last=False):
                 assert not ddp.require_backward_grad_sync
-            with tr.micro_sync(model, last=True):
+            with ranks.micro_sync(model, last=True):
                 assert ddp.require_backward_grad_sync
-        with tr.micro_sync(torch.nn.Linear(2, 2), last=False):
+        with ranks.micro_sync(torch.nn.Linear(2, 2), last=False):
             pass  # no DDP, nothing to skip
     finally:
         dist.destroy_process_group()
