@@ -15,7 +15,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1648
+# %% chapters/04_training.py:1647
 import json
 import time
 from collections import defaultdict
@@ -42,7 +42,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:1678
+# %% chapters/04_training.py:1677
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -59,7 +59,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1695
+# %% chapters/04_training.py:1694
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -124,7 +124,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:1768
+# %% chapters/04_training.py:1767
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,

@@ -10,7 +10,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Training at scale
 #
@@ -1268,7 +1267,6 @@ from adm_lib.batches import (
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
     checkpoint_path,
-    prepare_run,
     save_checkpoint,
     truncate_metrics,
 )
@@ -1311,6 +1309,7 @@ from adm_lib.runlog import (
     evaluate_classifier,
     sample_grid,
 )
+from adm_lib.runs import prepare_run
 from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 

@@ -48,7 +48,14 @@
 # No parameters: this appendix shows records and recomputes from them.
 
 # %%
+import os
+
 import numpy as np
+
+from adm_lib.book import find_root
+
+# Relative paths start at the book's root, as in every chapter.
+os.chdir(find_root())
 
 # %% [markdown]
 # ## M.1 Chapter 2: the longer run

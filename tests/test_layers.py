@@ -23,8 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adm_lib"
 LAYERS: dict[str, tuple[str, ...]] = {
     # hand-written; the appendix on the engineering of runs explains it
     "foundation": ("errors", "values", "devices", "seeds", "viz", "files",
-                   "checkpoints", "ranks", "assets", "data", "datanets",
-                   "inception"),
+                   "checkpoints", "ranks", "runs", "assets", "data",
+                   "datanets", "inception"),
     # generated from chapters 1 to 7
     "library": ("forward", "diffusion", "unet", "config", "batches",
                 "objectives", "runlog", "models", "train", "metrics",
