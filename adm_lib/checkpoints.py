@@ -14,11 +14,14 @@ they are a plain dict.
 import contextlib
 import json
 import os
+import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from adm_lib.errors import TrainError
 from adm_lib.files import hold_lock, safe_load, write_atomic
@@ -32,6 +35,8 @@ __all__ = [
     "read_checkpoint",
     "latest_checkpoint",
     "lock_run",
+    "term_sums",
+    "MetricsLog",
     "read_metrics",
     "truncate_metrics",
 ]
@@ -161,3 +166,82 @@ def truncate_metrics(path: Path, step: int) -> None:
     kept = "".join(line + "\n" for line, record in _lines(path)
                    if record is None or record["step"] <= step)
     write_atomic(path, lambda f: f.write(kept.encode()))
+
+
+def term_sums(t: Tensor, terms: dict[str, Tensor],
+              num_timesteps: int) -> dict[str, tuple[float, int]]:
+    """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
+    quartile = 4 * t.long() // num_timesteps
+    counts = torch.bincount(quartile, minlength=4).tolist()
+    sums = {}
+    for name, values in terms.items():
+        sums[name] = (values.sum().item(), len(values))
+        by_quartile = torch.bincount(quartile, values.double(), minlength=4)
+        for q, (total, count) in enumerate(zip(by_quartile.tolist(), counts,
+                                               strict=True)):
+            if count:
+                sums[f"{name}_q{q}"] = (total, count)
+    return sums
+
+class MetricsLog:
+    """Averages each window of steps into one JSONL record (rank 0 only).
+
+    Like the reference, every loss term is also logged by timestep quartile
+    (`mse_q0` is the mean over t < T/4), which shows where the model is
+    still learning.
+    """
+
+    def __init__(self, path: Path, num_timesteps: int,
+                 tensorboard: Path | None = None) -> None:
+        self.path, self.num_timesteps = path, num_timesteps
+        self.writer = None
+        if tensorboard is not None:  # validate() checked it is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps = self.skipped = self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, t: Tensor, terms: dict[str, Tensor],
+            grad_norm: float) -> None:
+        """Add one step's gathered per-image terms at timesteps t."""
+        for name, (total, count) in term_sums(t, terms,
+                                              self.num_timesteps).items():
+            self.sums[name] += total
+            self.counts[name] += count
+        self.sums["grad_norm"] += grad_norm
+        self.counts["grad_norm"] += 1
+        self.steps, self.images = self.steps + 1, self.images + len(t)
+
+    def skip(self) -> None:
+        """Count a step skipped for a non-finite loss."""
+        self.skipped += 1
+
+    def write(self, step: int, **extra: float) -> dict[str, float]:
+        """Append the window's record (and `extra`), then start a new one."""
+        seconds = time.perf_counter() - self.started
+        record = {"step": step, **extra}
+        record.update({k: self.sums[k] / self.counts[k]
+                       for k in sorted(self.sums)})
+        record.update(skipped=self.skipped,
+                      steps_per_s=self.steps / seconds,
+                      images_per_s=self.images / seconds)
+        self.append(record)
+        self.reset()
+        return record
+
+    def append(self, record: dict[str, float]) -> None:
+        """Append a record to the JSONL file (and TensorBoard)."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()

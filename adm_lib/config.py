@@ -30,8 +30,8 @@ import difflib
 import importlib.util
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, get_args
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -40,7 +40,7 @@ from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, coerce
+from adm_lib.values import MAX_SEED, check_types, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -296,7 +296,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
 # %% chapters/04_training.py:497
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
-    _check_types(config)
+    check_types(config, TrainError)
     _check_ranges(config)
     if config.label_dropout and (config.kind == "classifier"
                                  or not config.class_cond):
@@ -381,27 +381,6 @@ def _check_ranges(config: TrainConfig) -> None:
 
 
 # %% chapters/04_training.py:584
-def _check_types(config: TrainConfig) -> None:
-    """Each field holds its default's type (an int will do for a float);
-    a tuple field, a tuple of its element type."""
-    for field in fields(TrainConfig):
-        value, default = getattr(config, field.name), field.default
-        if isinstance(default, tuple):
-            item = get_args(field.type)[0]
-            wanted = (int, float) if item is float else item
-            if not (isinstance(value, tuple) and all(
-                    isinstance(v, wanted) and not isinstance(v, bool)
-                    for v in value)):
-                raise TrainError(f"{field.name}={value!r}: expected a tuple "
-                                 f"of {item.__name__}")
-            continue
-        wanted = (int, float) if type(default) is float else type(default)
-        if (isinstance(value, bool) != isinstance(default, bool)
-                or not isinstance(value, wanted)):
-            raise TrainError(f"{field.name}={value!r}: expected "
-                             f"{type(default).__name__}")
-
-
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -418,7 +397,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:622
+# %% chapters/04_training.py:601
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -470,7 +449,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:674
+# %% chapters/04_training.py:653
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -487,7 +466,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:698
+# %% chapters/04_training.py:677
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet.
 

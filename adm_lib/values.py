@@ -9,6 +9,8 @@ that holds it (`option`; the `adm` command builds its flags from them).
 from __future__ import annotations
 
 import ast
+import dataclasses
+import typing
 from dataclasses import field
 from typing import Any
 
@@ -106,3 +108,25 @@ def _numbers(raw: Any, floats: bool) -> tuple[int | float, ...]:
                          "16,8") from None
     return tuple(n if floats or not n.is_integer() else int(n)
                  for n in numbers)
+
+
+def check_types(settings: Any, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the first dataclass field of `settings` that
+    does not hold its default's type (an int will do for a float; a tuple
+    field takes a tuple of its annotated element type)."""
+    for each in dataclasses.fields(settings):
+        value, default = getattr(settings, each.name), each.default
+        if isinstance(default, tuple):
+            item = typing.get_args(each.type)[0]
+            wanted = (int, float) if item is float else item
+            if not (isinstance(value, tuple) and all(
+                    isinstance(v, wanted) and not isinstance(v, bool)
+                    for v in value)):
+                raise error(f"{each.name}={value!r}: expected a tuple of "
+                            f"{item.__name__}")
+            continue
+        wanted = (int, float) if type(default) is float else type(default)
+        if (isinstance(value, bool) != isinstance(default, bool)
+                or not isinstance(value, wanted)):
+            raise error(f"{each.name}={value!r}: expected "
+                        f"{type(default).__name__}")

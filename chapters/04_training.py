@@ -206,8 +206,8 @@ import difflib
 import importlib.util
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, get_args
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from torch import nn
 
@@ -216,7 +216,7 @@ from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, coerce
+from adm_lib.values import MAX_SEED, check_types, coerce
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -497,7 +497,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
 #| export config
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
-    _check_types(config)
+    check_types(config, TrainError)
     _check_ranges(config)
     if config.label_dropout and (config.kind == "classifier"
                                  or not config.class_cond):
@@ -582,27 +582,6 @@ def _check_ranges(config: TrainConfig) -> None:
 
 # %%
 #| export config
-def _check_types(config: TrainConfig) -> None:
-    """Each field holds its default's type (an int will do for a float);
-    a tuple field, a tuple of its element type."""
-    for field in fields(TrainConfig):
-        value, default = getattr(config, field.name), field.default
-        if isinstance(default, tuple):
-            item = get_args(field.type)[0]
-            wanted = (int, float) if item is float else item
-            if not (isinstance(value, tuple) and all(
-                    isinstance(v, wanted) and not isinstance(v, bool)
-                    for v in value)):
-                raise TrainError(f"{field.name}={value!r}: expected a tuple "
-                                 f"of {item.__name__}")
-            continue
-        wanted = (int, float) if type(default) is float else type(default)
-        if (isinstance(value, bool) != isinstance(default, bool)
-                or not isinstance(value, wanted)):
-            raise TrainError(f"{field.name}={value!r}: expected "
-                             f"{type(default).__name__}")
-
-
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -1266,6 +1245,7 @@ from adm_lib.batches import (
 )
 from adm_lib.checkpoints import (
     CHECKPOINT_FORMAT,
+    MetricsLog,
     checkpoint_path,
     save_checkpoint,
     truncate_metrics,
@@ -1305,7 +1285,6 @@ from adm_lib.ranks import (
     sum_ranks,
 )
 from adm_lib.runlog import (
-    MetricsLog,
     evaluate_classifier,
     sample_grid,
 )
@@ -1645,13 +1624,10 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
 
 # %%
 #| export runlog
-"""A run's log: metrics records by timestep quartile, sample grids and a
-classifier's held-out scores."""
-import json
-import time
+"""A run's look at its model: sample grids, and a classifier's held-out
+scores."""
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -1671,89 +1647,6 @@ from adm_lib.diffusion import (
 )
 from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
-
-
-# %%
-#| export runlog
-def term_sums(t: Tensor, terms: dict[str, Tensor],
-              num_timesteps: int) -> dict[str, tuple[float, int]]:
-    """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
-    quartile = 4 * t.long() // num_timesteps
-    counts = torch.bincount(quartile, minlength=4).tolist()
-    sums = {}
-    for name, values in terms.items():
-        sums[name] = (values.sum().item(), len(values))
-        by_quartile = torch.bincount(quartile, values.double(), minlength=4)
-        for q, (total, count) in enumerate(zip(by_quartile.tolist(), counts,
-                                               strict=True)):
-            if count:
-                sums[f"{name}_q{q}"] = (total, count)
-    return sums
-
-# %%
-#| export runlog
-class MetricsLog:
-    """Averages each window of steps into one JSONL record (rank 0 only).
-
-    Like the reference, every loss term is also logged by timestep quartile
-    (`mse_q0` is the mean over t < T/4), which shows where the model is
-    still learning.
-    """
-
-    def __init__(self, path: Path, num_timesteps: int,
-                 tensorboard: Path | None = None) -> None:
-        self.path, self.num_timesteps = path, num_timesteps
-        self.writer = None
-        if tensorboard is not None:  # validate() checked it is installed
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard)
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new window."""
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.steps = self.skipped = self.images = 0
-        self.started = time.perf_counter()
-
-    def add(self, t: Tensor, terms: dict[str, Tensor],
-            grad_norm: float) -> None:
-        """Add one step's gathered per-image terms at timesteps t."""
-        for name, (total, count) in term_sums(t, terms,
-                                              self.num_timesteps).items():
-            self.sums[name] += total
-            self.counts[name] += count
-        self.sums["grad_norm"] += grad_norm
-        self.counts["grad_norm"] += 1
-        self.steps, self.images = self.steps + 1, self.images + len(t)
-
-    def skip(self) -> None:
-        """Count a step skipped for a non-finite loss."""
-        self.skipped += 1
-
-    def write(self, step: int, **extra: float) -> dict[str, float]:
-        """Append the window's record (and `extra`), then start a new one."""
-        seconds = time.perf_counter() - self.started
-        record = {"step": step, **extra}
-        record.update({k: self.sums[k] / self.counts[k]
-                       for k in sorted(self.sums)})
-        record.update(skipped=self.skipped,
-                      steps_per_s=self.steps / seconds,
-                      images_per_s=self.images / seconds)
-        self.append(record)
-        self.reset()
-        return record
-
-    def append(self, record: dict[str, float]) -> None:
-        """Append a record to the JSONL file (and TensorBoard)."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-            self.writer.flush()
 
 # %% [markdown]
 # A run's records are read back by the foundation's `read_metrics`
