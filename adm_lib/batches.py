@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:851
+# %% chapters/04_training.py:840
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -34,7 +34,7 @@ from adm_lib.errors import TrainError
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:869
+# %% chapters/04_training.py:858
 class BatchOrder:
     """The data indices of each step's global batch: seeded epoch shuffles.
 
@@ -82,7 +82,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:927
+# %% chapters/04_training.py:916
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -150,7 +150,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:1002
+# %% chapters/04_training.py:991
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -206,7 +206,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:1058
+# %% chapters/04_training.py:1047
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

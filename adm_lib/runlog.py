@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1684
+# %% chapters/04_training.py:1673
 import json
 import os
 import time
@@ -48,7 +48,7 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:1718
+# %% chapters/04_training.py:1707
 def term_sums(t: Tensor, terms: dict[str, Tensor],
               num_timesteps: int) -> dict[str, tuple[float, int]]:
     """Sum and count of each term, overall and by quartile of t (`_q0`...)."""
@@ -65,7 +65,7 @@ def term_sums(t: Tensor, terms: dict[str, Tensor],
     return sums
 
 
-# %% chapters/04_training.py:1735
+# %% chapters/04_training.py:1724
 class MetricsLog:
     """Averages each window of steps into one JSONL record (rank 0 only).
 
@@ -130,7 +130,7 @@ class MetricsLog:
             self.writer.flush()
 
 
-# %% chapters/04_training.py:1807
+# %% chapters/04_training.py:1796
 def _lines(path: Path) -> list[tuple[str, dict[str, float] | None]]:
     """The lines of a JSONL log, each with its record (None: not one).
 
@@ -177,7 +177,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, lambda f: f.write(kept.encode()))
 
 
-# %% chapters/04_training.py:1854
+# %% chapters/04_training.py:1843
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
