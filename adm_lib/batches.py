@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:829
+# %% chapters/04_training.py:818
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -34,7 +34,7 @@ from adm_lib.errors import TrainError
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:847
+# %% chapters/04_training.py:836
 class BatchOrder:
     """The data indices of each step's global batch: seeded epoch shuffles.
 
@@ -82,7 +82,7 @@ class RankBatches:
             step += 1
 
 
-# %% chapters/04_training.py:905
+# %% chapters/04_training.py:894
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -150,7 +150,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:980
+# %% chapters/04_training.py:969
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -206,7 +206,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:1036
+# %% chapters/04_training.py:1025
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:202
+# %% chapters/04_training.py:191
 import difflib
 import importlib.util
 import math
@@ -46,7 +46,7 @@ KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:225
+# %% chapters/04_training.py:214
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -132,7 +132,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:311
+# %% chapters/04_training.py:300
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -141,7 +141,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:334
+# %% chapters/04_training.py:323
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -171,7 +171,7 @@ _IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
                         "classifier_attention_resolutions": (32, 16, 8)}
 
 
-# %% chapters/04_training.py:364
+# %% chapters/04_training.py:353
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
         "mnist": {"in_channels": 1, "steps": 5000},
@@ -238,7 +238,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:442
+# %% chapters/04_training.py:431
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -293,7 +293,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
         raise TrainError(f"a stored setting does not read: {err}") from None
 
 
-# %% chapters/04_training.py:497
+# %% chapters/04_training.py:486
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -322,7 +322,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:526
+# %% chapters/04_training.py:515
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -380,7 +380,7 @@ def _check_ranges(config: TrainConfig) -> None:
                          "more rates in (0, 1), such as (0.9999,)")
 
 
-# %% chapters/04_training.py:584
+# %% chapters/04_training.py:573
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -397,7 +397,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:601
+# %% chapters/04_training.py:590
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -449,7 +449,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:653
+# %% chapters/04_training.py:642
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -466,7 +466,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:677
+# %% chapters/04_training.py:666
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet.
 

@@ -40,7 +40,7 @@ from adm_lib.sampling import step_bar
 from adm_lib.values import MAX_SEED, flag, option
 from adm_lib.viz import pixel_grid, to_uint8
 
-# Chapter 4.13's budget. On a CPU with native bf16 (AVX-512-BF16 or AMX),
+# Chapter 4.9's budget. On a CPU with native bf16 (AVX-512-BF16 or AMX),
 # 800 steps took four training seeds to 95% on average, every sampling
 # seed past 91%, in under three minutes of training on 2 cores; a GPU is
 # faster still. On a float32-only CPU (an AVX2 EPYC) a step took three
@@ -54,7 +54,7 @@ class DemoSettings:
     """What the demo trains and draws: each field but `device` is a flag
     of `adm demo` (values.flag), its default and help written here only.
 
-    The defaults are chapter 4.13's measured choice. `steps` left as None
+    The defaults are chapter 4.9's measured choice. `steps` left as None
     is `default_steps` of the device: 800 on a GPU or a CPU with native
     bf16, under four minutes on such a 2-core CPU (README has the timed
     run), and 350 on a float32-only CPU, its five-minute run.
@@ -99,7 +99,7 @@ class DemoSettings:
 
 # Both networks: one residual block per level, 32 channels at 32x32 and
 # 16x16, and resampling by a convolution rather than a residual block.
-# Chapter 4.13: as accurate per step as the preset's, in 0.6 (diffusion)
+# Chapter 4.9: as accurate per step as the preset's, in 0.6 (diffusion)
 # and 0.7 (classifier) of its step time.
 LEAN = {"num_res_blocks": 1, "channel_mult": (1, 1, 2),
         "resblock_updown": False}
@@ -122,7 +122,7 @@ def demo_configs(settings: DemoSettings, device: str) -> dict:
             **common, "steps": (default_steps(device) if settings.steps
                                 is None else settings.steps),
             "batch_size": settings.batch, "lr": 1e-3,
-            # Chapter 4.13 measured these: a short run learns digits and
+            # Chapter 4.9 measured these: a short run learns digits and
             # their classes far sooner predicting x0 under L_simple alone,
             # and a short EMA keeps up with weights that still move fast.
             "predict_xstart": True, "learn_sigma": False,
@@ -133,7 +133,7 @@ def demo_configs(settings: DemoSettings, device: str) -> dict:
             "batch_size": settings.classifier_batch,
             "lr_anneal_steps": settings.classifier_steps,
             # One residual block per level: as accurate a guide here as
-            # the preset's two (chapter 4.13), in two thirds of the time.
+            # the preset's two (chapter 4.9), in two thirds of the time.
             "classifier_depth": 1, "channel_mult": LEAN["channel_mult"],
             "classifier_resblock_updown": False,
             # Held-out accuracy once, at the end, for the report.
@@ -157,7 +157,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None,
     if settings.steps is None and steps == STEPS_FP32_CPU:
         say(f"adm demo: {steps} diffusion steps, not {STEPS_BF16}, to stay "
             "near five minutes in float32 (this CPU has no native bf16; "
-            f"chapter 4.13); --steps {STEPS_BF16} for the full recipe")
+            f"chapter 4.9); --steps {STEPS_BF16} for the full recipe")
     runs = {}
     for number, (name, config) in enumerate(configs.items(), 1):
         say(f"[{number}/4] training the {name} on MNIST-5k "

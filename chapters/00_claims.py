@@ -339,7 +339,8 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                        ("adm_lib.train", "adm_lib.config", "adm_lib.batches",
                         "adm_lib.objectives", "adm_lib.runlog",
                         "adm_lib.models")),
-    "05_metrics.py": ("Section 2.2: FID, sFID, IS, precision, recall",
+    "05_metrics.py": ("Section 2.2: FID, sFID, IS, precision, recall; "
+                      "Table 1's ablations, trained small",
                       ("adm_lib.metrics",)),
     "06_guidance.py": ("Section 4, Algorithms 1-2, Table 4; and "
                        "classifier-free guidance", ("adm_lib.guidance",)),

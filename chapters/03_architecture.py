@@ -55,7 +55,7 @@
 
 # %% tags=["parameters"]
 # Smoke configuration: tiny models, seconds on a CPU. The chapter trains
-# nothing (chapter 4 trains the ablations); larger models are
+# nothing (chapter 5 trains the ablations); larger models are
 #   adm book run 3 -p image_size 64 -p model_channels 64
 image_size: int = 32  # side of the square images of the small models
 model_channels: int = 32  # base width of the small models
@@ -1629,10 +1629,10 @@ print("checkpointed gradients match")
 # ## 3.12 Training the ablations
 #
 # Which of these switches help is a question for training, and the book has
-# one training loop: chapter 4's. Its section 4.9 trains every entry of
-# `ABLATIONS` as a run of that loop, compares them at equal steps and at
-# equal training time on held-out images, with chapter 2's estimate of the
-# variational bound, and records a CPU run.
+# one training loop: chapter 4's. Chapter 5 (section 5.10) trains every
+# entry of `ABLATIONS` as a run of that loop, compares them at equal steps
+# and at equal training time on held-out images, with chapter 2's estimate
+# of the variational bound, and records a CPU run.
 
 # %% [markdown]
 # ## 3.13 The library
@@ -1672,7 +1672,7 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #   rescaling by $1/\sqrt{2}$ was tried and left out.
 # * Each of the paper's ablations is an entry of `ABLATIONS`, a few options
 #   on top of a Ho et al.-like baseline, and `ablation_unet` builds it.
-#   Chapter 4 (section 4.9) trains them all at equal steps and at equal
+#   Chapter 5 (section 5.10) trains them all at equal steps and at equal
 #   time and compares a held-out VLB estimate.
 # * The noisy-image classifier is the UNet's encoder with an attention-pooling
 #   head; the super-resolution model is a UNet that also sees the up-sampled
@@ -1703,7 +1703,7 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #    and `heads_for`, then check.
 # 5. Add to `ABLATIONS` an entry "ADM, additive": ADM without
 #    `use_scale_shift_norm` (then `adm book export`). Predict whether its VLB
-#    in 4.9 lands nearer ADM's or the baseline's, given the paired standard
+#    in 5.10 lands nearer ADM's or the baseline's, given the paired standard
 #    errors, then check.
 # 6. Add a pool `"max"` to `pool_head` and `POOLS`: norm, SiLU, global max
 #    pooling and a zero-initialised $1 \times 1$ conv. Predict how its input

@@ -56,7 +56,7 @@ data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
 features: str = "mnist"  # the metrics' network: mnist, cifar10 or inception
 inception_weights: str = ""  # the Inception weights file, for "inception"
 preset: str = "mnist"  # the adm_lib.config preset of all three models
-# Chapter 4.10's recipe for runs of minutes.
+# Chapter 4.9's recipe for runs of minutes.
 settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
                   "predict_xstart": True, "learn_sigma": False,
                   "ema_rate": "0.95"}  # changes to the models' preset
@@ -198,7 +198,7 @@ for steps in ("10", "25", "50", "250", "1000"):
 # span $[-1, 1]$, and by about 1 at the next step: the classifier's
 # gradient is divided by $\sqrt{\bar\alpha_t}$ where the sample is
 # nearly all noise. The reference does the same, so this is the method;
-# chapter 4.10 measures what it does to the demo's samples (guided at
+# chapter 4.9 measures what it does to the demo's samples (guided at
 # $s = 1$ with DDIM, 48.5% of them in the right class against 95.0%
 # ancestrally), and the demo guides with Algorithm 1.
 
@@ -653,7 +653,7 @@ print("mixed eps of the first image, first row:", mixed[0, 0, 0].tolist())
 # The experiments need a class-conditional diffusion model, an
 # unconditional one and a noisy classifier, all on the same data. They are
 # trained with chapter 4's `train`, from the `preset` of `adm_lib.config`
-# changed by the parameters cell: by default chapter 4.10's recipe for
+# changed by the parameters cell: by default chapter 4.9's recipe for
 # runs of minutes, under which the networks predict $x_0$ with fixed
 # variances ($L_\text{simple}$ alone) and keep an EMA at 0.95. The
 # conditional model is trained with `label_dropout` so that it serves
@@ -980,7 +980,7 @@ with np.load(batch_file) as batch:
 # class-conditional model and a classifier on MNIST-5k, draws every digit
 # at two guidance scales, and reports the evaluation network's accuracy
 # on them and their FID, in minutes on a two-core CPU (the README has
-# its measured time; chapter 4.10 its recipe, and why it guides with
+# its measured time; chapter 4.9 its recipe, and why it guides with
 # ancestral steps rather than DDIM's).
 #
 # ## 6.9 A longer run, recorded

@@ -73,7 +73,7 @@ image_size: int = 32  # the cascade's output size
 small_size: int = 16  # the half-size base model's, and the upsampler's input
 settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
                   "predict_xstart": True, "learn_sigma": False,
-                  "ema_rate": "0.95"}  # chapter 4.13's CPU recipe, all models
+                  "ema_rate": "0.95"}  # chapter 4.9's CPU recipe, all models
 low_res_noise: int = 300  # augmentation: training steps s from 0 to this
 sample_low_res_t: list[int] = [0, 75, 150, 300]  # levels tried at sampling
 device: str = "auto"  # "auto" picks CUDA when there is a GPU
@@ -467,7 +467,7 @@ for name, attempt in bad.items():
 # ## 7.4 The experiment: five models
 #
 # The comparison of Table 6, at a size a CPU can train in minutes. Five
-# networks, all with chapter 4.10's recipe (predict $x_0$, $L_\text{simple}$,
+# networks, all with chapter 4.9's recipe (predict $x_0$, $L_\text{simple}$,
 # a short EMA), on the data set named by `data`:
 #
 # * `base32`: the base model at the full $32 \times 32$ (ADM in Table 6);

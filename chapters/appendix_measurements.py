@@ -38,14 +38,16 @@
 # * M.1 chapter 2's longer run;
 # * M.2 bf16 against float32 (chapter 4.5);
 # * M.3 chapter 4's longer run (chapter 4.8);
-# * M.4 the architecture ablations at CPU scale (chapter 4.9);
-# * M.5 the demo's recipe, the study in full (chapter 4.10);
+# * M.4 the architecture ablations at CPU scale (chapter 5.10);
+# * M.5 the demo's recipe, the study in full (chapter 4.9);
 # * M.6 the recorded runs of chapters 5, 6 and 7: machines and times;
 # * M.7 speed: `adm bench` against the reference (appendix R.7);
 # * M.8 the error bars of chapter 4, recomputed.
 
 # %% tags=["parameters"]
-# No parameters: this appendix shows records and recomputes from them.
+# The records below are read, not rerun: `adm book run appendix_measurements`
+# takes seconds. Each record says the command that made it.
+significance: float = 2.0  # a gap of this many standard errors is real
 
 # %%
 import os
@@ -87,7 +89,7 @@ os.chdir(find_root())
 # ## M.2 bf16 against float32
 #
 # `scripts/precision_curves.py` trains the demo's diffusion model
-# (chapter 4.10) twice from the same seed, so that both runs see the same
+# (chapter 4.9) twice from the same seed, so that both runs see the same
 # batches, timesteps and noise, once in float32 and once under bf16
 # autocast, and logs every step's loss. For each window of 100 steps it
 # compares the two runs' mean losses with the noise of such a mean: the
@@ -160,7 +162,7 @@ os.chdir(find_root())
 #
 # Chapter 4's three models (sections 4.1 and 4.8) trained longer, on the
 # bf16 EPYC (so bf16 autocast), 2026-12-03, with the parameters cell's
-# `settings` (chapter 4.10's recipe for the diffusion model and the
+# `settings` (chapter 4.9's recipe for the diffusion model and the
 # upsampler):
 #
 # ```sh
@@ -222,20 +224,20 @@ os.chdir(find_root())
 # %% [markdown]
 # ## M.4 The architecture ablations at CPU scale
 #
-# Chapter 4.9 trains chapter 3's ablations with chapter 4's loop. The one
+# Chapter 5.10 trains chapter 3's ablations with chapter 4's loop. The one
 # run recorded at CPU scale was made with an earlier version of the book,
 # whose chapter 3 trained the variants with a hand-written loop of its
 # own (AdamW with PyTorch's default weight decay of 0.01, raw rather than
 # EMA weights, one timed loop that copied the weights at each arm) and
 # measured $L_\text{simple}$ from the raw network output: the protocol of
-# chapter 4.9, but not its loop, so its numbers are not that section's.
+# chapter 5.10, but not its loop, so its numbers are not that section's.
 # It ran on the AVX2 EPYC on 2026-11-25, on a 5,000-image subset of
 # CIFAR-10; training and evaluating the nine variants took 13.9 minutes.
 # The command that records it with chapter 4's loop, which has not been
 # run yet:
 #
 # ```sh
-# adm book run 4 -p ablation_data ../shared/data/cifar10/train.zip \
+# adm book run 5 -p ablation_data ../shared/data/cifar10/train.zip \
 #     -p ablation_train_images 5000 -p ablation_eval_images 128 \
 #     -p ablation_batch_size 16 -p ablation_steps 100 \
 #     -p ablation_seconds 60 -p ablation_timing_steps 20 \
@@ -294,7 +296,7 @@ os.chdir(find_root())
 # The full run, on one GPU, is
 #
 # ```sh
-# adm book run 4 -p device cuda \
+# adm book run 5 -p device cuda \
 #     -p ablation_data ../shared/data/cifar10/train.zip \
 #     -p ablation_batch_size 128 -p ablation_steps 3000 \
 #     -p ablation_seconds 120 -p ablation_timing_steps 50 \
@@ -307,9 +309,9 @@ os.chdir(find_root())
 # %% [markdown]
 # ## M.5 The demo's recipe: the study
 #
-# Chapter 4.10 states what this study found. In full, in the order it
+# Chapter 4.9 states what this study found. In full, in the order it
 # was made, as it was written at the time: where it reads more into a gap
-# than the gap's standard error allows, chapter 4.10 and M.8 give the gap
+# than the gap's standard error allows, chapter 4.9 and M.8 give the gap
 # with its error.
 #
 # The paper's recipe (predict $\epsilon$, learn the variances with
@@ -795,7 +797,9 @@ gaps = {
 }
 for name, (row, quoted) in gaps.items():
     diff, se = gap(*row)
-    print(f"{name:<28} {diff:+6.1f} ± {se:.1f} points ({diff / se:+.1f} se)")
+    verdict = "real" if abs(diff) > significance * se else "within error"
+    print(f"{name:<28} {diff:+6.1f} ± {se:.1f} points ({diff / se:+.1f} se: "
+          f"{verdict})")
     assert (round(diff, 1), round(se, 1)) == quoted, name
 
 # %% [markdown]
