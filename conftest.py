@@ -147,9 +147,16 @@ def pytest_collection_modifyitems(
     for item in items:
         if isinstance(item.parent, IPyNbFile):
             item.add_marker(pytest.mark.slow)
-    # The site's tests render what the chapters' cells have just executed
-    # (build/site-cache), so they run after them; the sort keeps other orders.
-    items.sort(key=lambda item: item.get_closest_marker("site") is not None)
+    # The chapters first: the longest files, so that pytest-xdist's workers
+    # (which take whole files, in this order) end together. The site's tests
+    # render what the chapters' cells have just executed (build/site-cache),
+    # so they run last. The sort is stable: a file's tests keep their order.
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("site") is not None:
+            return 2
+        return 0 if isinstance(item.parent, IPyNbFile) else 1
+
+    items.sort(key=rank)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

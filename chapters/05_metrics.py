@@ -1190,10 +1190,10 @@ from typing import Any
 
 from torch import Tensor
 
+from adm_lib.checkpoints import read_metrics
 from adm_lib.config import TrainConfig, build_model
 from adm_lib.diffusion import stratified_timesteps, vlb_estimate
 from adm_lib.models import TrainedModel
-from adm_lib.runlog import read_metrics
 from adm_lib.unet import ABLATION_BASELINE, ABLATIONS, ablation_unet
 
 # %% [markdown]
