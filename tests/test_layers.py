@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                    "checkpoints", "ranks", "runs", "assets", "data",
                    "datanets", "inception"),
     # generated from chapters 1 to 7
-    "library": ("forward", "diffusion", "unet", "config", "batches",
+    "library": ("forward", "diffusion", "toy", "unet", "config", "batches",
                 "objectives", "runlog", "models", "train", "metrics",
                 "guidance", "cascade"),
     # the reference's flags and files, read into the library's types
