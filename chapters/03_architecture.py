@@ -1557,6 +1557,25 @@ for name, (kind, flags) in RELEASED.items():
     print(f"{name:<26}{params:>14,}{counts[name][1]:>9}")
 
 # %% [markdown]
+# The heads, read from the built models: the $128 \times 128$ model has 4
+# heads in every attention layer, of 128 to 256 channels each, not 64
+# channels per head; the others have 64 channels per head.
+
+# %%
+for name in ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion"):
+    with torch.device("meta"):
+        built = BUILDERS["diffusion"](RELEASED[name][1])
+    layers = [m for m in built.modules()
+              if type(m).__name__ == "AttentionBlock"]
+    shapes = sorted({(m.num_heads, m.qkv.in_channels // m.num_heads)
+                     for m in layers})
+    print(f"{name:<20} heads x channels per head: {shapes}")
+    if name.startswith("128"):
+        assert {h for h, _ in shapes} == {4}
+    else:
+        assert {c for _, c in shapes} == {64}
+
+# %% [markdown]
 # Where the reference's own counts are available (the parity fixtures, made
 # by building the reference's models), ours must match exactly: the same
 # parameters and the same number of state-dict entries are what let a
