@@ -187,7 +187,8 @@ torch.testing.assert_close(z, blocks.mean(dim=(3, 5)))
 # on real $z$ takes those errors as detail to keep, and its large image
 # inherits them.
 #
-# Conditioning augmentation hides them. In training, $z$ is replaced by
+# Conditioning augmentation (CDM's; the paper's ADM-U does without it)
+# hides them. In training, $z$ is replaced by
 # $z_s = \sqrt{\bar\alpha_s}\, z + \sqrt{1 - \bar\alpha_s}\, \epsilon$,
 # the upsampler's own forward process run to a step $s$ drawn uniformly
 # from $0, \dots, S$ for each image, and the network is told $s$: chapter
