@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/07_cascades.py:241
+# %% chapters/07_cascades.py:349
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +54,7 @@ class Stage:
     eta: float = 0.0  # DDIM's noise
 
 
-# %% chapters/07_cascades.py:283
+# %% chapters/07_cascades.py:391
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
     net = stage.trained
@@ -121,7 +121,7 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     return low_res_t
 
 
-# %% chapters/07_cascades.py:357
+# %% chapters/07_cascades.py:465
 def _network(stage: Stage) -> Model:
     net = stage.trained
     return net.model if net.num_classes else ignore_labels(net.model)

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:105
+# %% chapters/03_architecture.py:110
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +80,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:160
+# %% chapters/03_architecture.py:165
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -95,7 +95,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:199
+# %% chapters/03_architecture.py:204
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -114,7 +114,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:227
+# %% chapters/03_architecture.py:232
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -151,7 +151,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:270
+# %% chapters/03_architecture.py:275
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -181,7 +181,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:334
+# %% chapters/03_architecture.py:339
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -189,7 +189,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:363
+# %% chapters/03_architecture.py:368
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -212,7 +212,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:393
+# %% chapters/03_architecture.py:398
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -271,7 +271,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:516
+# %% chapters/03_architecture.py:523
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -296,7 +296,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:552
+# %% chapters/03_architecture.py:559
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -352,7 +352,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:676
+# %% chapters/03_architecture.py:683
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -398,7 +398,7 @@ class BlockFactory:
         )
 
 
-# %% chapters/03_architecture.py:730
+# %% chapters/03_architecture.py:737
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -442,7 +442,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:792
+# %% chapters/03_architecture.py:799
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -523,7 +523,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:881
+# %% chapters/03_architecture.py:888
 def decoder_blocks(
     make: BlockFactory,
     skip_channels: Sequence[int],
@@ -556,7 +556,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:921
+# %% chapters/03_architecture.py:928
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
@@ -656,7 +656,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1098
+# %% chapters/03_architecture.py:1259
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -684,7 +684,7 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1131
+# %% chapters/03_architecture.py:1292
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
@@ -728,7 +728,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1176
+# %% chapters/03_architecture.py:1337
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
@@ -791,7 +791,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1279
+# %% chapters/03_architecture.py:1440
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
@@ -839,7 +839,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1519
+# %% chapters/03_architecture.py:1700
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

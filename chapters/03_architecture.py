@@ -29,13 +29,18 @@
 # changes that helped, and that their *ADM* model keeps, are:
 #
 # 1. **Depth versus width.** More residual blocks help, but cost training
-#    time; they keep 2 blocks per resolution and make the model wider instead.
+#    time; the ablations at $128 \times 128$ keep 2 blocks per resolution and
+#    make the model wider instead. (The released models differ: the $64
+#    \times 64$ one has 3 blocks per resolution, the others 2.)
 # 2. **More attention.** Self-attention at $32 \times 32$, $16 \times 16$ and
 #    $8 \times 8$ rather than at $16 \times 16$ only.
 # 3. **More heads, fixed width per head.** A fixed number of channels per
 #    attention head, so wider layers get more heads. Of the widths they tried,
 #    32 channels per head had the lowest FID (Table 2); they chose 64 for
-#    wall-clock time (Figure 2), at a small cost in FID.
+#    wall-clock time (Figure 2), at a small cost in FID. The released
+#    models mostly follow it, but not all: the $128 \times 128$ model was
+#    trained with `--num_heads 4`, four heads whatever the width (section
+#    3.9's flags).
 # 4. **BigGAN residual up/down-sampling.** Change resolution *inside* a
 #    residual block rather than with a separate convolution.
 # 5. **Adaptive group normalisation (AdaGN).** Inject the timestep and class
@@ -494,7 +499,9 @@ print("AdaGN output matches GroupNorm(h) * (1 + y_s) + y_b")
 # (`proj_out`), added to the input. The number of heads is either given
 # (`num_heads`) or follows from a fixed width per head (`num_head_channels`);
 # in the paper's Table 2, 32 channels per head has the lowest FID, and ADM
-# takes 64 for wall-clock time (Figure 2).
+# takes 64 for wall-clock time (Figure 2). The released checkpoints use
+# both: 64 channels per head at 64, 256 and 512 pixels, a fixed
+# `--num_heads 4` at 128 (and in the $64 \to 256$ upsampler).
 #
 # The `qkv` convolution outputs $3C$ channels, and there are two ways to read
 # them as heads. The **legacy** order (the reference's `QKVAttentionLegacy`,
@@ -1077,6 +1084,160 @@ for updown in (False, True):
     assert ("Downsample" in names) != updown
 
 # %% [markdown]
+# ### One level of the released $64 \times 64$ model, drawn
+#
+# The released $64 \times 64$ ImageNet model (`64x64_diffusion.pt`) is
+# this class built from the reference's flags, `--num_channels 192
+# --num_res_blocks 3 --attention_resolutions 32,16,8 --num_head_channels 64
+# --resblock_updown True --use_scale_shift_norm True` (with `--dropout 0.1`
+# and `--use_new_attention_order True`; section 3.9 lists them all). Its
+# image size gives `channel_mult=(1, 2, 3, 4)`: 192, 384, 576 and 768
+# channels at 64, 32, 16 and 8 pixels. The figure draws its level at $32
+# \times 32$, with the sizes read from that model built on the `meta`
+# device (section 3.9), and, on the right, what AdaGN does inside each of
+# its residual blocks. On the way down the level has `num_res_blocks` = 3
+# residual blocks, each followed by attention with $384 / 64 = 6$ heads,
+# between two BigGAN resampling blocks; on the way up it has 4, because the
+# output of the down-sampling block that *entered* the level is a skip too.
+# Every encoder output at this resolution is concatenated onto one decoder
+# block's input, so the decoder's residual blocks read 960, 768, 768 and
+# 576 channels and write 384.
+
+# %% jupyter={"source_hidden": true}
+from itertools import pairwise
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+from adm_lib.compat import guided_diffusion as gd_compat
+
+with torch.device("meta"):  # shapes only: no memory, milliseconds
+    adm64 = gd_compat.model_from_flags(
+        gd_compat.RELEASED["64x64_diffusion"][1])
+# Its sizes, read from the model: the level at 32 x 32 (level 1).
+widths = [int(m * adm64.model_channels) for m in adm64.channel_mult]
+levels = len(widths)
+R = (len(adm64.input_blocks) - levels) // levels  # res blocks per level
+level, size = 1, adm64.image_size // 2
+first = 1 + (R + 1) * level  # input_blocks index of the level's first
+enc = list(adm64.input_blocks[first - 1:first + R + 1])  # down ... down
+dec = list(adm64.output_blocks[(R + 1) * (levels - 1 - level):][:R + 1])
+heads = enc[1][1].num_heads
+emb_dim = adm64.time_embed[-1].out_features
+dec_in = [b[0].in_layers[0].num_channels for b in dec]
+dropout = dec[0][0].out_layers[2].p
+w, lo, hi = widths[level], widths[level - 1], widths[level + 1]
+assert R == 3 and widths == [192, 384, 576, 768] and emb_dim == 4 * 192
+assert enc[0][0].updown and enc[-1][0].updown and dec[-1][-1].updown
+# (Library classes: gd_compat builds adm_lib.unet's, not this chapter's.)
+assert all(type(b[1]).__name__ == "AttentionBlock"
+           for b in enc[1:-1] + dec)
+assert heads == w // 64 and adm64.make.use_scale_shift_norm
+assert dec_in == [hi + w] + [2 * w] * (R - 1) + [w + lo]
+assert dec[0][0].emb_layers[1].out_features == 2 * w  # y_s and y_b
+
+fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 6.6),
+                             gridspec_kw={"width_ratios": [2.2, 1]})
+colours = {"res": "#cfe2f3", "down": "#d9ead3", "emb": "#ead1dc",
+           "other": "#eeeeee", "adagn": "#fde9c9"}
+
+
+def box(ax, x, y, text, kind, width=3.0, height=0.7):
+    """A labelled rounded box centred at (x, y)."""
+    ax.add_patch(FancyBboxPatch(
+        (x - width / 2, y - height / 2), width, height,
+        boxstyle="round,pad=0.04", fc=colours[kind], ec="black", lw=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+
+
+def arrow(ax, start, end, dashed=False, text="", colour="black"):
+    """An arrow from start to end, optionally labelled at its middle."""
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>",
+                                 mutation_scale=9, lw=0.9, color=colour,
+                                 ls="--" if dashed else "-"))
+    if text:
+        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12,
+                text, ha="center", va="bottom", fontsize=7, color=colour)
+
+
+# Left: the level. Encoder down the left, decoder up the right; each
+# encoder block's output is a skip into the decoder block at its height.
+L, Rx = 0.0, 6.2
+ys = [9.0, 7.8, 6.6, 5.4, 4.2]  # encoder rows; the decoder's are one up
+ax.text(L, 10.5, f"from the {2 * size} px level", ha="center", fontsize=8)
+box(ax, L, ys[0], f"BigGAN down ResBlock\n{2 * size}→{size} px, {lo} ch",
+    "down")
+for i, y in enumerate(ys[1:-1]):
+    box(ax, L, y, f"ResBlock {lo if i == 0 else w}→{w} ch\n"
+        f"+ attention, {heads} heads × 64", "res")
+box(ax, L, ys[-1], f"BigGAN down ResBlock\n{size}→{size // 2} px, {w} ch",
+    "down")
+box(ax, (L + Rx) / 2, 2.8, f"the {size // 2} px and {size // 4} px "
+    f"levels ({hi} and {widths[-1]} ch)\nand the middle block", "other",
+    width=7.6)
+box(ax, Rx, 10.2, f"BigGAN up ResBlock\n{size}→{2 * size} px, {w} ch",
+    "down")
+ax.text(Rx, 11.1, f"to the {2 * size} px level", ha="center", fontsize=8)
+for i, y in enumerate(reversed(ys[:-1])):
+    box(ax, Rx, y, f"concat → ResBlock {dec_in[i]}→{w} ch\n"
+        f"+ attention, {heads} heads × 64", "res")
+arrow(ax, (L, 10.45), (L, ys[0] + 0.35))
+arrow(ax, (Rx, 10.55), (Rx, 11.05))
+for a, b in pairwise(ys):
+    arrow(ax, (L, a - 0.35), (L, b + 0.35))
+for upper, lower in pairwise([10.2, *ys[:-1]]):
+    arrow(ax, (Rx, lower + 0.35), (Rx, upper - 0.35))
+arrow(ax, (L, ys[-1] - 0.35), (L, 3.15))
+arrow(ax, (Rx, 3.15), (Rx, ys[-2] - 0.35))
+for y, c in zip(ys[:-1], [lo, w, w, w], strict=True):
+    arrow(ax, (L + 1.55, y), (Rx - 1.55, y), text=f"skip, {c} ch",
+          colour="tab:blue")
+# The embedding e reaches every ResBlock (dashed), through AdaGN.
+box(ax, (L + Rx) / 2, 12.0, f"e = MLP(sinusoid(t)) + label_emb(y): "
+    f"{emb_dim} numbers", "emb", width=5.4, height=0.5)
+for x, side, rows in ((L - 1.8, -1, ys), (Rx + 1.8, 1, [10.2] + ys[:-1])):
+    ax.plot([(L + Rx) / 2 + side * 2.7, x, x], [12.0, 12.0, rows[-1]],
+            color="tab:purple", ls="--", lw=0.9)
+    for y in rows:
+        arrow(ax, (x, y), (x - side * 0.3, y), colour="tab:purple")
+ax.text(L - 1.9, 3.8, "AdaGN\nin every\nResBlock", fontsize=7,
+        color="tab:purple", ha="center", va="top")
+ax.set_xlim(L - 2.4, Rx + 2.3)
+ax.set_ylim(2.2, 12.4)
+ax.set_axis_off()
+ax.set_title(f"One level of the released 64x64 model: {size}x{size} px, "
+             f"{w} channels, {R} ResBlocks down, {R + 1} up", fontsize=9)
+
+# Right: inside a ResBlock with AdaGN, at this level's width.
+steps = [("h (skip concatenated)", "other"),
+         ("GroupNorm, SiLU, conv 3x3", "res"),
+         ("GroupNorm", "res"),
+         ("× (1 + y_s) + y_b", "adagn"),
+         (f"SiLU, dropout {dropout:g},\nconv 3x3 (zero init)", "res"),
+         ("+ h (1x1 conv if\nthe width changes)", "other")]
+rows = [10.4 - 1.6 * i for i in range(len(steps))]
+for y, (text, kind) in zip(rows, steps, strict=True):
+    box(bx, 0, y, text, kind, width=2.9, height=0.8)
+for a, b in pairwise(rows):
+    arrow(bx, (0, a - 0.4), (0, b + 0.4))
+box(bx, 3.0, 10.4, f"e ({emb_dim})", "emb", width=1.6, height=0.6)
+box(bx, 3.0, rows[3] + 1.6, f"Linear(SiLU(e))\n{emb_dim} → 2 × {w}:\n"
+    "(y_s, y_b)", "emb", width=2.0, height=1.0)
+arrow(bx, (3.0, 10.1), (3.0, rows[3] + 2.1), colour="tab:purple")
+arrow(bx, (3.0, rows[3] + 1.1), (1.45, rows[3]), colour="tab:purple")
+bx.plot([-1.45, -1.8, -1.8], [rows[0], rows[0], rows[-1]], color="gray",
+        lw=0.9)
+arrow(bx, (-1.8, rows[-1]), (-1.45, rows[-1]), colour="gray")
+bx.text(-1.9, (rows[0] + rows[-1]) / 2, "skip path", rotation=90,
+        fontsize=7, color="gray", ha="right", va="center")
+bx.set_xlim(-2.3, 4.1)
+bx.set_ylim(1.6, 11.0)
+bx.set_axis_off()
+bx.set_title("Inside a ResBlock: AdaGN", fontsize=9)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## 3.7 The noisy-image classifier
 #
 # Classifier guidance (chapter 6) needs $\nabla_{x_t} \log p(y \mid x_t)$: a
@@ -1396,6 +1557,25 @@ for name, (kind, flags) in RELEASED.items():
     print(f"{name:<26}{params:>14,}{counts[name][1]:>9}")
 
 # %% [markdown]
+# The heads, read from the built models: the $128 \times 128$ model has 4
+# heads in every attention layer, of 128 to 256 channels each, not 64
+# channels per head; the others have 64 channels per head.
+
+# %%
+for name in ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion"):
+    with torch.device("meta"):
+        built = BUILDERS["diffusion"](RELEASED[name][1])
+    layers = [m for m in built.modules()
+              if type(m).__name__ == "AttentionBlock"]
+    shapes = sorted({(m.num_heads, m.qkv.in_channels // m.num_heads)
+                     for m in layers})
+    print(f"{name:<20} heads x channels per head: {shapes}")
+    if name.startswith("128"):
+        assert {h for h, _ in shapes} == {4}
+    else:
+        assert {c for _, c in shapes} == {64}
+
+# %% [markdown]
 # Where the reference's own counts are available (the parity fixtures, made
 # by building the reference's models), ours must match exactly: the same
 # parameters and the same number of state-dict entries are what let a
@@ -1496,7 +1676,8 @@ else:
 #   list the parameter counts.
 # * **4 heads**: a fixed head count, as in Table 1.
 # * **64 channels per head**: the head count grows with the width, the
-#   setting ADM adopted (Table 2). Every attention layer must then be a
+#   setting the paper adopted (Table 2; its released $128 \times 128$
+#   model has 4 heads instead). Every attention layer must then be a
 #   multiple of 64 wide, so with attention at $32 \times 32$ (ADM) the base
 #   width must be a multiple of 64.
 # * **attention at 32, 16 and 8** rather than 16 only. On $32 \times 32$
@@ -1633,6 +1814,17 @@ print("checkpointed gradients match")
 # entry of `ABLATIONS` as a run of that loop, compares them at equal steps
 # and at equal training time on held-out images, with chapter 2's estimate
 # of the variational bound, and records a CPU run.
+#
+# Mind what that judges. The paper ranks its variants by FID on ImageNet
+# $128 \times 128$, after 700K and 1200K iterations (chapter 0.2); the book
+# ranks them by the held-out bound in bits per dimension, because FID needs
+# thousands of samples per variant before its noise falls below the gaps of
+# Table 1, while the bound needs one forward pass per held-out image. The
+# bound measures likelihood, FID sample quality, and the two need not agree
+# (Nichol & Dhariwal 2021 trade one for the other with the choice of
+# loss): a variant that lowers the bound has not thereby been shown to
+# lower FID. Chapter 5 adds each variant's FID from a few samples as a
+# glance, not as evidence.
 
 # %% [markdown]
 # ## 3.13 The library
@@ -1666,14 +1858,17 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 # * The ADM UNet is a convolutional encoder-decoder with skip connections,
 #   conditioned on the timestep (and class) through an embedding that every
 #   residual block reads.
-# * The paper's changes: attention at 32, 16 and 8 with 64 channels per head,
-#   BigGAN residual up/down-sampling, and adaptive group normalisation, which
+# * The paper's changes: attention at 32, 16 and 8 with 64 channels per head
+#   (the released $128 \times 128$ model has 4 heads instead), BigGAN
+#   residual up/down-sampling, and adaptive group normalisation, which
 #   scales and shifts normalised activations by the embedding; residual
-#   rescaling by $1/\sqrt{2}$ was tried and left out.
+#   rescaling by $1/\sqrt{2}$ was tried and left out. The released $64
+#   \times 64$ model has 3 residual blocks per resolution, the others 2.
 # * Each of the paper's ablations is an entry of `ABLATIONS`, a few options
 #   on top of a Ho et al.-like baseline, and `ablation_unet` builds it.
 #   Chapter 5 (section 5.10) trains them all at equal steps and at equal
-#   time and compares a held-out VLB estimate.
+#   time and compares a held-out VLB estimate: a likelihood, not the
+#   paper's FID.
 # * The noisy-image classifier is the UNet's encoder with an attention-pooling
 #   head; the super-resolution model is a UNet that also sees the up-sampled
 #   low-resolution image.
@@ -1709,3 +1904,201 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #    pooling and a zero-initialised $1 \times 1$ conv. Predict how its input
 #    gradient, which guidance uses, differs from the `adaptive` head's, then
 #    compare the two with the cell of 3.7.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** With $h$ = `dim // 2` frequencies $\omega_k$, the embeddings
+# are $(\cos \omega_k s, \sin \omega_k s)_k$, so their dot product is $\sum_k
+# (\cos \omega_k s \cos \omega_k t + \sin \omega_k s \sin \omega_k t) = \sum_k
+# \cos \omega_k (s - t)$: a function of $s - t$ only (and even in it). At $s =
+# t$ it is $h$. As $|s - t|$ grows, the terms with $\omega_k |s - t| \gtrsim 1$
+# stop agreeing and average out, fast frequencies first. The frequencies are
+# geometric, so about $h (1 - \log|s - t| / \log 10^4)$ of them still agree,
+# and the dot product falls roughly linearly in $\log |s - t|$, from 64 to
+# about 30 at $|s - t| = 100$ for `dim` 128, with ripples from the fast terms.
+# The cell checks the formula and the dependence on $s - t$ alone, and plots
+# it.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+h = 64  # dim 128: h frequencies
+emb = timestep_embedding(torch.arange(1001), 2 * h)
+freqs = torch.exp(-math.log(10000.0) * torch.arange(h) / h)
+gaps = torch.arange(-500, 501)
+dots = emb @ emb[500]  # s = 0..1000 against t = 500
+by_formula = torch.cos(gaps[:, None] * freqs).sum(dim=1)
+torch.testing.assert_close(dots, by_formula, rtol=0, atol=2e-3)
+for gap in (1, 7, 100):  # every pair (s, s + gap) gives one number
+    pairs = (emb[:-gap] * emb[gap:]).sum(dim=1)
+    torch.testing.assert_close(pairs, pairs[:1].expand_as(pairs),
+                               rtol=0, atol=2e-3)
+# The slow frequencies that still agree, omega_k |s - t| < 1.
+slow = [(freqs * g < 1).sum().item() for g in (1, 10, 100)]
+print("dot product at |s - t| = 0, 1, 10, 100:",
+      [round(dots[500 + g].item(), 1) for g in (0, 1, 10, 100)],
+      "; frequencies with omega |s - t| < 1:", slow)
+assert dots[500] == h and dots[500 + 1] > dots[500 + 10] > dots[500 + 100]
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.plot(gaps[501:], dots[501:])
+ax.set_xscale("log")
+ax.set_xlabel("|s - t| (timesteps)")
+ax.set_ylabel("embedding dot product")
+ax.set_title("timestep_embedding, dim 128")
+plt.show()
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** Two group norms ($2C$ each: scale and shift), two $3
+# \times 3$ convolutions ($9C^2 + C$ each) and the embedding's `Linear`: $EC
+# + C$ with addition, twice that with AdaGN. So the block has $18C^2 + EC +
+# 7C$ parameters additive and $18C^2 + 2EC + 8C$ with AdaGN. At $C = 256$,
+# $E = 4C$: 1,443,584 against 1,705,984; AdaGN adds $4C^2 + C$ = 262,400,
+# 18.2% of the block.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def resblock_count(c: int, e: int, adagn: bool) -> int:
+    """Parameters of ResBlock(c, e, 0.0): two norms, two convs, a Linear."""
+    norms, convs = 2 * 2 * c, 2 * (9 * c * c + c)
+    linear = (2 if adagn else 1) * (e * c + c)
+    return norms + convs + linear
+
+
+for c, e, adagn in [(32, 128, False), (32, 128, True), (64, 96, True)]:
+    block = ResBlock(c, e, 0.0, use_scale_shift_norm=adagn)
+    assert sum(p.numel() for p in block.parameters()) == (
+        resblock_count(c, e, adagn))
+c = 256
+extra = resblock_count(c, 4 * c, True) - resblock_count(c, 4 * c, False)
+share = extra / resblock_count(c, 4 * c, False)
+print(f"C = {c}, E = {4 * c}: additive {resblock_count(c, 4 * c, False):,}"
+      f", AdaGN adds {extra:,} ({share:.1%})")
+assert extra == 4 * c * c + c and 0.18 < share < 0.19
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** With $T = r^2$ positions: `qkv` is $3TC^2$ multiply-adds,
+# `proj_out` $TC^2$, and the attention $2T^2C$ ($q k^\top$, then the
+# weighted sum of $v$; the heads split $C$, so their number does not
+# matter). At $C = 64$: 151.0M at $r = 32$ against 12.6M at $r = 16$, a
+# ratio of 12, almost all of it the $T^2$ term (134M), which grows 16-fold
+# when $r$ doubles. The timed ratio on a CPU is
+# smaller (about 5 on the book's 2-core machine): small layers carry fixed
+# costs (the norm, the reshapes) that do not grow with $T^2$, and the fused
+# attention kernel runs its multiply-adds faster than the projections do.
+# Appendix M.4's recorded run shows the same cost in a whole model: the
+# variant with attention at 32, 16 and 8 took 1,417 ms a step against the
+# baseline's 562, 2.5 times as long, for its attention at $32 \times 32$.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+import time
+
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def attention_macs(c: int, r: int) -> tuple[int, int]:
+    """Multiply-adds of qkv and proj_out, and of the attention itself."""
+    t = r * r
+    return 4 * t * c * c, 2 * t * t * c
+
+
+c = 64
+for r in (32, 16):
+    block = AttentionBlock(c, num_head_channels=64)
+    x = torch.randn(1, c, r, r)
+    with torch.no_grad(), FlopCounterMode(display=False) as linear:
+        block(x)  # counts the two projections (CPU attention is not)
+    q = torch.randn(1, r * r, 1, c)
+    with FlopCounterMode(display=False) as core:
+        naive_attention(q, q, q)  # q k^T and the weighted sum of v
+    proj, attn = attention_macs(c, r)
+    assert linear.get_total_flops() == 2 * proj
+    assert core.get_total_flops() == 2 * attn
+    print(f"r = {r}: projections {proj / 1e6:.1f}M, attention "
+          f"{attn / 1e6:.1f}M multiply-adds")
+ratio = sum(attention_macs(c, 32)) / sum(attention_macs(c, 16))
+block, times = AttentionBlock(c, num_head_channels=64), {}
+for r in (32, 16):
+    x = torch.randn(1, c, r, r)
+    with torch.no_grad():
+        block(x)
+        start = time.perf_counter()
+        for _ in range(5):
+            block(x)
+    times[r] = (time.perf_counter() - start) / 5
+print(f"predicted ratio {ratio:.1f}, timed {times[32] / times[16]:.1f} "
+      f"({times[32] * 1e3:.2f} against {times[16] * 1e3:.2f} ms)")
+assert 11 < ratio < 13
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** At base width 96 the levels are 96, 192 and 192 wide,
+# all multiples of 32, and "depth" rounds $0.8 \times 96$ to 64. Only
+# attention at $32 \times 32$ with 64 channels per head can fail: 96 is not
+# a multiple of 64. "64 channels per head" alone keeps attention at 16 (192
+# channels, 3 heads) and builds; ADM, which has both, is refused by
+# `heads_for`. The cell builds every entry on the `meta` device.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+built, refused = {}, {}
+for name in ABLATIONS:
+    try:
+        with torch.device("meta"):
+            built[name] = ablation_unet(name, 32, 96, 10)
+    except ValueError as err:
+        refused[name] = str(err)
+print("built:", ", ".join(built))
+print("refused:", refused)
+assert set(refused) == {"ADM"}
+assert built["depth (4 blocks, 0.8x width)"].model_channels == 64
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** The cheap part: the entry differs from ADM only in the
+# embedding's `Linear` of each residual block, half as wide (the cell
+# counts the parameters). The VLB needs chapter 5's run (appendix M.4's
+# command), which the book has not made with this entry. The prediction
+# from appendix M.4's recorded table: at 100 steps AdaGN alone was
+# *worse* than the baseline (+0.065 ± 0.028 bits/dim, paired) and ADM tied
+# it (+0.000 ± 0.011), so this early the additive ADM should land within
+# two paired standard errors of both: the comparison cannot tell them
+# apart. The paper's Table 3 (FID 13.06 with AdaGN against 15.08 with
+# addition, after 700K iterations at $128 \times 128$) is a statement about
+# trained models, which 100 CPU steps are not.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+ABLATIONS["ADM, additive"] = {**ABLATIONS["ADM"],
+                              "use_scale_shift_norm": False}
+try:
+    with torch.device("meta"):
+        adm, additive = (ablation_unet(name, 32, 64, 10)
+                         for name in ("ADM", "ADM, additive"))
+finally:
+    del ABLATIONS["ADM, additive"]  # the chapter's table stays the paper's
+blocks = [m for m in adm.modules() if isinstance(m, ResBlock)]
+# AdaGN's second half of each block's Linear: E x C weights and C biases.
+expected = sum(m.emb_layers[1].out_features // 2
+               * (m.emb_layers[1].in_features + 1) for m in blocks)
+difference = (sum(p.numel() for p in adm.parameters())
+              - sum(p.numel() for p in additive.parameters()))
+print(f"ADM has {difference:,} more parameters than ADM, additive "
+      f"({len(blocks)} residual blocks)")
+assert difference == expected > 0
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** Average pooling spreads the gradient of a logit evenly
+# over all positions of the last feature map ($w_c / HW$ each); max
+# pooling passes it only to the position of each channel's maximum, one
+# position per channel, and a position's gradient jumps when the maximum
+# moves. Guidance then pushes $x_t$ only where the strongest features are
+# and its direction can change abruptly between steps. The cell checks
+# the sparsity on the pooled features (before the zero-initialised
+# projection, which would pass no gradient at all when fresh).
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+channels, size = 64, 8
+feats = torch.rand(batch_size, channels, size, size, requires_grad=True)
+project = nn.init.normal_(torch.empty(10, channels))
+grads = {}
+for name, pool in (("adaptive", lambda f: f.mean(dim=(2, 3))),
+                   ("max", lambda f: f.amax(dim=(2, 3)))):
+    logits = pool(feats) @ project.T
+    (grads[name],) = torch.autograd.grad(logits[:, 0].sum(), feats)
+    nonzero = (grads[name] != 0).sum(dim=(2, 3)).float().mean()
+    print(f"{name:>8}: {nonzero:.0f} of {size * size} positions of each "
+          "channel get a gradient")
+assert (grads["adaptive"] != 0).all()
+assert ((grads["max"] != 0).sum(dim=(2, 3)) == 1).all()
