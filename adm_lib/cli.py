@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # The library's errors name its arguments; `adm train` says its flags.
-_TRAIN_FLAGS = {"resume=True": "--resume"}
+_TRAIN_FLAGS = {"resume=True": "--resume", "init=": "--init ",
+                "weights=": "--init-weights ", "flags=": "--init-flags "}
 
 
 def _as_flags(message: str) -> str:
@@ -152,11 +153,61 @@ def _as_flags(message: str) -> str:
     return message
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any model loads."""
+    for option in ("init_weights", "init_flags"):
+        if getattr(args, option) is not None and args.init is None:
+            raise CommandError(f"{flag(option)} needs --init")
+    if args.init is not None and not args.init.exists():
+        raise CommandError(f"--init {args.init}: no such file or folder")
+    if args.init_flags is not None:
+        from adm_lib.compat import guided_diffusion as gd
+
+        if args.init_weights is not None:
+            raise CommandError("--init-weights: a released file (--init-"
+                               "flags) has one set of weights")
+        if args.init.is_dir():
+            raise CommandError(f"--init-flags: --init {args.init} is a "
+                               "folder, not a released checkpoint file")
+        try:
+            gd.parse_flags(args.init_flags)
+        except ValueError as err:
+            raise CommandError(f"--init-flags: {err}") from None
+    fid = ("fid_samples", "fid_ref", "fid_features")
+    for option in fid:
+        if getattr(args, option) is not None and not args.fid_interval:
+            raise CommandError(f"{flag(option)} needs --fid-interval")
+    if args.fid_interval and args.kind != "diffusion":
+        raise CommandError(f"--fid-interval: a {args.kind} makes no samples"
+                           " to score")
+    if args.fid_ref is not None and not args.fid_ref.exists():
+        raise CommandError(f"--fid-ref {args.fid_ref}: no such file or "
+                           "folder")
+
+
+def _training_fid(args: argparse.Namespace) -> Any:
+    """--fid-interval's scorer, or None."""
+    if not args.fid_interval:
+        return None
+    from adm_lib.evaluation import TrainingFID
+
+    given = {"samples": args.fid_samples, "features": args.fid_features,
+             "ref": None if args.fid_ref is None else str(args.fid_ref)}
+    try:
+        return TrainingFID(args.fid_interval, **{
+            k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise CommandError(f"--fid-samples: {err}") from None
+
+
 def _run_training(args: argparse.Namespace) -> int:
     from adm_lib import config as cf
     from adm_lib import train as tr
     from adm_lib.errors import TrainError
+    from adm_lib.finetune import read_init
 
+    _check_train_args(args)
+    fid = _training_fid(args)
     overrides = dict(args.set)
     if args.data is not None:
         overrides["data"] = args.data
@@ -175,13 +226,24 @@ def _run_training(args: argparse.Namespace) -> int:
             raise TrainError(f"{args.out} is a {base.kind} run, "
                              f"not a {args.kind} run")
     config = cf.make_config(args.kind, args.preset, overrides, base)
+    init = None
+    if args.init is not None:
+        init = read_init(args.init, args.kind, args.init_weights,
+                         args.init_flags)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if fid and main:
+        print(f"fid: every {fid.interval} steps, {fid.note()}")
     last = tr.train(config, args.out, resume=args.resume,
-                    progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+                    progress=not args.quiet, init=init, fid=fid)
+    if main:
+        if init is not None:
+            print(f"init:       {init.source}")
         print(f"checkpoint: {last}")
         print(f"metrics:    {args.out / 'metrics.jsonl'}")
         if config.kind != "classifier":
             print(f"samples:    {args.out / 'samples'}/")
+        if fid:
+            print(f"fid curve:  {args.out / 'fid.png'}")
     return 0
 
 
@@ -561,6 +623,33 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
                        help="train until this step (default: the preset's)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run folder's newest valid checkpoint")
+    train.add_argument("--init", type=Path, metavar="PATH",
+                       help="fine-tune: start from these weights (a run "
+                       "folder or checkpoint of adm train, or a released "
+                       "file with --init-flags) with a fresh optimizer and "
+                       "step 0, the EMA from the same weights; the network "
+                       "settings must match (default: none, fresh weights)")
+    train.add_argument("--init-weights", metavar="WHICH",
+                       help="of an --init run: ema (default), model (the "
+                       "raw weights) or an EMA rate such as 0.9999")
+    train.add_argument("--init-flags", metavar="FLAGS",
+                       help="the reference's flags of a released --init "
+                       "file, e.g. \"--image_size 64 --class_cond True ...\" "
+                       "(default: none, --init is an adm train run)")
+    train.add_argument("--fid-interval", type=_whole(0), metavar="N",
+                       help="every N steps and at the end, score the EMA's "
+                       "samples against real images with the data set's "
+                       "feature net; logged as fid (with fid_n, and "
+                       "fid_floor: real images' FID at that n, its bias) "
+                       "and drawn in RUN_DIR/fid.png (default 0: never)")
+    train.add_argument("--fid-samples", type=_whole(2), metavar="N",
+                       help="samples per --fid-interval score (default 256)")
+    train.add_argument("--fid-ref", type=Path, metavar="PATH",
+                       help="held-out images to score against: a folder, "
+                       ".zip or .npz (default: 1000 training images)")
+    train.add_argument("--fid-features", choices=("mnist", "cifar10"),
+                       help="feature net of --fid-interval (default: mnist "
+                       "for grey images, cifar10 for colour)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

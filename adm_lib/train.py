@@ -81,7 +81,9 @@ from adm_lib.diffusion import (
     UniformSampler,
 )
 from adm_lib.errors import TrainError
+from adm_lib.evaluation import TrainingFID
 from adm_lib.files import save_png
+from adm_lib.finetune import InitWeights
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
@@ -101,7 +103,7 @@ from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1315
+# %% chapters/04_training.py:1317
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -124,7 +126,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1376
+# %% chapters/04_training.py:1378
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -137,7 +139,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1394
+# %% chapters/04_training.py:1396
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -205,7 +207,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1476
+# %% chapters/04_training.py:1478
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -241,7 +243,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1524
+# %% chapters/04_training.py:1526
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -272,7 +274,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1555
+# %% chapters/04_training.py:1557
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -280,7 +282,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1569
+# %% chapters/04_training.py:1571
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -315,20 +317,26 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1724
+# %% chapters/04_training.py:1732
 def train(config: TrainConfig, out: str | os.PathLike, *,
-          resume: bool = False, progress: bool = True) -> Path:
+          resume: bool = False, progress: bool = True,
+          init: InitWeights | None = None,
+          fid: TrainingFID | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
     Run under torchrun for data-parallel training. With `resume`, a run
     continues from its newest readable checkpoint and reproduces the
-    uninterrupted run; without it, `out` must hold no checkpoint.
+    uninterrupted run; without it, `out` must hold no checkpoint. A run
+    with no checkpoint yet starts from `init`'s weights if given
+    (fine-tuning, `adm_lib.finetune`); `fid` scores the EMA's samples at
+    its own interval (`adm_lib.evaluation`).
     """
     validate(config)
     ranks = setup_ranks(config.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock
-            return _train(config, Path(out), resume, progress, ranks, held)
+            return _train(config, Path(out), resume, progress, ranks, held,
+                          init, fid)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
@@ -354,7 +362,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1763
+# %% chapters/04_training.py:1777
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -384,10 +392,10 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1800
+# %% chapters/04_training.py:1814
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
-             held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
-                                                   Path | None]:
+             held: contextlib.ExitStack, init: InitWeights | None = None
+             ) -> tuple[TrainConfig, TrainState, Path | None]:
     """The run's resolved config and its state: fresh, or the newest
     checkpoint's with this rank's random state."""
     world = ranks.world_size
@@ -397,6 +405,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
+    if init is not None:  # fine-tuning: a fresh state from its weights
+        init.start(config, state.model, state.ema.values())
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
@@ -428,9 +438,11 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:1852
+# %% chapters/04_training.py:1868
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
-           ranks: Ranks, held: contextlib.ExitStack) -> Path:
+           ranks: Ranks, held: contextlib.ExitStack,
+           init: InitWeights | None = None,
+           fid: TrainingFID | None = None) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
     fast_backends(device, config.precision, config.deterministic)
@@ -438,7 +450,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
     diffusion = build_diffusion(config)
-    config, state, last = _restore(config, out, resume, ranks, held)
+    config, state, last = _restore(config, out, resume, ranks, held, init)
     model = state.model
     if ranks.world_size > 1:
         model = data_parallel(model, device)
@@ -485,6 +497,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
+        if log and fid and (state.step % fid.interval == 0 or done):
+            fid(config, diffusion, state.ema[config.ema_rate[0]], data, out,
+                log, state.step, device)
         paused = time.perf_counter() - pause
         if log:
             log.started += paused
@@ -495,7 +510,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1925
+# %% chapters/04_training.py:1946
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

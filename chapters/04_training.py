@@ -1262,7 +1262,9 @@ from adm_lib.diffusion import (
     UniformSampler,
 )
 from adm_lib.errors import TrainError
+from adm_lib.evaluation import TrainingFID
 from adm_lib.files import save_png
+from adm_lib.finetune import InitWeights
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
@@ -1719,22 +1721,34 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
 # loads. `train` validates the configuration, joins the ranks and holds
 # the lock for the run's life; rank 0 writes each checkpoint with every
 # rank's random state, and looks at the model between steps.
+# Two optional hooks come from outside the chapter: `init`, weights to
+# fine-tune from (another run's or a released file's, `adm_lib.finetune`),
+# loaded into a fresh state, every EMA included, once they are checked
+# against the network's settings; and `fid`, which scores the EMA's
+# samples at its own interval (`adm_lib.evaluation`, with chapter 5's
+# FID).
 
 # %%
 #| export
 def train(config: TrainConfig, out: str | os.PathLike, *,
-          resume: bool = False, progress: bool = True) -> Path:
+          resume: bool = False, progress: bool = True,
+          init: InitWeights | None = None,
+          fid: TrainingFID | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
     Run under torchrun for data-parallel training. With `resume`, a run
     continues from its newest readable checkpoint and reproduces the
-    uninterrupted run; without it, `out` must hold no checkpoint.
+    uninterrupted run; without it, `out` must hold no checkpoint. A run
+    with no checkpoint yet starts from `init`'s weights if given
+    (fine-tuning, `adm_lib.finetune`); `fid` scores the EMA's samples at
+    its own interval (`adm_lib.evaluation`).
     """
     validate(config)
     ranks = setup_ranks(config.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock
-            return _train(config, Path(out), resume, progress, ranks, held)
+            return _train(config, Path(out), resume, progress, ranks, held,
+                          init, fid)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
@@ -1799,8 +1813,8 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
 # %%
 #| export
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
-             held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
-                                                   Path | None]:
+             held: contextlib.ExitStack, init: InitWeights | None = None
+             ) -> tuple[TrainConfig, TrainState, Path | None]:
     """The run's resolved config and its state: fresh, or the newest
     checkpoint's with this rank's random state."""
     world = ranks.world_size
@@ -1810,6 +1824,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
+    if init is not None:  # fine-tuning: a fresh state from its weights
+        init.start(config, state.model, state.ema.values())
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
@@ -1851,7 +1867,9 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
 # %%
 #| export
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
-           ranks: Ranks, held: contextlib.ExitStack) -> Path:
+           ranks: Ranks, held: contextlib.ExitStack,
+           init: InitWeights | None = None,
+           fid: TrainingFID | None = None) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
     fast_backends(device, config.precision, config.deterministic)
@@ -1859,7 +1877,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
     diffusion = build_diffusion(config)
-    config, state, last = _restore(config, out, resume, ranks, held)
+    config, state, last = _restore(config, out, resume, ranks, held, init)
     model = state.model
     if ranks.world_size > 1:
         model = data_parallel(model, device)
@@ -1906,6 +1924,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
+        if log and fid and (state.step % fid.interval == 0 or done):
+            fid(config, diffusion, state.ema[config.ema_rate[0]], data, out,
+                log, state.step, device)
         paused = time.perf_counter() - pause
         if log:
             log.started += paused
