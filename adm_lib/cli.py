@@ -304,20 +304,103 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from adm_lib import metrics
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any work."""
+    mode = ("--write-ref" if args.write_ref else "--nll" if args.nll
+            else None)
+    for option, needs in (("count", ("write_ref", "nll")),
+                          ("nll_weights", ("nll",))):
+        if getattr(args, option) is not None and not any(
+                getattr(args, n) for n in needs):
+            raise CommandError(f"{flag(option)} needs "
+                               + " or ".join(flag(n) for n in needs))
+    if args.write_ref and args.nll:
+        raise CommandError("--write-ref and --nll are two commands: give one")
+    if args.ref is None:
+        raise CommandError(
+            "give the images: REF SAMPLES to score samples, DATA with "
+            "--write-ref OUT.npz, or DATA (held-out images) with --nll RUN")
+    if mode and args.samples is not None:
+        raise CommandError(f"{mode} reads one set of images, "
+                           f"{args.ref}; SAMPLES ({args.samples}) is for "
+                           "scoring")
+    if not mode and args.samples is None:
+        raise CommandError("give SAMPLES to score against REF (or "
+                           "--write-ref, or --nll)")
+    for path in (args.ref, args.samples, args.nll):
+        if path is not None and not path.exists():
+            raise CommandError(f"{path}: no such file or folder")
 
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from adm_lib import evaluation as ev
+    from adm_lib import metrics, sampling
+
+    _check_evaluate_args(args)
     device = _device(args.device)
     _check_json(args.json)
     try:
+        if args.write_ref:
+            sampling.check_writable(args.write_ref, "--write-ref")
+            return _write_ref(args, device)
+        if args.nll:
+            return _nll(args, device)
+        ref, samples = (ev.read_images(path, args.image_size)
+                        for path in (args.ref, args.samples))
         scores = metrics.evaluate(
-            args.ref, args.samples, args.features, args.weights,
+            ref, samples, args.features, args.weights,
             args.batch_size, device, progress=not args.quiet)
+    except sampling.SampleError as err:
+        raise CommandError(str(err)) from None
     except (ValueError, OSError, RuntimeError) as err:  # bad files, weights
         raise CommandError(str(err)) from None
     print(metrics.format_scores(scores))
     if args.json:
         _write_json(args.json, scores)
+    return 0
+
+
+def _write_ref(args: argparse.Namespace, device: str) -> int:
+    """--write-ref: the reference batch of REF's images."""
+    from adm_lib import evaluation as ev
+
+    batch = ev.write_reference(
+        args.ref, args.write_ref, args.image_size, args.count, args.features,
+        args.weights, args.batch_size, device, args.seed,
+        progress=not args.quiet)
+    shape = " x ".join(map(str, batch.images.shape))
+    labels = "no labels" if batch.labels is None else "labels (arr_1)"
+    stats = ("Inception statistics (mu, sigma, mu_s, sigma_s)"
+             if batch.stats is not None else
+             f"no statistics: the {args.features} net's are computed from "
+             "arr_0 when scored")
+    print(f"wrote {args.write_ref}: {shape} images, {labels}, {stats}")
+    if args.json:
+        _write_json(args.json, {"path": str(args.write_ref),
+                                "images": len(batch.images)})
+    return 0
+
+
+def _nll(args: argparse.Namespace, device: str) -> int:
+    """--nll: the bound of a run's model on REF's held-out images."""
+    from adm_lib import evaluation as ev
+    from adm_lib.errors import TrainError
+    from adm_lib.models import load_run
+
+    try:
+        trained = load_run(args.nll, args.nll_weights or "ema", device)
+    except TrainError as err:
+        message = str(err).replace("weights=", "--nll-weights ")
+        raise CommandError(f"--nll {args.nll}: {message}") from None
+    scores = ev.bound_bpd(trained, args.ref, args.count, args.seed,
+                          args.batch_size, device, progress=not args.quiet)
+    print(f"bound: {scores['bpd']:.4f} +- {scores['bpd_se']:.4f} bits/dim "
+          f"(standard error) on {scores['n']} images of {args.ref}, one "
+          "stratified timestep each (chapter 2's estimate)")
+    print(f"model: {trained.source}")
+    if args.json:
+        _write_json(args.json, {"model": trained.source, "data": str(args.ref),
+                                **scores})
     return 0
 
 
@@ -660,9 +743,17 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.description = (
         "Score a sample batch against a reference batch as the reference's "
         "evaluator does. Batches are .npz files with arr_0 uint8 N x H x W "
-        "x C images (a reference batch may add mu, sigma, mu_s, sigma_s).")
-    evaluate.add_argument("ref", type=Path, help="reference batch (.npz)")
-    evaluate.add_argument("samples", type=Path, help="sample batch (.npz)")
+        "x C images (a reference batch may add mu, sigma, mu_s, sigma_s), "
+        "or folders and .zip files of images. With --write-ref, write the "
+        "reference batch of a data set instead; with --nll, the bound of a "
+        "run's model on held-out images, in bits/dim.")
+    evaluate.add_argument("ref", type=Path, nargs="?",
+                          help="reference batch (.npz), or images: a folder,"
+                          " .zip or .npz (with --write-ref or --nll: the "
+                          "data set)")
+    evaluate.add_argument("samples", type=Path, nargs="?",
+                          help="sample batch (.npz), or a folder or .zip of "
+                          "images")
     evaluate.add_argument(
         "--features", default=defaults["features"],
         choices=metrics.FEATURES,
@@ -671,10 +762,32 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--weights", type=Path,
                           help="Inception weights file (default: "
                           "$ADM_INCEPTION_WEIGHTS, then the torch hub cache)")
-    evaluate.add_argument("--batch-size", type=_whole(),
+    evaluate.add_argument("--batch-size", type=_whole(1),
                           default=defaults["batch_size"], metavar="N",
                           help="images per forward pass (default "
                           "%(default)s)")
+    evaluate.add_argument("--image-size", type=_whole(1), metavar="N",
+                          help="resize and centre-crop images (not a batch "
+                          "of that size) to N x N as adm train does "
+                          "(default: their own size)")
+    evaluate.add_argument("--write-ref", type=Path, metavar="OUT.npz",
+                          help="write REF's images as a reference batch "
+                          "(arr_0, arr_1 if labelled; with Inception "
+                          "features also mu, sigma, mu_s, sigma_s) "
+                          "(default: score SAMPLES)")
+    evaluate.add_argument("--nll", type=Path, metavar="RUN",
+                          help="the bound (bits/dim, with its standard "
+                          "error) of this adm train run's model on REF's "
+                          "held-out images (default: score SAMPLES)")
+    evaluate.add_argument("--nll-weights", metavar="WHICH",
+                          help="of the --nll run: ema (default), model or "
+                          "an EMA rate")
+    evaluate.add_argument("--count", type=_whole(1), metavar="N",
+                          help="with --write-ref or --nll: a seeded random "
+                          "N of the images (default: all)")
+    evaluate.add_argument("--seed", type=_whole(0), default=0,
+                          help="the seed of --count's choice and --nll's "
+                          "timesteps and noise (default %(default)s)")
     evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument("--json", type=Path, metavar="PATH",
                           help="also write the scores here (default: not "
@@ -808,7 +921,8 @@ _COMMANDS = (
      _book_arguments, None),
     ("train", "train a diffusion model, noisy classifier or upsampler",
      _train_arguments, _train),
-    ("evaluate", "IS, FID, sFID, precision and recall of a sample batch",
+    ("evaluate", "IS, FID, sFID, precision and recall of samples; reference "
+     "batches; the bound in bits/dim",
      _evaluate_arguments, _evaluate),
     ("sample", "draw samples, guided or not, or upsampled, to an .npz and a "
      "PNG", _sample_arguments, _sample),

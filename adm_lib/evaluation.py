@@ -71,26 +71,23 @@ def read_images(source: str | os.PathLike, image_size: int | None = None,
 
     `image_size` resizes and centre-crops as training does (None: the
     images' own size, which they must share); `count` takes a seeded
-    random subset. A reference batch keeps its given statistics.
+    random subset. A reference batch read whole keeps its statistics.
     """
     if count is not None and count < 1:
         raise ValueError(f"count={count}: expected >= 1")
     path = Path(source)
-    given = None
-    if path.suffix.lower() == ".npz" and path.is_file():
-        batch = read_batch(path)
-        if batch.stats is not None and count is None and (
-                image_size in (None, batch.images.shape[1])):
-            given = batch
+    if path.suffix.lower() == ".npz" and path.is_file() and count is None:
+        batch = read_batch(path)  # the evaluator's own reading, at once
+        if image_size in (None, batch.images.shape[1]) and (
+                batch.images.shape[1] == batch.images.shape[2]):
+            return batch
     try:
         data = load_dataset(source, resolution=image_size)
     except DataError as err:
         raise ValueError(str(err)) from None
     chosen = _pick(data, count, seed)
     labels = None if data.labels is None else data.labels[chosen]
-    return Batch(_pixels(data, chosen), labels,
-                 given.stats if given else None,
-                 given.stats_spatial if given else None)
+    return Batch(_pixels(data, chosen), labels, None, None)
 
 
 def write_reference(source: str | os.PathLike, out: str | os.PathLike,
