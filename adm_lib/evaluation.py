@@ -77,9 +77,13 @@ def read_images(source: str | os.PathLike, image_size: int | None = None,
         raise ValueError(f"count={count}: expected >= 1")
     path = Path(source)
     if path.suffix.lower() == ".npz" and path.is_file() and count is None:
-        batch = read_batch(path)  # the evaluator's own reading, at once
-        if image_size in (None, batch.images.shape[1]) and (
-                batch.images.shape[1] == batch.images.shape[2]):
+        try:  # a batch: the evaluator's own reading, at once
+            batch = read_batch(path)
+        except ValueError:  # not one (N x H x W, say): read as a data set
+            batch = None
+        size = None if batch is None else batch.images.shape[1:3]
+        if size is not None and image_size in (None, size[0]) and (
+                size[0] == size[1]):
             return batch
     try:
         data = load_dataset(source, resolution=image_size)
