@@ -234,7 +234,7 @@ def _run_training(args: argparse.Namespace) -> int:
     if fid and main:
         print(f"fid: every {fid.interval} steps, {fid.note()}")
     last = tr.train(config, args.out, resume=args.resume,
-                    progress=not args.quiet, init=init, fid=fid)
+                    progress=not args.quiet, init=init, watch=fid)
     if main:
         if init is not None:
             print(f"init:       {init.source}")

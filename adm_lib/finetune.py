@@ -5,7 +5,7 @@ or checkpoint of `adm train` (its EMA, an EMA rate or its raw weights), or
 a released checkpoint of the reference described by its flags (through
 `adm_lib.compat`). `train(..., init=...)` (chapter 4) then starts from them
 with a fresh optimizer and step count, every EMA starting from the loaded
-weights; before the run folder is touched, `InitWeights.start` refuses a
+weights; before the run folder is touched, an `InitWeights` refuses a
 network that does not fit the run's configuration, naming the settings
 that differ.
 """
@@ -76,8 +76,8 @@ class InitWeights:
     config: TrainConfig
     source: str  # for messages: the path and which weights
 
-    def start(self, config: TrainConfig, model: nn.Module,
-              emas: Iterable[nn.Module]) -> None:
+    def __call__(self, config: TrainConfig, model: nn.Module,
+                 emas: Iterable[nn.Module]) -> None:
         """Load the weights into a fresh run's model and its EMAs.
 
         `config` is the run's, resolved from its data; a network it does

@@ -17,6 +17,8 @@ __all__ = [
     "learning_rate",
     "StepResult",
     "train_step",
+    "Init",
+    "Watch",
     "train",
     "save_state",
     "snapshot",
@@ -31,10 +33,10 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -81,9 +83,7 @@ from adm_lib.diffusion import (
     UniformSampler,
 )
 from adm_lib.errors import TrainError
-from adm_lib.evaluation import TrainingFID
 from adm_lib.files import save_png
-from adm_lib.finetune import InitWeights
 from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
@@ -103,7 +103,7 @@ from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1317
+# %% chapters/04_training.py:1315
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -126,7 +126,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1378
+# %% chapters/04_training.py:1376
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -139,7 +139,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1396
+# %% chapters/04_training.py:1394
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -207,7 +207,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1478
+# %% chapters/04_training.py:1476
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -243,7 +243,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1526
+# %% chapters/04_training.py:1524
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -274,7 +274,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1557
+# %% chapters/04_training.py:1555
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -282,7 +282,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1571
+# %% chapters/04_training.py:1569
 @dataclass
 class StepResult:
     """What one step leaves for the log, still on the device."""
@@ -317,26 +317,38 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1732
+# %% chapters/04_training.py:1731
+Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
+
+
+class Watch(Protocol):
+    """A look at the EMA every `interval` steps and at the end (rank 0)."""
+
+    interval: int
+
+    def __call__(self, config: TrainConfig, diffusion: GaussianDiffusion,
+                 ema: nn.Module, data: ImageDataset, out: Path,
+                 log: MetricsLog, step: int, device: torch.device) -> None:
+        """Look at `ema` after `step` steps; log what it finds."""
+
+
 def train(config: TrainConfig, out: str | os.PathLike, *,
           resume: bool = False, progress: bool = True,
-          init: InitWeights | None = None,
-          fid: TrainingFID | None = None) -> Path:
+          init: Init | None = None, watch: Watch | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
     Run under torchrun for data-parallel training. With `resume`, a run
     continues from its newest readable checkpoint and reproduces the
     uninterrupted run; without it, `out` must hold no checkpoint. A run
-    with no checkpoint yet starts from `init`'s weights if given
-    (fine-tuning, `adm_lib.finetune`); `fid` scores the EMA's samples at
-    its own interval (`adm_lib.evaluation`).
+    with no checkpoint yet starts from the weights `init` loads, if given;
+    `watch` looks at the EMA at its own interval.
     """
     validate(config)
     ranks = setup_ranks(config.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock
             return _train(config, Path(out), resume, progress, ranks, held,
-                          init, fid)
+                          init, watch)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
@@ -362,7 +374,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1777
+# %% chapters/04_training.py:1788
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -392,9 +404,9 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1814
+# %% chapters/04_training.py:1825
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
-             held: contextlib.ExitStack, init: InitWeights | None = None
+             held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainConfig, TrainState, Path | None]:
     """The run's resolved config and its state: fresh, or the newest
     checkpoint's with this rank's random state."""
@@ -406,7 +418,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
     if init is not None:  # fine-tuning: a fresh state from its weights
-        init.start(config, state.model, state.ema.values())
+        init(config, state.model, list(state.ema.values()))
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
@@ -438,11 +450,10 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:1868
+# %% chapters/04_training.py:1879
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
-           init: InitWeights | None = None,
-           fid: TrainingFID | None = None) -> Path:
+           init: Init | None = None, watch: Watch | None = None) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
     fast_backends(device, config.precision, config.deterministic)
@@ -497,9 +508,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
-        if log and fid and (state.step % fid.interval == 0 or done):
-            fid(config, diffusion, state.ema[config.ema_rate[0]], data, out,
-                log, state.step, device)
+        if log and watch and (state.step % watch.interval == 0 or done):
+            watch(config, diffusion, state.ema[config.ema_rate[0]], data,
+                  out, log, state.step, device)
         paused = time.perf_counter() - pause
         if log:
             log.started += paused
@@ -510,7 +521,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1946
+# %% chapters/04_training.py:1956
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -137,7 +137,7 @@ def test_fid_while_training_is_logged_with_its_n_and_floor(
         data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     fid = ev.TrainingFID(2, samples=4, ref_images=12)
-    train(config(data, steps=3), out, progress=False, fid=fid)
+    train(config(data, steps=3), out, progress=False, watch=fid)
     records = [r for r in read_metrics(out) if "fid" in r]
     assert [r["step"] for r in records] == [2, 3]  # the interval, the end
     for record in records:
@@ -150,7 +150,7 @@ def test_fid_while_training_is_logged_with_its_n_and_floor(
     with pytest.raises(TrainError, match="24 images: too few for fid "
                        "samples=30"):
         train(config(data, steps=1), tmp_path / "few", progress=False,
-              fid=ev.TrainingFID(1, samples=30))
+              watch=ev.TrainingFID(1, samples=30))
     with pytest.raises(ValueError, match="samples=1: expected >= 2"):
         ev.TrainingFID(1, samples=1)
 
