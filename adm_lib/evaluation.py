@@ -297,11 +297,11 @@ class TrainingFID:
         fid = frechet_distance(feature_statistics(acts["pool"]), self._ref)
         log.append({"step": step, "fid": fid, "fid_floor": self._floor,
                     "fid_n": self.samples, "fid_ref_n": self._ref_n})
-        draw_fid(out)
+        draw_fid(out, self.features)
 
 
-def draw_fid(out: Path) -> Path:
-    """The run's FID records against their steps, as out/fid.png."""
+def draw_fid(out: Path, features: str) -> Path:
+    """The run's FID records (made with `features`) as out/fid.png."""
     import matplotlib
 
     matplotlib.use("Agg")  # a file, with or without a display
@@ -316,7 +316,8 @@ def draw_fid(out: Path) -> Path:
     ax.plot(steps, [r["fid_floor"] for r in records], "--",
             label="real images (bias at this n)")
     n = records[-1]["fid_n"]
-    ax.set(xlabel="training step", ylabel=f"FID, n = {n}",
+    ax.set(xlabel="training step", ylabel=f"FID{feature_label(features)}, "
+           f"n = {n}",
            title="FID while training")
     ax.legend(fontsize=7)
     fig.tight_layout()
