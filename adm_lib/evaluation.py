@@ -107,13 +107,16 @@ def write_reference(source: str | os.PathLike, out: str | os.PathLike,
     evaluator then uses as given (a data-set net's statistics would not
     be: the evaluator computes those from arr_0).
     """
+    extractor = None
+    if features == "inception":  # its weights found before the reading
+        extractor = feature_extractor(features, weights, device)
     batch = read_images(source, image_size, count, seed)
     arrays = {"arr_0": batch.images}
     if batch.labels is not None:
         arrays["arr_1"] = batch.labels.astype(np.int64)
-    if features == "inception":
-        acts = compute_activations(batch.images, feature_extractor(
-            features, weights, device), batch_size, device, progress)
+    if extractor is not None:
+        acts = compute_activations(batch.images, extractor, batch_size,
+                                   device, progress)
         batch.stats = feature_statistics(acts["pool"])
         batch.stats_spatial = feature_statistics(acts["spatial"])
         arrays.update(mu=batch.stats.mu, sigma=batch.stats.sigma,
