@@ -138,5 +138,8 @@ def read_init(init: str | os.PathLike, kind: str, weights: str | None = None,
             hint = ("; for a released checkpoint of the reference, give its"
                     " flags=FLAGS" if foreign else "")
             raise TrainError(f"init={path}: {err}{hint}") from None
+    if trained.kind != kind:
+        raise TrainError(f"init={trained.source} is {_a(trained.kind)}, "
+                         f"and this run trains {_a(kind)}")
     return InitWeights(trained.model.state_dict(), trained.config,
                        trained.source)

@@ -150,6 +150,9 @@ def test_read_init_names_its_arguments(source: Path, tmp_path: Path) -> None:
         read_init(source, "diffusion", "model", flags=TINY_FLAGS)
     with pytest.raises(TrainError, match="is a folder; flags="):
         read_init(source, "diffusion", flags=TINY_FLAGS)
+    with pytest.raises(TrainError, match="is a diffusion model, and this "
+                       "run trains a classifier model"):
+        read_init(source, "classifier")
 
 
 # `adm train`: every problem one line naming the flag, and the options
