@@ -767,9 +767,9 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
                           help="images per forward pass (default "
                           "%(default)s)")
     evaluate.add_argument("--image-size", type=_whole(1), metavar="N",
-                          help="resize and centre-crop images (not a batch "
-                          "of that size) to N x N as adm train does "
-                          "(default: their own size)")
+                          help="resize and centre-crop the images to N x N "
+                          "as adm train does (default: their own size, "
+                          "which they must share)")
     evaluate.add_argument("--write-ref", type=Path, metavar="OUT.npz",
                           help="write REF's images as a reference batch "
                           "(arr_0, arr_1 if labelled; with Inception "
