@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # The library's errors name its arguments; `adm train` says its flags.
-_TRAIN_FLAGS = {"resume=True": "--resume"}
+_TRAIN_FLAGS = {"resume=True": "--resume", "init=": "--init ",
+                "weights=": "--init-weights ", "flags=": "--init-flags "}
 
 
 def _as_flags(message: str) -> str:
@@ -152,11 +153,61 @@ def _as_flags(message: str) -> str:
     return message
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any model loads."""
+    for option in ("init_weights", "init_flags"):
+        if getattr(args, option) is not None and args.init is None:
+            raise CommandError(f"{flag(option)} needs --init")
+    if args.init is not None and not args.init.exists():
+        raise CommandError(f"--init {args.init}: no such file or folder")
+    if args.init_flags is not None:
+        from adm_lib.compat import guided_diffusion as gd
+
+        if args.init_weights is not None:
+            raise CommandError("--init-weights: a released file (--init-"
+                               "flags) has one set of weights")
+        if args.init.is_dir():
+            raise CommandError(f"--init-flags: --init {args.init} is a "
+                               "folder, not a released checkpoint file")
+        try:
+            gd.parse_flags(args.init_flags)
+        except ValueError as err:
+            raise CommandError(f"--init-flags: {err}") from None
+    fid = ("fid_samples", "fid_ref", "fid_features")
+    for option in fid:
+        if getattr(args, option) is not None and not args.fid_interval:
+            raise CommandError(f"{flag(option)} needs --fid-interval")
+    if args.fid_interval and args.kind != "diffusion":
+        raise CommandError(f"--fid-interval: a {args.kind} makes no samples"
+                           " to score")
+    if args.fid_ref is not None and not args.fid_ref.exists():
+        raise CommandError(f"--fid-ref {args.fid_ref}: no such file or "
+                           "folder")
+
+
+def _training_fid(args: argparse.Namespace) -> Any:
+    """--fid-interval's scorer, or None."""
+    if not args.fid_interval:
+        return None
+    from adm_lib.evaluation import TrainingFID
+
+    given = {"samples": args.fid_samples, "features": args.fid_features,
+             "ref": None if args.fid_ref is None else str(args.fid_ref)}
+    try:
+        return TrainingFID(args.fid_interval, **{
+            k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise CommandError(f"--fid-samples: {err}") from None
+
+
 def _run_training(args: argparse.Namespace) -> int:
     from adm_lib import config as cf
     from adm_lib import train as tr
     from adm_lib.errors import TrainError
+    from adm_lib.finetune import read_init
 
+    _check_train_args(args)
+    fid = _training_fid(args)
     overrides = dict(args.set)
     if args.data is not None:
         overrides["data"] = args.data
@@ -175,13 +226,24 @@ def _run_training(args: argparse.Namespace) -> int:
             raise TrainError(f"{args.out} is a {base.kind} run, "
                              f"not a {args.kind} run")
     config = cf.make_config(args.kind, args.preset, overrides, base)
+    init = None
+    if args.init is not None:
+        init = read_init(args.init, args.kind, args.init_weights,
+                         args.init_flags)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if fid and main:
+        print(f"fid: every {fid.interval} steps, {fid.note()}")
     last = tr.train(config, args.out, resume=args.resume,
-                    progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
+                    progress=not args.quiet, init=init, watch=fid)
+    if main:
+        if init is not None:
+            print(f"init:       {init.source}")
         print(f"checkpoint: {last}")
         print(f"metrics:    {args.out / 'metrics.jsonl'}")
         if config.kind != "classifier":
             print(f"samples:    {args.out / 'samples'}/")
+        if fid:
+            print(f"fid curve:  {args.out / 'fid.png'}")
     return 0
 
 
@@ -242,20 +304,103 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from adm_lib import metrics
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before any work."""
+    mode = ("--write-ref" if args.write_ref else "--nll" if args.nll
+            else None)
+    for option, needs in (("count", ("write_ref", "nll")),
+                          ("nll_weights", ("nll",))):
+        if getattr(args, option) is not None and not any(
+                getattr(args, n) for n in needs):
+            raise CommandError(f"{flag(option)} needs "
+                               + " or ".join(flag(n) for n in needs))
+    if args.write_ref and args.nll:
+        raise CommandError("--write-ref and --nll are two commands: give one")
+    if args.ref is None:
+        raise CommandError(
+            "give the images: REF SAMPLES to score samples, DATA with "
+            "--write-ref OUT.npz, or DATA (held-out images) with --nll RUN")
+    if mode and args.samples is not None:
+        raise CommandError(f"{mode} reads one set of images, "
+                           f"{args.ref}; SAMPLES ({args.samples}) is for "
+                           "scoring")
+    if not mode and args.samples is None:
+        raise CommandError("give SAMPLES to score against REF (or "
+                           "--write-ref, or --nll)")
+    for path in (args.ref, args.samples, args.nll):
+        if path is not None and not path.exists():
+            raise CommandError(f"{path}: no such file or folder")
 
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from adm_lib import evaluation as ev
+    from adm_lib import metrics, sampling
+
+    _check_evaluate_args(args)
     device = _device(args.device)
     _check_json(args.json)
     try:
+        if args.write_ref:
+            sampling.check_writable(args.write_ref, "--write-ref")
+            return _write_ref(args, device)
+        if args.nll:
+            return _nll(args, device)
+        ref, samples = (ev.read_images(path, args.image_size)
+                        for path in (args.ref, args.samples))
         scores = metrics.evaluate(
-            args.ref, args.samples, args.features, args.weights,
+            ref, samples, args.features, args.weights,
             args.batch_size, device, progress=not args.quiet)
+    except sampling.SampleError as err:
+        raise CommandError(str(err)) from None
     except (ValueError, OSError, RuntimeError) as err:  # bad files, weights
         raise CommandError(str(err)) from None
     print(metrics.format_scores(scores))
     if args.json:
         _write_json(args.json, scores)
+    return 0
+
+
+def _write_ref(args: argparse.Namespace, device: str) -> int:
+    """--write-ref: the reference batch of REF's images."""
+    from adm_lib import evaluation as ev
+
+    batch = ev.write_reference(
+        args.ref, args.write_ref, args.image_size, args.count, args.features,
+        args.weights, args.batch_size, device, args.seed,
+        progress=not args.quiet)
+    shape = " x ".join(map(str, batch.images.shape))
+    labels = "no labels" if batch.labels is None else "labels (arr_1)"
+    stats = ("Inception statistics (mu, sigma, mu_s, sigma_s)"
+             if batch.stats is not None else
+             f"no statistics: the {args.features} net's are computed from "
+             "arr_0 when scored")
+    print(f"wrote {args.write_ref}: {shape} images, {labels}, {stats}")
+    if args.json:
+        _write_json(args.json, {"path": str(args.write_ref),
+                                "images": len(batch.images)})
+    return 0
+
+
+def _nll(args: argparse.Namespace, device: str) -> int:
+    """--nll: the bound of a run's model on REF's held-out images."""
+    from adm_lib import evaluation as ev
+    from adm_lib.errors import TrainError
+    from adm_lib.models import load_run
+
+    try:
+        trained = load_run(args.nll, args.nll_weights or "ema", device)
+    except TrainError as err:
+        message = str(err).replace("weights=", "--nll-weights ")
+        raise CommandError(f"--nll {args.nll}: {message}") from None
+    scores = ev.bound_bpd(trained, args.ref, args.count, args.seed,
+                          args.batch_size, device, progress=not args.quiet)
+    print(f"bound: {scores['bpd']:.4f} +- {scores['bpd_se']:.4f} bits/dim "
+          f"(standard error) on {scores['n']} images of {args.ref}, one "
+          "stratified timestep each (chapter 2's estimate)")
+    print(f"model: {trained.source}")
+    if args.json:
+        _write_json(args.json, {"model": trained.source, "data": str(args.ref),
+                                **scores})
     return 0
 
 
@@ -561,6 +706,33 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
                        help="train until this step (default: the preset's)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run folder's newest valid checkpoint")
+    train.add_argument("--init", type=Path, metavar="PATH",
+                       help="fine-tune: start from these weights (a run "
+                       "folder or checkpoint of adm train, or a released "
+                       "file with --init-flags) with a fresh optimizer and "
+                       "step 0, the EMA from the same weights; the network "
+                       "settings must match (default: none, fresh weights)")
+    train.add_argument("--init-weights", metavar="WHICH",
+                       help="of an --init run: ema (default), model (the "
+                       "raw weights) or an EMA rate such as 0.9999")
+    train.add_argument("--init-flags", metavar="FLAGS",
+                       help="the reference's flags of a released --init "
+                       "file, e.g. \"--image_size 64 --class_cond True ...\" "
+                       "(default: none, --init is an adm train run)")
+    train.add_argument("--fid-interval", type=_whole(0), metavar="N",
+                       help="every N steps and at the end, score the EMA's "
+                       "samples against real images with the data set's "
+                       "feature net; logged as fid (with fid_n, and "
+                       "fid_floor: real images' FID at that n, its bias) "
+                       "and drawn in RUN_DIR/fid.png (default 0: never)")
+    train.add_argument("--fid-samples", type=_whole(2), metavar="N",
+                       help="samples per --fid-interval score (default 256)")
+    train.add_argument("--fid-ref", type=Path, metavar="PATH",
+                       help="held-out images to score against: a folder, "
+                       ".zip or .npz (default: 1000 training images)")
+    train.add_argument("--fid-features", choices=("mnist", "cifar10"),
+                       help="feature net of --fid-interval (default: mnist "
+                       "for grey images, cifar10 for colour)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -571,9 +743,17 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.description = (
         "Score a sample batch against a reference batch as the reference's "
         "evaluator does. Batches are .npz files with arr_0 uint8 N x H x W "
-        "x C images (a reference batch may add mu, sigma, mu_s, sigma_s).")
-    evaluate.add_argument("ref", type=Path, help="reference batch (.npz)")
-    evaluate.add_argument("samples", type=Path, help="sample batch (.npz)")
+        "x C images (a reference batch may add mu, sigma, mu_s, sigma_s), "
+        "or folders and .zip files of images. With --write-ref, write the "
+        "reference batch of a data set instead; with --nll, the bound of a "
+        "run's model on held-out images, in bits/dim.")
+    evaluate.add_argument("ref", type=Path, nargs="?",
+                          help="reference batch (.npz), or images: a folder,"
+                          " .zip or .npz (with --write-ref or --nll: the "
+                          "data set)")
+    evaluate.add_argument("samples", type=Path, nargs="?",
+                          help="sample batch (.npz), or a folder or .zip of "
+                          "images")
     evaluate.add_argument(
         "--features", default=defaults["features"],
         choices=metrics.FEATURES,
@@ -582,10 +762,32 @@ def _evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--weights", type=Path,
                           help="Inception weights file (default: "
                           "$ADM_INCEPTION_WEIGHTS, then the torch hub cache)")
-    evaluate.add_argument("--batch-size", type=_whole(),
+    evaluate.add_argument("--batch-size", type=_whole(1),
                           default=defaults["batch_size"], metavar="N",
                           help="images per forward pass (default "
                           "%(default)s)")
+    evaluate.add_argument("--image-size", type=_whole(1), metavar="N",
+                          help="resize and centre-crop the images to N x N "
+                          "as adm train does (default: their own size, "
+                          "which they must share)")
+    evaluate.add_argument("--write-ref", type=Path, metavar="OUT.npz",
+                          help="write REF's images as a reference batch "
+                          "(arr_0, arr_1 if labelled; with Inception "
+                          "features also mu, sigma, mu_s, sigma_s) "
+                          "(default: score SAMPLES)")
+    evaluate.add_argument("--nll", type=Path, metavar="RUN",
+                          help="the bound (bits/dim, with its standard "
+                          "error) of this adm train run's model on REF's "
+                          "held-out images (default: score SAMPLES)")
+    evaluate.add_argument("--nll-weights", metavar="WHICH",
+                          help="of the --nll run: ema (default), model or "
+                          "an EMA rate")
+    evaluate.add_argument("--count", type=_whole(1), metavar="N",
+                          help="with --write-ref or --nll: a seeded random "
+                          "N of the images (default: all)")
+    evaluate.add_argument("--seed", type=_whole(0), default=0,
+                          help="the seed of --count's choice and --nll's "
+                          "timesteps and noise (default %(default)s)")
     evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument("--json", type=Path, metavar="PATH",
                           help="also write the scores here (default: not "
@@ -719,7 +921,8 @@ _COMMANDS = (
      _book_arguments, None),
     ("train", "train a diffusion model, noisy classifier or upsampler",
      _train_arguments, _train),
-    ("evaluate", "IS, FID, sFID, precision and recall of a sample batch",
+    ("evaluate", "IS, FID, sFID, precision and recall of samples; reference "
+     "batches; the bound in bits/dim",
      _evaluate_arguments, _evaluate),
     ("sample", "draw samples, guided or not, or upsampled, to an .npz and a "
      "PNG", _sample_arguments, _sample),

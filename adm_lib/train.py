@@ -17,6 +17,8 @@ __all__ = [
     "learning_rate",
     "StepResult",
     "train_step",
+    "Init",
+    "Watch",
     "train",
     "save_state",
     "snapshot",
@@ -31,10 +33,10 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -315,20 +317,38 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1724
+# %% chapters/04_training.py:1731
+Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
+
+
+class Watch(Protocol):
+    """A look at the EMA every `interval` steps and at the end (rank 0)."""
+
+    interval: int
+
+    def __call__(self, config: TrainConfig, diffusion: GaussianDiffusion,
+                 ema: nn.Module, data: ImageDataset, out: Path,
+                 log: MetricsLog, step: int, device: torch.device) -> None:
+        """Look at `ema` after `step` steps; log what it finds."""
+
+
 def train(config: TrainConfig, out: str | os.PathLike, *,
-          resume: bool = False, progress: bool = True) -> Path:
+          resume: bool = False, progress: bool = True,
+          init: Init | None = None, watch: Watch | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
     Run under torchrun for data-parallel training. With `resume`, a run
     continues from its newest readable checkpoint and reproduces the
-    uninterrupted run; without it, `out` must hold no checkpoint.
+    uninterrupted run; without it, `out` must hold no checkpoint. A run
+    with no checkpoint yet starts from the weights `init` loads, if given;
+    `watch` looks at the EMA at its own interval.
     """
     validate(config)
     ranks = setup_ranks(config.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock
-            return _train(config, Path(out), resume, progress, ranks, held)
+            return _train(config, Path(out), resume, progress, ranks, held,
+                          init, watch)
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
@@ -354,7 +374,7 @@ def save_state(config: TrainConfig, state: TrainState, out: Path,
     return checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1763
+# %% chapters/04_training.py:1788
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -384,10 +404,10 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1800
+# %% chapters/04_training.py:1825
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
-             held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
-                                                   Path | None]:
+             held: contextlib.ExitStack, init: Init | None = None
+             ) -> tuple[TrainConfig, TrainState, Path | None]:
     """The run's resolved config and its state: fresh, or the newest
     checkpoint's with this rank's random state."""
     world = ranks.world_size
@@ -397,6 +417,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
+    if init is not None:  # fine-tuning: a fresh state from its weights
+        init(config, state.model, list(state.ema.values()))
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
     torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
@@ -428,9 +450,10 @@ def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
     return loader, sampler
 
 
-# %% chapters/04_training.py:1852
+# %% chapters/04_training.py:1879
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
-           ranks: Ranks, held: contextlib.ExitStack) -> Path:
+           ranks: Ranks, held: contextlib.ExitStack,
+           init: Init | None = None, watch: Watch | None = None) -> Path:
     """The loop of `train`, once the process group is up."""
     device = ranks.device
     fast_backends(device, config.precision, config.deterministic)
@@ -438,7 +461,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
     diffusion = build_diffusion(config)
-    config, state, last = _restore(config, out, resume, ranks, held)
+    config, state, last = _restore(config, out, resume, ranks, held, init)
     model = state.model
     if ranks.world_size > 1:
         model = data_parallel(model, device)
@@ -485,6 +508,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
+        if log and watch and (state.step % watch.interval == 0 or done):
+            watch(config, diffusion, state.ema[config.ema_rate[0]], data,
+                  out, log, state.step, device)
         paused = time.perf_counter() - pause
         if log:
             log.started += paused
@@ -495,7 +521,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1925
+# %% chapters/04_training.py:1956
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

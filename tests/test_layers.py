@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the reference's flags and files, read into the library's types
     "compat": ("compat",),
     # the `adm` command and what only it needs
-    "apps": ("sampling", "demo", "bench", "cli"),
+    "apps": ("sampling", "finetune", "evaluation", "demo", "bench", "cli"),
     # the book's own tooling: export, check, run, site, JupyterLab
     "tools": ("book",),
 }
