@@ -373,20 +373,20 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 folder = runs / "split"
 entries = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                  if p.is_file())
-fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8),
-                                  width_ratios=[1, 1.6])
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8),
+                                  width_ratios=[1, 2.2])
 left.text(0, 1, f"{folder.as_posix()}/\n" + "\n".join(
     f"  {name}" for name in entries), va="top", family="monospace",
     fontsize=9)
 left.set_title("The run folder after R.5 (on disk)")
 left.axis("off")
 STEPS = [  # x, y, label
-    (0.9, 2.2, "train step N\n(rank 0)"),
-    (3.0, 2.2, "write_atomic:\n.step_N.pt.PID.tmp\n+ fsync"),
-    (5.1, 2.2, "rename into place:\ncheckpoints/\nstep_N.pt"),
-    (7.3, 2.2, "rotate: keep the\nkeep_checkpoints\nnewest that read"),
-    (7.3, 0.5, "unreadable:\nrenamed .damaged,\nnever deleted"),
-    (5.1, 0.5, "resume: newest\nreadable, settings\nchecked (R.5)"),
+    (0.9, 2.2, "save at step N\n(rank 0)"),
+    (3.5, 2.2, "write_atomic:\n.step_N.pt.PID.tmp\n+ fsync"),
+    (6.1, 2.2, "rename into place:\ncheckpoints/\nstep_N.pt"),
+    (8.7, 2.2, "rotate: keep the\nkeep_checkpoints\nnewest that read"),
+    (8.7, 0.3, "unreadable:\nrenamed .damaged,\nnever deleted"),
+    (6.1, 0.3, "resume: newest\nreadable, settings\nchecked (R.5)"),
 ]
 for x, y, label in STEPS:
     right.add_patch(FancyBboxPatch((x - 0.95, y - 0.6), 1.9, 1.2,
@@ -395,15 +395,15 @@ for x, y, label in STEPS:
     right.text(x, y, label, ha="center", va="center", fontsize=8)
 for (x0, y0, _), (x1, y1, _) in zip(STEPS, STEPS[1:], strict=False):
     if y0 == y1:
-        start, end = (x0 + 1.0 * np.sign(x1 - x0), y0), (
-            x1 - 1.0 * np.sign(x1 - x0), y1)
+        start, end = (x0 + 1.05 * np.sign(x1 - x0), y0), (
+            x1 - 1.05 * np.sign(x1 - x0), y1)
     else:
         start, end = (x0, y0 - 0.65), (x1, y1 + 0.65)
     right.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>",
                                     mutation_scale=12, color="black"))
-right.text(3.0, 3.25, "a kill here leaves the old files whole",
+right.text(3.5, 3.1, "a kill here leaves the old files whole",
            ha="center", fontsize=8, style="italic")
-right.set(xlim=(-0.2, 8.4), ylim=(-0.3, 3.5),
+right.set(xlim=(-0.2, 9.8), ylim=(-0.5, 3.4),
           title="Where each checkpoint goes")
 right.axis("off")
 fig.tight_layout()
