@@ -1,6 +1,6 @@
 """adm_lib: the library of the adm-book chapters, in layers.
 
-Each layer imports only those below it (README, Layout; tests/test_layers.py):
+Each layer imports only those below it (docs/guide.md, Layout; tests/test_layers.py):
 
 * the foundation, hand-written: errors, values, devices, seeds, viz, files,
   checkpoints, ranks, runs, data, assets, datanets, inception;

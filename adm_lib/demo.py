@@ -56,8 +56,8 @@ class DemoSettings:
 
     The defaults are chapter 4.9's measured choice. `steps` left as None
     is `default_steps` of the device: 800 on a GPU or a CPU with native
-    bf16, under four minutes on such a 2-core CPU (README has the timed
-    run), and 350 on a float32-only CPU, its five-minute run.
+    bf16, under four minutes on such a 2-core CPU (docs/measurements.md has the
+    timed runs), and 350 on a float32-only CPU, its five-minute run.
     """
 
     steps: int | None = option(  # diffusion model; None: default_steps

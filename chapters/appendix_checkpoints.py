@@ -77,6 +77,7 @@ seed: int = 0  # of the stand-ins' weights and of sampling
 
 # %%
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -156,6 +157,58 @@ for name, (kind, flags) in RELEASED.items():
     print(f"models/{name}.pt ({kind}):\n    {flags}")
 assert len(RELEASED) == 15
 assert parse_flags(RELEASED["lsun_horse_nodropout"][1])["dropout"] == 0.0
+
+# %% [markdown]
+# What the flags become: each of the 64x64 model's flags, read by
+# `parse_flags`, sets an argument of the UNet (`unet_arguments`), of the
+# diffusion (`diffusion_from_flags`), or no weight at all. Drawn from the
+# parsed values, so the picture is the code's mapping:
+
+# %% jupyter={"source_hidden": true}
+from matplotlib.patches import FancyArrowPatch
+
+from adm_lib.compat.guided_diffusion import unet_arguments
+
+released = RELEASED["64x64_diffusion"][1]
+parsed, unet = parse_flags(released), unet_arguments(released)
+process = diffusion_from_flags(released)
+MAPPING = {  # flag: (where it goes, what it sets there)
+    "attention_resolutions": (
+        "UNet", f"attention at down-factors {unet['attention_resolutions']}"),
+    "class_cond": ("UNet", f"num_classes = {unet['num_classes']}"),
+    "diffusion_steps": ("diffusion", f"T = {process.num_timesteps}"),
+    "dropout": ("UNet", f"dropout = {unet['dropout']} (training only)"),
+    "image_size": ("UNet", f"channel_mult = {unet['channel_mult']}"),
+    "learn_sigma": ("UNet", f"out_channels = {unet['out_channels']}: "
+                    "mean and variance"),
+    "noise_schedule": ("diffusion", f"{parsed['noise_schedule']} betas"),
+    "num_channels": ("UNet", f"model_channels = {unet['model_channels']}"),
+    "num_head_channels": ("UNet", "num_head_channels = "
+                          f"{unet['num_head_channels']}"),
+    "num_res_blocks": ("UNet", f"num_res_blocks = {unet['num_res_blocks']}"),
+    "resblock_updown": ("UNet", "BigGAN resampling"),
+    "use_fp16": ("no weight", "the reference ran in fp16"),
+    "use_new_attention_order": ("UNet", "q, k, v split order"),
+    "use_scale_shift_norm": ("UNet", "AdaGN"),
+}
+COLOURS = {"UNet": "#c6dbef", "diffusion": "#fdd0a2", "no weight": "#e0e0e0"}
+given = re.findall(r"--(\w+)", released)
+fig, ax = plt.subplots(figsize=(10, 0.36 * len(given) + 0.8))
+for row, name in enumerate(given):
+    y = len(given) - row
+    where, what = MAPPING[name]
+    ax.text(0.0, y, f"--{name} {parsed[name]}", va="center",
+            family="monospace", fontsize=8)
+    ax.text(5.6, y, f"{where}: {what}", va="center", fontsize=8,
+            bbox={"facecolor": COLOURS[where], "edgecolor": "none"})
+    ax.add_patch(FancyArrowPatch((4.2, y), (5.5, y), arrowstyle="-|>",
+                                 mutation_scale=10, color="grey"))
+ax.set(xlim=(0, 11), ylim=(0.3, len(given) + 0.8),
+       title="The 64x64 model's README flags, and what each one sets")
+ax.axis("off")
+plt.show()
+assert sorted(given) == sorted(MAPPING)  # every flag given is drawn
+assert unet["out_channels"] == 2 * unet["in_channels"]  # learn_sigma
 
 # %% [markdown]
 # Which released files do this run's flags describe? Flags are compared after
@@ -303,10 +356,11 @@ except FileNotFoundError as err:
 #
 # The diffusion comes from the same flags as the model (schedule, learned
 # variance, number of steps), respaced to fewer steps with
-# `--timestep_respacing`. The README samples with 250 steps; the paper also
-# reports results with only 25, which a learned variance makes possible
-# (chapter 2), and a `ddim` prefix, as in `ddim25`, selects deterministic
-# DDIM sampling.
+# `--timestep_respacing`. The README samples with 250 steps; a `ddim`
+# prefix, as in `ddim25`, selects deterministic DDIM sampling. The paper's
+# 25-step rows (its Table 5) are DDIM's, whose update uses the predicted
+# noise only: the learned variance plays no part in them. What it buys is
+# ancestral sampling that keeps its quality with fewer steps (chapter 2).
 #
 # Guidance (chapter 6) shifts each step's mean by the scaled gradient of the
 # classifier's log-probability of the wanted class, $s \, \Sigma \,
@@ -478,3 +532,59 @@ shutil.rmtree(scratch)  # the stand-ins' files
 #   `cond_fn`, and an upsampler takes `low_res` and `y` as model arguments.
 # * With no files, tiny stand-ins run the same code in seconds; with the
 #   files and a GPU, the same cells sample the paper's models.
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. `256x256_diffusion.pt` and `256x256_diffusion_uncond.pt` share their
+#    flags but `--class_cond`. Predict how many more parameters the
+#    conditional one has, then check with A.2's `counts`.
+# 2. Predict the UNet's `out_channels` and `num_classes` for
+#    `lsun_bedroom.pt`'s flags, then check with `unet_arguments`.
+# 3. A.4 says a model built with the wrong head flags loads silently.
+#    Predict whether a stand-in saved with `--num_head_channels 64` loads
+#    with `--num_heads 4 --num_head_channels -1` instead, and whether it
+#    then computes the same thing, then check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** The class embedding, one vector of the timestep
+# embedding's width, $4 \times 256 = 1024$, for each of 1,000 classes:
+# 1,024,000 parameters. Nothing else depends on the labels.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+extra = counts["256x256_diffusion"][0] - counts["256x256_diffusion_uncond"][0]
+print(f"{extra:,} more parameters")
+assert extra == 1000 * 4 * 256
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** `--learn_sigma True` doubles the output channels, the
+# mean's three and the variance's three: 6. `--class_cond False` leaves no
+# class embedding: `num_classes` is `None`.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+bedroom = unet_arguments(RELEASED["lsun_bedroom"][1])
+print("out_channels", bedroom["out_channels"], "num_classes",
+      bedroom["num_classes"])
+assert bedroom["out_channels"] == 6 and bedroom["num_classes"] is None
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** It loads: heads split the channels of one attention
+# layer's projections, so no weight changes shape. It computes something
+# else: the stand-in's one attention layer (in its middle block, 64
+# channels) has one head of 64 channels by the right flags, and four heads
+# of 16 by the wrong ones.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+heads_path, heads_flags = save_stand_in("diffusion", model_flags)
+right = load_checkpoint(heads_path, heads_flags)
+wrong = load_checkpoint(heads_path,
+                        f"{heads_flags} --num_heads 4 --num_head_channels -1")
+x = torch.randn(2, 3, 32, 32)
+t = torch.tensor([10, 500])
+kwargs = {"y": torch.tensor([1, 2])} if parse_flags(heads_flags)[
+    "class_cond"] else {}
+with torch.no_grad():
+    gap = (right(x, t, **kwargs) - wrong(x, t, **kwargs)).abs().max().item()
+print(f"loaded with the wrong heads; largest output difference {gap:.2e}")
+assert gap > 1e-4
+shutil.rmtree(scratch)

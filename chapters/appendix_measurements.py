@@ -33,7 +33,8 @@
 # * **AMX Xeon**: an Intel Xeon with AMX, so "auto" is bf16 too.
 #
 # No GPU had been lent to the project when these were made; the chapters
-# give the commands of their GPU runs, whose tables belong here.
+# give the commands of their GPU runs, whose tables belong here. The
+# figure after the list places each record by its day and machine.
 #
 # * M.1 chapter 2's longer run;
 # * M.2 bf16 against float32 (chapter 4.5);
@@ -51,13 +52,54 @@ significance: float = 2.0  # a gap of this many standard errors is real
 
 # %%
 import os
+from datetime import date
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from adm_lib.book import find_root
 
 # Relative paths start at the book's root, as in every chapter.
 os.chdir(find_root())
+
+# %% jupyter={"source_hidden": true}
+RECORDS = [  # (section, what, machine, day), as the sections below state
+    ("M.1", "chapter 2, longer run", "AMX Xeon", "2026-12-07"),
+    ("M.2", "bf16 / fp32, batch 4", "AVX2 EPYC", "2026-12-03"),
+    ("M.2", "bf16 / fp32, batch 32", "bf16 EPYC", "2026-12-03"),
+    ("M.3", "chapter 4, longer run", "bf16 EPYC", "2026-12-03"),
+    ("M.4", "ablations, CPU scale", "AVX2 EPYC", "2026-11-25"),
+    ("M.5", "demo recipes", "AVX2 EPYC", "2026-12-02"),
+    ("M.5", "demo recipes, bf16", "bf16 EPYC", "2026-12-03"),
+    ("M.5", "demo seeds", "AMX Xeon", "2026-12-07"),
+    ("M.6", "chapter 5.8", "AVX2 EPYC", "2026-11-25"),
+    ("M.6", "chapter 5.9", "AVX2 EPYC", "2026-12-02"),
+    ("M.6", "chapter 6.9", "AMX Xeon", "2026-12-07"),
+    ("M.6", "chapter 7.7", "AVX2 EPYC", "2026-12-02"),
+    ("M.7", "adm bench, fp32", "AVX2 EPYC", "2026-12-04"),
+    ("M.7", "adm bench, bf16", "bf16 EPYC", "2026-12-03"),
+    ("M.7", "adm bench, AMX", "AMX Xeon", "2026-12-07"),
+]
+MARKERS = {"AVX2 EPYC": ("o", "tab:blue"), "bf16 EPYC": ("s", "tab:orange"),
+           "AMX Xeon": ("D", "tab:green")}
+first = min(date.fromisoformat(day) for *_, day in RECORDS)
+fig, ax = plt.subplots(figsize=(8, 4.8))
+for row, (*_, machine, day) in enumerate(reversed(RECORDS)):
+    marker, colour = MARKERS[machine]
+    days = (date.fromisoformat(day) - first).days
+    ax.scatter(days, row, marker=marker, color=colour, s=50,
+               label=machine)
+ax.set_yticks(range(len(RECORDS)),
+              [f"{s}  {w}" for s, w, *_ in reversed(RECORDS)], fontsize=8)
+ax.set_xlabel(f"day of the run (days after {first.isoformat()})")
+ax.set_title("The records: each run's day and machine")
+handles, labels = ax.get_legend_handles_labels()
+unique = dict(zip(labels, handles, strict=True))
+ax.legend(unique.values(), unique.keys(), title="machine", loc="lower left")
+ax.grid(axis="x", alpha=0.3)
+fig.tight_layout()
+plt.show()
+assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 
 # %% [markdown]
 # ## M.1 Chapter 2: the longer run
@@ -724,7 +766,10 @@ os.chdir(find_root())
 # `train_step` and chapter 6's sampler, side by side with the
 # reference's, alternating round by round; a ratio is the median of the
 # rounds' paired ratios (not the ratio of the columns' rates), and the
-# range shows how far single rounds strayed.
+# range shows how far single rounds strayed. The rates are another
+# statistic: each side's work over its own median round's seconds. In
+# the table, (a) and (b) are those rates, and the paired ratio is the
+# median of the five rounds' ratios, with their range.
 #
 # On the AVX2 EPYC ("auto" is float32 on both sides), 2026-12-04, with
 # nothing else running, for the 11.1M-parameter 32x32 model `cifar32` at
@@ -734,22 +779,26 @@ os.chdir(find_root())
 # adm bench cifar32 --reference reference
 # ```
 #
-# | workload | adm_lib | reference | ratio (range of 5 rounds) |
+# | workload | adm_lib (a) | reference (b) | paired ratio (range) |
 # | --- | --- | --- | --- |
 # | training, images/s | 6.6 | 5.7 | 0.98x (0.96 to 1.29) |
 # | sampling, images x NFE/s | 21.2 | 18.8 | 0.97x (0.84 to 1.27) |
 #
-# Equal, within the noise of a shared machine (single rounds of the same
-# work took from 34 to 47 seconds): in float32 both run the same oneDNN
-# convolutions, which took 75% of our network's forward and backward time
-# in PyTorch's profiler (backward 55%, forward 20%), and 71% of a forward
-# pass alone. Chapter 3's up-sampling, attention layout and residual
-# scale make the rest cheaper (`python scripts/unet_speed.py --before
-# 19e384d`: up-sampling 2.96x faster at 16x16, the attention block 1.33x
-# at 8x8), but a whole float32 forward only 1.02x (0.92 to 1.25). What a
-# CPU can gain is bf16 where it is native. The same command on the bf16
-# EPYC and the AMX Xeon, our side under bf16 autocast, the reference's in
-# float32:
+# The two statistics disagree here: the ratio of the median rates is 6.6 / 5.7
+# = 1.16 for training and 21.2 / 18.8 = 1.13 for sampling, against medians of
+# the paired ratios of 0.98x and 0.97x. A round's pair shares the machine's
+# state, so the paired ratio is the one that a busy machine does not skew, and
+# both statistics lie within the rounds' range. Equal, within the noise of a
+# shared machine (single rounds of the same work took from 34 to 47 seconds):
+# in float32 both run the same oneDNN convolutions, which took 75% of our
+# network's forward and backward time in PyTorch's profiler (backward 55%,
+# forward 20%), and 71% of a forward pass alone. Chapter 3's up-sampling,
+# attention layout and residual scale make the rest cheaper (`python
+# scripts/unet_speed.py --before 19e384d`: up-sampling 2.96x faster at 16x16,
+# the attention block 1.33x at 8x8), but a whole float32 forward only 1.02x
+# (0.92 to 1.25). What a CPU can gain is bf16 where it is native. The same
+# command on the bf16 EPYC and the AMX Xeon, our side under bf16 autocast, the
+# reference's in float32:
 #
 # | machine, day | train, img/s | ratio | sample, img x NFE/s | ratio |
 # | --- | --- | --- | --- | --- |
@@ -823,3 +872,61 @@ for name, values in gap_se.items():
           f"{max(map(abs, values)):.2f} standard errors")
 assert all(np.std(a, ddof=1) < 0.9 for a in seeds.values())
 assert max(max(map(abs, v)) for v in gap_se.values()) <= 0.15
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. The demo's report (README) put 93.5% of 200 samples in their class
+#    at scale 1 and 97.0% at scale 4. Predict how many samples per scale
+#    that 3.5-point gap would need to pass `significance` standard errors,
+#    then check with `standard_error`.
+# 2. M.8 treats each training seed's accuracy as one measurement. Predict
+#    whether 800 steps beat 600 by more than two standard errors of the
+#    difference of the seeds' means, then check.
+# 3. Five paired rounds took (ours, the reference's) seconds (34, 33),
+#    (36, 35), (40, 47), (47, 46), (45, 52). Predict whether the ratio of
+#    the median rates equals the median of the paired ratios, then check.
+#    (Made-up numbers, for the arithmetic.)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** The gap's standard error is $\sqrt{(p_1 q_1 + p_2
+# q_2)/n}$, so it passes two of them when $n \ge 4 (p_1 q_1 + p_2 q_2) /
+# 0.035^2 \approx 293$: about 300 samples a scale, half as many again as
+# the demo draws. At 200 the gap is 1.7 standard errors.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+p1, p2 = 93.5, 97.0
+n = 200
+while (p2 - p1) / np.hypot(standard_error(p1, n), standard_error(p2, n)) \
+        < significance:
+    n += 1
+print(f"{n} samples per scale pass {significance} standard errors")
+assert n == 294
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** Yes: the means are 92.9% and 95.0%, a gap of 2.1
+# points, and the seeds' spreads give standard errors of about 0.4 for
+# each mean and 0.6 for the gap: 3.5 standard errors.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+means = {s: np.mean(a) for s, a in seeds.items()}
+errors = {s: np.std(a, ddof=1) / np.sqrt(len(a)) for s, a in seeds.items()}
+lead = means[800] - means[600]
+print(f"800 - 600 steps: {lead:+.2f} ± {np.hypot(*errors.values()):.2f}")
+assert lead / np.hypot(*errors.values()) > 2
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** No. Our median round took 40 s and the reference's 46 s,
+# so the rates' ratio is 46 / 40 = 1.15; the paired ratios are 0.97,
+# 0.97, 1.18, 0.98 and 1.16, with the median 0.98. The two medians come
+# from different rounds, a quiet one of ours against a busy one of the
+# reference's, while a pair shares the machine's state. M.7's float32 row
+# is this case: 6.6 / 5.7 = 1.16 against 0.98x.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+rounds = np.array([(34, 33), (36, 35), (40, 47), (47, 46), (45, 52)])
+rate_ratio = np.median(rounds[:, 1]) / np.median(rounds[:, 0])
+paired = np.median(rounds[:, 1] / rounds[:, 0])
+print(f"ratio of median rates {rate_ratio:.2f}, median paired "
+      f"ratio {paired:.2f}")
+assert round(rate_ratio, 2) == 1.15 and round(paired, 2) == 0.98

@@ -28,7 +28,9 @@
 #   with another configuration is refused;
 # * R.6 two processes under `torchrun` equal one;
 # * R.7 speed: `adm bench`, side by side with the reference, and the fast
-#   path on CPUs and GPUs.
+#   path on CPUs and GPUs;
+# * R.8 precision: the paper's fp16 with loss scaling, and why the book
+#   defaults to bf16.
 #
 # Every code cell here uses the library: the foundation, chapter 4's
 # modules (`adm_lib.config`, `adm_lib.train`, `adm_lib.runlog`,
@@ -359,6 +361,57 @@ print(refusal)
 assert "lr: checkpoint 0.0002, now 0.001" in refusal
 
 # %% [markdown]
+# The run folder as R.2 to R.5 left it, drawn from the folder itself (the
+# tree on the left lists what is on disk), beside the path every file
+# takes: written aside, forced to disk, renamed into place, and, for a
+# checkpoint, rotated by what reads.
+
+# %% jupyter={"source_hidden": true}
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+folder = runs / "split"
+entries = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                 if p.is_file())
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8),
+                                  width_ratios=[1, 2.2])
+left.text(0, 1, f"{folder.as_posix()}/\n" + "\n".join(
+    f"  {name}" for name in entries), va="top", family="monospace",
+    fontsize=9)
+left.set_title("The run folder after R.5 (on disk)")
+left.axis("off")
+STEPS = [  # x, y, label
+    (0.9, 2.2, "save at step N\n(rank 0)"),
+    (3.5, 2.2, "write_atomic:\n.step_N.pt.PID.tmp\n+ fsync"),
+    (6.1, 2.2, "rename into place:\ncheckpoints/\nstep_N.pt"),
+    (8.7, 2.2, "rotate: keep the\nkeep_checkpoints\nnewest that read"),
+    (8.7, 0.3, "unreadable:\nrenamed .damaged,\nnever deleted"),
+    (6.1, 0.3, "resume: newest\nreadable, settings\nchecked (R.5)"),
+]
+for x, y, label in STEPS:
+    right.add_patch(FancyBboxPatch((x - 0.95, y - 0.6), 1.9, 1.2,
+                                   boxstyle="round,pad=0.05",
+                                   facecolor="#dbe9f6", edgecolor="black"))
+    right.text(x, y, label, ha="center", va="center", fontsize=8)
+for (x0, y0, _), (x1, y1, _) in zip(STEPS, STEPS[1:], strict=False):
+    if y0 == y1:
+        start, end = (x0 + 1.05 * np.sign(x1 - x0), y0), (
+            x1 - 1.05 * np.sign(x1 - x0), y1)
+    else:
+        start, end = (x0, y0 - 0.65), (x1, y1 + 0.65)
+    right.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>",
+                                    mutation_scale=12, color="black"))
+right.text(3.5, 3.1, "a kill here leaves the old files whole",
+           ha="center", fontsize=8, style="italic")
+right.set(xlim=(-0.2, 9.8), ylim=(-0.5, 3.4),
+          title="Where each checkpoint goes")
+right.axis("off")
+fig.tight_layout()
+plt.show()
+assert {"config.json", "metrics.jsonl", "checkpoints/step_00000006.pt",
+        "checkpoints/step_00000008.pt.damaged"} <= set(entries)
+
+# %% [markdown]
 # ## R.6 Two processes equal one
 #
 # The reference launches one process per GPU with MPI. PyTorch's own
@@ -449,7 +502,10 @@ assert gap < 1e-3
 # `p_sample_loop` on the same batch, alternating with ours round by round,
 # so that a busy machine slows both alike. A ratio is the median of the
 # rounds' paired ratios, and the range shows how far single rounds
-# strayed. Here it is at
+# strayed. The rates beside it are another statistic, each side's work
+# over its own median round's seconds: on a quiet machine the two agree,
+# and where rounds vary the ratio of the rates may not be the ratio
+# printed (appendix M.7 has such a run). Here it is at
 # toy size, to show the report:
 
 # %%
@@ -469,10 +525,12 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # Measured at full size on 2-core CPUs (appendix M.7, with the machines
 # and days): in float32 ours and the reference's steps are equal within
 # the noise of a shared machine (training 0.98x, sampling 0.97x, medians
-# of 5 paired rounds), since both run the same oneDNN convolutions, which
-# take three quarters of the time; where the CPU computes in bf16
-# natively (AVX-512-BF16 or AMX), ours trains about twice as fast (1.9x
-# to 2.1x) under `precision="auto"`.
+# of 5 paired rounds; the ratios of the median rates, 1.16 and 1.13,
+# differ from them because single rounds varied by 40%, and all four lie
+# within the rounds' ranges), since both run the same oneDNN
+# convolutions, which take three quarters of the time; where the CPU
+# computes in bf16 natively (AVX-512-BF16 or AMX), ours trains about
+# twice as fast (1.9x to 2.1x) under `precision="auto"`.
 #
 # On a GPU the fast path adds bf16 autocast, TF32, cuDNN's autotuner,
 # channels_last, fused AdamW, uint8 batches normalised on the device,
@@ -516,6 +574,43 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # No GPU has been lent to this project yet, so its table is not here.
 
 # %% [markdown]
+# ## R.8 Precision: the paper's fp16 and the book's bf16
+#
+# The paper trained its models in fp16 with loss scaling (the reference's
+# `--use_fp16 True`): float16 weights in the network, a float32 master
+# copy for AdamW, and the loss multiplied by a scale before the backward
+# pass, so that small gradients do not flush to zero; a step whose
+# gradients overflow is skipped and the scale halved (chapter 4.5 has
+# the rule). float16 has 10 mantissa bits but a narrow range: its
+# smallest normal number is $2^{-14} \approx 6 \times 10^{-5}$, its
+# largest 65,504. bfloat16 keeps float32's range with 7 mantissa bits,
+# so it needs no scale: no scale to tune, no step lost to an overflow,
+# and a skipped step means a real non-finite loss, not a scale too high.
+# On the GPUs the book targets (Ampere and Hopper) both run at the same
+# tensor-core rate, so range is the reason, not speed; bf16's coarser
+# rounding does not change what a run learns (chapter 4.5, appendix M.2:
+# losses within 0.15 standard errors of float32's). So `precision="auto"`
+# is bf16 where the device computes in it natively, float32 elsewhere,
+# and `precision="fp16"` remains, with PyTorch's loss scaler, for GPUs
+# without bf16 (before Ampere). fp16 has not run on a GPU here, for want
+# of one. What each format does to a tiny gradient, a large activation,
+# and a tiny gradient scaled by $2^{16}$ (the scaler's first scale):
+
+# %%
+values = torch.tensor([1e-8, 1e-4, 1e5])
+scale = 2.0 ** 16
+for dtype in (torch.float16, torch.bfloat16):
+    stored = values.to(dtype).float()
+    scaled = (values[:2] * scale).to(dtype).float() / scale
+    print(f"{str(dtype):<15} stored {stored.tolist()}  scaled back "
+          f"{scaled.tolist()}")
+half = values.to(torch.float16)
+assert half[0] == 0 and torch.isinf(half[2])  # underflow and overflow
+assert (values[0] * scale).to(torch.float16) != 0  # the scale saves it
+brain = values.to(torch.bfloat16)
+assert brain[0] != 0 and torch.isfinite(brain[2])  # no scale needed
+
+# %% [markdown]
 # ## Summary
 #
 # * A configuration is checked whole before the first step, and every
@@ -529,5 +624,60 @@ assert report["sample"]["adm_lib"]["rate"] > 0
 # * `adm bench` times the steps `adm train` and `adm sample` take, side by
 #   side with the reference's; in float32 on a CPU they are equal, and the
 #   gains are bf16 where it is native and the GPU fast path (R.7).
+# * bf16 needs no loss scale, which the paper's fp16 did; it is the
+#   default where the device computes in it natively (R.8).
 # * The foundation that keeps these promises imports nothing of the
 #   book's library (R.0).
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. R.4's uninterrupted run trained 8 steps, saving every 4, with the
+#    default `keep_checkpoints` of 3. Predict which files its
+#    `checkpoints/` folder holds, then check.
+# 2. R.6 split a batch of 8 over two ranks. Predict whether rank 1's rows
+#    (4 to 7) change when the batch is split over four ranks of two rows
+#    instead, then check with `draw_step`.
+# 3. Predict the smallest power of two by which a loss must be scaled so
+#    that a gradient of $10^{-9}$ is not flushed to zero in float16, and
+#    the smallest that keeps it a normal number (full precision), then
+#    check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** Saves happen at every multiple of `save_interval` and at
+# the last step: steps 4 and 8. Both read, and two is under the limit of
+# three, so both stay: `step_00000004.pt` and `step_00000008.pt`.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+kept = sorted(p.name for p in (runs / "whole" / "checkpoints").iterdir())
+print(kept)
+assert kept == ["step_00000004.pt", "step_00000008.pt"]
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** They do not change: every row draws from its own
+# generator, seeded by (seed, step, row), so which process draws a row
+# does not matter. That is what makes two processes equal one.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+quarters = [draw_step(eight, uniform, 7, (1, 32, 32), torch.device("cpu"),
+                      rows=slice(2 * rank, 2 * rank + 2))
+            for rank in range(4)]
+joined = torch.cat([q.noise for q in quarters[2:]])
+assert torch.equal(joined, shares[1].noise)
+print("rows 4 to 7 are the same over two or four ranks")
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** float16's smallest subnormal is $2^{-24} \approx 6
+# \times 10^{-8}$, and a value rounds to it from above half of it,
+# $2^{-25}$: $10^{-9} \cdot 2^5 = 3.2 \times 10^{-8}$ is the first past
+# it, so $2^5$. To be normal it must reach $2^{-14}$, which takes
+# $2^{16}$: the scale PyTorch's scaler starts at.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+gradient = torch.tensor(1e-9)
+nonzero = next(k for k in range(40)
+               if (gradient * 2.0 ** k).to(torch.float16) != 0)
+normal = next(k for k in range(40) if gradient * 2.0 ** k
+              >= torch.finfo(torch.float16).smallest_normal)
+print(f"not flushed from 2^{nonzero}, normal from 2^{normal}")
+assert (nonzero, normal) == (5, 16)

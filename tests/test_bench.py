@@ -17,7 +17,7 @@ from adm_lib.data import Pixels, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # A checkout of openai/guided-diffusion, for the side-by-side test; never
-# committed (see README, Contributing).
+# committed (see docs/guide.md, Tests).
 CHECKOUT = Path(os.environ.get("ADM_REFERENCE_CHECKOUT", ROOT / "reference"))
 TINY = {"num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
         "attention_resolutions": "16", "image_size": 32,

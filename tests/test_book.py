@@ -10,6 +10,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -868,3 +869,180 @@ def test_the_conda_environment_pins_readmes_torch() -> None:
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     pinned = {line.split("==")[1] for line in pip if line.startswith("torch==")}
     assert len(readme) == 1 and pinned == readme
+
+
+# The pages of docs/ on the site: Markdown beside the chapters.
+
+DOC_A = """# Alpha
+
+## One thing
+
+See [the chapter](../chapters/01_x.py#1.1-foo), [the other page](b.md) and
+[the paper](https://arxiv.org/abs/2105.05233).
+
+![a picture](pic.png)
+
+| a | b |
+| --- | --- |
+| 1 | 2 |
+
+## One thing
+
+`code` and text.
+"""
+
+
+def test_docs_pages_render_with_the_sites_links_and_search(tmp_path: Path) -> None:
+    """docs/*.md become pages: links to chapters and pages made the site's,
+    images embedded, anchors as GitHub makes them, sidebar and search."""
+    from adm_lib.book import website
+
+    book = make_book(tmp_path, {"01_x.py": chapter("print(1)")})
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text(DOC_A)
+    (docs / "b.md").write_text("# Beta\n\nWords.\n")
+    shutil.copy(ROOT / "chapters" / "figures" / "02_cpu_run_bound.png",
+                docs / "pic.png")
+    pages = website._pages(book)
+    found = website._doc_pages(book, pages)
+    assert [(p.title, p.html) for p in found] == [("Alpha", "a.html"),
+                                                   ("Beta", "b.html")]
+    page, sections = website.render_doc(book, pages, found, found[0])
+    hrefs = [href for _, href, _ in _links(page)]
+    assert "01_x.html#1.1-foo" in hrefs and "b.html" in hrefs
+    assert "https://arxiv.org/abs/2105.05233" in hrefs
+    assert not any(h.endswith((".md", ".py")) and not h.startswith("source/")
+                   for h in hrefs)
+    assert re.findall(r'<h[12] id="([^"]+)"', page) == [
+        "alpha", "one-thing", "one-thing-1"]
+    assert 'src="data:image/png;base64,' in page and "pic.png" not in page
+    assert "<table>" in page and "<td>2</td>" in page
+    assert website.external_loads(page) == []
+    sidebar = page[page.index('<nav class="adm-sidebar"'):]
+    sidebar = sidebar[:sidebar.index("</nav>")]
+    assert 'href="01_x.html"' in sidebar
+    assert 'href="a.html" aria-current="page"' in sidebar
+    assert re.findall(r'class="adm-contents"[^>]*>(.*?)</ol>', sidebar,
+                      re.DOTALL)[0].count("<li>") == 2
+    index = website.search_index(pages + found, {"a.html": sections})
+    assert '"url": "a.html#one-thing"' in index
+    # A link the site cannot follow is named, as is a page that clashes.
+    (docs / "a.md").write_text("# A\n\n[read me](../README.md)\n")
+    with pytest.raises(bk.BookError, match=r"docs/a.md: the link '../README.md'"):
+        website.render_doc(book, pages, found, found[0])
+    (docs / "01_x.md").write_text("# Clash\n")
+    with pytest.raises(bk.BookError, match="docs/01_x.md would be 01_x.html"):
+        website._doc_pages(book, pages)
+
+
+# README is the front door: short, and what it shows runs.
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_is_short() -> None:
+    assert len(README.splitlines()) <= 220
+
+
+def test_readmes_python_runs() -> None:
+    """Each Python block of README runs as written, from the project root."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README, re.DOTALL | re.MULTILINE)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_lists_every_adm_command() -> None:
+    """README's table of commands names each command and book action of the CLI."""
+    import argparse
+
+    from adm_lib.cli import build_parser
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, Any]:
+        sub, = (a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction))
+        return sub.choices
+
+    commands = actions(build_parser())
+    book = commands["book"]
+    book._added()  # a command's arguments are added when it is first used
+    wanted = {f"adm {name}" for name in commands if name != "book"}
+    wanted |= {f"book {name}" for name in actions(book)}
+    table = README[README.index("## The `adm` command"):]
+    table = table[:table.index("\n## ")]
+    named = set()
+    for row in re.findall(r"^\| `adm ([^|]+?) \|", table.replace("\\|", "/"),
+                          re.MULTILINE):
+        first, *more = [part.strip("` ") for part in row.split(",")]
+        words = first.split()
+        if words[0] == "book":
+            named |= {f"book {w}" for w in [words[1], *more]}
+        else:
+            named.add(f"adm {words[0]}")
+    assert named == wanted
+
+
+def test_readmes_test_command_is_what_ci_runs() -> None:
+    """.ci/run installs what README's test command installs, then runs pytest."""
+    line, = (line for line in README.splitlines()
+             if line.endswith("&& pytest"))
+    install = re.search(r"pip install (torch==\S+ -e '\.\[dev\]')", line)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install and install[1] in ci
+    assert "pytest" in ci.splitlines()
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md",
+                                  *sorted((ROOT / "docs").glob("*.md"))],
+                         ids=lambda p: p.name)
+def test_readme_and_docs_links_resolve(path: Path) -> None:
+    """Every relative link and image of README and docs/ names a file, and
+    every anchor of docs/ a heading there."""
+    from adm_lib.book import website
+
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.DOTALL | re.M)
+    text = re.sub(r"`[^`]*`", "", text)  # code spans are not links
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        where = (path.parent / file) if file else path
+        assert where.exists(), f"{path.name}: {target}"
+        if anchor and where.suffix == ".md":
+            headings = re.findall(r"^#{1,3} (.+)$", where.read_text(), re.M)
+            assert anchor in {website._slug(h.replace("`", "")) for h in headings}, (
+                f"{path.name}: {target}")
+
+
+# Every exercise has its solution (one convention for the whole book): right
+# after "## Exercises", one solution per exercise, in order, each tagged
+# "solution" and hidden in JupyterLab; a solution's prose starts "**Solution N.**".
+
+@pytest.mark.parametrize("path", bk.Book.load(ROOT).chapters, ids=lambda p: p.stem)
+def test_every_exercise_has_its_solution(path: Path) -> None:
+    import jupytext
+
+    cells = jupytext.read(path).cells
+    heading = re.compile(r"^## Exercises\s*$", re.MULTILINE)
+    at = [i for i, c in enumerate(cells) if c.cell_type == "markdown"
+          and heading.search(c.source)]
+    assert len(at) == 1, f"{path.name}: one '## Exercises' section"
+    listed = heading.split(cells[at[0]].source)[1]
+    numbers = re.findall(r"^(\d+)\. ", listed, re.MULTILINE)
+    assert numbers == [str(n) for n in range(1, len(numbers) + 1)] and numbers, (
+        f"{path.name}: exercises numbered 1, 2, ...")
+    after = cells[at[0] + 1:]
+    run = next((i for i, c in enumerate(after)
+                if "solution" not in c.metadata.get("tags", [])), len(after))
+    solutions = after[:run]
+    assert not [c for c in after[run:] if "solution" in c.metadata.get("tags", [])], (
+        f"{path.name}: a solution away from the others")
+    assert all(c.metadata.get("jupyter", {}).get("source_hidden") for c in solutions), (
+        f"{path.name}: a solution not hidden (jupyter={{\"source_hidden\": true}})")
+    prose = [c.source for c in solutions if c.cell_type == "markdown"]
+    said = [re.match(r"\*\*Solution (\d+)\.\*\*", p) for p in prose]
+    assert all(said), f"{path.name}: a solution's prose starts **Solution N.**"
+    assert [m[1] for m in said if m] == numbers, (
+        f"{path.name}: {len(numbers)} exercises, solutions "
+        f"{[m[1] for m in said if m]}")

@@ -1,4 +1,4 @@
-"""The package's layers: which module may import which (README, Layout).
+"""The package's layers: which module may import which (docs/guide.md, Layout).
 
 Every module of adm_lib belongs to one layer; a module imports only its own
 layer and the layers it builds on, so that the foundation works without the
@@ -103,7 +103,7 @@ def test_every_module_has_a_layer() -> None:
             layer_of(name)
         except KeyError:
             unplaced.append(name)
-    assert unplaced == [], "place these in LAYERS (and README's Layout)"
+    assert unplaced == [], "place these in LAYERS (and the Layout of docs/guide.md)"
 
 
 def test_no_import_crosses_a_layer_upwards() -> None:

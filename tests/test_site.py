@@ -10,8 +10,9 @@ Each page is opened from its file in headless Chromium (Debian's `chromium` and
 must have its maths typeset by the local MathJax with no TeX source left in its
 text (typeset formulas included), every image loaded and described, every
 internal link resolving, the chapter list with the chapter's contents, and
-nothing in the console. Search, folding and the smoke-run banner are tried as
-a reader would. A screenshot of a chapter is saved to
+nothing in the console; the pages of docs/ (the guide, the measurements) the
+same, less the chapters' own parts. Search, folding, a solution opened and the
+smoke-run banner are tried as a reader would. A screenshot of a chapter is saved to
 build/site-test/chapter.png.
 """
 
@@ -38,7 +39,8 @@ pytestmark = [pytest.mark.site, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = bk.Book.load(ROOT)
 OUT = BOOK.build_dir / "site-test"
-PAGES = ["index", *(chapter.stem for chapter in BOOK.chapters)]
+DOCS = sorted(path.stem for path in (ROOT / website.DOCS).glob("*.md"))
+PAGES = ["index", *(chapter.stem for chapter in BOOK.chapters), *DOCS]
 SCREENSHOT_OF = "01_forward"
 
 # TeX that MathJax should have typeset: delimiters, a control sequence or an
@@ -76,6 +78,8 @@ function report(mathjax) {
     links: hrefs("a[href]"),
     chapters: hrefs(".adm-chapters > li > a:first-child"),
     current: hrefs(".adm-chapters a[aria-current=page]"),
+    docs: hrefs(".adm-docs > li > a:first-child"),
+    docCurrent: hrefs(".adm-docs a[aria-current=page]"),
     contents: hrefs(".adm-contents a"),
     headings: Array.from(document.querySelectorAll(".jp-RenderedMarkdown h2[id]"))
       .map((h) => "#" + h.id),
@@ -204,6 +208,9 @@ def test_every_page_is_written_with_nothing_from_the_network(site: Path) -> None
     assert (site / website.SITE_SCRIPT).is_file()
     for chapter in BOOK.chapters:
         assert (site / "source" / chapter.name).read_bytes() == chapter.read_bytes()
+    for name in DOCS:
+        source = ROOT / website.DOCS / f"{name}.md"
+        assert (site / "source" / source.name).read_bytes() == source.read_bytes()
 
 
 def test_index_has_the_chapters_in_book_order(site: Path) -> None:
@@ -213,6 +220,8 @@ def test_index_has_the_chapters_in_book_order(site: Path) -> None:
     assert positions == sorted(positions)
     for chapter in BOOK.chapters:
         assert bk.chapter_title(chapter) in text.replace("&#x27;", "'")
+    for name in DOCS:
+        assert f'href="{name}.html"' in text
 
 
 @pytest.mark.parametrize("name", PAGES)
@@ -233,10 +242,15 @@ def test_page_in_chromium(site: Path, browser: Any, name: str) -> None:
     assert raw == [], f"{name}: TeX left untypeset"
     shown = sorted({m.group() for m in TEX_IN_MATHS.finditer(seen["typeset"])})
     assert shown == [], f"{name}: TeX source shown by the typeset maths"
-    # Every page lists the chapters in book order.
+    # Every page lists the chapters in book order, and the pages of docs/.
     assert seen["chapters"] == [f"{c.stem}.html" for c in BOOK.chapters]
+    assert seen["docs"] == [f"{doc}.html" for doc in DOCS]
     if name == "index":
-        assert seen["current"] == []
+        assert seen["current"] == [] and seen["docCurrent"] == []
+        return
+    if name in DOCS:
+        assert seen["current"] == [] and seen["docCurrent"] == [f"{name}.html"]
+        assert seen["headings"] and seen["contents"] == seen["headings"]
         return
     chapter = BOOK.chapter(name)
     assert seen["current"] == [f"{name}.html"]
@@ -281,6 +295,34 @@ def test_search_finds_sections_from_a_file(site: Path, browser: Any) -> None:
     assert {link.split("#")[0] for link in links} - {page.name}
     assert results("zzzqqq no such words") == [("Nothing found.", "")]
     assert results("") == []
+    assert [entry for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE"] == []
+
+
+def test_a_solution_opens(site: Path, browser: Any) -> None:
+    """Every solution cell is on its page behind a closed <details>; one
+    starts hidden and shows its content when its summary is clicked."""
+    from selenium.webdriver.common.by import By
+
+    counts = {c.stem: sum("solution" in cell.tags for cell in bk.read_cells(c))
+              for c in BOOK.chapters}
+    assert any(counts.values()), "no chapter has a solution"
+    for name, count in counts.items():
+        page = (site / f"{name}.html").read_text(encoding="utf-8")
+        assert page.count('<details class="adm-solution">') == count, name
+    name = next(name for name, count in counts.items() if count)
+    browser.get((site / f"{name}.html").as_uri())
+    browser.execute_async_script(INSPECT)
+    first = browser.find_element(By.CSS_SELECTOR, "details.adm-solution")
+    content = first.find_elements(By.CSS_SELECTOR, ":scope > :not(summary)")
+    assert content and not any(c.is_displayed() for c in content), (
+        f"{name}: a solution shows before it is asked for")
+    summary = first.find_element(By.TAG_NAME, "summary")
+    browser.execute_script("arguments[0].scrollIntoView();", summary)
+    summary.click()
+    assert first.get_attribute("open") is not None
+    assert any(c.is_displayed() and c.text.strip() for c in content), (
+        f"{name}: the opened solution shows nothing")
     assert [entry for entry in browser.get_log("browser")
             if entry["level"] == "SEVERE"] == []
 

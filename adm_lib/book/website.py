@@ -2,8 +2,10 @@
 
 Each chapter of `book.toml` is executed by `book.run_chapter` (papermill), its
 executed notebook is kept in a cache keyed on the chapter's text and parameters,
-and nbconvert's lab template renders it to HTML. Every page has a sidebar with
-the chapters, the current chapter's sections and a search box over a prebuilt
+and nbconvert's lab template renders it to HTML. The Markdown pages in `docs/`
+(the guide, the measurements) are rendered beside them by markdown-it-py, their
+links to chapters and to each other made links of the site. Every page has a
+sidebar with the chapters, the current page's sections and a search box over a prebuilt
 index (`search-index.js`); export cells fold, cells tagged `solution` are
 collapsed, images have alt text, and a page built from the smoke configuration
 says so in a banner. The site reads offline, from `file://` too: MathJax is
@@ -14,6 +16,7 @@ anything from the network. Hand-written tooling, not exported from a chapter.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -291,6 +294,18 @@ details.adm-solution > summary { font-weight: 600; color: #1f2328; }
 /* MathJax adds hidden MathML for screen readers; its styles would have the
    browser fetch MathJax's TeX fonts (not in the site) for script letters. */
 .MJX_Assistive_MathML, .MJX_Assistive_MathML * { font-family: serif !important; }
+.adm-docs-title { margin: 1rem 0 0.3rem; color: #57606a; font-size: 12px;
+  text-transform: uppercase; letter-spacing: 0.05em; }
+.adm-docs > li { margin: 0.35rem 0; }
+.adm-docs a[aria-current] { font-weight: 600; color: #1f2328; }
+.adm-page pre { overflow-x: auto; padding: 0.6rem 0.8rem; background: #f6f8fa;
+  border: 1px solid #d0d7de; border-radius: 6px; font-size: 14px; }
+.adm-page code { font-size: 0.9em; }
+.adm-page table { border-collapse: collapse; margin: 1rem 0; font-size: 15px;
+  display: block; overflow-x: auto; }
+.adm-page th, .adm-page td { border: 1px solid #d0d7de; padding: 0.3rem 0.6rem;
+  text-align: left; vertical-align: top; }
+.adm-page img { max-width: 100%; }
 """
 
 # Export cells longer than this start folded (the reader can open each, or all).
@@ -300,6 +315,10 @@ SITE_SCRIPT = "site.js"
 SCRIPTS = (f'<script src="{SEARCH_INDEX}"></script>\n'
            f'<script src="{SITE_SCRIPT}"></script>')
 SIDEBAR_MARK = "<!-- adm-sidebar -->"
+# The folder of Markdown pages shown beside the chapters, in file-name order.
+DOCS = "docs"
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg",
+                ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 
 _MD_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.MULTILINE)
 _MD_IMAGE = re.compile(r"!\[([^\]]*)\]\((figures/[^)\s]+)[^)]*\)")
@@ -336,9 +355,9 @@ class SiteReport:
 
 @dataclass(frozen=True)
 class Page:
-    """One chapter's place in the site."""
+    """One chapter's place in the site, or one page of docs/."""
 
-    chapter: Path
+    chapter: Path  # the source: a chapter, or a docs/*.md file
     title: str
     number: str  # "1" for 01_forward.py; "" for an unnumbered chapter
     html: str
@@ -490,6 +509,23 @@ def _pages(book: bk.Book) -> list[Page]:
         number = str(int(prefix)) if prefix.isdigit() else ""
         pages.append(Page(chapter, title, number, f"{chapter.stem}.html"))
     return pages
+
+
+def _doc_pages(book: bk.Book, pages: list[Page]) -> list[Page]:
+    """The Markdown pages of docs/, titled by their first heading."""
+    folder = book.root / DOCS
+    taken = {"index.html", *(page.html for page in pages)}
+    docs = []
+    for path in sorted(folder.glob("*.md")) if folder.is_dir() else []:
+        heading = re.search(r"^# (.+)$", path.read_text(encoding="utf-8"),
+                            re.MULTILINE)
+        page = Page(path, heading[1].strip() if heading else path.stem, "",
+                    f"{path.stem}.html")
+        if page.html in taken:
+            raise bk.BookError(f"{book.rel(path)} would be {page.html}, a page the "
+                               "site already has: rename it")
+        docs.append(page)
+    return docs
 
 
 def _nav(pages: list[Page], index: int) -> str:
@@ -686,25 +722,38 @@ def _sections(body: str) -> list[Section]:
     return [s for s in parser.sections if s.anchor or "".join(s.text).strip()]
 
 
-def _sidebar(book: bk.Book, pages: list[Page], current: int | None,
-             sections: list[Section], smoke: bool) -> str:
-    """The chapter list, with the current chapter's contents, and the search box."""
+def _items(pages: list[Page], current: Page | None, sections: list[Section],
+           tag: str = "") -> str:
+    """A list of pages, the current one with its sections as contents."""
     items = []
-    for index, page in enumerate(pages):
-        if index != current:
+    for page in pages:
+        if page != current:
             items.append(f'<li><a href="{page.html}">{html.escape(page.label)}</a>'
                          "</li>")
             continue
         contents = "\n".join(
             f'<li><a href="#{html.escape(s.anchor)}">{html.escape(s.title.strip())}'
             "</a></li>" for s in sections if s.level == 2)
-        tag = ('<a class="adm-smoke-tag" href="#adm-smoke">Outputs from a smoke '
-               "run</a>" if smoke else "")
         items.append(
             f'<li><a href="{page.html}" aria-current="page">'
             f"{html.escape(page.label)}</a>{tag}"
-            f'<ol class="adm-contents" aria-label="Contents of this chapter">'
+            f'<ol class="adm-contents" aria-label="Contents of this page">'
             f"{contents}</ol></li>")
+    return "".join(items)
+
+
+def _sidebar(book: bk.Book, pages: list[Page], current: int | None,
+             sections: list[Section], smoke: bool,
+             docs: list[Page] | None = None, doc: Page | None = None) -> str:
+    """The chapter list and the pages of docs/, the current one with its
+    contents, and the search box."""
+    tag = ('<a class="adm-smoke-tag" href="#adm-smoke">Outputs from a smoke '
+           "run</a>" if smoke else "")
+    chapter = pages[current] if current is not None else None
+    items = _items(pages, chapter, sections, tag)
+    others = (f'<p class="adm-docs-title">Beside the chapters</p>'
+              f'<ol class="adm-docs">{_items(docs, doc, sections)}</ol>'
+              if docs else "")
     fold = ('<button type="button" id="adm-fold-all">Fold or unfold all library '
             "code</button>" if current is not None else "")
     return (
@@ -714,13 +763,13 @@ def _sidebar(book: bk.Book, pages: list[Page], current: int | None,
         'placeholder="Search the book" aria-label="Search the book" '
         'autocomplete="off">'
         '<ol class="adm-results" id="adm-results" hidden></ol></div>'
-        f'<ol class="adm-chapters">{"".join(items)}</ol>{fold}</nav>'
+        f'<ol class="adm-chapters">{items}</ol>{others}{fold}</nav>'
     )
 
 
 def render_chapter(
     book: bk.Book, pages: list[Page], index: int, notebook_path: Path,
-    exporter: Any = None,
+    exporter: Any = None, docs: list[Page] | None = None,
 ) -> tuple[str, list[Section]]:
     """A chapter's HTML page from its executed notebook, and its sections."""
     import nbformat
@@ -748,7 +797,8 @@ def render_chapter(
                            f"missing: {err}") from err
     sections = _sections(body)
     smoke = not info.get("parameters")
-    body = body.replace(SIDEBAR_MARK, _sidebar(book, pages, index, sections, smoke), 1)
+    body = body.replace(
+        SIDEBAR_MARK, _sidebar(book, pages, index, sections, smoke, docs), 1)
     return body, sections
 
 
@@ -768,7 +818,8 @@ def search_index(pages: list[Page], sections: dict[str, list[Section]]) -> str:
     return f"window.ADM_SEARCH = {text};\n"
 
 
-def render_index(book: bk.Book, pages: list[Page]) -> str:
+def render_index(book: bk.Book, pages: list[Page],
+                 docs: list[Page] | None = None) -> str:
     """The site's front page: the book's title and its table of contents."""
     items = "\n".join(
         f'<li><a href="{p.html}"><span class="adm-num">'
@@ -776,6 +827,10 @@ def render_index(book: bk.Book, pages: list[Page]) -> str:
         f'<a class="adm-source" href="source/{p.chapter.name}">source</a></li>'
         for p in pages
     )
+    beside = "\n".join(f'<li><a href="{p.html}">{html.escape(p.title)}</a></li>'
+                       for p in docs or [])
+    beside = (f'<h2>Beside the chapters</h2>\n<ul class="adm-toc">\n{beside}\n'
+              "</ul>" if beside else "")
     authors = html.escape(", ".join(book.authors))
     return f"""<!DOCTYPE html>
 <html lang="{html.escape(book.language)}">
@@ -787,7 +842,7 @@ def render_index(book: bk.Book, pages: list[Page]) -> str:
 <style type="text/css">{CSS}</style>
 </head>
 <body class="adm-index">
-{_sidebar(book, pages, None, [], False)}
+{_sidebar(book, pages, None, [], False, docs)}
 <main>
 <h1>{html.escape(book.title)}</h1>
 <p class="adm-authors">{authors}</p>
@@ -798,6 +853,7 @@ def render_index(book: bk.Book, pages: list[Page]) -> str:
 <ul class="adm-toc">
 {items}
 </ul>
+{beside}
 <p class="adm-note">Every chapter is a Jupytext <code>.py</code> file (its
 <em>source</em> link) that runs as a notebook. The outputs on these pages came from
 running each chapter with its smoke configuration, unless a page says otherwise;
@@ -808,6 +864,101 @@ figures from the recorded CPU runs are shown where the text cites them. Made by
 </body>
 </html>
 """
+
+
+def _slug(text: str) -> str:
+    """A heading's anchor, as GitHub makes it, so that links work in both."""
+    kept = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return kept.replace(" ", "-")
+
+
+def _site_link(book: bk.Book, pages: list[Page], docs: list[Page], doc: Page,
+               href: str) -> str:
+    """A link of a docs/ page as the site has it: a chapter's file becomes the
+    chapter's page, another Markdown page its page; anything else is refused."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(href)
+    if parts.scheme or parts.netloc or not parts.path:
+        return href
+    target = (doc.chapter.parent / parts.path).resolve()
+    for page in pages + docs:
+        if page.chapter.resolve() == target:
+            return page.html + (f"#{parts.fragment}" if parts.fragment else "")
+    raise bk.BookError(f"{book.rel(doc.chapter)}: the link {href!r} is to neither "
+                       f"a chapter nor a page of {DOCS}/, so the site cannot show "
+                       "it: link a chapter or a page, or write the path as code")
+
+
+def _data_uri(book: bk.Book, doc: Page, src: str) -> str:
+    """An image of a docs/ page, embedded, so that the page reads offline."""
+    if re.match(r"[a-z]+:|//", src):
+        raise bk.BookError(f"{book.rel(doc.chapter)}: the image {src!r} is not a "
+                           "local file; the site loads nothing from the network")
+    path = (doc.chapter.parent / src).resolve()
+    kind = _IMAGE_TYPES.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        raise bk.BookError(f"{book.rel(doc.chapter)}: the image {src!r} is "
+                           "missing or not a PNG, JPEG or SVG file")
+    return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def render_doc(book: bk.Book, pages: list[Page], docs: list[Page],
+               doc: Page) -> tuple[str, list[Section]]:
+    """A page of docs/ from its Markdown, with the site's sidebar and search."""
+    from markdown_it import MarkdownIt
+
+    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = markdown.parse(doc.chapter.read_text(encoding="utf-8"))
+    seen: set[str] = set()
+    for at, token in enumerate(tokens):
+        if token.type == "heading_open" and token.tag in ("h1", "h2", "h3"):
+            inline = tokens[at + 1].children or []
+            anchor = base = _slug("".join(c.content for c in inline))
+            number = 0
+            while anchor in seen:  # GitHub numbers a repeated heading's anchor
+                number += 1
+                anchor = f"{base}-{number}"
+            seen.add(anchor)
+            token.attrSet("id", anchor)
+        for child in token.children or []:
+            if child.type == "link_open":
+                child.attrSet("href", _site_link(book, pages, docs, doc,
+                                                 str(child.attrGet("href"))))
+            elif child.type == "image":
+                child.attrSet("src", _data_uri(book, doc, str(child.attrGet("src"))))
+    body = markdown.renderer.render(tokens, markdown.options, {})
+    sections = _sections(f'<div class="jp-RenderedMarkdown">{body}</div>')
+    where = docs.index(doc)
+    links = ['<a href="index.html">Contents</a>',
+             f'<a class="adm-src" href="source/{doc.chapter.name}">source: '
+             f"{DOCS}/{doc.chapter.name}</a>"]
+    if where + 1 < len(docs):
+        links.append(f'<a rel="next" class="adm-next" href="{docs[where + 1].html}">'
+                     f"{html.escape(docs[where + 1].label)} &rarr;</a>")
+    nav = '<nav class="adm-nav">' + "\n".join(links) + "</nav>"
+    page = f"""<!DOCTYPE html>
+<html lang="{html.escape(book.language)}">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1.0">
+<meta name="generator" content="{GENERATOR}">
+<title>{html.escape(doc.title)} | {html.escape(book.title)}</title>
+<style type="text/css">{CSS}</style>
+</head>
+<body class="adm-index adm-page">
+{_sidebar(book, pages, None, sections, False, docs, doc)}
+<main>
+{nav}
+<article class="jp-RenderedMarkdown">
+{body}</article>
+{nav}
+</main>
+{SCRIPTS}
+</body>
+</html>
+"""
+    return page, sections
 
 
 class _Loads(HTMLParser):
@@ -897,6 +1048,7 @@ def build_site(
                            "build; give an empty or new --output folder")
     parameters = parameters or {}
     pages = _pages(book)
+    docs = _doc_pages(book, pages)
     exporter = _exporter()
     # Built beside the output and swapped in at the end, so that a failed build
     # leaves the last good site in place.
@@ -913,11 +1065,16 @@ def build_site(
                        force, progress)
         (report.reused if done.reused else report.executed).append(page.chapter.stem)
         text, sections[page.html] = render_chapter(book, pages, index, done.notebook,
-                                                   exporter)
+                                                   exporter, docs)
         (partial / page.html).write_text(text, encoding="utf-8")
         shutil.copy2(page.chapter, partial / "source" / page.chapter.name)
-    (partial / "index.html").write_text(render_index(book, pages), encoding="utf-8")
-    (partial / SEARCH_INDEX).write_text(search_index(pages, sections),
+    for doc in docs:
+        text, sections[doc.html] = render_doc(book, pages, docs, doc)
+        (partial / doc.html).write_text(text, encoding="utf-8")
+        shutil.copy2(doc.chapter, partial / "source" / doc.chapter.name)
+    (partial / "index.html").write_text(render_index(book, pages, docs),
+                                        encoding="utf-8")
+    (partial / SEARCH_INDEX).write_text(search_index(pages + docs, sections),
                                         encoding="utf-8")
     (partial / SITE_SCRIPT).write_text(SITE_JS, encoding="utf-8")
     shutil.rmtree(output, ignore_errors=True)
