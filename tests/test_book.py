@@ -689,7 +689,8 @@ READER = chapter(
     "# %% [markdown]\n# ## 1.1 The $\\alpha$ section\n#\n# Prose about zebras,"
     " with $\\texttt{a\\_b}$.\n\n# %%\n#| export\ndef short_one").replace(
     "# %%\nfrom base64",
-    "# %% [markdown]\n# ## 1.2 Pictures\n\n# %%\nfrom base64"
+    "# %% [markdown]\n# ## 1.2 Pictures\n\n"
+    '# %% jupyter={"source_hidden": true}\nfrom base64'
 ) + ('\n# %% [markdown] tags=["solution"]\n# Why: zebras.\n\n' + MATHS)
 
 
@@ -732,13 +733,15 @@ def test_site_reader_aids(tmp_path: Path) -> None:
     assert any(e["url"].startswith("02_b.html") for e in entries)
     assert f'src="{website.SEARCH_INDEX}"' in page
     assert (site / website.SITE_SCRIPT).read_text() == website.SITE_JS
-    # Export cells fold; a long one starts folded. Solutions start collapsed.
+    # Export cells fold, a long one folded; so does code hidden in JupyterLab.
+    # Solutions start collapsed.
     folds = re.findall(r'<details class="adm-fold"( open="")?>\s*<summary>([^<]*)',
                        page)
     assert folds == [
         (' open=""', "Library code, exported to adm_lib.things: def short_one "
                   "(3 lines)"),
-        ("", "Library code, exported to adm_lib.things: def long_one (49 lines)")]
+        ("", "Library code, exported to adm_lib.things: def long_one (49 lines)"),
+        ("", "The code that draws it (3 lines)")]
     solutions = page.split('<details class="adm-solution"><summary>Solution'
                            "</summary>")
     assert len(solutions) == 3

@@ -607,7 +607,8 @@ def _fold_summary(source: str, module: str | None) -> str:
 def _for_the_page(notebook: Any) -> tuple[Any, list[str]]:
     """The notebook as the page shows it, and the captions of its recorded figures.
 
-    Live progress-bar widgets are dropped; export cells are marked to fold;
+    Live progress-bar widgets are dropped; export cells and code hidden
+    in JupyterLab are marked to fold;
     images drawn by a cell get alt text that says where they are (the text's
     own images have their captions); the recorded runs' figures are labelled.
     """
@@ -640,6 +641,14 @@ def _for_the_page(notebook: Any) -> tuple[Any, list[str]]:
                 "summary": _fold_summary(cell.source,
                                          first[2] if len(first) > 2 else module),
                 "open": lines <= FOLD_LINES,
+            }
+        elif (cell.metadata.get("jupyter", {}).get("source_hidden")
+              and "solution" not in cell.metadata.get("tags", [])):
+            # Hidden in JupyterLab (a diagram's drawing code): folded here.
+            lines = len(cell.source.splitlines())
+            cell.metadata["adm_fold"] = {
+                "summary": f"The code that draws it ({lines} lines)",
+                "open": False,
             }
         for output in cell.outputs:
             data = output.get("data", {})
