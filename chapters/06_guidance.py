@@ -121,23 +121,42 @@ print(f"device: {device}, features: {features}")
 # ## 6.1 Conditioning a diffusion model on a classifier
 #
 # A diffusion model's reverse step is a Gaussian,
-# $p_\theta(x_t \mid x_{t+1}) = \mathcal{N}(\mu, \Sigma)$ (chapter 2). To
-# condition it on a label $y$ we want to sample $p_{\theta,\phi}(x_t \mid
-# x_{t+1}, y) \propto p_\theta(x_t \mid x_{t+1}) \, p_\phi(y \mid x_t)$.
-# The classifier's log-probability varies slowly next to $\Sigma^{-1}$, so
-# it is close to its first-order expansion around $x_t = \mu$,
+# $p_\theta(x_{t-1} \mid x_t) = \mathcal{N}(\mu, \Sigma)$ (chapter 2; the
+# paper writes the same step as $x_{t+1} \to x_t$, this book indexes it
+# as chapters 1 and 2 do). To condition it on a label $y$ we want to
+# sample $p_{\theta,\phi}(x_{t-1} \mid x_t, y) \propto p_\theta(x_{t-1}
+# \mid x_t) \, p_\phi(y \mid x_{t-1})$. The classifier's log-probability
+# varies slowly next to $\Sigma^{-1}$, so it is close to its first-order
+# expansion around $x_{t-1} = \mu$,
 #
-# $$\log p_\phi(y \mid x_t) \approx \text{const} + (x_t - \mu)^\top g,
-# \qquad g = \nabla_{x_t} \log p_\phi(y \mid x_t)\big|_{x_t = \mu},$$
+# $$\log p_\phi(y \mid x_{t-1}) \approx \text{const} + (x_{t-1} - \mu)^\top
+# g, \qquad g = \nabla \log p_\phi(y \mid x)\big|_{x = \mu},$$
 #
-# and the product of the Gaussian with $e^{(x_t - \mu)^\top g}$ is again a
-# Gaussian, with the mean moved: $\mathcal{N}(\mu + \Sigma g, \Sigma)$.
-# That is **Algorithm 1**: ancestral sampling with the mean shifted by
-# $s\,\Sigma\,g$. The scale $s$ multiplies the log-probability, so a model
-# of $p(x)$ is steered towards $p(x)\,p(y \mid x)^s / Z$, with $Z$ the
-# normaliser: $p(x \mid y)$ at $s = 1$ by Bayes' rule, sharper for $s > 1$.
-# A class-conditional model is steered towards the normalised
-# $p(x \mid y)\,p(y \mid x)^s$, which for $s > 0$ is never $p(x \mid y)$.
+# and the product of the Gaussian with $e^{(x_{t-1} - \mu)^\top g}$ is
+# again a Gaussian, with the mean moved: $\mathcal{N}(\mu + \Sigma g,
+# \Sigma)$. That is **Algorithm 1**: ancestral sampling with the mean
+# shifted by $s\,\Sigma\,g$. The paper's Algorithm 1, as printed, does
+# not take $g$ at $\mu$, where its derivation expands, but at $x_t$:
+# $\nabla_{x_t} \log p_\phi(y \mid x_t)$, the classifier asked about the
+# point and noise level it has. The mismatch is between the paper's
+# derivation and its own algorithm; the reference implements the
+# algorithm, and so does chapter 2's `condition_mean`, whose
+# `guide_at_mean=True` follows the derivation instead (6.6 compares them).
+#
+# The scale $s$ multiplies the log-probability at every step, so the
+# guided sampler follows the tilted scores of $p_t(x_t)\,p_t(y \mid
+# x_t)^s$ at every noise level $t$. At $s = 1$ that is $p_t(x_t \mid
+# y)$ by Bayes' rule, the noisy version of $p(x \mid y)$, which the
+# sampler then draws. The paper reads $s > 1$ as sampling the sharper
+# $p(x)\,p(y \mid x)^s / Z$, with $Z$ the normaliser; that holds only at
+# $s = 1$. For $s \ne 1$ the tilted densities of the different noise
+# levels are not the noisy versions of any one distribution, and the
+# samples are not drawn from $p(x)\,p(y \mid x)^s / Z$: 6.10 computes
+# both exactly on a toy and finds them far apart. What $s > 1$ does
+# reliably is push samples further towards where the classifier is
+# confident. A class-conditional model guided at scale $s$ follows
+# $p_t(x_t \mid y)\,p_t(y \mid x_t)^s$, which for $s > 0$ is not $p(x \mid
+# y)$ at any level.
 #
 # DDIM has no Gaussian step to shift. It follows the noise prediction
 # $\epsilon_\theta(x_t)$, which is a scaled score,
@@ -153,10 +172,72 @@ print(f"device: {device}, features: {features}")
 # Chapter 2 built both as a hook of its samplers: a function
 # `cond_fn(x, t, **model_kwargs)` returning the scaled gradient, which
 # `condition_mean` (Algorithm 1) and `condition_score` (Algorithm 2) apply.
-# Guidance is a function handed to the sampler, not a new sampler. The
-# reference evaluates the gradient at $x_t$ rather than at $\mu$, where the
-# derivation expands; `p_sample(..., guide_at_mean=True)` does the latter,
-# and 6.6 compares the two.
+# Guidance is a function handed to the sampler, not a new sampler.
+
+# %% [markdown]
+# The guided step, as a picture: one network evaluation and one
+# classifier gradient per step, combined in one of two ways.
+
+# %% jupyter={"source_hidden": true}
+from matplotlib.patches import FancyBboxPatch
+
+fig, ax = plt.subplots(figsize=(9, 3.6))
+centres = {}
+
+
+def box(name: str, x: float, y: float, text: str, colour: str) -> None:
+    """A labelled box centred at (x, y), remembered under `name`."""
+    width, height = 1.9, 0.9
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width,
+                                height, boxstyle="round,pad=0.05",
+                                facecolor=colour, edgecolor="black"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+    centres[name] = (x, y)
+
+
+def arrow(a: str, b: str, label: str = "", dy: float = 0.0) -> None:
+    """An arrow from box a's edge to box b's, labelled at its middle."""
+    (xa, ya), (xb, yb) = centres[a], centres[b]
+    ax.annotate("", xy=(xb, yb + dy), xytext=(xa, ya + dy),
+                arrowprops={"arrowstyle": "-|>", "shrinkA": 30,
+                            "shrinkB": 30, "color": "black"})
+    if label:
+        ax.text((xa + xb) / 2, (ya + yb) / 2 + dy + 0.12, label,
+                ha="center", va="bottom", fontsize=8, color="tab:blue")
+
+
+box("x", 0.9, 2.0, "$x_t$, step $t$", "white")
+box("model", 3.1, 3.2, "diffusion model\n$\\epsilon_\\theta(x_t)$, "
+    "$\\Sigma_\\theta(x_t)$", "#dbe9f6")
+box("classifier", 3.1, 0.8, "noisy classifier\n$p_\\phi(y \\mid x_t, t)$",
+    "#fde2c8")
+box("mean", 5.5, 3.2, "mean $\\mu$\n(chapter 2)", "#dbe9f6")
+box("grad", 5.5, 0.8, "$g = \\nabla_{x_t}$\n$\\log p_\\phi(y \\mid x_t)$",
+    "#fde2c8")
+box("alg1", 8.0, 3.2, "Algorithm 1\n$\\mathcal{N}(\\mu + s\\Sigma g, "
+    "\\Sigma)$", "#d8f0d2")
+box("alg2", 8.0, 0.8, "Algorithm 2\n$\\hat\\epsilon = \\epsilon - "
+    "\\sqrt{1-\\bar\\alpha_t}\\,s g$", "#d8f0d2")
+box("out", 10.3, 2.0, "$x_{t-1}$", "white")
+arrow("x", "model")
+arrow("x", "classifier", "label $y$")
+arrow("model", "mean", "$\\epsilon$, $\\Sigma$")
+arrow("classifier", "grad", "autograd")
+arrow("mean", "alg1")
+arrow("grad", "alg1", "shift $s\\Sigma g$")
+arrow("model", "alg2", "$\\epsilon$")
+arrow("grad", "alg2", "$g$")
+arrow("alg1", "out", "ancestral")
+arrow("alg2", "out", "DDIM")
+ax.set(xlim=(-0.2, 11.4), ylim=(0.1, 3.9), aspect="equal")
+ax.axis("off")
+ax.set_title("One guided step: the classifier's gradient shifts the mean "
+             "(Algorithm 1) or the noise prediction (Algorithm 2)",
+             fontsize=9)
+fig.tight_layout()
+plt.show()
+assert len(centres) == 8 and all(
+    -0.2 < x - 1 and x + 1 < 11.4 for x, _ in centres.values())
 
 # %% [markdown]
 # The two move a sample by very different amounts. Algorithm 1 shifts the
@@ -190,17 +271,30 @@ for steps in ("10", "25", "50", "250", "1000"):
     print(f"{steps:>4} steps: cosine {cosine[-1]:7.1f} then "
           f"{cosine[-2]:.2f}; linear {linear[-1]:.2f} then {linear[-2]:.2f}")
     assert cosine[-1] > 20 * max(linear[-1], cosine[-2])
+for steps in ("ddim10", "ddim25"):  # stride T/N from 0: never t = T
+    gain = ddim_guidance_gain("cosine", steps)
+    print(f"{steps:>6}: cosine {gain[-1]:.2f} then {gain[-2]:.2f}")
+    assert gain[-1] < 2
 
 # %% [markdown]
-# At the first step of the cosine schedule, where
-# $\bar\alpha_T \approx 2 \times 10^{-9}$, one unit of gradient moves
-# the sample by 31 (1,000 steps) to 3,492 (10 steps), where the data
-# span $[-1, 1]$, and by about 1 at the next step: the classifier's
-# gradient is divided by $\sqrt{\bar\alpha_t}$ where the sample is
-# nearly all noise. The reference does the same, so this is the method;
-# chapter 4.9 measures what it does to the demo's samples (guided at
-# $s = 1$ with DDIM, 48.5% of them in the right class against 95.0%
-# ancestrally), and the demo guides with Algorithm 1.
+# One step is to blame: the cosine schedule's last, $t = T$. Its
+# $\beta_T$ would be 1 and is clipped to 0.999 (chapter 1), so that
+# $\bar\alpha_T = \bar\alpha_{T-1} / 1000 \approx 2.4 \times 10^{-9}$,
+# and there one unit of gradient moves the sample by 31 (1,000 steps)
+# to 3,492 (10 steps), where the data span $[-1, 1]$; at the next step
+# it moves it by about 1. Even respacings ("10", "25") keep step $T$;
+# DDIM's own ("ddim10", "ddim25", a stride of $T/N$ from 0) never visit
+# it, and their largest factor is about 1. The exact classifier would
+# do no harm even at $T$: its gradient there is itself of the order of
+# $\sqrt{\bar\alpha_T}$, which cancels the gain. A trained classifier's
+# gradient at $T$ is not that small (pure noise at $\bar\alpha_T$ and
+# at $\bar\alpha_{T-1}$ look alike to it), and the gain multiplies
+# it. Chapter 4.9 measures the harm on the demo's samples (guided at
+# $s = 1$ with DDIM on 25 even steps, 48.5% in the right class, against
+# 95.0% ancestrally). The cure is to guard that one step: no guidance at
+# $t = T$, or a respacing without it; 6.11 shows both on a toy with an
+# exact answer. The reference has the same step, and the demo guides
+# with Algorithm 1, whose shift is bounded by the step's variance.
 
 # %% [markdown]
 # ## 6.2 The conditioning function
@@ -214,6 +308,21 @@ for steps in ("10", "25", "50", "250", "1000"):
 # The classifier runs at the sampling precision (bf16 autocast on a GPU), as
 # the reference runs its released classifiers in float16; the gradient then
 # costs a bf16 forward and backward pass per step, not a float32 one.
+#
+# **How the paper trains its classifiers** (its section 4.1 and appendix):
+# the downsampling trunk of the UNet with an attention pool (as in CLIP)
+# on the $8 \times 8$ feature map in place of global average pooling,
+# trained on the diffusion model's own noising distribution ($t$ uniform,
+# $x_t$ from $q(x_t \mid x_0)$), with random crops against overfitting;
+# the reference crops 80 to 100% of each image. The book's classifier is
+# the same trunk and pool (`classifier_pool="attention"`; MNIST's
+# $32 \times 32$ images reach $8 \times 8$ after two downsamplings, so it
+# pools at $8 \times 8$ too) on the same noising, with two differences:
+# it is far smaller (32 channels, one residual block per level in this
+# chapter, 0.56M parameters) and it trains on the centre crop, without
+# random crops (chapter 4.2). On MNIST-5k, 400 steps of batch 64 see
+# each image about five times, so overfitting is not yet its problem;
+# a longer run would want the crops.
 
 # %%
 #| export
