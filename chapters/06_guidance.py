@@ -21,9 +21,10 @@
 # **classifier guidance**. A classifier $p_\phi(y \mid x_t)$ trained on
 # noisy images supplies the gradient $\nabla_{x_t} \log p_\phi(y \mid x_t)$,
 # and the sampler follows it, scaled by $s$. An unconditional model guided
-# at $s = 1$ targets $p(x \mid y)$, and at $s > 1$ a sharper distribution
-# with higher fidelity (precision, Inception Score) and lower diversity
-# (recall); a guided conditional model never targets $p(x \mid y)$ (6.1).
+# at $s = 1$ targets $p(x \mid y)$, and at $s > 1$ something sharper, with
+# higher fidelity (precision, Inception Score) and lower diversity
+# (recall), though not the $p(x)\,p(y \mid x)^s$ it is often said to be
+# (6.10); a guided conditional model never targets $p(x \mid y)$ (6.1).
 #
 # This chapter exports `adm_lib.guidance`:
 #
@@ -36,7 +37,11 @@
 #   guidance scales, the gradient at $x_t$ against the gradient at the
 #   mean, and the fidelity-diversity trade-off measured with chapter 5's
 #   metrics, classifier guidance beside classifier-free guidance;
-# * 6.8 `adm sample` and `adm demo`, and 6.9 a longer recorded run.
+# * 6.8 `adm sample` and `adm demo`, and 6.9 a longer recorded run;
+# * 6.10 guidance on chapter 2's toy, where everything is exact: what
+#   $s = 1$ and $s > 1$ sample, and classifier-free guidance as the same
+#   tilt; 6.11 the one step that makes guided DDIM blow up, guarded, and
+#   saturation with dynamic thresholding.
 
 # %% tags=["parameters"]
 # Smoke configuration: a few minutes on a CPU. The recorded CPU run of 6.9
@@ -1611,6 +1616,16 @@ plt.show()
 #   conditional and unconditional predictions.
 # * The scale trades diversity (recall) for fidelity (precision), which
 #   the experiments measure with chapter 5's `score_activations`.
+# * Exactly (6.10): guidance at $s = 1$ samples $p(x \mid y)$; at $s > 1$
+#   it samples neither $p(x)\,p(y \mid x)^s / Z$ nor one answer for all
+#   samplers. Classifier-free guidance with exact predictions,
+#   $\epsilon(\varnothing) + w\,(\epsilon(y) - \epsilon(\varnothing))$, is
+#   classifier guidance at $s = w$ (`classifier_free_model`'s scale is
+#   $w - 1$).
+# * Guided DDIM's blow-up is the cosine schedule's clipped step $t = T$;
+#   leaving it unguided (or a `ddimN` respacing) removes it (6.11). Large
+#   scales saturate clipped samples; dynamic thresholding rescales
+#   $\hat x_0$ instead.
 
 # %% [markdown]
 # ## Exercises
@@ -1638,3 +1653,154 @@ plt.show()
 #    guides only at original timesteps $t_\text{lo} \le t < t_\text{hi}$.
 #    Predict whether guiding the unconditional model in the noisier or the
 #    cleaner half of sampling keeps more of 6.7's accuracy gain, then check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** Up to terms free of $x$,
+# $-\tfrac12 (x - \mu)^\top \Sigma^{-1} (x - \mu) + s (x - \mu)^\top g =
+# -\tfrac12 (x - \mu - s\Sigma g)^\top \Sigma^{-1} (x - \mu - s\Sigma g)
+# + \tfrac{s^2}{2} g^\top \Sigma g$: expanding the right side gives back
+# the left, and the last term is a constant, absorbed by normalising.
+# So the product is $\mathcal{N}(\mu + s\Sigma g, \Sigma)$. The expansion
+# drops $\tfrac12 (x - \mu)^\top H (x - \mu)$, with $H$ the Hessian of
+# $\log p_\phi(y \mid x_t)$; over the Gaussian's width that is small
+# when $H$ is small next to $\Sigma^{-1}$ (the classifier's curvature
+# well below the inverse variance), which holds as the steps shrink. The
+# cell checks the shift in one dimension on a grid.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+grid_1d = torch.linspace(-6, 6, 4001, dtype=f64)
+mu_1d, var_1d, s_1d, g_1d = 0.3, 0.25, 2.0, -0.7
+tilted_1d = (-(grid_1d - mu_1d) ** 2 / (2 * var_1d)
+             + s_1d * (grid_1d - mu_1d) * g_1d).exp()
+tilted_1d = tilted_1d / tilted_1d.sum()
+mean_1d = float((grid_1d * tilted_1d).sum())
+spread_1d = float(((grid_1d - mean_1d) ** 2 * tilted_1d).sum())
+print(f"mean {mean_1d:.6f} (mu + s var g = {mu_1d + s_1d * var_1d * g_1d}),"
+      f" variance {spread_1d:.6f}")
+assert abs(mean_1d - (mu_1d + s_1d * var_1d * g_1d)) < 1e-6
+assert abs(spread_1d - var_1d) < 1e-6
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** With $\epsilon = -\sqrt{1 - \bar\alpha_t}\,\nabla \log
+# p$, the mix $\epsilon(y) + w(\epsilon(y) - \epsilon(\varnothing))$ is
+# $-\sqrt{1 - \bar\alpha_t}$ times $(1 + w)\nabla \log p(x_t \mid y) - w
+# \nabla \log p(x_t) = \nabla \log p(x_t) + (1 + w)\big(\nabla \log
+# p(x_t \mid y) - \nabla \log p(x_t)\big)$, and the bracket is $\nabla
+# \log p(y \mid x_t)$ by Bayes' rule ($p(y)$ does not depend on $x_t$).
+# So it is guidance of scale $1 + w$ in Algorithm 2's form. On the toy
+# of 6.10, with exact predictions, the cell checks it to rounding.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+x = torch.randn(64, 2, dtype=f64)
+t = torch.randint(0, 1000, (64,))
+y = torch.zeros(64, dtype=torch.long)
+a = torch.as_tensor(line_abar)[t][:, None]
+for w in (0.5, 3.0):
+    mixed = classifier_free_model(both_eps, w, NULL)(x, t, y)
+    score_form = -(1 - a).sqrt() * (
+        line.score(x, a) + (1 + w) * line.cond_fn(line_abar)(x, t, y))
+    assert (mixed - score_form).abs().max() < 1e-12
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** Expected: from $s = 10$ to $s = 30$ the accuracy of
+# the unconditional model creeps towards its ceiling (the evaluation
+# network's agreement with the guiding classifier), recall falls, and
+# precision stops rising and may fall, as samples are pushed towards
+# what the classifier scores highly rather than towards real digits
+# (6.11's saturation adds to it). The reasoning is 6.10's: a larger tilt
+# moves a class's samples onto its most typical mode. The toy shows that
+# part exactly (25 ancestral steps of the tilted $\epsilon$, 1,000
+# samples): the share at $A$ and the spread of $x_1$ over $s$. The MNIST
+# numbers need the rerun.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+concentration = {}
+for s in (1.0, 4.0, 10.0, 30.0):
+    x = toy_draw(classifier_free_model(both_eps, s - 1, NULL), steps="25",
+                 n=1000)
+    concentration[s] = (shares(x, 1)[0, 0], float(x[:, 0].std()))
+    print(f"s = {s:>4g}: share at A {concentration[s][0]:.3f}, "
+          f"std of x1 {concentration[s][1]:.3f}")
+at_a, spread = zip(*concentration.values(), strict=True)
+assert list(at_a) == sorted(at_a) and list(spread) == sorted(spread)[::-1]
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** A classifier trained on clean images, shown $x_t$, is
+# off its training distribution at all but the last steps; its gradient
+# there is noise or worse, which is why the paper trains on the
+# diffusion's noising. Expected: guidance raises the accuracy far less
+# than the noisy classifier's (if at all), and only its last,
+# nearly clean steps can be trusted ($\bar\alpha_t$ close to 1). The toy
+# shows the other half of the story, with a clean classifier that is
+# exact ($p_0(y \mid x)$ evaluated at $x_t$): even without a network's
+# errors it is a different tilt from $p_t(y \mid x_t)$, much sharper at
+# high noise, and guided at $s = 1$ it over-guides, putting more samples
+# in class 0 than $p(x \mid y)$ has (95%), not the right number. The MNIST
+# result needs the rerun.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+in_class = {}
+for name, hook in (("noisy", line.cond_fn(line_abar)),
+                   ("clean", line.cond_fn(np.ones_like(line_abar)))):
+    x = toy_draw(ignore_labels(exact_eps), cond_fn=hook, steps="25",
+                 n=1000)
+    in_class[name] = float(shares(x, 1)[0, :2].sum())
+    print(f"{name} classifier at s = 1: {in_class[name]:.3f} in class 0")
+target_in_class = float(toy_rows["target", 1.0][0, :2].sum())
+print(f"p(x | y = 0): {target_in_class:.3f}")
+assert in_class["clean"] > target_in_class > in_class["noisy"] - 0.1
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** Algorithm 1 moves the mean by $s\Sigma g$ with
+# $\Sigma \le 1$; DDIM's step moves $x$ by `ddim_guidance_gain` times
+# $s g$, which on an even respacing is in the thousands at the clipped
+# first step (6.1's table). So the same $s$ moves DDIM's samples far
+# more, and its scores are worse, unless the respacing drops step $T$
+# (`ddimN`) or the hook leaves it unguided (6.11); after that one step
+# the gains are about 1. The cell computes the gain of this run's
+# respacing at its first step against Algorithm 1's largest variance.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+first_gain = ddim_guidance_gain("cosine", respacing)[-1]
+largest_variance = float(spaced.betas.max())
+print(f"respacing {respacing}: DDIM's first-step gain {first_gain:.1f}, "
+      f"Algorithm 1's largest variance {largest_variance:.3f}")
+kept = getattr(spaced, "timestep_map", torch.arange(spaced.num_timesteps))
+if conditional.config.diffusion_steps - 1 in kept.tolist():  # keeps T
+    assert first_gain > 100 * largest_variance
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** `window_cond_fn` below wraps `classifier_cond_fn` and
+# zeroes its gradient outside the window, on the original timesteps the
+# hook receives. Which half matters depends on where the classes part.
+# In the toy of 6.10, class 0's $B$ and class 1's $C$ overlap and part
+# only at fine scale, so the cleaner half keeps most of the gain; on
+# MNIST a digit's class is its coarse shape, fixed early, so we expect
+# the noisier half to keep more there. The cell runs the toy (exact
+# classifier, $s = 1$, 25 ancestral steps, 1,000 samples); the MNIST
+# check needs trained models (`window_cond_fn(classifier.model, s, 500,
+# 1000)` as `draw`'s hook).
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def window(cond_fn, t_lo: int, t_hi: int):
+    """cond_fn's gradient at original steps t_lo <= t < t_hi, else 0."""
+    def windowed(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        keep = ((t >= t_lo) & (t < t_hi)).view(-1, *(1,) * (x.ndim - 1))
+        return cond_fn(x, t, **kwargs) * keep
+    return windowed
+
+
+def window_cond_fn(classifier, scale: float, t_lo: int, t_hi: int):
+    """Classifier guidance at scale only for t_lo <= t < t_hi."""
+    return window(classifier_cond_fn(classifier, scale), t_lo, t_hi)
+
+
+halves = {}
+for name, (lo, hi) in {"none": (0, 0), "cleaner half": (0, 500),
+                       "noisier half": (500, 1000),
+                       "all": (0, 1000)}.items():
+    x = toy_draw(ignore_labels(exact_eps), steps="25", n=1000,
+                 cond_fn=window(line.cond_fn(line_abar), lo, hi))
+    halves[name] = float(shares(x, 1)[0, :2].sum())
+    print(f"guided over {name:<13}: {halves[name]:.3f} in class 0")
+assert halves["none"] < halves["noisier half"] < halves["cleaner half"]
