@@ -143,19 +143,21 @@ print(f"device: {device}, features: {features}")
 # shifted by $s\,\Sigma\,g$. The paper's Algorithm 1, as printed, does
 # not take $g$ at $\mu$, where its derivation expands, but at $x_t$:
 # $\nabla_{x_t} \log p_\phi(y \mid x_t)$, the classifier asked about the
-# point and noise level it has. The mismatch is between the paper's
+# current point at the current noise level. The mismatch is between the paper's
 # derivation and its own algorithm; the reference implements the
-# algorithm, and so does chapter 2's `condition_mean`, whose
+# algorithm, and so does chapter 2's `p_sample`, whose
 # `guide_at_mean=True` follows the derivation instead (6.6 compares them).
 #
 # The scale $s$ multiplies the log-probability at every step, so the
 # guided sampler follows the tilted scores of $p_t(x_t)\,p_t(y \mid
 # x_t)^s$ at every noise level $t$. At $s = 1$ that is $p_t(x_t \mid
 # y)$ by Bayes' rule, the noisy version of $p(x \mid y)$, which the
-# sampler then draws. The paper reads $s > 1$ as sampling the sharper
-# $p(x)\,p(y \mid x)^s / Z$, with $Z$ the normaliser; that holds only at
-# $s = 1$. For $s \ne 1$ the tilted densities of the different noise
-# levels are not the noisy versions of any one distribution, and the
+# sampler then draws. The paper grounds $s > 1$ in a renormalised
+# classifier $p(y \mid x)^s / Z$, sharper than $p(y \mid x)$, which
+# suggests that the samples follow $p(x)\,p(y \mid x)^s / Z$; that holds
+# only at $s = 1$. For $s \ne 1$ the tilted densities of the different
+# noise levels are in general not the noisy versions of any one
+# distribution, and the
 # samples are not drawn from $p(x)\,p(y \mid x)^s / Z$: 6.10 computes
 # both exactly on a toy and finds them far apart. What $s > 1$ does
 # reliably is push samples further towards where the classifier is
@@ -1166,7 +1168,11 @@ with np.load(batch_file) as batch:
 # turns most columns into the digit asked for (the 0, 1, 3, 5, 7 and 9),
 # and on the conditional model it straightens the 5 and the 9; its 4 is
 # poor at every scale. Classifier-free guidance at $w = 4$ draws
-# thicker, bolder strokes than the data's.
+# thicker, bolder strokes than the data's. These grids show one sample
+# per class and scale; this record predates 6.6's figure of several
+# samples per class, which the command above now also saves (as
+# `figures/06_diversity.png`, eight per class), so within-class
+# diversity is not judged here by eye.
 #
 # The scores, with the MNIST network's features against 2,000 real
 # digits (FID and precision/recall are "(mnist-net)"; accuracy is that
@@ -1286,7 +1292,7 @@ with np.load(batch_file) as batch:
 # (the mean shifted by $s \Sigma g$, $g$ at $x_t$), and DDIM with
 # Algorithm 2. The first is built as classifier-free guidance: a model
 # with the exact conditional and unconditional $\epsilon$ (the null label
-# 2), through `classifier_free_model`; the cell after the table shows
+# 2), through `classifier_free_model`; the end of this section shows
 # why that is the same thing.
 
 # %%
