@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-# %% chapters/06_guidance.py:219
+# %% chapters/06_guidance.py:335
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +76,7 @@ def classifier_cond_fn(classifier: Model, scale: float,
     return cond_fn
 
 
-# %% chapters/06_guidance.py:367
+# %% chapters/06_guidance.py:483
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -118,7 +118,7 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:423
+# %% chapters/06_guidance.py:539
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The seed of the noise stream of sample `index` under `seed`.
 
@@ -157,7 +157,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:470
+# %% chapters/06_guidance.py:586
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -205,7 +205,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:561
+# %% chapters/06_guidance.py:677
 def prepare_for_sampling(model: nn.Module, device: str | torch.device,
                          precision: str = "auto", layout: str = "auto",
                          compile: bool = False) -> nn.Module:
@@ -217,7 +217,7 @@ def prepare_for_sampling(model: nn.Module, device: str | torch.device,
     return torch.compile(model) if compile else model
 
 
-# %% chapters/06_guidance.py:611
+# %% chapters/06_guidance.py:727
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""
