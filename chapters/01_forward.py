@@ -230,12 +230,13 @@ print(f"cosine beta range  {cosine[0]:.2e} .. {cosine[-1]:.2e}")
 # {1 - \bar\alpha_t}}_{\texttt{posterior\_mean\_coef2}} x_t,\quad
 # \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t.$$
 #
-# At the first step $\bar\alpha_0 = 1$, so $\tilde\beta_1 = 0$: given $x_1$ and
-# $x_0$, $x_0$ is certain. Its logarithm is $-\infty$, so the reference stores
-# a **clipped log-variance** whose first entry is replaced by
-# $\tilde\beta_2$'s. Every loss and sampler uses the log-variance, so it must
-# be finite. Training (chapter 2) matches the network's reverse step to this
-# posterior.
+# At the first step, $t = 1$, $\bar\alpha_0 = 1$, so $\tilde\beta_1 = 0$:
+# there the posterior is over $x_{t-1} = x_0$, which is given, so $x_{t-1}$
+# is certain. Its logarithm is $-\infty$, so the reference stores a
+# **clipped log-variance** whose first entry ($t = 1$, code index 0) is
+# replaced by $\tilde\beta_2$'s (code index 1). Every loss and sampler uses
+# the log-variance, so it must be finite. Training (chapter 2) matches the
+# network's reverse step to this posterior.
 
 # %% [markdown]
 # ## 1.5 The forward process as code
