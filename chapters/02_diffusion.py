@@ -34,9 +34,11 @@
 # bound (2.2), the training objectives (2.3) and how to sample their timesteps
 # (2.4), respacing to fewer steps (2.5), and the samplers: ancestral (DDPM) and
 # DDIM (2.6). Then it trains a small model on the embedded MNIST subset and
-# looks at what the learned variance does (2.7 to 2.11). Every number agrees
-# with the reference implementation; the test suite checks it against its
-# outputs.
+# looks at what the learned variance does (2.7 to 2.11). A toy with exact
+# answers, a mixture of Gaussians in the plane, shows the samplers and a
+# trained network against the exact score (2.12), and the score view ties
+# the chapter together (2.13). Every number agrees with the reference
+# implementation; the test suite checks it against its outputs.
 
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
@@ -2209,6 +2211,16 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 # * Respacing keeps a subsequence of steps with recomputed betas while the
 #   model still sees original timesteps; DDPM and DDIM sample on it, and a
 #   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).
+# * On a mixture of Gaussians everything is exact: with the exact
+#   $\epsilon^*$, 100-step DDPM and DDIM both draw the data's law, and a
+#   trained network's loss splits into the irreducible loss and its own
+#   distance to $\epsilon^*$.
+# * The score view: $\mathbb{E}[x_0 \mid x_t]$ is one step along the score
+#   (Tweedie), $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t$,
+#   DDIM is Euler's method on the probability-flow ODE in $(\bar x,
+#   \sigma)$, and $L_\text{vlb}$ and $L_\text{simple}$ weight the same
+#   per-step errors differently ($w_t \approx \frac12 \Delta\lambda_t$
+#   against 1).
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
 
@@ -2239,3 +2251,142 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #    `LossAwareSampler(num_timesteps)` and, after each step,
 #    `sampler.update(t, terms["loss"].detach())` (log only `vb`). Predict
 #    after how many steps its `weights()` stop being uniform, then check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1
+# - \bar\alpha_t} (1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}) = \frac{1 -
+# \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$. Then $1 -
+# \bar\alpha_{t-1} - \tilde\beta_t = \frac{(1 - \bar\alpha_{t-1})^2
+# \alpha_t}{1 - \bar\alpha_t}$, and with $\hat\epsilon = (x_t -
+# \sqrt{\bar\alpha_t} \hat x_0) / \sqrt{1 - \bar\alpha_t}$ the mean's
+# coefficient of $x_t$ is $\frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 -
+# \bar\alpha_t}$ (`coef2`) and that of $\hat x_0$ is $\sqrt{\bar\alpha_{t-1}}
+# (1 - \frac{(1 - \bar\alpha_{t-1}) \alpha_t}{1 - \bar\alpha_t}) =
+# \frac{\sqrt{\bar\alpha_{t-1}} \beta_t}{1 - \bar\alpha_t}$ (`coef1`). So
+# the step is `p_sample`'s with `fixed_small`, noise for noise (except at
+# `t = 0`, where neither adds any):
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+x = torch.randn(3, 1, 8, 8)
+t = torch.tensor([1, num_timesteps // 2, num_timesteps - 1])
+z = torch.randn_like(x)
+by_ddim = ddim_sample(oracle_diffusion, oracle, x, t, noise=z, eta=1.0)
+by_ddpm = p_sample(oracle_diffusion, oracle, x, t, noise=z)
+torch.testing.assert_close(by_ddim["sample"], by_ddpm["sample"],
+                           rtol=1e-4, atol=1e-4)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** Two Gaussians with the same covariance $\sigma_t^2 I$
+# differ in KL by $\lVert \tilde\mu_t - \mu_\theta \rVert^2 / (2\sigma_t^2)$
+# plus terms free of $\theta$. Written with the noise (chapter 1, exercise
+# 3), both means are $(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}
+# \epsilon) / \sqrt{\alpha_t}$, one with $\epsilon$ and one with
+# $\epsilon_\theta$, so $\tilde\mu_t - \mu_\theta = \frac{\beta_t}{\sqrt{
+# \alpha_t (1 - \bar\alpha_t)}} (\epsilon_\theta - \epsilon)$ and $w_t =
+# \frac{\beta_t^2}{2\sigma_t^2 \alpha_t (1 - \bar\alpha_t)}$. With $\sigma_t^2
+# = \tilde\beta_t$ it is $\frac12 (\mathrm{SNR}_{t-1} / \mathrm{SNR}_t - 1)$
+# (section 2.13): largest where one step removes the most log-SNR. For the
+# linear schedule that is the first KL term (code step 1, $w \approx 0.6$),
+# falling with $t$. The cosine's falls from about 0.56 there to a minimum
+# mid-way, rises towards the end, and peaks at the last step, about 500,
+# where the clipped $\beta = 0.999$ divides the SNR by 1,000.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for name in ("linear", "cosine"):
+    d = GaussianDiffusion(get_named_beta_schedule(name, num_timesteps))
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    w = 0.5 * (snr[:-1] / snr[1:] - 1)  # code steps 1 .. T-1
+    print(f"{name}: w_t largest {w.max():.3g} at code step "
+          f"{w.argmax() + 1}, {w[0]:.3g} at step 1")
+    expected = 1 if name == "linear" else num_timesteps - 1
+    assert w.argmax() + 1 == expected
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** `"ddim7"` takes every $k$-th step from 0 for the smallest
+# $k$ giving exactly 7 steps: $k = 143$, so it ends at $6 \cdot 143 = 858$.
+# `"7"` spreads 7 steps over the whole range and keeps $T - 1 = 999$. At
+# 999 the cosine's $\bar\alpha$ is about $2 \cdot 10^{-9}$, so $x_T \sim
+# \mathcal{N}(0, I)$ is the right start; at 858 it is about 0.05, and $x$
+# there still holds $\sqrt{0.05} \approx 0.22$ of the image, which pure
+# noise lacks: `"7"` starts with the smaller mismatch.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+last_ddim, last_even = (space_timesteps(1000, s)[-1] for s in ("ddim7", "7"))
+cosine_1000 = GaussianDiffusion(get_named_beta_schedule("cosine", 1000))
+print(f"ddim7 ends at {last_ddim}, alpha-bar "
+      f"{cosine_1000.alphas_cumprod[last_ddim]:.3f}; 7 ends at {last_even}, "
+      f"alpha-bar {cosine_1000.alphas_cumprod[last_even]:.1e}")
+assert (last_ddim, last_even) == (858, 999)
+abar_1000 = cosine_1000.alphas_cumprod
+assert abar_1000[last_ddim] > 1e6 * abar_1000[last_even]
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** The prediction: the terms of the bound keep their shape,
+# the first steps dominating, because both schedules start with $\beta_1
+# \approx 10^{-4}$ and $\tilde\beta_t / \beta_t$ rises from about 0.5 to
+# near 1 within the first steps in both (chapter 1's figure). The linear
+# schedule spends more steps near pure noise, where the terms are near
+# zero, so the tail of the plot drops earlier. The learned interpolation
+# should matter, and move, only in the first few steps; elsewhere
+# $\tilde\beta_t \approx \beta_t$ and $v$ is free (noisy, any value). The
+# rerun costs the chapter's training again; the cell computes the cheap
+# part, where the two variances differ by more than 1%.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for name in ("cosine", "linear"):
+    d = GaussianDiffusion(get_named_beta_schedule(name, num_timesteps))
+    ratio = d.posterior_variance[1:] / d.betas[1:]
+    print(f"{name}: beta-tilde/beta {ratio[0]:.2f} at code step 1; below "
+          f"0.99 at {np.sum(ratio < 0.99)} of {num_timesteps - 1} steps")
+    assert np.sum(ratio < 0.99) < num_timesteps // 10
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** With 10 steps each respaced $\beta_t$ is large, and
+# `fixed_large` adds noise of that size at every step, which the few steps
+# left cannot remove: expect noisier, speckled 10-step rows. `fixed_small`'s
+# $\tilde\beta_t$ is below the true reverse variance ($\tilde\beta_t$ plus
+# the uncertainty of $x_0$ given $x_t$, carried through `coef1`), so it
+# errs the other way, slightly too smooth, by less. The toy measures it
+# exactly, with the exact $\epsilon$ and so no training error: the RMS
+# distance of samples to their nearest component mean, against the data's
+# $0.1\sqrt2 \approx 0.14$. The MNIST run is not made here.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+spreads = {}
+for var_type in ("fixed_small", "fixed_large"):
+    d = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
+                          var_type=var_type, dtype=torch.float64)
+    for spec in ("10", "100"):
+        end = p_sample_loop(respace(d, spec), toy.eps_model(d.alphas_cumprod),
+                            toy_noise, clip_denoised=False,
+                            noise_fn=seeded_noise)
+        spreads[var_type, spec] = torch.cdist(end, toy.means).min(
+            1).values.pow(2).mean().sqrt().item()
+print({k: round(v, 3) for k, v in spreads.items()})
+assert spreads["fixed_large", "10"] > spreads["fixed_small", "10"]
+assert all(spreads[v, "100"] < spreads[v, "10"] for v in ("fixed_small",
+                                                          "fixed_large"))
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** Until every one of the $T$ timesteps has 10 losses the
+# weights stay uniform, so the question is a coupon collector's with 10
+# copies: about $T (\ln T + 9 \ln \ln T) \approx 24{,}000$ uniform draws at
+# $T = 1000$, some 760 steps of batch 32. The count of steps depends only
+# on the drawn timesteps, so the cell simulates it with a dummy loss and
+# the sampler itself.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+counts = []
+for run in range(3):
+    aware = LossAwareSampler(num_timesteps)
+    gen = torch.Generator().manual_seed(run)
+    steps_taken = 0
+    while (aware.counts < 10).any():  # exactly weights()'s uniform test
+        t, _ = aware.sample(32, generator=gen)
+        aware.update(t, torch.ones(32))
+        steps_taken += 1
+    counts.append(steps_taken)
+print(f"weights stop being uniform after {counts} steps of batch 32")
+predicted = num_timesteps * (np.log(num_timesteps)
+                             + 9 * np.log(np.log(num_timesteps))) / 32
+assert all(0.6 * predicted < c < 1.5 * predicted for c in counts)
