@@ -1456,8 +1456,10 @@ assert abs(estimate.mean().item() - full) < 5 * se
 # %% [markdown]
 # Two models compared on the **same** draws: the EMA against the last
 # step's weights (`last`), each draw's difference, and the standard error
-# of that mean difference. Shared images, $t$ and $\epsilon$ cancel most
-# of the spread, so the paired error is far below either estimate's own.
+# of that mean difference over the draws (for these images; a claim about
+# the data set needs more images). Shared images, $t$ and $\epsilon$
+# cancel most of the spread, so the paired error is below that of two
+# independent estimates, $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
 
 # %%
 estimate_last = vlb_estimate(diffusion, last, x_many, t_many,
@@ -1996,6 +1998,8 @@ print(f"irreducible loss from {floor[0]:.3f} (t={probe[0]}) to "
 print("gap/se", np.round(gap / gap_se, 1))
 assert np.all(np.abs(gap) < 4 * gap_se + 1e-12)
 assert np.all(loss >= floor - 4 * gap_se)
+# The MLP's error lives in between: small at both ends of t.
+assert max(excess[0], excess[-1]) < excess.max() / 3
 
 # %% [markdown]
 # The floor is about 1 at small $t$: there the noise is far smaller than
@@ -2212,9 +2216,9 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #   model still sees original timesteps; DDPM and DDIM sample on it, and a
 #   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).
 # * On a mixture of Gaussians everything is exact: with the exact
-#   $\epsilon^*$, 100-step DDPM and DDIM both draw the data's law, and a
-#   trained network's loss splits into the irreducible loss and its own
-#   distance to $\epsilon^*$.
+#   $\epsilon^*$, 100-step DDPM and DDIM both draw the data's law (to
+#   what 2,000 samples can tell), and a trained network's loss splits into
+#   the irreducible loss and its own distance to $\epsilon^*$.
 # * The score view: $\mathbb{E}[x_0 \mid x_t]$ is one step along the score
 #   (Tweedie), $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t$,
 #   DDIM is Euler's method on the probability-flow ODE in $(\bar x,
