@@ -2268,16 +2268,21 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 # (1 - \frac{(1 - \bar\alpha_{t-1}) \alpha_t}{1 - \bar\alpha_t}) =
 # \frac{\sqrt{\bar\alpha_{t-1}} \beta_t}{1 - \bar\alpha_t}$ (`coef1`). So
 # the step is `p_sample`'s with `fixed_small`, noise for noise (except at
-# `t = 0`, where neither adds any):
+# `t = 0`, where neither adds any). Checked in float64: in float32, DDIM's
+# $1 - \bar\alpha_{t-1} - \sigma_t^2$ cancels at $t = 1$, where $1 -
+# \bar\alpha_{t-1} \approx 4 \cdot 10^{-5}$, and the two steps differ by
+# about $10^{-3}$ there.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-x = torch.randn(3, 1, 8, 8)
+oracle_diffusion.dtype = torch.float64  # chapter 1's precision knob
+x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
 t = torch.tensor([1, num_timesteps // 2, num_timesteps - 1])
 z = torch.randn_like(x)
 by_ddim = ddim_sample(oracle_diffusion, oracle, x, t, noise=z, eta=1.0)
 by_ddpm = p_sample(oracle_diffusion, oracle, x, t, noise=z)
+oracle_diffusion.dtype = torch.float32
 torch.testing.assert_close(by_ddim["sample"], by_ddpm["sample"],
-                           rtol=1e-4, atol=1e-4)
+                           rtol=1e-9, atol=1e-9)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 2.** Two Gaussians with the same covariance $\sigma_t^2 I$
@@ -2328,21 +2333,21 @@ assert abar_1000[last_ddim] > 1e6 * abar_1000[last_even]
 # **Solution 4.** The prediction: the terms of the bound keep their shape,
 # the first steps dominating, because both schedules start with $\beta_1
 # \approx 10^{-4}$ and $\tilde\beta_t / \beta_t$ rises from about 0.5 to
-# near 1 within the first steps in both (chapter 1's figure). The linear
+# 0.9 within the first 15 steps in both (chapter 1's figure). The linear
 # schedule spends more steps near pure noise, where the terms are near
 # zero, so the tail of the plot drops earlier. The learned interpolation
 # should matter, and move, only in the first few steps; elsewhere
 # $\tilde\beta_t \approx \beta_t$ and $v$ is free (noisy, any value). The
 # rerun costs the chapter's training again; the cell computes the cheap
-# part, where the two variances differ by more than 1%.
+# part, where the two variances differ by more than 10%.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 for name in ("cosine", "linear"):
     d = GaussianDiffusion(get_named_beta_schedule(name, num_timesteps))
     ratio = d.posterior_variance[1:] / d.betas[1:]
     print(f"{name}: beta-tilde/beta {ratio[0]:.2f} at code step 1; below "
-          f"0.99 at {np.sum(ratio < 0.99)} of {num_timesteps - 1} steps")
-    assert np.sum(ratio < 0.99) < num_timesteps // 10
+          f"0.9 at {np.sum(ratio < 0.9)} of {num_timesteps - 1} steps")
+    assert np.sum(ratio < 0.9) < 20
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 5.** With 10 steps each respaced $\beta_t$ is large, and
