@@ -1925,11 +1925,12 @@ for name in toy_runs:  # unbiased: zero in expectation for equal laws
 # because $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$ leaves an error
 # uncorrelated with anything computed from $x_t$ (section 2.13). The first
 # term is the **irreducible loss**, the floor no training can go below; the
-# second is the model's own error. A two-layer MLP of 64 units, given $x_t$
-# and a sinusoidal embedding of $t$, trains on fresh toy samples with
-# $L_\text{simple}$ for `toy_train_steps` steps, a few seconds. The cell
-# measures the three terms at 25 values of $t$ on the same draws and checks
-# the split, each gap within 4 standard errors of zero.
+# second is the model's own error. An MLP with two hidden layers of 64
+# units, given $x_t$ and a sinusoidal embedding of $t$, trains on fresh toy
+# samples with $L_\text{simple}$ for `toy_train_steps` steps, a few
+# seconds. The cell measures the three terms at 25 values of $t$ on the
+# same draws and checks the split, each gap within 4 standard errors of
+# zero.
 
 # %%
 class ToyEps(nn.Module):
@@ -2151,10 +2152,11 @@ assert slope < -0.7
 # per-step error is minimised by $\epsilon^*$, so both objectives have the
 # same minimiser; they differ in where a finite network spends its
 # capacity, and in the variance of their one-sample estimates (the bound's
-# weights span six orders of magnitude, hence section 2.4). ADM's hybrid
-# keeps $L_\text{simple}$'s weights for the mean and uses the bound only for
-# $\Sigma_\theta$. On the toy, $w_t$ times the irreducible loss is, term by
-# term, the bound of the exact mean with $\Sigma = \tilde\beta_t$. The spike
+# weights span five orders of magnitude here, hence section 2.4). ADM's
+# hybrid keeps $L_\text{simple}$'s weights for the mean and uses the bound
+# only for $\Sigma_\theta$. On the toy, $w_t$ times the irreducible loss
+# is, term by term, the bound of the exact mean with $\Sigma =
+# \tilde\beta_t$. The spike
 # at the last step is the cosine schedule's $\beta$ clipped at 0.999
 # (chapter 1.3), which divides the SNR by 1,000 in one step; the toy's
 # loss there is zero, so it adds nothing.
