@@ -59,7 +59,7 @@ nll_images: int = 2  # images whose full variational bound is evaluated
 vlb_draws: int = 64  # per image: stratified draws of the bound's estimate
 seed: int = 0  # of training and sampling
 toy_samples: int = 2000  # section 2.12: points drawn by each toy sampler
-toy_train_steps: int = 1000  # section 2.12: the toy MLP's training steps
+toy_train_steps: int = 600  # section 2.12: the toy MLP's training steps
 
 # %%
 #| default_exp diffusion
