@@ -1554,10 +1554,16 @@ show_rows(grids)
 # towards. The sampler's `callback` hands each step's dictionary over, so
 # the longest ancestral run above kept them. For two of its samples, the
 # rows show $x_t$ entering a step and the $\hat x_0$ predicted from it, at
-# eight steps from $t = T - 1$ to $0$. Early guesses are blurred averages
-# (the mean of all the images that could lie under that much noise); the
-# digit's shape settles long before its $x_t$ looks like one, and the
-# last $\hat x_0$ is the sample.
+# eight steps from $t = T - 1$ to $0$. The first guess is clipped noise:
+# at the cosine schedule's last step $\sqrt{\bar\alpha_{T-1}} \approx 5
+# \cdot 10^{-5}$ (its $\beta$ is clipped at 0.999, chapter 1.3), and
+# $\hat x_0$ divides the error of $\hat\epsilon$ by it. From the next
+# column on the guesses are blurred shapes, as they should be: a perfect
+# model's $\hat x_0$ is $\mathbb{E}[x_0 \mid x_t]$ (section 2.13), the
+# mean of every image that could lie under that much noise. They sharpen
+# as $t$ falls, the shape is fixed well before $x_t$ shows it, and the
+# last $\hat x_0$ is the sample. (The smoke run's model has trained for
+# seconds, so its shapes are blobs more often than digits.)
 
 # %%
 spaced = respace(diffusion, str(longest))
