@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:134
+# %% chapters/02_diffusion.py:140
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -78,7 +78,7 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:184
+# %% chapters/02_diffusion.py:190
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -100,9 +100,9 @@ class _Parameterisation(ForwardProcess):
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
-        # fixed_large starts at beta-tilde_1, for a better decoder likelihood
-        # (the clipped posterior's first value, which chapter 1 defines for
-        # a one-step process too).
+        # fixed_large starts at beta-tilde_2 (the paper's t = 2, code index
+        # 1), for a better decoder likelihood: the clipped posterior's first
+        # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
             self.posterior_log_variance_clipped[0], self.log_betas[1:]
         )
@@ -138,7 +138,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:259
+# %% chapters/02_diffusion.py:265
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back.
 
@@ -226,7 +226,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:389
+# %% chapters/02_diffusion.py:395
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -251,7 +251,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:422
+# %% chapters/02_diffusion.py:428
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -276,7 +276,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:452
+# %% chapters/02_diffusion.py:461
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -305,7 +305,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:509
+# %% chapters/02_diffusion.py:518
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -339,7 +339,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:563
+# %% chapters/02_diffusion.py:572
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -388,7 +388,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:646
+# %% chapters/02_diffusion.py:655
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -428,7 +428,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:722
+# %% chapters/02_diffusion.py:731
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -452,7 +452,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:753
+# %% chapters/02_diffusion.py:762
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -493,7 +493,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:847
+# %% chapters/02_diffusion.py:856
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -524,7 +524,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:886
+# %% chapters/02_diffusion.py:895
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's.
 
@@ -564,7 +564,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:978
+# %% chapters/02_diffusion.py:987
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -604,7 +604,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:1024
+# %% chapters/02_diffusion.py:1033
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -635,7 +635,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1063
+# %% chapters/02_diffusion.py:1072
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -685,7 +685,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1126
+# %% chapters/02_diffusion.py:1135
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -737,7 +737,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1184
+# %% chapters/02_diffusion.py:1193
 def _last(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

@@ -71,7 +71,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     return BETA_SCHEDULES[name](num_timesteps)
 
 
-# %% chapters/01_forward.py:256
+# %% chapters/01_forward.py:322
 class _ScheduleTables:
     """Every per-step coefficient of a beta schedule, in float64."""
 
@@ -121,7 +121,7 @@ class _ScheduleTables:
         return self._on_device[key][t].view(-1, *(1,) * (ndim - 1))
 
 
-# %% chapters/01_forward.py:313
+# %% chapters/01_forward.py:379
 class ForwardProcess(_ScheduleTables):
     """The forward process q of a beta schedule: marginals and posterior."""
 

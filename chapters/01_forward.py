@@ -230,12 +230,78 @@ print(f"cosine beta range  {cosine[0]:.2e} .. {cosine[-1]:.2e}")
 # {1 - \bar\alpha_t}}_{\texttt{posterior\_mean\_coef2}} x_t,\quad
 # \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t.$$
 #
-# At the first step $\bar\alpha_0 = 1$, so $\tilde\beta_1 = 0$: given $x_1$ and
-# $x_0$, $x_0$ is certain. Its logarithm is $-\infty$, so the reference stores
-# a **clipped log-variance** whose first entry is replaced by
-# $\tilde\beta_2$'s. Every loss and sampler uses the log-variance, so it must
-# be finite. Training (chapter 2) matches the network's reverse step to this
-# posterior.
+# At the first step, $t = 1$, $\bar\alpha_0 = 1$, so $\tilde\beta_1 = 0$:
+# there the posterior is over $x_{t-1} = x_0$, which is given, so $x_{t-1}$
+# is certain. Its logarithm is $-\infty$, so the reference stores a
+# **clipped log-variance** whose first entry ($t = 1$, code index 0) is
+# replaced by $\tilde\beta_2$'s (code index 1). Every loss and sampler uses
+# the log-variance, so it must be finite. Training (chapter 2) matches the
+# network's reverse step to this posterior.
+
+# %% [markdown]
+# ### The two chains in one picture
+#
+# The forward chain runs left to right, one fixed Gaussian step $q(x_t \mid
+# x_{t-1})$ at a time, or in one jump $q(x_t \mid x_0)$ to any $t$. The
+# reverse chain runs right to left, one learned step $p_\theta(x_{t-1} \mid
+# x_t)$ at a time, starting from pure noise $x_T$; each of its steps is
+# trained to match the posterior above. The images are one digit pushed
+# through the cosine schedule with one fixed draw of $\epsilon$ (the
+# drawing's code is folded).
+
+# %% jupyter={"source_hidden": true}
+from matplotlib.patches import FancyArrowPatch
+
+abar = np.cumprod(1 - cosine)
+middle = num_timesteps // 2  # the paper's t in the picture
+picture = x0[0, 0].numpy()
+fixed_eps = np.random.default_rng(seed).standard_normal(picture.shape)
+# (label, the node's code step; None: the data x_0, "gap": steps left out)
+nodes = [("$x_0$", None), ("$x_1$", 0), ("$\\cdots$", "gap"),
+         ("$x_{t-1}$", middle - 2), ("$x_t$", middle - 1),
+         ("$\\cdots$", "gap"), ("$x_T$", num_timesteps - 1)]
+spacing, half = 2.2, 0.5  # centre to centre; half an image's side
+fig, ax = plt.subplots(figsize=(10, 4))
+for i, (label, step) in enumerate(nodes):
+    centre = i * spacing
+    if step == "gap":
+        ax.text(centre, 0, label, ha="center", va="center", fontsize=18)
+        continue
+    x_t = picture if step is None else (np.sqrt(abar[step]) * picture
+                                        + np.sqrt(1 - abar[step]) * fixed_eps)
+    ax.imshow(np.clip(x_t, -1, 1), cmap="gray", vmin=-1, vmax=1,
+              extent=(centre - half, centre + half, -half, half))
+    ax.text(centre, -half - 0.1, label, ha="center", va="top", fontsize=13)
+arrows = 0
+for i in range(len(nodes) - 1):
+    left, right = i * spacing + half + 0.1, (i + 1) * spacing - half - 0.1
+    for start, end, y, colour in [(left, right, 0.2, "tab:blue"),
+                                  (right, left, -0.2, "tab:red")]:
+        ax.add_patch(FancyArrowPatch((start, y), (end, y), color=colour,
+                                     arrowstyle="-|>", mutation_scale=16,
+                                     lw=1.8))
+        arrows += 1
+middle_x = 3.5 * spacing  # between x_{t-1} and x_t
+ax.text(middle_x - 0.2, 0.55, "$q(x_t | x_{t-1})$", color="tab:blue",
+        ha="center", va="bottom", fontsize=12)
+ax.text(middle_x, -0.95, "$p_\\theta(x_{t-1} | x_t)$", color="tab:red",
+        ha="center", va="top", fontsize=12)
+# The one-jump marginal of section 1.2, from x_0 straight to x_t.
+ax.add_patch(FancyArrowPatch((0, half + 0.1), (4 * spacing + 0.35, half + 0.1),
+                             connectionstyle="arc3,rad=-0.2", color="gray",
+                             ls="--", arrowstyle="-|>", mutation_scale=16))
+ax.text(2 * spacing, 1.6, "$q(x_t | x_0)$: any t in one jump",
+        color="gray", ha="center", fontsize=12)
+ax.text(-half, -1.7, "blue: the forward process q, fixed noise.   red: "
+        "the reverse process, learned, trained to match "
+        "$q(x_{t-1} | x_t, x_0)$", fontsize=10)
+ax.set(xlim=(-0.7, 6 * spacing + 0.7), ylim=(-1.9, 2.0), aspect="equal",
+       title=f"The two chains, with one image along them (cosine schedule, "
+             f"T = {num_timesteps}, t = {middle})")
+ax.axis("off")
+plt.show()
+assert arrows == 2 * (len(nodes) - 1)
+assert abar[middle - 1] > 0.2 > abar[-1]  # x_t keeps signal, x_T none
 
 # %% [markdown]
 # ## 1.5 The forward process as code
@@ -638,3 +704,153 @@ print("adm_lib.forward exports:", ", ".join(forward.__all__))
 #    round trip there for `processes["linear"]` from $1 /
 #    \sqrt{\bar\alpha_t}$, then run it at all of `steps` for both schedules
 #    and plot the error against $1 / \sqrt{\bar\alpha_t}$.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** For $t = 1$ the closed form is the step itself
+# ($\bar\alpha_1 = \alpha_1$). If $x_{t-1} = \sqrt{\bar\alpha_{t-1}}\, x_0 +
+# \sqrt{1 - \bar\alpha_{t-1}}\, \epsilon'$, then $x_t = \sqrt{\alpha_t}\,
+# x_{t-1} + \sqrt{\beta_t}\, \epsilon''$ is $\sqrt{\alpha_t
+# \bar\alpha_{t-1}}\, x_0$ plus two independent zero-mean Gaussians whose
+# variances add: $\alpha_t (1 - \bar\alpha_{t-1}) + 1 - \alpha_t = 1 -
+# \bar\alpha_t$. The cell runs that recursion for the mean's scale and the
+# variance and compares with the tables.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for name, p in processes.items():
+    scale, variance = 1.0, 0.0
+    for t, beta in enumerate(p.betas):
+        scale = math.sqrt(1 - beta) * scale
+        variance = (1 - beta) * variance + beta
+        assert math.isclose(scale, p.sqrt_alphas_cumprod[t], rel_tol=1e-9)
+        assert math.isclose(variance, 1 - p.alphas_cumprod[t], rel_tol=1e-9)
+    print(f"{name}: the recursion gives q(x_t | x_0) at all {len(p.betas)} t")
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** As a function of $x_{t-1}$, the log of prior times
+# likelihood is $-\frac12 \big[\frac{(x_{t-1} - \sqrt{\bar\alpha_{t-1}}
+# x_0)^2}{1 - \bar\alpha_{t-1}} + \frac{(x_t - \sqrt{\alpha_t}
+# x_{t-1})^2}{\beta_t}\big]$. The precision is the coefficient of
+# $x_{t-1}^2$: $\frac{1}{1 - \bar\alpha_{t-1}} + \frac{\alpha_t}{\beta_t} =
+# \frac{1 - \bar\alpha_t}{\beta_t (1 - \bar\alpha_{t-1})}$ (use $\beta_t +
+# \alpha_t (1 - \bar\alpha_{t-1}) = 1 - \bar\alpha_t$), so $\tilde\beta_t =
+# \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t$. The mean is the
+# linear coefficient times $\tilde\beta_t$: $\tilde\beta_t \big(
+# \frac{\sqrt{\bar\alpha_{t-1}}}{1 - \bar\alpha_{t-1}} x_0 +
+# \frac{\sqrt{\alpha_t}}{\beta_t} x_t \big)$, which is `coef1` $x_0$ +
+# `coef2` $x_t$. For $t \ge 2$, $\bar\alpha_t < \bar\alpha_{t-1} < 1$, so the
+# ratio $\frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}$ is below one and
+# $\tilde\beta_t < \beta_t$. Section 1.7's cell checks the formulas by
+# Bayes' rule numerically; this one checks the ratio.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for p in processes.values():
+    ratio = (1 - p.alphas_cumprod_prev[1:]) / (1 - p.alphas_cumprod[1:])
+    np.testing.assert_allclose(p.posterior_variance[1:],
+                               ratio * p.betas[1:], rtol=1e-12)
+    assert np.all(ratio < 1)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** With $x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\, \epsilon) /
+# \sqrt{\bar\alpha_t}$ the coefficient of $x_t$ in $\tilde\mu_t$ becomes
+# $\frac{\beta_t \sqrt{\bar\alpha_{t-1}}}{(1 - \bar\alpha_t)
+# \sqrt{\bar\alpha_t}} + \frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 -
+# \bar\alpha_t} = \frac{\beta_t + \alpha_t (1 - \bar\alpha_{t-1})}{(1 -
+# \bar\alpha_t) \sqrt{\alpha_t}} = \frac{1}{\sqrt{\alpha_t}}$ (using
+# $\sqrt{\bar\alpha_{t-1} / \bar\alpha_t} = 1 / \sqrt{\alpha_t}$), and that
+# of $\epsilon$ is $-\frac{\beta_t \sqrt{\bar\alpha_{t-1}} \sqrt{1 -
+# \bar\alpha_t}}{(1 - \bar\alpha_t) \sqrt{\bar\alpha_t}} = -\frac{\beta_t}
+# {\sqrt{\alpha_t} \sqrt{1 - \bar\alpha_t}}$. Checked at every $t$ in
+# float64:
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+exact = ForwardProcess(cosine, dtype=torch.float64)
+t = torch.arange(num_timesteps)
+x_t, eps = torch.randn(2, num_timesteps, 1, dtype=torch.float64)
+mean, _, _ = exact.q_posterior_mean_variance(
+    exact.predict_xstart_from_eps(x_t, t, eps), x_t, t)
+beta = torch.from_numpy(exact.betas)[:, None]
+abar = torch.from_numpy(exact.alphas_cumprod)[:, None]
+by_eps = (x_t - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+torch.testing.assert_close(mean, by_eps, rtol=1e-9, atol=1e-9)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** At $T = 100$ the linear betas run from $10^{-3}$ to $0.2$
+# (ten times larger), so $\bar\alpha$ falls below $10^{-3}$ after about the
+# same fraction of the process as at $T = 1000$: 20% of the steps (17.5% at
+# $T = 1000$). The cosine schedule depends on $t/T$ only, so its share stays
+# about 2 to 3% (3% at $T = 100$). The linear's largest beta is $0.02 \cdot
+# 1000 / T$, above one for $T < 20$: `ForwardProcess` refuses $T = 19$. At
+# $T = 20$ the last beta is exactly one, which the check lets through, but
+# then $\bar\alpha_T = 0$ and the tables that divide by it are infinite.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+shares = {name: np.mean(ForwardProcess(get_named_beta_schedule(name, 100))
+                        .alphas_cumprod < 1e-3) for name in BETA_SCHEDULES}
+print(f"T = 100: share of steps with alpha-bar < 1e-3: {shares}")
+assert shares["linear"] == 0.2 and shares["cosine"] == 0.03
+assert linear_beta_schedule(19)[-1] > 1 >= linear_beta_schedule(20)[-1]
+try:
+    ForwardProcess(linear_beta_schedule(19))
+    raise AssertionError("T = 19 should be refused")
+except ValueError as error:
+    print(f"T = 19: {error}")
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** Its log-SNR is $10 - 20u$, a straight line, while the
+# cosine's, $-2 \log \tan\big(\frac{u + s}{1 + s} \frac{\pi}{2}\big)$, is
+# nearly linear only in the middle and steep at both ends. Both cross zero
+# at $u = \frac12$, so the new schedule keeps more signal than the cosine's
+# in the first half (log-SNR 5.0 against 1.7 at $t = T/4$) and less in the
+# second (-5.0 against -1.8 at $3T/4$), and its $\bar\alpha_t$ falls more
+# steeply around the middle. The line bends near $t = 0$ (log-SNR 13.9 at
+# the first step, not 10): `betas_for_alpha_bar` divides by $\bar\alpha(0) =
+# 1/(1 + e^{-10})$, so that $\bar\alpha$ starts at one, which makes $1 -
+# \bar\alpha_t \propto e^{20u} - 1$ rather than $e^{20u}$; from $u = 1/4$
+# on, the difference is under $e^{-5}$. The cell builds it without adding
+# it to the library.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+logsnr = ForwardProcess(betas_for_alpha_bar(
+    num_timesteps, lambda u: 1 / (1 + math.exp(20 * u - 10))))
+fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.2))
+for name, p in [("cosine", processes["cosine"]), ("linear_logsnr", logsnr)]:
+    ax_abar.plot(frac, p.alphas_cumprod, label=name)
+    ax_snr.plot(frac, p.log_snr, label=name)
+ax_abar.set(xlabel="t / T", ylabel="alpha-bar_t", title="signal variance left")
+ax_snr.set(xlabel="t / T", ylabel="log SNR", title="log signal-to-noise ratio")
+ax_abar.legend()
+plt.tight_layout()
+plt.show()
+quarter, three = num_timesteps // 4, 3 * num_timesteps // 4
+assert logsnr.log_snr[quarter] > processes["cosine"].log_snr[quarter]
+assert logsnr.log_snr[three] < processes["cosine"].log_snr[three]
+np.testing.assert_allclose(np.diff(logsnr.log_snr[quarter:]),
+                           -20 / num_timesteps, rtol=1e-2)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** $x_t$ is stored with a relative error of about $2^{-24}
+# \approx 6 \cdot 10^{-8}$, and inverting multiplies it by $1 /
+# \sqrt{\bar\alpha_t}$ (157 at the linear schedule's last step, about
+# 20,000 at the cosine's, whose last beta is clipped at 0.999), times the
+# size of $x_t$ and $\epsilon$ (a few units): about $10^{-5}$ to $10^{-4}$
+# for the linear schedule and $10^{-3}$ to $10^{-2}$ for the cosine. The
+# errors lie on a line of slope one on a log-log plot, a few times $2^{-24}
+# / \sqrt{\bar\alpha_t}$.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+fig, ax = plt.subplots(figsize=(4.5, 3.2))
+t = torch.tensor(steps)
+image = x0[:1].expand(len(t), *x0.shape[1:])
+eps = torch.randn_like(image)
+for name, p in processes.items():
+    recovered = p.predict_xstart_from_eps(p.q_sample(image, t, eps), t, eps)
+    errors = (recovered - image).abs().amax(dim=(1, 2, 3)).numpy()
+    gain = 1 / p.sqrt_alphas_cumprod[steps]
+    ax.loglog(gain, errors, "o-", label=name)
+    print(f"{name}: error at the last step {errors[-1]:.1e}, "
+          f"1/sqrt(alpha-bar) {gain[-1]:.0f}")
+    assert np.all(errors <= 32 * 2.0**-24 * gain)
+ax.set(xlabel="1 / sqrt(alpha-bar_t)", ylabel="max |x_0 error|",
+       title="float32 round trip")
+ax.legend()
+plt.show()

@@ -22,19 +22,23 @@
 # from $x_T \sim \mathcal{N}(0, I)$ down to $x_0$. Ho et al. (2020) learned
 # only the mean and fixed $\Sigma$; Nichol & Dhariwal (2021) showed that
 # **learning the variance** too barely changes sample quality with all $T$
-# steps but makes it possible to sample with far fewer, and improves
+# steps but keeps ancestral sampling good with far fewer, and improves
 # likelihood. The paper this book follows uses their recipe for every model: a
-# learned variance, the *hybrid* objective, and sampling with 25 to 250 steps
-# instead of 1000.
+# learned variance, the *hybrid* objective, and ancestral sampling with 250
+# steps instead of 1000. Its fastest rows (Table 5's "25 steps") sample with
+# 25 steps of DDIM instead (section 2.6), where $\Sigma_\theta$ plays no
+# part.
 #
 # This chapter builds that machinery and exports it as `adm_lib.diffusion`:
 # what the network outputs and how it becomes a Gaussian (2.1), the variational
 # bound (2.2), the training objectives (2.3) and how to sample their timesteps
 # (2.4), respacing to fewer steps (2.5), and the samplers: ancestral (DDPM) and
 # DDIM (2.6). Then it trains a small model on the embedded MNIST subset and
-# looks at what the learned variance does (2.7 to 2.11). Every number agrees
-# with the reference implementation; the test suite checks it against its
-# outputs.
+# looks at what the learned variance does (2.7 to 2.11). A toy with exact
+# answers, a mixture of Gaussians in the plane, shows the samplers and a
+# trained network against the exact score (2.12), and the score view ties
+# the chapter together (2.13). Every number agrees with the reference
+# implementation; the test suite checks it against its outputs.
 
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
@@ -54,6 +58,8 @@ num_samples: int = 8  # images drawn by each sampler
 nll_images: int = 2  # images whose full variational bound is evaluated
 vlb_draws: int = 64  # per image: stratified draws of the bound's estimate
 seed: int = 0  # of training and sampling
+toy_samples: int = 2000  # section 2.12: points drawn by each toy sampler
+toy_train_steps: int = 600  # section 2.12: the toy MLP's training steps
 
 # %%
 #| default_exp diffusion
@@ -72,7 +78,7 @@ from tqdm.auto import tqdm
 from adm_lib.book import find_root
 from adm_lib.data import load_dataset
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
-from adm_lib.viz import show_rows
+from adm_lib.viz import show_images, show_rows
 
 # Relative paths, the parameters' too, start at the book's root, as under
 # `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
@@ -114,8 +120,8 @@ print(f"device: {device}")
 # of chapter 1's figure, and two learned ones:
 #
 # * `"fixed_small"`: $\tilde\beta_t$, the posterior variance;
-# * `"fixed_large"`: $\beta_t$ (with $\tilde\beta_2$ at the first step, for a
-#   better decoder likelihood);
+# * `"fixed_large"`: $\beta_t$ (with $\tilde\beta_2$ at the first step,
+#   $t = 1$, for a better decoder likelihood);
 # * `"learned"`: the network outputs $\log \Sigma$ directly;
 # * `"learned_range"`: the network outputs $v$ per pixel, read as $v \in
 #   [-1, 1]$ (nothing clamps it), and $\log\Sigma_\theta = \frac{v+1}{2}
@@ -203,9 +209,9 @@ class _Parameterisation(ForwardProcess):
         self.learns_variance = var_type in ("learned", "learned_range")
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.log_betas = np.log(self.betas)
-        # fixed_large starts at beta-tilde_1, for a better decoder likelihood
-        # (the clipped posterior's first value, which chapter 1 defines for
-        # a one-step process too).
+        # fixed_large starts at beta-tilde_2 (the paper's t = 2, code index
+        # 1), for a better decoder likelihood: the clipped posterior's first
+        # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
             self.posterior_log_variance_clipped[0], self.log_betas[1:]
         )
@@ -445,8 +451,11 @@ def discretized_gaussian_log_likelihood(
 
 
 # %% [markdown]
-# With both, `vb_terms_bpd` returns $L_{t-1}$ for each image at its own $t$,
-# or $L_0$ where `t = 0`, and `prior_bpd` the prior term $L_T$.
+# With both, `vb_terms_bpd` returns each image's term at its own code step
+# `t`, which is the paper's step $t + 1$ (chapter 1.2): the KL term $L_t =
+# D_\text{KL}(q(x_t \mid x_{t+1}, x_0) \,\|\, p_\theta(x_t \mid x_{t+1}))$
+# in the paper's indices, or the decoder $L_0$ where `t = 0`. `prior_bpd`
+# is the prior term $L_T$. So code step $t$ carries $L_t$, with no shift.
 
 # %%
 #| export
@@ -1410,9 +1419,11 @@ print(f"bound: {bound['total_bpd'].mean():.3f} bits/dim "
       f"(prior {bound['prior_bpd'].mean():.2e}, decoder L_0 "
       f"{terms_by_t[0]:.3f}, sum of KL terms {terms_by_t[1:].sum():.3f})")
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.semilogy(np.arange(1, num_timesteps), terms_by_t[1:], label="KL L_{t-1}")
-ax.axhline(terms_by_t[0], color="gray", ls="--", label="decoder L_0")
-ax.set(xlabel="t", ylabel="bits/dim", title="terms of the bound")
+# Code step t holds the paper's L_t (section 2.2): t = 0 is the decoder.
+ax.semilogy(np.arange(1, num_timesteps), terms_by_t[1:],
+            label=r"KL term $L_t$, $t \geq 1$")
+ax.axhline(terms_by_t[0], color="gray", ls="--", label=r"decoder $L_0$")
+ax.set(xlabel="code step t", ylabel="bits/dim", title="terms of the bound")
 ax.legend()
 plt.show()
 assert torch.isfinite(bound["total_bpd"]).all()
@@ -1433,13 +1444,34 @@ g = torch.Generator().manual_seed(seed)
 x_many = x_nll.repeat(vlb_draws, 1, 1, 1)
 t_many = stratified_timesteps(len(x_many), num_timesteps, g)
 t_many = t_many[torch.randperm(len(x_many), generator=g)].to(device)
-estimate = vlb_estimate(diffusion, model, x_many, t_many)["vlb"]
+noise_many = torch.randn(x_many.shape, generator=g).to(device)
+estimate = vlb_estimate(diffusion, model, x_many, t_many, noise_many)["vlb"]
 se = estimate.std().item() / len(estimate) ** 0.5
 full = bound["total_bpd"].mean().item()
 print(f"estimate {estimate.mean():.3f} ± {se:.3f} bits/dim from "
       f"{len(estimate)} draws ({2 * len(estimate)} evaluations); full bound "
       f"{full:.3f} ({num_timesteps * nll_images} evaluations)")
 assert abs(estimate.mean().item() - full) < 5 * se
+
+# %% [markdown]
+# Two models compared on the **same** draws: the EMA against the last
+# step's weights (`last`), each draw's difference, and the standard error
+# of that mean difference over the draws (for these images; a claim about
+# the data set needs more images). Shared images, $t$ and $\epsilon$
+# cancel most of the spread, so the paired error is below that of two
+# independent estimates, $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
+
+# %%
+estimate_last = vlb_estimate(diffusion, last, x_many, t_many,
+                             noise_many)["vlb"]
+diff = (estimate - estimate_last).cpu()
+paired_se = diff.std().item() / len(diff) ** 0.5
+se_last = estimate_last.std().item() / len(estimate_last) ** 0.5
+print(f"EMA {estimate.mean():.3f} ± {se:.3f}, last {estimate_last.mean():.3f}"
+      f" ± {se_last:.3f} bits/dim; EMA - last {diff.mean():+.3f} ± "
+      f"{paired_se:.3f} (paired, {len(diff)} draws: "
+      f"{abs(diff.mean().item()) / paired_se:.1f} s.e.)")
+assert paired_se < (se**2 + se_last**2) ** 0.5
 
 # %% [markdown]
 # ## 2.9 What the variance learned
@@ -1490,20 +1522,67 @@ assert np.all(np.isfinite(fractions))
 # %%
 noise = torch.randn(num_samples, *images.shape[1:], device=device)
 grids = {}
+longest = max(sample_steps)
+chain = []  # the longest DDPM run's steps, for the figure after this one
+
+
+def record(out):
+    """Keep the first two images' x_{t-1} and pred_xstart of a step."""
+    chain.append({k: out[k][:2].cpu() for k in ("sample", "pred_xstart")})
+
+
 for steps in sample_steps:
     spaced = respace(diffusion, str(steps))
     for name, loop in [("DDPM", p_sample_loop), ("DDIM", ddim_sample_loop)]:
         start = time.perf_counter()
-        samples = loop(spaced, model, noise)
+        watch = record if (name, steps) == ("DDPM", longest) else None
+        samples = loop(spaced, model, noise, callback=watch)
         seconds = time.perf_counter() - start
         grids[f"{name} {steps}"] = samples.cpu()
         print(f"{name} {steps:4d} steps: {seconds:5.1f} s")
         assert samples.shape == noise.shape
         assert samples.abs().max() <= 1 + 1e-6  # x_0 is clipped to [-1, 1]
-longest = max(sample_steps)
 grids[f"DDIM {longest}, last"] = ddim_sample_loop(
     respace(diffusion, str(longest)), last, noise).cpu()
 show_rows(grids)
+
+# %% [markdown]
+# ### $\hat x_0$ along the chain
+#
+# At every step the model also says where it thinks the chain will end:
+# $\hat x_0$ (`pred_xstart`), which the posterior mean then moves $x_t$
+# towards. The sampler's `callback` hands each step's dictionary over, so
+# the longest ancestral run above kept them. For two of its samples, the
+# rows show $x_t$ entering a step and the $\hat x_0$ predicted from it, at
+# eight steps from $t = T - 1$ to $0$. The first guess is clipped noise:
+# at the cosine schedule's last step $\sqrt{\bar\alpha_{T-1}} \approx 5
+# \cdot 10^{-5}$ (its $\beta$ is clipped at 0.999, chapter 1.3), and
+# $\hat x_0$ divides the error of $\hat\epsilon$ by it. From the next
+# column on the guesses are blurred shapes, as they should be: a perfect
+# model's $\hat x_0$ is $\mathbb{E}[x_0 \mid x_t]$ (section 2.13), the
+# mean of every image that could lie under that much noise. They sharpen
+# as $t$ falls, the shape is fixed well before $x_t$ shows it, and the
+# last $\hat x_0$ is the sample. (The smoke run's model has trained for
+# seconds, so its shapes are blobs more often than digits.)
+
+# %%
+spaced = respace(diffusion, str(longest))
+inputs = [noise[:2].cpu()] + [c["sample"] for c in chain[:-1]]
+columns = np.linspace(0, len(chain) - 1, 8).round().astype(int)
+fig, axes = plt.subplots(4, len(columns), figsize=(1.3 * len(columns), 6))
+for i in range(2):
+    for j, k in enumerate(columns):
+        t_orig = int(spaced.timestep_map[len(chain) - 1 - k])
+        show_images(inputs[k][i:i + 1], [f"x_t, t={t_orig}"],
+                    axes[2 * i, j:j + 1])
+        show_images(chain[k]["pred_xstart"][i:i + 1],
+                    [f"x0-hat, t={t_orig}"], axes[2 * i + 1, j:j + 1])
+plt.tight_layout()
+plt.show()
+assert len(chain) == longest
+assert torch.equal(chain[-1]["sample"], grids[f"DDPM {longest}"][:2])
+# At t = 0 the posterior mean is x0-hat itself (coef2 = 0), with no noise.
+torch.testing.assert_close(chain[-1]["sample"], chain[-1]["pred_xstart"])
 
 # %% [markdown]
 # DDIM with $\eta = 0$ is deterministic, so the same noise gives nearly the
@@ -1512,8 +1591,10 @@ show_rows(grids)
 # processes lose is what the learned variance is for: Nichol & Dhariwal found
 # that with a fixed variance ancestral sampling degrades quickly as steps are
 # removed, while a learned variance keeps most of the quality with far fewer
-# steps; the paper samples its ADM models with 25 to 250 ancestral steps or
-# 25 DDIM steps. Chapter 5 measures such gaps with FID, and its section
+# steps. The paper samples its ADM models with 250 ancestral steps; its
+# 25-step rows of Table 5 are DDIM (`ddim25`), whose deterministic step
+# ($\eta = 0$) never reads $\Sigma_\theta$, so they owe nothing to the
+# learned variance. Chapter 5 measures such gaps with FID, and its section
 # 5.9 does it for these two variances: the same model trained with
 # $L_\text{simple}$ (fixed variance) and with $L_\text{hybrid}$ (learned),
 # sampled with 10, 25, 50 and 100 ancestral steps. (It needs chapter 5's
@@ -1567,13 +1648,18 @@ assert error < spread
 # half are recognisable digits, though many are not: the model is small (282k
 # parameters), unconditional, and has seen each image about 77 times. DDIM's
 # are smoother and less often digits, keep a trace of speckle in the
-# background at 10 steps and barely change from 25 to 250 steps. The same run
-# without the EMA bounded the same 16 images at 1.601 bits/dim: the average
-# takes 0.15 bits/dim off the bound, and a run of twice the steps (without
-# the EMA) gave no better samples (appendix M.1). The terms of its bound
-# have the shape of section 2.8, the first steps dominating:
+# background at 10 steps and barely change from 25 to 250 steps. Of its
+# bound, the decoder $L_0$ is 0.620 bits/dim and the KL terms 0.833, the
+# first steps dominating them, as in section 2.8's figure.
 #
-# ![Terms of the bound of the CPU run](figures/02_cpu_run_bound.png)
+# Appendix M.1 lists earlier runs with other settings (no EMA, twice the
+# steps). Their bounds were recorded only as means over the 16 images, so
+# the gaps between them and this run have no standard error, and the book
+# draws no conclusion from them. The comparison that holds is the paired
+# one of section 2.8: the same images, $t$ and noise for both models, the
+# difference per draw, and the standard error of its mean. It is printed
+# there, for the EMA against the last step's weights, by every run of the
+# chapter.
 #
 # This is a small model after minutes of training, so it says little about
 # how the samplers compare on a well-trained model. The full run, on one GPU,
@@ -1730,6 +1816,396 @@ ax.set(aspect="equal", xlabel="$x_1$", ylabel="$x_2$",
 plt.show()
 
 # %% [markdown]
+# ### Reverse trajectories, exactly
+#
+# The exact $\epsilon^*$ is a model with no training error, so whatever the
+# samplers make of it is the samplers' own doing. Both run 100 respaced
+# steps of the chapter's schedule, in float64 and without clipping $\hat
+# x_0$ (the toy is not an image), from the same `toy_samples` noise draws.
+# The first two panels draw five trajectories over the data's density
+# (hollow: $x_T$, dot: $x_0$): ancestral ones wander, fresh noise entering
+# at every step, while DDIM's are smooth curves, the solutions of an ODE
+# (section 2.13). The third compares the final samples with the data: the
+# share of samples nearest each component, with its binomial standard
+# error. The cell also prints the squared maximum mean discrepancy
+# (MMD$^2$, RBF kernel of width 0.1, unbiased, so zero in expectation when
+# the two sets come from one law) to fresh data, as mean $\pm$ s.e. over
+# 10 blocks of the samples, beside the same statistic between two sets of
+# data.
+
+# %%
+toy_diffusion = GaussianDiffusion(
+    get_named_beta_schedule(schedule, num_timesteps),
+    var_type="fixed_small", dtype=torch.float64)
+exact_eps = toy.eps_model(toy_diffusion.alphas_cumprod)
+toy_spaced = respace(toy_diffusion, "100")
+g = torch.Generator().manual_seed(seed)
+toy_noise = torch.randn(toy_samples, 2, generator=g, dtype=torch.float64)
+toy_runs = {}
+
+
+def seeded_noise(x):
+    """Each step's noise from the seeded generator: a reproducible run."""
+    return torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+for name, loop in [("DDPM", p_sample_loop_progressive),
+                   ("DDIM", ddim_sample_loop_progressive)]:
+    path = [toy_noise] + [out["sample"] for out in loop(
+        toy_spaced, exact_eps, toy_noise, noise_fn=seeded_noise,
+        clip_denoised=False)]
+    toy_runs[name] = torch.stack(path)  # (steps + 1, n, 2)
+
+
+def block_mmd(a, b, blocks=10, width=0.1):
+    """Unbiased MMD^2 (RBF kernel) per block of a against b: mean, s.e."""
+    def k(p, q):
+        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * width**2))
+
+    values = []
+    for u, v in zip(a.chunk(blocks), b.chunk(blocks), strict=True):
+        n = len(u)
+        within = ((k(u, u).sum() - n) + (k(v, v).sum() - n)) / (n * (n - 1))
+        values.append((within - 2 * k(u, v).mean()).item())
+    values = np.array(values)
+    return values.mean(), values.std(ddof=1) / math.sqrt(blocks)
+
+
+data_a, _ = toy.sample(toy_samples, g)
+data_b, _ = toy.sample(toy_samples, g)
+K = len(toy.weights)
+side = torch.linspace(-2.5, 2.5, 200, dtype=torch.float64)
+grid = torch.cartesian_prod(side, side)
+density = toy.log_prob(grid).exp().reshape(200, 200).T
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+mmd = {"data": block_mmd(data_a, data_b)}
+for ax, (name, path) in zip(axes[:2], toy_runs.items(), strict=True):
+    ax.contourf(side, side, density, levels=12, cmap="Greys")
+    for i in range(5):  # the same five starting points in both panels
+        ax.plot(*path[:, i].T, lw=0.8)
+        ax.plot(*path[0, i], "ko", ms=4, mfc="none")
+        ax.plot(*path[-1, i], "k.", ms=6)
+    ax.set(aspect="equal", xlim=(-2.5, 2.5), ylim=(-2.5, 2.5),
+           xlabel="$x_1$", ylabel="$x_2$",
+           title=f"{name}, {toy_spaced.num_timesteps} steps, exact eps")
+    final = path[-1]
+    mmd[name] = block_mmd(final, data_a)
+    # Equal widths: the most probable component is the nearest mean.
+    nearest = torch.cdist(final, toy.means).argmin(1)
+    counts = torch.bincount(nearest, minlength=K)
+    share = counts.double() / len(final)
+    se = (share * (1 - share) / len(final)).sqrt()
+    axes[2].errorbar(np.arange(K) + (0.15 if name == "DDIM" else -0.15),
+                     share, 2 * se, fmt="o", label=name, capsize=3)
+    z = ((share - 1 / K) / (1 / K * (1 - 1 / K) / len(final)) ** 0.5)
+    print(f"{name}: component shares {np.round(share.numpy(), 3)}, "
+          f"largest gap {z.abs().max():.1f} s.e.; MMD^2 to data "
+          f"{mmd[name][0]:+.4f} ± {mmd[name][1]:.4f}")
+    assert z.abs().max() < 4
+axes[2].axhline(1 / K, color="gray", ls="--", label="data: 1/6")
+axes[2].set(xlabel="mixture component", ylabel="share of samples (± 2 s.e.)",
+            title=f"{toy_samples} samples each")
+axes[2].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"MMD^2 data against data {mmd['data'][0]:+.4f} ± {mmd['data'][1]:.4f}")
+for name in toy_runs:  # unbiased: zero in expectation for equal laws
+    assert abs(mmd[name][0]) < 4 * mmd[name][1]
+
+# %% [markdown]
+# Neither sampler's shares differ from $1/6$ by as much as 4 standard
+# errors, and neither MMD$^2$ differs from zero by as much: with an exact
+# $\epsilon$, both 100-step samplers draw the data's law, to what 2,000
+# samples can tell.
+#
+# ### A trained network against the exact $\epsilon$
+#
+# How far is a trained network from the best possible prediction, and at
+# which $t$? The toy answers it. Any $\epsilon$-model's expected loss
+# splits exactly as
+#
+# $$\mathbb{E}\lVert \epsilon - \epsilon_\theta \rVert^2 = \mathbb{E}
+# \lVert \epsilon - \epsilon^* \rVert^2 + \mathbb{E}\lVert \epsilon_\theta
+# - \epsilon^* \rVert^2,$$
+#
+# because $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$ leaves an error
+# uncorrelated with anything computed from $x_t$ (section 2.13). The first
+# term is the **irreducible loss**, the floor no training can go below; the
+# second is the model's own error. An MLP with two hidden layers of 64
+# units, given $x_t$ and a sinusoidal embedding of $t$, trains on fresh toy
+# samples with $L_\text{simple}$ for `toy_train_steps` steps, a few
+# seconds. The cell measures the three terms at 25 values of $t$ on the
+# same draws and checks the split, each gap within 4 standard errors of
+# zero.
+
+# %%
+class ToyEps(nn.Module):
+    """A small MLP eps-model for points in the plane."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 + 16, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, 2))
+
+    def forward(self, x, t):
+        freqs = torch.exp(-math.log(1000) * torch.arange(8) / 8)
+        angles = t.float()[:, None] * freqs[None]
+        return self.net(torch.cat([x.float(), angles.cos(), angles.sin()], 1))
+
+
+torch.manual_seed(seed)
+toy_net = ToyEps()
+toy_optimizer = torch.optim.Adam(toy_net.parameters(), lr=3e-3)
+toy_float = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
+                              var_type="fixed_small")
+start = time.perf_counter()
+for _ in range(toy_train_steps):
+    x0_batch, _ = toy.sample(256, g)
+    t = torch.randint(num_timesteps, (256,), generator=g)
+    loss = training_losses(toy_float, toy_net, x0_batch.float(), t)["loss"]
+    toy_optimizer.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    toy_optimizer.step()
+print(f"{toy_train_steps} steps of batch 256 in "
+      f"{time.perf_counter() - start:.1f} s")
+
+# The loss of any eps-model is the exact one's plus its squared distance to
+# it (eps* = E[eps | x_t]): measured on the same draws at each t.
+probe = np.unique(np.geomspace(1, num_timesteps - 1, 25).astype(int))
+n_probe = 2000
+rows = []
+with torch.no_grad():
+    for step in probe:
+        x0_probe, _ = toy.sample(n_probe, g)
+        eps = torch.randn(n_probe, 2, generator=g, dtype=torch.float64)
+        t = torch.full((n_probe,), int(step))
+        x_t = toy_diffusion.q_sample(x0_probe, t, eps)
+        best = exact_eps(x_t, t)
+        net = toy_net(x_t, t).double()
+        floor = mean_flat((eps - best) ** 2)
+        loss = mean_flat((eps - net) ** 2)
+        excess = mean_flat((net - best) ** 2)
+        gap = loss - floor - excess  # zero in expectation
+        rows.append([floor.mean(), loss.mean(), excess.mean(), gap.mean(),
+                     gap.std() / n_probe**0.5])
+floor, loss, excess, gap, gap_se = torch.tensor(rows).T.numpy()
+fig, ax = plt.subplots(figsize=(5.5, 3.5))
+ax.semilogx(probe, floor, label="exact eps*: irreducible loss")
+ax.semilogx(probe, loss, label="trained MLP: its loss")
+ax.semilogx(probe, excess, label="MLP's squared distance to eps*")
+ax.set(xlabel="t", ylabel="mean squared error per coordinate",
+       title="The toy's eps: trained against exact")
+ax.legend(fontsize=8)
+plt.show()
+print(f"irreducible loss from {floor[0]:.3f} (t={probe[0]}) to "
+      f"{floor[-1]:.4f} (t={probe[-1]}); the MLP's excess, mean over t "
+      f"{excess.mean():.4f}, largest {excess.max():.4f} at t="
+      f"{probe[excess.argmax()]}")
+print("gap/se", np.round(gap / gap_se, 1))
+assert np.all(np.abs(gap) < 4 * gap_se + 1e-12)
+assert np.all(loss >= floor - 4 * gap_se)
+# The MLP's error lives in between: small at both ends of t.
+assert max(excess[0], excess[-1]) < excess.max() / 3
+
+# %% [markdown]
+# The floor is about 1 at small $t$: there the noise is far smaller than
+# the components' own width, so $x_t$ says almost nothing about
+# $\epsilon$. It falls to 0 at large $t$, where $x_t$ is almost all noise
+# and $\epsilon \approx x_t$. The MLP's own error is largest in between,
+# where $\epsilon^*$ has the mixture's shape, and small at both ends. Its
+# loss alone would hide this: at small $t$ the floor is nearly all of it,
+# which is why a training loss near 1 at small $t$ is not a sign of a bad
+# model, and why comparing models needs their difference on shared draws
+# (section 2.8), not their losses' levels.
+
+# %% [markdown]
+# ## 2.13 The score view
+#
+# Everything in this chapter can be said with one function, the **score**
+# $\nabla \log p_t(x_t)$ of the noised data's density. Four facts, each
+# checked on the toy, where the score is exact.
+#
+# **Tweedie's formula.** For $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 -
+# \bar\alpha_t}\, \epsilon$ and any data distribution,
+#
+# $$\mathbb{E}[x_0 \mid x_t] = \frac{x_t + (1 - \bar\alpha_t) \nabla \log
+# p_t(x_t)}{\sqrt{\bar\alpha_t}}.$$
+#
+# (Differentiate $p_t(x_t) = \int q(x_t \mid x_0) p(x_0)\, dx_0$ under the
+# integral, with $\nabla_{x_t} q = -\frac{x_t - \sqrt{\bar\alpha_t} x_0}{1 -
+# \bar\alpha_t} q$.) The best denoiser is one step along the score. The
+# cell computes $\mathbb{E}[x_0 \mid x_t]$ independently, by Bayes' rule:
+# 200,000 draws of $x_0$ from the data, weighted by $q(x_t \mid x_0)$, at
+# three points $x_t$.
+
+# %%
+# Tweedie's formula against Bayes' rule on samples, at a few points x_t.
+a_bar = 0.7  # one noise level
+points = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.25, 0.4]],
+                      dtype=torch.float64)
+tweedie = (points + (1 - a_bar) * toy.score(points, a_bar)) / a_bar**0.5
+x0_many, _ = toy.sample(200_000, g)
+for point, guess in zip(points, tweedie, strict=True):
+    # q(x_t | x_0) as importance weights on draws of x_0 from the data.
+    log_w = -((point - a_bar**0.5 * x0_many) ** 2).sum(1) / (2 * (1 - a_bar))
+    w = (log_w - log_w.max()).exp()
+    w = w / w.sum()
+    bayes = (w[:, None] * x0_many).sum(0)
+    se = ((w[:, None] ** 2 * (x0_many - bayes) ** 2).sum(0)).sqrt()
+    print(f"x_t = {point.tolist()}: Tweedie {guess.numpy().round(4)}, "
+          f"Bayes on samples {bayes.numpy().round(4)} ± {se.numpy().round(4)}")
+    assert torch.all((guess - bayes).abs() < 4 * se)
+
+# %% [markdown]
+# **$\epsilon$ is a scaled score.** Solve `q_sample` for $\epsilon$ and take
+# the expectation given $x_t$, then use Tweedie:
+#
+# $$\epsilon^*(x_t, t) = \mathbb{E}[\epsilon \mid x_t] = \frac{x_t -
+# \sqrt{\bar\alpha_t}\, \mathbb{E}[x_0 \mid x_t]}{\sqrt{1 - \bar\alpha_t}}
+# = -\sqrt{1 - \bar\alpha_t}\, \nabla \log p_t(x_t).$$
+#
+# The minimiser of a squared error is the conditional mean, so the network
+# that minimises $L_\text{simple}$ is the score scaled by $-\sqrt{1 -
+# \bar\alpha_t}$: training on $L_\text{simple}$ is denoising score
+# matching. `toy.eps_model` is this formula. A conditional mean's error is
+# orthogonal to every function of $x_t$; the cell checks two.
+
+# %%
+# eps* is E[eps | x_t]: its error is uncorrelated with any function of x_t.
+x0_check, _ = toy.sample(20_000, g)
+eps = torch.randn(x0_check.shape, generator=g, dtype=torch.float64)
+x_t = a_bar**0.5 * x0_check + (1 - a_bar) ** 0.5 * eps
+eps_star = -(1 - a_bar) ** 0.5 * toy.score(x_t, a_bar)
+for name, h in [("x_t", x_t), ("x_t^3", x_t**3)]:
+    product = (eps - eps_star) * h
+    z = product.mean(0) / (product.std(0) / len(product) ** 0.5)
+    print(f"E[(eps - eps*) {name}] in s.e.: {z.numpy().round(2)}")
+    assert torch.all(z.abs() < 4)
+
+# %% [markdown]
+# **The probability-flow ODE.** Song et al. (2021, "Score-based generative
+# modeling through stochastic differential equations") show that a
+# deterministic ODE moves $p_T$ to $p_0$ through the same marginals $p_t$
+# as the forward process. In the variables $\bar x = x_t /
+# \sqrt{\bar\alpha_t}$ and $\sigma_t = \sqrt{(1 - \bar\alpha_t) /
+# \bar\alpha_t}$, in which $\bar x = x_0 + \sigma_t \epsilon$, it reads
+#
+# $$\frac{d \bar x}{d \sigma} = -\sigma\, \nabla_{\bar x} \log
+# \bar p_\sigma(\bar x) = \epsilon^*(x_t, t),$$
+#
+# since $\nabla_{\bar x} = \sqrt{\bar\alpha_t} \nabla_{x_t}$ and $\sigma_t
+# \sqrt{\bar\alpha_t} = \sqrt{1 - \bar\alpha_t}$: the predicted noise is
+# the speed. DDIM at $\eta = 0$ (section 2.6) is **Euler's method** on it.
+# Divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use $\hat x_0 = \bar x_t
+# - \sigma_t \hat\epsilon$:
+#
+# $$\frac{x_{t-1}}{\sqrt{\bar\alpha_{t-1}}} = \hat x_0 + \sigma_{t-1}
+# \hat\epsilon = \bar x_t + (\sigma_{t-1} - \sigma_t)\, \hat\epsilon.$$
+#
+# Euler's method is first order, so the end point's error should fall as
+# one over the number of steps. The cell checks one step against the
+# formula, to round-off, and the end points of DDIM with 5 to 40 steps
+# against those of 250 steps.
+
+# %%
+# One DDIM step is one Euler step of d(x/sqrt(abar))/d(sigma) = eps*.
+spaced = respace(toy_diffusion, "20")
+x = toy_noise[:256]
+t = torch.full((len(x),), 10)
+step = ddim_sample(spaced, exact_eps, x, t, clip_denoised=False)["sample"]
+a_now, a_prev = spaced.alphas_cumprod[10], spaced.alphas_cumprod_prev[10]
+sigma_now, sigma_prev = (((1 - a) / a) ** 0.5 for a in (a_now, a_prev))
+eps_hat = exact_eps(x, spaced.model_timesteps(t))
+euler = x / a_now**0.5 + (sigma_prev - sigma_now) * eps_hat
+torch.testing.assert_close(step / a_prev**0.5, euler, rtol=1e-12, atol=1e-12)
+
+# As the steps shrink, DDIM converges to the ODE's solution, at first order.
+reference = ddim_sample_loop(respace(toy_diffusion, "250"), exact_eps, x,
+                             clip_denoised=False)
+counts = [5, 10, 20, 40]
+errors = []
+for count in counts:
+    end = ddim_sample_loop(respace(toy_diffusion, str(count)), exact_eps, x,
+                           clip_denoised=False)
+    errors.append((end - reference).norm(dim=1).mean().item())
+slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
+print("DDIM steps:", counts, "mean distance to 250 steps:",
+      np.round(errors, 4), f"slope {slope:.2f}")
+fig, ax = plt.subplots(figsize=(4.5, 3.2))
+ax.loglog(counts, errors, "o-", label="DDIM, exact eps")
+ax.loglog(counts, errors[0] * counts[0] / np.array(counts), "k--",
+          label="1 / steps")
+ax.set(xlabel="DDIM steps", ylabel="mean distance to 250 steps",
+       title="DDIM converges to the ODE")
+ax.legend()
+plt.show()
+assert slope < -0.7
+
+# %% [markdown]
+# **The objectives as weightings of the bound.** With $\Sigma =
+# \tilde\beta_t$ fixed, the bound's KL term at code step $t \ge 1$ is
+# $w_t \lVert \epsilon - \epsilon_\theta \rVert^2$ (exercise 2), and in
+# terms of the signal-to-noise ratio $\mathrm{SNR}_t = \bar\alpha_t / (1 -
+# \bar\alpha_t)$ and its log $\lambda_t$ (chapter 1.2),
+#
+# $$w_t = \frac{\beta_t^2}{2 \tilde\beta_t \alpha_t (1 - \bar\alpha_t)}
+# = \frac12 \Big(\frac{\mathrm{SNR}_{t-1}}{\mathrm{SNR}_t} - 1\Big)
+# \approx \frac12 (\lambda_{t-1} - \lambda_t)$$
+#
+# for small steps: the bound weights each step's error by the log-SNR the
+# step removes, and $L_\text{simple}$ weights every step by one. Each
+# per-step error is minimised by $\epsilon^*$, so both objectives have the
+# same minimiser; they differ in where a finite network spends its
+# capacity, and in the variance of their one-sample estimates (the bound's
+# weights span five orders of magnitude here, hence section 2.4). ADM's
+# hybrid keeps $L_\text{simple}$'s weights for the mean and uses the bound
+# only for $\Sigma_\theta$. On the toy, $w_t$ times the irreducible loss
+# is, term by term, the bound of the exact mean with $\Sigma =
+# \tilde\beta_t$. The spike
+# at the last step is the cosine schedule's $\beta$ clipped at 0.999
+# (chapter 1.3), which divides the SNR by 1,000 in one step; the toy's
+# loss there is zero, so it adds nothing.
+
+# %%
+# The bound's weight on the eps MSE with Sigma = beta-tilde, per code step.
+snr = toy_diffusion.alphas_cumprod / (1 - toy_diffusion.alphas_cumprod)
+w = 0.5 * (snr[:-1] / snr[1:] - 1)  # code steps 1 .. T-1
+beta_t, abar_t = toy_diffusion.betas[1:], toy_diffusion.alphas_cumprod[1:]
+w_direct = beta_t**2 / (2 * toy_diffusion.posterior_variance[1:]
+                        * (1 - beta_t) * (1 - abar_t))
+np.testing.assert_allclose(w, w_direct, rtol=1e-9)
+# The toy's irreducible loss at every step, and the two objectives' shares.
+t_all = torch.arange(1, num_timesteps).repeat(100)
+x0_all, _ = toy.sample(len(t_all), g)
+eps = torch.randn(x0_all.shape, generator=g, dtype=torch.float64)
+x_t = toy_diffusion.q_sample(x0_all, t_all, eps)
+per_t = torch.zeros(num_timesteps - 1, dtype=torch.float64).index_add_(
+    0, t_all - 1, mean_flat((eps - exact_eps(x_t, t_all)) ** 2)) / 100
+floor_t = per_t.numpy()
+vlb_terms = w * floor_t  # nats per coordinate: the exact model's KL terms
+head = slice(0, num_timesteps // 10)
+print(f"first 10% of steps: {vlb_terms[head].sum() / vlb_terms.sum():.0%} of "
+      f"the exact model's bound, {floor_t[head].sum() / floor_t.sum():.0%} "
+      f"of its L_simple")
+fig, (ax_w, ax_terms) = plt.subplots(1, 2, figsize=(9, 3.2))
+steps_ = np.arange(1, num_timesteps)
+ax_w.loglog(steps_, w, label="L_vlb: w_t")
+ax_w.loglog(steps_, np.ones(len(w)), label="L_simple: 1")
+ax_w.set(xlabel="code step t", ylabel="weight on the eps MSE per step",
+         title="objectives as weightings")
+ax_w.legend(fontsize=8)
+ax_terms.loglog(steps_, vlb_terms / vlb_terms.sum(), label="L_vlb")
+ax_terms.loglog(steps_, floor_t / floor_t.sum(), label="L_simple")
+ax_terms.set(xlabel="code step t", ylabel="share of the objective",
+             ylim=(1e-7, 1),
+             title="the toy's exact eps: where the loss lies")
+ax_terms.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
+
+# %% [markdown]
 # ## Summary
 #
 # * The network's output becomes a Gaussian step through a mean
@@ -1747,6 +2223,16 @@ plt.show()
 # * Respacing keeps a subsequence of steps with recomputed betas while the
 #   model still sees original timesteps; DDPM and DDIM sample on it, and a
 #   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).
+# * On a mixture of Gaussians everything is exact: with the exact
+#   $\epsilon^*$, 100-step DDPM and DDIM both draw the data's law (to
+#   what 2,000 samples can tell), and a trained network's loss splits into
+#   the irreducible loss and its own distance to $\epsilon^*$.
+# * The score view: $\mathbb{E}[x_0 \mid x_t]$ is one step along the score
+#   (Tweedie), $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t$,
+#   DDIM is Euler's method on the probability-flow ODE in $(\bar x,
+#   \sigma)$, and $L_\text{vlb}$ and $L_\text{simple}$ weight the same
+#   per-step errors differently ($w_t \approx \frac12 \Delta\lambda_t$
+#   against 1).
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
 
@@ -1777,3 +2263,147 @@ plt.show()
 #    `LossAwareSampler(num_timesteps)` and, after each step,
 #    `sampler.update(t, terms["loss"].detach())` (log only `vb`). Predict
 #    after how many steps its `weights()` stop being uniform, then check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1
+# - \bar\alpha_t} (1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}) = \frac{1 -
+# \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$. Then $1 -
+# \bar\alpha_{t-1} - \tilde\beta_t = \frac{(1 - \bar\alpha_{t-1})^2
+# \alpha_t}{1 - \bar\alpha_t}$, and with $\hat\epsilon = (x_t -
+# \sqrt{\bar\alpha_t} \hat x_0) / \sqrt{1 - \bar\alpha_t}$ the mean's
+# coefficient of $x_t$ is $\frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 -
+# \bar\alpha_t}$ (`coef2`) and that of $\hat x_0$ is $\sqrt{\bar\alpha_{t-1}}
+# (1 - \frac{(1 - \bar\alpha_{t-1}) \alpha_t}{1 - \bar\alpha_t}) =
+# \frac{\sqrt{\bar\alpha_{t-1}} \beta_t}{1 - \bar\alpha_t}$ (`coef1`). So
+# the step is `p_sample`'s with `fixed_small`, noise for noise (except at
+# `t = 0`, where neither adds any). Checked in float64: in float32, DDIM's
+# $1 - \bar\alpha_{t-1} - \sigma_t^2$ cancels at $t = 1$, where $1 -
+# \bar\alpha_{t-1} \approx 4 \cdot 10^{-5}$, and the two steps differ by
+# about $10^{-3}$ there.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+oracle_diffusion.dtype = torch.float64  # chapter 1's precision knob
+x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+t = torch.tensor([1, num_timesteps // 2, num_timesteps - 1])
+z = torch.randn_like(x)
+by_ddim = ddim_sample(oracle_diffusion, oracle, x, t, noise=z, eta=1.0)
+by_ddpm = p_sample(oracle_diffusion, oracle, x, t, noise=z)
+oracle_diffusion.dtype = torch.float32
+torch.testing.assert_close(by_ddim["sample"], by_ddpm["sample"],
+                           rtol=1e-9, atol=1e-9)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** Two Gaussians with the same covariance $\sigma_t^2 I$
+# differ in KL by $\lVert \tilde\mu_t - \mu_\theta \rVert^2 / (2\sigma_t^2)$
+# plus terms free of $\theta$. Written with the noise (chapter 1, exercise
+# 3), both means are $(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}
+# \epsilon) / \sqrt{\alpha_t}$, one with $\epsilon$ and one with
+# $\epsilon_\theta$, so $\tilde\mu_t - \mu_\theta = \frac{\beta_t}{\sqrt{
+# \alpha_t (1 - \bar\alpha_t)}} (\epsilon_\theta - \epsilon)$ and $w_t =
+# \frac{\beta_t^2}{2\sigma_t^2 \alpha_t (1 - \bar\alpha_t)}$. With $\sigma_t^2
+# = \tilde\beta_t$ it is $\frac12 (\mathrm{SNR}_{t-1} / \mathrm{SNR}_t - 1)$
+# (section 2.13): largest where one step removes the most log-SNR. For the
+# linear schedule that is the first KL term (code step 1, $w \approx 0.6$),
+# falling with $t$. The cosine's falls from about 0.56 there to a minimum
+# mid-way, rises towards the end, and peaks at the last step, about 500,
+# where the clipped $\beta = 0.999$ divides the SNR by 1,000.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for name in ("linear", "cosine"):
+    d = GaussianDiffusion(get_named_beta_schedule(name, num_timesteps))
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    w = 0.5 * (snr[:-1] / snr[1:] - 1)  # code steps 1 .. T-1
+    print(f"{name}: w_t largest {w.max():.3g} at code step "
+          f"{w.argmax() + 1}, {w[0]:.3g} at step 1")
+    expected = 1 if name == "linear" else num_timesteps - 1
+    assert w.argmax() + 1 == expected
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** `"ddim7"` takes every $k$-th step from 0 for the smallest
+# $k$ giving exactly 7 steps: $k = 143$, so it ends at $6 \cdot 143 = 858$.
+# `"7"` spreads 7 steps over the whole range and keeps $T - 1 = 999$. At
+# 999 the cosine's $\bar\alpha$ is about $2 \cdot 10^{-9}$, so $x_T \sim
+# \mathcal{N}(0, I)$ is the right start; at 858 it is about 0.05, and $x$
+# there still holds $\sqrt{0.05} \approx 0.22$ of the image, which pure
+# noise lacks: `"7"` starts with the smaller mismatch.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+last_ddim, last_even = (space_timesteps(1000, s)[-1] for s in ("ddim7", "7"))
+cosine_1000 = GaussianDiffusion(get_named_beta_schedule("cosine", 1000))
+print(f"ddim7 ends at {last_ddim}, alpha-bar "
+      f"{cosine_1000.alphas_cumprod[last_ddim]:.3f}; 7 ends at {last_even}, "
+      f"alpha-bar {cosine_1000.alphas_cumprod[last_even]:.1e}")
+assert (last_ddim, last_even) == (858, 999)
+abar_1000 = cosine_1000.alphas_cumprod
+assert abar_1000[last_ddim] > 1e6 * abar_1000[last_even]
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** The prediction: the terms of the bound keep their shape,
+# the first steps dominating, because both schedules start with $\beta_1
+# \approx 10^{-4}$ and $\tilde\beta_t / \beta_t$ rises from about 0.5 to
+# 0.9 within the first 15 steps in both (chapter 1's figure). The linear
+# schedule spends more steps near pure noise, where the terms are near
+# zero, so the tail of the plot drops earlier. The learned interpolation
+# should matter, and move, only in the first few steps; elsewhere
+# $\tilde\beta_t \approx \beta_t$ and $v$ is free (noisy, any value). The
+# rerun costs the chapter's training again; the cell computes the cheap
+# part, where the two variances differ by more than 10%.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+for name in ("cosine", "linear"):
+    d = GaussianDiffusion(get_named_beta_schedule(name, num_timesteps))
+    ratio = d.posterior_variance[1:] / d.betas[1:]
+    print(f"{name}: beta-tilde/beta {ratio[0]:.2f} at code step 1; below "
+          f"0.9 at {np.sum(ratio < 0.9)} of {num_timesteps - 1} steps")
+    assert np.sum(ratio < 0.9) < 20
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** With 10 steps each respaced $\beta_t$ is large, and
+# `fixed_large` adds noise of that size at every step, which the few steps
+# left cannot remove: expect noisier, speckled 10-step rows. `fixed_small`'s
+# $\tilde\beta_t$ is below the true reverse variance ($\tilde\beta_t$ plus
+# the uncertainty of $x_0$ given $x_t$, carried through `coef1`), so it
+# errs the other way, slightly too smooth, by less. The toy measures it
+# exactly, with the exact $\epsilon$ and so no training error: the RMS
+# distance of samples to their nearest component mean, against the data's
+# $0.1\sqrt2 \approx 0.14$. The MNIST run is not made here.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+spreads = {}
+for var_type in ("fixed_small", "fixed_large"):
+    d = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
+                          var_type=var_type, dtype=torch.float64)
+    for spec in ("10", "100"):
+        end = p_sample_loop(respace(d, spec), toy.eps_model(d.alphas_cumprod),
+                            toy_noise, clip_denoised=False,
+                            noise_fn=seeded_noise)
+        spreads[var_type, spec] = torch.cdist(end, toy.means).min(
+            1).values.pow(2).mean().sqrt().item()
+print({k: round(v, 3) for k, v in spreads.items()})
+assert spreads["fixed_large", "10"] > spreads["fixed_small", "10"]
+assert all(spreads[v, "100"] < spreads[v, "10"] for v in ("fixed_small",
+                                                          "fixed_large"))
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** Until every one of the $T$ timesteps has 10 losses the
+# weights stay uniform, so the question is a coupon collector's with 10
+# copies: about $T (\ln T + 9 \ln \ln T) \approx 24{,}000$ uniform draws at
+# $T = 1000$, some 760 steps of batch 32. The count of steps depends only
+# on the drawn timesteps, so the cell simulates it with a dummy loss and
+# the sampler itself.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+counts = []
+for run in range(3):
+    aware = LossAwareSampler(num_timesteps)
+    gen = torch.Generator().manual_seed(run)
+    steps_taken = 0
+    while (aware.counts < 10).any():  # exactly weights()'s uniform test
+        t, _ = aware.sample(32, generator=gen)
+        aware.update(t, torch.ones(32))
+        steps_taken += 1
+    counts.append(steps_taken)
+print(f"weights stop being uniform after {counts} steps of batch 32")
+predicted = num_timesteps * (np.log(num_timesteps)
+                             + 9 * np.log(np.log(num_timesteps))) / 32
+assert all(0.6 * predicted < c < 1.5 * predicted for c in counts)
