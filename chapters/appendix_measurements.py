@@ -118,8 +118,10 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 # * the same run before chapter 2's loop kept an EMA (2026-12-03, an AMD
 #   EPYC; it evaluated its last step's weights) bounded the same 16
 #   images at 1.601 bits/dim, 0.711 of it in the decoder, against 1.453
-#   and 0.620 with the EMA: the average took 0.15 bits/dim off the bound,
-#   0.09 of it in $L_0$. Its samples changed less: the last row of
+#   and 0.620 with the EMA, two runs on the same 16 images whose per-image
+#   bounds were not kept: without a paired standard error the 0.15 bits/dim
+#   between them is not a claim (section 2.8 now prints the paired
+#   difference of every run). Its samples changed less: the last row of
 #   section 2.10's figure (the last step's weights, from the same noise)
 #   is the row above it with small changes of stroke;
 # * the run of 2026-11-25, 2,000 steps, no EMA, gave 1.70 bits/dim and
