@@ -80,7 +80,6 @@ seed: int = 0  # of every run
 import os
 import shutil
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -191,7 +190,6 @@ assert len(grids) == -(-train_steps // snapshot_every)
 #| export config
 """A training run's configuration: its fields, the paper's presets, the
 checks of every value, and the network and diffusion it builds."""
-import difflib
 import importlib.util
 import math
 from collections.abc import Mapping
@@ -205,7 +203,7 @@ from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, check_types, coerce
+from adm_lib.values import MAX_SEED, check_types, coerce, coerce_settings
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -443,23 +441,12 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
             raise TrainError(f"no {kind} preset {name!r}; presets: "
                              f"{', '.join(presets)}")
         base = TrainConfig(kind=kind, **presets[name])
+    if "kind" in (overrides or {}):
+        raise TrainError("kind is not a setting: it is make_config's "
+                         "first argument")
     defaults = asdict(TrainConfig())
-    changes = {}
-    settings = [k for k in defaults if k != "kind"]
-    for key, value in (overrides or {}).items():
-        if key == "kind":
-            raise TrainError("kind is not a setting: it is make_config's "
-                             "first argument")
-        if key not in defaults:
-            close = difflib.get_close_matches(key, settings, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise TrainError(
-                f"unknown setting {key!r}{hint}; valid settings: "
-                + ", ".join(settings))
-        try:
-            changes[key] = coerce(value, defaults[key])
-        except ValueError as err:
-            raise TrainError(f"{key}={value!r}: {err}") from None
+    del defaults["kind"]
+    changes = coerce_settings(overrides or {}, defaults, TrainError)
     config = replace(base, **changes)
     validate(config)
     return config
@@ -513,6 +500,36 @@ def validate(config: TrainConfig) -> None:
 
 # %%
 #| export config
+_POSITIVE = ("steps", "batch_size", "image_size", "small_size",
+             "log_interval", "save_interval", "keep_checkpoints",
+             "max_nonfinite", "diffusion_steps", "num_res_blocks",
+             "classifier_depth", "num_heads")
+_NON_NEGATIVE = ("microbatch", "weight_decay", "grad_clip", "num_workers",
+                 "lr_anneal_steps", "num_samples", "eval_images",
+                 "num_classes", "sample_interval", "eval_interval")
+_LISTS = ("channel_mult", "attention_resolutions",
+          "classifier_attention_resolutions")
+# (fields, the test each value must pass, what the error adds), in order.
+_RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (_POSITIVE, lambda v: v >= 1, " must be >= 1"),
+    (_NON_NEGATIVE, lambda v: v >= 0, " must be >= 0"),
+    (("seed",), lambda v: 0 <= v <= MAX_SEED, ": expected 0 to 2**64 - 1 "
+     f"= {MAX_SEED}, the seeds torch's generators take"),
+    (("num_head_channels", "num_heads_upsample"),
+     lambda v: v == -1 or v >= 1, ": expected -1 (see num_heads) or >= 1"),
+    (("clean_fraction",), lambda v: 0 <= v <= 1, " must be in [0, 1]"),
+    (("val_fraction",), lambda v: 0 < v < 1, " must be in (0, 1)"),
+    (("label_dropout", "dropout"), lambda v: 0 <= v < 1,
+     " must be in [0, 1)"),
+    (("lr", "weight_decay", "grad_clip"), math.isfinite, " is not finite"),
+    (("lr",), lambda v: v > 0, " must be > 0"),
+    (_LISTS, lambda v: all(0 < x < math.inf for x in v),
+     ": expected positive numbers, such as (16, 8)"),
+    (("ema_rate",), lambda v: v and all(0 < r < 1 for r in v),
+     ": expected one or more rates in (0, 1), such as (0.9999,)"),
+)
+
+
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -520,54 +537,13 @@ def _check_ranges(config: TrainConfig) -> None:
                "noise_schedule": tuple(BETA_SCHEDULES),
                "classifier_pool": POOLS, "in_channels": (0, 1, 3),
                "memory_format": MEMORY_FORMATS}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise TrainError(f"{name}={getattr(config, name)!r}: expected "
-                             f"one of {', '.join(map(str, allowed))}")
-    positive = ("steps", "batch_size", "image_size", "small_size",
-                "log_interval", "save_interval", "keep_checkpoints",
-                "max_nonfinite", "diffusion_steps", "num_res_blocks",
-                "classifier_depth", "num_heads")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
-    for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
-                 "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "sample_interval", "eval_interval"):
-        if getattr(config, name) < 0:
-            raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
-    if not 0 <= config.seed <= MAX_SEED:
-        raise TrainError(f"seed={config.seed}: expected 0 to 2**64 - 1 = "
-                         f"{MAX_SEED}, the seeds torch's generators take")
-    for name in ("num_head_channels", "num_heads_upsample"):
-        value = getattr(config, name)
-        if value != -1 and value < 1:
-            raise TrainError(f"{name}={value}: expected -1 (see num_heads) "
-                             "or >= 1")
-    if not 0 <= config.clean_fraction <= 1:
-        raise TrainError(f"clean_fraction={config.clean_fraction} must be "
-                         "in [0, 1]")
-    if not 0 < config.val_fraction < 1:
-        raise TrainError(f"val_fraction={config.val_fraction} must be in "
-                         "(0, 1)")
-    for name in ("label_dropout", "dropout"):
-        if not 0 <= getattr(config, name) < 1:
-            raise TrainError(f"{name}={getattr(config, name)} must be in "
-                             "[0, 1)")
-    for name in ("lr", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(config, name)):
-            raise TrainError(f"{name}={getattr(config, name)} is not finite")
-    if config.lr <= 0:
-        raise TrainError(f"lr={config.lr} must be > 0")
-    for name in ("channel_mult", "attention_resolutions",
-                 "classifier_attention_resolutions"):
-        value = getattr(config, name)
-        if not all(0 < v < math.inf for v in value):
-            raise TrainError(f"{name}={value}: expected positive numbers, "
-                             "such as (16, 8)")
-    if not config.ema_rate or not all(0 < r < 1 for r in config.ema_rate):
-        raise TrainError(f"ema_rate={config.ema_rate}: expected one or "
-                         "more rates in (0, 1), such as (0.9999,)")
+    rules = [((name,), allowed.__contains__, ": expected one of "
+              + ", ".join(map(str, allowed)))
+             for name, allowed in choices.items()]
+    for names, ok, problem in (*rules, *_RANGES):
+        for name in names:
+            if not ok(value := getattr(config, name)):
+                raise TrainError(f"{name}={value!r}{problem}")
 
 # %%
 #| export config
@@ -809,16 +785,29 @@ assert counts["classifier", "imagenet128"] == "42.6M"
 #
 # We make every step's draws a function of `(seed, step)` alone. The
 # batch of step $s$ with global batch size $B$ is the slice
-# $[sB, (s+1)B)$ of an endless sequence of seeded shuffles of the data
-# (`BatchOrder`), and with $W$ processes rank $r$ reads rows
-# $[rB/W, (r+1)B/W)$ of it (`RankBatches`, the sampler of a PyTorch
-# `DataLoader`, so decoding runs in worker processes).
+# $[sB, (s+1)B)$ of an endless sequence of seeded shuffles of the data,
+# and with $W$ processes rank $r$ reads rows $[rB/W, (r+1)B/W)$ of it.
+# That reading is the foundation's (`adm_lib.data.rank_loader`, a PyTorch
+# `DataLoader` whose sampler is `RankBatches`); step 7's batch is the same
+# whether or not steps 0 to 6 were drawn first, and two ranks' shares
+# put together are the global batch:
+
+# %%
+from adm_lib.data import BatchOrder, RankBatches
+
+order = BatchOrder(torch.arange(50), batch_size=8, seed=seed)
+fresh = BatchOrder(torch.arange(50), batch_size=8, seed=seed)
+for step in range(7):
+    order(step)
+halves = [next(iter(RankBatches(fresh, rank, 2, start=7)))
+          for rank in range(2)]
+print("step 7:", order(7).tolist(), "ranks:", halves)
+assert order(7).tolist() == fresh(7).tolist() == halves[0] + halves[1]
 
 # %%
 #| export batches
-"""What each training step draws, from (seed, step) alone: its batch of the
-data, timesteps, noise and flips; and the data a run opens."""
-from collections.abc import Iterator
+"""What each training step draws, from (seed, step) alone: its timesteps,
+noise and flips; and the data a run opens."""
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -830,55 +819,6 @@ from adm_lib.data import DataError, ImageDataset, load_dataset
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
 from adm_lib.seeds import step_seed
-
-
-# %%
-#| export batches
-class BatchOrder:
-    """The data indices of each step's global batch: seeded epoch shuffles.
-
-    Step s takes positions s*B to (s+1)*B - 1 of an endless sequence of
-    shuffles of `indices`, so any step's batch is known without replaying
-    the ones before it: a resumed run reads what an uninterrupted one would.
-    """
-
-    def __init__(self, indices: Tensor, batch_size: int, seed: int) -> None:
-        self.indices, self.batch_size, self.seed = indices, batch_size, seed
-        self._epoch, self._order = -1, indices
-
-    def _shuffle(self, epoch: int) -> Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(step_seed(self.seed, 1, epoch))
-            perm = torch.randperm(len(self.indices), generator=g)
-            self._epoch, self._order = epoch, self.indices[perm]
-        return self._order
-
-    def __call__(self, step: int) -> Tensor:
-        """The global batch of data indices at `step`."""
-        n, parts = len(self.indices), []
-        position, wanted = step * self.batch_size, self.batch_size
-        while wanted:
-            epoch, offset = divmod(position, n)
-            part = self._shuffle(epoch)[offset:offset + wanted]
-            parts.append(part)
-            position, wanted = position + len(part), wanted - len(part)
-        return torch.cat(parts)
-
-
-class RankBatches:
-    """One rank's share of each global batch, from `start` on (a sampler)."""
-
-    def __init__(self, order: BatchOrder, rank: int, world_size: int,
-                 start: int) -> None:
-        self.order, self.start = order, start
-        share = order.batch_size // world_size
-        self.rows = slice(rank * share, (rank + 1) * share)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start
-        while True:
-            yield self.order(step)[self.rows].tolist()
-            step += 1
 
 # %% [markdown]
 # The rest of each step's randomness comes from generators seeded by
@@ -1047,23 +987,6 @@ def split_data(config: TrainConfig, data: ImageDataset
     return data, perm[held:].sort().values, data, perm[:held]
 
 # %% [markdown]
-# Step 7's batch is the same whether or not steps 0 to 6 were drawn
-# first, and two ranks' shares put together are the global batch:
-
-# %%
-order = BatchOrder(torch.arange(50), batch_size=8, seed=seed)
-fresh = BatchOrder(torch.arange(50), batch_size=8, seed=seed)
-for step in range(7):
-    order(step)
-halves = [next(iter(RankBatches(fresh, rank, 2, start=7)))
-          for rank in range(2)]
-print("step 7:", order(7).tolist(), "ranks:", halves)
-assert order(7).tolist() == fresh(7).tolist() == halves[0] + halves[1]
-# Steps 0 to 5 and two rows of step 6 are one pass over the 50 images.
-first_pass = torch.cat([order(s) for s in range(6)] + [order(6)[:2]])
-assert sorted(first_pass.tolist()) == list(range(50))
-
-# %% [markdown]
 # ## 4.4 Three objectives
 #
 # The three kinds of model differ only in their per-image loss:
@@ -1211,7 +1134,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1220,12 +1142,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adm_lib.batches import (
-    BatchOrder,
-    RankBatches,
     StepDraws,
     draw_step,
     open_data,
@@ -1233,11 +1152,11 @@ from adm_lib.batches import (
     split_data,
 )
 from adm_lib.checkpoints import (
-    CHECKPOINT_FORMAT,
     MetricsLog,
     checkpoint_path,
-    save_checkpoint,
+    pack_checkpoint,
     truncate_metrics,
+    unpack_checkpoint,
 )
 from adm_lib.config import (
     RUN_FIELDS,
@@ -1247,12 +1166,11 @@ from adm_lib.config import (
     config_from_dict,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset, Pixels, worker_error
+from adm_lib.data import DataError, ImageDataset, rank_loader, worker_error
 from adm_lib.devices import (
     attention_kernels,
     autocast_model,
     fast_backends,
-    follow_layouts,
     memory_format,
     resolve_precision,
 )
@@ -1267,18 +1185,19 @@ from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
     data_parallel,
-    from_rank0,
-    gather_rows,
     micro_sync,
     setup_ranks,
     sum_ranks,
 )
-from adm_lib.runlog import (
-    evaluate_classifier,
-    sample_grid,
+from adm_lib.runlog import evaluate_classifier, sample_grid
+from adm_lib.runs import (
+    StepResult,
+    gather_steps,
+    prepare_run,
+    save_run,
+    seed_dropout,
+    skip_step,
 )
-from adm_lib.runs import prepare_run
-from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 # %% [markdown]
@@ -1385,11 +1304,6 @@ def config_mismatch(saved: Mapping[str, Any],
             for k, v in asdict(config).items()
             if k not in RUN_FIELDS and before[k] != v]
 
-# %% [markdown]
-# Loading a checkpoint puts each tensor where its parameter is: on its
-# device, in its dtype, and, for AdamW's moments, in its memory layout,
-# which a resume may change (channels_last on a GPU, contiguous on a CPU).
-
 # %%
 #| export
 @dataclass
@@ -1430,30 +1344,16 @@ class TrainState:
     def state_dict(self, config: TrainConfig,
                    rng: list[dict[str, Tensor]]) -> dict[str, Any]:
         """A checkpoint's contents (plain tensors and containers)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "config": asdict(config),
-            "model": self.model.state_dict(),
-            "ema": {str(r): m.state_dict() for r, m in self.ema.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": (self.sampler.state_dict()
-                        if isinstance(self.sampler, LossAwareSampler)
-                        else {}),
-            "rng": rng,
-            "nonfinite": self.nonfinite,
-        }
+        sampler = (self.sampler.state_dict()
+                   if isinstance(self.sampler, LossAwareSampler) else {})
+        return pack_checkpoint(self.step, asdict(config), self.model,
+                               self.ema, self.optimizer, self.scaler,
+                               sampler, rng, self.nonfinite)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore everything but the RNG from a checkpoint."""
-        self.model.load_state_dict(state["model"])
-        for rate, model in self.ema.items():
-            model.load_state_dict(state["ema"][str(rate)])
-        self.optimizer.load_state_dict(state["optimizer"])
-        follow_layouts(self.optimizer)
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        unpack_checkpoint(state, self.model, self.ema, self.optimizer,
+                          self.scaler)
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
@@ -1468,9 +1368,8 @@ class TrainState:
 # `accumulate_gradients` splits the rank's rows into micro-batches of
 # `microbatch` images, for models whose batch does not fit in memory: each
 # micro-batch adds its share of the loss's gradient, so the step's
-# gradient is the same however the batch is split; under DDP only the
-# last micro-batch all-reduces (`micro_sync`; DDP itself is appendix
-# R.6's).
+# gradient is the same however the batch is split (under DDP only the
+# last one all-reduces, appendix R.6).
 
 # %%
 #| export
@@ -1511,14 +1410,10 @@ def accumulate_gradients(
 
 # %% [markdown]
 # Applying them: unscale (fp16), measure or clip the norm, then step AdamW
-# and the EMAs, both told on the device whether to change anything. The
-# fused AdamW already skips its update when its `found_inf` flag is set:
-# that is how the fp16 loss scaler skips an overflowing step. We set the
-# flag for every non-finite step, and give the EMAs a decay of 1 for it:
-# the step is skipped on every rank, and after `max_nonfinite` in a row
-# the run stops, naming the intact checkpoint. None of this makes the
-# host wait for the device (appendix R.7 says why that matters on a
-# GPU).
+# and the EMAs. The fused AdamW skips its update when its `found_inf`
+# flag is set, which is how the fp16 loss scaler skips an overflowing
+# step; we set it for every non-finite step, and give the EMAs a decay
+# of 1 for it, on the device, so the host never waits (appendix R.7).
 
 # %%
 #| export
@@ -1562,22 +1457,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 # %% [markdown]
 # One step, `train_step`, is what `adm train` repeats and what `adm bench`
 # times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
-# on the device: a quarter of float32's bytes cross to a GPU. It returns
-# a `StepResult`, the step's numbers still on the device.
+# on the device. It returns a `StepResult`, still on the device.
 
 # %%
 #| export
-@dataclass
-class StepResult:
-    """What one step leaves for the log, still on the device."""
-
-    step: int
-    loss_ok: Tensor  # the global batch's loss is finite
-    grad_norm: Tensor
-    t: Tensor  # the rank's timesteps, and its per-image terms
-    terms: dict[str, Tensor]
-
-
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
                y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
@@ -1638,12 +1521,9 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 # %% [markdown]
-# A run's records are read back by the foundation's `read_metrics`
-# (`adm_lib.checkpoints`, with the run folder), which skips a last line
-# that a kill cut short (and names any other line that is not a record);
-# a resumed run first drops the records after its checkpoint's step
-# (`truncate_metrics`), since it writes them again. Then the grids and
-# the classifier's evaluation, with the same noise at every call:
+# (The records are read back by the foundation's `read_metrics`, whatever
+# a kill left; appendix R.2.) The grids and the classifier's evaluation
+# use the same noise at every call:
 
 # %%
 #| export runlog
@@ -1712,13 +1592,13 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
     return {name: total / len(chosen) for name, total in totals.items()}
 
 # %% [markdown]
-# `train` puts the pieces together. `prepare_run` takes the folder's lock
-# (one run per folder, appendix R.3) and checks the folder: a folder that
-# already holds a run needs `resume=True`, a resume must match its
-# checkpoint, and the newest checkpoint that reads is the one every rank
-# loads. `train` validates the configuration, joins the ranks and holds
-# the lock for the run's life; rank 0 writes each checkpoint with every
-# rank's random state, and looks at the model between steps.
+# `train` puts the pieces together. What keeps a run safe to stop, resume
+# and share is the foundation's, explained and checked in the
+# [appendix on the engineering of runs](appendix_runs.html): the run
+# folder's lock and checks (`prepare_run`, R.3 to R.5), checkpoints
+# written by rank 0 with every rank's random state (`save_run`, R.2, R.4),
+# the ranks under `torchrun` (R.6), and reading the steps' results from the
+# device only now and then (`gather_steps`, R.7).
 
 # %%
 #| export
@@ -1738,26 +1618,6 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
     finally:
         if ranks.owns_group:
             dist.destroy_process_group()
-
-
-def save_state(config: TrainConfig, state: TrainState, out: Path,
-               ranks: Ranks) -> Path:
-    """Rank 0 writes the checkpoint with every rank's RNG state."""
-    rng = [rng_state(ranks.device)]
-    if ranks.world_size > 1:
-        rng = [None] * ranks.world_size
-        dist.all_gather_object(rng, rng_state(ranks.device))
-    problem = None
-    if ranks.main:
-        try:
-            save_checkpoint(out, state.state_dict(config, rng),
-                            config.keep_checkpoints)
-        except TrainError as err:
-            problem = str(err)
-    problem, = from_rank0(ranks, problem)
-    if problem:
-        raise TrainError(problem)
-    return checkpoint_path(out, state.step)
 
 # %%
 #| export
@@ -1790,63 +1650,33 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 # %% [markdown]
-# The loop proper. Before the first step it opens and splits the data,
-# builds the network and its state (before it touches the folder, so a
-# setting that cannot be built leaves none behind), checks the folder and
-# restores the newest checkpoint with every rank's random state; the data
-# loader reads each rank's rows from the step the run is at.
+# Before the first step the loop opens the data, builds the state and
+# restores the newest checkpoint, if any; the data loader reads each
+# rank's rows from the step the run is at.
 
 # %%
 #| export
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
-             held: contextlib.ExitStack) -> tuple[TrainConfig, TrainState,
-                                                   Path | None]:
-    """The run's resolved config and its state: fresh, or the newest
-    checkpoint's with this rank's random state."""
-    world = ranks.world_size
-    if config.batch_size % world:
+             held: contextlib.ExitStack) -> tuple[TrainState, Path | None]:
+    """The run's state, fresh or the newest checkpoint's; that checkpoint."""
+    if config.batch_size % ranks.world_size:
         raise TrainError(f"batch_size={config.batch_size} does not split "
-                         f"evenly over {world} processes")
+                         f"evenly over {ranks.world_size} processes")
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
-    torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
-    if not found:
-        return config, state, None
-    last, saved = found
-    state.load_state_dict(saved)
-    if len(saved["rng"]) == world:
-        set_rng_state(saved["rng"][ranks.rank], ranks.device)
-    else:
-        warnings.warn(f"{last} was written by {len(saved['rng'])} "
-                      f"processes, not {world}: dropout will draw "
-                      "new random numbers", stacklevel=3)
-    return config, state, last
-
-
-def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
-            state: TrainState, ranks: Ranks) -> tuple[DataLoader,
-                                                      RankBatches]:
-    """The rank's batches from the run's step on, and their sampler."""
-    order = BatchOrder(indices, config.batch_size, config.seed)
-    sampler = RankBatches(order, ranks.rank, ranks.world_size, state.step)
-    loader = DataLoader(
-        Pixels(data), batch_sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=ranks.device.type == "cuda",
-        # Its own generator: the global one (dropout's) stays untouched.
-        generator=torch.Generator().manual_seed(config.seed))
-    return loader, sampler
+    if found:
+        state.load_state_dict(found[1])
+    seed_dropout(config.seed, ranks, found)
+    return state, found and found[0]
 
 # %% [markdown]
 # The loop reads each step's rows and takes the step. The steps' results
 # wait on the device until the loop next logs, saves or looks at the
-# model; then `record_steps` reads them all at once (every step with the
-# loss-aware sampler, which learns from each step before drawing the
-# next). The time spent between steps is kept out of the throughput it
-# logs.
+# model (every step with the loss-aware sampler, which learns from each
+# step before drawing the next); then `record_steps` reads them.
 
 # %%
 #| export
@@ -1859,13 +1689,16 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
     diffusion = build_diffusion(config)
-    config, state, last = _restore(config, out, resume, ranks, held)
+    state, last = _restore(config, out, resume, ranks, held)
     model = state.model
     if ranks.world_size > 1:
         model = data_parallel(model, device)
     # Compiled for the steps only: checkpoints keep the plain module's keys.
     run = torch.compile(model) if config.compile else model
-    loader, sampler = _loader(config, data, train_idx, state, ranks)
+    loader, sampler = rank_loader(
+        data, train_idx, config.batch_size, config.seed, ranks.rank,
+        ranks.world_size, state.step, config.num_workers,
+        pin_memory=device.type == "cuda")
     log = None
     if ranks.main:
         log = MetricsLog(out / "metrics.jsonl", config.diffusion_steps,
@@ -1902,7 +1735,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
             bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}",
                             img_s=f"{record['images_per_s']:.0f}")
         if state.step % config.save_interval == 0 or done:
-            last = save_state(config, state, out, ranks)
+            last = save_run(out, lambda rng: state.state_dict(config, rng),
+                            state.step, config.keep_checkpoints, ranks)
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
@@ -1916,10 +1750,9 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 # %% [markdown]
-# The loop's helpers: a data loader worker's error is reported as its own
-# message, and the pending steps' terms are gathered from every rank into
-# the log at once, each step judged as it would have been alone (a
-# skipped step counted and named; too many in a row stop the run).
+# `record_steps` judges each step as it would have been judged alone: a
+# skipped step is counted and named, too many in a row stop the run, and
+# the loss-aware sampler learns from each kept step's losses.
 
 # %%
 #| export
@@ -1927,52 +1760,25 @@ def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:
     """Log the steps' global-batch terms; count and report skipped ones."""
-    if not results:
-        return
-    names = sorted(results[0].terms)  # t (exact in float32), the terms
-    rows = torch.stack([torch.stack([r.t.float()] + [r.terms[k].float()
-                                                     for k in names], 1)
-                        for r in results], 1)  # rows x steps x columns
-    table = gather_rows(ranks, rows).cpu()
-    flags = torch.stack([torch.stack([r.loss_ok.float(), r.grad_norm])
-                         for r in results]).cpu().tolist()
-    for result, (loss_ok, norm), step in zip(results, flags, table.unbind(1),
-                                             strict=True):
+    for step, loss_ok, norm, t, terms in gather_steps(results, ranks):
         # With fp16, a gradient that overflowed under a finite loss is the
         # scaler's: it lowers its scale, and the step is not counted.
         if not loss_ok or not (math.isfinite(norm)
                                or state.scaler.is_enabled()):
-            _skipped(config, state, result.step, norm, log, last)
+            state.nonfinite += 1
+            skip_step(state.nonfinite, config.max_nonfinite, step, norm,
+                      last)
+            if log:
+                log.skip()
             continue
         state.nonfinite = 0
-        t_all, *values = step.unbind(1)
-        t_all = t_all.long()
-        gathered = dict(zip(names, values, strict=True))
         # The loss-aware sampler learns from unweighted losses (a
         # classifier's are never weighted).
-        raw = gathered.pop("raw_loss", gathered["loss"])
+        raw = terms.pop("raw_loss", terms["loss"])
         if isinstance(state.sampler, LossAwareSampler):
-            state.sampler.update(t_all, raw)
+            state.sampler.update(t, raw)
         if log:
-            log.add(t_all, gathered, norm)
-
-
-def _skipped(config: TrainConfig, state: TrainState, step: int,
-             norm: float, log: MetricsLog | None, last: Path | None) -> None:
-    """Count a skipped step; warn, or stop after too many in a row."""
-    state.nonfinite += 1
-    where = (f"the newest checkpoint, {last}, is intact" if last
-             else "no checkpoint was written yet")
-    if state.nonfinite >= config.max_nonfinite:
-        raise TrainError(
-            f"{state.nonfinite} steps in a row (the last at step {step}) "
-            "had a non-finite loss or gradient: lower lr, set grad_clip, "
-            f"or check the data; {where}")
-    warnings.warn(f"step {step}: non-finite loss or gradient (norm "
-                  f"{norm}); step skipped ({state.nonfinite} in a row, "
-                  f"stopping at {config.max_nonfinite})", stacklevel=3)
-    if log:
-        log.skip()
+            log.add(t, terms, norm)
 
 # %% [markdown]
 # A finished run is a folder; `load_run` rebuilds its network from the
