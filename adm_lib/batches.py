@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:844
+# %% chapters/04_training.py:830
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -31,7 +31,7 @@ from adm_lib.errors import TrainError
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:870
+# %% chapters/04_training.py:856
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -99,7 +99,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:945
+# %% chapters/04_training.py:931
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -155,7 +155,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes if labelled else config.num_classes)
 
 
-# %% chapters/04_training.py:1001
+# %% chapters/04_training.py:987
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -15,34 +15,20 @@
 #
 # Chapters 2 and 3 trained small models with a dozen lines of loop. The
 # paper's models are another matter: the ImageNet 64 model trained for
-# 540,000 steps of batch 2048, about 1.1 billion images, on many GPUs at
-# once (Table 11 of the paper). This chapter builds the loop the rest of
-# the book trains with, and the `adm train` command. It trains a model
-# first, so that what the loop makes is on the page before how it works:
-#
-# * 4.1 a small model, trained and sampled;
-# * 4.2 a run is one configuration, and the paper's models are presets
-#   (`adm_lib.config`);
-# * 4.3 what one step draws, from the seed and the step alone
-#   (`adm_lib.batches`);
-# * 4.4 the three objectives: diffusion model, noisy classifier, upsampler
-#   (`adm_lib.objectives`);
-# * 4.5 mixed precision: the paper's fp16 with loss scaling, and bf16;
-# * 4.6 the exponential moving average of the weights, with a warm-up;
-# * 4.7 the loop (`adm_lib.train`), its log (`adm_lib.runlog`) and the
-#   trained model it leaves (`adm_lib.models`);
-# * 4.8 the noisy classifier and the upsampler, trained with it;
-# * 4.9 what a run of minutes needs: the recipe of `adm demo`.
-#
-# Chapter 3's architecture ablations are runs of this loop too; chapter 5
-# (section 5.10) trains and measures them.
+# 540,000 steps of batch 2048, about 1.1 billion images (Table 11 of the
+# paper). This chapter builds the loop the rest of the book trains with,
+# and the `adm train` command, and trains a model first (4.1). Then: a
+# run is one configuration, with the paper's models as presets (4.2);
+# what a step draws (4.3); the three objectives (4.4); mixed precision
+# (4.5); the average of the weights (4.6); the loop (4.7); the classifier
+# and upsampler trained with it (4.8); and what a run of minutes needs
+# (4.9). Chapter 5 (5.10) trains chapter 3's ablations with it.
 #
 # What makes a run safe to stop, resume and share (the checkpoint file,
-# writes that are whole or absent, the run folder's lock, data
-# parallelism under `torchrun`, determinism) lives in hand-written
-# foundation modules beneath the book, which the
+# whole-or-absent writes, the run folder's lock, `torchrun`, determinism)
+# lives in foundation modules beneath the book, which the
 # [appendix on the engineering of runs](appendix_runs.html) explains and
-# checks on tiny runs. The longer runs' dated records are in the
+# checks. The longer runs' dated records are in the
 # [appendix of measurements](appendix_measurements.html).
 
 # %% tags=["parameters"]
@@ -177,9 +163,9 @@ boxes = {  # name: (x, y, text), in axes units
     "data": (0.09, 0.78, "a batch $x_0$, labels $y$\n(4.3)"),
     "draws": (0.09, 0.30, "$t \\sim p_t$,  $\\epsilon \\sim N(0, I)$\n"
               "from (seed, step) (4.3)"),
-    "noise": (0.34, 0.55, "q_sample (1):\n$x_t = \\sqrt{\\bar\\alpha_t}"
+    "noise": (0.34, 0.55, "q_sample (ch. 1):\n$x_t = \\sqrt{\\bar\\alpha_t}"
               "\\,x_0 + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon$"),
-    "model": (0.56, 0.55, "network\n$(x_t, t, y)$ (3)"),
+    "model": (0.56, 0.55, "network (ch. 3)\n$(x_t, t, y)$"),
     "simple": (0.80, 0.80, "mean: $L_{simple}$ (4.4)\n"
                "MSE of $\\epsilon$ or $x_0$"),
     "vlb": (0.80, 0.30, "variance: $\\lambda\\,L_{vlb}$ (4.4)\n"
