@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from adm_lib.devices import follow_layouts
 from adm_lib.errors import TrainError
 from adm_lib.files import hold_lock, safe_load, write_atomic
 
@@ -30,6 +31,8 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_KEYS",
     "checkpoint_path",
+    "pack_checkpoint",
+    "unpack_checkpoint",
     "save_checkpoint",
     "rotate_checkpoints",
     "read_checkpoint",
@@ -49,6 +52,43 @@ CHECKPOINT_KEYS = ("format", "step", "config", "model", "ema", "optimizer",
 def checkpoint_path(out: Path, step: int) -> Path:
     """Where the checkpoint of `step` lives in the run folder `out`."""
     return out / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def pack_checkpoint(step: int, settings: dict[str, Any], model: nn.Module,
+                    ema: dict[float, nn.Module], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, sampler: dict[str, Any],
+                    rng: list[dict[str, Tensor]], nonfinite: int) -> dict[str, Any]:
+    """A checkpoint's contents (`CHECKPOINT_KEYS`): plain tensors and values."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": settings,
+        "model": model.state_dict(),
+        "ema": {str(r): m.state_dict() for r, m in ema.items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "sampler": sampler,
+        "rng": rng,
+        "nonfinite": nonfinite,
+    }
+
+
+def unpack_checkpoint(state: dict[str, Any], model: nn.Module,
+                      ema: dict[float, nn.Module],
+                      optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler) -> None:
+    """Load a checkpoint's weights, averages, AdamW and loss scale in place.
+
+    Each tensor goes where its parameter is: its device, its dtype and, for
+    AdamW's moments, its memory layout, which a resume may change.
+    """
+    model.load_state_dict(state["model"])
+    for rate, average in ema.items():
+        average.load_state_dict(state["ema"][str(rate)])
+    optimizer.load_state_dict(state["optimizer"])
+    follow_layouts(optimizer)
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
 
 
 def save_checkpoint(out: Path, state: dict[str, Any], keep: int) -> Path:

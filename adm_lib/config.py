@@ -25,8 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:191
-import difflib
+# %% chapters/04_training.py:227
 import importlib.util
 import math
 from collections.abc import Mapping
@@ -40,13 +39,13 @@ from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, check_types, coerce
+from adm_lib.values import MAX_SEED, check_types, coerce, coerce_settings
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:214
+# %% chapters/04_training.py:249
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -132,7 +131,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:300
+# %% chapters/04_training.py:335
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -141,7 +140,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:323
+# %% chapters/04_training.py:358
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -171,7 +170,7 @@ _IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
                         "classifier_attention_resolutions": (32, 16, 8)}
 
 
-# %% chapters/04_training.py:353
+# %% chapters/04_training.py:388
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
         "mnist": {"in_channels": 1, "steps": 5000},
@@ -238,7 +237,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:431
+# %% chapters/04_training.py:466
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -253,23 +252,12 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
             raise TrainError(f"no {kind} preset {name!r}; presets: "
                              f"{', '.join(presets)}")
         base = TrainConfig(kind=kind, **presets[name])
+    if "kind" in (overrides or {}):
+        raise TrainError("kind is not a setting: it is make_config's "
+                         "first argument")
     defaults = asdict(TrainConfig())
-    changes = {}
-    settings = [k for k in defaults if k != "kind"]
-    for key, value in (overrides or {}).items():
-        if key == "kind":
-            raise TrainError("kind is not a setting: it is make_config's "
-                             "first argument")
-        if key not in defaults:
-            close = difflib.get_close_matches(key, settings, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise TrainError(
-                f"unknown setting {key!r}{hint}; valid settings: "
-                + ", ".join(settings))
-        try:
-            changes[key] = coerce(value, defaults[key])
-        except ValueError as err:
-            raise TrainError(f"{key}={value!r}: {err}") from None
+    del defaults["kind"]
+    changes = coerce_settings(overrides or {}, defaults, TrainError)
     config = replace(base, **changes)
     validate(config)
     return config
@@ -293,7 +281,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
         raise TrainError(f"a stored setting does not read: {err}") from None
 
 
-# %% chapters/04_training.py:486
+# %% chapters/04_training.py:510
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -322,7 +310,37 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:515
+# %% chapters/04_training.py:539
+_POSITIVE = ("steps", "batch_size", "image_size", "small_size",
+             "log_interval", "save_interval", "keep_checkpoints",
+             "max_nonfinite", "diffusion_steps", "num_res_blocks",
+             "classifier_depth", "num_heads")
+_NON_NEGATIVE = ("microbatch", "weight_decay", "grad_clip", "num_workers",
+                 "lr_anneal_steps", "num_samples", "eval_images",
+                 "num_classes", "sample_interval", "eval_interval")
+_LISTS = ("channel_mult", "attention_resolutions",
+          "classifier_attention_resolutions")
+# (fields, the test each value must pass, what the error adds), in order.
+_RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (_POSITIVE, lambda v: v >= 1, " must be >= 1"),
+    (_NON_NEGATIVE, lambda v: v >= 0, " must be >= 0"),
+    (("seed",), lambda v: 0 <= v <= MAX_SEED, ": expected 0 to 2**64 - 1 "
+     f"= {MAX_SEED}, the seeds torch's generators take"),
+    (("num_head_channels", "num_heads_upsample"),
+     lambda v: v == -1 or v >= 1, ": expected -1 (see num_heads) or >= 1"),
+    (("clean_fraction",), lambda v: 0 <= v <= 1, " must be in [0, 1]"),
+    (("val_fraction",), lambda v: 0 < v < 1, " must be in (0, 1)"),
+    (("label_dropout", "dropout"), lambda v: 0 <= v < 1,
+     " must be in [0, 1)"),
+    (("lr", "weight_decay", "grad_clip"), math.isfinite, " is not finite"),
+    (("lr",), lambda v: v > 0, " must be > 0"),
+    (_LISTS, lambda v: all(0 < x < math.inf for x in v),
+     ": expected positive numbers, such as (16, 8)"),
+    (("ema_rate",), lambda v: v and all(0 < r < 1 for r in v),
+     ": expected one or more rates in (0, 1), such as (0.9999,)"),
+)
+
+
 def _check_ranges(config: TrainConfig) -> None:
     """Each field's value alone is one it can take."""
     choices = {"kind": KINDS, "precision": PRECISIONS,
@@ -330,57 +348,16 @@ def _check_ranges(config: TrainConfig) -> None:
                "noise_schedule": tuple(BETA_SCHEDULES),
                "classifier_pool": POOLS, "in_channels": (0, 1, 3),
                "memory_format": MEMORY_FORMATS}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise TrainError(f"{name}={getattr(config, name)!r}: expected "
-                             f"one of {', '.join(map(str, allowed))}")
-    positive = ("steps", "batch_size", "image_size", "small_size",
-                "log_interval", "save_interval", "keep_checkpoints",
-                "max_nonfinite", "diffusion_steps", "num_res_blocks",
-                "classifier_depth", "num_heads")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise TrainError(f"{name}={getattr(config, name)} must be >= 1")
-    for name in ("microbatch", "weight_decay", "grad_clip", "num_workers",
-                 "lr_anneal_steps", "num_samples", "eval_images",
-                 "num_classes", "sample_interval", "eval_interval"):
-        if getattr(config, name) < 0:
-            raise TrainError(f"{name}={getattr(config, name)} must be >= 0")
-    if not 0 <= config.seed <= MAX_SEED:
-        raise TrainError(f"seed={config.seed}: expected 0 to 2**64 - 1 = "
-                         f"{MAX_SEED}, the seeds torch's generators take")
-    for name in ("num_head_channels", "num_heads_upsample"):
-        value = getattr(config, name)
-        if value != -1 and value < 1:
-            raise TrainError(f"{name}={value}: expected -1 (see num_heads) "
-                             "or >= 1")
-    if not 0 <= config.clean_fraction <= 1:
-        raise TrainError(f"clean_fraction={config.clean_fraction} must be "
-                         "in [0, 1]")
-    if not 0 < config.val_fraction < 1:
-        raise TrainError(f"val_fraction={config.val_fraction} must be in "
-                         "(0, 1)")
-    for name in ("label_dropout", "dropout"):
-        if not 0 <= getattr(config, name) < 1:
-            raise TrainError(f"{name}={getattr(config, name)} must be in "
-                             "[0, 1)")
-    for name in ("lr", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(config, name)):
-            raise TrainError(f"{name}={getattr(config, name)} is not finite")
-    if config.lr <= 0:
-        raise TrainError(f"lr={config.lr} must be > 0")
-    for name in ("channel_mult", "attention_resolutions",
-                 "classifier_attention_resolutions"):
-        value = getattr(config, name)
-        if not all(0 < v < math.inf for v in value):
-            raise TrainError(f"{name}={value}: expected positive numbers, "
-                             "such as (16, 8)")
-    if not config.ema_rate or not all(0 < r < 1 for r in config.ema_rate):
-        raise TrainError(f"ema_rate={config.ema_rate}: expected one or "
-                         "more rates in (0, 1), such as (0.9999,)")
+    rules = [((name,), allowed.__contains__, ": expected one of "
+              + ", ".join(map(str, allowed)))
+             for name, allowed in choices.items()]
+    for names, ok, problem in (*rules, *_RANGES):
+        for name in names:
+            if not ok(value := getattr(config, name)):
+                raise TrainError(f"{name}={value!r}{problem}")
 
 
-# %% chapters/04_training.py:573
+# %% chapters/04_training.py:586
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -397,7 +374,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:590
+# %% chapters/04_training.py:603
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -449,7 +426,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:642
+# %% chapters/04_training.py:655
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -466,7 +443,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:666
+# %% chapters/04_training.py:679
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet.
 

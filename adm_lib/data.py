@@ -27,6 +27,11 @@ image anywhere makes it RGB (3 channels, greyscale images converted), otherwise 
 is greyscale (1 channel). Folders and zips read image headers until the first colour
 one, so a colour set costs one header and a greyscale set one header per image.
 Bad input raises :class:`DataError`, whose message names the file or field at fault.
+
+A training run reads its batches through :func:`rank_loader`: step ``s``'s global
+batch is positions ``sB`` to ``(s+1)B - 1`` of an endless sequence of seeded
+shuffles (:class:`BatchOrder`), so any step's batch is known without replaying the
+ones before it, and each rank reads its own rows of it (:class:`RankBatches`).
 """
 
 from __future__ import annotations
@@ -36,16 +41,18 @@ import json
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from adm_lib.assets import asset
+from adm_lib.seeds import step_seed
 
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -290,6 +297,79 @@ class Pixels(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.data.pixels(index)
+
+
+class BatchOrder:
+    """The data indices of each step's global batch: seeded epoch shuffles.
+
+    Step s takes positions s*B to (s+1)*B - 1 of an endless sequence of
+    shuffles of `indices`, so any step's batch is known without replaying the
+    ones before it: a resumed run reads what an uninterrupted one would.
+    """
+
+    def __init__(self, indices: Tensor, batch_size: int, seed: int) -> None:
+        self.indices, self.batch_size, self.seed = indices, batch_size, seed
+        self._epoch, self._order = -1, indices
+
+    def _shuffle(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(step_seed(self.seed, 1, epoch))
+            perm = torch.randperm(len(self.indices), generator=g)
+            self._epoch, self._order = epoch, self.indices[perm]
+        return self._order
+
+    def __call__(self, step: int) -> Tensor:
+        """The global batch of data indices at `step`."""
+        n, parts = len(self.indices), []
+        position, wanted = step * self.batch_size, self.batch_size
+        while wanted:
+            epoch, offset = divmod(position, n)
+            part = self._shuffle(epoch)[offset : offset + wanted]
+            parts.append(part)
+            position, wanted = position + len(part), wanted - len(part)
+        return torch.cat(parts)
+
+
+class RankBatches:
+    """One rank's share of each global batch, from `start` on (a sampler)."""
+
+    def __init__(
+        self, order: BatchOrder, rank: int, world_size: int, start: int
+    ) -> None:
+        self.order, self.start = order, start
+        share = order.batch_size // world_size
+        self.rows = slice(rank * share, (rank + 1) * share)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield self.order(step)[self.rows].tolist()
+            step += 1
+
+
+def rank_loader(
+    data: ImageDataset,
+    indices: Tensor,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, RankBatches]:
+    """A rank's uint8 batches from step `start` on, and their sampler."""
+    order = BatchOrder(indices, batch_size, seed)
+    sampler = RankBatches(order, rank, world_size, start)
+    loader = DataLoader(
+        Pixels(data),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Its own generator: the global one (dropout's) stays untouched.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
 
 
 def load_dataset(

@@ -1,24 +1,42 @@
-"""A run folder that every rank of a run agrees on: `prepare_run`.
+"""A run that every rank agrees on: its folder, its checkpoints, its steps.
 
-Foundation (hand-written; the runs appendix checks it): rank 0 takes the
-folder's lock, clears what a killed run left half-written, and picks the
-checkpoint to resume from; the other ranks load the one it picked. Apart
-from `adm_lib.checkpoints` so that reading a checkpoint needs no ranks.
+Foundation (hand-written; the runs appendix checks it). `prepare_run`: rank 0
+takes the folder's lock, clears what a killed run left half-written, and
+picks the checkpoint to resume from; the other ranks load the one it
+picked. `seed_dropout` gives each rank the global generator its step
+draws dropout from, fresh or the checkpoint's; `save_run` writes a
+checkpoint with every rank's generator. `gather_steps` reads the steps'
+results, which wait on the device, at once and from every rank;
+`skip_step` reports a step that was not finite. Apart from
+`adm_lib.checkpoints` so that reading a checkpoint needs no ranks.
 """
 
 import contextlib
 import json
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adm_lib.checkpoints import latest_checkpoint, lock_run, read_checkpoint
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from adm_lib.checkpoints import (
+    checkpoint_path,
+    latest_checkpoint,
+    lock_run,
+    read_checkpoint,
+    save_checkpoint,
+)
 from adm_lib.errors import TrainError
 from adm_lib.files import write_atomic
-from adm_lib.ranks import Ranks, from_rank0
+from adm_lib.ranks import Ranks, from_rank0, gather_rows
+from adm_lib.seeds import rng_state, set_rng_state, step_seed
 
-__all__ = ["prepare_run"]
+__all__ = ["prepare_run", "seed_dropout", "save_run", "StepResult",
+           "gather_steps", "skip_step"]
 
 
 def prepare_run(out: Path, settings: Mapping[str, Any], steps: int,
@@ -73,3 +91,88 @@ def prepare_run(out: Path, settings: Mapping[str, Any], steps: int,
     if problem:
         raise TrainError(problem)
     return found
+
+
+def seed_dropout(seed: int, ranks: Ranks,
+                 found: tuple[Path, Mapping[str, Any]] | None) -> None:
+    """Seed this rank's global generator (dropout's), or restore the
+    checkpoint's state of it if the checkpoint has one per rank."""
+    torch.manual_seed(step_seed(seed, 4, ranks.rank))
+    if not found:
+        return
+    last, saved = found
+    if len(saved["rng"]) == ranks.world_size:
+        set_rng_state(saved["rng"][ranks.rank], ranks.device)
+    else:
+        warnings.warn(f"{last} was written by {len(saved['rng'])} "
+                      f"processes, not {ranks.world_size}: dropout will draw "
+                      "new random numbers", stacklevel=4)
+
+
+def save_run(out: Path, contents: Callable[[list[dict[str, Tensor]]],
+                                           dict[str, Any]],
+             step: int, keep: int, ranks: Ranks) -> Path:
+    """Rank 0 writes `contents(every rank's RNG state)` as the checkpoint of
+    `step`, keeping `keep`; a failure is raised on every rank."""
+    rng = [rng_state(ranks.device)]
+    if ranks.world_size > 1:
+        rng = [None] * ranks.world_size
+        dist.all_gather_object(rng, rng_state(ranks.device))
+    problem = None
+    if ranks.main:
+        try:
+            save_checkpoint(out, contents(rng), keep)
+        except TrainError as err:
+            problem = str(err)
+    problem, = from_rank0(ranks, problem)
+    if problem:
+        raise TrainError(problem)
+    return checkpoint_path(out, step)
+
+
+@dataclass
+class StepResult:
+    """What one step leaves for the log, still on the device."""
+
+    step: int
+    loss_ok: Tensor  # the global batch's loss is finite
+    grad_norm: Tensor
+    t: Tensor  # the rank's timesteps, and its per-image terms
+    terms: dict[str, Tensor]
+
+
+def gather_steps(results: list[StepResult], ranks: Ranks
+                 ) -> list[tuple[int, bool, float, Tensor, dict[str, Tensor]]]:
+    """Per step: (step, loss finite, gradient norm, the global batch's
+    timesteps and terms), read from the device and every rank at once."""
+    if not results:
+        return []
+    names = sorted(results[0].terms)  # t (exact in float32), the terms
+    rows = torch.stack([torch.stack([r.t.float()] + [r.terms[k].float()
+                                                     for k in names], 1)
+                        for r in results], 1)  # rows x steps x columns
+    table = gather_rows(ranks, rows).cpu()
+    flags = torch.stack([torch.stack([r.loss_ok.float(), r.grad_norm])
+                         for r in results]).cpu().tolist()
+    gathered = []
+    for result, (loss_ok, norm), step in zip(results, flags, table.unbind(1),
+                                             strict=True):
+        t, *values = step.unbind(1)
+        gathered.append((result.step, bool(loss_ok), norm, t.long(),
+                         dict(zip(names, values, strict=True))))
+    return gathered
+
+
+def skip_step(in_a_row: int, limit: int, step: int, norm: float,
+              last: Path | None) -> None:
+    """Warn of a skipped step, the `in_a_row`th; stop the run at `limit`."""
+    where = (f"the newest checkpoint, {last}, is intact" if last
+             else "no checkpoint was written yet")
+    if in_a_row >= limit:
+        raise TrainError(
+            f"{in_a_row} steps in a row (the last at step {step}) "
+            "had a non-finite loss or gradient: lower lr, set grad_clip, "
+            f"or check the data; {where}")
+    warnings.warn(f"step {step}: non-finite loss or gradient (norm "
+                  f"{norm}); step skipped ({in_a_row} in a row, "
+                  f"stopping at {limit})", stacklevel=3)

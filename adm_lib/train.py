@@ -15,24 +15,21 @@ __all__ = [
     "accumulate_gradients",
     "apply_gradients",
     "learning_rate",
-    "StepResult",
     "train_step",
     "Init",
     "Watch",
     "train",
-    "save_state",
     "snapshot",
     "record_steps",
 ]
 
 
-# %% chapters/04_training.py:1206
+# %% chapters/04_training.py:1142
 import contextlib
 import copy
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +38,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adm_lib.batches import (
-    BatchOrder,
-    RankBatches,
     StepDraws,
     draw_step,
     open_data,
@@ -54,11 +48,11 @@ from adm_lib.batches import (
     split_data,
 )
 from adm_lib.checkpoints import (
-    CHECKPOINT_FORMAT,
     MetricsLog,
     checkpoint_path,
-    save_checkpoint,
+    pack_checkpoint,
     truncate_metrics,
+    unpack_checkpoint,
 )
 from adm_lib.config import (
     RUN_FIELDS,
@@ -68,12 +62,11 @@ from adm_lib.config import (
     config_from_dict,
     validate,
 )
-from adm_lib.data import DataError, ImageDataset, Pixels, worker_error
+from adm_lib.data import DataError, ImageDataset, rank_loader, worker_error
 from adm_lib.devices import (
     attention_kernels,
     autocast_model,
     fast_backends,
-    follow_layouts,
     memory_format,
     resolve_precision,
 )
@@ -88,22 +81,23 @@ from adm_lib.objectives import classifier_terms, diffusion_terms
 from adm_lib.ranks import (
     Ranks,
     data_parallel,
-    from_rank0,
-    gather_rows,
     micro_sync,
     setup_ranks,
     sum_ranks,
 )
-from adm_lib.runlog import (
-    evaluate_classifier,
-    sample_grid,
+from adm_lib.runlog import evaluate_classifier, sample_grid
+from adm_lib.runs import (
+    StepResult,
+    gather_steps,
+    prepare_run,
+    save_run,
+    seed_dropout,
+    skip_step,
 )
-from adm_lib.runs import prepare_run
-from adm_lib.seeds import rng_state, set_rng_state, step_seed
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1315
+# %% chapters/04_training.py:1260
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -126,7 +120,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1376
+# %% chapters/04_training.py:1321
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -139,7 +133,7 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1394
+# %% chapters/04_training.py:1334
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -178,36 +172,22 @@ class TrainState:
     def state_dict(self, config: TrainConfig,
                    rng: list[dict[str, Tensor]]) -> dict[str, Any]:
         """A checkpoint's contents (plain tensors and containers)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "config": asdict(config),
-            "model": self.model.state_dict(),
-            "ema": {str(r): m.state_dict() for r, m in self.ema.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": (self.sampler.state_dict()
-                        if isinstance(self.sampler, LossAwareSampler)
-                        else {}),
-            "rng": rng,
-            "nonfinite": self.nonfinite,
-        }
+        sampler = (self.sampler.state_dict()
+                   if isinstance(self.sampler, LossAwareSampler) else {})
+        return pack_checkpoint(self.step, asdict(config), self.model,
+                               self.ema, self.optimizer, self.scaler,
+                               sampler, rng, self.nonfinite)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore everything but the RNG from a checkpoint."""
-        self.model.load_state_dict(state["model"])
-        for rate, model in self.ema.items():
-            model.load_state_dict(state["ema"][str(rate)])
-        self.optimizer.load_state_dict(state["optimizer"])
-        follow_layouts(self.optimizer)
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        unpack_checkpoint(state, self.model, self.ema, self.optimizer,
+                          self.scaler)
         if isinstance(self.sampler, LossAwareSampler):
             self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1476
+# %% chapters/04_training.py:1401
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -243,7 +223,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1524
+# %% chapters/04_training.py:1445
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -274,7 +254,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1555
+# %% chapters/04_training.py:1476
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -282,18 +262,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1569
-@dataclass
-class StepResult:
-    """What one step leaves for the log, still on the device."""
-
-    step: int
-    loss_ok: Tensor  # the global batch's loss is finite
-    grad_norm: Tensor
-    t: Tensor  # the rank's timesteps, and its per-image terms
-    terms: dict[str, Tensor]
-
-
+# %% chapters/04_training.py:1489
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
                y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
@@ -317,7 +286,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1731
+# %% chapters/04_training.py:1637
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -354,27 +323,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
             dist.destroy_process_group()
 
 
-def save_state(config: TrainConfig, state: TrainState, out: Path,
-               ranks: Ranks) -> Path:
-    """Rank 0 writes the checkpoint with every rank's RNG state."""
-    rng = [rng_state(ranks.device)]
-    if ranks.world_size > 1:
-        rng = [None] * ranks.world_size
-        dist.all_gather_object(rng, rng_state(ranks.device))
-    problem = None
-    if ranks.main:
-        try:
-            save_checkpoint(out, state.state_dict(config, rng),
-                            config.keep_checkpoints)
-        except TrainError as err:
-            problem = str(err)
-    problem, = from_rank0(ranks, problem)
-    if problem:
-        raise TrainError(problem)
-    return checkpoint_path(out, state.step)
-
-
-# %% chapters/04_training.py:1788
+# %% chapters/04_training.py:1674
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -404,16 +353,14 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1825
+# %% chapters/04_training.py:1709
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
-             ) -> tuple[TrainConfig, TrainState, Path | None]:
-    """The run's resolved config and its state: fresh, or the newest
-    checkpoint's with this rank's random state."""
-    world = ranks.world_size
-    if config.batch_size % world:
+             ) -> tuple[TrainState, Path | None]:
+    """The run's state, fresh or the newest checkpoint's; that checkpoint."""
+    if config.batch_size % ranks.world_size:
         raise TrainError(f"batch_size={config.batch_size} does not split "
-                         f"evenly over {world} processes")
+                         f"evenly over {ranks.world_size} processes")
     # Built before the run folder is touched: a setting that cannot work
     # (a network too large for the memory, say) leaves no folder behind.
     state = TrainState.create(config, ranks.device)
@@ -421,36 +368,13 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
         init(config, state.model, list(state.ema.values()))
     found = prepare_run(out, asdict(config), config.steps, resume, ranks,
                         held, lambda saved: config_mismatch(saved, config))
-    torch.manual_seed(step_seed(config.seed, 4, ranks.rank))  # dropout
-    if not found:
-        return config, state, None
-    last, saved = found
-    state.load_state_dict(saved)
-    if len(saved["rng"]) == world:
-        set_rng_state(saved["rng"][ranks.rank], ranks.device)
-    else:
-        warnings.warn(f"{last} was written by {len(saved['rng'])} "
-                      f"processes, not {world}: dropout will draw "
-                      "new random numbers", stacklevel=3)
-    return config, state, last
+    if found:
+        state.load_state_dict(found[1])
+    seed_dropout(config.seed, ranks, found)
+    return state, found and found[0]
 
 
-def _loader(config: TrainConfig, data: ImageDataset, indices: Tensor,
-            state: TrainState, ranks: Ranks) -> tuple[DataLoader,
-                                                      RankBatches]:
-    """The rank's batches from the run's step on, and their sampler."""
-    order = BatchOrder(indices, config.batch_size, config.seed)
-    sampler = RankBatches(order, ranks.rank, ranks.world_size, state.step)
-    loader = DataLoader(
-        Pixels(data), batch_sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=ranks.device.type == "cuda",
-        # Its own generator: the global one (dropout's) stays untouched.
-        generator=torch.Generator().manual_seed(config.seed))
-    return loader, sampler
-
-
-# %% chapters/04_training.py:1879
+# %% chapters/04_training.py:1736
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -461,13 +385,16 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     config = resolve_config(config, data)
     data, train_idx, val_data, val_idx = split_data(config, data)
     diffusion = build_diffusion(config)
-    config, state, last = _restore(config, out, resume, ranks, held, init)
+    state, last = _restore(config, out, resume, ranks, held, init)
     model = state.model
     if ranks.world_size > 1:
         model = data_parallel(model, device)
     # Compiled for the steps only: checkpoints keep the plain module's keys.
     run = torch.compile(model) if config.compile else model
-    loader, sampler = _loader(config, data, train_idx, state, ranks)
+    loader, sampler = rank_loader(
+        data, train_idx, config.batch_size, config.seed, ranks.rank,
+        ranks.world_size, state.step, config.num_workers,
+        pin_memory=device.type == "cuda")
     log = None
     if ranks.main:
         log = MetricsLog(out / "metrics.jsonl", config.diffusion_steps,
@@ -504,7 +431,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
             bar.set_postfix(loss=f"{record.get('loss', math.nan):.4g}",
                             img_s=f"{record['images_per_s']:.0f}")
         if state.step % config.save_interval == 0 or done:
-            last = save_state(config, state, out, ranks)
+            last = save_run(out, lambda rng: state.state_dict(config, rng),
+                            state.step, config.keep_checkpoints, ranks)
         if log and look_every and (state.step % look_every == 0 or done):
             snapshot(config, diffusion, state, val_data, val_idx, out, log,
                      device)
@@ -521,54 +449,27 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1956
+# %% chapters/04_training.py:1816
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:
     """Log the steps' global-batch terms; count and report skipped ones."""
-    if not results:
-        return
-    names = sorted(results[0].terms)  # t (exact in float32), the terms
-    rows = torch.stack([torch.stack([r.t.float()] + [r.terms[k].float()
-                                                     for k in names], 1)
-                        for r in results], 1)  # rows x steps x columns
-    table = gather_rows(ranks, rows).cpu()
-    flags = torch.stack([torch.stack([r.loss_ok.float(), r.grad_norm])
-                         for r in results]).cpu().tolist()
-    for result, (loss_ok, norm), step in zip(results, flags, table.unbind(1),
-                                             strict=True):
+    for step, loss_ok, norm, t, terms in gather_steps(results, ranks):
         # With fp16, a gradient that overflowed under a finite loss is the
         # scaler's: it lowers its scale, and the step is not counted.
         if not loss_ok or not (math.isfinite(norm)
                                or state.scaler.is_enabled()):
-            _skipped(config, state, result.step, norm, log, last)
+            state.nonfinite += 1
+            skip_step(state.nonfinite, config.max_nonfinite, step, norm,
+                      last)
+            if log:
+                log.skip()
             continue
         state.nonfinite = 0
-        t_all, *values = step.unbind(1)
-        t_all = t_all.long()
-        gathered = dict(zip(names, values, strict=True))
         # The loss-aware sampler learns from unweighted losses (a
         # classifier's are never weighted).
-        raw = gathered.pop("raw_loss", gathered["loss"])
+        raw = terms.pop("raw_loss", terms["loss"])
         if isinstance(state.sampler, LossAwareSampler):
-            state.sampler.update(t_all, raw)
+            state.sampler.update(t, raw)
         if log:
-            log.add(t_all, gathered, norm)
-
-
-def _skipped(config: TrainConfig, state: TrainState, step: int,
-             norm: float, log: MetricsLog | None, last: Path | None) -> None:
-    """Count a skipped step; warn, or stop after too many in a row."""
-    state.nonfinite += 1
-    where = (f"the newest checkpoint, {last}, is intact" if last
-             else "no checkpoint was written yet")
-    if state.nonfinite >= config.max_nonfinite:
-        raise TrainError(
-            f"{state.nonfinite} steps in a row (the last at step {step}) "
-            "had a non-finite loss or gradient: lower lr, set grad_clip, "
-            f"or check the data; {where}")
-    warnings.warn(f"step {step}: non-finite loss or gradient (norm "
-                  f"{norm}); step skipped ({state.nonfinite} in a row, "
-                  f"stopping at {config.max_nonfinite})", stacklevel=3)
-    if log:
-        log.skip()
+            log.add(t, terms, norm)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import typing
+from collections.abc import Mapping
 from dataclasses import field
 from typing import Any
 
@@ -130,3 +132,28 @@ def check_types(settings: Any, error: type[Exception] = ValueError) -> None:
                 or not isinstance(value, wanted)):
             raise error(f"{each.name}={value!r}: expected "
                         f"{type(default).__name__}")
+
+
+def coerce_settings(
+    overrides: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    error: type[Exception] = ValueError,
+) -> dict[str, Any]:
+    """`overrides` converted by `coerce` to their `defaults`' types.
+
+    Raises `error` naming a setting that is not in `defaults` (with the
+    nearest names, for a typo) or a value that does not convert.
+    """
+    changes = {}
+    for key, value in overrides.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise error(
+                f"unknown setting {key!r}{hint}; valid settings: " + ", ".join(defaults)
+            )
+        try:
+            changes[key] = coerce(value, defaults[key])
+        except ValueError as err:
+            raise error(f"{key}={value!r}: {err}") from None
+    return changes

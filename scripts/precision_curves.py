@@ -3,9 +3,11 @@
 Both runs are the demo's diffusion model (adm_lib.demo) with the same seed,
 so they see the same batches, timesteps and noise: only the arithmetic
 differs. Every step's loss is logged. For each window of `--window` steps
-the two runs' mean losses are compared with the noise of such a mean, the
-standard error of the difference of two window means of independent steps
-(the batch-to-batch spread of the loss within the window). Prints a table;
+the two runs' mean losses are compared with the noise of their gap: the
+runs share their batches, so the test is paired, the standard error of
+the mean of the per-step differences (two independent runs' standard
+error would count the batch-to-batch spread that the pairing cancels,
+and pass gaps that are real). Prints a table;
 with `--plot FILE` draws both curves and the difference in units of that
 standard error; with `--json FILE` writes every loss, window and run time.
 `--device auto` (the default) is a GPU where there is one, else the CPU.
@@ -42,17 +44,17 @@ def _train(precision: str, steps: int, batch: int, device: str,
 
 
 def windows(losses: dict[str, list[float]], width: int) -> list[dict]:
-    """Per window: each run's mean loss, the gap and its standard error."""
+    """Per window: each run's mean loss, the gap and its paired error."""
     rows = []
     fp32, bf16 = (losses[p] for p in PRECISIONS)
     for start in range(0, len(fp32) - width + 1, width):
         a, b = fp32[start:start + width], bf16[start:start + width]
-        mean_a, mean_b = sum(a) / width, sum(b) / width
-        var = sum((x - mean_a) ** 2 for x in a) + sum(
-            (x - mean_b) ** 2 for x in b)
-        se = math.sqrt(var / (width - 1) / width)  # both runs' variances
-        rows.append({"steps": f"{start + 1}-{start + width}", "fp32": mean_a,
-                     "bf16": mean_b, "gap": mean_b - mean_a, "se": se})
+        diffs = [y - x for x, y in zip(a, b, strict=True)]
+        gap = sum(diffs) / width
+        var = sum((d - gap) ** 2 for d in diffs) / (width - 1)
+        rows.append({"steps": f"{start + 1}-{start + width}",
+                     "fp32": sum(a) / width, "bf16": sum(b) / width,
+                     "gap": gap, "se": math.sqrt(var / width)})
     return rows
 
 
@@ -76,7 +78,7 @@ def _plot(losses: dict[str, list[float]], rows: list[dict], width: int,
     gap.axhspan(-2, 2, color="0.9", label="within 2 standard errors")
     gap.plot(centres, [r["gap"] / r["se"] for r in rows], "ko-")
     gap.axhline(0, color="0.5", lw=0.8)
-    gap.set(xlabel="step", ylabel="(bf16 - fp32) / standard error",
+    gap.set(xlabel="step", ylabel="(bf16 - fp32) / paired s.e.",
             title=f"the gap of {width}-step means", ylim=(-4, 4))
     gap.legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=9)

@@ -237,3 +237,32 @@ def test_a_second_run_on_a_folder_in_use_is_refused(data, tmp_path, capsys):
     assert cli.main(adm_train(out, data)) == 0
     assert (out / ".lock").read_text() == ""
     assert not stale.exists() and steps_of(out) == [2]
+
+
+def test_a_packed_checkpoint_unpacks_into_fresh_objects():
+    def parts(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        ema = {0.9: torch.nn.Linear(3, 2), 0.99: torch.nn.Linear(3, 2)}
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** seed)
+        return model, ema, optimizer, scaler
+
+    model, ema, optimizer, scaler = parts(1)
+    packed = ck.pack_checkpoint(7, {"lr": 1.0}, model, ema, optimizer, scaler,
+                                {}, [], 0)
+    assert tuple(packed) == ck.CHECKPOINT_KEYS
+    assert packed["format"] == ck.CHECKPOINT_FORMAT and packed["step"] == 7
+    other = parts(2)
+    ck.unpack_checkpoint(packed, *other)
+    for a, b in [(model, other[0]), *((ema[r], other[1][r]) for r in ema)]:
+        assert all(torch.equal(x, y) for x, y in
+                   zip(a.state_dict().values(), b.state_dict().values(),
+                       strict=True))
+    moments = [s["exp_avg"] for s in other[2].state_dict()["state"].values()]
+    assert all(torch.equal(x, y["exp_avg"]) for x, y in
+               zip(moments, optimizer.state_dict()["state"].values(),
+                   strict=True))
+    assert other[3].get_scale() == scaler.get_scale()

@@ -473,3 +473,34 @@ def test_cifar10_test_zip() -> None:
     image, label = ds[9_999]
     assert image.shape == (3, 32, 32) and label == 9
     assert -1 <= image.min() < image.max() <= 1
+
+
+def test_any_step_s_batch_is_known_without_the_steps_before_it() -> None:
+    from adm_lib.data import BatchOrder, RankBatches
+
+    order, fresh = (BatchOrder(torch.arange(50), 8, seed=3) for _ in "ab")
+    first = [order(step) for step in range(7)]
+    # Fresh or after steps 0 to 6, step 7 is the same batch; and the two
+    # ranks' shares, read from step 7 on, put together are the batch.
+    halves = [next(iter(RankBatches(fresh, rank, 2, start=7)))
+              for rank in range(2)]
+    assert order(7).tolist() == fresh(7).tolist() == halves[0] + halves[1]
+    # Steps 0 to 5 and two rows of step 6 are one pass over the 50 images,
+    # and the next pass is shuffled anew (another seed, another order).
+    one_pass = torch.cat(first[:6] + [first[6][:2]])
+    assert sorted(one_pass.tolist()) == list(range(50))
+    assert first[6][2:].tolist() != one_pass[:6].tolist()
+    assert BatchOrder(torch.arange(50), 8, seed=4)(0).tolist() != first[0].tolist()
+
+
+def test_a_rank_loader_reads_its_rows_as_uint8_from_its_step() -> None:
+    from adm_lib.data import BatchOrder, rank_loader
+
+    data = load_dataset("mnist5k", resolution=32)
+    indices = torch.arange(100)
+    loader, sampler = rank_loader(data, indices, 8, 0, rank=1, world_size=2, start=3)
+    pixels, labels = next(iter(loader))
+    rows = BatchOrder(indices, 8, 0)(3)[4:8].tolist()
+    assert sampler.rows == slice(4, 8) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels, torch.stack([data.pixels(i)[0] for i in rows]))
+    assert labels.tolist() == [data.pixels(i)[1] for i in rows]

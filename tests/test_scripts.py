@@ -38,7 +38,7 @@ def _run(script: str, *args: str,
         capture_output=True, text=True, timeout=timeout)
 
 
-def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
+def test_precision_windows_are_the_gap_and_its_paired_standard_error(
 ) -> None:
     curves = _script("precision_curves")
     rng = np.random.default_rng(0)
@@ -49,15 +49,22 @@ def test_precision_windows_are_the_gap_of_means_and_its_standard_error(
     assert [r["steps"] for r in rows] == ["1-100", "101-200", "201-300"]
     # Python's running sums against numpy's pairwise ones, in float64: a sum
     # of n terms is within n eps64 of their sizes, here and there, for each
-    # run. The squared deviations are all positive: relative.
+    # run. The squared deviations are all positive: relative. The error is
+    # the paired one: bf16 is fp32 reversed, so the unpaired one (both
+    # runs' spreads) is another number, and a shift alone has none.
     n = 100
     for i, row in enumerate(rows):
         a, b = fp32[n * i:n * (i + 1)], bf16[n * i:n * (i + 1)]
         size = np.abs(np.r_[a, b]).max()
         assert row["gap"] == pytest.approx(b.mean() - a.mean(),
                                            abs=4 * n * EPS64 * size)
-        se = np.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
+        se = np.sqrt((b - a).var(ddof=1) / n)
         assert row["se"] == pytest.approx(se, rel=4 * n * EPS64)
+        assert row["se"] != pytest.approx(
+            np.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n), rel=0.01)
+    shifted = curves.windows({"fp32": fp32.tolist(),
+                              "bf16": (fp32 + 0.05).tolist()}, 100)
+    assert all(r["se"] < 1e-12 for r in shifted)  # a constant gap is exact
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from adm_lib.values import coerce
+from adm_lib.values import coerce, coerce_settings
 
 
 @pytest.mark.parametrize(("raw", "default", "value"), [
@@ -43,3 +43,15 @@ def test_tuples_take_numbers_comma_separated(raw, default, value) -> None:
 def test_tuples_refuse_what_is_not_numbers(raw) -> None:
     with pytest.raises(ValueError, match="expected numbers, comma-separated"):
         coerce(raw, (1,))
+
+
+def test_settings_are_coerced_and_a_typo_gets_the_nearest_names() -> None:
+    defaults = {"steps": 10, "lr": 1e-4, "learn_sigma": True}
+    assert coerce_settings({"steps": "5", "lr": "2e-3"}, defaults) == {
+        "steps": 5, "lr": 2e-3}
+    with pytest.raises(KeyError, match=r"unknown setting 'step' \(did you "
+                       r"mean steps\?\); valid settings: steps, lr, "):
+        coerce_settings({"step": 5}, defaults, KeyError)
+    with pytest.raises(ValueError, match="^learn_sigma='maybe': expected "
+                       "bool"):
+        coerce_settings({"learn_sigma": "maybe"}, defaults)
