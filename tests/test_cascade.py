@@ -8,7 +8,6 @@ and classifiers; each samples in 3 steps.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
