@@ -13,6 +13,10 @@ committed): export them from a checkout, for instance
         | tar -x -C build/ref/edm
     python -m tests.make_solver_fixtures build/ref tests/data/solvers
 
+The committed fixtures were made on 2026-12-07 from dpm-solver commit
+52bc3fbcd5de56d60917b826b15d2b69460fc2fa and edm commit
+008a4e5316c8e3bfe61a62f874bddba254295afb.
+
 Both run unmodified, but for three things this script does around them:
 DPM-Solver's `get_time_steps` is replaced by the continuous times of a
 respaced diffusion's steps, t = (i + 1) / N, so that both sides step on
