@@ -14,6 +14,7 @@ __all__ = [
     "dynamic_threshold",
     "dpm_solver_sample_loop_progressive",
     "heun_sample_loop_progressive",
+    "edm_steps",
     "dpm_solver_sample_loop",
     "heun_sample_loop",
     "network_calls",
@@ -178,7 +179,23 @@ def heun_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 
-# %% chapters/08_solvers.py:386
+# %% chapters/08_solvers.py:393
+def edm_steps(diffusion: GaussianDiffusion, count: int,
+              sigma_min: float = 0.002, sigma_max: float = 80.0,
+              rho: float = 7.0) -> list[int]:
+    """The steps of EDM's grid of `count` points (descending in noise)
+    nearest, in EDM's sigma, to the diffusion's own steps; no repeats."""
+    if count < 2:
+        raise ValueError(f"count must be >= 2, got {count}")
+    table = _tables(diffusion)["edm_sigma"]
+    low = max(sigma_min, table[0]) ** (1 / rho)
+    high = min(sigma_max, table[-1]) ** (1 / rho)
+    grid = (high + np.arange(count) / (count - 1) * (low - high)) ** rho
+    nearest = np.abs(table[None, :] - grid[:, None]).argmin(1)
+    return sorted({int(i) for i in nearest})
+
+
+# %% chapters/08_solvers.py:414
 def _last(steps: Iterator[dict[str, Tensor]],
           callback: Callback | None) -> Tensor:
     for out in steps:
@@ -207,7 +224,7 @@ def heun_sample_loop(
         diffusion, model, noise, progress, **kwargs), callback)
 
 
-# %% chapters/08_solvers.py:439
+# %% chapters/08_solvers.py:467
 def network_calls(sampler: str, diffusion: GaussianDiffusion,
                   lambda_min: float = -5.1) -> int:
     """Network evaluations per sample of `sampler` over the diffusion's

@@ -378,6 +378,34 @@ def heun_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 # %% [markdown]
+# EDM pairs the sampler with its own grid: $\varsigma$ from
+# $\varsigma_\text{max} = 80$ to $\varsigma_\text{min} = 0.002$ (or the
+# table's ends, if inside), uniform in $\varsigma^{1/\rho}$ with $\rho =
+# 7$, which crowds the steps at low noise, each rounded to the nearest
+# step of the table (`iDDPMPrecond.round_sigma`). `edm_steps` gives those
+# steps, for `SpacedDiffusion`; where two round to one step it is kept
+# once, so the count may fall short. 8.8 measures why it matters: on a
+# grid uniform in $t$ the last step, from $\varsigma \approx 0.3$ to
+# $0.006$, is long, and Heun's slope at its end divides by the small
+# $\varsigma$.
+
+# %%
+#| export
+def edm_steps(diffusion: GaussianDiffusion, count: int,
+              sigma_min: float = 0.002, sigma_max: float = 80.0,
+              rho: float = 7.0) -> list[int]:
+    """The steps of EDM's grid of `count` points (descending in noise)
+    nearest, in EDM's sigma, to the diffusion's own steps; no repeats."""
+    if count < 2:
+        raise ValueError(f"count must be >= 2, got {count}")
+    table = _tables(diffusion)["edm_sigma"]
+    low = max(sigma_min, table[0]) ** (1 / rho)
+    high = min(sigma_max, table[-1]) ** (1 / rho)
+    grid = (high + np.arange(count) / (count - 1) * (low - high)) ** rho
+    nearest = np.abs(table[None, :] - grid[:, None]).argmin(1)
+    return sorted({int(i) for i in nearest})
+
+# %% [markdown]
 # The loops above yield every step, as chapter 2's `*_progressive` loops
 # do: a dict with the step, the sample so far and $\hat x_0$. The
 # returning versions take chapter 2's `callback`, called with each:
@@ -697,10 +725,11 @@ assert gain > 100
 # seed, so arms are compared in pairs. Each set is scored with chapter 5's
 # MNIST network against `num_ref` training digits: FID, precision and
 # recall in its features, and accuracy (the share in the class they were
-# drawn for). Each arm takes as many respaced steps as its number of
-# network calls allows (`network_calls`): $N$ for ancestral, DDIM and
-# DPM-Solver++, about $N/2$ for Heun, whose table shows the calls it
-# made. Guided arms use Algorithm 1 for ancestral sampling and Algorithm
+# drawn for). Each arm takes as many steps as its number of network calls
+# allows (`network_calls`): $N$ steps uniform in $t$ (chapter 2's
+# respacing) for ancestral, DDIM and DPM-Solver++, and about $N/2$ on
+# EDM's grid (`edm_steps`) for Heun, whose table shows the calls it made.
+# Guided arms use Algorithm 1 for ancestral sampling and Algorithm
 # 2's shift for the others, at `classifier_scale`.
 
 # %%
@@ -754,11 +783,15 @@ hook = classifier_cond_fn(classifier.model, classifier_scale)
 
 
 def arm_grid(sampler: str, nfe: int) -> GaussianDiffusion:
-    """The most steps of `sampler` that make at most `nfe` network calls."""
-    steps = nfe
-    while network_calls(sampler, respace(model.diffusion, str(steps))) > nfe:
-        steps -= 1
-    return respace(model.diffusion, str(steps))
+    """The most steps of `sampler` that make at most `nfe` network calls:
+    respaced uniformly in t, or on EDM's grid for Heun."""
+    base = model.diffusion
+    for count in range(nfe, 1, -1):
+        grid = (SpacedDiffusion(base, edm_steps(base, count))
+                if sampler == "heun" else respace(base, str(count)))
+        if network_calls(sampler, grid) <= nfe:
+            return grid
+    raise ValueError(f"no grid of {sampler} within {nfe} calls")
 
 
 results, grids = [], {}

@@ -82,6 +82,19 @@ def test_equals_the_reference(path: Path, index: int) -> None:
                            replay(path, index, torch.float64), expected)})
 
 
+def test_edm_steps_are_the_steps_edms_sampler_rounds_to() -> None:
+    for path in sorted(FIXTURES.glob("*.pt")):
+        fixture = load(path)
+        base = GaussianDiffusion(
+            get_named_beta_schedule(fixture["schedule"], 1000),
+            var_type="fixed_small")
+        heun = [c for c in fixture["cases"] if c["solver"] == "heun"]
+        for count in (3, 6, 10):
+            expected = next(c["steps"] for c in heun
+                            if len(c["steps"]) == count)
+            assert solvers.edm_steps(base, count) == sorted(expected)
+
+
 def test_fixtures_cover_what_the_chapter_claims() -> None:
     seen = {(load(p)["schedule"], c["solver"], c["order"], c["guidance"])
             for p in FIXTURES.glob("*.pt") for c in load(p)["cases"]}
