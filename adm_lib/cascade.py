@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-# %% chapters/07_cascades.py:241
+# %% chapters/07_cascades.py:243
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,7 +58,7 @@ class Stage:
     sample_fn: Callable[..., Tensor] | None = None
 
 
-# %% chapters/07_cascades.py:287
+# %% chapters/07_cascades.py:289
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
     net = stage.trained
@@ -126,7 +126,7 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     return low_res_t
 
 
-# %% chapters/07_cascades.py:362
+# %% chapters/07_cascades.py:364
 def _network(stage: Stage) -> Model:
     net = stage.trained
     return net.model if net.num_classes else ignore_labels(net.model)

@@ -216,8 +216,10 @@ assert signal[0] > 0.99 and (np.diff(signal) < 0).all()
 #
 # A cascade is two **stages**, each a network with the diffusion it was
 # trained with and the way it samples: its steps (a respacing, chapter 2),
-# its sampler (Algorithm 1, ancestral, or DDIM) and, for an upsampler, its
-# input size and the augmentation it was trained with. `Stage` holds them.
+# its sampler (Algorithm 1, ancestral, or DDIM; with chapter 8's
+# `solver_sample` as its `sample_fn`, DPM-Solver++ or Heun too) and, for an
+# upsampler, its input size and the augmentation it was trained with.
+# `Stage` holds them.
 # The names of the fields are chapter 4's config names, so a run's config
 # fills a stage in one line.
 #

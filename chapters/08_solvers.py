@@ -63,7 +63,7 @@ reuse_runs: bool = False  # True: finished runs in runs_dir are loaded
 train_steps: int = 10  # of the diffusion model (adm demo's recipe)
 classifier_steps: int = 10  # of the noisy classifier (adm demo's recipe)
 classifier_scale: float = 1.0  # guidance scale s of the guided arms
-samplers: list[str] = ["ddpm", "ddim", "dpm++2m", "heun"]
+samplers: list[str] = ["ddpm", "ddim", "dpm++2m", "heun"]  # compared
 nfes: list[int] = [10]  # network calls per sample
 seeds: list[int] = [0, 1]  # sampling seeds
 per_seed: int = 10  # samples per seed and arm (every class in turn)
@@ -515,7 +515,7 @@ def solver_sample(
 # %% [markdown]
 # The pipeline of one step, drawn:
 
-# %% jupyter={"source_hidden": true}
+# %%
 fig, ax = plt.subplots(figsize=(10, 2.6))
 boxes = [("$x_t$, step $i$", 0.0),
          ("network\n$\\epsilon_\\theta$ or $x_0$", 1.6),
