@@ -1047,10 +1047,12 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # The command line takes the solvers by name: `--sampler dpm++2m` or
 # `--sampler heun`, with `--respacing` choosing the steps as for the other
 # samplers (a count, `ddimN` or counts per section; chapter 2). A solver
-# of `--respacing N` makes $N$ network calls (Heun $2N - 1$); by default
-# the solvers take 20 steps (Heun 10, so 19 calls). They work wherever a
-# sampler is chosen: plain, with `--classifier` (Algorithm 2's shift),
-# with `--cfg-scale`, and in a cascade (`--sampler` for the base model,
+# of `--respacing N` makes $N$ network calls (Heun $2N - 1$, one fewer
+# where the grid starts at the cosine schedule's clipped step); by default
+# the solvers take 20 steps (Heun 10). Heun steps on the respacing's grid:
+# EDM's own grid (`edm_steps`, 8.8) is the library's for now. They work
+# wherever a sampler is chosen: plain, with `--classifier` (Algorithm 2's
+# shift), with `--cfg-scale`, and in a cascade (`--sampler` for the base model,
 # `--upsampler-sampler` for the upsampler). What a solver cannot do is
 # refused before any model loads, with one line naming the flag: `--eta`
 # (a solver adds no noise) and `--guide-at mean` (Algorithm 1 has a mean
