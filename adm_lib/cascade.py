@@ -19,7 +19,8 @@ __all__ = [
 ]
 
 
-# %% chapters/07_cascades.py:349
+# %% chapters/07_cascades.py:351
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +53,12 @@ class Stage:
     respacing: str = "25"  # of the diffusion it trained with
     sampler: str = "ddpm"  # "ddpm" (Algorithm 1) or "ddim" (Algorithm 2)
     eta: float = 0.0  # DDIM's noise
+    # What draws a batch (sample_batches' sample_fn): None is chapter 6's
+    # guided_sample; chapter 8's solver_sample adds its solvers' names.
+    sample_fn: Callable[..., Tensor] | None = None
 
 
-# %% chapters/07_cascades.py:391
+# %% chapters/07_cascades.py:397
 def check_low_res(stage: Stage, low_res: np.ndarray) -> None:
     """Raise CascadeError unless uint8 N x h x w x C `low_res` fits."""
     net = stage.trained
@@ -97,7 +101,8 @@ def check_cascade(base: Stage, upsampler: Stage) -> None:
             f"the base model makes {low.in_channels}-channel images; the "
             f"upsampler takes {up.in_channels}")
     for stage in (base, upsampler):
-        if stage.sampler not in SAMPLERS:
+        # A stage's own sample_fn checks the names it knows as it starts.
+        if stage.sample_fn is None and stage.sampler not in SAMPLERS:
             raise CascadeError(f"sampler {stage.sampler!r}: expected one of "
                                f"{', '.join(SAMPLERS)}")
 
@@ -121,7 +126,7 @@ def augmentation_step(stage: Stage, low_res_t: int | None) -> int | None:
     return low_res_t
 
 
-# %% chapters/07_cascades.py:465
+# %% chapters/07_cascades.py:472
 def _network(stage: Stage) -> Model:
     net = stage.trained
     return net.model if net.num_classes else ignore_labels(net.model)
@@ -152,7 +157,7 @@ def upsample(
         respace(net.diffusion, stage.respacing), _network(stage), len(z),
         shape, labels, batch_size, device, seed, progress, precision,
         model_kwargs=kwargs, stream=UPSAMPLER_STREAM,
-        sampler=stage.sampler, eta=stage.eta)
+        sample_fn=stage.sample_fn, sampler=stage.sampler, eta=stage.eta)
     return images
 
 
@@ -175,8 +180,8 @@ def cascade(
     low, _ = sample_batches(
         respace(net.diffusion, base.respacing), _network(base), count,
         shape, labels, batch_size, device, seed, progress, precision,
-        sampler=base.sampler, eta=base.eta, cond_fn=cond_fn,
-        guide_at_mean=guide_at_mean)
+        sample_fn=base.sample_fn, sampler=base.sampler, eta=base.eta,
+        cond_fn=cond_fn, guide_at_mean=guide_at_mean)
     high = upsample(upsampler, low, labels, low_res_t=low_res_t,
                     batch_size=batch_size, device=device, seed=seed,
                     progress=progress, precision=precision)

@@ -802,7 +802,8 @@ def _sample_arguments(sample: argparse.ArgumentParser) -> None:
         "Sample a diffusion model (a run folder or checkpoint of adm train, "
         "or a released checkpoint of the reference with --model-flags), "
         "optionally guided by a noisy classifier (Algorithm 1 with ddpm, 2 "
-        "with ddim) or by classifier-free guidance; with --upsampler, "
+        "with ddim and chapter 8's solvers dpm++2m and heun) or by "
+        "classifier-free guidance; with --upsampler, "
         "upsample its samples (a cascade, chapter 7), or with --low-res and "
         "no MODEL, upsample given images. Writes the reference's batch "
         "format (arr_0 uint8 NHWC, arr_1 labels) and a PNG grid beside it.")

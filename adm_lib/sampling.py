@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -30,7 +31,6 @@ from adm_lib.diffusion import Model, respace
 from adm_lib.errors import TrainError
 from adm_lib.files import hold_lock, save_png
 from adm_lib.guidance import (
-    SAMPLERS,
     CondFn,
     classifier_cond_fn,
     classifier_free_model,
@@ -39,6 +39,7 @@ from adm_lib.guidance import (
 )
 from adm_lib.metrics import read_batch, write_batch
 from adm_lib.models import TrainedModel, load_run
+from adm_lib.solvers import ALL_SAMPLERS, SOLVERS, network_calls, solver_sample
 from adm_lib.values import MAX_SEED, coerce, flag, option
 
 
@@ -50,7 +51,9 @@ class SampleError(ValueError):
 # any model loads, without a classifier too.
 GUIDE_AT_MEAN = ("--guide-at mean needs a classifier and the ddpm sampler "
                  "(Algorithm 1)")
-_STEPS = "(default: 250 for ddpm, ddim25 for ddim)"  # default_respacing's
+# default_respacing's
+_STEPS = ("(default: 250 for ddpm, ddim25 for ddim, 20 for dpm++2m, 10 for "
+          "heun)")
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,9 @@ class SampleOptions:
         0.0, "classifier-free guidance w, for a model trained with "
         "label_dropout (default %(default)s: none)", metavar="W")
     sampler: str = option(
-        "ddpm", "ancestral (Algorithm 1) or DDIM (Algorithm 2) (default "
-        "%(default)s)", choices=SAMPLERS)
+        "ddpm", "ancestral (Algorithm 1), DDIM (Algorithm 2), or chapter "
+        "8's solvers DPM-Solver++(2M) and EDM's Heun (Algorithm 2's shift) "
+        "(default %(default)s)", choices=ALL_SAMPLERS)
     respacing: str | None = option(
         None, f"steps to keep: 250, ddim25, 10,15,20 ... {_STEPS}",
         metavar="SPEC")
@@ -86,7 +90,7 @@ class SampleOptions:
         "with --low-res, the images' own)", metavar="random|Y,Y,...")
     upsampler_sampler: str = option(
         "ddpm", "the upsampler's sampler (default %(default)s)",
-        choices=SAMPLERS)
+        choices=ALL_SAMPLERS)
     upsampler_respacing: str | None = option(
         None, f"the upsampler's steps {_STEPS}", metavar="SPEC")
     low_res_t: int | None = option(  # None: the cascade's default
@@ -127,6 +131,13 @@ class SampleOptions:
                               f"from 0 to {MAX_SEED}")
         if self.guide_at == "mean" and self.sampler != "ddpm":
             raise SampleError(GUIDE_AT_MEAN)
+        for name in ("sampler", "upsampler_sampler"):
+            if self.eta and getattr(self, name) in SOLVERS:
+                raise SampleError(
+                    f"--eta {self.eta:g}: {flag(name)} "
+                    f"{getattr(self, name)} adds no noise (eta is DDIM's)")
+        for name in ("respacing", "upsampler_respacing"):
+            _check_spec(flag(name), getattr(self, name))
         _classes(self.labels)
 
     @property
@@ -138,6 +149,19 @@ class SampleOptions:
     def guide_at_mean(self) -> bool:
         """Whether Algorithm 1 takes the gradient at the mean, not x_t."""
         return self.guide_at == "mean"
+
+
+def _check_spec(name: str, spec: str | None) -> None:
+    """Raise SampleError, naming `name`, for a respacing that cannot be
+    one: not a spec of chapter 2's `space_timesteps`, or a count below 1.
+    Whether the model's steps hold it is checked once it has loaded."""
+    if not spec:  # None: the default; "": every step
+        return
+    if not re.fullmatch(r"(ddim)?\d+|\d+(,\d+)*", spec):
+        raise SampleError(f"{name} {spec!r}: expected a step count, counts "
+                          "per section such as 10,15,20, or ddimN")
+    if any(int(count) < 1 for count in re.findall(r"\d+", spec)):
+        raise SampleError(f"{name} {spec!r}: expected steps >= 1")
 
 
 def _classes(labels: str | None) -> tuple[int, ...] | None:
@@ -219,7 +243,9 @@ def to_stage(trained: TrainedModel, respacing: str | None = None,
         respace(trained.diffusion, respacing)
     except (ValueError, AssertionError) as err:
         raise SampleError(f"{prefix}respacing {respacing!r}: {err}") from None
-    return cs.Stage(trained, respacing, sampler, eta)
+    # eta is DDIM's; chapter 8's solver_sample draws with every sampler.
+    return cs.Stage(trained, respacing, sampler,
+                    eta if sampler == "ddim" else 0.0, solver_sample)
 
 
 def _counted(stage: cs.Stage, counting: Callable[[Model], Model]
@@ -366,9 +392,11 @@ def step_bar(total: int, progress: bool
 
 
 def _evaluations(stage: cs.Stage, count: int, batch_size: int) -> int:
-    """Network calls of `stage` drawing `count` samples: one a step."""
-    steps = respace(stage.trained.diffusion, stage.respacing).num_timesteps
-    return math.ceil(count / batch_size) * steps
+    """Network calls of `stage` drawing `count` samples (Heun: two a
+    step)."""
+    calls = network_calls(stage.sampler, respace(stage.trained.diffusion,
+                                                 stage.respacing))
+    return math.ceil(count / batch_size) * calls
 
 
 def draw_labels(options: SampleOptions, count: int,
@@ -410,6 +438,7 @@ def sample(model: TrainedModel, classifier: TrainedModel | None = None,
                               counting(network), options.num_samples, shape,
                               y, options.batch_size, device, options.seed,
                               False, options.precision,
+                              sample_fn=solver_sample,
                               sampler=options.sampler, cond_fn=cond_fn,
                               guide_at_mean=options.guide_at_mean,
                               eta=options.eta)
@@ -636,11 +665,13 @@ def upsample_files(
 
 
 def default_respacing(sampler: str, num_timesteps: int) -> str:
-    """The paper's: 250 ancestral steps, or DDIM's 25 (fewer if T is)."""
+    """The paper's: 250 ancestral steps, or DDIM's 25; a solver's 20
+    (Heun's 10, 19 network calls); fewer if T is."""
     if sampler == "ddim":
         return "ddim25" if num_timesteps % 25 == 0 else str(
             min(25, num_timesteps))
-    return str(min(250, num_timesteps))
+    steps = {"dpm++2m": 20, "heun": 10}.get(sampler, 250)
+    return str(min(steps, num_timesteps))
 
 
 def _check_pair(model: TrainedModel, classifier: TrainedModel) -> None:

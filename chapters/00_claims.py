@@ -363,6 +363,9 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                        "classifier-free guidance", ("adm_lib.guidance",)),
     "07_cascades.py": ("Table 6: upsampling diffusion and the guided "
                        "cascade", ("adm_lib.cascade",)),
+    "08_solvers.py": ("beyond the paper: guided sampling in ten steps "
+                      "with DPM-Solver++ and EDM's Heun sampler",
+                      ("adm_lib.solvers",)),
     "appendix_checkpoints.py": ("the reference's released checkpoints", ()),
     "appendix_runs.py": ("the engineering of runs: validation, checkpoint "
                          "files, locks, exact resume, ranks", ()),

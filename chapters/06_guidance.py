@@ -590,13 +590,14 @@ def sample_batches(
     batch_size: int = 64, device: str | torch.device = "cpu",
     seed: int = 0, progress: bool = False, precision: str = "fp32",
     model_kwargs: dict[str, Tensor] | None = None, stream: int = 0,
-    **options: Any,
+    sample_fn: Callable[..., Tensor] | None = None, **options: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
     `model_kwargs` hold a row per sample (as `labels`), given to the model
-    a batch at a time; `options` go to `guided_sample` (sampler, cond_fn,
-    guide_at_mean, eta). Sample i's noise, x_T and steps, comes from
+    a batch at a time; `options` go to `sample_fn` (None: `guided_sample`;
+    chapter 8's `solver_sample` has its signature): sampler, cond_fn,
+    guide_at_mean, eta. Sample i's noise, x_T and steps, comes from
     `sample_noise(seed, ..., stream)`'s row i, so samples do not depend on
     the batch size. The network runs at `precision` (chapter 4's; "auto":
     bf16 where native), the sampler's arithmetic in float32.
@@ -622,9 +623,10 @@ def sample_batches(
                   for k, v in model_kwargs.items()}
         if labels is not None:
             kwargs["y"] = labels[start:rows.stop].to(device)
-        x = guided_sample(diffusion, model, x_T,
-                          noise_fn=torch.zeros_like if still else noise_fn,
-                          model_kwargs=kwargs, **options)
+        x = (sample_fn or guided_sample)(
+            diffusion, model, x_T,
+            noise_fn=torch.zeros_like if still else noise_fn,
+            model_kwargs=kwargs, **options)
         images[start:rows.stop] = to_uint8(x)
         bar.update(len(rows))
     bar.close()

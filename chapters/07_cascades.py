@@ -324,8 +324,10 @@ plt.show()
 #
 # A cascade is two **stages**, each a network with the diffusion it was
 # trained with and the way it samples: its steps (a respacing, chapter 2),
-# its sampler (Algorithm 1, ancestral, or DDIM) and, for an upsampler, its
-# input size and the augmentation it was trained with. `Stage` holds them.
+# its sampler (Algorithm 1, ancestral, or DDIM; with chapter 8's
+# `solver_sample` as its `sample_fn`, DPM-Solver++ or Heun too) and, for an
+# upsampler, its input size and the augmentation it was trained with.
+# `Stage` holds them.
 # The names of the fields are chapter 4's config names, so a run's config
 # fills a stage in one line.
 #
@@ -347,6 +349,7 @@ plt.show()
 
 # %%
 #| export
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -379,6 +382,9 @@ class Stage:
     respacing: str = "25"  # of the diffusion it trained with
     sampler: str = "ddpm"  # "ddpm" (Algorithm 1) or "ddim" (Algorithm 2)
     eta: float = 0.0  # DDIM's noise
+    # What draws a batch (sample_batches' sample_fn): None is chapter 6's
+    # guided_sample; chapter 8's solver_sample adds its solvers' names.
+    sample_fn: Callable[..., Tensor] | None = None
 
 # %% [markdown]
 # The checks. An upsampler told a level it never saw in training, or told
@@ -431,7 +437,8 @@ def check_cascade(base: Stage, upsampler: Stage) -> None:
             f"the base model makes {low.in_channels}-channel images; the "
             f"upsampler takes {up.in_channels}")
     for stage in (base, upsampler):
-        if stage.sampler not in SAMPLERS:
+        # A stage's own sample_fn checks the names it knows as it starts.
+        if stage.sample_fn is None and stage.sampler not in SAMPLERS:
             raise CascadeError(f"sampler {stage.sampler!r}: expected one of "
                                f"{', '.join(SAMPLERS)}")
 
@@ -493,7 +500,7 @@ def upsample(
         respace(net.diffusion, stage.respacing), _network(stage), len(z),
         shape, labels, batch_size, device, seed, progress, precision,
         model_kwargs=kwargs, stream=UPSAMPLER_STREAM,
-        sampler=stage.sampler, eta=stage.eta)
+        sample_fn=stage.sample_fn, sampler=stage.sampler, eta=stage.eta)
     return images
 
 
@@ -516,8 +523,8 @@ def cascade(
     low, _ = sample_batches(
         respace(net.diffusion, base.respacing), _network(base), count,
         shape, labels, batch_size, device, seed, progress, precision,
-        sampler=base.sampler, eta=base.eta, cond_fn=cond_fn,
-        guide_at_mean=guide_at_mean)
+        sample_fn=base.sample_fn, sampler=base.sampler, eta=base.eta,
+        cond_fn=cond_fn, guide_at_mean=guide_at_mean)
     high = upsample(upsampler, low, labels, low_res_t=low_res_t,
                     batch_size=batch_size, device=device, seed=seed,
                     progress=progress, precision=precision)

@@ -388,3 +388,23 @@ def test_options_that_do_not_go_together_are_refused_before_loading(
     code, _, err = adm_sample([*args, "--out", "out.npz"], capsys)
     assert code == 1 and message in err, err
     assert err.count("\n") == 1, err
+
+
+def test_adm_sample_cascade_with_the_solvers(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "solved.npz"
+    code, _, err = adm_sample([
+        str(runs["base"]), "--upsampler", str(runs["up"]), "--sampler",
+        "dpm++2m", "--upsampler-sampler", "heun", "--respacing", "3",
+        "--upsampler-respacing", "2", "--num-samples", "2", "--labels",
+        "3,5", "--out", str(out)], capsys)
+    assert code == 0, err
+    with np.load(out) as batch:
+        assert batch["arr_0"].shape == (2, 16, 16, 1)
+    stage = sampling.to_stage(sampling.load_network(runs["up"], "upsampler"),
+                              "2", "heun")
+    # The step bar counts Heun's calls: two a step and one at the last,
+    # but the first step starts at the cosine schedule's clipped last
+    # step and is Euler's (chapter 8.5): 2 calls, not 3.
+    assert sampling._evaluations(stage, 2, 2) == 2

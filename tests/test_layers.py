@@ -25,10 +25,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "values", "devices", "seeds", "viz", "files",
                    "checkpoints", "ranks", "runs", "assets", "data",
                    "datanets", "inception"),
-    # generated from chapters 1 to 7
+    # generated from chapters 1 to 8
     "library": ("forward", "diffusion", "toy", "unet", "config", "batches",
                 "objectives", "runlog", "models", "train", "metrics",
-                "guidance", "cascade"),
+                "guidance", "cascade", "solvers"),
     # the reference's flags and files, read into the library's types
     "compat": ("compat",),
     # the `adm` command and what only it needs

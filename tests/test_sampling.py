@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adm_lib import checkpoints as ck
-from adm_lib import cli, devices, guidance, sampling, values
+from adm_lib import cli, devices, sampling, solvers, values
 from adm_lib import config as cf
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.diffusion import respace
@@ -63,6 +63,15 @@ def adm_sample(args: list[str], capsys: pytest.CaptureFixture
     (["--labels", "two"], "--labels 'two': expected 'random' or class"),
     (["--labels", "1,-1"], "--labels '1,-1': expected 'random' or class"),
     (["--guide-at", "mean"], "--guide-at mean needs a classifier"),
+    (["--sampler", "heun", "--eta", "0.5"],
+     "--eta 0.5: --sampler heun adds no noise"),
+    (["--classifier", "c.pt", "--sampler", "dpm++2m", "--guide-at", "mean"],
+     "--guide-at mean needs a classifier and the ddpm sampler"),
+    (["--sampler", "dpm++2m", "--respacing", "0"],
+     "--respacing '0': expected steps >= 1"),
+    (["--upsampler", "u", "--upsampler-respacing", "5,0"],
+     "--upsampler-respacing '5,0': expected steps >= 1"),
+    (["--respacing", "ten"], "--respacing 'ten': expected a step count"),
     (["--out", "samples.png"], "--out samples.png: the batch file must end "
      "in .npz"),
 ])
@@ -153,7 +162,7 @@ def test_every_option_is_a_flag_with_its_default() -> None:
         "ddim", 0.5, (3, 1), 1000, 2)
     # The choices are the library's own.
     assert flags["sampler"].choices == flags["upsampler_sampler"].choices \
-        == guidance.SAMPLERS
+        == solvers.ALL_SAMPLERS
     assert flags["precision"].choices == devices.PRECISIONS
 
 
@@ -162,15 +171,16 @@ def test_every_option_is_a_flag_with_its_default() -> None:
 BAD = {"classifier_scale": -1.0, "cfg_scale": float("inf"),
        "sampler": "euler", "eta": 2.0, "guide_at": "x_0",
        "num_samples": 0, "labels": "3,x", "upsampler_sampler": "plms",
-       "batch_size": -4, "seed": -1, "precision": "fp8"}
+       "batch_size": -4, "seed": -1, "precision": "fp8", "respacing": "0",
+       "upsampler_respacing": "ddim"}
 
 
 def test_each_options_bad_value_is_refused_naming_its_flag(
         tmp_path: Path, capsys: pytest.CaptureFixture,
         no_loading: None, monkeypatch: pytest.MonkeyPatch) -> None:
     unchecked = {f.name for f in fields(sampling.SampleOptions)} - set(BAD)
-    # Their values are checked against the networks, once loaded.
-    assert unchecked == {"respacing", "upsampler_respacing", "low_res_t"}
+    # Its value is checked against the upsampler, once loaded.
+    assert unchecked == {"low_res_t"}
     for name in BAD:
         with pytest.raises(sampling.SampleError) as err:
             sampling.SampleOptions(**{name: BAD[name]})
@@ -567,3 +577,38 @@ def test_adm_sample_loads_the_reference_checkpoints(
     with np.load(out) as batch:
         assert np.array_equal(batch["arr_0"], expected)
         assert batch["arr_1"].tolist() == [5, 900]
+
+
+@pytest.mark.parametrize("sampler", solvers.SOLVERS)
+def test_adm_sample_with_a_solver_plain_guided_and_free(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+        sampler: str) -> None:
+    common = [str(runs["conditional"]), "--num-samples", "4", "--sampler",
+              sampler, "--respacing", "3", "--labels", "0,1,2,3",
+              "--precision", "fp32"]
+    batches = {}
+    for name, extra in {"plain": [], "cfg": ["--cfg-scale", "2"],
+                        "classifier": ["--classifier", str(runs["classifier"]),
+                                       "--classifier-scale", "5"]}.items():
+        out = tmp_path / f"{name}.npz"
+        code, text = sample([*common, *extra, "--out", str(out)], capsys)
+        assert code == 0, text
+        with np.load(out) as batch:
+            batches[name] = batch["arr_0"]
+    assert not np.array_equal(batches["plain"], batches["cfg"])
+    assert not np.array_equal(batches["plain"], batches["classifier"])
+    # The command draws what the library's solver draws from the seed.
+    model = load_run(runs["conditional"])
+    spaced = respace(model.diffusion, "3")
+    noise_fn = sample_noise(0, range(4))
+    x_T = noise_fn(torch.empty(4, 1, 8, 8))
+    expected = to_uint8(solvers.solver_sample(
+        spaced, model.model, x_T, sampler,
+        model_kwargs={"y": torch.tensor([0, 1, 2, 3])}))
+    np.testing.assert_array_equal(batches["plain"], expected)
+
+
+def test_a_solvers_default_steps_and_network_calls() -> None:
+    assert sampling.default_respacing("dpm++2m", 1000) == "20"
+    assert sampling.default_respacing("heun", 1000) == "10"
+    assert sampling.default_respacing("heun", 4) == "4"
