@@ -349,7 +349,7 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                       "reverses", ("adm_lib.forward",)),
     "02_diffusion.py": ("Section 2.1: learned variance, hybrid loss, DDIM "
                         "(25 steps)",
-                        ("adm_lib.diffusion",)),
+                        ("adm_lib.diffusion", "adm_lib.toy")),
     "03_architecture.py": ("Section 3, Tables 1-3: the ADM UNet; the "
                            "classifier, the upsampler", ("adm_lib.unet",)),
     "04_training.py": ("Appendix I, Tables 11-13: the training recipes",
