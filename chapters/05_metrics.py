@@ -41,14 +41,14 @@
 #       -p inception_weights PATH -p data ../shared/data/cifar10/train.zip \
 #       -p sample_counts "[500, 1000, 2000, 5000, 10000]" \
 #       -p num_images 20000 -p model_steps 20000 -p model_sampler ddim25 \
-#       -p model_settings "{}" -p variance_preset cifar10 \
-#       -p variance_settings "{}" -p variance_steps 100000 \
-#       -p variance_samples 5000 -p variance_respacings "[10, 25, 50, 100]" \
+#       -p model_settings "{}" -p variance_steps 20000 \
+#       -p variance_held_out 1000 -p variance_samples 5000 \
+#       -p variance_respacings "[10, 25, 50, 100]" \
 #       -p variance_seeds "[0, 1, 2]" -p variance_dir build/chapter5_cifar10
-# and the recorded CPU run of 5.9 (5.8 has its own) is
-#   adm book run 5 -p num_images 4000 -p variance_steps 300 \
-#       -p variance_respacings "[10, 25, 50, 100]" -p variance_samples 40 \
-#       -p variance_seeds "[0, 1, 2]" \
+# and the recorded CPU run of 5.9 and 5.11 (5.8 has its own) is
+#   adm book run 5 -p num_images 4000 -p variance_steps 350 \
+#       -p variance_held_out 500 -p variance_respacings "[5, 10, 25]" \
+#       -p variance_samples 200 -p variance_seeds "[0, 1, 2]" \
 #       -p variance_dir build/chapter5_record/variance \
 #       -p figures_dir chapters/figures
 # (5.10's ablations at CPU and GPU scale: the commands of appendix M.4.)
@@ -63,11 +63,11 @@ model_steps: int = 15  # training steps of the model whose samples are scored
 model_settings: dict = {"num_res_blocks": 1, "channel_mult": "1,1,2",
                         "resblock_updown": False}  # changes to the preset
 model_sampler: str = "ddim2"  # its sampler's respacing
-# 5.9: two models, learned and fixed variance, sampled in few steps
-variance_preset: str = "mnist"  # their preset (chapter 4's make_config)
-variance_settings: dict = {"batch_size": 32, "lr": 1e-3, "num_res_blocks": 1,
-                           "ema_rate": "0.999"}  # changes to the preset
-variance_steps: int = 10  # training steps of each
+# 5.9: two models, learned and fixed variance, sampled in few steps, with
+# the recipe of `adm demo` (chapter 4.9); 5.11 checks them for copies
+variance_settings: dict = {}  # changes to the demo's recipe
+variance_steps: int = 10  # training steps of each (the demo's: 350 or 800)
+variance_held_out: int = 100  # images of `data` kept out of their training
 variance_respacings: list[int] = [5, 10]  # ancestral sampling steps
 variance_samples: int = 10  # samples per model, step count and seed
 variance_seeds: list[int] = [0, 1]  # sampling seeds
@@ -112,7 +112,7 @@ from adm_lib.devices import resolve_device
 from adm_lib.diffusion import ddim_sample_loop, p_sample_loop, respace
 from adm_lib.models import load_run
 from adm_lib.train import train
-from adm_lib.viz import show_rows, to_uint8
+from adm_lib.viz import pixel_grid, show_rows, to_uint8
 
 # Relative paths, the parameters' too, start at the book's root, as under
 # `adm book run`, wherever the kernel starts (JupyterLab: in chapters/).
@@ -492,6 +492,77 @@ axes[0].legend(markerscale=8, fontsize=7)
 plt.show()
 assert scores["right half"][0] > 0.95 and scores["right half"][1] < 0.6
 assert scores["twice as wide"][0] < 0.4 and scores["twice as wide"][1] > 0.95
+
+# %% [markdown]
+# ### The pipeline in one picture
+#
+# All five numbers come out of one pass of both batches through the
+# feature network; they differ only in which features they read and what
+# they fit to them.
+
+# %% jupyter={"source_hidden": true}
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+boxes = {  # name: (x centre, y centre, text, colour)
+    "samples": (0.9, 3.0, "samples\nn generated images", "#dbe9f6"),
+    "refs": (0.9, 1.2, "references\nm real images", "#dbe9f6"),
+    "net": (3.3, 2.1, "feature network\nInception-v3\n(or a data-net)",
+            "#fde2c8"),
+    "pool": (5.8, 3.4, "pooled features\npool_3, 2048 per image",
+             "#e8e8e8"),
+    "spatial": (5.8, 2.1, "spatial features\nmixed_6/conv, 2023",
+                "#e8e8e8"),
+    "logits": (5.8, 0.8, "class logits\n" r"$p(y\,|\,x)$", "#e8e8e8"),
+    "knn": (8.4, 4.0, "k-NN balls, k = 3\nradius: 3rd neighbour",
+            "#e3f1dc"),
+    "gauss": (8.4, 2.75, "Gaussian fits\n" r"$\mu, \Sigma$ of each set",
+              "#e3f1dc"),
+    "marginal": (8.4, 0.8, "samples only:\n" r"marginal $p(y)$",
+                 "#e3f1dc"),
+    "pr": (11.0, 4.0, "precision: samples in\nreal balls; recall:\n"
+           "real in sample balls", "#f6dbe4"),
+    "fid": (11.0, 2.75, "FID (pooled)\nsFID (spatial):\nFréchet distance",
+            "#f6dbe4"),
+    "is": (11.0, 0.8, "Inception Score\n"
+           r"$\exp\,E_x\,KL(p(y|x)\,\|\,p(y))$", "#f6dbe4"),
+}
+arrows = [("samples", "net"), ("refs", "net"), ("net", "pool"),
+          ("net", "spatial"), ("net", "logits"), ("pool", "knn"),
+          ("pool", "gauss"), ("spatial", "gauss"), ("logits", "marginal"),
+          ("knn", "pr"), ("gauss", "fid"), ("marginal", "is")]
+width, height = 2.1, 0.95
+fig, ax = plt.subplots(figsize=(10, 4.2))
+extents = {}
+for name, (x, y, text, colour) in boxes.items():
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width,
+                                height, boxstyle="round,pad=0.05",
+                                facecolor=colour, edgecolor="black",
+                                lw=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+    extents[name] = (x - width / 2, x + width / 2, y - height / 2,
+                     y + height / 2)
+for a, b in arrows:
+    (xa, ya), (xb, yb) = boxes[a][:2], boxes[b][:2]
+    ax.add_patch(FancyArrowPatch(
+        (xa + width / 2 + 0.05, ya), (xb - width / 2 - 0.05, yb),
+        arrowstyle="-|>", mutation_scale=10, lw=0.9, color="black"))
+for x, label in ((0.9, "inputs: uint8 images"), (3.3, "one forward pass"),
+                 (5.8, "features"), (8.4, "fitted to the features"),
+                 (11.0, "numbers")):
+    ax.text(x, 4.85, label, ha="center", fontsize=8, style="italic")
+ax.set(xlim=(-0.3, 12.2), ylim=(0.1, 5.1))
+ax.axis("off")
+ax.set_title("How FID, sFID, IS, precision and recall are computed",
+             fontsize=10)
+plt.show()
+# Checkable: no two boxes overlap, and every arrow runs left to right
+# between two boxes that exist.
+names = list(extents)
+for i, a in enumerate(names):
+    for b in names[i + 1:]:
+        (l1, r1, d1, u1), (l2, r2, d2, u2) = extents[a], extents[b]
+        assert r1 <= l2 or r2 <= l1 or u1 <= d2 or u2 <= d1, (a, b)
+assert all(boxes[a][0] < boxes[b][0] for a, b in arrows)
 
 # %% [markdown]
 # ## 5.6 Batches and `adm evaluate`
@@ -924,51 +995,200 @@ show_rows({"B": as_tensor(real_images[:8]),
 # Chapter 2 derived the learned variance and the hybrid objective
 # $L_\text{hybrid} = L_\text{simple} + \lambda L_\text{vlb}$ and promised
 # what they are for: Nichol & Dhariwal (2021) found that a model with a
-# fixed variance loses quality quickly when sampled with fewer steps,
-# while one with a learned variance keeps most of it, and the paper
-# samples its models with 25 to 250 steps because of it. That is a claim
-# about sample quality, so it needs this chapter's metrics, and two
-# trained models, which need chapter 4's `train`: it is tested here.
+# fixed variance loses quality quickly when it is sampled *ancestrally*
+# with fewer steps, while one with a learned variance keeps most of it.
+# The claim is about ancestral sampling, where every step draws
+# $x_{t-1} \sim \mathcal{N}(\mu_\theta, \Sigma_\theta)$. DDIM with
+# $\eta = 0$, the sampler of the paper's 25-step results (Table 5's
+# "25 steps" rows, `ddim25` here), draws no noise after $x_T$ and uses
+# only the predicted $x_0$: $\Sigma_\theta$ plays no part in it, so
+# those results owe nothing to the learned variance. It matters for the
+# paper's ancestral samples (250 steps, or fewer), and that is what this
+# section measures, with this chapter's metrics and two models trained
+# by chapter 4's `train`.
 #
-# Two models are trained from the same preset, data and seed, on the
-# same batches, and differ in one field: `learn_sigma`. With it the
-# network outputs the mean and the variance's interpolation $v$ and is
-# trained with $L_\text{hybrid}$; without it the network outputs only
-# $\epsilon$, is trained with $L_\text{simple}$, and samples with the
-# fixed variance $\sigma_t^2 = \beta_t$ of the reference's
-# `FIXED_LARGE` (for a respaced process, the $\beta_t$ of its own
-# schedule). Each is sampled with chapter 2's ancestral loop, respaced to
-# each count of `variance_respacings`, and scored against the reference
-# half A of 5.6.
+# The two models follow `adm demo`'s recipe (chapter 4.9: the lean
+# network, $x_0$ prediction, learning rate $10^{-3}$, EMA 0.95, batch
+# 32), which makes digits in minutes on a CPU, from the same data and
+# seed, on the same batches. They differ in one field, `learn_sigma`.
+# With it the network also outputs the variance's interpolation $v$ and
+# is trained with $L_\text{hybrid}$; without it the network outputs only
+# the mean's prediction, is trained with $L_\text{simple}$, and can be
+# sampled with either fixed variance: $\sigma_t^2 = \beta_t$ (the
+# reference's `FIXED_LARGE`, its default) or the posterior's
+# $\tilde\beta_t$ (`FIXED_SMALL`). For a respaced process both are those
+# of its own, shorter schedule. The three arms, `learned`,
+# `fixed_large` and `fixed_small`, are sampled with chapter 2's
+# ancestral loop, respaced to each count of `variance_respacings`, and
+# scored against the reference half A of 5.6. Both models train on
+# `data` less `variance_held_out` images, which 5.11 needs: it asks
+# whether the samples copy their training images, against real images
+# the models never saw.
 
 # %%
+from adm_lib.demo import DemoSettings, demo_configs
+from adm_lib.diffusion import GaussianDiffusion
+
+
+def exact_pixels(source, ids: list[int]) -> np.ndarray:
+    """The images `ids` of a data set as its uint8 N x H x W x C pixels."""
+    # Rounded: to_uint8 truncates, as the reference does for samples, and
+    # would lower some stored grey levels by one.
+    pixels = source.images(ids).add(1).mul(127.5).round().byte()
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def rows_figure(rows: dict[str, np.ndarray], title: str) -> plt.Figure:
+    """One labelled row per entry of uint8 N x H x W x C images."""
+    columns = max(len(batch) for batch in rows.values())
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False,
+                             figsize=(0.8 * columns + 2, 0.9 * len(rows)))
+    for ax, (label, batch) in zip(axes[:, 0], rows.items(), strict=True):
+        grid = pixel_grid(batch, columns)
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid,
+                  cmap="gray", vmin=0, vmax=255)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center",
+                      fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def keep(fig: plt.Figure, name: str) -> None:
+    """Show a figure, and save it in `figures_dir` when that is set."""
+    if figures_dir:
+        fig.savefig(Path(figures_dir) / name, dpi=120, bbox_inches="tight")
+    plt.show()
+
+
 variance_runs = Path(variance_dir)
 if variance_runs.exists() and not reuse_runs:
     shutil.rmtree(variance_runs)
-base = {"data": data, "device": device, "seed": seed,
+variance_runs.mkdir(parents=True, exist_ok=True)
+variance_split = torch.randperm(
+    len(dataset), generator=torch.Generator().manual_seed(seed + 2))
+variance_held = variance_split[:variance_held_out].tolist()
+variance_train = variance_split[variance_held_out:].tolist()
+variance_npz = write_batch(variance_runs / "train.npz",
+                           exact_pixels(dataset, variance_train),
+                           dataset.labels[variance_train])
+recipe = demo_configs(DemoSettings(seed=seed), device)["diffusion"]
+base = {"data": str(variance_npz), "in_channels": dataset.channels,
         "steps": variance_steps, "sample_interval": 0,
         "save_interval": 10**9, "log_interval": 10, **variance_settings}
 variance_models = {}
 for name, learned in (("learned", True), ("fixed", False)):
-    config = make_config("diffusion", variance_preset,
-                         {**base, "learn_sigma": learned})
+    config = make_config("diffusion", overrides={**base,
+                                                 "learn_sigma": learned},
+                         base=recipe)
     start = time.perf_counter()
     folder = variance_runs / name
     train(config, folder, resume=reuse_runs and folder.exists(),
           progress=False)
     variance_models[name] = load_run(folder, device=device)
     run = variance_models[name]
-    print(f"{name:<8} variance: {run.step} steps, output channels "
-          f"{run.config.in_channels * (2 if learned else 1)}, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"{name:<8} variance: {run.step} steps of batch "
+          f"{config.batch_size} on {len(variance_train)} images, "
+          f"{sum(p.numel() for p in run.model.parameters()):,} parameters,"
+          f" {time.perf_counter() - start:.0f} s")
     assert run.step == variance_steps and run.config.learn_sigma == learned
 
+
+def with_variance(diffusion: GaussianDiffusion,
+                  var_type: str) -> GaussianDiffusion:
+    """The same diffusion with another fixed variance."""
+    return GaussianDiffusion(diffusion.betas, diffusion.mean_type, var_type,
+                             None, diffusion.lambda_vlb, diffusion.dtype,
+                             diffusion.rescale_timesteps)
+
+
+fixed_run = variance_models["fixed"]
+assert fixed_run.diffusion.var_type == "fixed_large"
+arms = {"learned": (variance_models["learned"].model,
+                    variance_models["learned"].diffusion),
+        "fixed_large": (fixed_run.model, fixed_run.diffusion),
+        "fixed_small": (fixed_run.model,
+                        with_variance(fixed_run.diffusion, "fixed_small"))}
+
 # %% [markdown]
-# **Seeded noise, shared by the two models.** For sampling seed $k$ a
+# **What the network learned.** The learned model outputs, at every
+# pixel, $v \in [-1, 1]$, and its log variance is the interpolation
+# $\frac{1+v}{2} \log \beta_t + \frac{1-v}{2} \log \tilde\beta_t$:
+# $v = 1$ is `fixed_large`, $v = -1$ `fixed_small`. The left panel shows
+# $v$ over $t$, averaged over the pixels of 16 held-out digits noised to
+# $x_t$ (the band: the spread over those images). The right panel shows
+# what it means for the shortest respaced process, whose steps are large:
+# its $\beta_t$ and $\tilde\beta_t$ differ far more than those of the
+# 1,000-step process, and the learned $\sigma_t^2$ lies between them.
+
+# %%
+probe_ids = variance_held[:16] or variance_train[:16]
+probe_x = dataset.images(probe_ids).to(device)
+probe_y = torch.as_tensor(dataset.labels[probe_ids]).long().to(device)
+probe_g = torch.Generator().manual_seed(seed + 3)
+probe_noise = torch.randn(probe_x.shape, generator=probe_g).to(device)
+learned_run = variance_models["learned"]
+channels = dataset.channels
+
+
+@torch.no_grad()
+def learned_v(diffusion: GaussianDiffusion, t: int) -> torch.Tensor:
+    """Per-image mean of v at step t of `diffusion` (its own steps)."""
+    steps = torch.full((len(probe_x),), t, device=device)
+    x_t = diffusion.q_sample(probe_x, steps, probe_noise)
+    out = learned_run.model(x_t, diffusion.model_timesteps(steps),
+                            y=probe_y)
+    return out[:, channels:].float().mean(dim=(1, 2, 3)).cpu()
+
+
+full = learned_run.diffusion
+v_steps = np.linspace(0, full.num_timesteps - 1, 21).round().astype(int)
+v_full = torch.stack([learned_v(full, int(t)) for t in v_steps])
+short = respace(full, str(min(variance_respacings)))
+v_short = torch.stack([learned_v(short, t)
+                       for t in range(short.num_timesteps)]).mean(dim=1)
+log_large, log_small = short.log_betas, short.posterior_log_variance_clipped
+log_learned = ((1 + v_short.numpy()) / 2 * log_large
+               + (1 - v_short.numpy()) / 2 * log_small)
+
+fig, (ax_v, ax_s) = plt.subplots(1, 2, figsize=(9, 3.2))
+mean_v, spread_v = v_full.mean(dim=1), v_full.std(dim=1)
+ax_v.plot(v_steps, mean_v, marker="o", ms=3, label="mean over images")
+ax_v.fill_between(v_steps, mean_v - spread_v, mean_v + spread_v,
+                  alpha=0.3, label="± s.d. over images")
+ax_v.axhline(1, ls="--", color="C3", lw=1, label="v = 1: fixed_large")
+ax_v.axhline(-1, ls=":", color="C2", lw=1, label="v = -1: fixed_small")
+ax_v.set(xlabel="timestep t (of 1,000)", ylabel="learned v (unitless)",
+         title=f"v over t, after {learned_run.step} training steps")
+ax_v.legend(fontsize=7)
+short_t = np.arange(short.num_timesteps)
+ax_s.semilogy(short_t, np.exp(log_large), "--", color="C3",
+              label="fixed_large")
+ax_s.semilogy(short_t, np.exp(log_small), ":", color="C2",
+              label="fixed_small")
+ax_s.semilogy(short_t, np.exp(log_learned), "o-", color="C0",
+              label="learned (mean v)")
+ax_s.set(xlabel=f"step t of the {short.num_timesteps}-step process",
+         ylabel="variance (pixel units squared)",
+         title=f"{short.num_timesteps} respaced steps")
+ax_s.legend(fontsize=7)
+fig.tight_layout()
+keep(fig, "05_learned_v.png")
+print("mean v at t = " + ", ".join(
+    f"{t}: {v:+.2f}" for t, v in zip(v_steps[::5], mean_v[::5].tolist(),
+                                     strict=True)))
+print(f"{short.num_timesteps} steps: learned variance / fixed_small "
+      + " ".join(f"{r:.2f}" for r in np.exp(log_learned - log_small)))
+assert torch.isfinite(v_full).all()
+assert np.all(log_small <= log_large + 1e-9)
+
+# %% [markdown]
+# **Seeded noise, shared by the arms.** For sampling seed $k$ a
 # generator seeded with $k$ draws $x_T$ and then every step's noise
-# (chapter 2's `noise_fn`). Both models get the same generator state at
+# (chapter 2's `noise_fn`). Every arm gets the same generator state at
 # each step count and seed, so their samples start from the same noise
-# and their difference is measured on paired draws. The labels are
+# and their differences are measured on paired draws. The labels are
 # $0, 1, \dots, 9, 0, \dots$, as in chapter 6. As everywhere in this
 # book, the models are trained once; the seeds vary only the sampling, so
 # the error bars below (standard errors over seeds) are sampling error,
@@ -980,9 +1200,10 @@ variance_labels = torch.arange(variance_samples, device=device) % max(
     dataset.num_classes, 1)
 
 
-def few_step_samples(model, steps: int, sample_seed: int) -> np.ndarray:
+def few_step_samples(model, diffusion: GaussianDiffusion, steps: int,
+                     sample_seed: int) -> np.ndarray:
     """Ancestral samples with `steps` respaced steps, uint8 NHWC."""
-    spaced = respace(model.diffusion, str(steps))
+    spaced = respace(diffusion, str(steps))
     generator = torch.Generator(device).manual_seed(sample_seed)
 
     def noise_fn(like: torch.Tensor) -> torch.Tensor:
@@ -994,19 +1215,19 @@ def few_step_samples(model, steps: int, sample_seed: int) -> np.ndarray:
         x_T = noise_fn(torch.empty(len(chunk), *variance_shape,
                                    device=device))
         with torch.no_grad():
-            out.append(p_sample_loop(spaced, model.model, x_T,
+            out.append(p_sample_loop(spaced, model, x_T,
                                      noise_fn=noise_fn,
                                      model_kwargs={"y": chunk}))
     return to_uint8(torch.cat(out))
 
 
-few = {}  # (model, steps, seed): samples
-for name, run in variance_models.items():
+few = {}  # (arm, steps, seed): samples
+for arm, (net, diffusion) in arms.items():
     start = time.perf_counter()
     for steps in variance_respacings:
         for k in variance_seeds:
-            few[name, steps, k] = few_step_samples(run, steps, k)
-    print(f"{name}: {len(variance_respacings)} step counts x "
+            few[arm, steps, k] = few_step_samples(net, diffusion, steps, k)
+    print(f"{arm}: {len(variance_respacings)} step counts x "
           f"{len(variance_seeds)} seeds x {variance_samples} samples in "
           f"{time.perf_counter() - start:.0f} s")
 assert few["learned", variance_respacings[0], variance_seeds[0]].shape == (
@@ -1017,7 +1238,10 @@ assert few["learned", variance_respacings[0], variance_seeds[0]].shape == (
 # accuracy of the features' own classifier on the labels the samples were
 # drawn for (not with Inception's 1008 classes). A score is reported as
 # the mean over seeds $\pm$ its standard error, the standard deviation
-# over seeds (with $n - 1$) over $\sqrt{n}$.
+# over seeds (with $n - 1$) over $\sqrt{n}$. The row `real` scores, for
+# each seed, a different set of as many real images of half B with their
+# labels: the floor that FID's small-sample bias (5.7) leaves at this
+# $n$, and the best any model could do.
 
 # %%
 with_labels = (variance_labels.cpu().numpy() if features != "inception"
@@ -1025,6 +1249,13 @@ with_labels = (variance_labels.cpu().numpy() if features != "inception"
 few_scores = {key: score_activations(ref_acts, activations(images),
                                      with_labels, device)
               for key, images in few.items()}
+real_rows = {}
+for i, k in enumerate(variance_seeds):
+    part = slice(i * variance_samples, (i + 1) * variance_samples)
+    if part.stop <= len(real_images):  # enough of half B left
+        real_rows[k] = score_activations(
+            ref_acts, activations(real_images[part]),
+            real_labels[part] if with_labels is not None else None, device)
 metric_names = ["fid", "precision", "recall", "inception_score"]
 if with_labels is not None:
     metric_names.append("accuracy")
@@ -1039,107 +1270,83 @@ def mean_se(values: list[float]) -> tuple[float, float]:
             float(values.std(ddof=1) / np.sqrt(len(values))))
 
 
-few_summary = {(name, steps): {m: mean_se([few_scores[name, steps, k][m]
-                                          for k in variance_seeds])
-                               for m in metric_names}
-               for name in variance_models for steps in variance_respacings}
-print(f"mean ± s.e. over {len(variance_seeds)} seeds, {variance_samples} "
-      f"samples each, features {features}")
-print(f"{'model, steps':<16}" + "".join(f"{m[:9]:>18}" for m in metric_names))
-for (name, steps), row in few_summary.items():
-    print(f"{f'{name}, {steps}':<16}" + "".join(
+few_summary = {(arm, steps): {m: mean_se([few_scores[arm, steps, k][m]
+                                         for k in variance_seeds])
+                              for m in metric_names}
+               for arm in arms for steps in variance_respacings}
+if real_rows:
+    few_summary["real", 0] = {m: mean_se([row[m] for row in
+                                          real_rows.values()])
+                              for m in metric_names}
+print(f"mean ± s.e. over {len(variance_seeds)} seeds "
+      f"{variance_seeds}, {variance_samples} samples each, features "
+      f"{features}")
+print(f"{'arm, steps':<17}" + "".join(f"{m[:9]:>18}" for m in metric_names))
+for (arm, steps), row in few_summary.items():
+    print(f"{f'{arm}, {steps}' if steps else arm:<17}" + "".join(
         f"{m:>10.3f} ± {e:<5.3f}" for m, e in row.values()))
-for steps in variance_respacings:
-    gap = [few_scores["fixed", steps, k]["fid"]
-           - few_scores["learned", steps, k]["fid"] for k in variance_seeds]
-    print("{} steps: FID fixed minus learned, seed by seed, "
-          "{:+.2f} ± {:.2f}".format(steps, *mean_se(gap)))
 assert all(np.isfinite(row["fid"]) for row in few_scores.values())
+
+# %% [markdown]
+# The arms share their noise, so their differences are best taken seed
+# by seed: the mean paired difference and its standard error, with the
+# ratio of the two (a gap is claimed below only beyond 2).
+
+# %%
+pairs = [("learned", "fixed_large"), ("learned", "fixed_small"),
+         ("fixed_small", "fixed_large")]
+compared = ["fid"] + (["accuracy"] if with_labels is not None else [])
+paired = {}
+for steps in variance_respacings:
+    for a, b in pairs:
+        for m in compared:
+            paired[steps, a, b, m] = mean_se(
+                [few_scores[a, steps, k][m] - few_scores[b, steps, k][m]
+                 for k in variance_seeds])
+            gap, se = paired[steps, a, b, m]
+            print(f"{steps:>3} steps, {m:<8} {a} - {b}: {gap:+8.3f} ± "
+                  f"{se:.3f} ({abs(gap) / se if se > 0 else np.inf:.1f} "
+                  "s.e.)")
 
 # %%
 fig, axes = plt.subplots(1, len(metric_names),
                          figsize=(3.2 * len(metric_names), 3))
-for name in variance_models:
+for arm in arms:
     for ax, metric in zip(axes, metric_names, strict=True):
-        means, errors = zip(*(few_summary[name, steps][metric]
+        means, errors = zip(*(few_summary[arm, steps][metric]
                               for steps in variance_respacings), strict=True)
         ax.errorbar(variance_respacings, means, yerr=errors, marker="o",
-                    capsize=3, label=f"{name} variance")
-        ax.set_xscale("log")
-        ax.set_xticks(variance_respacings, [str(s) for s in
-                                            variance_respacings])
-        ax.set_title(metric.replace("_", " ") + (
-            feature_label(features) if metric == "fid" else ""))
-        ax.set_xlabel("sampling steps")
-axes[0].legend(fontsize=8)
-fig.suptitle(f"learned against fixed variance, {variance_steps} training "
-             f"steps, {variance_samples} samples: mean ± s.e. over "
-             f"{len(variance_seeds)} seeds")
+                    capsize=3, label=arm)
+for ax, metric in zip(axes, metric_names, strict=True):
+    if ("real", 0) in few_summary:
+        ax.axhline(few_summary["real", 0][metric][0], color="gray", ls="--",
+                   lw=1, label="real digits")
+    ax.set_xscale("log")
+    ax.set_xticks(variance_respacings, [str(s) for s in
+                                        variance_respacings])
+    unit = {"accuracy": " (share)", "fid": feature_label(features)}
+    ax.set(title=metric.replace("_", " ") + unit.get(metric, ""),
+           xlabel="ancestral sampling steps")
+axes[0].legend(fontsize=7)
+fig.suptitle(f"{variance_steps} training steps, {variance_samples} "
+             f"samples: mean ± s.e. over {len(variance_seeds)} seeds")
 fig.tight_layout()
-if figures_dir:
-    fig.savefig(Path(figures_dir) / "05_few_steps.png", dpi=120,
-                bbox_inches="tight")
-plt.show()
+keep(fig, "05_few_steps.png")
 
 # %% [markdown]
-# **A recorded run.** On a 2-core CPU (its machine, day and times:
-# [appendix M.6](appendix_measurements.html)):
-#
-# ```sh
-# adm book run 5 -p num_images 4000 -p variance_steps 300 \
-#     -p variance_respacings "[10, 25, 50, 100]" -p variance_samples 40 \
-#     -p variance_seeds "[0, 1, 2]" \
-#     -p variance_dir build/chapter5_record/variance \
-#     -p figures_dir chapters/figures
-# ```
-#
-# The two models are the MNIST preset with 1.37M parameters, 300 steps of
-# batch 32 on MNIST-5k. The time fitted three seeds
-# of 40 samples, not more; against the 2,000 real images of half A, FIDs
-# of 40 samples carry a large small-sample bias (5.7), the same for both
-# models, so they compare only with each other.
-#
-# ![Scores against sampling steps](figures/05_few_steps.png)
-#
-# | variance, steps | FID | precision | recall | IS | accuracy, % |
-# | --- | --- | --- | --- | --- | --- |
-# | learned, 10 | 128.1±5.3 | .025±.014 | .64±.04 | 1.83±.13 | 13.3±2.2 |
-# | learned, 25 | 94.1±3.5 | .058±.022 | .76±.06 | 2.19±.07 | 15.0±1.4 |
-# | learned, 50 | 84.9±4.6 | .075±.025 | .89±.04 | 2.35±.13 | 15.0±1.4 |
-# | learned, 100 | 86.2±4.3 | .150±.029 | .76±.08 | 2.27±.07 | 19.2±2.2 |
-# | fixed, 10 | 202.3±3.9 | .000±.000 | .00±.00 | 1.02±.00 | 10.0±0.0 |
-# | fixed, 25 | 125.6±5.1 | .033±.008 | .19±.05 | 1.52±.05 | 10.0±1.4 |
-# | fixed, 50 | 95.0±3.6 | .075±.000 | .69±.08 | 2.04±.09 | 17.5±0.0 |
-# | fixed, 100 | 89.8±3.6 | .125±.025 | .73±.05 | 2.15±.08 | 20.0±2.5 |
-#
-# Mean $\pm$ standard error over the three sampling seeds (mnist-net
-# features; accuracy by chance 10%). As in chapter 6, a gap is claimed
-# only when it exceeds twice its standard error. What the run shows:
-#
-# * **The learned variance has the lower FID at every step count, and
-#   the gap grows as steps are removed.** Taken seed by seed on the
-#   shared noise, FID(fixed) minus FID(learned) is +3.6 ± 0.8 at 100
-#   steps, +10.1 ± 1.1 at 50, +31.5 ± 1.8 at 25 and +74.3 ± 2.3 at 10.
-#   The learned model with 10 steps (128.1) is about where the fixed one
-#   is with 25 (125.6); from 50 to 100 steps its FID does not move beyond
-#   its error (84.9, 86.2).
-# * **With 10 steps the fixed variance fails outright**: precision and
-#   recall are 0 in all three seeds and the Inception Score is 1.02, one
-#   class for every sample. Its recall is also below the learned model's
-#   at 25 steps (0.19 against 0.76); at 50 and 100 the two recalls, and
-#   at every step count the two precisions, are within their errors.
-# * **Accuracy does not separate them**: no gap is beyond twice its
-#   error, and at 300 training steps accuracies stay near chance.
-#
-# This is the direction Nichol & Dhariwal report for ImageNet and
-# CIFAR-10, seen here with one short training run of each model on
-# MNIST-5k: the seeds vary the sampling only, so the spread between
-# training runs is not measured, and the fixed variance is the larger of
-# the two usual choices, $\beta_t$, not the posterior's $\tilde\beta_t$.
-# The full run, on a GPU with CIFAR-10 and the cifar10
-# preset, is the command of the parameters cell (5,000 samples per seed,
-# 100,000 training steps); it has not been made yet, so no GPU numbers
-# are quoted here.
+# And the samples themselves: seed 0's first ten (the digits 0 to 9), a
+# row per arm and step count, from the same noise in every row.
+
+# %%
+shown = min(10, variance_samples)
+sample_rows = {f"{arm}, {steps}": few[arm, steps, variance_seeds[0]][:shown]
+               for steps in variance_respacings for arm in arms}
+keep(rows_figure(sample_rows, "ancestral samples, seed 0 (row: arm, "
+                 "sampling steps)"), "05_few_step_samples.png")
+assert all(len(batch) == shown for batch in sample_rows.values())
+
+# %% [markdown]
+# **A recorded run.** RECORDED_PLACEHOLDER
 
 # %% [markdown]
 # ## 5.10 The architecture ablations, trained and measured
@@ -1240,9 +1447,8 @@ ablation_runs = work / "ablations"
 shutil.rmtree(ablation_runs, ignore_errors=True)  # fresh runs each time
 ablation_runs.mkdir(parents=True)
 train_npz = ablation_runs / "train.npz"
-pixels = source.images(train_ids.tolist()).add(1).mul(127.5).round()
-np.savez(train_npz, pixels.byte().permute(0, 2, 3, 1).numpy(),
-         source.labels[train_ids.numpy()])
+write_batch(train_npz, exact_pixels(source, train_ids.tolist()),
+            source.labels[train_ids.numpy()])
 ablation_base = {
     "data": str(train_npz), "image_size": source.resolution,
     "in_channels": source.channels, "num_classes": source.num_classes,
@@ -1469,6 +1675,108 @@ else:
 # fell behind by $0.9 \pm 0.2$ bits/dim. The GPU run of appendix M.4's
 # command has not been made yet. Neither command scores FIDs: their data,
 # CIFAR-10, are not the chapter's `data`.
+
+# %% [markdown]
+# ## 5.11 Do the samples copy their training images?
+#
+# Every metric of this chapter would also reward a model that returns
+# its training images: they are real, so their precision is high, and
+# if there are enough of them, so are recall and FID. Whether the
+# samples are new is a separate question, and on MNIST-5k it is cheap to
+# ask directly. For each sample of 5.9's best arm (the lowest mean FID),
+# find the nearest of the models' training images, by Euclidean distance
+# in pixels (grey levels scaled to $[0, 1]$, 1,024 numbers) and in the
+# data-net's pooled features; then do the same for the `variance_held_out`
+# real images that the models never saw. Held-out digits show how close a
+# *new* digit of this data set comes to the training set. A model that
+# copies puts its samples much closer than that, many at distance near
+# 0; a model that generalises puts them about as far, or farther.
+
+# %%
+held_pixels = exact_pixels(dataset, variance_held)
+train_pixels = read_batch(variance_npz).images
+best_arm, best_steps = min(
+    ((arm, steps) for arm, steps in few_summary if arm != "real"),
+    key=lambda key: few_summary[key]["fid"][0])
+generated = np.concatenate([few[best_arm, best_steps, k]
+                            for k in variance_seeds])
+
+
+def nearest(queries: np.ndarray, keys: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Each query row's Euclidean distance to its nearest key row, and
+    that row's index."""
+    d = pairwise_distances(torch.as_tensor(queries, dtype=torch.float32),
+                           torch.as_tensor(keys, dtype=torch.float32))
+    best = d.min(dim=1)
+    return best.values.sqrt().numpy(), best.indices.numpy()
+
+
+def flat(pixels: np.ndarray) -> np.ndarray:
+    return pixels.reshape(len(pixels), -1) / 255.0
+
+
+train_features = activations(train_pixels)["pool"]
+copies = {}  # space: {"samples", "held-out"}: (distances, indices)
+for space, embed in (("pixels", flat),
+                     ("features", lambda p: activations(p)["pool"])):
+    keys = flat(train_pixels) if space == "pixels" else train_features
+    copies[space] = {"samples": nearest(embed(generated), keys),
+                     "held-out": nearest(embed(held_pixels), keys)}
+print(f"{len(generated)} samples ({best_arm}, {best_steps} steps, seeds "
+      f"{variance_seeds}) and {len(held_pixels)} held-out digits against "
+      f"{len(train_pixels)} training digits: distance to the nearest")
+for space, sets in copies.items():
+    (mean_g, se_g), (mean_h, se_h) = (mean_se(sets[s][0])
+                                      for s in ("samples", "held-out"))
+    low = np.quantile(sets["held-out"][0], 0.01)
+    below = (sets["samples"][0] < low).mean()
+    print(f"{space:<9} samples {mean_g:7.3f} ± {se_g:.3f} (median "
+          f"{np.median(sets['samples'][0]):.3f}), held-out {mean_h:7.3f} ± "
+          f"{se_h:.3f} (median {np.median(sets['held-out'][0]):.3f}); "
+          f"difference {mean_g - mean_h:+.3f} ± "
+          f"{np.hypot(se_g, se_h):.3f}; samples below the held-out's 1% "
+          f"quantile: {below:.1%} ± "
+          f"{np.sqrt(below * (1 - below) / len(generated)):.1%}")
+assert all(np.isfinite(sets[s][0]).all() for sets in copies.values()
+           for s in sets)
+
+# %% [markdown]
+# The distributions, and the pairs themselves: the eight samples closest
+# to a training image in pixels, then eight samples taken at random, each
+# above the training image nearest to it.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+for ax, (space, sets) in zip(axes, copies.items(), strict=True):
+    edges = np.histogram_bin_edges(np.concatenate(
+        [sets[s][0] for s in sets]), bins=30)
+    for s, (distances, _) in sets.items():
+        ax.hist(distances, bins=edges, density=True, alpha=0.5,
+                label=f"{s} (n = {len(distances)})")
+    unit = ("pixels scaled to [0, 1]" if space == "pixels"
+            else f"{features}-net pool features")
+    ax.set(xlabel=f"distance to the nearest training image ({unit})",
+           ylabel="density (per unit distance)")
+    ax.legend(fontsize=7)
+fig.tight_layout()
+keep(fig, "05_nearest.png")
+
+distances, indices = copies["pixels"]["samples"]
+closest = np.argsort(distances)[:8]
+chosen_at_random = np.random.default_rng(seed).choice(
+    len(generated), size=min(8, len(generated)), replace=False)
+pair_rows = {
+    "closest: sample": generated[closest],
+    "closest: training": train_pixels[indices[closest]],
+    "random: sample": generated[chosen_at_random],
+    "random: training": train_pixels[indices[chosen_at_random]],
+}
+keep(rows_figure(pair_rows, "samples above their nearest training images "
+                 "(pixel distance)"), "05_nearest_pairs.png")
+assert np.allclose(distances[closest], np.sqrt(((
+    flat(generated[closest]) - flat(train_pixels[indices[closest]])) ** 2
+).sum(axis=1)), atol=1e-3)
 
 # %% [markdown]
 # ## Summary
