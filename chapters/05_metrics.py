@@ -1830,3 +1830,164 @@ assert np.allclose(distances[closest], np.sqrt(((
 #    noise of standard deviation 16 grey levels, rounded and clipped to 0 to
 #    255 as `blurred` does. Predict whether it costs precision, recall or
 #    both, like blurring or like dropping classes, then check.
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 1.** In one dimension the covariances are the variances
+# $\sigma_a^2, \sigma_b^2$, the root of their product is
+# $\sigma_a \sigma_b$, and the trace term is
+# $\sigma_a^2 + \sigma_b^2 - 2 \sigma_a \sigma_b = (\sigma_a - \sigma_b)^2$.
+# In $d$ dimensions the trace term is the squared Bures distance of the
+# two covariance matrices, zero exactly when $\Sigma_a = \Sigma_b$; then
+# FID is the squared distance of the means. (For commuting covariances
+# it is $\lVert \Sigma_a^{1/2} - \Sigma_b^{1/2} \rVert_F^2$, the
+# one-dimensional formula eigenvalue by eigenvalue.)
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+one_d = frechet_distance(FIDStatistics(np.array([1.0]), np.array([[4.0]])),
+                         FIDStatistics(np.array([3.0]), np.array([[9.0]])))
+print(f"(1 - 3)^2 + (2 - 3)^2 = 5; frechet_distance: {one_d:.6f}")
+assert abs(one_d - 5) < 1e-9
+spread = np.diag([1.0, 4.0, 9.0])
+equal = frechet_distance(FIDStatistics(np.zeros(3), spread),
+                         FIDStatistics(np.ones(3), spread))
+assert abs(equal - 3) < 1e-8  # equal covariances: |mu_a - mu_b|^2 only
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 2.** $\hat\mu_a$ and $\hat\mu_b$ are independent, each
+# component with mean 0 and variance $1/n$ and $1/m$, so
+# $\mathbb{E} \lVert \hat\mu_a - \hat\mu_b \rVert^2 = \sum_{i=1}^d
+# (1/n + 1/m) = d\,(1/n + 1/m)$. The simulation below takes the
+# reference statistics as exact ($m \to \infty$): the mean term's slope
+# in $1/n$ is $d = 8$. FID's slope is larger, because the covariance
+# term is biased too: with $\hat\Sigma = I + E$, the trace term is about
+# $\operatorname{tr}(E^2)/4$, whose expectation is $d(d+1)/(4n)$, so the
+# whole slope is about $d + d(d+1)/4 = 26$. The covariance's share grows
+# as $d^2$, which is why FID in 2,048 dimensions needs thousands of
+# samples.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+dims, repeats, sizes = 8, 200, np.array([100, 200, 400, 800])
+exact = FIDStatistics(np.zeros(dims), np.eye(dims))
+sim = np.random.default_rng(seed + 5)
+mean_terms, fid_terms = [], []
+for n in sizes:
+    draws = [feature_statistics(sim.normal(size=(n, dims)))
+             for _ in range(repeats)]
+    mean_terms.append(np.mean([d.mu @ d.mu for d in draws]))
+    fid_terms.append(np.mean([frechet_distance(d, exact) for d in draws]))
+mean_slope = np.polyfit(1 / sizes, mean_terms, 1)[0]
+fid_slope = np.polyfit(1 / sizes, fid_terms, 1)[0]
+print(f"slope in 1/n: mean term {mean_slope:.1f} (d = {dims}), FID "
+      f"{fid_slope:.1f} (d + d(d+1)/4 = {dims + dims * (dims + 1) / 4:.0f})")
+# Tolerances: the mean term is a chi-square with d degrees of freedom
+# over n (relative s.d. 0.5 a draw, 0.035 over 200): 10% is about 3 s.e.
+assert abs(mean_slope - dims) < 0.1 * dims
+assert abs(fid_slope - 26) < 0.15 * 26
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 3.** $\log \text{IS} = \mathbb{E}_x \sum_y p(y \mid x)
+# \log p(y \mid x) - \mathbb{E}_x \sum_y p(y \mid x) \log p(y)$. The first
+# term is $-\mathbb{E}_x H(p(y \mid x))$; in the second,
+# $\mathbb{E}_x p(y \mid x) = p(y)$, so it is $H(p(y))$. Their
+# difference is the mutual information $I(x; y) \ge 0$, and it is at most
+# $H(p(y)) \le \log C$: hence $1 \le \text{IS} \le C$. Dirichlet
+# probabilities with a small concentration are nearly one-hot (confident)
+# and spread over the classes, and score near $C$; a large concentration
+# gives nearly uniform rows, and a score near 1.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+for concentration in (0.01, 0.1, 1.0, 10.0, 100.0):
+    probs = sim.dirichlet(np.full(classes, concentration), size=5000)
+    probs = np.clip(probs, 1e-300, None)  # no log(0) for tiny draws
+    score = inception_score(probs)
+    information = entropy(probs.mean(axis=0)) - entropy(probs).mean()
+    print(f"concentration {concentration:>6}: IS {score:.3f}")
+    assert 1 - 1e-9 <= score <= classes + 1e-9
+    assert abs(np.log(score) - information) < 1e-6
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** Both rise (or stay) as $k$ grows. A point's radius is
+# the distance to its $k$-th neighbour, which can only grow with $k$, so
+# each set's union of balls grows, and a share of points inside the other
+# set's union can only grow: precision with the real balls, recall with
+# the samples'. For "right half" precision is already near 1 and recall
+# grows slowly (balls on the cut reach a little into the left half); for
+# "twice as wide" recall is near 1 and precision grows, as the real
+# balls reach further out. Large $k$ flatters both numbers, which is why
+# the definition fixes $k = 3$.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+disk_real, disk_half = disk(2000), disk(4000)
+disk_half = disk_half[disk_half[:, 0] > 0][:2000]
+disk_wide = disk(2000, radius=2.0)
+by_k = {k: {"right half": precision_recall(disk_real, disk_half, k=k),
+            "twice as wide": precision_recall(disk_real, disk_wide, k=k)}
+        for k in (1, 3, 10)}
+for k, row in by_k.items():
+    print(f"k = {k:>2}: " + "; ".join(f"{name} P {p:.3f} R {r:.3f}"
+                                      for name, (p, r) in row.items()))
+for name in ("right half", "twice as wide"):
+    for which in (0, 1):
+        values = [by_k[k][name][which] for k in (1, 3, 10)]
+        assert values == sorted(values), (name, which, values)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** The unbiased MMD estimate leaves out each set's
+# diagonal $k(u, u)$ terms, so its expectation is the population MMD,
+# 0 for two real batches, at every $n$: two real batches no longer seem
+# apart at small $n$. The estimate is noisier at small $n$ and can be
+# negative. Below, KID of disjoint sets of 100 images of half B against
+# half A: their mean is within about two standard errors of 0, while FID
+# of the same sets is clearly above 0 (its bias of 5.7).
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """KID: the unbiased squared MMD with the kernel (u.v / d + 1)^3."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d, n, m = a.shape[1], len(a), len(b)
+    k_aa, k_bb = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3
+    k_ab = (a @ b.T / d + 1) ** 3
+    return float((k_aa.sum() - np.trace(k_aa)) / (n * (n - 1))
+                 + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+                 - 2 * k_ab.mean())
+
+
+real_pool = activations(real_images)["pool"]
+parts = [real_pool[i:i + 100] for i in range(0, len(real_pool) - 99, 100)]
+kids = [kernel_distance(part, ref_acts["pool"]) for part in parts]
+part_fids = [frechet_distance(feature_statistics(part),
+                              feature_statistics(ref_acts["pool"]))
+             for part in parts]
+kid_mean = np.mean(kids)
+kid_se = np.std(kids, ddof=1) / np.sqrt(len(kids))
+fid_mean = np.mean(part_fids)
+fid_se = np.std(part_fids, ddof=1) / np.sqrt(len(part_fids))
+print(f"{len(parts)} sets of 100 real images: KID {kid_mean:+.5f} ± "
+      f"{kid_se:.5f}, FID {fid_mean:.3f} ± {fid_se:.3f}")
+assert abs(kid_mean) < 3 * kid_se and fid_mean > 10 * fid_se
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 6.** Like blurring: it costs both. Noise of 16 grey levels
+# on every pixel, the black background included, moves every image off
+# the real manifold, so precision falls; and the noisy images form a
+# cluster of their own in feature space, whose balls are small and far
+# from most real images, so recall falls too. In the smoke configuration
+# (mnist-net features, 1,000 images a batch) precision fell from 0.88 to
+# 0.31 and recall from 0.86 to 0.10, both gaps over ten times the
+# binomial standard error of a share of 1,000 (at most 0.016); FID rose
+# from 0.4 to 5.6, less than blurring's 12.1.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+noise = np.random.default_rng(seed + 6).normal(0, 16, real_images.shape)
+noisy = np.clip(np.round(real_images + noise), 0, 255).astype(np.uint8)
+noisy_row = scores(noisy, ref_acts)
+for name, row in (("real half B", real), ("B, blurred", blur),
+                  ("B, noisy", noisy_row)):
+    print(f"{name:<12}" + "".join(f"  {k} {v:.3f}" for k, v in row.items()))
+assert noisy_row["precision"] < real["precision"] - 0.1
+assert noisy_row["recall"] < real["recall"] - 0.1
+assert noisy_row["FID"] > real["FID"]
