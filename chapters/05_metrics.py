@@ -48,7 +48,7 @@
 #       -p variance_seeds "[0, 1, 2]" -p variance_dir build/chapter5_cifar10
 # and the recorded CPU run of 5.9 and 5.11 (5.8 has its own) is
 #   adm book run 5 -p variance_steps 350 -p variance_held_out 500 \
-#       -p variance_respacings "[5, 10]" -p variance_samples 200 \
+#       -p variance_respacings "[5, 10]" -p variance_samples 150 \
 #       -p variance_seeds "[0, 1, 2]" \
 #       -p variance_dir build/chapter5_record/variance \
 #       -p figures_dir chapters/figures
