@@ -1330,6 +1330,7 @@ for ax, metric in zip(axes, metric_names, strict=True):
     ax.set_xscale("log")
     ax.set_xticks(variance_respacings, [str(s) for s in
                                         variance_respacings])
+    ax.minorticks_off()  # the log axis would label 6, 7, 8, 9 as well
     unit = {"accuracy": " (share)", "fid": feature_label(features)}
     ax.set(title=metric.replace("_", " ") + unit.get(metric, ""),
            xlabel="ancestral sampling steps")
