@@ -1176,7 +1176,7 @@ ax_s.semilogy(short_t, np.exp(log_small), ":", color="C2",
 ax_s.semilogy(short_t, np.exp(log_learned), "o-", color="C0",
               label="learned (mean v)")
 ax_s.set(xlabel=f"step t of the {short.num_timesteps}-step process",
-         ylabel="variance (pixel units squared)",
+         ylabel="variance (images scaled to [-1, 1])",
          title=f"{short.num_timesteps} respaced steps")
 ax_s.legend(fontsize=7)
 fig.tight_layout()
@@ -1763,10 +1763,10 @@ for ax, (space, sets) in zip(axes, copies.items(), strict=True):
     for s, (distances, _) in sets.items():
         ax.hist(distances, bins=edges, density=True, alpha=0.5,
                 label=f"{s} (n = {len(distances)})")
-    unit = ("pixels scaled to [0, 1]" if space == "pixels"
-            else f"{features}-net pool features")
-    ax.set(xlabel=f"distance to the nearest training image ({unit})",
-           ylabel="density (per unit distance)")
+    where = ("in pixels (grey levels scaled to [0, 1])" if space == "pixels"
+             else f"in {features}-net pooled features")
+    ax.set(xlabel="distance to the nearest training image",
+           ylabel="density (per unit distance)", title=where)
     ax.legend(fontsize=7)
 fig.tight_layout()
 keep(fig, "05_nearest.png")
