@@ -1843,6 +1843,13 @@ assert np.allclose(distances[closest], np.sqrt(((
 #    noise of standard deviation 16 grey levels, rounded and clipped to 0 to
 #    255 as `blurred` does. Predict whether it costs precision, recall or
 #    both, like blurring or like dropping classes, then check.
+# 7. Sample 5.9's three arms with a single ancestral step
+#    (`few_step_samples(net, diffusion, 1, 0)` for each arm). Predict how
+#    their samples differ, then check.
+# 8. In 5.11, keep only the first 1,000 training images as the keys.
+#    Predict how the held-out digits' nearest-neighbour distances move,
+#    and what that means for comparing a model's samples with them, then
+#    check.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 1.** In one dimension the covariances are the variances
@@ -2004,3 +2011,38 @@ for name, row in (("real half B", real), ("B, blurred", blur),
 assert noisy_row["precision"] < real["precision"] - 0.1
 assert noisy_row["recall"] < real["recall"] - 0.1
 assert noisy_row["FID"] > real["FID"]
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 7.** They are identical. A one-step process has only the
+# step $t = 0$, and the ancestral loop adds no noise at $t = 0$ (it
+# returns the mean, chapter 2): the variance is never used, as in DDIM.
+# All three arms share the model's mean, so from the same $x_T$ they
+# return the same images. (Poor ones: the one step that respacing "1"
+# keeps is the original $t = 0$, so the network reads pure noise as an
+# almost clean image.) The variance matters only through the noise of
+# the steps before the last, which is why the arms part as soon as there
+# are two or more steps.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+one_step = {arm: few_step_samples(net, diffusion, 1, 0)
+            for arm, (net, diffusion) in arms.items()}
+print({arm: images.shape for arm, images in one_step.items()})
+assert all(np.array_equal(images, one_step["learned"])
+           for images in one_step.values())
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 8.** They grow: with fewer keys, the nearest one can only be
+# as near or farther, for every held-out digit. A sample's distance
+# shrinks or grows with the size of the training set in the same way, so
+# samples must be compared with held-out images against the same keys,
+# as 5.11 does; a distance threshold chosen on one data set's size says
+# little about another's.
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+fewer_keys = flat(train_pixels[:1000])
+held_all, _ = nearest(flat(held_pixels), flat(train_pixels))
+held_fewer, _ = nearest(flat(held_pixels), fewer_keys)
+print(f"held-out, mean distance to the nearest of {len(train_pixels)} "
+      f"training images: {held_all.mean():.3f}; of 1,000: "
+      f"{held_fewer.mean():.3f}")
+assert np.all(held_fewer >= held_all - 1e-4)
