@@ -1085,19 +1085,24 @@ variance_npz = write_batch(variance_runs / "train.npz",
                            exact_pixels(dataset, variance_train),
                            dataset.labels[variance_train])
 recipe = demo_configs(DemoSettings(seed=seed), device)["diffusion"]
-config = make_config("diffusion", base=recipe, overrides={
-    "data": str(variance_npz), "in_channels": dataset.channels,
-    "steps": variance_steps, "learn_sigma": True, "sample_interval": 0,
-    "save_interval": 10**9, "log_interval": 10, **variance_settings})
-start = time.perf_counter()
-folder = variance_runs / "learned"
-train(config, folder, resume=reuse_runs and folder.exists(), progress=False)
-learned_run = load_run(folder, device=device)
-print(f"learned variance: {learned_run.step} steps of batch "
-      f"{config.batch_size} on {len(variance_train)} images, "
-      f"{sum(p.numel() for p in learned_run.model.parameters()):,} "
-      f"parameters, {time.perf_counter() - start:.0f} s")
-assert learned_run.step == variance_steps and learned_run.config.learn_sigma
+variance_models = {}
+for name, learned in (("learned", True), ("fixed", False)):
+    config = make_config("diffusion", base=recipe, overrides={
+        "data": str(variance_npz), "in_channels": dataset.channels,
+        "steps": variance_steps, "learn_sigma": learned,
+        "sample_interval": 0, "save_interval": 10**9, "log_interval": 10,
+        **variance_settings})
+    start = time.perf_counter()
+    folder = variance_runs / name
+    train(config, folder, resume=reuse_runs and folder.exists(),
+          progress=False)
+    run = variance_models[name] = load_run(folder, device=device)
+    print(f"{name:<8} variance: {run.step} steps of batch "
+          f"{config.batch_size} on {len(variance_train)} images, "
+          f"{sum(p.numel() for p in run.model.parameters()):,} parameters,"
+          f" {time.perf_counter() - start:.0f} s")
+    assert run.step == variance_steps and run.config.learn_sigma == learned
+learned_run, fixed_run = variance_models["learned"], variance_models["fixed"]
 channels = dataset.channels
 
 
@@ -1115,9 +1120,12 @@ def mean_only(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 arms = {"learned": (learned_run.model, learned_run.diffusion),
-        **{name: (mean_only, with_variance(learned_run.diffusion, name))
-           for name in ("fixed_large", "fixed_small")}}
-assert learned_run.diffusion.var_type == "learned_range"
+        "hybrid+small": (mean_only, with_variance(learned_run.diffusion,
+                                                  "fixed_small")),
+        "fixed_large": (fixed_run.model, fixed_run.diffusion),
+        "fixed_small": (fixed_run.model, with_variance(fixed_run.diffusion,
+                                                       "fixed_small"))}
+assert fixed_run.diffusion.var_type == "fixed_large"
 
 # %% [markdown]
 # **What the network learned.** The learned model outputs, at every
@@ -1300,7 +1308,7 @@ assert all(np.isfinite(row["fid"]) for row in few_scores.values())
 
 # %%
 pairs = [("learned", "fixed_large"), ("learned", "fixed_small"),
-         ("fixed_small", "fixed_large")]
+         ("fixed_small", "fixed_large"), ("learned", "hybrid+small")]
 compared = ["fid"] + (["accuracy"] if with_labels is not None else [])
 paired = {}
 for steps in variance_respacings:
@@ -2027,8 +2035,8 @@ assert noisy_row["FID"] > real["FID"]
 one_step = {arm: few_step_samples(net, diffusion, 1, 0)
             for arm, (net, diffusion) in arms.items()}
 print({arm: images.shape for arm, images in one_step.items()})
-assert all(np.array_equal(images, one_step["learned"])
-           for images in one_step.values())
+assert np.array_equal(one_step["learned"], one_step["hybrid+small"])
+assert np.array_equal(one_step["fixed_large"], one_step["fixed_small"])
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 8.** They grow: with fewer keys, the nearest one can only be
