@@ -64,16 +64,16 @@ model_steps: int = 15  # training steps of the model whose samples are scored
 model_settings: dict = {"num_res_blocks": 1, "channel_mult": "1,1,2",
                         "resblock_updown": False}  # changes to the preset
 model_sampler: str = "ddim2"  # its sampler's respacing
-# 5.9: a model with a learned variance, sampled in few steps with it and
-# with fixed ones, made with `adm demo`'s recipe (chapter 4.9); 5.11
-# checks its samples for copies
+# 5.9: models with learned and fixed variances, sampled in few steps,
+# made with `adm demo`'s recipe (chapter 4.9); 5.11 checks the samples
+# for copies
 variance_settings: dict = {}  # changes to the demo's recipe
-variance_steps: int = 10  # its training steps (the demo's: 350 or 800)
-variance_held_out: int = 100  # images of `data` kept out of its training
+variance_steps: int = 10  # training steps of each (the demo's: 350 or 800)
+variance_held_out: int = 100  # images of `data` kept out of their training
 variance_respacings: list[int] = [5, 10]  # ancestral sampling steps
 variance_samples: int = 10  # samples per model, step count and seed
 variance_seeds: list[int] = [0, 1]  # sampling seeds
-variance_dir: str = "build/chapter5/variance"  # its run folder
+variance_dir: str = "build/chapter5/variance"  # their run folders
 reuse_runs: bool = False  # True: finished runs in variance_dir are loaded
 figures_dir: str = ""  # if set, 5.9's figure is also saved there
 seed: int = 0  # of training and of the real images' order
@@ -1011,30 +1011,36 @@ show_rows({"B": as_tensor(real_images[:8]),
 # only the predicted $x_0$: $\Sigma_\theta$ plays no part in it, so
 # those results owe nothing to the learned variance. It matters for the
 # paper's ancestral samples (250 steps, or fewer), and that is what this
-# section measures, with this chapter's metrics and a model trained by
-# chapter 4's `train`.
+# section measures, with this chapter's metrics and two models trained
+# by chapter 4's `train`.
 #
-# The model follows `adm demo`'s recipe (chapter 4.9: the lean network,
+# Two models follow `adm demo`'s recipe (chapter 4.9: the lean network,
 # $x_0$ prediction, learning rate $10^{-3}$, EMA 0.95, batch 32), which
-# makes digits in minutes on a CPU, with `learn_sigma`: the network also
-# outputs the variance's interpolation $v$ and is trained with
-# $L_\text{hybrid}$. Three arms share its mean and differ only in the
-# variance of each ancestral step: `learned` (its own $v$),
-# `fixed_large` ($\sigma_t^2 = \beta_t$, the reference's default for a
-# model without a learned variance) and `fixed_small` (the posterior's
-# $\tilde\beta_t$). For a respaced process both fixed ones are those of
-# its own, shorter schedule. Nichol & Dhariwal compared with a second
-# model trained by $L_\text{simple}$ alone; here the bound's term of
-# $L_\text{hybrid}$ trains only $v$ (its gradient stops at the mean,
-# chapter 2), so the mean is trained by $L_\text{simple}$ as that model's
-# would be, and sharing it isolates the variance, the one thing in
-# question, with half the training. Whether learning $v$ changes the
-# mean through the layers the two outputs share is not tested here. The
-# arms are sampled with chapter 2's ancestral loop, respaced to each
-# count of `variance_respacings`, and scored against the reference half
-# A of 5.6. The model trains on `data` less `variance_held_out` images,
-# which 5.11 needs: it asks whether the samples copy their training
-# images, against real images the model never saw.
+# makes digits in minutes on a CPU, from the same data and seed, on the
+# same batches. They differ in one field, `learn_sigma`. With it the
+# network also outputs the variance's interpolation $v$ and is trained
+# with $L_\text{hybrid}$; without it the network outputs only the mean's
+# prediction, is trained with $L_\text{simple}$, and can be sampled with
+# either fixed variance. Four arms:
+#
+# * `learned`: the first model with its own $v$;
+# * `fixed_large`: the second with $\sigma_t^2 = \beta_t$, the
+#   reference's default for a model without a learned variance;
+# * `fixed_small`: the second with the posterior's $\tilde\beta_t$;
+# * `hybrid+small`: the first model's mean with $\tilde\beta_t$. The
+#   bound's term of $L_\text{hybrid}$ trains only $v$ (its gradient stops
+#   at the mean, chapter 2), but the two outputs share every layer
+#   before the last; this arm separates what the learned variance does
+#   at sampling time (`learned` against it: the same mean) from what
+#   learning it did to the mean (it against `fixed_small`).
+#
+# For a respaced process both fixed variances are those of its own,
+# shorter schedule. The arms are sampled with chapter 2's ancestral loop,
+# respaced to each count of `variance_respacings`, and scored against
+# the reference half A of 5.6. Both models train on `data` less
+# `variance_held_out` images, which 5.11 needs: it asks whether the
+# samples copy their training images, against real images the models
+# never saw.
 
 # %%
 from adm_lib.demo import DemoSettings, demo_configs
@@ -1204,7 +1210,7 @@ assert np.all(log_small <= log_large + 1e-9)
 # each step count and seed, so their samples start from the same noise
 # and their differences are measured on paired draws. The labels are
 # $0, 1, \dots, 9, 0, \dots$, as in chapter 6. As everywhere in this
-# book, the model is trained once; the seeds vary only the sampling, so
+# book, the models are trained once; the seeds vary only the sampling, so
 # the error bars below (standard errors over seeds) are sampling error,
 # not the spread between training runs.
 
@@ -1701,10 +1707,10 @@ else:
 # if there are enough of them, so are recall and FID. Whether the
 # samples are new is a separate question, and on MNIST-5k it is cheap to
 # ask directly. For each sample of 5.9's best arm (the lowest mean FID),
-# find the nearest of the model's training images, by Euclidean distance
+# find the nearest of the models' training images, by Euclidean distance
 # in pixels (grey levels scaled to $[0, 1]$, 1,024 numbers) and in the
 # data-net's pooled features; then do the same for the `variance_held_out`
-# real images that the model never saw. Held-out digits show how close a
+# real images that the models never saw. Held-out digits show how close a
 # *new* digit of this data set comes to the training set. A model that
 # copies puts its samples much closer than that, many at distance near
 # 0; a model that generalises puts them about as far, or farther.
@@ -1815,7 +1821,7 @@ assert np.allclose(distances[closest], np.sqrt(((
 #   evaluator does, from the same `.npz` batches.
 # * 5.9 puts them to work on chapter 2's question, learned against fixed
 #   variances sampled ancestrally in few steps (DDIM does not use the
-#   variance), with a model that draws digits, several sampling seeds and
+#   variance), with the demo's models, several sampling seeds and
 #   standard errors, and claims only the gaps those errors allow.
 # * 5.10 trains chapter 3's ablations with chapter 4's loop, at equal steps
 #   and equal time, and judges them by chapter 2's bound on held-out
@@ -1851,7 +1857,7 @@ assert np.allclose(distances[closest], np.sqrt(((
 #    noise of standard deviation 16 grey levels, rounded and clipped to 0 to
 #    255 as `blurred` does. Predict whether it costs precision, recall or
 #    both, like blurring or like dropping classes, then check.
-# 7. Sample 5.9's three arms with a single ancestral step
+# 7. Sample 5.9's four arms with a single ancestral step
 #    (`few_step_samples(net, diffusion, 1, 0)` for each arm). Predict how
 #    their samples differ, then check.
 # 8. In 5.11, keep only the first 1,000 training images as the keys.
@@ -2021,15 +2027,16 @@ assert noisy_row["recall"] < real["recall"] - 0.1
 assert noisy_row["FID"] > real["FID"]
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 7.** They are identical. A one-step process has only the
-# step $t = 0$, and the ancestral loop adds no noise at $t = 0$ (it
-# returns the mean, chapter 2): the variance is never used, as in DDIM.
-# All three arms share the model's mean, so from the same $x_T$ they
-# return the same images. (Poor ones: the one step that respacing "1"
-# keeps is the original $t = 0$, so the network reads pure noise as an
-# almost clean image.) The variance matters only through the noise of
-# the steps before the last, which is why the arms part as soon as there
-# are two or more steps.
+# **Solution 7.** The arms that share a mean give identical images:
+# `learned` the same as `hybrid+small`, `fixed_large` the same as
+# `fixed_small`. A one-step process has only the step $t = 0$, and the
+# ancestral loop adds no noise at $t = 0$ (it returns the mean, chapter
+# 2): the variance is never used, as in DDIM. Only the two models'
+# means differ. (All are poor: the one step that respacing "1" keeps is
+# the original $t = 0$, so the networks read pure noise as an almost
+# clean image.) The variance matters only through the noise of the steps
+# before the last, which is why the arms part as soon as there are two
+# or more steps.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 one_step = {arm: few_step_samples(net, diffusion, 1, 0)
