@@ -1381,11 +1381,11 @@ assert all(len(batch) == shown for batch in sample_rows.values())
 # Each model is the demo's lean network (878,434 parameters with the
 # learned variance's channel, 878,145 without), trained 350 steps of
 # batch 32 on 4,500 of MNIST-5k's digits (the demo's float32 budget).
-# The learned model was trained by a first run of this command without
-# `reuse_runs` (977 s, then an earlier version of the section without the
-# fixed model); the recorded run loaded it and trained the fixed model
-# (371 s), then drew 4 arms x 2 step counts x 3 seeds x 150 samples
-# (248 s); the chapter took 12.7 minutes in all.
+# The learned model came from an earlier run of the same settings
+# without `reuse_runs` (977 s of training, under heavier load; that
+# version of the section had no fixed model). The recorded run loaded it,
+# trained the fixed model (371 s) and drew 4 arms x 2 step counts x 3
+# seeds x 150 samples (248 s); the chapter took 12.7 minutes in all.
 #
 # ![The learned v over t; the 5-step variances](figures/05_learned_v.png)
 #
