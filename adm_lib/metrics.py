@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:153
+# %% chapters/05_metrics.py:155
 import contextlib
 import os
 import warnings
@@ -108,7 +108,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:251
+# %% chapters/05_metrics.py:253
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -164,7 +164,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:349
+# %% chapters/05_metrics.py:351
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -177,7 +177,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:397
+# %% chapters/05_metrics.py:399
 @ieee_float32()
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
@@ -216,7 +216,7 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:442
+# %% chapters/05_metrics.py:444
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
@@ -241,7 +241,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:510
+# %% chapters/05_metrics.py:583
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
@@ -294,7 +294,7 @@ def read_batch(path: str | os.PathLike) -> Batch:
         FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
 
 
-# %% chapters/05_metrics.py:563
+# %% chapters/05_metrics.py:636
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -339,7 +339,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:614
+# %% chapters/05_metrics.py:687
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -371,7 +371,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:649
+# %% chapters/05_metrics.py:722
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))
