@@ -91,7 +91,7 @@ def read_images(source: str | os.PathLike, image_size: int | None = None,
         raise ValueError(str(err)) from None
     chosen = _pick(data, count, seed)
     labels = None if data.labels is None else data.labels[chosen]
-    return Batch(_pixels(data, chosen), labels, None, None)
+    return Batch(_pixels(data, chosen), labels, None, None, str(source))
 
 
 def write_reference(source: str | os.PathLike, out: str | os.PathLike,

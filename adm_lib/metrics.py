@@ -272,6 +272,7 @@ class Batch:
     labels: np.ndarray | None
     stats: FIDStatistics | None  # reference batches may carry mu, sigma
     stats_spatial: FIDStatistics | None
+    source: str = ""  # the file or folder read, for errors to name
 
 
 def read_batch(path: str | os.PathLike) -> Batch:
@@ -291,10 +292,11 @@ def read_batch(path: str | os.PathLike) -> Batch:
     return Batch(
         images, data["arr_1"] if "arr_1" in names else None,
         FIDStatistics(data["mu"], data["sigma"]) if given else None,
-        FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
+        FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None,
+        str(path))
 
 
-# %% chapters/05_metrics.py:636
+# %% chapters/05_metrics.py:638
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
@@ -314,7 +316,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     for name, given in (("reference", ref), ("sample", samples)):
         batch = given if isinstance(given, Batch) else read_batch(given)
         named.append(f"the {name} batch"
-                     + ("" if isinstance(given, Batch) else f" {given}"))
+                     + (f" {batch.source}" if batch.source else ""))
         if len(batch.images) < 4:
             raise ValueError(
                 f"{named[-1]} has {len(batch.images)} images; the scores "
@@ -339,7 +341,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:687
+# %% chapters/05_metrics.py:689
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -371,7 +373,7 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:722
+# %% chapters/05_metrics.py:724
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))

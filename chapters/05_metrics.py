@@ -611,6 +611,7 @@ class Batch:
     labels: np.ndarray | None
     stats: FIDStatistics | None  # reference batches may carry mu, sigma
     stats_spatial: FIDStatistics | None
+    source: str = ""  # the file or folder read, for errors to name
 
 
 def read_batch(path: str | os.PathLike) -> Batch:
@@ -630,7 +631,8 @@ def read_batch(path: str | os.PathLike) -> Batch:
     return Batch(
         images, data["arr_1"] if "arr_1" in names else None,
         FIDStatistics(data["mu"], data["sigma"]) if given else None,
-        FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None)
+        FIDStatistics(data["mu_s"], data["sigma_s"]) if given else None,
+        str(path))
 
 # %%
 #| export
@@ -653,7 +655,7 @@ def evaluate(ref: str | os.PathLike | Batch,
     for name, given in (("reference", ref), ("sample", samples)):
         batch = given if isinstance(given, Batch) else read_batch(given)
         named.append(f"the {name} batch"
-                     + ("" if isinstance(given, Batch) else f" {given}"))
+                     + (f" {batch.source}" if batch.source else ""))
         if len(batch.images) < 4:
             raise ValueError(
                 f"{named[-1]} has {len(batch.images)} images; the scores "

@@ -387,11 +387,15 @@ def test_cli_evaluate_names_a_bad_batch_size(tmp_path, monkeypatch, capsys):
         raise AssertionError("no work before the options are checked")
 
     monkeypatch.setattr(mt, "feature_extractor", no_features)
-    assert cli.main(["evaluate", str(tmp_path / "a.npz"),
-                     str(tmp_path / "a.npz"), "--batch-size", "0",
-                     "--device", "cpu"]) == 1
-    assert capsys.readouterr().err == (
-        "adm evaluate: batch_size=0: expected >= 1\n")
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it
+        cli.main(["evaluate", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"),
+                  "--batch-size", "0", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "adm evaluate: error: argument --batch-size: expected a whole number "
+        ">= 1, got '0'\n")
+    with pytest.raises(ValueError, match="batch_size=0: expected >= 1"):
+        mt.evaluate(tmp_path / "a.npz", tmp_path / "a.npz", batch_size=0)
 
 
 def test_score_activations_count_hits_of_the_labels() -> None:
