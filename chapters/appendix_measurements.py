@@ -173,9 +173,9 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 # another path. These tables predate the paired test: chapter 4.5
 # re-records the comparison with it (400 steps, 2026-12-07), where the
 # rounding shows (one window 3.1 paired standard errors off) but stays
-# under 0.7% of the loss, in both directions. On a GPU, `scripts/gpu_check.sh` runs the same
-# comparison at the demo's batch of 32 (`--device cuda` is picked by
-# itself).
+# under 0.7% of the loss, in both directions. On a GPU,
+# `scripts/gpu_check.sh` runs the same comparison at the demo's batch of
+# 32 (`--device cuda` is picked by itself).
 #
 # The same comparison at the demo's batch of 32, on the bf16 EPYC,
 # 2026-12-03, both runs in 359 s:
