@@ -2097,8 +2097,8 @@ for name, h in [("x_t", x_t), ("x_t^3", x_t**3)]:
 # since $\nabla_{\bar x} = \sqrt{\bar\alpha_t} \nabla_{x_t}$ and $\sigma_t
 # \sqrt{\bar\alpha_t} = \sqrt{1 - \bar\alpha_t}$: the predicted noise is
 # the speed. DDIM at $\eta = 0$ (section 2.6) is **Euler's method** on it.
-# Divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use $\hat x_0 = \bar x_t
-# - \sigma_t \hat\epsilon$:
+# Divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use $\hat x_0 = \bar x_t -
+# \sigma_t \hat\epsilon$:
 #
 # $$\frac{x_{t-1}}{\sqrt{\bar\alpha_{t-1}}} = \hat x_0 + \sigma_{t-1}
 # \hat\epsilon = \bar x_t + (\sigma_{t-1} - \sigma_t)\, \hat\epsilon.$$
@@ -2265,8 +2265,8 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #    after how many steps its `weights()` stop being uniform, then check.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1
-# - \bar\alpha_t} (1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}) = \frac{1 -
+# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1 -
+# \bar\alpha_t} (1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}) = \frac{1 -
 # \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$. Then $1 -
 # \bar\alpha_{t-1} - \tilde\beta_t = \frac{(1 - \bar\alpha_{t-1})^2
 # \alpha_t}{1 - \bar\alpha_t}$, and with $\hat\epsilon = (x_t -

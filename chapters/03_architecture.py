@@ -1946,8 +1946,8 @@ plt.show()
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 2.** Two group norms ($2C$ each: scale and shift), two $3
-# \times 3$ convolutions ($9C^2 + C$ each) and the embedding's `Linear`: $EC
-# + C$ with addition, twice that with AdaGN. So the block has $18C^2 + EC +
+# \times 3$ convolutions ($9C^2 + C$ each) and the embedding's `Linear`: $EC +
+# C$ with addition, twice that with AdaGN. So the block has $18C^2 + EC +
 # 7C$ parameters additive and $18C^2 + 2EC + 8C$ with AdaGN. At $C = 256$,
 # $E = 4C$: 1,443,584 against 1,705,984; AdaGN adds $4C^2 + C$ = 262,400,
 # 18.2% of the block.

@@ -1462,8 +1462,8 @@ plt.show()
 # x_t),$$
 #
 # Algorithm 2's $\hat\epsilon$ at $s = w$. 6.4's `classifier_free_model`
-# writes the mix from the conditional side, $\epsilon(y) + w'(\epsilon(y)
-# - \epsilon(\varnothing))$, which is the above with $w = 1 + w'$; that
+# writes the mix from the conditional side, $\epsilon(y) + w'(\epsilon(y) -
+# \epsilon(\varnothing))$, which is the above with $w = 1 + w'$; that
 # is why the cell above passed it $s - 1$. The two agree to rounding at
 # every step, and so do whole DDIM trajectories, classifier-free against
 # classifier-guided:
@@ -1669,8 +1669,8 @@ plt.show()
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 1.** Up to terms free of $x$,
 # $-\tfrac12 (x - \mu)^\top \Sigma^{-1} (x - \mu) + s (x - \mu)^\top g =
-# -\tfrac12 (x - \mu - s\Sigma g)^\top \Sigma^{-1} (x - \mu - s\Sigma g)
-# + \tfrac{s^2}{2} g^\top \Sigma g$: expanding the right side gives back
+# -\tfrac12 (x - \mu - s\Sigma g)^\top \Sigma^{-1} (x - \mu - s\Sigma g) +
+# \tfrac{s^2}{2} g^\top \Sigma g$: expanding the right side gives back
 # the left, and the last term is a constant, absorbed by normalising.
 # So the product is $\mathcal{N}(\mu + s\Sigma g, \Sigma)$. The expansion
 # drops $\tfrac12 (x - \mu)^\top H (x - \mu)$, with $H$ the Hessian of
