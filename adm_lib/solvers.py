@@ -30,7 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.diffusion import GaussianDiffusion, Model, condition_score
+from adm_lib.diffusion import (
+    GaussianDiffusion,
+    Model,
+    condition_score,
+    last_sample,
+)
 from adm_lib.guidance import SAMPLERS, CondFn, guided_sample
 
 SOLVERS = ("dpm++2m", "heun")
@@ -60,7 +65,7 @@ def denoise(
     return x0.clamp(-1, 1) if clip_denoised else x0
 
 
-# %% chapters/08_solvers.py:228
+# %% chapters/08_solvers.py:233
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995,
                       max_value: float = 1.0) -> Tensor:
     """Imagen's dynamic thresholding: clip each image at its `ratio`
@@ -71,7 +76,7 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995,
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-# %% chapters/08_solvers.py:254
+# %% chapters/08_solvers.py:259
 def _tables(diffusion: GaussianDiffusion) -> dict[str, np.ndarray]:
     """alpha_t, sigma_t, lambda_t and EDM's sigma of every step (float64)."""
     abar = diffusion.alphas_cumprod
@@ -136,7 +141,7 @@ def dpm_solver_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 
-# %% chapters/08_solvers.py:338
+# %% chapters/08_solvers.py:343
 def heun_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
     progress: bool = False, clip_denoised: bool = True,
@@ -179,7 +184,7 @@ def heun_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 
-# %% chapters/08_solvers.py:393
+# %% chapters/08_solvers.py:398
 def edm_steps(diffusion: GaussianDiffusion, count: int,
               sigma_min: float = 0.002, sigma_max: float = 80.0,
               rho: float = 7.0) -> list[int]:
@@ -195,22 +200,14 @@ def edm_steps(diffusion: GaussianDiffusion, count: int,
     return sorted({int(i) for i in nearest})
 
 
-# %% chapters/08_solvers.py:414
-def _last(steps: Iterator[dict[str, Tensor]],
-          callback: Callback | None) -> Tensor:
-    for out in steps:
-        if callback is not None:
-            callback(out)
-    return out["sample"]
-
-
+# %% chapters/08_solvers.py:420
 def dpm_solver_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
     progress: bool = False, callback: Callback | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """DPM-Solver++(2M) from x_T = noise; returns x_0."""
-    return _last(dpm_solver_sample_loop_progressive(
+    return last_sample(dpm_solver_sample_loop_progressive(
         diffusion, model, noise, progress, **kwargs), callback)
 
 
@@ -220,11 +217,11 @@ def heun_sample_loop(
     **kwargs: Any,
 ) -> Tensor:
     """EDM's Heun sampler from x_T = noise; returns x_0."""
-    return _last(heun_sample_loop_progressive(
+    return last_sample(heun_sample_loop_progressive(
         diffusion, model, noise, progress, **kwargs), callback)
 
 
-# %% chapters/08_solvers.py:467
+# %% chapters/08_solvers.py:465
 def network_calls(sampler: str, diffusion: GaussianDiffusion,
                   lambda_min: float = -5.1) -> int:
     """Network evaluations per sample of `sampler` over the diffusion's

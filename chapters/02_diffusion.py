@@ -1191,10 +1191,11 @@ def ddim_sample_loop_progressive(
 
 # %%
 #| export
-def _last(
+def last_sample(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,
 ) -> Tensor:
+    """The last step's sample, passing every step to callback."""
     for out in steps:
         if callback is not None:
             callback(out)
@@ -1208,8 +1209,9 @@ def p_sample_loop(
     **kwargs: Any,
 ) -> Tensor:
     """Ancestral sampling from x_T = noise; returns x_0."""
-    return _last(p_sample_loop_progressive(diffusion, model, noise, progress,
-                                           **kwargs), callback)
+    steps = p_sample_loop_progressive(diffusion, model, noise, progress,
+                                      **kwargs)
+    return last_sample(steps, callback)
 
 
 def ddim_sample_loop(
@@ -1219,8 +1221,9 @@ def ddim_sample_loop(
     **kwargs: Any,
 ) -> Tensor:
     """DDIM sampling from x_T = noise (option eta); returns x_0."""
-    return _last(ddim_sample_loop_progressive(diffusion, model, noise,
-                                              progress, **kwargs), callback)
+    steps = ddim_sample_loop_progressive(diffusion, model, noise, progress,
+                                         **kwargs)
+    return last_sample(steps, callback)
 
 
 def ddim_reverse_sample_loop(
@@ -1231,8 +1234,8 @@ def ddim_reverse_sample_loop(
 ) -> Tensor:
     """DDIM inversion: the x_T that deterministic DDIM decodes to x_start."""
     steps = range(diffusion.num_timesteps)
-    return _last(_loop(ddim_reverse_sample, diffusion, model, x_start, steps,
-                       progress, **kwargs), callback)
+    return last_sample(_loop(ddim_reverse_sample, diffusion, model, x_start,
+                             steps, progress, **kwargs), callback)
 
 
 # %% [markdown]

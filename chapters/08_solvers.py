@@ -187,7 +187,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adm_lib.diffusion import GaussianDiffusion, Model, condition_score
+from adm_lib.diffusion import (
+    GaussianDiffusion,
+    Model,
+    condition_score,
+    last_sample,
+)
 from adm_lib.guidance import SAMPLERS, CondFn, guided_sample
 
 SOLVERS = ("dpm++2m", "heun")
@@ -408,25 +413,18 @@ def edm_steps(diffusion: GaussianDiffusion, count: int,
 # %% [markdown]
 # The loops above yield every step, as chapter 2's `*_progressive` loops
 # do: a dict with the step, the sample so far and $\hat x_0$. The
-# returning versions take chapter 2's `callback`, called with each:
+# returning versions take chapter 2's `callback`, called with each, through
+# chapter 2's `last_sample`:
 
 # %%
 #| export
-def _last(steps: Iterator[dict[str, Tensor]],
-          callback: Callback | None) -> Tensor:
-    for out in steps:
-        if callback is not None:
-            callback(out)
-    return out["sample"]
-
-
 def dpm_solver_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
     progress: bool = False, callback: Callback | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """DPM-Solver++(2M) from x_T = noise; returns x_0."""
-    return _last(dpm_solver_sample_loop_progressive(
+    return last_sample(dpm_solver_sample_loop_progressive(
         diffusion, model, noise, progress, **kwargs), callback)
 
 
@@ -436,7 +434,7 @@ def heun_sample_loop(
     **kwargs: Any,
 ) -> Tensor:
     """EDM's Heun sampler from x_T = noise; returns x_0."""
-    return _last(heun_sample_loop_progressive(
+    return last_sample(heun_sample_loop_progressive(
         diffusion, model, noise, progress, **kwargs), callback)
 
 # %% [markdown]
