@@ -30,7 +30,7 @@ from adm_lib.diffusion import (
     stratified_timesteps,
     vlb_estimate,
 )
-from adm_lib.errors import TrainError
+from adm_lib.errors import TrainError, with_article
 from adm_lib.files import write_atomic
 from adm_lib.metrics import (
     Batch,
@@ -140,7 +140,7 @@ def bound_terms(trained: TrainedModel, source: str | os.PathLike,
     """
     if trained.kind != "diffusion":
         raise ValueError(f"the bound is a diffusion model's; {trained.path} "
-                         f"is {_a(trained.kind)}")
+                         f"is {with_article(trained.kind)}")
     try:
         data = load_dataset(source, resolution=trained.image_size,
                             channels=trained.in_channels)
@@ -194,11 +194,6 @@ def bound_bpd(trained: TrainedModel, source: str | os.PathLike,
     bpd, se = mean_se(terms["vlb"])
     return {"bpd": bpd, "bpd_se": se, "mse": terms["mse"].mean().item(),
             "n": len(terms["vlb"])}
-
-
-def _a(kind: str) -> str:
-    """`kind` with its article: "a classifier", "an upsampler"."""
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def default_features(channels: int) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from adm_lib.compat import guided_diffusion as gd
 from adm_lib.config import TrainConfig, channel_mults
-from adm_lib.errors import TrainError
+from adm_lib.errors import TrainError, with_article
 from adm_lib.models import load_run
 
 __all__ = ["InitWeights", "read_init", "network_differences"]
@@ -84,8 +84,10 @@ class InitWeights:
         not describe is refused, naming the settings that differ.
         """
         if self.config.kind != config.kind:
-            raise TrainError(f"init={self.source} is {_a(self.config.kind)}"
-                             f", and this run trains {_a(config.kind)}")
+            there, here = self.config.kind, config.kind
+            raise TrainError(f"init={self.source} is {with_article(there)} "
+                             f"model, and this run trains {with_article(here)}"
+                             " model")
         differ = network_differences(self.config, config)
         if differ:
             raise TrainError(
@@ -99,11 +101,6 @@ class InitWeights:
             raise TrainError(f"init={self.source}: {first}") from None
         for ema in emas:
             ema.load_state_dict(model.state_dict())
-
-
-def _a(kind: str) -> str:
-    """`kind` with its article: "a diffusion", "an upsampler"."""
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} model"
 
 
 def read_init(init: str | os.PathLike, kind: str, weights: str | None = None,
@@ -139,7 +136,8 @@ def read_init(init: str | os.PathLike, kind: str, weights: str | None = None,
                     " flags=FLAGS" if foreign else "")
             raise TrainError(f"init={path}: {err}{hint}") from None
     if trained.kind != kind:
-        raise TrainError(f"init={trained.source} is {_a(trained.kind)}, "
-                         f"and this run trains {_a(kind)}")
+        raise TrainError(f"init={trained.source} is "
+                         f"{with_article(trained.kind)} model, and this run "
+                         f"trains {with_article(kind)} model")
     return InitWeights(trained.model.state_dict(), trained.config,
                        trained.source)

@@ -28,7 +28,7 @@ from adm_lib.config import KINDS
 from adm_lib.data import MAX_CLASSES, DataError, load_dataset
 from adm_lib.devices import PRECISIONS
 from adm_lib.diffusion import Model, respace
-from adm_lib.errors import TrainError
+from adm_lib.errors import TrainError, with_article
 from adm_lib.files import hold_lock, save_png
 from adm_lib.guidance import (
     CondFn,
@@ -217,14 +217,9 @@ def _load_run(path: Path, kind: str, weights: str,
                 f"reference, pass its flags (--{_flag_option(kind)})")
         raise SampleError(f"{err}{hint}") from None
     if run.kind != kind:
-        raise SampleError(f"{path} is {_a(run.kind)} run, not "
-                          f"{_a(kind)} run")
+        raise SampleError(f"{path} is {with_article(run.kind)} run, not "
+                          f"{with_article(kind)} run")
     return run
-
-
-def _a(kind: str) -> str:
-    """`kind` with its article: "a diffusion", "an upsampler"."""
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def _flag_option(kind: str) -> str:
