@@ -468,11 +468,12 @@ def test_adm_sample_writes_the_reference_batch_and_a_grid(
     assert "scale 3.0" in text
 
 
-def test_adm_sample_guidance_moves_samples_towards_the_class(
-        runs: dict[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    common = [str(runs["conditional"]), "--num-samples", "8", "--sampler",
-              "ddim", "--respacing", "ddim4", "--labels", "0,1,2,3"]
+def _plain_cfg_and_classifier(
+        runs: dict[str, Path], common: list[str], tmp_path: Path,
+        capsys: pytest.CaptureFixture
+) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """`adm sample` unguided, classifier-free and classifier-guided: the
+    three batches' images, and the labels (the same in each)."""
     batches = {}
     for name, extra in {"plain": [], "cfg": ["--cfg-scale", "2"],
                         "classifier": ["--classifier", str(runs["classifier"]),
@@ -483,6 +484,16 @@ def test_adm_sample_guidance_moves_samples_towards_the_class(
         with np.load(out) as batch:
             batches[name] = batch["arr_0"]
             labels = torch.from_numpy(batch["arr_1"])
+    return batches, labels
+
+
+def test_adm_sample_guidance_moves_samples_towards_the_class(
+        runs: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    common = [str(runs["conditional"]), "--num-samples", "8", "--sampler",
+              "ddim", "--respacing", "ddim4", "--labels", "0,1,2,3"]
+    batches, labels = _plain_cfg_and_classifier(runs, common, tmp_path,
+                                                 capsys)
     assert labels.tolist() == [0, 1, 2, 3] * 2
     assert not np.array_equal(batches["plain"], batches["cfg"])
     # Guidance climbs log p(y | x) of its classifier: on the clean samples,
@@ -586,15 +597,7 @@ def test_adm_sample_with_a_solver_plain_guided_and_free(
     common = [str(runs["conditional"]), "--num-samples", "4", "--sampler",
               sampler, "--respacing", "3", "--labels", "0,1,2,3",
               "--precision", "fp32"]
-    batches = {}
-    for name, extra in {"plain": [], "cfg": ["--cfg-scale", "2"],
-                        "classifier": ["--classifier", str(runs["classifier"]),
-                                       "--classifier-scale", "5"]}.items():
-        out = tmp_path / f"{name}.npz"
-        code, text = sample([*common, *extra, "--out", str(out)], capsys)
-        assert code == 0, text
-        with np.load(out) as batch:
-            batches[name] = batch["arr_0"]
+    batches, _ = _plain_cfg_and_classifier(runs, common, tmp_path, capsys)
     assert not np.array_equal(batches["plain"], batches["cfg"])
     assert not np.array_equal(batches["plain"], batches["classifier"])
     # The command draws what the library's solver draws from the seed.
