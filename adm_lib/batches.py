@@ -9,7 +9,6 @@ The code of chapters/04_training.py.
 
 __all__ = [
     "StepDraws",
-    "row_noise",
     "draw_step",
     "open_data",
     "resolve_config",
@@ -17,21 +16,20 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:830
+# %% chapters/04_training.py:818
 from dataclasses import dataclass, fields, replace
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from adm_lib.config import TrainConfig
-from adm_lib.data import DataError, ImageDataset, load_dataset
+from adm_lib.data import DataError, ImageDataset, count_classes, load_dataset
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
-from adm_lib.seeds import step_seed
+from adm_lib.seeds import row_noise, step_seed
 
 
-# %% chapters/04_training.py:856
+# %% chapters/04_training.py:842
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -49,16 +47,6 @@ class StepDraws:
         """The draws of some of these rows."""
         return StepDraws(*(getattr(self, f.name)[rows]
                            for f in fields(self)))
-
-
-def row_noise(words: tuple[int, ...], rows: range, shape: tuple[int, ...],
-              device: torch.device) -> Tensor:
-    """Standard normal noise of `shape` per row, row i seeded by words + i."""
-    g = torch.Generator(device)
-    return torch.stack([
-        torch.randn(shape, generator=g.manual_seed(step_seed(*words, i)),
-                    device=device)
-        for i in rows])
 
 
 def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
@@ -99,7 +87,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:931
+# %% chapters/04_training.py:907
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -122,40 +110,27 @@ def open_data(config: TrainConfig, source: str | None = None
 
 def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     """`config` with in_channels and num_classes taken from the data."""
-    channels = config.in_channels or data.channels
-    labelled = config.kind == "classifier" or config.class_cond
-    classes = config.num_classes or data.num_classes
-    if labelled and data.labels is None:
-        raise TrainError(
-            f"{data.source} has no labels, and a "
-            + ("classifier needs them" if config.kind == "classifier"
-               else "class-conditional model needs them: set "
-               "class_cond=false for an unconditional one"))
-    if labelled and data.num_classes > classes:
-        raise TrainError(f"{data.source} has {data.num_classes} classes but "
-                         f"num_classes={config.num_classes}")
-    if labelled and not config.num_classes:
-        # Labels far above the count of distinct ones are likely a typo,
-        # and a model of that many classes costs gigabytes.
-        distinct = len(np.unique(data.labels))
-        if classes > 100_000 or classes > 2 * distinct + 16:
-            top = int(np.argmax(data.labels))
+    classes = config.num_classes
+    if config.kind == "classifier" or config.class_cond:
+        if data.labels is None:
             raise TrainError(
-                f"{data.name(top)} has label {classes - 1}, but "
-                f"{data.source} has {distinct} distinct labels: that makes "
-                f"a {classes}-class model; if that is meant, set "
-                f"num_classes={classes}")
-    if labelled and config.kind == "classifier" and classes < 2:
-        raise TrainError(f"{data.source} has one class: nothing to classify")
+                f"{data.source} has no labels, and a "
+                + ("classifier needs them" if config.kind == "classifier"
+                   else "class-conditional model needs them: set "
+                   "class_cond=false for an unconditional one"))
+        classes = count_classes(data, config.num_classes)
+        if config.kind == "classifier" and classes < 2:
+            raise TrainError(f"{data.source} has one class: nothing to "
+                             "classify")
     if config.kind == "upsampler" and config.num_samples > len(data):
         raise TrainError(f"num_samples={config.num_samples}: the grids "
                          f"upsample that many of {data.source}'s "
                          f"{len(data)} images")
-    return replace(config, in_channels=channels,
-                   num_classes=classes if labelled else config.num_classes)
+    return replace(config, in_channels=config.in_channels or data.channels,
+                   num_classes=classes)
 
 
-# %% chapters/04_training.py:987
+# %% chapters/04_training.py:950
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -37,6 +37,7 @@ __all__ = [
     "rotate_checkpoints",
     "read_checkpoint",
     "latest_checkpoint",
+    "read_weights",
     "lock_run",
     "term_sums",
     "MetricsLog",
@@ -153,6 +154,28 @@ def latest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
         except TrainError as err:
             warnings.warn(f"{err}; trying the one before it", stacklevel=2)
     return None
+
+
+def read_weights(path: str | os.PathLike, weights: str = "ema"
+                 ) -> tuple[Path, dict[str, Any], dict[str, Tensor]]:
+    """A run folder's newest checkpoint (or a checkpoint file), and its
+    `weights`: "ema" (the first EMA rate), an EMA rate such as "0.9999", or
+    "model" for the raw weights. Returns (its path, its contents, them)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise TrainError(f"{path} holds no checkpoint")
+        path, state = found
+    else:
+        state = read_checkpoint(path)
+    first = next(iter(state["ema"]))
+    choices = {"ema": state["ema"][first], "model": state["model"],
+               **state["ema"]}
+    if weights not in choices:
+        raise TrainError(f"weights={weights!r}: {path} has "
+                         f"{', '.join(choices)}")
+    return path, state, choices[weights]
 
 
 def lock_run(out: Path) -> contextlib.AbstractContextManager[None]:

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from adm_lib.assets import asset
+from adm_lib.errors import TrainError
 from adm_lib.seeds import step_seed
 
 IMAGE_EXTENSIONS = frozenset(
@@ -405,6 +406,29 @@ def load_dataset(
     if path.suffix.lower() == ".npz":
         return _load_npz(path, labels, options)
     raise DataError(f"unsupported file type: {path} (expected a folder, .zip or .npz)")
+
+
+def count_classes(data: ImageDataset, num_classes: int = 0) -> int:
+    """The classes of a model of labelled ``data``: ``num_classes``, 0 the data's.
+
+    A label far above the count of distinct ones is refused unless
+    ``num_classes`` asks for it: it is likely a typo, and a model of that many
+    classes costs gigabytes.
+    """
+    if data.num_classes > num_classes > 0:
+        raise TrainError(f"{data.source} has {data.num_classes} classes but "
+                         f"num_classes={num_classes}")
+    if num_classes:
+        return num_classes
+    classes = data.num_classes
+    distinct = len(np.unique(data.labels))
+    if classes > 100_000 or classes > 2 * distinct + 16:
+        top = int(np.argmax(data.labels))
+        raise TrainError(
+            f"{data.name(top)} has label {classes - 1}, but {data.source} has "
+            f"{distinct} distinct labels: that makes a {classes}-class model; "
+            f"if that is meant, set num_classes={classes}")
+    return classes
 
 
 def _is_image(name: str) -> bool:

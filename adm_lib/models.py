@@ -14,7 +14,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1849
+# %% chapters/04_training.py:1781
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adm_lib.checkpoints import latest_checkpoint, read_checkpoint
+from adm_lib.checkpoints import read_weights
 from adm_lib.config import (
     TrainConfig,
     build_diffusion,
@@ -96,27 +96,14 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
     `weights` is "ema" (the first EMA rate), an EMA rate such as "0.9999",
     or "model" for the raw weights.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise TrainError(f"{path} holds no checkpoint")
-        path, state = found
-    else:
-        state = read_checkpoint(path)
+    path, state, chosen = read_weights(path, weights)
     try:
         config = config_from_dict(state["config"])
     except TrainError as err:
         raise TrainError(f"{path}: its config does not fit this adm_lib "
                          f"({err})") from None
-    rates = list(state["ema"])
-    choices = {"ema": state["ema"][rates[0]], "model": state["model"],
-               **state["ema"]}
-    if weights not in choices:
-        raise TrainError(f"weights={weights!r}: {path} has "
-                         f"{', '.join(choices)}")
     model = build_model(config)
-    model.load_state_dict(choices[weights])
+    model.load_state_dict(chosen)
     model.to(device).eval().requires_grad_(False)
     return TrainedModel(model, build_diffusion(config), config, path,
                         state["step"], weights)

@@ -12,13 +12,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["step_seed", "rng_state", "set_rng_state"]
+__all__ = ["step_seed", "row_noise", "rng_state", "set_rng_state"]
 
 
 def step_seed(*words: int) -> int:
     """A 64-bit seed that depends on every word (seed, purpose, step...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(
         1, np.uint64)[0])
+
+
+def row_noise(words: tuple[int, ...], rows: range, shape: tuple[int, ...],
+              device: torch.device) -> Tensor:
+    """Standard normal noise of ``shape`` per row, row i seeded by words + i.
+
+    A rank draws only its own rows, and gets what one process drawing the
+    whole batch would.
+    """
+    g = torch.Generator(device)
+    return torch.stack([
+        torch.randn(shape, generator=g.manual_seed(step_seed(*words, i)),
+                    device=device)
+        for i in rows])
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1142
+# %% chapters/04_training.py:1099
 import contextlib
 import copy
 import math
@@ -97,7 +97,7 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1260
+# %% chapters/04_training.py:1199
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -120,7 +120,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1321
+# %% chapters/04_training.py:1260
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -133,7 +133,6 @@ def config_mismatch(saved: Mapping[str, Any],
             if k not in RUN_FIELDS and before[k] != v]
 
 
-# %% chapters/04_training.py:1334
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -187,7 +186,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1401
+# %% chapters/04_training.py:1339
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -223,7 +222,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1445
+# %% chapters/04_training.py:1383
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs unless the step is not finite.
@@ -254,7 +253,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1476
+# %% chapters/04_training.py:1419
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -262,7 +261,6 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
 
-# %% chapters/04_training.py:1489
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
                y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
@@ -286,7 +284,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1637
+# %% chapters/04_training.py:1569
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -323,7 +321,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
             dist.destroy_process_group()
 
 
-# %% chapters/04_training.py:1674
+# %% chapters/04_training.py:1606
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -353,7 +351,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1709
+# %% chapters/04_training.py:1641
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainState, Path | None]:
@@ -374,7 +372,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     return state, found and found[0]
 
 
-# %% chapters/04_training.py:1736
+# %% chapters/04_training.py:1668
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -449,7 +447,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1816
+# %% chapters/04_training.py:1748
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -14,21 +14,19 @@
 # # Training at scale
 #
 # Chapters 2 and 3 trained small models with a dozen lines of loop. The
-# paper's models are another matter: the ImageNet 64 model trained for
-# 540,000 steps of batch 2048, about 1.1 billion images (Table 11 of the
-# paper). This chapter builds the loop the rest of the book trains with,
-# and the `adm train` command, and trains a model first (4.1). Then: a
-# run is one configuration, with the paper's models as presets (4.2);
-# what a step draws (4.3); the three objectives (4.4); mixed precision
-# (4.5); the average of the weights (4.6); the loop (4.7); the classifier
-# and upsampler trained with it (4.8); and what a run of minutes needs
-# (4.9). Chapter 5 (5.10) trains chapter 3's ablations with it.
+# paper's ImageNet 64 model trained for 540,000 steps of batch 2048, about
+# 1.1 billion images (its Table 11). This chapter trains a model first
+# (4.1), then builds what trained it: a run as one configuration, with the
+# paper's models as presets (4.2); what a step draws (4.3); the three
+# objectives (4.4); mixed precision (4.5); the average of the weights
+# (4.6); the loop (4.7); the classifier and upsampler (4.8); and a recipe
+# for runs of minutes (4.9).
 #
 # What makes a run safe to stop, resume and share (the checkpoint file,
 # whole-or-absent writes, the run folder's lock, `torchrun`, determinism)
-# lives in foundation modules beneath the book, which the
+# is the foundation's, beneath the book; the
 # [appendix on the engineering of runs](appendix_runs.html) explains and
-# checks. The longer runs' dated records are in the
+# checks it. Longer runs' records are in the
 # [appendix of measurements](appendix_measurements.html).
 
 # %% tags=["parameters"]
@@ -93,16 +91,12 @@ shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 #
 # A run is a configuration and a folder. `make_config` takes one of the
 # paper's models as a preset, here the MNIST one, with the changes we ask
-# for; `train` trains it and writes into the folder its checkpoints, its
-# log and, every few steps, a grid of samples. Both are this chapter's
-# code: the sections below build them, and `adm book export` has written
-# them into `adm_lib`, from where this first run imports them.
-#
-# The run is small: the parameters cell's few steps of a 32-channel
-# network on the book's 5,000 MNIST digits, with the recipe 4.9 finds for
-# runs of minutes (predict $x_0$ under $L_\text{simple}$, a short EMA).
-# `small` is the MNIST preset scaled down by the parameters cell; every
-# run of the chapter uses it.
+# for; `train` trains it, writing checkpoints, a log and, every few steps,
+# a grid of samples into the folder. `small` is the MNIST preset scaled
+# down by the parameters cell, with 4.9's recipe for runs of minutes
+# (predict $x_0$ under $L_\text{simple}$, a short EMA); every run of the
+# chapter uses it. The sections below build `make_config` and `train`,
+# which `adm book export` has written into `adm_lib`.
 
 # %%
 def small(kind: str, **fields: Any) -> TrainConfig:
@@ -131,32 +125,38 @@ print(f"trained in {time.perf_counter() - started:.0f} s: "
 # weights (4.6), a column per class, from the same noise every time.
 
 # %%
+def show_grids(paths: list[Path], last_height: float = 1) -> plt.Figure:
+    """The sample grids `paths`, one row each, titled by their step."""
+    fig, axes = plt.subplots(
+        len(paths), 1, squeeze=False,
+        figsize=(6, 0.75 * (len(paths) - 1 + last_height) + 0.5),
+        height_ratios=[1] * (len(paths) - 1) + [last_height])
+    for ax, path in zip(axes[:, 0], paths, strict=True):
+        ax.imshow(plt.imread(path), cmap="gray")
+        ax.set_title(f"{path.parts[-3]}, step {int(path.stem[5:])}",
+                     fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 grids = sorted((runs / "diffusion" / "samples").glob("step_*.png"))
-fig, axes = plt.subplots(len(grids), 1, squeeze=False,
-                         figsize=(6, 0.75 * len(grids) + 0.5))
-for ax, path in zip(axes[:, 0], grids, strict=True):
-    ax.imshow(plt.imread(path), cmap="gray")
-    ax.set_title(f"step {int(path.stem.split('_')[1])}", fontsize=8)
-    ax.axis("off")
-fig.tight_layout()
+show_grids(grids)
 plt.show()
 assert len(grids) == -(-train_steps // snapshot_every)
 
 # %% [markdown]
-# A few steps give noise: the outputs on this page come from the
-# parameters cell's smoke configuration. With the recorded run's (1,500
-# steps of batch 32, minutes on a 2-core CPU; appendix M.3) the same grids
-# become digits, one row every 250 steps; the last three rows are 4.8's
-# upsampler: its 8-pixel inputs, its samples and the real images:
+# A few steps give noise: this page's outputs come from the smoke
+# configuration. The recorded run (1,500 steps of batch 32, minutes on a
+# 2-core CPU; appendix M.3) makes digits. Its grids every 250 steps, then
+# 4.8's upsampler (its 8-pixel inputs, its samples, the real images):
 #
 # ![Samples of the recorded CPU run every 250 steps, and the
 # upsampler's](figures/04_cpu_run_samples.png)
 #
-# The backgrounds are black from the first grid on, and most classes are
-# recognisable by step 750, while this noise still gives an unclear 2, 3
-# and 5 at step 1,500. The rest of the chapter builds `make_config` and
-# `train`. One step of `train`, for a diffusion model, is this (the
-# section that builds each part in brackets):
+# The backgrounds are black from the first grid, and most classes are
+# recognisable by step 750. One step of `train`, for a diffusion model
+# (in brackets, the section that builds each part):
 
 # %% jupyter={"source_hidden": true}
 boxes = {  # name: (x, y, text), in axes units
@@ -212,16 +212,14 @@ assert set(drawn) == {name for pair in arrows for name in pair}
 # ## 4.2 A run is a configuration
 #
 # Everything that decides what a run computes lives in one dataclass,
-# `TrainConfig`: the data, the network, the diffusion, the optimiser, and
-# the run's bookkeeping. It is saved as `config.json` in the run folder and
-# inside every checkpoint, so a checkpoint rebuilds its network with no
-# flags retyped (`load_run`, 4.7). The network and diffusion fields keep
-# the reference's flag names (`num_channels`, `attention_resolutions`,
-# `learn_sigma`, ...), so the reference's README commands translate one to
-# one. The fields from `device` on only steer the run (how long, how often
-# to log and save, where and how to compute); they may change when a run
-# is resumed (`RUN_FIELDS`), and every other field must match its
-# checkpoint.
+# `TrainConfig`, saved as `config.json` in the run folder and in every
+# checkpoint, so a checkpoint rebuilds its network with no flags retyped
+# (`load_run`, 4.7). The network and diffusion fields keep the
+# reference's flag names (`num_channels`, `learn_sigma`, ...), so its
+# README's commands translate one to one. The fields from `device` on only
+# steer the run (how long, how often to log and save, where to compute);
+# they may change when a run is resumed (`RUN_FIELDS`), and every other
+# field must match its checkpoint's.
 
 # %%
 #| export config
@@ -341,18 +339,15 @@ RUN_FIELDS = frozenset({
 })
 
 # %% [markdown]
-# The paper's configurations are presets. Each of the paper's models takes
-# its architecture from the flags the reference released it with (a test
-# checks each preset against them) and its optimisation from the paper's
-# Tables 11 to 13: batch size, learning rate and iterations. The
-# classifiers also take the weight decay and learning-rate annealing of
-# the reference README's classifier command. `channel_mult` of `()` is
-# the reference's default for the image size, `CHANNEL_MULT`. The small
-# presets are ours, sized for one GPU (CIFAR-10) or a CPU (MNIST);
-# `cifar10` is the configuration of the reference's measured CIFAR-10 run
-# in `shared/baselines`. One difference from the reference remains: its
-# classifiers train on random crops of 80 to 100% of each image, ours on
-# the centre crop.
+# The paper's models are presets: each takes its architecture from the
+# flags the reference released it with (a test checks them) and its
+# optimisation from the paper's Tables 11 to 13; the classifiers also
+# take the weight decay and annealing of the reference's classifier
+# command. `channel_mult` of `()` is the reference's default for the
+# image size, `CHANNEL_MULT`. The small presets are ours: `cifar10` is the
+# reference's measured CIFAR-10 run (`shared/baselines`), `mnist` fits a
+# CPU. One difference remains: the reference's classifiers train on
+# random crops of 80 to 100% of each image, ours on the centre crop.
 
 # %%
 #| export config
@@ -452,15 +447,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # %% [markdown]
-# `make_config(kind, preset, overrides)` makes a configuration from a
-# preset: each override is checked by name (a typo gets the nearest
-# names) and converted to its field's type by `adm_lib.values.coerce`,
-# the converter `adm book run -p` uses too. `validate` then checks every
-# value, alone and together, and names the first that cannot work; it is
-# called by `make_config` and again by `train`, so no run fails after its
-# first step for want of a check (appendix R.1 shows the refusals). The
-# checks are the cells after it: each value alone, its type, the network's
-# sizes and the grids' respacing.
+# `make_config(kind, preset, overrides)` checks each override's name (a
+# typo gets the nearest names) and converts it to its field's type, as
+# `adm book run -p` does (the foundation's `adm_lib.values`). `validate`
+# then checks every value, alone and together, and names the first that
+# cannot work; `train` calls it again, so no run fails after its first
+# step for want of a check (appendix R.1 shows the refusals).
 
 # %%
 #| export config
@@ -800,19 +792,15 @@ assert counts["classifier", "imagenet128"] == "42.6M"
 # ## 4.3 What a step draws
 #
 # A step of the reference draws its batch from a shuffling data loader,
-# and its timesteps, noise and dropout masks from the global random
-# generator. The numbers a step sees then depend on everything that ran
-# before it, so a resumed run draws different numbers from the run it
-# continues, and a run on 8 GPUs different numbers from one on 4.
-#
-# We make every step's draws a function of `(seed, step)` alone. The
-# batch of step $s$ with global batch size $B$ is the slice
-# $[sB, (s+1)B)$ of an endless sequence of seeded shuffles of the data,
-# and with $W$ processes rank $r$ reads rows $[rB/W, (r+1)B/W)$ of it.
-# That reading is the foundation's (`adm_lib.data.rank_loader`, a PyTorch
-# `DataLoader` whose sampler is `RankBatches`); step 7's batch is the same
-# whether or not steps 0 to 6 were drawn first, and two ranks' shares
-# put together are the global batch:
+# and its timesteps, noise and dropout from the global generator, so a
+# resumed run, or one on another number of GPUs, draws other numbers
+# than the run it continues. Here every step's draws are a function of
+# `(seed, step)` alone. The batch of step $s$ is the slice $[sB, (s+1)B)$
+# of an endless sequence of seeded shuffles of the data (the foundation's
+# `BatchOrder`), and with $W$ processes rank $r$ reads rows
+# $[rB/W, (r+1)B/W)$ of it (`RankBatches`): step 7's batch is the same
+# whether or not steps 0 to 6 were drawn, and two ranks' shares make the
+# global batch:
 
 # %%
 from adm_lib.data import BatchOrder, RankBatches
@@ -832,25 +820,23 @@ assert order(7).tolist() == fresh(7).tolist() == halves[0] + halves[1]
 noise and flips; and the data a run opens."""
 from dataclasses import dataclass, fields, replace
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from adm_lib.config import TrainConfig
-from adm_lib.data import DataError, ImageDataset, load_dataset
+from adm_lib.data import DataError, ImageDataset, count_classes, load_dataset
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
-from adm_lib.seeds import step_seed
+from adm_lib.seeds import row_noise, step_seed
 
 # %% [markdown]
-# The rest of each step's randomness comes from generators seeded by
-# `(seed, step)`. The few numbers per image (timesteps, flips, the
-# classifier's noise-free picks, the labels dropped for classifier-free
-# guidance) are drawn for the whole global batch. The noise is drawn row
-# by row, row $i$ from its own generator seeded by `(seed, step, i)`, so
-# that a rank draws only its own rows and gets what one process would
-# (appendix R.6 checks it). Only dropout uses PyTorch's global generator;
-# its state goes into every checkpoint.
+# The rest comes from generators seeded by `(seed, step)`: the few
+# numbers per image (timesteps, flips, the classifier's noise-free picks,
+# the labels dropped for classifier-free guidance) for the whole global
+# batch, and the noise row by row, row $i$ from `(seed, step, i)`
+# (`adm_lib.seeds.row_noise`), so that a rank draws only its own rows
+# (appendix R.6). Only dropout uses PyTorch's global generator, whose
+# state every checkpoint keeps.
 
 # %%
 #| export batches
@@ -871,16 +857,6 @@ class StepDraws:
         """The draws of some of these rows."""
         return StepDraws(*(getattr(self, f.name)[rows]
                            for f in fields(self)))
-
-
-def row_noise(words: tuple[int, ...], rows: range, shape: tuple[int, ...],
-              device: torch.device) -> Tensor:
-    """Standard normal noise of `shape` per row, row i seeded by words + i."""
-    g = torch.Generator(device)
-    return torch.stack([
-        torch.randn(shape, generator=g.manual_seed(step_seed(*words, i)),
-                    device=device)
-        for i in rows])
 
 
 def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
@@ -922,10 +898,10 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
 
 # %% [markdown]
 # The data come from `adm_lib.data.load_dataset` at the configured size;
-# `in_channels` and `num_classes` of 0 are filled in from the data, so the
-# saved configuration is complete, and values that are set must fit the
-# data. A classifier holds out images to measure its accuracy on;
-# diffusion models and upsamplers train on all of them.
+# `in_channels` and `num_classes` of 0 are taken from the data (where
+# `count_classes` refuses a label far above the others, likely a typo),
+# so the saved configuration is complete. A classifier holds out images
+# to measure its accuracy on; the other kinds train on all of them.
 
 # %%
 #| export batches
@@ -951,37 +927,24 @@ def open_data(config: TrainConfig, source: str | None = None
 
 def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     """`config` with in_channels and num_classes taken from the data."""
-    channels = config.in_channels or data.channels
-    labelled = config.kind == "classifier" or config.class_cond
-    classes = config.num_classes or data.num_classes
-    if labelled and data.labels is None:
-        raise TrainError(
-            f"{data.source} has no labels, and a "
-            + ("classifier needs them" if config.kind == "classifier"
-               else "class-conditional model needs them: set "
-               "class_cond=false for an unconditional one"))
-    if labelled and data.num_classes > classes:
-        raise TrainError(f"{data.source} has {data.num_classes} classes but "
-                         f"num_classes={config.num_classes}")
-    if labelled and not config.num_classes:
-        # Labels far above the count of distinct ones are likely a typo,
-        # and a model of that many classes costs gigabytes.
-        distinct = len(np.unique(data.labels))
-        if classes > 100_000 or classes > 2 * distinct + 16:
-            top = int(np.argmax(data.labels))
+    classes = config.num_classes
+    if config.kind == "classifier" or config.class_cond:
+        if data.labels is None:
             raise TrainError(
-                f"{data.name(top)} has label {classes - 1}, but "
-                f"{data.source} has {distinct} distinct labels: that makes "
-                f"a {classes}-class model; if that is meant, set "
-                f"num_classes={classes}")
-    if labelled and config.kind == "classifier" and classes < 2:
-        raise TrainError(f"{data.source} has one class: nothing to classify")
+                f"{data.source} has no labels, and a "
+                + ("classifier needs them" if config.kind == "classifier"
+                   else "class-conditional model needs them: set "
+                   "class_cond=false for an unconditional one"))
+        classes = count_classes(data, config.num_classes)
+        if config.kind == "classifier" and classes < 2:
+            raise TrainError(f"{data.source} has one class: nothing to "
+                             "classify")
     if config.kind == "upsampler" and config.num_samples > len(data):
         raise TrainError(f"num_samples={config.num_samples}: the grids "
                          f"upsample that many of {data.source}'s "
                          f"{len(data)} images")
-    return replace(config, in_channels=channels,
-                   num_classes=classes if labelled else config.num_classes)
+    return replace(config, in_channels=config.in_channels or data.channels,
+                   num_classes=classes)
 
 # %%
 #| export batches
@@ -1015,24 +978,21 @@ def split_data(config: TrainConfig, data: ImageDataset
 #
 # * a **diffusion model** minimises chapter 2's `training_losses`: the
 #   hybrid $L_\text{simple} + \lambda L_\text{vlb}$ when it learns its
-#   variance, else $L_\text{simple}$;
-# * an **upsampler** (chapter 7) minimises the same loss, with the
-#   low-resolution image as an extra input, made from the batch itself by
-#   area down-sampling, as the reference does;
+#   variance, else $L_\text{simple}$. With `label_dropout` $> 0$ that
+#   share of its labels becomes an extra "null" label, `num_classes`, so
+#   it also learns the unconditional model that classifier-free guidance
+#   needs (chapter 6);
+# * an **upsampler** (chapter 7) minimises the same loss, given the
+#   batch's images area-down-sampled, as the reference makes them;
 # * a **noisy classifier** (chapter 6) minimises the cross-entropy of the
-#   label given $x_t$ = `q_sample`$(x_0, t)$ at a random $t$, because
-#   guidance needs $\nabla_{x_t} \log p(y \mid x_t)$ at every noise level.
-#   `clean_fraction` shows a share of the images noise-free (at $t = 0$),
-#   and `noised=false` all of them, which is the plain classifier.
+#   label given $x_t$ at a random $t$, because guidance needs
+#   $\nabla_{x_t} \log p(y \mid x_t)$ at every noise level.
+#   `clean_fraction` shows a share of the images noise-free, and
+#   `noised=false` all of them: the plain classifier.
 #
-# A class-conditional model trained with `label_dropout` $> 0$ sees that
-# share of its labels replaced by an extra "null" label, number
-# `num_classes`; it learns the unconditional model alongside, which
-# classifier-free guidance (chapter 6) needs.
-#
-# Each returns per-image terms; the loop weights them by the timestep
-# sampler's importance weights (all ones for the uniform sampler) and
-# logs every term, as the reference does, overall and by quartile of $t$.
+# The loop weights the per-image terms by the timestep sampler's
+# importance weights (all ones for the uniform sampler) and logs each,
+# overall and by quartile of $t$, as the reference does.
 
 # %%
 #| export objectives
@@ -1117,22 +1077,19 @@ assert torch.isinf(torch.tensor(1e5).half())
 assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 
 # %% [markdown]
-# This book computes in 16 bits with PyTorch's autocast, which keeps the
-# weights, AdamW and the diffusion arithmetic in float32 and runs the
-# convolutions and matrix products in 16 bits; the network's output is
-# cast back to float32 before the loss sees it, because the bound's
-# log-likelihood terms lose too much in 16 bits. `precision="fp16"` adds
-# PyTorch's loss scaler (`torch.amp.GradScaler`: the same rule, starting
-# at $2^{16}$ and doubling after 2,000 steps without an overflow),
-# `"bf16"` needs none, and `"auto"`, the default, is bf16 where the device
-# computes in it natively (GPUs since Ampere, CPUs with AVX-512-BF16 or
-# AMX) and float32 elsewhere: emulated bf16 is several times slower than
-# float32. Speed is not the reason to prefer bf16 to fp16: Ampere and
-# Hopper tensor cores run both at the same peak rate.
-# The range is: no scale to tune, and no step lost to an overflow. The
-# two functions, `resolve_precision` and `autocast_model`, are the
-# foundation's (`adm_lib.devices`, appendix R.7), shared with the samplers
-# of chapter 6.
+# This book computes in 16 bits with PyTorch's autocast: the weights,
+# AdamW and the diffusion arithmetic stay in float32, the convolutions and
+# matrix products run in 16 bits, and the network's output returns to
+# float32 before the loss, whose log-likelihood terms lose too much in 16
+# bits. `precision="fp16"` adds PyTorch's loss scaler (the same rule, from
+# $2^{16}$, doubling after 2,000 steps without an overflow), `"bf16"`
+# needs none, and `"auto"`, the default, is bf16 where the device computes
+# in it natively (GPUs since Ampere, CPUs with AVX-512-BF16 or AMX) and
+# float32 elsewhere: emulated bf16 is several times slower. Ampere and
+# Hopper tensor cores run fp16 and bf16 at the same peak, so bf16's gain
+# is its range: no scale to tune, no step lost to an overflow. The two
+# functions, `resolve_precision` and `autocast_model`, are the
+# foundation's (`adm_lib.devices`, appendix R.7).
 
 # %% [markdown]
 # The training loop's module starts here; its imports list every piece
@@ -1214,35 +1171,17 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 # %% [markdown]
-# Does bf16 change what a run learns? Trained twice from the same seed,
-# once in float32 and once under bf16 autocast, the demo's model (4.9)
-# sees the same batches, timesteps and noise in both runs, so their
-# per-step losses come in pairs, and the gap's standard error is that of
-# the mean per-step difference, from which the batch-to-batch spread of
-# the loss cancels. Comparing the runs' window means as if they were
-# independent counts that spread, 20 to 140 times larger here, and would
-# pass a real gap: shared batches make the unpaired test looser, not
-# stricter. At batch 4, bf16 emulated
-# (`python scripts/precision_curves.py --steps 400 --batch 4`; 2-core AMD
-# EPYC CPU, no GPU, 2026-12-07, one seed):
-#
-# | steps | float32 | bf16 | gap $\pm$ paired s.e. | unpaired s.e. |
-# | --- | --- | --- | --- | --- |
-# | 1-100 | 0.1602 | 0.1600 | $-0.00022 \pm 0.00017$ | 0.0231 |
-# | 101-200 | 0.0876 | 0.0881 | $+0.00051 \pm 0.00016$ | 0.0054 |
-# | 201-300 | 0.0855 | 0.0850 | $-0.00046 \pm 0.00024$ | 0.0050 |
-# | 301-400 | 0.0731 | 0.0726 | $-0.00051 \pm 0.00026$ | 0.0050 |
-#
-# The paired test sees bf16's rounding (steps 101 to 200: 3.1 standard
-# errors), but every gap is under 0.7% of the loss and the signs differ:
-# bf16 is not worse in a consistent direction. The longer records,
-# 1,000 steps at batch 4 and, with native bf16, at the demo's 32, are in
-# appendix M.2.
-#
-# The rest of the fast path on a GPU (TF32 for the products left in
-# float32, cuDNN's autotuner, the channels_last layout) and GPU runs that
-# repeat themselves bit for bit (`deterministic=true`) are the
-# foundation's too: appendix R.4 and R.7.
+# Does bf16 change what a run learns? Two runs of the demo's model (4.9)
+# from one seed, in float32 and under bf16 autocast, see the same batches,
+# timesteps and noise, so their per-step losses pair up, and the gap's
+# standard error is that of the mean per-step difference, from which the
+# batch-to-batch spread of the loss cancels. Over 400 steps at batch 4
+# this paired test does see bf16's rounding (one window of 100 steps is
+# 3.1 standard errors off), but every window's gap is under 0.7% of the
+# loss, and of either sign: bf16 is not worse in a consistent direction
+# (appendix M.2 has the table, and 1,000 steps emulated and native). The
+# rest of the fast path on a GPU (TF32, cuDNN's autotuner, channels_last)
+# and bit-exact GPU runs are the foundation's: appendix R.4 and R.7.
 
 # %% [markdown]
 # ## 4.6 The exponential moving average
@@ -1330,8 +1269,7 @@ def config_mismatch(saved: Mapping[str, Any],
             for k, v in asdict(config).items()
             if k not in RUN_FIELDS and before[k] != v]
 
-# %%
-#| export
+
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the config: all a run needs to go on."""
@@ -1472,6 +1410,11 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     state.optimizer.zero_grad(set_to_none=True)
     return loss_ok, norm
 
+# %% [markdown]
+# One step, `train_step`, is what `adm train` repeats and what `adm bench`
+# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
+# on the device. It returns a `StepResult`, still on the device.
+
 # %%
 #| export
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -1480,13 +1423,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         return config.lr
     return config.lr * max(0.0, 1 - step / config.lr_anneal_steps)
 
-# %% [markdown]
-# One step, `train_step`, is what `adm train` repeats and what `adm bench`
-# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
-# on the device. It returns a `StepResult`, still on the device.
 
-# %%
-#| export
 def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
                model: nn.Module, state: TrainState, pixels: Tensor,
                y: Tensor, rows: slice, ranks: Ranks) -> StepResult:
@@ -1547,9 +1484,9 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 # %% [markdown]
-# (The records are read back by the foundation's `read_metrics`, whatever
-# a kill left; appendix R.2.) The grids and the classifier's evaluation
-# use the same noise at every call:
+# The grids and the classifier's evaluation use the same noise at every
+# call. (The records are read back by the foundation's `read_metrics`,
+# whatever a kill left; appendix R.2.)
 
 # %%
 #| export runlog
@@ -1619,19 +1556,14 @@ def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
 
 # %% [markdown]
 # `train` puts the pieces together. What keeps a run safe to stop, resume
-# and share is the foundation's, explained and checked in the
-# [appendix on the engineering of runs](appendix_runs.html): the run
-# folder's lock and checks (`prepare_run`, R.3 to R.5), checkpoints
-# written by rank 0 with every rank's random state (`save_run`, R.2, R.4),
-# the ranks under `torchrun` (R.6), and reading the steps' results from the
-# device only now and then (`gather_steps`, R.7).
-#
-# Two optional hooks serve what lies outside this chapter. `init` loads
-# the first weights of a fine-tuned run into its fresh model and EMAs
-# before the folder is touched (another run's or a released file's:
-# `adm_lib.finetune`); a `Watch` looks at the EMA every `interval` steps
-# and at the end (FID while training, with chapter 5's metrics:
-# `adm_lib.evaluation`).
+# and share is the foundation's ([appendix R](appendix_runs.html)): the
+# run folder's lock and checks (`prepare_run`), checkpoints with every
+# rank's random state (`save_run`), the ranks under `torchrun`, and
+# reading the steps' results from the device only now and then
+# (`gather_steps`). Two optional hooks serve later chapters: `init` loads
+# a fine-tuned run's first weights into its fresh model and EMAs
+# (`adm_lib.finetune`), and a `Watch` looks at the EMA every `interval`
+# steps and at the end (FID while training: `adm_lib.evaluation`).
 
 # %%
 #| export
@@ -1857,7 +1789,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adm_lib.checkpoints import latest_checkpoint, read_checkpoint
+from adm_lib.checkpoints import read_weights
 from adm_lib.config import (
     TrainConfig,
     build_diffusion,
@@ -1931,27 +1863,14 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
     `weights` is "ema" (the first EMA rate), an EMA rate such as "0.9999",
     or "model" for the raw weights.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise TrainError(f"{path} holds no checkpoint")
-        path, state = found
-    else:
-        state = read_checkpoint(path)
+    path, state, chosen = read_weights(path, weights)
     try:
         config = config_from_dict(state["config"])
     except TrainError as err:
         raise TrainError(f"{path}: its config does not fit this adm_lib "
                          f"({err})") from None
-    rates = list(state["ema"])
-    choices = {"ema": state["ema"][rates[0]], "model": state["model"],
-               **state["ema"]}
-    if weights not in choices:
-        raise TrainError(f"weights={weights!r}: {path} has "
-                         f"{', '.join(choices)}")
     model = build_model(config)
-    model.load_state_dict(choices[weights])
+    model.load_state_dict(chosen)
     model.to(device).eval().requires_grad_(False)
     return TrainedModel(model, build_diffusion(config), config, path,
                         state["step"], weights)
@@ -1959,12 +1878,12 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
 # %% [markdown]
 # ## 4.8 Three models
 #
-# The diffusion model of 4.1 has two companions: a noisy classifier, which
-# chapter 6 guides it with, and an 8 to 32 pixel upsampler, chapter 7's
-# second stage. Both are runs of the same loop. The upsampler takes 4.1's
-# recipe too (the parameters cell's `settings`; `-p settings "{}"` gives
-# the preset's: $\epsilon$, learned variances), the classifier its preset's,
-# with its learning rate annealed to zero.
+# The diffusion model of 4.1 has two companions, runs of the same loop: a
+# noisy classifier, which chapter 6 guides it with, and an 8 to 32 pixel
+# upsampler, chapter 7's second stage. The upsampler takes 4.1's recipe
+# too (`-p settings "{}"` gives the preset's: $\epsilon$, learned
+# variances), the classifier its preset's, its learning rate annealed to
+# zero. `load_run` rebuilds each from its newest checkpoint alone.
 
 # %%
 started = time.perf_counter()
@@ -1974,6 +1893,12 @@ train(small("classifier", steps=classifier_steps,
 train(small("upsampler", steps=train_steps, **snapshots, **settings),
       runs / "upsampler")
 print(f"two runs: {time.perf_counter() - started:.0f} s")
+for kind in KINDS:
+    loaded = load_run(runs / kind)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{kind:<11} {type(loaded.model).__name__:<16} step "
+          f"{loaded.step:>5}  {params / 1e6:.2f}M parameters")
+    assert loaded.step == loaded.config.steps
 metrics = {kind: read_metrics(runs / kind) for kind in KINDS}
 assert all(metrics.values())
 
@@ -2017,38 +1942,16 @@ assert all(0 <= r["ema_val_acc@5"] <= 1 for r in evaluations)
 
 # %% [markdown]
 # The upsampler's last grid: its 8-pixel inputs, its samples, and the
-# real images (with `figures_dir` set, the diffusion model's grids of 4.1
-# above it, as in the recorded figure of 4.1):
+# real images (with `figures_dir` set, under 4.1's grids, as in the
+# recorded figure of 4.1):
 
 # %%
 up = sorted((runs / "upsampler" / "samples").glob("step_*.png"))[-1]
-shown = [*grids, up] if figures_dir else [up]
-fig, axes = plt.subplots(len(shown), 1, squeeze=False,
-                         figsize=(6, 0.75 * len(shown) + 1.5),
-                         height_ratios=[1] * (len(shown) - 1) + [3])
-for ax, path in zip(axes[:, 0], shown, strict=True):
-    ax.imshow(plt.imread(path), cmap="gray")
-    step = int(path.stem.split("_")[1])
-    ax.set_title(f"upsampler, step {step}" if path == up
-                 else f"step {step}", fontsize=8)
-    ax.axis("off")
-fig.tight_layout()
+fig = show_grids([*grids, up] if figures_dir else [up], last_height=3)
 if figures_dir:
     fig.savefig(Path(figures_dir) / "04_cpu_run_samples.png", dpi=120)
 plt.show()
 assert up.exists()
-
-# %% [markdown]
-# And the rebuilt networks. `load_run` reads each run's newest checkpoint
-# and needs nothing else:
-
-# %%
-for kind in KINDS:
-    loaded = load_run(runs / kind)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    print(f"{kind:<11} {type(loaded.model).__name__:<16} step "
-          f"{loaded.step:>5}  {params / 1e6:.2f}M parameters")
-    assert loaded.step == loaded.config.steps
 
 # %% [markdown]
 # At the recorded run's length (appendix M.3: 1,500 steps of batch 32 for
@@ -2068,70 +1971,44 @@ for kind in KINDS:
 # ## 4.9 A recipe for minutes
 #
 # The paper's recipe (predict $\epsilon$, learn the variances with
-# $L_\text{hybrid}$, an EMA at 0.9999) is made for hundreds of thousands of
-# steps. `adm demo` has a few hundred on a CPU, and with that recipe its
-# digits sat on grey backgrounds and were mostly not of the class asked
-# for. So recipes were measured as the demo uses them: MNIST-5k, batch 32,
-# learning rate $10^{-3}$, one training seed, each checkpoint sampled 20
-# times per digit ($n = 200$) and scored with chapter 5's MNIST network:
-# the share in the class asked for ("accuracy", standard error
-# $\sqrt{p(1-p)/200}$, 2 to 3.5 points) and FID in its features. The
-# study in full, with its commands, machines and days, is appendix M.5;
-# M.8 recomputes the gaps below.
+# $L_\text{hybrid}$, an EMA at 0.9999) is made for hundreds of thousands
+# of steps; with a few hundred, `adm demo`'s digits sat on grey
+# backgrounds and were mostly not of the class asked for. So recipes were
+# measured as the demo uses them: MNIST-5k, batch 32, learning rate
+# $10^{-3}$, one training seed, each checkpoint sampled 20 times per digit
+# ($n = 200$) and scored by chapter 5's MNIST network: the share in the
+# class asked for, with its standard error of 2 to 3.5 points. The study
+# is appendix M.5; M.8 recomputes the gaps quoted here.
 #
-# * **Predict $x_0$ and drop the variance term.** At 400 steps the paper's
-#   recipe put 16.0% of its samples in the class asked for, on grey
-#   backgrounds (a mean pixel of 99, against the data's 25.6); predicting
-#   $x_0$ with learned variances turned the backgrounds black but kept
-#   15.0%; predicting $x_0$ with fixed variances, so that the loss is
-#   $L_\text{simple}$ alone, gave 76.5%, $61.5 \pm 3.9$ points above it.
-#   With learned variances the $L_\text{vlb}$ term was the larger early on,
-#   and the same network fitted $L_\text{simple}$ worse with it (0.080 at
-#   step 400 against 0.058). There is no arm that predicts $\epsilon$
-#   under $L_\text{simple}$, so the study shows that dropping the variance
-#   term matters for a model predicting $x_0$, and says nothing of the
-#   target alone.
-# * **The EMA rate** is not settled: at 800 steps the EMA at 0.95 was
-#   $4.5 \pm 3.1$ points above the raw weights, and 0.999 was
-#   $2.5 \pm 3.2$, both under two standard errors. The demo takes 0.95,
-#   which with 4.6's warm-up averages about the last twenty steps.
-# * **The learning rate** is not settled either: $2 \times 10^{-3}$ was
-#   $5.0 \pm 3.6$ points behind $10^{-3}$ at 800 steps, 1.4 standard
-#   errors; the demo keeps $10^{-3}$.
-# * **DDIM's first guided step.** Guided at scale 1 by a noisy classifier,
-#   25 DDIM steps put 48.5% in class and 25 ancestral steps 95.0%,
-#   $46.5 \pm 3.9$ points apart. DDIM's guided step (chapter 6.1) changes
-#   $\hat x_0$ by $(1 - \bar\alpha_t) g / \sqrt{\bar\alpha_t}$ for the
-#   classifier's gradient $g$, and its first step is $t = T$, the cosine
-#   schedule's last, whose $\beta_T$ is clipped at 0.999: so
-#   $\bar\alpha_T = 0.001\,\bar\alpha_{T-1} = 2.4 \times 10^{-9}$, and the
-#   next $x$ moves by $1{,}326\,g$, against $0.97\,g$ at the step after.
-#   The ancestral step's shift is bounded by the step's variance. Chapter
-#   6.1 shows what guarding that one step does.
-# * **A leaner network.** Resampling with one convolution rather than
-#   BigGAN's residual blocks, and 32 channels at $16 \times 16$, learned
-#   as much per step (at 400 steps, $3.5 \pm 3.1$ points ahead; within
-#   about a standard error at every checkpoint) in 0.60 of the preset's
-#   time a step in float32, 0.65 in bf16.
+# * **Predict $x_0$ under $L_\text{simple}$.** At 400 steps the paper's
+#   recipe put 16.0% of its samples in the class asked for, predicting
+#   $x_0$ with learned variances 15.0%, and predicting $x_0$ with fixed
+#   variances 76.5%, $61.5 \pm 3.9$ points above. Early on the
+#   $L_\text{vlb}$ term was the larger, and the network fitted
+#   $L_\text{simple}$ worse with it. No arm predicted $\epsilon$ under
+#   $L_\text{simple}$, so this says nothing of the target alone.
+# * **Not settled:** the EMA at 0.95 ($4.5 \pm 3.1$ points above the raw
+#   weights at 800 steps; 0.999: $2.5 \pm 3.2$) and the learning rate
+#   ($2 \times 10^{-3}$: $5.0 \pm 3.6$ points behind). The demo keeps
+#   0.95, which with 4.6's warm-up averages about the last twenty steps,
+#   and $10^{-3}$.
+# * **Guide ancestrally.** Guided at scale 1 by a noisy classifier, 25
+#   DDIM steps put 48.5% in class and 25 ancestral steps 95.0%
+#   ($46.5 \pm 3.9$ points). DDIM's first step, at the cosine schedule's
+#   clipped $\beta_T$, moves $x$ by $1{,}326\,g$ for the classifier's
+#   gradient $g$, against $0.97\,g$ at the next (chapter 6.1).
+# * **A leaner network** (one-convolution resampling rather than BigGAN's
+#   residual blocks, 32 channels at $16 \times 16$) learned as much per
+#   step ($3.5 \pm 3.1$ points ahead at 400 steps) in 0.60 of the
+#   preset's time a step.
 #
-# FID at $n = 200$ is read with its floor: 200 real digits against the
-# 5,000 score 0.72, with a standard deviation of 0.27 over ten disjoint
-# sets of 200 (and 1.40 $\pm$ 0.50 against another 200), in the same
-# network's features (`scripts/fid_floor.py`; 2-core AMD EPYC CPU, no
-# GPU, 2026-12-07). The study's FIDs carry no error bars, so no
-# conclusion above rests on them; the demo's last ones, 1.3 to 1.5, are
-# within about three such deviations of real data.
-#
-# The demo's recipe takes these choices together ($x_0$ under
-# $L_\text{simple}$, EMA 0.95, $10^{-3}$, ancestral guidance, the lean
-# network), with a classifier of 400 steps of batch 32 and 10 ancestral
-# steps. On a CPU with native bf16
-# its model trains 800 steps: four training seeds then put $95.0\%$ of
-# their guided digits in class, the seeds' means $\pm 0.8$ points apart
-# (standard deviation), less than one demo's own $\pm 1.5$ for its 200
-# digits. bf16 learned what float32 learned (at 400 steps, $2.0 \pm 1.8$
-# points apart), three times faster a step, so a CPU without native bf16
-# trains 350 steps, about five minutes.
+# With these together and a 400-step classifier, a CPU with native bf16
+# trains the demo's model 800 steps: four training seeds then put 95.0%
+# of their guided digits in class, the seeds' means $\pm 0.8$ points
+# apart, less than one demo's own $\pm 1.5$. bf16 learned what float32
+# did (at 400 steps, $2.0 \pm 1.8$ points apart) three times faster a
+# step, so a CPU without it trains 350 steps, about five minutes. No
+# conclusion rests on FID, which at $n = 200$ has a floor (appendix M.5).
 #
 # ![The demo's guided accuracy and FID against training minutes, in
 # bf16](figures/04_demo_curve_bf16.png)
@@ -2140,28 +2017,23 @@ for kind in KINDS:
 # ## Summary
 #
 # * A run is one `TrainConfig` and a folder; the paper's models are
-#   presets whose networks are the reference's released flags and whose
-#   optimisation is the paper's Tables 11 to 13. `train` trains one, and
-#   `load_run` gives back its network.
-# * Every step's batch, timesteps, noise and flips are a function of
-#   `(seed, step)`, so a resumed run, or one split over processes, draws
-#   what the uninterrupted one does.
+#   presets, with the reference's released flags and the optimisation of
+#   the paper's Tables 11 to 13. `train` trains one, `load_run` gives back
+#   its network.
+# * Every step's draws are a function of `(seed, step)`, so a resumed run,
+#   or one split over processes, draws what the uninterrupted one does.
 # * The three kinds of model differ only in their per-image loss.
-# * The paper trained in fp16 with loss scaling; autocast in bf16 needs no
-#   scale, its losses stay within 0.7% of float32's (a paired test), and
-#   it is the default where the device computes in it natively. The
-#   diffusion arithmetic stays in float32.
-# * An EMA without warm-up keeps $r^n$ of the random initialisation; the
-#   warm-up $\min(r, \frac{1+n}{10+n})$ makes short runs' averages usable.
-# * For a run of minutes, predicting $x_0$ under $L_\text{simple}$ learns
-#   digits and their classes where the paper's recipe leaves grey
-#   backgrounds. Guided DDIM on the cosine schedule needs its first step
-#   guarded, where the clipped $\beta_T$ makes $\bar\alpha_T$ tiny.
+# * The paper trained in fp16 with loss scaling; bf16 autocast needs no
+#   scale, keeps the losses within 0.7% of float32's, and is the default
+#   where the device computes in it natively.
+# * The EMA's warm-up $\min(r, \frac{1+n}{10+n})$ makes short runs'
+#   averages usable, where $r^n$ of the initialisation would remain.
+# * For runs of minutes, predict $x_0$ under $L_\text{simple}$ and guide
+#   ancestrally.
 #
-# Chapter 5 trains chapter 3's ablations with this loop and measures them.
-# Chapter 6 uses it to train a class-conditional model and a noisy
-# classifier, and guides the one with the other. The appendix on the
-# engineering of runs checks what makes runs safe to stop and share.
+# Chapter 5 trains chapter 3's ablations with this loop and measures them;
+# chapter 6 guides a class-conditional model with a noisy classifier it
+# trains.
 
 # %% [markdown]
 # ## Exercises

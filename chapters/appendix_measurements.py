@@ -203,6 +203,27 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 #
 # Every gap is under 0.15 of those standard errors, and under 0.6% of
 # the loss: with native bf16, too, the two runs learn the same.
+#
+# The paired test that chapter 4.5 quotes: the same two runs' per-step
+# losses are paired (same batches, timesteps and noise), so the gap's
+# standard error is that of the mean per-step difference, from which the
+# batch-to-batch spread cancels; the unpaired one, counting that spread,
+# is 20 to 140 times larger. At batch 4, bf16 emulated, on the AVX2 EPYC
+# (2-core AMD EPYC CPU, no GPU), 2026-12-07, one seed:
+#
+# ```sh
+# python scripts/precision_curves.py --steps 400 --batch 4
+# ```
+#
+# | steps | float32 | bf16 | gap $\pm$ paired s.e. | unpaired s.e. |
+# | --- | --- | --- | --- | --- |
+# | 1-100 | 0.1602 | 0.1600 | $-0.00022 \pm 0.00017$ | 0.0231 |
+# | 101-200 | 0.0876 | 0.0881 | $+0.00051 \pm 0.00016$ | 0.0054 |
+# | 201-300 | 0.0855 | 0.0850 | $-0.00046 \pm 0.00024$ | 0.0050 |
+# | 301-400 | 0.0731 | 0.0726 | $-0.00051 \pm 0.00026$ | 0.0050 |
+#
+# The paired test sees the rounding (steps 101 to 200: 3.1 standard
+# errors), but every gap is under 0.7% of the loss and the signs differ.
 
 # %% [markdown]
 # ## M.3 Chapter 4: the longer run
@@ -728,6 +749,14 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 # on the AVX2 EPYC above, where 800 steps would take past seven minutes.
 # There the demo's default is 350 steps (`adm_lib.demo.default_steps`),
 # the first checkpoint of the float32 curve past 85%, near five minutes.
+#
+# FID at $n = 200$ is read with its floor: 200 real digits against the
+# 5,000 score 0.72, with a standard deviation of 0.27 over ten disjoint
+# sets of 200 (and 1.40 $\pm$ 0.50 against another 200), in the same
+# network's features (`python scripts/fid_floor.py --n 200 --sets 10`;
+# 2-core AMD EPYC CPU, no GPU, 2026-12-07). The study's FIDs carry no
+# error bars, so chapter 4.9 rests no conclusion on them; the demo's last
+# ones, 1.3 to 1.5, are within about three such deviations of real data.
 
 # %% [markdown]
 # ## M.6 Chapters 5, 6 and 7: machines and times

@@ -97,25 +97,6 @@ def test_a_rank_draws_only_its_rows_as_the_whole_batch_draws_them(
                                    rtol=0, atol=0)
 
 
-def test_row_noise_is_independent_standard_normal_noise():
-    """Rows seeded by consecutive words share nothing: the mean squared
-    correlation of two rows of d numbers is 1/(d-1) for independent noise
-    (one degree of freedom goes to each row's mean)."""
-    rows, d = 400, 64
-    noise = bt.row_noise((0, 3, 0, 7), range(rows), (d,), CPU).double()
-    n = noise.numel()
-    assert abs(noise.mean()) < 5 / n**0.5
-    assert abs(noise.var() - 1) < 5 * (2 / n) ** 0.5
-    r = torch.corrcoef(noise)[~torch.eye(rows, dtype=torch.bool)]
-    # r^2 of independent rows: mean 1/(d-1), variance about 2/d^2.
-    pairs = rows * (rows - 1) / 2
-    assert abs(r.pow(2).mean() - 1 / (d - 1)) < 5 * (2 / d**2 / pairs) ** 0.5
-    other = bt.row_noise((0, 3, 0, 8), range(rows), (d,), CPU).double()
-    across = torch.corrcoef(torch.cat([noise, other]))[:rows, rows:]
-    assert (abs(across.pow(2).mean() - 1 / (d - 1))
-            < 5 * (2 / d**2 / rows**2) ** 0.5)
-
-
 # Label dropout: the training side of classifier-free guidance (chapter 4).
 def test_label_dropout_adds_a_null_label_and_drops_that_share() -> None:
     config = cf.make_config("diffusion", "mnist", {

@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from adm_lib.data import MAX_CLASSES, DataError, ImageDataset, load_dataset
+from adm_lib.data import (
+    MAX_CLASSES,
+    DataError,
+    ImageDataset,
+    count_classes,
+    load_dataset,
+)
+from adm_lib.errors import TrainError
 
 from .reference import EPS32
 
@@ -504,3 +511,16 @@ def test_a_rank_loader_reads_its_rows_as_uint8_from_its_step() -> None:
     assert sampler.rows == slice(4, 8) and pixels.dtype == torch.uint8
     assert torch.equal(pixels, torch.stack([data.pixels(i)[0] for i in rows]))
     assert labels.tolist() == [data.pixels(i)[1] for i in rows]
+
+
+def test_count_classes_takes_the_datas_or_a_larger_setting_and_refuses_less(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "four.npz"
+    np.savez(path, np.zeros((8, 8, 8), np.uint8), np.arange(8) % 4)
+    data = load_dataset(path)
+    assert count_classes(data) == 4
+    assert count_classes(data, 10) == 10  # more than it shows: a subset
+    with pytest.raises(TrainError, match=re.escape(
+            f"{path} has 4 classes but num_classes=3")):
+        count_classes(data, 3)
