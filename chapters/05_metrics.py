@@ -1369,8 +1369,8 @@ keep(rows_figure(sample_rows, "ancestral samples, seed 0 (row: arm, "
 assert all(len(batch) == shown for batch in sample_rows.values())
 
 # %% [markdown]
-# **A recorded run.** On a 2-core AMD EPYC CPU (AVX2, float32, no GPU),
-# shared with other jobs, on 2026-12-07:
+# **A recorded run**, on a 2-core CPU in float32 (its machine, day and
+# times: [appendix M.6](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 5 -p variance_steps 350 -p variance_held_out 500 \
@@ -1384,10 +1384,8 @@ assert all(len(batch) == shown for batch in sample_rows.values())
 # learned variance's channel, 878,145 without), trained 350 steps of
 # batch 32 on 4,500 of MNIST-5k's digits (the demo's float32 budget).
 # The learned model came from an earlier run of the same settings
-# without `reuse_runs` (977 s of training, under heavier load; that
-# version of the section had no fixed model). The recorded run loaded it,
-# trained the fixed model (371 s) and drew 4 arms x 2 step counts x 3
-# seeds x 150 samples (248 s); the chapter took 12.7 minutes in all.
+# without `reuse_runs`; the recorded run loaded it, trained the fixed
+# model and drew 4 arms x 2 step counts x 3 seeds x 150 samples.
 #
 # ![The learned v over t; the 5-step variances](figures/05_learned_v.png)
 #

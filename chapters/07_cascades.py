@@ -849,10 +849,11 @@ if figures_dir:
 # (every class in turn), all drawn with seed 0, against 1,500 real images
 # (their machine, days and times: [appendix M.6](appendix_measurements.html)).
 #
-# **These tables come from the chapter's earlier protocol** (2026-12-02
-# and 03, the AVX2 EPYC), which picked $s^*$ as the level with the lowest
-# FID among the reported rows themselves: $s^* = 75$ on MNIST-5k and 150
-# on CIFAR-10, the levels of the guided rows and of the figures. Each row
+# **These tables come from the chapter's earlier protocol** (appendix
+# M.6 has their machine and days), which picked $s^*$ as the level with
+# the lowest FID among the reported rows themselves: $s^* = 75$ on
+# MNIST-5k and 150 on CIFAR-10, the levels of the guided rows and of the
+# figures. Each row
 # is still a single draw of seed 0, but "the best level" and the guided
 # row's level were read off the samples they are reported on. The code
 # now picks $s^*$ on held-out draws of seed 1 (7.5); the tables have not

@@ -67,11 +67,13 @@ RECORDS = [  # (section, what, machine, day), as the sections below state
     ("M.1", "chapter 2, longer run", "AMX Xeon", "2026-12-07"),
     ("M.2", "bf16 / fp32, batch 4", "AVX2 EPYC", "2026-12-03"),
     ("M.2", "bf16 / fp32, batch 32", "bf16 EPYC", "2026-12-03"),
+    ("M.2", "bf16 / fp32, paired test", "AVX2 EPYC", "2026-12-07"),
     ("M.3", "chapter 4, longer run", "bf16 EPYC", "2026-12-03"),
     ("M.4", "ablations, CPU scale", "AVX2 EPYC", "2026-11-25"),
     ("M.5", "demo recipes", "AVX2 EPYC", "2026-12-02"),
     ("M.5", "demo recipes, bf16", "bf16 EPYC", "2026-12-03"),
     ("M.5", "demo seeds", "AMX Xeon", "2026-12-07"),
+    ("M.5", "FID floor at n = 200", "AVX2 EPYC", "2026-12-07"),
     ("M.6", "chapter 5.8", "AVX2 EPYC", "2026-11-25"),
     ("M.6", "chapter 5.9", "AVX2 EPYC", "2026-12-07"),
     ("M.6", "chapter 6.9", "AMX Xeon", "2026-12-07"),
@@ -170,12 +172,11 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 # overstates the noise of the gap: the test is a loose one (a paired
 # one, from the spread of the per-step differences, would be tighter),
 # but after 1,000 steps the rounding has not pushed the bf16 run onto
-# another path. These tables predate the paired test: chapter 4.5
-# re-records the comparison with it (400 steps, 2026-12-07), where the
-# rounding shows (one window 3.1 paired standard errors off) but stays
-# under 0.7% of the loss, in both directions. On a GPU,
-# `scripts/gpu_check.sh` runs the same comparison at the demo's batch of
-# 32 (`--device cuda` is picked by itself).
+# another path. These tables predate the paired test, recorded below
+# (400 steps), where the rounding shows (one window 3.1 paired standard
+# errors off) but stays under 0.7% of the loss, in both directions. On a
+# GPU, `scripts/gpu_check.sh` runs the same comparison at the demo's
+# batch of 32 (`--device cuda` is picked by itself).
 #
 # The same comparison at the demo's batch of 32, on the bf16 EPYC,
 # 2026-12-03, both runs in 359 s:
