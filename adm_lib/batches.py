@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:818
+# %% chapters/04_training.py:819
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -29,7 +29,7 @@ from adm_lib.errors import TrainError
 from adm_lib.seeds import row_noise, step_seed
 
 
-# %% chapters/04_training.py:842
+# %% chapters/04_training.py:843
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -87,7 +87,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:907
+# %% chapters/04_training.py:908
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
@@ -130,7 +130,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes)
 
 
-# %% chapters/04_training.py:950
+# %% chapters/04_training.py:951
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice.

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:225
+# %% chapters/04_training.py:226
 import importlib.util
 import math
 from collections.abc import Mapping
@@ -45,7 +45,7 @@ KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:247
+# %% chapters/04_training.py:248
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -131,7 +131,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:333
+# %% chapters/04_training.py:334
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -140,7 +140,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:353
+# %% chapters/04_training.py:354
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -170,7 +170,7 @@ _IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
                         "classifier_attention_resolutions": (32, 16, 8)}
 
 
-# %% chapters/04_training.py:383
+# %% chapters/04_training.py:384
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "diffusion": {
         "mnist": {"in_channels": 1, "steps": 5000},
@@ -237,7 +237,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# %% chapters/04_training.py:458
+# %% chapters/04_training.py:459
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -281,7 +281,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
         raise TrainError(f"a stored setting does not read: {err}") from None
 
 
-# %% chapters/04_training.py:502
+# %% chapters/04_training.py:503
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -310,7 +310,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:531
+# %% chapters/04_training.py:532
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -357,7 +357,7 @@ def _check_ranges(config: TrainConfig) -> None:
                 raise TrainError(f"{name}={value!r}{problem}")
 
 
-# %% chapters/04_training.py:578
+# %% chapters/04_training.py:579
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -374,7 +374,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:595
+# %% chapters/04_training.py:596
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -426,7 +426,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:647
+# %% chapters/04_training.py:648
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -443,7 +443,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:671
+# %% chapters/04_training.py:672
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet.
 

@@ -14,7 +14,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1781
+# %% chapters/04_training.py:1782
 import os
 from dataclasses import dataclass
 from pathlib import Path

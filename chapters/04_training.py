@@ -155,8 +155,9 @@ assert len(grids) == -(-train_steps // snapshot_every)
 # upsampler's](figures/04_cpu_run_samples.png)
 #
 # The backgrounds are black from the first grid, and most classes are
-# recognisable by step 750. One step of `train`, for a diffusion model
-# (in brackets, the section that builds each part):
+# recognisable by step 750, while this noise still gives an unclear 2, 3
+# and 5 at step 1,500. One step of `train`, for a diffusion model (in
+# brackets, the section that builds each part):
 
 # %% jupyter={"source_hidden": true}
 boxes = {  # name: (x, y, text), in axes units
@@ -795,12 +796,12 @@ assert counts["classifier", "imagenet128"] == "42.6M"
 # and its timesteps, noise and dropout from the global generator, so a
 # resumed run, or one on another number of GPUs, draws other numbers
 # than the run it continues. Here every step's draws are a function of
-# `(seed, step)` alone. The batch of step $s$ is the slice $[sB, (s+1)B)$
-# of an endless sequence of seeded shuffles of the data (the foundation's
-# `BatchOrder`), and with $W$ processes rank $r$ reads rows
-# $[rB/W, (r+1)B/W)$ of it (`RankBatches`): step 7's batch is the same
-# whether or not steps 0 to 6 were drawn, and two ranks' shares make the
-# global batch:
+# `(seed, step)` alone. With global batch size $B$, the batch of step $s$
+# is the slice $[sB, (s+1)B)$ of an endless sequence of seeded shuffles
+# of the data (the foundation's `BatchOrder`), and with $W$ processes
+# rank $r$ reads rows $[rB/W, (r+1)B/W)$ of it (`RankBatches`): step 7's
+# batch is the same whether or not steps 0 to 6 were drawn, and two
+# ranks' shares make the global batch:
 
 # %%
 from adm_lib.data import BatchOrder, RankBatches
