@@ -77,7 +77,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
         low_res_t = torch.randint(config.low_res_noise + 1, (n,),
                                   generator=aug_g)
         small = (shape[0], config.small_size, config.small_size)
-        low_res_noise = row_noise((config.seed, 5, stream, step), mine,
+        low_res_noise = row_noise((config.seed, 11, stream, step), mine,
                                   small, device)
     # non_blocking: a blocking copy to a GPU waits for its queue to empty.
     t, weights, flip, clean, drop, low_res_t = (

@@ -97,7 +97,7 @@ def seed_dropout(seed: int, ranks: Ranks,
                  found: tuple[Path, Mapping[str, Any]] | None) -> None:
     """Seed this rank's global generator (dropout's), or restore the
     checkpoint's state of it if the checkpoint has one per rank."""
-    torch.manual_seed(step_seed(seed, 4, ranks.rank))
+    torch.manual_seed(step_seed(seed, 10, ranks.rank))
     if not found:
         return
     last, saved = found

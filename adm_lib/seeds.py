@@ -16,7 +16,15 @@ __all__ = ["step_seed", "row_noise", "rng_state", "set_rng_state"]
 
 
 def step_seed(*words: int) -> int:
-    """A 64-bit seed that depends on every word (seed, purpose, step...)."""
+    """A 64-bit seed that depends on every word (seed, purpose, step...).
+
+    numpy's SeedSequence reads trailing zero words as absent: (s, 4, 0) and
+    (s, 4) give one seed. So each purpose has a number of its own, the word
+    after the seed: 1 the batch order, 2 a step's per-image draws, 3 its
+    noise rows, 4 an upsampler's input steps, 5 the sample grids, 6 the
+    held-out split, 7 to 9 evaluation, 10 dropout, 11 an upsampler's input
+    noise rows.
+    """
     return int(np.random.SeedSequence(list(words)).generate_state(
         1, np.uint64)[0])
 
