@@ -37,13 +37,13 @@ NOTEBOOKS = BOOK.build_dir / "nbval"
 # CPU, `pytest --durations=0`, 2026-12-07), which order them; a file not
 # named here takes a few seconds.
 SECONDS = {
-    "chapters/05_metrics.py": 137, "chapters/02_diffusion.py": 121,
-    "chapters/07_cascades.py": 113, "chapters/06_guidance.py": 112,
+    "chapters/05_metrics.py": 115, "chapters/02_diffusion.py": 85,
+    "chapters/07_cascades.py": 75, "chapters/06_guidance.py": 70,
     "chapters/appendix_runs.py": 57, "chapters/04_training.py": 55,
-    "chapters/08_solvers.py": 39, "chapters/appendix_checkpoints.py": 20,
+    "chapters/08_solvers.py": 32, "chapters/appendix_checkpoints.py": 20,
     "chapters/03_architecture.py": 11, "chapters/01_forward.py": 9,
-    "tests/test_book.py": 91, "tests/test_scripts.py": 71,
-    "tests/test_train.py": 69, "tests/test_install.py": 31,
+    "tests/test_book.py": 91, "tests/test_train.py": 69,
+    "tests/test_scripts.py": 61, "tests/test_install.py": 31,
     "tests/test_demo.py": 23, "tests/test_lab.py": 19,
     "tests/test_cascade.py": 12, "tests/test_sampling.py": 11,
 }
