@@ -904,7 +904,7 @@ plt.show()
 # every sample of a class, over all sampling seeds, for the unguided
 # conditional model and the three models at their largest scale, a row
 # per class, grey where a class has fewer samples than the widest row
-# (the smoke run's 10 samples per seed give every class one a seed).
+# (the smoke run's 10 samples per seed give each class one per seed).
 
 # %%
 def diversity_figure(settings: list[tuple[str, float, str]],
