@@ -33,9 +33,9 @@ from adm_lib.book.website import store_executed
 
 BOOK = Book.load(Path(__file__).parent)
 NOTEBOOKS = BOOK.build_dir / "nbval"
-# The seconds that the longest files take in one of CI's two workers (2-core
-# CPU, `pytest --durations=0`, 2026-12-07), which order them; a file not
-# named here takes a few seconds.
+# Rough seconds of the longest files in one of CI's two workers (2-core CPU,
+# `pytest --durations=0`, 2026-12-07), which order them: only the order
+# matters. A file not named here takes a few seconds.
 SECONDS = {
     "chapters/05_metrics.py": 115, "chapters/02_diffusion.py": 85,
     "chapters/07_cascades.py": 75, "chapters/06_guidance.py": 70,
