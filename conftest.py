@@ -33,6 +33,20 @@ from adm_lib.book.website import store_executed
 
 BOOK = Book.load(Path(__file__).parent)
 NOTEBOOKS = BOOK.build_dir / "nbval"
+# Rough seconds of the longest files in one of CI's two workers (2-core CPU,
+# `pytest --durations=0`, 2026-12-07), which order them: only the order
+# matters. A file not named here takes a few seconds.
+SECONDS = {
+    "chapters/05_metrics.py": 115, "chapters/02_diffusion.py": 85,
+    "chapters/07_cascades.py": 75, "chapters/06_guidance.py": 70,
+    "chapters/appendix_runs.py": 57, "chapters/04_training.py": 55,
+    "chapters/08_solvers.py": 32, "chapters/appendix_checkpoints.py": 20,
+    "chapters/03_architecture.py": 11, "chapters/01_forward.py": 9,
+    "tests/test_book.py": 91, "tests/test_train.py": 69,
+    "tests/test_scripts.py": 61, "tests/test_install.py": 31,
+    "tests/test_demo.py": 23, "tests/test_lab.py": 19,
+    "tests/test_cascade.py": 12, "tests/test_sampling.py": 11,
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -147,14 +161,18 @@ def pytest_collection_modifyitems(
     for item in items:
         if isinstance(item.parent, IPyNbFile):
             item.add_marker(pytest.mark.slow)
-    # The chapters first: the longest files, so that pytest-xdist's workers
-    # (which take whole files, in this order) end together. The site's tests
-    # render what the chapters' cells have just executed (build/site-cache),
-    # so they run last. The sort is stable: a file's tests keep their order.
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("site") is not None:
-            return 2
-        return 0 if isinstance(item.parent, IPyNbFile) else 1
+    # pytest-xdist's two workers take whole files, in the order the items
+    # come in; a worker ends with the file it took last. So the files go
+    # longest first, and the workers end together: the chapters, then the
+    # site's tests, which render what the chapters' cells have just
+    # executed (build/site-cache) and so wait for the last of them, then
+    # the other tests. The sort is stable: a file's tests keep their order.
+    def rank(item: pytest.Item) -> tuple[int, float]:
+        if isinstance(item.parent, IPyNbFile):
+            group = 0
+        else:
+            group = 1 if item.get_closest_marker("site") is not None else 2
+        return group, -SECONDS.get(item.nodeid.split("::")[0], 0)
 
     items.sort(key=rank)
 

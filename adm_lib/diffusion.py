@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:140
+# %% chapters/02_diffusion.py:141
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -79,7 +79,7 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:190
+# %% chapters/02_diffusion.py:191
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -139,7 +139,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:265
+# %% chapters/02_diffusion.py:266
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back.
 
@@ -227,7 +227,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:395
+# %% chapters/02_diffusion.py:396
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -252,7 +252,7 @@ def normal_kl(
     )
 
 
-# %% chapters/02_diffusion.py:428
+# %% chapters/02_diffusion.py:429
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -277,7 +277,7 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-# %% chapters/02_diffusion.py:461
+# %% chapters/02_diffusion.py:462
 def vb_terms_bpd(
     diffusion: GaussianDiffusion,
     p: dict[str, Tensor],
@@ -306,7 +306,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:518
+# %% chapters/02_diffusion.py:519
 def calc_bpd_loop(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -340,7 +340,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:572
+# %% chapters/02_diffusion.py:573
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -389,7 +389,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:655
+# %% chapters/02_diffusion.py:656
 def training_losses(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -429,7 +429,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:731
+# %% chapters/02_diffusion.py:732
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -453,7 +453,7 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:762
+# %% chapters/02_diffusion.py:763
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -494,7 +494,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:856
+# %% chapters/02_diffusion.py:857
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -525,7 +525,7 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:895
+# %% chapters/02_diffusion.py:896
 class SpacedDiffusion(GaussianDiffusion):
     """A diffusion on a subset of a base's steps; the model sees the base's.
 
@@ -565,7 +565,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:987
+# %% chapters/02_diffusion.py:988
 def condition_mean(
     diffusion: GaussianDiffusion,
     cond_fn: Callable[..., Tensor],
@@ -605,7 +605,7 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:1033
+# %% chapters/02_diffusion.py:1034
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -636,7 +636,7 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1072
+# %% chapters/02_diffusion.py:1073
 def ddim_sample(
     diffusion: GaussianDiffusion,
     model: Model,
@@ -686,7 +686,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1135
+# %% chapters/02_diffusion.py:1136
 NoiseFn = Callable[[Tensor], Tensor]
 
 
@@ -738,7 +738,7 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1193
+# %% chapters/02_diffusion.py:1194
 def last_sample(
     steps: Iterator[dict[str, Tensor]],
     callback: Callable[[dict[str, Tensor]], None] | None,

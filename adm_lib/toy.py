@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:1696
+# %% chapters/02_diffusion.py:1698
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

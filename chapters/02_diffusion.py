@@ -43,17 +43,18 @@
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
 #   adm book run 2 -p device cuda -p train_steps 30000 -p batch_size 128 \
-#       -p model_channels 64 -p num_samples 64
+#       -p model_channels 64 -p num_samples 64 \
+#       -p sample_steps "[10, 25, 50, 250]"
 data: str = "mnist5k"  # a data-set name, or a folder, .zip or .npz
 device: str = "auto"  # "auto" picks CUDA when there is a GPU
 schedule: str = "cosine"  # the noise schedule: "cosine" or "linear"
 num_timesteps: int = 1000  # T, the diffusion's steps
-train_steps: int = 100  # of the small model
+train_steps: int = 50  # of the small model
 batch_size: int = 32  # images per training step
 model_channels: int = 32  # the small UNet's base width
 learning_rate: float = 1e-3  # AdamW's
 ema_rate: float = 0.999  # decay of the weights' average, which samples
-sample_steps: list[int] = [10, 25, 50, 250]  # sampling lengths to compare
+sample_steps: list[int] = [10, 25, 50, 100]  # sampling lengths to compare
 num_samples: int = 8  # images drawn by each sampler
 nll_images: int = 2  # images whose full variational bound is evaluated
 vlb_draws: int = 64  # per image: stratified draws of the bound's estimate
@@ -1632,7 +1633,7 @@ assert error < spread
 #
 # ```sh
 # adm book run 2 -p train_steps 6000 -p batch_size 64 \
-#     -p num_samples 16 -p nll_images 16
+#     -p num_samples 16 -p nll_images 16 -p sample_steps "[10, 25, 50, 250]"
 # ```
 #
 # | what | result |
@@ -1670,7 +1671,8 @@ assert error < spread
 #
 # ```sh
 # adm book run 2 -p device cuda -p train_steps 30000 -p batch_size 128 \
-#     -p model_channels 64 -p num_samples 64
+#     -p model_channels 64 -p num_samples 64 \
+#     -p sample_steps "[10, 25, 50, 250]"
 # ```
 #
 # and has not been made yet: its numbers belong in this table.

@@ -59,7 +59,7 @@ inception_weights: str = ""  # the Inception weights file, for "inception"
 device: str = "auto"  # "auto" picks CUDA when there is a GPU
 sample_counts: list[int] = [100, 200, 400, 800]  # sizes for FID against n
 num_images: int = 2000  # real images used (two halves of this many)
-model_steps: int = 15  # training steps of the model whose samples are scored
+model_steps: int = 5  # training steps of the model whose samples are scored
 # chapter 4.9's lean network, for speed
 model_settings: dict = {"num_res_blocks": 1, "channel_mult": "1,1,2",
                         "resblock_updown": False}  # changes to the preset
@@ -68,7 +68,7 @@ model_sampler: str = "ddim2"  # its sampler's respacing
 # made with `adm demo`'s recipe (chapter 4.9); 5.11 checks the samples
 # for copies
 variance_settings: dict = {}  # changes to the demo's recipe
-variance_steps: int = 10  # training steps of each (the demo's: 350 or 800)
+variance_steps: int = 4  # training steps of each (the demo's: 350 or 800)
 variance_held_out: int = 100  # images of `data` kept out of their training
 variance_respacings: list[int] = [5, 10]  # ancestral sampling steps
 variance_samples: int = 10  # samples per model, step count and seed

@@ -70,13 +70,13 @@ classifier_settings: dict = {
 device: str = "auto"  # "auto" picks CUDA when there is a GPU
 runs_dir: str = "build/chapter6"  # the three run folders
 reuse_runs: bool = False  # True: finished runs in runs_dir are loaded
-train_steps: int = 10  # of each diffusion model
-classifier_steps: int = 10  # of the noisy classifier
+train_steps: int = 4  # of each diffusion model
+classifier_steps: int = 4  # of the noisy classifier
 label_dropout: float = 0.1  # for classifier-free guidance
-respacing: str = "10"  # the ancestral sampler's steps
+respacing: str = "5"  # the ancestral sampler's steps
 scales: list[float] = [0.0, 1.0, 4.0]  # classifier guidance scales s
 free_scales: list[float] = [0.0, 1.0, 4.0]  # classifier-free scales w
-samples_per_scale: int = 15  # samples scored at each scale, for each seed
+samples_per_scale: int = 10  # samples scored at each scale, for each seed
 sample_seeds: list[int] = [0, 1]  # sampling seeds: each setting, each seed
 num_ref: int = 500  # real images the samples are scored against
 batch_size: int = 200  # of sampling
@@ -904,7 +904,7 @@ plt.show()
 # every sample of a class, over all sampling seeds, for the unguided
 # conditional model and the three models at their largest scale, a row
 # per class, grey where a class has fewer samples than the widest row
-# (the smoke run's 15 samples per seed give classes 0 to 4 two each).
+# (the smoke run's 10 samples per seed give each class one per seed).
 
 # %%
 def diversity_figure(settings: list[tuple[str, float, str]],

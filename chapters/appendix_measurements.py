@@ -111,11 +111,12 @@ assert {s for s, *_ in RECORDS} == {f"M.{n}" for n in range(1, 8)}
 #
 # ```sh
 # adm book run 2 -p train_steps 6000 -p batch_size 64 \
-#     -p num_samples 16 -p nll_images 16
+#     -p num_samples 16 -p nll_images 16 -p sample_steps "[10, 25, 50, 250]"
 # ```
 #
-# Its 6,000 steps of batch 64 trained in 1,449 s. Its table and figures
-# are in section 2.11. The runs before it:
+# (its `sample_steps` were then the default). Its 6,000 steps of batch
+# 64 trained in 1,449 s. Its table and figures are in section 2.11. The
+# runs before it:
 #
 # * the same run before chapter 2's loop kept an EMA (2026-12-03, an AMD
 #   EPYC; it evaluated its last step's weights) bounded the same 16

@@ -107,7 +107,9 @@ command_of() {  # step $1's command, into the array cmd
     case $1 in
         env) cmd=("$PY" "$BUILD/env_check.py" "$SIZE" "$REF"
                   "$BUILD/env.json") ;;
-        tests) cmd=("$PY" -m pytest -q -p no:cacheprovider
+        # -n 0: in one process, not the two workers of pyproject's
+        # addopts, which take seconds to start for three tests.
+        tests) cmd=("$PY" -m pytest -q -n 0 -p no:cacheprovider
                     --confcutdir=tests "${TESTS[@]}") ;;
         imagenet64) cmd=("${bench[@]}" imagenet64 "${i64[@]}"
                          --reference "$REF") ;;

@@ -1,8 +1,8 @@
 """The book's web site, built for the smoke configuration and read in Chromium.
 
 The site is built once for this module with `website.build_site`, as `adm book
-build` builds it. Run with the chapters (`pytest`), these tests come after them
-(conftest.py orders them last) and render the notebooks that nbval has just
+build` builds it. Run with the chapters (`pytest`), these tests come right after
+them (conftest.py's order) and render the notebooks that nbval has just
 executed, from build/site-cache; run alone, the build executes every chapter.
 
 Each page is opened from its file in headless Chromium (Debian's `chromium` and
