@@ -415,6 +415,8 @@ def count_classes(data: ImageDataset, num_classes: int = 0) -> int:
     ``num_classes`` asks for it: it is likely a typo, and a model of that many
     classes costs gigabytes.
     """
+    if data.labels is None:
+        raise TrainError(f"{data.source} has no labels to count")
     if data.num_classes > num_classes > 0:
         raise TrainError(f"{data.source} has {data.num_classes} classes but "
                          f"num_classes={num_classes}")

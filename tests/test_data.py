@@ -524,3 +524,7 @@ def test_count_classes_takes_the_datas_or_a_larger_setting_and_refuses_less(
     with pytest.raises(TrainError, match=re.escape(
             f"{path} has 4 classes but num_classes=3")):
         count_classes(data, 3)
+    unlabelled = tmp_path / "none.npz"
+    np.savez(unlabelled, np.zeros((8, 8, 8), np.uint8))
+    with pytest.raises(TrainError, match="has no labels"):
+        count_classes(load_dataset(unlabelled))
