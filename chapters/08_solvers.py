@@ -46,7 +46,7 @@
 # seconds and its samples are noise. The recorded CPU run of 8.8 (MNIST-5k,
 # the models of `adm demo`: its recipe, its classifier) is
 #   adm book run 8 -p train_steps 350 -p classifier_steps 400 \
-#       -p nfes "[5, 10, 20]" -p seeds "[0, 1, 2]" -p per_seed 20 \
+#       -p nfes "[5, 10, 20, 50, 250]" -p seeds "[0, 1, 2]" -p per_seed 20 \
 #       -p num_ref 2000 -p runs_dir build/chapter8_mnist -p reuse_runs True \
 #       -p figures_dir chapters/figures
 # and the full grid, on a GPU (not run for this book yet):
@@ -87,6 +87,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.ticker import NullFormatter
 
 from adm_lib.book import find_root
 from adm_lib.diffusion import (
@@ -900,6 +901,10 @@ for ax, (key, guided) in zip(axes.flat, panels, strict=True):
         ax.errorbar(xs, [y[0] for y in ys], [y[1] for y in ys], marker="o",
                     capsize=3, color=COLOURS[sampler], label=NAMES[sampler])
     ax.set_xscale("log")
+    # The step counts themselves as ticks: a log axis's own minor labels
+    # collide between 20 and 50.
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("network calls per sample (NFE)")
     label = "FID (MNIST-net features)" if key == "fid" else key
     ax.set_ylabel(label)
@@ -943,13 +948,15 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # ## 8.8 The experiment, recorded
 #
 # The recorded run is the first command of the parameters cell, on
-# 2026-12-07, on a 2-core AMD EPYC CPU (no GPU, shared with other jobs) in
-# float32: 8 minutes (477 s) for 72 sets of 20 samples (every digit
-# twice) and their scores, 3 seeds per arm, against 2,000 training digits.
-# Its two runs are `adm demo`'s (the demo's recipe and seed, 350 and 400
-# steps, trained on the same machine in under 4 minutes), copied into
-# `build/chapter8_mnist`, which `reuse_runs` loads; without them the
-# chapter trains the same two runs first.
+# 2026-12-07, on a 2-core AMD EPYC CPU (no GPU, nothing else running) in
+# float32: 120 sets of 20 samples (every digit twice) and their scores, 3
+# seeds per arm, against 2,000 training digits, in 16 minutes (979 s),
+# 691 s of them for NFE 250. Its two runs have `adm demo`'s recipe and
+# seed (350 and 400 steps); the chapter trains them when `runs_dir` is
+# empty (219 s) and `reuse_runs` loads them after. The rows at 5 to 20
+# calls equal, to every digit, those of the first record of this section
+# (477 s on the same machine, shared with other jobs), made from `adm
+# demo`'s own runs.
 #
 # ![the curves](figures/08_solvers_curves.png)
 #
@@ -963,15 +970,23 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # | ancestral | 5 | 6.56 ± 0.67 | 80% ± 3% | 0.45 ± 0.05 | 0.95 ± 0.05 |
 # | ancestral | 10 | 6.69 ± 0.18 | 77% ± 3% | 0.48 ± 0.02 | 0.94 ± 0.02 |
 # | ancestral | 20 | 6.23 ± 1.09 | 77% ± 6% | 0.48 ± 0.06 | 0.95 ± 0.03 |
+# | ancestral | 50 | 6.62 ± 0.17 | 82% ± 4% | 0.60 ± 0.06 | 0.98 ± 0.01 |
+# | ancestral | 250 | 6.07 ± 0.55 | 70% ± 0% | 0.48 ± 0.07 | 0.97 ± 0.01 |
 # | DDIM | 5 | 6.26 ± 0.31 | 77% ± 4% | 0.45 ± 0.03 | 0.99 ± 0.00 |
 # | DDIM | 10 | 6.50 ± 0.34 | 70% ± 8% | 0.48 ± 0.04 | 0.99 ± 0.01 |
 # | DDIM | 20 | 6.62 ± 0.32 | 70% ± 9% | 0.48 ± 0.03 | 0.98 ± 0.01 |
+# | DDIM | 50 | 6.67 ± 0.29 | 70% ± 8% | 0.43 ± 0.02 | 0.98 ± 0.01 |
+# | DDIM | 250 | 6.68 ± 0.29 | 68% ± 7% | 0.47 ± 0.02 | 0.98 ± 0.01 |
 # | DPM++(2M) | 5 | 6.41 ± 0.37 | 72% ± 7% | 0.43 ± 0.07 | 0.99 ± 0.00 |
 # | DPM++(2M) | 10 | 6.68 ± 0.33 | 70% ± 9% | 0.47 ± 0.04 | 0.98 ± 0.01 |
 # | DPM++(2M) | 20 | 6.77 ± 0.29 | 67% ± 6% | 0.48 ± 0.02 | 0.98 ± 0.00 |
+# | DPM++(2M) | 50 | 6.70 ± 0.29 | 68% ± 7% | 0.47 ± 0.02 | 0.98 ± 0.01 |
+# | DPM++(2M) | 250 | 6.67 ± 0.29 | 68% ± 7% | 0.45 ± 0.00 | 0.98 ± 0.01 |
 # | Heun | 5 | 67.16 ± 0.85 | 8% ± 2% | 0.00 ± 0.00 | 0.00 ± 0.00 |
 # | Heun | 9 | 20.95 ± 1.96 | 52% ± 2% | 0.17 ± 0.04 | 0.80 ± 0.12 |
 # | Heun | 19 | 6.74 ± 0.40 | 65% ± 6% | 0.45 ± 0.06 | 0.99 ± 0.00 |
+# | Heun | 49 | 6.90 ± 0.45 | 67% ± 6% | 0.42 ± 0.04 | 0.98 ± 0.01 |
+# | Heun | 249 | 6.77 ± 0.34 | 67% ± 6% | 0.45 ± 0.03 | 0.98 ± 0.01 |
 #
 # Guided by the noisy classifier at $s = 1$ (Algorithm 1 for ancestral
 # sampling, Algorithm 2's shift for the others):
@@ -981,15 +996,23 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # | ancestral | 5 | 5.99 ± 0.60 | 83% ± 4% | 0.53 ± 0.03 | 0.96 ± 0.04 |
 # | ancestral | 10 | 5.83 ± 0.15 | 87% ± 2% | 0.57 ± 0.09 | 0.96 ± 0.02 |
 # | ancestral | 20 | 5.91 ± 1.09 | 88% ± 3% | 0.57 ± 0.04 | 0.99 ± 0.01 |
+# | ancestral | 50 | 5.51 ± 0.09 | 87% ± 2% | 0.55 ± 0.05 | 1.00 ± 0.00 |
+# | ancestral | 250 | 5.13 ± 0.61 | 85% ± 5% | 0.52 ± 0.04 | 0.99 ± 0.01 |
 # | DDIM | 5 | 24.24 ± 0.01 | 27% ± 2% | 0.10 ± 0.03 | 0.20 ± 0.06 |
 # | DDIM | 10 | 22.89 ± 0.39 | 28% ± 4% | 0.17 ± 0.04 | 0.27 ± 0.05 |
 # | DDIM | 20 | 19.20 ± 0.41 | 23% ± 2% | 0.20 ± 0.03 | 0.46 ± 0.06 |
+# | DDIM | 50 | 17.35 ± 0.72 | 25% ± 3% | 0.18 ± 0.04 | 0.59 ± 0.08 |
+# | DDIM | 250 | 13.47 ± 1.34 | 40% ± 3% | 0.22 ± 0.02 | 0.79 ± 0.10 |
 # | DPM++(2M) | 5 | 10.35 ± 0.11 | 60% ± 3% | 0.23 ± 0.09 | 0.93 ± 0.02 |
 # | DPM++(2M) | 10 | 8.06 ± 0.23 | 80% ± 5% | 0.45 ± 0.03 | 0.97 ± 0.03 |
 # | DPM++(2M) | 20 | 7.09 ± 0.50 | 77% ± 2% | 0.43 ± 0.07 | 0.97 ± 0.02 |
+# | DPM++(2M) | 50 | 6.35 ± 0.46 | 77% ± 4% | 0.42 ± 0.06 | 0.98 ± 0.01 |
+# | DPM++(2M) | 250 | 6.25 ± 0.57 | 75% ± 3% | 0.43 ± 0.07 | 0.96 ± 0.04 |
 # | Heun | 5 | 58.51 ± 1.06 | 13% ± 4% | 0.00 ± 0.00 | 0.00 ± 0.00 |
 # | Heun | 9 | 21.28 ± 1.42 | 63% ± 4% | 0.18 ± 0.04 | 0.79 ± 0.10 |
 # | Heun | 19 | 6.16 ± 0.62 | 70% ± 3% | 0.48 ± 0.04 | 0.97 ± 0.03 |
+# | Heun | 49 | 6.20 ± 0.55 | 73% ± 4% | 0.47 ± 0.08 | 0.98 ± 0.02 |
+# | Heun | 249 | 6.16 ± 0.50 | 73% ± 4% | 0.47 ± 0.08 | 0.97 ± 0.03 |
 #
 # A difference is claimed only where the mean of its seed-by-seed
 # differences (the arms share each seed's $x_T$) is more than twice its
@@ -998,11 +1021,12 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # only the comparison between rows holds.
 #
 # * **Guided DDIM fails at every step count, and the solvers do not.**
-#   With Algorithm 2's shift DDIM scores FID 19 to 24 and puts 23% to 28%
-#   of the samples in their class; DPM-Solver++ with the same shift, which
-#   clips $\hat x_0$ after it (8.5), is better by 12 to 15 FID and 33 to
-#   55 points of accuracy at 5, 10 and 20 calls, and Heun by 13 FID and 47
-#   points at 19 calls (all over 2 standard errors). This is chapter 4.9's
+#   With Algorithm 2's shift DDIM scores FID 13 to 24 and puts 23% to 40%
+#   of the samples in their class (it improves only slowly with calls);
+#   DPM-Solver++ with the same shift, which clips $\hat x_0$ after it
+#   (8.5), is better by 7 to 15 FID and 33 to 53 points of accuracy at 5
+#   to 250 calls, and Heun by 7 to 13 FID and 33 to 48 points at 19 to
+#   249 calls (all over 2 standard errors). This is chapter 4.9's
 #   collapse, and its cause is the clipped last step, not the ODE.
 # * **Ancestral sampling with Algorithm 1 stays the best guided sampler
 #   here.** At 5 and 10 calls its FID is better than DPM-Solver++'s by
@@ -1010,17 +1034,26 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 #   5 calls ($7 \pm 3$ at 10, at the edge of two errors); at 20 calls
 #   the FIDs cannot be told apart and its accuracy is higher by $12 \pm
 #   4$ points. At 20 calls Heun's FID is better than DPM-Solver++'s by
-#   $0.9 \pm 0.2$.
+#   $0.9 \pm 0.2$. At 50 and 250 calls ancestral sampling's FID is better
+#   than DPM-Solver++'s by $0.8 \pm 0.4$ and $1.1 \pm 0.1$, its accuracy
+#   by $10 \pm 6$ points (within the error) and $10 \pm 3$; more calls do
+#   not help it (250 against 10: FID $-0.7 \pm 0.8$, accuracy
+#   $-2 \pm 4$ points).
 # * **Unguided, the solvers buy nothing on this model.** Ancestral, DDIM
 #   and DPM-Solver++ are within their errors of each other from 5 to 20
 #   calls but for one small gap in DDIM's favour: DPM-Solver++'s FID is
-#   higher by $0.15 \pm 0.06$ and $0.18 \pm 0.03$ at 5 and 10 calls. One
+#   higher by $0.15 \pm 0.06$ and $0.18 \pm 0.03$ at 5 and 10 calls. At 50
+#   calls ancestral sampling's accuracy is above DDIM's by $12 \pm 4$
+#   points, a gap no other step count shows (at 250: $2 \pm 7$), so one
+#   of many comparisons rather than a trend; at 250 calls all four are
+#   within their errors. One
 #   reading: a model of 350 training steps errs far more than a
 #   first-order step does, so a better solver has nothing to remove; the
 #   solvers' gains (8.4's toy, and the papers' ImageNet models) show where
 #   the model is good and the steps are few.
 # * **Heun needs its calls.** On EDM's grid it is far worse than the
-#   others at 5 and 9 calls (FID 67 and 21) and level with them at 19. On
+#   others at 5 and 9 calls (FID 67 and 21) and level with them from 19
+#   calls on (19, 49 and 249). On
 #   chapter 2's grid, uniform in $t$, it is worse still: a first run of
 #   the same command, before `edm_steps`, measured FID $114 \pm 2$ at 4
 #   calls, $37 \pm 4$ at 10 and $8.7 \pm 0.8$ at 20, unguided.
@@ -1032,9 +1065,8 @@ print(f"chapter run: {time.perf_counter() - started:.0f} s")
 # error of 10 (83% against 87%, FID 5.99 against 5.83), which is not a
 # measured equality either; the demo's scale 4 was not measured here.
 #
-# Not run: NFE 50 and 250, which on this CPU would add 1.5 and 7 times
-# the whole grid's time, and CIFAR-10 (chapter 7's CPU
-# models reach 27% accuracy, too weak to rank samplers). The second
+# Not run: CIFAR-10 (chapter 7's CPU models reach 27% accuracy, too weak
+# to rank samplers). The second
 # command of the parameters cell is the full grid with 1,000 samples an
 # arm, for a GPU; with `-p data ../shared/data/cifar10/train.zip -p
 # features cifar10` it is CIFAR-10's.
