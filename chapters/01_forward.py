@@ -447,15 +447,24 @@ processes = {
     "cosine": ForwardProcess(cosine),
 }
 frac = np.arange(num_timesteps) / num_timesteps
-fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.2))
-for name, process in processes.items():
-    ax_abar.plot(frac, process.alphas_cumprod, label=name)
-    ax_snr.plot(frac, process.log_snr, label=name)
-ax_abar.set(xlabel="t / T", ylabel="alpha-bar_t", title="signal variance left")
-ax_snr.set(xlabel="t / T", ylabel="log SNR", title="log signal-to-noise ratio")
-ax_abar.legend()
-plt.tight_layout()
-plt.show()
+
+
+def plot_schedules(named: dict[str, ForwardProcess]) -> None:
+    """alpha-bar_t and the log SNR of each process, against t / T."""
+    fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, process in named.items():
+        ax_abar.plot(frac, process.alphas_cumprod, label=name)
+        ax_snr.plot(frac, process.log_snr, label=name)
+    ax_abar.set(xlabel="t / T", ylabel="alpha-bar_t",
+                title="signal variance left")
+    ax_snr.set(xlabel="t / T", ylabel="log SNR",
+               title="log signal-to-noise ratio")
+    ax_abar.legend()
+    plt.tight_layout()
+    plt.show()
+
+
+plot_schedules(processes)
 
 # %% [markdown]
 # The linear schedule spends a large share of its steps where almost nothing of
@@ -812,15 +821,7 @@ except ValueError as error:
 # %% jupyter={"source_hidden": true} tags=["solution"]
 logsnr = ForwardProcess(betas_for_alpha_bar(
     num_timesteps, lambda u: 1 / (1 + math.exp(20 * u - 10))))
-fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(9, 3.2))
-for name, p in [("cosine", processes["cosine"]), ("linear_logsnr", logsnr)]:
-    ax_abar.plot(frac, p.alphas_cumprod, label=name)
-    ax_snr.plot(frac, p.log_snr, label=name)
-ax_abar.set(xlabel="t / T", ylabel="alpha-bar_t", title="signal variance left")
-ax_snr.set(xlabel="t / T", ylabel="log SNR", title="log signal-to-noise ratio")
-ax_abar.legend()
-plt.tight_layout()
-plt.show()
+plot_schedules({"cosine": processes["cosine"], "linear_logsnr": logsnr})
 quarter, three = num_timesteps // 4, 3 * num_timesteps // 4
 assert logsnr.log_snr[quarter] > processes["cosine"].log_snr[quarter]
 assert logsnr.log_snr[three] < processes["cosine"].log_snr[three]
