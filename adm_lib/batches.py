@@ -16,20 +16,20 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:819
+# %% chapters/04_training.py:719
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
 from adm_lib.config import TrainConfig
-from adm_lib.data import DataError, ImageDataset, count_classes, load_dataset
+from adm_lib.data import ImageDataset, count_classes, open_run_data
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
 from adm_lib.seeds import row_noise, step_seed
 
 
-# %% chapters/04_training.py:843
+# %% chapters/04_training.py:742
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -52,11 +52,7 @@ class StepDraws:
 def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
               shape: tuple[int, ...], device: torch.device,
               stream: int = 0, rows: slice = slice(None)) -> StepDraws:
-    """Timesteps, importance weights, noise and flips of `rows` of a batch.
-
-    `rows` of the global batch (all by default) are drawn as they are in a
-    draw of the whole batch. `stream` 0 is training; evaluation uses 1.
-    """
+    """The draws of `rows` of a batch; `stream` 0 trains, 1 evaluates."""
     n = config.batch_size
     g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
     t, weights = sampler.sample(n, "cpu", g)
@@ -87,25 +83,12 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:908
+# %% chapters/04_training.py:802
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
-    source = config.data if source is None else source
-    if not source:
-        raise TrainError(f"this {config.kind} preset has no data set of its "
-                         "own: set data=PATH (a folder, .zip or .npz)")
-    try:
-        data = load_dataset(source, resolution=config.image_size)
-    except DataError as err:
-        raise TrainError(f"data {source!r}: {err}") from None
-    if config.in_channels and data.channels != config.in_channels:
-        colour = "colour" if data.channels == 3 else "greyscale"
-        raise TrainError(
-            f"data {source!r} has {colour} images ({data.channels} "
-            f"channel(s)) but in_channels={config.in_channels}: set "
-            f"in_channels={data.channels}, or 0 to take the data's")
-    return data
+    return open_run_data(config.data if source is None else source,
+                         config.image_size, config.in_channels)
 
 
 def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
@@ -130,16 +113,12 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes)
 
 
-# %% chapters/04_training.py:951
+# %% chapters/04_training.py:832
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
-    """Training and held-out images: (set, indices) twice.
-
-    A classifier holds out `val_data`, or else a seeded `val_fraction` of
-    the data; diffusion models and upsamplers train on all of it. Held-out
-    indices come in a seeded random order, so their first images (for
-    grids and evaluation) are a fair sample even of a sorted data set.
-    """
+    """Training and held-out images: (set, indices) twice."""
+    # Held-out images in a seeded order: the first few (grids, evaluation)
+    # are a fair sample even of a sorted data set.
     g = torch.Generator().manual_seed(step_seed(config.seed, 6))
     perm = torch.randperm(len(data), generator=g)
     if config.kind != "classifier":

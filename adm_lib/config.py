@@ -18,6 +18,7 @@ __all__ = [
     "make_config",
     "config_from_dict",
     "validate",
+    "RULES",
     "channel_mults",
     "unet_arguments",
     "build_model",
@@ -25,27 +26,37 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:226
+# %% chapters/04_training.py:215
 import importlib.util
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from adm_lib.assets import asset
 from adm_lib.devices import MEMORY_FORMATS, PRECISIONS
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, check_types, coerce, coerce_settings
+from adm_lib.values import (
+    MAX_SEED,
+    Rule,
+    check_rules,
+    check_types,
+    coerce_settings,
+    one_of,
+    settings_from_dict,
+)
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:248
+# %% chapters/04_training.py:247
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -131,7 +142,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:334
+# %% chapters/04_training.py:333
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -140,7 +151,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:354
+# %% chapters/04_training.py:353
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -154,90 +165,25 @@ SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
 }
 
 
-def _imagenet(batch: int, lr: float, steps: int,
-              **fields: Any) -> dict[str, Any]:
-    """A released ImageNet (or LSUN) model's fields, its data to be given."""
-    return {"data": "", "in_channels": 3, "num_classes": 1000,
-            "channel_mult": (), "random_flip": True, "num_workers": 8,
-            "batch_size": batch, "lr": lr, "steps": steps, **fields}
+
+def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """The presets of adm_lib/assets/presets.toml, as TrainConfig's types."""
+    table = tomllib.loads(asset("presets.toml").read_text())
+    bases, defaults = table.pop("bases"), asdict(TrainConfig())
+    presets: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, named in table.items():
+        for name, own in named.items():
+            shared = [bases[b] for b in own.pop("base", [])]
+            settings = {k: v for d in (*shared, own) for k, v in d.items()}
+            presets.setdefault(kind, {})[name] = coerce_settings(
+                settings, defaults, TrainError)
+    return presets
 
 
-_WIDE = {"num_channels": 256, "num_head_channels": 64,
-         "attention_resolutions": (32, 16, 8), "noise_schedule": "linear"}
-_CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
-_IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
-                        "learn_sigma": False, "noise_schedule": "linear",
-                        "classifier_attention_resolutions": (32, 16, 8)}
+PRESETS = _read_presets()
 
 
-# %% chapters/04_training.py:384
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "diffusion": {
-        "mnist": {"in_channels": 1, "steps": 5000},
-        "cifar10": {
-            "data": "", "num_channels": 128, "channel_mult": (1, 2, 2, 2),
-            "attention_resolutions": (16, 8), "num_head_channels": 64,
-            "dropout": 0.1, "batch_size": 128, "lr": 1e-4,
-            "random_flip": True, "steps": 50000, "save_interval": 5000,
-            "sample_interval": 5000, "num_workers": 4,
-        },
-        "imagenet64": _imagenet(
-            2048, 3e-4, 540_000, image_size=64, num_channels=192,
-            num_res_blocks=3, num_head_channels=64,
-            attention_resolutions=(32, 16, 8), dropout=0.1,
-            use_new_attention_order=True),
-        "imagenet128": _imagenet(
-            256, 1e-4, 4_360_000, image_size=128, num_channels=256,
-            num_head_channels=-1, attention_resolutions=(32, 16, 8),
-            noise_schedule="linear"),
-        "imagenet256": _imagenet(256, 1e-4, 1_980_000, image_size=256,
-                                 **_WIDE),
-        "imagenet512": _imagenet(256, 1e-4, 1_940_000, image_size=512,
-                                 **_WIDE),
-        "lsun": _imagenet(256, 1e-4, 500_000, image_size=256, dropout=0.1,
-                          class_cond=False, **_WIDE),
-    },
-    "classifier": {
-        "mnist": {**_CLASSIFIER, "in_channels": 1, "steps": 2000,
-                  "lr_anneal_steps": 2000},
-        "cifar10": {
-            **_CLASSIFIER, "data": "", "classifier_width": 128,
-            "channel_mult": (1, 2, 2, 2),
-            "classifier_attention_resolutions": (16, 8),
-            "batch_size": 128, "random_flip": True, "steps": 50000,
-            "lr_anneal_steps": 50000, "num_workers": 4,
-        },
-        "imagenet64": _imagenet(
-            1024, 6e-4, 300_000,
-            **{**_IMAGENET_CLASSIFIER, "noise_schedule": "cosine"},
-            image_size=64, classifier_depth=4, weight_decay=0.2,
-            lr_anneal_steps=300_000),
-        **{f"imagenet{size}": _imagenet(
-            256, 3e-4, steps, **_IMAGENET_CLASSIFIER, image_size=size,
-            weight_decay=0.05, lr_anneal_steps=steps)
-           for size, steps in ((128, 300_000), (256, 500_000),
-                               (512, 500_000))},
-    },
-    "upsampler": {
-        "mnist": {"in_channels": 1, "steps": 5000},
-        "cifar10": {
-            "data": "", "small_size": 16, "num_channels": 64,
-            "batch_size": 128, "lr": 1e-4, "random_flip": True,
-            "steps": 50000, "num_workers": 4,
-        },
-        "imagenet64-256": _imagenet(
-            256, 1e-4, 500_000, image_size=256, small_size=64,
-            num_channels=192, num_head_channels=-1,
-            attention_resolutions=(32, 16, 8), noise_schedule="linear"),
-        "imagenet128-512": _imagenet(
-            256, 1e-4, 1_050_000, image_size=512, small_size=128,
-            num_channels=192, num_head_channels=64,
-            attention_resolutions=(32, 16), noise_schedule="linear"),
-    },
-}
-
-
-# %% chapters/04_training.py:459
+# %% chapters/04_training.py:392
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -264,28 +210,16 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
 
 
 def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
-    """The config a checkpoint or `config.json` stores, older ones too.
-
-    Runs written before the lists were typed hold them as strings
-    ("1,2,2"); `coerce` reads those as it reads `--set` values.
-    """
-    defaults = asdict(TrainConfig())
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise TrainError(f"settings {', '.join(unknown)} are not fields of "
-                         "this adm_lib's TrainConfig")
-    try:
-        return TrainConfig(**{k: coerce(v, defaults[k])
-                              for k, v in settings.items()})
-    except ValueError as err:
-        raise TrainError(f"a stored setting does not read: {err}") from None
+    """The config a checkpoint or `config.json` stores, older ones too."""
+    # Older runs hold lists as strings ("1,2,2"), which `coerce` reads.
+    return settings_from_dict(TrainConfig, settings, TrainError)
 
 
-# %% chapters/04_training.py:503
+# %% chapters/04_training.py:424
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
-    _check_ranges(config)
+    check_rules(config, RULES, TrainError)
     if config.label_dropout and (config.kind == "classifier"
                                  or not config.class_cond):
         raise TrainError("label_dropout needs a class-conditional diffusion "
@@ -310,7 +244,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:532
+# %% chapters/04_training.py:453
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -320,8 +254,13 @@ _NON_NEGATIVE = ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "num_classes", "sample_interval", "eval_interval")
 _LISTS = ("channel_mult", "attention_resolutions",
           "classifier_attention_resolutions")
-# (fields, the test each value must pass, what the error adds), in order.
-_RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+# Each field's value alone, checked in this order.
+RULES: tuple[Rule, ...] = (
+    *(one_of(name, allowed) for name, allowed in {
+        "kind": KINDS, "precision": PRECISIONS,
+        "schedule_sampler": SCHEDULE_SAMPLERS,
+        "noise_schedule": tuple(BETA_SCHEDULES), "classifier_pool": POOLS,
+        "in_channels": (0, 1, 3), "memory_format": MEMORY_FORMATS}.items()),
     (_POSITIVE, lambda v: v >= 1, " must be >= 1"),
     (_NON_NEGATIVE, lambda v: v >= 0, " must be >= 0"),
     (("seed",), lambda v: 0 <= v <= MAX_SEED, ": expected 0 to 2**64 - 1 "
@@ -341,23 +280,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
 )
 
 
-def _check_ranges(config: TrainConfig) -> None:
-    """Each field's value alone is one it can take."""
-    choices = {"kind": KINDS, "precision": PRECISIONS,
-               "schedule_sampler": SCHEDULE_SAMPLERS,
-               "noise_schedule": tuple(BETA_SCHEDULES),
-               "classifier_pool": POOLS, "in_channels": (0, 1, 3),
-               "memory_format": MEMORY_FORMATS}
-    rules = [((name,), allowed.__contains__, ": expected one of "
-              + ", ".join(map(str, allowed)))
-             for name, allowed in choices.items()]
-    for names, ok, problem in (*rules, *_RANGES):
-        for name in names:
-            if not ok(value := getattr(config, name)):
-                raise TrainError(f"{name}={value!r}{problem}")
-
-
-# %% chapters/04_training.py:579
+# %% chapters/04_training.py:489
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -374,7 +297,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:596
+# %% chapters/04_training.py:506
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -426,7 +349,7 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:648
+# %% chapters/04_training.py:558
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -443,14 +366,9 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:672
+# %% chapters/04_training.py:585
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
-    """The constructor arguments of a diffusion model's or upsampler's UNet.
-
-    The reference's `UNetModel` takes the same ones but
-    `rescale_residual` (the paper's ablation) and `use_new_attention_order`
-    (which its super-resolution model does not take).
-    """
+    """The constructor arguments of a diffusion model's or upsampler's UNet."""
     mults = channel_mults(config)
     labels = config.num_classes + (1 if config.label_dropout else 0)
     return {
@@ -512,12 +430,7 @@ def _network(config: TrainConfig) -> nn.Module:
 
 
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
-    """The diffusion `config` trains with (a classifier's: its noising).
-
-    The reference's loss types: use_kl is the rescaled bound (T * L_t);
-    the hybrid adds the bound's terms with weight 1/T, or 0.001 with
-    rescale_learned_sigmas.
-    """
+    """The diffusion `config` trains with (a classifier's: its noising)."""
     learned = config.learn_sigma
     if config.use_kl:
         loss = "kl"

@@ -28,7 +28,9 @@ is greyscale (1 channel). Folders and zips read image headers until the first co
 one, so a colour set costs one header and a greyscale set one header per image.
 Bad input raises :class:`DataError`, whose message names the file or field at fault.
 
-A training run reads its batches through :func:`rank_loader`: step ``s``'s global
+A training run opens its data through :func:`open_run_data` and
+:func:`count_classes`, whose errors (TrainError) name the run's settings, and reads
+its batches through :func:`rank_loader`: step ``s``'s global
 batch is positions ``sB`` to ``(s+1)B - 1`` of an endless sequence of seeded
 shuffles (:class:`BatchOrder`), so any step's batch is known without replaying the
 ones before it, and each rank reads its own rows of it (:class:`RankBatches`).
@@ -406,6 +408,28 @@ def load_dataset(
     if path.suffix.lower() == ".npz":
         return _load_npz(path, labels, options)
     raise DataError(f"unsupported file type: {path} (expected a folder, .zip or .npz)")
+
+
+def open_run_data(source: str, resolution: int, in_channels: int = 0) -> ImageDataset:
+    """A run's data set at ``resolution``; TrainError names the setting at fault.
+
+    ``source`` is the run's ``data`` (or ``val_data``) setting; ``in_channels``
+    0 takes the data's.
+    """
+    if not source:
+        raise TrainError("this preset has no data set of its own: set data=PATH "
+                         "(a folder, .zip or .npz)")
+    try:
+        data = load_dataset(source, resolution=resolution)
+    except DataError as err:
+        raise TrainError(f"data {source!r}: {err}") from None
+    if in_channels and data.channels != in_channels:
+        colour = "colour" if data.channels == 3 else "greyscale"
+        raise TrainError(
+            f"data {source!r} has {colour} images ({data.channels} channel(s)) "
+            f"but in_channels={in_channels}: set in_channels={data.channels}, "
+            "or 0 to take the data's")
+    return data
 
 
 def count_classes(data: ImageDataset, num_classes: int = 0) -> int:

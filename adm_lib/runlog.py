@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1462
+# %% chapters/04_training.py:1319
 from collections import defaultdict
 from dataclasses import replace
 
@@ -37,16 +37,12 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:1493
+# %% chapters/04_training.py:1350
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
                 device: torch.device) -> Tensor:
-    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth).
-
-    The noise, the labels (every class in turn) and the upsampler's inputs
-    are the same at every call, so grids over training are comparable.
-    """
+    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth)."""
     n = config.num_samples
     shape = (n, config.in_channels, config.image_size, config.image_size)
     g = torch.Generator(device).manual_seed(step_seed(config.seed, 5))
@@ -81,11 +77,7 @@ def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
 def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
                         model: Model, data: ImageDataset, indices: Tensor,
                         device: torch.device) -> dict[str, float]:
-    """Loss and top-1/top-5 accuracy on held-out images at random t.
-
-    The timesteps and noise are seeded, so every evaluation sees the same
-    noised images and the numbers are comparable over training.
-    """
+    """Loss and top-1/top-5 accuracy on held-out images at seeded t."""
     chosen = indices[:config.eval_images or len(indices)]
     sampler = UniformSampler(diffusion.num_timesteps)
     eval_config = replace(config, batch_size=len(chosen), random_flip=False)

@@ -7,14 +7,16 @@ picked. `seed_dropout` gives each rank the global generator its step
 draws dropout from, fresh or the checkpoint's; `save_run` writes a
 checkpoint with every rank's generator. `gather_steps` reads the steps'
 results, which wait on the device, at once and from every rank;
-`skip_step` reports a step that was not finite. Apart from
-`adm_lib.checkpoints` so that reading a checkpoint needs no ranks.
+`skip_step` reports a step that was not finite. `run_session` sets up and
+closes a run's ranks; `exclude_pause` keeps the time a run spends not training
+out of its rates. Apart from `adm_lib.checkpoints` so that reading a
+checkpoint needs no ranks.
 """
 
 import contextlib
 import json
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from adm_lib.checkpoints import (
+    MetricsLog,
     checkpoint_path,
     latest_checkpoint,
     lock_run,
@@ -32,11 +36,24 @@ from adm_lib.checkpoints import (
 )
 from adm_lib.errors import TrainError
 from adm_lib.files import write_atomic
-from adm_lib.ranks import Ranks, from_rank0, gather_rows
+from adm_lib.ranks import Ranks, from_rank0, gather_rows, setup_ranks
 from adm_lib.seeds import rng_state, set_rng_state, step_seed
 
-__all__ = ["prepare_run", "seed_dropout", "save_run", "StepResult",
-           "gather_steps", "skip_step"]
+__all__ = ["run_session", "prepare_run", "seed_dropout", "save_run",
+           "StepResult", "gather_steps", "skip_step", "exclude_pause"]
+
+
+@contextlib.contextmanager
+def run_session(device: str) -> Iterator[tuple[Ranks, contextlib.ExitStack]]:
+    """A run's ranks, their process group destroyed at the end, and the stack
+    that will hold its folder's lock (`prepare_run`)."""
+    ranks = setup_ranks(device)
+    try:
+        with contextlib.ExitStack() as held:
+            yield ranks, held
+    finally:
+        if ranks.owns_group:
+            dist.destroy_process_group()
 
 
 def prepare_run(out: Path, settings: Mapping[str, Any], steps: int,
@@ -176,3 +193,12 @@ def skip_step(in_a_row: int, limit: int, step: int, norm: float,
     warnings.warn(f"step {step}: non-finite loss or gradient (norm "
                   f"{norm}); step skipped ({in_a_row} in a row, "
                   f"stopping at {limit})", stacklevel=3)
+
+
+def exclude_pause(bar: tqdm, log: MetricsLog | None, seconds: float) -> None:
+    """Leave `seconds` spent not training out of the bar's and log's rates."""
+    if log:
+        log.started += seconds
+    if not bar.disable:  # tqdm's own clock, as its unpause() moves it
+        bar.start_t += seconds
+        bar.last_print_t += seconds

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1100
+# %% chapters/04_training.py:975
 import contextlib
 import copy
 import math
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -82,14 +81,15 @@ from adm_lib.ranks import (
     Ranks,
     data_parallel,
     micro_sync,
-    setup_ranks,
     sum_ranks,
 )
 from adm_lib.runlog import evaluate_classifier, sample_grid
 from adm_lib.runs import (
     StepResult,
+    exclude_pause,
     gather_steps,
     prepare_run,
+    run_session,
     save_run,
     seed_dropout,
     skip_step,
@@ -97,7 +97,7 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1200
+# %% chapters/04_training.py:1072
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -106,11 +106,7 @@ def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module,
                decay: float | Tensor) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter.
-
-    `decay` may be a tensor on the model's device: the training loop passes
-    1 for a skipped step without asking the host.
-    """
+    """ema <- decay * ema + (1 - decay) * model; `decay` may be a tensor."""
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     # ema + (1 - decay)(model - ema), spelled out: lerp takes no tensor
@@ -120,7 +116,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1261
+# %% chapters/04_training.py:1129
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -186,18 +182,13 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1340
+# %% chapters/04_training.py:1208
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
     device: torch.device,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward and backward over micro-batches; the rank's loss and terms.
-
-    Each micro-batch's loss is summed and divided by the rank's whole batch,
-    and DDP averages over ranks, so the gradient is the global batch's mean
-    however it is split. DDP synchronises only on the last micro-batch.
-    """
+    """Forward and backward over micro-batches; the rank's loss and terms."""
     objective = (classifier_terms if config.kind == "classifier"
                  else diffusion_terms)
     precision = resolve_precision(config.precision, device)
@@ -222,16 +213,10 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1384
+# %% chapters/04_training.py:1247
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
-    """Clip, step AdamW and the EMAs unless the step is not finite.
-
-    Returns (global loss is finite, gradient norm) as device tensors; the
-    host waits for neither. A non-finite loss or gradient skips the step
-    on every rank; with fp16 the scaler also lowers its scale when the
-    gradient overflowed.
-    """
+    """Clip, step AdamW and the EMAs; (loss finite, norm) on the device."""
     state.scaler.unscale_(state.optimizer)
     params = [p for p in state.model.parameters() if p.grad is not None]
     if config.grad_clip:
@@ -253,7 +238,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1420
+# %% chapters/04_training.py:1277
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -284,7 +269,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1570
+# %% chapters/04_training.py:1419
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -304,24 +289,16 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
           init: Init | None = None, watch: Watch | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
-    Run under torchrun for data-parallel training. With `resume`, a run
-    continues from its newest readable checkpoint and reproduces the
-    uninterrupted run; without it, `out` must hold no checkpoint. A run
-    with no checkpoint yet starts from the weights `init` loads, if given;
-    `watch` looks at the EMA at its own interval.
+    With `resume`, a run continues from its newest readable checkpoint as
+    if never stopped; without it, `out` must hold no checkpoint.
     """
     validate(config)
-    ranks = setup_ranks(config.device)
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock
-            return _train(config, Path(out), resume, progress, ranks, held,
-                          init, watch)
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+    with run_session(config.device) as (ranks, held):
+        return _train(config, Path(out), resume, progress, ranks, held,
+                      init, watch)
 
 
-# %% chapters/04_training.py:1607
+# %% chapters/04_training.py:1448
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -351,7 +328,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1642
+# %% chapters/04_training.py:1483
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainState, Path | None]:
@@ -372,7 +349,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     return state, found and found[0]
 
 
-# %% chapters/04_training.py:1669
+# %% chapters/04_training.py:1510
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -437,17 +414,12 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and watch and (state.step % watch.interval == 0 or done):
             watch(config, diffusion, state.ema[config.ema_rate[0]], data,
                   out, log, state.step, device)
-        paused = time.perf_counter() - pause
-        if log:
-            log.started += paused
-        if not bar.disable:  # tqdm's own clock, as its unpause() moves it
-            bar.start_t += paused
-            bar.last_print_t += paused
+        exclude_pause(bar, log, time.perf_counter() - pause)
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1749
+# %% chapters/04_training.py:1585
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -12,9 +12,11 @@ import ast
 import dataclasses
 import difflib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Seeds are whole numbers 0 <= seed <= MAX_SEED: torch's generators take
 # 64-bit seeds, and numpy's SeedSequence (chapter 4's step_seed) takes no
@@ -112,6 +114,26 @@ def _numbers(raw: Any, floats: bool) -> tuple[int | float, ...]:
                  for n in numbers)
 
 
+# A rule of `check_rules`: (fields, the test each value must pass, what the
+# error adds after "name=value").
+Rule = tuple[tuple[str, ...], Callable[[Any], bool], str]
+
+
+def one_of(name: str, allowed: Sequence[Any]) -> Rule:
+    """The rule that field `name` takes one of `allowed`."""
+    return ((name,), allowed.__contains__,
+            ": expected one of " + ", ".join(map(str, allowed)))
+
+
+def check_rules(settings: Any, rules: Iterable[Rule],
+                error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the first field of `settings` a rule refuses."""
+    for names, ok, problem in rules:
+        for name in names:
+            if not ok(value := getattr(settings, name)):
+                raise error(f"{name}={value!r}{problem}")
+
+
 def check_types(settings: Any, error: type[Exception] = ValueError) -> None:
     """Raise `error` naming the first dataclass field of `settings` that
     does not hold its default's type (an int will do for a float; a tuple
@@ -132,6 +154,23 @@ def check_types(settings: Any, error: type[Exception] = ValueError) -> None:
                 or not isinstance(value, wanted)):
             raise error(f"{each.name}={value!r}: expected "
                         f"{type(default).__name__}")
+
+
+def settings_from_dict(cls: type[T], settings: Mapping[str, Any],
+                       error: type[Exception] = ValueError) -> T:
+    """The dataclass `cls` of stored `settings`, each read by `coerce`."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise error(f"settings {', '.join(unknown)} are not fields of this "
+                    f"adm_lib's {cls.__name__}")
+    values = {}
+    for key, value in settings.items():
+        try:
+            values[key] = coerce(value, defaults[key])
+        except ValueError as err:
+            raise error(f"stored setting {key}={value!r}: {err}") from None
+    return cls(**values)
 
 
 def coerce_settings(

@@ -13,21 +13,16 @@
 # %% [markdown]
 # # Training at scale
 #
-# Chapters 2 and 3 trained small models with a dozen lines of loop. The
-# paper's ImageNet 64 model trained for 540,000 steps of batch 2048, about
-# 1.1 billion images (its Table 11). This chapter trains a model first
-# (4.1), then builds what trained it: a run as one configuration, with the
-# paper's models as presets (4.2); what a step draws (4.3); the three
-# objectives (4.4); mixed precision (4.5); the average of the weights
-# (4.6); the loop (4.7); the classifier and upsampler (4.8); and a recipe
-# for runs of minutes (4.9).
-#
-# What makes a run safe to stop, resume and share (the checkpoint file,
-# whole-or-absent writes, the run folder's lock, `torchrun`, determinism)
-# is the foundation's, beneath the book; the
-# [appendix on the engineering of runs](appendix_runs.html) explains and
-# checks it. Longer runs' records are in the
-# [appendix of measurements](appendix_measurements.html).
+# Chapters 2 and 3 trained small models with a dozen lines of loop; the
+# paper's ImageNet 64 model saw 1.1 billion images (540,000 steps of
+# batch 2048, its Table 11). This chapter trains a model first (4.1),
+# then builds what trained it: a run as one configuration (4.2), what a
+# step draws (4.3), three objectives (4.4), mixed precision (4.5), the
+# average of the weights (4.6), the loop (4.7), the classifier and
+# upsampler (4.8), and a recipe for runs of minutes (4.9). What makes a
+# run safe to stop, resume and share is the foundation's, explained in
+# the [appendix on the engineering of runs](appendix_runs.html); longer
+# runs are in the [appendix of measurements](appendix_measurements.html).
 
 # %% tags=["parameters"]
 # Smoke configuration: about a minute on a CPU. The longer CPU run
@@ -89,14 +84,12 @@ shutil.rmtree(runs, ignore_errors=True)  # the chapter's runs start afresh
 # %% [markdown]
 # ## 4.1 A small model, trained first
 #
-# A run is a configuration and a folder. `make_config` takes one of the
-# paper's models as a preset, here the MNIST one, with the changes we ask
-# for; `train` trains it, writing checkpoints, a log and, every few steps,
-# a grid of samples into the folder. `small` is the MNIST preset scaled
-# down by the parameters cell, with 4.9's recipe for runs of minutes
-# (predict $x_0$ under $L_\text{simple}$, a short EMA); every run of the
-# chapter uses it. The sections below build `make_config` and `train`,
-# which `adm book export` has written into `adm_lib`.
+# A run is a configuration and a folder. `make_config` takes a preset,
+# one of the paper's models or here the MNIST one, with our changes;
+# `train` trains it, writing checkpoints, a log and sample grids into the
+# folder. `small`, used by every run of the chapter, scales the preset
+# down and takes 4.9's recipe for runs of minutes. The sections below
+# build `make_config` and `train`.
 
 # %%
 def small(kind: str, **fields: Any) -> TrainConfig:
@@ -146,18 +139,17 @@ plt.show()
 assert len(grids) == -(-train_steps // snapshot_every)
 
 # %% [markdown]
-# A few steps give noise: this page's outputs come from the smoke
-# configuration. The recorded run (1,500 steps of batch 32, minutes on a
-# 2-core CPU; appendix M.3) makes digits. Its grids every 250 steps, then
-# 4.8's upsampler (its 8-pixel inputs, its samples, the real images):
+# A few steps (this page's smoke configuration) give noise. The recorded
+# run (1,500 steps of batch 32 on a 2-core CPU, appendix M.3) makes
+# digits; its grids every 250 steps, then 4.8's upsampler (its 8-pixel
+# inputs, its samples, the real images):
 #
 # ![Samples of the recorded CPU run every 250 steps, and the
 # upsampler's](figures/04_cpu_run_samples.png)
 #
-# The backgrounds are black from the first grid, and most classes are
-# recognisable by step 750, while this noise still gives an unclear 2, 3
-# and 5 at step 1,500. One step of `train`, for a diffusion model (in
-# brackets, the section that builds each part):
+# Most classes are recognisable by step 750; this noise still gives an
+# unclear 2, 3 and 5 at step 1,500. One step of `train` (in brackets, the
+# section that builds each part):
 
 # %% jupyter={"source_hidden": true}
 boxes = {  # name: (x, y, text), in axes units
@@ -207,20 +199,17 @@ assert set(drawn) == {name for pair in arrows for name in pair}
 # $L_\text{vlb}$ sees the predicted mean as a constant: the bound trains
 # only the variance, the mean learns from $L_\text{simple}$ alone.
 # $w_t = 1 / (T p_t)$ keeps the loss's expectation that of uniform $t$,
-# whatever $p_t$ the timestep sampler draws from (exercise 4).
+# whatever $p_t$ the timestep sampler draws from (exercise 3).
 
 # %% [markdown]
 # ## 4.2 A run is a configuration
 #
-# Everything that decides what a run computes lives in one dataclass,
-# `TrainConfig`, saved as `config.json` in the run folder and in every
-# checkpoint, so a checkpoint rebuilds its network with no flags retyped
-# (`load_run`, 4.7). The network and diffusion fields keep the
-# reference's flag names (`num_channels`, `learn_sigma`, ...), so its
-# README's commands translate one to one. The fields from `device` on only
-# steer the run (how long, how often to log and save, where to compute);
-# they may change when a run is resumed (`RUN_FIELDS`), and every other
-# field must match its checkpoint's.
+# What a run computes is one dataclass, `TrainConfig`, saved in the run
+# folder and in every checkpoint, so a checkpoint rebuilds its network
+# (`load_run`, chapter 5). The network and diffusion fields keep the
+# reference's flag names (`num_channels`, `learn_sigma`, ...). The fields
+# from `device` on only steer the run and may change when it is resumed
+# (`RUN_FIELDS`); every other field must match its checkpoint's.
 
 # %%
 #| export config
@@ -228,18 +217,28 @@ assert set(drawn) == {name for pair in arrows for name in pair}
 checks of every value, and the network and diffusion it builds."""
 import importlib.util
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from adm_lib.assets import asset
 from adm_lib.devices import MEMORY_FORMATS, PRECISIONS
 from adm_lib.diffusion import GaussianDiffusion, space_timesteps
 from adm_lib.errors import TrainError
 from adm_lib.forward import BETA_SCHEDULES, get_named_beta_schedule
 from adm_lib.unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
-from adm_lib.values import MAX_SEED, check_types, coerce, coerce_settings
+from adm_lib.values import (
+    MAX_SEED,
+    Rule,
+    check_rules,
+    check_types,
+    coerce_settings,
+    one_of,
+    settings_from_dict,
+)
 
 KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
@@ -340,15 +339,15 @@ RUN_FIELDS = frozenset({
 })
 
 # %% [markdown]
-# The paper's models are presets: each takes its architecture from the
-# flags the reference released it with (a test checks them) and its
-# optimisation from the paper's Tables 11 to 13; the classifiers also
-# take the weight decay and annealing of the reference's classifier
-# command. `channel_mult` of `()` is the reference's default for the
-# image size, `CHANNEL_MULT`. The small presets are ours: `cifar10` is the
-# reference's measured CIFAR-10 run (`shared/baselines`), `mnist` fits a
-# CPU. One difference remains: the reference's classifiers train on
-# random crops of 80 to 100% of each image, ours on the centre crop.
+# The paper's models are presets: the architecture of the flags the
+# reference released each with (a test checks them), the optimisation of
+# the paper's Tables 11 to 13 (classifiers: the reference's weight decay
+# and annealing). They are data, `adm_lib/assets/presets.toml`, each
+# preset the fields it changes, listed at the end of this section.
+# `channel_mult=()` is the reference's default for the image size,
+# `CHANNEL_MULT`. `cifar10` is the reference's measured run
+# (`shared/baselines`), `mnist` fits a CPU. The reference's classifiers
+# train on random crops of 80 to 100% of each image, ours on the centre.
 
 # %%
 #| export config
@@ -365,95 +364,29 @@ SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
 }
 
 
-def _imagenet(batch: int, lr: float, steps: int,
-              **fields: Any) -> dict[str, Any]:
-    """A released ImageNet (or LSUN) model's fields, its data to be given."""
-    return {"data": "", "in_channels": 3, "num_classes": 1000,
-            "channel_mult": (), "random_flip": True, "num_workers": 8,
-            "batch_size": batch, "lr": lr, "steps": steps, **fields}
+
+def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """The presets of adm_lib/assets/presets.toml, as TrainConfig's types."""
+    table = tomllib.loads(asset("presets.toml").read_text())
+    bases, defaults = table.pop("bases"), asdict(TrainConfig())
+    presets: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, named in table.items():
+        for name, own in named.items():
+            shared = [bases[b] for b in own.pop("base", [])]
+            settings = {k: v for d in (*shared, own) for k, v in d.items()}
+            presets.setdefault(kind, {})[name] = coerce_settings(
+                settings, defaults, TrainError)
+    return presets
 
 
-_WIDE = {"num_channels": 256, "num_head_channels": 64,
-         "attention_resolutions": (32, 16, 8), "noise_schedule": "linear"}
-_CLASSIFIER = {"weight_decay": 0.05, "lr": 3e-4}
-_IMAGENET_CLASSIFIER = {"classifier_width": 128, "class_cond": False,
-                        "learn_sigma": False, "noise_schedule": "linear",
-                        "classifier_attention_resolutions": (32, 16, 8)}
-
-# %%
-#| export config
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "diffusion": {
-        "mnist": {"in_channels": 1, "steps": 5000},
-        "cifar10": {
-            "data": "", "num_channels": 128, "channel_mult": (1, 2, 2, 2),
-            "attention_resolutions": (16, 8), "num_head_channels": 64,
-            "dropout": 0.1, "batch_size": 128, "lr": 1e-4,
-            "random_flip": True, "steps": 50000, "save_interval": 5000,
-            "sample_interval": 5000, "num_workers": 4,
-        },
-        "imagenet64": _imagenet(
-            2048, 3e-4, 540_000, image_size=64, num_channels=192,
-            num_res_blocks=3, num_head_channels=64,
-            attention_resolutions=(32, 16, 8), dropout=0.1,
-            use_new_attention_order=True),
-        "imagenet128": _imagenet(
-            256, 1e-4, 4_360_000, image_size=128, num_channels=256,
-            num_head_channels=-1, attention_resolutions=(32, 16, 8),
-            noise_schedule="linear"),
-        "imagenet256": _imagenet(256, 1e-4, 1_980_000, image_size=256,
-                                 **_WIDE),
-        "imagenet512": _imagenet(256, 1e-4, 1_940_000, image_size=512,
-                                 **_WIDE),
-        "lsun": _imagenet(256, 1e-4, 500_000, image_size=256, dropout=0.1,
-                          class_cond=False, **_WIDE),
-    },
-    "classifier": {
-        "mnist": {**_CLASSIFIER, "in_channels": 1, "steps": 2000,
-                  "lr_anneal_steps": 2000},
-        "cifar10": {
-            **_CLASSIFIER, "data": "", "classifier_width": 128,
-            "channel_mult": (1, 2, 2, 2),
-            "classifier_attention_resolutions": (16, 8),
-            "batch_size": 128, "random_flip": True, "steps": 50000,
-            "lr_anneal_steps": 50000, "num_workers": 4,
-        },
-        "imagenet64": _imagenet(
-            1024, 6e-4, 300_000,
-            **{**_IMAGENET_CLASSIFIER, "noise_schedule": "cosine"},
-            image_size=64, classifier_depth=4, weight_decay=0.2,
-            lr_anneal_steps=300_000),
-        **{f"imagenet{size}": _imagenet(
-            256, 3e-4, steps, **_IMAGENET_CLASSIFIER, image_size=size,
-            weight_decay=0.05, lr_anneal_steps=steps)
-           for size, steps in ((128, 300_000), (256, 500_000),
-                               (512, 500_000))},
-    },
-    "upsampler": {
-        "mnist": {"in_channels": 1, "steps": 5000},
-        "cifar10": {
-            "data": "", "small_size": 16, "num_channels": 64,
-            "batch_size": 128, "lr": 1e-4, "random_flip": True,
-            "steps": 50000, "num_workers": 4,
-        },
-        "imagenet64-256": _imagenet(
-            256, 1e-4, 500_000, image_size=256, small_size=64,
-            num_channels=192, num_head_channels=-1,
-            attention_resolutions=(32, 16, 8), noise_schedule="linear"),
-        "imagenet128-512": _imagenet(
-            256, 1e-4, 1_050_000, image_size=512, small_size=128,
-            num_channels=192, num_head_channels=64,
-            attention_resolutions=(32, 16), noise_schedule="linear"),
-    },
-}
+PRESETS = _read_presets()
 
 # %% [markdown]
 # `make_config(kind, preset, overrides)` checks each override's name (a
-# typo gets the nearest names) and converts it to its field's type, as
-# `adm book run -p` does (the foundation's `adm_lib.values`). `validate`
-# then checks every value, alone and together, and names the first that
-# cannot work; `train` calls it again, so no run fails after its first
-# step for want of a check (appendix R.1 shows the refusals).
+# typo gets the nearest names) and converts it to its field's type (the
+# foundation's `adm_lib.values`). `validate` names the first value that
+# cannot work, alone or with others, so no run fails after its first step
+# for want of a check (appendix R.1 shows the refusals).
 
 # %%
 #| export config
@@ -483,28 +416,16 @@ def make_config(kind: str = "diffusion", preset: str | None = None,
 
 
 def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
-    """The config a checkpoint or `config.json` stores, older ones too.
-
-    Runs written before the lists were typed hold them as strings
-    ("1,2,2"); `coerce` reads those as it reads `--set` values.
-    """
-    defaults = asdict(TrainConfig())
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise TrainError(f"settings {', '.join(unknown)} are not fields of "
-                         "this adm_lib's TrainConfig")
-    try:
-        return TrainConfig(**{k: coerce(v, defaults[k])
-                              for k, v in settings.items()})
-    except ValueError as err:
-        raise TrainError(f"a stored setting does not read: {err}") from None
+    """The config a checkpoint or `config.json` stores, older ones too."""
+    # Older runs hold lists as strings ("1,2,2"), which `coerce` reads.
+    return settings_from_dict(TrainConfig, settings, TrainError)
 
 # %%
 #| export config
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
-    _check_ranges(config)
+    check_rules(config, RULES, TrainError)
     if config.label_dropout and (config.kind == "classifier"
                                  or not config.class_cond):
         raise TrainError("label_dropout needs a class-conditional diffusion "
@@ -539,8 +460,13 @@ _NON_NEGATIVE = ("microbatch", "weight_decay", "grad_clip", "num_workers",
                  "num_classes", "sample_interval", "eval_interval")
 _LISTS = ("channel_mult", "attention_resolutions",
           "classifier_attention_resolutions")
-# (fields, the test each value must pass, what the error adds), in order.
-_RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+# Each field's value alone, checked in this order.
+RULES: tuple[Rule, ...] = (
+    *(one_of(name, allowed) for name, allowed in {
+        "kind": KINDS, "precision": PRECISIONS,
+        "schedule_sampler": SCHEDULE_SAMPLERS,
+        "noise_schedule": tuple(BETA_SCHEDULES), "classifier_pool": POOLS,
+        "in_channels": (0, 1, 3), "memory_format": MEMORY_FORMATS}.items()),
     (_POSITIVE, lambda v: v >= 1, " must be >= 1"),
     (_NON_NEGATIVE, lambda v: v >= 0, " must be >= 0"),
     (("seed",), lambda v: 0 <= v <= MAX_SEED, ": expected 0 to 2**64 - 1 "
@@ -558,22 +484,6 @@ _RANGES: tuple[tuple[tuple[str, ...], Any, str], ...] = (
     (("ema_rate",), lambda v: v and all(0 < r < 1 for r in v),
      ": expected one or more rates in (0, 1), such as (0.9999,)"),
 )
-
-
-def _check_ranges(config: TrainConfig) -> None:
-    """Each field's value alone is one it can take."""
-    choices = {"kind": KINDS, "precision": PRECISIONS,
-               "schedule_sampler": SCHEDULE_SAMPLERS,
-               "noise_schedule": tuple(BETA_SCHEDULES),
-               "classifier_pool": POOLS, "in_channels": (0, 1, 3),
-               "memory_format": MEMORY_FORMATS}
-    rules = [((name,), allowed.__contains__, ": expected one of "
-              + ", ".join(map(str, allowed)))
-             for name, allowed in choices.items()]
-    for names, ok, problem in (*rules, *_RANGES):
-        for name in names:
-            if not ok(value := getattr(config, name)):
-                raise TrainError(f"{name}={value!r}{problem}")
 
 # %%
 #| export config
@@ -663,20 +573,18 @@ def _check_sample_steps(config: TrainConfig) -> None:
 
 
 # %% [markdown]
-# A configuration builds its network, with chapter 3's classes, and its
-# diffusion, with chapter 2's. An attention resolution, given in pixels as
-# the reference's flags give it, reaches the network as the factor by
-# which that level has been down-sampled.
+# A configuration builds its network, with chapter 3's classes (the
+# reference's arguments, plus the ablation `rescale_residual`), and its
+# diffusion, with chapter 2's: `use_kl` trains on the rescaled bound, the
+# hybrid weights the bound's terms by $1/T$, or 0.001 with
+# `rescale_learned_sigmas`. An attention resolution, in pixels as the
+# reference's flags give it, reaches the network as the factor by which
+# that level has been down-sampled.
 
 # %%
 #| export config
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
-    """The constructor arguments of a diffusion model's or upsampler's UNet.
-
-    The reference's `UNetModel` takes the same ones but
-    `rescale_residual` (the paper's ablation) and `use_new_attention_order`
-    (which its super-resolution model does not take).
-    """
+    """The constructor arguments of a diffusion model's or upsampler's UNet."""
     mults = channel_mults(config)
     labels = config.num_classes + (1 if config.label_dropout else 0)
     return {
@@ -738,12 +646,7 @@ def _network(config: TrainConfig) -> nn.Module:
 
 
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
-    """The diffusion `config` trains with (a classifier's: its noising).
-
-    The reference's loss types: use_kl is the rescaled bound (T * L_t);
-    the hybrid adds the bound's terms with weight 1/T, or 0.001 with
-    rescale_learned_sigmas.
-    """
+    """The diffusion `config` trains with (a classifier's: its noising)."""
     learned = config.learn_sigma
     if config.use_kl:
         loss = "kl"
@@ -759,12 +662,10 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
                     else 1 / config.diffusion_steps))
 
 # %% [markdown]
-# Here are the presets. `in_channels` and `num_classes` of 0 mean "from
-# the data", so the table counts parameters for 3-channel images; the
-# networks are built on PyTorch's `meta` device, which allocates no
-# memory, so even the 559M-parameter ImageNet 512 model costs nothing to
-# count. The counts equal the paper's (296M for ImageNet 64; 65M, 43M, 54M
-# and 54M for its classifiers).
+# The presets, counted for 3-channel images on PyTorch's `meta` device,
+# which allocates no memory: even the 559M-parameter ImageNet 512 model
+# costs nothing. The counts equal the paper's (296M for ImageNet 64; 65M,
+# 43M, 54M and 54M for its classifiers).
 
 # %%
 def preset_row(kind: str, name: str) -> tuple:
@@ -792,16 +693,15 @@ assert counts["classifier", "imagenet128"] == "42.6M"
 # %% [markdown]
 # ## 4.3 What a step draws
 #
-# A step of the reference draws its batch from a shuffling data loader,
-# and its timesteps, noise and dropout from the global generator, so a
-# resumed run, or one on another number of GPUs, draws other numbers
-# than the run it continues. Here every step's draws are a function of
-# `(seed, step)` alone. With global batch size $B$, the batch of step $s$
-# is the slice $[sB, (s+1)B)$ of an endless sequence of seeded shuffles
-# of the data (the foundation's `BatchOrder`), and with $W$ processes
-# rank $r$ reads rows $[rB/W, (r+1)B/W)$ of it (`RankBatches`): step 7's
-# batch is the same whether or not steps 0 to 6 were drawn, and two
-# ranks' shares make the global batch:
+# The reference draws its batches from a shuffling loader and its
+# timesteps, noise and dropout from the global generator, so a resumed
+# run, or one on more GPUs, draws other numbers than the run it
+# continues. Here a step's draws are a function of `(seed, step)` alone.
+# With global batch size $B$, step $s$'s batch is the slice
+# $[sB, (s+1)B)$ of an endless sequence of seeded shuffles of the data
+# (the foundation's `BatchOrder`), of which rank $r$ of $W$ reads rows
+# $[rB/W, (r+1)B/W)$ (`RankBatches`): step 7's batch does not depend on
+# steps 0 to 6 having been drawn, and two ranks' shares make it whole:
 
 # %%
 from adm_lib.data import BatchOrder, RankBatches
@@ -825,7 +725,7 @@ import torch
 from torch import Tensor
 
 from adm_lib.config import TrainConfig
-from adm_lib.data import DataError, ImageDataset, count_classes, load_dataset
+from adm_lib.data import ImageDataset, count_classes, open_run_data
 from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
 from adm_lib.seeds import row_noise, step_seed
@@ -833,11 +733,10 @@ from adm_lib.seeds import row_noise, step_seed
 # %% [markdown]
 # The rest comes from generators seeded by `(seed, step)`: the few
 # numbers per image (timesteps, flips, the classifier's noise-free picks,
-# the labels dropped for classifier-free guidance) for the whole global
-# batch, and the noise row by row, row $i$ from `(seed, step, i)`
-# (`adm_lib.seeds.row_noise`), so that a rank draws only its own rows
-# (appendix R.6). Only dropout uses PyTorch's global generator, whose
-# state every checkpoint keeps.
+# the labels dropped for classifier-free guidance) for the whole batch,
+# and the noise row by row from `(seed, step, i)` (`row_noise`), so a
+# rank draws only its own rows. Only dropout uses PyTorch's global
+# generator, whose state every checkpoint keeps.
 
 # %%
 #| export batches
@@ -863,11 +762,7 @@ class StepDraws:
 def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
               shape: tuple[int, ...], device: torch.device,
               stream: int = 0, rows: slice = slice(None)) -> StepDraws:
-    """Timesteps, importance weights, noise and flips of `rows` of a batch.
-
-    `rows` of the global batch (all by default) are drawn as they are in a
-    draw of the whole batch. `stream` 0 is training; evaluation uses 1.
-    """
+    """The draws of `rows` of a batch; `stream` 0 trains, 1 evaluates."""
     n = config.batch_size
     g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
     t, weights = sampler.sample(n, "cpu", g)
@@ -898,32 +793,18 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 # %% [markdown]
-# The data come from `adm_lib.data.load_dataset` at the configured size;
-# `in_channels` and `num_classes` of 0 are taken from the data (where
-# `count_classes` refuses a label far above the others, likely a typo),
-# so the saved configuration is complete. A classifier holds out images
-# to measure its accuracy on; the other kinds train on all of them.
+# The data come from the foundation's `load_dataset` at the configured
+# size; `in_channels` and `num_classes` of 0 are taken from them, so the
+# saved configuration is complete. A classifier holds out images to
+# measure its accuracy on; the other kinds train on all of them.
 
 # %%
 #| export batches
 def open_data(config: TrainConfig, source: str | None = None
               ) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
-    source = config.data if source is None else source
-    if not source:
-        raise TrainError(f"this {config.kind} preset has no data set of its "
-                         "own: set data=PATH (a folder, .zip or .npz)")
-    try:
-        data = load_dataset(source, resolution=config.image_size)
-    except DataError as err:
-        raise TrainError(f"data {source!r}: {err}") from None
-    if config.in_channels and data.channels != config.in_channels:
-        colour = "colour" if data.channels == 3 else "greyscale"
-        raise TrainError(
-            f"data {source!r} has {colour} images ({data.channels} "
-            f"channel(s)) but in_channels={config.in_channels}: set "
-            f"in_channels={data.channels}, or 0 to take the data's")
-    return data
+    return open_run_data(config.data if source is None else source,
+                         config.image_size, config.in_channels)
 
 
 def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
@@ -951,13 +832,9 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
 #| export batches
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
-    """Training and held-out images: (set, indices) twice.
-
-    A classifier holds out `val_data`, or else a seeded `val_fraction` of
-    the data; diffusion models and upsamplers train on all of it. Held-out
-    indices come in a seeded random order, so their first images (for
-    grids and evaluation) are a fair sample even of a sorted data set.
-    """
+    """Training and held-out images: (set, indices) twice."""
+    # Held-out images in a seeded order: the first few (grids, evaluation)
+    # are a fair sample even of a sorted data set.
     g = torch.Generator().manual_seed(step_seed(config.seed, 6))
     perm = torch.randperm(len(data), generator=g)
     if config.kind != "classifier":
@@ -977,23 +854,21 @@ def split_data(config: TrainConfig, data: ImageDataset
 #
 # The three kinds of model differ only in their per-image loss:
 #
-# * a **diffusion model** minimises chapter 2's `training_losses`: the
-#   hybrid $L_\text{simple} + \lambda L_\text{vlb}$ when it learns its
-#   variance, else $L_\text{simple}$. With `label_dropout` $> 0$ that
-#   share of its labels becomes an extra "null" label, `num_classes`, so
-#   it also learns the unconditional model that classifier-free guidance
-#   needs (chapter 6);
+# * a **diffusion model** minimises chapter 2's `training_losses`, the
+#   hybrid $L_\text{simple} + \lambda L_\text{vlb}$ or $L_\text{simple}$.
+#   With `label_dropout` $> 0$ that share of its labels becomes an extra
+#   "null" label, `num_classes`, so it also learns the unconditional
+#   model that classifier-free guidance needs (chapter 6);
 # * an **upsampler** (chapter 7) minimises the same loss, given the
 #   batch's images area-down-sampled, as the reference makes them;
 # * a **noisy classifier** (chapter 6) minimises the cross-entropy of the
-#   label given $x_t$ at a random $t$, because guidance needs
+#   label given $x_t$ at a random $t$: guidance needs
 #   $\nabla_{x_t} \log p(y \mid x_t)$ at every noise level.
 #   `clean_fraction` shows a share of the images noise-free, and
 #   `noised=false` all of them: the plain classifier.
 #
-# The loop weights the per-image terms by the timestep sampler's
-# importance weights (all ones for the uniform sampler) and logs each,
-# overall and by quartile of $t$, as the reference does.
+# The loop weights the terms by the timestep sampler's importance
+# weights and logs each, overall and by quartile of $t$.
 
 # %%
 #| export objectives
@@ -1111,7 +986,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -1157,14 +1031,15 @@ from adm_lib.ranks import (
     Ranks,
     data_parallel,
     micro_sync,
-    setup_ranks,
     sum_ranks,
 )
 from adm_lib.runlog import evaluate_classifier, sample_grid
 from adm_lib.runs import (
     StepResult,
+    exclude_pause,
     gather_steps,
     prepare_run,
+    run_session,
     save_run,
     seed_dropout,
     skip_step,
@@ -1172,17 +1047,14 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 # %% [markdown]
-# Does bf16 change what a run learns? Two runs of the demo's model (4.9)
-# from one seed, in float32 and under bf16 autocast, see the same batches,
-# timesteps and noise, so their per-step losses pair up, and the gap's
-# standard error is that of the mean per-step difference, from which the
-# batch-to-batch spread of the loss cancels. Over 400 steps at batch 4
-# this paired test does see bf16's rounding (one window of 100 steps is
-# 3.1 standard errors off), but every window's gap is under 0.7% of the
-# loss, and of either sign: bf16 is not worse in a consistent direction
-# (appendix M.2 has the table, and 1,000 steps emulated and native). The
-# rest of the fast path on a GPU (TF32, cuDNN's autotuner, channels_last)
-# and bit-exact GPU runs are the foundation's: appendix R.4 and R.7.
+# Does bf16 change what a run learns? Two runs of the demo's model from
+# one seed, in float32 and in bf16, see the same batches, timesteps and
+# noise, so their per-step losses pair up and the batch-to-batch spread
+# cancels from the gap. Over 400 steps at batch 4 this paired test sees
+# bf16's rounding (one window of 100 steps 3.1 standard errors off), but
+# every window's gap is under 0.7% of the loss, of either sign
+# (appendix M.2). The rest of the fast path on a GPU, and bit-exact GPU
+# runs, are the foundation's (appendix R.4 and R.7).
 
 # %% [markdown]
 # ## 4.6 The exponential moving average
@@ -1206,11 +1078,7 @@ def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module,
                decay: float | Tensor) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter.
-
-    `decay` may be a tensor on the model's device: the training loop passes
-    1 for a skipped step without asking the host.
-    """
+    """ema <- decay * ema + (1 - decay) * model; `decay` may be a tensor."""
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     # ema + (1 - decay)(model - ema), spelled out: lerp takes no tensor
@@ -1343,12 +1211,7 @@ def accumulate_gradients(
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
     device: torch.device,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward and backward over micro-batches; the rank's loss and terms.
-
-    Each micro-batch's loss is summed and divided by the rank's whole batch,
-    and DDP averages over ranks, so the gradient is the global batch's mean
-    however it is split. DDP synchronises only on the last micro-batch.
-    """
+    """Forward and backward over micro-batches; the rank's loss and terms."""
     objective = (classifier_terms if config.kind == "classifier"
                  else diffusion_terms)
     precision = resolve_precision(config.precision, device)
@@ -1384,13 +1247,7 @@ def accumulate_gradients(
 #| export
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
-    """Clip, step AdamW and the EMAs unless the step is not finite.
-
-    Returns (global loss is finite, gradient norm) as device tensors; the
-    host waits for neither. A non-finite loss or gradient skips the step
-    on every rank; with fp16 the scaler also lowers its scale when the
-    gradient overflowed.
-    """
+    """Clip, step AdamW and the EMAs; (loss finite, norm) on the device."""
     state.scaler.unscale_(state.optimizer)
     params = [p for p in state.model.parameters() if p.grad is not None]
     if config.grad_clip:
@@ -1495,11 +1352,7 @@ from adm_lib.seeds import step_seed
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
                 device: torch.device) -> Tensor:
-    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth).
-
-    The noise, the labels (every class in turn) and the upsampler's inputs
-    are the same at every call, so grids over training are comparable.
-    """
+    """Fixed-noise samples for a grid (upsamplers: low-res, sample, truth)."""
     n = config.num_samples
     shape = (n, config.in_channels, config.image_size, config.image_size)
     g = torch.Generator(device).manual_seed(step_seed(config.seed, 5))
@@ -1534,11 +1387,7 @@ def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
 def evaluate_classifier(config: TrainConfig, diffusion: GaussianDiffusion,
                         model: Model, data: ImageDataset, indices: Tensor,
                         device: torch.device) -> dict[str, float]:
-    """Loss and top-1/top-5 accuracy on held-out images at random t.
-
-    The timesteps and noise are seeded, so every evaluation sees the same
-    noised images and the numbers are comparable over training.
-    """
+    """Loss and top-1/top-5 accuracy on held-out images at seeded t."""
     chosen = indices[:config.eval_images or len(indices)]
     sampler = UniformSampler(diffusion.num_timesteps)
     eval_config = replace(config, batch_size=len(chosen), random_flip=False)
@@ -1587,21 +1436,13 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
           init: Init | None = None, watch: Watch | None = None) -> Path:
     """Train `config` in the run folder `out`; the last checkpoint's path.
 
-    Run under torchrun for data-parallel training. With `resume`, a run
-    continues from its newest readable checkpoint and reproduces the
-    uninterrupted run; without it, `out` must hold no checkpoint. A run
-    with no checkpoint yet starts from the weights `init` loads, if given;
-    `watch` looks at the EMA at its own interval.
+    With `resume`, a run continues from its newest readable checkpoint as
+    if never stopped; without it, `out` must hold no checkpoint.
     """
     validate(config)
-    ranks = setup_ranks(config.device)
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock
-            return _train(config, Path(out), resume, progress, ranks, held,
-                          init, watch)
-    finally:
-        if ranks.owns_group:
-            dist.destroy_process_group()
+    with run_session(config.device) as (ranks, held):
+        return _train(config, Path(out), resume, progress, ranks, held,
+                      init, watch)
 
 # %%
 #| export
@@ -1731,12 +1572,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
         if log and watch and (state.step % watch.interval == 0 or done):
             watch(config, diffusion, state.ema[config.ema_rate[0]], data,
                   out, log, state.step, device)
-        paused = time.perf_counter() - pause
-        if log:
-            log.started += paused
-        if not bar.disable:  # tqdm's own clock, as its unpause() moves it
-            bar.start_t += paused
-            bar.last_print_t += paused
+        exclude_pause(bar, log, time.perf_counter() - pause)
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 
@@ -1772,111 +1608,6 @@ def record_steps(config: TrainConfig, state: TrainState,
             log.add(t, terms, norm)
 
 # %% [markdown]
-# A finished run is a folder; `load_run` rebuilds its network from the
-# configuration stored in the checkpoint, with the EMA weights by default,
-# for sampling (chapter 6), evaluation (chapter 5) or fine-tuning. What it
-# returns, a `TrainedModel`, is also what the reference's released files
-# load into (appendix on released checkpoints).
-
-# %%
-#| export models
-"""A trained model: a network with its diffusion, the configuration that
-built it and where it came from, loaded from a run folder (`load_run`) or,
-through `adm_lib.compat`, from the reference's released files."""
-import os
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from torch import nn
-
-from adm_lib.checkpoints import read_weights
-from adm_lib.config import (
-    TrainConfig,
-    build_diffusion,
-    build_model,
-    config_from_dict,
-)
-from adm_lib.diffusion import GaussianDiffusion
-from adm_lib.errors import TrainError
-
-
-@dataclass
-class TrainedModel:
-    """A network with its diffusion, its configuration and its source."""
-
-    model: nn.Module
-    diffusion: GaussianDiffusion
-    config: TrainConfig
-    path: Path
-    step: int = 0
-    weights: str = "ema"  # "ema", an EMA rate, "model" or "reference"
-    respacing: str = ""  # the respacing its source asks for, if any
-
-    @property
-    def kind(self) -> str:
-        """"diffusion", "classifier" or "upsampler"."""
-        return self.config.kind
-
-    @property
-    def image_size(self) -> int:
-        """The size of the images it makes (an upsampler: its output's)."""
-        return self.config.image_size
-
-    @property
-    def in_channels(self) -> int:
-        """Its images' channels."""
-        return self.config.in_channels
-
-    @property
-    def num_classes(self) -> int:
-        """The labels it takes; 0 for an unconditional model."""
-        c = self.config
-        return c.num_classes if c.kind == "classifier" or c.class_cond else 0
-
-    @property
-    def null_label(self) -> int | None:
-        """Classifier-free guidance's label, if it trained with one."""
-        return self.config.num_classes if self.config.label_dropout else None
-
-    @property
-    def small_size(self) -> int:
-        """An upsampler's input size; 0 for other kinds."""
-        return self.config.small_size if self.kind == "upsampler" else 0
-
-    @property
-    def low_res_noise(self) -> int:
-        """The largest step an upsampler's input was noised to in training."""
-        return self.config.low_res_noise if self.kind == "upsampler" else 0
-
-    @property
-    def source(self) -> str:
-        """Where it came from, for messages."""
-        if self.weights == "reference":
-            return f"{self.path} (reference flags)"
-        return f"{self.path} (step {self.step}, {self.weights} weights)"
-
-
-def load_run(path: str | os.PathLike, weights: str = "ema",
-             device: str | torch.device = "cpu") -> TrainedModel:
-    """The network of a run folder (newest checkpoint) or checkpoint file.
-
-    `weights` is "ema" (the first EMA rate), an EMA rate such as "0.9999",
-    or "model" for the raw weights.
-    """
-    path, state, chosen = read_weights(path, weights)
-    try:
-        config = config_from_dict(state["config"])
-    except TrainError as err:
-        raise TrainError(f"{path}: its config does not fit this adm_lib "
-                         f"({err})") from None
-    model = build_model(config)
-    model.load_state_dict(chosen)
-    model.to(device).eval().requires_grad_(False)
-    return TrainedModel(model, build_diffusion(config), config, path,
-                        state["step"], weights)
-
-# %% [markdown]
 # ## 4.8 Three models
 #
 # The diffusion model of 4.1 has two companions, runs of the same loop: a
@@ -1884,7 +1615,7 @@ def load_run(path: str | os.PathLike, weights: str = "ema",
 # upsampler, chapter 7's second stage. The upsampler takes 4.1's recipe
 # too (`-p settings "{}"` gives the preset's: $\epsilon$, learned
 # variances), the classifier its preset's, its learning rate annealed to
-# zero. `load_run` rebuilds each from its newest checkpoint alone.
+# zero.
 
 # %%
 started = time.perf_counter()
@@ -1894,14 +1625,10 @@ train(small("classifier", steps=classifier_steps,
 train(small("upsampler", steps=train_steps, **snapshots, **settings),
       runs / "upsampler")
 print(f"two runs: {time.perf_counter() - started:.0f} s")
-for kind in KINDS:
-    loaded = load_run(runs / kind)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    print(f"{kind:<11} {type(loaded.model).__name__:<16} step "
-          f"{loaded.step:>5}  {params / 1e6:.2f}M parameters")
-    assert loaded.step == loaded.config.steps
 metrics = {kind: read_metrics(runs / kind) for kind in KINDS}
-assert all(metrics.values())
+steps = {"diffusion": train_steps, "upsampler": train_steps,
+         "classifier": classifier_steps}
+assert all(metrics[k][-1]["step"] == steps[k] for k in KINDS)
 
 # %% [markdown]
 # The diffusion model's $L_\text{simple}$ by quartile of $t$. What is
@@ -1955,61 +1682,47 @@ plt.show()
 assert up.exists()
 
 # %% [markdown]
-# At the recorded run's length (appendix M.3: 1,500 steps of batch 32 for
-# the diffusion model and the upsampler, 1,000 for the classifier) the
-# diffusion model's loss in $x_0$ falls from 0.203 to 0.050, 0.133 in the
-# noisiest quartile against 0.0049 in the least noisy, and the noisiest
-# quartile falls little after step 500: at $t$ near $T$ the best
-# prediction is a blurred mean of digits, which the sampler's later, less
-# noisy steps sharpen. The upsampler, which sees its 8-pixel input, has a
-# sixth of that loss at q3. The classifier puts 77.2% of 500 held-out
-# images (EMA: 77.4%, each $\pm$ 1.9 points) in the right class, on
-# images at uniformly random noise levels, most of them heavily noised.
+# In the recorded run (appendix M.3) the diffusion model's loss in $x_0$
+# falls from 0.203 to 0.050, 0.133 in the noisiest quartile against
+# 0.0049 in the least noisy; the upsampler, which sees its 8-pixel input,
+# has a sixth of that loss at q3; the classifier puts 77.2% of 500
+# held-out noised images (EMA: 77.4%, each $\pm$ 1.9 points) in the
+# right class.
 #
 # ![Loss curves of the recorded CPU run](figures/04_cpu_run_curves.png)
 
 # %% [markdown]
 # ## 4.9 A recipe for minutes
 #
-# The paper's recipe (predict $\epsilon$, learn the variances with
-# $L_\text{hybrid}$, an EMA at 0.9999) is made for hundreds of thousands
-# of steps; with a few hundred, `adm demo`'s digits sat on grey
-# backgrounds and were mostly not of the class asked for. So recipes were
-# measured as the demo uses them: MNIST-5k, batch 32, learning rate
-# $10^{-3}$, one training seed, each checkpoint sampled 20 times per digit
-# ($n = 200$) and scored by chapter 5's MNIST network: the share in the
-# class asked for, with its standard error of 2 to 3.5 points. The study
-# is appendix M.5; M.8 recomputes the gaps quoted here.
+# The paper's recipe (predict $\epsilon$, learn the variances, an EMA at
+# 0.9999) is made for hundreds of thousands of steps; with a few hundred,
+# `adm demo`'s digits sat on grey backgrounds, mostly not of the class
+# asked for. Recipes were measured as the demo uses them (MNIST-5k, batch
+# 32, learning rate $10^{-3}$, 200 samples per checkpoint scored by
+# chapter 5's MNIST network: the share in the class asked for, $\pm$ 2 to
+# 3.5 points; appendix M.5 has the study, M.8 the error bars):
 #
-# * **Predict $x_0$ under $L_\text{simple}$.** At 400 steps the paper's
-#   recipe put 16.0% of its samples in the class asked for, predicting
-#   $x_0$ with learned variances 15.0%, and predicting $x_0$ with fixed
-#   variances 76.5%, $61.5 \pm 3.9$ points above. Early on the
-#   $L_\text{vlb}$ term was the larger, and the network fitted
-#   $L_\text{simple}$ worse with it. No arm predicted $\epsilon$ under
-#   $L_\text{simple}$, so this says nothing of the target alone.
+# * **Predict $x_0$ under $L_\text{simple}$.** At 400 steps: 76.5% in
+#   class, against 16.0% for the paper's recipe and 15.0% for $x_0$ with
+#   learned variances ($61.5 \pm 3.9$ points); early on the
+#   $L_\text{vlb}$ term dominated, and the mean fitted worse with it.
+# * **Guide ancestrally.** With a noisy classifier at scale 1, 25 DDIM
+#   steps put 48.5% in class, 25 ancestral steps 95.0%
+#   ($46.5 \pm 3.9$): DDIM's first step, at the cosine schedule's clipped
+#   $\beta_T$, moves $x$ by $1{,}326\,g$ for the classifier's gradient $g$
+#   (chapter 6.1).
+# * **A leaner network** (one-convolution resampling, 32 channels at
+#   $16 \times 16$) learned as much per step ($3.5 \pm 3.1$ points ahead)
+#   in 0.60 of the time.
 # * **Not settled:** the EMA at 0.95 ($4.5 \pm 3.1$ points above the raw
-#   weights at 800 steps; 0.999: $2.5 \pm 3.2$) and the learning rate
-#   ($2 \times 10^{-3}$: $5.0 \pm 3.6$ points behind). The demo keeps
-#   0.95, which with 4.6's warm-up averages about the last twenty steps,
-#   and $10^{-3}$.
-# * **Guide ancestrally.** Guided at scale 1 by a noisy classifier, 25
-#   DDIM steps put 48.5% in class and 25 ancestral steps 95.0%
-#   ($46.5 \pm 3.9$ points). DDIM's first step, at the cosine schedule's
-#   clipped $\beta_T$, moves $x$ by $1{,}326\,g$ for the classifier's
-#   gradient $g$, against $0.97\,g$ at the next (chapter 6.1).
-# * **A leaner network** (one-convolution resampling rather than BigGAN's
-#   residual blocks, 32 channels at $16 \times 16$) learned as much per
-#   step ($3.5 \pm 3.1$ points ahead at 400 steps) in 0.60 of the
-#   preset's time a step.
+#   weights; 0.999: $2.5 \pm 3.2$) and the learning rate
+#   ($2 \times 10^{-3}$: $5.0 \pm 3.6$ behind). The demo keeps both.
 #
-# With these together and a 400-step classifier, a CPU with native bf16
-# trains the demo's model 800 steps: four training seeds then put 95.0%
-# of their guided digits in class, the seeds' means $\pm 0.8$ points
-# apart, less than one demo's own $\pm 1.5$. bf16 learned what float32
-# did (at 400 steps, $2.0 \pm 1.8$ points apart) three times faster a
-# step, so a CPU without it trains 350 steps, about five minutes. No
-# conclusion rests on FID, which at $n = 200$ has a floor (appendix M.5).
+# Together, with a 400-step classifier, 800 steps in bf16 put 95.0% of
+# the guided digits in class, four training seeds' means $\pm 0.8$ points
+# apart; bf16 learned what float32 did ($2.0 \pm 1.8$ points apart) three
+# times faster a step, so a CPU without it trains 350 steps, about five
+# minutes. No conclusion rests on FID, which at $n = 200$ has a floor.
 #
 # ![The demo's guided accuracy and FID against training minutes, in
 # bf16](figures/04_demo_curve_bf16.png)
@@ -2019,8 +1732,7 @@ assert up.exists()
 #
 # * A run is one `TrainConfig` and a folder; the paper's models are
 #   presets, with the reference's released flags and the optimisation of
-#   the paper's Tables 11 to 13. `train` trains one, `load_run` gives back
-#   its network.
+#   the paper's Tables 11 to 13; `train` trains one.
 # * Every step's draws are a function of `(seed, step)`, so a resumed run,
 #   or one split over processes, draws what the uninterrupted one does.
 # * The three kinds of model differ only in their per-image loss.
@@ -2032,37 +1744,34 @@ assert up.exists()
 # * For runs of minutes, predict $x_0$ under $L_\text{simple}$ and guide
 #   ancestrally.
 #
-# Chapter 5 trains chapter 3's ablations with this loop and measures them;
-# chapter 6 guides a class-conditional model with a noisy classifier it
-# trains.
+# Chapter 5 loads runs back (`load_run`), trains chapter 3's ablations
+# with this loop and measures them; chapter 6 guides a class-conditional
+# model with a noisy classifier it trains.
 
 # %% [markdown]
 # ## Exercises
 #
-# 1. **The EMA's warm-up.** Show that while $\frac{1+k}{10+k} < r$ the
-#    warm-up keeps $\prod_{k<n} \frac{1+k}{10+k} = 1 / \binom{n+9}{9}$ of
-#    the initial weights after $n$ updates. Predict the update at which
-#    `ema_decay` first returns $r$, for the paper's 0.9999 and the demo's
-#    0.95, then check, and check the product against `warm` of 4.6.
-# 2. **The EMA's rate.** Past its warm-up, an EMA at rate $r$ gives the
-#    weights of $k$ steps ago the weight $(1-r) r^k$. Predict how many of
-#    the last steps carry half of the average at $r = 0.9999$ and at
-#    $r = 0.95$, and which rate a run of 800 steps (the demo's) can use,
-#    then check by computing the weights.
-# 3. **The hybrid's $\lambda$.** `training_losses` adds
+# 1. **The EMA's warm-up and rate.** Show that while
+#    $\frac{1+k}{10+k} < r$ the warm-up keeps $1 / \binom{n+9}{9}$ of the
+#    initial weights after $n$ updates, and predict the update at which
+#    `ema_decay` first returns $r$, for 0.9999 and the demo's 0.95. Past
+#    its warm-up an EMA gives the weights of $k$ steps ago the weight
+#    $(1-r) r^k$: predict how many of an 800-step run's last steps carry
+#    half of its average at each rate. Check all three.
+# 2. **The hybrid's $\lambda$.** `training_losses` adds
 #    $\lambda T \cdot L_t$ to each image's $L_\text{simple}$, where $L_t$ is
 #    the sampled step's term of the bound. Predict that weight for
 #    $T = 1000$ and $T = 4000$, with `rescale_learned_sigmas` (the paper's
 #    $\lambda = 0.001$) and without (the reference's default), and predict
 #    which of the network's outputs, the mean's channels or the
 #    variance's, receive a gradient from $L_t$. Check both.
-# 4. **The loss-aware sampler.** `LossAwareSampler` draws $t$ with
+# 3. **The loss-aware sampler.** `LossAwareSampler` draws $t$ with
 #    $p_t \propto \sqrt{E[L_t^2]}$ and weights each loss by
 #    $w_t = 1/(T p_t)$. Show that the weighted loss has the expectation of
 #    uniform sampling. For four steps whose losses are always 8, 4, 2 and
 #    1, predict $p_t$ and the variance of the weighted loss against
 #    uniform sampling's, then check.
-# 5. **fp16 and bf16.** From float16's 5 exponent and 10 mantissa bits,
+# 4. **fp16 and bf16.** From float16's 5 exponent and 10 mantissa bits,
 #    derive its largest finite value and its smallest positive
 #    (subnormal) one; then bfloat16's, from 8 and 7. Check them with
 #    `torch.finfo` and by casting powers of two, and find them on the plot
@@ -2070,35 +1779,22 @@ assert up.exists()
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 1.** While the warm-up rules, the decay at update $k$ is
-# $\frac{1+k}{10+k}$, so the product telescopes in blocks of nine:
+# $\frac{1+k}{10+k}$, and the product telescopes in blocks of nine:
 # $\prod_{k<n} \frac{k+1}{k+10} = \frac{n!\,9!}{(n+9)!} =
-# 1/\binom{n+9}{9}$. The decay reaches $r$ when $\frac{1+n}{10+n} \ge r$,
-# that is $n \ge \frac{10r - 1}{1 - r}$: update 170 for 0.95 and 89,990 for
-# 0.9999 (the first is update 0), far beyond the MNIST preset's 5,000
-# steps: the paper's rate with the warm-up averages roughly the last
-# tenth of any run shorter than that.
+# 1/\binom{n+9}{9}$. The decay reaches $r$ at $n \ge \frac{10r - 1}{1 - r}$:
+# update 170 for 0.95, 89,990 for 0.9999, far beyond the MNIST preset's
+# 5,000 steps. The last $k$ steps carry $1 - r^k$ of the average, half at
+# $k = \ln 2 / (1 - r)$: 13.9 steps at 0.95, 6,931 at 0.9999. But within
+# 800 updates the warm-up's decay stays below any rate above
+# $801/810 = 0.989$, so all such rates give one average, half of it from
+# the last 60 steps: an 800-step run cannot use 0.9999 as such.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 from math import comb
 
 from adm_lib.train import ema_decay
 
-first = {r: next(n for n in range(200_000) if ema_decay(r, n) == r)
-         for r in (0.95, 0.9999)}
-print("first update at the rate:", first)
-assert first == {0.95: 170, 0.9999: 89_990}
-assert np.isclose(warm, 1 / comb(109, 9), rtol=1e-9)
 
-# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 2.** The last $k$ steps carry $1 - r^k$ of the average, half
-# when $k = \ln 2 / (1 - r)$: 6,931 steps at 0.9999, 13.9 at 0.95. An
-# 800-step run cannot use 0.9999 as such: the warm-up's decay
-# $\frac{1+n}{10+n}$ stays below any rate above $801/810 = 0.989$ for all
-# 800 updates, so every such rate gives the same average, half of it from
-# the last 60 steps. Below that the rate decides: 0.95 takes over at
-# update 170, and then half the average is the last 14 steps.
-
-# %% jupyter={"source_hidden": true} tags=["solution"]
 def ema_weights(rate: float, n: int) -> np.ndarray:
     """The weight of each update's weights in the average after n."""
     decays = np.array([ema_decay(rate, k) for k in range(n)])
@@ -2106,17 +1802,19 @@ def ema_weights(rate: float, n: int) -> np.ndarray:
     return (1 - decays) * later
 
 
-halves = {}
-for rate in (0.9999, 0.95):
-    w = ema_weights(rate, 800)[::-1]  # newest first
-    half = int(np.searchsorted(np.cumsum(w), 0.5)) + 1
-    print(f"r = {rate}: half of the average from the last {half} steps")
-    halves[rate] = half
+first = {r: next(n for n in range(200_000) if ema_decay(r, n) == r)
+         for r in (0.95, 0.9999)}
+halves = {r: int(np.searchsorted(np.cumsum(ema_weights(r, 800)[::-1]),
+                                 0.5)) + 1 for r in (0.9999, 0.95)}
+print("first update at the rate:", first, "; half of the average from "
+      "the last steps:", halves)
+assert first == {0.95: 170, 0.9999: 89_990}
+assert np.isclose(warm, 1 / comb(109, 9), rtol=1e-9)
 assert halves == {0.9999: 60, 0.95: 14}  # ln 2 / 0.05 = 13.9
 assert np.allclose(ema_weights(0.99, 800), ema_weights(0.9999, 800))
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 3.** The weight is `lambda_vlb` $\times T$. The reference's
+# **Solution 2.** The weight is `lambda_vlb` $\times T$. The reference's
 # default sets $\lambda = 1/T$, so the weight is 1 at any $T$; the paper's
 # $\lambda = 0.001$ gives $T/1000$: 1 at $T = 1000$, 4 at $T = 4000$.
 # Since $L_\text{vlb} = \sum_t L_t$ is $T$ times the mean $L_t$, the
@@ -2144,7 +1842,7 @@ terms["vb"].sum().backward()
 assert output.grad[:, 0].abs().max() == 0 < output.grad[:, 1].abs().max()
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 4.** $E_{t \sim p}[w_t L_t] = \sum_t p_t L_t / (T p_t) =
+# **Solution 3.** $E_{t \sim p}[w_t L_t] = \sum_t p_t L_t / (T p_t) =
 # \frac1T \sum_t L_t$, the uniform expectation, for any $p$ with no zero.
 # With losses 8, 4, 2, 1 every time, $\sqrt{E[L_t^2]} = L_t$, so
 # $p = (8, 4, 2, 1)/15$ (and a 0.1% share of uniform), and
@@ -2170,7 +1868,7 @@ assert np.allclose(p, 0.999 * losses.numpy() / 15 + 0.001 / 4)
 assert abs(weighted.mean() - 3.75) < 0.01 and weighted.var() < 0.01
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 5.** A normal float is $1.f \times 2^{e - b}$ with bias
+# **Solution 4.** A normal float is $1.f \times 2^{e - b}$ with bias
 # $b = 2^{E-1} - 1$ for $E$ exponent bits, the largest exponent field
 # reserved for infinities. float16 ($E = 5$, $b = 15$, 10 mantissa bits):
 # largest $(2 - 2^{-10}) \times 2^{15} = 65{,}504$, smallest subnormal

@@ -28,7 +28,7 @@ from adm_lib.metrics import write_batch
 from adm_lib.viz import to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = {"mnist5k.npz", "featnet_mnist5k.pt", "featnet_cifar10.pt"}
+ASSETS = {"mnist5k.npz", "featnet_mnist5k.pt", "featnet_cifar10.pt", "presets.toml"}
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "adm-demo"
 )

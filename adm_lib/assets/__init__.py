@@ -1,6 +1,8 @@
-"""Files that ship inside the package: the embedded MNIST-5k and the feature nets.
+"""Files that ship inside the package: the embedded MNIST-5k, the feature nets
+and the training presets.
 
-``data/README.md`` describes each file and the scripts in ``data/`` that make them.
+``data/README.md`` describes the first two and the scripts in ``data/`` that make
+them; ``presets.toml`` is read by ``adm_lib.config`` (chapter 4.2).
 They are read through :mod:`importlib.resources`, so an installed wheel finds them
 as an editable checkout does.
 """
