@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:94
+# %% chapters/03_architecture.py:95
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +80,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:150
+# %% chapters/03_architecture.py:151
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -95,7 +95,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:184
+# %% chapters/03_architecture.py:185
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -114,7 +114,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:213
+# %% chapters/03_architecture.py:214
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
@@ -144,7 +144,7 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:244
+# %% chapters/03_architecture.py:245
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
@@ -166,7 +166,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:298
+# %% chapters/03_architecture.py:299
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -174,7 +174,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:321
+# %% chapters/03_architecture.py:322
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -197,7 +197,7 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:350
+# %% chapters/03_architecture.py:351
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
@@ -249,7 +249,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:461
+# %% chapters/03_architecture.py:462
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -274,7 +274,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:493
+# %% chapters/03_architecture.py:494
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -325,7 +325,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:608
+# %% chapters/03_architecture.py:609
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -365,7 +365,7 @@ class BlockFactory:
                                        self.attn(channels), self.res(channels))
 
 
-# %% chapters/03_architecture.py:654
+# %% chapters/03_architecture.py:655
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
@@ -402,7 +402,7 @@ def encoder_blocks(
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:702
+# %% chapters/03_architecture.py:703
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
@@ -473,7 +473,7 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:779
+# %% chapters/03_architecture.py:780
 def decoder_blocks(
     make: BlockFactory, skip_channels: Sequence[int], ds: int,
     model_channels: int, channel_mult: Sequence[float], num_res_blocks: int,
@@ -498,7 +498,7 @@ def decoder_blocks(
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:811
+# %% chapters/03_architecture.py:812
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
@@ -554,7 +554,7 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1075
+# %% chapters/03_architecture.py:1076
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
@@ -608,7 +608,7 @@ def pool_head(
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1130
+# %% chapters/03_architecture.py:1131
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
@@ -650,7 +650,7 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1211
+# %% chapters/03_architecture.py:1212
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
@@ -683,7 +683,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1419
+# %% chapters/03_architecture.py:1420
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,

@@ -87,8 +87,9 @@ if threads:
 # starts from a network that does nothing rather than one that adds noise.
 #
 # The models compute in their parameters' and inputs' dtype (mixed precision
-# is `torch.autocast`'s job), except, as in the reference, a norm's output
-# keeps its input's dtype and the timestep MLP its weights' (3.6).
+# is `torch.autocast`'s job), except, as in the reference, that a norm's
+# output keeps its input's dtype and the timestep MLP runs in its weights'
+# dtype (3.6).
 
 # %%
 #| export
