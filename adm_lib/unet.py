@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-# %% chapters/03_architecture.py:110
+# %% chapters/03_architecture.py:95
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +80,7 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-# %% chapters/03_architecture.py:165
+# %% chapters/03_architecture.py:151
 def timestep_embedding(
     timesteps: Tensor, dim: int, max_period: float = 10000.0
 ) -> Tensor:
@@ -95,7 +95,7 @@ def timestep_embedding(
     return embedding
 
 
-# %% chapters/03_architecture.py:204
+# %% chapters/03_architecture.py:185
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb): features and embedding."""
 
@@ -114,25 +114,18 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-# %% chapters/03_architecture.py:232
+# %% chapters/03_architecture.py:214
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-    ) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2,
+                 out_channels: int | None = None) -> None:
         super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels or channels
         self.use_conv, self.dims = use_conv, dims
         if use_conv:
-            self.conv = conv_nd(
-                dims, channels, self.out_channels, 3, padding=1
-            )
+            self.conv = conv_nd(dims, channels, self.out_channels, 3,
+                                padding=1)
         elif self.out_channels != channels:
             raise ValueError("changing channels needs use_conv=True")
 
@@ -151,26 +144,18 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% chapters/03_architecture.py:275
+# %% chapters/03_architecture.py:245
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-    ) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2,
+                 out_channels: int | None = None) -> None:
         super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels or channels
         stride = (1, 2, 2) if dims == 3 else 2
         if use_conv:
-            self.op = conv_nd(
-                dims, channels, self.out_channels, 3,
-                stride=stride, padding=1,
-            )
+            self.op = conv_nd(dims, channels, self.out_channels, 3,
+                              stride=stride, padding=1)
         elif self.out_channels == channels:
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
         else:
@@ -181,7 +166,7 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-# %% chapters/03_architecture.py:339
+# %% chapters/03_architecture.py:299
 def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     """AdaGN: norm(h) * (1 + y_s) + y_b, with (y_s, y_b) the halves of e."""
     scale, shift = e.chunk(2, dim=1)
@@ -189,7 +174,7 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
     return torch.addcmul(shift, norm(h), 1 + scale)
 
 
-# %% chapters/03_architecture.py:368
+# %% chapters/03_architecture.py:322
 def rescaled(h: Tensor, scale: float) -> Tensor:
     """h times the residual scale, without a pass when the scale is 1."""
     return h if scale == 1 else h * scale
@@ -212,22 +197,15 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
     return block._forward(*inputs)
 
 
-# %% chapters/03_architecture.py:398
+# %% chapters/03_architecture.py:351
 class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
     def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        dropout: float,
-        out_channels: int | None = None,
-        use_conv: bool = False,
-        use_scale_shift_norm: bool = False,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        up: bool = False,
-        down: bool = False,
+        self, channels: int, emb_channels: int, dropout: float,
+        out_channels: int | None = None, use_conv: bool = False,
+        use_scale_shift_norm: bool = False, dims: int = 2,
+        use_checkpoint: bool = False, up: bool = False, down: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -271,7 +249,7 @@ class ResBlock(TimestepBlock):
         return rescaled(self.skip_connection(x) + h, self.residual_scale)
 
 
-# %% chapters/03_architecture.py:523
+# %% chapters/03_architecture.py:462
 class QKVAttention(nn.Module):
     """Multi-head attention over the positions of a [N, T, 3*C] qkv."""
 
@@ -296,7 +274,7 @@ class QKVAttention(nn.Module):
         return out.transpose(1, 2).reshape(n, length, heads * ch)
 
 
-# %% chapters/03_architecture.py:559
+# %% chapters/03_architecture.py:494
 def positionwise(conv: nn.Conv1d, h: Tensor) -> Tensor:
     """A 1x1 conv applied to [..., C] features with channels last."""
     # Contiguous, F.linear is one matrix product; a transposed view would
@@ -320,12 +298,8 @@ class AttentionBlock(nn.Module):
     """Residual self-attention over the spatial positions of a feature map."""
 
     def __init__(
-        self,
-        channels: int,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_checkpoint: bool = False,
-        use_new_attention_order: bool = False,
+        self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+        use_checkpoint: bool = False, use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -334,9 +308,8 @@ class AttentionBlock(nn.Module):
         self.residual_scale = 2**-0.5 if rescale_residual else 1.0
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.attention = QKVAttention(
-            self.num_heads, legacy_order=not use_new_attention_order
-        )
+        legacy = not use_new_attention_order
+        self.attention = QKVAttention(self.num_heads, legacy_order=legacy)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -352,7 +325,7 @@ class AttentionBlock(nn.Module):
         return rescaled(x + h, self.residual_scale).reshape(n, c, *spatial)
 
 
-# %% chapters/03_architecture.py:683
+# %% chapters/03_architecture.py:609
 @dataclass
 class BlockFactory:
     """Builds residual and attention blocks with the options they share."""
@@ -367,13 +340,8 @@ class BlockFactory:
     use_new_attention_order: bool = False
     rescale_residual: bool = False
 
-    def res(
-        self,
-        channels: int,
-        out_channels: int | None = None,
-        up: bool = False,
-        down: bool = False,
-    ) -> ResBlock:
+    def res(self, channels: int, out_channels: int | None = None,
+            up: bool = False, down: bool = False) -> ResBlock:
         """A residual block from channels to out_channels."""
         return ResBlock(
             channels, self.emb_channels, self.dropout, out_channels,
@@ -393,28 +361,22 @@ class BlockFactory:
 
     def middle(self, channels: int) -> TimestepEmbedSequential:
         """The bottleneck: residual block, attention, residual block."""
-        return TimestepEmbedSequential(
-            self.res(channels), self.attn(channels), self.res(channels)
-        )
+        return TimestepEmbedSequential(self.res(channels),
+                                       self.attn(channels), self.res(channels))
 
 
-# %% chapters/03_architecture.py:737
+# %% chapters/03_architecture.py:655
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
-    return nn.Sequential(
-        nn.Linear(model_channels, dim), nn.SiLU(), nn.Linear(dim, dim)
-    )
+    return nn.Sequential(nn.Linear(model_channels, dim), nn.SiLU(),
+                         nn.Linear(dim, dim))
 
 
 def encoder_blocks(
-    make: BlockFactory,
-    in_channels: int,
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    conv_resample: bool,
+    make: BlockFactory, in_channels: int, model_channels: int,
+    channel_mult: Sequence[float], num_res_blocks: int,
+    attention_resolutions: Sequence[int], conv_resample: bool,
     resblock_updown: bool,
 ) -> tuple[nn.ModuleList, list[int], int]:
     """The down path: blocks, their output channels, final downsampling."""
@@ -432,31 +394,23 @@ def encoder_blocks(
             blocks.append(TimestepEmbedSequential(*layers))
             chans.append(ch)
         if level < len(channel_mult) - 1:
-            if resblock_updown:
-                down = make.res(ch, down=True)
-            else:
-                down = Downsample(ch, conv_resample, make.dims)
+            down = (make.res(ch, down=True) if resblock_updown
+                    else Downsample(ch, conv_resample, make.dims))
             blocks.append(TimestepEmbedSequential(down))
             chans.append(ch)
             ds *= 2
     return blocks, chans, ds
 
 
-# %% chapters/03_architecture.py:799
+# %% chapters/03_architecture.py:703
 class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
     def __init__(
-        self,
-        make: BlockFactory,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        channel_mult: Sequence[float],
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        conv_resample: bool = True,
-        resblock_updown: bool = False,
+        self, make: BlockFactory, image_size: int, in_channels: int,
+        model_channels: int, channel_mult: Sequence[float],
+        num_res_blocks: int, attention_resolutions: Sequence[int],
+        conv_resample: bool = True, resblock_updown: bool = False,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -468,8 +422,7 @@ class UNetTrunk(nn.Module):
                 f"{', '.join(map(str, unreached))}; its factors are "
                 f"{', '.join(map(str, factors))} (resolutions "
                 f"{', '.join(str(image_size // f) for f in factors)} of "
-                f"image_size={image_size}), each image_size // resolution"
-            )
+                f"image_size={image_size}), each image_size // resolution")
         self.make = make
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -487,10 +440,8 @@ class UNetTrunk(nn.Module):
     def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
         """The embedding of the timesteps (and labels), in the weights'."""
         if (y is None) != (self.num_classes is None):
-            raise ValueError(
-                "pass y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes})"
-            )
+            raise ValueError("pass y if and only if the model is class-"
+                             f"conditional (num_classes={self.num_classes})")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         features = timestep_embedding(timesteps, self.model_channels)
@@ -514,8 +465,7 @@ class UNetTrunk(nn.Module):
             built = " x ".join([str(self.image_size)] * len(size))
             raise ValueError(
                 f"images of {' x '.join(map(str, size))} given to a network "
-                f"built for {built} (image_size={self.image_size})"
-            )
+                f"built for {built} (image_size={self.image_size})")
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -523,18 +473,12 @@ class UNetTrunk(nn.Module):
         return skips, self.middle_block(h, emb)
 
 
-# %% chapters/03_architecture.py:888
+# %% chapters/03_architecture.py:780
 def decoder_blocks(
-    make: BlockFactory,
-    skip_channels: Sequence[int],
-    ds: int,
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    conv_resample: bool,
-    resblock_updown: bool,
-    num_heads_upsample: int,
+    make: BlockFactory, skip_channels: Sequence[int], ds: int,
+    model_channels: int, channel_mult: Sequence[float], num_res_blocks: int,
+    attention_resolutions: Sequence[int], conv_resample: bool,
+    resblock_updown: bool, num_heads_upsample: int,
 ) -> tuple[nn.ModuleList, int]:
     """The up path, taking the skips in reverse, and its output channels."""
     chans, ch = list(skip_channels), skip_channels[-1]
@@ -547,77 +491,34 @@ def decoder_blocks(
             if ds in attention_resolutions:
                 layers.append(make.attn(ch, num_heads_upsample))
             if level and i == num_res_blocks:
-                if resblock_updown:
-                    layers.append(make.res(ch, up=True))
-                else:
-                    layers.append(Upsample(ch, conv_resample, make.dims))
+                layers.append(make.res(ch, up=True) if resblock_updown
+                              else Upsample(ch, conv_resample, make.dims))
                 ds //= 2
             blocks.append(TimestepEmbedSequential(*layers))
     return blocks, ch
 
 
-# %% chapters/03_architecture.py:928
+# %% chapters/03_architecture.py:812
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
-    Args:
-        image_size: side in pixels of the square images it takes; images
-            of another size are refused.
-        in_channels: channels of the images (3 for RGB, 1 for grey).
-        model_channels: base width C; level i has channel_mult[i] x C
-            channels, which must be multiples of 32 (GroupNorm's groups).
-        out_channels: in_channels for a fixed variance; twice that, the
-            mean then the variance, for a learned one (chapter 2).
-        num_res_blocks: residual blocks per level on the way down (one
-            more per level on the way up).
-        attention_resolutions: down-sampling FACTORS, not resolutions:
-            image_size // resolution, e.g. (2, 4, 8) on a 64 px model for
-            attention at 32, 16 and 8 px. Each must be the factor of a
-            level, 2**i for i < len(channel_mult). The middle block always
-            has attention.
-        dropout: dropout probability in the residual blocks.
-        channel_mult: width multiplier of each level; the images are
-            halved len(channel_mult) - 1 times.
-        conv_resample: resample with a 3x3 convolution, else by nearest
-            neighbours and average pooling alone (without resblock_updown).
-        dims: 1, 2 or 3 spatial axes (3-D resamples the last two only).
-        num_classes: number of classes of a class-conditional model, which
-            then takes labels y in [0, num_classes); None: unconditional.
-        use_checkpoint: recompute the blocks' activations in the backward
-            pass (gradient checkpointing): less memory, more compute.
-        num_heads: attention heads of each layer, unless num_head_channels
-            is given.
-        num_head_channels: channels per head (heads = channels / this);
-            -1: a fixed num_heads instead.
-        num_heads_upsample: heads of the decoder's attention; -1: num_heads.
-        use_scale_shift_norm: AdaGN: the embedding scales and shifts the
-            normalised features instead of being added.
-        resblock_updown: resample with residual blocks (BigGAN).
-        use_new_attention_order: split qkv as [q, k, v] per head rather
-            than the legacy per-head [q, k, v] (a weight layout, same maths).
-        rescale_residual: scale each residual output by 1/sqrt(2).
+    Arguments as the reference's. attention_resolutions are down-sampling
+    FACTORS (image_size // resolution, each 2**i, i < len(channel_mult));
+    widths channel_mult[i] * model_channels are multiples of 32;
+    out_channels is 2 * in_channels for a learned variance; labels y of a
+    class-conditional model are in [0, num_classes).
     """
 
     def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
+        self, image_size: int, in_channels: int, model_channels: int,
+        out_channels: int, num_res_blocks: int,
+        attention_resolutions: Sequence[int], dropout: float = 0.0,
         channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | None = None,
-        use_checkpoint: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
+        conv_resample: bool = True, dims: int = 2,
+        num_classes: int | None = None, use_checkpoint: bool = False,
+        num_heads: int = 1, num_head_channels: int = -1,
+        num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False, use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__(
@@ -626,19 +527,16 @@ class UNetModel(UNetTrunk):
                          use_new_attention_order, rescale_residual),
             image_size, in_channels, model_channels, channel_mult,
             num_res_blocks, attention_resolutions, conv_resample,
-            resblock_updown, num_classes,
-        )
+            resblock_updown, num_classes)
         self.out_channels = out_channels
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
         self.output_blocks, ch = decoder_blocks(
             self.make, self.skip_channels, self.ds, model_channels,
             channel_mult, num_res_blocks, attention_resolutions,
-            conv_resample, resblock_updown, num_heads_upsample,
+            conv_resample, resblock_updown,
+            num_heads if num_heads_upsample == -1 else num_heads_upsample,
         )
         self.out = nn.Sequential(
-            normalization(ch),
-            nn.SiLU(),
+            normalization(ch), nn.SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 
@@ -656,17 +554,13 @@ class UNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1259
+# %% chapters/03_architecture.py:1076
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
-    def __init__(
-        self,
-        spacial_dim: int,
-        embed_dim: int,
-        num_heads_channels: int,
-        output_dim: int | None = None,
-    ) -> None:
+    def __init__(self, spacial_dim: int, embed_dim: int,
+                 num_heads_channels: int,
+                 output_dim: int | None = None) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(
             torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
@@ -684,18 +578,12 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% chapters/03_architecture.py:1292
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
 def pool_head(
-    pool: str,
-    channels: int,
-    out_channels: int,
-    dims: int,
-    spatial_size: int,
-    num_head_channels: int,
-    feature_size: int,
+    pool: str, channels: int, out_channels: int, dims: int,
+    spatial_size: int, num_head_channels: int, feature_size: int,
 ) -> nn.Sequential:
     """The classifier's output head for a pooling kind."""
     if pool == "adaptive":
@@ -709,62 +597,35 @@ def pool_head(
     if pool == "attention":
         if num_head_channels == -1:
             raise ValueError("attention pooling needs num_head_channels")
-        return nn.Sequential(
-            normalization(channels), nn.SiLU(),
-            AttentionPool2d(
-                spatial_size, channels, num_head_channels, out_channels
-            ),
-        )
-    if pool == "spatial":
-        return nn.Sequential(
-            nn.Linear(feature_size, 2048), nn.ReLU(),
-            nn.Linear(2048, out_channels),
-        )
-    if pool == "spatial_v2":
-        return nn.Sequential(
-            nn.Linear(feature_size, 2048), normalization(2048), nn.SiLU(),
-            nn.Linear(2048, out_channels),
-        )
+        attend = AttentionPool2d(spatial_size, channels, num_head_channels,
+                                 out_channels)
+        return nn.Sequential(normalization(channels), nn.SiLU(), attend)
+    if pool in ("spatial", "spatial_v2"):  # an MLP, v2 with a norm
+        act = ([nn.ReLU()] if pool == "spatial"
+               else [normalization(2048), nn.SiLU()])
+        return nn.Sequential(nn.Linear(feature_size, 2048), *act,
+                             nn.Linear(2048, out_channels))
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
-# %% chapters/03_architecture.py:1337
+# %% chapters/03_architecture.py:1131
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
-    Args:
-        image_size: side in pixels of the square images it takes; images
-            of another size are refused.
-        out_channels: number of classes: the logits per image.
-        attention_resolutions: down-sampling FACTORS (image_size //
-            resolution) of the levels with attention, as in UNetModel.
-        pool: the head, one of POOLS: "adaptive" (global average),
-            "attention" (needs num_head_channels), "spatial" or
-            "spatial_v2" (an MLP on every block's mean).
-
-    The other arguments are UNetModel's.
+    out_channels is the number of classes; pool is one of POOLS
+    ("attention" needs num_head_channels); the rest are UNetModel's.
     """
 
     def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
+        self, image_size: int, in_channels: int, model_channels: int,
+        out_channels: int, num_res_blocks: int,
+        attention_resolutions: Sequence[int], dropout: float = 0.0,
         channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        pool: str = "adaptive",
-        rescale_residual: bool = False,
+        conv_resample: bool = True, dims: int = 2,
+        use_checkpoint: bool = False, num_heads: int = 1,
+        num_head_channels: int = -1, use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False, use_new_attention_order: bool = False,
+        pool: str = "adaptive", rescale_residual: bool = False,
     ) -> None:
         super().__init__(
             BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
@@ -772,14 +633,12 @@ class EncoderUNetModel(UNetTrunk):
                          use_new_attention_order, rescale_residual),
             image_size, in_channels, model_channels, channel_mult,
             num_res_blocks, attention_resolutions, conv_resample,
-            resblock_updown,
-        )
+            resblock_updown)
         self.out_channels, self.pool = out_channels, pool
         chans = self.skip_channels
-        self.out = pool_head(
-            pool, chans[-1], out_channels, dims, image_size // self.ds,
-            num_head_channels, feature_size=sum(chans) + chans[-1],
-        )
+        self.out = pool_head(pool, chans[-1], out_channels, dims,
+                             image_size // self.ds, num_head_channels,
+                             feature_size=sum(chans) + chans[-1])
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
         """Logits [N, out_channels] for noisy images x at timesteps."""
@@ -791,19 +650,12 @@ class EncoderUNetModel(UNetTrunk):
         return self.out(h)
 
 
-# %% chapters/03_architecture.py:1440
+# %% chapters/03_architecture.py:1212
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
-    Args:
-        image_size: side in pixels of the large images x; low_res may have
-            any size, resized to this one.
-        in_channels: channels of x and of low_res (the network sees twice
-            as many, the two concatenated).
-        low_res_level: embed the step low_res was noised to (low_res_t).
-
-    The other arguments are UNetModel's, out_channels counting x's
-    channels: in_channels, or twice that for a learned variance.
+    x and low_res (any size) have in_channels each; out_channels count x's.
+    low_res_level: forward takes low_res_t, the step low_res was noised to.
     """
 
     def __init__(self, image_size: int, in_channels: int, *args: Any,
@@ -813,18 +665,10 @@ class SuperResModel(UNetModel):
             self.low_res_embed = time_embed_mlp(self.model_channels)
 
     def forward(
-        self,
-        x: Tensor,
-        timesteps: Tensor,
-        low_res: Tensor,
-        y: Tensor | None = None,
-        low_res_t: Tensor | None = None,
+        self, x: Tensor, timesteps: Tensor, low_res: Tensor,
+        y: Tensor | None = None, low_res_t: Tensor | None = None,
     ) -> Tensor:
-        """The prediction for x at timesteps given low_res (and labels).
-
-        `low_res_t`: the step low_res was noised to (a `low_res_level`
-        model only).
-        """
+        """The prediction for x at timesteps given low_res (and labels)."""
         if (low_res_t is None) != (not hasattr(self, "low_res_embed")):
             raise ValueError("pass low_res_t if and only if the model was "
                              "built with low_res_level=True")
@@ -839,7 +683,7 @@ class SuperResModel(UNetModel):
         return self.denoise(h, emb)
 
 
-# %% chapters/03_architecture.py:1700
+# %% chapters/03_architecture.py:1420
 ABLATION_BASELINE = dict(
     num_res_blocks=2, width=1.0, attention_at=(16,), num_heads=1,
     num_head_channels=-1, resblock_updown=False,
@@ -860,11 +704,8 @@ ABLATIONS: dict[str, dict] = {
 
 
 def ablation_unet(
-    variant: str,
-    image_size: int,
-    model_channels: int,
-    num_classes: int | None = None,
-    in_channels: int = 3,
+    variant: str, image_size: int, model_channels: int,
+    num_classes: int | None = None, in_channels: int = 3,
 ) -> UNetModel:
     """The UNet of an ABLATIONS entry, predicting eps and the variance."""
     if variant not in ABLATIONS:
@@ -877,9 +718,7 @@ def ablation_unet(
     # Resolutions in pixels; those above image_size are not in the model.
     factors = tuple(image_size // r for r in config.pop("attention_at")
                     if r <= image_size)
-    return UNetModel(
-        image_size, in_channels, width, 2 * in_channels,
-        attention_resolutions=factors,
-        channel_mult=(1,) + (2,) * (levels - 1),
-        num_classes=num_classes, **config,
-    )
+    return UNetModel(image_size, in_channels, width, 2 * in_channels,
+                     attention_resolutions=factors,
+                     channel_mult=(1,) + (2,) * (levels - 1),
+                     num_classes=num_classes, **config)

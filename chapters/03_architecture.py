@@ -13,34 +13,28 @@
 # %% [markdown]
 # # The ADM architecture
 #
-# The diffusion model of chapter 2 is a single network $\epsilon_\theta(x_t,
-# t, y)$: given a noisy image, its timestep and (optionally) a class label, it
-# predicts the noise in the image and, with a learned variance, one more
-# number per pixel. Its input and output have the same shape, so the natural
-# choice, since Ho et al. (2020), is a **UNet**: a convolutional encoder that
-# halves the resolution level by level, a decoder that doubles it back, and
-# skip connections that hand every encoder feature map to the decoder at the
-# same resolution. Fine detail travels along the skips; global structure is
-# worked out at the bottom, where a few self-attention layers let every
-# position see every other.
+# The diffusion model of chapter 2 is one network $\epsilon_\theta(x_t, t,
+# y)$: given a noisy image, its timestep and (optionally) a class label, it
+# predicts the noise and, with a learned variance, one more number per
+# pixel. Input and output have the same shape, so since Ho et al. (2020) it
+# is a **UNet**: a convolutional encoder that halves the resolution level by
+# level, a decoder that doubles it back, and skip connections that hand
+# every encoder feature map to the decoder at its resolution. Fine detail
+# travels along the skips; global structure is worked out at the bottom,
+# where self-attention lets every position see every other.
 #
 # Dhariwal & Nichol's first contribution is an ablation of that UNet
 # (section 3 of the paper). Measured by FID on ImageNet $128 \times 128$, the
 # changes that helped, and that their *ADM* model keeps, are:
 #
-# 1. **Depth versus width.** More residual blocks help, but cost training
-#    time; the ablations at $128 \times 128$ keep 2 blocks per resolution and
-#    make the model wider instead. (The released models differ: the $64
-#    \times 64$ one has 3 blocks per resolution, the others 2.)
+# 1. **Depth versus width.** More residual blocks help but cost training
+#    time, so the ablations keep 2 blocks per resolution and widen instead
+#    (the released $64 \times 64$ model has 3).
 # 2. **More attention.** Self-attention at $32 \times 32$, $16 \times 16$ and
 #    $8 \times 8$ rather than at $16 \times 16$ only.
-# 3. **More heads, fixed width per head.** A fixed number of channels per
-#    attention head, so wider layers get more heads. Of the widths they tried,
+# 3. **More heads, fixed width per head**, so wider layers get more heads.
 #    32 channels per head had the lowest FID (Table 2); they chose 64 for
-#    wall-clock time (Figure 2), at a small cost in FID. The released
-#    models mostly follow it, but not all: the $128 \times 128$ model was
-#    trained with `--num_heads 4`, four heads whatever the width (section
-#    3.9's flags).
+#    wall-clock time (Figure 2), at a small cost in FID.
 # 4. **BigGAN residual up/down-sampling.** Change resolution *inside* a
 #    residual block rather than with a separate convolution.
 # 5. **Adaptive group normalisation (AdaGN).** Inject the timestep and class
@@ -49,14 +43,11 @@
 # 6. **Residual rescaling by $1/\sqrt{2}$**, from BigGAN and StyleGAN, was
 #    tried too and did *not* help; the released models leave it off.
 #
-# This chapter builds every one of these as a small module, checks what each
-# does, assembles the UNet, the noisy-image classifier used for guidance
-# (chapter 6) and the super-resolution model (chapter 7), and exports them as
-# `adm_lib.unet`. The module and parameter names follow the reference
-# implementation (`openai/guided-diffusion`), so its released checkpoints load
-# into our models unchanged; `adm_lib.compat.guided_diffusion` turns the
-# reference's command-line flags into our models, and the end of the chapter
-# uses it to count the parameters of every released model.
+# This chapter builds each as a small module, checks what it does, assembles
+# the UNet, the noisy-image classifier of chapter 6 and the super-resolution
+# model of chapter 7, and exports them as `adm_lib.unet`. Names follow the
+# reference implementation (`openai/guided-diffusion`), so its released
+# checkpoints load unchanged, and `adm_lib.compat` builds from its flags.
 
 # %% tags=["parameters"]
 # Smoke configuration: tiny models, seconds on a CPU. The chapter trains
@@ -73,7 +64,6 @@ seed: int = 0  # of the models' weights and inputs
 #| default_exp unet
 
 # %%
-import math
 import os
 
 import torch
@@ -90,21 +80,16 @@ if threads:
 # %% [markdown]
 # ## 3.1 Small parts
 #
-# Four helpers keep the model code short. The reference supports 1-, 2- and
-# 3-D signals (`dims`), so convolutions and pooling are picked by dimension.
-# Every normalisation is a `GroupNorm` with 32 groups. Output layers of
-# residual branches start at zero (`zero_module`), so a freshly built residual
-# block is the identity and a freshly built model predicts zero: training
+# The reference supports 1-, 2- and 3-D signals (`dims`), so convolutions and
+# pooling are picked by dimension. Every normalisation is a `GroupNorm` with 32
+# groups. Output layers of residual branches start at zero (`zero_module`): a
+# new residual block is the identity and a new model predicts zero, so training
 # starts from a network that does nothing rather than one that adds noise.
 #
-# The models do no dtype juggling: they compute in the dtype of their
-# parameters and inputs. Mixed precision is the job of `torch.autocast`, or of
-# the caller who casts the model (float32, bfloat16 and float16 all run). Two
-# exceptions follow the reference: a norm's output is cast back to its input's
-# dtype (its `GroupNorm32`), since CUDA's autocast computes group norms in
-# float32 and would otherwise leave the rest of the block in float32; and the
-# timestep MLP runs in its weights' dtype even under autocast, as the
-# reference keeps it in float32.
+# The models compute in their parameters' and inputs' dtype (mixed precision
+# is `torch.autocast`'s job), except, as in the reference, that a norm's
+# output keeps its input's dtype and the timestep MLP runs in its weights'
+# dtype (3.6).
 
 # %%
 #| export
@@ -156,10 +141,11 @@ def zero_module(module: nn.Module) -> nn.Module:
 # ### The timestep as a vector
 #
 # A network cannot do much with the integer $t$ itself. Like the Transformer's
-# positions, it is turned into sines and cosines of geometrically spaced
-# frequencies, from 1 down to nearly $1/10000$ radians per unit of $t$: nearby
-# timesteps get similar vectors, and every scale of $t$ is represented. The
-# UNet then passes this vector through a two-layer MLP (`time_embed`).
+# positions, it becomes cosines and sines of geometric frequencies: with $h$
+# = `dim // 2`, frequency $k < h$ is $10000^{-k/h}$ radians per unit of $t$,
+# from 1 down to nearly $1/10000$. Nearby timesteps get similar vectors,
+# differing mostly in the fast frequencies, and every scale of $t$ is
+# represented. The UNet passes this vector through an MLP (`time_embed`).
 
 # %%
 #| export
@@ -177,15 +163,10 @@ def timestep_embedding(
     return embedding
 
 
-# %% [markdown]
-# At $t = 0$ every cosine is one and every sine zero. With $h$ = `dim // 2`,
-# frequency $k = 0, \dots, h - 1$ is $10000^{-k/h}$ radians per unit of $t$,
-# 1 down to $10000^{-(h-1)/h}$, so nearby steps differ mostly in the fast ones.
-
 # %%
 emb = timestep_embedding(torch.tensor([0, 1, 500, 999]), 8)
 print(emb.round(decimals=3))
-assert emb.shape == (4, 8)
+assert emb.shape == (4, 8)  # at t = 0, every cosine is one, every sine zero
 assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
 assert torch.allclose(emb[1, 0], torch.cos(torch.tensor(1.0)))
 assert timestep_embedding(torch.tensor([3]), 7).shape == (1, 7)
@@ -194,11 +175,11 @@ assert timestep_embedding(torch.tensor([3]), 7).shape == (1, 7)
 # %% [markdown]
 # ## 3.2 Blocks that see the timestep
 #
-# Some blocks (residual blocks) take the embedding as a second input, others
-# (attention, resampling) do not. A marker class and a `Sequential` that hands
-# the embedding only to the blocks that want it let one list of layers mix
-# both, as the reference's `TimestepEmbedSequential` does. Its numbered
-# children give the state-dict keys their shape, `input_blocks.4.1.qkv...`.
+# Residual blocks take the embedding as a second input, attention and
+# resampling do not. A marker class and a `Sequential` that hands the
+# embedding only to the blocks that want it (the reference's
+# `TimestepEmbedSequential`) let one list of layers mix both; its numbered
+# children shape the state-dict keys, `input_blocks.4.1.qkv...`.
 
 # %%
 #| export
@@ -224,30 +205,24 @@ class TimestepEmbedSequential(nn.Sequential):
 # ## 3.3 Changing resolution
 #
 # The classic UNet resamples with separate layers: nearest-neighbour
-# up-sampling followed by a $3 \times 3$ convolution, and a strided $3 \times
-# 3$ convolution (or, with `conv_resample=False`, average pooling) to go down.
-# For 3-D signals only the inner two dimensions are resampled.
+# up-sampling followed by a $3 \times 3$ convolution, and, to go down, a $3
+# \times 3$ convolution of stride 2, which may change the number of channels,
+# or (`conv_resample=False`) a $2 \times 2$ average, which cannot. For 3-D
+# signals only the inner two dimensions are resampled.
 
 # %%
 #| export
 class Upsample(nn.Module):
     """Nearest-neighbour 2x up-sampling, optionally followed by a conv."""
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-    ) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2,
+                 out_channels: int | None = None) -> None:
         super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels or channels
         self.use_conv, self.dims = use_conv, dims
         if use_conv:
-            self.conv = conv_nd(
-                dims, channels, self.out_channels, 3, padding=1
-            )
+            self.conv = conv_nd(dims, channels, self.out_channels, 3,
+                                padding=1)
         elif self.out_channels != channels:
             raise ValueError("changing channels needs use_conv=True")
 
@@ -266,32 +241,19 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-# %% [markdown]
-# Going down halves the inner two sizes: a $3 \times 3$ convolution of stride
-# 2 that may change the number of channels, or, without a convolution, a $2
-# \times 2$ average that cannot.
-
 # %%
 #| export
 class Downsample(nn.Module):
     """2x down-sampling by a strided conv, or by average pooling."""
 
-    def __init__(
-        self,
-        channels: int,
-        use_conv: bool,
-        dims: int = 2,
-        out_channels: int | None = None,
-    ) -> None:
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2,
+                 out_channels: int | None = None) -> None:
         super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels or channels
         stride = (1, 2, 2) if dims == 3 else 2
         if use_conv:
-            self.op = conv_nd(
-                dims, channels, self.out_channels, 3,
-                stride=stride, padding=1,
-            )
+            self.op = conv_nd(dims, channels, self.out_channels, 3,
+                              stride=stride, padding=1)
         elif self.out_channels == channels:
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
         else:
@@ -304,8 +266,7 @@ class Downsample(nn.Module):
 
 # %%
 x = torch.randn(batch_size, 8, image_size, image_size)
-up, down = Upsample(8, True), Downsample(8, True)
-pool = Downsample(8, False)
+up, down, pool = Upsample(8, True), Downsample(8, True), Downsample(8, False)
 print("up", tuple(up(x).shape), " down", tuple(down(x).shape))
 assert up(x).shape[-1] == 2 * image_size
 assert down(x).shape[-1] == image_size // 2
@@ -332,8 +293,7 @@ assert torch.allclose(pool(x)[..., 0, 0], x[..., :2, :2].mean((-1, -2)))
 # The code writes $y_s$ as $1 + y_s$, so a zero projection is no change. The
 # paper (Table 3) finds AdaGN clearly better than addition: the condition can
 # switch a channel off or amplify it, not just move it. The reference calls it
-# `use_scale_shift_norm`. `adagn` is the formula, given the group norm, the
-# activations $h$ and the projected embedding, scale channels first.
+# `use_scale_shift_norm`.
 
 # %%
 #| exporti
@@ -346,23 +306,17 @@ def adagn(norm: nn.GroupNorm, h: Tensor, e: Tensor) -> Tensor:
 
 # %% [markdown]
 # **BigGAN up/down-sampling.** With `up` or `down`, the block resamples both
-# its input (the skip path) and its branch, right before the first
-# convolution, so the resolution change is learned by a residual block.
+# its skip path and its branch, right before the first convolution, so the
+# resolution change is learned by a residual block.
 #
 # **Residual rescaling.** Multiplying $x + F(x)$ by $1/\sqrt{2}$ keeps the
-# variance from growing with depth (when $x$ and $F(x)$ are independent with
-# equal variance). The paper found it no help, so `rescale_residual` is off by
-# default; the released checkpoints were trained without it.
+# variance from growing with depth (for independent $x$ and $F(x)$ of equal
+# variance). The paper found it no help, so `rescale_residual` is off by
+# default.
 #
-# `rescaled` applies the factor, and skips a multiplication by 1, which
-# would still be a pass over the activations, forwards and backwards.
-#
-# Two more helpers. A block that changes the number of channels needs a
-# projection on the skip path (`skip_projection`): a $1 \times 1$ conv, or $3
-# \times 3$ with `use_conv`. With `use_checkpoint`, a block's activations are
-# recomputed in the backward pass instead of stored (`run_checkpointed`, with
-# `torch.utils.checkpoint`): less memory, one more forward. The attention
-# block of section 3.5 uses it too.
+# With `use_checkpoint`, `run_checkpointed` recomputes a block's activations
+# in the backward pass instead of storing them: less memory, one more
+# forward (attention blocks, 3.5, use it too).
 
 # %%
 #| exporti
@@ -389,10 +343,9 @@ def run_checkpointed(block: nn.Module, *inputs: Tensor) -> Tensor:
 
 
 # %% [markdown]
-# The block itself: the first half of the branch (`in_layers`), the
-# projection of the embedding (`emb_layers`, two numbers per channel with
-# AdaGN), the second half (`out_layers`, whose convolution starts at zero)
-# and the skip path.
+# The block: the branch's first half (`in_layers`), the embedding's
+# projection (`emb_layers`), the second half (`out_layers`) and the skip
+# path (`skip_projection`: a $1 \times 1$ conv where the width changes).
 
 # %%
 #| export
@@ -400,17 +353,10 @@ class ResBlock(TimestepBlock):
     """A residual block conditioned on an embedding, optionally resampling."""
 
     def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        dropout: float,
-        out_channels: int | None = None,
-        use_conv: bool = False,
-        use_scale_shift_norm: bool = False,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        up: bool = False,
-        down: bool = False,
+        self, channels: int, emb_channels: int, dropout: float,
+        out_channels: int | None = None, use_conv: bool = False,
+        use_scale_shift_norm: bool = False, dims: int = 2,
+        use_checkpoint: bool = False, up: bool = False, down: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -455,10 +401,9 @@ class ResBlock(TimestepBlock):
 
 
 # %% [markdown]
-# Three checks. A new block is the identity (its last conv is zero), or the
-# identity times $1/\sqrt{2}$ with rescaling; a `down` block halves the size
-# and an `up` block doubles it; and AdaGN reads the embedding through twice as
-# many projection weights as addition. Last, AdaGN's formula by hand.
+# A new block is the identity (its last conv is zero), times $1/\sqrt{2}$
+# with rescaling; `down` halves the size and `up` doubles it; AdaGN has
+# twice addition's projection weights, and computes its formula.
 
 # %%
 emb_dim = 4 * model_channels
@@ -468,15 +413,13 @@ block = ResBlock(32, emb_dim, 0.0, use_scale_shift_norm=True)
 assert torch.equal(block(x, e), x)
 scaled = ResBlock(32, emb_dim, 0.0, rescale_residual=True)
 assert torch.allclose(scaled(x, e), x / math.sqrt(2))
-down_block = ResBlock(32, emb_dim, 0.0, down=True)
-up_block = ResBlock(32, emb_dim, 0.0, 64, up=True)
-print("down", tuple(down_block(x, e).shape),
-      " up", tuple(up_block(x, e).shape))
-assert down_block(x, e).shape[-1] == image_size // 2
-assert up_block(x, e).shape == (batch_size, 64, 2 * image_size, 2 * image_size)
-additive = ResBlock(32, emb_dim, 0.0)
-assert block.emb_layers[1].out_features == 2 * 32
-assert additive.emb_layers[1].out_features == 32
+h_down = ResBlock(32, emb_dim, 0.0, down=True)(x, e)
+h_up = ResBlock(32, emb_dim, 0.0, 64, up=True)(x, e)
+print("down", tuple(h_down.shape), " up", tuple(h_up.shape))
+assert h_down.shape[-1] == image_size // 2
+assert h_up.shape == (batch_size, 64, 2 * image_size, 2 * image_size)
+assert block.emb_layers[1].out_features == 2 * 32  # y_s and y_b
+assert ResBlock(32, emb_dim, 0.0).emb_layers[1].out_features == 32
 
 nn.init.normal_(block.emb_layers[1].weight)
 scale, shift = block.emb_layers(e)[:, :, None, None].chunk(2, dim=1)
@@ -497,27 +440,23 @@ print("AdaGN output matches GroupNorm(h) * (1 + y_s) + y_b")
 # other: a group norm, a $1 \times 1$ convolution to queries, keys and values
 # (`qkv`), softmax attention per head, and a zero-initialised projection back
 # (`proj_out`), added to the input. The number of heads is either given
-# (`num_heads`) or follows from a fixed width per head (`num_head_channels`);
-# in the paper's Table 2, 32 channels per head has the lowest FID, and ADM
-# takes 64 for wall-clock time (Figure 2). The released checkpoints use
-# both: 64 channels per head at 64, 256 and 512 pixels, a fixed
-# `--num_heads 4` at 128 (and in the $64 \to 256$ upsampler).
+# (`num_heads`: 4 in the released $128 \times 128$ model and $64 \to 256$
+# upsampler) or follows from a fixed width per head (`num_head_channels`:
+# 64 in ADM and the other released models).
 #
-# The `qkv` convolution outputs $3C$ channels, and there are two ways to read
-# them as heads. The **legacy** order (the reference's `QKVAttentionLegacy`,
-# used by the 128, 256 and 512 models) splits into heads first, each head
-# holding its own $[q; k; v]$; the **new** order (`use_new_attention_order`,
-# used by the 64 model) splits into $[q; k; v]$ first, each holding all
-# heads. The weights are the same shape either way, so a checkpoint only
-# works with the order it was trained with. Both are plain reshapes in front
-# of PyTorch's fused `scaled_dot_product_attention`.
+# The `qkv` convolution outputs $3C$ channels, read as heads in one of two
+# orders. The **legacy** order (the reference's `QKVAttentionLegacy`, in the
+# 128, 256 and 512 models) splits into heads first, each holding its own
+# $[q; k; v]$; the **new** order (`use_new_attention_order`, the 64 model)
+# splits into $[q; k; v]$ first, each holding all heads. The weights have
+# the same shape either way, so a checkpoint only works with the order it
+# was trained with. Both are reshapes in front of PyTorch's fused
+# `scaled_dot_product_attention`.
 #
-# The reference keeps the features channels-first, `[N, C, T]` for $T$
-# positions, and transposes $q$, $k$ and $v$ for the attention. We turn the
-# features positions-first once, `[N, T, C]`, before the `qkv` projection:
-# then each head's $q$, $k$ and $v$ are views with each position's channels
-# adjacent in memory (last stride 1), the layout the fused GPU kernels need,
-# and no copy is made between the projection and the attention.
+# The reference keeps features channels-first, `[N, C, T]` for $T$
+# positions. We turn them positions-first, `[N, T, C]`, once before `qkv`:
+# each head's $q$, $k$ and $v$ are then views with channels adjacent in
+# memory, the layout the fused GPU kernels need, and nothing is copied.
 
 # %%
 #| export
@@ -546,14 +485,10 @@ class QKVAttention(nn.Module):
 
 
 # %% [markdown]
-# The block around it. `heads_for` turns the two ways of giving the heads
-# into a number of heads, and `AttentionBlock` wraps the attention in the
-# group norm, the `qkv` convolution and the zero-initialised `proj_out`,
-# with the input added back, over the flattened positions of a feature map
-# of any dimension. The two $1 \times 1$ convolutions stay `nn.Conv1d`
-# modules, so that the reference's checkpoints load as they are;
-# `positionwise` applies one to positions-first features as the linear map
-# it is.
+# The block around it: `heads_for` turns the two ways of giving heads into a
+# number. The two $1 \times 1$ convolutions stay `nn.Conv1d` modules, so the
+# reference's checkpoints load; `positionwise` applies one to
+# positions-first features as the linear map it is.
 
 # %%
 #| export
@@ -580,12 +515,8 @@ class AttentionBlock(nn.Module):
     """Residual self-attention over the spatial positions of a feature map."""
 
     def __init__(
-        self,
-        channels: int,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_checkpoint: bool = False,
-        use_new_attention_order: bool = False,
+        self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+        use_checkpoint: bool = False, use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -594,9 +525,8 @@ class AttentionBlock(nn.Module):
         self.residual_scale = 2**-0.5 if rescale_residual else 1.0
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.attention = QKVAttention(
-            self.num_heads, legacy_order=not use_new_attention_order
-        )
+        legacy = not use_new_attention_order
+        self.attention = QKVAttention(self.num_heads, legacy_order=legacy)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -636,18 +566,15 @@ assert torch.allclose(new, naive_attention(q, k, v), atol=1e-5)
 
 channels = heads * ch
 old_block = AttentionBlock(channels, num_head_channels=ch)
-new_block = AttentionBlock(
-    channels, num_head_channels=ch, use_new_attention_order=True
-)
-new_block.load_state_dict(old_block.state_dict())
+new_block = AttentionBlock(channels, num_head_channels=ch,
+                           use_new_attention_order=True)
 nn.init.normal_(old_block.proj_out.weight)
-new_block.proj_out.weight.data.copy_(old_block.proj_out.weight)
+state = old_block.state_dict()
 # legacy row (head, j, c) -> new row (j, head, c), j in q, k, v
 perm = torch.arange(3 * channels).reshape(heads, 3, ch).transpose(0, 1)
-for name in ("weight", "bias"):
-    getattr(new_block.qkv, name).data.copy_(
-        getattr(old_block.qkv, name).data[perm.flatten()]
-    )
+for name in ("qkv.weight", "qkv.bias"):
+    state[name] = state[name][perm.flatten()]
+new_block.load_state_dict(state)
 x = torch.randn(batch_size, channels, 6, 6)
 assert not torch.allclose(old_block(x), x)
 assert torch.allclose(old_block(x), new_block(x), atol=1e-5)
@@ -675,9 +602,8 @@ print(f"{old_block.num_heads} heads of {ch} channels; orders agree "
 #
 # Attention resolutions are given, as in the reference, as *down-sampling
 # factors*: `attention_resolutions=(2, 4, 8)` on a $64 \times 64$ model means
-# attention at 32, 16 and 8, and a factor that no level reaches is an
-# error. A small factory holds the options every block shares, so the
-# construction code below reads like the description above.
+# attention at 32, 16 and 8. A small factory holds the options every block
+# shares, so the construction code reads like this description.
 
 # %%
 #| export
@@ -695,13 +621,8 @@ class BlockFactory:
     use_new_attention_order: bool = False
     rescale_residual: bool = False
 
-    def res(
-        self,
-        channels: int,
-        out_channels: int | None = None,
-        up: bool = False,
-        down: bool = False,
-    ) -> ResBlock:
+    def res(self, channels: int, out_channels: int | None = None,
+            up: bool = False, down: bool = False) -> ResBlock:
         """A residual block from channels to out_channels."""
         return ResBlock(
             channels, self.emb_channels, self.dropout, out_channels,
@@ -721,36 +642,28 @@ class BlockFactory:
 
     def middle(self, channels: int) -> TimestepEmbedSequential:
         """The bottleneck: residual block, attention, residual block."""
-        return TimestepEmbedSequential(
-            self.res(channels), self.attn(channels), self.res(channels)
-        )
+        return TimestepEmbedSequential(self.res(channels),
+                                       self.attn(channels), self.res(channels))
 
 
 # %% [markdown]
-# The encoder is built by two functions: `time_embed_mlp`, the MLP of
-# `time_embed`, and `encoder_blocks`, the `input_blocks`. Besides the blocks,
-# `encoder_blocks` returns the number of channels of every block's output,
-# which the decoder needs to size its skip connections, and the final
-# down-sampling factor `ds`.
+# The encoder: `time_embed_mlp` builds `time_embed`, and `encoder_blocks`
+# the `input_blocks`, returning also every block's output width, which sizes
+# the decoder's skips, and the final down-sampling factor `ds`.
 
 # %%
 #| export
 def time_embed_mlp(model_channels: int) -> nn.Sequential:
     """The MLP on the timestep features: C -> 4C -> 4C."""
     dim = 4 * model_channels
-    return nn.Sequential(
-        nn.Linear(model_channels, dim), nn.SiLU(), nn.Linear(dim, dim)
-    )
+    return nn.Sequential(nn.Linear(model_channels, dim), nn.SiLU(),
+                         nn.Linear(dim, dim))
 
 
 def encoder_blocks(
-    make: BlockFactory,
-    in_channels: int,
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    conv_resample: bool,
+    make: BlockFactory, in_channels: int, model_channels: int,
+    channel_mult: Sequence[float], num_res_blocks: int,
+    attention_resolutions: Sequence[int], conv_resample: bool,
     resblock_updown: bool,
 ) -> tuple[nn.ModuleList, list[int], int]:
     """The down path: blocks, their output channels, final downsampling."""
@@ -768,10 +681,8 @@ def encoder_blocks(
             blocks.append(TimestepEmbedSequential(*layers))
             chans.append(ch)
         if level < len(channel_mult) - 1:
-            if resblock_updown:
-                down = make.res(ch, down=True)
-            else:
-                down = Downsample(ch, conv_resample, make.dims)
+            down = (make.res(ch, down=True) if resblock_updown
+                    else Downsample(ch, conv_resample, make.dims))
             blocks.append(TimestepEmbedSequential(down))
             chans.append(ch)
             ds *= 2
@@ -779,21 +690,14 @@ def encoder_blocks(
 
 
 # %% [markdown]
-# The noisy-image classifier of section 3.7 is this same encoder with another
-# head, so what the two models share lives in one class, `UNetTrunk`. Given a
-# `BlockFactory` (`make`) it builds `time_embed`, `label_emb` with classes,
-# `input_blocks` and `middle_block`, under the reference's names so that
-# checkpoints load. `embed` turns timesteps (and labels) into the embedding
-# $e$ every residual block reads, and `encode` runs the down path and the
-# middle block, returning every input block's output, the skips.
-#
-# Two mistakes would otherwise pass in silence, so the trunk refuses them.
-# An attention factor that no level reaches, such as `(8,)` on a network
-# with one halving, would build no attention layer at all. And images of
-# another size than `image_size` would run: the convolutions do not care,
-# and the reference never checks, but the model was trained at one size,
-# and the attention-pooled classifier (3.7) fails on any other with an
-# obscure shape error. The check is one comparison of two shapes a call.
+# The classifier of section 3.7 is this encoder with another head, so the
+# shared part is one class, `UNetTrunk`: `embed` makes the embedding $e$ of
+# the timesteps (and labels); `encode` runs the down path and the middle
+# block, keeping every input block's output for the skips. It refuses two
+# mistakes that would pass in silence: an attention factor no level reaches,
+# such as `(8,)` with one halving, would build no attention at all; and
+# images of another size than `image_size` would run, though the model was
+# trained at one size (3.7's attention pooling fails on them obscurely).
 
 # %%
 #| export
@@ -801,16 +705,10 @@ class UNetTrunk(nn.Module):
     """The embedding, down path and middle block of UNet and classifier."""
 
     def __init__(
-        self,
-        make: BlockFactory,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        channel_mult: Sequence[float],
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        conv_resample: bool = True,
-        resblock_updown: bool = False,
+        self, make: BlockFactory, image_size: int, in_channels: int,
+        model_channels: int, channel_mult: Sequence[float],
+        num_res_blocks: int, attention_resolutions: Sequence[int],
+        conv_resample: bool = True, resblock_updown: bool = False,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -822,8 +720,7 @@ class UNetTrunk(nn.Module):
                 f"{', '.join(map(str, unreached))}; its factors are "
                 f"{', '.join(map(str, factors))} (resolutions "
                 f"{', '.join(str(image_size // f) for f in factors)} of "
-                f"image_size={image_size}), each image_size // resolution"
-            )
+                f"image_size={image_size}), each image_size // resolution")
         self.make = make
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -841,10 +738,8 @@ class UNetTrunk(nn.Module):
     def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
         """The embedding of the timesteps (and labels), in the weights'."""
         if (y is None) != (self.num_classes is None):
-            raise ValueError(
-                "pass y if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes})"
-            )
+            raise ValueError("pass y if and only if the model is class-"
+                             f"conditional (num_classes={self.num_classes})")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         features = timestep_embedding(timesteps, self.model_channels)
@@ -868,8 +763,7 @@ class UNetTrunk(nn.Module):
             built = " x ".join([str(self.image_size)] * len(size))
             raise ValueError(
                 f"images of {' x '.join(map(str, size))} given to a network "
-                f"built for {built} (image_size={self.image_size})"
-            )
+                f"built for {built} (image_size={self.image_size})")
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb)
@@ -878,25 +772,17 @@ class UNetTrunk(nn.Module):
 
 
 # %% [markdown]
-# The decoder mirrors the encoder and consumes its saved outputs in reverse,
-# one per block. `num_heads_upsample` lets the decoder's attention use a
-# different number of heads (the reference keeps it for old checkpoints; $-1$
-# means "as `num_heads`"). `decoder_blocks` builds it from the encoder's
-# `skip_channels` and `ds`, and returns the width of its last block.
+# The decoder mirrors the encoder, consuming its saved outputs in reverse,
+# one per block. `num_heads_upsample` gives its attention another number of
+# heads (the reference keeps it for old checkpoints; $-1$: `num_heads`).
 
 # %%
 #| exporti
 def decoder_blocks(
-    make: BlockFactory,
-    skip_channels: Sequence[int],
-    ds: int,
-    model_channels: int,
-    channel_mult: Sequence[float],
-    num_res_blocks: int,
-    attention_resolutions: Sequence[int],
-    conv_resample: bool,
-    resblock_updown: bool,
-    num_heads_upsample: int,
+    make: BlockFactory, skip_channels: Sequence[int], ds: int,
+    model_channels: int, channel_mult: Sequence[float], num_res_blocks: int,
+    attention_resolutions: Sequence[int], conv_resample: bool,
+    resblock_updown: bool, num_heads_upsample: int,
 ) -> tuple[nn.ModuleList, int]:
     """The up path, taking the skips in reverse, and its output channels."""
     chans, ch = list(skip_channels), skip_channels[-1]
@@ -909,10 +795,8 @@ def decoder_blocks(
             if ds in attention_resolutions:
                 layers.append(make.attn(ch, num_heads_upsample))
             if level and i == num_res_blocks:
-                if resblock_updown:
-                    layers.append(make.res(ch, up=True))
-                else:
-                    layers.append(Upsample(ch, conv_resample, make.dims))
+                layers.append(make.res(ch, up=True) if resblock_updown
+                              else Upsample(ch, conv_resample, make.dims))
                 ds //= 2
             blocks.append(TimestepEmbedSequential(*layers))
     return blocks, ch
@@ -920,73 +804,32 @@ def decoder_blocks(
 
 # %% [markdown]
 # The UNet is the trunk, the decoder and `out`. Class conditioning adds
-# `label_emb(y)` to the timestep embedding, so every residual block sees
-# both. `rescale_residual` is our addition, for the paper's ablation; it
-# changes no parameter.
+# `label_emb(y)` to the timestep embedding, which every residual block sees.
+# `rescale_residual`, our addition for the paper's ablation, changes no
+# parameter.
 
 # %%
 #| export
 class UNetModel(UNetTrunk):
     """The ADM UNet: model(x, timesteps, y=None) -> [N, out_channels, ...].
 
-    Args:
-        image_size: side in pixels of the square images it takes; images
-            of another size are refused.
-        in_channels: channels of the images (3 for RGB, 1 for grey).
-        model_channels: base width C; level i has channel_mult[i] x C
-            channels, which must be multiples of 32 (GroupNorm's groups).
-        out_channels: in_channels for a fixed variance; twice that, the
-            mean then the variance, for a learned one (chapter 2).
-        num_res_blocks: residual blocks per level on the way down (one
-            more per level on the way up).
-        attention_resolutions: down-sampling FACTORS, not resolutions:
-            image_size // resolution, e.g. (2, 4, 8) on a 64 px model for
-            attention at 32, 16 and 8 px. Each must be the factor of a
-            level, 2**i for i < len(channel_mult). The middle block always
-            has attention.
-        dropout: dropout probability in the residual blocks.
-        channel_mult: width multiplier of each level; the images are
-            halved len(channel_mult) - 1 times.
-        conv_resample: resample with a 3x3 convolution, else by nearest
-            neighbours and average pooling alone (without resblock_updown).
-        dims: 1, 2 or 3 spatial axes (3-D resamples the last two only).
-        num_classes: number of classes of a class-conditional model, which
-            then takes labels y in [0, num_classes); None: unconditional.
-        use_checkpoint: recompute the blocks' activations in the backward
-            pass (gradient checkpointing): less memory, more compute.
-        num_heads: attention heads of each layer, unless num_head_channels
-            is given.
-        num_head_channels: channels per head (heads = channels / this);
-            -1: a fixed num_heads instead.
-        num_heads_upsample: heads of the decoder's attention; -1: num_heads.
-        use_scale_shift_norm: AdaGN: the embedding scales and shifts the
-            normalised features instead of being added.
-        resblock_updown: resample with residual blocks (BigGAN).
-        use_new_attention_order: split qkv as [q, k, v] per head rather
-            than the legacy per-head [q, k, v] (a weight layout, same maths).
-        rescale_residual: scale each residual output by 1/sqrt(2).
+    Arguments as the reference's. attention_resolutions are down-sampling
+    FACTORS (image_size // resolution, each 2**i, i < len(channel_mult));
+    widths channel_mult[i] * model_channels are multiples of 32;
+    out_channels is 2 * in_channels for a learned variance; labels y of a
+    class-conditional model are in [0, num_classes).
     """
 
     def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
+        self, image_size: int, in_channels: int, model_channels: int,
+        out_channels: int, num_res_blocks: int,
+        attention_resolutions: Sequence[int], dropout: float = 0.0,
         channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | None = None,
-        use_checkpoint: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
+        conv_resample: bool = True, dims: int = 2,
+        num_classes: int | None = None, use_checkpoint: bool = False,
+        num_heads: int = 1, num_head_channels: int = -1,
+        num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False, use_new_attention_order: bool = False,
         rescale_residual: bool = False,
     ) -> None:
         super().__init__(
@@ -995,19 +838,16 @@ class UNetModel(UNetTrunk):
                          use_new_attention_order, rescale_residual),
             image_size, in_channels, model_channels, channel_mult,
             num_res_blocks, attention_resolutions, conv_resample,
-            resblock_updown, num_classes,
-        )
+            resblock_updown, num_classes)
         self.out_channels = out_channels
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
         self.output_blocks, ch = decoder_blocks(
             self.make, self.skip_channels, self.ds, model_channels,
             channel_mult, num_res_blocks, attention_resolutions,
-            conv_resample, resblock_updown, num_heads_upsample,
+            conv_resample, resblock_updown,
+            num_heads if num_heads_upsample == -1 else num_heads_upsample,
         )
         self.out = nn.Sequential(
-            normalization(ch),
-            nn.SiLU(),
+            normalization(ch), nn.SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 
@@ -1028,21 +868,23 @@ class UNetModel(UNetTrunk):
 # %% [markdown]
 # A small class-conditional ADM-style model: AdaGN, BigGAN resampling,
 # attention at the two lowest resolutions with 16 channels per head, learned
-# variance (6 output channels). Fresh, it predicts exactly zero. Every
-# residual branch is zero too, and the embedding only enters through those
-# branches, so to see the timestep and label matter we perturb all weights,
-# as a few training steps would.
+# variance (6 output channels). Fresh, it predicts exactly zero, and the
+# embedding only enters through zero residual branches, so to see the
+# timestep and label matter we perturb all weights, as training would. Last,
+# side by side, separate resampling layers against BigGAN residual blocks.
 
 # %%
+SMALL = dict(  # a smoke-sized ADM-style UNet for this chapter's checks
+    image_size=image_size, in_channels=3, model_channels=model_channels,
+    out_channels=6, num_res_blocks=1, attention_resolutions=(2, 4),
+    channel_mult=(1, 2, 2), num_head_channels=16, num_classes=10,
+    use_scale_shift_norm=True, resblock_updown=True,
+)
+
+
 def small_unet(**overrides) -> UNetModel:
-    """A smoke-sized ADM-style UNet for this chapter's checks."""
-    config = dict(
-        image_size=image_size, in_channels=3, model_channels=model_channels,
-        out_channels=6, num_res_blocks=1, attention_resolutions=(2, 4),
-        channel_mult=(1, 2, 2), num_head_channels=16, num_classes=10,
-        use_scale_shift_norm=True, resblock_updown=True,
-    )
-    return UNetModel(**{**config, **overrides})
+    """The UNet of SMALL, with overrides."""
+    return UNetModel(**{**SMALL, **overrides})
 
 
 @torch.no_grad()
@@ -1064,17 +906,9 @@ with torch.no_grad():
     out = perturb(model)(x, t, y)
     assert not torch.allclose(out, model(x, t, (y + 1) % 10))
     assert not torch.allclose(out, model(x, t + 1, y))
-n_params = sum(p.numel() for p in model.parameters())
-print(f"{n_params:,} parameters; output {tuple(out.shape)}")
-print(f"{len(model.input_blocks)} input blocks, "
+print(f"{sum(p.numel() for p in model.parameters()):,} parameters; output "
+      f"{tuple(out.shape)}; {len(model.input_blocks)} input blocks, "
       f"{len(model.output_blocks)} output blocks")
-
-# %% [markdown]
-# The option that changes the most structure, side by side: the classic
-# separate resampling layers (`Downsample.op`, `Upsample.conv`) against
-# BigGAN residual blocks, whose parameters are those of a residual block.
-
-# %%
 for updown in (False, True):
     m = small_unet(resblock_updown=updown)
     names = [type(block[-1]).__name__ for block in m.input_blocks[1:]]
@@ -1086,22 +920,16 @@ for updown in (False, True):
 # %% [markdown]
 # ### One level of the released $64 \times 64$ model, drawn
 #
-# The released $64 \times 64$ ImageNet model (`64x64_diffusion.pt`) is
-# this class built from the reference's flags, `--num_channels 192
-# --num_res_blocks 3 --attention_resolutions 32,16,8 --num_head_channels 64
-# --resblock_updown True --use_scale_shift_norm True` (with `--dropout 0.1`
-# and `--use_new_attention_order True`; section 3.9 lists them all). Its
-# image size gives `channel_mult=(1, 2, 3, 4)`: 192, 384, 576 and 768
-# channels at 64, 32, 16 and 8 pixels. The figure draws its level at $32
-# \times 32$, with the sizes read from that model built on the `meta`
-# device (section 3.9), and, on the right, what AdaGN does inside each of
-# its residual blocks. On the way down the level has `num_res_blocks` = 3
-# residual blocks, each followed by attention with $384 / 64 = 6$ heads,
-# between two BigGAN resampling blocks; on the way up it has 4, because the
-# output of the down-sampling block that *entered* the level is a skip too.
-# Every encoder output at this resolution is concatenated onto one decoder
-# block's input, so the decoder's residual blocks read 960, 768, 768 and
-# 576 channels and write 384.
+# The released $64 \times 64$ ImageNet model (`64x64_diffusion.pt`) is this
+# class built from the reference's flags (section 3.9): 192, 384, 576 and
+# 768 channels at 64, 32, 16 and 8 pixels. The figure draws its level at $32
+# \times 32$, with sizes read from the model built on the `meta` device, and
+# AdaGN inside its residual blocks. Down, the level has 3 residual blocks,
+# each followed by attention with $384 / 64 = 6$ heads, between two BigGAN
+# resampling blocks; up, it has 4, because the down-sampling block that
+# *entered* the level left a skip too. Each skip is concatenated onto one
+# decoder block's input, so the decoder's residual blocks read 960, 768, 768
+# and 576 channels and write 384.
 
 # %% jupyter={"source_hidden": true}
 from itertools import pairwise
@@ -1119,8 +947,7 @@ widths = [int(m * adm64.model_channels) for m in adm64.channel_mult]
 levels = len(widths)
 R = (len(adm64.input_blocks) - levels) // levels  # res blocks per level
 level, size = 1, adm64.image_size // 2
-first = 1 + (R + 1) * level  # input_blocks index of the level's first
-enc = list(adm64.input_blocks[first - 1:first + R + 1])  # down ... down
+enc = list(adm64.input_blocks[(R + 1) * level:][:R + 2])  # down ... down
 dec = list(adm64.output_blocks[(R + 1) * (levels - 1 - level):][:R + 1])
 heads = enc[1][1].num_heads
 emb_dim = adm64.time_embed[-1].out_features
@@ -1150,11 +977,10 @@ def box(ax, x, y, text, kind, width=3.0, height=0.7):
     ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
 
 
-def arrow(ax, start, end, dashed=False, text="", colour="black"):
+def arrow(ax, start, end, text="", colour="black"):
     """An arrow from start to end, optionally labelled at its middle."""
     ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>",
-                                 mutation_scale=9, lw=0.9, color=colour,
-                                 ls="--" if dashed else "-"))
+                                 mutation_scale=9, lw=0.9, color=colour))
     if text:
         ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12,
                 text, ha="center", va="bottom", fontsize=7, color=colour)
@@ -1164,31 +990,25 @@ def arrow(ax, start, end, dashed=False, text="", colour="black"):
 # encoder block's output is a skip into the decoder block at its height.
 L, Rx = 0.0, 6.2
 ys = [9.0, 7.8, 6.6, 5.4, 4.2]  # encoder rows; the decoder's are one up
+attn = f"+ attention, {heads} heads × 64"
+left = [(f"BigGAN down ResBlock\n{2 * size}→{size} px, {lo} ch", "down"),
+        *[(f"ResBlock {c}→{w} ch\n{attn}", "res") for c in (lo, w, w)],
+        (f"BigGAN down ResBlock\n{size}→{size // 2} px, {w} ch", "down")]
+right = [(f"BigGAN up ResBlock\n{size}→{2 * size} px, {w} ch", "down"),
+         *[(f"concat → ResBlock {c}→{w} ch\n{attn}", "res")
+           for c in reversed(dec_in)]]
+for x, rows, texts in ((L, ys, left), (Rx, [10.2, *ys[:-1]], right)):
+    for y, (text, kind) in zip(rows, texts, strict=True):
+        box(ax, x, y, text, kind)
 ax.text(L, 10.5, f"from the {2 * size} px level", ha="center", fontsize=8)
-box(ax, L, ys[0], f"BigGAN down ResBlock\n{2 * size}→{size} px, {lo} ch",
-    "down")
-for i, y in enumerate(ys[1:-1]):
-    box(ax, L, y, f"ResBlock {lo if i == 0 else w}→{w} ch\n"
-        f"+ attention, {heads} heads × 64", "res")
-box(ax, L, ys[-1], f"BigGAN down ResBlock\n{size}→{size // 2} px, {w} ch",
-    "down")
+ax.text(Rx, 11.1, f"to the {2 * size} px level", ha="center", fontsize=8)
 box(ax, (L + Rx) / 2, 2.8, f"the {size // 2} px and {size // 4} px "
     f"levels ({hi} and {widths[-1]} ch)\nand the middle block", "other",
     width=7.6)
-box(ax, Rx, 10.2, f"BigGAN up ResBlock\n{size}→{2 * size} px, {w} ch",
-    "down")
-ax.text(Rx, 11.1, f"to the {2 * size} px level", ha="center", fontsize=8)
-for i, y in enumerate(reversed(ys[:-1])):
-    box(ax, Rx, y, f"concat → ResBlock {dec_in[i]}→{w} ch\n"
-        f"+ attention, {heads} heads × 64", "res")
-arrow(ax, (L, 10.45), (L, ys[0] + 0.35))
-arrow(ax, (Rx, 10.55), (Rx, 11.05))
-for a, b in pairwise(ys):
+for a, b in pairwise([10.8, *ys, 2.8]):  # down the encoder
     arrow(ax, (L, a - 0.35), (L, b + 0.35))
-for upper, lower in pairwise([10.2, *ys[:-1]]):
-    arrow(ax, (Rx, lower + 0.35), (Rx, upper - 0.35))
-arrow(ax, (L, ys[-1] - 0.35), (L, 3.15))
-arrow(ax, (Rx, 3.15), (Rx, ys[-2] - 0.35))
+for a, b in pairwise([11.4, 10.2, *ys[:-1], 2.8]):  # up the decoder
+    arrow(ax, (Rx, b + 0.35), (Rx, a - 0.35))
 for y, c in zip(ys[:-1], [lo, w, w, w], strict=True):
     arrow(ax, (L + 1.55, y), (Rx - 1.55, y), text=f"skip, {c} ch",
           colour="tab:blue")
@@ -1202,16 +1022,13 @@ for x, side, rows in ((L - 1.8, -1, ys), (Rx + 1.8, 1, [10.2] + ys[:-1])):
         arrow(ax, (x, y), (x - side * 0.3, y), colour="tab:purple")
 ax.text(L - 1.9, 3.8, "AdaGN\nin every\nResBlock", fontsize=7,
         color="tab:purple", ha="center", va="top")
-ax.set_xlim(L - 2.4, Rx + 2.3)
-ax.set_ylim(2.2, 12.4)
-ax.set_axis_off()
+ax.set(xlim=(L - 2.4, Rx + 2.3), ylim=(2.2, 12.4))
 ax.set_title(f"One level of the released 64x64 model: {size}x{size} px, "
              f"{w} channels, {R} ResBlocks down, {R + 1} up", fontsize=9)
 
 # Right: inside a ResBlock with AdaGN, at this level's width.
 steps = [("h (skip concatenated)", "other"),
-         ("GroupNorm, SiLU, conv 3x3", "res"),
-         ("GroupNorm", "res"),
+         ("GroupNorm, SiLU, conv 3x3", "res"), ("GroupNorm", "res"),
          ("× (1 + y_s) + y_b", "adagn"),
          (f"SiLU, dropout {dropout:g},\nconv 3x3 (zero init)", "res"),
          ("+ h (1x1 conv if\nthe width changes)", "other")]
@@ -1230,10 +1047,10 @@ bx.plot([-1.45, -1.8, -1.8], [rows[0], rows[0], rows[-1]], color="gray",
 arrow(bx, (-1.8, rows[-1]), (-1.45, rows[-1]), colour="gray")
 bx.text(-1.9, (rows[0] + rows[-1]) / 2, "skip path", rotation=90,
         fontsize=7, color="gray", ha="right", va="center")
-bx.set_xlim(-2.3, 4.1)
-bx.set_ylim(1.6, 11.0)
-bx.set_axis_off()
+bx.set(xlim=(-2.3, 4.1), ylim=(1.6, 11.0))
 bx.set_title("Inside a ResBlock: AdaGN", fontsize=9)
+for panel in (ax, bx):
+    panel.set_axis_off()
 fig.tight_layout()
 plt.show()
 
@@ -1241,17 +1058,17 @@ plt.show()
 # ## 3.7 The noisy-image classifier
 #
 # Classifier guidance (chapter 6) needs $\nabla_{x_t} \log p(y \mid x_t)$: a
-# classifier that works on *noisy* images at any timestep. The paper uses the
-# encoder half of the UNet (input blocks and middle block, with the same
-# timestep embedding) and a pooling head to 1000 logits. The reference calls
-# it `EncoderUNetModel` and offers four heads:
+# classifier of *noisy* images at any timestep. The paper uses the UNet's
+# encoder half (input blocks and middle block, with the same timestep
+# embedding) and a pooling head to 1000 logits. The reference calls it
+# `EncoderUNetModel` and offers four heads:
 #
 # * `adaptive`: norm, SiLU, global average pooling, a zero-initialised $1
 #   \times 1$ conv;
 # * `attention` (the released classifiers): norm, SiLU and CLIP's attention
-#   pooling, where the mean feature is prepended as an extra token, a
-#   positional embedding is added and that token's attention output, through
-#   `c_proj`, is the logits;
+#   pooling: the mean feature, prepended as an extra token to the
+#   positionally embedded map, attends to it, and its output through
+#   `c_proj` is the logits;
 # * `spatial` and `spatial_v2`: the spatial mean of *every* input block's
 #   output and of the middle block, concatenated, through a two-layer MLP.
 
@@ -1260,13 +1077,9 @@ plt.show()
 class AttentionPool2d(nn.Module):
     """CLIP-style attention pooling: the mean token attends to the map."""
 
-    def __init__(
-        self,
-        spacial_dim: int,
-        embed_dim: int,
-        num_heads_channels: int,
-        output_dim: int | None = None,
-    ) -> None:
+    def __init__(self, spacial_dim: int, embed_dim: int,
+                 num_heads_channels: int,
+                 output_dim: int | None = None) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(
             torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
@@ -1284,23 +1097,12 @@ class AttentionPool2d(nn.Module):
         return positionwise(self.c_proj, h[:, 0])  # the mean token's row
 
 
-# %% [markdown]
-# `pool_head` builds the head of each kind; the spatial heads take the
-# concatenated means, `feature_size` numbers per image.
-
-# %%
-#| export
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
 def pool_head(
-    pool: str,
-    channels: int,
-    out_channels: int,
-    dims: int,
-    spatial_size: int,
-    num_head_channels: int,
-    feature_size: int,
+    pool: str, channels: int, out_channels: int, dims: int,
+    spatial_size: int, num_head_channels: int, feature_size: int,
 ) -> nn.Sequential:
     """The classifier's output head for a pooling kind."""
     if pool == "adaptive":
@@ -1314,22 +1116,14 @@ def pool_head(
     if pool == "attention":
         if num_head_channels == -1:
             raise ValueError("attention pooling needs num_head_channels")
-        return nn.Sequential(
-            normalization(channels), nn.SiLU(),
-            AttentionPool2d(
-                spatial_size, channels, num_head_channels, out_channels
-            ),
-        )
-    if pool == "spatial":
-        return nn.Sequential(
-            nn.Linear(feature_size, 2048), nn.ReLU(),
-            nn.Linear(2048, out_channels),
-        )
-    if pool == "spatial_v2":
-        return nn.Sequential(
-            nn.Linear(feature_size, 2048), normalization(2048), nn.SiLU(),
-            nn.Linear(2048, out_channels),
-        )
+        attend = AttentionPool2d(spatial_size, channels, num_head_channels,
+                                 out_channels)
+        return nn.Sequential(normalization(channels), nn.SiLU(), attend)
+    if pool in ("spatial", "spatial_v2"):  # an MLP, v2 with a norm
+        act = ([nn.ReLU()] if pool == "spatial"
+               else [normalization(2048), nn.SiLU()])
+        return nn.Sequential(nn.Linear(feature_size, 2048), *act,
+                             nn.Linear(2048, out_channels))
     raise ValueError(f"unknown pool {pool!r}; known: {', '.join(POOLS)}")
 
 
@@ -1338,39 +1132,20 @@ def pool_head(
 class EncoderUNetModel(UNetTrunk):
     """The UNet's encoder and middle block with a pooling head: logits.
 
-    Args:
-        image_size: side in pixels of the square images it takes; images
-            of another size are refused.
-        out_channels: number of classes: the logits per image.
-        attention_resolutions: down-sampling FACTORS (image_size //
-            resolution) of the levels with attention, as in UNetModel.
-        pool: the head, one of POOLS: "adaptive" (global average),
-            "attention" (needs num_head_channels), "spatial" or
-            "spatial_v2" (an MLP on every block's mean).
-
-    The other arguments are UNetModel's.
+    out_channels is the number of classes; pool is one of POOLS
+    ("attention" needs num_head_channels); the rest are UNetModel's.
     """
 
     def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
+        self, image_size: int, in_channels: int, model_channels: int,
+        out_channels: int, num_res_blocks: int,
+        attention_resolutions: Sequence[int], dropout: float = 0.0,
         channel_mult: Sequence[float] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        pool: str = "adaptive",
-        rescale_residual: bool = False,
+        conv_resample: bool = True, dims: int = 2,
+        use_checkpoint: bool = False, num_heads: int = 1,
+        num_head_channels: int = -1, use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False, use_new_attention_order: bool = False,
+        pool: str = "adaptive", rescale_residual: bool = False,
     ) -> None:
         super().__init__(
             BlockFactory(4 * model_channels, dropout, dims, use_checkpoint,
@@ -1378,14 +1153,12 @@ class EncoderUNetModel(UNetTrunk):
                          use_new_attention_order, rescale_residual),
             image_size, in_channels, model_channels, channel_mult,
             num_res_blocks, attention_resolutions, conv_resample,
-            resblock_updown,
-        )
+            resblock_updown)
         self.out_channels, self.pool = out_channels, pool
         chans = self.skip_channels
-        self.out = pool_head(
-            pool, chans[-1], out_channels, dims, image_size // self.ds,
-            num_head_channels, feature_size=sum(chans) + chans[-1],
-        )
+        self.out = pool_head(pool, chans[-1], out_channels, dims,
+                             image_size // self.ds, num_head_channels,
+                             feature_size=sum(chans) + chans[-1])
 
     def forward(self, x: Tensor, timesteps: Tensor) -> Tensor:
         """Logits [N, out_channels] for noisy images x at timesteps."""
@@ -1423,12 +1196,11 @@ for pool_kind in POOLS:
 #
 # The paper's upsampling stack (after Nichol & Dhariwal and Saharia et al.)
 # generates at low resolution, then runs a second diffusion model at high
-# resolution *conditioned on the low-resolution image*. The conditioning is
-# the simplest possible: bilinearly up-sample the low-resolution image to the
-# model's size and concatenate it to $x_t$ on channels. So the model is a
-# UNet with twice the input channels.
-
-# %% [markdown]
+# resolution *conditioned on the low-resolution image*, in the simplest way:
+# the low-resolution image is bilinearly up-sampled to the model's size and
+# concatenated to $x_t$ on channels. So the model is a UNet with twice the
+# input channels.
+#
 # Chapter 7 adds one option, for *conditioning augmentation*: trained on
 # low-resolution inputs noised to a random step $s$ of its own diffusion, the
 # upsampler must be told $s$. With `low_res_level=True` it embeds $s$ as it
@@ -1441,15 +1213,8 @@ for pool_kind in POOLS:
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-res image, up-sampled, as extra input.
 
-    Args:
-        image_size: side in pixels of the large images x; low_res may have
-            any size, resized to this one.
-        in_channels: channels of x and of low_res (the network sees twice
-            as many, the two concatenated).
-        low_res_level: embed the step low_res was noised to (low_res_t).
-
-    The other arguments are UNetModel's, out_channels counting x's
-    channels: in_channels, or twice that for a learned variance.
+    x and low_res (any size) have in_channels each; out_channels count x's.
+    low_res_level: forward takes low_res_t, the step low_res was noised to.
     """
 
     def __init__(self, image_size: int, in_channels: int, *args: Any,
@@ -1459,18 +1224,10 @@ class SuperResModel(UNetModel):
             self.low_res_embed = time_embed_mlp(self.model_channels)
 
     def forward(
-        self,
-        x: Tensor,
-        timesteps: Tensor,
-        low_res: Tensor,
-        y: Tensor | None = None,
-        low_res_t: Tensor | None = None,
+        self, x: Tensor, timesteps: Tensor, low_res: Tensor,
+        y: Tensor | None = None, low_res_t: Tensor | None = None,
     ) -> Tensor:
-        """The prediction for x at timesteps given low_res (and labels).
-
-        `low_res_t`: the step low_res was noised to (a `low_res_level`
-        model only).
-        """
+        """The prediction for x at timesteps given low_res (and labels)."""
         if (low_res_t is None) != (not hasattr(self, "low_res_embed")):
             raise ValueError("pass low_res_t if and only if the model was "
                              "built with low_res_level=True")
@@ -1490,82 +1247,64 @@ sr = SuperResModel(
     image_size, 3, model_channels, 6, 1, (4,), channel_mult=(1, 2, 2),
     num_heads=2, use_scale_shift_norm=True, resblock_updown=True,
 ).eval()
+aug = perturb(SuperResModel(  # told the noise level of low_res
+    image_size, 3, model_channels, 6, 1, (4,), channel_mult=(1, 2, 2),
+    num_heads=2, low_res_level=True,
+)).eval()
 x = torch.randn(batch_size, 3, image_size, image_size)
+t = torch.randint(0, 1000, (batch_size,))
 low_res = torch.randn(batch_size, 3, image_size // 2, image_size // 2)
 with torch.no_grad():
-    out = perturb(sr)(x, torch.tensor([10, 20]), low_res)
-    other = sr(x, torch.tensor([10, 20]), low_res.flip(-1))
+    out = perturb(sr)(x, t, low_res)
+    other = sr(x, t, low_res.flip(-1))
+    levels = [aug(x, t, low_res, low_res_t=torch.full_like(t, s))
+              for s in (0, 100)]
+extra = sum(p.numel() for p in aug.low_res_embed.parameters())
 print(f"x {tuple(x.shape)} + low_res {tuple(low_res.shape)} "
       f"-> {tuple(out.shape)}; first conv sees "
       f"{sr.input_blocks[0][0].in_channels} channels")
+print(f"low_res_level: {extra:,} more parameters; output change from s=0 "
+      f"to s=100: {(levels[1] - levels[0]).abs().max():.2e}")
 assert out.shape == (batch_size, 6, image_size, image_size)
 assert sr.input_blocks[0][0].in_channels == 6
 assert not torch.allclose(out, other)
-
-# %% [markdown]
-# The same model with `low_res_level=True` has one more MLP, and its output
-# moves with the level it is told:
-
-# %%
-aug = SuperResModel(
-    image_size, 3, model_channels, 6, 1, (4,), channel_mult=(1, 2, 2),
-    num_heads=2, low_res_level=True,
-).eval()
-with torch.no_grad():
-    levels = [perturb(aug)(x, torch.tensor([10, 20]), low_res,
-                           low_res_t=torch.tensor([s, s]))
-              for s in (0, 100)]
-extra = sum(p.numel() for p in aug.low_res_embed.parameters())
-print(f"low_res_embed: {extra:,} parameters; output change from s=0 to "
-      f"s=100: {(levels[1] - levels[0]).abs().max():.2e}")
 assert not torch.allclose(*levels)
 
 # %% [markdown]
 # ## 3.9 The released models, counted
 #
-# The reference describes every model by command-line flags, and a model is
-# only as good as the flags it is built with. `adm_lib.compat.guided_diffusion`
-# (hand-written, on top of this chapter's classes) reads those flags with the
-# reference's defaults and builds our models the way the reference's
-# `create_model`, `create_classifier` and `sr_create_model` build theirs: the
-# per-resolution `channel_mult`, attention resolutions converted to
-# down-sampling factors, six output channels with `--learn_sigma`, 1000
-# classes with `--class_cond`, classifiers with 64 channels per head. A
-# resolution that no level has is dropped there, not refused: the reference
-# ignores it, and checkpoints trained with such flags must load (the parity
-# fixtures' model has one).
-#
-# Built on PyTorch's `meta` device, a model has shapes but no storage, so even
-# the 500-million-parameter models are counted in milliseconds. The flags are
-# those of the reference's README, kept with the released files' names in
-# `gd_compat.RELEASED` (the appendix shows how to run those files).
+# The reference describes every model by command-line flags;
+# `adm_lib.compat.guided_diffusion` (hand-written) reads them with the
+# reference's defaults and builds our models as its `create_model`,
+# `create_classifier` and `sr_create_model` build theirs. A resolution that
+# no level has is dropped there, not refused: the reference ignores it, and
+# checkpoints trained with such flags (the parity fixtures') must load. On
+# PyTorch's `meta` device a model has shapes but no storage, so even the
+# 500-million-parameter models are counted in milliseconds. The flags, from
+# the reference's README, are in `gd_compat.RELEASED` (the appendix runs
+# them).
 
 # %%
 import json
 from pathlib import Path
 
-from adm_lib.compat import guided_diffusion as gd_compat
-
 RELEASED, BUILDERS = gd_compat.RELEASED, gd_compat.BUILDERS
-counts = {}
+counts, models = {}, {}
 print(f"{'model':<26}{'parameters':>14}{'entries':>9}")
 for name, (kind, flags) in RELEASED.items():
     with torch.device("meta"):
-        built = BUILDERS[kind](flags)
+        models[name] = built = BUILDERS[kind](flags)
     params = sum(p.numel() for p in built.parameters())
     counts[name] = (params, len(built.state_dict()))
     print(f"{name:<26}{params:>14,}{counts[name][1]:>9}")
 
 # %% [markdown]
-# The heads, read from the built models: the $128 \times 128$ model has 4
-# heads in every attention layer, of 128 to 256 channels each, not 64
-# channels per head; the others have 64 channels per head.
+# The heads, read from the built models: 4 per layer at $128 \times 128$
+# (128 to 256 channels each), 64 channels per head in the others.
 
 # %%
 for name in ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion"):
-    with torch.device("meta"):
-        built = BUILDERS["diffusion"](RELEASED[name][1])
-    layers = [m for m in built.modules()
+    layers = [m for m in models[name].modules()
               if type(m).__name__ == "AttentionBlock"]
     shapes = sorted({(m.num_heads, m.qkv.in_channels // m.num_heads)
                      for m in layers})
@@ -1576,10 +1315,9 @@ for name in ("64x64_diffusion", "128x128_diffusion", "256x256_diffusion"):
         assert {c for _, c in shapes} == {64}
 
 # %% [markdown]
-# Where the reference's own counts are available (the parity fixtures, made
-# by building the reference's models), ours must match exactly: the same
-# parameters and the same number of state-dict entries are what let a
-# released checkpoint load.
+# Where the reference's own counts are at hand (the parity fixtures), ours
+# must match exactly: the same parameters and state-dict entries are what
+# let a released checkpoint load.
 
 # %%
 # Beside the project, as the tests look for it (the kernel is at its root).
@@ -1608,34 +1346,30 @@ else:
 # loads with `strict=True` and no renaming. `load_checkpoint(path, flags,
 # kind)` builds from flags and loads a file; `load_reference_state_dict`
 # loads a state dict and, when it does not fit, says which flag is likely
-# wrong instead of printing a thousand key names. (It cannot catch every
-# wrong flag: the number of heads and the attention order change no shape, so
-# a model built with the wrong ones loads and computes something else.) For
-# example, a class-conditional state dict offered to an unconditional model:
+# wrong instead of printing a thousand key names. (Not every wrong flag: the
+# heads and the attention order change no shape, so a model built with the
+# wrong ones loads and computes something else.) Say, a class-conditional
+# state dict offered to an unconditional model:
 
 # %%
 flags = ("--image_size 32 --num_channels 32 --num_res_blocks 1 "
          "--channel_mult 1,2 --attention_resolutions 16 --num_heads 2")
 conditional = gd_compat.model_from_flags(flags + " --class_cond True")
 unconditional = gd_compat.model_from_flags(flags)
+state = conditional.state_dict()
 try:
-    gd_compat.load_reference_state_dict(
-        unconditional, conditional.state_dict()
-    )
+    gd_compat.load_reference_state_dict(unconditional, state)
 except ValueError as err:
     message = str(err)
 print(message)
 assert "--class_cond" in message
-# Without the label embedding, the rest fits.
-state = conditional.state_dict()
-del state["label_emb.weight"]
+del state["label_emb.weight"]  # without the label embedding, the rest fits
 gd_compat.load_reference_state_dict(unconditional, state)
 
 # %% [markdown]
-# With the reference's own numbers at hand (the parity fixtures: a small
-# random-weight model run by the reference implementation), the same output
-# to float32 round-off. The test suite does this for every fixture; here is
-# the first.
+# The fixtures also hold a small random-weight model run by the reference:
+# ours gives the same output to float32 round-off. The tests check every
+# fixture; here is the first.
 
 # %%
 fixture = official.parent / "unet_a.pt"
@@ -1657,44 +1391,30 @@ else:
 # Section 3 of the paper starts from the UNet of Ho et al. (with Nichol &
 # Dhariwal's changes) and changes one thing at a time (Table 1), then
 # compares fixed head counts with a fixed width per head (Table 2) and AdaGN
-# with addition (Table 3). Every change is an option of this chapter's
-# `UNetModel`, so each row of those tables is a few keyword arguments on top
-# of a **baseline**: two residual blocks per resolution, the additive
-# embedding, separate resampling layers, attention at $16 \times 16$ only
-# with one head, no rescaling. Its levels run from the image size down to
-# $8 \times 8$, doubling the width once: `channel_mult=(1, 2, 2)` for $32
-# \times 32$ images.
+# with addition (Table 3). Each row is a few keyword arguments of
+# `UNetModel` on top of a **baseline**: two residual blocks per resolution,
+# the additive embedding, separate resampling layers, attention at $16
+# \times 16$ only with one head, no rescaling, and levels from the image
+# size down to $8 \times 8$ (`channel_mult=(1, 2, 2)` for $32 \times 32$).
+# Each entry of `ABLATIONS` below is one change from it, and **ADM** the
+# paper's combination. Four need a word:
 #
-# The rows, each a single change from the baseline:
+# * **depth** trades width for blocks, as the paper did: 4 blocks at 0.8
+#   times the width. Widths are multiples of 32 (GroupNorm's groups), so at
+#   base width 128 the narrower width is 96, about the baseline's size, but
+#   at 64 it cannot shrink and the deeper model is simply bigger.
+# * **64 channels per head** (Table 2's choice) needs attention layers a
+#   multiple of 64 wide; with attention at $32 \times 32$ (ADM), the base
+#   width must be one too.
+# * **attention at 32, 16 and 8**: on $32 \times 32$ images, the absolute
+#   resolutions of the paper's $128 \times 128$ experiments, so
+#   `attention_at` is in pixels (those above the image's are dropped).
+# * **AdaGN** was ablated in the paper on top of its improved model; here it
+#   is one more change from the same baseline, so every row answers the
+#   same question.
 #
-# * **depth**: 4 residual blocks per resolution at 0.8 times the width. The
-#   paper compared depth with width at roughly constant size this way (more
-#   blocks, fewer channels). `GroupNorm` has 32 groups, so our widths are
-#   multiples of 32 and the narrower width is rounded to one: at a base width
-#   of 128 it is 96 (about the baseline's parameter count), but at 64 it
-#   cannot shrink, and the deeper model is simply bigger. The tables below
-#   list the parameter counts.
-# * **4 heads**: a fixed head count, as in Table 1.
-# * **64 channels per head**: the head count grows with the width, the
-#   setting the paper adopted (Table 2; its released $128 \times 128$
-#   model has 4 heads instead). Every attention layer must then be a
-#   multiple of 64 wide, so with attention at $32 \times 32$ (ADM) the base
-#   width must be a multiple of 64.
-# * **attention at 32, 16 and 8** rather than 16 only. On $32 \times 32$
-#   images these are the absolute resolutions of the paper's $128 \times
-#   128$ experiments, so `attention_at` is given in pixels; the builder turns
-#   it into the model's down-sampling factors (on smaller images, dropping
-#   the resolutions above the image's).
-# * **BigGAN up/down-sampling**: residual blocks that resample (section 3.4).
-# * **residual rescaling** by $1/\sqrt{2}$.
-# * **AdaGN** instead of addition. The paper ablated it on top of its
-#   improved model; here it is one more change from the same baseline, so
-#   every row answers the same question.
-#
-# The last entry, **ADM**, is the paper's combination: attention at 32, 16
-# and 8 with 64 channels per head, BigGAN resampling and AdaGN, no
-# rescaling. Every model predicts $\epsilon$ and the variance interpolation
-# $v \in [-1, 1]$ (chapter 2), so it has twice the image's channels as output.
+# Every model predicts $\epsilon$ and the variance interpolation $v$
+# (chapter 2): twice the image's channels.
 
 # %%
 #| export
@@ -1718,11 +1438,8 @@ ABLATIONS: dict[str, dict] = {
 
 
 def ablation_unet(
-    variant: str,
-    image_size: int,
-    model_channels: int,
-    num_classes: int | None = None,
-    in_channels: int = 3,
+    variant: str, image_size: int, model_channels: int,
+    num_classes: int | None = None, in_channels: int = 3,
 ) -> UNetModel:
     """The UNet of an ABLATIONS entry, predicting eps and the variance."""
     if variant not in ABLATIONS:
@@ -1735,33 +1452,28 @@ def ablation_unet(
     # Resolutions in pixels; those above image_size are not in the model.
     factors = tuple(image_size // r for r in config.pop("attention_at")
                     if r <= image_size)
-    return UNetModel(
-        image_size, in_channels, width, 2 * in_channels,
-        attention_resolutions=factors,
-        channel_mult=(1,) + (2,) * (levels - 1),
-        num_classes=num_classes, **config,
-    )
+    return UNetModel(image_size, in_channels, width, 2 * in_channels,
+                     attention_resolutions=factors,
+                     channel_mult=(1,) + (2,) * (levels - 1),
+                     num_classes=num_classes, **config)
 
 
 # %% [markdown]
-# Each variant, built at the size chapter 4 trains it, with what it changes in
-# the model: parameters, residual blocks, where attention is and how many
-# heads of what width it has, how it resamples and how the embedding enters.
-# Each row must differ from the baseline in what it claims.
+# Each variant, built at the size chapter 4 trains it, with what the ablations
+# change; each row must differ from the baseline in what it claims.
 
 # %%
 def describe(model: UNetModel) -> dict:
     """The features of a UNet that the ablations change."""
-    attention = [m for m in model.modules() if isinstance(m, AttentionBlock)]
     res = [m for m in model.modules() if isinstance(m, ResBlock)]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "res blocks": len(res),
         "attention at": sorted({model.image_size // f
                                 for f in model.attention_resolutions}),
-        "heads x width": sorted({(m.num_heads,
-                                  m.qkv.in_channels // m.num_heads)
-                                 for m in attention}),
+        "heads x width": sorted({
+            (m.num_heads, m.qkv.in_channels // m.num_heads)
+            for m in model.modules() if isinstance(m, AttentionBlock)}),
         "BigGAN": any(m.updown for m in res),
         "AdaGN": res[0].use_scale_shift_norm,
         "scale": round(res[0].residual_scale, 3),
@@ -1774,9 +1486,8 @@ print(f"base width {ablation_channels}, 32x32 RGB, 10 classes")
 print(f"{'variant':<29}{'parameters':>11}{'blocks':>7}  attention at, "
       "heads x width, BigGAN, AdaGN, scale")
 for name, f in features.items():
-    print(f"{name:<29}{f['parameters']:>11,}{f['res blocks']:>7}  "
-          f"{f['attention at']}, {f['heads x width']}, {f['BigGAN']}, "
-          f"{f['AdaGN']}, {f['scale']}")
+    params, blocks, *rest = f.values()
+    print(f"{name:<29}{params:>11,}{blocks:>7}  {', '.join(map(str, rest))}")
 base = features["baseline"]
 assert features["depth (4 blocks, 0.8x width)"]["res blocks"] > (
     base["res blocks"])
@@ -1788,9 +1499,8 @@ assert features["AdaGN"]["AdaGN"] and not base["AdaGN"]
 assert features["residual rescaling"]["parameters"] == base["parameters"]
 
 # %% [markdown]
-# Gradient checkpointing (section 3.4) is not an ablation: it trades time,
-# about one more forward pass, for memory, and nothing else. The gradients
-# are those of the plain model.
+# Gradient checkpointing (section 3.4) is not an ablation: it trades one
+# more forward pass for memory, and the gradients are the plain model's.
 
 # %%
 torch.manual_seed(seed)
@@ -1809,45 +1519,34 @@ print("checkpointed gradients match")
 # %% [markdown]
 # ## 3.12 Training the ablations
 #
-# Which of these switches help is a question for training, and the book has
-# one training loop: chapter 4's. Chapter 5 (section 5.10) trains every
-# entry of `ABLATIONS` as a run of that loop, compares them at equal steps
-# and at equal training time on held-out images, with chapter 2's estimate
-# of the variational bound, and records a CPU run.
+# Which switches help is a question for training. Chapter 5 (section 5.10)
+# trains every entry of `ABLATIONS` with chapter 4's loop, compares them at
+# equal steps and at equal time by chapter 2's estimate of the variational
+# bound on held-out images, and records a CPU run.
 #
 # Mind what that judges. The paper ranks its variants by FID on ImageNet
-# $128 \times 128$, after 700K and 1200K iterations (chapter 0.2); the book
-# ranks them by the held-out bound in bits per dimension, because FID needs
-# thousands of samples per variant before its noise falls below the gaps of
-# Table 1, while the bound needs one forward pass per held-out image. The
+# $128 \times 128$ after 700K and 1200K iterations (chapter 0.2); the book by
+# the held-out bound in bits per dimension, since FID needs thousands of
+# samples per variant before its noise falls below Table 1's gaps. The
 # bound measures likelihood, FID sample quality, and the two need not agree
-# (Nichol & Dhariwal 2021 trade one for the other with the choice of
-# loss): a variant that lowers the bound has not thereby been shown to
-# lower FID. Chapter 5 adds each variant's FID from a few samples as a
-# glance, not as evidence.
+# (Nichol & Dhariwal 2021 trade one for the other): a lower bound does not
+# show a lower FID. Chapter 5 adds each variant's FID from a few samples as
+# a glance, not as evidence.
 
 # %% [markdown]
 # ## 3.13 The library
 #
-# The `#| export` cells are `adm_lib.unet`. The library and the chapter agree
-# (same outputs for the same weights), so edits here show when the library is
-# stale:
+# The `#| export` cells are `adm_lib.unet`. Library and chapter give the same
+# outputs for the same weights, so edits here show when the library is stale:
 
 # %%
 from adm_lib import unet
 
-lib_model = unet.UNetModel(
-    image_size, 3, model_channels, 6, 1, (2, 4), channel_mult=(1, 2, 2),
-    num_head_channels=16, num_classes=10, use_scale_shift_norm=True,
-    resblock_updown=True,
-)
+lib_model = unet.UNetModel(**SMALL)
 chapter_model = perturb(small_unet())
 lib_model.load_state_dict(chapter_model.state_dict())
 assert unet.ABLATIONS == ABLATIONS
-with torch.no_grad():
-    x = torch.randn(batch_size, 3, image_size, image_size)
-    t = torch.randint(0, 1000, (batch_size,))
-    y = torch.randint(0, 10, (batch_size,))
+with torch.no_grad():  # x, t and y of 3.11's last cell
     lib_out = lib_model.eval()(x, t, y)
     assert torch.equal(lib_out, chapter_model.eval()(x, t, y))
 print("adm_lib.unet exports:", ", ".join(unet.__all__))
@@ -1858,23 +1557,19 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 # * The ADM UNet is a convolutional encoder-decoder with skip connections,
 #   conditioned on the timestep (and class) through an embedding that every
 #   residual block reads.
-# * The paper's changes: attention at 32, 16 and 8 with 64 channels per head
-#   (the released $128 \times 128$ model has 4 heads instead), BigGAN
-#   residual up/down-sampling, and adaptive group normalisation, which
-#   scales and shifts normalised activations by the embedding; residual
-#   rescaling by $1/\sqrt{2}$ was tried and left out. The released $64
-#   \times 64$ model has 3 residual blocks per resolution, the others 2.
-# * Each of the paper's ablations is an entry of `ABLATIONS`, a few options
-#   on top of a Ho et al.-like baseline, and `ablation_unet` builds it.
-#   Chapter 5 (section 5.10) trains them all at equal steps and at equal
-#   time and compares a held-out VLB estimate: a likelihood, not the
-#   paper's FID.
-# * The noisy-image classifier is the UNet's encoder with an attention-pooling
-#   head; the super-resolution model is a UNet that also sees the up-sampled
-#   low-resolution image.
+# * The paper's changes: attention at 32, 16 and 8 with 64 channels per head,
+#   BigGAN residual up/down-sampling, and AdaGN, which scales and shifts
+#   normalised activations by the embedding; residual rescaling by
+#   $1/\sqrt{2}$ was tried and left out.
+# * Each ablation is an entry of `ABLATIONS`, built by `ablation_unet`;
+#   chapter 5 (section 5.10) compares them by a held-out VLB estimate, a
+#   likelihood, not the paper's FID.
+# * The noisy-image classifier is the UNet's encoder with an
+#   attention-pooling head; the super-resolution model is a UNet that also
+#   sees the up-sampled low-resolution image.
 # * Our models load the reference's state dicts unchanged, reproduce its
-#   outputs to float32 round-off, and have exactly the parameter counts of the
-#   released models.
+#   outputs to float32 round-off, and have the released models' parameter
+#   counts exactly.
 #
 # Chapter 6 uses the classifier's gradient to guide sampling.
 
@@ -1906,17 +1601,14 @@ print("adm_lib.unet exports:", ", ".join(unet.__all__))
 #    compare the two with the cell of 3.7.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 1.** With $h$ = `dim // 2` frequencies $\omega_k$, the embeddings
-# are $(\cos \omega_k s, \sin \omega_k s)_k$, so their dot product is $\sum_k
-# (\cos \omega_k s \cos \omega_k t + \sin \omega_k s \sin \omega_k t) = \sum_k
-# \cos \omega_k (s - t)$: a function of $s - t$ only (and even in it). At $s =
-# t$ it is $h$. As $|s - t|$ grows, the terms with $\omega_k |s - t| \gtrsim 1$
-# stop agreeing and average out, fast frequencies first. The frequencies are
-# geometric, so about $h (1 - \log|s - t| / \log 10^4)$ of them still agree,
-# and the dot product falls roughly linearly in $\log |s - t|$, from 64 to
-# about 30 at $|s - t| = 100$ for `dim` 128, with ripples from the fast terms.
-# The cell checks the formula and the dependence on $s - t$ alone, and plots
-# it.
+# **Solution 1.** With $h$ = `dim // 2` frequencies $\omega_k$, the dot
+# product is $\sum_k (\cos \omega_k s \cos \omega_k t + \sin \omega_k s \sin
+# \omega_k t) = \sum_k \cos \omega_k (s - t)$: a function of $s - t$ only,
+# $h$ at $s = t$. As $|s - t|$ grows, terms with $\omega_k |s - t| \gtrsim 1$
+# average out, fast frequencies first. The frequencies are geometric, so
+# about $h (1 - \log|s - t| / \log 10^4)$ still agree, and the dot product
+# falls roughly linearly in $\log |s - t|$, from 64 to about 30 at $|s - t|
+# = 100$ for `dim` 128, with ripples from the fast terms.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 h = 64  # dim 128: h frequencies
@@ -1938,26 +1630,21 @@ print("dot product at |s - t| = 0, 1, 10, 100:",
 assert dots[500] == h and dots[500 + 1] > dots[500 + 10] > dots[500 + 100]
 fig, ax = plt.subplots(figsize=(6, 2.8))
 ax.plot(gaps[501:], dots[501:])
-ax.set_xscale("log")
-ax.set_xlabel("|s - t| (timesteps)")
-ax.set_ylabel("embedding dot product")
-ax.set_title("timestep_embedding, dim 128")
+ax.set(xscale="log", xlabel="|s - t| (timesteps)",
+       ylabel="embedding dot product", title="timestep_embedding, dim 128")
 plt.show()
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 2.** Two group norms ($2C$ each: scale and shift), two $3
-# \times 3$ convolutions ($9C^2 + C$ each) and the embedding's `Linear`: $EC +
-# C$ with addition, twice that with AdaGN. So the block has $18C^2 + EC +
-# 7C$ parameters additive and $18C^2 + 2EC + 8C$ with AdaGN. At $C = 256$,
-# $E = 4C$: 1,443,584 against 1,705,984; AdaGN adds $4C^2 + C$ = 262,400,
-# 18.2% of the block.
+# **Solution 2.** Two group norms ($2C$ each: scale and shift), two $3 \times
+# 3$ convolutions ($9C^2 + C$ each) and the embedding's `Linear` ($EC + C$
+# with addition, twice that with AdaGN): $18C^2 + EC + 7C$ parameters
+# additive, $18C^2 + 2EC + 8C$ with AdaGN. At $C = 256$, $E = 4C$: 1,443,584
+# against 1,705,984; AdaGN adds $4C^2 + C$ = 262,400, 18.2% of the block.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 def resblock_count(c: int, e: int, adagn: bool) -> int:
     """Parameters of ResBlock(c, e, 0.0): two norms, two convs, a Linear."""
-    norms, convs = 2 * 2 * c, 2 * (9 * c * c + c)
-    linear = (2 if adagn else 1) * (e * c + c)
-    return norms + convs + linear
+    return 2 * 2 * c + 2 * (9 * c * c + c) + (2 if adagn else 1) * (e * c + c)
 
 
 for c, e, adagn in [(32, 128, False), (32, 128, True), (64, 96, True)]:
@@ -1973,17 +1660,14 @@ assert extra == 4 * c * c + c and 0.18 < share < 0.19
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
 # **Solution 3.** With $T = r^2$ positions: `qkv` is $3TC^2$ multiply-adds,
-# `proj_out` $TC^2$, and the attention $2T^2C$ ($q k^\top$, then the
-# weighted sum of $v$; the heads split $C$, so their number does not
-# matter). At $C = 64$: 151.0M at $r = 32$ against 12.6M at $r = 16$, a
-# ratio of 12, almost all of it the $T^2$ term (134M), which grows 16-fold
-# when $r$ doubles. The timed ratio on a CPU is
-# smaller (about 5 on the book's 2-core machine): small layers carry fixed
-# costs (the norm, the reshapes) that do not grow with $T^2$, and the fused
-# attention kernel runs its multiply-adds faster than the projections do.
-# Appendix M.4's recorded run shows the same cost in a whole model: the
-# variant with attention at 32, 16 and 8 took 1,417 ms a step against the
-# baseline's 562, 2.5 times as long, for its attention at $32 \times 32$.
+# `proj_out` $TC^2$, and the attention $2T^2C$ ($q k^\top$, then the weighted
+# sum of $v$, whatever the heads). At $C = 64$: 151.0M at $r = 32$ against
+# 12.6M at $r = 16$, a ratio of 12, almost all of it the $T^2$ term (134M),
+# which grows 16-fold when $r$ doubles. The timed ratio on a CPU is smaller
+# (about 5 on the book's 2-core machine): the norm and reshapes do not grow
+# with $T^2$, and the fused attention kernel outpaces the projections.
+# Appendix M.4's recorded run shows the cost in a whole model: attention at
+# 32, 16 and 8 took 1,417 ms a step against the baseline's 562, 2.5 times.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 import time
@@ -1997,9 +1681,9 @@ def attention_macs(c: int, r: int) -> tuple[int, int]:
     return 4 * t * c * c, 2 * t * t * c
 
 
-c = 64
+c, times = 64, {}
+block = AttentionBlock(c, num_head_channels=64)
 for r in (32, 16):
-    block = AttentionBlock(c, num_head_channels=64)
     x = torch.randn(1, c, r, r)
     with torch.no_grad(), FlopCounterMode(display=False) as linear:
         block(x)  # counts the two projections (CPU attention is not)
@@ -2009,29 +1693,23 @@ for r in (32, 16):
     proj, attn = attention_macs(c, r)
     assert linear.get_total_flops() == 2 * proj
     assert core.get_total_flops() == 2 * attn
-    print(f"r = {r}: projections {proj / 1e6:.1f}M, attention "
-          f"{attn / 1e6:.1f}M multiply-adds")
-ratio = sum(attention_macs(c, 32)) / sum(attention_macs(c, 16))
-block, times = AttentionBlock(c, num_head_channels=64), {}
-for r in (32, 16):
-    x = torch.randn(1, c, r, r)
-    with torch.no_grad():
-        block(x)
+    with torch.no_grad():  # timed after the counted (warm-up) call
         start = time.perf_counter()
         for _ in range(5):
             block(x)
     times[r] = (time.perf_counter() - start) / 5
-print(f"predicted ratio {ratio:.1f}, timed {times[32] / times[16]:.1f} "
-      f"({times[32] * 1e3:.2f} against {times[16] * 1e3:.2f} ms)")
+    print(f"r = {r}: projections {proj / 1e6:.1f}M, attention "
+          f"{attn / 1e6:.1f}M multiply-adds, {times[r] * 1e3:.2f} ms")
+ratio = sum(attention_macs(c, 32)) / sum(attention_macs(c, 16))
+print(f"predicted ratio {ratio:.1f}, timed {times[32] / times[16]:.1f}")
 assert 11 < ratio < 13
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 4.** At base width 96 the levels are 96, 192 and 192 wide,
-# all multiples of 32, and "depth" rounds $0.8 \times 96$ to 64. Only
-# attention at $32 \times 32$ with 64 channels per head can fail: 96 is not
-# a multiple of 64. "64 channels per head" alone keeps attention at 16 (192
-# channels, 3 heads) and builds; ADM, which has both, is refused by
-# `heads_for`. The cell builds every entry on the `meta` device.
+# **Solution 4.** At base width 96 the levels are 96, 192 and 192 wide, all
+# multiples of 32, and "depth" rounds $0.8 \times 96$ to 64. Only attention at
+# $32 \times 32$ with 64 channels per head can fail: 96 is not a multiple of
+# 64. "64 channels per head" alone keeps attention at 16 (192 channels, 3
+# heads) and builds; ADM, which has both, is refused by `heads_for`.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 built, refused = {}, {}
@@ -2047,17 +1725,15 @@ assert set(refused) == {"ADM"}
 assert built["depth (4 blocks, 0.8x width)"].model_channels == 64
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 5.** The cheap part: the entry differs from ADM only in the
-# embedding's `Linear` of each residual block, half as wide (the cell
-# counts the parameters). The VLB needs chapter 5's run (appendix M.4's
-# command), which the book has not made with this entry. The prediction
-# from appendix M.4's recorded table: at 100 steps AdaGN alone was
-# *worse* than the baseline (+0.065 ± 0.028 bits/dim, paired) and ADM tied
-# it (+0.000 ± 0.011), so this early the additive ADM should land within
-# two paired standard errors of both: the comparison cannot tell them
-# apart. The paper's Table 3 (FID 13.06 with AdaGN against 15.08 with
-# addition, after 700K iterations at $128 \times 128$) is a statement about
-# trained models, which 100 CPU steps are not.
+# **Solution 5.** The entry differs from ADM only in each residual block's
+# embedding `Linear`, half as wide (the cell counts the parameters). Its VLB
+# needs chapter 5's run (appendix M.4's command), not made with this entry. The
+# prediction from appendix M.4's recorded table: at 100 steps AdaGN alone was
+# *worse* than the baseline (+0.065 ± 0.028 bits/dim, paired) and ADM tied it
+# (+0.000 ± 0.011), so the additive ADM should land within two paired standard
+# errors of both: the comparison cannot tell them apart. The paper's Table 3
+# (FID 13.06 with AdaGN against 15.08 with addition, after 700K iterations at
+# $128 \times 128$) is about trained models, which 100 CPU steps are not.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 ABLATIONS["ADM, additive"] = {**ABLATIONS["ADM"],
@@ -2079,14 +1755,12 @@ print(f"ADM has {difference:,} more parameters than ADM, additive "
 assert difference == expected > 0
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 6.** Average pooling spreads the gradient of a logit evenly
-# over all positions of the last feature map ($w_c / HW$ each); max
-# pooling passes it only to the position of each channel's maximum, one
-# position per channel, and a position's gradient jumps when the maximum
-# moves. Guidance then pushes $x_t$ only where the strongest features are
-# and its direction can change abruptly between steps. The cell checks
-# the sparsity on the pooled features (before the zero-initialised
-# projection, which would pass no gradient at all when fresh).
+# **Solution 6.** Average pooling spreads a logit's gradient evenly over all
+# positions of the last feature map ($w_c / HW$ each); max pooling passes it
+# only to each channel's maximum, and a position's gradient jumps when the
+# maximum moves: guidance pushes $x_t$ only where the strongest features are,
+# in a direction that can change abruptly between steps. The cell checks the
+# sparsity before the zero-initialised projection (fresh, it passes none).
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 channels, size = 64, 8
