@@ -1,19 +1,30 @@
-"""adm_lib.runs: dropout's seeds, a checkpoint saved by rank 0 with every
-rank's generator, and the steps' results read back and judged. (The run
-folder's checks, `prepare_run`, are exercised by test_train's resumes.)"""
+"""adm_lib.runs: a run's session, dropout's seeds, a checkpoint saved by rank
+0 with every rank's generator, the steps' results read back and judged, and
+pauses left out of the rates. (The run folder's checks, `prepare_run`, are
+exercised by test_train's resumes.)"""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
-from adm_lib.checkpoints import CHECKPOINT_FORMAT
+from adm_lib.checkpoints import CHECKPOINT_FORMAT, MetricsLog
 from adm_lib.errors import TrainError
 from adm_lib.ranks import Ranks
-from adm_lib.runs import StepResult, gather_steps, save_run, seed_dropout, skip_step
+from adm_lib.runs import (
+    StepResult,
+    exclude_pause,
+    gather_steps,
+    run_session,
+    save_run,
+    seed_dropout,
+    skip_step,
+)
 from adm_lib.seeds import rng_state
 
 CPU = torch.device("cpu")
@@ -82,3 +93,25 @@ def test_a_skipped_step_warns_until_the_limit_stops_the_run() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             skip_step(3, 3, 9, float("inf"), Path("c.pt"))
+
+
+def test_a_session_without_torchrun_is_one_rank_and_holds_what_it_is_given(
+) -> None:
+    closed = []
+    with run_session("cpu") as (ranks, held):
+        assert (ranks.rank, ranks.world_size, ranks.owns_group) == (0, 1, False)
+        held.callback(closed.append, "lock")
+        assert not closed
+    assert closed == ["lock"]  # released with the session
+
+
+def test_a_pause_moves_the_clocks_the_rates_are_measured_from(tmp_path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl", 10)
+    bar = tqdm(total=10, disable=False, file=io.StringIO())
+    before = (log.started, bar.start_t, bar.last_print_t)
+    exclude_pause(bar, log, 2.5)
+    assert (log.started, bar.start_t, bar.last_print_t) == tuple(
+        t + 2.5 for t in before)
+    bar.close()
+    quiet = tqdm(total=10, disable=True)
+    exclude_pause(quiet, None, 2.5)  # no log, no bar to move: no error

@@ -1,11 +1,30 @@
-"""adm_lib.values: the one converter of command-line values, and options
-that are dataclass fields and flags at once."""
+"""adm_lib.values: the one converter of command-line values, options that
+are dataclass fields and flags at once, the rules a setting's value must
+pass, and settings read back from a file."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import pytest
 
-from adm_lib.values import coerce, coerce_settings
+from adm_lib.values import (
+    check_rules,
+    coerce,
+    coerce_settings,
+    one_of,
+    settings_from_dict,
+)
+
+
+@dataclass
+class Settings:
+    """A stand-in for a configuration: a number, a choice and a tuple."""
+
+    steps: int = 10
+    kind: str = "a"
+    rates: tuple[float, ...] = (0.5,)
 
 
 @pytest.mark.parametrize(("raw", "default", "value"), [
@@ -55,3 +74,33 @@ def test_settings_are_coerced_and_a_typo_gets_the_nearest_names() -> None:
     with pytest.raises(ValueError, match="^learn_sigma='maybe': expected "
                        "bool"):
         coerce_settings({"learn_sigma": "maybe"}, defaults)
+
+
+RULES = (one_of("kind", ("a", "b")),
+         (("steps",), lambda v: v >= 1, " must be >= 1"),
+         (("rates",), lambda v: all(0 < r < 1 for r in v), " out of (0, 1)"))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"kind": "c"}, "kind='c': expected one of a, b"),
+    ({"steps": 0}, "steps=0 must be >= 1"),
+    ({"rates": (0.5, 1.0)}, "rates=(0.5, 1.0) out of (0, 1)"),
+    # Two faults: the first rule's field is named.
+    ({"kind": "c", "steps": 0}, "kind='c'"),
+])
+def test_rules_name_the_first_field_that_breaks_one(changes, message) -> None:
+    with pytest.raises(KeyError, match=re.escape(message)):
+        check_rules(Settings(**changes), RULES, KeyError)
+    check_rules(Settings(), RULES, KeyError)  # the defaults pass
+
+
+def test_stored_settings_read_old_strings_and_name_what_does_not_fit() -> None:
+    read = settings_from_dict(Settings, {"steps": "1e3", "rates": "0.9,0.99"})
+    assert read == Settings(steps=1000, rates=(0.9, 0.99))
+    assert type(read.steps) is int
+    with pytest.raises(KeyError, match="settings lr, seed are not fields of "
+                       "this adm_lib's Settings"):
+        settings_from_dict(Settings, {"seed": 1, "lr": 1, "steps": 3}, KeyError)
+    with pytest.raises(KeyError, match="stored setting steps='ten': "
+                       "expected int"):
+        settings_from_dict(Settings, {"steps": "ten"}, KeyError)
