@@ -688,7 +688,7 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.description = (
         "Train one model in a run folder. Under torchrun, every process "
         "trains a share of each batch (DDP). Settings are the fields of "
-        "adm_lib.config.TrainConfig; presets are in adm_lib.config.PRESETS.")
+        "adm_lib.config.TrainConfig; presets are in adm_lib/assets/presets.toml.")
     train.add_argument("kind", choices=KINDS)
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR",
                        help="run folder: config, checkpoints, metrics, samples")
