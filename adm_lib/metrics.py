@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:155
+# %% chapters/05_metrics.py:131
 import contextlib
 import os
 import warnings
@@ -108,7 +108,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:253
+# %% chapters/05_metrics.py:229
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -136,12 +136,7 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
 
 def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                      eps: float = 1e-6) -> float:
-    """The Frechet distance of two Gaussians, as the reference computes it.
-
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). When the root of a
-    nearly singular product is not finite, eps * I is added to both
-    covariances; an imaginary diagonal above 1e-3 is an error.
-    """
+    """The Frechet distance of two Gaussians, as the reference computes it."""
     mu_a, mu_b = np.atleast_1d(a.mu), np.atleast_1d(b.mu)
     sigma_a, sigma_b = np.atleast_2d(a.sigma), np.atleast_2d(b.sigma)
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
@@ -164,7 +159,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:351
+# %% chapters/05_metrics.py:313
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -177,7 +172,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:399
+# %% chapters/05_metrics.py:359
 @ieee_float32()
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
@@ -193,12 +188,7 @@ def _blocks(n: int, size: int) -> Iterable[slice]:
 def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
                    block: int = 10000, device: str | torch.device = "cpu"
                    ) -> Tensor:
-    """Each point's squared distance to its k-th nearest other point.
-
-    Sorted, a row's distances start with the point itself (0), so the
-    radius is entry k. Rows and columns go in blocks, keeping the k + 1
-    smallest distances so far: memory is block x block whatever N is.
-    """
+    """Each point's squared distance to its k-th nearest other point."""
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     if len(x) <= k:
         raise ValueError(f"{len(x)} feature vectors: the k-th neighbour "
@@ -216,17 +206,11 @@ def manifold_radii(features: np.ndarray | Tensor, k: int = 3,
     return radii.cpu()
 
 
-# %% chapters/05_metrics.py:444
 def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
                      k: int = 3, block: int = 10000,
                      device: str | torch.device = "cpu"
                      ) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al., 2019).
-
-    Precision: the share of samples inside some reference point's ball
-    (radius: its k-th neighbour distance); recall: the share of reference
-    points inside some sample's ball. Inside means <=.
-    """
+    """Improved precision and recall (Kynkaanniemi et al., 2019)."""
     a = torch.as_tensor(ref, dtype=torch.float32, device=device)
     b = torch.as_tensor(samples, dtype=torch.float32, device=device)
     radii_a = manifold_radii(a, k, block, device).to(device)
@@ -241,14 +225,10 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:583
+# %% chapters/05_metrics.py:511
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
-    """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1).
-
-    A float tensor N x C x H x W in [-1, 1] (a sampler's output) is
-    converted as the reference converts it; uint8 arrays are kept.
-    """
+    """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1)."""
     if isinstance(images, Tensor) and images.is_floating_point():
         images = to_uint8(images)
     images = np.asarray(images)
@@ -296,19 +276,13 @@ def read_batch(path: str | os.PathLike) -> Batch:
         str(path))
 
 
-# %% chapters/05_metrics.py:638
 def evaluate(ref: str | os.PathLike | Batch,
              samples: str | os.PathLike | Batch,
              features: str = "inception",
              weights: str | os.PathLike | None = None,
              batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = False) -> dict[str, float | str]:
-    """Inception Score, FID, sFID, precision and recall of a sample batch.
-
-    What the reference's evaluator computes. A reference batch's own mu,
-    sigma, mu_s and sigma_s are used as given when the features are
-    Inception's (they were made with Inception).
-    """
+    """Inception Score, FID, sFID, precision and recall of a sample batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
     extractor = feature_extractor(features, weights, device)  # fail fast
@@ -341,18 +315,12 @@ def evaluate(ref: str | os.PathLike | Batch,
     return {"features": features, **scores}
 
 
-# %% chapters/05_metrics.py:689
 def score_activations(
     ref: dict[str, np.ndarray], samples: dict[str, np.ndarray],
     labels: np.ndarray | None = None, device: str | torch.device = "cpu",
     ref_stats: tuple[FIDStatistics, FIDStatistics] | None = None,
 ) -> dict[str, float]:
-    """IS, FID, sFID, precision, recall (and accuracy) of sample features.
-
-    `ref` and `samples` are `compute_activations` outputs; `ref_stats`
-    (pool, spatial) replace the reference's own statistics when given.
-    With `labels`, accuracy is the share whose top logit is their label.
-    """
+    """IS, FID, sFID, precision, recall (and accuracy) of sample features."""
     if ref_stats is None:
         ref_stats = (feature_statistics(ref["pool"]),
                      feature_statistics(ref["spatial"]))
@@ -373,7 +341,6 @@ def score_activations(
     return scores
 
 
-# %% chapters/05_metrics.py:724
 def format_scores(scores: dict[str, float | str]) -> str:
     """The evaluator's printout, each name labelled by its features."""
     label = feature_label(str(scores["features"]))
