@@ -20,7 +20,8 @@
 # different. This chapter defines them (5.1 to 5.5) as the reference's
 # evaluator (`evaluations/evaluator.py`) does, equal to its numbers,
 # exports them as `adm_lib.metrics` and `adm evaluate` (5.6), shows what
-# each rewards and misses (5.7, 5.8), and puts them to work: learned
+# each rewards and misses, on a trained model loaded back from its run
+# folder (`adm_lib.models`, 5.7, 5.8), and puts them to work: learned
 # against fixed variances in few ancestral steps (5.9), chapter 3's
 # architecture ablations (5.10), and copies of training images (5.11).
 
@@ -717,6 +718,110 @@ assert fids[0] > fids[-1] and slope > 0
 # (half the modes dropped); B blurred (every image worse, all modes
 # present); and the samples of a small model trained here for
 # `model_steps` steps with chapter 4's `train`.
+
+# %% [markdown]
+# A finished run is a folder; `load_run` rebuilds its network from the
+# configuration stored in its newest checkpoint, with the EMA weights by
+# default, for evaluation, sampling (chapter 6) or fine-tuning. What it
+# returns, a `TrainedModel`, is also what the reference's released files
+# load into (appendix on released checkpoints).
+
+# %%
+#| export models
+"""A trained model: a network with its diffusion, the configuration that
+built it and where it came from, loaded from a run folder (`load_run`) or,
+through `adm_lib.compat`, from the reference's released files."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adm_lib.checkpoints import read_weights
+from adm_lib.config import (
+    TrainConfig,
+    build_diffusion,
+    build_model,
+    config_from_dict,
+)
+from adm_lib.diffusion import GaussianDiffusion
+from adm_lib.errors import TrainError
+
+
+@dataclass
+class TrainedModel:
+    """A network with its diffusion, its configuration and its source."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    config: TrainConfig
+    path: Path
+    step: int = 0
+    weights: str = "ema"  # "ema", an EMA rate, "model" or "reference"
+    respacing: str = ""  # the respacing its source asks for, if any
+
+    @property
+    def kind(self) -> str:
+        """"diffusion", "classifier" or "upsampler"."""
+        return self.config.kind
+
+    @property
+    def image_size(self) -> int:
+        """The size of the images it makes (an upsampler: its output's)."""
+        return self.config.image_size
+
+    @property
+    def in_channels(self) -> int:
+        """Its images' channels."""
+        return self.config.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        """The labels it takes; 0 for an unconditional model."""
+        c = self.config
+        return c.num_classes if c.kind == "classifier" or c.class_cond else 0
+
+    @property
+    def null_label(self) -> int | None:
+        """Classifier-free guidance's label, if it trained with one."""
+        return self.config.num_classes if self.config.label_dropout else None
+
+    @property
+    def small_size(self) -> int:
+        """An upsampler's input size; 0 for other kinds."""
+        return self.config.small_size if self.kind == "upsampler" else 0
+
+    @property
+    def low_res_noise(self) -> int:
+        """The largest step an upsampler's input was noised to in training."""
+        return self.config.low_res_noise if self.kind == "upsampler" else 0
+
+    @property
+    def source(self) -> str:
+        """Where it came from, for messages."""
+        if self.weights == "reference":
+            return f"{self.path} (reference flags)"
+        return f"{self.path} (step {self.step}, {self.weights} weights)"
+
+
+def load_run(path: str | os.PathLike, weights: str = "ema",
+             device: str | torch.device = "cpu") -> TrainedModel:
+    """A run folder's (newest checkpoint's) or checkpoint file's network.
+
+    `weights`: "ema" (the first rate), a rate such as "0.9999", or "model".
+    """
+    path, state, chosen = read_weights(path, weights)
+    try:
+        config = config_from_dict(state["config"])
+    except TrainError as err:
+        raise TrainError(f"{path}: its config does not fit this adm_lib "
+                         f"({err})") from None
+    model = build_model(config)
+    model.load_state_dict(chosen)
+    model.to(device).eval().requires_grad_(False)
+    return TrainedModel(model, build_diffusion(config), config, path,
+                        state["step"], weights)
 
 # %%
 def blurred(images: np.ndarray) -> np.ndarray:
