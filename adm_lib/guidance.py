@@ -63,11 +63,8 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
 
 def classifier_cond_fn(classifier: Model, scale: float,
                        precision: str = "fp32") -> CondFn:
-    """The sampler hook s * grad_x log p(y | x_t), labels from `y`.
-
-    The classifier runs at `precision` (chapter 4's; "auto": bf16 where
-    native), as the sampled network does; its log-softmax in float32.
-    """
+    """The sampler hook s * grad_x log p(y | x_t), the classifier run at
+    `precision` (chapter 4's) as the sampled network is."""
     def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
         net = autocast_model(classifier,
                              resolve_precision(precision, x.device),
@@ -76,7 +73,7 @@ def classifier_cond_fn(classifier: Model, scale: float,
     return cond_fn
 
 
-# %% chapters/06_guidance.py:483
+# %% chapters/06_guidance.py:480
 def ignore_labels(model: Model) -> Model:
     """An unconditional model that accepts (and drops) the labels y."""
     def unconditional(x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -95,9 +92,8 @@ def guided_sample(
 ) -> Tensor:
     """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
 
-    `model_kwargs` go to the model and to `cond_fn`, as in chapter 2's
-    loops: the labels as `y`, an upsampler's `low_res` (chapter 7);
-    `noise_fn(x)` gives each step's noise.
+    `model_kwargs` (labels `y`, an upsampler's `low_res`) go to the model
+    and to `cond_fn`; `noise_fn(x)` gives each step's noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
@@ -118,14 +114,12 @@ def guided_sample(
                             cond_fn=cond_fn, eta=eta)
 
 
-# %% chapters/06_guidance.py:539
+# %% chapters/06_guidance.py:535
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """The seed of the noise stream of sample `index` under `seed`.
-
-    `stream` > 0 names another use of the same samples' noise (a
-    cascade's upsampler, chapter 7).
-    """
-    if stream:  # hashed: independent of stream 0 but by 32-bit chance
+    """The seed of sample `index`'s noise stream number `stream`."""
+    # Stream > 0: another use of the samples' noise (a cascade's upsampler,
+    # chapter 7), hashed: independent of stream 0 but by 32-bit chance.
+    if stream:
         return step_seed(seed, index, stream)
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
     # share a stream while index < M. CPU generators keep a seed's low 32
@@ -136,11 +130,7 @@ def sample_seed(seed: int, index: int, stream: int = 0) -> int:
 def sample_noise(seed: int, indices: range,
                  device: str | torch.device = "cpu",
                  stream: int = 0) -> NoiseFn:
-    """Noise whose row k comes from sample indices[k]'s own stream.
-
-    Each call draws the next noise of every stream on `device`: first a
-    sample's x_T, then its steps' noise, whatever batch it is in.
-    """
+    """Noise whose row k is the next of sample indices[k]'s own stream."""
     generators = [torch.Generator(device).manual_seed(
         sample_seed(seed, i, stream)) for i in indices]
 
@@ -157,7 +147,7 @@ def sample_noise(seed: int, indices: range,
     return noise_fn
 
 
-# %% chapters/06_guidance.py:586
+# %% chapters/06_guidance.py:577
 def sample_batches(
     diffusion: GaussianDiffusion, model: Model, count: int,
     shape: tuple[int, int, int], labels: Tensor | None = None,
@@ -168,13 +158,9 @@ def sample_batches(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
-    `model_kwargs` hold a row per sample (as `labels`), given to the model
-    a batch at a time; `options` go to `sample_fn` (None: `guided_sample`;
-    chapter 8's `solver_sample` has its signature): sampler, cond_fn,
-    guide_at_mean, eta. Sample i's noise, x_T and steps, comes from
-    `sample_noise(seed, ..., stream)`'s row i, so samples do not depend on
-    the batch size. The network runs at `precision` (chapter 4's; "auto":
-    bf16 where native), the sampler's arithmetic in float32.
+    `model_kwargs` hold a row per sample, as `labels` do; `options`
+    (sampler, cond_fn, guide_at_mean, eta) go to `sample_fn` (None:
+    `guided_sample`; chapter 8's `solver_sample` takes the same).
     """
     model_kwargs = dict(model_kwargs or {})
     for name, rows in {"labels": labels, **model_kwargs}.items():
@@ -207,7 +193,7 @@ def sample_batches(
     return images, None if labels is None else labels.cpu().numpy()
 
 
-# %% chapters/06_guidance.py:679
+# %% chapters/06_guidance.py:666
 def prepare_for_sampling(model: nn.Module, device: str | torch.device,
                          precision: str = "auto", layout: str = "auto",
                          compile: bool = False) -> nn.Module:
@@ -219,7 +205,7 @@ def prepare_for_sampling(model: nn.Module, device: str | torch.device,
     return torch.compile(model) if compile else model
 
 
-# %% chapters/06_guidance.py:729
+# %% chapters/06_guidance.py:716
 def classifier_free_model(model: Model, scale: float,
                           null_label: int) -> Model:
     """eps(y) + w (eps(y) - eps(null)): classifier-free guidance, w=scale."""

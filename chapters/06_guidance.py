@@ -377,11 +377,8 @@ def classifier_grad(classifier: Model, x: Tensor, t: Tensor,
 
 def classifier_cond_fn(classifier: Model, scale: float,
                        precision: str = "fp32") -> CondFn:
-    """The sampler hook s * grad_x log p(y | x_t), labels from `y`.
-
-    The classifier runs at `precision` (chapter 4's; "auto": bf16 where
-    native), as the sampled network does; its log-softmax in float32.
-    """
+    """The sampler hook s * grad_x log p(y | x_t), the classifier run at
+    `precision` (chapter 4's) as the sampled network is."""
     def cond_fn(x: Tensor, t: Tensor, y: Tensor, **_: Any) -> Tensor:
         net = autocast_model(classifier,
                              resolve_precision(precision, x.device),
@@ -499,9 +496,8 @@ def guided_sample(
 ) -> Tensor:
     """Images from noise by Algorithm 1 ("ddpm") or 2 ("ddim").
 
-    `model_kwargs` go to the model and to `cond_fn`, as in chapter 2's
-    loops: the labels as `y`, an upsampler's `low_res` (chapter 7);
-    `noise_fn(x)` gives each step's noise.
+    `model_kwargs` (labels `y`, an upsampler's `low_res`) go to the model
+    and to `cond_fn`; `noise_fn(x)` gives each step's noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, "
@@ -538,12 +534,10 @@ def guided_sample(
 # %%
 #| export
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """The seed of the noise stream of sample `index` under `seed`.
-
-    `stream` > 0 names another use of the same samples' noise (a
-    cascade's upsampler, chapter 7).
-    """
-    if stream:  # hashed: independent of stream 0 but by 32-bit chance
+    """The seed of sample `index`'s noise stream number `stream`."""
+    # Stream > 0: another use of the samples' noise (a cascade's upsampler,
+    # chapter 7), hashed: independent of stream 0 but by 32-bit chance.
+    if stream:
         return step_seed(seed, index, stream)
     # Seed s owns [s M, s M + M), M = 1,000,003: (seed, index) pairs never
     # share a stream while index < M. CPU generators keep a seed's low 32
@@ -554,11 +548,7 @@ def sample_seed(seed: int, index: int, stream: int = 0) -> int:
 def sample_noise(seed: int, indices: range,
                  device: str | torch.device = "cpu",
                  stream: int = 0) -> NoiseFn:
-    """Noise whose row k comes from sample indices[k]'s own stream.
-
-    Each call draws the next noise of every stream on `device`: first a
-    sample's x_T, then its steps' noise, whatever batch it is in.
-    """
+    """Noise whose row k is the next of sample indices[k]'s own stream."""
     generators = [torch.Generator(device).manual_seed(
         sample_seed(seed, i, stream)) for i in indices]
 
@@ -577,10 +567,11 @@ def sample_noise(seed: int, indices: range,
 # %% [markdown]
 # `sample_batches` draws any number of samples batch by batch with a
 # progress bar and returns them as the reference stores them: uint8
-# images N x H x W x C and their labels. The noise is made on the device,
-# one batch at a time, so memory is that of a batch however many samples
-# are drawn; drawing it all up front would hold 39 GB for 50,000 images
-# at 256x256.
+# images N x H x W x C and their labels. Sample $i$'s noise is row $i$ of
+# `sample_noise`, whatever the batch size; the network runs at
+# `precision` ("auto": bf16 where native), the sampler's arithmetic in
+# float32. The noise is made on the device a batch at a time: all of it
+# up front would hold 39 GB for 50,000 images at 256x256.
 
 # %%
 #| export
@@ -594,13 +585,9 @@ def sample_batches(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`count` samples as uint8 N x H x W x C, and their labels.
 
-    `model_kwargs` hold a row per sample (as `labels`), given to the model
-    a batch at a time; `options` go to `sample_fn` (None: `guided_sample`;
-    chapter 8's `solver_sample` has its signature): sampler, cond_fn,
-    guide_at_mean, eta. Sample i's noise, x_T and steps, comes from
-    `sample_noise(seed, ..., stream)`'s row i, so samples do not depend on
-    the batch size. The network runs at `precision` (chapter 4's; "auto":
-    bf16 where native), the sampler's arithmetic in float32.
+    `model_kwargs` hold a row per sample, as `labels` do; `options`
+    (sampler, cond_fn, guide_at_mean, eta) go to `sample_fn` (None:
+    `guided_sample`; chapter 8's `solver_sample` takes the same).
     """
     model_kwargs = dict(model_kwargs or {})
     for name, rows in {"labels": labels, **model_kwargs}.items():
@@ -1142,10 +1129,9 @@ with np.load(batch_file) as batch:
 #
 # ## 6.9 A longer run, recorded
 #
-# The smoke configuration trains for seconds and its samples are noise.
-# A longer run, on a 2-core CPU with native bf16, with every setting
-# sampled with three seeds (its machine, day and times, and the run
-# before it: [appendix M.6](appendix_measurements.html)):
+# The smoke configuration's samples are noise. A longer run, on a 2-core
+# CPU with native bf16, every setting sampled with three seeds (machine,
+# day, times: [appendix M.6](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 6 -p train_steps 800 -p classifier_steps 400 \
@@ -1172,11 +1158,9 @@ with np.load(batch_file) as batch:
 # turns most columns into the digit asked for (the 0, 1, 3, 5, 7 and 9),
 # and on the conditional model it straightens the 5 and the 9; its 4 is
 # poor at every scale. Classifier-free guidance at $w = 4$ draws
-# thicker, bolder strokes than the data's. These grids show one sample
-# per class and scale; this record predates 6.6's figure of several
-# samples per class, which the command above now also saves (as
-# `figures/06_diversity.png`, eight per class), so within-class
-# diversity is not judged here by eye.
+# thicker, bolder strokes than the data's. With one sample per class and
+# scale (the record predates 6.6's figure, eight per class), diversity
+# within a class is not judged here by eye.
 #
 # The scores, with the MNIST network's features against 2,000 real
 # digits (FID and precision/recall are "(mnist-net)"; accuracy is that
