@@ -79,7 +79,6 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:180
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -135,7 +134,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:251
+# %% chapters/02_diffusion.py:238
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -195,7 +194,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:352
+# %% chapters/02_diffusion.py:347
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -211,7 +210,6 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor | float,
                   + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
-# %% chapters/02_diffusion.py:380
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -254,7 +252,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:450
+# %% chapters/02_diffusion.py:430
 def calc_bpd_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
     clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
@@ -285,7 +283,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:499
+# %% chapters/02_diffusion.py:479
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -328,7 +326,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:573
+# %% chapters/02_diffusion.py:553
 def training_losses(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
@@ -363,7 +361,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:641
+# %% chapters/02_diffusion.py:619
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -427,7 +425,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:753
+# %% chapters/02_diffusion.py:731
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -490,7 +488,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:867
+# %% chapters/02_diffusion.py:850
 def condition_mean(
     diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
     p: dict[str, Tensor], x: Tensor, t: Tensor,
@@ -519,7 +517,6 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:906
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -588,7 +585,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:987
+# %% chapters/02_diffusion.py:959
 NoiseFn = Callable[[Tensor], Tensor]
 _Callback = Callable[[dict[str, Tensor]], None]
 

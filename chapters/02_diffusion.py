@@ -28,12 +28,10 @@
 # (its fastest rows, Table 5's "25 steps", use DDIM, section 2.6, where
 # $\Sigma_\theta$ plays no part).
 #
-# This chapter exports that machinery as `adm_lib.diffusion` (2.1 to 2.6),
-# trains a small model on the embedded MNIST subset to see what the learned
-# variance does (2.7 to 2.11), checks the samplers and a trained network on
-# a toy with exact answers (2.12), and ties it together with the score
-# (2.13). Every number agrees with the reference implementation; the test
-# suite checks it against its outputs.
+# Sections 2.1 to 2.6 build that machinery, `adm_lib.diffusion`; 2.7 to
+# 2.11 train a small MNIST model with it; 2.12 and 2.13 check it on a toy
+# with exact answers, and through the score. The tests check its numbers
+# against the reference implementation's.
 
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
@@ -97,19 +95,14 @@ print(f"device: {device}")
 #
 # The network sees $x_t$ and $t$ and outputs a tensor; the diffusion turns
 # it into the mean and variance of $p_\theta(x_{t-1} \mid x_t)$. For the
-# **mean**, the reference has three parameterisations (`mean_type`):
-#
-# * `"eps"` (ADM's): predict the noise $\epsilon$, get $\hat x_0$ from
-#   `predict_xstart_from_eps` (chapter 1), and take the posterior mean
-#   $\tilde\mu_t(\hat x_0, x_t)$;
-# * `"x0"`: predict $x_0$ directly, then the same posterior mean;
-# * `"prev"`: predict the mean $\mu$ itself, and invert the posterior mean
-#   for $\hat x_0$.
-#
-# In all three, $\hat x_0$ may be clipped to the data range $[-1, 1]$ and
-# passed through a `denoised_fn` before use, as sampling does. For the
-# **variance** (`var_type`) there are the two fixed ends of chapter 1's
-# figure and two learned choices:
+# **mean** (`mean_type`) the network predicts the noise $\epsilon$
+# (`"eps"`, ADM's choice; $\hat x_0$ follows by `predict_xstart_from_eps`,
+# chapter 1) or $x_0$ itself (`"x0"`), and the mean is the posterior mean
+# $\tilde\mu_t(\hat x_0, x_t)$; or it predicts the mean (`"prev"`), which
+# inverted gives $\hat x_0$. In all three, $\hat x_0$ may be clipped to the
+# data range $[-1, 1]$ and passed through a `denoised_fn`, as sampling
+# does. For the **variance** (`var_type`) there are the two fixed ends of
+# chapter 1's figure and two learned choices:
 #
 # * `"fixed_small"`: the posterior variance $\tilde\beta_t$;
 # * `"fixed_large"`: $\beta_t$ ($\tilde\beta_2$ at the first step, $t = 1$,
@@ -125,7 +118,14 @@ print(f"device: {device}")
 # A learned variance makes the output $2C$ channels, mean then $v$, and
 # needs the bound in its loss (section 2.3); the hybrid loss needs a
 # learned variance. `_checked_loss` checks the choices before anything is
-# built.
+# built. `GaussianDiffusion` extends chapter 1's `ForwardProcess` with them
+# in two steps. The first, `_Parameterisation`, writes the rules above as
+# code: `_log_variance` reads the variance channels $v$ as $\log\Sigma$,
+# `_predict_xstart` the mean channels as $\hat x_0$. `model_timesteps`
+# gives the steps the network sees: $t$ itself, which respacing (section
+# 2.5) maps. The reference's `rescale_timesteps` shows the network
+# $1000\, t / T$ instead, so that a model of 4,000 steps sees the range of
+# one of 1,000; its released models leave it off, as does this book.
 
 # %%
 #| export
@@ -165,19 +165,6 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% [markdown]
-# `GaussianDiffusion` extends chapter 1's `ForwardProcess` with these
-# choices in two steps. The first, `_Parameterisation`, keeps them and
-# writes the two rules above as code: `_log_variance` reads the variance
-# channels $v$ as $\log\Sigma$, `_predict_xstart` the mean channels as $\hat
-# x_0$. `model_timesteps` gives the steps the network sees: $t$ itself, which
-# respacing (section 2.5) maps. The reference's `rescale_timesteps` shows
-# the network $1000\, t / T$ instead, so that a model of 4,000 steps sees
-# the range of one of 1,000; its released models leave it off, as does
-# every run of this book.
-
-# %%
-#| export
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
@@ -308,12 +295,10 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% [markdown]
-# A check of the variance rule, with a model that answers a constant: for
-# `learned_range`, $v = -1$ must give exactly $\tilde\beta_t$ and $v = 1$
-# $\beta_t$; `fixed_small` is $\tilde\beta_t$ whatever the network says.
-
 # %%
+# The variance rule, with a model that answers a constant: learned_range
+# must give exactly beta-tilde_t at v = -1 and beta_t at v = 1, and
+# fixed_small beta-tilde_t whatever the network says.
 betas = get_named_beta_schedule(schedule, num_timesteps)
 x = torch.randn(3, 1, 4, 4)
 t = torch.tensor([1, num_timesteps // 2, num_timesteps - 1])
@@ -347,6 +332,16 @@ assert torch.allclose(out["variance"], out["variance"][:, :1, :1, :1])
 # term, which has no parameters. As in the reference, every term is
 # averaged over pixels (`mean_flat`) and divided by $\ln 2$: the bound is in
 # **bits per dimension**, the unit likelihoods are reported in.
+#
+# The decoder term $L_0$ scores the 8-bit image itself: each pixel value
+# owns the bin of width $2/255$ around it (the edge bins open to
+# $\pm\infty$), and its probability is the Gaussian's mass in that bin,
+# with the reference's `tanh` approximation of the normal CDF, to give its
+# numbers. `vb_terms_bpd` returns each image's term at its own code step
+# `t`, the paper's step $t + 1$ (chapter 1.2): the KL term $L_t =
+# D_\text{KL}(q(x_t \mid x_{t+1}, x_0) \,\|\, p_\theta(x_t \mid x_{t+1}))$
+# in the paper's indices, or the decoder $L_0$ where `t = 0`. So code step
+# $t$ carries $L_t$, with no shift; `prior_bpd` is $L_T$.
 
 # %%
 #| export
@@ -365,19 +360,6 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor | float,
                   + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
-# %% [markdown]
-# The decoder term $L_0$ scores the 8-bit image itself: each pixel value
-# owns the bin of width $2/255$ around it (the edge bins open to
-# $\pm\infty$), and its probability is the Gaussian's mass in that bin. Like
-# the reference, we compute the normal CDF by a `tanh` approximation, to
-# give its numbers. `vb_terms_bpd` returns each image's term at its own
-# code step `t`, the paper's step $t + 1$ (chapter 1.2): the KL term $L_t =
-# D_\text{KL}(q(x_t \mid x_{t+1}, x_0) \,\|\, p_\theta(x_t \mid x_{t+1}))$
-# in the paper's indices, or the decoder $L_0$ where `t = 0`. So code step
-# $t$ carries $L_t$, with no shift; `prior_bpd` is $L_T$.
-
-# %%
-#| export
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -420,12 +402,10 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% [markdown]
+# %%
 # Two sanity checks: the KL between a Gaussian and itself is zero, and the
 # decoder's probabilities of the 256 pixel values sum to one (the bins tile
 # the real line).
-
-# %%
 mean, log_var = torch.randn(5), torch.randn(5)
 assert torch.allclose(normal_kl(mean, log_var, mean, log_var),
                       torch.zeros(5), atol=1e-6)
@@ -605,12 +585,10 @@ def training_losses(
     return terms
 
 
-# %% [markdown]
-# The stop-gradient, checked with a "model" that returns a fixed tensor: the
-# `vb` term's gradient must not reach the mean channels, nor the `mse`
-# term's the variance channels.
-
 # %%
+# The stop-gradient, checked with a "model" that returns a fixed tensor: the
+# vb term's gradient must not reach the mean channels, nor the mse term's
+# the variance channels.
 x_start = torch.rand(2, 1, 8, 8) * 2 - 1
 output = torch.randn(2, 2, 8, 8, requires_grad=True)
 t = torch.tensor([3, 600])
@@ -813,11 +791,9 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% [markdown]
-# The reference's documented examples, and the invariant that makes
-# respacing correct: the same $\bar\alpha$ at each kept step.
-
 # %%
+# The reference's documented examples, and the invariant that makes
+# respacing correct: the same alpha-bar at each kept step.
 assert space_timesteps(300, "10,15,20")[:3] == [0, 11, 22]
 assert len(space_timesteps(300, "10,15,20")) == 45
 assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
@@ -862,6 +838,13 @@ assert respace(base, "").num_timesteps == num_timesteps
 # enables gradients itself (samplers run without). `guide_at_mean=True`
 # takes the gradient at the unguided mean, where the paper's derivation
 # expands, instead of at $x_t$, as the reference; chapter 6 compares them.
+#
+# One ancestral step, `p_sample`, draws from the model's Gaussian, its mean
+# shifted by `condition_mean` when there is a `cond_fn`; at `t = 0` it adds
+# no noise (`_nonzero`). One DDIM step, `ddim_sample`, is the formula above
+# with $\hat\epsilon$ re-derived from the (clipped) $\hat x_0$;
+# `ddim_reverse_sample` runs the deterministic step forwards, $x_t$ to
+# $x_{t+1}$, with $\bar\alpha_{t+1}$ (`alphas_cumprod_next`).
 
 # %%
 #| export
@@ -893,17 +876,6 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% [markdown]
-# One ancestral step, `p_sample`, draws from the model's Gaussian, its mean
-# shifted by `condition_mean` when there is a `cond_fn`; at `t = 0` it adds
-# no noise (`_nonzero`). One DDIM step, `ddim_sample`, is the formula above
-# with $\hat\epsilon$ re-derived from the (clipped) $\hat x_0$.
-# `ddim_reverse_sample` runs the deterministic step forwards, $x_t$ to
-# $x_{t+1}$, with $\bar\alpha_{t+1}$ (`alphas_cumprod_next`) in place of
-# $\bar\alpha_{t-1}$.
-
-# %%
-#| export
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
@@ -1114,9 +1086,10 @@ for spec in ["10", "ddim25"]:
 # prediction, `learned_range` variance and the hybrid objective.
 
 # %%
-def timestep_embedding(t, dim):
+def timestep_embedding(t, dim, max_period=10_000):
     """Sinusoidal embedding of (float) timesteps, as in the Transformer."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2))
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half)
     angles = t.float()[:, None] * freqs.to(t.device)[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -1212,7 +1185,7 @@ last, model = model.eval(), ema.eval()  # `last`: the final step's weights
 print(f"{train_steps} steps of batch {batch_size} in {train_seconds:.0f} s "
       f"on {device}")
 
-# %%
+
 def smooth(values, width=25):
     """Moving average, to see a trend through the noise of single batches."""
     width = min(width, len(values))
@@ -1262,7 +1235,11 @@ assert head > terms_by_t[num_timesteps // 10:].sum()
 # so that every image sees the whole range of $t$, its mean should agree
 # with the full bound within a few standard errors. Single estimates spread
 # widely ($T - 1$ multiplies the dominant first steps), so comparing models
-# needs many images or paired differences (next, and chapter 4).
+# needs many images, or paired differences (chapter 4): here the EMA
+# against the last step's weights (`last`) on the **same** draws, whose
+# shared images, $t$ and $\epsilon$ cancel most of the spread. The standard
+# error of the mean difference (for these images only) is below that of two
+# independent estimates, $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
 
 # %%
 g = torch.Generator().manual_seed(seed)
@@ -1277,15 +1254,6 @@ print(f"estimate {estimate.mean():.3f} ± {se:.3f} bits/dim from "
       f"{len(estimate)} draws ({2 * len(estimate)} evaluations); full bound "
       f"{full:.3f} ({num_timesteps * nll_images} evaluations)")
 assert abs(estimate.mean().item() - full) < 5 * se
-
-# %% [markdown]
-# Two models compared on the **same** draws: the EMA against the last
-# step's weights (`last`). Shared images, $t$ and $\epsilon$ cancel most of
-# the spread, so the standard error of the mean paired difference (for
-# these images only) is below that of two independent estimates,
-# $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
-
-# %%
 estimate_last = vlb_estimate(diffusion, last, x_many, t_many,
                              noise_many)["vlb"]
 diff = (estimate - estimate_last).cpu()
@@ -1400,20 +1368,19 @@ assert torch.equal(chain[-1]["sample"], grids[f"DDPM {longest}"][:2])
 torch.testing.assert_close(chain[-1]["sample"], chain[-1]["pred_xstart"])
 
 # %% [markdown]
-# DDIM at $\eta = 0$ is deterministic, so one noise gives nearly one image
-# at every length; ancestral samples change from row to row, fresh noise
-# entering at every step. What short processes lose is what the learned
-# variance is for: Nichol & Dhariwal found that with a fixed variance,
-# ancestral sampling degrades quickly as steps are removed. (The paper's
-# 25-step rows of Table 5 are DDIM, `ddim25`, which never reads
-# $\Sigma_\theta$.) Section 5.9 measures it with FID, once chapters 4 and 5
-# have built a training loop and metrics: one model trained with
-# $L_\text{simple}$ (fixed variance) and with $L_\text{hybrid}$ (learned),
-# sampled with 10, 25, 50 and 100 ancestral steps.
+# DDIM at $\eta = 0$ is deterministic: one noise gives nearly one image at
+# every length, while ancestral samples change as fresh noise enters at
+# every step. What short processes lose is what the learned variance is
+# for: Nichol & Dhariwal found that with a fixed one, ancestral sampling
+# degrades quickly as steps are removed (the paper's 25-step rows of Table
+# 5 are DDIM, `ddim25`, which never reads $\Sigma_\theta$). Section 5.9
+# measures it with FID, with chapter 4's training loop and chapter 5's
+# metrics: one model trained with $L_\text{simple}$ (fixed variance) and
+# with $L_\text{hybrid}$ (learned), sampled with 10 to 100 ancestral steps.
 #
 # Finally DDIM inversion: encode real images to $x_T$ with 50 steps and
-# decode back. The round trip is exact only as the steps grow, and as far as
-# the model is good; its error is set against the distance between images.
+# decode back, exactly only as the steps grow and as far as the model is
+# good; the error is set against the distance between images.
 
 # %%
 spaced = respace(diffusion, "ddim50")
@@ -1460,12 +1427,11 @@ assert error < spread
 # steps and barely change from 25 to 250. The bound's first steps dominate,
 # as in section 2.8's figure.
 #
-# The earlier runs of appendix M.1 recorded only mean bounds, so their gaps
-# to this run have no standard error and the book draws no conclusion from
-# them; the comparison that holds is section 2.8's paired one, which every
-# run prints. A run this small says little about the samplers on a
-# well-trained model; the full GPU run (the parameters cell's command) has
-# not been made yet: its numbers belong in this table.
+# Appendix M.1's earlier runs recorded only mean bounds, so their gaps to
+# this run have no standard error and support no conclusion; section 2.8's
+# paired comparison, which every run prints, does. A run this small says
+# little about the samplers on a well-trained model; the full GPU run (the
+# parameters cell's command) is not made yet: its numbers belong here.
 
 # %% [markdown]
 # ## 2.12 A toy with exact answers
@@ -1583,11 +1549,9 @@ def ring_mixture(num_components: int = 6, num_classes: int = 3,
         labels=torch.arange(n) % num_classes)
 
 
-# %% [markdown]
+# %%
 # The exact score must be the gradient of the exact log-density, and the
 # class posterior must sum to one, at every noise level.
-
-# %%
 from adm_lib.toy import ring_mixture
 
 toy = ring_mixture()
@@ -1607,16 +1571,15 @@ plt.show()
 # %% [markdown]
 # ### Reverse trajectories, exactly
 #
-# The exact $\epsilon^*$ is a model with no training error, so what the
-# samplers make of it is their own doing. Both run 100 respaced steps in
-# float64, without clipping $\hat x_0$ (the toy is not an image), from the
-# same `toy_samples` noise draws. Ancestral trajectories wander, fresh noise
+# The exact $\epsilon^*$ has no training error, so what the samplers make
+# of it is their own doing. Both run 100 respaced steps in float64, without
+# clipping $\hat x_0$ (the toy is not an image), from the same
+# `toy_samples` noise draws. Ancestral trajectories wander, fresh noise
 # entering at every step; DDIM's are smooth, an ODE's solutions (section
 # 2.13). The third panel compares the samples' shares of the components
 # (nearest mean) with the data's; the cell also prints the squared maximum
 # mean discrepancy to fresh data (MMD$^2$, RBF kernel of width 0.1,
-# unbiased: zero in expectation for one law), mean $\pm$ s.e. over 10
-# blocks, beside the same between two sets of data.
+# unbiased), mean $\pm$ s.e. over 10 blocks, beside data against data.
 
 # %%
 toy_diffusion = GaussianDiffusion(betas, var_type="fixed_small",
@@ -1724,9 +1687,8 @@ class ToyEps(nn.Module):
                                  nn.Linear(width, 2))
 
     def forward(self, x, t):
-        freqs = torch.exp(-math.log(1000) * torch.arange(8) / 8)
-        angles = t.float()[:, None] * freqs[None]
-        return self.net(torch.cat([x.float(), angles.cos(), angles.sin()], 1))
+        emb = timestep_embedding(t, 16, max_period=1000)  # section 2.7's
+        return self.net(torch.cat([x.float(), emb], 1))
 
 
 torch.manual_seed(seed)
@@ -1789,7 +1751,7 @@ assert max(excess[0], excess[-1]) < excess.max() / 3
 # ## 2.13 The score view
 #
 # Everything in this chapter can be said with one function, the **score**
-# $\nabla \log p_t(x_t)$ of the noised data's density. Four facts, each
+# $\nabla \log p_t(x_t)$ of the noised data's density: four facts, each
 # checked on the toy, where the score is exact.
 #
 # **Tweedie's formula.** For $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 -
@@ -1863,9 +1825,9 @@ for name, h in [("x_t", x_t), ("x_t^3", x_t**3)]:
 # $$\frac{x_{t-1}}{\sqrt{\bar\alpha_{t-1}}} = \hat x_0 + \sigma_{t-1}
 # \hat\epsilon = \bar x_t + (\sigma_{t-1} - \sigma_t)\, \hat\epsilon.$$
 #
-# Euler's method is first order, so the end point's error should fall as
-# one over the steps. The cell checks one step against the formula, and
-# DDIM's end points at 5 to 40 steps against those at 250.
+# Euler's method is first order: the end point's error should fall as one
+# over the steps. The cell checks one step against the formula, and DDIM's
+# end points at 5 to 40 steps against those at 250.
 
 # %%
 # One DDIM step is one Euler step of d(x/sqrt(abar))/d(sigma) = eps*.
@@ -1963,28 +1925,20 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 # %% [markdown]
 # ## Summary
 #
-# * A mean parameterisation ($\epsilon$, $x_0$ or the mean) and a variance
-#   rule turn the network's output into a Gaussian step; ADM predicts
-#   $\epsilon$ and interpolates the log-variance between $\tilde\beta_t$
-#   and $\beta_t$.
-# * The bound is a sum of closed-form KL terms and a discretised decoder, in
-#   bits per dimension. `calc_bpd_loop` computes it with $T$ evaluations
-#   per image; `vlb_estimate` estimates it without bias from two, which is
-#   how later chapters compare models.
-# * $L_\text{simple}$ trains the mean; the hybrid objective adds $\lambda
-#   L_\text{vlb}$ behind a stop-gradient, so the bound trains only the
-#   variance. Importance sampling of $t$ tames the bound optimised alone.
-# * Respacing keeps a subsequence of steps while the model sees the
-#   original timesteps; DDPM and DDIM sample on it, and a guidance hook
-#   shifts the mean (Algorithm 1) or the noise (Algorithm 2).
-# * On a mixture of Gaussians everything is exact: with $\epsilon^*$,
-#   100-step DDPM and DDIM draw the data's law, and a trained network's loss
-#   is the irreducible loss plus its own distance to $\epsilon^*$.
-# * The score view: Tweedie's $\mathbb{E}[x_0 \mid x_t]$ is one step along
-#   the score, $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t$, DDIM
-#   is Euler's method on the probability-flow ODE, and $L_\text{vlb}$ and
-#   $L_\text{simple}$ weight the same per-step errors by $w_t \approx
-#   \frac12 \Delta\lambda_t$ and by 1.
+# * ADM's reverse step is a Gaussian whose mean comes from a predicted
+#   $\epsilon$ and whose log-variance it interpolates between
+#   $\tilde\beta_t$ and $\beta_t$.
+# * The bound, closed-form KL terms plus a discretised decoder in bits/dim,
+#   costs $T$ evaluations per image; `vlb_estimate` estimates it from two.
+#   The hybrid objective trains the mean by $L_\text{simple}$ and only the
+#   variance by the bound; importance sampling of $t$ tames the bound alone.
+# * Respacing keeps a subsequence of steps; DDPM and DDIM sample on it, and
+#   guidance shifts the mean (Algorithm 1) or the noise (Algorithm 2).
+# * On a toy with an exact score, both samplers draw the data's law and a
+#   trained network's loss is the irreducible loss plus its own error. The
+#   score view (Tweedie, $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log
+#   p_t$, DDIM as Euler's method on the probability-flow ODE, objectives as
+#   weightings) says the chapter with one function.
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
 
