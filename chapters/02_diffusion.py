@@ -1399,9 +1399,9 @@ assert error < spread
 # %% [markdown]
 # ## 2.11 A longer run, recorded
 #
-# The smoke configuration trains for seconds. A longer run, on a 2-core CPU
-# in float32 (this loop has no autocast; the machine, date and earlier runs
-# are in [appendix M.1](appendix_measurements.html)):
+# A longer run than the smoke configuration's, on a 2-core CPU in float32
+# (this loop has no autocast; the machine, date and earlier runs are in
+# [appendix M.1](appendix_measurements.html)):
 #
 # ```sh
 # adm book run 2 -p train_steps 6000 -p batch_size 64 \
@@ -1416,22 +1416,17 @@ assert error < spread
 # | its estimate from 1,024 draws (section 2.8) | 1.437 $\pm$ 0.137 |
 # | DDIM-50 inversion round trip, RMS error | 0.013 (0.572 between images) |
 #
-# Its samples, with the rows of section 2.10:
-#
 # ![Samples of the CPU run](figures/02_cpu_run_samples.png)
 #
-# Ancestral samples change with every length, and more than half are
-# recognisable digits, though many are not: the model is small (282k
+# The rows are section 2.10's. Ancestral samples change with every length,
+# more than half of them recognisable digits: the model is small (282k
 # parameters), unconditional, and has seen each image about 77 times.
 # DDIM's are smoother and less often digits, keep a trace of speckle at 10
-# steps and barely change from 25 to 250. The bound's first steps dominate,
-# as in section 2.8's figure.
-#
-# Appendix M.1's earlier runs recorded only mean bounds, so their gaps to
-# this run have no standard error and support no conclusion; section 2.8's
-# paired comparison, which every run prints, does. A run this small says
-# little about the samplers on a well-trained model; the full GPU run (the
-# parameters cell's command) is not made yet: its numbers belong here.
+# steps and barely change from 25 to 250. Appendix M.1's earlier runs
+# recorded only mean bounds, so their gaps to this run support no
+# conclusion; section 2.8's paired comparison does. A run this small says
+# little about a well-trained model; the full GPU run (the parameters
+# cell's command) is not made yet: its numbers belong in this table.
 
 # %% [markdown]
 # ## 2.12 A toy with exact answers
