@@ -1965,9 +1965,10 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #    after how many steps its `weights()` stop being uniform, then check.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1
-# - \bar\alpha_t} \beta_t = \tilde\beta_t$, so $1 - \bar\alpha_{t-1} -
-# \sigma_t^2 = \frac{(1 - \bar\alpha_{t-1})^2 \alpha_t}{1 - \bar\alpha_t}$.
+# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 -
+# \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$, so $1 -
+# \bar\alpha_{t-1} - \sigma_t^2 = \frac{(1 - \bar\alpha_{t-1})^2
+# \alpha_t}{1 - \bar\alpha_t}$.
 # With $\hat\epsilon = (x_t - \sqrt{\bar\alpha_t} \hat x_0) / \sqrt{1 -
 # \bar\alpha_t}$, the mean's coefficient of $x_t$ is $\frac{(1 -
 # \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 - \bar\alpha_t}$ (`coef2`) and that
