@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:131
+# %% chapters/02_diffusion.py:130
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -100,8 +100,7 @@ class _Parameterisation(ForwardProcess):
         # 1), for a better decoder likelihood: the clipped posterior's first
         # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
-            self.posterior_log_variance_clipped[0], self.log_betas[1:]
-        )
+            self.posterior_log_variance_clipped[0], self.log_betas[1:])
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
@@ -134,7 +133,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:238
+# %% chapters/02_diffusion.py:234
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -148,8 +147,7 @@ class GaussianDiffusion(_Parameterisation):
             raise ValueError(
                 f"model output {tuple(output.shape)}, expected {expected}: "
                 f"var_type {self.var_type!r} needs a model with "
-                f"out_channels={channels}, {rule}"
-            )
+                f"out_channels={channels}, {rule}")
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -167,9 +165,8 @@ class GaussianDiffusion(_Parameterisation):
     ) -> dict[str, Tensor]:
         """Run the model: mean, variance, log_variance and pred_xstart."""
         output = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.p_mean_variance_from_output(
-            output, x, t, clip_denoised, denoised_fn
-        )
+        return self.p_mean_variance_from_output(output, x, t, clip_denoised,
+                                                denoised_fn)
 
     def p_mean_variance_from_output(
         self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool = True,
@@ -186,15 +183,13 @@ class GaussianDiffusion(_Parameterisation):
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        if self.mean_type == "prev":
-            mean = mean_out
-        else:
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean = (mean_out if self.mean_type == "prev" else
+                self.q_posterior_mean_variance(pred_xstart, x, t)[0])
         return {"mean": mean, "variance": torch.exp(log_variance),
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:347
+# %% chapters/02_diffusion.py:339
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -252,7 +247,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:430
+# %% chapters/02_diffusion.py:422
 def calc_bpd_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
     clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
@@ -283,7 +278,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:479
+# %% chapters/02_diffusion.py:471
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -326,7 +321,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:553
+# %% chapters/02_diffusion.py:545
 def training_losses(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
@@ -361,7 +356,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:619
+# %% chapters/02_diffusion.py:611
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -425,7 +420,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:731
+# %% chapters/02_diffusion.py:723
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -488,7 +483,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:850
+# %% chapters/02_diffusion.py:842
 def condition_mean(
     diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
     p: dict[str, Tensor], x: Tensor, t: Tensor,
@@ -585,7 +580,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:959
+# %% chapters/02_diffusion.py:951
 NoiseFn = Callable[[Tensor], Tensor]
 _Callback = Callable[[dict[str, Tensor]], None]
 

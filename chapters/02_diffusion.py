@@ -123,9 +123,8 @@ print(f"device: {device}")
 # code: `_log_variance` reads the variance channels $v$ as $\log\Sigma$,
 # `_predict_xstart` the mean channels as $\hat x_0$. `model_timesteps`
 # gives the steps the network sees: $t$ itself, which respacing (section
-# 2.5) maps. The reference's `rescale_timesteps` shows the network
-# $1000\, t / T$ instead, so that a model of 4,000 steps sees the range of
-# one of 1,000; its released models leave it off, as does this book.
+# 2.5) maps (the reference's `rescale_timesteps`, $1000\, t / T$, is off in
+# its released models and in this book).
 
 # %%
 #| export
@@ -186,8 +185,7 @@ class _Parameterisation(ForwardProcess):
         # 1), for a better decoder likelihood: the clipped posterior's first
         # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
-            self.posterior_log_variance_clipped[0], self.log_betas[1:]
-        )
+            self.posterior_log_variance_clipped[0], self.log_betas[1:])
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
@@ -221,18 +219,16 @@ class _Parameterisation(ForwardProcess):
 
 
 # %% [markdown]
-# The second step is the Gaussian itself. `p_mean_variance` runs the model
-# and returns the mean and variance of $p_\theta(x_{t-1} \mid x_t)$, with
-# $\hat x_0$ (`pred_xstart`) alongside, in the reference's names.
+# The second step is the Gaussian itself: `p_mean_variance` runs the model
+# and returns the mean and variance of $p_\theta(x_{t-1} \mid x_t)$ with
+# $\hat x_0$ (`pred_xstart`), in the reference's names;
 # `predict_eps_from_xstart` solves `q_sample` for the noise. The diffusion
-# also carries the objective (`loss`, section 2.3), so that a saved
-# configuration rebuilds all of it. The model's output is cast to chapter
-# 1's `dtype` (float32 by default): a network run in half precision still
-# gets its Gaussian in float32. First, `check_output` refuses an output of
-# other than $2C$ channels with a learned variance ($C$ with a fixed one),
-# naming the `out_channels` the model needs; the training loss calls it
-# too, where a fixed variance's MSE would read half of $2C$ channels
-# without a word.
+# carries the objective too (`loss`, section 2.3), so a saved configuration
+# rebuilds all of it. The output is cast to chapter 1's `dtype` (float32 by
+# default) whatever precision the network ran in, once `check_output` has
+# refused any but $2C$ channels for a learned variance ($C$ for a fixed
+# one), naming the `out_channels` the model needs; the training loss calls
+# it too, lest a fixed variance's MSE silently read half of $2C$ channels.
 
 # %%
 #| export
@@ -249,8 +245,7 @@ class GaussianDiffusion(_Parameterisation):
             raise ValueError(
                 f"model output {tuple(output.shape)}, expected {expected}: "
                 f"var_type {self.var_type!r} needs a model with "
-                f"out_channels={channels}, {rule}"
-            )
+                f"out_channels={channels}, {rule}")
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -268,9 +263,8 @@ class GaussianDiffusion(_Parameterisation):
     ) -> dict[str, Tensor]:
         """Run the model: mean, variance, log_variance and pred_xstart."""
         output = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.p_mean_variance_from_output(
-            output, x, t, clip_denoised, denoised_fn
-        )
+        return self.p_mean_variance_from_output(output, x, t, clip_denoised,
+                                                denoised_fn)
 
     def p_mean_variance_from_output(
         self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool = True,
@@ -287,10 +281,8 @@ class GaussianDiffusion(_Parameterisation):
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        if self.mean_type == "prev":
-            mean = mean_out
-        else:
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean = (mean_out if self.mean_type == "prev" else
+                self.q_posterior_mean_variance(pred_xstart, x, t)[0])
         return {"mean": mean, "variance": torch.exp(log_variance),
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
@@ -2053,8 +2045,7 @@ for name in ("cosine", "linear"):
 # %% jupyter={"source_hidden": true} tags=["solution"]
 spreads = {}
 for var_type in ("fixed_small", "fixed_large"):
-    d = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
-                          var_type=var_type, dtype=torch.float64)
+    d = GaussianDiffusion(betas, var_type=var_type, dtype=torch.float64)
     for spec in ("10", "100"):
         end = p_sample_loop(respace(d, spec), toy.eps_model(d.alphas_cumprod),
                             toy_noise, clip_denoised=False,
