@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:141
+# %% chapters/02_diffusion.py:130
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -79,18 +79,13 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% chapters/02_diffusion.py:191
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
     def __init__(
-        self,
-        betas: np.ndarray,
-        mean_type: str = "eps",
-        var_type: str = "learned_range",
-        loss: str | None = None,
-        lambda_vlb: float = 0.001,
-        dtype: torch.dtype = torch.float32,
+        self, betas: np.ndarray, mean_type: str = "eps",
+        var_type: str = "learned_range", loss: str | None = None,
+        lambda_vlb: float = 0.001, dtype: torch.dtype = torch.float32,
         rescale_timesteps: bool = False,
     ) -> None:
         super().__init__(betas, dtype)
@@ -105,8 +100,7 @@ class _Parameterisation(ForwardProcess):
         # 1), for a better decoder likelihood: the clipped posterior's first
         # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
-            self.posterior_log_variance_clipped[0], self.log_betas[1:]
-        )
+            self.posterior_log_variance_clipped[0], self.log_betas[1:])
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
@@ -139,29 +133,9 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:266
+# %% chapters/02_diffusion.py:234
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back.
-
-    Args:
-        betas: the noise schedule beta_1..beta_T, a 1-D array in (0, 1]
-            (chapter 1's get_named_beta_schedule); T = len(betas).
-        mean_type: what the model's first C channels predict, for images of
-            C channels: "eps" (the noise), "x0" (the clean image) or
-            "prev" (the posterior mean).
-        var_type: "fixed_small" (the posterior's beta-tilde_t),
-            "fixed_large" (beta_t), or learned, from the model's last C
-            channels: "learned" (log variance) or "learned_range" (v in
-            [-1, 1] between the two fixed ones). A learned variance needs a
-            model with out_channels twice the images' channels.
-        loss: "simple" (the mean's MSE), "hybrid" (MSE plus lambda_vlb
-            times T times the bound, for a learned variance) or "kl" (the
-            bound); None: hybrid for a learned variance, else simple.
-        lambda_vlb: the weight of the bound in the hybrid loss, per step.
-        dtype: the dtype of the Gaussian's arithmetic; the model's output
-            is cast to it.
-        rescale_timesteps: show the model 1000 t / T (floats), not t.
-    """
+    """A diffusion's reverse process: model output to Gaussian, and back."""
 
     def check_output(self, output: Tensor, x: Tensor) -> None:
         """Raise a ValueError unless output is shaped as var_type needs."""
@@ -173,8 +147,7 @@ class GaussianDiffusion(_Parameterisation):
             raise ValueError(
                 f"model output {tuple(output.shape)}, expected {expected}: "
                 f"var_type {self.var_type!r} needs a model with "
-                f"out_channels={channels}, {rule}"
-            )
+                f"out_channels={channels}, {rule}")
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -186,26 +159,17 @@ class GaussianDiffusion(_Parameterisation):
         ) / self.extract("sqrt_recipm1_alphas_cumprod", t, n)
 
     def p_mean_variance(
-        self,
-        model: Model,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
+        self, model: Model, x: Tensor, t: Tensor, clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """Run the model: mean, variance, log_variance and pred_xstart."""
         output = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.p_mean_variance_from_output(
-            output, x, t, clip_denoised, denoised_fn
-        )
+        return self.p_mean_variance_from_output(output, x, t, clip_denoised,
+                                                denoised_fn)
 
     def p_mean_variance_from_output(
-        self,
-        output: Tensor,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
+        self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
@@ -219,40 +183,28 @@ class GaussianDiffusion(_Parameterisation):
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        if self.mean_type == "prev":
-            mean = mean_out
-        else:
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean = (mean_out if self.mean_type == "prev" else
+                self.q_posterior_mean_variance(pred_xstart, x, t)[0])
         return {"mean": mean, "variance": torch.exp(log_variance),
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:396
+# %% chapters/02_diffusion.py:339
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def normal_kl(
-    mean1: Tensor,
-    logvar1: Tensor,
-    mean2: Tensor | float,
-    logvar2: Tensor | float,
-) -> Tensor:
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor | float,
+              logvar2: Tensor | float) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), in nats."""
     # A number becomes a 0-d tensor left on the host, which a GPU kernel
     # reads as a scalar: copying it to the GPU would block at every call.
     logvar2 = torch.as_tensor(logvar2).to(dtype=logvar1.dtype)
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + torch.exp(logvar1 - logvar2)
-        + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
-# %% chapters/02_diffusion.py:429
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -270,30 +222,19 @@ def discretized_gaussian_log_likelihood(
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta),
-    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(
+        x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-# %% chapters/02_diffusion.py:462
-def vb_terms_bpd(
-    diffusion: GaussianDiffusion,
-    p: dict[str, Tensor],
-    x_start: Tensor,
-    x_t: Tensor,
-    t: Tensor,
-) -> Tensor:
+def vb_terms_bpd(diffusion: GaussianDiffusion, p: dict[str, Tensor],
+                 x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """Each image's term of the bound at its t (bits/dim): L_{t-1} or L_0."""
     true_mean, _, true_log_variance = diffusion.q_posterior_mean_variance(
-        x_start, x_t, t
-    )
+        x_start, x_t, t)
     kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
     kl = mean_flat(kl) / math.log(2.0)
     decoder_nll = -discretized_gaussian_log_likelihood(
-        x_start, p["mean"], 0.5 * p["log_variance"]
-    )
+        x_start, p["mean"], 0.5 * p["log_variance"])
     decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
     return torch.where(t == 0, decoder_nll, kl)
 
@@ -306,13 +247,10 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:519
+# %% chapters/02_diffusion.py:422
 def calc_bpd_loop(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
+    clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """The full bound per image (bits/dim), with its per-step terms."""
@@ -340,7 +278,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:573
+# %% chapters/02_diffusion.py:471
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -355,19 +293,13 @@ def stratified_timesteps(
 
 
 def vlb_estimate(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    t: Tensor,
-    noise: Tensor | None = None,
-    clip_denoised: bool = True,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
+    noise: Tensor | None = None, clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t.
-
-    `t` may be on the CPU (as `stratified_timesteps` draws it): checked
-    there, it reaches a GPU without a sync, where a check would wait.
-    """
+    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t."""
+    # t may be on the CPU (as stratified_timesteps draws it): checked there,
+    # it reaches a GPU without a sync, where a check would wait.
     if t.min() < 1 or t.max() >= diffusion.num_timesteps:
         raise ValueError(f"t must lie in [1, {diffusion.num_timesteps}) for "
                          "a KL term; t = 0 is the decoder, counted anyway")
@@ -389,18 +321,13 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:656
+# %% chapters/02_diffusion.py:545
 def training_losses(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    t: Tensor,
-    model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
+    model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-image loss at timesteps t, with its terms "mse" and "vb"."""
-    if noise is None:
-        noise = torch.randn_like(x_start)
+    noise = torch.randn_like(x_start) if noise is None else noise
     x_t = diffusion.q_sample(x_start, t, noise)
     output = model(x_t, diffusion.model_timesteps(t), **(model_kwargs or {}))
     # Else a fixed variance's loss would read a learned one's output, and
@@ -429,7 +356,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:732
+# %% chapters/02_diffusion.py:611
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -453,7 +380,6 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% chapters/02_diffusion.py:763
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -494,7 +420,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:857
+# %% chapters/02_diffusion.py:723
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -525,16 +451,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% chapters/02_diffusion.py:896
 class SpacedDiffusion(GaussianDiffusion):
-    """A diffusion on a subset of a base's steps; the model sees the base's.
-
-    Args:
-        base: the diffusion whose steps are kept; its other options carry
-            over.
-        timesteps: the steps to keep, in [0, base.num_timesteps) (see
-            space_timesteps); the shorter process's T is their number.
-    """
+    """A diffusion on a subset of a base's steps; the model sees the base's."""
 
     def __init__(self, base: GaussianDiffusion, timesteps: list[int]) -> None:
         kept = sorted(set(timesteps))
@@ -565,21 +483,13 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:988
+# %% chapters/02_diffusion.py:842
 def condition_mean(
-    diffusion: GaussianDiffusion,
-    cond_fn: Callable[..., Tensor],
-    p: dict[str, Tensor],
-    x: Tensor,
-    t: Tensor,
-    model_kwargs: dict[str, Any] | None = None,
-    at_mean: bool = False,
+    diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
+    p: dict[str, Tensor], x: Tensor, t: Tensor,
+    model_kwargs: dict[str, Any] | None = None, at_mean: bool = False,
 ) -> Tensor:
-    """Algorithm 1: the mean shifted by the variance times cond_fn's grad.
-
-    The gradient is taken at x_t, as the reference does, or (`at_mean`) at
-    the unguided mean, the point the paper's derivation expands around.
-    """
+    """Algorithm 1: the mean shifted by the variance times cond_fn's grad."""
     point = p["mean"] if at_mean else x
     gradient = cond_fn(point, diffusion.model_timesteps(t),
                        **(model_kwargs or {}))
@@ -588,11 +498,8 @@ def condition_mean(
 
 
 def condition_score(
-    diffusion: GaussianDiffusion,
-    cond_fn: Callable[..., Tensor],
-    p: dict[str, Tensor],
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
+    p: dict[str, Tensor], x: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Algorithm 2: eps - sqrt(1 - abar) grad, and its x_0 and mean."""
@@ -605,23 +512,18 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% chapters/02_diffusion.py:1034
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
 
 
 def p_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
-    guide_at_mean: bool = False,
+    noise: Tensor | None = None, guide_at_mean: bool = False,
 ) -> dict[str, Tensor]:
     """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t), and pred_xstart."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
@@ -636,18 +538,13 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1073
 def ddim_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
-    eta: float = 0.0,
+    noise: Tensor | None = None, eta: float = 0.0,
 ) -> dict[str, Tensor]:
     """One DDIM step (Song et al. eq. 12) with stochasticity eta."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
@@ -668,10 +565,7 @@ def ddim_sample(
 
 
 def ddim_reverse_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
@@ -686,19 +580,15 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:1136
+# %% chapters/02_diffusion.py:951
 NoiseFn = Callable[[Tensor], Tensor]
+_Callback = Callable[[dict[str, Tensor]], None]
 
 
 def _loop(
-    step: Callable[..., dict[str, Tensor]],
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    steps: range,
-    progress: bool,
-    noise_fn: NoiseFn | None = None,
-    **kwargs: Any,
+    step: Callable[..., dict[str, Tensor]], diffusion: GaussianDiffusion,
+    model: Model, x: Tensor, steps: range, progress: bool,
+    noise_fn: NoiseFn | None = None, **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     from tqdm.auto import tqdm
 
@@ -738,10 +628,8 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% chapters/02_diffusion.py:1194
 def last_sample(
-    steps: Iterator[dict[str, Tensor]],
-    callback: Callable[[dict[str, Tensor]], None] | None,
+    steps: Iterator[dict[str, Tensor]], callback: _Callback | None
 ) -> Tensor:
     """The last step's sample, passing every step to callback."""
     for out in steps:
@@ -752,33 +640,25 @@ def last_sample(
 
 def p_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """Ancestral sampling from x_T = noise; returns x_0."""
-    steps = p_sample_loop_progressive(diffusion, model, noise, progress,
-                                      **kwargs)
-    return last_sample(steps, callback)
+    return last_sample(p_sample_loop_progressive(
+        diffusion, model, noise, progress, **kwargs), callback)
 
 
 def ddim_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """DDIM sampling from x_T = noise (option eta); returns x_0."""
-    steps = ddim_sample_loop_progressive(diffusion, model, noise, progress,
-                                         **kwargs)
-    return last_sample(steps, callback)
+    return last_sample(ddim_sample_loop_progressive(
+        diffusion, model, noise, progress, **kwargs), callback)
 
 
 def ddim_reverse_sample_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """DDIM inversion: the x_T that deterministic DDIM decodes to x_start."""
     steps = range(diffusion.num_timesteps)

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:1698
+# %% chapters/02_diffusion.py:1438
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,12 +103,10 @@ class GaussianMixture:
 def ring_mixture(num_components: int = 6, num_classes: int = 3,
                  radius: float = 0.6, std: float = 0.1) -> GaussianMixture:
     """Equal components on a circle, labelled in turn 0, 1, ..., 0, 1, ..."""
-    angle = 2 * math.pi * torch.arange(num_components, dtype=torch.float64)
-    angle = angle / num_components
-    means = radius * torch.stack([angle.cos(), angle.sin()], 1)
+    n = num_components
+    angle = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
+    ones = torch.ones(n, dtype=torch.float64)
     return GaussianMixture(
-        means=means,
-        stds=torch.full((num_components,), std, dtype=torch.float64),
-        weights=torch.full((num_components,), 1 / num_components,
-                           dtype=torch.float64),
-        labels=torch.arange(num_components) % num_classes)
+        means=radius * torch.stack([angle.cos(), angle.sin()], 1),
+        stds=std * ones, weights=ones / n,
+        labels=torch.arange(n) % num_classes)

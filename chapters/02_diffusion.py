@@ -23,22 +23,15 @@
 # only the mean and fixed $\Sigma$; Nichol & Dhariwal (2021) showed that
 # **learning the variance** too barely changes sample quality with all $T$
 # steps but keeps ancestral sampling good with far fewer, and improves
-# likelihood. The paper this book follows uses their recipe for every model: a
-# learned variance, the *hybrid* objective, and ancestral sampling with 250
-# steps instead of 1000. Its fastest rows (Table 5's "25 steps") sample with
-# 25 steps of DDIM instead (section 2.6), where $\Sigma_\theta$ plays no
-# part.
+# likelihood. The paper uses their recipe for every model: a learned
+# variance, the *hybrid* objective, and 250 ancestral steps instead of 1000
+# (its fastest rows, Table 5's "25 steps", use DDIM, section 2.6, where
+# $\Sigma_\theta$ plays no part).
 #
-# This chapter builds that machinery and exports it as `adm_lib.diffusion`:
-# what the network outputs and how it becomes a Gaussian (2.1), the variational
-# bound (2.2), the training objectives (2.3) and how to sample their timesteps
-# (2.4), respacing to fewer steps (2.5), and the samplers: ancestral (DDPM) and
-# DDIM (2.6). Then it trains a small model on the embedded MNIST subset and
-# looks at what the learned variance does (2.7 to 2.11). A toy with exact
-# answers, a mixture of Gaussians in the plane, shows the samplers and a
-# trained network against the exact score (2.12), and the score view ties
-# the chapter together (2.13). Every number agrees with the reference
-# implementation; the test suite checks it against its outputs.
+# Sections 2.1 to 2.6 build that machinery, `adm_lib.diffusion`; 2.7 to
+# 2.11 train a small MNIST model with it; 2.12 and 2.13 check it on a toy
+# with exact answers, and through the score. The tests check its numbers
+# against the reference implementation's.
 
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
@@ -78,6 +71,7 @@ from tqdm.auto import tqdm
 
 from adm_lib.book import find_root
 from adm_lib.data import load_dataset
+from adm_lib.devices import resolve_device
 from adm_lib.forward import ForwardProcess, get_named_beta_schedule
 from adm_lib.viz import show_images, show_rows
 
@@ -87,14 +81,10 @@ os.chdir(find_root())
 torch.manual_seed(seed)
 
 # %% [markdown]
-# The chapter trains a model, so it needs a device. Every chapter names it the
-# same way, by the string `device`: `"auto"` is CUDA when PyTorch sees a GPU
-# and the CPU otherwise, and a name that cannot work here is refused before
-# any work starts. `resolve_device` is that rule; it lives in the library's
-# foundation, `adm_lib.devices`, with the choice of precision (chapter 4).
-
-# %%
-from adm_lib.devices import resolve_device
+# Every chapter names its device by the string `device`: `"auto"` is CUDA
+# when PyTorch sees a GPU and the CPU otherwise, and `resolve_device`
+# (`adm_lib.devices`, with the choice of precision, chapter 4) refuses a
+# name that cannot work here before any work starts.
 
 # %%
 device = str(resolve_device(device))
@@ -103,39 +93,38 @@ print(f"device: {device}")
 # %% [markdown]
 # ## 2.1 From network output to a Gaussian
 #
-# The network sees $x_t$ and $t$ and outputs a tensor; the diffusion turns it
-# into the mean and variance of $p_\theta(x_{t-1} \mid x_t)$. For the **mean**,
-# the reference supports three parameterisations (`mean_type`):
+# The network sees $x_t$ and $t$ and outputs a tensor; the diffusion turns
+# it into the mean and variance of $p_\theta(x_{t-1} \mid x_t)$. For the
+# **mean** (`mean_type`) the network predicts the noise $\epsilon$
+# (`"eps"`, ADM's choice; $\hat x_0$ follows by `predict_xstart_from_eps`,
+# chapter 1) or $x_0$ itself (`"x0"`), and the mean is the posterior mean
+# $\tilde\mu_t(\hat x_0, x_t)$; or it predicts the mean (`"prev"`), which
+# inverted gives $\hat x_0$. In all three, $\hat x_0$ may be clipped to the
+# data range $[-1, 1]$ and passed through a `denoised_fn`, as sampling
+# does. For the **variance** (`var_type`) there are the two fixed ends of
+# chapter 1's figure and two learned choices:
 #
-# * `"eps"`: predict the noise $\epsilon$; then $\hat x_0$ follows from
-#   `predict_xstart_from_eps` (chapter 1) and the mean is the posterior mean
-#   $\tilde\mu_t(\hat x_0, x_t)$. This is what ADM uses.
-# * `"x0"`: predict $x_0$ directly, then the same posterior mean.
-# * `"prev"`: predict the mean $\mu$ itself; $\hat x_0$ is recovered by
-#   inverting the posterior mean.
+# * `"fixed_small"`: the posterior variance $\tilde\beta_t$;
+# * `"fixed_large"`: $\beta_t$ ($\tilde\beta_2$ at the first step, $t = 1$,
+#   for a better decoder likelihood);
+# * `"learned"`: the network outputs $\log \Sigma$;
+# * `"learned_range"` (ADM's): the network outputs $v$ per pixel, read as
+#   $v \in [-1, 1]$ (nothing clamps it), and $\log\Sigma_\theta =
+#   \frac{v+1}{2} \log\beta_t + \frac{1-v}{2} \log\tilde\beta_t$ (Nichol &
+#   Dhariwal's weight $v \in [0, 1]$ on $\log\beta_t$ is our
+#   $\frac{v+1}{2}$). The bounds differ little (section 1.7), so where to
+#   sit between them is an easy, well-scaled prediction.
 #
-# In all three, $\hat x_0$ may be clipped to $[-1, 1]$ (the data range) and
-# passed through a `denoised_fn` before it is used, which sampling does.
-#
-# For the **variance** (`var_type`) there are two fixed choices, the two ends
-# of chapter 1's figure, and two learned ones:
-#
-# * `"fixed_small"`: $\tilde\beta_t$, the posterior variance;
-# * `"fixed_large"`: $\beta_t$ (with $\tilde\beta_2$ at the first step,
-#   $t = 1$, for a better decoder likelihood);
-# * `"learned"`: the network outputs $\log \Sigma$ directly;
-# * `"learned_range"`: the network outputs $v$ per pixel, read as $v \in
-#   [-1, 1]$ (nothing clamps it), and $\log\Sigma_\theta = \frac{v+1}{2}
-#   \log\beta_t + \frac{1-v}{2} \log\tilde\beta_t$. Nichol & Dhariwal (2021)
-#   write this with a weight $v \in [0, 1]$ on $\log\beta_t$: theirs is our
-#   $\frac{v+1}{2}$. The bounds differ by little (chapter 1, section 1.7), so
-#   where in between to sit is an easy, well-scaled prediction. ADM uses it.
-#
-# With a learned variance the network outputs $2C$ channels, mean then $v$.
-#
-# In code the choices are names, checked together before anything is built:
-# a learned variance needs the bound in its loss (section 2.3), and the
-# hybrid loss needs a learned variance to train.
+# A learned variance makes the output $2C$ channels, mean then $v$, and
+# needs the bound in its loss (section 2.3); the hybrid loss needs a
+# learned variance. `_checked_loss` checks the choices before anything is
+# built. `GaussianDiffusion` extends chapter 1's `ForwardProcess` with them
+# in two steps. The first, `_Parameterisation`, writes the rules above as
+# code: `_log_variance` reads the variance channels $v$ as $\log\Sigma$,
+# `_predict_xstart` the mean channels as $\hat x_0$. `model_timesteps`
+# gives the steps the network sees: $t$ itself, which respacing (section
+# 2.5) maps (the reference's `rescale_timesteps`, $1000\, t / T$, is off in
+# its released models and in this book).
 
 # %%
 #| export
@@ -175,31 +164,13 @@ def _checked_loss(mean_type: str, var_type: str, loss: str | None) -> str:
     return loss
 
 
-# %% [markdown]
-# `GaussianDiffusion` extends chapter 1's `ForwardProcess` with these choices
-# and the tables they need, in two steps. The first, `_Parameterisation`,
-# keeps the choices and writes the two rules above as code: `_log_variance`
-# reads the variance channels $v$ as $\log\Sigma$, and `_predict_xstart`
-# reads the mean channels as $\hat x_0$. `model_timesteps` gives the step
-# numbers the network sees: $t$ itself here, which respacing (section 2.5)
-# maps. The reference has one more option, `rescale_timesteps`, that shows the
-# network $1000\, t / T$ as a float, so that a model of 4,000 steps sees the
-# range of one of 1,000; its released models leave it off, and so does every
-# run of this book.
-
-# %%
-#| export
 class _Parameterisation(ForwardProcess):
     """A forward process with the choices of the reverse process's rules."""
 
     def __init__(
-        self,
-        betas: np.ndarray,
-        mean_type: str = "eps",
-        var_type: str = "learned_range",
-        loss: str | None = None,
-        lambda_vlb: float = 0.001,
-        dtype: torch.dtype = torch.float32,
+        self, betas: np.ndarray, mean_type: str = "eps",
+        var_type: str = "learned_range", loss: str | None = None,
+        lambda_vlb: float = 0.001, dtype: torch.dtype = torch.float32,
         rescale_timesteps: bool = False,
     ) -> None:
         super().__init__(betas, dtype)
@@ -214,8 +185,7 @@ class _Parameterisation(ForwardProcess):
         # 1), for a better decoder likelihood: the clipped posterior's first
         # value, which chapter 1 defines for a one-step process too.
         self.fixed_large_log_variance = np.append(
-            self.posterior_log_variance_clipped[0], self.log_betas[1:]
-        )
+            self.posterior_log_variance_clipped[0], self.log_betas[1:])
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timesteps the model sees for steps t (respacing maps them)."""
@@ -249,43 +219,21 @@ class _Parameterisation(ForwardProcess):
 
 
 # %% [markdown]
-# The second step is the Gaussian itself. `p_mean_variance` runs the model
-# and returns the mean and variance of $p_\theta(x_{t-1} \mid x_t)$, with
-# $\hat x_0$ (`pred_xstart`) alongside; the reference's names are kept
-# throughout. `predict_eps_from_xstart` solves `q_sample` for the noise. The
-# diffusion also carries the training objective (`loss`, section 2.3), so that
-# a saved configuration rebuilds all of it. The model's output is cast to
-# chapter 1's `dtype` (float32 by default), so a network run in half precision
-# still gets its Gaussian in float32. Before anything reads it, `check_output`
-# refuses an output of other than $2C$ channels with a learned variance ($C$
-# with a fixed one), naming the `out_channels` the model must be built with;
-# the training loss calls it too, where a fixed variance's MSE would
-# otherwise read the first $C$ of $2C$ channels without a word.
+# The second step is the Gaussian itself: `p_mean_variance` runs the model
+# and returns the mean and variance of $p_\theta(x_{t-1} \mid x_t)$ with
+# $\hat x_0$ (`pred_xstart`), in the reference's names;
+# `predict_eps_from_xstart` solves `q_sample` for the noise. The diffusion
+# carries the objective too (`loss`, section 2.3), so a saved configuration
+# rebuilds all of it. The output is cast to chapter 1's `dtype` (float32 by
+# default) whatever precision the network ran in, once `check_output` has
+# refused any but $2C$ channels for a learned variance ($C$ for a fixed
+# one), naming the `out_channels` the model needs; the training loss calls
+# it too, lest a fixed variance's MSE silently read half of $2C$ channels.
 
 # %%
 #| export
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back.
-
-    Args:
-        betas: the noise schedule beta_1..beta_T, a 1-D array in (0, 1]
-            (chapter 1's get_named_beta_schedule); T = len(betas).
-        mean_type: what the model's first C channels predict, for images of
-            C channels: "eps" (the noise), "x0" (the clean image) or
-            "prev" (the posterior mean).
-        var_type: "fixed_small" (the posterior's beta-tilde_t),
-            "fixed_large" (beta_t), or learned, from the model's last C
-            channels: "learned" (log variance) or "learned_range" (v in
-            [-1, 1] between the two fixed ones). A learned variance needs a
-            model with out_channels twice the images' channels.
-        loss: "simple" (the mean's MSE), "hybrid" (MSE plus lambda_vlb
-            times T times the bound, for a learned variance) or "kl" (the
-            bound); None: hybrid for a learned variance, else simple.
-        lambda_vlb: the weight of the bound in the hybrid loss, per step.
-        dtype: the dtype of the Gaussian's arithmetic; the model's output
-            is cast to it.
-        rescale_timesteps: show the model 1000 t / T (floats), not t.
-    """
+    """A diffusion's reverse process: model output to Gaussian, and back."""
 
     def check_output(self, output: Tensor, x: Tensor) -> None:
         """Raise a ValueError unless output is shaped as var_type needs."""
@@ -297,8 +245,7 @@ class GaussianDiffusion(_Parameterisation):
             raise ValueError(
                 f"model output {tuple(output.shape)}, expected {expected}: "
                 f"var_type {self.var_type!r} needs a model with "
-                f"out_channels={channels}, {rule}"
-            )
+                f"out_channels={channels}, {rule}")
 
     def predict_eps_from_xstart(
         self, x_t: Tensor, t: Tensor, pred_xstart: Tensor
@@ -310,26 +257,17 @@ class GaussianDiffusion(_Parameterisation):
         ) / self.extract("sqrt_recipm1_alphas_cumprod", t, n)
 
     def p_mean_variance(
-        self,
-        model: Model,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
+        self, model: Model, x: Tensor, t: Tensor, clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """Run the model: mean, variance, log_variance and pred_xstart."""
         output = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.p_mean_variance_from_output(
-            output, x, t, clip_denoised, denoised_fn
-        )
+        return self.p_mean_variance_from_output(output, x, t, clip_denoised,
+                                                denoised_fn)
 
     def p_mean_variance_from_output(
-        self,
-        output: Tensor,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = True,
+        self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
@@ -343,21 +281,16 @@ class GaussianDiffusion(_Parameterisation):
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        if self.mean_type == "prev":
-            mean = mean_out
-        else:
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        mean = (mean_out if self.mean_type == "prev" else
+                self.q_posterior_mean_variance(pred_xstart, x, t)[0])
         return {"mean": mean, "variance": torch.exp(log_variance),
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% [markdown]
-# A check of the variance rule: with `learned_range`, an output of $v = -1$
-# must give exactly the posterior variance $\tilde\beta_t$ and $v = 1$ the
-# forward $\beta_t$; `fixed_small` is $\tilde\beta_t$ whatever the network
-# says. A model that always answers with a constant is enough to see it.
-
 # %%
+# The variance rule, with a model that answers a constant: learned_range
+# must give exactly beta-tilde_t at v = -1 and beta_t at v = 1, and
+# fixed_small beta-tilde_t whatever the network says.
 betas = get_named_beta_schedule(schedule, num_timesteps)
 x = torch.randn(3, 1, 4, 4)
 t = torch.tensor([1, num_timesteps // 2, num_timesteps - 1])
@@ -376,9 +309,9 @@ assert torch.allclose(out["variance"], out["variance"][:, :1, :1, :1])
 # %% [markdown]
 # ## 2.2 The variational bound
 #
-# Training a likelihood model means maximising $\log p_\theta(x_0)$, which for
-# a diffusion is bounded by the *variational bound* (Ho et al., eq. 5), in a
-# sum of one term per step:
+# A likelihood model maximises $\log p_\theta(x_0)$, which for a diffusion
+# is bounded by the *variational bound* (Ho et al., eq. 5), a sum of one
+# term per step:
 #
 # $$L_\text{vlb} = \underbrace{D_\text{KL}\big(q(x_T \mid x_0)\,\|\,p(x_T)
 # \big)}_{L_T,\ \text{prior}}
@@ -386,11 +319,21 @@ assert torch.allclose(out["variance"], out["variance"][:, :1, :1, :1])
 # p_\theta(x_{t-1} \mid x_t)\big)}_{L_{t-1}}
 # \ \underbrace{-\ \log p_\theta(x_0 \mid x_1)}_{L_0,\ \text{decoder}}.$$
 #
-# Every $L_{t-1}$ compares two Gaussians, chapter 1's posterior and the model's
-# step, so it has a closed form (`normal_kl`), and so has the prior term,
-# which has no parameters. Following the reference, every term is averaged
-# over pixels (`mean_flat`) and divided by $\ln 2$, so the bound is in **bits
-# per dimension**, the unit likelihood results are reported in.
+# Each $L_{t-1}$ compares two Gaussians, chapter 1's posterior and the
+# model's step, so it has a closed form (`normal_kl`), as has the prior
+# term, which has no parameters. As in the reference, every term is
+# averaged over pixels (`mean_flat`) and divided by $\ln 2$: the bound is in
+# **bits per dimension**, the unit likelihoods are reported in.
+#
+# The decoder term $L_0$ scores the 8-bit image itself: each pixel value
+# owns the bin of width $2/255$ around it (the edge bins open to
+# $\pm\infty$), and its probability is the Gaussian's mass in that bin,
+# with the reference's `tanh` approximation of the normal CDF, to give its
+# numbers. `vb_terms_bpd` returns each image's term at its own code step
+# `t`, the paper's step $t + 1$ (chapter 1.2): the KL term $L_t =
+# D_\text{KL}(q(x_t \mid x_{t+1}, x_0) \,\|\, p_\theta(x_t \mid x_{t+1}))$
+# in the paper's indices, or the decoder $L_0$ where `t = 0`. So code step
+# $t$ carries $L_t$, with no shift; `prior_bpd` is $L_T$.
 
 # %%
 #| export
@@ -399,34 +342,16 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def normal_kl(
-    mean1: Tensor,
-    logvar1: Tensor,
-    mean2: Tensor | float,
-    logvar2: Tensor | float,
-) -> Tensor:
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor | float,
+              logvar2: Tensor | float) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), in nats."""
     # A number becomes a 0-d tensor left on the host, which a GPU kernel
     # reads as a scalar: copying it to the GPU would block at every call.
     logvar2 = torch.as_tensor(logvar2).to(dtype=logvar1.dtype)
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + torch.exp(logvar1 - logvar2)
-        + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
-# %% [markdown]
-# The decoder term $L_0$ scores the 8-bit image itself: each pixel value owns
-# the bin of width $2/255$ around it, and its probability is the Gaussian's
-# mass in that bin (`discretized_gaussian_log_likelihood`, with the edge bins
-# open to $\pm\infty$). The reference computes the normal CDF with a `tanh`
-# approximation, and so do we, to give its numbers.
-
-# %%
-#| export
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     """The standard normal CDF, by the tanh approximation."""
     inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))
@@ -444,38 +369,19 @@ def discretized_gaussian_log_likelihood(
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999,
-        log_cdf_plus,
-        torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta),
-    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(
+        x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-# %% [markdown]
-# With both, `vb_terms_bpd` returns each image's term at its own code step
-# `t`, which is the paper's step $t + 1$ (chapter 1.2): the KL term $L_t =
-# D_\text{KL}(q(x_t \mid x_{t+1}, x_0) \,\|\, p_\theta(x_t \mid x_{t+1}))$
-# in the paper's indices, or the decoder $L_0$ where `t = 0`. `prior_bpd`
-# is the prior term $L_T$. So code step $t$ carries $L_t$, with no shift.
-
-# %%
-#| export
-def vb_terms_bpd(
-    diffusion: GaussianDiffusion,
-    p: dict[str, Tensor],
-    x_start: Tensor,
-    x_t: Tensor,
-    t: Tensor,
-) -> Tensor:
+def vb_terms_bpd(diffusion: GaussianDiffusion, p: dict[str, Tensor],
+                 x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """Each image's term of the bound at its t (bits/dim): L_{t-1} or L_0."""
     true_mean, _, true_log_variance = diffusion.q_posterior_mean_variance(
-        x_start, x_t, t
-    )
+        x_start, x_t, t)
     kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
     kl = mean_flat(kl) / math.log(2.0)
     decoder_nll = -discretized_gaussian_log_likelihood(
-        x_start, p["mean"], 0.5 * p["log_variance"]
-    )
+        x_start, p["mean"], 0.5 * p["log_variance"])
     decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
     return torch.where(t == 0, decoder_nll, kl)
 
@@ -488,12 +394,10 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% [markdown]
-# Two sanity checks. The KL between a Gaussian and itself is zero. And the
-# decoder is a proper distribution over the 256 pixel values: its probabilities
-# sum to one (the bins tile the real line exactly).
-
 # %%
+# Two sanity checks: the KL between a Gaussian and itself is zero, and the
+# decoder's probabilities of the 256 pixel values sum to one (the bins tile
+# the real line).
 mean, log_var = torch.randn(5), torch.randn(5)
 assert torch.allclose(normal_kl(mean, log_var, mean, log_var),
                       torch.zeros(5), atol=1e-6)
@@ -508,21 +412,17 @@ for m, scale in [(0.1, 0.05), (-0.7, 0.3), (0.99, 0.01)]:
     assert abs(total - 1) < 1e-5
 
 # %% [markdown]
-# The whole bound of an image needs the model at every step, from $T - 1$ down
-# to $0$, plus the prior: `calc_bpd_loop`. Along the way it records, as the
-# reference does, the error of $\hat x_0$ and of the implied $\epsilon$ at each
-# step, in columns in the order it visits them, as the reference's: column
-# $0$ is $t = T - 1$ and the last column the decoder term $L_0$. Section 2.8
-# runs it on a trained model.
+# An image's whole bound needs the model at every step, $T - 1$ down to 0,
+# plus the prior: `calc_bpd_loop`. Like the reference, it also records the
+# errors of $\hat x_0$ and of the implied $\epsilon$, in columns in the
+# order it visits the steps: column 0 is $t = T - 1$, the last $L_0$.
+# Section 2.8 runs it on a trained model.
 
 # %%
 #| export
 def calc_bpd_loop(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
+    clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """The full bound per image (bits/dim), with its per-step terms."""
@@ -551,23 +451,21 @@ def calc_bpd_loop(
 
 
 # %% [markdown]
-# The full bound costs $T$ network evaluations per image, too many for
-# comparing models during or after training. It can be **estimated** with
-# two: exactly the prior $L_T$ and the decoder term $L_0$ of each image, plus
-# $T - 1$ times the KL term $L_{t}$ at one timestep $t_i$ per image,
+# That costs $T$ network evaluations per image, too many for comparing
+# models. The bound can be **estimated** from two: the prior $L_T$ and the
+# decoder $L_0$ exactly, plus $T - 1$ times the KL term at one timestep
+# $t_i$ per image,
 #
 # $$L_\text{vlb} \approx \frac{1}{n} \sum_{i=1}^{n} \Big( L_T(x^{(i)}) +
 # L_0(x^{(i)}) + (T - 1)\, L_{t_i}(x^{(i)}) \Big),$$
 #
-# which is unbiased when $t_i$ is uniform on $1, \dots, T - 1$. Drawing the
-# $t_i$ **stratified**, one uniform draw in each of $n$ equal slices of that
-# range (`stratified_timesteps`), keeps it unbiased over the $n$ images with
-# less spread than independent draws. `vlb_estimate` returns each image's
-# estimate (`"vlb"`, bits/dim) and, as `calc_bpd_loop` records it, the
-# squared error of the implied noise at its $t_i$ (`"mse"`). Fixed (image,
-# $t$, noise) triples make it a fair comparison of models: each sees the
-# same draws, so the difference between two models has a small standard
-# error even where the spread between images is large.
+# unbiased for $t_i$ uniform on $1, \dots, T - 1$. Drawing the $t_i$
+# **stratified**, one uniform draw in each of $n$ equal slices
+# (`stratified_timesteps`), keeps it unbiased over the $n$ images with less
+# spread. `vlb_estimate` returns each image's estimate (`"vlb"`, bits/dim)
+# and the squared error of the implied noise (`"mse"`). Fixed (image, $t$,
+# noise) triples make a fair comparison: models that see the same draws
+# differ with a small standard error even where images spread widely.
 
 # %%
 #| export
@@ -585,19 +483,13 @@ def stratified_timesteps(
 
 
 def vlb_estimate(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    t: Tensor,
-    noise: Tensor | None = None,
-    clip_denoised: bool = True,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
+    noise: Tensor | None = None, clip_denoised: bool = True,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t.
-
-    `t` may be on the CPU (as `stratified_timesteps` draws it): checked
-    there, it reaches a GPU without a sync, where a check would wait.
-    """
+    """Per-image VLB estimate L_T + L_0 + (T-1) L_t and eps MSE at t."""
+    # t may be on the CPU (as stratified_timesteps draws it): checked there,
+    # it reaches a GPU without a sync, where a check would wait.
     if t.min() < 1 or t.max() >= diffusion.num_timesteps:
         raise ValueError(f"t must lie in [1, {diffusion.num_timesteps}) for "
                          "a KL term; t = 0 is the decoder, counted anyway")
@@ -622,49 +514,41 @@ def vlb_estimate(
 # %% [markdown]
 # ## 2.3 Training objectives
 #
-# Ho et al. found that a much simpler objective gives better samples than the
-# bound: with $x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\epsilon$
-# and $t$ uniform,
+# Ho et al. found that a much simpler objective gives better samples than
+# the bound: with $x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}
+# \epsilon$ and $t$ uniform,
 #
 # $$L_\text{simple} = \mathbb{E}_{t, x_0, \epsilon}\big[\lVert \epsilon -
-# \epsilon_\theta(x_t, t) \rVert^2\big].$$
+# \epsilon_\theta(x_t, t) \rVert^2\big],$$
 #
-# It is the bound with its weights dropped, and it says nothing about the
-# variance. Nichol & Dhariwal keep it for the mean and add the bound for the
-# variance: the **hybrid** objective
+# the bound with its weights dropped (section 2.13), which says nothing
+# about the variance. Nichol & Dhariwal keep it for the mean and add the
+# bound for the variance, the **hybrid** objective
 #
 # $$L_\text{hybrid} = L_\text{simple} + \lambda L_\text{vlb}, \qquad
 # \lambda = 0.001,$$
 #
-# where the mean output is detached in $L_\text{vlb}$ (a stop-gradient), so
-# that the bound trains only $\Sigma_\theta$ and $L_\text{simple}$ remains the
-# mean's only teacher. One training example sees one $t$, and $T \cdot L_{t}$
-# is an unbiased one-sample estimate of $L_\text{vlb}$, so the term added per
-# example is $\lambda T \cdot L_t$: exactly $L_t$ at $T = 1000$ (the reference
-# calls it the vb term, "rescaled" by $T/1000$). Optimising the bound alone, $T
-# \cdot L_t$ (`loss="kl"`), gives the best likelihoods but noisier training,
-# which section 2.4 addresses.
+# with the mean output detached in $L_\text{vlb}$ (a stop-gradient), so that
+# the bound trains only $\Sigma_\theta$. One example sees one $t$, and $T
+# L_t$ is an unbiased one-sample estimate of $L_\text{vlb}$, so each example
+# adds $\lambda T L_t$: exactly $L_t$ at $T = 1000$ (the reference's vb
+# term, "rescaled" by $T/1000$). The bound alone, $T L_t$ (`loss="kl"`),
+# gives the best likelihoods but noisier training (section 2.4).
 #
-# `training_losses` returns the per-image loss and its terms `mse` and `vb`,
-# the keys the reference logs. Our `vb` is always $L_t$ in bits/dim; the
+# `training_losses` returns the per-image loss and the terms the reference
+# logs, `mse` and `vb`. Our `vb` is always $L_t$ in bits/dim; the
 # reference's is the term its loss adds, $\lambda T L_t$, the same wherever
-# $\lambda T = 1$ (its hybrid without `rescale_learned_sigmas`, or $T =
-# 1000$). The target of the mean output follows `mean_type`: the noise,
-# $x_0$ or the posterior mean.
+# $\lambda T = 1$. The mean's target follows `mean_type`: the noise, $x_0$
+# or the posterior mean.
 
 # %%
 #| export
 def training_losses(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x_start: Tensor,
-    t: Tensor,
-    model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
+    diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
+    model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-image loss at timesteps t, with its terms "mse" and "vb"."""
-    if noise is None:
-        noise = torch.randn_like(x_start)
+    noise = torch.randn_like(x_start) if noise is None else noise
     x_t = diffusion.q_sample(x_start, t, noise)
     output = model(x_t, diffusion.model_timesteps(t), **(model_kwargs or {}))
     # Else a fixed variance's loss would read a learned one's output, and
@@ -693,13 +577,10 @@ def training_losses(
     return terms
 
 
-# %% [markdown]
-# The stop-gradient, checked: a "model" that returns a fixed tensor with
-# `requires_grad` lets us see where the gradient of each term lands. The `vb`
-# term must not reach the mean channels; the `mse` term must not reach the
-# variance channels.
-
 # %%
+# The stop-gradient, checked with a "model" that returns a fixed tensor: the
+# vb term's gradient must not reach the mean channels, nor the mse term's
+# the variance channels.
 x_start = torch.rand(2, 1, 8, 8) * 2 - 1
 output = torch.randn(2, 2, 8, 8, requires_grad=True)
 t = torch.tensor([3, 600])
@@ -713,20 +594,18 @@ print({k: [round(v, 4) for v in val.tolist()] for k, val in terms.items()})
 # %% [markdown]
 # ## 2.4 Which timesteps to train on
 #
-# The terms of the bound differ by orders of magnitude across $t$: the first
-# few steps, where the posterior is sharpest, carry most of it (section 2.8
-# shows this for a trained model). Drawing $t$ uniformly then makes the
-# one-sample estimate $T \cdot L_t$ very noisy. Nichol & Dhariwal **importance
-# sample** instead: draw $t$ with probability $p_t \propto
-# \sqrt{\mathbb{E}[L_t^2]}$, estimated from the last 10 values of $L_t$ seen at
-# each $t$, and weight the loss by $1 / (T p_t)$, which keeps its expectation
-# unchanged. Until every $t$ has its 10 values the sampler stays uniform, and a
-# small uniform share (0.001) keeps every $t$ possible. Nichol & Dhariwal use
-# it for the bound alone (`loss="kl"`); with the hybrid objective, uniform
-# sampling is the default.
-#
-# Both samplers return the timesteps and their weights; the loss-aware one
-# learns from `update(t, losses)`.
+# The bound's terms differ by orders of magnitude across $t$, the first
+# steps carrying most of it (section 2.8), so the one-sample estimate $T
+# \cdot L_t$ with uniform $t$ is very noisy. Nichol & Dhariwal **importance
+# sample** instead: draw $t$ with $p_t \propto \sqrt{\mathbb{E}[L_t^2]}$,
+# estimated from the last 10 values of $L_t$ seen at each $t$, and weight
+# the loss by $1 / (T p_t)$, which keeps its expectation. The sampler stays
+# uniform until every $t$ has its 10 values, and a uniform share of 0.001
+# keeps every $t$ possible. They use it for the bound alone (`loss="kl"`);
+# the hybrid objective samples uniformly. Both samplers return timesteps
+# and weights; the loss-aware one learns from `update(t, losses)`, and its
+# history (`state_dict`) goes into training checkpoints, so that a resumed
+# run draws the same timesteps.
 
 # %%
 #| export
@@ -753,14 +632,6 @@ class UniformSampler:
         return t.to(device), importance.to(device)
 
 
-# %% [markdown]
-# The loss-aware sampler keeps, for every $t$, a history of its last
-# `history_per_term` losses and the number seen so far (`counts`); the
-# history is part of a training checkpoint, so a resumed run draws the same
-# timesteps.
-
-# %%
-#| export
 class LossAwareSampler(UniformSampler):
     """Samples t in proportion to the RMS of its recent losses."""
 
@@ -802,11 +673,10 @@ class LossAwareSampler(UniformSampler):
 
 
 # %% [markdown]
-# Importance sampling must not change the objective's expectation. With a
-# made-up loss profile that falls steeply with $t$, the exact expectation of
-# the weighted loss under the learned $p_t$ equals the uniform mean, and a
-# large batch of samples estimates it with far less spread than uniform
-# sampling does.
+# Importance sampling must not change the objective's expectation. For a
+# made-up loss profile falling steeply with $t$, the weighted loss's exact
+# expectation under the learned $p_t$ is the uniform mean, and samples
+# estimate it with far less spread than uniform sampling.
 
 # %%
 T = 200
@@ -828,29 +698,25 @@ assert spreads["loss-aware"] < spreads["uniform"] / 2
 # %% [markdown]
 # ## 2.5 Respacing: sampling with fewer steps
 #
-# A model trained with $T$ steps can sample with a subsequence $S$ of them. The
-# forward process restricted to $S$ is again a Gaussian diffusion: its
-# $\bar\alpha$ are the original ones at the kept steps, so its betas are
-# $\beta_i = 1 - \bar\alpha_{S_i} / \bar\alpha_{S_{i-1}}$. Everything of this
-# chapter then works on the shorter process; the only catch is that the network
-# was trained on the original step numbers, so it must still be shown $S_i$,
-# not $i$. `SpacedDiffusion` is that: a `GaussianDiffusion` on the new betas
-# whose `model_timesteps` maps back.
+# A model trained with $T$ steps can sample with a subsequence $S$ of them.
+# The forward process restricted to $S$ is again a Gaussian diffusion, with
+# the original $\bar\alpha$ at the kept steps, so $\beta_i = 1 -
+# \bar\alpha_{S_i} / \bar\alpha_{S_{i-1}}$; but the network, trained on
+# the original step numbers, must still be shown $S_i$, not $i$.
+# `SpacedDiffusion` is a `GaussianDiffusion` on the new betas whose
+# `model_timesteps` maps back through `timestep_map` (scaled to $[0, 1000)$
+# where the base rescales, as the reference's); `respace` makes one from a
+# spec. `space_timesteps` reads the reference's two kinds of spec:
 #
-# Which steps to keep is `space_timesteps`, with the reference's two kinds of
-# specification:
-#
-# * `"250"` or `"10,15,20"`: split the $T$ steps into as many equal sections as
-#   numbers given, and take that many evenly spaced steps from each.
-#   `"10,15,20"` at $T = 300$ takes 10 of the first 100 steps, 15 of the next
-#   and 20 of the last. To take $n$ steps from a section of $m$, the stride is
-#   $s = (m - 1)/(n - 1)$, and the reference walks it: a position starts at 0,
-#   gains $s$ in floating point at each step, and each partial sum is rounded.
-#   We do the same, and not $\operatorname{round}(s k)$: the two differ where
-#   a partial sum lands just off a half. At $T = 1000$ and $n = 21$, $s k$ hits
-#   $499.5$ exactly (kept step 500) while the walked sum is a hair below it
-#   (kept step 499); 278 of the 1,000 possible counts differ so.
-# * `"ddimN"`: the DDIM paper's striding, every $k$-th step from $0$, for the
+# * `"250"` or `"10,15,20"`: split the $T$ steps into as many equal sections
+#   as numbers, and take that many evenly spaced steps from each (at $T =
+#   300$: 10 of the first 100, 15 of the next, 20 of the last). To take $n$
+#   of $m$, the reference walks the stride $s = (m - 1)/(n - 1)$ in floating
+#   point and rounds each partial sum, and so do we: it differs from
+#   $\operatorname{round}(s k)$ where a sum lands just off a half (at $T =
+#   1000$, $n = 21$: $s k = 499.5$ keeps 500, the walked sum 499), for 278
+#   of the 1,000 possible counts.
+# * `"ddimN"`: the DDIM paper's striding, every $k$-th step from 0, for the
 #   integer $k$ that gives exactly $N$ steps.
 
 # %%
@@ -885,24 +751,8 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
-# %% [markdown]
-# `SpacedDiffusion` is the shorter process, built from the $\bar\alpha$ of the
-# kept steps, and `respace` makes one from a spec. Its `timestep_map` holds
-# what the network sees at each of its steps: the original step (scaled to
-# $[0, 1000)$ by the original $T$ where the base rescales, as the
-# reference's).
-
-# %%
-#| export
 class SpacedDiffusion(GaussianDiffusion):
-    """A diffusion on a subset of a base's steps; the model sees the base's.
-
-    Args:
-        base: the diffusion whose steps are kept; its other options carry
-            over.
-        timesteps: the steps to keep, in [0, base.num_timesteps) (see
-            space_timesteps); the shorter process's T is their number.
-    """
+    """A diffusion on a subset of a base's steps; the model sees the base's."""
 
     def __init__(self, base: GaussianDiffusion, timesteps: list[int]) -> None:
         kept = sorted(set(timesteps))
@@ -933,12 +783,9 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% [markdown]
-# The examples of the reference's documentation, and the invariant that makes
-# respacing correct: the spaced process has the same $\bar\alpha$ at each kept
-# step as the original one.
-
 # %%
+# The reference's documented examples, and the invariant that makes
+# respacing correct: the same alpha-bar at each kept step.
 assert space_timesteps(300, "10,15,20")[:3] == [0, 11, 22]
 assert len(space_timesteps(300, "10,15,20")) == 45
 assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
@@ -956,11 +803,11 @@ assert respace(base, "").num_timesteps == num_timesteps
 # %% [markdown]
 # ## 2.6 Sampling
 #
-# **Ancestral sampling** (DDPM) draws each step from the model's Gaussian:
-# $x_{t-1} = \mu_\theta + \sqrt{\Sigma_\theta}\, z$, with no noise at the last
-# step. **DDIM** (Song et al., 2021) uses the same trained model differently.
-# It defines a family of non-Markovian processes that share the marginals
-# $q(x_t \mid x_0)$ of chapter 1, and hence the training objective, but whose
+# **Ancestral sampling** (DDPM) draws each step from the model's Gaussian,
+# $x_{t-1} = \mu_\theta + \sqrt{\Sigma_\theta}\, z$, with no noise at the
+# last step. **DDIM** (Song et al., 2021) uses the same trained model
+# differently: a family of non-Markovian processes with chapter 1's
+# marginals $q(x_t \mid x_0)$, hence the same training objective, whose
 # reverse step is
 #
 # $$x_{t-1} = \sqrt{\bar\alpha_{t-1}}\,\hat x_0 + \sqrt{1 - \bar\alpha_{t-1}
@@ -969,37 +816,36 @@ assert respace(base, "").num_timesteps == num_timesteps
 # \sqrt{1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}}.$$
 #
 # At $\eta = 1$ it is ancestral sampling with $\Sigma = \tilde\beta_t$; at
-# $\eta = 0$ it is deterministic, a discretised ODE, which is what makes it
-# good with few steps and invertible: run backwards (`ddim_reverse_sample`), it
-# encodes an image into the noise that DDIM decodes back into it.
+# $\eta = 0$ it is deterministic, a discretised ODE: good with few steps,
+# and invertible (`ddim_reverse_sample` encodes an image into the noise
+# that DDIM decodes back into it).
 #
-# **Guidance** enters through a hook, `cond_fn(x, t, **model_kwargs)`, which
-# returns a gradient, for classifier guidance $s \nabla_{x_t} \log p_\phi(y
-# \mid x_t)$ (chapter 6 builds it). Ancestral sampling shifts the mean by
-# $\Sigma \cdot$ gradient (`condition_mean`, the paper's Algorithm 1). DDIM has
-# no such mean, so the gradient corrects the predicted noise, $\hat\epsilon =
-# \epsilon_\theta - \sqrt{1-\bar\alpha_t} \cdot$ gradient (`condition_score`,
-# Algorithm 2). Like the model, the hook sees original timesteps. Samplers run
-# under `torch.no_grad()`, so a hook that needs gradients enables them itself.
-# `p_sample(..., guide_at_mean=True)` takes the gradient at the unguided mean
-# instead of at $x_t$, a variant chapter 6 compares.
+# **Guidance** enters through a hook, `cond_fn(x, t, **model_kwargs)`, that
+# returns a gradient, for classifier guidance $s \nabla_{x_t} \log
+# p_\phi(y \mid x_t)$ (chapter 6). Ancestral sampling shifts the mean by
+# $\Sigma \cdot$ gradient (`condition_mean`, the paper's Algorithm 1); DDIM
+# has no such mean, so it corrects the predicted noise, $\hat\epsilon =
+# \epsilon_\theta - \sqrt{1-\bar\alpha_t} \cdot$ gradient
+# (`condition_score`, Algorithm 2). The hook sees original timesteps, and
+# enables gradients itself (samplers run without). `guide_at_mean=True`
+# takes the gradient at the unguided mean, where the paper's derivation
+# expands, instead of at $x_t$, as the reference; chapter 6 compares them.
+#
+# One ancestral step, `p_sample`, draws from the model's Gaussian, its mean
+# shifted by `condition_mean` when there is a `cond_fn`; at `t = 0` it adds
+# no noise (`_nonzero`). One DDIM step, `ddim_sample`, is the formula above
+# with $\hat\epsilon$ re-derived from the (clipped) $\hat x_0$;
+# `ddim_reverse_sample` runs the deterministic step forwards, $x_t$ to
+# $x_{t+1}$, with $\bar\alpha_{t+1}$ (`alphas_cumprod_next`).
 
 # %%
 #| export
 def condition_mean(
-    diffusion: GaussianDiffusion,
-    cond_fn: Callable[..., Tensor],
-    p: dict[str, Tensor],
-    x: Tensor,
-    t: Tensor,
-    model_kwargs: dict[str, Any] | None = None,
-    at_mean: bool = False,
+    diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
+    p: dict[str, Tensor], x: Tensor, t: Tensor,
+    model_kwargs: dict[str, Any] | None = None, at_mean: bool = False,
 ) -> Tensor:
-    """Algorithm 1: the mean shifted by the variance times cond_fn's grad.
-
-    The gradient is taken at x_t, as the reference does, or (`at_mean`) at
-    the unguided mean, the point the paper's derivation expands around.
-    """
+    """Algorithm 1: the mean shifted by the variance times cond_fn's grad."""
     point = p["mean"] if at_mean else x
     gradient = cond_fn(point, diffusion.model_timesteps(t),
                        **(model_kwargs or {}))
@@ -1008,11 +854,8 @@ def condition_mean(
 
 
 def condition_score(
-    diffusion: GaussianDiffusion,
-    cond_fn: Callable[..., Tensor],
-    p: dict[str, Tensor],
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
+    p: dict[str, Tensor], x: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Algorithm 2: eps - sqrt(1 - abar) grad, and its x_0 and mean."""
@@ -1025,29 +868,18 @@ def condition_score(
     return {**p, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# %% [markdown]
-# One ancestral step, `p_sample`, draws from the model's Gaussian, its mean
-# shifted by `condition_mean` when there is a `cond_fn`. The last step, at
-# `t = 0`, returns the mean without noise: `_nonzero` is the mask.
-
-# %%
-#| export
 def _nonzero(t: Tensor, ndim: int) -> Tensor:
     """1 where t > 0, else 0: the last step adds no noise."""
     return (t != 0).float().view(-1, *(1,) * (ndim - 1))
 
 
 def p_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
-    guide_at_mean: bool = False,
+    noise: Tensor | None = None, guide_at_mean: bool = False,
 ) -> dict[str, Tensor]:
     """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t), and pred_xstart."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
@@ -1062,26 +894,13 @@ def p_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% [markdown]
-# One DDIM step, `ddim_sample`, is the formula above with $\hat\epsilon$
-# re-derived from the (clipped) $\hat x_0$, whatever the model predicts.
-# `ddim_reverse_sample` runs the same deterministic step forwards, from $x_t$
-# to $x_{t+1}$, with $\bar\alpha_{t+1}$ (`alphas_cumprod_next`) in place of
-# $\bar\alpha_{t-1}$.
-
-# %%
-#| export
 def ddim_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     cond_fn: Callable[..., Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
-    noise: Tensor | None = None,
-    eta: float = 0.0,
+    noise: Tensor | None = None, eta: float = 0.0,
 ) -> dict[str, Tensor]:
     """One DDIM step (Song et al. eq. 12) with stochasticity eta."""
     p = diffusion.p_mean_variance(model, x, t, clip_denoised, denoised_fn,
@@ -1102,10 +921,7 @@ def ddim_sample(
 
 
 def ddim_reverse_sample(
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
+    diffusion: GaussianDiffusion, model: Model, x: Tensor, t: Tensor,
     clip_denoised: bool = True,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
@@ -1121,31 +937,26 @@ def ddim_reverse_sample(
 
 
 # %% [markdown]
-# The loops share one signature: the diffusion, the model, the starting noise
-# $x_T$ (which also fixes the batch, shape and device), and the same keyword
-# options as the steps. The progressive forms yield every step's `sample` and
-# `pred_xstart`, for figures or early stopping; the plain forms return the
-# final sample and call an optional `callback` with each step's dictionary.
-# `progress=True` shows a progress bar. Each step's noise comes from
-# `noise_fn(x)`, a function returning noise shaped like `x`, by default
-# `torch.randn_like`. How noise is drawn is thus an argument, not a new
-# loop, as in k-diffusion's samplers: chapter 6 passes one that gives every
-# sample its own random stream.
+# The loops share one signature: the diffusion, the model, the starting
+# noise $x_T$ (which fixes batch, shape and device), and the steps' keyword
+# options. The progressive forms yield every step's `sample` and
+# `pred_xstart`; the plain forms return the final sample, handing each
+# step's dictionary to an optional `callback`. Each step's noise is
+# `noise_fn(x)`, `torch.randn_like` by default: how noise is drawn is an
+# argument, not a new loop, as in k-diffusion's samplers (chapter 6 gives
+# every sample its own stream). DDIM inversion runs the steps upwards, from
+# the image to $x_T$, with no noise at all.
 
 # %%
 #| export
 NoiseFn = Callable[[Tensor], Tensor]
+_Callback = Callable[[dict[str, Tensor]], None]
 
 
 def _loop(
-    step: Callable[..., dict[str, Tensor]],
-    diffusion: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    steps: range,
-    progress: bool,
-    noise_fn: NoiseFn | None = None,
-    **kwargs: Any,
+    step: Callable[..., dict[str, Tensor]], diffusion: GaussianDiffusion,
+    model: Model, x: Tensor, steps: range, progress: bool,
+    noise_fn: NoiseFn | None = None, **kwargs: Any,
 ) -> Iterator[dict[str, Tensor]]:
     from tqdm.auto import tqdm
 
@@ -1185,16 +996,8 @@ def ddim_sample_loop_progressive(
                      noise_fn, **kwargs)
 
 
-# %% [markdown]
-# The plain loops run a progressive one to its end, handing each step to the
-# `callback`, and return the last sample. DDIM inversion runs the steps in
-# increasing order, from the image to $x_T$, with no noise at all.
-
-# %%
-#| export
 def last_sample(
-    steps: Iterator[dict[str, Tensor]],
-    callback: Callable[[dict[str, Tensor]], None] | None,
+    steps: Iterator[dict[str, Tensor]], callback: _Callback | None
 ) -> Tensor:
     """The last step's sample, passing every step to callback."""
     for out in steps:
@@ -1205,33 +1008,25 @@ def last_sample(
 
 def p_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """Ancestral sampling from x_T = noise; returns x_0."""
-    steps = p_sample_loop_progressive(diffusion, model, noise, progress,
-                                      **kwargs)
-    return last_sample(steps, callback)
+    return last_sample(p_sample_loop_progressive(
+        diffusion, model, noise, progress, **kwargs), callback)
 
 
 def ddim_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """DDIM sampling from x_T = noise (option eta); returns x_0."""
-    steps = ddim_sample_loop_progressive(diffusion, model, noise, progress,
-                                         **kwargs)
-    return last_sample(steps, callback)
+    return last_sample(ddim_sample_loop_progressive(
+        diffusion, model, noise, progress, **kwargs), callback)
 
 
 def ddim_reverse_sample_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
-    progress: bool = False,
-    callback: Callable[[dict[str, Tensor]], None] | None = None,
-    **kwargs: Any,
+    progress: bool = False, callback: _Callback | None = None, **kwargs: Any,
 ) -> Tensor:
     """DDIM inversion: the x_T that deterministic DDIM decodes to x_start."""
     steps = range(diffusion.num_timesteps)
@@ -1240,13 +1035,12 @@ def ddim_reverse_sample_loop(
 
 
 # %% [markdown]
-# Before training anything, a model we can write down checks the samplers. If
-# the data set is a single image $x^\star$, the best possible noise prediction
-# is exact: $\epsilon^\star(x_t, t) = (x_t - \sqrt{\bar\alpha_t}\,x^\star) /
-# \sqrt{1 - \bar\alpha_t}$. With it every sampler, with any number of steps,
-# must land on $x^\star$, and DDIM inversion followed by DDIM must give it
-# back. The oracle receives original timesteps, so it reads the tables of the
-# unspaced process.
+# A model we can write down checks the samplers before any training. If the
+# data set is one image $x^\star$, the best noise prediction is exact,
+# $\epsilon^\star(x_t, t) = (x_t - \sqrt{\bar\alpha_t}\,x^\star) / \sqrt{1 -
+# \bar\alpha_t}$: every sampler, at any number of steps, must land on
+# $x^\star$, and DDIM inversion then DDIM must give it back. The oracle
+# sees original timesteps, so it reads the unspaced process's tables.
 
 # %%
 oracle_diffusion = GaussianDiffusion(betas, var_type="fixed_small")
@@ -1265,8 +1059,8 @@ for spec in ["10", "ddim25"]:
     spaced = respace(oracle_diffusion, spec)
     ancestral = p_sample_loop(spaced, oracle, noise)
     ddim = ddim_sample_loop(spaced, oracle, noise)
-    x_T = ddim_reverse_sample_loop(spaced, oracle, x_star)
-    back = ddim_sample_loop(spaced, oracle, x_T)
+    back = ddim_sample_loop(spaced, oracle,
+                            ddim_reverse_sample_loop(spaced, oracle, x_star))
     errors = [(v - x_star).abs().max().item()
               for v in (ancestral, ddim, back)]
     print(f"{spec:>7}: max error ancestral {errors[0]:.1e}, "
@@ -1276,19 +1070,18 @@ for spec in ["10", "ddim25"]:
 # %% [markdown]
 # ## 2.7 Training a small model
 #
-# Now a real model. The architecture is chapter 3's subject, so here a small
-# UNet will do: two down-sampling stages, residual blocks that receive a
-# sinusoidal embedding of $t$, and an output with $2C$ channels (the noise and
-# $v$). It is defined in this chapter only; `adm_lib` exports the paper's UNet
-# from chapter 3. The diffusion is that of ADM's ImageNet $64 \times 64$
-# model: cosine schedule (the paper's other models use the linear one, Table
-# 11), $\epsilon$ prediction, `learned_range` variance and the hybrid
-# objective.
+# The architecture is chapter 3's subject, so a small UNet, defined here
+# only, will do: two down-sampling stages, residual blocks that receive a
+# sinusoidal embedding of $t$, and $2C$ output channels ($\epsilon$ and
+# $v$). The diffusion is ADM's ImageNet $64 \times 64$ one: cosine schedule
+# (the paper's other models use the linear one, Table 11), $\epsilon$
+# prediction, `learned_range` variance and the hybrid objective.
 
 # %%
-def timestep_embedding(t, dim):
+def timestep_embedding(t, dim, max_period=10_000):
     """Sinusoidal embedding of (float) timesteps, as in the Transformer."""
-    freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2))
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half) / half)
     angles = t.float()[:, None] * freqs.to(t.device)[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -1342,24 +1135,20 @@ class SmallUNet(nn.Module):
 
 
 # %% [markdown]
-# The training loop is the paper's in miniature: draw a batch and timesteps,
-# compute `training_losses`, weight by the sampler's weights, step AdamW.
-# Like the paper, it also keeps an exponential moving average of the
-# weights, `ema`, updated after every step as
-# $\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta$, and the
-# rest of the chapter evaluates and samples that average: with a constant
-# learning rate the weights of the last step carry that step's noise,
-# which the average smooths away. The decay $d$ is `ema_rate` held to
-# $\frac{1+n}{10+n}$ at update $n$, so that a short run's average is not
-# mostly its random initialisation (chapter 4.6 measures why). Chapter 4
-# turns the loop into a full training engine (mixed precision,
-# checkpoints); here we keep the loss history to plot.
+# The training loop is the paper's in miniature: draw a batch and
+# timesteps, compute `training_losses`, weight them, step AdamW. It also
+# keeps an exponential moving average of the weights, $\bar\theta
+# \leftarrow d\,\bar\theta + (1 - d)\,\theta$ after every step, which the
+# rest of the chapter evaluates and samples: with a constant learning rate
+# the last weights carry the last step's noise. The decay $d$ is `ema_rate`
+# held to $\frac{1+n}{10+n}$ at update $n$, so that a short run's average is
+# not mostly its initialisation (chapter 4.6 measures why). Chapter 4 turns
+# the loop into a full training engine.
 
 # %%
 dataset = load_dataset(data)
 images = dataset.images(range(len(dataset)))
-diffusion = GaussianDiffusion(get_named_beta_schedule(schedule,
-                                                      num_timesteps))
+diffusion = GaussianDiffusion(betas)
 model = SmallUNet(dataset.channels, model_channels).to(device)
 print(f"{dataset.source}: {len(dataset)} images {tuple(images.shape[1:])}; "
       f"model {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -1388,7 +1177,7 @@ last, model = model.eval(), ema.eval()  # `last`: the final step's weights
 print(f"{train_steps} steps of batch {batch_size} in {train_seconds:.0f} s "
       f"on {device}")
 
-# %%
+
 def smooth(values, width=25):
     """Moving average, to see a trend through the noise of single batches."""
     width = min(width, len(values))
@@ -1402,8 +1191,7 @@ axes[1].plot(smooth(history["vb"]))
 axes[1].set(title="vb term L_t (bits/dim)", xlabel="step", yscale="log")
 plt.tight_layout()
 plt.show()
-early, late = (np.mean(history["mse"][s]) for s in
-               (slice(0, 20), slice(-20, None)))
+early, late = np.mean(history["mse"][:20]), np.mean(history["mse"][-20:])
 print(f"L_simple: first 20 steps {early:.3f}, last 20 steps {late:.3f}")
 assert late < early and all(np.isfinite(history["loss"]))
 
@@ -1411,9 +1199,8 @@ assert late < early and all(np.isfinite(history["loss"]))
 # ## 2.8 The bound of a trained model
 #
 # `calc_bpd_loop` evaluates all $T$ terms for a few training images (the
-# question here is the shape of the bound, not generalisation). The plot shows
-# why importance sampling helps: the terms span orders of magnitude, and the
-# first steps dominate the sum.
+# question is the bound's shape, not generalisation). The terms span orders
+# of magnitude, and the first steps dominate: why importance sampling helps.
 
 # %%
 x_nll = images[:nll_images].to(device)
@@ -1435,13 +1222,16 @@ head = terms_by_t[1:num_timesteps // 10].sum()
 assert head > terms_by_t[num_timesteps // 10:].sum()
 
 # %% [markdown]
-# The estimate of section 2.2 on the same images costs two evaluations per
-# draw instead of $T$. With `vlb_draws` stratified draws of $(t, \epsilon)$
-# per image, shuffled so that every image sees the whole range of $t$, its
-# mean should agree with the full bound within a few of its standard errors.
-# The spread of single estimates is large (the first steps dominate the
-# bound, and $T - 1$ multiplies them), which is why a comparison of models
-# needs many images or the paired differences of chapter 4.
+# Section 2.2's estimate costs two evaluations per draw instead of $T$.
+# With `vlb_draws` stratified draws of $(t, \epsilon)$ per image, shuffled
+# so that every image sees the whole range of $t$, its mean should agree
+# with the full bound within a few standard errors. Single estimates spread
+# widely ($T - 1$ multiplies the dominant first steps), so comparing models
+# needs many images, or paired differences (chapter 4): here the EMA
+# against the last step's weights (`last`) on the **same** draws, whose
+# shared images, $t$ and $\epsilon$ cancel most of the spread. The standard
+# error of the mean difference (for these images only) is below that of two
+# independent estimates, $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
 
 # %%
 g = torch.Generator().manual_seed(seed)
@@ -1456,16 +1246,6 @@ print(f"estimate {estimate.mean():.3f} ± {se:.3f} bits/dim from "
       f"{len(estimate)} draws ({2 * len(estimate)} evaluations); full bound "
       f"{full:.3f} ({num_timesteps * nll_images} evaluations)")
 assert abs(estimate.mean().item() - full) < 5 * se
-
-# %% [markdown]
-# Two models compared on the **same** draws: the EMA against the last
-# step's weights (`last`), each draw's difference, and the standard error
-# of that mean difference over the draws (for these images; a claim about
-# the data set needs more images). Shared images, $t$ and $\epsilon$
-# cancel most of the spread, so the paired error is below that of two
-# independent estimates, $\sqrt{\text{se}_1^2 + \text{se}_2^2}$.
-
-# %%
 estimate_last = vlb_estimate(diffusion, last, x_many, t_many,
                              noise_many)["vlb"]
 diff = (estimate - estimate_last).cpu()
@@ -1480,13 +1260,11 @@ assert paired_se < (se**2 + se_last**2) ** 0.5
 # %% [markdown]
 # ## 2.9 What the variance learned
 #
-# With `learned_range`, the model places $\log\Sigma_\theta$ between
-# $\log\tilde\beta_t$ and $\log\beta_t$. Averaged over pixels of noised images,
-# the learned interpolation $\frac{v+1}{2}$ shows where. It is the weight on
-# $\log\beta_t$: the network's output $v \in [-1, 1]$ mapped to $[0, 1]$, the
-# range of Nichol & Dhariwal's $v$ (section 2.1). Chapter 1 showed that the two
-# bounds differ only in the first few steps, so that is where the choice
-# matters; elsewhere any value in between gives almost the same Gaussian.
+# With `learned_range` the model places $\log\Sigma_\theta$ between
+# $\log\tilde\beta_t$ and $\log\beta_t$. The pixel mean of $\frac{v+1}{2}$
+# over noised images, the weight on $\log\beta_t$ (Nichol & Dhariwal's $v$,
+# section 2.1), shows where. The two bounds differ only in the first few
+# steps (chapter 1), so only there does the choice matter.
 
 # %%
 probe_t = np.unique(np.geomspace(1, num_timesteps - 1, 40).astype(int))
@@ -1517,17 +1295,15 @@ assert np.all(np.isfinite(fractions))
 # %% [markdown]
 # ## 2.10 Fewer steps: DDPM and DDIM
 #
-# The same trained model, the same starting noise, sampled with the respaced
-# processes of `sample_steps`, ancestrally and with deterministic DDIM. Each
-# row of the figure is one sampler and length. The last row is the longest
-# DDIM again, from the same noise, with the weights of the last training
-# step (`last`) in place of their average: what the EMA changes.
+# The trained model samples from one noise with the respaced processes of
+# `sample_steps`, ancestrally and with deterministic DDIM, a row each. The
+# last row repeats the longest DDIM with the last step's weights (`last`)
+# instead of their average: what the EMA changes.
 
 # %%
 noise = torch.randn(num_samples, *images.shape[1:], device=device)
-grids = {}
-longest = max(sample_steps)
-chain = []  # the longest DDPM run's steps, for the figure after this one
+grids, longest = {}, max(sample_steps)
+chain = []  # the longest DDPM run's steps, for the next figure
 
 
 def record(out):
@@ -1541,9 +1317,8 @@ for steps in sample_steps:
         start = time.perf_counter()
         watch = record if (name, steps) == ("DDPM", longest) else None
         samples = loop(spaced, model, noise, callback=watch)
-        seconds = time.perf_counter() - start
+        print(f"{name} {steps:4d} steps: {time.perf_counter() - start:5.1f} s")
         grids[f"{name} {steps}"] = samples.cpu()
-        print(f"{name} {steps:4d} steps: {seconds:5.1f} s")
         assert samples.shape == noise.shape
         assert samples.abs().max() <= 1 + 1e-6  # x_0 is clipped to [-1, 1]
 grids[f"DDIM {longest}, last"] = ddim_sample_loop(
@@ -1553,21 +1328,17 @@ show_rows(grids)
 # %% [markdown]
 # ### $\hat x_0$ along the chain
 #
-# At every step the model also says where it thinks the chain will end:
-# $\hat x_0$ (`pred_xstart`), which the posterior mean then moves $x_t$
-# towards. The sampler's `callback` hands each step's dictionary over, so
-# the longest ancestral run above kept them. For two of its samples, the
-# rows show $x_t$ entering a step and the $\hat x_0$ predicted from it, at
-# eight steps from $t = T - 1$ to $0$. The first guess is clipped noise:
-# at the cosine schedule's last step $\sqrt{\bar\alpha_{T-1}} \approx 5
-# \cdot 10^{-5}$ (its $\beta$ is clipped at 0.999, chapter 1.3), and
-# $\hat x_0$ divides the error of $\hat\epsilon$ by it. From the next
-# column on the guesses are blurred shapes, as they should be: a perfect
-# model's $\hat x_0$ is $\mathbb{E}[x_0 \mid x_t]$ (section 2.13), the
-# mean of every image that could lie under that much noise. They sharpen
-# as $t$ falls, the shape is fixed well before $x_t$ shows it, and the
-# last $\hat x_0$ is the sample. (The smoke run's model has trained for
-# seconds, so its shapes are blobs more often than digits.)
+# Every step also predicts where the chain will end, $\hat x_0$
+# (`pred_xstart`), which the posterior mean moves $x_t$ towards; the
+# `callback` kept them for the longest ancestral run. For two samples, the
+# rows show $x_t$ entering a step and its $\hat x_0$, at eight steps from
+# $t = T - 1$ to 0. The first guess is clipped noise: there
+# $\sqrt{\bar\alpha_{T-1}} \approx 5 \cdot 10^{-5}$ (chapter 1.3), and
+# $\hat x_0$ divides $\hat\epsilon$'s error by it. Then come blurred
+# shapes, as they should: a perfect $\hat x_0$ is $\mathbb{E}[x_0 \mid
+# x_t]$ (section 2.13), the mean of every image that could lie under that
+# noise. They sharpen as $t$ falls, the shape fixed well before $x_t$ shows
+# it. (The smoke run's shapes are blobs more often than digits.)
 
 # %%
 spaced = respace(diffusion, str(longest))
@@ -1589,25 +1360,19 @@ assert torch.equal(chain[-1]["sample"], grids[f"DDPM {longest}"][:2])
 torch.testing.assert_close(chain[-1]["sample"], chain[-1]["pred_xstart"])
 
 # %% [markdown]
-# DDIM with $\eta = 0$ is deterministic, so the same noise gives nearly the
-# same image at every length, while ancestral samples change from row to row
-# because fresh noise enters at every step. How much quality the short
-# processes lose is what the learned variance is for: Nichol & Dhariwal found
-# that with a fixed variance ancestral sampling degrades quickly as steps are
-# removed, while a learned variance keeps most of the quality with far fewer
-# steps. The paper samples its ADM models with 250 ancestral steps; its
-# 25-step rows of Table 5 are DDIM (`ddim25`), whose deterministic step
-# ($\eta = 0$) never reads $\Sigma_\theta$, so they owe nothing to the
-# learned variance. Chapter 5 measures such gaps with FID, and its section
-# 5.9 does it for these two variances: the same model trained with
-# $L_\text{simple}$ (fixed variance) and with $L_\text{hybrid}$ (learned),
-# sampled with 10, 25, 50 and 100 ancestral steps. (It needs chapter 5's
-# metrics and chapter 4's training loop, so it cannot come earlier.)
+# DDIM at $\eta = 0$ is deterministic: one noise gives nearly one image at
+# every length, while ancestral samples change as fresh noise enters at
+# every step. What short processes lose is what the learned variance is
+# for: Nichol & Dhariwal found that with a fixed one, ancestral sampling
+# degrades quickly as steps are removed (the paper's 25-step rows of Table
+# 5 are DDIM, `ddim25`, which never reads $\Sigma_\theta$). Section 5.9
+# measures it with FID, with chapter 4's training loop and chapter 5's
+# metrics: one model trained with $L_\text{simple}$ (fixed variance) and
+# with $L_\text{hybrid}$ (learned), sampled with 10 to 100 ancestral steps.
 #
-# Finally DDIM inversion on real images: encode to $x_T$ with 50 steps and
-# decode back. The round trip is exact only as the step count grows, and only
-# as far as the model is good; the error is measured against the distance
-# between two different images.
+# Finally DDIM inversion: encode real images to $x_T$ with 50 steps and
+# decode back, exactly only as the steps grow and as far as the model is
+# good; the error is set against the distance between images.
 
 # %%
 spaced = respace(diffusion, "ddim50")
@@ -1626,9 +1391,8 @@ assert error < spread
 # %% [markdown]
 # ## 2.11 A longer run, recorded
 #
-# The smoke configuration above trains for seconds. A longer run on a
-# 2-core CPU, in float32 (this chapter's loop has no autocast; the
-# machine, day and time, and the runs before it, are in
+# A longer run than the smoke configuration's, on a 2-core CPU in float32
+# (this loop has no autocast; the machine, date and earlier runs are in
 # [appendix M.1](appendix_measurements.html)):
 #
 # ```sh
@@ -1644,55 +1408,31 @@ assert error < spread
 # | its estimate from 1,024 draws (section 2.8) | 1.437 $\pm$ 0.137 |
 # | DDIM-50 inversion round trip, RMS error | 0.013 (0.572 between images) |
 #
-# Its samples, with the same rows as section 2.10:
-#
 # ![Samples of the CPU run](figures/02_cpu_run_samples.png)
 #
-# Ancestral samples change with every length, as they should, and more than
-# half are recognisable digits, though many are not: the model is small (282k
-# parameters), unconditional, and has seen each image about 77 times. DDIM's
-# are smoother and less often digits, keep a trace of speckle in the
-# background at 10 steps and barely change from 25 to 250 steps. Of its
-# bound, the decoder $L_0$ is 0.620 bits/dim and the KL terms 0.833, the
-# first steps dominating them, as in section 2.8's figure.
-#
-# Appendix M.1 lists earlier runs with other settings (no EMA, twice the
-# steps). Their bounds were recorded only as means over the 16 images, so
-# the gaps between them and this run have no standard error, and the book
-# draws no conclusion from them. The comparison that holds is the paired
-# one of section 2.8: the same images, $t$ and noise for both models, the
-# difference per draw, and the standard error of its mean. It is printed
-# there, for the EMA against the last step's weights, by every run of the
-# chapter.
-#
-# This is a small model after minutes of training, so it says little about
-# how the samplers compare on a well-trained model. The full run, on one GPU,
-# is
-#
-# ```sh
-# adm book run 2 -p device cuda -p train_steps 30000 -p batch_size 128 \
-#     -p model_channels 64 -p num_samples 64 \
-#     -p sample_steps "[10, 25, 50, 250]"
-# ```
-#
-# and has not been made yet: its numbers belong in this table.
+# The rows are section 2.10's. Ancestral samples change with every length,
+# more than half of them recognisable digits: the model is small (282k
+# parameters), unconditional, and has seen each image about 77 times.
+# DDIM's are smoother and less often digits, keep a trace of speckle at 10
+# steps and barely change from 25 to 250. Appendix M.1's earlier runs
+# recorded only mean bounds, so their gaps to this run support no
+# conclusion; section 2.8's paired comparison does. A run this small says
+# little about a well-trained model; the full GPU run (the parameters
+# cell's command) is not made yet: its numbers belong in this table.
 
 # %% [markdown]
 # ## 2.12 A toy with exact answers
 #
-# Every model so far was a network, so every claim about what sampling
-# *should* produce was checked against samples. A problem small enough to
-# know the answer removes that doubt: data in the plane drawn from a mixture
-# of Gaussians, component $k$ with weight $w_k$, mean $\mu_k$, standard
-# deviation $s_k$ and class label $y_k$. Noising keeps it a mixture:
-# $x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t} \epsilon$ has
-# components $\mathcal{N}(\sqrt{\bar\alpha_t} \mu_k,
-# (\bar\alpha_t s_k^2 + 1 - \bar\alpha_t) I)$, so the noisy density
-# $p_t(x_t)$, its score $\nabla \log p_t(x_t)$, the class posterior
-# $p_t(y \mid x_t)$ and the best possible noise prediction
-# $\epsilon^*(x_t, t) = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t(x_t)$ are
-# all closed-form. `adm_lib.toy` holds them; chapter 6 uses the same toy to
-# show exactly what guidance samples.
+# So far every claim about what sampling *should* produce was checked
+# against samples. A toy with known answers removes that doubt: points in
+# the plane from a mixture of Gaussians, component $k$ with weight $w_k$,
+# mean $\mu_k$, standard deviation $s_k$ and class label $y_k$. Noised, it
+# stays a mixture, of $\mathcal{N}(\sqrt{\bar\alpha_t} \mu_k, (\bar\alpha_t
+# s_k^2 + 1 - \bar\alpha_t) I)$, so the density $p_t(x_t)$, its score
+# $\nabla \log p_t(x_t)$, the class posterior $p_t(y \mid x_t)$ and the
+# best noise prediction $\epsilon^*(x_t, t) = -\sqrt{1 - \bar\alpha_t}
+# \nabla \log p_t(x_t)$ are closed-form. `adm_lib.toy` holds them; chapter
+# 6 shows with it exactly what guidance samples.
 
 # %%
 #| export toy
@@ -1787,23 +1527,18 @@ class GaussianMixture:
 def ring_mixture(num_components: int = 6, num_classes: int = 3,
                  radius: float = 0.6, std: float = 0.1) -> GaussianMixture:
     """Equal components on a circle, labelled in turn 0, 1, ..., 0, 1, ..."""
-    angle = 2 * math.pi * torch.arange(num_components, dtype=torch.float64)
-    angle = angle / num_components
-    means = radius * torch.stack([angle.cos(), angle.sin()], 1)
+    n = num_components
+    angle = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
+    ones = torch.ones(n, dtype=torch.float64)
     return GaussianMixture(
-        means=means,
-        stds=torch.full((num_components,), std, dtype=torch.float64),
-        weights=torch.full((num_components,), 1 / num_components,
-                           dtype=torch.float64),
-        labels=torch.arange(num_components) % num_classes)
+        means=radius * torch.stack([angle.cos(), angle.sin()], 1),
+        stds=std * ones, weights=ones / n,
+        labels=torch.arange(n) % num_classes)
 
-
-# %% [markdown]
-# The exact score must be the gradient of the exact log-density, and the
-# class posterior must sum to one, at every noise level; autograd checks the
-# first at a few points.
 
 # %%
+# The exact score must be the gradient of the exact log-density, and the
+# class posterior must sum to one, at every noise level.
 from adm_lib.toy import ring_mixture
 
 toy = ring_mixture()
@@ -1823,43 +1558,28 @@ plt.show()
 # %% [markdown]
 # ### Reverse trajectories, exactly
 #
-# The exact $\epsilon^*$ is a model with no training error, so whatever the
-# samplers make of it is the samplers' own doing. Both run 100 respaced
-# steps of the chapter's schedule, in float64 and without clipping $\hat
-# x_0$ (the toy is not an image), from the same `toy_samples` noise draws.
-# The first two panels draw five trajectories over the data's density
-# (hollow: $x_T$, dot: $x_0$): ancestral ones wander, fresh noise entering
-# at every step, while DDIM's are smooth curves, the solutions of an ODE
-# (section 2.13). The third compares the final samples with the data: the
-# share of samples nearest each component, with its binomial standard
-# error. The cell also prints the squared maximum mean discrepancy
-# (MMD$^2$, RBF kernel of width 0.1, unbiased, so zero in expectation when
-# the two sets come from one law) to fresh data, as mean $\pm$ s.e. over
-# 10 blocks of the samples, beside the same statistic between two sets of
-# data.
+# The exact $\epsilon^*$ has no training error, so what the samplers make
+# of it is their own doing. Both run 100 respaced steps in float64, without
+# clipping $\hat x_0$ (the toy is not an image), from the same
+# `toy_samples` noise draws. Ancestral trajectories wander, fresh noise
+# entering at every step; DDIM's are smooth, an ODE's solutions (section
+# 2.13). The third panel compares the samples' shares of the components
+# (nearest mean) with the data's; the cell also prints the squared maximum
+# mean discrepancy to fresh data (MMD$^2$, RBF kernel of width 0.1,
+# unbiased), mean $\pm$ s.e. over 10 blocks, beside data against data.
 
 # %%
-toy_diffusion = GaussianDiffusion(
-    get_named_beta_schedule(schedule, num_timesteps),
-    var_type="fixed_small", dtype=torch.float64)
+toy_diffusion = GaussianDiffusion(betas, var_type="fixed_small",
+                                  dtype=torch.float64)
 exact_eps = toy.eps_model(toy_diffusion.alphas_cumprod)
 toy_spaced = respace(toy_diffusion, "100")
 g = torch.Generator().manual_seed(seed)
 toy_noise = torch.randn(toy_samples, 2, generator=g, dtype=torch.float64)
-toy_runs = {}
 
 
 def seeded_noise(x):
     """Each step's noise from the seeded generator: a reproducible run."""
     return torch.randn(x.shape, generator=g, dtype=x.dtype)
-
-
-for name, loop in [("DDPM", p_sample_loop_progressive),
-                   ("DDIM", ddim_sample_loop_progressive)]:
-    path = [toy_noise] + [out["sample"] for out in loop(
-        toy_spaced, exact_eps, toy_noise, noise_fn=seeded_noise,
-        clip_denoised=False)]
-    toy_runs[name] = torch.stack(path)  # (steps + 1, n, 2)
 
 
 def block_mmd(a, b, blocks=10, width=0.1):
@@ -1872,20 +1592,25 @@ def block_mmd(a, b, blocks=10, width=0.1):
         n = len(u)
         within = ((k(u, u).sum() - n) + (k(v, v).sum() - n)) / (n * (n - 1))
         values.append((within - 2 * k(u, v).mean()).item())
-    values = np.array(values)
-    return values.mean(), values.std(ddof=1) / math.sqrt(blocks)
+    return np.mean(values), np.std(values, ddof=1) / math.sqrt(blocks)
 
 
+toy_runs = {}  # name: the path, (steps + 1, n, 2)
+for name, loop in [("DDPM", p_sample_loop_progressive),
+                   ("DDIM", ddim_sample_loop_progressive)]:
+    toy_runs[name] = torch.stack([toy_noise] + [out["sample"] for out in loop(
+        toy_spaced, exact_eps, toy_noise, noise_fn=seeded_noise,
+        clip_denoised=False)])
 data_a, _ = toy.sample(toy_samples, g)
 data_b, _ = toy.sample(toy_samples, g)
 K = len(toy.weights)
 side = torch.linspace(-2.5, 2.5, 200, dtype=torch.float64)
-grid = torch.cartesian_prod(side, side)
-density = toy.log_prob(grid).exp().reshape(200, 200).T
+density = toy.log_prob(torch.cartesian_prod(side, side)).exp()
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
 mmd = {"data": block_mmd(data_a, data_b)}
 for ax, (name, path) in zip(axes[:2], toy_runs.items(), strict=True):
-    ax.contourf(side, side, density, levels=12, cmap="Greys")
+    ax.contourf(side, side, density.reshape(200, 200).T, levels=12,
+                cmap="Greys")
     for i in range(5):  # the same five starting points in both panels
         ax.plot(*path[:, i].T, lw=0.8)
         ax.plot(*path[0, i], "ko", ms=4, mfc="none")
@@ -1897,8 +1622,7 @@ for ax, (name, path) in zip(axes[:2], toy_runs.items(), strict=True):
     mmd[name] = block_mmd(final, data_a)
     # Equal widths: the most probable component is the nearest mean.
     nearest = torch.cdist(final, toy.means).argmin(1)
-    counts = torch.bincount(nearest, minlength=K)
-    share = counts.double() / len(final)
+    share = torch.bincount(nearest, minlength=K).double() / len(final)
     se = (share * (1 - share) / len(final)).sqrt()
     axes[2].errorbar(np.arange(K) + (0.15 if name == "DDIM" else -0.15),
                      share, 2 * se, fmt="o", label=name, capsize=3)
@@ -1918,30 +1642,26 @@ for name in toy_runs:  # unbiased: zero in expectation for equal laws
     assert abs(mmd[name][0]) < 4 * mmd[name][1]
 
 # %% [markdown]
-# Neither sampler's shares differ from $1/6$ by as much as 4 standard
-# errors, and neither MMD$^2$ differs from zero by as much: with an exact
-# $\epsilon$, both 100-step samplers draw the data's law, to what 2,000
-# samples can tell.
+# With the exact $\epsilon$, neither sampler's shares nor its MMD$^2$ are 4
+# standard errors from the data's: both 100-step samplers draw the data's
+# law, to what 2,000 samples can tell.
 #
 # ### A trained network against the exact $\epsilon$
 #
-# How far is a trained network from the best possible prediction, and at
-# which $t$? The toy answers it. Any $\epsilon$-model's expected loss
-# splits exactly as
+# How far is a trained network from the best prediction, and at which $t$?
+# Any $\epsilon$-model's expected loss splits exactly as
 #
 # $$\mathbb{E}\lVert \epsilon - \epsilon_\theta \rVert^2 = \mathbb{E}
 # \lVert \epsilon - \epsilon^* \rVert^2 + \mathbb{E}\lVert \epsilon_\theta
 # - \epsilon^* \rVert^2,$$
 #
-# because $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$ leaves an error
-# uncorrelated with anything computed from $x_t$ (section 2.13). The first
-# term is the **irreducible loss**, the floor no training can go below; the
-# second is the model's own error. An MLP with two hidden layers of 64
-# units, given $x_t$ and a sinusoidal embedding of $t$, trains on fresh toy
-# samples with $L_\text{simple}$ for `toy_train_steps` steps, a few
-# seconds. The cell measures the three terms at 25 values of $t$ on the
-# same draws and checks the split, each gap within 4 standard errors of
-# zero.
+# as $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$ leaves an error
+# uncorrelated with anything computed from $x_t$ (section 2.13): the
+# **irreducible loss**, a floor no training goes below, plus the model's
+# own error. An MLP (two hidden layers of 64; input $x_t$ and an embedding
+# of $t$) trains with $L_\text{simple}$ on fresh samples for
+# `toy_train_steps` steps; the cell measures the three terms at 25 values
+# of $t$ on shared draws and checks the split to 4 standard errors.
 
 # %%
 class ToyEps(nn.Module):
@@ -1954,16 +1674,14 @@ class ToyEps(nn.Module):
                                  nn.Linear(width, 2))
 
     def forward(self, x, t):
-        freqs = torch.exp(-math.log(1000) * torch.arange(8) / 8)
-        angles = t.float()[:, None] * freqs[None]
-        return self.net(torch.cat([x.float(), angles.cos(), angles.sin()], 1))
+        emb = timestep_embedding(t, 16, max_period=1000)  # section 2.7's
+        return self.net(torch.cat([x.float(), emb], 1))
 
 
 torch.manual_seed(seed)
 toy_net = ToyEps()
 toy_optimizer = torch.optim.Adam(toy_net.parameters(), lr=3e-3)
-toy_float = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
-                              var_type="fixed_small")
+toy_float = GaussianDiffusion(toy_diffusion.betas, var_type="fixed_small")
 start = time.perf_counter()
 for _ in range(toy_train_steps):
     x0_batch, _ = toy.sample(256, g)
@@ -1975,22 +1693,17 @@ for _ in range(toy_train_steps):
 print(f"{toy_train_steps} steps of batch 256 in "
       f"{time.perf_counter() - start:.1f} s")
 
-# The loss of any eps-model is the exact one's plus its squared distance to
-# it (eps* = E[eps | x_t]): measured on the same draws at each t.
 probe = np.unique(np.geomspace(1, num_timesteps - 1, 25).astype(int))
-n_probe = 2000
-rows = []
+n_probe, rows = 2000, []
 with torch.no_grad():
     for step in probe:
         x0_probe, _ = toy.sample(n_probe, g)
         eps = torch.randn(n_probe, 2, generator=g, dtype=torch.float64)
         t = torch.full((n_probe,), int(step))
         x_t = toy_diffusion.q_sample(x0_probe, t, eps)
-        best = exact_eps(x_t, t)
-        net = toy_net(x_t, t).double()
-        floor = mean_flat((eps - best) ** 2)
-        loss = mean_flat((eps - net) ** 2)
-        excess = mean_flat((net - best) ** 2)
+        best, net = exact_eps(x_t, t), toy_net(x_t, t).double()
+        floor, loss, excess = (mean_flat(e**2)
+                               for e in (eps - best, eps - net, net - best))
         gap = loss - floor - excess  # zero in expectation
         rows.append([floor.mean(), loss.mean(), excess.mean(), gap.mean(),
                      gap.std() / n_probe**0.5])
@@ -2014,38 +1727,33 @@ assert np.all(loss >= floor - 4 * gap_se)
 assert max(excess[0], excess[-1]) < excess.max() / 3
 
 # %% [markdown]
-# The floor is about 1 at small $t$: there the noise is far smaller than
-# the components' own width, so $x_t$ says almost nothing about
-# $\epsilon$. It falls to 0 at large $t$, where $x_t$ is almost all noise
-# and $\epsilon \approx x_t$. The MLP's own error is largest in between,
-# where $\epsilon^*$ has the mixture's shape, and small at both ends. Its
-# loss alone would hide this: at small $t$ the floor is nearly all of it,
-# which is why a training loss near 1 at small $t$ is not a sign of a bad
-# model, and why comparing models needs their difference on shared draws
-# (section 2.8), not their losses' levels.
+# The floor is about 1 at small $t$, where the noise is far below the
+# components' width and $x_t$ says almost nothing about $\epsilon$, and 0 at
+# large $t$, where $\epsilon \approx x_t$. The MLP's own error is largest
+# in between, where $\epsilon^*$ has the mixture's shape. Its loss alone
+# hides this: a loss near 1 at small $t$ is no sign of a bad model, which is
+# why models are compared by paired differences (section 2.8).
 
 # %% [markdown]
 # ## 2.13 The score view
 #
 # Everything in this chapter can be said with one function, the **score**
-# $\nabla \log p_t(x_t)$ of the noised data's density. Four facts, each
+# $\nabla \log p_t(x_t)$ of the noised data's density: four facts, each
 # checked on the toy, where the score is exact.
 #
 # **Tweedie's formula.** For $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 -
-# \bar\alpha_t}\, \epsilon$ and any data distribution,
+# \bar\alpha_t}\, \epsilon$ and any data distribution, the best denoiser is
+# one step along the score:
 #
 # $$\mathbb{E}[x_0 \mid x_t] = \frac{x_t + (1 - \bar\alpha_t) \nabla \log
-# p_t(x_t)}{\sqrt{\bar\alpha_t}}.$$
+# p_t(x_t)}{\sqrt{\bar\alpha_t}}$$
 #
-# (Differentiate $p_t(x_t) = \int q(x_t \mid x_0) p(x_0)\, dx_0$ under the
+# (differentiate $p_t(x_t) = \int q(x_t \mid x_0) p(x_0)\, dx_0$ under the
 # integral, with $\nabla_{x_t} q = -\frac{x_t - \sqrt{\bar\alpha_t} x_0}{1 -
-# \bar\alpha_t} q$.) The best denoiser is one step along the score. The
-# cell computes $\mathbb{E}[x_0 \mid x_t]$ independently, by Bayes' rule:
-# 200,000 draws of $x_0$ from the data, weighted by $q(x_t \mid x_0)$, at
-# three points $x_t$.
+# \bar\alpha_t} q$). The cell checks it against Bayes' rule: 200,000 draws
+# of $x_0$ from the data, weighted by $q(x_t \mid x_0)$, at three $x_t$.
 
 # %%
-# Tweedie's formula against Bayes' rule on samples, at a few points x_t.
 a_bar = 0.7  # one noise level
 points = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.25, 0.4]],
                       dtype=torch.float64)
@@ -2054,8 +1762,7 @@ x0_many, _ = toy.sample(200_000, g)
 for point, guess in zip(points, tweedie, strict=True):
     # q(x_t | x_0) as importance weights on draws of x_0 from the data.
     log_w = -((point - a_bar**0.5 * x0_many) ** 2).sum(1) / (2 * (1 - a_bar))
-    w = (log_w - log_w.max()).exp()
-    w = w / w.sum()
+    w = log_w.softmax(0)
     bayes = (w[:, None] * x0_many).sum(0)
     se = ((w[:, None] ** 2 * (x0_many - bayes) ** 2).sum(0)).sqrt()
     print(f"x_t = {point.tolist()}: Tweedie {guess.numpy().round(4)}, "
@@ -2063,21 +1770,19 @@ for point, guess in zip(points, tweedie, strict=True):
     assert torch.all((guess - bayes).abs() < 4 * se)
 
 # %% [markdown]
-# **$\epsilon$ is a scaled score.** Solve `q_sample` for $\epsilon$ and take
-# the expectation given $x_t$, then use Tweedie:
+# **$\epsilon$ is a scaled score.** Solve `q_sample` for $\epsilon$, take
+# the expectation given $x_t$, and use Tweedie:
 #
 # $$\epsilon^*(x_t, t) = \mathbb{E}[\epsilon \mid x_t] = \frac{x_t -
 # \sqrt{\bar\alpha_t}\, \mathbb{E}[x_0 \mid x_t]}{\sqrt{1 - \bar\alpha_t}}
 # = -\sqrt{1 - \bar\alpha_t}\, \nabla \log p_t(x_t).$$
 #
-# The minimiser of a squared error is the conditional mean, so the network
-# that minimises $L_\text{simple}$ is the score scaled by $-\sqrt{1 -
-# \bar\alpha_t}$: training on $L_\text{simple}$ is denoising score
-# matching. `toy.eps_model` is this formula. A conditional mean's error is
-# orthogonal to every function of $x_t$; the cell checks two.
+# A squared error is minimised by the conditional mean, so training on
+# $L_\text{simple}$ is denoising score matching; `toy.eps_model` is this
+# formula. A conditional mean's error is uncorrelated with every function
+# of $x_t$; the cell checks two.
 
 # %%
-# eps* is E[eps | x_t]: its error is uncorrelated with any function of x_t.
 x0_check, _ = toy.sample(20_000, g)
 eps = torch.randn(x0_check.shape, generator=g, dtype=torch.float64)
 x_t = a_bar**0.5 * x0_check + (1 - a_bar) ** 0.5 * eps
@@ -2091,27 +1796,25 @@ for name, h in [("x_t", x_t), ("x_t^3", x_t**3)]:
 # %% [markdown]
 # **The probability-flow ODE.** Song et al. (2021, "Score-based generative
 # modeling through stochastic differential equations") show that a
-# deterministic ODE moves $p_T$ to $p_0$ through the same marginals $p_t$
-# as the forward process. In the variables $\bar x = x_t /
-# \sqrt{\bar\alpha_t}$ and $\sigma_t = \sqrt{(1 - \bar\alpha_t) /
-# \bar\alpha_t}$, in which $\bar x = x_0 + \sigma_t \epsilon$, it reads
+# deterministic ODE carries $p_T$ to $p_0$ through the forward process's
+# marginals $p_t$. In $\bar x = x_t / \sqrt{\bar\alpha_t}$ and $\sigma_t =
+# \sqrt{(1 - \bar\alpha_t) / \bar\alpha_t}$, where $\bar x = x_0 + \sigma_t
+# \epsilon$, it reads ($\sigma_t \sqrt{\bar\alpha_t} = \sqrt{1 -
+# \bar\alpha_t}$)
 #
 # $$\frac{d \bar x}{d \sigma} = -\sigma\, \nabla_{\bar x} \log
-# \bar p_\sigma(\bar x) = \epsilon^*(x_t, t),$$
+# \bar p_\sigma(\bar x) = \epsilon^*(x_t, t):$$
 #
-# since $\nabla_{\bar x} = \sqrt{\bar\alpha_t} \nabla_{x_t}$ and $\sigma_t
-# \sqrt{\bar\alpha_t} = \sqrt{1 - \bar\alpha_t}$: the predicted noise is
-# the speed. DDIM at $\eta = 0$ (section 2.6) is **Euler's method** on it.
-# Divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use $\hat x_0 = \bar x_t -
-# \sigma_t \hat\epsilon$:
+# the predicted noise is the speed. DDIM at $\eta = 0$ is **Euler's
+# method** on it: divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use
+# $\hat x_0 = \bar x_t - \sigma_t \hat\epsilon$,
 #
 # $$\frac{x_{t-1}}{\sqrt{\bar\alpha_{t-1}}} = \hat x_0 + \sigma_{t-1}
 # \hat\epsilon = \bar x_t + (\sigma_{t-1} - \sigma_t)\, \hat\epsilon.$$
 #
-# Euler's method is first order, so the end point's error should fall as
-# one over the number of steps. The cell checks one step against the
-# formula, to round-off, and the end points of DDIM with 5 to 40 steps
-# against those of 250 steps.
+# Euler's method is first order: the end point's error should fall as one
+# over the steps. The cell checks one step against the formula, and DDIM's
+# end points at 5 to 40 steps against those at 250.
 
 # %%
 # One DDIM step is one Euler step of d(x/sqrt(abar))/d(sigma) = eps*.
@@ -2125,15 +1828,16 @@ eps_hat = exact_eps(x, spaced.model_timesteps(t))
 euler = x / a_now**0.5 + (sigma_prev - sigma_now) * eps_hat
 torch.testing.assert_close(step / a_prev**0.5, euler, rtol=1e-12, atol=1e-12)
 
+
+def toy_ddim(count):
+    """DDIM's end points from x with the exact eps, in count steps."""
+    return ddim_sample_loop(respace(toy_diffusion, str(count)), exact_eps, x,
+                            clip_denoised=False)
+
+
 # As the steps shrink, DDIM converges to the ODE's solution, at first order.
-reference = ddim_sample_loop(respace(toy_diffusion, "250"), exact_eps, x,
-                             clip_denoised=False)
-counts = [5, 10, 20, 40]
-errors = []
-for count in counts:
-    end = ddim_sample_loop(respace(toy_diffusion, str(count)), exact_eps, x,
-                           clip_denoised=False)
-    errors.append((end - reference).norm(dim=1).mean().item())
+reference, counts = toy_ddim(250), [5, 10, 20, 40]
+errors = [(toy_ddim(c) - reference).norm(dim=1).mean().item() for c in counts]
 slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
 print("DDIM steps:", counts, "mean distance to 250 steps:",
       np.round(errors, 4), f"slope {slope:.2f}")
@@ -2149,28 +1853,24 @@ assert slope < -0.7
 
 # %% [markdown]
 # **The objectives as weightings of the bound.** With $\Sigma =
-# \tilde\beta_t$ fixed, the bound's KL term at code step $t \ge 1$ is
-# $w_t \lVert \epsilon - \epsilon_\theta \rVert^2$ (exercise 2), and in
-# terms of the signal-to-noise ratio $\mathrm{SNR}_t = \bar\alpha_t / (1 -
-# \bar\alpha_t)$ and its log $\lambda_t$ (chapter 1.2),
+# \tilde\beta_t$ fixed, the KL term at code step $t \ge 1$ is $w_t \lVert
+# \epsilon - \epsilon_\theta \rVert^2$ (exercise 2); with the
+# signal-to-noise ratio $\mathrm{SNR}_t = \bar\alpha_t / (1 - \bar\alpha_t)$
+# and its log $\lambda_t$ (chapter 1.2),
 #
 # $$w_t = \frac{\beta_t^2}{2 \tilde\beta_t \alpha_t (1 - \bar\alpha_t)}
 # = \frac12 \Big(\frac{\mathrm{SNR}_{t-1}}{\mathrm{SNR}_t} - 1\Big)
-# \approx \frac12 (\lambda_{t-1} - \lambda_t)$$
+# \approx \frac12 (\lambda_{t-1} - \lambda_t).$$
 #
-# for small steps: the bound weights each step's error by the log-SNR the
-# step removes, and $L_\text{simple}$ weights every step by one. Each
-# per-step error is minimised by $\epsilon^*$, so both objectives have the
-# same minimiser; they differ in where a finite network spends its
-# capacity, and in the variance of their one-sample estimates (the bound's
-# weights span five orders of magnitude here, hence section 2.4). ADM's
-# hybrid keeps $L_\text{simple}$'s weights for the mean and uses the bound
-# only for $\Sigma_\theta$. On the toy, $w_t$ times the irreducible loss
-# is, term by term, the bound of the exact mean with $\Sigma =
-# \tilde\beta_t$. The spike
-# at the last step is the cosine schedule's $\beta$ clipped at 0.999
-# (chapter 1.3), which divides the SNR by 1,000 in one step; the toy's
-# loss there is zero, so it adds nothing.
+# The bound weights each step's error by the log-SNR the step removes;
+# $L_\text{simple}$ weights every step by one. Both are minimised by
+# $\epsilon^*$; they differ in where a finite network spends its capacity,
+# and in the variance of their one-sample estimates (here the weights span
+# five orders of magnitude: section 2.4). On the toy, $w_t$ times the
+# irreducible loss is, term by term, the exact mean's bound with $\Sigma =
+# \tilde\beta_t$. The spike at the last step is the cosine's $\beta$
+# clipped at 0.999 (chapter 1.3), dividing the SNR by 1,000; the toy's loss
+# there is zero, so it adds nothing.
 
 # %%
 # The bound's weight on the eps MSE with Sigma = beta-tilde, per code step.
@@ -2199,13 +1899,12 @@ ax_w.loglog(steps_, w, label="L_vlb: w_t")
 ax_w.loglog(steps_, np.ones(len(w)), label="L_simple: 1")
 ax_w.set(xlabel="code step t", ylabel="weight on the eps MSE per step",
          title="objectives as weightings")
-ax_w.legend(fontsize=8)
 ax_terms.loglog(steps_, vlb_terms / vlb_terms.sum(), label="L_vlb")
 ax_terms.loglog(steps_, floor_t / floor_t.sum(), label="L_simple")
 ax_terms.set(xlabel="code step t", ylabel="share of the objective",
-             ylim=(1e-7, 1),
-             title="the toy's exact eps: where the loss lies")
-ax_terms.legend(fontsize=8)
+             ylim=(1e-7, 1), title="the toy's exact eps: where the loss lies")
+for ax in (ax_w, ax_terms):
+    ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
@@ -2213,31 +1912,20 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 # %% [markdown]
 # ## Summary
 #
-# * The network's output becomes a Gaussian step through a mean
-#   parameterisation ($\epsilon$, $x_0$ or the mean) and a variance rule; ADM
-#   predicts $\epsilon$ and interpolates the log-variance between
+# * ADM's reverse step is a Gaussian whose mean comes from a predicted
+#   $\epsilon$ and whose log-variance it interpolates between
 #   $\tilde\beta_t$ and $\beta_t$.
-# * The variational bound is a sum of closed-form KL terms plus a discretised
-#   decoder, in bits per dimension. $L_\text{simple}$ trains the mean; the
-#   hybrid objective adds $\lambda L_\text{vlb}$ with a stop-gradient so the
-#   bound trains only the variance. Importance sampling of $t$ tames the
-#   bound's variance when it is optimised alone.
-# * The full bound needs $T$ network evaluations per image
-#   (`calc_bpd_loop`); `vlb_estimate` estimates it without bias from two,
-#   at stratified timesteps, which is how later chapters compare models.
-# * Respacing keeps a subsequence of steps with recomputed betas while the
-#   model still sees original timesteps; DDPM and DDIM sample on it, and a
-#   guidance hook shifts the mean (Algorithm 1) or the noise (Algorithm 2).
-# * On a mixture of Gaussians everything is exact: with the exact
-#   $\epsilon^*$, 100-step DDPM and DDIM both draw the data's law (to
-#   what 2,000 samples can tell), and a trained network's loss splits into
-#   the irreducible loss and its own distance to $\epsilon^*$.
-# * The score view: $\mathbb{E}[x_0 \mid x_t]$ is one step along the score
-#   (Tweedie), $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log p_t$,
-#   DDIM is Euler's method on the probability-flow ODE in $(\bar x,
-#   \sigma)$, and $L_\text{vlb}$ and $L_\text{simple}$ weight the same
-#   per-step errors differently ($w_t \approx \frac12 \Delta\lambda_t$
-#   against 1).
+# * The bound, closed-form KL terms plus a discretised decoder in bits/dim,
+#   costs $T$ evaluations per image; `vlb_estimate` estimates it from two.
+#   The hybrid objective trains the mean by $L_\text{simple}$ and only the
+#   variance by the bound; importance sampling of $t$ tames the bound alone.
+# * Respacing keeps a subsequence of steps; DDPM and DDIM sample on it, and
+#   guidance shifts the mean (Algorithm 1) or the noise (Algorithm 2).
+# * On a toy with an exact score, both samplers draw the data's law and a
+#   trained network's loss is the irreducible loss plus its own error. The
+#   score view (Tweedie, $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log
+#   p_t$, DDIM as Euler's method on the probability-flow ODE, objectives as
+#   weightings) says the chapter with one function.
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
 
@@ -2258,8 +1946,7 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #    $x_T \sim \mathcal{N}(0, I)$ with the smaller mismatch?
 # 4. Rerun with `-p schedule linear`. Using chapter 1's figure of
 #    $\tilde\beta_t / \beta_t$, predict how the terms of the bound in section
-#    2.8 and the learned interpolation of section 2.9 change from the cosine
-#    run, then check.
+#    2.8 and the learned interpolation of section 2.9 change, then check.
 # 5. Train section 2.7's model with `var_type="fixed_small"`, then
 #    `"fixed_large"` (the loss becomes `"simple"`): end `SmallUNet` in
 #    `channels` outputs, log only `mse`, skip section 2.9. Predict which
@@ -2270,21 +1957,17 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #    after how many steps its `weights()` stop being uniform, then check.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 - \bar\alpha_{t-1}}{1 -
-# \bar\alpha_t} (1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}) = \frac{1 -
-# \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$. Then $1 -
-# \bar\alpha_{t-1} - \tilde\beta_t = \frac{(1 - \bar\alpha_{t-1})^2
-# \alpha_t}{1 - \bar\alpha_t}$, and with $\hat\epsilon = (x_t -
-# \sqrt{\bar\alpha_t} \hat x_0) / \sqrt{1 - \bar\alpha_t}$ the mean's
-# coefficient of $x_t$ is $\frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 -
-# \bar\alpha_t}$ (`coef2`) and that of $\hat x_0$ is $\sqrt{\bar\alpha_{t-1}}
-# (1 - \frac{(1 - \bar\alpha_{t-1}) \alpha_t}{1 - \bar\alpha_t}) =
-# \frac{\sqrt{\bar\alpha_{t-1}} \beta_t}{1 - \bar\alpha_t}$ (`coef1`). So
-# the step is `p_sample`'s with `fixed_small`, noise for noise (except at
-# `t = 0`, where neither adds any). Checked in float64: in float32, DDIM's
-# $1 - \bar\alpha_{t-1} - \sigma_t^2$ cancels at $t = 1$, where $1 -
-# \bar\alpha_{t-1} \approx 4 \cdot 10^{-5}$, and the two steps differ by
-# about $10^{-3}$ there.
+# **Solution 1.** At $\eta = 1$, $\sigma_t^2 = \frac{1 -
+# \bar\alpha_{t-1}}{1 - \bar\alpha_t} \beta_t = \tilde\beta_t$, so $1 -
+# \bar\alpha_{t-1} - \sigma_t^2 = \frac{(1 - \bar\alpha_{t-1})^2
+# \alpha_t}{1 - \bar\alpha_t}$.
+# With $\hat\epsilon = (x_t - \sqrt{\bar\alpha_t} \hat x_0) / \sqrt{1 -
+# \bar\alpha_t}$, the mean's coefficient of $x_t$ is $\frac{(1 -
+# \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 - \bar\alpha_t}$ (`coef2`) and that
+# of $\hat x_0$ is $\frac{\sqrt{\bar\alpha_{t-1}} \beta_t}{1 -
+# \bar\alpha_t}$ (`coef1`): `p_sample`'s step, noise for noise. Checked in
+# float64: in float32, $1 - \bar\alpha_{t-1} - \sigma_t^2$ cancels at $t =
+# 1$ ($1 - \bar\alpha_{t-1} \approx 4 \cdot 10^{-5}$), a $10^{-3}$ error.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 oracle_diffusion.dtype = torch.float64  # chapter 1's precision knob
@@ -2298,20 +1981,17 @@ torch.testing.assert_close(by_ddim["sample"], by_ddpm["sample"],
                            rtol=1e-9, atol=1e-9)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 2.** Two Gaussians with the same covariance $\sigma_t^2 I$
-# differ in KL by $\lVert \tilde\mu_t - \mu_\theta \rVert^2 / (2\sigma_t^2)$
-# plus terms free of $\theta$. Written with the noise (chapter 1, exercise
-# 3), both means are $(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}
-# \epsilon) / \sqrt{\alpha_t}$, one with $\epsilon$ and one with
-# $\epsilon_\theta$, so $\tilde\mu_t - \mu_\theta = \frac{\beta_t}{\sqrt{
-# \alpha_t (1 - \bar\alpha_t)}} (\epsilon_\theta - \epsilon)$ and $w_t =
-# \frac{\beta_t^2}{2\sigma_t^2 \alpha_t (1 - \bar\alpha_t)}$. With $\sigma_t^2
-# = \tilde\beta_t$ it is $\frac12 (\mathrm{SNR}_{t-1} / \mathrm{SNR}_t - 1)$
-# (section 2.13): largest where one step removes the most log-SNR. For the
-# linear schedule that is the first KL term (code step 1, $w \approx 0.6$),
-# falling with $t$. The cosine's falls from about 0.56 there to a minimum
-# mid-way, rises towards the end, and peaks at the last step, about 500,
-# where the clipped $\beta = 0.999$ divides the SNR by 1,000.
+# **Solution 2.** Two Gaussians with covariance $\sigma_t^2 I$ differ in KL
+# by $\lVert \tilde\mu_t - \mu_\theta \rVert^2 / (2\sigma_t^2)$ plus terms
+# free of $\theta$. Both means are $(x_t - \frac{\beta_t}{\sqrt{1 -
+# \bar\alpha_t}} \epsilon) / \sqrt{\alpha_t}$ (chapter 1, exercise 3), with
+# $\epsilon$ and $\epsilon_\theta$, so $\tilde\mu_t - \mu_\theta =
+# \frac{\beta_t}{\sqrt{\alpha_t (1 - \bar\alpha_t)}} (\epsilon_\theta -
+# \epsilon)$, giving $w_t$. With $\sigma_t^2 = \tilde\beta_t$ it is
+# $\frac12 (\mathrm{SNR}_{t-1} / \mathrm{SNR}_t - 1)$ (section 2.13),
+# largest where a step removes the most log-SNR: the linear schedule's first
+# KL term (code step 1, $w \approx 0.6$); the cosine's last step (about
+# 500, where the clipped $\beta = 0.999$ divides the SNR by 1,000).
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 for name in ("linear", "cosine"):
@@ -2320,39 +2000,31 @@ for name in ("linear", "cosine"):
     w = 0.5 * (snr[:-1] / snr[1:] - 1)  # code steps 1 .. T-1
     print(f"{name}: w_t largest {w.max():.3g} at code step "
           f"{w.argmax() + 1}, {w[0]:.3g} at step 1")
-    expected = 1 if name == "linear" else num_timesteps - 1
-    assert w.argmax() + 1 == expected
+    assert w.argmax() + 1 == (1 if name == "linear" else num_timesteps - 1)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 3.** `"ddim7"` takes every $k$-th step from 0 for the smallest
-# $k$ giving exactly 7 steps: $k = 143$, so it ends at $6 \cdot 143 = 858$.
-# `"7"` spreads 7 steps over the whole range and keeps $T - 1 = 999$. At
-# 999 the cosine's $\bar\alpha$ is about $2 \cdot 10^{-9}$, so $x_T \sim
-# \mathcal{N}(0, I)$ is the right start; at 858 it is about 0.05, and $x$
-# there still holds $\sqrt{0.05} \approx 0.22$ of the image, which pure
-# noise lacks: `"7"` starts with the smaller mismatch.
+# **Solution 3.** `"ddim7"` strides by the smallest $k$ giving 7 steps, 143,
+# and ends at 858; `"7"` spans the whole range and keeps 999. There the
+# cosine's $\bar\alpha$ is about $2 \cdot 10^{-9}$, so $\mathcal{N}(0, I)$
+# is the right start; at 858 it is about 0.05, and $x_{858}$ still holds
+# $\sqrt{0.05} \approx 0.22$ of the image: `"7"` has the smaller mismatch.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 last_ddim, last_even = (space_timesteps(1000, s)[-1] for s in ("ddim7", "7"))
-cosine_1000 = GaussianDiffusion(get_named_beta_schedule("cosine", 1000))
-print(f"ddim7 ends at {last_ddim}, alpha-bar "
-      f"{cosine_1000.alphas_cumprod[last_ddim]:.3f}; 7 ends at {last_even}, "
-      f"alpha-bar {cosine_1000.alphas_cumprod[last_even]:.1e}")
+abar_1000 = GaussianDiffusion(
+    get_named_beta_schedule("cosine", 1000)).alphas_cumprod
+print(f"ddim7 ends at {last_ddim}, alpha-bar {abar_1000[last_ddim]:.3f}; "
+      f"7 ends at {last_even}, alpha-bar {abar_1000[last_even]:.1e}")
 assert (last_ddim, last_even) == (858, 999)
-abar_1000 = cosine_1000.alphas_cumprod
 assert abar_1000[last_ddim] > 1e6 * abar_1000[last_even]
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 4.** The prediction: the terms of the bound keep their shape,
-# the first steps dominating, because both schedules start with $\beta_1
-# \approx 10^{-4}$ and $\tilde\beta_t / \beta_t$ rises from about 0.5 to
-# 0.9 within the first 15 steps in both (chapter 1's figure). The linear
-# schedule spends more steps near pure noise, where the terms are near
-# zero, so the tail of the plot drops earlier. The learned interpolation
-# should matter, and move, only in the first few steps; elsewhere
-# $\tilde\beta_t \approx \beta_t$ and $v$ is free (noisy, any value). The
-# rerun costs the chapter's training again; the cell computes the cheap
-# part, where the two variances differ by more than 10%.
+# **Solution 4.** Both schedules start at $\beta_1 \approx 10^{-4}$, and in
+# both $\tilde\beta_t / \beta_t$ rises from about 0.5 to 0.9 within 15 steps
+# (chapter 1's figure): the bound's terms keep their shape, the first steps
+# dominating, with a tail that drops earlier (the linear schedule spends
+# more steps near pure noise). The interpolation matters, and moves, only in
+# the first steps; elsewhere $v$ is free. The cell computes the cheap part.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 for name in ("cosine", "linear"):
@@ -2363,21 +2035,17 @@ for name in ("cosine", "linear"):
     assert np.sum(ratio < 0.9) < 20
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 5.** With 10 steps each respaced $\beta_t$ is large, and
-# `fixed_large` adds noise of that size at every step, which the few steps
-# left cannot remove: expect noisier, speckled 10-step rows. `fixed_small`'s
-# $\tilde\beta_t$ is below the true reverse variance ($\tilde\beta_t$ plus
-# the uncertainty of $x_0$ given $x_t$, carried through `coef1`), so it
-# errs the other way, slightly too smooth, by less. The toy measures it
-# exactly, with the exact $\epsilon$ and so no training error: the RMS
-# distance of samples to their nearest component mean, against the data's
-# $0.1\sqrt2 \approx 0.14$. The MNIST run is not made here.
+# **Solution 5.** At 10 steps each respaced $\beta_t$ is large, and
+# `fixed_large` adds noise that big at every step: expect speckled rows.
+# `fixed_small`'s $\tilde\beta_t$ is below the true reverse variance, so it
+# errs the other way, too smooth, by less. The toy measures it with the
+# exact $\epsilon$: the RMS distance of samples to their nearest component
+# mean, against the data's $0.1\sqrt2 \approx 0.14$. (MNIST is not run.)
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 spreads = {}
 for var_type in ("fixed_small", "fixed_large"):
-    d = GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps),
-                          var_type=var_type, dtype=torch.float64)
+    d = GaussianDiffusion(betas, var_type=var_type, dtype=torch.float64)
     for spec in ("10", "100"):
         end = p_sample_loop(respace(d, spec), toy.eps_model(d.alphas_cumprod),
                             toy_noise, clip_denoised=False,
@@ -2386,16 +2054,14 @@ for var_type in ("fixed_small", "fixed_large"):
             1).values.pow(2).mean().sqrt().item()
 print({k: round(v, 3) for k, v in spreads.items()})
 assert spreads["fixed_large", "10"] > spreads["fixed_small", "10"]
-assert all(spreads[v, "100"] < spreads[v, "10"] for v in ("fixed_small",
-                                                          "fixed_large"))
+assert all(spreads[v, "100"] < spreads[v, "10"]
+           for v in ("fixed_small", "fixed_large"))
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 6.** Until every one of the $T$ timesteps has 10 losses the
-# weights stay uniform, so the question is a coupon collector's with 10
-# copies: about $T (\ln T + 9 \ln \ln T) \approx 24{,}000$ uniform draws at
-# $T = 1000$, some 760 steps of batch 32. The count of steps depends only
-# on the drawn timesteps, so the cell simulates it with a dummy loss and
-# the sampler itself.
+# **Solution 6.** The weights stay uniform until each of the $T$ steps has
+# 10 losses: a coupon collector's with 10 copies, about $T (\ln T + 9 \ln
+# \ln T) \approx 24{,}000$ draws at $T = 1000$, some 760 steps of batch 32.
+# The cell simulates the drawn timesteps with a dummy loss.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 counts = []
