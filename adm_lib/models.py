@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:720
+# %% chapters/05_metrics.py:718
 import os
 from dataclasses import dataclass
 from pathlib import Path

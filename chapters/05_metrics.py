@@ -324,8 +324,7 @@ confident = np.full((1000, classes), 1e-9)
 confident[np.arange(1000), np.arange(1000) % classes] = 1
 one_class = np.eye(classes)[np.zeros(1000, dtype=int)] + 1e-9
 spread, collapsed = inception_score(confident), inception_score(one_class)
-print(f"even over {classes} classes: {spread:.3f}; one class: "
-      f"{collapsed:.3f}")
+print(f"even over {classes} classes: {spread:.3f}; one class: {collapsed:.3f}")
 assert abs(spread - classes) < 1e-3 and abs(collapsed - 1) < 1e-3
 
 # %% [markdown]
@@ -347,7 +346,7 @@ assert abs(spread - classes) < 1e-3 and abs(collapsed - 1) < 1e-3
 # each row keeps the $k + 1$ smallest distances seen, the first being the point
 # itself (0), so the radius is entry $k$. `precision_recall` then walks the
 # reference-by-sample blocks once. Below, in two dimensions: real points fill a
-# disk; one batch of \"samples\" covers its right half (faithful but
+# disk; one batch of "samples" covers its right half (faithful but
 # incomplete), another the disk spread twice as wide (complete but partly
 # fake).
 
@@ -465,8 +464,7 @@ fig, ax = plt.subplots(figsize=(10, 4.2))
 for x, y, text in boxes.values():
     ax.add_patch(FancyBboxPatch(
         (x - width / 2, y - height / 2), width, height, lw=0.8,
-        boxstyle="round,pad=0.05", facecolor=headings[x][1],
-        edgecolor="black"))
+        boxstyle="round,pad=0.05", fc=headings[x][1], ec="black"))
     ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
 for a, b in arrows:
     (xa, ya), (xb, yb) = boxes[a][:2], boxes[b][:2]
@@ -1426,7 +1424,7 @@ def train_variant(variant: str) -> dict[str, Any]:
 # paired standard error (negative is better), which the bars show. Then the
 # samples, a row per variant with the same noise and classes in every row, and
 # their FID against half A when `ablation_data` is `data`. Of 4 samples (the
-# smoke run's), that FID is a glance: its bias alone (5.8's $65/n$, 16) is as
+# smoke run's), that FID is a glance: its bias alone (5.8's $65/n$: 16) is as
 # large as the spread of sets this small. The bound is the measurement.
 
 # %%
@@ -1464,12 +1462,11 @@ ax.legend()
 plt.tight_layout()
 plt.show()
 assert list(results) == list(ABLATIONS)
-assert all(row["equal steps"]["steps"] == ablation_steps and all(
+assert all(row["equal steps"]["steps"] == ablation_steps
+           and row["samples"].shape == sample_noise.shape and all(
     torch.isfinite(row[arm][key]).all() for arm in vlb_diffs
     for key in ("mse", "vlb")) for row in results.values())
 show_rows({variant: row["samples"] for variant, row in results.items()})
-assert all(r["samples"].shape == sample_noise.shape
-           for r in results.values())
 if ablation_data == data:
     ref_statistics = feature_statistics(ref_acts["pool"])
     ablation_fid = {variant: frechet_distance(feature_statistics(
