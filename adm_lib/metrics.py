@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# %% chapters/05_metrics.py:132
+# %% chapters/05_metrics.py:130
 import contextlib
 import os
 import warnings
@@ -108,7 +108,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# %% chapters/05_metrics.py:230
+# %% chapters/05_metrics.py:227
 @dataclass
 class FIDStatistics:
     """The mean and covariance of a set of features, in float64."""
@@ -120,8 +120,7 @@ class FIDStatistics:
 def feature_statistics(features: np.ndarray) -> FIDStatistics:
     """Mean and covariance (`np.cov`, ddof 1) of N x D features."""
     features = np.asarray(features, dtype=np.float64)
-    return FIDStatistics(features.mean(axis=0),
-                         np.cov(features, rowvar=False))
+    return FIDStatistics(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
@@ -159,7 +158,7 @@ def frechet_distance(a: FIDStatistics, b: FIDStatistics,
                  - 2 * np.trace(covmean))
 
 
-# %% chapters/05_metrics.py:314
+# %% chapters/05_metrics.py:309
 def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive splits."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -172,7 +171,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-# %% chapters/05_metrics.py:360
+# %% chapters/05_metrics.py:354
 @ieee_float32()
 def pairwise_distances(u: Tensor, v: Tensor) -> Tensor:
     """Squared Euclidean distances of rows, |u|^2 - 2 u.v + |v|^2, >= 0."""
@@ -225,7 +224,7 @@ def precision_recall(ref: np.ndarray | Tensor, samples: np.ndarray | Tensor,
     return b_in.double().mean().item(), a_in.double().mean().item()
 
 
-# %% chapters/05_metrics.py:512
+# %% chapters/05_metrics.py:503
 def write_batch(path: str | os.PathLike, images: np.ndarray | Tensor,
                 labels: np.ndarray | Tensor | None = None) -> Path:
     """Save images as the reference's batch: arr_0 uint8 NHWC (+ arr_1)."""
@@ -332,8 +331,7 @@ def score_activations(
                                 ref_stats[0]),
         "sfid": frechet_distance(feature_statistics(samples["spatial"]),
                                  ref_stats[1]),
-        "precision": precision,
-        "recall": recall,
+        "precision": precision, "recall": recall,
     }
     if labels is not None:
         hits = samples["logits"].argmax(axis=1) == np.asarray(labels)
