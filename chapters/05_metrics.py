@@ -1477,6 +1477,9 @@ if ablation_data == data:
     for variant, fid in ablation_fid.items():
         print(f"{variant:<29}{fid:9.2f}")
     assert all(np.isfinite(fid) for fid in ablation_fid.values())
+else:
+    print(f"no FID: ablation_data {ablation_data!r} is not data {data!r}, "
+          "whose features and reference half it would need")
 
 # %% [markdown]
 # The smoke numbers say nothing about the architectures. The one run at CPU
