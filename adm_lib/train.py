@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:975
+# %% chapters/04_training.py:972
 import contextlib
 import copy
 import math
@@ -97,7 +97,7 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1072
+# %% chapters/04_training.py:1068
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -116,7 +116,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1129
+# %% chapters/04_training.py:1122
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -182,7 +182,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1208
+# %% chapters/04_training.py:1199
 def accumulate_gradients(
     config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
     state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
@@ -213,7 +213,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1247
+# %% chapters/04_training.py:1238
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs; (loss finite, norm) on the device."""
@@ -238,7 +238,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1277
+# %% chapters/04_training.py:1268
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -269,7 +269,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1419
+# %% chapters/04_training.py:1406
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -298,7 +298,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
                       init, watch)
 
 
-# %% chapters/04_training.py:1448
+# %% chapters/04_training.py:1435
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -328,7 +328,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1483
+# %% chapters/04_training.py:1473
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainState, Path | None]:
@@ -349,7 +349,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     return state, found and found[0]
 
 
-# %% chapters/04_training.py:1510
+# %% chapters/04_training.py:1494
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -419,7 +419,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1585
+# %% chapters/04_training.py:1569
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

@@ -963,13 +963,10 @@ assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 # in it natively (GPUs since Ampere, CPUs with AVX-512-BF16 or AMX) and
 # float32 elsewhere: emulated bf16 is several times slower. Ampere and
 # Hopper tensor cores run fp16 and bf16 at the same peak, so bf16's gain
-# is its range: no scale to tune, no step lost to an overflow. The two
-# functions, `resolve_precision` and `autocast_model`, are the
-# foundation's (`adm_lib.devices`, appendix R.7).
-
-# %% [markdown]
-# The training loop's module starts here; its imports list every piece
-# the rest of the chapter puts together:
+# is its range: no scale to tune, no step lost to an overflow. The
+# training loop's module starts here; its imports list every piece the
+# rest of the chapter puts together (precision's are the foundation's
+# `adm_lib.devices`, appendix R.7):
 
 # %%
 #| export
@@ -1062,11 +1059,10 @@ from adm_lib.viz import to_uint8
 # The reference keeps $\bar\theta \leftarrow r\bar\theta + (1-r)\theta$ with
 # $r = 0.9999$ from the first step, so after $n$ steps the average still
 # holds $r^n$ of the random initialisation. We use the warm-up of
-# TensorFlow's `ExponentialMovingAverage`: at update $n$ the decay is
-# $\min\big(r, \frac{1+n}{10+n}\big)$, which averages roughly the last
-# tenth of a short run and reaches $r$ after about $10/(1-r)$ steps.
-# (Chapter 2's small loop held its decay to the same bound, inline; here
-# it is the library's, for every run.)
+# TensorFlow's `ExponentialMovingAverage` (chapter 2's small loop had it
+# inline): at update $n$ the decay is $\min\big(r, \frac{1+n}{10+n}\big)$,
+# which averages roughly the last tenth of a short run and reaches $r$
+# after about $10/(1-r)$ steps.
 
 # %%
 #| export
@@ -1115,15 +1111,12 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 # %% [markdown]
 # ## 4.7 The loop
 #
-# What a run carries from step to step, and what a checkpoint saves, is
-# `TrainState`: the network, its EMAs, AdamW, the fp16 loss scaler, the
-# timestep sampler (the loss-aware one learns from every step) and the
-# step, with every rank's random state beside it. A resumed run must go on
-# with the same computation, so every field of its configuration but
-# `RUN_FIELDS` must match the checkpoint's (`config_mismatch` names each
-# that does not). How the checkpoint file is written and read, whole or
-# not at all and without running code, is the foundation's
-# (`adm_lib.checkpoints`, appendix R.2).
+# What a run carries from step to step, and a checkpoint saves with every
+# rank's random state, is `TrainState`: the network, its EMAs, AdamW, the
+# fp16 loss scaler, the timestep sampler and the step. A resumed run must
+# compute what it did, so every field of its configuration but
+# `RUN_FIELDS` must match the checkpoint's (`config_mismatch`). The file
+# itself, written whole or not at all, is the foundation's (appendix R.2).
 
 # %%
 #| export
@@ -1197,12 +1190,10 @@ class TrainState:
 # draws, flip the chosen images, set the learning rate (annealed linearly
 # to zero over `lr_anneal_steps` if set, as the reference does for its
 # classifiers), accumulate gradients, then apply them.
-#
-# `accumulate_gradients` splits the rank's rows into micro-batches of
-# `microbatch` images, for models whose batch does not fit in memory: each
-# micro-batch adds its share of the loss's gradient, so the step's
-# gradient is the same however the batch is split (under DDP only the
-# last one all-reduces, appendix R.6).
+# `accumulate_gradients` splits the rows into micro-batches of
+# `microbatch` images, for batches that do not fit in memory; each adds
+# its share of the gradient, so the step's is the same however the batch
+# is split (under DDP only the last all-reduces, appendix R.6).
 
 # %%
 #| export
@@ -1307,13 +1298,10 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
 # %% [markdown]
 # Every `log_interval` steps rank 0 averages the window into one line of
 # `metrics.jsonl`: each loss term overall and by timestep quartile, the
-# gradient norm, the learning rate, steps and images per second, and the
-# number of skipped steps. Every `sample_interval` steps and at the end
-# it draws a grid from the first EMA with fixed noise and labels, so
-# grids over training can be compared; a classifier instead reports
-# held-out loss and top-1 and top-5 accuracy, of the raw and of the EMA
-# weights, every `eval_interval` steps. An interval of 0 turns them off,
-# for runs that are sampled or scored elsewhere.
+# gradient norm, the learning rate, the speed and the skipped steps.
+# Every `sample_interval` steps and at the end it draws a grid from the
+# first EMA; a classifier instead reports held-out loss and top-1 and
+# top-5 accuracy, raw and EMA, every `eval_interval` steps (0: never).
 
 # %%
 #| export runlog
@@ -1342,9 +1330,8 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 # %% [markdown]
-# The grids and the classifier's evaluation use the same noise at every
-# call. (The records are read back by the foundation's `read_metrics`,
-# whatever a kill left; appendix R.2.)
+# The grids and the evaluations use the same noise at every call, so
+# they are comparable over training.
 
 # %%
 #| export runlog
@@ -1476,8 +1463,11 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
 
 # %% [markdown]
 # Before the first step the loop opens the data, builds the state and
-# restores the newest checkpoint, if any; the data loader reads each
-# rank's rows from the step the run is at.
+# restores the newest checkpoint, if any. Then it reads each step's rows
+# and takes the step. The steps' results wait on the device until the
+# loop next logs, saves or looks at the model (every step with the
+# loss-aware sampler, which learns from each before drawing the next);
+# then `record_steps` reads them.
 
 # %%
 #| export
@@ -1499,12 +1489,6 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
         state.load_state_dict(found[1])
     seed_dropout(config.seed, ranks, found)
     return state, found and found[0]
-
-# %% [markdown]
-# The loop reads each step's rows and takes the step. The steps' results
-# wait on the device until the loop next logs, saves or looks at the
-# model (every step with the loss-aware sampler, which learns from each
-# step before drawing the next); then `record_steps` reads them.
 
 # %%
 #| export
@@ -1733,14 +1717,12 @@ assert up.exists()
 # * A run is one `TrainConfig` and a folder; the paper's models are
 #   presets, with the reference's released flags and the optimisation of
 #   the paper's Tables 11 to 13; `train` trains one.
-# * Every step's draws are a function of `(seed, step)`, so a resumed run,
-#   or one split over processes, draws what the uninterrupted one does.
+# * A step's draws are a function of `(seed, step)`, so a resumed or
+#   split run draws what the uninterrupted one does.
 # * The three kinds of model differ only in their per-image loss.
-# * The paper trained in fp16 with loss scaling; bf16 autocast needs no
-#   scale, keeps the losses within 0.7% of float32's, and is the default
-#   where the device computes in it natively.
-# * The EMA's warm-up $\min(r, \frac{1+n}{10+n})$ makes short runs'
-#   averages usable, where $r^n$ of the initialisation would remain.
+# * bf16 autocast needs no loss scale, keeps the losses within 0.7% of
+#   float32's, and is the default where the device computes in it.
+# * The EMA's warm-up makes short runs' averages usable.
 # * For runs of minutes, predict $x_0$ under $L_\text{simple}$ and guide
 #   ancestrally.
 #
