@@ -1796,14 +1796,12 @@ assert halves == {0.9999: 60, 0.95: 14}  # ln 2 / 0.05 = 13.9
 assert np.allclose(ema_weights(0.99, 800), ema_weights(0.9999, 800))
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
-# **Solution 2.** The weight is `lambda_vlb` $\times T$. The reference's
-# default sets $\lambda = 1/T$, so the weight is 1 at any $T$; the paper's
-# $\lambda = 0.001$ gives $T/1000$: 1 at $T = 1000$, 4 at $T = 4000$.
-# Since $L_\text{vlb} = \sum_t L_t$ is $T$ times the mean $L_t$, the
-# paper's $\lambda$ keeps the bound's share of the loss fixed as $T$
-# grows. The bound sees the mean through a stop-gradient, so only the
-# variance's channels get a gradient from it: $\lambda$ sets how fast the
-# variance learns, not a trade between the bound and the samples' mean.
+# **Solution 2.** The weight is `lambda_vlb` $\times T$: 1 at any $T$ with
+# the reference's default $\lambda = 1/T$; $T/1000$ with the paper's
+# $\lambda = 0.001$ (1 at $T = 1000$, 4 at $T = 4000$), which keeps the
+# bound's share of the loss, $T$ times the mean $L_t$, fixed as $T$ grows.
+# The bound sees the mean through a stop-gradient, so only the variance's
+# channels get its gradient: $\lambda$ sets how fast the variance learns.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 from adm_lib.config import build_diffusion
@@ -1828,10 +1826,8 @@ assert output.grad[:, 0].abs().max() == 0 < output.grad[:, 1].abs().max()
 # \frac1T \sum_t L_t$, the uniform expectation, for any $p$ with no zero.
 # With losses 8, 4, 2, 1 every time, $\sqrt{E[L_t^2]} = L_t$, so
 # $p = (8, 4, 2, 1)/15$ (and a 0.1% share of uniform), and
-# $w_t L_t = 15/4$ at every $t$: the weighted loss has almost no variance,
-# where uniform sampling's is 7.2. That is what the sampler is for: fewer
-# draws of the steps whose loss is small and steady, which the paper's
-# models, trained with $L_\text{simple}$ and uniform $t$, do not need.
+# $w_t L_t = 15/4$ at every $t$: almost no variance, where uniform
+# sampling's is 7.2: fewer draws of the steps whose loss is small.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 from adm_lib.diffusion import LossAwareSampler
@@ -1857,9 +1853,8 @@ assert abs(weighted.mean() - 3.75) < 0.01 and weighted.var() < 0.01
 # $2^{-14-10} = 2^{-24} \approx 6.0 \times 10^{-8}$. bfloat16 ($E = 8$,
 # $b = 127$, 7 bits): largest $(2 - 2^{-7}) \times 2^{127} \approx
 # 3.39 \times 10^{38}$, smallest subnormal $2^{-126-7} = 2^{-133} \approx
-# 9.2 \times 10^{-41}$. On the plot the float16 curve jumps to 1 (lost)
-# below $6 \times 10^{-8}$ and above 65,504; the bfloat16 curve stays at
-# its $2^{-8}$ relative error across the whole range shown.
+# 9.2 \times 10^{-41}$: on the plot float16's curve jumps to 1 (lost)
+# below $6 \times 10^{-8}$ and above 65,504, bfloat16's stays at $2^{-8}$.
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 for dtype, big, tiny in ((torch.float16, (2 - 2**-10) * 2**15, 2.0**-24),
