@@ -1433,8 +1433,8 @@ for flags in (["--sampler", "dpm++3m"], ["--sampler", "heun", "--eta", "1"],
 #
 # * On chapter 2's toy, whose $\epsilon^* = -\sigma_t \nabla \log p_t$ is
 #   exact, DDPM and DDIM draw the data's law, a trained network's loss is
-#   the irreducible loss plus its own error, and DDIM's end points converge
-#   at first order as its steps shrink.
+#   the irreducible loss plus its own error, and DDIM's end points near
+#   the ODE's at least as one over its steps.
 # * A deterministic sampler solves the probability-flow ODE. In the half
 #   log-SNR $\lambda$ its linear part is exact, and only the integral of
 #   the data prediction is approximated: DDIM is the first-order
