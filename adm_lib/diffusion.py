@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:130
+# %% chapters/02_diffusion.py:129
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -133,7 +133,7 @@ class _Parameterisation(ForwardProcess):
         return (mean_out - coef2 * x) / coef1
 
 
-# %% chapters/02_diffusion.py:234
+# %% chapters/02_diffusion.py:233
 class GaussianDiffusion(_Parameterisation):
     """A diffusion's reverse process: model output to Gaussian, and back."""
 
@@ -189,7 +189,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:339
+# %% chapters/02_diffusion.py:338
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -247,7 +247,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:422
+# %% chapters/02_diffusion.py:421
 def calc_bpd_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
     clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
@@ -278,7 +278,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:471
+# %% chapters/02_diffusion.py:470
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -321,7 +321,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:545
+# %% chapters/02_diffusion.py:544
 def training_losses(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
@@ -356,7 +356,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:611
+# %% chapters/02_diffusion.py:610
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -420,7 +420,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:723
+# %% chapters/02_diffusion.py:722
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -483,7 +483,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:842
+# %% chapters/02_diffusion.py:841
 def condition_mean(
     diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
     p: dict[str, Tensor], x: Tensor, t: Tensor,
@@ -580,7 +580,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:951
+# %% chapters/02_diffusion.py:950
 NoiseFn = Callable[[Tensor], Tensor]
 _Callback = Callable[[dict[str, Tensor]], None]
 

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-# %% chapters/08_solvers.py:183
+# %% chapters/08_solvers.py:498
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,7 +65,7 @@ def denoise(
     return x0.clamp(-1, 1) if clip_denoised else x0
 
 
-# %% chapters/08_solvers.py:234
+# %% chapters/08_solvers.py:549
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995,
                       max_value: float = 1.0) -> Tensor:
     """Imagen's dynamic thresholding: clip each image at its `ratio`
@@ -76,7 +76,7 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995,
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-# %% chapters/08_solvers.py:260
+# %% chapters/08_solvers.py:575
 def _tables(diffusion: GaussianDiffusion) -> dict[str, np.ndarray]:
     """alpha_t, sigma_t, lambda_t and EDM's sigma of every step (float64)."""
     abar = diffusion.alphas_cumprod
@@ -141,7 +141,7 @@ def dpm_solver_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 
-# %% chapters/08_solvers.py:344
+# %% chapters/08_solvers.py:659
 def heun_sample_loop_progressive(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
     progress: bool = False, clip_denoised: bool = True,
@@ -184,7 +184,7 @@ def heun_sample_loop_progressive(
         yield {"step": i, "sample": x, "pred_xstart": x0}
 
 
-# %% chapters/08_solvers.py:399
+# %% chapters/08_solvers.py:714
 def edm_steps(diffusion: GaussianDiffusion, count: int,
               sigma_min: float = 0.002, sigma_max: float = 80.0,
               rho: float = 7.0) -> list[int]:
@@ -200,7 +200,7 @@ def edm_steps(diffusion: GaussianDiffusion, count: int,
     return sorted({int(i) for i in nearest})
 
 
-# %% chapters/08_solvers.py:421
+# %% chapters/08_solvers.py:736
 def dpm_solver_sample_loop(
     diffusion: GaussianDiffusion, model: Model, noise: Tensor,
     progress: bool = False, callback: Callback | None = None,
@@ -221,7 +221,7 @@ def heun_sample_loop(
         diffusion, model, noise, progress, **kwargs), callback)
 
 
-# %% chapters/08_solvers.py:466
+# %% chapters/08_solvers.py:781
 def network_calls(sampler: str, diffusion: GaussianDiffusion,
                   lambda_min: float = -5.1) -> int:
     """Network evaluations per sample of `sampler` over the diffusion's

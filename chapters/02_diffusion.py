@@ -29,9 +29,9 @@
 # $\Sigma_\theta$ plays no part).
 #
 # Sections 2.1 to 2.6 build that machinery, `adm_lib.diffusion`; 2.7 to
-# 2.11 train a small MNIST model with it; 2.12 and 2.13 check it on a toy
-# with exact answers, and through the score. The tests check its numbers
-# against the reference implementation's.
+# 2.11 train a small MNIST model with it; 2.12 builds a toy with exact
+# answers, on which 2.13 weighs the objectives. The tests check its
+# numbers against the reference implementation's.
 
 # %% tags=["parameters"]
 # Smoke configuration: trains for a minute on a CPU. The full GPU run is
@@ -52,8 +52,7 @@ num_samples: int = 8  # images drawn by each sampler
 nll_images: int = 2  # images whose full variational bound is evaluated
 vlb_draws: int = 64  # per image: stratified draws of the bound's estimate
 seed: int = 0  # of training and sampling
-toy_samples: int = 2000  # section 2.12: points drawn by each toy sampler
-toy_train_steps: int = 600  # section 2.12: the toy MLP's training steps
+toy_samples: int = 2000  # exercise 5: points drawn by each toy sampler
 
 # %%
 #| default_exp diffusion
@@ -816,9 +815,9 @@ assert respace(base, "").num_timesteps == num_timesteps
 # \sqrt{1 - \frac{\bar\alpha_t}{\bar\alpha_{t-1}}}.$$
 #
 # At $\eta = 1$ it is ancestral sampling with $\Sigma = \tilde\beta_t$; at
-# $\eta = 0$ it is deterministic, a discretised ODE: good with few steps,
-# and invertible (`ddim_reverse_sample` encodes an image into the noise
-# that DDIM decodes back into it).
+# $\eta = 0$ it is deterministic, a discretised ODE (chapter 8.1): good
+# with few steps, and invertible (`ddim_reverse_sample` encodes an image
+# into the noise that DDIM decodes back into it).
 #
 # **Guidance** enters through a hook, `cond_fn(x, t, **model_kwargs)`, that
 # returns a gradient, for classifier guidance $s \nabla_{x_t} \log
@@ -1336,7 +1335,7 @@ show_rows(grids)
 # $\sqrt{\bar\alpha_{T-1}} \approx 5 \cdot 10^{-5}$ (chapter 1.3), and
 # $\hat x_0$ divides $\hat\epsilon$'s error by it. Then come blurred
 # shapes, as they should: a perfect $\hat x_0$ is $\mathbb{E}[x_0 \mid
-# x_t]$ (section 2.13), the mean of every image that could lie under that
+# x_t]$ (chapter 8.1), the mean of every image that could lie under that
 # noise. They sharpen as $t$ falls, the shape fixed well before $x_t$ shows
 # it. (The smoke run's shapes are blobs more often than digits.)
 
@@ -1431,8 +1430,9 @@ assert error < spread
 # s_k^2 + 1 - \bar\alpha_t) I)$, so the density $p_t(x_t)$, its score
 # $\nabla \log p_t(x_t)$, the class posterior $p_t(y \mid x_t)$ and the
 # best noise prediction $\epsilon^*(x_t, t) = -\sqrt{1 - \bar\alpha_t}
-# \nabla \log p_t(x_t)$ are closed-form. `adm_lib.toy` holds them; chapter
-# 6 shows with it exactly what guidance samples.
+# \nabla \log p_t(x_t)$ are closed-form. `adm_lib.toy` holds them, for
+# 2.13, chapter 6 (what guidance samples) and chapter 8.1 (what the
+# samplers and a trained network make of it, and the ODE behind DDIM).
 
 # %%
 #| export toy
@@ -1556,307 +1556,12 @@ ax.set(aspect="equal", xlabel="$x_1$", ylabel="$x_2$",
 plt.show()
 
 # %% [markdown]
-# ### Reverse trajectories, exactly
+# ## 2.13 The objectives as weightings of the bound
 #
-# The exact $\epsilon^*$ has no training error, so what the samplers make
-# of it is their own doing. Both run 100 respaced steps in float64, without
-# clipping $\hat x_0$ (the toy is not an image), from the same
-# `toy_samples` noise draws. Ancestral trajectories wander, fresh noise
-# entering at every step; DDIM's are smooth, an ODE's solutions (section
-# 2.13). The third panel compares the samples' shares of the components
-# (nearest mean) with the data's; the cell also prints the squared maximum
-# mean discrepancy to fresh data (MMD$^2$, RBF kernel of width 0.1,
-# unbiased), mean $\pm$ s.e. over 10 blocks, beside data against data.
-
-# %%
-toy_diffusion = GaussianDiffusion(betas, var_type="fixed_small",
-                                  dtype=torch.float64)
-exact_eps = toy.eps_model(toy_diffusion.alphas_cumprod)
-toy_spaced = respace(toy_diffusion, "100")
-g = torch.Generator().manual_seed(seed)
-toy_noise = torch.randn(toy_samples, 2, generator=g, dtype=torch.float64)
-
-
-def seeded_noise(x):
-    """Each step's noise from the seeded generator: a reproducible run."""
-    return torch.randn(x.shape, generator=g, dtype=x.dtype)
-
-
-def block_mmd(a, b, blocks=10, width=0.1):
-    """Unbiased MMD^2 (RBF kernel) per block of a against b: mean, s.e."""
-    def k(p, q):
-        return torch.exp(-torch.cdist(p, q) ** 2 / (2 * width**2))
-
-    values = []
-    for u, v in zip(a.chunk(blocks), b.chunk(blocks), strict=True):
-        n = len(u)
-        within = ((k(u, u).sum() - n) + (k(v, v).sum() - n)) / (n * (n - 1))
-        values.append((within - 2 * k(u, v).mean()).item())
-    return np.mean(values), np.std(values, ddof=1) / math.sqrt(blocks)
-
-
-toy_runs = {}  # name: the path, (steps + 1, n, 2)
-for name, loop in [("DDPM", p_sample_loop_progressive),
-                   ("DDIM", ddim_sample_loop_progressive)]:
-    toy_runs[name] = torch.stack([toy_noise] + [out["sample"] for out in loop(
-        toy_spaced, exact_eps, toy_noise, noise_fn=seeded_noise,
-        clip_denoised=False)])
-data_a, _ = toy.sample(toy_samples, g)
-data_b, _ = toy.sample(toy_samples, g)
-K = len(toy.weights)
-side = torch.linspace(-2.5, 2.5, 200, dtype=torch.float64)
-density = toy.log_prob(torch.cartesian_prod(side, side)).exp()
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-mmd = {"data": block_mmd(data_a, data_b)}
-for ax, (name, path) in zip(axes[:2], toy_runs.items(), strict=True):
-    ax.contourf(side, side, density.reshape(200, 200).T, levels=12,
-                cmap="Greys")
-    for i in range(5):  # the same five starting points in both panels
-        ax.plot(*path[:, i].T, lw=0.8)
-        ax.plot(*path[0, i], "ko", ms=4, mfc="none")
-        ax.plot(*path[-1, i], "k.", ms=6)
-    ax.set(aspect="equal", xlim=(-2.5, 2.5), ylim=(-2.5, 2.5),
-           xlabel="$x_1$", ylabel="$x_2$",
-           title=f"{name}, {toy_spaced.num_timesteps} steps, exact eps")
-    final = path[-1]
-    mmd[name] = block_mmd(final, data_a)
-    # Equal widths: the most probable component is the nearest mean.
-    nearest = torch.cdist(final, toy.means).argmin(1)
-    share = torch.bincount(nearest, minlength=K).double() / len(final)
-    se = (share * (1 - share) / len(final)).sqrt()
-    axes[2].errorbar(np.arange(K) + (0.15 if name == "DDIM" else -0.15),
-                     share, 2 * se, fmt="o", label=name, capsize=3)
-    z = ((share - 1 / K) / (1 / K * (1 - 1 / K) / len(final)) ** 0.5)
-    print(f"{name}: component shares {np.round(share.numpy(), 3)}, "
-          f"largest gap {z.abs().max():.1f} s.e.; MMD^2 to data "
-          f"{mmd[name][0]:+.4f} ± {mmd[name][1]:.4f}")
-    assert z.abs().max() < 4
-axes[2].axhline(1 / K, color="gray", ls="--", label="data: 1/6")
-axes[2].set(xlabel="mixture component", ylabel="share of samples (± 2 s.e.)",
-            title=f"{toy_samples} samples each")
-axes[2].legend(fontsize=8)
-plt.tight_layout()
-plt.show()
-print(f"MMD^2 data against data {mmd['data'][0]:+.4f} ± {mmd['data'][1]:.4f}")
-for name in toy_runs:  # unbiased: zero in expectation for equal laws
-    assert abs(mmd[name][0]) < 4 * mmd[name][1]
-
-# %% [markdown]
-# With the exact $\epsilon$, neither sampler's shares nor its MMD$^2$ are 4
-# standard errors from the data's: both 100-step samplers draw the data's
-# law, to what 2,000 samples can tell.
-#
-# ### A trained network against the exact $\epsilon$
-#
-# How far is a trained network from the best prediction, and at which $t$?
-# Any $\epsilon$-model's expected loss splits exactly as
-#
-# $$\mathbb{E}\lVert \epsilon - \epsilon_\theta \rVert^2 = \mathbb{E}
-# \lVert \epsilon - \epsilon^* \rVert^2 + \mathbb{E}\lVert \epsilon_\theta
-# - \epsilon^* \rVert^2,$$
-#
-# as $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$ leaves an error
-# uncorrelated with anything computed from $x_t$ (section 2.13): the
-# **irreducible loss**, a floor no training goes below, plus the model's
-# own error. An MLP (two hidden layers of 64; input $x_t$ and an embedding
-# of $t$) trains with $L_\text{simple}$ on fresh samples for
-# `toy_train_steps` steps; the cell measures the three terms at 25 values
-# of $t$ on shared draws and checks the split to 4 standard errors.
-
-# %%
-class ToyEps(nn.Module):
-    """A small MLP eps-model for points in the plane."""
-
-    def __init__(self, width=64):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 + 16, width), nn.SiLU(),
-                                 nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, 2))
-
-    def forward(self, x, t):
-        emb = timestep_embedding(t, 16, max_period=1000)  # section 2.7's
-        return self.net(torch.cat([x.float(), emb], 1))
-
-
-torch.manual_seed(seed)
-toy_net = ToyEps()
-toy_optimizer = torch.optim.Adam(toy_net.parameters(), lr=3e-3)
-toy_float = GaussianDiffusion(toy_diffusion.betas, var_type="fixed_small")
-start = time.perf_counter()
-for _ in range(toy_train_steps):
-    x0_batch, _ = toy.sample(256, g)
-    t = torch.randint(num_timesteps, (256,), generator=g)
-    loss = training_losses(toy_float, toy_net, x0_batch.float(), t)["loss"]
-    toy_optimizer.zero_grad(set_to_none=True)
-    loss.mean().backward()
-    toy_optimizer.step()
-print(f"{toy_train_steps} steps of batch 256 in "
-      f"{time.perf_counter() - start:.1f} s")
-
-probe = np.unique(np.geomspace(1, num_timesteps - 1, 25).astype(int))
-n_probe, rows = 2000, []
-with torch.no_grad():
-    for step in probe:
-        x0_probe, _ = toy.sample(n_probe, g)
-        eps = torch.randn(n_probe, 2, generator=g, dtype=torch.float64)
-        t = torch.full((n_probe,), int(step))
-        x_t = toy_diffusion.q_sample(x0_probe, t, eps)
-        best, net = exact_eps(x_t, t), toy_net(x_t, t).double()
-        floor, loss, excess = (mean_flat(e**2)
-                               for e in (eps - best, eps - net, net - best))
-        gap = loss - floor - excess  # zero in expectation
-        rows.append([floor.mean(), loss.mean(), excess.mean(), gap.mean(),
-                     gap.std() / n_probe**0.5])
-floor, loss, excess, gap, gap_se = torch.tensor(rows).T.numpy()
-fig, ax = plt.subplots(figsize=(5.5, 3.5))
-ax.semilogx(probe, floor, label="exact eps*: irreducible loss")
-ax.semilogx(probe, loss, label="trained MLP: its loss")
-ax.semilogx(probe, excess, label="MLP's squared distance to eps*")
-ax.set(xlabel="t", ylabel="mean squared error per coordinate",
-       title="The toy's eps: trained against exact")
-ax.legend(fontsize=8)
-plt.show()
-print(f"irreducible loss from {floor[0]:.3f} (t={probe[0]}) to "
-      f"{floor[-1]:.4f} (t={probe[-1]}); the MLP's excess, mean over t "
-      f"{excess.mean():.4f}, largest {excess.max():.4f} at t="
-      f"{probe[excess.argmax()]}")
-print("gap/se", np.round(gap / gap_se, 1))
-assert np.all(np.abs(gap) < 4 * gap_se + 1e-12)
-assert np.all(loss >= floor - 4 * gap_se)
-# The MLP's error lives in between: small at both ends of t.
-assert max(excess[0], excess[-1]) < excess.max() / 3
-
-# %% [markdown]
-# The floor is about 1 at small $t$, where the noise is far below the
-# components' width and $x_t$ says almost nothing about $\epsilon$, and 0 at
-# large $t$, where $\epsilon \approx x_t$. The MLP's own error is largest
-# in between, where $\epsilon^*$ has the mixture's shape. Its loss alone
-# hides this: a loss near 1 at small $t$ is no sign of a bad model, which is
-# why models are compared by paired differences (section 2.8).
-
-# %% [markdown]
-# ## 2.13 The score view
-#
-# Everything in this chapter can be said with one function, the **score**
-# $\nabla \log p_t(x_t)$ of the noised data's density: four facts, each
-# checked on the toy, where the score is exact.
-#
-# **Tweedie's formula.** For $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 -
-# \bar\alpha_t}\, \epsilon$ and any data distribution, the best denoiser is
-# one step along the score:
-#
-# $$\mathbb{E}[x_0 \mid x_t] = \frac{x_t + (1 - \bar\alpha_t) \nabla \log
-# p_t(x_t)}{\sqrt{\bar\alpha_t}}$$
-#
-# (differentiate $p_t(x_t) = \int q(x_t \mid x_0) p(x_0)\, dx_0$ under the
-# integral, with $\nabla_{x_t} q = -\frac{x_t - \sqrt{\bar\alpha_t} x_0}{1 -
-# \bar\alpha_t} q$). The cell checks it against Bayes' rule: 200,000 draws
-# of $x_0$ from the data, weighted by $q(x_t \mid x_0)$, at three $x_t$.
-
-# %%
-a_bar = 0.7  # one noise level
-points = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.25, 0.4]],
-                      dtype=torch.float64)
-tweedie = (points + (1 - a_bar) * toy.score(points, a_bar)) / a_bar**0.5
-x0_many, _ = toy.sample(200_000, g)
-for point, guess in zip(points, tweedie, strict=True):
-    # q(x_t | x_0) as importance weights on draws of x_0 from the data.
-    log_w = -((point - a_bar**0.5 * x0_many) ** 2).sum(1) / (2 * (1 - a_bar))
-    w = log_w.softmax(0)
-    bayes = (w[:, None] * x0_many).sum(0)
-    se = ((w[:, None] ** 2 * (x0_many - bayes) ** 2).sum(0)).sqrt()
-    print(f"x_t = {point.tolist()}: Tweedie {guess.numpy().round(4)}, "
-          f"Bayes on samples {bayes.numpy().round(4)} ± {se.numpy().round(4)}")
-    assert torch.all((guess - bayes).abs() < 4 * se)
-
-# %% [markdown]
-# **$\epsilon$ is a scaled score.** Solve `q_sample` for $\epsilon$, take
-# the expectation given $x_t$, and use Tweedie:
-#
-# $$\epsilon^*(x_t, t) = \mathbb{E}[\epsilon \mid x_t] = \frac{x_t -
-# \sqrt{\bar\alpha_t}\, \mathbb{E}[x_0 \mid x_t]}{\sqrt{1 - \bar\alpha_t}}
-# = -\sqrt{1 - \bar\alpha_t}\, \nabla \log p_t(x_t).$$
-#
-# A squared error is minimised by the conditional mean, so training on
-# $L_\text{simple}$ is denoising score matching; `toy.eps_model` is this
-# formula. A conditional mean's error is uncorrelated with every function
-# of $x_t$; the cell checks two.
-
-# %%
-x0_check, _ = toy.sample(20_000, g)
-eps = torch.randn(x0_check.shape, generator=g, dtype=torch.float64)
-x_t = a_bar**0.5 * x0_check + (1 - a_bar) ** 0.5 * eps
-eps_star = -(1 - a_bar) ** 0.5 * toy.score(x_t, a_bar)
-for name, h in [("x_t", x_t), ("x_t^3", x_t**3)]:
-    product = (eps - eps_star) * h
-    z = product.mean(0) / (product.std(0) / len(product) ** 0.5)
-    print(f"E[(eps - eps*) {name}] in s.e.: {z.numpy().round(2)}")
-    assert torch.all(z.abs() < 4)
-
-# %% [markdown]
-# **The probability-flow ODE.** Song et al. (2021, "Score-based generative
-# modeling through stochastic differential equations") show that a
-# deterministic ODE carries $p_T$ to $p_0$ through the forward process's
-# marginals $p_t$. In $\bar x = x_t / \sqrt{\bar\alpha_t}$ and $\sigma_t =
-# \sqrt{(1 - \bar\alpha_t) / \bar\alpha_t}$, where $\bar x = x_0 + \sigma_t
-# \epsilon$, it reads ($\sigma_t \sqrt{\bar\alpha_t} = \sqrt{1 -
-# \bar\alpha_t}$)
-#
-# $$\frac{d \bar x}{d \sigma} = -\sigma\, \nabla_{\bar x} \log
-# \bar p_\sigma(\bar x) = \epsilon^*(x_t, t):$$
-#
-# the predicted noise is the speed. DDIM at $\eta = 0$ is **Euler's
-# method** on it: divide its step by $\sqrt{\bar\alpha_{t-1}}$ and use
-# $\hat x_0 = \bar x_t - \sigma_t \hat\epsilon$,
-#
-# $$\frac{x_{t-1}}{\sqrt{\bar\alpha_{t-1}}} = \hat x_0 + \sigma_{t-1}
-# \hat\epsilon = \bar x_t + (\sigma_{t-1} - \sigma_t)\, \hat\epsilon.$$
-#
-# Euler's method is first order: the end point's error should fall as one
-# over the steps. The cell checks one step against the formula, and DDIM's
-# end points at 5 to 40 steps against those at 250.
-
-# %%
-# One DDIM step is one Euler step of d(x/sqrt(abar))/d(sigma) = eps*.
-spaced = respace(toy_diffusion, "20")
-x = toy_noise[:256]
-t = torch.full((len(x),), 10)
-step = ddim_sample(spaced, exact_eps, x, t, clip_denoised=False)["sample"]
-a_now, a_prev = spaced.alphas_cumprod[10], spaced.alphas_cumprod_prev[10]
-sigma_now, sigma_prev = (((1 - a) / a) ** 0.5 for a in (a_now, a_prev))
-eps_hat = exact_eps(x, spaced.model_timesteps(t))
-euler = x / a_now**0.5 + (sigma_prev - sigma_now) * eps_hat
-torch.testing.assert_close(step / a_prev**0.5, euler, rtol=1e-12, atol=1e-12)
-
-
-def toy_ddim(count):
-    """DDIM's end points from x with the exact eps, in count steps."""
-    return ddim_sample_loop(respace(toy_diffusion, str(count)), exact_eps, x,
-                            clip_denoised=False)
-
-
-# As the steps shrink, DDIM converges to the ODE's solution, at first order.
-reference, counts = toy_ddim(250), [5, 10, 20, 40]
-errors = [(toy_ddim(c) - reference).norm(dim=1).mean().item() for c in counts]
-slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
-print("DDIM steps:", counts, "mean distance to 250 steps:",
-      np.round(errors, 4), f"slope {slope:.2f}")
-fig, ax = plt.subplots(figsize=(4.5, 3.2))
-ax.loglog(counts, errors, "o-", label="DDIM, exact eps")
-ax.loglog(counts, errors[0] * counts[0] / np.array(counts), "k--",
-          label="1 / steps")
-ax.set(xlabel="DDIM steps", ylabel="mean distance to 250 steps",
-       title="DDIM converges to the ODE")
-ax.legend()
-plt.show()
-assert slope < -0.7
-
-# %% [markdown]
-# **The objectives as weightings of the bound.** With $\Sigma =
-# \tilde\beta_t$ fixed, the KL term at code step $t \ge 1$ is $w_t \lVert
-# \epsilon - \epsilon_\theta \rVert^2$ (exercise 2); with the
-# signal-to-noise ratio $\mathrm{SNR}_t = \bar\alpha_t / (1 - \bar\alpha_t)$
-# and its log $\lambda_t$ (chapter 1.2),
+# With $\Sigma = \tilde\beta_t$ fixed, the KL term at code step $t \ge 1$
+# is $w_t \lVert \epsilon - \epsilon_\theta \rVert^2$ (exercise 2); with
+# the signal-to-noise ratio $\mathrm{SNR}_t = \bar\alpha_t / (1 -
+# \bar\alpha_t)$ and its log $\lambda_t$ (chapter 1.2),
 #
 # $$w_t = \frac{\beta_t^2}{2 \tilde\beta_t \alpha_t (1 - \bar\alpha_t)}
 # = \frac12 \Big(\frac{\mathrm{SNR}_{t-1}}{\mathrm{SNR}_t} - 1\Big)
@@ -1864,15 +1569,21 @@ assert slope < -0.7
 #
 # The bound weights each step's error by the log-SNR the step removes;
 # $L_\text{simple}$ weights every step by one. Both are minimised by
-# $\epsilon^*$; they differ in where a finite network spends its capacity,
-# and in the variance of their one-sample estimates (here the weights span
-# five orders of magnitude: section 2.4). On the toy, $w_t$ times the
-# irreducible loss is, term by term, the exact mean's bound with $\Sigma =
-# \tilde\beta_t$. The spike at the last step is the cosine's $\beta$
-# clipped at 0.999 (chapter 1.3), dividing the SNR by 1,000; the toy's loss
-# there is zero, so it adds nothing.
+# $\epsilon^* = \mathbb{E}[\epsilon \mid x_t]$, the conditional mean; they
+# differ in where a finite network spends its capacity, and in the
+# variance of their one-sample estimates (here the weights span five
+# orders of magnitude: section 2.4). On the toy, $w_t$ times $\epsilon^*$'s
+# loss, the **irreducible loss** $\mathbb{E}\lVert \epsilon - \epsilon^*
+# \rVert^2$ that no model goes below (chapter 8.1), is term by term the
+# exact mean's bound with $\Sigma = \tilde\beta_t$. The spike at the last
+# step is the cosine's $\beta$ clipped at 0.999 (chapter 1.3), dividing
+# the SNR by 1,000; the toy's loss there is zero, so it adds nothing.
 
 # %%
+toy_diffusion = GaussianDiffusion(betas, var_type="fixed_small",
+                                  dtype=torch.float64)
+exact_eps = toy.eps_model(toy_diffusion.alphas_cumprod)
+g = torch.Generator().manual_seed(seed)
 # The bound's weight on the eps MSE with Sigma = beta-tilde, per code step.
 snr = toy_diffusion.alphas_cumprod / (1 - toy_diffusion.alphas_cumprod)
 w = 0.5 * (snr[:-1] / snr[1:] - 1)  # code steps 1 .. T-1
@@ -1921,11 +1632,9 @@ assert vlb_terms[head].sum() > 0.5 * vlb_terms.sum()
 #   variance by the bound; importance sampling of $t$ tames the bound alone.
 # * Respacing keeps a subsequence of steps; DDPM and DDIM sample on it, and
 #   guidance shifts the mean (Algorithm 1) or the noise (Algorithm 2).
-# * On a toy with an exact score, both samplers draw the data's law and a
-#   trained network's loss is the irreducible loss plus its own error. The
-#   score view (Tweedie, $\epsilon^* = -\sqrt{1 - \bar\alpha_t} \nabla \log
-#   p_t$, DDIM as Euler's method on the probability-flow ODE, objectives as
-#   weightings) says the chapter with one function.
+# * A toy in the plane has an exact $\epsilon^*$; on it the bound and
+#   $L_\text{simple}$ weigh one irreducible loss per step, the bound most
+#   of it in the first steps. Chapter 8.1 samples the toy exactly.
 #
 # Chapter 3 builds the network the paper uses in place of `SmallUNet`.
 
@@ -2044,12 +1753,12 @@ for name in ("cosine", "linear"):
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 spreads = {}
+x_T = torch.randn(toy_samples, 2, generator=g, dtype=torch.float64)
 for var_type in ("fixed_small", "fixed_large"):
     d = GaussianDiffusion(betas, var_type=var_type, dtype=torch.float64)
-    for spec in ("10", "100"):
-        end = p_sample_loop(respace(d, spec), toy.eps_model(d.alphas_cumprod),
-                            toy_noise, clip_denoised=False,
-                            noise_fn=seeded_noise)
+    for spec in ("10", "100"):  # 2.13's exact_eps: the same alphas_cumprod
+        end = p_sample_loop(respace(d, spec), exact_eps, x_T,
+                            clip_denoised=False)
         spreads[var_type, spec] = torch.cdist(end, toy.means).min(
             1).values.pow(2).mean().sqrt().item()
 print({k: round(v, 3) for k, v in spreads.items()})
