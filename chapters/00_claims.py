@@ -354,11 +354,10 @@ BOOK_MAP = {  # chapter: (the claims it rebuilds, the modules it exports)
                            "classifier, the upsampler", ("adm_lib.unet",)),
     "04_training.py": ("Appendix I, Tables 11-13: the training recipes",
                        ("adm_lib.train", "adm_lib.config", "adm_lib.batches",
-                        "adm_lib.objectives", "adm_lib.runlog",
-                        "adm_lib.models")),
+                        "adm_lib.objectives", "adm_lib.runlog")),
     "05_metrics.py": ("Section 2.2: FID, sFID, IS, precision, recall; "
                       "Table 1's ablations, trained small",
-                      ("adm_lib.metrics",)),
+                      ("adm_lib.metrics", "adm_lib.models")),
     "06_guidance.py": ("Section 4, Algorithms 1-2, Table 4; and "
                        "classifier-free guidance", ("adm_lib.guidance",)),
     "07_cascades.py": ("Table 6: upsampling diffusion and the guided "
