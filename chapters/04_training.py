@@ -662,8 +662,8 @@ for kind, name, size, params, batch, lr, steps in rows:
     print(f"{kind:<11}{name:<17}{size:>8}{params:>9}{batch:>7}{lr:>8.0e}"
           f"{steps:>10,}")
 counts = {(k, n): p for k, n, _, p, *_ in rows}
-assert (counts["diffusion", "imagenet64"], counts["classifier",
-        "imagenet128"]) == ("295.9M", "42.6M")
+assert [counts["diffusion", "imagenet64"],
+        counts["classifier", "imagenet128"]] == ["295.9M", "42.6M"]
 
 # %% [markdown]
 # ## 4.3 What a step draws
