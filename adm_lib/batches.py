@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:719
+# %% chapters/04_training.py:702
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -29,7 +29,6 @@ from adm_lib.errors import TrainError
 from adm_lib.seeds import row_noise, step_seed
 
 
-# %% chapters/04_training.py:742
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -56,13 +55,10 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     n = config.batch_size
     g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
     t, weights = sampler.sample(n, "cpu", g)
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5) & config.random_flip
     clean = torch.rand(n, generator=g) < config.clean_fraction
+    clean |= not config.noised
     drop = torch.rand(n, generator=g) < config.label_dropout
-    if not config.random_flip:
-        flip[:] = False
-    if not config.noised:
-        clean[:] = True
     mine = range(n)[rows]
     noise = row_noise((config.seed, 3, stream, step), mine, shape, device)
     low_res_t = torch.zeros(n, dtype=torch.long)
@@ -83,9 +79,8 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:802
-def open_data(config: TrainConfig, source: str | None = None
-              ) -> ImageDataset:
+# %% chapters/04_training.py:773
+def open_data(config: TrainConfig, source: str | None = None) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
     return open_run_data(config.data if source is None else source,
                          config.image_size, config.in_channels)
@@ -113,7 +108,6 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
                    num_classes=classes)
 
 
-# %% chapters/04_training.py:832
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice."""

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:215
+# %% chapters/04_training.py:209
 import importlib.util
 import math
 import tomllib
@@ -56,7 +56,7 @@ KINDS = ("diffusion", "classifier", "upsampler")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
-# %% chapters/04_training.py:247
+# %% chapters/04_training.py:241
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in every checkpoint."""
@@ -142,7 +142,6 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-# %% chapters/04_training.py:333
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -151,7 +150,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:353
+# %% chapters/04_training.py:345
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -163,7 +162,6 @@ SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
-
 
 
 def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
@@ -183,7 +181,7 @@ def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
 PRESETS = _read_presets()
 
 
-# %% chapters/04_training.py:392
+# %% chapters/04_training.py:383
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -215,7 +213,6 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
     return settings_from_dict(TrainConfig, settings, TrainError)
 
 
-# %% chapters/04_training.py:424
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -244,7 +241,6 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
-# %% chapters/04_training.py:453
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -280,7 +276,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-# %% chapters/04_training.py:489
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -297,7 +292,6 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     return table[config.image_size]
 
 
-# %% chapters/04_training.py:506
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -349,7 +343,6 @@ def _check_network(config: TrainConfig) -> None:
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
 
-# %% chapters/04_training.py:558
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -366,26 +359,21 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:585
+# %% chapters/04_training.py:571
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet."""
-    mults = channel_mults(config)
     labels = config.num_classes + (1 if config.label_dropout else 0)
     return {
-        "image_size": config.image_size,
-        "in_channels": config.in_channels,
+        "image_size": config.image_size, "in_channels": config.in_channels,
         "model_channels": config.num_channels,
-        "out_channels": config.in_channels * (2 if config.learn_sigma
-                                              else 1),
+        "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
         "num_res_blocks": config.num_res_blocks,
         "attention_resolutions": tuple(
             config.image_size // r for r in config.attention_resolutions),
-        "dropout": config.dropout,
-        "channel_mult": mults,
+        "dropout": config.dropout, "channel_mult": channel_mults(config),
         # label_dropout's null label is one more class (chapter 6)
         "num_classes": labels if config.class_cond else None,
-        "use_checkpoint": config.use_checkpoint,
-        "num_heads": config.num_heads,
+        "use_checkpoint": config.use_checkpoint, "num_heads": config.num_heads,
         "num_head_channels": config.num_head_channels,
         "num_heads_upsample": config.num_heads_upsample,
         "use_scale_shift_norm": config.use_scale_shift_norm,
@@ -409,8 +397,7 @@ def build_model(config: TrainConfig) -> nn.Module:
 def _network(config: TrainConfig) -> nn.Module:
     if config.kind == "classifier":
         return EncoderUNetModel(
-            image_size=config.image_size,
-            in_channels=config.in_channels,
+            image_size=config.image_size, in_channels=config.in_channels,
             model_channels=config.classifier_width,
             out_channels=config.num_classes,
             num_res_blocks=config.classifier_depth,
@@ -432,10 +419,7 @@ def _network(config: TrainConfig) -> nn.Module:
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
     """The diffusion `config` trains with (a classifier's: its noising)."""
     learned = config.learn_sigma
-    if config.use_kl:
-        loss = "kl"
-    else:
-        loss = "hybrid" if learned else "simple"
+    loss = "kl" if config.use_kl else "hybrid" if learned else "simple"
     return GaussianDiffusion(
         get_named_beta_schedule(config.noise_schedule,
                                 config.diffusion_steps),

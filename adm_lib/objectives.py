@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:874
+# %% chapters/04_training.py:840
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +23,6 @@ from adm_lib.config import TrainConfig
 from adm_lib.diffusion import GaussianDiffusion, Model, training_losses
 
 
-# %% chapters/04_training.py:887
 def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:

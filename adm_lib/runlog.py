@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1307
+# %% chapters/04_training.py:1256
 from collections import defaultdict
 from dataclasses import replace
 
@@ -37,7 +37,6 @@ from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
 
-# %% chapters/04_training.py:1337
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,

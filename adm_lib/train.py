@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:972
+# %% chapters/04_training.py:934
 import contextlib
 import copy
 import math
@@ -77,12 +77,7 @@ from adm_lib.diffusion import (
 from adm_lib.errors import TrainError
 from adm_lib.files import save_png
 from adm_lib.objectives import classifier_terms, diffusion_terms
-from adm_lib.ranks import (
-    Ranks,
-    data_parallel,
-    micro_sync,
-    sum_ranks,
-)
+from adm_lib.ranks import Ranks, data_parallel, micro_sync, sum_ranks
 from adm_lib.runlog import evaluate_classifier, sample_grid
 from adm_lib.runs import (
     StepResult,
@@ -97,7 +92,7 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1068
+# %% chapters/04_training.py:1024
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -116,7 +111,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1122
+# %% chapters/04_training.py:1076
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -156,12 +151,10 @@ class TrainState:
             model.parameters(), lr=config.lr,
             weight_decay=config.weight_decay, fused=True)
         precision = resolve_precision(config.precision, device)
-        scaler = torch.amp.GradScaler(device.type,
-                                      enabled=precision == "fp16")
-        steps = config.diffusion_steps
-        sampler = (LossAwareSampler(steps)
-                   if config.schedule_sampler == "loss-second-moment"
-                   else UniformSampler(steps))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        aware = config.schedule_sampler == "loss-second-moment"
+        sampler = (LossAwareSampler if aware else UniformSampler)(
+            config.diffusion_steps)
         return cls(model, ema, optimizer, scaler, sampler)
 
     def state_dict(self, config: TrainConfig,
@@ -182,12 +175,11 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1199
-def accumulate_gradients(
-    config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
-    state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
-    device: torch.device,
-) -> tuple[Tensor, dict[str, Tensor]]:
+# %% chapters/04_training.py:1150
+def accumulate_gradients(config: TrainConfig, diffusion: GaussianDiffusion,
+                         model: nn.Module, state: TrainState, x: Tensor,
+                         y: Tensor, draws: StepDraws, device: torch.device
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and backward over micro-batches; the rank's loss and terms."""
     objective = (classifier_terms if config.kind == "classifier"
                  else diffusion_terms)
@@ -213,7 +205,7 @@ def accumulate_gradients(
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1238
+# %% chapters/04_training.py:1191
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs; (loss finite, norm) on the device."""
@@ -238,7 +230,6 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     return loss_ok, norm
 
 
-# %% chapters/04_training.py:1268
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -269,7 +260,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1406
+# %% chapters/04_training.py:1350
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -298,7 +289,6 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
                       init, watch)
 
 
-# %% chapters/04_training.py:1435
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -316,9 +306,8 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
         state.model.train()
         log.append(record)
         return
-    images = sample_grid(config, diffusion,
-                         autocast_model(ema, precision, device), data,
-                         indices, device)
+    run = autocast_model(ema, precision, device)
+    images = sample_grid(config, diffusion, run, data, indices, device)
     n = config.num_samples
     columns = (config.num_classes if config.class_cond
                and 1 < config.num_classes <= n else math.ceil(n ** 0.5))
@@ -328,7 +317,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1473
+# %% chapters/04_training.py:1418
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainState, Path | None]:
@@ -349,7 +338,6 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     return state, found and found[0]
 
 
-# %% chapters/04_training.py:1494
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -419,7 +407,6 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
-# %% chapters/04_training.py:1569
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

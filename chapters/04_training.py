@@ -66,7 +66,6 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from torch import Tensor
 
 from adm_lib.book import find_root
 from adm_lib.checkpoints import read_metrics
@@ -103,9 +102,8 @@ def small(kind: str, **fields: Any) -> TrainConfig:
     return make_config(kind, "mnist", {**base, **fields})
 
 
-snapshots = {"sample_interval": snapshot_every,
-             "eval_interval": snapshot_every,
-             "save_interval": snapshot_every,
+snapshots = {"save_interval": snapshot_every, "eval_interval": snapshot_every,
+             "sample_interval": snapshot_every,
              "log_interval": max(1, snapshot_every // 5)}
 started = time.perf_counter()
 train(small("diffusion", steps=train_steps, **snapshots, **settings),
@@ -113,11 +111,9 @@ train(small("diffusion", steps=train_steps, **snapshots, **settings),
 print(f"trained in {time.perf_counter() - started:.0f} s: "
       + ", ".join(sorted(p.name for p in (runs / "diffusion").iterdir())))
 
-# %% [markdown]
+# %%
 # The grids, every `snapshot_every` steps: samples of the average of the
 # weights (4.6), a column per class, from the same noise every time.
-
-# %%
 def show_grids(paths: list[Path], last_height: float = 1) -> plt.Figure:
     """The sample grids `paths`, one row each, titled by their step."""
     fig, axes = plt.subplots(
@@ -200,16 +196,14 @@ assert set(drawn) == {name for pair in arrows for name in pair}
 # only the variance, the mean learns from $L_\text{simple}$ alone.
 # $w_t = 1 / (T p_t)$ keeps the loss's expectation that of uniform $t$,
 # whatever $p_t$ the timestep sampler draws from (exercise 3).
-
-# %% [markdown]
+#
 # ## 4.2 A run is a configuration
 #
 # What a run computes is one dataclass, `TrainConfig`, saved in the run
 # folder and in every checkpoint, so a checkpoint rebuilds its network
-# (`load_run`, chapter 5). The network and diffusion fields keep the
-# reference's flag names (`num_channels`, `learn_sigma`, ...). The fields
-# from `device` on only steer the run and may change when it is resumed
-# (`RUN_FIELDS`); every other field must match its checkpoint's.
+# (`load_run`, chapter 5). The fields from `device` on only steer the run
+# and may change when it is resumed (`RUN_FIELDS`); every other field
+# must match its checkpoint's.
 
 # %%
 #| export config
@@ -329,8 +323,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # non-finite steps in a row before stopping
     tensorboard: bool = False
 
-# %%
-#| export config
+
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -344,10 +337,9 @@ RUN_FIELDS = frozenset({
 # the paper's Tables 11 to 13 (classifiers: the reference's weight decay
 # and annealing). They are data, `adm_lib/assets/presets.toml`, each
 # preset the fields it changes, listed at the end of this section.
-# `channel_mult=()` is the reference's default for the image size,
-# `CHANNEL_MULT`. `cifar10` is the reference's measured run
-# (`shared/baselines`), `mnist` fits a CPU. The reference's classifiers
-# train on random crops of 80 to 100% of each image, ours on the centre.
+# `cifar10` is the reference's measured run (`shared/baselines`), `mnist`
+# fits a CPU. The reference's classifiers train on random crops of 80 to
+# 100% of each image, ours on the centre.
 
 # %%
 #| export config
@@ -362,7 +354,6 @@ SUPER_RES_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
-
 
 
 def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
@@ -420,8 +411,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
     # Older runs hold lists as strings ("1,2,2"), which `coerce` reads.
     return settings_from_dict(TrainConfig, settings, TrainError)
 
-# %%
-#| export config
+
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -449,8 +439,7 @@ def validate(config: TrainConfig) -> None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
 
-# %%
-#| export config
+
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -485,8 +474,7 @@ RULES: tuple[Rule, ...] = (
      ": expected one or more rates in (0, 1), such as (0.9999,)"),
 )
 
-# %%
-#| export config
+
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -502,8 +490,7 @@ def channel_mults(config: TrainConfig) -> tuple[float, ...]:
             f"{config.image_size}: set channel_mult, such as (1, 2, 2)")
     return table[config.image_size]
 
-# %%
-#| export config
+
 def _check_network(config: TrainConfig) -> None:
     """The network builds: its sizes halve evenly, widths and heads fit."""
     mults = channel_mults(config)
@@ -554,8 +541,7 @@ def _check_network(config: TrainConfig) -> None:
                 "attention layers "
                 f"({', '.join(map(str, sorted(set(layers))))})")
 
-# %%
-#| export config
+
 def _check_sample_steps(config: TrainConfig) -> None:
     """sample_steps is a respacing of diffusion_steps ("" keeps them all)."""
     if config.kind == "classifier" or not config.sample_steps:
@@ -585,23 +571,18 @@ def _check_sample_steps(config: TrainConfig) -> None:
 #| export config
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet."""
-    mults = channel_mults(config)
     labels = config.num_classes + (1 if config.label_dropout else 0)
     return {
-        "image_size": config.image_size,
-        "in_channels": config.in_channels,
+        "image_size": config.image_size, "in_channels": config.in_channels,
         "model_channels": config.num_channels,
-        "out_channels": config.in_channels * (2 if config.learn_sigma
-                                              else 1),
+        "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
         "num_res_blocks": config.num_res_blocks,
         "attention_resolutions": tuple(
             config.image_size // r for r in config.attention_resolutions),
-        "dropout": config.dropout,
-        "channel_mult": mults,
+        "dropout": config.dropout, "channel_mult": channel_mults(config),
         # label_dropout's null label is one more class (chapter 6)
         "num_classes": labels if config.class_cond else None,
-        "use_checkpoint": config.use_checkpoint,
-        "num_heads": config.num_heads,
+        "use_checkpoint": config.use_checkpoint, "num_heads": config.num_heads,
         "num_head_channels": config.num_head_channels,
         "num_heads_upsample": config.num_heads_upsample,
         "use_scale_shift_norm": config.use_scale_shift_norm,
@@ -625,8 +606,7 @@ def build_model(config: TrainConfig) -> nn.Module:
 def _network(config: TrainConfig) -> nn.Module:
     if config.kind == "classifier":
         return EncoderUNetModel(
-            image_size=config.image_size,
-            in_channels=config.in_channels,
+            image_size=config.image_size, in_channels=config.in_channels,
             model_channels=config.classifier_width,
             out_channels=config.num_classes,
             num_res_blocks=config.classifier_depth,
@@ -648,10 +628,7 @@ def _network(config: TrainConfig) -> nn.Module:
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
     """The diffusion `config` trains with (a classifier's: its noising)."""
     learned = config.learn_sigma
-    if config.use_kl:
-        loss = "kl"
-    else:
-        loss = "hybrid" if learned else "simple"
+    loss = "kl" if config.use_kl else "hybrid" if learned else "simple"
     return GaussianDiffusion(
         get_named_beta_schedule(config.noise_schedule,
                                 config.diffusion_steps),
@@ -661,13 +638,11 @@ def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
         lambda_vlb=(0.001 if config.rescale_learned_sigmas
                     else 1 / config.diffusion_steps))
 
-# %% [markdown]
+# %%
 # The presets, counted for 3-channel images on PyTorch's `meta` device,
 # which allocates no memory: even the 559M-parameter ImageNet 512 model
 # costs nothing. The counts equal the paper's (296M for ImageNet 64; 65M,
 # 43M, 54M and 54M for its classifiers).
-
-# %%
 def preset_row(kind: str, name: str) -> tuple:
     config = make_config(kind, name)
     config = replace(config, in_channels=config.in_channels or 3,
@@ -687,8 +662,8 @@ for kind, name, size, params, batch, lr, steps in rows:
     print(f"{kind:<11}{name:<17}{size:>8}{params:>9}{batch:>7}{lr:>8.0e}"
           f"{steps:>10,}")
 counts = {(k, n): p for k, n, _, p, *_ in rows}
-assert counts["diffusion", "imagenet64"] == "295.9M"
-assert counts["classifier", "imagenet128"] == "42.6M"
+assert [counts["diffusion", "imagenet64"],
+        counts["classifier", "imagenet128"]] == ["295.9M", "42.6M"]
 
 # %% [markdown]
 # ## 4.3 What a step draws
@@ -715,6 +690,14 @@ halves = [next(iter(RankBatches(fresh, rank, 2, start=7)))
 print("step 7:", order(7).tolist(), "ranks:", halves)
 assert order(7).tolist() == fresh(7).tolist() == halves[0] + halves[1]
 
+# %% [markdown]
+# The rest comes from generators seeded by `(seed, step)`: the few
+# numbers per image (timesteps, flips, the classifier's noise-free picks,
+# the labels dropped for classifier-free guidance) for the whole batch,
+# and the noise row by row from `(seed, step, i)` (`row_noise`), so a
+# rank draws only its own rows. Only dropout uses PyTorch's global
+# generator, whose state every checkpoint keeps.
+
 # %%
 #| export batches
 """What each training step draws, from (seed, step) alone: its timesteps,
@@ -730,16 +713,7 @@ from adm_lib.diffusion import UniformSampler
 from adm_lib.errors import TrainError
 from adm_lib.seeds import row_noise, step_seed
 
-# %% [markdown]
-# The rest comes from generators seeded by `(seed, step)`: the few
-# numbers per image (timesteps, flips, the classifier's noise-free picks,
-# the labels dropped for classifier-free guidance) for the whole batch,
-# and the noise row by row from `(seed, step, i)` (`row_noise`), so a
-# rank draws only its own rows. Only dropout uses PyTorch's global
-# generator, whose state every checkpoint keeps.
 
-# %%
-#| export batches
 @dataclass
 class StepDraws:
     """A step's random draws for some rows of its batch (see `draw_step`)."""
@@ -766,13 +740,10 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
     n = config.batch_size
     g = torch.Generator().manual_seed(step_seed(config.seed, 2, stream, step))
     t, weights = sampler.sample(n, "cpu", g)
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5) & config.random_flip
     clean = torch.rand(n, generator=g) < config.clean_fraction
+    clean |= not config.noised
     drop = torch.rand(n, generator=g) < config.label_dropout
-    if not config.random_flip:
-        flip[:] = False
-    if not config.noised:
-        clean[:] = True
     mine = range(n)[rows]
     noise = row_noise((config.seed, 3, stream, step), mine, shape, device)
     low_res_t = torch.zeros(n, dtype=torch.long)
@@ -800,8 +771,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
 
 # %%
 #| export batches
-def open_data(config: TrainConfig, source: str | None = None
-              ) -> ImageDataset:
+def open_data(config: TrainConfig, source: str | None = None) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
     return open_run_data(config.data if source is None else source,
                          config.image_size, config.in_channels)
@@ -828,8 +798,7 @@ def resolve_config(config: TrainConfig, data: ImageDataset) -> TrainConfig:
     return replace(config, in_channels=config.in_channels or data.channels,
                    num_classes=classes)
 
-# %%
-#| export batches
+
 def split_data(config: TrainConfig, data: ImageDataset
                ) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
     """Training and held-out images: (set, indices) twice."""
@@ -866,9 +835,6 @@ def split_data(config: TrainConfig, data: ImageDataset
 #   $\nabla_{x_t} \log p(y \mid x_t)$ at every noise level.
 #   `clean_fraction` shows a share of the images noise-free, and
 #   `noised=false` all of them: the plain classifier.
-#
-# The loop weights the terms by the timestep sampler's importance
-# weights and logs each, overall and by quartile of $t$.
 
 # %%
 #| export objectives
@@ -883,8 +849,6 @@ from adm_lib.config import TrainConfig
 from adm_lib.diffusion import GaussianDiffusion, Model, training_losses
 
 
-# %%
-#| export objectives
 def diffusion_terms(config: TrainConfig, diffusion: GaussianDiffusion,
                     model: Model, x: Tensor, y: Tensor,
                     draws: StepDraws) -> dict[str, Tensor]:
@@ -947,9 +911,8 @@ for dtype in (torch.float16, torch.bfloat16):
 ax.set(xlabel="|value|", ylabel="relative error (1 = lost)")
 ax.legend()
 plt.show()
-tiny = torch.tensor(1e-8)
-assert tiny.half() == 0 and tiny.bfloat16() != 0
-assert torch.isinf(torch.tensor(1e5).half())
+tiny, big = torch.tensor(1e-8), torch.tensor(1e5)
+assert tiny.half() == 0 != tiny.bfloat16() and torch.isinf(big.half())
 assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 
 # %% [markdown]
@@ -963,10 +926,9 @@ assert (tiny * 2**16).half() != 0  # what the loss scaler is for
 # in it natively (GPUs since Ampere, CPUs with AVX-512-BF16 or AMX) and
 # float32 elsewhere: emulated bf16 is several times slower. Ampere and
 # Hopper tensor cores run fp16 and bf16 at the same peak, so bf16's gain
-# is its range: no scale to tune, no step lost to an overflow. The
-# training loop's module starts here; its imports list every piece the
-# rest of the chapter puts together (precision's are the foundation's
-# `adm_lib.devices`, appendix R.7):
+# is its range: no scale to tune, no step lost to an overflow. The loop's
+# module starts here, importing every piece it puts together (precision's
+# from the foundation's `adm_lib.devices`, appendix R.7):
 
 # %%
 #| export
@@ -1024,12 +986,7 @@ from adm_lib.diffusion import (
 from adm_lib.errors import TrainError
 from adm_lib.files import save_png
 from adm_lib.objectives import classifier_terms, diffusion_terms
-from adm_lib.ranks import (
-    Ranks,
-    data_parallel,
-    micro_sync,
-    sum_ranks,
-)
+from adm_lib.ranks import Ranks, data_parallel, micro_sync, sum_ranks
 from adm_lib.runlog import evaluate_classifier, sample_grid
 from adm_lib.runs import (
     StepResult,
@@ -1052,8 +1009,7 @@ from adm_lib.viz import to_uint8
 # every window's gap is under 0.7% of the loss, of either sign
 # (appendix M.2). The rest of the fast path on a GPU, and bit-exact GPU
 # runs, are the foundation's (appendix R.4 and R.7).
-
-# %% [markdown]
+#
 # ## 4.6 The exponential moving average
 #
 # The reference keeps $\bar\theta \leftarrow r\bar\theta + (1-r)\theta$ with
@@ -1083,14 +1039,12 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_mul_(delta, 1 - decay)
     torch._foreach_add_(ema_params, delta)
 
-# %% [markdown]
+# %%
 # How much of the random initialisation each average still holds after
 # $n$ steps, $\prod_{k<n} d_k$: without a warm-up it is $r^n$, which for the
 # reference's measured CIFAR-10 run (rate 0.9995, 2,994 steps; see
 # `shared/baselines`) is about a fifth, and its samples were pure noise.
 # With the warm-up it is below $10^{-6}$ after 100 steps.
-
-# %%
 steps = np.arange(1, 100_001)
 fig, ax = plt.subplots(figsize=(6, 2.6))
 for rate in (0.9999, 0.9995):
@@ -1114,9 +1068,9 @@ assert 0.2 < reference_run < 0.25 and warm < 1e-6
 # What a run carries from step to step, and a checkpoint saves with every
 # rank's random state, is `TrainState`: the network, its EMAs, AdamW, the
 # fp16 loss scaler, the timestep sampler and the step. A resumed run must
-# compute what it did, so every field of its configuration but
-# `RUN_FIELDS` must match the checkpoint's (`config_mismatch`). The file
-# itself, written whole or not at all, is the foundation's (appendix R.2).
+# compute what it did: `config_mismatch` names the fields, `RUN_FIELDS`
+# aside, that differ from the checkpoint's. The file itself, written whole
+# or not at all, is the foundation's (appendix R.2).
 
 # %%
 #| export
@@ -1159,12 +1113,10 @@ class TrainState:
             model.parameters(), lr=config.lr,
             weight_decay=config.weight_decay, fused=True)
         precision = resolve_precision(config.precision, device)
-        scaler = torch.amp.GradScaler(device.type,
-                                      enabled=precision == "fp16")
-        steps = config.diffusion_steps
-        sampler = (LossAwareSampler(steps)
-                   if config.schedule_sampler == "loss-second-moment"
-                   else UniformSampler(steps))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        aware = config.schedule_sampler == "loss-second-moment"
+        sampler = (LossAwareSampler if aware else UniformSampler)(
+            config.diffusion_steps)
         return cls(model, ema, optimizer, scaler, sampler)
 
     def state_dict(self, config: TrainConfig,
@@ -1187,9 +1139,8 @@ class TrainState:
 
 # %% [markdown]
 # One step on each rank: read the rank's rows of the batch and the step's
-# draws, flip the chosen images, set the learning rate (annealed linearly
-# to zero over `lr_anneal_steps` if set, as the reference does for its
-# classifiers), accumulate gradients, then apply them.
+# draws, flip the chosen images, set the learning rate (annealed linearly,
+# like the reference's classifiers'), accumulate gradients, then apply them.
 # `accumulate_gradients` splits the rows into micro-batches of
 # `microbatch` images, for batches that do not fit in memory; each adds
 # its share of the gradient, so the step's is the same however the batch
@@ -1197,11 +1148,10 @@ class TrainState:
 
 # %%
 #| export
-def accumulate_gradients(
-    config: TrainConfig, diffusion: GaussianDiffusion, model: nn.Module,
-    state: TrainState, x: Tensor, y: Tensor, draws: StepDraws,
-    device: torch.device,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def accumulate_gradients(config: TrainConfig, diffusion: GaussianDiffusion,
+                         model: nn.Module, state: TrainState, x: Tensor,
+                         y: Tensor, draws: StepDraws, device: torch.device
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and backward over micro-batches; the rank's loss and terms."""
     objective = (classifier_terms if config.kind == "classifier"
                  else diffusion_terms)
@@ -1233,6 +1183,9 @@ def accumulate_gradients(
 # flag is set, which is how the fp16 loss scaler skips an overflowing
 # step; we set it for every non-finite step, and give the EMAs a decay
 # of 1 for it, on the device, so the host never waits (appendix R.7).
+# One step, `train_step`, is what `adm train` repeats and what `adm bench`
+# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
+# on the device. It returns a `StepResult`, still on the device.
 
 # %%
 #| export
@@ -1259,13 +1212,7 @@ def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
     state.optimizer.zero_grad(set_to_none=True)
     return loss_ok, norm
 
-# %% [markdown]
-# One step, `train_step`, is what `adm train` repeats and what `adm bench`
-# times. Its batch arrives as uint8 pixels and becomes floats in $[-1, 1]$
-# on the device. It returns a `StepResult`, still on the device.
 
-# %%
-#| export
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The base rate, annealed linearly to 0 over lr_anneal_steps if set."""
     if not config.lr_anneal_steps:
@@ -1302,6 +1249,8 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
 # Every `sample_interval` steps and at the end it draws a grid from the
 # first EMA; a classifier instead reports held-out loss and top-1 and
 # top-5 accuracy, raw and EMA, every `eval_interval` steps (0: never).
+# Both use the same noise at every call, so they are comparable over
+# training.
 
 # %%
 #| export runlog
@@ -1329,12 +1278,7 @@ from adm_lib.diffusion import (
 from adm_lib.objectives import classifier_terms
 from adm_lib.seeds import step_seed
 
-# %% [markdown]
-# The grids and the evaluations use the same noise at every call, so
-# they are comparable over training.
 
-# %%
-#| export runlog
 @torch.no_grad()
 def sample_grid(config: TrainConfig, diffusion: GaussianDiffusion,
                 model: Model, data: ImageDataset, indices: Tensor,
@@ -1431,8 +1375,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *,
         return _train(config, Path(out), resume, progress, ranks, held,
                       init, watch)
 
-# %%
-#| export
+
 def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              state: TrainState, data: ImageDataset, indices: Tensor,
              out: Path, log: MetricsLog, device: torch.device) -> None:
@@ -1450,9 +1393,8 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
         state.model.train()
         log.append(record)
         return
-    images = sample_grid(config, diffusion,
-                         autocast_model(ema, precision, device), data,
-                         indices, device)
+    run = autocast_model(ema, precision, device)
+    images = sample_grid(config, diffusion, run, data, indices, device)
     n = config.num_samples
     columns = (config.num_classes if config.class_cond
                and 1 < config.num_classes <= n else math.ceil(n ** 0.5))
@@ -1467,7 +1409,10 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
 # and takes the step. The steps' results wait on the device until the
 # loop next logs, saves or looks at the model (every step with the
 # loss-aware sampler, which learns from each before drawing the next);
-# then `record_steps` reads them.
+# then `record_steps` reads them and judges each step as it would have
+# been judged alone: a skipped step is counted and named, too many in a
+# row stop the run, and the loss-aware sampler learns from each kept
+# step's losses.
 
 # %%
 #| export
@@ -1490,8 +1435,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     seed_dropout(config.seed, ranks, found)
     return state, found and found[0]
 
-# %%
-#| export
+
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -1560,13 +1504,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 
-# %% [markdown]
-# `record_steps` judges each step as it would have been judged alone: a
-# skipped step is counted and named, too many in a row stop the run, and
-# the loss-aware sampler learns from each kept step's losses.
 
-# %%
-#| export
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:
@@ -1627,37 +1565,31 @@ def curves(ax, records: list[dict], keys: list[str], title: str) -> None:
     """Plot the records' `keys` against their steps."""
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, label=key)
+        ax.plot(*zip(*points, strict=True), label=key)
     ax.set(title=title, xlabel="step")
     ax.legend(fontsize=7)
 
 
+quartiles = [f"mse_q{q}" for q in range(4)]
 fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-curves(axes[0], metrics["diffusion"],
-       [f"mse_q{q}" for q in range(4)], "diffusion: mse by quartile")
+curves(axes[0], metrics["diffusion"], quartiles, "diffusion: mse by quartile")
 axes[0].set_yscale("log")
 curves(axes[1], metrics["classifier"],
        ["loss", "val_acc@1", "ema_val_acc@1"], "noisy classifier")
-curves(axes[2], metrics["upsampler"],
-       [f"mse_q{q}" for q in range(4)], "upsampler: mse by quartile")
+curves(axes[2], metrics["upsampler"], quartiles, "upsampler: mse by quartile")
 axes[2].set_yscale("log")
 fig.tight_layout()
 if figures_dir:
     fig.savefig(Path(figures_dir) / "04_cpu_run_curves.png", dpi=120)
 plt.show()
-first, last = metrics["diffusion"][0], metrics["diffusion"][-1]
-assert last["mse"] < first["mse"]
+assert metrics["diffusion"][-1]["mse"] < metrics["diffusion"][0]["mse"]
 evaluations = [r for r in metrics["classifier"] if "val_acc@1" in r]
 assert len(evaluations) == -(-classifier_steps // snapshot_every)
 assert all(0 <= r["ema_val_acc@5"] <= 1 for r in evaluations)
 
-# %% [markdown]
-# The upsampler's last grid: its 8-pixel inputs, its samples, and the
-# real images (with `figures_dir` set, under 4.1's grids, as in the
-# recorded figure of 4.1):
-
 # %%
+# The upsampler's last grid: its 8-pixel inputs, its samples, and the
+# real images (with `figures_dir` set, under 4.1's grids, as recorded).
 up = sorted((runs / "upsampler" / "samples").glob("step_*.png"))[-1]
 fig = show_grids([*grids, up] if figures_dir else [up], last_height=3)
 if figures_dir:
@@ -1674,8 +1606,7 @@ assert up.exists()
 # right class.
 #
 # ![Loss curves of the recorded CPU run](figures/04_cpu_run_curves.png)
-
-# %% [markdown]
+#
 # ## 4.9 A recipe for minutes
 #
 # The paper's recipe (predict $\epsilon$, learn the variances, an EMA at
@@ -1710,8 +1641,7 @@ assert up.exists()
 #
 # ![The demo's guided accuracy and FID against training minutes, in
 # bf16](figures/04_demo_curve_bf16.png)
-
-# %% [markdown]
+#
 # ## Summary
 #
 # * A run is one `TrainConfig` and a folder; the paper's models are
@@ -1729,8 +1659,7 @@ assert up.exists()
 # Chapter 5 loads runs back (`load_run`), trains chapter 3's ablations
 # with this loop and measures them; chapter 6 guides a class-conditional
 # model with a noisy classifier it trains.
-
-# %% [markdown]
+#
 # ## Exercises
 #
 # 1. **The EMA's warm-up and rate.** Show that while
