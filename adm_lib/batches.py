@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:702
+# %% chapters/04_training.py:707
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -79,7 +79,7 @@ def draw_step(config: TrainConfig, sampler: UniformSampler, step: int,
                      low_res_noise)
 
 
-# %% chapters/04_training.py:773
+# %% chapters/04_training.py:778
 def open_data(config: TrainConfig, source: str | None = None) -> ImageDataset:
     """The data set `source` (default `config.data`) at the config's size."""
     return open_run_data(config.data if source is None else source,

@@ -142,6 +142,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
+# %% chapters/04_training.py:327
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -150,7 +151,7 @@ RUN_FIELDS = frozenset({
 })
 
 
-# %% chapters/04_training.py:345
+# %% chapters/04_training.py:346
 CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -181,7 +182,7 @@ def _read_presets() -> dict[str, dict[str, dict[str, Any]]]:
 PRESETS = _read_presets()
 
 
-# %% chapters/04_training.py:383
+# %% chapters/04_training.py:384
 def make_config(kind: str = "diffusion", preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
@@ -213,6 +214,7 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
     return settings_from_dict(TrainConfig, settings, TrainError)
 
 
+# %% chapters/04_training.py:416
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -241,6 +243,7 @@ def validate(config: TrainConfig) -> None:
                          "pip install tensorboard")
 
 
+# %% chapters/04_training.py:445
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -276,6 +279,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# %% chapters/04_training.py:481
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -359,7 +363,7 @@ def _check_sample_steps(config: TrainConfig) -> None:
             "as ddim50, 250 or 10,15,20")
 
 
-# %% chapters/04_training.py:571
+# %% chapters/04_training.py:575
 def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     """The constructor arguments of a diffusion model's or upsampler's UNet."""
     labels = config.num_classes + (1 if config.label_dropout else 0)
@@ -382,6 +386,7 @@ def unet_arguments(config: TrainConfig) -> dict[str, Any]:
     }
 
 
+# %% chapters/04_training.py:598
 def build_model(config: TrainConfig) -> nn.Module:
     """The network `config` trains: a UNet, classifier or upsampler."""
     if config.in_channels < 1 or (config.num_classes < 1 and (

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:840
+# %% chapters/04_training.py:845
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:1256
+# %% chapters/04_training.py:1261
 from collections import defaultdict
 from dataclasses import replace
 

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-# %% chapters/04_training.py:934
+# %% chapters/04_training.py:939
 import contextlib
 import copy
 import math
@@ -92,7 +92,7 @@ from adm_lib.runs import (
 from adm_lib.viz import to_uint8
 
 
-# %% chapters/04_training.py:1024
+# %% chapters/04_training.py:1029
 def ema_decay(rate: float, updates: int, warmup: bool = True) -> float:
     """The EMA decay at update number `updates` (0 for the first)."""
     return min(rate, (1 + updates) / (10 + updates)) if warmup else rate
@@ -111,7 +111,7 @@ def update_ema(ema: nn.Module, model: nn.Module,
     torch._foreach_add_(ema_params, delta)
 
 
-# %% chapters/04_training.py:1076
+# %% chapters/04_training.py:1081
 def config_mismatch(saved: Mapping[str, Any],
                     config: TrainConfig) -> list[str]:
     """The fields (other than RUN_FIELDS) that differ from a checkpoint's."""
@@ -175,7 +175,7 @@ class TrainState:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
 
 
-# %% chapters/04_training.py:1150
+# %% chapters/04_training.py:1155
 def accumulate_gradients(config: TrainConfig, diffusion: GaussianDiffusion,
                          model: nn.Module, state: TrainState, x: Tensor,
                          y: Tensor, draws: StepDraws, device: torch.device
@@ -205,7 +205,7 @@ def accumulate_gradients(config: TrainConfig, diffusion: GaussianDiffusion,
     return loss_sum, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# %% chapters/04_training.py:1191
+# %% chapters/04_training.py:1196
 def apply_gradients(config: TrainConfig, state: TrainState, loss: Tensor,
                     ranks: Ranks) -> tuple[Tensor, Tensor]:
     """Clip, step AdamW and the EMAs; (loss finite, norm) on the device."""
@@ -260,7 +260,7 @@ def train_step(config: TrainConfig, diffusion: GaussianDiffusion,
     return StepResult(state.step - 1, loss_ok, norm, draws.t, terms)
 
 
-# %% chapters/04_training.py:1350
+# %% chapters/04_training.py:1355
 Init = Callable[[TrainConfig, nn.Module, list[nn.Module]], None]
 
 
@@ -317,7 +317,7 @@ def snapshot(config: TrainConfig, diffusion: GaussianDiffusion,
              to_uint8(images), columns)
 
 
-# %% chapters/04_training.py:1418
+# %% chapters/04_training.py:1423
 def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
              held: contextlib.ExitStack, init: Init | None = None
              ) -> tuple[TrainState, Path | None]:
@@ -338,6 +338,7 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     return state, found and found[0]
 
 
+# %% chapters/04_training.py:1444
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -407,6 +408,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     return last if last is not None else checkpoint_path(out, state.step)
 
 
+# %% chapters/04_training.py:1514
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:

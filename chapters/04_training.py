@@ -323,7 +323,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # non-finite steps in a row before stopping
     tensorboard: bool = False
 
-
+# %%
+#| export config
 RUN_FIELDS = frozenset({
     "data", "val_data", "steps", "device", "num_workers", "log_interval",
     "save_interval", "keep_checkpoints", "sample_interval", "num_samples",
@@ -411,7 +412,8 @@ def config_from_dict(settings: Mapping[str, Any]) -> TrainConfig:
     # Older runs hold lists as strings ("1,2,2"), which `coerce` reads.
     return settings_from_dict(TrainConfig, settings, TrainError)
 
-
+# %%
+#| export config
 def validate(config: TrainConfig) -> None:
     """Raise TrainError naming the first setting that cannot work."""
     check_types(config, TrainError)
@@ -439,7 +441,8 @@ def validate(config: TrainConfig) -> None:
         raise TrainError("tensorboard=true needs the tensorboard package: "
                          "pip install tensorboard")
 
-
+# %%
+#| export config
 _POSITIVE = ("steps", "batch_size", "image_size", "small_size",
              "log_interval", "save_interval", "keep_checkpoints",
              "max_nonfinite", "diffusion_steps", "num_res_blocks",
@@ -474,7 +477,8 @@ RULES: tuple[Rule, ...] = (
      ": expected one or more rates in (0, 1), such as (0.9999,)"),
 )
 
-
+# %%
+#| export config
 def channel_mults(config: TrainConfig) -> tuple[float, ...]:
     """The network's channel multipliers, one per resolution."""
     if config.channel_mult:
@@ -590,7 +594,8 @@ def unet_arguments(config: TrainConfig) -> dict[str, Any]:
         "rescale_residual": config.rescale_residual,
     }
 
-
+# %%
+#| export config
 def build_model(config: TrainConfig) -> nn.Module:
     """The network `config` trains: a UNet, classifier or upsampler."""
     if config.in_channels < 1 or (config.num_classes < 1 and (
@@ -1435,7 +1440,8 @@ def _restore(config: TrainConfig, out: Path, resume: bool, ranks: Ranks,
     seed_dropout(config.seed, ranks, found)
     return state, found and found[0]
 
-
+# %%
+#| export
 def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
            ranks: Ranks, held: contextlib.ExitStack,
            init: Init | None = None, watch: Watch | None = None) -> Path:
@@ -1504,7 +1510,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, progress: bool,
     bar.close()
     return last if last is not None else checkpoint_path(out, state.step)
 
-
+# %%
+#| export
 def record_steps(config: TrainConfig, state: TrainState,
                  results: list[StepResult], ranks: Ranks,
                  log: MetricsLog | None, last: Path | None) -> None:
