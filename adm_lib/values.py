@@ -3,7 +3,10 @@
 Hand-written tooling (not exported from a chapter): one converter, so that a
 value typed on any command line means the same thing everywhere, and one way
 to declare an option's default, choices and help with the dataclass field
-that holds it (`option`; the `adm` command builds its flags from them).
+that holds it (`option`; the `adm` command builds its flags from them). The
+same converter reads settings back from a file (`settings_from_dict`), and
+`check_types` and `check_rules` name the first setting whose value cannot be
+(chapter 4's `TrainConfig` keeps its rules as data).
 """
 
 from __future__ import annotations
