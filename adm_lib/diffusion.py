@@ -135,7 +135,17 @@ class _Parameterisation(ForwardProcess):
 
 # %% chapters/02_diffusion.py:233
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back."""
+    """A diffusion's reverse process: model output to Gaussian, and back.
+
+    betas: beta_1..beta_T (chapter 1). mean_type: what the model's first C
+    channels predict, "eps", "x0" or "prev" (the posterior mean).
+    var_type: "fixed_small" (beta-tilde_t), "fixed_large" (beta_t), or
+    learned from C more channels, "learned" (log variance) or
+    "learned_range" (v in [-1, 1]). loss: "simple", "hybrid" (plus
+    lambda_vlb * T * the bound) or "kl"; None picks hybrid for a learned
+    variance, else simple. dtype: the Gaussian's arithmetic.
+    rescale_timesteps: show the model 1000 t / T.
+    """
 
     def check_output(self, output: Tensor, x: Tensor) -> None:
         """Raise a ValueError unless output is shaped as var_type needs."""
@@ -189,7 +199,7 @@ class GaussianDiffusion(_Parameterisation):
                 "log_variance": log_variance, "pred_xstart": pred_xstart}
 
 
-# %% chapters/02_diffusion.py:338
+# %% chapters/02_diffusion.py:348
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (the batch)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -247,7 +257,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-# %% chapters/02_diffusion.py:421
+# %% chapters/02_diffusion.py:431
 def calc_bpd_loop(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor,
     clip_denoised: bool = True, model_kwargs: dict[str, Any] | None = None,
@@ -278,7 +288,7 @@ def calc_bpd_loop(
             "vb": vb, "xstart_mse": xstart_mse, "mse": mse}
 
 
-# %% chapters/02_diffusion.py:470
+# %% chapters/02_diffusion.py:480
 def stratified_timesteps(
     n: int, num_timesteps: int, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -321,7 +331,7 @@ def vlb_estimate(
     return {"vlb": vlb, "mse": mean_flat((eps - noise) ** 2)}
 
 
-# %% chapters/02_diffusion.py:544
+# %% chapters/02_diffusion.py:554
 def training_losses(
     diffusion: GaussianDiffusion, model: Model, x_start: Tensor, t: Tensor,
     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None,
@@ -356,7 +366,7 @@ def training_losses(
     return terms
 
 
-# %% chapters/02_diffusion.py:610
+# %% chapters/02_diffusion.py:620
 class UniformSampler:
     """Draws training timesteps uniformly; weights are all one."""
 
@@ -420,7 +430,7 @@ class LossAwareSampler(UniformSampler):
         self.counts = state["counts"].numpy().copy()
 
 
-# %% chapters/02_diffusion.py:722
+# %% chapters/02_diffusion.py:732
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     """The steps kept by a respacing spec ("250", "10,15,20" or "ddim50")."""
     if re.fullmatch(r"ddim\d+", spec):
@@ -483,7 +493,7 @@ def respace(diffusion: GaussianDiffusion, spec: str) -> GaussianDiffusion:
                            space_timesteps(diffusion.num_timesteps, spec))
 
 
-# %% chapters/02_diffusion.py:841
+# %% chapters/02_diffusion.py:851
 def condition_mean(
     diffusion: GaussianDiffusion, cond_fn: Callable[..., Tensor],
     p: dict[str, Tensor], x: Tensor, t: Tensor,
@@ -580,7 +590,7 @@ def ddim_reverse_sample(
     return {"sample": sample, "pred_xstart": p["pred_xstart"]}
 
 
-# %% chapters/02_diffusion.py:950
+# %% chapters/02_diffusion.py:960
 NoiseFn = Callable[[Tensor], Tensor]
 _Callback = Callable[[dict[str, Tensor]], None]
 

@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 
-# %% chapters/02_diffusion.py:1438
+# %% chapters/02_diffusion.py:1448
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

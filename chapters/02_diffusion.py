@@ -232,7 +232,17 @@ class _Parameterisation(ForwardProcess):
 # %%
 #| export
 class GaussianDiffusion(_Parameterisation):
-    """A diffusion's reverse process: model output to Gaussian, and back."""
+    """A diffusion's reverse process: model output to Gaussian, and back.
+
+    betas: beta_1..beta_T (chapter 1). mean_type: what the model's first C
+    channels predict, "eps", "x0" or "prev" (the posterior mean).
+    var_type: "fixed_small" (beta-tilde_t), "fixed_large" (beta_t), or
+    learned from C more channels, "learned" (log variance) or
+    "learned_range" (v in [-1, 1]). loss: "simple", "hybrid" (plus
+    lambda_vlb * T * the bound) or "kl"; None picks hybrid for a learned
+    variance, else simple. dtype: the Gaussian's arithmetic.
+    rescale_timesteps: show the model 1000 t / T.
+    """
 
     def check_output(self, output: Tensor, x: Tensor) -> None:
         """Raise a ValueError unless output is shaped as var_type needs."""
